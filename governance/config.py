@@ -1,0 +1,174 @@
+"""Project configuration: ``lakewarden.yaml``.
+
+Where tables live, where keys, audit and lineage are kept, how to reach Trino,
+and which policy files apply. Relative paths are resolved against the folder
+that holds the configuration file.
+
+Example::
+
+    version: 1
+    name: demo
+    storage:
+      root: .lakewarden/tables          # or s3://bucket/prefix later
+    keys:
+      store: .lakewarden/keys/keystore.db
+      kek: {provider: file, path: .lakewarden/secrets/kek.key}
+    policies: [policies/*.yaml]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from governance._files import validate_file
+from governance.errors import ConfigError
+
+CONFIG_FILENAME = "lakewarden.yaml"
+CONFIG_ENV = "LAKEWARDEN_CONFIG"
+_URI = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class KekConfig(_Strict):
+    """Where the key-encryption key comes from. It is never written unwrapped by Lakewarden."""
+
+    provider: Literal["env", "file", "plugin"]
+    var: str | None = None
+    path: str | None = None
+    factory: str | None = Field(default=None, description="'package.module:callable' returning a KeyEncryptionKey")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _needs(self) -> "KekConfig":
+        need = {"env": "var", "file": "path", "plugin": "factory"}[self.provider]
+        if not getattr(self, need):
+            raise ValueError(f"provider '{self.provider}' needs the field '{need}'")
+        if self.factory and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.factory):
+            raise ValueError(f"factory must look like 'package.module:callable' (got {self.factory!r})")
+        return self
+
+
+class KeysConfig(_Strict):
+    store: str = ".lakewarden/keys/keystore.db"
+    kek: KekConfig = KekConfig(provider="file", path=".lakewarden/secrets/kek.key")
+
+
+class StorageConfig(_Strict):
+    root: str = ".lakewarden/tables"
+    options: dict[str, str] = Field(default_factory=dict, description="storage_options passed to deltalake")
+    compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
+
+
+class AuditConfig(_Strict):
+    table: str = "_audit/events"
+    checkpoints_table: str = "_audit/checkpoints"
+    checkpoint_every: int = Field(default=1000, ge=1, le=1_000_000)
+    flush_every: int = Field(default=10_000, ge=1, le=10_000_000)
+    public_key: str | None = Field(default=None, description="pinned Ed25519 public key (hex); verify refuses others")
+
+
+class LineageConfig(_Strict):
+    table: str = "_lineage/events"
+    namespace: str = "lakewarden"
+
+
+class TrinoConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    catalog: str = "delta_lake"
+    schema_: str = Field(default="lakewarden", alias="schema")
+    http_scheme: Literal["http", "https"] = "http"
+    verify: bool | str = True
+
+
+class ProjectConfig(_Strict):
+    version: Literal[1] = 1
+    name: str = Field(default="lakewarden", pattern=r"^[a-z][a-z0-9_-]{0,62}$")
+    workspace: str = ".lakewarden"
+    storage: StorageConfig = StorageConfig()
+    keys: KeysConfig = KeysConfig()
+    audit: AuditConfig = AuditConfig()
+    lineage: LineageConfig = LineageConfig()
+    trino: TrinoConfig = TrinoConfig()
+    policies: list[str] = Field(default_factory=lambda: ["policies/*.yaml"], min_length=1)
+
+    # Set by load_config: the folder relative paths are resolved against.
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @field_validator("policies")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        for g in v:
+            if not g.strip():
+                raise ValueError("policy paths must not be empty")
+        return v
+
+    def path(self, value: str) -> Path:
+        """Resolve a configured local path against the configuration's folder."""
+        p = Path(os.path.expanduser(value))
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    @property
+    def workspace_dir(self) -> Path:
+        return self.path(self.workspace)
+
+    def table_uri(self, name: str) -> str:
+        """URI of a table under the storage root (``name`` like ``silver/customers``)."""
+        root = self.storage.root
+        if _URI.match(root) and not root.startswith("file://"):
+            return root.rstrip("/") + "/" + name
+        if root.startswith("file://"):
+            root = root[len("file://") :]
+        return str(self.path(root) / name)
+
+    def policy_files(self) -> list[Path]:
+        files: list[Path] = []
+        for pattern in self.policies:
+            p = Path(pattern)
+            if p.is_absolute():
+                matches = sorted(Path(p.anchor).glob(str(p.relative_to(p.anchor))))
+            else:
+                matches = sorted(self.base_dir.glob(pattern))
+            if not matches and not any(c in pattern for c in "*?["):
+                raise ConfigError(f"policy file not found: {pattern}", path=str(self.base_dir / CONFIG_FILENAME), field="policies")
+            files.extend(m for m in matches if m.is_file())
+        seen: set[Path] = set()
+        return [f for f in files if not (f in seen or seen.add(f))]
+
+
+def find_config(start: Path | None = None) -> Path | None:
+    """The configuration file: $LAKEWARDEN_CONFIG, else lakewarden.yaml here or in a parent folder."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        candidate = d / CONFIG_FILENAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(path: str | Path | None = None) -> ProjectConfig:
+    """Load and validate the configuration.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or invalid; the message names
+            the file, the field, the line and what is wrong.
+    """
+    cfg_path = Path(path) if path is not None else find_config()
+    if cfg_path is None:
+        raise ConfigError(
+            f"no {CONFIG_FILENAME} found here or in any parent folder",
+            hint="run `lakewarden init` to create one, or set LAKEWARDEN_CONFIG",
+        )
+    cfg = validate_file(ProjectConfig, cfg_path)
+    return cfg.model_copy(update={"base_dir": cfg_path.resolve().parent})

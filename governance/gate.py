@@ -1,0 +1,425 @@
+"""The policy gate: one narrow, fail-closed interface every stage calls.
+
+In the spirit of Trino's ``SystemAccessControl``: a stage asks
+``gate.decide(stage, actor, resource, context)`` and gets a :class:`Decision`
+with ``allowed``, human-readable ``reasons`` and the ``rule_ids`` that decided.
+Anything no rule allows is denied. Every decision is written to the audit log.
+``gate.enforce(...)`` is the same call that raises :class:`AccessDenied` on a
+deny, which the CLI turns into a non-zero exit and a message naming the rule.
+
+Example::
+
+    >>> d = gate.decide("train", Actor("sam"), Resource.dataset("customers"),
+    ...                 {"purpose": "credit_scoring", "epsilon": 3.0, "delta": 1e-5})
+    >>> d.allowed, d.rule_ids
+    (True, ('roles/data_scientist/stages/train', 'customers/access/data_scientist', ...))
+
+Rule ids are stable strings: ``roles/<role>/stages/<stage>``,
+``<dataset>/access/<role>``, ``<dataset>/purposes/<purpose>/sensitive``,
+``<dataset>/privacy/epsilon_total``, ``builtin/...`` for rules the kernel
+itself holds (the audit table is for compliance officers only, purposes are
+required for feature use, separation of duties for deployments), and
+``default-deny`` when nothing matched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
+
+from governance.errors import AccessDenied
+from governance.policy import ColumnClass, DatasetPolicy, PolicySet, Stage
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+# Context keys that may be copied into the audit log: all are policy vocabulary, never personal data.
+_AUDITABLE_CONTEXT = ("purpose", "columns", "epsilon", "delta", "epsilon_spent", "layer", "dataset", "request_id")
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asks. ``roles`` empty means: look the user up in the policy's principals."""
+
+    name: str
+    roles: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """What is asked for: a dataset, one of its tables (layer), a model, or a system resource."""
+
+    kind: Literal["dataset", "table", "model", "system"]
+    name: str
+    layer: str | None = None
+    version: int | None = None
+
+    @classmethod
+    def dataset(cls, name: str) -> "Resource":
+        return cls("dataset", name)
+
+    @classmethod
+    def table(cls, dataset: str, layer: str = "silver") -> "Resource":
+        return cls("table", dataset, layer=layer)
+
+    @classmethod
+    def model(cls, name: str, version: int | None = None) -> "Resource":
+        return cls("model", name, version=version)
+
+    @classmethod
+    def system(cls, name: str) -> "Resource":
+        return cls("system", name)
+
+    def __str__(self) -> str:
+        if self.kind == "table":
+            return f"table:{self.layer}.{self.name}"
+        if self.kind == "model":
+            return f"model:{self.name}" + (f"@{self.version}" if self.version is not None else "")
+        return f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The gate's answer. ``obligations`` carries what an allow comes with (masks, row filter, columns)."""
+
+    allowed: bool
+    reasons: tuple[str, ...]
+    rule_ids: tuple[str, ...]
+    stage: Stage
+    actor: Actor
+    resource: Resource
+    obligations: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
+
+    def raise_if_denied(self) -> "Decision":
+        if not self.allowed:
+            raise AccessDenied(self)
+        return self
+
+    def __bool__(self) -> bool:  # a Decision reads as its answer
+        return self.allowed
+
+
+class AuditSink(Protocol):
+    def record(
+        self,
+        action: str,
+        *,
+        actor: str,
+        outcome: str,
+        stage: str | None = ...,
+        resource: str | None = ...,
+        rule_ids: tuple[str, ...] | list[str] = ...,
+        subject_token: str | None = ...,
+        details: Mapping[str, Any] | None = ...,
+    ) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+class _Verdict:
+    """Collects rule ids and reasons while a decision is being made."""
+
+    __slots__ = ("rules", "reasons", "denied", "obligations")
+
+    def __init__(self) -> None:
+        self.rules: list[str] = []
+        self.reasons: list[str] = []
+        self.denied = False
+        self.obligations: dict[str, Any] = {}
+
+    def allow(self, rule: str) -> None:
+        self.rules.append(rule)
+
+    def deny(self, rule: str, reason: str) -> "_Verdict":
+        if not self.denied:  # the first deny decides; keep only its rule and reason
+            self.rules = [rule]
+            self.reasons = [reason]
+            self.denied = True
+        return self
+
+
+class Gate:
+    """Decides whether an actor may run a stage on a resource, from one PolicySet."""
+
+    def __init__(self, policies: PolicySet, *, audit: AuditSink | None = None) -> None:
+        self.policies = policies
+        self.audit = audit
+        self._stage_roles: dict[Stage, frozenset[str]] = {
+            s: frozenset(r for r, spec in policies.roles.roles.items() if s in spec.stages) for s in Stage
+        }
+
+    # -- public interface -----------------------------------------------------------
+    def decide(
+        self,
+        stage: Stage | str,
+        actor: Actor,
+        resource: Resource,
+        context: Mapping[str, Any] | None = None,
+    ) -> Decision:
+        """Decide and audit. Never raises for a deny; see :meth:`enforce`."""
+        stage = Stage(stage)
+        ctx = context or _EMPTY
+        roles = actor.roles or self.policies.roles_of(actor.name)
+        v = self._evaluate(stage, actor, roles, resource, ctx)
+        if not v.denied and not v.rules:
+            v.deny("default-deny", "no rule allows it")
+        if not v.denied and not v.reasons:
+            v.reasons.append("allowed")
+        decision = Decision(
+            allowed=not v.denied,
+            reasons=tuple(v.reasons),
+            rule_ids=tuple(v.rules),
+            stage=stage,
+            actor=Actor(actor.name, tuple(roles)),
+            resource=resource,
+            obligations=MappingProxyType(v.obligations) if v.obligations else _EMPTY,
+        )
+        if self.audit is not None:
+            self._audit(decision, ctx)
+        return decision
+
+    def enforce(
+        self,
+        stage: Stage | str,
+        actor: Actor,
+        resource: Resource,
+        context: Mapping[str, Any] | None = None,
+    ) -> Decision:
+        """Like :meth:`decide`, but raise :class:`AccessDenied` on a deny."""
+        return self.decide(stage, actor, resource, context).raise_if_denied()
+
+    # -- evaluation -----------------------------------------------------------------
+    def _evaluate(
+        self, stage: Stage, actor: Actor, roles: tuple[str, ...], res: Resource, ctx: Mapping[str, Any]
+    ) -> _Verdict:
+        v = _Verdict()
+        allowed_roles = self._stage_roles[stage]
+        stage_roles = [r for r in roles if r in allowed_roles]
+        if not stage_roles:
+            who = ", ".join(roles) if roles else "no role"
+            return v.deny(f"roles/stages/{stage.value}", f"{actor.name} ({who}) may not run stage '{stage.value}'")
+        v.allow(f"roles/{stage_roles[0]}/stages/{stage.value}")
+
+        if res.kind == "system":
+            return self._system(stage, stage_roles, res, v)
+        ds_name = res.name if res.kind in ("dataset", "table") else ctx.get("dataset")
+        if ds_name is None:
+            if res.kind == "model" and stage in (Stage.REGISTER, Stage.LINEAGE, Stage.SERVE):
+                return v
+            return v.deny("builtin/dataset-required", f"stage '{stage.value}' on {res} must name its dataset")
+        ds = self.policies.datasets.get(ds_name)
+        if ds is None:
+            return v.deny("builtin/unknown-dataset", f"no policy governs dataset '{ds_name}'")
+
+        # The first of the actor's stage roles that the dataset grants access to.
+        role = next((r for r in stage_roles if r in ds.access), None)
+        if stage in (Stage.REQUEST, Stage.AUDIT, Stage.KEYS, Stage.LINEAGE, Stage.POLICY):
+            return v  # dataset exists and the role may run the stage: enough
+        if stage is Stage.APPROVE:
+            return self._approve(ds, stage_roles, v)
+        if role is None:
+            return v.deny(f"{ds.dataset}/access", f"roles {', '.join(stage_roles)} have no access to dataset '{ds.dataset}'")
+        v.allow(f"{ds.dataset}/access/{role}")
+        acc = ds.access[role]
+
+        if stage is Stage.QUERY or (stage is Stage.MAINTAIN and res.kind == "table"):
+            layer = res.layer or ctx.get("layer") or "silver"
+            if layer not in acc.layers:
+                return v.deny(
+                    f"{ds.dataset}/access/{role}/layers",
+                    f"role {role} may not read the {layer} layer of '{ds.dataset}' (allowed: {', '.join(acc.layers)})",
+                )
+            if stage is Stage.QUERY:
+                return self._query(ds, role, ctx, v)
+            return v
+        if stage in (Stage.FEATURES, Stage.TRAIN, Stage.EVALUATE, Stage.SERVE):
+            self._purpose(ds, role, ctx, v)
+            if not v.denied and stage is Stage.TRAIN:
+                self._budget(ds, ctx, v)
+            return v
+        if stage is Stage.DEPLOY:
+            return self._deploy(ds, actor, ctx, v)
+        return v  # INGEST, REGISTER, MAINTAIN on a dataset: role access suffices
+
+    def _system(self, stage: Stage, roles: list[str], res: Resource, v: _Verdict) -> _Verdict:
+        if res.name == "audit":
+            if "compliance_officer" not in roles:
+                return v.deny("builtin/audit-table", "the audit log is readable only by compliance_officer")
+            v.allow("builtin/audit-table")
+        return v
+
+    def _query(self, ds: DatasetPolicy, role: str, ctx: Mapping[str, Any], v: _Verdict) -> _Verdict:
+        acc = ds.access[role]
+        visible = list(ds.columns) if acc.columns == "*" else list(acc.columns)
+        wanted = ctx.get("columns")
+        if wanted:
+            hidden = [c for c in wanted if c not in visible]
+            if hidden:
+                return v.deny(
+                    f"{ds.dataset}/access/{role}/columns",
+                    f"role {role} may not see column(s) {', '.join(hidden)} of '{ds.dataset}'",
+                )
+        masks = {c: str(m) for c, m in acc.masks.items() if c in visible}
+        for c in visible:
+            if c not in masks:
+                dm = ds.default_mask(c)
+                if dm is not None:
+                    masks[c] = str(dm)
+        v.obligations = {"columns": visible, "masks": masks, "row_filter": acc.row_filter}
+        if masks:
+            v.allow(f"{ds.dataset}/access/{role}/masks")
+        if acc.row_filter:
+            v.allow(f"{ds.dataset}/access/{role}/row_filter")
+        return v
+
+    def _purpose(self, ds: DatasetPolicy, role: str, ctx: Mapping[str, Any], v: _Verdict) -> None:
+        purpose = ctx.get("purpose")
+        if not purpose:
+            v.deny("builtin/purpose-required", f"a purpose is required to use data of '{ds.dataset}'")
+            return
+        spec = ds.purposes.get(purpose)
+        if spec is None:
+            v.deny(f"{ds.dataset}/purposes", f"purpose '{purpose}' is not allowed for '{ds.dataset}'")
+            return
+        if purpose not in ds.access[role].purposes:
+            v.deny(f"{ds.dataset}/access/{role}/purposes", f"role {role} may not use '{ds.dataset}' for '{purpose}'")
+            return
+        v.allow(f"{ds.dataset}/purposes/{purpose}")
+        for c in ctx.get("columns") or ():
+            col = ds.columns.get(c)
+            if col is None:
+                v.deny(f"{ds.dataset}/columns", f"unknown column '{c}' of '{ds.dataset}'")
+                return
+            if col.class_ is ColumnClass.DIRECT_IDENTIFIER:
+                v.deny(
+                    f"{ds.dataset}/columns/{c}/direct_identifier",
+                    f"column '{c}' is a direct identifier and is never used as a feature",
+                )
+                return
+            if col.class_ is ColumnClass.SENSITIVE and not spec.sensitive:
+                v.deny(
+                    f"{ds.dataset}/purposes/{purpose}/sensitive",
+                    f"column '{c}' is sensitive and purpose '{purpose}' does not allow sensitive attributes",
+                )
+                return
+
+    def _budget(self, ds: DatasetPolicy, ctx: Mapping[str, Any], v: _Verdict) -> None:
+        b = ds.privacy
+        if b is None:
+            v.deny(f"{ds.dataset}/privacy", f"'{ds.dataset}' declares no privacy budget: training is not allowed")
+            return
+        eps = ctx.get("epsilon")
+        if eps is None:
+            v.deny("builtin/epsilon-required", "training must state its target epsilon")
+            return
+        eps = float(eps)
+        spent = float(ctx.get("epsilon_spent", 0.0))
+        delta = float(ctx.get("delta", b.delta))
+        if eps > b.epsilon_per_run:
+            v.deny(
+                f"{ds.dataset}/privacy/epsilon_per_run",
+                f"epsilon {eps:g} exceeds the per-run cap {b.epsilon_per_run:g} of '{ds.dataset}'",
+            )
+        elif spent + eps > b.epsilon_total + 1e-12:
+            left = max(b.epsilon_total - spent, 0.0)
+            v.deny(
+                f"{ds.dataset}/privacy/epsilon_total",
+                f"epsilon {eps:g} would exceed the total budget {b.epsilon_total:g} of '{ds.dataset}' "
+                f"({spent:g} spent, {left:g} left)",
+            )
+        elif delta > b.delta:
+            v.deny(f"{ds.dataset}/privacy/delta", f"delta {delta:g} exceeds the policy's {b.delta:g}")
+        else:
+            v.allow(f"{ds.dataset}/privacy/budget")
+
+    def _approve(self, ds: DatasetPolicy, roles: list[str], v: _Verdict) -> _Verdict:
+        approver = next((r for r in roles if r in ds.deployment.approvers), None)
+        if approver is None:
+            return v.deny(
+                f"{ds.dataset}/deployment/approvers",
+                f"only {', '.join(ds.deployment.approvers)} may approve models trained on '{ds.dataset}'",
+            )
+        v.allow(f"{ds.dataset}/deployment/approvers")
+        return v
+
+    def _deploy(self, ds: DatasetPolicy, actor: Actor, ctx: Mapping[str, Any], v: _Verdict) -> _Verdict:
+        cap = ds.deployment.max_epsilon or (ds.privacy.epsilon_per_run if ds.privacy else None)
+        eps = ctx.get("epsilon")
+        if cap is not None:
+            if eps is None:
+                return v.deny("builtin/epsilon-required", "the model card states no epsilon")
+            if float(eps) > cap:
+                return v.deny(f"{ds.dataset}/deployment/max_epsilon", f"model epsilon {float(eps):g} exceeds the cap {cap:g}")
+            v.allow(f"{ds.dataset}/deployment/max_epsilon")
+        if ds.fairness is not None:
+            fair = ctx.get("fairness")
+            if not fair:
+                return v.deny(f"{ds.dataset}/fairness", "the model card has no fairness evaluation")
+            f = ds.fairness
+            for attr in f.sensitive_attributes:
+                m = fair.get(attr)
+                if m is None:
+                    return v.deny(f"{ds.dataset}/fairness/{attr}", f"no fairness metrics for '{attr}'")
+                if m.get("disparate_impact", 0.0) < f.disparate_impact_min:
+                    return v.deny(
+                        f"{ds.dataset}/fairness/disparate_impact",
+                        f"disparate impact on '{attr}' is {m.get('disparate_impact', 0.0):.3f} < {f.disparate_impact_min:g}",
+                    )
+                if abs(m.get("equal_opportunity_diff", 1.0)) > f.equal_opportunity_max_diff:
+                    return v.deny(
+                        f"{ds.dataset}/fairness/equal_opportunity",
+                        f"equal opportunity difference on '{attr}' is {m.get('equal_opportunity_diff', 1.0):.3f} "
+                        f"> {f.equal_opportunity_max_diff:g}",
+                    )
+                if abs(m.get("predictive_parity_diff", 1.0)) > f.predictive_parity_max_diff:
+                    return v.deny(
+                        f"{ds.dataset}/fairness/predictive_parity",
+                        f"predictive parity difference on '{attr}' is {m.get('predictive_parity_diff', 1.0):.3f} "
+                        f"> {f.predictive_parity_max_diff:g}",
+                    )
+            v.allow(f"{ds.dataset}/fairness")
+        approvals = ctx.get("approvals") or ()
+        counted: set[str] = set()
+        for a in approvals:
+            if a.get("actor") == actor.name:
+                continue  # separation of duties: nobody approves their own deployment
+            a_roles = a.get("roles") or self.policies.roles_of(a.get("actor", ""))
+            if any(r in ds.deployment.approvers for r in a_roles):
+                counted.add(a["actor"])
+        if len(counted) < ds.deployment.min_approvals:
+            own = any(a.get("actor") == actor.name for a in approvals)
+            extra = " (an approval by the deployer does not count)" if own else ""
+            return v.deny(
+                f"{ds.dataset}/deployment/approvals",
+                f"{len(counted)} of {ds.deployment.min_approvals} required approval(s) by "
+                f"{', '.join(ds.deployment.approvers)}{extra}",
+            )
+        v.allow(f"{ds.dataset}/deployment/approvals")
+        return v
+
+    # -- audit ----------------------------------------------------------------------
+    def _audit(self, d: Decision, ctx: Mapping[str, Any]) -> None:
+        details: dict[str, Any] = {"reasons": list(d.reasons), "roles": list(d.actor.roles)}
+        for k in _AUDITABLE_CONTEXT:
+            if k in ctx:
+                val = ctx[k]
+                details[k] = list(val) if isinstance(val, (list, tuple)) else val
+        if d.obligations:
+            details["masks"] = dict(d.obligations.get("masks") or {})
+            if d.obligations.get("row_filter"):
+                details["row_filter"] = d.obligations["row_filter"]
+        self.audit.record(  # type: ignore[union-attr]
+            "gate.decide",
+            actor=d.actor.name,
+            outcome="allow" if d.allowed else "deny",
+            stage=d.stage.value,
+            resource=str(d.resource),
+            rule_ids=d.rule_ids,
+            subject_token=ctx.get("subject_token"),
+            details=details,
+        )
+        if not d.allowed:
+            self.audit.flush()  # type: ignore[union-attr]  # a deny ends the stage: make it durable now

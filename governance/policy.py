@@ -1,0 +1,391 @@
+"""The policy model: ``policies/*.yaml``, one source for every enforcer.
+
+Two kinds of file:
+
+``kind: roles`` — the role catalog: which roles exist, which pipeline stages
+each may run, and which users hold which roles (``principals``).
+
+``kind: dataset`` — one per dataset: the subject key column, each column's
+class (subject_key, direct_identifier, quasi_identifier, sensitive, public) and
+protection, allowed purposes, per-role access (layers, columns, masks, row
+filter, purposes), retention, privacy budget, fairness thresholds and who must
+approve a deployment.
+
+:func:`load_policies` validates every file and then the set as a whole (roles
+named by datasets must exist, masks must name real columns, ...). Errors name
+file, field and line. The result, :class:`PolicySet`, is immutable and is what
+the gate, the SQL engines and Trino's rules are compiled from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import timedelta
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from governance._files import locate, read_yaml, validate_file
+from governance.errors import PolicyError
+
+IDENT = r"^[a-z][a-z0-9_]{0,62}$"
+REQUIRED_ROLES = ("data_engineer", "analyst", "data_scientist", "ml_engineer", "compliance_officer")
+LAYERS = ("landing", "bronze", "silver", "gold", "quarantine", "vault")
+
+
+class Stage(str, Enum):
+    """Pipeline stages and administrative actions the gate decides on."""
+
+    INGEST = "ingest"
+    QUERY = "query"
+    FEATURES = "features"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    REGISTER = "register"
+    APPROVE = "approve"
+    DEPLOY = "deploy"
+    SERVE = "serve"
+    MAINTAIN = "maintain"
+    REQUEST = "request"
+    AUDIT = "audit"
+    KEYS = "keys"
+    LINEAGE = "lineage"
+    POLICY = "policy"
+
+
+class ColumnClass(str, Enum):
+    SUBJECT_KEY = "subject_key"
+    DIRECT_IDENTIFIER = "direct_identifier"
+    QUASI_IDENTIFIER = "quasi_identifier"
+    SENSITIVE = "sensitive"
+    PUBLIC = "public"
+
+
+class Protection(str, Enum):
+    TOKENIZE = "tokenize"  # replaced by a pseudonymous token
+    VAULT = "vault"  # kept only in the subject vault, encrypted with the subject's DEK
+    ENCRYPT = "encrypt"  # kept in the table, encrypted with the subject's DEK
+    GENERALIZE = "generalize"  # coarsened (year, prefix, bucket)
+    RESTRICTED = "restricted"  # moved to a restricted table (fairness evaluation only)
+    NONE = "none"
+
+
+_ALLOWED_PROTECTION = {
+    ColumnClass.SUBJECT_KEY: {Protection.TOKENIZE},
+    ColumnClass.DIRECT_IDENTIFIER: {Protection.VAULT, Protection.ENCRYPT},
+    ColumnClass.QUASI_IDENTIFIER: {Protection.GENERALIZE, Protection.ENCRYPT, Protection.VAULT},
+    ColumnClass.SENSITIVE: {Protection.ENCRYPT, Protection.RESTRICTED},
+    ColumnClass.PUBLIC: {Protection.NONE},
+}
+_DEFAULT_PROTECTION = {
+    ColumnClass.SUBJECT_KEY: Protection.TOKENIZE,
+    ColumnClass.DIRECT_IDENTIFIER: Protection.VAULT,
+    ColumnClass.QUASI_IDENTIFIER: Protection.GENERALIZE,
+    ColumnClass.SENSITIVE: Protection.ENCRYPT,
+    ColumnClass.PUBLIC: Protection.NONE,
+}
+_GENERALIZE = re.compile(r"^(year|month|prefix:[1-9]\d?|bucket:[1-9]\d{0,6}(\.\d+)?)$")
+
+
+def _parse_duration(v: Any) -> Any:
+    if isinstance(v, timedelta) or v is None:
+        return v
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([hdwy])\s*", v)
+        if m:
+            n, unit = int(m.group(1)), m.group(2)
+            return timedelta(hours=n) if unit == "h" else timedelta(days=n * {"d": 1, "w": 7, "y": 365}[unit])
+    raise ValueError(f"durations look like '12h', '30d', '6w' or '7y' (got {v!r})")
+
+
+Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, use_enum_values=False)
+
+
+class ColumnPolicy(_Strict):
+    class_: ColumnClass = Field(alias="class")
+    type: str | None = None
+    protection: Protection | None = None
+    generalize: str | None = Field(default=None, description="year | month | prefix:N | bucket:W")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _protection_fits_class(self) -> "ColumnPolicy":
+        prot = self.protection or _DEFAULT_PROTECTION[self.class_]
+        if prot not in _ALLOWED_PROTECTION[self.class_]:
+            allowed = ", ".join(sorted(p.value for p in _ALLOWED_PROTECTION[self.class_]))
+            raise ValueError(
+                f"protection '{prot.value}' is not allowed for class '{self.class_.value}' (allowed: {allowed})"
+            )
+        if prot is Protection.GENERALIZE:
+            if not self.generalize:
+                raise ValueError("protection 'generalize' needs 'generalize: year | month | prefix:N | bucket:W'")
+            if not _GENERALIZE.match(self.generalize):
+                raise ValueError(f"generalize must be year, month, prefix:N or bucket:W (got {self.generalize!r})")
+        object.__setattr__(self, "protection", prot)
+        return self
+
+
+class MaskKind(str, Enum):
+    NULL = "null"  # NULL
+    REDACT = "redact"  # a constant '****'
+    HASH = "hash"  # keyed hash (stable, not reversible)
+    PARTIAL = "partial"  # keep the last N characters
+    YEAR = "year"  # date -> year
+    PREFIX = "prefix"  # keep the first N characters
+    BUCKET = "bucket"  # number -> lower bound of a bucket of width N
+
+
+class Mask(_Strict):
+    kind: MaskKind
+    n: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            kind, _, arg = v.partition(":")
+            return {"kind": kind.strip(), "n": arg.strip() or None}
+        return v
+
+    @model_validator(mode="after")
+    def _arg(self) -> "Mask":
+        needs = {MaskKind.PARTIAL, MaskKind.PREFIX, MaskKind.BUCKET}
+        if self.kind in needs and (self.n is None or self.n <= 0):
+            raise ValueError(f"mask '{self.kind.value}' needs a positive size, e.g. '{self.kind.value}:4'")
+        if self.kind not in needs and self.n is not None:
+            raise ValueError(f"mask '{self.kind.value}' takes no size")
+        return self
+
+    def __str__(self) -> str:
+        return self.kind.value if self.n is None else f"{self.kind.value}:{self.n:g}"
+
+
+class Purpose(_Strict):
+    description: str = ""
+    sensitive: bool = Field(default=False, description="may features derived from sensitive attributes be used?")
+
+
+class RoleAccess(_Strict):
+    layers: list[Literal["landing", "bronze", "silver", "gold", "quarantine", "vault"]] = Field(
+        default_factory=lambda: ["silver"]
+    )
+    columns: list[str] | Literal["*"] = "*"
+    masks: dict[str, Mask] = Field(default_factory=dict)
+    row_filter: str | None = None
+    purposes: list[str] = Field(default_factory=list)
+
+    @field_validator("row_filter")
+    @classmethod
+    def _filter(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("row_filter must not be empty")
+        if ";" in v or "--" in v or "/*" in v:
+            raise ValueError("row_filter must be a single SQL boolean expression (no ';' or comments)")
+        return v.strip()
+
+
+class Retention(_Strict):
+    landing: Duration | None = None
+    bronze: Duration | None = None
+    silver: Duration | None = None
+    quarantine: Duration | None = None
+    history: Duration = timedelta(days=7)  # Delta time travel kept before VACUUM
+
+
+class PrivacyBudget(_Strict):
+    epsilon_per_run: float = Field(gt=0, le=100)
+    epsilon_total: float = Field(gt=0, le=1000)
+    delta: float = Field(gt=0, lt=1e-2)
+
+    @model_validator(mode="after")
+    def _order(self) -> "PrivacyBudget":
+        if self.epsilon_per_run > self.epsilon_total:
+            raise ValueError(
+                f"epsilon_per_run ({self.epsilon_per_run:g}) exceeds epsilon_total ({self.epsilon_total:g})"
+            )
+        return self
+
+
+class Fairness(_Strict):
+    sensitive_attributes: list[str] = Field(min_length=1)
+    disparate_impact_min: float = Field(default=0.8, gt=0, le=1)
+    equal_opportunity_max_diff: float = Field(default=0.1, ge=0, le=1)
+    predictive_parity_max_diff: float = Field(default=0.1, ge=0, le=1)
+
+
+class Deployment(_Strict):
+    approvers: list[str] = Field(default_factory=lambda: ["compliance_officer"], min_length=1)
+    min_approvals: int = Field(default=1, ge=1, le=10)
+    max_epsilon: float | None = Field(default=None, gt=0)
+
+
+class DatasetPolicy(_Strict):
+    kind: Literal["dataset"]
+    dataset: str = Field(pattern=IDENT)
+    description: str = ""
+    owner: str = ""
+    subject_key: str
+    columns: dict[str, ColumnPolicy] = Field(min_length=1)
+    purposes: dict[str, Purpose] = Field(default_factory=dict)
+    access: dict[str, RoleAccess] = Field(default_factory=dict)
+    retention: Retention = Retention()
+    privacy: PrivacyBudget | None = None
+    fairness: Fairness | None = None
+    deployment: Deployment = Deployment()
+    landing: Literal["remove", "keep"] = "remove"
+
+    @field_validator("columns")
+    @classmethod
+    def _column_names(cls, v: dict[str, ColumnPolicy]) -> dict[str, ColumnPolicy]:
+        for name in v:
+            if not re.match(IDENT, name):
+                raise ValueError(f"column name {name!r} must be lower_snake_case (a-z, 0-9, _)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DatasetPolicy":
+        cols = self.columns
+        if self.subject_key not in cols:
+            raise ValueError(f"subject_key '{self.subject_key}' is not one of the columns")
+        if cols[self.subject_key].class_ is not ColumnClass.SUBJECT_KEY:
+            raise ValueError(f"subject_key column '{self.subject_key}' must have class 'subject_key'")
+        extra_keys = [n for n, c in cols.items() if c.class_ is ColumnClass.SUBJECT_KEY and n != self.subject_key]
+        if extra_keys:
+            raise ValueError(f"only the subject_key column may have class 'subject_key' (also: {', '.join(extra_keys)})")
+        for role, acc in self.access.items():
+            if acc.columns != "*":
+                for c in acc.columns:
+                    if c not in cols:
+                        raise ValueError(f"access.{role}.columns names unknown column '{c}'")
+            for c in acc.masks:
+                if c not in cols:
+                    raise ValueError(f"access.{role}.masks names unknown column '{c}'")
+            for p in acc.purposes:
+                if p not in self.purposes:
+                    raise ValueError(f"access.{role}.purposes names purpose '{p}', which is not in this dataset's purposes")
+        if self.fairness:
+            for a in self.fairness.sensitive_attributes:
+                if a not in cols:
+                    raise ValueError(f"fairness.sensitive_attributes names unknown column '{a}'")
+                if cols[a].class_ is not ColumnClass.SENSITIVE:
+                    raise ValueError(f"fairness attribute '{a}' must be a column of class 'sensitive'")
+        return self
+
+    # -- queries the enforcers use -------------------------------------------------
+    def columns_of(self, cls: ColumnClass) -> list[str]:
+        return [n for n, c in self.columns.items() if c.class_ is cls]
+
+    def default_mask(self, column: str) -> Mask | None:
+        """The mask applied when a role's access names none: identifiers and sensitive data never show."""
+        c = self.columns[column]
+        if c.class_ is ColumnClass.DIRECT_IDENTIFIER:
+            return Mask(kind=MaskKind.REDACT)
+        if c.class_ is ColumnClass.SENSITIVE:
+            return Mask(kind=MaskKind.NULL)
+        return None
+
+
+class RoleSpec(_Strict):
+    description: str = ""
+    stages: list[Stage] = Field(default_factory=list)
+
+
+class RoleCatalog(_Strict):
+    kind: Literal["roles"]
+    roles: dict[str, RoleSpec]
+    principals: dict[str, list[str]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RoleCatalog":
+        for r in self.roles:
+            if not re.match(IDENT, r):
+                raise ValueError(f"role name {r!r} must be lower_snake_case")
+        missing = [r for r in REQUIRED_ROLES if r not in self.roles]
+        if missing:
+            raise ValueError(f"the role catalog must define {', '.join(missing)}")
+        for user, roles in self.principals.items():
+            for r in roles:
+                if r not in self.roles:
+                    raise ValueError(f"principals.{user} names unknown role '{r}'")
+        return self
+
+
+class _AnyPolicy(_Strict):
+    kind: Literal["roles", "dataset"]
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class PolicySet:
+    """All policies, validated together. Immutable; ``digest`` identifies this exact version."""
+
+    def __init__(self, roles: RoleCatalog, datasets: dict[str, DatasetPolicy], *, digest: str, files: list[str]):
+        self.roles = roles
+        self.datasets = datasets
+        self.digest = digest
+        self.files = files
+
+    def dataset(self, name: str) -> DatasetPolicy:
+        try:
+            return self.datasets[name]
+        except KeyError:
+            known = ", ".join(sorted(self.datasets)) or "none"
+            raise PolicyError(f"no policy for dataset '{name}' (known: {known})") from None
+
+    def roles_of(self, user: str) -> tuple[str, ...]:
+        return tuple(self.roles.principals.get(user, ()))
+
+    def __repr__(self) -> str:
+        return f"PolicySet(datasets={sorted(self.datasets)}, digest={self.digest[:12]})"
+
+
+def load_policies(files: list[Path]) -> PolicySet:
+    """Validate each policy file, then the set; raise PolicyError naming file, field and line."""
+    if not files:
+        raise PolicyError("no policy files found", hint="add policies/roles.yaml and one policies/<dataset>.yaml per dataset")
+    roles: RoleCatalog | None = None
+    roles_file: Path | None = None
+    datasets: dict[str, tuple[DatasetPolicy, Path]] = {}
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode() + b"\x00" + f.read_bytes() + b"\x00")
+        head = validate_file(_AnyPolicy, f, error=PolicyError)
+        if head.kind == "roles":
+            if roles is not None:
+                raise PolicyError(f"a second role catalog (the first is {roles_file})", path=str(f), field="kind", line=1)
+            roles, roles_file = validate_file(RoleCatalog, f, error=PolicyError), f
+        else:
+            ds = validate_file(DatasetPolicy, f, error=PolicyError)
+            if ds.dataset in datasets:
+                raise PolicyError(
+                    f"dataset '{ds.dataset}' is also defined in {datasets[ds.dataset][1]}", path=str(f), field="dataset"
+                )
+            datasets[ds.dataset] = (ds, f)
+    if roles is None:
+        raise PolicyError("no role catalog (a file with 'kind: roles')", hint="see policies/roles.yaml in the docs")
+    # Cross-file checks: every role a dataset names exists in the catalog.
+    for name, (ds, f) in datasets.items():
+        _, node = read_yaml(f, error=PolicyError)
+        for role in ds.access:
+            if role not in roles.roles:
+                raise PolicyError(
+                    f"unknown role '{role}' (defined roles: {', '.join(sorted(roles.roles))})",
+                    path=str(f), field=f"access.{role}", line=locate(node, ("access", role)),
+                )
+        for role in ds.deployment.approvers:
+            if role not in roles.roles:
+                raise PolicyError(
+                    f"unknown role '{role}' among approvers", path=str(f), field="deployment.approvers",
+                    line=locate(node, ("deployment", "approvers")),
+                )
+    return PolicySet(
+        roles, {k: v[0] for k, v in datasets.items()}, digest=h.hexdigest(), files=[str(f) for f in sorted(files)]
+    )

@@ -1,0 +1,113 @@
+"""The workspace: one object that opens configuration, policies, keys, audit, gate and lineage.
+
+Every stage and every CLI command starts here::
+
+    with Workspace.open() as ws:                      # finds lakewarden.yaml
+        ws.gate.enforce("ingest", ws.actor(), Resource.dataset("customers"))
+        ...
+
+Parts are opened lazily, so a command that only reads policies never needs the
+key-encryption key. ``close()`` flushes the audit log; use the context manager.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Callable
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from governance.audit import AuditLog, key_id
+from governance.config import ProjectConfig, load_config
+from governance.errors import AuditError
+from governance.gate import Actor, Gate
+from governance.keys import KeyRing, KeyStore, load_kek
+from governance.lineage import LineageStore
+from governance.policy import PolicySet, load_policies
+
+USER_ENV = "LAKEWARDEN_USER"
+AUDIT_SIGNING_KEY = "audit-signing"
+
+
+class Workspace:
+    """Configuration plus the governance services built from it."""
+
+    def __init__(self, config: ProjectConfig, *, clock: Callable[[], datetime] | None = None) -> None:
+        self.config = config
+        self._clock = clock
+
+    @classmethod
+    def open(cls, config_path: str | Path | None = None, **kwargs: object) -> "Workspace":
+        return cls(load_config(config_path), **kwargs)  # type: ignore[arg-type]
+
+    # -- parts ------------------------------------------------------------------------
+    @cached_property
+    def policies(self) -> PolicySet:
+        return load_policies(self.config.policy_files())
+
+    @cached_property
+    def keyring(self) -> KeyRing:
+        k = self.config.keys.kek
+        kek = load_kek(k.provider, var=k.var, path=k.path, factory=k.factory, options=k.options, base_dir=self.config.base_dir)
+        return KeyRing(KeyStore(self.config.path(self.config.keys.store), kek))
+
+    @cached_property
+    def audit(self) -> AuditLog:
+        sk = Ed25519PrivateKey.from_private_bytes(self.keyring.system_key(AUDIT_SIGNING_KEY))
+        pinned = self.config.audit.public_key
+        if pinned and pinned.lower() != sk.public_key().public_bytes_raw().hex():
+            raise AuditError(
+                "the audit signing key does not match audit.public_key in lakewarden.yaml",
+                hint="the key store was replaced or the pin is stale",
+            )
+        state = self.config.workspace_dir / "audit"
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "public_key.hex").write_text(sk.public_key().public_bytes_raw().hex() + "\n")
+        return AuditLog(
+            self.config.table_uri(self.config.audit.table),
+            self.config.table_uri(self.config.audit.checkpoints_table),
+            state,
+            signing_key=sk,
+            checkpoint_every=self.config.audit.checkpoint_every,
+            flush_every=self.config.audit.flush_every,
+            storage_options=self.config.storage.options,
+            clock=self._clock,
+        )
+
+    @property
+    def audit_key_id(self) -> str:
+        return key_id(self.audit._pk)  # type: ignore[arg-type]
+
+    @cached_property
+    def gate(self) -> Gate:
+        return Gate(self.policies, audit=self.audit)
+
+    @cached_property
+    def lineage(self) -> LineageStore:
+        return LineageStore(
+            self.config.table_uri(self.config.lineage.table),
+            namespace=self.config.lineage.namespace,
+            repo_dir=str(self.config.base_dir),
+        )
+
+    def actor(self, name: str | None = None) -> Actor:
+        """The acting user: ``name``, else $LAKEWARDEN_USER, else the OS user; roles from the policy."""
+        user = name or os.environ.get(USER_ENV) or getpass.getuser()
+        return Actor(user, self.policies.roles_of(user))
+
+    # -- lifecycle --------------------------------------------------------------------
+    def close(self) -> None:
+        if "audit" in self.__dict__:
+            self.audit.close()
+        if "keyring" in self.__dict__:
+            self.keyring.close()
+
+    def __enter__(self) -> "Workspace":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

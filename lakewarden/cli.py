@@ -1,0 +1,380 @@
+"""The ``lakewarden`` command line: a thin shell over the library.
+
+Each command parses its arguments, calls one library function and prints the
+result. Errors a user can cause (LakewardenError) print one line, with a hint
+where there is one, and exit non-zero: 2 for bad input or configuration, 3 for
+a policy denial, 4 for a failed audit verification, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from governance.errors import LakewardenError
+from governance.gate import Actor, Decision, Resource
+from governance.policy import Stage
+
+console = Console()
+err = Console(stderr=True)
+
+app = typer.Typer(
+    name="lakewarden",
+    help="Governance-first lakehouse: policy-gated ingest, features, private training, serving, compliance.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+policy_app = typer.Typer(help="Validate and show policies.", no_args_is_help=True)
+gate_app = typer.Typer(help="Ask the policy gate for a decision.", no_args_is_help=True)
+audit_app = typer.Typer(help="Verify and query the tamper-evident audit log.", no_args_is_help=True)
+keys_app = typer.Typer(help="Key-encryption keys, the key store, rotation.", no_args_is_help=True)
+lineage_app = typer.Typer(help="OpenLineage run events: upstream and downstream.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+app.add_typer(gate_app, name="gate")
+app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
+app.add_typer(lineage_app, name="lineage")
+
+
+@dataclass
+class _State:
+    config: Optional[Path]
+    user: Optional[str]
+    _ws: Any = None
+
+    def workspace(self):  # noqa: ANN201 - lazily imported to keep `--help` fast
+        if self._ws is None:
+            from governance.workspace import Workspace
+
+            self._ws = Workspace.open(self.config)
+        return self._ws
+
+    def close(self) -> None:
+        if self._ws is not None:
+            self._ws.close()
+
+    def actor(self) -> Actor:
+        return self.workspace().actor(self.user)
+
+
+def _state(ctx: typer.Context) -> _State:
+    return ctx.find_root().obj
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="lakewarden.yaml to use.", envvar="LAKEWARDEN_CONFIG")] = None,
+    user: Annotated[Optional[str], typer.Option("--as", help="Act as this user (roles come from policy).", envvar="LAKEWARDEN_USER")] = None,
+) -> None:
+    ctx.obj = _State(config, user)
+    ctx.call_on_close(ctx.obj.close)
+
+
+# -- init / check -------------------------------------------------------------------------
+@app.command()
+def init(
+    ctx: typer.Context,
+    directory: Annotated[Path, typer.Argument(help="Project folder.")] = Path("."),
+) -> None:
+    """Create lakewarden.yaml, the KEK (file provider), the key store and the audit log, where missing."""
+    from governance.setup import init_workspace
+
+    st = _state(ctx)
+    import getpass
+    import os
+
+    res = init_workspace(directory, actor=st.user or os.environ.get("LAKEWARDEN_USER") or getpass.getuser())
+    for p in res.created:
+        console.print(f"[green]created[/] {p}")
+    for p in res.kept:
+        console.print(f"[dim]kept[/]    {p}")
+    console.print(f"KEK {res.key_id} · audit signing key {res.audit_key_id}")
+
+
+@policy_app.command("check")
+def policy_check(ctx: typer.Context) -> None:
+    """Validate lakewarden.yaml and every policy file; summarise what they govern."""
+    ws = _state(ctx).workspace()
+    ps = ws.policies
+    t = Table(title=f"policies {ps.digest[:12]} ({len(ps.files)} files)")
+    for col in ("dataset", "subject key", "identifiers", "quasi-ids", "sensitive", "roles with access", "purposes"):
+        t.add_column(col)
+    from governance.policy import ColumnClass as C
+
+    for name, ds in sorted(ps.datasets.items()):
+        t.add_row(
+            name,
+            ds.subject_key,
+            ", ".join(ds.columns_of(C.DIRECT_IDENTIFIER)),
+            ", ".join(ds.columns_of(C.QUASI_IDENTIFIER)),
+            ", ".join(ds.columns_of(C.SENSITIVE)),
+            ", ".join(ds.access),
+            ", ".join(ds.purposes),
+        )
+    console.print(t)
+    console.print(f"[green]ok[/]: {ws.config.base_dir / 'lakewarden.yaml'} and {len(ps.files)} policy files are valid")
+
+
+@policy_app.command("show")
+def policy_show(ctx: typer.Context, dataset: str) -> None:
+    """Columns, protection and per-role access of one dataset."""
+    ds = _state(ctx).workspace().policies.dataset(dataset)
+    t = Table(title=f"{dataset}: columns")
+    for col in ("column", "class", "protection", "type"):
+        t.add_column(col)
+    for name, c in ds.columns.items():
+        prot = c.protection.value if c.protection else ""
+        if c.generalize:
+            prot += f" ({c.generalize})"
+        t.add_row(name, c.class_.value, prot, c.type or "")
+    console.print(t)
+    a = Table(title=f"{dataset}: access")
+    for col in ("role", "layers", "columns", "masks", "row filter", "purposes"):
+        a.add_column(col)
+    for role, acc in ds.access.items():
+        a.add_row(
+            role,
+            ", ".join(acc.layers),
+            "*" if acc.columns == "*" else ", ".join(acc.columns),
+            ", ".join(f"{k}:{m}" for k, m in acc.masks.items()),
+            acc.row_filter or "",
+            ", ".join(acc.purposes),
+        )
+    console.print(a)
+
+
+# -- gate ---------------------------------------------------------------------------------
+def _print_decision(d: Decision) -> None:
+    colour = "green" if d.allowed else "red"
+    console.print(f"[{colour}]{'ALLOW' if d.allowed else 'DENY'}[/] {d.stage.value} by {d.actor.name} "
+                  f"({', '.join(d.actor.roles) or 'no role'}) on {d.resource}")
+    console.print(f"  rules:   {', '.join(d.rule_ids)}")
+    console.print(f"  reasons: {'; '.join(d.reasons)}")
+    for k, v in d.obligations.items():
+        if v:
+            console.print(f"  {k}: {v}")
+
+
+@gate_app.command("check")
+def gate_check(
+    ctx: typer.Context,
+    stage: Annotated[Stage, typer.Argument(help="Stage to decide on.")],
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset the stage uses.")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Table layer (bronze, silver, ...).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model name (for register/approve/deploy).")] = None,
+    purpose: Annotated[Optional[str], typer.Option(help="Purpose of the use.")] = None,
+    columns: Annotated[Optional[str], typer.Option(help="Comma-separated columns.")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(help="Target epsilon (train).")] = None,
+    epsilon_spent: Annotated[Optional[float], typer.Option(help="Epsilon already spent on the dataset.")] = None,
+) -> None:
+    """Decide whether the acting user may run STAGE; exit 3 on a deny. The decision is audited."""
+    st = _state(ctx)
+    ws = st.workspace()
+    if model:
+        res = Resource.model(model)
+    elif dataset and layer:
+        res = Resource.table(dataset, layer)
+    elif dataset:
+        res = Resource.dataset(dataset)
+    else:
+        raise typer.BadParameter("name a --dataset or a --model")
+    context: dict[str, Any] = {}
+    if purpose:
+        context["purpose"] = purpose
+    if columns:
+        context["columns"] = [c.strip() for c in columns.split(",") if c.strip()]
+    if epsilon is not None:
+        context["epsilon"] = epsilon
+    if epsilon_spent is not None:
+        context["epsilon_spent"] = epsilon_spent
+    if model and dataset:
+        context["dataset"] = dataset
+    d = ws.gate.enforce(stage, st.actor(), res, context)
+    _print_decision(d)
+
+
+# -- audit --------------------------------------------------------------------------------
+@audit_app.command("verify")
+def audit_verify(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Recompute the hash chain and check every signed checkpoint; exit 4 and name the first bad event."""
+    from governance.audit_ops import verify_audit
+
+    st = _state(ctx)
+    rep = verify_audit(st.workspace(), st.actor())
+    if as_json:
+        console.print_json(json.dumps(rep.to_dict()))
+    elif rep.ok:
+        console.print(
+            f"[green]audit OK[/]: {rep.events} events, {rep.checkpoints} signed checkpoints, "
+            f"head at seq={rep.head_seq}, verified in {rep.seconds:.2f}s"
+        )
+    if not rep.ok:
+        rep.raise_if_bad()
+
+
+class _Fmt(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _parse_time(v: Optional[str], name: str) -> Optional[datetime]:
+    if v is None:
+        return None
+    try:
+        t = datetime.fromisoformat(v)
+    except ValueError:
+        raise typer.BadParameter(f"{v!r} is not an ISO date or time (e.g. 2026-11-29 or 2026-11-29T10:00)", param_hint=name) from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+@audit_app.command("query")
+def audit_query(
+    ctx: typer.Context,
+    actor: Annotated[Optional[str], typer.Option(help="Only events by this actor.")] = None,
+    action: Annotated[Optional[str], typer.Option(help="Only this action, e.g. gate.decide.")] = None,
+    resource: Annotated[Optional[str], typer.Option(help="Resource prefix, e.g. dataset:customers.")] = None,
+    subject: Annotated[Optional[str], typer.Option(help="Subject token (sub_...).")] = None,
+    outcome: Annotated[Optional[str], typer.Option(help="allow, deny, ok, error...")] = None,
+    since: Annotated[Optional[str], typer.Option(help="ISO time, inclusive.")] = None,
+    until: Annotated[Optional[str], typer.Option(help="ISO time, exclusive.")] = None,
+    limit: Annotated[int, typer.Option(help="Show the last N matches.")] = 50,
+    fmt: Annotated[_Fmt, typer.Option("--format", help="Output format.")] = _Fmt.table,
+) -> None:
+    """Filter audit events (compliance_officer only)."""
+    from governance.audit_ops import query_audit
+
+    st = _state(ctx)
+    tbl = query_audit(
+        st.workspace(), st.actor(),
+        actor=actor, action=action, resource=resource, subject_token=subject, outcome=outcome,
+        since=_parse_time(since, "--since"), until=_parse_time(until, "--until"), limit=limit,
+    )
+    rows = tbl.to_pylist()
+    cols = ["seq", "ts", "actor", "action", "stage", "resource", "outcome", "rule_ids", "subject_token", "details"]
+    if fmt is _Fmt.json:
+        sys.stdout.write(json.dumps([{c: r[c] for c in cols} for r in rows], default=str, indent=1) + "\n")
+        return
+    if fmt is _Fmt.csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow([r[c] for c in cols])
+        return
+    t = Table(title=f"audit events ({len(rows)} shown)")
+    for c in cols[:-1]:
+        t.add_column(c, overflow="fold")
+    for r in rows:
+        t.add_row(*[("" if r[c] is None else (r[c].strftime("%Y-%m-%d %H:%M:%S") if c == "ts" else str(r[c]))) for c in cols[:-1]])
+    console.print(t)
+
+
+# -- keys ---------------------------------------------------------------------------------
+@keys_app.command("new-kek")
+def keys_new_kek(
+    out: Annotated[Optional[Path], typer.Option(help="Write the key to this file (mode 0600) instead of printing it.")] = None,
+) -> None:
+    """Generate a new key-encryption key (for an env var, a file, or rotation)."""
+    from governance.keys import generate_kek_b64, generate_kek_file
+
+    if out is None:
+        sys.stdout.write(generate_kek_b64() + "\n")
+    else:
+        kid = generate_kek_file(out)
+        console.print(f"[green]wrote[/] {out} ({kid})")
+
+
+@keys_app.command("status")
+def keys_status(ctx: typer.Context) -> None:
+    """Key store statistics: subjects, shredded subjects, the KEK in use."""
+    st = _state(ctx)
+    ws = st.workspace()
+    ws.gate.enforce(Stage.KEYS, st.actor(), Resource.system("keys"))
+    for k, v in ws.keyring.store.stats().items():
+        console.print(f"{k}: {v}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    ctx: typer.Context,
+    new_kek_file: Annotated[Optional[Path], typer.Option(help="File holding the new KEK.")] = None,
+    new_kek_env: Annotated[Optional[str], typer.Option(help="Environment variable holding the new KEK.")] = None,
+) -> None:
+    """Rewrap every data key with a new KEK (data is not touched); then point keys.kek at it."""
+    from governance.keys import kek_from_env, kek_from_file
+
+    if (new_kek_file is None) == (new_kek_env is None):
+        raise typer.BadParameter("give exactly one of --new-kek-file or --new-kek-env")
+    st = _state(ctx)
+    ws = st.workspace()
+    ws.gate.enforce(Stage.KEYS, st.actor(), Resource.system("keys"))
+    new = kek_from_file(new_kek_file) if new_kek_file else kek_from_env(new_kek_env)  # type: ignore[arg-type]
+    old_id = ws.keyring.store.kek_id
+    n = ws.keyring.rotate_kek(new)
+    ws.audit.record("keys.rotate", actor=st.actor().name, outcome="ok", resource="system:keys",
+                    details={"rewrapped": n, "from": old_id, "to": new.key_id})
+    console.print(f"[green]rotated[/] {n} keys from {old_id} to {new.key_id}")
+    where = f"provider: file, path: {new_kek_file}" if new_kek_file else f"provider: env, var: {new_kek_env}"
+    console.print(f"[yellow]now set keys.kek in lakewarden.yaml to {{{where}}}[/] and destroy the old KEK.")
+
+
+# -- lineage ------------------------------------------------------------------------------
+class _Dir(str, Enum):
+    up = "up"
+    down = "down"
+    both = "both"
+
+
+@lineage_app.command("show")
+def lineage_show(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Dataset or model name, e.g. silver.customers or model:credit.")],
+    direction: Annotated[_Dir, typer.Option(help="Upstream, downstream or both.")] = _Dir.both,
+    depth: Annotated[Optional[int], typer.Option(help="How many hops.")] = None,
+) -> None:
+    """Print what NAME was made from (upstream) and what was made from it (downstream)."""
+    from governance.lineage import render_tree
+
+    st = _state(ctx)
+    ws = st.workspace()
+    ws.gate.enforce(Stage.LINEAGE, st.actor(), Resource.system("lineage"))
+    shown = False
+    for d in ("up", "down"):
+        if direction.value in (d, "both"):
+            g = ws.lineage.upstream(name, depth=depth) if d == "up" else ws.lineage.downstream(name, depth=depth)
+            if len(g.nodes) > 1:
+                shown = True
+            console.print(render_tree(g, name, "upstream" if d == "up" else "downstream"))
+    if not shown:
+        console.print(f"[yellow]no lineage recorded for {name}[/]")
+
+
+# -- entry point --------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; user errors print one line and exit non-zero, never a traceback."""
+    try:
+        app(args=argv, prog_name="lakewarden")
+    except LakewardenError as exc:
+        err.print(Text.assemble(("error: ", "bold red"), exc.message), highlight=False, soft_wrap=True)
+        if exc.hint:
+            err.print(Text("hint: " + exc.hint, style="dim"), highlight=False)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise SystemExit(130) from None
