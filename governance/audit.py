@@ -295,7 +295,12 @@ class AuditLog:
         """Recompute the chain and check every signature; return a report (never raises for tampering)."""
         t0 = time.perf_counter()
         rep = VerifyReport()
-        events = self._read(self.table_uri)
+        try:
+            events = self._read(self.table_uri)
+        except AuditError:
+            # Delta refuses a data file whose size no longer matches its log entry: that is itself
+            # tampering. Read the files directly so the chain can still name the event.
+            events = self._read_files_directly(rep)
         cps = self._read(self.checkpoints_uri)
         head = self._read_head()
         if events is None:
@@ -309,6 +314,8 @@ class AuditLog:
         bad = self._first_chain_break(events) if n else None
         if bad is not None:
             found.append(self._classify(bad, events))
+        # Up to the first break, row index == seq, so signed positions can be looked up by index.
+        good = n if bad is None else bad
         if progress:
             progress(n, n)
         # Signed checkpoints: each must verify and match the chain at its position.
@@ -320,6 +327,8 @@ class AuditLog:
                 if not self._signature_ok("checkpoint", s, row["hash"], row["signature"]):
                     found.append(Finding(s, "forged-checkpoint", f"checkpoint at seq={s} has an invalid signature"))
                     break
+                if bad is not None and s >= good:
+                    break  # past the break the chain says it all
                 if s >= n:
                     found.append(
                         Finding(n, "truncated", f"the log ends at seq={n - 1} but a signed checkpoint covers seq={s}: truncated")
@@ -337,7 +346,9 @@ class AuditLog:
                     break
                 prev_ok = s
         # The signed head: the log must reach it, and nothing unsigned may follow it.
-        if head is None:
+        if bad is not None:
+            pass  # the chain is already broken; the head cannot add anything
+        elif head is None:
             if n:
                 found.append(Finding(None, "head-missing", f"the signed head file is missing ({self._head_path()})"))
         else:
@@ -364,8 +375,8 @@ class AuditLog:
                         "or by a writer that crashed (the next flush re-signs)",
                     )
                 )
-        # Report only the earliest finding first, then the rest in order of position.
-        found.sort(key=lambda f: (f.seq is None, f.seq if f.seq is not None else 0))
+        # The chain's own finding (most precise) comes first, then signatures, then file-level ones.
+        found.sort(key=lambda f: f.kind in ("file-modified", "unreadable"))
         rep.seconds = time.perf_counter() - t0
         return rep
 
@@ -390,6 +401,8 @@ class AuditLog:
         """Say what happened at row ``i``, the first row whose seq, link or hash is wrong."""
         seqs = events["seq"]
         s = seqs[i].as_py()
+        if i + 1 < len(seqs) and seqs[i + 1].as_py() == s:
+            return Finding(s, "inserted", f"event seq={s} appears twice: an event was inserted")
         if s != i:
             if i > 0 and s == seqs[i - 1].as_py():
                 return Finding(s, "inserted", f"event seq={s} appears twice: an event was inserted")
@@ -533,6 +546,30 @@ class AuditLog:
             return True
         except (InvalidSignature, ValueError):
             return False
+
+    def _read_files_directly(self, rep: VerifyReport) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        try:
+            dt = DeltaTable(self.table_uri, storage_options=self._so or None)
+            parts = []
+            for add in pa.table(dt.get_add_actions(flatten=True)).to_pylist():
+                uri = self.table_uri.rstrip("/") + "/" + add["path"]
+                try:
+                    t = pq.read_table(uri)
+                except Exception as exc:
+                    rep.findings.append(Finding(None, "unreadable", f"audit data file {add['path']} cannot be read: {exc}"))
+                    continue
+                size = os.path.getsize(uri) if "://" not in uri else add["size_bytes"]
+                if size != add["size_bytes"]:
+                    rep.findings.append(
+                        Finding(None, "file-modified", f"audit data file {add['path']} was modified outside Delta "
+                                f"({size} bytes, the log says {add['size_bytes']})")
+                    )
+                parts.append(t.select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA))
+        except Exception as exc:
+            raise AuditError(f"cannot read the audit table {self.table_uri}: {exc}") from exc
+        return pa.concat_tables(parts) if parts else EVENT_SCHEMA.empty_table()
 
     def _read(self, uri: str) -> pa.Table | None:
         try:

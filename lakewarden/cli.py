@@ -277,12 +277,20 @@ def audit_query(
         for r in rows:
             w.writerow([r[c] for c in cols])
         return
-    t = Table(title=f"audit events ({len(rows)} shown)")
-    for c in cols[:-1]:
-        t.add_column(c, overflow="fold")
+    t = Table(title=f"audit events ({len(rows)} shown)", show_lines=False)
+    for c, kw in (("seq", {"justify": "right"}), ("time (UTC)", {"no_wrap": True}), ("actor", {}), ("action", {}),
+                  ("stage", {}), ("resource", {}), ("outcome", {}), ("rules", {"overflow": "fold"}), ("subject", {})):
+        t.add_column(c, **kw)
+    style = {"deny": "red", "failed": "red", "allow": "green", "ok": "green"}
     for r in rows:
-        t.add_row(*[("" if r[c] is None else (r[c].strftime("%Y-%m-%d %H:%M:%S") if c == "ts" else str(r[c]))) for c in cols[:-1]])
-    console.print(t)
+        tok = r["subject_token"]
+        t.add_row(
+            str(r["seq"]), r["ts"].strftime("%m-%d %H:%M:%S"), r["actor"], r["action"], r["stage"] or "",
+            r["resource"] or "", Text(r["outcome"], style=style.get(r["outcome"], "")),
+            (r["rule_ids"] or "").replace(",", "\n"), (tok[:12] + "…") if tok else "",
+        )
+    wide = Console(width=max(console.width, 150)) if not console.is_terminal else console
+    wide.print(t)
 
 
 # -- keys ---------------------------------------------------------------------------------
