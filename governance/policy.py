@@ -340,6 +340,23 @@ class PolicySet:
             known = ", ".join(sorted(self.datasets)) or "none"
             raise PolicyError(f"no policy for dataset '{name}' (known: {known})") from None
 
+    def summary(self) -> dict[str, Any]:
+        """Counts and the digest, for reports and DVC metrics (no file paths, no personal data)."""
+        return {
+            "digest": self.digest,
+            "files": len(self.files),
+            "roles": len(self.roles.roles),
+            "datasets": {
+                name: {
+                    "columns": len(ds.columns),
+                    **{cls.value: len(ds.columns_of(cls)) for cls in ColumnClass},
+                    "roles_with_access": len(ds.access),
+                    "purposes": len(ds.purposes),
+                }
+                for name, ds in sorted(self.datasets.items())
+            },
+        }
+
     def roles_of(self, user: str) -> tuple[str, ...]:
         return tuple(self.roles.principals.get(user, ()))
 

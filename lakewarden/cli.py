@@ -105,10 +105,16 @@ def init(
 
 
 @policy_app.command("check")
-def policy_check(ctx: typer.Context) -> None:
+def policy_check(
+    ctx: typer.Context,
+    json_out: Annotated[Optional[Path], typer.Option(help="Also write a JSON summary here (a DVC metric).")] = None,
+) -> None:
     """Validate lakewarden.yaml and every policy file; summarise what they govern."""
     ws = _state(ctx).workspace()
     ps = ws.policies
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(ps.summary(), indent=2, sort_keys=True) + "\n")
     t = Table(title=f"policies {ps.digest[:12]} ({len(ps.files)} files)")
     for col in ("dataset", "subject key", "identifiers", "quasi-ids", "sensitive", "roles with access", "purposes"):
         t.add_column(col)
