@@ -20,6 +20,14 @@ from governance.errors import ConfigError
 M = TypeVar("M", bound=BaseModel)
 
 
+class FieldError(ValueError):
+    """A validator's error about one place inside the model: ``loc`` is relative to the model."""
+
+    def __init__(self, loc: tuple[Any, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
 def read_yaml(path: Path, *, error: type[ConfigError] = ConfigError) -> tuple[Any, yaml.Node | None]:
     """Parse ``path`` and return ``(data, node_tree)``; YAML syntax errors name the line."""
     try:
@@ -63,6 +71,9 @@ def locate(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
 
 def _describe(err: dict[str, Any]) -> str:
     msg = err["msg"]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        return str(cause)
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     if err["type"] == "extra_forbidden":
@@ -75,6 +86,15 @@ def _describe(err: dict[str, Any]) -> str:
     if isinstance(inp, (str, int, float, bool)) and err["type"] != "value_error":
         return f"{msg[0].lower()}{msg[1:]} (got {inp!r})"
     return msg
+
+
+def _loc(err: dict[str, Any]) -> tuple[Any, ...]:
+    """The error's location in the file: pydantic's, minus wrapper names, plus a FieldError's own."""
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and "]" in p))
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        loc += cause.loc
+    return loc
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -104,16 +124,14 @@ def validate_file(
         return model.model_validate(data, context=context)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        # Pydantic reports union branches and wrapper locations ("function-after"); drop them.
         first = errors[0]
-        loc = tuple(p for p in first["loc"] if not (isinstance(p, str) and "[" in p and "]" in p))
+        loc = _loc(first)
         msg = _describe(first)
-        more = len(errors) - 1
         extra = ""
-        if more:
+        if len(errors) > 1:
             rest = []
-            for e in errors[1:6]:
-                eloc = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))
+            for e in errors[1:]:
+                eloc = _loc(e)
                 rest.append(f"  line {locate(node, eloc)}: {_field(eloc) or '<top>'}: {_describe(e)}")
-            extra = f"\n{more} more problem(s):\n" + "\n".join(rest)
+            extra = f"\n{len(errors) - 1} more problem(s):\n" + "\n".join(rest)
         raise error(msg + extra, path=str(path), field=_field(loc) or None, line=locate(node, loc)) from None

@@ -100,8 +100,9 @@ class ProjectConfig(_Strict):
     trino: TrinoConfig = TrinoConfig()
     policies: list[str] = Field(default_factory=lambda: ["policies/*.yaml"], min_length=1)
 
-    # Set by load_config: the folder relative paths are resolved against.
+    # Set by load_config: the file itself, and the folder relative paths are resolved against.
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+    source: Path | None = Field(default=None, exclude=True)
 
     @field_validator("policies")
     @classmethod
@@ -138,7 +139,9 @@ class ProjectConfig(_Strict):
             else:
                 matches = sorted(self.base_dir.glob(pattern))
             if not matches and not any(c in pattern for c in "*?["):
-                raise ConfigError(f"policy file not found: {pattern}", path=str(self.base_dir / CONFIG_FILENAME), field="policies")
+                raise ConfigError(
+                    f"policy file not found: {pattern}", path=str(self.source or self.base_dir / CONFIG_FILENAME), field="policies"
+                )
             files.extend(m for m in matches if m.is_file())
         seen: set[Path] = set()
         return [f for f in files if not (f in seen or seen.add(f))]
@@ -171,4 +174,4 @@ def load_config(path: str | Path | None = None) -> ProjectConfig:
             hint="run `lakewarden init` to create one, or set LAKEWARDEN_CONFIG",
         )
     cfg = validate_file(ProjectConfig, cfg_path)
-    return cfg.model_copy(update={"base_dir": cfg_path.resolve().parent})
+    return cfg.model_copy(update={"base_dir": cfg_path.resolve().parent, "source": cfg_path})

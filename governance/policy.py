@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from governance._files import locate, read_yaml, validate_file
+from governance._files import FieldError, locate, read_yaml, validate_file
 from governance.errors import PolicyError
 
 IDENT = r"^[a-z][a-z0-9_]{0,62}$"
@@ -255,29 +255,41 @@ class DatasetPolicy(_Strict):
     def _consistent(self) -> "DatasetPolicy":
         cols = self.columns
         if self.subject_key not in cols:
-            raise ValueError(f"subject_key '{self.subject_key}' is not one of the columns")
+            raise FieldError(("subject_key",), f"subject_key '{self.subject_key}' is not one of the columns")
         if cols[self.subject_key].class_ is not ColumnClass.SUBJECT_KEY:
-            raise ValueError(f"subject_key column '{self.subject_key}' must have class 'subject_key'")
+            raise FieldError(
+                ("columns", self.subject_key, "class"), f"subject_key column '{self.subject_key}' must have class 'subject_key'"
+            )
         extra_keys = [n for n, c in cols.items() if c.class_ is ColumnClass.SUBJECT_KEY and n != self.subject_key]
         if extra_keys:
-            raise ValueError(f"only the subject_key column may have class 'subject_key' (also: {', '.join(extra_keys)})")
+            raise FieldError(
+                ("columns", extra_keys[0], "class"),
+                f"only the subject_key column may have class 'subject_key' (also: {', '.join(extra_keys)})",
+            )
         for role, acc in self.access.items():
             if acc.columns != "*":
                 for c in acc.columns:
                     if c not in cols:
-                        raise ValueError(f"access.{role}.columns names unknown column '{c}'")
+                        raise FieldError(("access", role, "columns"), f"access.{role}.columns names unknown column '{c}'")
             for c in acc.masks:
                 if c not in cols:
-                    raise ValueError(f"access.{role}.masks names unknown column '{c}'")
+                    raise FieldError(("access", role, "masks", c), f"access.{role}.masks names unknown column '{c}'")
             for p in acc.purposes:
                 if p not in self.purposes:
-                    raise ValueError(f"access.{role}.purposes names purpose '{p}', which is not in this dataset's purposes")
+                    raise FieldError(
+                        ("access", role, "purposes"),
+                        f"access.{role}.purposes names purpose '{p}', which is not in this dataset's purposes",
+                    )
         if self.fairness:
             for a in self.fairness.sensitive_attributes:
                 if a not in cols:
-                    raise ValueError(f"fairness.sensitive_attributes names unknown column '{a}'")
+                    raise FieldError(
+                        ("fairness", "sensitive_attributes"), f"fairness.sensitive_attributes names unknown column '{a}'"
+                    )
                 if cols[a].class_ is not ColumnClass.SENSITIVE:
-                    raise ValueError(f"fairness attribute '{a}' must be a column of class 'sensitive'")
+                    raise FieldError(
+                        ("fairness", "sensitive_attributes"), f"fairness attribute '{a}' must be a column of class 'sensitive'"
+                    )
         return self
 
     # -- queries the enforcers use -------------------------------------------------
@@ -308,14 +320,14 @@ class RoleCatalog(_Strict):
     def _consistent(self) -> "RoleCatalog":
         for r in self.roles:
             if not re.match(IDENT, r):
-                raise ValueError(f"role name {r!r} must be lower_snake_case")
+                raise FieldError(("roles", r), f"role name {r!r} must be lower_snake_case")
         missing = [r for r in REQUIRED_ROLES if r not in self.roles]
         if missing:
-            raise ValueError(f"the role catalog must define {', '.join(missing)}")
+            raise FieldError(("roles",), f"the role catalog must define {', '.join(missing)}")
         for user, roles in self.principals.items():
             for r in roles:
                 if r not in self.roles:
-                    raise ValueError(f"principals.{user} names unknown role '{r}'")
+                    raise FieldError(("principals", user), f"principals.{user} names unknown role '{r}'")
         return self
 
 
@@ -373,17 +385,21 @@ def load_policies(files: list[Path]) -> PolicySet:
     datasets: dict[str, tuple[DatasetPolicy, Path]] = {}
     h = hashlib.sha256()
     for f in sorted(files):
-        h.update(f.name.encode() + b"\x00" + f.read_bytes() + b"\x00")
         head = validate_file(_AnyPolicy, f, error=PolicyError)
+        h.update(f.name.encode() + b"\x00" + f.read_bytes() + b"\x00")
+        _, node = read_yaml(f, error=PolicyError)
         if head.kind == "roles":
             if roles is not None:
-                raise PolicyError(f"a second role catalog (the first is {roles_file})", path=str(f), field="kind", line=1)
+                raise PolicyError(
+                    f"a second role catalog (the first is {roles_file})", path=str(f), field="kind", line=locate(node, ("kind",))
+                )
             roles, roles_file = validate_file(RoleCatalog, f, error=PolicyError), f
         else:
             ds = validate_file(DatasetPolicy, f, error=PolicyError)
             if ds.dataset in datasets:
                 raise PolicyError(
-                    f"dataset '{ds.dataset}' is also defined in {datasets[ds.dataset][1]}", path=str(f), field="dataset"
+                    f"dataset '{ds.dataset}' is also defined in {datasets[ds.dataset][1]}",
+                    path=str(f), field="dataset", line=locate(node, ("dataset",)),
                 )
             datasets[ds.dataset] = (ds, f)
     if roles is None:
