@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -26,8 +27,10 @@ from governance.config import ProjectConfig, load_config
 from governance.errors import AuditError
 from governance.gate import Actor, Gate
 from governance.keys import KeyRing, KeyStore, load_kek
-from governance.lineage import LineageStore
 from governance.policy import PolicySet, load_policies
+
+if TYPE_CHECKING:
+    from governance.lineage import LineageStore
 
 USER_ENV = "LAKEWARDEN_USER"
 AUDIT_SIGNING_KEY = "audit-signing"
@@ -87,7 +90,9 @@ class Workspace:
         return Gate(self.policies, audit=self.audit)
 
     @cached_property
-    def lineage(self) -> LineageStore:
+    def lineage(self) -> "LineageStore":
+        from governance.lineage import LineageStore  # openlineage takes ~0.3 s to import: only when used
+
         return LineageStore(
             self.config.table_uri(self.config.lineage.table),
             namespace=self.config.lineage.namespace,
