@@ -1,0 +1,279 @@
+"""Envelope encryption with per-subject data keys, and crypto-shredding.
+
+Recipes first: :class:`KeyRing` seals and opens values with AES-256-GCM under
+the subject's own data key (DEK), bound by associated data to the dataset,
+column and subject token. DEKs are wrapped by a key-encryption key (KEK) and
+kept in a :class:`KeyStore` that is never versioned. Shredding a subject
+destroys its DEK, so every copy of its ciphertexts (Delta history, DVC cache,
+backups) becomes unreadable at once. Raw primitives live in
+:mod:`governance.keys.hazmat`; do not use them for data.
+
+Example::
+
+    from governance.keys import KeyRing, KeyStore, load_kek
+
+    kek = load_kek("env", var="LAKEWARDEN_KEK")
+    with KeyRing(KeyStore(".lakewarden/keystore.db", kek)) as ring:
+        token = ring.token_for("alice@example.com")
+        blob = ring.seal("alice@example.com", token=token, dataset="vault", column="email")
+        assert ring.open(blob, token=token, dataset="vault", column="email") == b"alice@example.com"
+        ring.shred(token)   # ring.open(...) now raises SubjectShredded
+
+Ciphertext format (version 1)::
+
+    0x01 || nonce (12) || ciphertext || tag (16)
+    AAD = b"lakewarden:v1\\x00" + dataset + b"\\x00" + column + b"\\x00" + token
+
+Errors (all :class:`~governance.errors.KeyManagementError`):
+``DecryptionError`` — invalid, tampered, or bound to another dataset, column or
+subject (deliberately opaque); ``SubjectShredded`` — the subject's key was
+destroyed; ``KekUnavailable`` — the KEK cannot be loaded. Caller mistakes
+(wrong types, empty names) are ``TypeError`` / ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+
+from governance.errors import DecryptionError
+from governance.keys import hazmat
+from governance.keys.kek import (
+    KeyEncryptionKey,
+    LocalKek,
+    generate_kek_b64,
+    generate_kek_file,
+    kek_from_env,
+    kek_from_file,
+    kek_from_plugin,
+    load_kek,
+)
+from governance.keys.store import KeyStore
+
+__all__ = [
+    "KeyEncryptionKey",
+    "KeyRing",
+    "KeyStore",
+    "LocalKek",
+    "generate_kek_b64",
+    "generate_kek_file",
+    "kek_from_env",
+    "kek_from_file",
+    "kek_from_plugin",
+    "load_kek",
+]
+
+FORMAT_VERSION = 1
+_VERSION_BYTE = b"\x01"
+_AAD_PREFIX = b"lakewarden:v1\x00"
+_NONCE = hazmat.NONCE_SIZE
+_MIN_LEN = 1 + hazmat.NONCE_SIZE + hazmat.TAG_SIZE
+_BATCH = 65536  # values per nonce draw in seal_many
+
+
+def _name(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, got {type(value).__name__}")
+    if not value or "\x00" in value:
+        raise ValueError(f"{what} must be a non-empty string without NUL, got {value!r}")
+    return value.encode("utf-8")
+
+
+def _aad_prefix(dataset: str, column: str) -> bytes:
+    return _AAD_PREFIX + _name(dataset, "dataset") + b"\x00" + _name(column, "column") + b"\x00"
+
+
+def _plain(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"value to seal must be bytes or str, got {type(value).__name__}")
+
+
+def _token(token: object) -> str:
+    if not isinstance(token, str):
+        raise TypeError(f"subject token must be str, got {type(token).__name__}")
+    return token
+
+
+class KeyRing:
+    """Seal and open values under per-subject keys; shred subjects; rotate the KEK.
+
+    Args:
+        store: the :class:`KeyStore` holding the wrapped keys. The ring holds no
+            keys of its own, so a shred through the store takes effect here too.
+    """
+
+    def __init__(self, store: KeyStore) -> None:
+        if not isinstance(store, KeyStore):
+            raise TypeError(f"store must be a KeyStore, got {type(store).__name__}")
+        self._store = store
+
+    @property
+    def store(self) -> KeyStore:
+        return self._store
+
+    # ------------------------------------------------------------------ tokens
+
+    def token_for(self, subject_id: str, *, create: bool = True) -> str | None:
+        """The subject's pseudonymous token (see :meth:`KeyStore.token_for`)."""
+        return self._store.token_for(subject_id, create=create)
+
+    def tokens_for(self, subject_ids: Sequence[str], *, create: bool = True) -> list[str | None]:
+        """Batched :meth:`token_for` (see :meth:`KeyStore.tokens_for`)."""
+        return self._store.tokens_for(subject_ids, create=create)
+
+    def system_key(self, name: str) -> bytes:
+        """A 32-byte system key (e.g. "audit-signing"), created on first use."""
+        return self._store.system_key(name)
+
+    # ------------------------------------------------------------------ seal / open
+
+    def seal(self, plaintext: bytes | str, *, token: str, dataset: str, column: str) -> bytes:
+        """Encrypt ``plaintext`` for the subject ``token``, bound to ``dataset``/``column``.
+
+        Raises:
+            SubjectShredded: the subject was shredded.
+            KeyManagementError: unknown token.
+        """
+        data = _plain(plaintext)
+        aad = _aad_prefix(dataset, column) + _token(token).encode("utf-8")
+        return _VERSION_BYTE + hazmat.aesgcm_seal(self._store.dek(token), data, aad)
+
+    def open(self, blob: bytes, *, token: str, dataset: str, column: str) -> bytes:
+        """Decrypt a value from :meth:`seal`; the same token, dataset and column are required.
+
+        Raises:
+            SubjectShredded: the subject was shredded.
+            DecryptionError: invalid, tampered, or sealed for another
+                dataset, column or subject.
+            KeyManagementError: unknown token.
+        """
+        aad = _aad_prefix(dataset, column) + _token(token).encode("utf-8")
+        dek = self._store.dek(token)
+        return _open_one(hazmat.cipher(dek), blob, aad)
+
+    def seal_many(
+        self,
+        values: Sequence[bytes | str | None],
+        tokens: Sequence[str | None],
+        *,
+        dataset: str,
+        column: str,
+    ) -> list[bytes | None]:
+        """Seal ``values[i]`` for ``tokens[i]``; None values stay None.
+
+        Raises:
+            ValueError: lengths differ, or a non-None value has no token.
+            SubjectShredded / KeyManagementError: as :meth:`seal`.
+        """
+        if len(values) != len(tokens):
+            raise ValueError(f"seal_many: {len(values)} values but {len(tokens)} tokens")
+        prefix = _aad_prefix(dataset, column)
+        ciphers = self._ciphers(values, tokens, prefix)
+        out: list[bytes | None] = []
+        append = out.append
+        ver = _VERSION_BYTE
+        n = len(values)
+        for start in range(0, n, _BATCH):
+            stop = min(start + _BATCH, n)
+            nonces = os.urandom(_NONCE * (stop - start))
+            j = 0
+            for i in range(start, stop):
+                v = values[i]
+                if v is None:
+                    append(None)
+                    continue
+                if type(v) is str:
+                    v = v.encode("utf-8")
+                elif type(v) is not bytes:
+                    v = _plain(v)
+                c, aad = ciphers[tokens[i]]
+                nonce = nonces[j : j + _NONCE]
+                j += _NONCE
+                append(ver + nonce + c.encrypt(nonce, v, aad))
+        return out
+
+    def open_many(
+        self,
+        blobs: Sequence[bytes | None],
+        tokens: Sequence[str | None],
+        *,
+        dataset: str,
+        column: str,
+    ) -> list[bytes | None]:
+        """Open ``blobs[i]`` for ``tokens[i]``; None blobs stay None.
+
+        Raises:
+            ValueError: lengths differ, or a non-None blob has no token.
+            SubjectShredded / DecryptionError / KeyManagementError: as :meth:`open`;
+            the first failure aborts the batch.
+        """
+        if len(blobs) != len(tokens):
+            raise ValueError(f"open_many: {len(blobs)} blobs but {len(tokens)} tokens")
+        prefix = _aad_prefix(dataset, column)
+        ciphers = self._ciphers(blobs, tokens, prefix)
+        out: list[bytes | None] = []
+        append = out.append
+        for b, t in zip(blobs, tokens):
+            if b is None:
+                append(None)
+            else:
+                c, aad = ciphers[t]
+                append(_open_one(c, b, aad))
+        return out
+
+    def _ciphers(
+        self, values: Sequence[Any], tokens: Sequence[str | None], prefix: bytes
+    ) -> dict[str, tuple[Any, bytes]]:
+        """``{token: (AESGCM, aad)}`` for each distinct token with a non-None value; keys fetched in bulk."""
+        needed = dict.fromkeys(t for v, t in zip(values, tokens) if v is not None)
+        if None in needed:
+            i = next(i for i, (v, t) in enumerate(zip(values, tokens)) if v is not None and t is None)
+            raise ValueError(f"value at position {i} has no subject token")
+        deks = self._store.deks(needed)
+        return {t: (hazmat.cipher(d), prefix + t.encode("utf-8")) for t, d in deks.items()}
+
+    # ------------------------------------------------------------------ destructive verbs
+
+    def shred(self, token: str) -> bool:
+        """Destroy the subject's key for good (see :meth:`KeyStore.shred`)."""
+        return self._store.shred(token)
+
+    def shred_many(self, tokens: Iterable[str]) -> int:
+        """Destroy several subjects' keys in one transaction; return how many."""
+        return self._store.shred_many(tokens)
+
+    def rotate_kek(self, new_kek: KeyEncryptionKey) -> int:
+        """Rewrap every key with ``new_kek``; data ciphertexts are untouched."""
+        return self._store.rotate_kek(new_kek)
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> KeyRing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"KeyRing({self._store!r})"
+
+
+def _open_one(cipher: Any, blob: object, aad: bytes) -> bytes:
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise TypeError(f"ciphertext must be bytes, got {type(blob).__name__}")
+    if len(blob) < _MIN_LEN or blob[0] != FORMAT_VERSION:
+        raise DecryptionError("ciphertext is invalid (too short or unknown format version)")
+    view = memoryview(blob)
+    try:
+        return cipher.decrypt(view[1 : 1 + _NONCE], view[1 + _NONCE :], aad)
+    except InvalidTag:
+        raise DecryptionError("ciphertext failed authentication") from None

@@ -1,0 +1,668 @@
+"""The key store: wrapped per-subject data keys in an SQLite file that truly deletes.
+
+One SQLite file holds, wrapped by the KEK, every subject's data key (DEK) and
+the system keys (blind index, audit signing, ...). It must never be versioned
+(not git, not DVC, not in table snapshots): crypto-shredding works because
+this is the only place a DEK exists, and deleting it here is final.
+
+How deletion is made real:
+
+* ``PRAGMA secure_delete=ON`` overwrites deleted cells with zeros;
+* ``journal_mode=DELETE`` (not WAL: the WAL file would keep old pages after a
+  delete) and ``synchronous=FULL``;
+* every shred and rotation ends with ``VACUUM``, which rebuilds the file
+  without free pages; ``temp_store=MEMORY`` keeps VACUUM's copy off disk.
+
+Copies outside this file (filesystem snapshots, backups of the file, SSD
+remapping) are outside its reach: back the key store up only with a retention
+shorter than the erasure deadline.
+
+Tables::
+
+    meta(name, wrapped, kek_id, created_at)           system keys
+    subjects(token, blind_index, wrapped_dek, kek_id, created_at)
+    shredded(token, shredded_at)                      tombstones (random tokens)
+
+Each wrapped key is bound to its row by the wrapping AAD
+(``b"lakewarden:dek\\x00" + token``, ``b"lakewarden:meta\\x00" + name``), so a
+wrapped DEK copied onto another row does not unwrap.
+
+Unwrapped keys live only in process memory (a bounded dict, cleared on shred,
+rotation and close). A process that has a DEK cached keeps it until it shreds,
+rotates or closes: another process's shred takes effect for it only then.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import sqlite3
+import stat
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from itertools import repeat
+from pathlib import Path
+from typing import Any, Literal
+
+from governance.errors import DecryptionError, KeyManagementError, SubjectShredded
+from governance.keys import hazmat
+from governance.keys.kek import InsecureKeyFileWarning, KeyEncryptionKey, _makedirs_private
+
+__all__ = ["KeyStore", "BLIND_INDEX_KEY", "TOKEN_PREFIX"]
+
+SCHEMA_VERSION = 1
+TOKEN_PREFIX = "sub_"
+BLIND_INDEX_KEY = "blind-index"
+_DEK_AAD = b"lakewarden:dek\x00"
+_META_AAD = b"lakewarden:meta\x00"
+_CHUNK = 999  # bound parameters per IN (...) query; SQLite's historic limit
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(
+    name       TEXT PRIMARY KEY,
+    wrapped    BLOB NOT NULL,
+    kek_id     TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS subjects(
+    token       TEXT PRIMARY KEY,
+    blind_index BLOB NOT NULL UNIQUE,
+    wrapped_dek BLOB NOT NULL,
+    kek_id      TEXT NOT NULL,
+    created_at  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shredded(
+    token       TEXT PRIMARY KEY,
+    shredded_at TEXT NOT NULL
+);
+"""
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _in_query(template: str, n: int) -> str:
+    return template.format(",".join("?" * n))
+
+
+def _check_token(token: object) -> str:
+    if not isinstance(token, str):
+        raise TypeError(f"subject token must be str, got {type(token).__name__}")
+    return token
+
+
+class KeyStore:
+    """Per-subject data keys and system keys, wrapped by a KEK, in one SQLite file.
+
+    Args:
+        path: the store file; created (mode 0600, parent dirs 0700) if missing.
+        kek: the key-encryption key; it must be the one the store was created
+            or last rotated with.
+        clock: returns the current time (injected by tests); defaults to UTC now.
+        cache_size: at most this many unwrapped DEKs are kept in memory.
+
+    Raises:
+        KeyManagementError: the file is not a key store, is from a newer
+            version, or its keys are wrapped by another KEK.
+
+    Example::
+
+        with KeyStore(workspace / ".lakewarden/keystore.db", kek) as store:
+            token = store.token_for("alice@example.com")
+            dek = store.dek(token)
+            store.shred(token)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        kek: KeyEncryptionKey,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        cache_size: int = 262_144,
+    ) -> None:
+        if not isinstance(kek, KeyEncryptionKey):
+            raise TypeError(f"kek must be a KeyEncryptionKey, got {type(kek).__name__}")
+        if cache_size < 1:
+            raise ValueError("cache_size must be at least 1")
+        self._path = Path(path).expanduser()
+        self._kek = kek
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._cache_size = cache_size
+        self._lock = threading.RLock()
+        self._deks: OrderedDict[str, bytes] = OrderedDict()
+        self._system: dict[str, bytes] = {}
+        self._conn: sqlite3.Connection | None = None
+        self._conn = self._connect()
+        try:
+            self._init_schema()
+            self._check_kek()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _connect(self) -> sqlite3.Connection:
+        p = self._path
+        _makedirs_private(p.parent)
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            if os.name == "posix":
+                mode = stat.S_IMODE(p.stat().st_mode)
+                if mode & 0o077:
+                    warnings.warn(
+                        f"key store {p} is readable or writable by group or others (mode {mode:#o}); "
+                        f"restrict it with `chmod 600 {p}`",
+                        InsecureKeyFileWarning,
+                        stacklevel=3,
+                    )
+        except OSError as exc:
+            raise KeyManagementError(f"cannot create key store {p}: {exc.strerror}") from None
+        else:
+            if os.name == "posix":
+                os.fchmod(fd, 0o600)
+            os.close(fd)
+        try:
+            conn = sqlite3.connect(str(p), isolation_level=None, check_same_thread=False, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise KeyManagementError(f"cannot open key store {p}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA secure_delete=ON")
+            mode = conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA temp_store=MEMORY")
+            conn.execute("PRAGMA cache_size=-65536")
+            secure = conn.execute("PRAGMA secure_delete").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise KeyManagementError(f"{p} is not a key store: {exc}") from exc
+        if str(mode).lower() != "delete" or secure != 1:
+            conn.close()
+            raise KeyManagementError(
+                f"key store {p} cannot be opened with journal_mode=DELETE and secure_delete=ON "
+                f"(got journal_mode={mode}, secure_delete={secure}); deletion would not be final"
+            )
+        return conn
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise KeyManagementError(f"key store {self._path} is closed")
+        return self._conn
+
+    @contextmanager
+    def _tx(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction; BEGIN IMMEDIATE for writes so lookup+insert is atomic across processes."""
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise KeyManagementError(f"key store {self._path}: {exc}") from exc
+
+    def _vacuum(self) -> None:
+        try:
+            self._db().execute("VACUUM")
+        except sqlite3.Error as exc:
+            raise KeyManagementError(
+                f"key store {self._path}: the deletion is committed and its cells are zeroed, "
+                f"but VACUUM failed: {exc}",
+                hint="run KeyStore.vacuum() again when no other process holds the store",
+            ) from exc
+
+    def _now(self) -> str:
+        return self._clock().astimezone(timezone.utc).isoformat(timespec="seconds")
+
+    def _init_schema(self) -> None:
+        with self._tx(write=True) as c:
+            version = c.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise KeyManagementError(
+                    f"key store {self._path} has schema version {version}; this Lakewarden reads "
+                    f"up to {SCHEMA_VERSION}",
+                    hint="upgrade Lakewarden",
+                )
+            if version < SCHEMA_VERSION:
+                # one by one: executescript() would COMMIT our transaction
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+                c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _check_kek(self) -> None:
+        with self._tx(write=False) as c:
+            ids = {r[0] for r in c.execute("SELECT DISTINCT kek_id FROM meta")}
+            row = c.execute("SELECT kek_id FROM subjects LIMIT 1").fetchone()
+        if row:
+            ids.add(row[0])
+        foreign = sorted(ids - {self._kek.key_id})
+        if foreign:
+            raise KeyManagementError(
+                f"key store {self._path} is wrapped by KEK {', '.join(foreign)}, "
+                f"but the loaded KEK is {self._kek.key_id}",
+                hint="load the KEK this store was created or last rotated with",
+                store_kek_ids=foreign,
+                kek_id=self._kek.key_id,
+            )
+
+    def _foreign_kek_error(self, what: str, kek_id: str) -> KeyManagementError:
+        return KeyManagementError(
+            f"{what} is wrapped by KEK {kek_id}, but the key store was opened with KEK {self._kek.key_id}",
+            hint="load the KEK this store was created or last rotated with",
+            store_kek_ids=[kek_id],
+            kek_id=self._kek.key_id,
+        )
+
+    def _unwrap_all(self, kek: KeyEncryptionKey, blobs: list[bytes], aads: list[bytes], names: list[str]) -> list[bytes]:
+        """Unwrap with ``kek``; on failure name the first key that does not unwrap."""
+        try:
+            keys = kek.unwrap_many(blobs, aads)
+        except DecryptionError:
+            for blob, aad, name in zip(blobs, aads, names):
+                try:
+                    kek.unwrap(blob, aad)
+                except DecryptionError:
+                    raise DecryptionError(
+                        f"{name} in key store {self._path} does not unwrap with KEK {kek.key_id} "
+                        "(the row was altered or copied from elsewhere)"
+                    ) from None
+            raise
+        for key, name in zip(keys, names):
+            if len(key) != hazmat.KEY_SIZE:
+                raise DecryptionError(f"{name} unwrapped to {len(key)} bytes, expected {hazmat.KEY_SIZE}")
+        return keys
+
+    def _cache_put(self, token: str, dek: bytes) -> None:
+        cache = self._deks
+        while len(cache) >= self._cache_size:
+            hazmat.forget(cache.popitem(last=False)[1])  # oldest first
+        cache[token] = dek
+
+    def _drop_cached(self, token: str) -> None:
+        dek = self._deks.pop(token, None)
+        if dek is not None:
+            hazmat.forget(dek)
+
+    def _clear_caches(self) -> None:
+        for dek in self._deks.values():
+            hazmat.forget(dek)
+        for key in self._system.values():
+            hazmat.forget(key)
+        self._deks.clear()
+        self._system.clear()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def kek_id(self) -> str:
+        """Id of the KEK that wraps every key in the store."""
+        return self._kek.key_id
+
+    # ------------------------------------------------------------------ system keys
+
+    def system_key(self, name: str, *, create: bool = True) -> bytes:
+        """Return the 32-byte system key ``name`` (e.g. "blind-index", "audit-signing").
+
+        Created on first use (random, stored wrapped) unless ``create`` is False.
+
+        Raises:
+            KeyManagementError: the key does not exist and ``create`` is False,
+                or it is wrapped by another KEK.
+            DecryptionError: the stored wrapped key was altered.
+        """
+        key = self._system_key(name, create=create)
+        if key is None:
+            raise KeyManagementError(f"system key {name!r} does not exist in key store {self._path}")
+        return key
+
+    def _system_key(self, name: str, *, create: bool) -> bytes | None:
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise ValueError(f"system key name must be a non-empty string without NUL, got {name!r}")
+        key = self._system.get(name)
+        if key is not None:
+            return key
+        with self._lock:
+            aad = _META_AAD + name.encode("utf-8")
+            with self._tx(write=False) as c:
+                row = c.execute("SELECT wrapped, kek_id FROM meta WHERE name=?", (name,)).fetchone()
+            if row is None and create:
+                with self._tx(write=True) as c:
+                    row = c.execute("SELECT wrapped, kek_id FROM meta WHERE name=?", (name,)).fetchone()
+                    if row is None:
+                        key = hazmat.new_key()
+                        c.execute(
+                            "INSERT INTO meta(name, wrapped, kek_id, created_at) VALUES (?,?,?,?)",
+                            (name, self._kek.wrap(key, aad), self._kek.key_id, self._now()),
+                        )
+            if key is None:
+                if row is None:
+                    return None
+                if row[1] != self._kek.key_id:
+                    raise self._foreign_kek_error(f"system key {name!r}", row[1])
+                key = self._unwrap_all(self._kek, [row[0]], [aad], [f"system key {name!r}"])[0]
+            self._system[name] = key
+            return key
+
+    # ------------------------------------------------------------------ subjects
+
+    def token_for(self, subject_id: str, *, create: bool = True) -> str | None:
+        """Return the subject's random token, creating it (and its DEK) if new.
+
+        The id is normalised with ``strip()``; only its blind index
+        (HMAC-SHA256 under the "blind-index" system key) is stored. After a
+        subject is shredded, the same id gets a new, unrelated token.
+
+        Returns:
+            ``"sub_" + 26 base32 characters``, or None when unknown and
+            ``create`` is False.
+
+        Raises:
+            ValueError: the id is empty or whitespace only.
+            TypeError: the id is not a str.
+        """
+        if not isinstance(subject_id, str):
+            raise TypeError(f"subject id must be str, got {type(subject_id).__name__}")
+        return self.tokens_for([subject_id], create=create)[0]
+
+    def tokens_for(self, subject_ids: Sequence[str], *, create: bool = True) -> list[str | None]:
+        """Batched :meth:`token_for`: one transaction, chunked lookups, one bulk insert.
+
+        Duplicate ids in the batch get the same token. Result ``i`` is the
+        token of ``subject_ids[i]`` (None when unknown and ``create`` is False).
+        """
+        if isinstance(subject_ids, (str, bytes)):
+            raise TypeError("tokens_for takes a sequence of subject ids; use token_for for one id")
+        ids = list(subject_ids)
+        if not all(isinstance(s, str) for s in ids):
+            i, bad = next((i, s) for i, s in enumerate(ids) if not isinstance(s, str))
+            raise TypeError(f"subject id at position {i} must be str, got {type(bad).__name__}")
+        stripped = [s.strip() for s in ids]
+        if not all(stripped):
+            i = stripped.index("")
+            raise ValueError(f"subject id at position {i} is empty or whitespace only")
+        if not ids:
+            return []
+        key = self._system_key(BLIND_INDEX_KEY, create=create)
+        if key is None:
+            return [None] * len(ids)
+        base = hmac.new(key, digestmod=hashlib.sha256)  # copying a keyed HMAC beats re-keying per id
+        bis = []
+        append = bis.append
+        try:
+            for s in stripped:
+                h = base.copy()
+                h.update(s.encode("utf-8"))
+                append(h.digest())
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"subject id is not encodable as UTF-8: {exc.reason}") from None
+        # Sorted, so index probes and inserts walk the b-tree in order (4x faster at 1M).
+        unique = sorted(set(bis))
+        found: dict[bytes, str] = {}
+        with self._lock, self._tx(write=create) as c:
+            template = "SELECT blind_index, token FROM subjects WHERE blind_index IN ({})"
+            for chunk in _chunks(unique):
+                found.update(c.execute(_in_query(template, len(chunk)), chunk).fetchall())
+            if create and len(found) < len(unique):
+                missing = [b for b in unique if b not in found]
+                tokens = self._new_tokens(len(missing))
+                raw = os.urandom(hazmat.KEY_SIZE * len(missing))
+                deks = [raw[i : i + hazmat.KEY_SIZE] for i in range(0, len(raw), hazmat.KEY_SIZE)]
+                aads = [_DEK_AAD + t.encode("ascii") for t in tokens]
+                wrapped = self._kek.wrap_many(deks, aads)
+                if len(wrapped) != len(deks):
+                    raise KeyManagementError(f"KEK {self._kek.key_id} returned {len(wrapped)} wrapped keys for {len(deks)}")
+                c.executemany(
+                    "INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?,?,?,?,?)",
+                    zip(tokens, missing, wrapped, repeat(self._kek.key_id), repeat(self._now())),
+                )
+                found.update(zip(missing, tokens))
+                del deks, raw
+        return [found.get(b) for b in bis]
+
+    @staticmethod
+    def _new_tokens(n: int) -> list[str]:
+        """``n`` tokens: "sub_" + the first 26 chars of lowercase base32 of 16 random bytes.
+
+        Each 16-byte value is padded with 4 zero bytes to a whole 5-byte group
+        count, so one b32encode call covers the batch; the first 26 characters
+        of each 32-character slice equal ``b32encode(value)[:26]``.
+        """
+        raw = os.urandom(16 * n)
+        buf = bytearray(20 * n)
+        for k in range(16):
+            buf[k::20] = raw[k::16]
+        enc = base64.b32encode(bytes(buf)).decode("ascii").lower()
+        return [TOKEN_PREFIX + enc[i : i + 26] for i in range(0, 32 * n, 32)]
+
+    def dek(self, token: str) -> bytes:
+        """Return the subject's 32-byte data key (unwrapped on demand, cached in memory).
+
+        Raises:
+            SubjectShredded: the subject was shredded (``token``, ``shredded_at`` on the error).
+            KeyManagementError: unknown token, or its key is wrapped by another KEK.
+            DecryptionError: the stored wrapped key was altered.
+        """
+        dek = self._deks.get(token)
+        if dek is not None:
+            return dek
+        return self.deks([token])[token]
+
+    def deks(self, tokens: Iterable[str]) -> dict[str, bytes]:
+        """Batched :meth:`dek`: ``{token: dek}`` for every distinct token (same errors)."""
+        wanted = list(dict.fromkeys(tokens))
+        for t in wanted:
+            _check_token(t)
+        out: dict[str, bytes] = {}
+        todo = []
+        for t in wanted:
+            d = self._deks.get(t)
+            if d is None:
+                todo.append(t)
+            else:
+                out[t] = d
+        if not todo:
+            return out
+        with self._lock:
+            rows: dict[str, tuple[bytes, str]] = {}
+            with self._tx(write=False) as c:
+                template = "SELECT token, wrapped_dek, kek_id FROM subjects WHERE token IN ({})"
+                for chunk in _chunks(sorted(todo)):  # sorted: in-order index probes
+                    for tok, blob, kid in c.execute(_in_query(template, len(chunk)), chunk):
+                        rows[tok] = (blob, kid)
+                missing = [t for t in todo if t not in rows]
+                if missing:
+                    self._raise_missing(c, missing)
+            for tok, (_, kid) in rows.items():
+                if kid != self._kek.key_id:
+                    raise self._foreign_kek_error(f"data key of subject {tok}", kid)
+            toks = list(rows)
+            keys = self._unwrap_all(
+                self._kek,
+                [rows[t][0] for t in toks],
+                [_DEK_AAD + t.encode("utf-8") for t in toks],
+                [f"data key of subject {t}" for t in toks],
+            )
+            for t, k in zip(toks, keys):
+                self._cache_put(t, k)
+                out[t] = k
+        return out
+
+    def _raise_missing(self, c: sqlite3.Connection, missing: list[str]) -> None:
+        template = "SELECT token, shredded_at FROM shredded WHERE token IN ({})"
+        tomb: dict[str, str] = {}
+        for chunk in _chunks(missing):
+            tomb.update(c.execute(_in_query(template, len(chunk)), chunk).fetchall())
+        first = missing[0]
+        if first in tomb:
+            raise SubjectShredded(
+                f"subject {first} was crypto-shredded: its data key was destroyed on {tomb[first]}; "
+                "data sealed for it can no longer be decrypted",
+                token=first,
+                shredded_at=tomb[first],
+            )
+        raise KeyManagementError(f"unknown subject token {first!r}: not in key store {self._path}", token=first)
+
+    def subject_state(self, token: str) -> Literal["active", "shredded", "unknown"]:
+        """Say whether ``token`` has a live key, was shredded, or was never issued here."""
+        _check_token(token)
+        with self._tx(write=False) as c:
+            if c.execute("SELECT 1 FROM subjects WHERE token=?", (token,)).fetchone():
+                return "active"
+            if c.execute("SELECT 1 FROM shredded WHERE token=?", (token,)).fetchone():
+                return "shredded"
+        return "unknown"
+
+    # ------------------------------------------------------------------ destructive verbs
+
+    def shred(self, token: str) -> bool:
+        """Destroy the subject's DEK and blind index for good (crypto-shredding).
+
+        Deletes the row, records a tombstone, drops the in-memory copy, commits,
+        then VACUUMs so no page of the file keeps the bytes.
+
+        Returns:
+            True if a key was destroyed, False if the token was unknown or
+            already shredded.
+        """
+        return self.shred_many([token]) == 1
+
+    def shred_many(self, tokens: Iterable[str]) -> int:
+        """Shred several subjects in one transaction and one VACUUM; return how many were destroyed."""
+        todo = list(dict.fromkeys(_check_token(t) for t in tokens))
+        if not todo:
+            return 0
+        with self._lock:
+            deleted: list[str] = []
+            try:
+                with self._tx(write=True) as c:
+                    for t in todo:
+                        if c.execute("DELETE FROM subjects WHERE token=?", (t,)).rowcount:
+                            deleted.append(t)
+                    now = self._now()
+                    c.executemany(
+                        "INSERT OR IGNORE INTO shredded(token, shredded_at) VALUES (?,?)",
+                        zip(deleted, repeat(now)),
+                    )
+            finally:
+                for t in todo:
+                    self._drop_cached(t)
+            if deleted:
+                self._vacuum()
+        return len(deleted)
+
+    def vacuum(self) -> None:
+        """Rebuild the file so no free page keeps deleted bytes (shred and rotate do this)."""
+        with self._lock:
+            self._vacuum()
+
+    def rotate_kek(self, new_kek: KeyEncryptionKey) -> int:
+        """Rewrap every key with ``new_kek`` in one transaction; return how many were rewrapped.
+
+        Data ciphertexts are untouched (DEKs do not change). Afterwards the
+        store uses ``new_kek`` and a VACUUM removes the old wrapped blobs. Keep
+        the old KEK until every backup of the key store made before the
+        rotation has expired.
+
+        Raises:
+            KeyManagementError: some keys are wrapped by a KEK other than the
+                current one (names the ids), ``new_kek`` is the current KEK, or
+                ``new_kek`` cannot unwrap what it just wrapped. Nothing is changed.
+        """
+        if not isinstance(new_kek, KeyEncryptionKey):
+            raise TypeError(f"new_kek must be a KeyEncryptionKey, got {type(new_kek).__name__}")
+        old = self._kek
+        if new_kek.key_id == old.key_id:
+            raise KeyManagementError(f"KEK {old.key_id} is already the current KEK of key store {self._path}; nothing to rotate")
+        with self._lock:
+            with self._tx(write=True) as c:
+                meta = c.execute("SELECT name, wrapped, kek_id FROM meta").fetchall()
+                subj = c.execute("SELECT token, wrapped_dek, kek_id FROM subjects").fetchall()
+                foreign: dict[str, int] = {}
+                for _, _, kid in (*meta, *subj):
+                    if kid != old.key_id:
+                        foreign[kid] = foreign.get(kid, 0) + 1
+                if foreign:
+                    listed = ", ".join(f"{k} ({n} keys)" for k, n in sorted(foreign.items()))
+                    raise KeyManagementError(
+                        f"cannot rotate key store {self._path}: keys are wrapped by KEK {listed}, "
+                        f"not by the current KEK {old.key_id}",
+                        hint="open the store with the KEK that wrapped them",
+                        store_kek_ids=sorted(foreign),
+                        kek_id=old.key_id,
+                    )
+                aads = [_META_AAD + n.encode("utf-8") for n, _, _ in meta]
+                aads += [_DEK_AAD + t.encode("utf-8") for t, _, _ in subj]
+                names = [f"system key {n!r}" for n, _, _ in meta] + [f"data key of subject {t}" for t, _, _ in subj]
+                keys = self._unwrap_all(old, [r[1] for r in meta] + [r[1] for r in subj], aads, names)
+                rewrapped = new_kek.wrap_many(keys, aads)
+                if len(rewrapped) != len(keys):
+                    raise KeyManagementError(f"KEK {new_kek.key_id} returned {len(rewrapped)} wrapped keys for {len(keys)}")
+                if keys:
+                    try:
+                        ok = new_kek.unwrap(rewrapped[0], aads[0]) == keys[0]
+                    except DecryptionError:
+                        ok = False
+                    if not ok:
+                        raise KeyManagementError(
+                            f"new KEK {new_kek.key_id} does not unwrap what it wrapped; rotation aborted, nothing changed"
+                        )
+                nm = len(meta)
+                c.executemany(
+                    "UPDATE meta SET wrapped=?, kek_id=? WHERE name=?",
+                    zip(rewrapped[:nm], repeat(new_kek.key_id), (r[0] for r in meta)),
+                )
+                c.executemany(
+                    "UPDATE subjects SET wrapped_dek=?, kek_id=? WHERE token=?",
+                    zip(rewrapped[nm:], repeat(new_kek.key_id), (r[0] for r in subj)),
+                )
+                del keys
+            self._kek = new_kek
+            self._clear_caches()
+            self._vacuum()
+        return len(rewrapped)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def stats(self) -> dict[str, Any]:
+        """``{"subjects": live keys, "shredded": tombstones, "kek_id": current KEK}``."""
+        with self._tx(write=False) as c:
+            subjects = c.execute("SELECT count(*) FROM subjects").fetchone()[0]
+            shredded = c.execute("SELECT count(*) FROM shredded").fetchone()[0]
+        return {"subjects": subjects, "shredded": shredded, "kek_id": self._kek.key_id}
+
+    def close(self) -> None:
+        """Forget every unwrapped key and close the file (idempotent)."""
+        with self._lock:
+            self._clear_caches()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else "open"
+        return f"KeyStore(path={str(self._path)!r}, kek_id={self._kek.key_id!r}, {state})"
