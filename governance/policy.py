@@ -108,12 +108,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, use_enum_values=False)
 
 
+ColumnType = Literal["string", "int", "double", "bool", "date", "timestamp"]
+NAMED_PATTERNS = {
+    "email": r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}$",
+    "phone": r"^\+?[0-9][0-9 ().-]{6,24}[0-9]$",
+    "zip5": r"^[0-9]{5}$",
+}
+
+
 class ColumnPolicy(_Strict):
+    """One column: its class and protection, and its data contract (type, nulls, ranges, patterns)."""
+
     class_: ColumnClass = Field(alias="class")
-    type: str | None = None
+    type: ColumnType = "string"
     protection: Protection | None = None
     generalize: str | None = Field(default=None, description="year | month | prefix:N | bucket:W")
     description: str = ""
+    # -- data contract ----------------------------------------------------------------
+    required: bool = Field(default=False, description="the column must be in every file and never empty")
+    min: float | str | None = Field(default=None, description="lower bound: a number, or a date, or 'today'")
+    max: float | str | None = Field(default=None, description="upper bound: a number, or a date, or 'today'")
+    pattern: str | None = Field(default=None, description="a regular expression, or email | phone | zip5")
+    allowed: list[str] | None = Field(default=None, min_length=1)
+    max_length: int = Field(default=1000, ge=1, le=1_000_000)
+    unique: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is None or v in NAMED_PATTERNS:
+            return v
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"pattern is not a valid regular expression: {exc}") from None
+        return v
+
+    @property
+    def regex(self) -> str | None:
+        return NAMED_PATTERNS.get(self.pattern, self.pattern) if self.pattern else None
 
     @model_validator(mode="after")
     def _protection_fits_class(self) -> "ColumnPolicy":
@@ -129,7 +162,72 @@ class ColumnPolicy(_Strict):
             if not _GENERALIZE.match(self.generalize):
                 raise ValueError(f"generalize must be year, month, prefix:N or bucket:W (got {self.generalize!r})")
         object.__setattr__(self, "protection", prot)
+        for bound in ("min", "max"):
+            b = getattr(self, bound)
+            if b is None:
+                continue
+            if self.type in ("int", "double") and not isinstance(b, (int, float)):
+                raise ValueError(f"{bound} of a {self.type} column must be a number (got {b!r})")
+            if self.type in ("date", "timestamp") and not (b == "today" or _is_iso_date(b)):
+                raise ValueError(f"{bound} of a {self.type} column must be an ISO date or 'today' (got {b!r})")
+            if self.type in ("string", "bool"):
+                raise ValueError(f"{bound} does not apply to a {self.type} column")
+        if self.pattern and self.type != "string":
+            raise ValueError(f"pattern applies to string columns, not {self.type}")
         return self
+
+
+def _is_iso_date(v: Any) -> bool:
+    from datetime import date
+
+    try:
+        date.fromisoformat(str(v))
+        return True
+    except ValueError:
+        return False
+
+
+class Contract(_Strict):
+    """What to do when a file's shape differs from the policy."""
+
+    unknown_columns: Literal["reject", "drop"] = Field(
+        default="reject", description="a column the policy does not classify: reject the file, or drop the column"
+    )
+    missing_columns: Literal["reject", "null"] = Field(
+        default="null", description="an optional column absent from a file: reject the file, or fill NULL"
+    )
+    schema_evolution: Literal["reject", "merge"] = Field(
+        default="merge", description="the policy added columns since the table was created: reject, or add them"
+    )
+
+
+class Layout(_Strict):
+    """Physical layout: partition columns plus a subject hash bucket so erasure rewrites few files."""
+
+    partition_by: list[str] = Field(default_factory=list)
+    subject_buckets: int = Field(default=16, ge=1, le=4096)
+    target_file_rows: int = Field(default=1_000_000, ge=1000)
+
+
+class Preprocess(_Strict):
+    """Silver-stage preprocessing; statistics are fitted on bronze and stored with each silver version."""
+
+    impute: dict[str, str | float] = Field(
+        default_factory=dict, description="column -> mean | median | mode | a constant"
+    )
+    standardize: list[str] = Field(default_factory=list, description="adds <column>_z = (x - mean) / std")
+    normalize: list[str] = Field(default_factory=list, description="adds <column>_01 = (x - min) / (max - min)")
+    derive: dict[str, str] = Field(default_factory=dict, description="new column -> SQL expression over silver columns")
+
+    @field_validator("derive")
+    @classmethod
+    def _derive(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, expr in v.items():
+            if not re.match(IDENT, name):
+                raise ValueError(f"derived column name {name!r} must be lower_snake_case")
+            if ";" in expr or "--" in expr or "/*" in expr:
+                raise ValueError(f"derive.{name} must be one SQL expression (no ';' or comments)")
+        return v
 
 
 class MaskKind(str, Enum):
@@ -242,6 +340,9 @@ class DatasetPolicy(_Strict):
     fairness: Fairness | None = None
     deployment: Deployment = Deployment()
     landing: Literal["remove", "keep"] = "remove"
+    contract: Contract = Contract()
+    layout: Layout = Layout()
+    preprocess: Preprocess = Preprocess()
 
     @field_validator("columns")
     @classmethod
@@ -280,6 +381,24 @@ class DatasetPolicy(_Strict):
                         ("access", role, "purposes"),
                         f"access.{role}.purposes names purpose '{p}', which is not in this dataset's purposes",
                     )
+        for c in self.layout.partition_by:
+            if c not in cols:
+                raise FieldError(("layout", "partition_by"), f"layout.partition_by names unknown column '{c}'")
+            if cols[c].class_ is not ColumnClass.PUBLIC:
+                raise FieldError(
+                    ("layout", "partition_by"),
+                    f"partition column '{c}' must be public: partition values appear in file paths",
+                )
+        numeric = {n for n, c in cols.items() if c.type in ("int", "double") and c.class_ is ColumnClass.PUBLIC}
+        for key in ("impute", "standardize", "normalize"):
+            for c in getattr(self.preprocess, key):
+                if c not in cols:
+                    raise FieldError(("preprocess", key), f"preprocess.{key} names unknown column '{c}'")
+                if key != "impute" and c not in numeric:
+                    raise FieldError(("preprocess", key), f"preprocess.{key} needs a public numeric column, not '{c}'")
+        for c, how in self.preprocess.impute.items():
+            if isinstance(how, str) and how in ("mean", "median") and c not in numeric:
+                raise FieldError(("preprocess", "impute", c), f"impute '{how}' needs a public numeric column, not '{c}'")
         if self.fairness:
             for a in self.fairness.sensitive_attributes:
                 if a not in cols:

@@ -1,0 +1,102 @@
+"""Where governed tables live, and how to open them (optionally as of a version or a time).
+
+Every table is ``<storage root>/<layer>/<dataset>``; layers:
+
+============  ===========================================================================
+bronze        validated rows after protection (tokens, no direct identifiers, encrypted
+              sensitive and quasi-identifiers), as ingested, one commit per ingest chunk
+silver        conformed: generalized quasi-identifiers, preprocessing and derived features
+quarantine    rejected rows: batch id, source, row number, reason; the raw row encrypted
+vault         direct identifiers, encrypted with the subject's own key
+============  ===========================================================================
+
+Example::
+
+    cat = Catalog(ws.config)
+    dt = cat.open(TableRef("silver", "customers"), version=3)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from governance.config import ProjectConfig
+from governance.errors import LakewardenError
+
+LAYERS = ("bronze", "silver", "quarantine", "vault")
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+class TableError(LakewardenError):
+    """A governed table is missing, unreadable, or named wrongly."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True, slots=True)
+class TableRef:
+    layer: str
+    dataset: str
+
+    def __post_init__(self) -> None:
+        if self.layer not in LAYERS:
+            raise TableError(f"unknown layer {self.layer!r} (layers: {', '.join(LAYERS)})")
+        if not _NAME.match(self.dataset):
+            raise TableError(
+                f"invalid dataset name {self.dataset!r}: use lower_snake_case letters, digits and _ (no paths)"
+            )
+
+    @classmethod
+    def parse(cls, name: str, *, default_layer: str = "silver") -> "TableRef":
+        """``silver.customers`` or ``customers`` (default layer)."""
+        layer, _, ds = name.rpartition(".")
+        return cls(layer or default_layer, ds)
+
+    def __str__(self) -> str:
+        return f"{self.layer}.{self.dataset}"
+
+
+class Catalog:
+    """Maps table references to Delta table URIs under the configured storage root."""
+
+    def __init__(self, config: ProjectConfig) -> None:
+        self.config = config
+        self.storage_options = dict(config.storage.options) or None
+
+    def uri(self, ref: TableRef) -> str:
+        return self.config.table_uri(f"{ref.layer}/{ref.dataset}")
+
+    def exists(self, ref: TableRef) -> bool:
+        return DeltaTable.is_deltatable(self.uri(ref), storage_options=self.storage_options)
+
+    def open(self, ref: TableRef, *, version: int | None = None, as_of: datetime | str | None = None) -> DeltaTable:
+        """Open a table, optionally as of a version or a timestamp (time travel)."""
+        try:
+            dt = DeltaTable(self.uri(ref), version=version, storage_options=self.storage_options)
+        except TableNotFoundError:
+            raise TableError(f"table {ref} does not exist (nothing ingested into it yet?)") from None
+        except Exception as exc:  # deltalake raises bare exceptions for a missing version
+            raise TableError(f"cannot open {ref}" + (f" at version {version}" if version is not None else "") + f": {exc}") from None
+        if as_of is not None:
+            try:
+                dt.load_as_version(as_of)
+            except Exception as exc:
+                raise TableError(f"cannot open {ref} as of {as_of}: {exc}") from None
+        return dt
+
+    def list(self) -> list[TableRef]:
+        """Every governed table that exists (local storage roots only)."""
+        out = []
+        for layer in LAYERS:
+            base = Path(self.config.table_uri(layer))
+            if base.is_dir():
+                for d in sorted(base.iterdir()):
+                    if d.is_dir() and (d / "_delta_log").is_dir() and _NAME.match(d.name):
+                        out.append(TableRef(layer, d.name))
+        return out
