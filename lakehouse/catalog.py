@@ -8,6 +8,8 @@ bronze        validated rows after protection (tokens, no direct identifiers, en
 silver        conformed: generalized quasi-identifiers, preprocessing and derived features
 quarantine    rejected rows: batch id, source, row number, reason; the raw row encrypted
 vault         direct identifiers, encrypted with the subject's own key
+restricted    sensitive attributes with ``protection: restricted``, encrypted, for
+              fairness evaluation only
 ============  ===========================================================================
 
 Example::
@@ -27,16 +29,10 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from governance.config import ProjectConfig
-from governance.errors import LakewardenError
+from lakehouse.errors import TableError
 
-LAYERS = ("bronze", "silver", "quarantine", "vault")
+LAYERS = ("bronze", "silver", "quarantine", "vault", "restricted")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-
-
-class TableError(LakewardenError):
-    """A governed table is missing, unreadable, or named wrongly."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -240,6 +240,19 @@ class KeyRing:
         deks = self._store.deks(needed)
         return {t: (hazmat.cipher(d), prefix + t.encode("utf-8")) for t, d in deks.items()}
 
+    # ------------------------------------------------------------------ system-key sealing
+
+    def seal_system(self, name: str, plaintext: bytes | str, *, dataset: str, column: str) -> bytes:
+        """Seal data that belongs to no known subject (e.g. a quarantined row without a valid key)
+        under the system key ``name``; destroying that key (``shred_system``) destroys it all."""
+        aad = _aad_prefix(dataset, column) + b"system:" + _name(name, "system key")
+        return _VERSION_BYTE + hazmat.aesgcm_seal(self._store.system_key(name), _plain(plaintext), aad)
+
+    def open_system(self, name: str, blob: bytes, *, dataset: str, column: str) -> bytes:
+        """Open a value from :meth:`seal_system`; raises DecryptionError if the key or binding differ."""
+        aad = _aad_prefix(dataset, column) + b"system:" + _name(name, "system key")
+        return _open_one(hazmat.cipher(self._store.system_key(name, create=False)), blob, aad)
+
     # ------------------------------------------------------------------ destructive verbs
 
     def shred(self, token: str) -> bool:

@@ -1,0 +1,30 @@
+"""Errors of the lakehouse layer (all LakewardenError: one line, no traceback, exit 2).
+
+::
+
+    LakewardenError
+    └── LakehouseError
+        ├── TableError      a table is missing, unreadable, or named wrongly
+        ├── IngestError     a file cannot be ingested (format, encoding, shape, drift)
+        └── SqlError        a query is refused or fails
+"""
+
+from __future__ import annotations
+
+from governance.errors import LakewardenError
+
+
+class LakehouseError(LakewardenError):
+    exit_code = 2
+
+
+class TableError(LakehouseError):
+    """A governed table is missing, unreadable, or named wrongly."""
+
+
+class IngestError(LakehouseError):
+    """A file cannot be ingested; the message names the file and what is wrong."""
+
+
+class SqlError(LakehouseError):
+    """A query is refused (not read-only, unknown table, table function) or fails."""

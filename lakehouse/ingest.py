@@ -1,0 +1,548 @@
+"""Governed ingest: landing files become protected, validated Delta tables, exactly once.
+
+For each file and each batch of at most ``batch_rows`` rows:
+
+1. **read** — CSV, Parquet or JSON Lines as Arrow, without type inference;
+2. **validate** — the data contract, in DuckDB (see :mod:`lakehouse.validate`);
+   every rejected row gets a reason;
+3. **protect** — subject keys become pseudonymous tokens; direct identifiers
+   go to the vault, encrypted under the subject's own key; sensitive attributes
+   are encrypted (or moved to the restricted table); quasi-identifiers are
+   generalized or encrypted, as the column's protection says;
+4. **write** — bronze, vault, restricted and quarantine appends, each a Delta
+   commit carrying the application transaction ``lakewarden.ingest.<batch id>``,
+   then one row in the ingest ledger. The batch id is a hash of the batch's
+   content, so the same batch ingested twice is a no-op, and a rerun after a
+   crash (even SIGKILL) writes exactly what is missing.
+
+Rows read = rows accepted + rows quarantined (+ rows of batches skipped as
+already ingested), checked after every file. Quarantined rows keep their
+original values only encrypted: under the subject's key when the subject key
+was valid (so erasure reaches them), else under a per-dataset quarantine key.
+"""
+
+from __future__ import annotations
+
+import glob as globmod
+import hashlib
+import json
+import os
+import resource
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
+from deltalake.exceptions import CommitFailedError
+
+from governance.gate import Actor, Resource
+from governance.lineage import DatasetRef
+from governance.pii import redact
+from governance.policy import ColumnClass, DatasetPolicy, Protection, Stage
+from governance.workspace import Workspace
+from lakehouse.catalog import Catalog, TableRef
+from lakehouse.errors import IngestError
+from lakehouse.readers import RawBatch, header, read_batches, to_text
+from lakehouse.validate import ARROW_TYPE, ShapePlan, Validator, output_type, plan_shape
+
+LEDGER = "_ingest/batches"
+_B32 = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz234567")}
+_COMMIT_RETRIES = 8
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field("batch_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("first_row", pa.int64()),
+        pa.field("rows_read", pa.int64()),
+        pa.field("rows_accepted", pa.int64()),
+        pa.field("rows_quarantined", pa.int64()),
+        pa.field("actor", pa.string()),
+        pa.field("ingested_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("_batch_id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("row_number", pa.int64()),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("subject_token", pa.string()),
+        pa.field("payload", pa.binary(), nullable=False),
+        pa.field("_quarantined_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+
+@dataclass
+class FileReport:
+    source: str
+    rows_read: int = 0
+    rows_accepted: int = 0
+    rows_quarantined: int = 0
+    rows_skipped: int = 0
+    batches: int = 0
+    batches_skipped: int = 0
+    dropped_columns: list[str] = field(default_factory=list)
+    filled_columns: list[str] = field(default_factory=list)
+    landing: str = "kept"
+
+    @property
+    def balanced(self) -> bool:
+        return self.rows_read == self.rows_accepted + self.rows_quarantined + self.rows_skipped
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did; ``rows_read == rows_accepted + rows_quarantined + rows_skipped`` always."""
+
+    dataset: str
+    files: list[FileReport] = field(default_factory=list)
+    reasons: Counter = field(default_factory=Counter)
+    versions: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    def _sum(self, attr: str) -> int:
+        return sum(getattr(f, attr) for f in self.files)
+
+    rows_read = property(lambda self: self._sum("rows_read"))
+    rows_accepted = property(lambda self: self._sum("rows_accepted"))
+    rows_quarantined = property(lambda self: self._sum("rows_quarantined"))
+    rows_skipped = property(lambda self: self._sum("rows_skipped"))
+    batches = property(lambda self: self._sum("batches"))
+    batches_skipped = property(lambda self: self._sum("batches_skipped"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "rows_read": self.rows_read,
+            "rows_accepted": self.rows_accepted,
+            "rows_quarantined": self.rows_quarantined,
+            "rows_skipped": self.rows_skipped,
+            "batches": self.batches,
+            "batches_skipped": self.batches_skipped,
+            "reasons": dict(self.reasons.most_common()),
+            "versions": self.versions,
+            "files": [
+                {
+                    "source": f.source,
+                    "rows_read": f.rows_read,
+                    "rows_accepted": f.rows_accepted,
+                    "rows_quarantined": f.rows_quarantined,
+                    "rows_skipped": f.rows_skipped,
+                    "landing": f.landing,
+                    "dropped_columns": f.dropped_columns,
+                    "filled_columns": f.filled_columns,
+                }
+                for f in self.files
+            ],
+            "seconds": round(self.seconds, 3),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+        }
+
+
+Progress = Callable[[str, int], None]
+
+
+def expand(paths: Iterable[str | Path]) -> list[Path]:
+    """Files named directly or by glob, in a stable order; a pattern matching nothing is an error."""
+    out: list[Path] = []
+    for p in paths:
+        s = str(p)
+        if any(ch in s for ch in "*?["):
+            matches = sorted(Path(m) for m in globmod.glob(s, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise IngestError(f"no files match {s!r}")
+            out.extend(matches)
+        else:
+            path = Path(s)
+            if not path.exists():
+                raise IngestError(f"{s}: no such file")
+            if path.is_dir():
+                raise IngestError(f"{s}: is a folder; name the files or use a glob such as '{s}/*.csv'")
+            out.append(path)
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+class Ingestor:
+    """Ingest files into one dataset. Use :func:`ingest`; this class holds the per-ingest state."""
+
+    def __init__(self, ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int, progress: Progress | None):
+        self.ws = ws
+        self.actor = actor
+        self.dataset = dataset
+        self.policy: DatasetPolicy = ws.policies.dataset(dataset)
+        self.batch_rows = batch_rows
+        self.progress = progress
+        self.catalog = Catalog(ws.config)
+        self.ring = ws.keyring
+        self.compression = ws.config.storage.compression
+        self.validator = Validator(self.policy)
+        self.token_cache: dict[str, str] = {}
+        self.existing_tokens: pa.Array | None = None
+        self.done = self._done_batches()
+        self.versions: dict[str, int] = {}
+        self.reasons: Counter = Counter()
+        pol = self.policy
+        self.vault_cols = [n for n, c in pol.columns.items() if c.protection is Protection.VAULT]
+        self.restricted_cols = [n for n, c in pol.columns.items() if c.protection is Protection.RESTRICTED]
+        self.bronze_cols = [n for n in pol.columns if n not in self.vault_cols and n not in self.restricted_cols]
+        self.partition_by = [*pol.layout.partition_by, "_subject_bucket"]
+        self._preload_unique()
+
+    # -- setup ------------------------------------------------------------------------
+    def _done_batches(self) -> set[str]:
+        uri = self.ws.config.table_uri(LEDGER)
+        if not DeltaTable.is_deltatable(uri):
+            return set()
+        t = DeltaTable(uri).to_pyarrow_dataset().to_table(
+            columns=["batch_id"], filter=pc.field("dataset") == self.dataset
+        )
+        return set(t["batch_id"].to_pylist())
+
+    def _preload_unique(self) -> None:
+        bronze = TableRef("bronze", self.dataset)
+        if not self.catalog.exists(bronze):
+            return
+        ds = self.catalog.open(bronze).to_pyarrow_dataset()
+        key = self.policy.subject_key
+        for name in self.validator.unique:
+            if name == key:
+                self.existing_tokens = ds.to_table(columns=[key])[key].combine_chunks()
+            elif name in ds.schema.names:
+                self.validator.preload_unique(name, ds.to_table(columns=[name])[name])
+
+    # -- the work ---------------------------------------------------------------------
+    def ingest_file(self, path: Path) -> FileReport:
+        source = redact(path.name)[0]
+        rep = FileReport(source=source)
+        plan = plan_shape(self.policy, header(path), source=path.name, policy_file=f"policies/{self.dataset}.yaml")
+        rep.dropped_columns, rep.filled_columns = plan.dropped, plan.filled
+        for raw in read_batches(path, batch_rows=self.batch_rows):
+            self._batch(raw, plan, rep)
+            if self.progress:
+                self.progress(source, raw.rows_read)
+        if not rep.balanced:  # never expected: it would mean a row was lost
+            raise IngestError(
+                f"{path.name}: row counts do not add up (read {rep.rows_read}, accepted {rep.rows_accepted}, "
+                f"quarantined {rep.rows_quarantined}, skipped {rep.rows_skipped})"
+            )
+        return rep
+
+    def _batch(self, raw: RawBatch, plan: ShapePlan, rep: FileReport) -> None:
+        batch_id = self._batch_id(raw)
+        rep.rows_read += raw.rows_read
+        rep.batches += 1
+        if batch_id in self.done:
+            rep.rows_skipped += raw.rows_read
+            rep.batches_skipped += 1
+            return
+        text, bad_utf8 = to_text(raw.table)
+        text = self._conform(text, plan)
+        pre = None
+        if bad_utf8:
+            pre_vals = [None] * text.num_rows
+            for col, mask in bad_utf8.items():
+                name = plan.rename.get(col, col)
+                for i, m in enumerate(mask.to_pylist()):
+                    if m and pre_vals[i] is None:
+                        pre_vals[i] = f"{name}: not valid UTF-8 text"
+            pre = pa.array(pre_vals, pa.string())
+        out = self.validator.validate(text, raw.first_row, pre) if text.num_rows else None
+        now = datetime.now(timezone.utc)
+        accepted, quarantine = self._protect(out, raw, batch_id, rep.source, now)
+        self._write_batch(batch_id, accepted, quarantine)
+        n_acc = accepted["bronze"].num_rows if accepted else 0
+        n_q = quarantine.num_rows
+        rep.rows_accepted += n_acc
+        rep.rows_quarantined += n_q
+        self._ledger(batch_id, rep.source, raw, n_acc, n_q, now)
+        self.done.add(batch_id)
+        self.ws.audit.record(
+            "ingest.batch", actor=self.actor.name, outcome="ok", stage=Stage.INGEST.value,
+            resource=f"dataset:{self.dataset}",
+            details={"batch_id": batch_id, "rows_read": raw.rows_read, "accepted": n_acc, "quarantined": n_q},
+        )
+
+    def _batch_id(self, raw: RawBatch) -> str:
+        h = hashlib.sha256(f"lakewarden-batch:v1|{self.dataset}|".encode())
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, raw.table.schema) as w:
+            w.write_table(raw.table)
+        h.update(sink.getvalue())
+        for m in raw.malformed:
+            h.update(b"|" + m.text.encode("utf-8", "replace"))
+        return h.hexdigest()[:32]
+
+    def _conform(self, text: pa.Table, plan: ShapePlan) -> pa.Table:
+        """Rename file columns to policy names, drop unknown ones, add missing optional ones as NULL."""
+        cols, names = [], []
+        for src, dst in plan.rename.items():
+            cols.append(text[src])
+            names.append(dst)
+        for missing in plan.filled:
+            cols.append(pa.nulls(text.num_rows, pa.string()))
+            names.append(missing)
+        return pa.table(cols, names=names)
+
+    # -- protection -------------------------------------------------------------------
+    def _tokens(self, keys: pa.Array) -> pa.Array:
+        """Tokens for subject keys (NULL stays NULL), through a per-ingest cache and the key store."""
+        uniq = pc.unique(keys.drop_null())
+        values = uniq.to_pylist()
+        missing = [v for v in values if v not in self.token_cache]
+        if missing:
+            for v, t in zip(missing, self.ring.tokens_for(missing)):
+                self.token_cache[v] = t  # type: ignore[assignment]
+            if len(self.token_cache) > 2_000_000:
+                self.token_cache.clear()
+        toks = pa.array([self.token_cache[v] for v in values], pa.string())
+        idx = pc.index_in(keys, value_set=uniq)
+        return pc.take(toks, idx)
+
+    @staticmethod
+    def _buckets(tokens: pa.Array, n: int) -> pa.Array:
+        """Subject hash bucket from the token's random characters (stable, no hashing library)."""
+        out = []
+        for t in tokens.to_pylist():
+            v = 0
+            for ch in t[-6:]:
+                v = v * 32 + _B32[ch]
+            out.append(v % n)
+        return pa.array(out, pa.int32())
+
+    def _protect(
+        self, out: pa.Table | None, raw: RawBatch, batch_id: str, source: str, now: datetime
+    ) -> tuple[dict[str, pa.Table] | None, pa.Table]:
+        pol = self.policy
+        key = pol.subject_key
+        q_rows: dict[str, list[Any]] = {n: [] for n in QUARANTINE_SCHEMA.names}
+        result: dict[str, pa.Table] | None = None
+        if out is not None and out.num_rows:
+            keys = pc.if_else(pc.is_null(out["_t_" + key]), None, out["_t_" + key]).combine_chunks()
+            tokens = self._tokens(keys)
+            reasons = out["_reason"].combine_chunks()
+            # A unique subject key already in the table (from an earlier ingest) is a duplicate.
+            if self.existing_tokens is not None and len(self.existing_tokens):
+                dup = pc.and_(pc.is_null(reasons), pc.is_in(tokens, value_set=self.existing_tokens))
+                reasons = pc.if_else(dup, f"{key}: duplicate of a subject already ingested", reasons)
+            ok = pc.is_null(reasons)
+            acc = out.filter(ok)
+            acc_tokens = tokens.filter(ok)
+            rej = out.filter(pc.invert(ok))
+            rej_tokens = tokens.filter(pc.invert(ok))
+            rej_reasons = reasons.filter(pc.invert(ok))
+            if self.existing_tokens is not None and pol.columns[key].unique:
+                self.existing_tokens = pa.concat_arrays([self.existing_tokens, acc_tokens])
+            result = self._protected_tables(acc, acc_tokens, batch_id, now)
+            # Quarantine: the original row, encrypted; the reason in plaintext (it names no value).
+            raw_cols = [n for n in pol.columns]
+            originals = rej.select([f"_v_{n}" for n in raw_cols]).rename_columns(raw_cols).to_pylist()
+            for row, tok, reason, original in zip(
+                rej["_row"].to_pylist(), rej_tokens.to_pylist(), rej_reasons.to_pylist(), originals
+            ):
+                payload = json.dumps(original, default=str, ensure_ascii=False, sort_keys=True)
+                self._quarantine_row(q_rows, batch_id, source, row, reason, tok, payload, now)
+        for m in raw.malformed:
+            self._quarantine_row(q_rows, batch_id, source, m.row, m.reason, None, m.text, now)
+        return result, pa.table(q_rows, schema=QUARANTINE_SCHEMA)
+
+    def _quarantine_row(self, q: dict[str, list[Any]], batch_id: str, source: str, row: int | None,
+                        reason: str, token: str | None, payload: str, now: datetime) -> None:
+        ds = f"quarantine.{self.dataset}"
+        self.reasons[reason] += 1
+        if token is not None:
+            blob = self.ring.seal(payload, token=token, dataset=ds, column="row")
+        else:
+            blob = self.ring.seal_system(f"quarantine:{self.dataset}", payload, dataset=ds, column="row")
+        q["_batch_id"].append(batch_id)
+        q["source"].append(source)
+        q["row_number"].append(row)
+        q["reason"].append(reason)
+        q["subject_token"].append(token)
+        q["payload"].append(blob)
+        q["_quarantined_at"].append(now)
+
+    def _protected_tables(self, acc: pa.Table, tokens: pa.Array, batch_id: str, now: datetime) -> dict[str, pa.Table]:
+        pol = self.policy
+        n = acc.num_rows
+        buckets = self._buckets(tokens, pol.layout.subject_buckets) if n else pa.array([], pa.int32())
+        tok_list = tokens.to_pylist()
+        meta = {
+            "_subject_bucket": buckets,
+            "_batch_id": pa.array([batch_id] * n, pa.string()),
+            "_row": acc["_row"],
+            "_ingested_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        }
+
+        def sealed(name: str) -> pa.Array:
+            vals = acc[f"_t_{name}"]
+            if not pa.types.is_string(vals.type):
+                vals = pc.cast(vals, pa.string())
+            return pa.array(self.ring.seal_many(vals.to_pylist(), tok_list, dataset=self.dataset, column=name), pa.binary())
+
+        bronze: dict[str, Any] = {}
+        for name in self.bronze_cols:
+            col = pol.columns[name]
+            if col.class_ is ColumnClass.SUBJECT_KEY:
+                bronze[name] = tokens
+            elif col.protection is Protection.ENCRYPT:
+                bronze[name] = sealed(name)
+            else:
+                bronze[name] = pc.cast(acc[name], output_type(col))
+        tables = {"bronze": pa.table({**bronze, **meta})}
+        for layer, cols in (("vault", self.vault_cols), ("restricted", self.restricted_cols)):
+            if cols:
+                t = {pol.subject_key: tokens, **{c: sealed(c) for c in cols}, **meta}
+                tbl = pa.table(t)
+                present = None
+                for c in cols:
+                    nn = pc.is_valid(tbl[c])
+                    present = nn if present is None else pc.or_(present, nn)
+                tables[layer] = tbl.filter(present)
+        return tables
+
+    # -- writing ----------------------------------------------------------------------
+    def _write_batch(self, batch_id: str, accepted: dict[str, pa.Table] | None, quarantine: pa.Table) -> None:
+        app_id = f"lakewarden.ingest.{batch_id}"
+        if quarantine.num_rows:
+            self._append(TableRef("quarantine", self.dataset), quarantine, app_id, [])
+        if accepted:
+            for layer in ("vault", "restricted", "bronze"):
+                tbl = accepted.get(layer)
+                if tbl is not None and tbl.num_rows:
+                    self._append(TableRef(layer, self.dataset), tbl, app_id, self.partition_by)
+
+    def _append(self, ref: TableRef, tbl: pa.Table, app_id: str, partition_by: list[str]) -> None:
+        uri = self.catalog.uri(ref)
+        so = self.catalog.storage_options
+        evolve = self.policy.contract.schema_evolution == "merge"
+        for attempt in range(_COMMIT_RETRIES):
+            if DeltaTable.is_deltatable(uri, storage_options=so):
+                dt = DeltaTable(uri, storage_options=so)
+                if dt.transaction_version(app_id) is not None:
+                    self.versions[str(ref)] = dt.version()
+                    return  # written before a crash: exactly once
+                names = {f.name for f in dt.schema().fields}
+                if not evolve and set(tbl.column_names) - names:
+                    new = sorted(set(tbl.column_names) - names)
+                    raise IngestError(
+                        f"{ref}: the policy added column(s) {', '.join(new)} since the table was created "
+                        "and contract.schema_evolution is reject"
+                    )
+            try:
+                write_deltalake(
+                    uri, tbl, mode="append", partition_by=partition_by or None,
+                    schema_mode="merge" if evolve else None,
+                    storage_options=so,
+                    writer_properties=WriterProperties(compression=self.compression.upper() if self.compression != "none" else "UNCOMPRESSED"),
+                    commit_properties=CommitProperties(app_transactions=[Transaction(app_id=app_id, version=0)]),
+                )
+                self.versions[str(ref)] = DeltaTable(uri, storage_options=so).version()
+                return
+            except CommitFailedError:
+                time.sleep(0.05 * (2**attempt))
+            except Exception as exc:
+                msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                if "Schema" in msg or "schema" in msg:
+                    raise IngestError(f"{ref}: the batch does not fit the table's schema ({msg})") from None
+                raise
+        raise IngestError(f"{ref}: could not commit after {_COMMIT_RETRIES} attempts (concurrent writers)")
+
+    def _ledger(self, batch_id: str, source: str, raw: RawBatch, acc: int, quar: int, now: datetime) -> None:
+        row = pa.table(
+            {
+                "batch_id": [batch_id], "dataset": [self.dataset], "source": [source], "first_row": [raw.first_row],
+                "rows_read": [raw.rows_read], "rows_accepted": [acc], "rows_quarantined": [quar],
+                "actor": [self.actor.name], "ingested_at": [now],
+            },
+            schema=LEDGER_SCHEMA,
+        )
+        uri = self.ws.config.table_uri(LEDGER)
+        for attempt in range(_COMMIT_RETRIES):
+            try:
+                write_deltalake(uri, row, mode="append", storage_options=self.catalog.storage_options)
+                return
+            except CommitFailedError:
+                time.sleep(0.05 * (2**attempt))
+        raise IngestError(f"{LEDGER}: could not commit after {_COMMIT_RETRIES} attempts")
+
+    def close(self) -> None:
+        self.validator.close()
+
+
+def ingest(
+    ws: Workspace,
+    actor: Actor,
+    dataset: str,
+    paths: Iterable[str | Path],
+    *,
+    batch_rows: int = 250_000,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Ingest landing files into ``dataset`` (see the module docstring). The gate decides first.
+
+    Raises:
+        AccessDenied: the actor may not ingest into this dataset.
+        PolicyError: no policy governs the dataset.
+        IngestError: a file cannot be read or its shape breaks the contract; batches
+            committed before the error stay committed and are skipped on a rerun.
+    """
+    if batch_rows < 1:
+        raise IngestError(f"batch size must be at least 1 row (got {batch_rows})")
+    TableRef("bronze", dataset)  # validates the name: no paths, no odd characters
+    t0 = time.perf_counter()
+    ws.gate.enforce(Stage.INGEST, actor, Resource.dataset(dataset))
+    files = expand(paths)
+    if not files:
+        raise IngestError("no files to ingest")
+    report = IngestReport(dataset)
+    ing = Ingestor(ws, actor, dataset, batch_rows=batch_rows, progress=progress)
+    try:
+        for path in files:
+            with ws.lineage.run(
+                f"ingest.{dataset}", inputs=[DatasetRef(f"landing.{dataset}/{redact(path.name)[0]}", kind="file")]
+            ) as run:
+                frep = ing.ingest_file(path)
+                for name, version in sorted(ing.versions.items()):
+                    run.add_output(DatasetRef(name, version=version))
+            frep.landing = _landing(ing.policy, path)
+            report.files.append(frep)
+            ws.audit.record(
+                "ingest.file", actor=actor.name, outcome="ok", stage=Stage.INGEST.value,
+                resource=f"dataset:{dataset}",
+                details={
+                    "source": frep.source, "rows_read": frep.rows_read, "accepted": frep.rows_accepted,
+                    "quarantined": frep.rows_quarantined, "skipped": frep.rows_skipped, "landing": frep.landing,
+                },
+            )
+            ws.audit.flush()
+    finally:
+        ing.close()
+    report.versions = dict(ing.versions)
+    report.reasons = ing.reasons
+    report.seconds = time.perf_counter() - t0
+    report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return report
+
+
+def _landing(policy: DatasetPolicy, path: Path) -> str:
+    if policy.landing == "remove":
+        try:
+            path.unlink()
+            return "removed"
+        except OSError as exc:
+            return f"kept (could not remove: {exc.strerror})"
+    return "kept (in scope of erasure and retention)"
+
+
+__all__ = ["FileReport", "IngestReport", "expand", "ingest", "LEDGER", "ARROW_TYPE"]

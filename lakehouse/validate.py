@@ -1,0 +1,264 @@
+"""Data contracts: type every cell, check every rule, give every rejected row a reason.
+
+Validation runs as one DuckDB query per batch over the Arrow data (no copies
+into Python): each column is typed with ``TRY_CAST``; a ``CASE`` expression
+yields the first rule a row breaks — missing required value, not a valid type,
+too long, a spreadsheet formula (CSV injection), pattern, allowed values,
+range, or a duplicate of a unique column (within the batch, earlier batches of
+this ingest, or the table). Reasons name the column and the rule, never the
+value, so they can be stored in plaintext. Quasi-identifiers are generalized in
+the same query (year, month, prefix:N, bucket:W).
+
+Uniqueness across batches keeps 64-bit hashes of accepted values in DuckDB
+(8 bytes a value, so ten million keys cost ~80 MB); a hash collision (odds about
+n²/2⁶⁵) would quarantine a row as a duplicate, never accept a duplicate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date
+
+import duckdb
+import pyarrow as pa
+
+from governance.policy import ColumnClass, ColumnPolicy, DatasetPolicy, Protection
+from lakehouse.errors import IngestError
+
+_SQL_TYPE = {
+    "string": "VARCHAR",
+    "int": "BIGINT",
+    "double": "DOUBLE",
+    "bool": "BOOLEAN",
+    "date": "DATE",
+    "timestamp": "TIMESTAMPTZ",
+}
+_TRUE = ("true", "t", "yes", "y", "1")
+_FALSE = ("false", "f", "no", "n", "0")
+# A cell a spreadsheet would evaluate: =, @, tab, CR, or +/- not followed by something numeric-looking.
+FORMULA_RE = r"^[=@\t\r]|^[+-][^0-9 .(]"
+
+
+def q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def lit(value: object) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return repr(value)
+
+
+@dataclass
+class ShapePlan:
+    """How a file's columns map to the policy: what to read, drop, and fill with NULL."""
+
+    rename: dict[str, str]  # file column -> policy column
+    dropped: list[str] = field(default_factory=list)
+    filled: list[str] = field(default_factory=list)
+
+
+def plan_shape(policy: DatasetPolicy, names: list[str], *, source: str, policy_file: str = "") -> ShapePlan:
+    """Check a file's header against the policy (schema drift) and decide what to do, or refuse."""
+    lookup = {n.lower(): n for n in policy.columns}
+    rename: dict[str, str] = {}
+    unknown = []
+    for n in names:
+        key = n.strip().lower()
+        if key in lookup:
+            if lookup[key] in rename.values():
+                raise IngestError(f"{source}: column '{n}' appears twice (names are compared case-insensitively)")
+            rename[n] = lookup[key]
+        else:
+            unknown.append(n)
+    plan = ShapePlan(rename)
+    where = f" in {policy_file}" if policy_file else ""
+    if unknown:
+        shown = ", ".join(repr(u) for u in unknown[:10])
+        if policy.contract.unknown_columns == "reject":
+            raise IngestError(
+                f"{source}: column(s) {shown} have no policy{where}; nothing was ingested",
+                hint="classify them in the dataset policy, or set contract.unknown_columns: drop",
+            )
+        plan.dropped = unknown
+    present = set(rename.values())
+    missing = [c for c in policy.columns if c not in present]
+    required_missing = [c for c in missing if policy.columns[c].required or c == policy.subject_key]
+    if required_missing:
+        raise IngestError(f"{source}: required column(s) missing: {', '.join(required_missing)}; nothing was ingested")
+    if missing:
+        if policy.contract.missing_columns == "reject":
+            raise IngestError(
+                f"{source}: column(s) missing: {', '.join(missing)}; nothing was ingested",
+                hint="add them to the file, or set contract.missing_columns: null",
+            )
+        plan.filled = missing
+    return plan
+
+
+def _value(name: str, src_type: pa.DataType) -> str:
+    """The cleaned source value: text is trimmed and empty text is NULL."""
+    if pa.types.is_string(src_type) or pa.types.is_large_string(src_type):
+        return f"NULLIF(trim({q(name)}), '')"
+    return q(name)
+
+
+def _typed(col: ColumnPolicy, v: str, src_type: pa.DataType) -> str:
+    text = pa.types.is_string(src_type) or pa.types.is_large_string(src_type)
+    if col.type == "bool" and text:
+        return (
+            f"CASE WHEN lower({v}) IN ({', '.join(map(lit, _TRUE))}) THEN TRUE "
+            f"WHEN lower({v}) IN ({', '.join(map(lit, _FALSE))}) THEN FALSE END"
+        )
+    if col.type == "string":
+        return v if text else f"CAST({v} AS VARCHAR)"
+    return f"TRY_CAST({v} AS {_SQL_TYPE[col.type]})"
+
+
+def _bound(col: ColumnPolicy, b: float | str) -> str:
+    if col.type in ("date", "timestamp"):
+        d = "current_date" if b == "today" else f"DATE {lit(str(date.fromisoformat(str(b))))}"
+        return d if col.type == "date" else f"CAST({d} AS TIMESTAMPTZ)" if b != "today" else "now()"
+    return repr(float(b))
+
+
+def generalize_sql(col: ColumnPolicy, typed: str) -> tuple[str, pa.DataType]:
+    """SQL for a generalized quasi-identifier and its Arrow type."""
+    g = col.generalize or ""
+    if g == "year":
+        return f"CAST(year({typed}) AS INTEGER)", pa.int32()
+    if g == "month":
+        return f"strftime({typed}, '%Y-%m')", pa.string()
+    kind, _, n = g.partition(":")
+    if kind == "prefix":
+        return f"left(CAST({typed} AS VARCHAR), {int(n)})", pa.string()
+    if kind == "bucket":
+        return f"floor(CAST({typed} AS DOUBLE) / {float(n)!r}) * {float(n)!r}", pa.float64()
+    raise IngestError(f"unsupported generalization {g!r}")
+
+
+ARROW_TYPE = {
+    "string": pa.string(),
+    "int": pa.int64(),
+    "double": pa.float64(),
+    "bool": pa.bool_(),
+    "date": pa.date32(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+}
+
+
+class Validator:
+    """Validates batches of one ingest; keeps the hashes of unique values seen so far."""
+
+    def __init__(self, policy: DatasetPolicy) -> None:
+        self.policy = policy
+        self.con = duckdb.connect(":memory:")
+        self.con.execute("SET TimeZone='UTC'")
+        self.con.execute("SET threads TO 2")
+        self.unique = [n for n, c in policy.columns.items() if c.unique]
+        for n in self.unique:
+            self.con.execute(f"CREATE TABLE {q('seen_' + n)} (h UBIGINT)")
+
+    def preload_unique(self, name: str, values: pa.Array | pa.ChunkedArray) -> None:
+        """Hashes of values already in the table, so a re-sent value is a duplicate."""
+        tbl = pa.table({"v": values})
+        self.con.register("_pre", tbl)
+        self.con.execute(f"INSERT INTO {q('seen_' + name)} SELECT hash(v) FROM _pre WHERE v IS NOT NULL")
+        self.con.unregister("_pre")
+
+    def validate(self, batch: pa.Table, first_row: int, pre_reason: pa.Array | None) -> pa.Table:
+        """Return ``_row``, ``_reason`` (NULL = accepted) and one typed (or generalized) column per policy column."""
+        n = batch.num_rows
+        b = batch.append_column("_row", pa.array(range(first_row, first_row + n), pa.int64()))
+        b = b.append_column("_pre", pre_reason if pre_reason is not None else pa.nulls(n, pa.string()))
+        self.con.register("batch", b)
+        try:
+            sql = self._sql(b.schema)
+            out = self.con.sql(sql).to_arrow_table()
+        finally:
+            self.con.unregister("batch")
+        # Remember accepted unique values for the next batches of this ingest.
+        if self.unique and out.num_rows:
+            self.con.register("_acc", out)
+            for c in self.unique:
+                self.con.execute(
+                    f"INSERT INTO {q('seen_' + c)} SELECT hash({q('_t_' + c)}) FROM _acc "
+                    f"WHERE _reason IS NULL AND {q('_t_' + c)} IS NOT NULL"
+                )
+            self.con.unregister("_acc")
+        return out
+
+    def _sql(self, schema: pa.Schema) -> str:
+        pol = self.policy
+        typed_cols, out_cols, checks = [], [], ["WHEN _pre IS NOT NULL THEN _pre"]
+        for name, col in pol.columns.items():
+            src_type = schema.field(name).type
+            v = _value(name, src_type)
+            t = _typed(col, v, src_type)
+            typed_cols.append(f"{t} AS {q('_t_' + name)}")
+            tq = q("_t_" + name)
+            vq = f"_v_{name}"
+            typed_cols.append(f"{v} AS {q(vq)}")
+            vv = q(vq)
+            if col.required or name == pol.subject_key:
+                checks.append(f"WHEN {vv} IS NULL THEN {lit(name + ': missing (required)')}")
+            checks.append(f"WHEN {vv} IS NOT NULL AND {tq} IS NULL THEN {lit(f'{name}: not a valid {col.type}')}")
+            if col.type == "string":
+                checks.append(
+                    f"WHEN length({vv}) > {col.max_length} THEN {lit(f'{name}: longer than {col.max_length} characters')}"
+                )
+                checks.append(
+                    f"WHEN regexp_matches({vv}, {lit(FORMULA_RE)}) THEN "
+                    f"{lit(name + ': starts like a spreadsheet formula (CSV injection)')}"
+                )
+                if col.regex:
+                    label = col.pattern if col.pattern in ("email", "phone", "zip5") else "declared"
+                    checks.append(
+                        f"WHEN NOT regexp_full_match({vv}, {lit(col.regex)}) THEN "
+                        f"{lit(f'{name}: does not match the {label} pattern')}"
+                    )
+            if col.allowed:
+                vals = ", ".join(lit(a) for a in col.allowed)
+                checks.append(f"WHEN {tq} NOT IN ({vals}) THEN {lit(name + ': not one of the allowed values')}")
+            if col.min is not None:
+                checks.append(f"WHEN {tq} < {_bound(col, col.min)} THEN {lit(f'{name}: below the minimum {col.min}')}")
+            if col.max is not None:
+                checks.append(f"WHEN {tq} > {_bound(col, col.max)} THEN {lit(f'{name}: above the maximum {col.max}')}")
+            if col.unique:
+                checks.append(
+                    f"WHEN {tq} IS NOT NULL AND row_number() OVER (PARTITION BY {tq} ORDER BY _row) > 1 THEN "
+                    f"{lit(name + ': duplicate value within the file')}"
+                )
+                checks.append(
+                    f"WHEN hash({tq}) IN (SELECT h FROM {q('seen_' + name)}) THEN "
+                    f"{lit(name + ': duplicate of a value already ingested')}"
+                )
+            if col.protection is Protection.GENERALIZE:
+                g, _ = generalize_sql(col, tq)
+                out_cols.append(f"CASE WHEN _reason IS NULL THEN {g} END AS {q(name)}")
+            else:
+                out_cols.append(f"{tq} AS {q(name)}")
+        inner = (
+            "SELECT _row, _pre, " + ", ".join(typed_cols) + " FROM batch"
+        )
+        reason = "CASE " + " ".join(checks) + " END AS _reason"
+        mid = f"SELECT *, {reason} FROM ({inner})"
+        # Raw values (_v_*) are returned too: quarantine encrypts the rejected rows' originals.
+        raw = ", ".join(q(f"_v_{n}") for n in pol.columns)
+        typed = ", ".join(q("_t_" + n) for n in pol.columns)
+        return f"SELECT _row, _reason, {', '.join(out_cols)}, {typed}, {raw} FROM ({mid}) ORDER BY _row"
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def output_type(col: ColumnPolicy) -> pa.DataType:
+    """The Arrow type a column has in bronze, after protection."""
+    if col.protection in (Protection.ENCRYPT, Protection.VAULT, Protection.RESTRICTED):
+        return pa.binary()
+    if col.protection is Protection.GENERALIZE:
+        _, t = generalize_sql(col, "x")
+        return t
+    if col.class_ is ColumnClass.SUBJECT_KEY:
+        return pa.string()
+    return ARROW_TYPE[col.type]
