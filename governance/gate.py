@@ -253,7 +253,7 @@ class Gate:
 
     def _query(self, ds: DatasetPolicy, role: str, ctx: Mapping[str, Any], v: _Verdict) -> _Verdict:
         acc = ds.access[role]
-        visible = list(ds.columns) if acc.columns == "*" else list(acc.columns)
+        visible = ds.silver_columns() if acc.columns == "*" else list(acc.columns)
         wanted = ctx.get("columns")
         if wanted:
             hidden = [c for c in wanted if c not in visible]
@@ -264,7 +264,7 @@ class Gate:
                 )
         masks = {c: str(m) for c, m in acc.masks.items() if c in visible}
         for c in visible:
-            if c not in masks:
+            if c not in masks and c in ds.columns:
                 dm = ds.default_mask(c)
                 if dm is not None:
                     masks[c] = str(dm)

@@ -367,13 +367,17 @@ class DatasetPolicy(_Strict):
                 ("columns", extra_keys[0], "class"),
                 f"only the subject_key column may have class 'subject_key' (also: {', '.join(extra_keys)})",
             )
+        derived = set(self.derived_columns())
+        clash = sorted(derived & set(cols))
+        if clash:
+            raise FieldError(("preprocess",), f"preprocess would create column(s) {', '.join(clash)}, which already exist")
         for role, acc in self.access.items():
             if acc.columns != "*":
                 for c in acc.columns:
-                    if c not in cols:
+                    if c not in cols and c not in derived:
                         raise FieldError(("access", role, "columns"), f"access.{role}.columns names unknown column '{c}'")
             for c in acc.masks:
-                if c not in cols:
+                if c not in cols and c not in derived:
                     raise FieldError(("access", role, "masks", c), f"access.{role}.masks names unknown column '{c}'")
             for p in acc.purposes:
                 if p not in self.purposes:
@@ -412,6 +416,15 @@ class DatasetPolicy(_Strict):
         return self
 
     # -- queries the enforcers use -------------------------------------------------
+    def derived_columns(self) -> list[str]:
+        """Columns silver adds: <c>_z, <c>_01 and the derived features (all public)."""
+        p = self.preprocess
+        return [f"{c}_z" for c in p.standardize] + [f"{c}_01" for c in p.normalize] + list(p.derive)
+
+    def silver_columns(self) -> list[str]:
+        """Every column of the silver table, in order: the policy's, then the derived ones."""
+        return [*self.columns, *self.derived_columns()]
+
     def columns_of(self, cls: ColumnClass) -> list[str]:
         return [n for n, c in self.columns.items() if c.class_ is cls]
 

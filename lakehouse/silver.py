@@ -1,0 +1,195 @@
+"""Silver: bronze conformed — one row per subject where the key is unique, imputed,
+standardized, normalized, with derived features — and the fitted statistics stored.
+
+``build_silver`` fits the preprocessing statistics on the current bronze version
+(mean, median, mode, standard deviation, min, max — in DuckDB), writes silver as
+a new Delta version (overwrite, streamed in batches), and stores the statistics
+twice: in the silver commit's metadata and as a row of the ``_stats/<dataset>``
+table keyed by silver version. Training and serving load them with
+:func:`load_stats` so every consumer applies exactly the transform silver used.
+
+A rebuild with nothing new in bronze and the same policy is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
+
+from governance.gate import Actor, Resource
+from governance.lineage import DatasetRef
+from governance.policy import DatasetPolicy, Stage
+from governance.workspace import Workspace
+from lakehouse.catalog import Catalog, TableRef
+from lakehouse.errors import LakehouseError
+from lakehouse.validate import q
+
+STATS = "_stats"
+_META_BRONZE = "lakewarden.bronze_version"
+_META_POLICY = "lakewarden.policy_digest"
+_META_STATS = "lakewarden.preprocess"
+
+
+@dataclass(frozen=True)
+class SilverReport:
+    dataset: str
+    bronze_version: int
+    silver_version: int
+    rows: int
+    stats: dict[str, Any]
+    up_to_date: bool = False
+
+
+def _fit(con: duckdb.DuckDBPyConnection, policy: DatasetPolicy) -> dict[str, Any]:
+    """Fit imputation values, then standardization and normalization statistics on the imputed data."""
+    p = policy.preprocess
+    stats: dict[str, Any] = {"impute": {}, "standardize": {}, "normalize": {}}
+    for col, how in p.impute.items():
+        c = q(col)
+        if isinstance(how, (int, float)) or how not in ("mean", "median", "mode"):
+            val: Any = how
+        elif how == "mean":
+            val = con.execute(f"SELECT avg({c}) FROM base").fetchall()[0][0]
+        elif how == "median":
+            val = con.execute(f"SELECT median({c}) FROM base").fetchall()[0][0]
+        else:
+            val = con.execute(f"SELECT mode({c}) FROM base").fetchall()[0][0]
+        stats["impute"][col] = {"method": how if isinstance(how, str) else "constant", "value": val}
+
+    def imputed(col: str) -> str:
+        if col in stats["impute"] and stats["impute"][col]["value"] is not None:
+            return f"coalesce({q(col)}, {_lit(stats['impute'][col]['value'])})"
+        return q(col)
+
+    for col in p.standardize:
+        mean, std = con.execute(f"SELECT avg({imputed(col)}), stddev_samp({imputed(col)}) FROM base").fetchall()[0]
+        stats["standardize"][col] = {"mean": mean, "std": std}
+    for col in p.normalize:
+        lo, hi = con.execute(f"SELECT min({imputed(col)}), max({imputed(col)}) FROM base").fetchall()[0]
+        stats["normalize"][col] = {"min": lo, "max": hi}
+    return stats
+
+
+def _lit(v: Any) -> str:
+    if isinstance(v, str):
+        return "'" + v.replace("'", "''") + "'"
+    if v is None:
+        return "NULL"
+    return repr(float(v)) if isinstance(v, float) else repr(v)
+
+
+def transform_sql(policy: DatasetPolicy, stats: dict[str, Any], columns: list[str], source: str = "base") -> str:
+    """The SQL that applies fitted statistics to rows of ``source``; the same for silver, training and serving."""
+    p = policy.preprocess
+    sel = []
+    for col in columns:
+        imp = stats["impute"].get(col)
+        if imp is not None and imp["value"] is not None:
+            sel.append(f"coalesce({q(col)}, {_lit(imp['value'])}) AS {q(col)}")
+        else:
+            sel.append(q(col))
+    inner = f"SELECT {', '.join(sel)} FROM {source}"
+    extra = []
+    for col in p.standardize:
+        s = stats["standardize"][col]
+        if s["std"] in (None, 0) or s["mean"] is None:
+            extra.append(f"CAST(0.0 AS DOUBLE) AS {q(col + '_z')}")
+        else:
+            extra.append(f"({q(col)} - {s['mean']!r}) / {s['std']!r} AS {q(col + '_z')}")
+    for col in p.normalize:
+        s = stats["normalize"][col]
+        if s["min"] is None or s["max"] in (None, s["min"]):
+            extra.append(f"CAST(0.0 AS DOUBLE) AS {q(col + '_01')}")
+        else:
+            extra.append(f"({q(col)} - {s['min']!r}) / ({s['max']!r} - {s['min']!r}) AS {q(col + '_01')}")
+    for name, expr in p.derive.items():
+        extra.append(f"({expr}) AS {q(name)}")
+    return f"SELECT *{', ' if extra else ''}{', '.join(extra)} FROM ({inner})"
+
+
+def build_silver(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_000) -> SilverReport:
+    """Rebuild ``silver.<dataset>`` from the current bronze version (gated as an ingest stage)."""
+    ws.gate.enforce(Stage.INGEST, actor, Resource.table(dataset, "silver"))
+    policy = ws.policies.dataset(dataset)
+    cat = Catalog(ws.config)
+    bronze_ref, silver_ref = TableRef("bronze", dataset), TableRef("silver", dataset)
+    bronze = cat.open(bronze_ref)
+    bv = bronze.version()
+    if cat.exists(silver_ref):
+        last = cat.open(silver_ref).history(1)[0]
+        if str(last.get(_META_BRONZE)) == str(bv) and last.get(_META_POLICY) == ws.policies.digest:
+            stats = json.loads(last[_META_STATS])
+            sv = cat.open(silver_ref).version()
+            return SilverReport(dataset, bv, sv, cat.open(silver_ref).count(), stats, up_to_date=True)
+
+    con = duckdb.connect(":memory:")
+    con.execute("SET TimeZone='UTC'")
+    con.register("bronze", bronze.to_pyarrow_dataset())
+    key = policy.subject_key
+    business = [f.name for f in bronze.schema().fields if not f.name.startswith("_")]
+    dedupe = (
+        f"QUALIFY row_number() OVER (PARTITION BY {q(key)} ORDER BY _ingested_at DESC, _row DESC) = 1"
+        if policy.columns[key].unique
+        else ""
+    )
+    con.execute(f"CREATE TEMP VIEW base AS SELECT * FROM bronze {dedupe}")
+    stats = _fit(con, policy)
+    body = transform_sql(policy, stats, [*business, "_subject_bucket", "_ingested_at"])
+    try:
+        reader = con.sql(body).to_arrow_reader(batch_rows)
+    except duckdb.Error as exc:
+        raise LakehouseError(
+            f"silver.{dataset}: a preprocess expression failed: {str(exc).splitlines()[0]}",
+            hint=f"check preprocess.derive in policies/{dataset}.yaml",
+        ) from None
+    meta = {_META_BRONZE: str(bv), _META_POLICY: ws.policies.digest, _META_STATS: json.dumps(stats, sort_keys=True)}
+    uri = cat.uri(silver_ref)
+    write_deltalake(
+        uri, reader, mode="overwrite", schema_mode="overwrite",
+        partition_by=[*policy.layout.partition_by, "_subject_bucket"],
+        storage_options=cat.storage_options,
+        writer_properties=WriterProperties(compression="ZSTD"),
+        commit_properties=CommitProperties(custom_metadata=meta),
+    )
+    silver = DeltaTable(uri, storage_options=cat.storage_options)
+    sv = silver.version()
+    rows = silver.count()
+    now = datetime.now(timezone.utc)
+    write_deltalake(
+        cat.config.table_uri(f"{STATS}/{dataset}"),
+        pa.table(
+            {"silver_version": [sv], "bronze_version": [bv], "policy_digest": [ws.policies.digest],
+             "stats": [json.dumps(stats, sort_keys=True)], "fitted_at": [now]},
+            schema=pa.schema([("silver_version", pa.int64()), ("bronze_version", pa.int64()),
+                              ("policy_digest", pa.string()), ("stats", pa.string()),
+                              ("fitted_at", pa.timestamp("us", tz="UTC"))]),
+        ),
+        mode="append", storage_options=cat.storage_options,
+    )
+    ws.lineage.emit(f"silver.{dataset}", inputs=[DatasetRef(str(bronze_ref), version=bv)],
+                    outputs=[DatasetRef(str(silver_ref), version=sv)])
+    ws.audit.record("silver.build", actor=actor.name, outcome="ok", stage=Stage.INGEST.value,
+                    resource=f"table:silver.{dataset}", details={"bronze_version": bv, "silver_version": sv, "rows": rows})
+    con.close()
+    return SilverReport(dataset, bv, sv, rows, stats)
+
+
+def load_stats(ws: Workspace, dataset: str, *, silver_version: int | None = None) -> dict[str, Any]:
+    """The preprocessing statistics silver used (its latest version, or ``silver_version``)."""
+    uri = ws.config.table_uri(f"{STATS}/{dataset}")
+    if not DeltaTable.is_deltatable(uri):
+        raise LakehouseError(f"no preprocessing statistics for '{dataset}': build silver first")
+    t = DeltaTable(uri).to_pyarrow_table()
+    if silver_version is not None:
+        t = t.filter(pc.equal(t["silver_version"], silver_version))
+        if not t.num_rows:
+            raise LakehouseError(f"no statistics recorded for silver.{dataset} version {silver_version}")
+    t = t.sort_by([("silver_version", "descending"), ("fitted_at", "descending")])
+    return json.loads(t["stats"][0].as_py())
