@@ -27,6 +27,8 @@ from governance.gate import Actor, Decision, Resource
 from governance.policy import Stage
 
 console = Console()
+if not console.is_terminal:  # pipes and CI logs: wide enough for tables to stay readable
+    console = Console(width=160)
 err = Console(stderr=True)
 
 app = typer.Typer(
@@ -46,6 +48,8 @@ app.add_typer(gate_app, name="gate")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
 app.add_typer(lineage_app, name="lineage")
+tables_app = typer.Typer(help="Governed Delta tables: list, describe, history, optimize, vacuum.", no_args_is_help=True)
+app.add_typer(tables_app, name="tables")
 
 
 @dataclass
@@ -295,8 +299,7 @@ def audit_query(
             r["resource"] or "", Text(r["outcome"], style=style.get(r["outcome"], "")),
             (r["rule_ids"] or "").replace(",", "\n"), (tok[:12] + "…") if tok else "",
         )
-    wide = Console(width=max(console.width, 150)) if not console.is_terminal else console
-    wide.print(t)
+    console.print(t)
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -377,6 +380,167 @@ def lineage_show(
             console.print(render_tree(g, name, "upstream" if d == "up" else "downstream"))
     if not shown:
         console.print(f"[yellow]no lineage recorded for {name}[/]")
+
+
+# -- lakehouse ----------------------------------------------------------------------------
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.1f} PB"
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Argument(help="Dataset name (a policy must govern it).")],
+    paths: Annotated[list[str], typer.Argument(help="Files or globs: .csv, .parquet, .jsonl.")],
+    batch_rows: Annotated[int, typer.Option(help="Rows per batch (bounds memory).")] = 250_000,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Validate, protect and write landing files into bronze (bad rows to quarantine, with reasons)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from lakehouse.ingest import ingest as run_ingest
+
+    st = _state(ctx)
+    ws = st.workspace()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,} rows"),
+                  TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
+        task = bar.add_task(f"ingest {dataset}", total=None)
+        rep = run_ingest(ws, st.actor(), dataset, paths, batch_rows=batch_rows,
+                         progress=lambda src, n: bar.update(task, advance=n, description=f"ingest {dataset} ← {src}"))
+    if as_json:
+        sys.stdout.write(json.dumps(rep.to_dict(), indent=2, default=str) + "\n")
+        return
+    t = Table(title=f"ingest {dataset}: {rep.rows_read:,} rows read in {rep.seconds:.1f}s, peak memory {rep.peak_rss_mb:.0f} MB")
+    for c in ("file", "read", "accepted", "quarantined", "already ingested", "landing file"):
+        t.add_column(c, justify="right" if c in ("read", "accepted", "quarantined", "already ingested") else "left")
+    for f in rep.files:
+        t.add_row(f.source, f"{f.rows_read:,}", f"{f.rows_accepted:,}", f"{f.rows_quarantined:,}", f"{f.rows_skipped:,}", f.landing)
+    console.print(t)
+    if rep.reasons:
+        r = Table(title="quarantined rows by reason")
+        r.add_column("reason")
+        r.add_column("rows", justify="right")
+        for reason, n in rep.reasons.most_common(15):
+            r.add_row(reason, f"{n:,}")
+        console.print(r)
+    for f in rep.files:
+        if f.dropped_columns:
+            console.print(f"[yellow]{f.source}: dropped unclassified column(s) {', '.join(f.dropped_columns)}[/]")
+        if f.filled_columns:
+            console.print(f"[yellow]{f.source}: optional column(s) {', '.join(f.filled_columns)} absent, stored as NULL[/]")
+    console.print(f"rows read {rep.rows_read:,} = accepted {rep.rows_accepted:,} + quarantined {rep.rows_quarantined:,}"
+                  f" + already ingested {rep.rows_skipped:,}; versions: "
+                  + (", ".join(f"{k}@{v}" for k, v in sorted(rep.versions.items())) or "unchanged"))
+
+
+@app.command()
+def silver(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Argument(help="Dataset to rebuild silver for.")],
+) -> None:
+    """Rebuild silver from bronze: dedupe, impute, standardize, normalize, derive; store the fitted statistics."""
+    from lakehouse.silver import build_silver
+
+    st = _state(ctx)
+    rep = build_silver(st.workspace(), st.actor(), dataset)
+    if rep.up_to_date:
+        console.print(f"silver.{dataset}@{rep.silver_version} is up to date with bronze@{rep.bronze_version}")
+    else:
+        console.print(f"[green]built[/] silver.{dataset}@{rep.silver_version} from bronze@{rep.bronze_version}: {rep.rows:,} rows")
+    console.print_json(json.dumps(rep.stats, default=str))
+
+
+def _ref(name: str):  # noqa: ANN202
+    from lakehouse.catalog import TableRef
+
+    return TableRef.parse(name)
+
+
+@tables_app.command("list")
+def tables_list(ctx: typer.Context) -> None:
+    """Every governed table with its version, rows, files and size."""
+    from lakehouse.maintenance import list_tables
+
+    infos = list_tables(_state(ctx).workspace())
+    t = Table(title=f"governed tables ({len(infos)})")
+    for c in ("table", "version", "rows", "files", "size", "partitioned by", "last change (UTC)"):
+        t.add_column(c, justify="right" if c in ("version", "rows", "files", "size") else "left")
+    for i in infos:
+        t.add_row(str(i.ref), str(i.version), f"{i.rows:,}", str(i.files), _human_bytes(i.bytes), ", ".join(i.partitions),
+                  i.modified.strftime("%Y-%m-%d %H:%M:%S") if i.modified else "")
+    console.print(t)
+
+
+@tables_app.command("describe")
+def tables_describe(ctx: typer.Context, table: Annotated[str, typer.Argument(help="layer.dataset, e.g. silver.customers")]) -> None:
+    """Columns with their policy class and protection, layout and properties."""
+    from lakehouse.maintenance import describe
+
+    d = describe(_state(ctx).workspace(), _ref(table))
+    console.print(f"[bold]{d['table']}[/] version {d['version']} · {d['rows']:,} rows · {d['files']} files · "
+                  f"{_human_bytes(d['bytes'])} · partitioned by {', '.join(d['partition_columns']) or 'nothing'}")
+    t = Table()
+    for c in ("column", "type", "class", "protection"):
+        t.add_column(c)
+    for c in d["columns"]:
+        t.add_row(c["name"], c["type"], c["class"], c["protection"])
+    console.print(t)
+    if d["properties"]:
+        console.print("properties: " + ", ".join(f"{k}={v}" for k, v in d["properties"].items()))
+
+
+@tables_app.command("history")
+def tables_history(
+    ctx: typer.Context,
+    table: Annotated[str, typer.Argument(help="layer.dataset")],
+    limit: Annotated[int, typer.Option(help="How many versions.")] = 20,
+) -> None:
+    """Versions of a table (for time travel: `lakewarden sql --version N`)."""
+    from lakehouse.maintenance import history
+
+    rows = history(_state(ctx).workspace(), _ref(table), limit=limit)
+    t = Table(title=f"history of {table}")
+    for c in ("version", "time (UTC)", "operation", "mode", "rows added", "files +", "files -"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(str(r["version"]), r["time"].strftime("%Y-%m-%d %H:%M:%S") if r["time"] else "", str(r["operation"]),
+                  str(r["mode"] or ""), str(r["rows_added"] if r["rows_added"] is not None else ""),
+                  str(r["files_added"] or ""), str(r["files_removed"] or ""))
+    console.print(t)
+
+
+@tables_app.command("optimize")
+def tables_optimize(ctx: typer.Context, table: Annotated[str, typer.Argument(help="layer.dataset")]) -> None:
+    """Compact small files into larger ones (a new version; data unchanged)."""
+    from lakehouse.maintenance import optimize
+
+    st = _state(ctx)
+    out = optimize(st.workspace(), st.actor(), _ref(table))
+    console.print(f"[green]optimized[/] {table}: {out['files_removed']} files → {out['files_added']}, now version {out['version']}")
+
+
+@tables_app.command("vacuum")
+def tables_vacuum(
+    ctx: typer.Context,
+    table: Annotated[str, typer.Argument(help="layer.dataset")],
+    force: Annotated[bool, typer.Option("--force", help="Really delete (default: dry run).")] = False,
+    retention_hours: Annotated[Optional[int], typer.Option(help="Keep this many hours of history (default: policy).")] = None,
+    enforce_retention: Annotated[bool, typer.Option(help="Refuse a window shorter than the policy's.")] = True,
+) -> None:
+    """Delete files that no version inside the retention window needs (dry run unless --force)."""
+    from lakehouse.maintenance import vacuum
+
+    st = _state(ctx)
+    out = vacuum(st.workspace(), st.actor(), _ref(table), dry_run=not force, retention_hours=retention_hours,
+                 enforce_retention=enforce_retention)
+    verb = "would delete" if out["dry_run"] else "deleted"
+    console.print(f"{verb} {out['files']} file(s) from {table} (keeping {out['retention_hours']} h of history)")
+    for p in out["paths"][:20]:
+        console.print(f"  {p}")
 
 
 # -- entry point --------------------------------------------------------------------------
