@@ -84,6 +84,8 @@ def read_batches(path: Path, *, batch_rows: int) -> Iterator[RawBatch]:
 def header(path: Path) -> list[str]:
     """Column names of a file, without reading its rows."""
     fmt = detect_format(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise IngestError(f"{path.name}: the file is empty (0 bytes)")
     if fmt == "parquet":
         try:
             return pq.ParquetFile(path).schema_arrow.names

@@ -122,6 +122,10 @@ def _bound(col: ColumnPolicy, b: float | str) -> str:
     return repr(float(b))
 
 
+def _show(b: float | str) -> str:
+    return f"{b:g}" if isinstance(b, float) else str(b)
+
+
 def generalize_sql(col: ColumnPolicy, typed: str) -> tuple[str, pa.DataType]:
     """SQL for a generalized quasi-identifier and its Arrow type."""
     g = col.generalize or ""
@@ -221,9 +225,9 @@ class Validator:
                 vals = ", ".join(lit(a) for a in col.allowed)
                 checks.append(f"WHEN {tq} NOT IN ({vals}) THEN {lit(name + ': not one of the allowed values')}")
             if col.min is not None:
-                checks.append(f"WHEN {tq} < {_bound(col, col.min)} THEN {lit(f'{name}: below the minimum {col.min}')}")
+                checks.append(f"WHEN {tq} < {_bound(col, col.min)} THEN {lit(f'{name}: below the minimum {_show(col.min)}')}")
             if col.max is not None:
-                checks.append(f"WHEN {tq} > {_bound(col, col.max)} THEN {lit(f'{name}: above the maximum {col.max}')}")
+                checks.append(f"WHEN {tq} > {_bound(col, col.max)} THEN {lit(f'{name}: above the maximum {_show(col.max)}')}")
             if col.unique:
                 checks.append(
                     f"WHEN {tq} IS NOT NULL AND row_number() OVER (PARTITION BY {tq} ORDER BY _row) > 1 THEN "
