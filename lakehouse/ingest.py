@@ -152,6 +152,14 @@ class IngestReport:
 Progress = Callable[[str, int], None]
 
 
+def _bucket(token: str, n: int) -> int:
+    """Subject hash bucket from the token's random characters (stable across versions and machines)."""
+    v = 0
+    for ch in token[-6:]:
+        v = v * 32 + _B32[ch]
+    return v % n
+
+
 def expand(paths: Iterable[str | Path]) -> list[Path]:
     """Files named directly or by glob, in a stable order; a pattern matching nothing is an error."""
     out: list[Path] = []
@@ -295,30 +303,23 @@ class Ingestor:
         return pa.table(cols, names=names)
 
     # -- protection -------------------------------------------------------------------
-    def _tokens(self, keys: pa.Array) -> pa.Array:
-        """Tokens for subject keys (NULL stays NULL), through a per-ingest cache and the key store."""
+    def _tokens(self, keys: pa.Array) -> tuple[pa.Array, pa.Array]:
+        """Tokens and subject buckets for subject keys (NULL stays NULL), through a per-ingest cache."""
         uniq = pc.unique(keys.drop_null())
         values = uniq.to_pylist()
-        missing = [v for v in values if v not in self.token_cache]
+        cache = self.token_cache
+        missing = [v for v in values if v not in cache]
         if missing:
+            if len(cache) + len(missing) > 2_000_000:
+                cache.clear()
+            n = self.policy.layout.subject_buckets
             for v, t in zip(missing, self.ring.tokens_for(missing)):
-                self.token_cache[v] = t  # type: ignore[assignment]
-            if len(self.token_cache) > 2_000_000:
-                self.token_cache.clear()
-        toks = pa.array([self.token_cache[v] for v in values], pa.string())
+                cache[v] = (t, _bucket(t, n))  # type: ignore[arg-type]
+        pairs = [cache[v] for v in values]
+        toks = pa.array([p[0] for p in pairs], pa.string())
+        bks = pa.array([p[1] for p in pairs], pa.int32())
         idx = pc.index_in(keys, value_set=uniq)
-        return pc.take(toks, idx)
-
-    @staticmethod
-    def _buckets(tokens: pa.Array, n: int) -> pa.Array:
-        """Subject hash bucket from the token's random characters (stable, no hashing library)."""
-        out = []
-        for t in tokens.to_pylist():
-            v = 0
-            for ch in t[-6:]:
-                v = v * 32 + _B32[ch]
-            out.append(v % n)
-        return pa.array(out, pa.int32())
+        return pc.take(toks, idx), pc.take(bks, idx)
 
     def _protect(
         self, out: pa.Table | None, raw: RawBatch, batch_id: str, source: str, now: datetime
@@ -328,8 +329,8 @@ class Ingestor:
         q_rows: dict[str, list[Any]] = {n: [] for n in QUARANTINE_SCHEMA.names}
         result: dict[str, pa.Table] | None = None
         if out is not None and out.num_rows:
-            keys = pc.if_else(pc.is_null(out["_t_" + key]), None, out["_t_" + key]).combine_chunks()
-            tokens = self._tokens(keys)
+            keys = out["_t_" + key].combine_chunks()
+            tokens, buckets = self._tokens(keys)
             reasons = out["_reason"].combine_chunks()
             # A unique subject key already in the table (from an earlier ingest) is a duplicate.
             if self.existing_tokens is not None and len(self.existing_tokens):
@@ -338,12 +339,13 @@ class Ingestor:
             ok = pc.is_null(reasons)
             acc = out.filter(ok)
             acc_tokens = tokens.filter(ok)
+            acc_buckets = buckets.filter(ok)
             rej = out.filter(pc.invert(ok))
             rej_tokens = tokens.filter(pc.invert(ok))
             rej_reasons = reasons.filter(pc.invert(ok))
             if self.existing_tokens is not None and pol.columns[key].unique:
                 self.existing_tokens = pa.concat_arrays([self.existing_tokens, acc_tokens])
-            result = self._protected_tables(acc, acc_tokens, batch_id, now)
+            result = self._protected_tables(acc, acc_tokens, acc_buckets, batch_id, now)
             # Quarantine: the original row, encrypted; the reason in plaintext (it names no value).
             raw_cols = [n for n in pol.columns]
             originals = rej.select([f"_v_{n}" for n in raw_cols]).rename_columns(raw_cols).to_pylist()
@@ -372,16 +374,18 @@ class Ingestor:
         q["payload"].append(blob)
         q["_quarantined_at"].append(now)
 
-    def _protected_tables(self, acc: pa.Table, tokens: pa.Array, batch_id: str, now: datetime) -> dict[str, pa.Table]:
+    def _protected_tables(
+        self, acc: pa.Table, tokens: pa.Array, buckets: pa.Array, batch_id: str, now: datetime
+    ) -> dict[str, pa.Table]:
         pol = self.policy
         n = acc.num_rows
-        buckets = self._buckets(tokens, pol.layout.subject_buckets) if n else pa.array([], pa.int32())
-        tok_list = tokens.to_pylist()
+        tok_list = tokens.to_pylist() if (self.vault_cols or self.restricted_cols or any(
+            c.protection is Protection.ENCRYPT for c in pol.columns.values())) else []
         meta = {
             "_subject_bucket": buckets,
-            "_batch_id": pa.array([batch_id] * n, pa.string()),
+            "_batch_id": pa.repeat(pa.scalar(batch_id, pa.string()), n),
             "_row": acc["_row"],
-            "_ingested_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            "_ingested_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
         }
 
         def sealed(name: str) -> pa.Array:

@@ -21,6 +21,7 @@ from datetime import date
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from governance.policy import ColumnClass, ColumnPolicy, DatasetPolicy, Protection
 from lakehouse.errors import IngestError
@@ -177,10 +178,11 @@ class Validator:
         b = b.append_column("_pre", pre_reason if pre_reason is not None else pa.nulls(n, pa.string()))
         self.con.register("batch", b)
         try:
-            sql = self._sql(b.schema)
-            out = self.con.sql(sql).to_arrow_table()
+            out = self.con.sql(self._sql(b.schema)).to_arrow_table()
         finally:
             self.con.unregister("batch")
+        for c in self.unique:
+            out = self._duplicates(out, c)
         # Remember accepted unique values for the next batches of this ingest.
         if self.unique and out.num_rows:
             self.con.register("_acc", out)
@@ -191,6 +193,33 @@ class Validator:
                 )
             self.con.unregister("_acc")
         return out
+
+    def _duplicates(self, out: pa.Table, name: str) -> pa.Table:
+        """Mark a unique column's repeats: within the batch (the first row wins), then against earlier batches."""
+        t = "_t_" + name
+        self.con.register("_cand", out.select(["_row", "_reason", t]))
+        try:
+            dup = self.con.sql(
+                f"""
+                WITH c AS (SELECT _row, {q(t)} AS v, hash({q(t)}) AS h FROM _cand
+                           WHERE _reason IS NULL AND {q(t)} IS NOT NULL),
+                     within AS (SELECT _row FROM (SELECT _row, row_number() OVER (PARTITION BY v ORDER BY _row) AS rn
+                                                  FROM c WHERE v IN (SELECT v FROM c GROUP BY v HAVING count(*) > 1))
+                                WHERE rn > 1),
+                     before AS (SELECT c._row FROM c SEMI JOIN {q('seen_' + name)} s ON c.h = s.h)
+                SELECT _row, 'w' AS kind FROM within UNION ALL SELECT _row, 'b' FROM before
+                """
+            ).to_arrow_table()
+        finally:
+            self.con.unregister("_cand")
+        if not dup.num_rows:
+            return out
+        within = pc.is_in(out["_row"], value_set=dup.filter(pc.equal(dup["kind"], "w"))["_row"])
+        before = pc.is_in(out["_row"], value_set=dup.filter(pc.equal(dup["kind"], "b"))["_row"])
+        reason = out["_reason"]
+        reason = pc.if_else(within, f"{name}: duplicate value within the file", reason)
+        reason = pc.if_else(pc.and_(pc.invert(within), before), f"{name}: duplicate of a value already ingested", reason)
+        return out.set_column(out.schema.get_field_index("_reason"), "_reason", reason)
 
     def _sql(self, schema: pa.Schema) -> str:
         pol = self.policy
@@ -228,15 +257,6 @@ class Validator:
                 checks.append(f"WHEN {tq} < {_bound(col, col.min)} THEN {lit(f'{name}: below the minimum {_show(col.min)}')}")
             if col.max is not None:
                 checks.append(f"WHEN {tq} > {_bound(col, col.max)} THEN {lit(f'{name}: above the maximum {_show(col.max)}')}")
-            if col.unique:
-                checks.append(
-                    f"WHEN {tq} IS NOT NULL AND row_number() OVER (PARTITION BY {tq} ORDER BY _row) > 1 THEN "
-                    f"{lit(name + ': duplicate value within the file')}"
-                )
-                checks.append(
-                    f"WHEN hash({tq}) IN (SELECT h FROM {q('seen_' + name)}) THEN "
-                    f"{lit(name + ': duplicate of a value already ingested')}"
-                )
             if col.protection is Protection.GENERALIZE:
                 g, _ = generalize_sql(col, tq)
                 out_cols.append(f"CASE WHEN _reason IS NULL THEN {g} END AS {q(name)}")
@@ -250,7 +270,7 @@ class Validator:
         # Raw values (_v_*) are returned too: quarantine encrypts the rejected rows' originals.
         raw = ", ".join(q(f"_v_{n}") for n in pol.columns)
         typed = ", ".join(q("_t_" + n) for n in pol.columns)
-        return f"SELECT _row, _reason, {', '.join(out_cols)}, {typed}, {raw} FROM ({mid}) ORDER BY _row"
+        return f"SELECT _row, _reason, {', '.join(out_cols)}, {typed}, {raw} FROM ({mid})"
 
     def close(self) -> None:
         self.con.close()

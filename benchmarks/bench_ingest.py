@@ -1,0 +1,167 @@
+"""Benchmark governed ingest against plain deltalake, same data, same run (run by hand).
+
+For each size, synthetic landing CSVs are generated once (cached under
+benchmarks/.data/, ignored by git), then each measurement runs in its own
+process so its peak memory (max RSS) is its own:
+
+* ``plain``     read the CSV with pyarrow (type inference) in batches and
+                ``write_deltalake`` each batch: the same Arrow data, no governance;
+* ``governed``  ``lakehouse.ingest.ingest``: contract validation, tokenization,
+                encryption, vault and quarantine, exactly-once commits, audit, lineage.
+
+Sizes: ``--sizes 1000000 10000000`` rows of transactions (customers are
+created first so tokens exist, as in the pipeline), and the customers file
+itself at its size (one row per person: every row is a new subject with three
+vaulted identifiers and two encrypted attributes — the heaviest case).
+
+Goal (issue #3): governed throughput ≥ 0.5× plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "benchmarks" / ".data"
+console = Console()
+
+CONFIG = """\
+version: 1
+name: bench
+storage: {{root: {root}/tables}}
+workspace: {root}/ws
+keys:
+  store: {root}/keys/keystore.db
+  kek: {{provider: env, var: LAKEWARDEN_KEK}}
+policies: [{repo}/policies/*.yaml]
+"""
+
+PLAIN = r"""
+import json, resource, sys, time
+import pyarrow.csv as pacsv
+from deltalake import write_deltalake, WriterProperties
+src, dst, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+t0 = time.perf_counter()
+r = pacsv.open_csv(src, read_options=pacsv.ReadOptions(block_size=64 << 20))
+rows, pending, n = 0, [], 0
+import pyarrow as pa
+def flush(tables):
+    global rows
+    t = pa.Table.from_batches(tables)
+    write_deltalake(dst, t, mode="append", writer_properties=WriterProperties(compression="ZSTD"))
+    rows += t.num_rows
+for b in r:
+    pending.append(b); n += b.num_rows
+    if n >= batch:
+        flush(pending); pending, n = [], 0
+if pending:
+    flush(pending)
+print(json.dumps({"rows": rows, "seconds": time.perf_counter() - t0,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+GOVERNED = r"""
+import json, sys, time
+from governance.workspace import Workspace
+from lakehouse.ingest import ingest
+cfg, dataset, src, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ws = Workspace.open(cfg)
+rep = ingest(ws, ws.actor("pipeline"), dataset, [src], batch_rows=batch)
+ws.close()
+print(json.dumps({"rows": rep.rows_read, "accepted": rep.rows_accepted, "quarantined": rep.rows_quarantined,
+                  "seconds": rep.seconds, "peak_rss_mb": rep.peak_rss_mb}))
+"""
+
+
+def landing(people: int, tpp: float) -> dict[str, Path]:
+    from lakehouse.synth import generate
+
+    d = DATA / f"p{people}_t{tpp:g}"
+    files = {"customers": d / "customers.csv", "transactions": d / "transactions.csv"}
+    if not all(f.exists() for f in files.values()):
+        with console.status(f"generating {people:,} people × {tpp:g} transactions"):
+            generate(d, people=people, transactions_per_person=tpp, seed=1, overwrite=True)
+    return files
+
+
+def run_py(code: str, *args: str, env: dict[str, str]) -> dict:
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=REPO)
+    if p.returncode:
+        raise SystemExit(p.stderr)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000], help="transaction rows")
+    ap.add_argument("--tpp", type=float, default=10.0, help="transactions per person")
+    ap.add_argument("--batch", type=int, default=500_000)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ingest.json")
+    args = ap.parse_args()
+    from governance.keys import generate_kek_b64
+
+    env = {**os.environ, "LAKEWARDEN_KEK": generate_kek_b64()}
+    results = []
+    for size in args.sizes:
+        people = max(1, int(size / args.tpp))
+        files = landing(people, args.tpp)
+        for dataset in ("customers", "transactions"):
+            src = files[dataset]
+            root = Path(tempfile.mkdtemp(prefix="lw-bench-ingest-"))
+            try:
+                cfg = root / "lakewarden.yaml"
+                cfg.write_text(CONFIG.format(root=root, repo=REPO))
+                if dataset == "transactions":  # tokens for these customers exist, as in the pipeline
+                    run_py(GOVERNED, str(cfg), "customers", str(_copy(files["customers"], root)), str(args.batch), env=env)
+                with console.status(f"plain {dataset} ({src.stat().st_size / 1e6:.0f} MB)"):
+                    plain = run_py(PLAIN, str(src), str(root / "plain"), str(args.batch), env=env)
+                with console.status(f"governed {dataset}"):
+                    gov = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), str(args.batch), env=env)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+            results.append({
+                "dataset": dataset, "rows": plain["rows"], "size_mb": round(src.stat().st_size / 1e6, 1),
+                "plain_rows_per_s": plain["rows"] / plain["seconds"], "plain_peak_rss_mb": plain["peak_rss_mb"],
+                "governed_rows_per_s": gov["rows"] / gov["seconds"], "governed_peak_rss_mb": gov["peak_rss_mb"],
+                "ratio": (gov["rows"] / gov["seconds"]) / (plain["rows"] / plain["seconds"]),
+                "plain_seconds": plain["seconds"], "governed_seconds": gov["seconds"],
+                "accepted": gov["accepted"], "quarantined": gov["quarantined"],
+            })
+            _print(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"cpus": os.cpu_count(), "batch_rows": args.batch, "results": results}, indent=2) + "\n")
+    console.print(f"written to {args.out}")
+
+
+def _copy(src: Path, root: Path) -> Path:
+    """The policy removes landing files after ingest: ingest a copy."""
+    dst = root / "landing" / src.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def _print(results: list[dict]) -> None:
+    t = Table(title="governed ingest vs plain write_deltalake (same CSV, same run)")
+    for c in ("dataset", "rows", "plain rows/s", "governed rows/s", "ratio (goal ≥ 0.5)", "plain peak MB", "governed peak MB"):
+        t.add_column(c, justify="right" if c != "dataset" else "left")
+    for r in results:
+        t.add_row(r["dataset"], f"{r['rows']:,}", f"{r['plain_rows_per_s']:,.0f}", f"{r['governed_rows_per_s']:,.0f}",
+                  f"{r['ratio']:.2f}", f"{r['plain_peak_rss_mb']:.0f}", f"{r['governed_peak_rss_mb']:.0f}")
+    console.print(t)
+
+
+if __name__ == "__main__":
+    time.sleep(0)
+    main()
