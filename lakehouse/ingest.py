@@ -31,6 +31,7 @@ import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -200,6 +201,8 @@ class Ingestor:
         self.done = self._done_batches()
         self.versions: dict[str, int] = {}
         self.reasons: Counter = Counter()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lakewarden-ingest-writer")
+        self._pending: Future | None = None
         pol = self.policy
         self.vault_cols = [n for n, c in pol.columns.items() if c.protection is Protection.VAULT]
         self.restricted_cols = [n for n, c in pol.columns.items() if c.protection is Protection.RESTRICTED]
@@ -239,6 +242,7 @@ class Ingestor:
             self._batch(raw, plan, rep)
             if self.progress:
                 self.progress(source, raw.rows_read)
+        self.wait()
         if not rep.balanced:  # never expected: it would mean a row was lost
             raise IngestError(
                 f"{path.name}: row counts do not add up (read {rep.rows_read}, accepted {rep.rows_accepted}, "
@@ -268,18 +272,31 @@ class Ingestor:
         out = self.validator.validate(text, raw.first_row, pre) if text.num_rows else None
         now = datetime.now(timezone.utc)
         accepted, quarantine = self._protect(out, raw, batch_id, rep.source, now)
-        self._write_batch(batch_id, accepted, quarantine)
         n_acc = accepted["bronze"].num_rows if accepted else 0
         n_q = quarantine.num_rows
         rep.rows_accepted += n_acc
         rep.rows_quarantined += n_q
-        self._ledger(batch_id, rep.source, raw, n_acc, n_q, now)
-        self.done.add(batch_id)
+        self.done.add(batch_id)  # a repeat of this batch later in the same ingest is skipped too
+        # Write behind: this batch's commits run while the next batch is validated. At most one
+        # batch waits, so memory stays bounded; the ledger row is written after the tables.
+        self.wait()
+        self._pending = self._writer.submit(self._commit, batch_id, accepted, quarantine, rep.source, raw, n_acc, n_q, now)
+
+    def _commit(self, batch_id: str, accepted: dict[str, pa.Table] | None, quarantine: pa.Table, source: str,
+                raw: RawBatch, n_acc: int, n_q: int, now: datetime) -> None:
+        self._write_batch(batch_id, accepted, quarantine)
+        self._ledger(batch_id, source, raw, n_acc, n_q, now)
         self.ws.audit.record(
             "ingest.batch", actor=self.actor.name, outcome="ok", stage=Stage.INGEST.value,
             resource=f"dataset:{self.dataset}",
             details={"batch_id": batch_id, "rows_read": raw.rows_read, "accepted": n_acc, "quarantined": n_q},
         )
+
+    def wait(self) -> None:
+        """Wait for the batch being written; re-raise its error here, in the ingest's thread."""
+        if self._pending is not None:
+            fut, self._pending = self._pending, None
+            fut.result()
 
     def _batch_id(self, raw: RawBatch) -> str:
         h = hashlib.sha256(f"lakewarden-batch:v1|{self.dataset}|".encode())
@@ -481,7 +498,11 @@ class Ingestor:
         raise IngestError(f"{LEDGER}: could not commit after {_COMMIT_RETRIES} attempts")
 
     def close(self) -> None:
-        self.validator.close()
+        try:
+            self.wait()
+        finally:
+            self._writer.shutdown(wait=True)
+            self.validator.close()
 
 
 def ingest(

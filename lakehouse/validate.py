@@ -240,10 +240,13 @@ class Validator:
                 checks.append(
                     f"WHEN length({vv}) > {col.max_length} THEN {lit(f'{name}: longer than {col.max_length} characters')}"
                 )
-                checks.append(
-                    f"WHEN regexp_matches({vv}, {lit(FORMULA_RE)}) THEN "
-                    f"{lit(name + ': starts like a spreadsheet formula (CSV injection)')}"
-                )
+                if not col.allowed:  # a list of allowed values already excludes formulas
+                    first = f"left({vv}, 1)"
+                    checks.append(
+                        f"WHEN {first} IN ('=', '@', chr(9), chr(13)) OR ({first} IN ('+', '-') AND "
+                        f"regexp_matches({vv}, {lit(FORMULA_RE)})) THEN "
+                        f"{lit(name + ': starts like a spreadsheet formula (CSV injection)')}"
+                    )
                 if col.regex:
                     label = col.pattern if col.pattern in ("email", "phone", "zip5") else "declared"
                     checks.append(

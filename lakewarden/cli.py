@@ -438,6 +438,36 @@ def ingest(
 
 
 @app.command()
+def generate(
+    out: Annotated[Path, typer.Option(help="Folder for customers.* and transactions.*.")] = Path("landing"),
+    people: Annotated[int, typer.Option(help="Number of customers.")] = 10_000,
+    transactions_per_person: Annotated[float, typer.Option(help="Mean transactions per customer.")] = 10.0,
+    seed: Annotated[int, typer.Option(help="Same seed, same bytes.")] = 0,
+    bias: Annotated[float, typer.Option(help="0..1: how much the label depends on sex and ethnicity.")] = 0.3,
+    bad_rows: Annotated[float, typer.Option(help="0..0.5: extra bad customer rows, as a fraction.")] = 0.0,
+    fmt: Annotated[str, typer.Option("--format", help="csv, parquet or jsonl.")] = "csv",
+    overwrite: Annotated[bool, typer.Option(help="Replace existing files.")] = False,
+) -> None:
+    """Write deterministic synthetic landing files (all identifiers fictional) for demos and tests."""
+    from rich.progress import Progress
+
+    from lakehouse.synth import generate as synth
+
+    try:
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("generating", total=people)
+            res = synth(out, people=people, transactions_per_person=transactions_per_person, seed=seed, bias=bias,
+                        bad_rows=bad_rows, fmt=fmt, overwrite=overwrite,  # type: ignore[arg-type]
+                        progress=lambda ds, done, total: bar.update(task, completed=done, description=f"generating {ds}"))
+    except (ValueError, FileExistsError) as exc:
+        raise typer.BadParameter(str(exc).replace("overwrite=True", "--overwrite")) from None
+    for name, path in res.files.items():
+        console.print(f"[green]wrote[/] {path} ({res.rows[name]:,} rows)")
+    if res.bad_rows:
+        console.print("bad rows injected: " + ", ".join(f"{k} {v}" for k, v in res.bad_rows.items()))
+
+
+@app.command()
 def silver(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Argument(help="Dataset to rebuild silver for.")],
