@@ -262,7 +262,7 @@ class Mask(_Strict):
         return self
 
     def __str__(self) -> str:
-        return self.kind.value if self.n is None else f"{self.kind.value}:{self.n:g}"
+        return self.kind.value if self.n is None else f"{self.kind.value}:{self.n:.15g}"
 
 
 class Purpose(_Strict):

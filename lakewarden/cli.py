@@ -467,6 +467,50 @@ def generate(
         console.print("bad rows injected: " + ", ".join(f"{k} {v}" for k, v in res.bad_rows.items()))
 
 
+class _OutFmt(str, Enum):
+    table = "table"
+    csv = "csv"
+    parquet = "parquet"
+    json = "json"
+
+
+@app.command()
+def sql(
+    ctx: typer.Context,
+    query: Annotated[str, typer.Argument(help="One read-only SQL query over governed tables (default layer: silver).")],
+    role: Annotated[Optional[str], typer.Option(help="Act in this role only (you must hold it).")] = None,
+    engine: Annotated[str, typer.Option(help="embedded (default) or trino.")] = "embedded",
+    fmt: Annotated[_OutFmt, typer.Option("--format", help="Output format.")] = _OutFmt.table,
+    out: Annotated[Optional[Path], typer.Option(help="Write the result here (required for parquet).")] = None,
+    version: Annotated[Optional[int], typer.Option(help="Time travel: read every table as of this version.")] = None,
+    as_of: Annotated[Optional[str], typer.Option(help="Time travel: read every table as of this ISO time.")] = None,
+    max_rows: Annotated[Optional[int], typer.Option(help="Stop after this many rows.")] = None,
+) -> None:
+    """Query governed tables with your role's column masks and row filters applied."""
+    from lakehouse.sql import SqlError, run_query, write_result
+
+    if engine != "embedded":
+        raise SqlError(f"engine {engine!r} is not available here: use --engine embedded")
+    st = _state(ctx)
+    ws = st.workspace()
+    actor = st.actor()
+    if role is not None:
+        if role not in actor.roles:
+            from governance.errors import AccessDenied
+            from governance.gate import Decision
+
+            d = Decision(False, (f"{actor.name} does not hold role {role}",), ("builtin/role-not-held",),
+                         Stage.QUERY, actor, Resource.system("sql"))
+            ws.audit.record("gate.decide", actor=actor.name, outcome="deny", stage="query", resource="system:sql",
+                            rule_ids=d.rule_ids, details={"reasons": list(d.reasons), "role": role})
+            ws.audit.flush()
+            raise AccessDenied(d)
+        actor = Actor(actor.name, (role,))
+    when = _parse_time(as_of, "--as-of") if as_of else None
+    res = run_query(ws, actor, query, version=version, as_of=when, max_rows=max_rows)
+    write_result(res, fmt.value, out, console)  # type: ignore[arg-type]
+
+
 @app.command()
 def silver(
     ctx: typer.Context,

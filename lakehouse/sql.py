@@ -1,0 +1,664 @@
+"""Embedded SQL over governed tables: each role sees exactly what its policy allows.
+
+``run_query`` answers one read-only query with DuckDB, in a fresh in-memory
+connection where every governed table the query names is a *view* that shows
+only the role's visible columns, each through its mask, and only the rows its
+row filter keeps. The raw table is registered under a random name that the
+query cannot reach::
+
+    with Workspace.open() as ws:
+        res = run_query(ws, ws.actor("ana"), "SELECT region, count(*) FROM customers GROUP BY region")
+        res.table            # a pyarrow.Table
+        res.masked           # {"silver.customers": {"customer_id": "hash", "income": "bucket:10000", ...}}
+
+How a query is checked, before any data is touched:
+
+1. DuckDB's own parser: exactly one statement, of type SELECT.
+2. sqlglot (duckdb dialect): the statement is a SELECT / WITH … SELECT / UNION /
+   INTERSECT / EXCEPT (no ``SELECT … INTO``, DESCRIBE, SUMMARIZE, PIVOT statement);
+   every table reference that is not a CTE (resolved by scope) is ``dataset`` or
+   ``layer.dataset`` of a governed dataset; FROM holds no table function, file path
+   or ``AT (VERSION => …)``.
+3. DuckDB's serialized parse tree (``json_serialize_sql``) again: no table
+   function anywhere, and every base table is one the second step found or a CTE
+   name — so a difference between the two parsers fails closed.
+4. The policy gate decides ``query`` for each table (``AccessDenied`` propagates).
+5. The query runs with ``enable_external_access=false`` and a locked configuration
+   (no files, no extensions, no ``SET``).
+
+Errors (see ``lakehouse.errors``)::
+
+    SqlError       a bad or refused query (exit code 2): one line (DuckDB's first line), never a traceback
+    TableError     a governed table does not exist, or not at that version (exit code 2)
+    AccessDenied   the gate denied a table (exit code 3), from governance
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import re
+import secrets
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime, time
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import duckdb
+import pyarrow as pa
+import sqlglot
+from sqlglot import exp
+from sqlglot.optimizer.scope import traverse_scope
+
+from governance.errors import AccessDenied, LakewardenError
+from governance.gate import Actor, Resource
+from governance.pii import redact
+from governance.policy import Stage
+from lakehouse.catalog import LAYERS, Catalog, TableRef
+from lakehouse.errors import SqlError
+from lakehouse.masks import compile_mask, quote_ident
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from governance.workspace import Workspace
+
+__all__ = ["QueryResult", "SqlError", "run_query", "write_result"]
+
+_READ_ONLY = "SELECT, WITH … SELECT, UNION, INTERSECT, EXCEPT"
+_AUDIT_SQL_CHARS = 500
+_TABLE_ROWS_SHOWN = 50
+_PATHLIKE = re.compile(r"[/\\.*?:~]")
+_HIDDEN_COLUMN = re.compile(r'(?:Referenced column|does not have a column named) "?([^"\s!]+)"?', re.IGNORECASE)
+# DuckDB table references allowed in the parse tree; anything else (TABLE_FUNCTION, SHOW_REF, ...) is refused.
+_DUCK_REFS = {"BASE_TABLE", "JOIN", "SUBQUERY", "EXPRESSION_LIST", "EMPTY", "PIVOT"}
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    """What a query returned and under which obligations.
+
+    ``tables`` are the governed tables used (``layer.dataset``); ``masked`` maps each to
+    ``{column: mask}`` as applied; ``row_filters`` each table's row filter (where it has
+    one). ``truncated`` is True when ``max_rows`` cut the result. ``warnings`` lists masks
+    that did not fit their column's type and showed NULL instead (fail closed).
+    """
+
+    table: pa.Table
+    tables: tuple[str, ...]
+    masked: dict[str, dict[str, str]]
+    row_filters: dict[str, str]
+    truncated: bool = False
+    warnings: tuple[str, ...] = field(default=())
+
+
+@dataclass(slots=True)
+class _Use:
+    """One governed table the query uses, and how it is spelled there."""
+
+    ref: TableRef
+    bare: bool = False  # referenced as `dataset` (a view in main)
+    qualified: bool = False  # referenced as `layer.dataset` (a view in schema `layer`)
+
+
+# -- public API ---------------------------------------------------------------------------
+def run_query(
+    ws: "Workspace",
+    actor: Actor,
+    sql: str,
+    *,
+    version: int | None = None,
+    as_of: datetime | str | None = None,
+    max_rows: int | None = None,
+) -> QueryResult:
+    """Run one read-only query as ``actor``, through the policy's masks and row filters.
+
+    Args:
+        ws: the workspace (policies, gate, audit, configuration).
+        actor: who asks; their roles come from policy.
+        sql: one SELECT statement in DuckDB's dialect. Tables are ``dataset``
+            (the silver layer) or ``layer.dataset``.
+        version, as_of: time travel, applied to every table in the query.
+        max_rows: return at most this many rows (``truncated`` says whether more existed).
+
+    Returns:
+        A :class:`QueryResult`.
+
+    Raises:
+        SqlError: the query is malformed, not read-only, names a table function, a file
+            or an ungoverned table, or fails in DuckDB.
+        AccessDenied: the gate denied a table (the decision names the rule).
+        TableError: a governed table does not exist (yet) or the version cannot be read.
+
+    Example::
+
+        >>> res = run_query(ws, ws.actor("ana"), "SELECT count(*) AS n FROM customers")
+        >>> res.tables, res.row_filters
+        (('silver.customers',), {'silver.customers': "region <> 'restricted'"})
+    """
+    if max_rows is not None and max_rows < 0:
+        raise SqlError(f"max_rows must be 0 or more (got {max_rows})")
+    used: list[str] = []
+    try:
+        with _connection() as con:
+            uses = _check(con, sql, ws)
+            used = [str(u.ref) for u in uses]
+            result = _execute(con, ws, actor, sql, uses, version=version, as_of=as_of, max_rows=max_rows)
+    except LakewardenError as exc:
+        _audit(ws, actor, sql, used, outcome="error", error=exc)
+        raise
+    _audit(ws, actor, sql, used, outcome="ok", rows=result.table.num_rows, warnings=result.warnings)
+    return result
+
+
+def write_result(
+    result: QueryResult,
+    fmt: Literal["table", "csv", "parquet", "json"],
+    out: Path | None,
+    console: "Console",
+) -> None:
+    """Write a result for the CLI.
+
+    ``table``: a rich table on ``console`` (first 50 rows, then "… N more rows");
+    ``csv`` and ``json`` (an array of records): to ``out`` or to the console's file
+    (stdout); ``parquet``: to ``out``, which it requires. Binary values are written as
+    hex in text formats.
+
+    Raises:
+        SqlError: unknown format, or ``parquet`` without ``out``.
+    """
+    tbl = result.table
+    if fmt == "table":
+        console.print(_rich_table(result))
+        return
+    if fmt == "parquet":
+        if out is None:
+            raise SqlError("--format parquet writes a file: give --out FILE.parquet")
+        import pyarrow.parquet as pq
+
+        pq.write_table(tbl, out)
+        console.print(f"wrote {tbl.num_rows:,} rows to {out}")
+        return
+    if fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        buf = io.BytesIO()
+        pcsv.write_csv(_text_safe(tbl), buf)
+        _emit(buf.getvalue().decode("utf-8"), out, console, tbl.num_rows)
+        return
+    if fmt == "json":
+        safe = _text_safe(tbl)
+        names = _unique(safe.column_names)
+        columns = [c.to_pylist() for c in safe.columns]
+        records = [dict(zip(names, vals)) for vals in zip(*columns)] if columns else []
+        _emit(json.dumps(records, ensure_ascii=False, default=_json_default, indent=None) + "\n", out, console, tbl.num_rows)
+        return
+    raise SqlError(f"unknown output format {fmt!r} (formats: table, csv, parquet, json)")
+
+
+# -- checking -----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _connection() -> Iterator[duckdb.DuckDBPyConnection]:
+    con = duckdb.connect(":memory:")
+    try:
+        for stmt in (
+            "SET autoinstall_known_extensions = false",
+            "SET autoload_known_extensions = false",
+            "SET TimeZone = 'UTC'",
+        ):
+            con.execute(stmt)
+        yield con
+    finally:
+        con.close()
+
+
+def _check(con: duckdb.DuckDBPyConnection, sql: str, ws: "Workspace") -> list[_Use]:
+    """Validate the query (three ways, see the module docstring); return the tables it uses."""
+    if not sql or not sql.strip() or not sql.strip().strip(";").strip():
+        raise SqlError("empty query", hint='give one SELECT statement, e.g. "SELECT count(*) FROM customers"')
+    # 1. DuckDB's parser decides what kind of statement this is.
+    try:
+        stmts = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise SqlError(_first_line(exc)) from None
+    if len(stmts) != 1:
+        raise SqlError(f"exactly one statement is allowed (got {len(stmts)})", hint="remove the extra ';'-separated statements")
+    kind = stmts[0].type.name if hasattr(stmts[0].type, "name") else str(stmts[0].type).rpartition(".")[2]
+    if kind != "SELECT":
+        word = sql.strip().split(None, 1)[0].upper()
+        # name it as written (INSTALL, CHECKPOINT, USE) unless that word says nothing (WITH, a parenthesis)
+        raise _refused(word if word.isalpha() and word not in ("WITH", "FROM") else kind.replace("_", " "))
+    # 2. sqlglot: the statement's shape and every table reference.
+    tree = _parse(sql)
+    if not isinstance(tree, (exp.Select, exp.SetOperation)):
+        raise _refused(_kind_of(tree, sql))
+    if tree.find(exp.Into) is not None:
+        raise _refused("SELECT … INTO (it creates a table)")
+    governed = ws.policies.datasets
+    uses: dict[TableRef, _Use] = {}
+    for table in _real_tables(tree):
+        ref, qualified = _resolve(table, governed)
+        use = uses.setdefault(ref, _Use(ref))
+        use.qualified |= qualified
+        use.bare |= not qualified
+    # 3. DuckDB's parse tree must agree: no table function, no base table the checks above did not see.
+    _cross_check(con, sql, uses, _cte_names(tree))
+    return list(uses.values())
+
+
+def _parse(sql: str) -> exp.Expression:
+    log = logging.getLogger("sqlglot")
+    level = log.level
+    log.setLevel(logging.ERROR)  # sqlglot warns on stderr when it falls back to a generic Command
+    try:
+        stmts = [s for s in sqlglot.parse(sql, dialect="duckdb") if s is not None]
+    except sqlglot.errors.ParseError as exc:
+        e = exc.errors[0] if exc.errors else {}
+        where = f" at line {e.get('line')}, column {e.get('col')}" if e.get("line") else ""
+        desc = str(e.get("description") or str(exc).splitlines()[0])
+        raise SqlError(f"the query cannot be verified: {desc}{where}", hint="use plain SELECT syntax") from None
+    except sqlglot.errors.SqlglotError as exc:
+        raise SqlError(f"the query cannot be verified: {str(exc).splitlines()[0]}") from None
+    finally:
+        log.setLevel(level)
+    if len(stmts) != 1:
+        raise SqlError(f"exactly one statement is allowed (got {len(stmts)})")
+    return stmts[0]
+
+
+def _refused(kind: str) -> SqlError:
+    return SqlError(f"refused {kind}: only read-only queries are allowed ({_READ_ONLY})")
+
+
+def _kind_of(tree: exp.Expression, sql: str) -> str:
+    if isinstance(tree, exp.Command):
+        return str(tree.this).upper()
+    if isinstance(tree, exp.Create):
+        return f"CREATE {tree.args.get('kind') or ''}".strip()
+    if isinstance(tree, (exp.Column, exp.Identifier)):  # e.g. a bare CHECKPOINT parses as a column
+        return sql.strip().split()[0].upper()
+    return type(tree).__name__.upper()
+
+
+def _real_tables(tree: exp.Expression) -> list[exp.Table]:
+    """Every table reference that is not a CTE (scope-resolved); FROM sources are checked on the way."""
+    for node in tree.find_all(exp.From, exp.Join, exp.Lateral):
+        src = node.this
+        if isinstance(node, exp.Lateral):
+            if not isinstance(src, exp.Subquery):
+                raise _table_function(src)
+        elif not isinstance(src, (exp.Table, exp.Subquery, exp.Lateral, exp.Values)):
+            raise _table_function(src)
+    cte_refs: set[int] = set()
+    try:
+        for scope in traverse_scope(tree):
+            for node, source in scope.selected_sources.values():
+                if isinstance(node, exp.Table) and not isinstance(source, exp.Table):
+                    cte_refs.add(id(node))
+    except Exception:  # noqa: BLE001 - scope analysis failed: count every table as real (fail closed)
+        cte_refs = set()
+    tables = []
+    for t in tree.find_all(exp.Table):
+        if not isinstance(t.this, exp.Identifier):
+            raise _table_function(t.this)
+        if t.args.get("version") is not None:
+            raise SqlError(
+                f"time travel in SQL ({t.sql(dialect='duckdb')}) is not supported",
+                hint="use --version or --as-of, which apply to every table of the query",
+            )
+        if id(t) not in cte_refs:
+            tables.append(t)
+    return tables
+
+
+def _table_function(node: exp.Expression | None) -> SqlError:
+    text = node.sql(dialect="duckdb") if isinstance(node, exp.Expression) else str(node)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return SqlError(
+        f"table functions and file paths are not allowed in FROM ({text})",
+        hint="query governed tables by name: <dataset> or <layer>.<dataset>",
+    )
+
+
+def _resolve(table: exp.Table, governed: dict[str, Any]) -> tuple[TableRef, bool]:
+    name = table.name
+    known = ", ".join(sorted(governed)) or "none"
+    if table.catalog or (table.db and "." in table.db):
+        raise SqlError(
+            f"table {table.sql(dialect='duckdb')} has too many name parts",
+            hint="name tables <dataset> or <layer>.<dataset>",
+        )
+    if _PATHLIKE.search(name) or (table.db and _PATHLIKE.search(table.db)):
+        raise SqlError(
+            f"file paths are not allowed in FROM ({name!r})",
+            hint=f"query governed tables by name; governed datasets: {known}",
+        )
+    layer = table.db.lower() if table.db else "silver"
+    if layer not in LAYERS:
+        raise SqlError(
+            f"unknown layer {table.db!r} in {table.sql(dialect='duckdb')} (layers: {', '.join(LAYERS)})",
+            hint="name tables <dataset> or <layer>.<dataset>",
+        )
+    dataset = name.lower()
+    if dataset not in governed:
+        raise SqlError(f"unknown table {name!r}: governed datasets are {known}", hint="name tables <dataset> or <layer>.<dataset>")
+    return TableRef(layer, dataset), bool(table.db)
+
+
+def _cte_names(tree: exp.Expression) -> set[str]:
+    return {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
+
+
+def _cross_check(con: duckdb.DuckDBPyConnection, sql: str, uses: dict[TableRef, _Use], ctes: set[str]) -> None:
+    try:
+        raw = con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0]
+        tree = json.loads(raw)
+    except (duckdb.Error, ValueError, IndexError) as exc:
+        raise SqlError(f"the query cannot be verified: {_first_line(exc)}") from None
+    if tree.get("error"):
+        raise SqlError(f"the query cannot be verified: {str(tree.get('error_message', '')).splitlines()[0]}")
+    bare = {u.ref.dataset for u in uses.values() if u.bare}
+    qualified = {(u.ref.layer, u.ref.dataset) for u in uses.values() if u.qualified}
+    for ref in _duck_refs(tree):
+        kind = ref.get("type")
+        if kind not in _DUCK_REFS:
+            fn = (ref.get("function") or {}).get("function_name") if isinstance(ref.get("function"), dict) else None
+            if kind == "TABLE_FUNCTION":
+                raise _table_function(exp.to_identifier(f"{fn}(...)") if fn else None)
+            raise SqlError(f"{kind.replace('_', ' ').lower() if kind else 'this'} is not allowed in FROM")
+        if kind != "BASE_TABLE":
+            continue
+        if ref.get("at_clause"):
+            raise SqlError("time travel in SQL is not supported", hint="use --version or --as-of")
+        cat, schema, name = (str(ref.get(k) or "").lower() for k in ("catalog_name", "schema_name", "table_name"))
+        ok = not cat and ((schema, name) in qualified if schema else (name in bare or name in ctes))
+        if not ok:
+            shown = ".".join(p for p in (cat, schema, name) if p)
+            raise SqlError(f"the query cannot be verified: table {shown!r} was not recognised as a governed table")
+
+
+def _duck_refs(o: Any) -> Iterator[dict[str, Any]]:
+    """Table references in DuckDB's serialized parse tree (dicts with alias and sample, no class)."""
+    if isinstance(o, dict):
+        if "class" not in o and "alias" in o and "sample" in o and not str(o.get("type", "")).endswith("_NODE"):
+            yield o
+        for v in o.values():
+            yield from _duck_refs(v)
+    elif isinstance(o, list):
+        for v in o:
+            yield from _duck_refs(v)
+
+
+# -- executing ----------------------------------------------------------------------------
+# Columns a layer adds to the policy's (the gate decides which policy columns a role sees).
+# Quarantine shows why and where a row was rejected, never its encrypted payload.
+LAYER_COLUMNS: dict[str, tuple[str, ...]] = {
+    "bronze": ("_batch_id", "_ingested_at"),
+    "silver": ("_ingested_at",),
+    "quarantine": ("_batch_id", "source", "row_number", "reason", "subject_token", "_quarantined_at"),
+    "vault": ("_batch_id", "_ingested_at"),
+    "restricted": ("_batch_id", "_ingested_at"),
+}
+
+def _execute(
+    con: duckdb.DuckDBPyConnection,
+    ws: "Workspace",
+    actor: Actor,
+    sql: str,
+    uses: list[_Use],
+    *,
+    version: int | None,
+    as_of: datetime | str | None,
+    max_rows: int | None,
+) -> QueryResult:
+    catalog = Catalog(ws.config)
+    lowered = sql.lower()
+    masked: dict[str, dict[str, str]] = {}
+    row_filters: dict[str, str] = {}
+    warns: list[str] = []
+    hidden: dict[str, tuple[str, str]] = {}  # column -> (table, role) for a helpful error
+    internal: dict[str, str] = {}  # raw name -> table, to keep raw names out of messages
+    schemas: set[str] = set()
+    for use in uses:
+        ref = use.ref
+        decision = ws.gate.enforce(Stage.QUERY, actor, Resource.table(ref.dataset, ref.layer), {"layer": ref.layer})
+        ob = decision.obligations
+        dataset = catalog.open(ref, version=version, as_of=as_of).to_pyarrow_dataset()
+        raw = _internal_name(lowered)
+        internal[raw] = str(ref)
+        con.register(raw, dataset)
+        visible = set(ob.get("columns") or ()) | set(LAYER_COLUMNS.get(ref.layer, ()))
+        masks: dict[str, str] = dict(ob.get("masks") or {})
+        role = next((r.split("/")[2] for r in decision.rule_ids if r.startswith(f"{ref.dataset}/access/")), "?")
+        policy_cols = ws.policies.datasets[ref.dataset].columns
+        for c in [*policy_cols, *dataset.schema.names]:
+            if c not in visible:
+                hidden.setdefault(c, (str(ref), role))
+        cols, applied = [], {}
+        for f in dataset.schema:
+            if f.name not in visible:
+                continue
+            q = quote_ident(f.name, "duckdb")
+            if f.name in masks:
+                try:
+                    cm = compile_mask(masks[f.name], q, f.type, dialect="duckdb")
+                except ValueError as exc:  # in the vocabulary's shape but not usable (e.g. partial:2.5)
+                    raise SqlError(
+                        f"cannot apply mask {masks[f.name]!r} to {ref}.{f.name}: {exc}",
+                        hint=f"fix access.{role}.masks in the policy of '{ref.dataset}'",
+                    ) from None
+                applied[f.name] = masks[f.name]
+                if not cm.fits:
+                    warns.append(f"{ref}.{f.name}: {cm.reason}")
+                cols.append(f"{cm.sql} AS {q}")
+            else:
+                cols.append(q)
+        if not cols:
+            raise SqlError(
+                f"role {role} sees no column of {ref}",
+                hint=f"the table's columns are not among those the policy of '{ref.dataset}' shows to {role}",
+            )
+        masked[str(ref)] = applied
+        view = f"SELECT {', '.join(cols)} FROM {quote_ident(raw)}"
+        rf = ob.get("row_filter")
+        if rf:
+            row_filters[str(ref)] = rf
+            view += f" WHERE ({rf})"
+        targets = []
+        if use.bare:
+            targets.append(f"main.{quote_ident(ref.dataset)}")
+        if use.qualified:
+            if ref.layer not in schemas:
+                con.execute(f"CREATE SCHEMA {quote_ident(ref.layer)}")
+                schemas.add(ref.layer)
+            targets.append(f"{quote_ident(ref.layer)}.{quote_ident(ref.dataset)}")
+        for target in targets:
+            try:
+                con.execute(f"CREATE VIEW {target} AS {view}")
+            except duckdb.Error as exc:
+                raise SqlError(
+                    f"cannot apply the policy of '{ref.dataset}' for role {role} to {ref}: "
+                    f"{_scrub(_first_line(exc), internal)}",
+                    hint="the policy's row filter or masks do not fit the table; tell the dataset owner",
+                ) from None
+    # From here on the query cannot read files, load extensions or change settings.
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    try:
+        rel = con.sql(sql)
+        table, truncated = _fetch(rel, max_rows)
+    except duckdb.Error as exc:
+        raise _engine_error(exc, hidden, internal) from None
+    return QueryResult(
+        table=table,
+        tables=tuple(str(u.ref) for u in uses),
+        masked=masked,
+        row_filters=row_filters,
+        truncated=truncated,
+        warnings=tuple(warns),
+    )
+
+
+def _internal_name(sql_lower: str) -> str:
+    while True:
+        name = f"__lw_raw_{secrets.token_hex(16)}"
+        if name not in sql_lower:  # the query cannot name what it does not contain
+            return name
+
+
+def _fetch(rel: Any, max_rows: int | None) -> tuple[pa.Table, bool]:
+    if rel is None:  # not a query after all (cannot happen after _check): nothing to return
+        raise SqlError("the statement returned no result")
+    batch = 1_000_000 if max_rows is None else max(1, min(max_rows + 1, 1_000_000))
+    reader = rel.to_arrow_reader(batch) if hasattr(rel, "to_arrow_reader") else rel.fetch_record_batch(batch)
+    try:
+        if max_rows is None:
+            return reader.read_all(), False
+        batches, n = [], 0
+        for b in reader:
+            batches.append(b)
+            n += b.num_rows
+            if n > max_rows:
+                break
+        table = pa.Table.from_batches(batches, schema=reader.schema)
+        return table.slice(0, max_rows), table.num_rows > max_rows
+    finally:
+        with contextlib.suppress(Exception):
+            reader.close()
+
+
+def _engine_error(exc: duckdb.Error, hidden: dict[str, tuple[str, str]], internal: dict[str, str]) -> SqlError:
+    line = _scrub(_first_line(exc), internal)
+    m = _HIDDEN_COLUMN.search(line)
+    if m:
+        col = m.group(1).split(".")[-1].lower()
+        if col in hidden:
+            table, role = hidden[col]
+            return SqlError(
+                f"{line} — column {col} of {table} is hidden from role {role} by the policy",
+                hint=f"policy rule {table.split('.')[-1]}/access/{role}/columns; SELECT * shows what the role may see",
+            )
+        return SqlError(f"{line} (it may also be hidden by your role's policy)", hint="SELECT * shows what the role may see")
+    return SqlError(line)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _scrub(text: str, internal: dict[str, str]) -> str:
+    for raw, name in internal.items():
+        text = re.sub(re.escape(raw), name, text, flags=re.IGNORECASE)
+    return text
+
+
+# -- audit --------------------------------------------------------------------------------
+def _audit(
+    ws: "Workspace",
+    actor: Actor,
+    sql: str,
+    tables: list[str],
+    *,
+    outcome: Literal["ok", "error"],
+    rows: int | None = None,
+    error: BaseException | None = None,
+    warnings: tuple[str, ...] = (),
+) -> None:
+    text, _ = redact(sql or "")
+    details: dict[str, Any] = {
+        "tables": tables,
+        "sql_sha256": hashlib.sha256((sql or "").encode("utf-8")).hexdigest(),
+        "sql": text[:_AUDIT_SQL_CHARS],
+    }
+    if rows is not None:
+        details["rows"] = rows
+    if warnings:
+        details["mask_fallbacks"] = list(warnings)
+    if error is not None:
+        details["error"] = "AccessDenied" if isinstance(error, AccessDenied) else type(error).__name__
+        if not isinstance(error, AccessDenied):  # a deny is already audited, with its rule, by the gate
+            details["message"] = str(error.message if isinstance(error, LakewardenError) else error)[:300]
+    ws.audit.record("sql.query", actor=actor.name, outcome=outcome, stage="query", resource="sql", details=details)
+
+
+# -- output -------------------------------------------------------------------------------
+def _text_safe(tbl: pa.Table) -> pa.Table:
+    """Binary columns as hex strings (CSV and JSON cannot carry raw bytes)."""
+    cols = []
+    for f, col in zip(tbl.schema, tbl.columns):
+        if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_fixed_size_binary(f.type):
+            hexed = pa.array([None if v is None else v.hex() for v in col.to_pylist()], pa.string())
+            cols.append(hexed)
+        else:
+            cols.append(col)
+    return pa.Table.from_arrays(cols, names=tbl.column_names)
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Result names may repeat (``SELECT 1 AS a, 2 AS a``): suffix repeats so no value is lost."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        out.append(n if k == 0 else f"{n}_{k}")
+    return out
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, (datetime, date, time)):
+        return v.isoformat()
+    if isinstance(v, Decimal):
+        return str(v)
+    if isinstance(v, bytes):
+        return v.hex()
+    return str(v)
+
+
+def _emit(text: str, out: Path | None, console: "Console", rows: int) -> None:
+    if out is None:
+        stream = getattr(console, "file", None) or sys.stdout
+        stream.write(text)
+        stream.flush()
+    else:
+        Path(out).write_text(text, encoding="utf-8")
+        console.print(f"wrote {rows:,} rows to {out}")
+
+
+def _rich_table(result: QueryResult) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    tbl = result.table
+    t = Table(show_lines=False)
+    for name in tbl.column_names:
+        t.add_column(Text(name), overflow="fold")
+    head = tbl.slice(0, _TABLE_ROWS_SHOWN)
+    columns = [c.to_pylist() for c in head.columns]  # by position: result names may repeat
+    for i in range(head.num_rows):
+        t.add_row(*(_cell(col[i]) for col in columns))
+    more = tbl.num_rows - head.num_rows
+    if more > 0 or result.truncated:
+        note = f"… {more:,} more rows" if more > 0 else "…"
+        if result.truncated:
+            note += " (stopped at max rows)"
+        t.caption = note
+    return t
+
+
+def _cell(v: Any) -> Any:
+    from rich.text import Text
+
+    if v is None:
+        return Text("NULL", style="dim")
+    if isinstance(v, bytes):
+        return Text(f"<{len(v)} bytes>", style="dim")
+    return Text(str(v))  # Text, not markup: values never style the table
