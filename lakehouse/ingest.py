@@ -405,11 +405,21 @@ class Ingestor:
             "_ingested_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
         }
 
-        def sealed(name: str) -> pa.Array:
-            vals = acc[f"_t_{name}"]
-            if not pa.types.is_string(vals.type):
-                vals = pc.cast(vals, pa.string())
-            return pa.array(self.ring.seal_many(vals.to_pylist(), tok_list, dataset=self.dataset, column=name), pa.binary())
+        # Every encrypted column of the batch is sealed in one pass: one key lookup per subject.
+        to_seal = [n_ for n_, c in pol.columns.items() if c.protection in (Protection.ENCRYPT, Protection.VAULT,
+                                                                            Protection.RESTRICTED)]
+        sealed_cols: dict[str, pa.Array] = {}
+        if to_seal and n:
+            values = {}
+            for name in to_seal:
+                vals = acc[f"_t_{name}"]
+                if not pa.types.is_string(vals.type):
+                    vals = pc.cast(vals, pa.string())
+                values[name] = vals.to_pylist()
+            for name, blobs in self.ring.seal_columns(values, tok_list, dataset=self.dataset).items():
+                sealed_cols[name] = pa.array(blobs, pa.binary())
+        elif to_seal:
+            sealed_cols = {name: pa.array([], pa.binary()) for name in to_seal}
 
         bronze: dict[str, Any] = {}
         for name in self.bronze_cols:
@@ -417,13 +427,13 @@ class Ingestor:
             if col.class_ is ColumnClass.SUBJECT_KEY:
                 bronze[name] = tokens
             elif col.protection is Protection.ENCRYPT:
-                bronze[name] = sealed(name)
+                bronze[name] = sealed_cols[name]
             else:
                 bronze[name] = pc.cast(acc[name], output_type(col))
         tables = {"bronze": pa.table({**bronze, **meta})}
         for layer, cols in (("vault", self.vault_cols), ("restricted", self.restricted_cols)):
             if cols:
-                t = {pol.subject_key: tokens, **{c: sealed(c) for c in cols}, **meta}
+                t = {pol.subject_key: tokens, **{c: sealed_cols[c] for c in cols}, **meta}
                 tbl = pa.table(t)
                 present = None
                 for c in cols:

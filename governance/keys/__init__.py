@@ -200,6 +200,59 @@ class KeyRing:
                 append(ver + nonce + c.encrypt(nonce, v, aad))
         return out
 
+    def seal_columns(
+        self,
+        columns: dict[str, Sequence[bytes | str | None]],
+        tokens: Sequence[str | None],
+        *,
+        dataset: str,
+    ) -> dict[str, list[bytes | None]]:
+        """Seal several columns of the same rows at once: each subject's key is fetched and its
+        cipher built once for all columns (what ingest does for a batch). None stays None.
+
+        Raises:
+            ValueError: a column's length differs from the tokens', or a value has no token.
+            SubjectShredded / KeyManagementError: as :meth:`seal`.
+        """
+        n = len(tokens)
+        for name, vals in columns.items():
+            if len(vals) != n:
+                raise ValueError(f"seal_columns: column {name!r} has {len(vals)} values but there are {n} tokens")
+        prefixes = {name: _aad_prefix(dataset, name) for name in columns}
+        needed: dict[str, None] = {}
+        for i, t in enumerate(tokens):
+            if any(vals[i] is not None for vals in columns.values()):
+                if t is None:
+                    raise ValueError(f"value at position {i} has no subject token")
+                needed[t] = None
+        deks = self._store.deks(needed)
+        # Many distinct subjects (an ingest of new people): build ciphers without caching them.
+        keep = len(deks) <= 4096
+        ciphers = {t: (hazmat.cipher(d, cache=keep), _token(t).encode("utf-8")) for t, d in deks.items()}
+        out: dict[str, list[bytes | None]] = {name: [] for name in columns}
+        ver = _VERSION_BYTE
+        cols = [(prefixes[name], columns[name], out[name].append) for name in columns]
+        for start in range(0, n, _BATCH):
+            stop = min(start + _BATCH, n)
+            nonces = os.urandom(_NONCE * (stop - start) * len(cols))
+            j = 0
+            for i in range(start, stop):
+                t = tokens[i]
+                ct = ciphers.get(t) if t is not None else None
+                for prefix, vals, append in cols:
+                    v = vals[i]
+                    if v is None:
+                        append(None)
+                        continue
+                    if type(v) is str:
+                        v = v.encode("utf-8")
+                    elif type(v) is not bytes:
+                        v = _plain(v)
+                    nonce = nonces[j : j + _NONCE]
+                    j += _NONCE
+                    append(ver + nonce + ct[0].encrypt(nonce, v, prefix + ct[1]))  # type: ignore[index]
+        return out
+
     def open_many(
         self,
         blobs: Sequence[bytes | None],

@@ -56,8 +56,11 @@ def new_key() -> bytes:
     return os.urandom(KEY_SIZE)
 
 
-def cipher(key: bytes) -> AESGCM:
+def cipher(key: bytes, *, cache: bool = True) -> AESGCM:
     """Return the cached ``AESGCM`` object for ``key`` (built on first use).
+
+    ``cache=False`` builds one without keeping it: for one-off bulk work over many
+    distinct keys (ingesting a million new subjects), where caching only costs memory.
 
     Raises:
         ValueError: ``key`` is not 32 bytes.
@@ -69,6 +72,8 @@ def cipher(key: bytes) -> AESGCM:
     if len(key) != KEY_SIZE:
         raise ValueError(f"AES-256-GCM key must be {KEY_SIZE} bytes, got {len(key)}")
     c = AESGCM(key)
+    if not cache:
+        return c
     with _cache_lock:
         while len(_cache) >= _CACHE_MAX:
             _cache.popitem(last=False)  # oldest first

@@ -435,6 +435,9 @@ class KeyStore:
                     zip(tokens, missing, wrapped, repeat(self._kek.key_id), repeat(self._now())),
                 )
                 found.update(zip(missing, tokens))
+                # New keys are about to be used (ingest seals right after): keep them, unwrapped, in memory.
+                for t, d in zip(tokens, deks):
+                    self._cache_put(t, d)
                 del deks, raw
         return [found.get(b) for b in bis]
 
