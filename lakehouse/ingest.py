@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
@@ -151,6 +152,20 @@ class IngestReport:
 
 
 Progress = Callable[[str, int], None]
+
+
+def _hash_binary(h: Any, arr: pa.Array) -> None:
+    """Feed a binary/string array's value lengths, bytes and null positions to ``h`` (zero copy)."""
+    n = len(arr)
+    if n == 0:
+        return
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32, count=arr.offset + n + 1)[arr.offset :]
+    h.update(np.diff(offsets).tobytes())
+    if bufs[2] is not None:
+        h.update(memoryview(bufs[2])[offsets[0] : offsets[-1]])
+    if arr.null_count:
+        h.update(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)).astype(np.int64).tobytes())
 
 
 def _bucket(token: str, n: int) -> int:
@@ -299,11 +314,19 @@ class Ingestor:
             fut.result()
 
     def _batch_id(self, raw: RawBatch) -> str:
-        h = hashlib.sha256(f"lakewarden-batch:v1|{self.dataset}|".encode())
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, raw.table.schema) as w:
-            w.write_table(raw.table)
-        h.update(sink.getvalue())
+        """A hash of the batch's content (values, lengths, nulls), independent of how it is chunked."""
+        h = hashlib.sha256(f"lakewarden-batch:v1|{self.dataset}|{raw.table.num_rows}|".encode())
+        for name in raw.table.column_names:
+            h.update(b"|" + name.encode() + b"|")
+            col = raw.table[name]
+            for chunk in col.chunks:
+                if pa.types.is_binary(chunk.type) or pa.types.is_string(chunk.type):
+                    _hash_binary(h, chunk)
+                else:
+                    sink = pa.BufferOutputStream()
+                    with pa.ipc.new_stream(sink, pa.schema([(name, chunk.type)])) as w:
+                        w.write_batch(pa.record_batch([chunk], names=[name]))
+                    h.update(sink.getvalue())
         for m in raw.malformed:
             h.update(b"|" + m.text.encode("utf-8", "replace"))
         return h.hexdigest()[:32]

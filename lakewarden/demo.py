@@ -1,13 +1,16 @@
 """``make demo``: the main job on embedded defaults, as far as the system is built.
 
 Runs the real CLI against the repository's own lakewarden.yaml (state under
-.lakewarden/, ignored by git): initialise the workspace, validate policies, ask
-the gate what each pipeline stage may do (some answers are denies, on purpose),
-show crypto-shredding on synthetic identifiers, then verify the audit log.
+.lakewarden/, ignored by git): initialise the workspace, validate policies,
+generate synthetic landing data (with some bad rows), ingest it into protected
+Delta tables (bad rows to quarantine, with reasons), build silver, query it as
+an analyst (masked, filtered) and be refused what the role may not see, ask the
+gate about later stages, show crypto-shredding, then verify the audit log.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -58,10 +61,28 @@ def shredding_demo(config: Path) -> None:
 def main() -> None:
     root = Path.cwd()
     config = root / "lakewarden.yaml"
-    console.print(Rule("Lakewarden demo: governance kernel"))
+    landing = root / ".lakewarden" / "landing"
+    people = os.environ.get("LAKEWARDEN_DEMO_PEOPLE", "20000")
+    console.print(Rule("Lakewarden demo"))
     run("init", str(root))
     run("policy", "check")
-    console.print(Rule("The gate decides each stage"))
+    console.print(Rule("Synthetic landing data (fictional people, 1% bad rows)"))
+    run("generate", "--out", str(landing), "--people", people, "--transactions-per-person", "5",
+        "--bad-rows", "0.01", "--bias", "0.5", "--seed", "7", "--overwrite")
+    console.print(Rule("Governed ingest: validate, protect, quarantine, Delta"))
+    run("--as", "pipeline", "ingest", "customers", str(landing / "customers.csv"))
+    run("--as", "pipeline", "ingest", "transactions", str(landing / "transactions.csv"))
+    run("--as", "pipeline", "silver", "customers")
+    run("--as", "pipeline", "silver", "transactions")
+    run("tables", "list")
+    console.print(Rule("Analyst SQL: masks and row filters from policy"))
+    run("--as", "ana", "sql", "SELECT region, count(*) AS customers, round(avg(CAST(defaulted AS INT)), 3) AS default_rate "
+        "FROM customers GROUP BY region ORDER BY region")
+    run("--as", "ana", "sql", "SELECT * FROM customers LIMIT 3")
+    run("--as", "ana", "sql", "SELECT sex FROM customers", expect=2)
+    run("--as", "ana", "sql", "SELECT count(*) FROM bronze.customers", expect=3)
+    run("--as", "pipeline", "sql", "SELECT reason, count(*) AS n FROM quarantine.customers GROUP BY reason ORDER BY n DESC")
+    console.print(Rule("The gate decides each later stage"))
     run("--as", "pipeline", "gate", "check", "ingest", "--dataset", "customers")
     run("--as", "ana", "gate", "check", "query", "--dataset", "customers", "--layer", "silver")
     run("--as", "ana", "gate", "check", "query", "--dataset", "customers", "--layer", "bronze", expect=3)
