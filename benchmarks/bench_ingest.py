@@ -77,7 +77,7 @@ from governance.workspace import Workspace
 from lakehouse.ingest import ingest
 cfg, dataset, src, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 ws = Workspace.open(cfg)
-rep = ingest(ws, ws.actor("pipeline"), dataset, [src], batch_rows=batch)
+rep = ingest(ws, ws.actor("pipeline"), dataset, [src], batch_rows=batch or None)
 ws.close()
 print(json.dumps({"rows": rep.rows_read, "accepted": rep.rows_accepted, "quarantined": rep.rows_quarantined,
                   "seconds": rep.seconds, "peak_rss_mb": rep.peak_rss_mb}))
@@ -106,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000], help="transaction rows")
     ap.add_argument("--tpp", type=float, default=10.0, help="transactions per person")
-    ap.add_argument("--batch", type=int, default=500_000)
+    ap.add_argument("--batch", type=int, default=0, help="rows per batch (0: the ingest's default for the dataset)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ingest.json")
     args = ap.parse_args()
     from governance.keys import generate_kek_b64
@@ -125,7 +125,7 @@ def main() -> None:
                 if dataset == "transactions":  # tokens for these customers exist, as in the pipeline
                     run_py(GOVERNED, str(cfg), "customers", str(_copy(files["customers"], root)), str(args.batch), env=env)
                 with console.status(f"plain {dataset} ({src.stat().st_size / 1e6:.0f} MB)"):
-                    plain = run_py(PLAIN, str(src), str(root / "plain"), str(args.batch), env=env)
+                    plain = run_py(PLAIN, str(src), str(root / "plain"), str(args.batch or 250_000), env=env)
                 with console.status(f"governed {dataset}"):
                     gov = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), str(args.batch), env=env)
             finally:

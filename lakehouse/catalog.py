@@ -51,6 +51,10 @@ class TableRef:
     @classmethod
     def parse(cls, name: str, *, default_layer: str = "silver") -> "TableRef":
         """``silver.customers`` or ``customers`` (default layer)."""
+        if not re.fullmatch(r"([a-z]+\.)?[a-z][a-z0-9_]{0,62}", name):
+            raise TableError(
+                f"invalid table name {name!r}: use layer.dataset, e.g. silver.customers (letters, digits, _; no paths)"
+            )
         layer, _, ds = name.rpartition(".")
         return cls(layer or default_layer, ds)
 

@@ -538,16 +538,29 @@ class Ingestor:
             self.validator.close()
 
 
+def default_batch_rows(policy: DatasetPolicy) -> int:
+    """Rows per batch when none is given: smaller when many columns are encrypted per row.
+
+    Sealing turns every value into a Python bytes object for a moment (~0.3 KB each with
+    its list slot and Arrow copy), so a batch's memory grows with the encrypted columns.
+    """
+    sealed = sum(1 for c in policy.columns.values()
+                 if c.protection in (Protection.ENCRYPT, Protection.VAULT, Protection.RESTRICTED))
+    return max(20_000, min(250_000, 1_000_000 // (1 + 4 * sealed)))
+
+
 def ingest(
     ws: Workspace,
     actor: Actor,
     dataset: str,
     paths: Iterable[str | Path],
     *,
-    batch_rows: int = 250_000,
+    batch_rows: int | None = None,
     progress: Progress | None = None,
 ) -> IngestReport:
     """Ingest landing files into ``dataset`` (see the module docstring). The gate decides first.
+
+    ``batch_rows`` bounds memory (default: :func:`default_batch_rows` for the dataset).
 
     Raises:
         AccessDenied: the actor may not ingest into this dataset.
@@ -555,11 +568,13 @@ def ingest(
         IngestError: a file cannot be read or its shape breaks the contract; batches
             committed before the error stay committed and are skipped on a rerun.
     """
-    if batch_rows < 1:
+    if batch_rows is not None and batch_rows < 1:
         raise IngestError(f"batch size must be at least 1 row (got {batch_rows})")
     TableRef("bronze", dataset)  # validates the name: no paths, no odd characters
     t0 = time.perf_counter()
     ws.gate.enforce(Stage.INGEST, actor, Resource.dataset(dataset))
+    if batch_rows is None:
+        batch_rows = default_batch_rows(ws.policies.dataset(dataset))
     files = expand(paths)
     if not files:
         raise IngestError("no files to ingest")

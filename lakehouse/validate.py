@@ -160,6 +160,8 @@ class Validator:
         self.con = duckdb.connect(":memory:")
         self.con.execute("SET TimeZone='UTC'")
         self.con.execute("SET threads TO 2")
+        self.con.execute("SET memory_limit = '1GB'")  # bounded: DuckDB spills rather than grows
+        self.con.execute("SET preserve_insertion_order = false")  # rows carry their own _row number
         self.unique = [n for n, c in policy.columns.items() if c.unique]
         for n in self.unique:
             self.con.execute(f"CREATE TABLE {q('seen_' + n)} (h UBIGINT)")

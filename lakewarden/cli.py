@@ -396,7 +396,7 @@ def ingest(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Argument(help="Dataset name (a policy must govern it).")],
     paths: Annotated[list[str], typer.Argument(help="Files or globs: .csv, .parquet, .jsonl.")],
-    batch_rows: Annotated[int, typer.Option(help="Rows per batch (bounds memory).")] = 250_000,
+    batch_rows: Annotated[Optional[int], typer.Option(help="Rows per batch (bounds memory; default depends on the dataset).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Validate, protect and write landing files into bronze (bad rows to quarantine, with reasons)."""
