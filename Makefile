@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 LW     := $(BIN)/lakewarden
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install trino demo test bench clean-demo
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=python3.11)")'
@@ -18,11 +18,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# A pinned Trino server from Maven Central (into ~/.cache/lakewarden, outside git), for analyst SQL.
+trino:
+	PYTHON=$(BIN)/python bash infra/trino/install.sh >/dev/null
+
 demo: install
 	$(BIN)/python -m lakewarden.demo
 
-test: install
-	$(BIN)/python -m pytest -q
+test: install trino
+	LAKEWARDEN_REQUIRE_TRINO=1 $(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/bench_governance.py

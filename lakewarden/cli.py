@@ -48,6 +48,8 @@ app.add_typer(gate_app, name="gate")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
 app.add_typer(lineage_app, name="lineage")
+trino_app = typer.Typer(help="A local Trino server over the governed tables: up, down, status, sync.", no_args_is_help=True)
+app.add_typer(trino_app, name="trino")
 tables_app = typer.Typer(help="Governed Delta tables: list, describe, history, optimize, vacuum.", no_args_is_help=True)
 app.add_typer(tables_app, name="tables")
 
@@ -489,11 +491,20 @@ def sql(
     """Query governed tables with your role's column masks and row filters applied."""
     from lakehouse.sql import SqlError, run_query, write_result
 
-    if engine != "embedded":
-        raise SqlError(f"engine {engine!r} is not available here: use --engine embedded")
+    if engine not in ("embedded", "trino"):
+        raise SqlError(f"unknown engine {engine!r}: use embedded or trino")
     st = _state(ctx)
     ws = st.workspace()
     actor = st.actor()
+    if engine == "trino":
+        from lakehouse.sql import QueryResult
+        from lakehouse.trino import run_query as run_trino
+
+        if version is not None or as_of is not None:
+            raise SqlError("time travel (--version/--as-of) is available on the embedded engine")
+        tbl = run_trino(ws, actor, query, role=role, max_rows=max_rows)
+        write_result(QueryResult(tbl, (), {}, {}), fmt.value, out, console)  # type: ignore[arg-type]
+        return
     if role is not None:
         if role not in actor.roles:
             from governance.errors import AccessDenied
@@ -615,6 +626,68 @@ def tables_vacuum(
     console.print(f"{verb} {out['files']} file(s) from {table} (keeping {out['retention_hours']} h of history)")
     for p in out["paths"][:20]:
         console.print(f"  {p}")
+
+
+# -- trino ----------------------------------------------------------------------------------
+@trino_app.command("up")
+def trino_up(ctx: typer.Context) -> None:
+    """Install if needed, render the configuration, start Trino, wait until ready, register the tables."""
+    from lakehouse.trino import TrinoServer, default_home, install
+
+    st = _state(ctx)
+    ws = st.workspace()
+    actor = st.actor()
+    ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("trino"))
+    home = default_home()
+    if not (home / "bin" / "launcher").exists():
+        with err.status("installing Trino from Maven Central"):
+            home = install()
+    srv = TrinoServer(ws, home=home)
+    with err.status(f"starting Trino at {srv.url}"):
+        secs = srv.start()
+    console.print(f"[green]Trino is up[/] at {srv.url} ({secs:.1f}s)")
+    rep = srv.sync(actor)
+    console.print(f"registered {len(rep.registered)} table(s), {len(rep.present)} already there; {rep.rules} table rules")
+
+
+@trino_app.command("down")
+def trino_down(ctx: typer.Context) -> None:
+    """Stop the local Trino server."""
+    from lakehouse.trino import TrinoServer
+
+    st = _state(ctx)
+    ws = st.workspace()
+    ws.gate.enforce(Stage.MAINTAIN, st.actor(), Resource.system("trino"))
+    TrinoServer(ws).stop()
+    console.print("Trino is down")
+
+
+@trino_app.command("status")
+def trino_status(ctx: typer.Context) -> None:
+    """Is the server up, which version, where."""
+    from lakehouse.trino import TrinoServer
+
+    s = TrinoServer(_state(ctx).workspace()).status()
+    state = "[green]running[/]" if s["running"] else "[yellow]not running[/]"
+    console.print(f"Trino at {s['url']}: {state}" + (f" (version {s['version']}, up {s['uptime']})" if s["running"] else ""))
+    console.print(f"home {s['home']} · config {s['etc']}")
+    if not s["running"]:
+        raise typer.Exit(1)
+
+
+@trino_app.command("sync")
+def trino_sync(ctx: typer.Context) -> None:
+    """Register new tables and re-render access rules from policy (after ingest, erasure, policy changes)."""
+    from lakehouse.trino import TrinoServer
+
+    st = _state(ctx)
+    srv = TrinoServer(st.workspace())
+    if not srv.running():
+        from lakehouse.trino import TrinoError
+
+        raise TrinoError(f"Trino is not running at {srv.url}", hint="start it with `lakewarden trino up`")
+    rep = srv.sync(st.actor())
+    console.print(f"registered {', '.join(rep.registered) or 'nothing new'}; {rep.rules} table rules; {rep.seconds:.1f}s")
 
 
 # -- entry point --------------------------------------------------------------------------

@@ -1,0 +1,421 @@
+"""Trino for analysts: a real Trino server over the governed Delta tables, access control compiled
+from the same policies the gate enforces.
+
+* :func:`install` runs ``infra/trino/install.sh`` (a pinned Trino from Maven Central, only
+  the plugins we use, into a cache folder outside git).
+* :class:`TrinoServer` renders the configuration into ``<workspace>/trino/etc`` — a single
+  node whose coordinator also runs tasks, a small heap, a ``delta_lake`` catalog with a file
+  metastore on the native local file system, file-based system access control and a file
+  group provider — starts and stops the server, waits until it answers queries, and
+  ``sync`` registers every governed table (``register_table``) and re-renders the rules.
+* :func:`compile_rules` turns policy into Trino's file-based rules by asking the gate, for
+  every role and table, what a query may see: the visible columns, their masks (compiled to
+  Trino SQL by :mod:`lakehouse.masks`, the same vocabulary the embedded engine uses) and the
+  row filter. First match wins and nothing matched is denied, like the gate. The audit log
+  is a table only compliance officers may read. Trino stays read-only: no role, not even
+  Lakewarden's own admin user, holds INSERT, UPDATE or DELETE; writes go through the
+  lakehouse layer.
+* :func:`run_query` sends an analyst's SQL through the ``trino`` client as the acting user
+  (or ``user@role`` to act in one role only); a denial comes back as one line.
+
+Identity: without authentication a Trino user name is only a claim. The ``production``
+profile of :func:`render_profile` renders the HTTPS + password (or OAuth 2.0) set-up with
+plain HTTP closed; see docs/trino.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from governance.gate import Actor, Gate, Resource
+from governance.pii import redact
+from governance.policy import Stage
+from governance.workspace import Workspace
+from lakehouse.catalog import Catalog, TableRef
+from lakehouse.errors import LakehouseError, SqlError
+from lakehouse.masks import compile_mask, quote_ident
+from lakehouse.sql import LAYER_COLUMNS
+
+TRINO_VERSION = "476"
+ADMIN_USER = "lakewarden"
+CATALOG = "delta_lake"
+REPO = Path(__file__).resolve().parents[1]
+INSTALL_SCRIPT = REPO / "infra" / "trino" / "install.sh"
+# System tables Trino serves besides the governed layers: (schema, table, path under the storage root).
+SYSTEM_TABLES = (("audit", "events"), ("audit", "checkpoints"))
+
+
+class TrinoError(LakehouseError):
+    """Trino is not installed, not running, or failed to start."""
+
+
+class TrinoDenied(LakehouseError):
+    """Trino's access control refused the query (exit 3, like a policy deny)."""
+
+    exit_code = 3
+
+
+def default_home() -> Path:
+    env = os.environ.get("LAKEWARDEN_TRINO_HOME")
+    if env:
+        return Path(env)
+    cache = Path(os.environ.get("LAKEWARDEN_CACHE", Path.home() / ".cache" / "lakewarden"))
+    return cache / "trino" / f"trino-server-{TRINO_VERSION}"
+
+
+def install() -> Path:
+    """Install Trino (idempotent) and return its home folder."""
+    if not INSTALL_SCRIPT.exists():
+        raise TrinoError(f"install script missing: {INSTALL_SCRIPT}")
+    p = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True)
+    if p.returncode:
+        raise TrinoError(f"installing Trino failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+    return Path(p.stdout.strip().splitlines()[-1])
+
+
+# -- policy → Trino rules ---------------------------------------------------------------------
+def _table_schema(cat: Catalog, ref: TableRef) -> pa.Schema:
+    return cat.open(ref).to_pyarrow_dataset().schema
+
+
+def compile_rules(ws: Workspace, tables: dict[tuple[str, str], pa.Schema]) -> dict[str, Any]:
+    """File-based access-control rules for ``tables`` ((schema, table) → Arrow schema)."""
+    gate = Gate(ws.policies)  # no audit: these are what-if decisions, one per role and table
+    roles = sorted(ws.policies.roles.roles)
+    table_rules: list[dict[str, Any]] = [
+        # Lakewarden's own user registers tables; it may read and own, never write rows.
+        {"user": ADMIN_USER, "catalog": CATALOG, "privileges": ["SELECT", "OWNERSHIP"]},
+    ]
+    for (schema, table), arrow_schema in sorted(tables.items()):
+        if schema == "audit":
+            table_rules.append(
+                {"group": "compliance_officer", "catalog": CATALOG, "schema": schema, "table": table, "privileges": ["SELECT"]}
+            )
+            continue
+        for role in roles:
+            d = gate.decide(Stage.QUERY, Actor(f"role:{role}", (role,)), Resource.table(table, schema), {"layer": schema})
+            if not d.allowed:
+                continue
+            ob = d.obligations
+            visible = set(ob.get("columns") or ()) | set(LAYER_COLUMNS.get(schema, ()))
+            masks = dict(ob.get("masks") or {})
+            columns = []
+            for f in arrow_schema:
+                if f.name not in visible:
+                    columns.append({"name": f.name, "allow": False})
+                elif f.name in masks:
+                    cm = compile_mask(masks[f.name], quote_ident(f.name, "trino"), f.type, dialect="trino")
+                    columns.append({"name": f.name, "mask": cm.sql})
+            rule: dict[str, Any] = {
+                "group": role, "catalog": CATALOG, "schema": schema, "table": table, "privileges": ["SELECT"],
+            }
+            if columns:
+                rule["columns"] = columns
+            if ob.get("row_filter"):
+                rule["filter"] = ob["row_filter"]
+            table_rules.append(rule)
+    readers = "|".join(roles)
+    return {
+        "catalogs": [
+            {"user": ADMIN_USER, "catalog": f"{CATALOG}|system", "allow": "all"},
+            {"group": readers, "catalog": CATALOG, "allow": "read-only"},
+            {"group": readers, "catalog": "system", "allow": "read-only"},
+        ],
+        "schemas": [{"user": ADMIN_USER, "schema": ".*", "owner": True}],
+        "tables": table_rules,
+        "procedures": [
+            {"user": ADMIN_USER, "catalog": CATALOG, "schema": "system",
+             "procedure": "register_table|unregister_table|flush_metadata_cache", "privileges": ["EXECUTE"]},
+        ],
+    }
+
+
+def render_groups(ws: Workspace) -> str:
+    """``role:user1,user2`` lines: each principal, and ``user@role`` to act in one role only."""
+    members: dict[str, list[str]] = {r: [] for r in sorted(ws.policies.roles.roles)}
+    for user, roles in sorted(ws.policies.roles.principals.items()):
+        for r in roles:
+            members[r] += [user, f"{user}@{r}"]
+    return "".join(f"{r}:{','.join(us)}\n" for r, us in members.items() if us)
+
+
+# -- configuration --------------------------------------------------------------------------
+JVM_CONFIG = """\
+-server
+-Xmx{heap}
+-XX:InitialRAMPercentage=5
+-XX:+UseG1GC
+-XX:G1HeapRegionSize=32M
+-XX:+ExplicitGCInvokesConcurrent
+-XX:+ExitOnOutOfMemoryError
+-XX:-OmitStackTraceInFastThrow
+-XX:ReservedCodeCacheSize=256M
+-XX:PerMethodRecompilationCutoff=10000
+-XX:PerBytecodeRecompilationCutoff=10000
+-Djdk.attach.allowAttachSelf=true
+-Djdk.nio.maxCachedBufferSize=2000000
+-Dfile.encoding=UTF-8
+-XX:+EnableDynamicAgentLoading
+"""
+
+
+def _storage_root(ws: Workspace) -> Path:
+    root = ws.config.table_uri("x")[:-2]
+    if "://" in root:
+        raise TrinoError("the local Trino profile needs a local storage root; see docs/trino.md for object storage")
+    return Path(root)
+
+
+def render_local(ws: Workspace, *, heap: str = "1G") -> dict[str, str]:
+    """The single-node configuration: relative path under etc/ → file content."""
+    tc = ws.config.trino
+    root = _storage_root(ws)
+    etc = ws.config.workspace_dir / "trino" / "etc"
+    data = ws.config.workspace_dir / "trino" / "data"
+    return {
+        "node.properties": f"node.environment=lakewarden\nnode.id=lakewarden-{ws.config.name}\nnode.data-dir={data}\n",
+        "jvm.config": JVM_CONFIG.format(heap=heap),
+        "config.properties": (
+            "coordinator=true\nnode-scheduler.include-coordinator=true\n"
+            f"http-server.http.port={tc.port}\ndiscovery.uri=http://127.0.0.1:{tc.port}\n"
+            "query.max-memory=512MB\nquery.max-memory-per-node=400MB\n"
+        ),
+        "log.properties": "io.trino=INFO\n",
+        f"catalog/{CATALOG}.properties": (
+            "connector.name=delta_lake\n"
+            "hive.metastore=file\n"
+            "hive.metastore.catalog.dir=local:///_trino/metastore\n"
+            "fs.native-local.enabled=true\n"
+            f"local.location={root}\n"
+            "delta.register-table-procedure.enabled=true\n"
+            "delta.metadata.cache-ttl=0s\n"
+        ),
+        "catalog/memory.properties": "connector.name=memory\nmemory.max-data-per-node=128MB\n",
+        "access-control.properties": (
+            f"access-control.name=file\nsecurity.config-file={etc / 'rules.json'}\nsecurity.refresh-period=1s\n"
+        ),
+        "group-provider.properties": (
+            f"group-provider.name=file\nfile.group-file={etc / 'group.txt'}\nfile.refresh-period=1s\n"
+        ),
+        "group.txt": render_groups(ws),
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class SyncReport:
+    registered: list[str] = field(default_factory=list)
+    present: list[str] = field(default_factory=list)
+    rules: int = 0
+    seconds: float = 0.0
+
+
+class TrinoServer:
+    """A local single-node Trino for one workspace."""
+
+    def __init__(self, ws: Workspace, *, home: Path | None = None) -> None:
+        self.ws = ws
+        self.home = home or default_home()
+        self.etc = ws.config.workspace_dir / "trino" / "etc"
+        self.data = ws.config.workspace_dir / "trino" / "data"
+        tc = ws.config.trino
+        self.url = f"{tc.http_scheme}://{tc.host}:{tc.port}"
+
+    # -- process --------------------------------------------------------------------------
+    def _launcher(self, *args: str) -> subprocess.CompletedProcess:
+        launcher = self.home / "bin" / "launcher"
+        if not launcher.exists():
+            raise TrinoError(f"Trino is not installed at {self.home}", hint="run infra/trino/install.sh (make test does)")
+        env = dict(os.environ)
+        jh = self.home / ".java-home"
+        if jh.exists():
+            env["JAVA_HOME"] = jh.read_text().strip()
+            env["PATH"] = f"{env['JAVA_HOME']}/bin:{env.get('PATH', '')}"
+        return subprocess.run(
+            [str(launcher), *args, f"--etc-dir={self.etc}", f"--data-dir={self.data}"],
+            capture_output=True, text=True, env=env, timeout=120,
+        )
+
+    def render(self) -> None:
+        for rel, text in render_local(self.ws).items():
+            _write_atomic(self.etc / rel, text)
+        if not (self.etc / "rules.json").exists():
+            _write_atomic(self.etc / "rules.json", json.dumps(compile_rules(self.ws, {}), indent=2))
+
+    def info(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(self.url + "/v1/info", timeout=2) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def running(self) -> bool:
+        return self.info() is not None
+
+    def start(self, *, timeout: float = 240) -> float:
+        """Render the configuration, start the server, wait until it runs queries; return seconds taken."""
+        t0 = time.perf_counter()
+        if not self.running():
+            self.render()
+            p = self._launcher("start")
+            if p.returncode:
+                raise TrinoError(f"Trino did not start: {(p.stderr or p.stdout).strip().splitlines()[-1:]}")
+        self.wait_ready(timeout=timeout)
+        return time.perf_counter() - t0
+
+    def wait_ready(self, *, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            info = self.info()
+            if info and not info.get("starting", True):
+                try:
+                    self._admin("SELECT 1")
+                    return
+                except Exception as exc:  # NO_NODES_AVAILABLE for a few seconds after start
+                    last = str(exc).splitlines()[0][:200]
+            time.sleep(0.5)
+        log = self.data / "var" / "log" / "server.log"
+        raise TrinoError(f"Trino did not become ready within {timeout:.0f}s ({last or 'no answer'}); see {log}")
+
+    def stop(self) -> None:
+        if self.running() or (self.data / "var" / "run" / "launcher.pid").exists():
+            self._launcher("stop")
+        deadline = time.monotonic() + 60
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    def status(self) -> dict[str, Any]:
+        info = self.info()
+        return {
+            "url": self.url,
+            "running": info is not None,
+            "version": (info or {}).get("nodeVersion", {}).get("version"),
+            "uptime": (info or {}).get("uptime"),
+            "home": str(self.home),
+            "etc": str(self.etc),
+        }
+
+    # -- admin ----------------------------------------------------------------------------
+    def _admin(self, sql: str) -> list[list[Any]]:
+        import trino
+
+        conn = trino.dbapi.connect(host=self.ws.config.trino.host, port=self.ws.config.trino.port,
+                                   user=ADMIN_USER, catalog=CATALOG, http_scheme=self.ws.config.trino.http_scheme)
+        try:
+            cur = conn.cursor()
+            cur.execute(sql)
+            return cur.fetchall()
+        finally:
+            conn.close()
+
+    def sync(self, actor: Actor) -> SyncReport:
+        """Register every governed table, render the rules from policy, flush Trino's caches."""
+        self.ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("trino"))
+        t0 = time.perf_counter()
+        rep = SyncReport()
+        cat = Catalog(self.ws.config)
+        wanted: dict[tuple[str, str], tuple[str, pa.Schema]] = {}
+        for ref in cat.list():
+            wanted[(ref.layer, ref.dataset)] = (f"{ref.layer}/{ref.dataset}", _table_schema(cat, ref))
+        for schema, table in SYSTEM_TABLES:
+            rel = self.ws.config.audit.table if table == "events" else self.ws.config.audit.checkpoints_table
+            uri = self.ws.config.table_uri(rel)
+            from deltalake import DeltaTable
+
+            if DeltaTable.is_deltatable(uri):
+                wanted[(schema, table)] = (rel, DeltaTable(uri).to_pyarrow_dataset().schema)
+        existing = {
+            (s, t) for s, t in self._admin(
+                f"SELECT table_schema, table_name FROM {CATALOG}.information_schema.tables "
+                "WHERE table_schema <> 'information_schema'"
+            )
+        }
+        for schema in sorted({s for s, _ in wanted}):
+            self._admin(f"CREATE SCHEMA IF NOT EXISTS {CATALOG}.{quote_ident(schema, 'trino')}")
+        for (schema, table), (rel, _) in sorted(wanted.items()):
+            name = f"{schema}.{table}"
+            if (schema, table) in existing:
+                rep.present.append(name)
+                continue
+            self._admin(
+                f"CALL {CATALOG}.system.register_table(schema_name => '{schema}', table_name => '{table}', "
+                f"table_location => 'local:///{rel}')"
+            )
+            rep.registered.append(name)
+        rules = compile_rules(self.ws, {k: v[1] for k, v in wanted.items()})
+        rep.rules = len(rules["tables"])
+        _write_atomic(self.etc / "rules.json", json.dumps(rules, indent=2))
+        _write_atomic(self.etc / "group.txt", render_groups(self.ws))
+        self._admin(f"CALL {CATALOG}.system.flush_metadata_cache()")
+        time.sleep(2.5)  # the rules and groups are reloaded every second
+        rep.seconds = time.perf_counter() - t0
+        self.ws.audit.record("trino.sync", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value,
+                             resource="system:trino", details={"registered": rep.registered, "rules": rep.rules})
+        return rep
+
+
+# -- queries ----------------------------------------------------------------------------------
+def run_query(ws: Workspace, actor: Actor, sql: str, *, role: str | None = None, max_rows: int | None = None) -> pa.Table:
+    """Run ``sql`` on Trino as the actor (or ``user@role``); Trino applies the compiled rules."""
+    import trino
+    from trino.exceptions import TrinoUserError
+
+    tc = ws.config.trino
+    user = actor.name if role is None else f"{actor.name}@{role}"
+    conn = trino.dbapi.connect(host=tc.host, port=tc.port, user=user, catalog=CATALOG, schema="silver",
+                               http_scheme=tc.http_scheme, verify=tc.verify)
+    outcome, rows_n = "error", 0
+    try:
+        cur = conn.cursor()
+        try:
+            cur.execute(sql)
+            rows = cur.fetchmany(max_rows) if max_rows else cur.fetchall()
+        except TrinoUserError as exc:
+            msg = (exc.message or str(exc)).splitlines()[0]
+            if exc.error_name == "PERMISSION_DENIED":
+                outcome = "deny"
+                raise TrinoDenied(f"Trino denied the query for {user}: {msg}") from None
+            raise SqlError(f"Trino: {msg} ({exc.error_name})") from None
+        except (OSError, trino.exceptions.HttpError, trino.exceptions.TrinoConnectionError) as exc:
+            raise TrinoError(f"Trino is not reachable at {tc.host}:{tc.port} ({str(exc).splitlines()[0][:120]})",
+                             hint="start it with `lakewarden trino up`") from None
+        names = [d[0] for d in cur.description or []]
+        cols = list(zip(*rows)) if rows else [() for _ in names]
+        table = pa.table({n: pa.array(list(c)) for n, c in zip(_unique(names), cols)})
+        outcome, rows_n = "ok", table.num_rows
+        return table
+    finally:
+        conn.close()
+        ws.audit.record("sql.query", actor=actor.name, outcome=outcome, resource="sql",
+                        details={"engine": "trino", "trino_user": user, "rows": rows_n, "sql": redact(sql)[0][:500]})
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        k = seen.get(n, 0)
+        out.append(n if k == 0 else f"{n}_{k}")
+        seen[n] = k + 1
+    return out
+
+
+__all__ = ["TrinoServer", "TrinoError", "TrinoDenied", "compile_rules", "render_groups", "render_local", "install",
+           "run_query", "default_home", "TRINO_VERSION"]
