@@ -371,6 +371,158 @@ class TrinoServer:
         return rep
 
 
+# -- rendered profiles (production, cluster) --------------------------------------------------
+def policy_schema(ws: Workspace, dataset: str, layer: str) -> pa.Schema:
+    """The schema a governed table will have, from policy alone (to render rules before any data)."""
+    from lakehouse.validate import output_type
+    from governance.policy import Protection
+
+    pol = ws.policies.dataset(dataset)
+    fields = []
+    for name, col in pol.columns.items():
+        if layer in ("bronze", "silver") and col.protection in (Protection.VAULT, Protection.RESTRICTED):
+            continue
+        if layer in ("vault", "restricted") and name != pol.subject_key and col.protection is not (
+            Protection.VAULT if layer == "vault" else Protection.RESTRICTED
+        ):
+            continue
+        fields.append(pa.field(name, output_type(col)))
+    if layer == "silver":
+        fields += [pa.field(n, pa.float64()) for n in pol.derived_columns()]
+    fields += [pa.field("_subject_bucket", pa.int32()), pa.field("_ingested_at", pa.timestamp("us", tz="UTC"))]
+    return pa.schema(fields)
+
+
+_PROD_README = """# Trino for production (rendered by `lakewarden trino render --profile production`)
+
+A single coordinator that analysts reach only over HTTPS with a password; plain HTTP is
+closed. The access rules and groups are compiled from `policies/` exactly as for the local
+server; re-render after a policy change (the server reloads rules.json every minute).
+
+Before use:
+1. TLS: put a PEM with the server certificate and key at `/etc/trino/tls/trino.pem`
+   (`http-server.https.keystore.path`).
+2. Passwords: create `/etc/trino/password.db` with bcrypt entries
+   (`htpasswd -B -C 10 password.db <user>`), one per principal in `policies/roles.yaml`.
+   Or use OAuth 2.0: replace `http-server.authentication.type=PASSWORD` with `OAUTH2` and
+   fill in `oauth2.properties.example` (issuer, client id and secret from your IdP);
+   map IdP groups to policy roles with the LDAP/OAuth group provider instead of group.txt.
+3. `TRINO_SHARED_SECRET`: a long random value in the environment of every node
+   (`internal-communication.shared-secret`), so nodes authenticate each other.
+
+Without authentication a Trino user name is only a claim: never expose the local profile
+beyond 127.0.0.1.
+"""
+
+_CLUSTER_README = """# Trino cluster over object storage (rendered by `lakewarden trino render --profile cluster`)
+
+`coordinator/etc` and `worker/etc` are the two node roles; run one coordinator and as many
+workers as the data needs. Tables live in object storage (S3 or compatible) and are
+registered in a Hive metastore service (thrift://hive-metastore:9083) instead of the local
+file metastore. The coordinator alone holds the access rules and groups (compiled from
+`policies/`); workers need only the catalog.
+
+Environment on every node: `S3_ENDPOINT`, `S3_REGION`, `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY` (or an instance role), `TRINO_SHARED_SECRET`. Analysts reach the
+coordinator over HTTPS with a password, as in the production profile. Register tables with
+`lakewarden trino sync` pointed at the coordinator (`trino.host`, `trino.port`,
+`trino.http_scheme: https` in lakewarden.yaml), with `storage.root` set to the bucket.
+"""
+
+
+def render_profile(ws: Workspace, profile: str) -> dict[str, str]:
+    """Configuration files for ``production`` (HTTPS + password, one node) or ``cluster``."""
+    names: dict[tuple[str, str], pa.Schema] = {}
+    for ds in sorted(ws.policies.datasets):
+        for layer in ("bronze", "silver", "quarantine", "vault"):
+            if layer == "quarantine":
+                from lakehouse.ingest import QUARANTINE_SCHEMA
+
+                names[(layer, ds)] = QUARANTINE_SCHEMA
+            else:
+                names[(layer, ds)] = policy_schema(ws, ds, layer)
+    from governance.audit import EVENT_SCHEMA
+
+    names[("audit", "events")] = EVENT_SCHEMA
+    rules = json.dumps(compile_rules(ws, names), indent=2) + "\n"
+    groups = render_groups(ws)
+    secure = (
+        "http-server.http.enabled=false\n"
+        "http-server.https.enabled=true\n"
+        "http-server.https.port=8443\n"
+        "http-server.https.keystore.path=/etc/trino/tls/trino.pem\n"
+        "http-server.authentication.type=PASSWORD\n"
+        "internal-communication.shared-secret=${ENV:TRINO_SHARED_SECRET}\n"
+        "internal-communication.https.required=true\n"
+    )
+    access = (
+        "access-control.name=file\nsecurity.config-file=/etc/trino/rules.json\nsecurity.refresh-period=60s\n"
+    )
+    group_provider = "group-provider.name=file\nfile.group-file=/etc/trino/group.txt\nfile.refresh-period=60s\n"
+    password = "password-authenticator.name=file\nfile.password-file=/etc/trino/password.db\n"
+    oauth = (
+        "# Use instead of PASSWORD: http-server.authentication.type=OAUTH2, then:\n"
+        "http-server.authentication.oauth2.issuer=https://idp.example.internal/\n"
+        "http-server.authentication.oauth2.client-id=${ENV:TRINO_OAUTH_CLIENT_ID}\n"
+        "http-server.authentication.oauth2.client-secret=${ENV:TRINO_OAUTH_CLIENT_SECRET}\n"
+        "http-server.authentication.oauth2.principal-field=preferred_username\n"
+    )
+    jvm = JVM_CONFIG.format(heap="16G")
+    if profile == "production":
+        return {
+            "README.md": _PROD_README,
+            "etc/config.properties": (
+                "coordinator=true\nnode-scheduler.include-coordinator=true\n"
+                "discovery.uri=https://trino.example.internal:8443\n" + secure
+            ),
+            "etc/node.properties": "node.environment=lakewarden\nnode.data-dir=/var/trino/data\n",
+            "etc/jvm.config": jvm,
+            f"etc/catalog/{CATALOG}.properties": (
+                "connector.name=delta_lake\nhive.metastore=file\nhive.metastore.catalog.dir=local:///_trino/metastore\n"
+                "fs.native-local.enabled=true\nlocal.location=/srv/lakewarden/tables\n"
+                "delta.register-table-procedure.enabled=true\n"
+            ),
+            "etc/access-control.properties": access,
+            "etc/group-provider.properties": group_provider,
+            "etc/password-authenticator.properties": password,
+            "etc/oauth2.properties.example": oauth,
+            "etc/rules.json": rules,
+            "etc/group.txt": groups,
+        }
+    if profile == "cluster":
+        catalog = (
+            "connector.name=delta_lake\nhive.metastore.uri=thrift://hive-metastore:9083\n"
+            "fs.native-s3.enabled=true\ns3.endpoint=${ENV:S3_ENDPOINT}\ns3.region=${ENV:S3_REGION}\n"
+            "s3.path-style-access=true\ndelta.register-table-procedure.enabled=true\n"
+        )
+        return {
+            "README.md": _CLUSTER_README,
+            "coordinator/etc/config.properties": (
+                "coordinator=true\nnode-scheduler.include-coordinator=false\n"
+                "discovery.uri=https://trino-coordinator:8443\n" + secure
+            ),
+            "coordinator/etc/node.properties": "node.environment=lakewarden\nnode.data-dir=/var/trino/data\n",
+            "coordinator/etc/jvm.config": jvm,
+            f"coordinator/etc/catalog/{CATALOG}.properties": catalog,
+            "coordinator/etc/access-control.properties": access,
+            "coordinator/etc/group-provider.properties": group_provider,
+            "coordinator/etc/password-authenticator.properties": password,
+            "coordinator/etc/rules.json": rules,
+            "coordinator/etc/group.txt": groups,
+            "worker/etc/config.properties": (
+                "coordinator=false\ndiscovery.uri=https://trino-coordinator:8443\n"
+                "http-server.http.enabled=false\nhttp-server.https.enabled=true\nhttp-server.https.port=8443\n"
+                "http-server.https.keystore.path=/etc/trino/tls/trino.pem\n"
+                "internal-communication.shared-secret=${ENV:TRINO_SHARED_SECRET}\n"
+                "internal-communication.https.required=true\n"
+            ),
+            "worker/etc/node.properties": "node.environment=lakewarden\nnode.data-dir=/var/trino/data\n",
+            "worker/etc/jvm.config": jvm,
+            f"worker/etc/catalog/{CATALOG}.properties": catalog,
+        }
+    raise TrinoError(f"unknown profile {profile!r}: use production or cluster")
+
+
 # -- queries ----------------------------------------------------------------------------------
 def run_query(ws: Workspace, actor: Actor, sql: str, *, role: str | None = None, max_rows: int | None = None) -> pa.Table:
     """Run ``sql`` on Trino as the actor (or ``user@role``); Trino applies the compiled rules."""

@@ -690,6 +690,23 @@ def trino_sync(ctx: typer.Context) -> None:
     console.print(f"registered {', '.join(rep.registered) or 'nothing new'}; {rep.rules} table rules; {rep.seconds:.1f}s")
 
 
+@trino_app.command("render")
+def trino_render(
+    ctx: typer.Context,
+    profile: Annotated[str, typer.Option(help="production (HTTPS + password) or cluster (coordinator + workers, S3, HMS).")],
+    out: Annotated[Path, typer.Option(help="Folder to write the configuration into.")],
+) -> None:
+    """Render Trino configuration for production or a cluster, with rules compiled from policy."""
+    from lakehouse.trino import render_profile
+
+    files = render_profile(_state(ctx).workspace(), profile)
+    for rel, text in files.items():
+        p = out / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    console.print(f"[green]wrote[/] {len(files)} files to {out}")
+
+
 # -- entry point --------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors print one line and exit non-zero, never a traceback."""

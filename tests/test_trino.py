@@ -227,3 +227,39 @@ def test_tables_checkpointed_by_delta_rs_read_correctly(lake, tmp_path: Path):
     assert n == DeltaTable(Catalog(ws.config).uri(ref)).count()
     trino_rows, embedded_rows = both(ws, "dana", "SELECT channel, count(*) AS n FROM bronze.transactions GROUP BY channel")
     assert trino_rows == embedded_rows
+
+
+# -- rendered production and cluster configurations ------------------------------------------------
+def _props(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def test_production_profile_closes_plain_http_and_requires_authentication(project: Path):
+    from lakehouse.trino import render_profile
+
+    ws = Workspace.open(project / "lakewarden.yaml")
+    files = render_profile(ws, "production")
+    cfg = _props(files["etc/config.properties"])
+    assert cfg["http-server.http.enabled"] == "false" and cfg["http-server.https.enabled"] == "true"
+    assert cfg["http-server.authentication.type"] == "PASSWORD"
+    assert cfg["internal-communication.shared-secret"] == "${ENV:TRINO_SHARED_SECRET}"
+    assert _props(files["etc/password-authenticator.properties"])["password-authenticator.name"] == "file"
+    rules = __import__("json").loads(files["etc/rules.json"])
+    assert any(r.get("group") == "analyst" and r.get("table") == "customers" and r.get("filter") for r in rules["tables"])
+    cluster = render_profile(ws, "cluster")
+    assert _props(cluster["coordinator/etc/config.properties"])["node-scheduler.include-coordinator"] == "false"
+    assert _props(cluster["worker/etc/config.properties"])["coordinator"] == "false"
+    assert "thrift://" in cluster["worker/etc/catalog/delta_lake.properties"]
+    assert "rules.json" not in " ".join(k for k in cluster if k.startswith("worker/"))
+    ws.close()
+
+
+@pytest.mark.parametrize("profile", ["production", "cluster"])
+def test_committed_infra_configuration_is_current(profile: str):
+    """infra/trino/<profile>/ is rendered from policies/: re-render after a policy change."""
+    from lakehouse.trino import render_profile
+
+    ws = Workspace.open(REPO / "lakewarden.yaml")
+    for rel, text in render_profile(ws, profile).items():
+        committed = REPO / "infra" / "trino" / profile / rel
+        assert committed.read_text() == text, f"{committed} is stale: run lakewarden trino render --profile {profile}"
