@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 LW     := $(BIN)/lakewarden
 
-.PHONY: install trino demo test bench clean-demo
+.PHONY: install trino system demo test bench clean-demo
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=python3.11)")'
@@ -22,11 +22,15 @@ install: $(STAMP)
 trino:
 	PYTHON=$(BIN)/python bash infra/trino/install.sh >/dev/null
 
+# Debian packages the tests need (the tests start the servers themselves).
+system:
+	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+
 demo: install
 	$(BIN)/python -m lakewarden.demo
 
-test: install trino
-	LAKEWARDEN_REQUIRE_TRINO=1 $(BIN)/python -m pytest -q
+test: install trino system
+	LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 $(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/bench_governance.py

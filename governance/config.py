@@ -89,6 +89,20 @@ class TrinoConfig(_Strict):
     verify: bool | str = True
 
 
+class OnlineStoreConfig(_Strict):
+    type: Literal["sqlite", "redis"] = "sqlite"
+    path: str = ".lakewarden/feast/online.db"
+    connection_string: str = "127.0.0.1:6379"
+
+
+class FeaturesConfig(_Strict):
+    """The Feast feature store: embedded default (Delta via deltalake + SQLite), or Redis online."""
+
+    project: str = Field(default="lakewarden", pattern=r"^[a-z][a-z0-9_]{0,62}$")
+    registry: str = ".lakewarden/feast/registry.db"
+    online: OnlineStoreConfig = OnlineStoreConfig()
+
+
 class ProjectConfig(_Strict):
     version: Literal[1] = 1
     name: str = Field(default="lakewarden", pattern=r"^[a-z][a-z0-9_-]{0,62}$")
@@ -98,6 +112,7 @@ class ProjectConfig(_Strict):
     audit: AuditConfig = AuditConfig()
     lineage: LineageConfig = LineageConfig()
     trino: TrinoConfig = TrinoConfig()
+    features: FeaturesConfig = FeaturesConfig()
     policies: list[str] = Field(default_factory=lambda: ["policies/*.yaml"], min_length=1)
 
     # Set by load_config: the file itself, and the folder relative paths are resolved against.

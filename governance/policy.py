@@ -230,6 +230,15 @@ class Preprocess(_Strict):
         return v
 
 
+class FeatureViewSpec(_Strict):
+    """A Feast feature view over this dataset's silver table."""
+
+    columns: list[str] = Field(min_length=1)
+    ttl: Duration = timedelta(days=3650)
+    timestamp: str = "_ingested_at"
+    description: str = ""
+
+
 class MaskKind(str, Enum):
     NULL = "null"  # NULL
     REDACT = "redact"  # a constant '****'
@@ -343,6 +352,7 @@ class DatasetPolicy(_Strict):
     contract: Contract = Contract()
     layout: Layout = Layout()
     preprocess: Preprocess = Preprocess()
+    features: dict[str, FeatureViewSpec] = Field(default_factory=dict)
 
     @field_validator("columns")
     @classmethod
@@ -403,6 +413,18 @@ class DatasetPolicy(_Strict):
         for c, how in self.preprocess.impute.items():
             if isinstance(how, str) and how in ("mean", "median") and c not in numeric:
                 raise FieldError(("preprocess", "impute", c), f"impute '{how}' needs a public numeric column, not '{c}'")
+        silver = set(self.silver_columns())
+        for view, spec in self.features.items():
+            if not re.match(IDENT, view):
+                raise FieldError(("features", view), f"feature view name {view!r} must be lower_snake_case")
+            for c in spec.columns:
+                col = cols.get(c)
+                if c not in silver or (col is not None and col.protection in (Protection.VAULT, Protection.RESTRICTED)):
+                    raise FieldError(
+                        ("features", view, "columns"), f"features.{view} names '{c}', which is not a column of silver.{self.dataset}"
+                    )
+                if c == self.subject_key:
+                    raise FieldError(("features", view, "columns"), f"features.{view}: the subject key is the entity, not a feature")
         if self.fairness:
             for a in self.fairness.sensitive_attributes:
                 if a not in cols:

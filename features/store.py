@@ -1,0 +1,321 @@
+"""The feature store: Feast over the governed silver tables, with purpose limitation.
+
+Feature views are declared in policy (``features:`` of a dataset policy) and generated
+here as Feast objects: one entity per dataset whose join key is the subject key — a
+pseudonymous token, never a raw identifier — and one feature view per declaration, reading
+``silver.<dataset>`` through :class:`features.offline.LakewardenOfflineStore` (Delta via
+deltalake, point-in-time joins by Feast). Online: SQLite (embedded) or Redis, chosen in
+``lakewarden.yaml`` (``features.online``).
+
+Every request states a purpose and goes through the gate first: features derived from
+sensitive attributes are served only for purposes the policy allows; a denial names the
+rule and is audited. Training sets record their lineage (source tables and Delta
+versions); :func:`erase_subject` removes a subject from the online store and, through the
+lakehouse, from every offline source.
+
+Example::
+
+    fs = Features(ws)
+    fs.apply(actor)
+    fs.materialize(actor)
+    ts = fs.training_set(actor, dataset="customers", purpose="credit_scoring",
+                         features=["customer_profile:income", "customer_profile:region"], label="defaulted")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from governance.errors import LakewardenError
+from governance.gate import Actor, Resource
+from governance.lineage import DatasetRef
+from governance.policy import DatasetPolicy, Stage
+from governance.workspace import Workspace
+from lakehouse.catalog import Catalog, TableRef
+from lakehouse.erasure import TOKEN_RE, delete_subject_rows
+from lakehouse.validate import output_type
+
+_FEAST_TYPES = {
+    pa.string(): "String",
+    pa.float64(): "Float64",
+    pa.float32(): "Float32",
+    pa.int64(): "Int64",
+    pa.int32(): "Int32",
+    pa.bool_(): "Bool",
+    pa.binary(): "Bytes",
+}
+
+
+class FeatureError(LakewardenError):
+    """A feature request is malformed (unknown view or feature, bad entity rows)."""
+
+    exit_code = 2
+
+
+@dataclass
+class TrainingSet:
+    table: pa.Table
+    dataset: str
+    features: list[str]
+    purpose: str
+    sources: dict[str, int] = field(default_factory=dict)  # table -> Delta version
+    run_id: str = ""
+
+
+class Features:
+    """Feast for one workspace; objects and configuration come from policy and lakewarden.yaml."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.cfg = ws.config.features
+        self.catalog = Catalog(ws.config)
+
+    # -- Feast configuration and objects ----------------------------------------------------
+    def repo_config(self) -> Any:
+        from feast import RepoConfig
+        from feast.infra.online_stores.redis import RedisOnlineStoreConfig
+        from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
+
+        home = self.ws.config.workspace_dir / "feast"
+        home.mkdir(parents=True, exist_ok=True)
+        online = self.cfg.online
+        if online.type == "redis":
+            online_cfg: Any = RedisOnlineStoreConfig(connection_string=online.connection_string)
+        else:
+            online_cfg = SqliteOnlineStoreConfig(path=str(self.ws.config.path(online.path)))
+        return RepoConfig(
+            project=self.cfg.project,
+            registry=str(self.ws.config.path(self.cfg.registry)),
+            provider="local",
+            offline_store={"type": "features.offline.LakewardenOfflineStore"},
+            online_store=online_cfg,
+            entity_key_serialization_version=3,
+            repo_path=str(home),
+        )
+
+    @cached_property
+    def store(self) -> Any:
+        from feast import FeatureStore
+
+        self.ws.config.path(self.cfg.registry).parent.mkdir(parents=True, exist_ok=True)
+        return FeatureStore(config=self.repo_config())
+
+    def objects(self) -> list[Any]:
+        """Entities and feature views generated from the policies."""
+        from feast import Entity, FeatureView, Field, FileSource
+        from feast import types as ft
+        from feast.data_format import DeltaFormat
+        from feast.value_type import ValueType
+
+        out: list[Any] = []
+        for name, pol in sorted(self.ws.policies.datasets.items()):
+            if not pol.features:
+                continue
+            entity = Entity(name=self.entity_name(pol), join_keys=[pol.subject_key], value_type=ValueType.STRING,
+                            description=f"pseudonymous subject of {name} (a token, never an identifier)")
+            out.append(entity)
+            ref = TableRef("silver", name)
+            for view, spec in sorted(pol.features.items()):
+                src = FileSource(name=f"silver_{name}_{view}", path=self.catalog.uri(ref), file_format=DeltaFormat(),
+                                 timestamp_field=spec.timestamp)
+                fields = [Field(name=c, dtype=getattr(ft, _FEAST_TYPES[self._arrow_type(pol, c)])) for c in spec.columns]
+                out.append(FeatureView(name=view, entities=[entity], ttl=spec.ttl, schema=fields, source=src,
+                                       online=True, description=spec.description,
+                                       tags={"lakewarden.dataset": name, "lakewarden.layer": "silver"}))
+        return out
+
+    @staticmethod
+    def entity_name(pol: DatasetPolicy) -> str:
+        return f"{pol.dataset}_subject"
+
+    @staticmethod
+    def _arrow_type(pol: DatasetPolicy, column: str) -> pa.DataType:
+        col = pol.columns.get(column)
+        return output_type(col) if col is not None else pa.float64()  # derived columns are numeric
+
+    def _view(self, name: str) -> tuple[DatasetPolicy, str, Any]:
+        for pol in self.ws.policies.datasets.values():
+            if name in pol.features:
+                return pol, name, pol.features[name]
+        known = sorted(v for p in self.ws.policies.datasets.values() for v in p.features)
+        raise FeatureError(f"unknown feature view '{name}' (declared: {', '.join(known) or 'none'})")
+
+    def _resolve(self, refs: list[str]) -> tuple[DatasetPolicy, list[str]]:
+        """Check ``view:feature`` references; return the dataset and the source columns they read."""
+        if not refs:
+            raise FeatureError("name at least one feature as view:feature")
+        policies, columns = set(), []
+        for r in refs:
+            view, sep, feat = r.partition(":")
+            if not sep or not feat:
+                raise FeatureError(f"feature reference {r!r} must look like view:feature")
+            pol, _, spec = self._view(view)
+            if feat not in spec.columns:
+                raise FeatureError(f"feature view '{view}' has no feature '{feat}' (it has {', '.join(spec.columns)})")
+            policies.add(pol.dataset)
+            columns.append(feat)
+        if len(policies) > 1:
+            raise FeatureError(f"one request reads one dataset's features (got {', '.join(sorted(policies))})")
+        return self.ws.policies.dataset(policies.pop()), columns
+
+    # -- operations -------------------------------------------------------------------------
+    def apply(self, actor: Actor) -> list[str]:
+        """Register the generated entities and feature views with Feast."""
+        self.ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("features"))
+        objs = self.objects()
+        self.store.apply(objs)
+        names = [o.name for o in objs]
+        self.ws.audit.record("features.apply", actor=actor.name, outcome="ok", resource="system:features",
+                             details={"objects": names})
+        return names
+
+    def materialize(self, actor: Actor, *, end: datetime | None = None) -> dict[str, int]:
+        """Incremental materialization into the online store; returns the silver version per view."""
+        self.ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("features"))
+        end = end or datetime.now(timezone.utc)
+        self.store.materialize_incremental(end_date=end)
+        versions = {}
+        for obj in self.objects():
+            tags = getattr(obj, "tags", None) or {}
+            if "lakewarden.dataset" in tags:
+                versions[obj.name] = self.catalog.open(TableRef("silver", tags["lakewarden.dataset"])).version()
+        self.ws.lineage.emit(
+            "features.materialize",
+            inputs=[DatasetRef(f"silver.{self._view(v)[0].dataset}", version=ver) for v, ver in versions.items()],
+            outputs=[DatasetRef(f"feature_view:{v}", version=ver, kind="feature_view") for v, ver in versions.items()],
+        )
+        self.ws.audit.record("features.materialize", actor=actor.name, outcome="ok", resource="system:features",
+                             details={"views": versions, "end": end.isoformat()})
+        return versions
+
+    def _decide(self, actor: Actor, stage: Stage, pol: DatasetPolicy, purpose: str, columns: list[str]) -> None:
+        self.ws.gate.enforce(stage, actor, Resource.dataset(pol.dataset), {"purpose": purpose, "columns": columns})
+
+    def training_set(
+        self,
+        actor: Actor,
+        *,
+        purpose: str,
+        features: list[str],
+        label: str | None = None,
+        entities: pa.Table | None = None,
+        at: datetime | None = None,
+    ) -> TrainingSet:
+        """A point-in-time correct training set.
+
+        ``entities`` has the subject key and ``event_timestamp`` (the time each label is
+        valid); without it every subject of silver is used at ``at`` (default now) and
+        ``label`` is taken from silver. Every entity row comes back, with NULLs where no
+        feature value existed yet (Feast can drop such rows silently; this is checked).
+        """
+        pol, columns = self._resolve(features)
+        self._decide(actor, Stage.FEATURES, pol, purpose, columns + ([label] if label else []))
+        key = pol.subject_key
+        silver_ref = TableRef("silver", pol.dataset)
+        silver_version = self.catalog.open(silver_ref).version()
+        if entities is None:
+            cols = [key] + ([label] if label else [])
+            base = self.catalog.open(silver_ref).to_pyarrow_table(columns=cols)
+            when = at or datetime.now(timezone.utc)
+            entities = base.append_column("event_timestamp", pa.array([when] * base.num_rows, pa.timestamp("us", tz="UTC")))
+        if key not in entities.column_names or "event_timestamp" not in entities.column_names:
+            raise FeatureError(f"entity rows need columns '{key}' and 'event_timestamp'")
+        bad = [t for t in entities[key].to_pylist() if t is None or not TOKEN_RE.match(t)]
+        if bad:
+            raise FeatureError(f"{len(bad)} entity row(s) do not hold a subject token in '{key}' (raw identifiers are never used)")
+        n_in = entities.num_rows
+        entities = entities.append_column("_lw_row", pa.array(range(n_in), pa.int64()))
+        job = self.store.get_historical_features(entity_df=entities.to_pandas(), features=features)
+        out = pa.Table.from_pandas(job.to_df(), preserve_index=False)
+        if out.num_rows != n_in:
+            # Put back entity rows Feast dropped (no feature value at or before their time).
+            missing = pc.invert(pc.is_in(entities["_lw_row"], value_set=out["_lw_row"]))
+            lost = entities.filter(missing)
+            fill = {c: pa.nulls(lost.num_rows, out.schema.field(c).type) for c in out.column_names if c not in lost.column_names}
+            for c, arr in fill.items():
+                lost = lost.append_column(c, arr)
+            out = pa.concat_tables([out, lost.select(out.column_names).cast(out.schema)])
+        out = out.sort_by("_lw_row").drop(["_lw_row"])
+        assert out.num_rows == n_in
+        run_id = self.ws.lineage.emit(
+            "features.training_set",
+            inputs=[DatasetRef(str(silver_ref), version=silver_version)],
+            outputs=[DatasetRef(f"training_set:{pol.dataset}:{purpose}", kind="training_set")],
+            facets={"features": features, "purpose": purpose, "rows": n_in},
+        )
+        self.ws.audit.record("features.training_set", actor=actor.name, outcome="ok", stage=Stage.FEATURES.value,
+                             resource=f"dataset:{pol.dataset}",
+                             details={"purpose": purpose, "features": features, "rows": n_in, "silver_version": silver_version})
+        return TrainingSet(out, pol.dataset, features, purpose, {str(silver_ref): silver_version}, run_id)
+
+    def online(self, actor: Actor, *, purpose: str, features: list[str], tokens: list[str]) -> pa.Table:
+        """Online feature values for subject tokens (gated as ``serve`` for the purpose)."""
+        pol, columns = self._resolve(features)
+        self._decide(actor, Stage.SERVE, pol, purpose, columns)
+        bad = [t for t in tokens if not isinstance(t, str) or not TOKEN_RE.match(t)]
+        if bad:
+            raise FeatureError(f"{len(bad)} entity value(s) are not subject tokens (raw identifiers are never used)")
+        resp = self.store.get_online_features(features=features, entity_rows=[{pol.subject_key: t} for t in tokens])
+        return pa.table(resp.to_dict())
+
+
+def erase_subject(ws: Workspace, token: str) -> dict[str, int]:
+    """Remove a subject from the online store and from every offline source (the lakehouse tables).
+
+    Returns what was removed: online rows per feature view, and rows per lakehouse table.
+    """
+    if not TOKEN_RE.match(token):
+        raise ValueError("erasure works on subject tokens (sub_...), never on identifiers")
+    fs = Features(ws)
+    out: dict[str, int] = {}
+    for pol in ws.policies.datasets.values():
+        for view in pol.features:
+            out[f"online:{view}"] = _delete_online(fs, pol.subject_key, view, token)
+    out.update(delete_subject_rows(ws, token))
+    return out
+
+
+def _delete_online(fs: Features, key: str, view: str, token: str) -> int:
+    """Feast has no per-entity delete: remove the entity's row from the online store directly."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    ek = EntityKey(join_keys=[key], entity_values=[Value(string_val=token)])
+    online = fs.cfg.online
+    if online.type == "redis":
+        import redis
+        from feast.infra.online_stores.helpers import _redis_key
+
+        host, _, rest = online.connection_string.partition(":")
+        port = int(rest.split(",")[0] or 6379)
+        r = redis.Redis(host=host, port=port)
+        return int(r.delete(_redis_key(fs.cfg.project, ek, entity_key_serialization_version=3)))
+    import sqlite3
+
+    path = fs.ws.config.path(online.path)
+    if not path.exists():
+        return 0
+    blob = serialize_entity_key(ek, entity_key_serialization_version=3)
+    conn = sqlite3.connect(str(path))
+    try:
+        table = f"{fs.cfg.project}_{view}"
+        exists = conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone()
+        if not exists:
+            return 0
+        conn.execute("PRAGMA secure_delete=ON")
+        n = conn.execute(f'DELETE FROM "{table}" WHERE entity_key = ?', (blob,)).rowcount
+        conn.commit()
+        conn.execute("VACUUM")
+        return max(n, 0)
+    finally:
+        conn.close()
+
+
+__all__ = ["Features", "FeatureError", "TrainingSet", "erase_subject"]

@@ -1,0 +1,192 @@
+"""The feature store: point-in-time correctness, purpose limitation, online = offline,
+erasure from both stores, and Redis answering exactly like SQLite."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable, write_deltalake
+
+from governance.errors import AccessDenied
+from governance.workspace import Workspace
+from features.store import FeatureError, Features, erase_subject
+from lakehouse.catalog import Catalog, TableRef
+from lakehouse.ingest import ingest
+from lakehouse.silver import build_silver
+from lakehouse.synth import generate
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+PROFILE = ["customer_profile:income", "customer_profile:region"]
+
+
+def tok(i: int) -> str:
+    return "sub_" + "abcdefghijklmnopqrstuvwxyz"[i % 26] * 26
+
+
+def silver_rows(rows: list[dict]) -> pa.Table:
+    n = len(rows)
+    base = {
+        "customer_id": [r["customer_id"] for r in rows], "birth_date": pa.array([1980] * n, pa.int32()),
+        "zip_code": ["941"] * n, "sex": pa.array([b"x"] * n, pa.binary()), "ethnicity": pa.array([b"y"] * n, pa.binary()),
+        "income": [float(r["income"]) for r in rows], "region": [r.get("region", "north") for r in rows],
+        "defaulted": [False] * n, "_subject_bucket": pa.array([0] * n, pa.int32()),
+        "_ingested_at": pa.array([r["t"] for r in rows], pa.timestamp("us", tz="UTC")),
+        "income_z": [0.0] * n, "income_log": [1.0] * n,
+    }
+    return pa.table(base)
+
+
+@pytest.fixture
+def lake(workspace: Workspace, tmp_path: Path) -> Workspace:
+    res = generate(tmp_path / "landing", people=300, transactions_per_person=0, seed=5)
+    ingest(workspace, workspace.actor("dana"), "customers", [res.files["customers"]])
+    build_silver(workspace, workspace.actor("dana"), "customers")
+    fs = Features(workspace)
+    fs.apply(workspace.actor("pipeline"))
+    fs.materialize(workspace.actor("pipeline"))
+    return workspace
+
+
+def test_point_in_time_correct_no_label_leakage(workspace: Workspace):
+    a, b = tok(0), tok(1)
+    rows = [{"customer_id": a, "income": 10, "t": T0 + timedelta(days=1)},
+            {"customer_id": a, "income": 30, "t": T0 + timedelta(days=3)},
+            {"customer_id": b, "income": 50, "t": T0 + timedelta(days=5)}]
+    write_deltalake(Catalog(workspace.config).uri(TableRef("silver", "customers")), silver_rows(rows))
+    fs = Features(workspace)
+    fs.apply(workspace.actor("pipeline"))
+    entities = pa.table({
+        "customer_id": [a, a, b, a],
+        "event_timestamp": pa.array([T0 + timedelta(days=2), T0 + timedelta(days=4), T0 + timedelta(days=2), T0],
+                                    pa.timestamp("us", tz="UTC")),
+        "label": [1, 0, 1, 0],
+    })
+    ts = fs.training_set(workspace.actor("sam"), purpose="credit_scoring", features=PROFILE, entities=entities)
+    got = [(r["customer_id"], r["event_timestamp"], r["income"]) for r in ts.table.to_pylist()]
+    assert got == [
+        (a, T0 + timedelta(days=2), 10.0),   # the later value (30) must not leak back
+        (a, T0 + timedelta(days=4), 30.0),
+        (b, T0 + timedelta(days=2), None),   # only a later row: no value, and the row is kept
+        (a, T0, None),                       # before any value
+    ]
+    assert ts.table["label"].to_pylist() == [1, 0, 1, 0]
+
+
+def test_purpose_limitation(lake: Workspace):
+    fs = Features(lake)
+    with pytest.raises(AccessDenied, match="customers/purposes/credit_scoring/sensitive"):
+        fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=["customer_sensitive:sex"])
+    with pytest.raises(AccessDenied, match="customers/access/ml_engineer/purposes"):
+        fs.online(lake.actor("mel"), purpose="fairness_evaluation", features=["customer_sensitive:sex"], tokens=[tok(0)])
+    ok = fs.training_set(lake.actor("sam"), purpose="fairness_evaluation", features=["customer_sensitive:sex"])
+    assert ok.table.num_rows == 300
+    denials = lake.audit.query(outcome="deny").to_pylist()
+    assert {d["rule_ids"] for d in denials} >= {"customers/purposes/credit_scoring/sensitive",
+                                                "customers/access/ml_engineer/purposes"}
+
+
+def test_bad_requests_are_clear(lake: Workspace):
+    fs = Features(lake)
+    with pytest.raises(FeatureError, match="unknown feature view 'nope'"):
+        fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=["nope:x"])
+    with pytest.raises(FeatureError, match="has no feature 'email'"):
+        fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=["customer_profile:email"])
+    with pytest.raises(FeatureError, match="not subject tokens"):
+        fs.online(lake.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=["C-000000001"])
+
+
+def test_online_matches_offline_after_materialization(lake: Workspace):
+    fs = Features(lake)
+    ts = fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=PROFILE, label="defaulted")
+    tokens = ts.table["customer_id"].to_pylist()
+    online = fs.online(lake.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=tokens)
+    assert online["income"].to_pylist() == ts.table["income"].to_pylist()
+    assert online["region"].to_pylist() == ts.table["region"].to_pylist()
+    assert ts.sources == {"silver.customers": Catalog(lake.config).open(TableRef("silver", "customers")).version()}
+    runs = lake.lineage.events(job="features.training_set")
+    assert runs and runs[-1]["inputs"][0]["name"] == "silver.customers"
+
+
+def test_incremental_materialization_picks_up_new_subjects(lake: Workspace, tmp_path: Path):
+    res = generate(tmp_path / "more", people=320, transactions_per_person=0, seed=5)  # 20 new people (prefix-stable)
+    last_id = res.files["customers"].read_text().splitlines()[-1].split(",")[0].strip('"')
+    rep = ingest(lake, lake.actor("dana"), "customers", [res.files["customers"]])
+    assert rep.rows_accepted == 20  # the first 300 are duplicates of subjects already ingested
+    build_silver(lake, lake.actor("dana"), "customers")
+    fs = Features(lake)
+    fs.materialize(lake.actor("pipeline"))
+    new = lake.keyring.token_for(last_id, create=False)
+    assert new is not None
+    v = fs.online(lake.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=[new])
+    assert v["income"][0].as_py() is not None
+
+
+def test_erasure_leaves_no_trace_in_either_store(lake: Workspace):
+    fs = Features(lake)
+    victim = Catalog(lake.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"][0].as_py()
+    removed = erase_subject(lake, victim)
+    assert removed["online:customer_profile"] > 0 and removed["silver.customers"] == 1 and removed["bronze.customers"] == 1
+    assert fs.online(lake.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=[victim])["income"][0].as_py() is None
+    ts = fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=PROFILE)
+    assert victim not in ts.table["customer_id"].to_pylist()
+    for layer in ("bronze", "silver", "vault"):
+        col = Catalog(lake.config).open(TableRef(layer, "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"]
+        assert victim not in col.to_pylist()
+    online_db = lake.config.path(lake.config.features.online.path)
+    assert victim.encode() not in online_db.read_bytes()
+    fs.materialize(lake.actor("pipeline"))  # a later materialization does not bring it back
+    assert fs.online(lake.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=[victim])["income"][0].as_py() is None
+
+
+# -- Redis ---------------------------------------------------------------------------------------
+@pytest.fixture
+def redis_port():
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("LAKEWARDEN_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed (make test installs Debian's redis-server)")
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield port
+    p.terminate()
+    p.wait(10)
+
+
+def test_redis_and_sqlite_give_the_same_answers(lake: Workspace, project: Path, redis_port: int):
+    sqlite_fs = Features(lake)
+    tokens = Catalog(lake.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"].to_pylist()
+    want = sqlite_fs.online(lake.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=tokens)
+    cfg = project / "lakewarden.yaml"
+    cfg.write_text(cfg.read_text() + f"features:\n  registry: .lakewarden/feast/registry-redis.db\n"
+                   f"  online: {{type: redis, connection_string: '127.0.0.1:{redis_port}'}}\n")
+    ws = Workspace.open(cfg)
+    fs = Features(ws)
+    fs.apply(ws.actor("pipeline"))
+    fs.materialize(ws.actor("pipeline"))
+    got = fs.online(ws.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=tokens)
+    assert got.to_pylist() == want.to_pylist()
+    removed = erase_subject(ws, tokens[0])
+    assert removed["online:customer_profile"] == 1
+    again = fs.online(ws.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=[tokens[0]])
+    assert again["income"][0].as_py() is None
+    ws.close()
