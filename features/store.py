@@ -226,9 +226,10 @@ class Features:
             entities = base.append_column("event_timestamp", pa.array([when] * base.num_rows, pa.timestamp("us", tz="UTC")))
         if key not in entities.column_names or "event_timestamp" not in entities.column_names:
             raise FeatureError(f"entity rows need columns '{key}' and 'event_timestamp'")
-        bad = [t for t in entities[key].to_pylist() if t is None or not TOKEN_RE.match(t)]
+        ok = pc.match_substring_regex(entities[key], TOKEN_RE.pattern)
+        bad = entities.num_rows - pc.sum(pc.fill_null(ok, False).cast(pa.int64())).as_py() if entities.num_rows else 0
         if bad:
-            raise FeatureError(f"{len(bad)} entity row(s) do not hold a subject token in '{key}' (raw identifiers are never used)")
+            raise FeatureError(f"{bad} entity row(s) do not hold a subject token in '{key}' (raw identifiers are never used)")
         n_in = entities.num_rows
         entities = entities.append_column("_lw_row", pa.array(range(n_in), pa.int64()))
         job = self.store.get_historical_features(entity_df=entities.to_pandas(), features=features)

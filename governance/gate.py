@@ -288,9 +288,13 @@ class Gate:
             v.deny(f"{ds.dataset}/access/{role}/purposes", f"role {role} may not use '{ds.dataset}' for '{purpose}'")
             return
         v.allow(f"{ds.dataset}/purposes/{purpose}")
+        derived = None
         for c in ctx.get("columns") or ():
             col = ds.columns.get(c)
             if col is None:
+                derived = derived if derived is not None else set(ds.derived_columns())
+                if c in derived:
+                    continue  # silver's derived features are computed from public columns
                 v.deny(f"{ds.dataset}/columns", f"unknown column '{c}' of '{ds.dataset}'")
                 return
             if col.class_ is ColumnClass.DIRECT_IDENTIFIER:

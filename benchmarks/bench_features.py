@@ -1,0 +1,143 @@
+"""Benchmark the governed feature store against plain Feast, same store, same run (by hand).
+
+* online lookups, 1 and 100 entities, SQLite and Redis: p50/p99 of ``Features.online``
+  (gate decision with its audit record, token checks) vs ``FeatureStore.get_online_features``;
+* a training set of ``--entity-rows`` rows (subjects × timestamps): ``Features.training_set``
+  (gate, token checks, row-count guarantee, lineage, audit) vs ``get_historical_features``.
+
+Goal (issue #4): governance overhead ≤ 1.1×.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import warnings
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pyarrow as pa
+from rich.console import Console
+from rich.table import Table
+
+warnings.filterwarnings("ignore")
+REPO = Path(__file__).resolve().parents[1]
+console = Console()
+FEATURES = ["customer_profile:income", "customer_profile:region", "customer_profile:income_z"]
+
+
+def pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def lat(fn, n: int) -> list[float]:
+    for _ in range(10):
+        fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--people", type=int, default=100_000)
+    ap.add_argument("--entity-rows", type=int, default=1_000_000)
+    ap.add_argument("--lookups", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "features.json")
+    args = ap.parse_args()
+
+    from governance.keys import generate_kek_b64
+    from governance.workspace import Workspace
+    from features.store import Features
+    from lakehouse.catalog import Catalog, TableRef
+    from lakehouse.ingest import ingest
+    from lakehouse.silver import build_silver
+    from lakehouse.synth import generate
+
+    root = Path(tempfile.mkdtemp(prefix="lw-bench-features-"))
+    os.environ["LAKEWARDEN_KEK"] = generate_kek_b64()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        rport = s.getsockname()[1]
+    redis = subprocess.Popen(["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
+                             stdout=subprocess.DEVNULL)
+    base = (f"version: 1\nname: bench\nstorage: {{root: {root}/tables}}\nworkspace: {root}/ws\n"
+            f"keys: {{store: {root}/keys/ks.db, kek: {{provider: env, var: LAKEWARDEN_KEK}}}}\n"
+            f"policies: [{REPO}/policies/*.yaml]\n")
+    (root / "sqlite.yaml").write_text(base)
+    (root / "redis.yaml").write_text(base + f"features: {{registry: {root}/ws/feast/reg-redis.db, "
+                                           f"online: {{type: redis, connection_string: '127.0.0.1:{rport}'}}}}\n")
+    results: dict = {"online": [], "training_set": {}}
+    try:
+        res = generate(root / "landing", people=args.people, transactions_per_person=0, seed=3)
+        ws = Workspace.open(root / "sqlite.yaml")
+        with console.status("ingest + silver"):
+            ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
+            build_silver(ws, ws.actor("dana"), "customers")
+        tokens = Catalog(ws.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"].to_pylist()
+        ws.close()
+        for store_name in ("sqlite", "redis"):
+            ws = Workspace.open(root / f"{store_name}.yaml")
+            fs = Features(ws)
+            with console.status(f"{store_name}: apply + materialize"):
+                fs.apply(ws.actor("pipeline"))
+                fs.materialize(ws.actor("pipeline"))
+            mel = ws.actor("mel")
+            for n in (1, 100):
+                ents = tokens[:n]
+                rows = [{"customer_id": t} for t in ents]
+                plain = lat(lambda: fs.store.get_online_features(features=FEATURES, entity_rows=rows).to_dict(), args.lookups)
+                gov = lat(lambda: fs.online(mel, purpose="credit_scoring", features=FEATURES, tokens=ents), args.lookups)
+                results["online"].append({
+                    "store": store_name, "entities": n,
+                    "plain_p50_ms": pct(plain, .5), "plain_p99_ms": pct(plain, .99),
+                    "governed_p50_ms": pct(gov, .5), "governed_p99_ms": pct(gov, .99),
+                    "ratio_p50": pct(gov, .5) / pct(plain, .5),
+                })
+            if store_name == "sqlite":
+                k = max(1, args.entity_rows // len(tokens))
+                t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+                ids = [t for t in tokens for _ in range(k)][: args.entity_rows]
+                when = [t0 + timedelta(days=i % k) for i in range(len(ids))]
+                ents = pa.table({"customer_id": ids, "event_timestamp": pa.array(when, pa.timestamp("us", tz="UTC"))})
+                df = ents.to_pandas()
+                with console.status(f"training set, {len(ids):,} entity rows"):
+                    a = time.perf_counter()
+                    fs.store.get_historical_features(entity_df=df, features=FEATURES).to_df()
+                    plain_s = time.perf_counter() - a
+                    a = time.perf_counter()
+                    ts = fs.training_set(ws.actor("sam"), purpose="credit_scoring", features=FEATURES, entities=ents)
+                    gov_s = time.perf_counter() - a
+                results["training_set"] = {"entity_rows": len(ids), "plain_s": plain_s, "governed_s": gov_s,
+                                           "ratio": gov_s / plain_s, "rows_out": ts.table.num_rows}
+            ws.close()
+    finally:
+        redis.terminate()
+        shutil.rmtree(root, ignore_errors=True)
+    t = Table(title="online lookups: governed vs plain Feast (ms)")
+    for c in ("store", "entities", "plain p50", "plain p99", "governed p50", "governed p99", "ratio p50 (goal ≤ 1.1)"):
+        t.add_column(c, justify="right")
+    for r in results["online"]:
+        t.add_row(r["store"], str(r["entities"]), f"{r['plain_p50_ms']:.2f}", f"{r['plain_p99_ms']:.2f}",
+                  f"{r['governed_p50_ms']:.2f}", f"{r['governed_p99_ms']:.2f}", f"{r['ratio_p50']:.2f}")
+    console.print(t)
+    tr = results["training_set"]
+    console.print(f"training set, {tr['entity_rows']:,} entity rows: plain {tr['plain_s']:.2f}s, governed "
+                  f"{tr['governed_s']:.2f}s, ratio {tr['ratio']:.2f} (rows out {tr['rows_out']:,})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"cpus": os.cpu_count(), "people": args.people, **results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
