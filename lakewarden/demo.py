@@ -82,6 +82,14 @@ def main() -> None:
     run("--as", "ana", "sql", "SELECT sex FROM customers", expect=2)
     run("--as", "ana", "sql", "SELECT count(*) FROM bronze.customers", expect=3)
     run("--as", "pipeline", "sql", "SELECT reason, count(*) AS n FROM quarantine.customers GROUP BY reason ORDER BY n DESC")
+    console.print(Rule("Feature store: Feast over silver, purpose-gated"))
+    run("--as", "pipeline", "features", "apply")
+    run("--as", "pipeline", "features", "materialize")
+    run("--as", "sam", "features", "training-set", "--purpose", "credit_scoring", "--label", "defaulted",
+        "--features", "customer_profile:income,customer_profile:income_z,customer_profile:region",
+        "--out", str(root / ".lakewarden" / "training_set.parquet"))
+    run("--as", "sam", "features", "training-set", "--purpose", "credit_scoring",
+        "--features", "customer_profile:income,customer_sensitive:sex", expect=3)
     console.print(Rule("The gate decides each later stage"))
     run("--as", "pipeline", "gate", "check", "ingest", "--dataset", "customers")
     run("--as", "ana", "gate", "check", "query", "--dataset", "customers", "--layer", "silver")
