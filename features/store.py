@@ -39,7 +39,13 @@ from governance.policy import DatasetPolicy, Stage
 from governance.workspace import Workspace
 from lakehouse.catalog import Catalog, TableRef
 from lakehouse.erasure import TOKEN_RE, delete_subject_rows
+from lakehouse.trino import FEATURES_USER
 from lakehouse.validate import output_type
+
+# The Trino offline store reads silver through Trino as lakehouse.trino.FEATURES_USER (the gate
+# has already decided the purpose) and uploads entity rows into Trino's memory catalog.
+TRINO_SCRATCH_CATALOG = "memory"
+TRINO_SCRATCH_SCHEMA = "feast"
 
 _FEAST_TYPES = {
     pa.string(): "String",
@@ -84,6 +90,14 @@ class Features:
 
         home = self.ws.config.workspace_dir / "feast"
         home.mkdir(parents=True, exist_ok=True)
+        offline: dict[str, Any] = {"type": "features.offline.LakewardenOfflineStore"}
+        if self.cfg.offline == "trino":
+            tc = self.ws.config.trino
+            offline = {
+                "type": "trino", "host": tc.host, "port": tc.port, "catalog": TRINO_SCRATCH_CATALOG,
+                "dataset": TRINO_SCRATCH_SCHEMA, "user": FEATURES_USER, "connector": {"type": "memory"},
+                "http-scheme": tc.http_scheme,
+            }
         online = self.cfg.online
         if online.type == "redis":
             online_cfg: Any = RedisOnlineStoreConfig(connection_string=online.connection_string)
@@ -93,7 +107,7 @@ class Features:
             project=self.cfg.project,
             registry=str(self.ws.config.path(self.cfg.registry)),
             provider="local",
-            offline_store={"type": "features.offline.LakewardenOfflineStore"},
+            offline_store=offline,
             online_store=online_cfg,
             entity_key_serialization_version=3,
             repo_path=str(home),
@@ -122,8 +136,14 @@ class Features:
             out.append(entity)
             ref = TableRef("silver", name)
             for view, spec in sorted(pol.features.items()):
-                src = FileSource(name=f"silver_{name}_{view}", path=self.catalog.uri(ref), file_format=DeltaFormat(),
-                                 timestamp_field=spec.timestamp)
+                if self.cfg.offline == "trino":
+                    from feast.infra.offline_stores.contrib.trino_offline_store.trino_source import TrinoSource
+
+                    src: Any = TrinoSource(name=f"silver_{name}_{view}", table=f"delta_lake.silver.{name}",
+                                           timestamp_field=spec.timestamp)
+                else:
+                    src = FileSource(name=f"silver_{name}_{view}", path=self.catalog.uri(ref), file_format=DeltaFormat(),
+                                     timestamp_field=spec.timestamp)
                 fields = [Field(name=c, dtype=getattr(ft, _FEAST_TYPES[self._arrow_type(pol, c)])) for c in spec.columns]
                 out.append(FeatureView(name=view, entities=[entity], ttl=spec.ttl, schema=fields, source=src,
                                        online=True, description=spec.description,
@@ -165,9 +185,25 @@ class Features:
         return self.ws.policies.dataset(policies.pop()), columns
 
     # -- operations -------------------------------------------------------------------------
+    def _trino_scratch(self) -> None:
+        """Feast's Trino store uploads entity rows: a schema in the memory catalog holds them."""
+        if self.cfg.offline != "trino":
+            return
+        import trino
+
+        tc = self.ws.config.trino
+        conn = trino.dbapi.connect(host=tc.host, port=tc.port, user=FEATURES_USER, http_scheme=tc.http_scheme)
+        try:
+            cur = conn.cursor()
+            cur.execute(f"CREATE SCHEMA IF NOT EXISTS {TRINO_SCRATCH_CATALOG}.{TRINO_SCRATCH_SCHEMA}")
+            cur.fetchall()
+        finally:
+            conn.close()
+
     def apply(self, actor: Actor) -> list[str]:
         """Register the generated entities and feature views with Feast."""
         self.ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("features"))
+        self._trino_scratch()
         objs = self.objects()
         self.store.apply(objs)
         names = [o.name for o in objs]
@@ -231,9 +267,10 @@ class Features:
         if bad:
             raise FeatureError(f"{bad} entity row(s) do not hold a subject token in '{key}' (raw identifiers are never used)")
         n_in = entities.num_rows
+        self._trino_scratch()
         entities = entities.append_column("_lw_row", pa.array(range(n_in), pa.int64()))
         job = self.store.get_historical_features(entity_df=entities.to_pandas(), features=features)
-        out = pa.Table.from_pandas(job.to_df(), preserve_index=False)
+        out = job.to_arrow()
         if out.num_rows != n_in:
             # Put back entity rows Feast dropped (no feature value at or before their time).
             missing = pc.invert(pc.is_in(entities["_lw_row"], value_set=out["_lw_row"]))

@@ -101,6 +101,9 @@ class FeaturesConfig(_Strict):
     project: str = Field(default="lakewarden", pattern=r"^[a-z][a-z0-9_]{0,62}$")
     registry: str = ".lakewarden/feast/registry.db"
     online: OnlineStoreConfig = OnlineStoreConfig()
+    offline: Literal["delta", "trino"] = Field(
+        default="delta", description="delta: deltalake + DuckDB in process; trino: the Trino server (trino.*)"
+    )
 
 
 class ProjectConfig(_Strict):

@@ -48,6 +48,7 @@ from lakehouse.sql import LAYER_COLUMNS
 
 TRINO_VERSION = "476"
 ADMIN_USER = "lakewarden"
+FEATURES_USER = "lakewarden_features"  # the feature store's Trino offline store (features/store.py)
 CATALOG = "delta_lake"
 REPO = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO / "infra" / "trino" / "install.sh"
@@ -95,6 +96,10 @@ def compile_rules(ws: Workspace, tables: dict[tuple[str, str], pa.Schema]) -> di
     table_rules: list[dict[str, Any]] = [
         # Lakewarden's own user registers tables; it may read and own, never write rows.
         {"user": ADMIN_USER, "catalog": CATALOG, "privileges": ["SELECT", "OWNERSHIP"]},
+        # The feature store's service user reads silver (the gate decided the purpose before
+        # Feast runs) and writes only its scratch tables in the memory catalog.
+        {"user": FEATURES_USER, "catalog": CATALOG, "schema": "silver", "privileges": ["SELECT"]},
+        {"user": FEATURES_USER, "catalog": "memory", "privileges": ["SELECT", "INSERT", "DELETE", "UPDATE", "OWNERSHIP"]},
     ]
     for (schema, table), arrow_schema in sorted(tables.items()):
         if schema == "audit":
@@ -128,10 +133,15 @@ def compile_rules(ws: Workspace, tables: dict[tuple[str, str], pa.Schema]) -> di
     return {
         "catalogs": [
             {"user": ADMIN_USER, "catalog": f"{CATALOG}|system", "allow": "all"},
+            {"user": FEATURES_USER, "catalog": CATALOG, "allow": "read-only"},
+            {"user": FEATURES_USER, "catalog": "memory", "allow": "all"},
             {"group": readers, "catalog": CATALOG, "allow": "read-only"},
             {"group": readers, "catalog": "system", "allow": "read-only"},
         ],
-        "schemas": [{"user": ADMIN_USER, "schema": ".*", "owner": True}],
+        "schemas": [
+            {"user": ADMIN_USER, "schema": ".*", "owner": True},
+            {"user": FEATURES_USER, "catalog": "memory", "schema": ".*", "owner": True},
+        ],
         "tables": table_rules,
         "procedures": [
             {"user": ADMIN_USER, "catalog": CATALOG, "schema": "system",

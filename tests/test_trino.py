@@ -108,7 +108,8 @@ def test_rules_follow_the_gate(project: Path):
     assert by[("compliance_officer", "audit", "events")]["privileges"] == ["SELECT"]
     assert not any(r.get("group") == "analyst" and r.get("schema") == "audit" for r in rules["tables"])
     for r in rules["tables"]:
-        assert set(r["privileges"]) <= {"SELECT", "OWNERSHIP"}  # Trino stays read-only
+        if r.get("catalog") == "delta_lake":
+            assert set(r["privileges"]) <= {"SELECT", "OWNERSHIP"}  # Trino stays read-only on the Delta tables
     ws.close()
 
 
@@ -227,6 +228,35 @@ def test_tables_checkpointed_by_delta_rs_read_correctly(lake, tmp_path: Path):
     assert n == DeltaTable(Catalog(ws.config).uri(ref)).count()
     trino_rows, embedded_rows = both(ws, "dana", "SELECT channel, count(*) AS n FROM bronze.transactions GROUP BY channel")
     assert trino_rows == embedded_rows
+
+
+def test_feature_store_with_the_trino_offline_store(lake, tmp_path: Path):
+    """Feast's Trino offline store over the same silver tables gives the same training set."""
+    import warnings
+
+    from features.store import Features
+
+    warnings.filterwarnings("ignore")
+    ws, _ = lake
+    feats = ["customer_profile:income", "customer_profile:region"]
+    local = Features(ws)
+    local.apply(ws.actor("pipeline"))
+    want = local.training_set(ws.actor("sam"), purpose="credit_scoring", features=feats, label="defaulted")
+    cfg = Path(ws.config.source)
+    alt = cfg.with_name("lakewarden-trino-features.yaml")
+    alt.write_text(cfg.read_text() + "features: {offline: trino, registry: .lakewarden/feast/registry-trino.db}\n")
+    ws2 = Workspace.open(alt)
+    fs = Features(ws2)
+    fs.apply(ws2.actor("pipeline"))
+    got = fs.training_set(ws2.actor("sam"), purpose="credit_scoring", features=feats, label="defaulted",
+                          at=want.table["event_timestamp"][0].as_py())
+    key = lambda t: sorted(zip(t["customer_id"].to_pylist(), t["income"].to_pylist(), t["region"].to_pylist()))  # noqa: E731
+    assert key(got.table) == key(want.table)
+    fs.materialize(ws2.actor("pipeline"))
+    tok = want.table["customer_id"][0].as_py()
+    online = fs.online(ws2.actor("mel"), purpose="credit_scoring", features=feats, tokens=[tok])
+    assert online["income"][0].as_py() == want.table["income"][0].as_py()
+    ws2.close()
 
 
 # -- rendered production and cluster configurations ------------------------------------------------
