@@ -175,30 +175,7 @@ class KeyRing:
         """
         if len(values) != len(tokens):
             raise ValueError(f"seal_many: {len(values)} values but {len(tokens)} tokens")
-        prefix = _aad_prefix(dataset, column)
-        ciphers = self._ciphers(values, tokens, prefix)
-        out: list[bytes | None] = []
-        append = out.append
-        ver = _VERSION_BYTE
-        n = len(values)
-        for start in range(0, n, _BATCH):
-            stop = min(start + _BATCH, n)
-            nonces = os.urandom(_NONCE * (stop - start))
-            j = 0
-            for i in range(start, stop):
-                v = values[i]
-                if v is None:
-                    append(None)
-                    continue
-                if type(v) is str:
-                    v = v.encode("utf-8")
-                elif type(v) is not bytes:
-                    v = _plain(v)
-                c, aad = ciphers[tokens[i]]
-                nonce = nonces[j : j + _NONCE]
-                j += _NONCE
-                append(ver + nonce + c.encrypt(nonce, v, aad))
-        return out
+        return self.seal_columns({column: values}, tokens, dataset=dataset)[column]
 
     def seal_columns(
         self,
