@@ -97,3 +97,28 @@ def test_sql_time_travel(lake: Path):
     assert json.loads(v0.stdout)[0]["n"] == json.loads(now.stdout)[0]["n"]  # one ingest, one version of rows
     p = lw(lake, "sql", "SELECT 1 FROM bronze.customers", "--version", "999", user="dana")
     assert p.returncode == 2 and "999" in p.stderr
+
+
+def test_features_commands(lake: Path, tmp_path: Path):
+    assert lw(lake, "features", "apply", user="ana").returncode == 3  # analysts do not run the feature store
+    p = lw(lake, "features", "apply", user="dana")
+    assert p.returncode == 0 and "customer_profile" in p.stdout, p.stderr
+    assert lw(lake, "features", "materialize", user="dana").returncode == 0
+    out = tmp_path / "ts.parquet"
+    p = lw(lake, "features", "training-set", "--purpose", "credit_scoring", "--label", "defaulted",
+           "--features", "customer_profile:income,customer_profile:region", "--out", str(out), user="sam")
+    assert p.returncode == 0, p.stderr
+    t = pq.read_table(out)
+    assert t.num_rows == 400 and {"customer_id", "income", "region", "defaulted"} <= set(t.column_names)
+    token = t["customer_id"][0].as_py()
+    p = lw(lake, "features", "online", "--purpose", "credit_scoring", "--features", "customer_profile:income",
+           "--tokens", token, user="mel")
+    assert p.returncode == 0 and token in p.stdout
+    p = lw(lake, "features", "training-set", "--purpose", "credit_scoring", "--features", "customer_sensitive:sex", user="sam")
+    assert p.returncode == 3 and "customers/purposes/credit_scoring/sensitive" in p.stderr
+    p = lw(lake, "features", "online", "--purpose", "credit_scoring", "--features", "customer_profile:income",
+           "--tokens", "C-000000001", user="mel")
+    assert p.returncode == 2 and "not subject tokens" in p.stderr
+    assert lw(lake, "features", "erase", "--token", token, user="sam").returncode == 3  # compliance only
+    p = lw(lake, "features", "erase", "--token", token, user="carla")
+    assert p.returncode == 0 and "silver.customers: 1 row(s) removed" in p.stdout
