@@ -52,6 +52,8 @@ trino_app = typer.Typer(help="A local Trino server over the governed tables: up,
 app.add_typer(trino_app, name="trino")
 features_app = typer.Typer(help="Feast over the governed tables: apply, materialize, training-set, online, erase.", no_args_is_help=True)
 app.add_typer(features_app, name="features")
+privacy_app = typer.Typer(help="Differential-privacy budgets per dataset (the privacy ledger).", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
 tables_app = typer.Typer(help="Governed Delta tables: list, describe, history, optimize, vacuum.", no_args_is_help=True)
 app.add_typer(tables_app, name="tables")
 
@@ -718,6 +720,28 @@ def features_erase(
                     subject_token=token, details={"removed": removed})
     for where, n in removed.items():
         console.print(f"{where}: {n} row(s) removed")
+
+
+# -- privacy ----------------------------------------------------------------------------------
+@privacy_app.command("status")
+def privacy_status(
+    ctx: typer.Context,
+    dataset: Annotated[Optional[str], typer.Argument(help="Dataset (default: every dataset with a budget).")] = None,
+) -> None:
+    """ε spent, reserved and left per dataset, composed over every private run."""
+    from governance.ledger import PrivacyLedger
+
+    ws = _state(ctx).workspace()
+    led = PrivacyLedger(ws)
+    names = [dataset] if dataset else sorted(n for n, p in ws.policies.datasets.items() if p.privacy)
+    t = Table(title="privacy budgets (basic composition)")
+    for c in ("dataset", "ε total", "ε spent", "ε reserved", "ε left", "δ spent / max", "runs"):
+        t.add_column(c, justify="left" if c == "dataset" else "right")
+    for n in names:
+        s_ = led.status(n)
+        t.add_row(n, f"{s_.epsilon_total:g}", f"{s_.epsilon_spent:.3g}", f"{s_.epsilon_reserved:.3g}",
+                  f"{s_.epsilon_left:.3g}", f"{s_.delta_spent:.2g} / {s_.delta_max:.2g}", str(s_.runs))
+    console.print(t)
 
 
 # -- trino ----------------------------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""The privacy ledger: differential-privacy budgets that compose across runs.
+
+Opacus accounts for one training run; nothing in it remembers what earlier runs on the same
+data spent. The ledger does: every private run on a dataset is recorded, and runs compose
+by basic sequential composition (ε and δ add up) — a bound that holds whatever the
+mechanisms were, so it never overstates what is left.
+
+A run goes through three states, each an append to an append-only Delta table:
+
+``reserved``  before training starts: the gate checks the run's target ε against what is
+              left (``<dataset>/privacy/epsilon_total`` names the rule and says how much is
+              left); a reservation counts as spent, so two runs started together cannot
+              both pass on the same remaining budget (reservations are serialized by a lock).
+``spent``     after training: the ε the accountant actually reports (≤ the target).
+``released``  the run ended before it touched any data; its reservation stops counting.
+
+Example::
+
+    ledger = PrivacyLedger(ws)
+    res = ledger.reserve(actor, "customers", purpose="credit_scoring", epsilon=3.0, delta=1e-5)
+    ... train with Opacus, target ε = 3 ...
+    ledger.commit(res.run_id, epsilon=2.97)
+    ledger.status("customers")   # spent, reserved, left
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable, write_deltalake
+
+from governance.errors import LakewardenError
+from governance.gate import Actor, Resource
+from governance.policy import Stage
+from governance.workspace import Workspace
+
+LEDGER_TABLE = "_privacy/ledger"
+SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("state", pa.string(), nullable=False),
+        pa.field("epsilon", pa.float64(), nullable=False),
+        pa.field("delta", pa.float64(), nullable=False),
+        pa.field("purpose", pa.string()),
+        pa.field("accountant", pa.string()),
+        pa.field("actor", pa.string(), nullable=False),
+        pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+
+class LedgerError(LakewardenError):
+    """A ledger operation is invalid (unknown run, wrong state, ε above the reservation)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Reservation:
+    run_id: str
+    dataset: str
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    dataset: str
+    epsilon_total: float
+    delta_max: float
+    epsilon_spent: float
+    epsilon_reserved: float
+    delta_spent: float
+    runs: int
+
+    @property
+    def epsilon_left(self) -> float:
+        return max(self.epsilon_total - self.epsilon_spent - self.epsilon_reserved, 0.0)
+
+
+class PrivacyLedger:
+    """Per-dataset privacy budgets, recorded in an append-only Delta table."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.uri = ws.config.table_uri(LEDGER_TABLE)
+        self._lock_path = ws.config.workspace_dir / "privacy" / ".lock"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _rows(self) -> pa.Table:
+        if not DeltaTable.is_deltatable(self.uri):
+            return SCHEMA.empty_table()
+        return DeltaTable(self.uri).to_pyarrow_table()
+
+    def _append(self, row: dict[str, Any]) -> None:
+        write_deltalake(self.uri, pa.Table.from_pylist([row], schema=SCHEMA), mode="append",
+                        configuration={"delta.appendOnly": "true"})
+
+    def _latest(self, rows: pa.Table) -> dict[str, dict[str, Any]]:
+        """The latest state of every run."""
+        latest: dict[str, dict[str, Any]] = {}
+        for r in rows.sort_by("recorded_at").to_pylist():
+            latest[r["run_id"]] = r
+        return latest
+
+    def status(self, dataset: str) -> BudgetStatus:
+        pol = self.ws.policies.dataset(dataset)
+        if pol.privacy is None:
+            raise LedgerError(f"'{dataset}' declares no privacy budget")
+        rows = self._rows()
+        rows = rows.filter(pc.equal(rows["dataset"], dataset)) if rows.num_rows else rows
+        spent = reserved = dspent = 0.0
+        runs = 0
+        for r in self._latest(rows).values():
+            if r["state"] == "spent":
+                spent += r["epsilon"]
+                dspent += r["delta"]
+                runs += 1
+            elif r["state"] == "reserved":
+                reserved += r["epsilon"]
+                dspent += r["delta"]
+                runs += 1
+        return BudgetStatus(dataset, pol.privacy.epsilon_total, pol.privacy.delta, spent, reserved, dspent, runs)
+
+    def reserve(self, actor: Actor, dataset: str, *, purpose: str, epsilon: float, delta: float,
+                accountant: str = "prv", columns: list[str] | None = None) -> Reservation:
+        """Ask the gate (with what is already spent) and reserve the run's budget; raise AccessDenied if over."""
+        if not epsilon > 0 or not 0 < delta < 1:
+            raise LedgerError(f"epsilon must be > 0 and delta in (0, 1) (got {epsilon!r}, {delta!r})")
+        with self._locked():
+            st = self.status(dataset)
+            self.ws.gate.enforce(
+                Stage.TRAIN, actor, Resource.dataset(dataset),
+                {"purpose": purpose, "epsilon": epsilon, "delta": delta, "columns": columns or [],
+                 "epsilon_spent": st.epsilon_spent + st.epsilon_reserved},
+            )
+            run_id = uuid.uuid4().hex
+            self._append({"run_id": run_id, "dataset": dataset, "state": "reserved", "epsilon": float(epsilon),
+                          "delta": float(delta), "purpose": purpose, "accountant": accountant, "actor": actor.name,
+                          "recorded_at": datetime.now(timezone.utc)})
+        self.ws.audit.record("privacy.reserve", actor=actor.name, outcome="ok", stage=Stage.TRAIN.value,
+                             resource=f"dataset:{dataset}", details={"run_id": run_id, "epsilon": epsilon, "delta": delta})
+        return Reservation(run_id, dataset, float(epsilon), float(delta))
+
+    def _transition(self, run_id: str, state: str, epsilon: float | None, actor: str) -> dict[str, Any]:
+        with self._locked():
+            latest = self._latest(self._rows())
+            cur = latest.get(run_id)
+            if cur is None:
+                raise LedgerError(f"no privacy run {run_id}")
+            if cur["state"] != "reserved":
+                raise LedgerError(f"privacy run {run_id} is already {cur['state']}")
+            eps = cur["epsilon"] if epsilon is None else float(epsilon)
+            if eps > cur["epsilon"] + 1e-9:
+                raise LedgerError(
+                    f"run {run_id} spent ε={eps:g}, more than its reservation ε={cur['epsilon']:g}: the accountant's "
+                    "target was not honoured"
+                )
+            row = {**cur, "state": state, "epsilon": eps if state == "spent" else cur["epsilon"], "actor": actor,
+                   "recorded_at": datetime.now(timezone.utc)}
+            self._append(row)
+        self.ws.audit.record(f"privacy.{state}", actor=actor, outcome="ok", resource=f"dataset:{cur['dataset']}",
+                             details={"run_id": run_id, "epsilon": row["epsilon"]})
+        return row
+
+    def commit(self, run_id: str, *, epsilon: float, actor: str = "lakewarden") -> None:
+        """Record what the run actually spent (the accountant's ε, at most the reservation)."""
+        self._transition(run_id, "spent", epsilon, actor)
+
+    def release(self, run_id: str, *, actor: str = "lakewarden") -> None:
+        """The run never touched data: its reservation stops counting."""
+        self._transition(run_id, "released", None, actor)
+
+
+__all__ = ["PrivacyLedger", "Reservation", "BudgetStatus", "LedgerError", "LEDGER_TABLE"]
