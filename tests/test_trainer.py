@@ -56,3 +56,13 @@ def test_bad_inputs():
         TrainOptions(target_epsilon=0)
     with pytest.raises(ValueError, match="n × d"):
         train(X[:, 0], y, TrainOptions(epochs=1))
+
+
+def test_two_process_data_parallel_training():
+    from training.trainer import train_distributed
+
+    X, y = data(3000)
+    r = train_distributed(X, y, TrainOptions(epochs=2, target_epsilon=2.0, accountant="rdp"), world_size=2)
+    assert 0 < r.epsilon <= 2.0 + 1e-6
+    p = predict_proba(r, X)
+    assert ((p > 0.5) == (y > 0.5)).mean() > 0.7
