@@ -1,0 +1,531 @@
+"""Fairness evaluation: sensitive attributes decrypted under the gate, group metrics, the
+policy's thresholds, and reweighing as the mitigation when they are not met.
+
+The flow a training run follows::
+
+    groups = decrypt_sensitive(ws, actor, "customers", tokens)          # gated, audited
+    metrics = fairness_metrics(y_true, y_pred, groups)                   # per attribute
+    verdict = check_fairness(metrics, ws.policies.dataset("customers").fairness)
+    if not verdict.passed:                                               # retrain with weights
+        w = reweighing(y_train, groups_train["ethnicity"])
+        ...
+    card["fairness"] = gate_context(metrics)                             # what Gate._deploy reads
+
+Sensitive values. ``sex`` and ``ethnicity`` are stored in silver as AES-GCM ciphertexts
+sealed under each subject's own key. :func:`decrypt_sensitive` asks the gate first
+(stage ``evaluate``, purpose ``fairness_evaluation``, the policy's sensitive attributes as
+columns), decrypts only the rows asked for, keeps the plaintext in memory only, and
+audits one ``fairness.decrypt`` event that holds counts, never values. A crypto-shredded
+subject reads as ``None`` (its group is unknown) and is left out of the metrics, where
+the ``excluded`` count says so.
+
+Metrics (per sensitive attribute, over rows whose group is known; "selected" means
+``y_pred == pos_label``):
+
+* ``disparate_impact`` = min over groups of the selection rate / max over groups.
+  1.0 is parity; the policy's ``disparate_impact_min`` (the four-fifths rule: 0.8) is
+  the floor.
+* ``equal_opportunity_diff`` = max - min of the true positive rate across groups.
+* ``predictive_parity_diff`` = max - min of the precision (positive predictive value).
+
+A group with no actual positives has no true positive rate, and one with no predicted
+positives has no precision: such a group is reported with ``None`` for that rate, left
+out of that difference, and a line in ``notes`` says so. A metric that cannot be
+computed at all (fewer than one defined group, or nobody selected) is ``None``:
+:func:`check_fairness` fails it and :func:`gate_context` leaves it out, so the gate's
+own fail-closed defaults deny the deployment.
+
+Mitigation: reweighing (Kamiran & Calders, 2012). Each training row of group ``g`` and
+label ``y`` gets the weight::
+
+    w(g, y) = P(g) * P(y) / P(g, y)  =  n_g * n_y / (n * n_gy)
+
+so that, weighted, the label is statistically independent of the group (weighted
+P(y | g) = P(y) for every g) while the total weight stays ``n``. Train again with
+``sample_weight=reweighing(y, group)`` and compare with :func:`mitigation_report`.
+Reweighing only changes what a model can learn from the group: a model whose inputs
+carry no group information (directly or through proxies) is unaffected by it.
+
+Errors: caller mistakes (lengths that differ, labels that are not binary) raise
+``ValueError``; a dataset with no ``fairness`` section, or no silver table yet, raises
+:class:`FairnessError`; a denied request raises :class:`~governance.errors.AccessDenied`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from governance.errors import LakewardenError, SubjectShredded
+from governance.gate import Actor, Resource
+from governance.policy import Fairness, Protection, Stage
+
+if TYPE_CHECKING:
+    from governance.workspace import Workspace
+
+__all__ = [
+    "FairnessError",
+    "FairnessVerdict",
+    "check_fairness",
+    "decrypt_sensitive",
+    "fairness_metrics",
+    "gate_context",
+    "mitigation_report",
+    "reweighing",
+]
+
+PURPOSE = "fairness_evaluation"
+#: The metrics the deployment gate reads, and whether higher is better.
+GATE_METRICS = {"disparate_impact": True, "equal_opportunity_diff": False, "predictive_parity_diff": False}
+
+
+class FairnessError(LakewardenError):
+    """Fairness cannot be evaluated (no ``fairness`` section in the policy, no silver table)."""
+
+
+# ----------------------------------------------------------------------------- decryption
+
+
+def decrypt_sensitive(
+    ws: "Workspace",
+    actor: Actor,
+    dataset: str,
+    tokens: Sequence[str],
+    *,
+    purpose: str = PURPOSE,
+) -> dict[str, list[str | None]]:
+    """The policy's sensitive attributes of ``dataset`` for ``tokens``, decrypted.
+
+    The gate decides first (stage ``evaluate`` on the dataset, with ``purpose`` and the
+    attribute names as columns). Values come from ``silver.<dataset>`` (or from
+    ``restricted.<dataset>`` for attributes with ``protection: restricted``), are opened
+    with each subject's key and decoded as UTF-8. They are returned, never stored.
+
+    Args:
+        ws: the workspace (gate, key ring, audit log, table locations).
+        actor: who asks (in the example policy, a data scientist: the role that runs ``evaluate``).
+        dataset: the dataset whose policy names ``fairness.sensitive_attributes``.
+        tokens: subject tokens (``sub_...``), e.g. the entity column of a test set.
+        purpose: the purpose stated to the gate.
+
+    Returns:
+        ``{attribute: values}`` with ``values[i]`` for ``tokens[i]``; ``None`` where the
+        subject is not in the table, its value is empty, or its key was shredded.
+
+    Raises:
+        AccessDenied: the gate said no (the message names the rule).
+        FairnessError: the policy has no ``fairness`` section, or the table does not exist.
+        DecryptionError: a ciphertext was tampered with or bound elsewhere (fail closed).
+        TypeError: a token is not a string.
+
+    Example::
+
+        groups = decrypt_sensitive(ws, ws.actor("sam"), "customers", test_set["customer_id"])
+        groups["sex"][:3]        # e.g. ['F', None, 'M'] -- None: unknown or shredded subject
+    """
+    tokens = _as_list(tokens)
+    bad = next((t for t in tokens if not isinstance(t, str)), _MISSING)
+    if bad is not _MISSING:
+        raise TypeError(f"subject tokens must be str, got {type(bad).__name__}")
+    policy = ws.policies.datasets.get(dataset)
+    columns = list(policy.fairness.sensitive_attributes) if policy is not None and policy.fairness else []
+    ws.gate.enforce(Stage.EVALUATE, actor, Resource.dataset(dataset), {"purpose": purpose, "columns": columns})
+    if policy is None or policy.fairness is None:  # the gate denies an unknown dataset; this is the other case
+        raise FairnessError(
+            f"dataset '{dataset}' declares no fairness section",
+            hint=f"add fairness.sensitive_attributes to policies/{dataset}.yaml",
+        )
+    by_layer: dict[str, list[str]] = {}
+    for c in columns:
+        layer = "restricted" if policy.columns[c].protection is Protection.RESTRICTED else "silver"
+        by_layer.setdefault(layer, []).append(c)
+    ring = ws.keyring
+    out: dict[str, list[str | None]] = {}
+    shredded: set[str] = set()
+    for layer, cols in by_layer.items():
+        blobs = _read_latest(ws, layer, dataset, policy.subject_key, cols, tokens)
+        for c in cols:
+            opened = _open_column(ring, blobs[c], tokens, dataset=dataset, column=c, shredded=shredded)
+            out[c] = [None if v is None else v.decode("utf-8") for v in opened]
+    found = sum(1 for i in range(len(tokens)) if any(out[c][i] is not None for c in columns))
+    ws.audit.record(
+        "fairness.decrypt",
+        actor=actor.name,
+        outcome="ok",
+        stage=Stage.EVALUATE.value,
+        resource=f"dataset:{dataset}",
+        details={
+            "columns": columns,
+            "subjects": len(set(tokens)),
+            "purpose": purpose,
+            "decrypted": found,
+            "shredded": len(shredded),
+        },
+    )
+    return {c: out[c] for c in columns}
+
+
+_MISSING = object()
+
+
+def _as_list(values: Any) -> list[Any]:
+    """A plain list from a list, tuple, numpy array, pandas Series or pyarrow array."""
+    if hasattr(values, "to_pylist"):
+        return values.to_pylist()
+    if hasattr(values, "tolist"):
+        return values.tolist()
+    return list(values)
+
+
+def _read_latest(
+    ws: "Workspace", layer: str, dataset: str, key: str, columns: list[str], tokens: list[str]
+) -> dict[str, list[bytes | None]]:
+    """Ciphertexts of ``columns`` aligned to ``tokens`` (the latest row per subject wins)."""
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    uri = ws.config.table_uri(f"{layer}/{dataset}")
+    try:
+        dt = DeltaTable(uri, storage_options=dict(ws.config.storage.options) or None)
+    except TableNotFoundError:
+        raise FairnessError(
+            f"table {layer}.{dataset} does not exist", hint=f"ingest '{dataset}' and build silver first"
+        ) from None
+    ds = dt.to_pyarrow_dataset()
+    names = set(ds.schema.names)
+    missing = [c for c in [key, *columns] if c not in names]
+    if missing:
+        raise FairnessError(f"table {layer}.{dataset} has no column(s) {', '.join(missing)}")
+    order = "_ingested_at" if "_ingested_at" in names else None
+    wanted = sorted(set(tokens))
+    tbl = ds.to_table(
+        columns=[key, *columns, *([order] if order else [])],
+        filter=pc.field(key).isin(wanted) if wanted else pc.scalar(False),
+    )
+    if order and tbl.num_rows:
+        tbl = tbl.sort_by([(order, "ascending")])
+    row_of: dict[str, int] = {}
+    for i, t in enumerate(tbl[key].to_pylist()):
+        row_of[t] = i  # ascending time: the latest row of a subject overwrites earlier ones
+    out: dict[str, list[bytes | None]] = {}
+    for c in columns:
+        vals = tbl[c].to_pylist()
+        out[c] = [vals[row_of[t]] if t in row_of else None for t in tokens]
+    return out
+
+
+def _open_column(
+    ring: Any, blobs: list[bytes | None], tokens: list[str], *, dataset: str, column: str, shredded: set[str]
+) -> list[bytes | None]:
+    """``open_many``; if a subject was shredded, value by value with that subject's values as None."""
+    live = [None if t in shredded else b for b, t in zip(blobs, tokens)]
+    try:
+        return ring.open_many(live, tokens, dataset=dataset, column=column)
+    except SubjectShredded:
+        pass
+    out: list[bytes | None] = []
+    for b, t in zip(live, tokens):
+        if b is None or t in shredded:
+            out.append(None)
+            continue
+        try:
+            out.append(ring.open(b, token=t, dataset=dataset, column=column))
+        except SubjectShredded:
+            shredded.add(t)
+            out.append(None)
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _binary(values: Any, what: str, pos_label: int) -> np.ndarray:
+    arr = np.asarray(values.to_pylist() if hasattr(values, "to_pylist") else values)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be one-dimensional (got shape {arr.shape})")
+    if arr.dtype == bool:
+        arr = arr.astype(int)
+    try:
+        uniq = set(np.unique(arr).tolist())
+    except TypeError:
+        uniq = {"<mixed types>"}
+    if not uniq <= {0, 1}:
+        shown = ", ".join(map(repr, sorted(uniq, key=str)[:5]))
+        raise ValueError(f"{what} must be binary: 0/1 or False/True (found {shown})")
+    return (arr == pos_label).astype(int)
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _rate(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def _spread(values: dict[str, float | None]) -> float | None:
+    defined = [v for v in values.values() if v is not None]
+    return (max(defined) - min(defined)) if defined else None
+
+
+def fairness_metrics(
+    y_true: Sequence[Any],
+    y_pred: Sequence[Any],
+    groups: Mapping[str, Sequence[Any]],
+    *,
+    pos_label: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """Group fairness metrics per sensitive attribute (see the module docstring).
+
+    Args:
+        y_true: true labels, 0/1 or bool.
+        y_pred: predicted labels, 0/1 or bool (threshold scores first).
+        groups: attribute name to each row's group; ``None`` (or NaN) means unknown and
+            the row is excluded from that attribute's metrics.
+        pos_label: the label that counts as "selected" and "positive" (1 by default).
+            For a label where 1 is the unfavourable outcome (``defaulted``), pass 0 to
+            measure the favourable one.
+
+    Returns:
+        ``{attribute: {"disparate_impact", "equal_opportunity_diff",
+        "predictive_parity_diff", "by_group", "excluded", "notes"}}``; ``by_group`` maps
+        each group to ``count``, ``selection_rate``, ``true_positive_rate`` and
+        ``precision`` (``None`` where undefined).
+
+    Raises:
+        ValueError: lengths differ, labels are not binary, ``pos_label`` is not 0 or 1.
+
+    Example:
+
+    >>> m = fairness_metrics([1, 0, 1, 0], [1, 0, 1, 1], {"sex": ["F", "F", "M", "M"]})
+    >>> m["sex"]["disparate_impact"], m["sex"]["predictive_parity_diff"]
+    (0.5, 0.5)
+    """
+    from fairlearn.metrics import MetricFrame, count, selection_rate
+
+    if pos_label not in (0, 1):
+        raise ValueError(f"pos_label must be 0 or 1 (got {pos_label!r})")
+    yt = _binary(y_true, "y_true", pos_label)
+    yp = _binary(y_pred, "y_pred", pos_label)
+    if len(yt) != len(yp):
+        raise ValueError(f"y_true has {len(yt)} rows but y_pred has {len(yp)}")
+    groups = {attr: _as_list(g) for attr, g in groups.items()}
+    for attr, g in groups.items():
+        if len(g) != len(yt):
+            raise ValueError(f"groups['{attr}'] has {len(g)} values but there are {len(yt)} labels")
+
+    out: dict[str, dict[str, Any]] = {}
+    for attr, g in groups.items():
+        known = np.array([not _is_missing(v) for v in g], dtype=bool)
+        excluded = int((~known).sum())
+        notes: list[str] = []
+        if excluded:
+            notes.append(f"{excluded} row(s) with unknown {attr} (shredded or missing) are excluded")
+        labels = np.array([str(v) for v, k in zip(g, known) if k], dtype=object)
+        t, p = yt[known], yp[known]
+        by_group: dict[str, dict[str, Any]] = {}
+        if len(labels):
+            # fairlearn gives per-group counts and selection rates; TPR and precision are computed
+            # from the confusion counts so that an undefined rate is None, not fairlearn's silent 0.
+            mf = MetricFrame(
+                metrics={"count": count, "selection_rate": selection_rate, "tp": _tp, "pos": _pos, "sel": _sel},
+                y_true=t, y_pred=p, sensitive_features=labels,
+            )
+            frame = mf.by_group
+            for grp, row in frame.iterrows():
+                n, tp, pos, sel = int(row["count"]), int(row["tp"]), int(row["pos"]), int(row["sel"])
+                by_group[str(grp)] = {
+                    "count": n,
+                    "selection_rate": float(row["selection_rate"]),
+                    "true_positive_rate": _rate(tp, pos),
+                    "precision": _rate(tp, sel),
+                }
+        tpr = {k: v["true_positive_rate"] for k, v in by_group.items()}
+        prec = {k: v["precision"] for k, v in by_group.items()}
+        sel_rates = [v["selection_rate"] for v in by_group.values()]
+        for k, v in tpr.items():
+            if v is None:
+                notes.append(f"group '{k}' has no actual positives: its true positive rate is undefined "
+                             "and left out of equal_opportunity_diff")
+        for k, v in prec.items():
+            if v is None:
+                notes.append(f"group '{k}' has no predicted positives: its precision is undefined "
+                             "and left out of predictive_parity_diff")
+        if len(by_group) < 2:
+            notes.append(f"only {len(by_group)} group(s) of {attr} with known values: nothing to compare")
+        di: float | None = None
+        if sel_rates and max(sel_rates) > 0:
+            di = min(sel_rates) / max(sel_rates)
+        elif sel_rates:
+            notes.append("no row is selected in any group: disparate impact is undefined")
+        eo, pp = _spread(tpr), _spread(prec)
+        out[attr] = {
+            "disparate_impact": di,
+            "equal_opportunity_diff": eo,
+            "predictive_parity_diff": pp,
+            "by_group": by_group,
+            "excluded": excluded,
+            "notes": notes,
+        }
+    return out
+
+
+def _tp(y_true: np.ndarray, y_pred: np.ndarray) -> int:
+    return int(np.sum((np.asarray(y_true) == 1) & (np.asarray(y_pred) == 1)))
+
+
+def _pos(y_true: np.ndarray, y_pred: np.ndarray) -> int:
+    return int(np.sum(np.asarray(y_true) == 1))
+
+
+def _sel(y_true: np.ndarray, y_pred: np.ndarray) -> int:
+    return int(np.sum(np.asarray(y_pred) == 1))
+
+
+# ----------------------------------------------------------------------------- policy check
+
+
+@dataclass(frozen=True)
+class FairnessVerdict:
+    """Whether the metrics meet the policy; each failure names attribute, metric, value and threshold."""
+
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+def check_fairness(metrics: Mapping[str, Mapping[str, Any]], policy_fairness: Fairness) -> FairnessVerdict:
+    """Check metrics from :func:`fairness_metrics` against a policy's ``fairness`` section.
+
+    Uses the same comparisons as the deployment gate (``disparate_impact >=
+    disparate_impact_min``, ``|difference| <= max_diff``). A missing attribute or an
+    undefined metric fails.
+
+    Example:
+
+    >>> from governance.policy import Fairness
+    >>> m = fairness_metrics([1, 0, 1, 0], [1, 0, 1, 1], {"sex": ["F", "F", "M", "M"]})
+    >>> check_fairness(m, Fairness(sensitive_attributes=["sex"])).failures[0]
+    'sex: disparate_impact 0.500 < disparate_impact_min 0.8'
+    """
+    if not isinstance(policy_fairness, Fairness):
+        raise TypeError(f"policy_fairness must be a governance.policy.Fairness, got {type(policy_fairness).__name__}")
+    f = policy_fairness
+    rules = (
+        ("disparate_impact", "disparate_impact_min", f.disparate_impact_min),
+        ("equal_opportunity_diff", "equal_opportunity_max_diff", f.equal_opportunity_max_diff),
+        ("predictive_parity_diff", "predictive_parity_max_diff", f.predictive_parity_max_diff),
+    )
+    failures: list[str] = []
+    for attr in f.sensitive_attributes:
+        m = metrics.get(attr)
+        if m is None:
+            failures.append(f"{attr}: no fairness metrics (the policy requires them)")
+            continue
+        for metric, rule, limit in rules:
+            v = m.get(metric)
+            if v is None:
+                failures.append(f"{attr}: {metric} is undefined, so {rule} {limit:g} cannot be met")
+            elif GATE_METRICS[metric] and v < limit:
+                failures.append(f"{attr}: {metric} {v:.3f} < {rule} {limit:g}")
+            elif not GATE_METRICS[metric] and abs(v) > limit:
+                failures.append(f"{attr}: {metric} {v:.3f} > {rule} {limit:g}")
+    return FairnessVerdict(passed=not failures, failures=failures)
+
+
+def gate_context(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """The ``fairness`` entry of the deployment context: ``{attr: {metric: float}}``.
+
+    Undefined metrics are left out, so the gate applies its fail-closed defaults to them.
+    """
+    return {
+        attr: {k: float(m[k]) for k in GATE_METRICS if m.get(k) is not None}
+        for attr, m in metrics.items()
+    }
+
+
+# ----------------------------------------------------------------------------- mitigation
+
+
+def reweighing(y_true: Sequence[Any], group: Sequence[Any] | Mapping[str, Sequence[Any]]) -> np.ndarray:
+    """Kamiran-Calders sample weights ``w(g, y) = P(g) P(y) / P(g, y)``.
+
+    Args:
+        y_true: training labels, 0/1 or bool.
+        group: each row's group, or ``{attribute: groups}`` to reweigh on the
+            intersection of several attributes. Rows with an unknown group (``None``) get
+            weight 1.0 and the probabilities are taken over the known rows.
+
+    Returns:
+        A float array, one weight per row, for ``fit(..., sample_weight=...)``; over the
+        known rows the weights sum to their number.
+
+    Raises:
+        ValueError: lengths differ or labels are not binary.
+
+    Example:
+
+    >>> reweighing([1, 1, 0, 0, 0, 0], ["a", "a", "a", "b", "b", "b"]).round(3).tolist()
+    [0.5, 0.5, 2.0, 0.667, 0.667, 0.667]
+    """
+    y = _binary(y_true, "y_true", 1)
+    if isinstance(group, Mapping):
+        cols = [(attr, _as_list(g)) for attr, g in group.items()]
+        for attr, g in cols:
+            if len(g) != len(y):
+                raise ValueError(f"group['{attr}'] has {len(g)} values but there are {len(y)} labels")
+        keys: list[Any] = [
+            None if any(_is_missing(g[i]) for _, g in cols) else tuple(str(g[i]) for _, g in cols)
+            for i in range(len(y))
+        ]
+    else:
+        group = _as_list(group)
+        if len(group) != len(y):
+            raise ValueError(f"group has {len(group)} values but there are {len(y)} labels")
+        keys = [None if _is_missing(v) else str(v) for v in group]
+    w = np.ones(len(y), dtype=float)
+    known = np.array([k is not None for k in keys], dtype=bool)
+    n = int(known.sum())
+    if n == 0:
+        return w
+    codes: dict[Any, int] = {}
+    gi = np.array([codes.setdefault(k, len(codes)) if k is not None else -1 for k in keys])
+    gk, yk = gi[known], y[known]
+    n_g = np.bincount(gk, minlength=len(codes)).astype(float)
+    n_y = np.bincount(yk, minlength=2).astype(float)
+    n_gy = np.zeros((len(codes), 2))
+    np.add.at(n_gy, (gk, yk), 1.0)
+    w[known] = n_g[gk] * n_y[yk] / (n * n_gy[gk, yk])
+    return w
+
+
+def mitigation_report(
+    before: Mapping[str, Mapping[str, Any]], after: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Before/after of each gate metric per attribute.
+
+    Returns:
+        ``{attr: {metric: {"before", "after", "change", "improved"}}}``; ``improved`` is
+        True when disparate impact rose or a difference shrank in absolute value, and
+        ``None`` (like ``change``) when either side is undefined.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for attr in [*before, *(a for a in after if a not in before)]:
+        b, a = before.get(attr, {}), after.get(attr, {})
+        rows: dict[str, dict[str, Any]] = {}
+        for metric, higher_better in GATE_METRICS.items():
+            vb, va = b.get(metric), a.get(metric)
+            change = improved = None
+            if vb is not None and va is not None:
+                change = va - vb
+                improved = va > vb if higher_better else abs(va) < abs(vb)
+            rows[metric] = {"before": vb, "after": va, "change": change, "improved": improved}
+        out[attr] = rows
+    return out
