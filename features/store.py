@@ -72,6 +72,7 @@ class TrainingSet:
     purpose: str
     sources: dict[str, int] = field(default_factory=dict)  # table -> Delta version
     run_id: str = ""
+    decision: Any = None  # the gate's Decision that allowed it
 
 
 class Features:
@@ -230,8 +231,8 @@ class Features:
                              details={"views": versions, "end": end.isoformat()})
         return versions
 
-    def _decide(self, actor: Actor, stage: Stage, pol: DatasetPolicy, purpose: str, columns: list[str]) -> None:
-        self.ws.gate.enforce(stage, actor, Resource.dataset(pol.dataset), {"purpose": purpose, "columns": columns})
+    def _decide(self, actor: Actor, stage: Stage, pol: DatasetPolicy, purpose: str, columns: list[str]) -> Any:
+        return self.ws.gate.enforce(stage, actor, Resource.dataset(pol.dataset), {"purpose": purpose, "columns": columns})
 
     def training_set(
         self,
@@ -251,7 +252,7 @@ class Features:
         feature value existed yet (Feast can drop such rows silently; this is checked).
         """
         pol, columns = self._resolve(features)
-        self._decide(actor, Stage.FEATURES, pol, purpose, columns + ([label] if label else []))
+        decision = self._decide(actor, Stage.FEATURES, pol, purpose, columns + ([label] if label else []))
         key = pol.subject_key
         silver_ref = TableRef("silver", pol.dataset)
         silver_version = self.catalog.open(silver_ref).version()
@@ -290,7 +291,7 @@ class Features:
         self.ws.audit.record("features.training_set", actor=actor.name, outcome="ok", stage=Stage.FEATURES.value,
                              resource=f"dataset:{pol.dataset}",
                              details={"purpose": purpose, "features": features, "rows": n_in, "silver_version": silver_version})
-        return TrainingSet(out, pol.dataset, features, purpose, {str(silver_ref): silver_version}, run_id)
+        return TrainingSet(out, pol.dataset, features, purpose, {str(silver_ref): silver_version}, run_id, decision)
 
     def online(self, actor: Actor, *, purpose: str, features: list[str], tokens: list[str]) -> pa.Table:
         """Online feature values for subject tokens (gated as ``serve`` for the purpose)."""

@@ -70,6 +70,7 @@ class Reservation:
     dataset: str
     epsilon: float
     delta: float
+    decision: Any = None  # the gate's Decision that allowed it
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class PrivacyLedger:
             raise LedgerError(f"epsilon must be > 0 and delta in (0, 1) (got {epsilon!r}, {delta!r})")
         with self._locked():
             st = self.status(dataset)
-            self.ws.gate.enforce(
+            decision = self.ws.gate.enforce(
                 Stage.TRAIN, actor, Resource.dataset(dataset),
                 {"purpose": purpose, "epsilon": epsilon, "delta": delta, "columns": columns or [],
                  "epsilon_spent": st.epsilon_spent + st.epsilon_reserved},
@@ -158,7 +159,7 @@ class PrivacyLedger:
                           "recorded_at": datetime.now(timezone.utc)})
         self.ws.audit.record("privacy.reserve", actor=actor.name, outcome="ok", stage=Stage.TRAIN.value,
                              resource=f"dataset:{dataset}", details={"run_id": run_id, "epsilon": epsilon, "delta": delta})
-        return Reservation(run_id, dataset, float(epsilon), float(delta))
+        return Reservation(run_id, dataset, float(epsilon), float(delta), decision)
 
     def _transition(self, run_id: str, state: str, epsilon: float | None, actor: str) -> dict[str, Any]:
         with self._locked():

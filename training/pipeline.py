@@ -1,0 +1,180 @@
+"""Train, evaluate and register a private model: the training stage end to end.
+
+:func:`train_model`:
+
+1. builds a point-in-time training set from the feature store (gated by purpose: no
+   sensitive attribute reaches a ``credit_scoring`` model);
+2. reserves the run's privacy budget in the ledger — the gate refuses, before any training,
+   a run that would take the dataset past its total ε, and says how much is left;
+3. trains the MLP with Opacus DP-SGD (target ε and δ from the options, capped by policy;
+   optionally data-parallel across processes) and commits the ε the accountant reports;
+4. evaluates accuracy and AUC on a holdout, and fairness across the policy's sensitive
+   attributes — decrypted only here, for purpose ``fairness_evaluation``, audited;
+5. if the fairness verdict fails and ``mitigate`` is on, retrains with reweighing (Kamiran &
+   Calders) — a second private run, with its own reservation — and keeps the mitigated
+   model with before/after metrics;
+6. registers the model: weights, the feature encoder, and a model card (data versions, ε,
+   δ, accountant, utility, fairness, lineage run ids, gate decisions).
+
+Fairness is measured on the favourable outcome of a credit decision: predicted
+``defaulted = 0`` (approval) is the "selected" outcome (``favourable_label`` in the card).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from governance.gate import Actor
+from governance.ledger import PrivacyLedger
+from governance.lineage import DatasetRef
+from governance.workspace import Workspace
+from features.store import Features
+from training.encode import Encoder
+from training.fairness import check_fairness, decrypt_sensitive, fairness_metrics, gate_context, mitigation_report, reweighing
+from training.registry import ModelCard, ModelRef, Registry
+from training.trainer import TrainOptions, TrainResult, predict_proba, train, train_distributed
+
+FAVOURABLE_LABEL = 0
+
+
+@dataclass
+class TrainingOutcome:
+    ref: ModelRef
+    card: ModelCard
+    epsilon_spent: float  # all private runs of this call together
+    runs: list[str] = field(default_factory=list)  # ledger run ids
+
+
+def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.random.default_rng(seed).permutation(n)
+    cut = int(round(n * (1 - holdout)))
+    return np.sort(idx[:cut]), np.sort(idx[cut:])
+
+
+def _utility(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    out = {"accuracy": float(((p > 0.5) == (y > 0.5)).mean()), "positive_rate": float((p > 0.5).mean())}
+    if len(np.unique(y)) == 2:
+        out["auc"] = float(roc_auc_score(y, p))
+    return out
+
+
+def train_model(
+    ws: Workspace,
+    actor: Actor,
+    *,
+    name: str,
+    features: list[str],
+    label: str,
+    purpose: str,
+    options: TrainOptions = TrainOptions(),
+    holdout: float = 0.2,
+    mitigate: bool = True,
+    world_size: int = 1,
+) -> TrainingOutcome:
+    """Run the training stage and register the model (see the module docstring)."""
+    warnings.filterwarnings("ignore", module="opacus")
+    fs = Features(ws)
+    ts = fs.training_set(actor, purpose=purpose, features=features, label=label)
+    pol = ws.policies.dataset(ts.dataset)
+    key = pol.subject_key
+    cols = [f.split(":", 1)[1] for f in features]
+    table = ts.table
+    if table.num_rows < 10:
+        raise ValueError(f"the training set has {table.num_rows} rows: too few to train on")
+    y_all = np.array([1.0 if v else 0.0 for v in table[label].to_pylist()], dtype=np.float32)
+    tr, te = _split(table.num_rows, holdout, options.seed)
+    enc = Encoder.fit(table.take(pa.array(tr)), cols)
+    X_tr, X_te = enc.transform(table.take(pa.array(tr))), enc.transform(table.take(pa.array(te)))
+    y_tr, y_te = y_all[tr], y_all[te]
+    tokens = table[key].to_pylist()
+    ledger = PrivacyLedger(ws)
+    decisions: list[Any] = [ts.decision]
+    runs: list[str] = []
+    spent = 0.0
+
+    def private_run(sample_weight: np.ndarray | None) -> TrainResult:
+        nonlocal spent
+        res = ledger.reserve(actor, ts.dataset, purpose=purpose, epsilon=options.target_epsilon, delta=options.delta,
+                             accountant=options.accountant, columns=cols)
+        decisions.append(res.decision)
+        runs.append(res.run_id)
+        try:
+            if world_size > 1 and sample_weight is None:
+                result = train_distributed(X_tr, y_tr, options, world_size=world_size)
+            else:
+                result = train(X_tr, y_tr, options, sample_weight=sample_weight)
+        except BaseException:
+            ledger.commit(res.run_id, epsilon=options.target_epsilon, actor=actor.name)  # data was touched: spent
+            raise
+        ledger.commit(res.run_id, epsilon=float(result.epsilon), actor=actor.name)
+        spent += float(result.epsilon)
+        return result
+
+    result = private_run(None)
+    p_te = predict_proba(result, X_te)
+    utility = _utility(y_te, p_te)
+
+    fairness_fields: dict[str, Any] | None = None
+    mitigation = None
+    if pol.fairness is not None:
+        sens = decrypt_sensitive(ws, actor, ts.dataset, [tokens[i] for i in te], purpose="fairness_evaluation")
+        pred = (p_te > 0.5).astype(int)
+        metrics = fairness_metrics(y_te.astype(int), pred, sens, pos_label=FAVOURABLE_LABEL)
+        verdict = check_fairness(metrics, pol.fairness)
+        if not verdict.passed and mitigate:
+            sens_tr = decrypt_sensitive(ws, actor, ts.dataset, [tokens[i] for i in tr], purpose="fairness_evaluation")
+            weights = reweighing(y_tr.astype(int), {a: sens_tr[a] for a in pol.fairness.sensitive_attributes})
+            mitigated = private_run(weights)
+            p2 = predict_proba(mitigated, X_te)
+            m2 = fairness_metrics(y_te.astype(int), (p2 > 0.5).astype(int), sens, pos_label=FAVOURABLE_LABEL)
+            v2 = check_fairness(m2, pol.fairness)
+            mitigation = {"method": "reweighing (Kamiran & Calders)", "report": mitigation_report(metrics, m2),
+                          "utility_before": utility, "utility_after": _utility(y_te, p2),
+                          "passed_before": verdict.passed, "passed_after": v2.passed}
+            result, metrics, verdict, utility = mitigated, m2, v2, _utility(y_te, p2)
+        fairness_fields = {**gate_context(metrics), "passed": verdict.passed, "failures": list(verdict.failures)}
+
+    train_run = ws.lineage.emit(
+        f"train.{name}",
+        inputs=[DatasetRef(t, version=v) for t, v in ts.sources.items()],
+        outputs=[DatasetRef(f"model:{name}", kind="model")],
+        facets={"purpose": purpose, "features": features, "epsilon": spent, "ledger_runs": runs},
+    )
+    card_fields: dict[str, Any] = {
+        "purpose": purpose,
+        "features": features,
+        "label": label,
+        "data_versions": ts.sources,
+        "privacy": {
+            "epsilon": float(result.epsilon), "delta": options.delta, "accountant": options.accountant,
+            "target_epsilon": options.target_epsilon, "noise_multiplier": result.noise_multiplier,
+            "max_grad_norm": options.max_grad_norm, "epochs": options.epochs, "sample_rate": result.sample_rate,
+        },
+        "utility": utility,
+        "mitigation": mitigation,
+        "lineage_run_ids": [r for r in (ts.run_id, train_run) if r],
+        "gate_decisions": [d for d in decisions if d is not None],
+        "preprocessing": {"encoder": enc.to_dict(), "favourable_label": FAVOURABLE_LABEL,
+                          "hidden": list(options.hidden), "n_features": result.n_features},
+    }
+    if fairness_fields is not None:
+        card_fields["fairness"] = fairness_fields
+    files = {"model.pt": result.state_dict, "encoder.json": json.dumps(enc.to_dict(), sort_keys=True).encode()}
+    ref = Registry(ws).register(actor, name=name, dataset=ts.dataset, files=files, card_fields=card_fields)
+    card = Registry(ws).card(ref)
+    return TrainingOutcome(ref, card, spent, runs)
+
+
+def options_with(options: TrainOptions, **changes: Any) -> TrainOptions:
+    return replace(options, **changes)
+
+
+__all__ = ["train_model", "TrainingOutcome", "FAVOURABLE_LABEL"]

@@ -1,0 +1,1170 @@
+"""The model registry: versioned models with model cards, behind the gate.
+
+A model is registered as a numbered version of a name (``credit@1``, ``credit@2``, ...). Each
+version is a folder of artifact files plus its model card::
+
+    <workspace>/models/<name>/<version>/
+        <artifact files>      the bytes the trainer handed over (weights, preprocessing, ...)
+        card.json             the card, canonical JSON (sorted keys); its sha256 is in the registry table
+        card.md               the same card rendered for people (headline, privacy guarantee, metrics)
+
+Every event (register, approve, deploy) appends one row to the append-only Delta table
+``_models/registry`` (``name, version, dataset, status, actor, at, card_sha256``) and one
+audit event; registering also emits lineage from the training data (the Delta versions in the
+card) to ``model:<name>`` at its version. The registry table is the commit point and the
+integrity anchor: a ``card.json`` whose sha256 is not the latest row's (an approval added by
+hand, an ε edited) is refused on every read, and :meth:`Registry.verify` rehashes the
+artifacts, so tampered weights are found before deployment.
+
+Who may do what is the gate's: ``register`` (``Stage.REGISTER`` with the dataset), ``approve``
+(``Stage.APPROVE``: a role among the dataset policy's ``deployment.approvers``). The deploy
+decision belongs to the caller: :meth:`Registry.deploy_context` gives exactly the context
+``Stage.DEPLOY`` reads (dataset, ε, per-attribute fairness metrics, approving actors — their
+roles are looked up in the policy, never taken from the card), and
+:meth:`Registry.mark_deployed` records the outcome.
+
+Example::
+
+    reg = Registry(ws)
+    ref = reg.register(ws.actor("sam"), name="credit", dataset="customers",
+                       files={"model.pt": weights, "preprocess.json": stats},
+                       card_fields={"purpose": "credit_scoring",
+                                    "features": ["customer_profile:income"], "label": "defaulted",
+                                    "data_versions": {"silver.customers": 7},
+                                    "privacy": {"epsilon": 2.97, "delta": 1e-5, "accountant": "prv"},
+                                    "utility": {"accuracy": 0.81, "auc": 0.86},
+                                    "fairness": {"sex": {...}, "ethnicity": {...}}})
+    reg.approve(ws.actor("carla"), ref)              # gate: approve; the fairness verdict must pass
+    ctx = reg.deploy_context(ref)                    # verifies the artifacts first
+    d = ws.gate.enforce("deploy", ws.actor("mel"), Resource.model(ref.name, ref.version), ctx)
+    reg.mark_deployed(ws.actor("mel"), ref, target="kserve/credit", decision=d)
+
+Errors::
+
+    LakewardenError
+    └── RegistryError          a registry operation cannot be done (exit 2)
+        ├── ModelNotFound      unknown model name or version
+        ├── ApprovalRefused    the card's fairness verdict failed and no override_reason was given (exit 3)
+        └── ArtifactTampered   an artifact, card.json or card.md differs from what was registered (exit 4)
+
+Caller mistakes (bad names, file names with paths, malformed or personal card fields) raise
+``ValueError``/``TypeError``; a denied gate decision raises
+:class:`governance.errors.AccessDenied`.
+
+Limits: whoever can write the registry table directly (deltalake, with the storage
+credentials) can append a row for a card they edited; the audit log, which records every
+approval, is the second witness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import DeltaError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from governance.errors import LakewardenError
+from governance.gate import Actor, Decision, Resource
+from governance.lineage import DatasetRef
+from governance.pii import find_pii
+from governance.policy import IDENT, DatasetPolicy, Stage
+from governance.workspace import Workspace
+
+__all__ = [
+    "REGISTRY_TABLE",
+    "SCHEMA",
+    "STATUSES",
+    "Approval",
+    "ApprovalRefused",
+    "ArtifactTampered",
+    "Deployment",
+    "FairnessReport",
+    "GateRecord",
+    "ModelCard",
+    "ModelNotFound",
+    "ModelRef",
+    "PrivacyGuarantee",
+    "Registry",
+    "RegistryError",
+    "fairness_failures",
+]
+
+REGISTRY_TABLE = "_models/registry"
+"""The registry table, under the storage root (``ws.config.table_uri(REGISTRY_TABLE)``)."""
+
+STATUSES: tuple[str, ...] = ("registered", "approved", "deployed")
+"""A version's statuses, in lifecycle order."""
+
+SCHEMA = pa.schema(
+    [
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("version", pa.int64(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("actor", pa.string(), nullable=False),
+        pa.field("at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("card_sha256", pa.string(), nullable=False),
+    ]
+)
+"""Arrow schema of the registry table: one row per event, never updated."""
+
+CARD_JSON = "card.json"
+CARD_MD = "card.md"
+_RESERVED_FILES = frozenset({CARD_JSON, CARD_MD})
+_NAME = re.compile(IDENT)
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_FEATURE = re.compile(r"^[a-z][a-z0-9_]*:[a-z][a-z0-9_]*$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Card fields the registry sets itself; a caller cannot supply them.
+_OWNED = frozenset(
+    {"name", "version", "dataset", "created_at", "created_by", "artifact_sha256", "approvals", "deployments", "status"}
+)
+# Fields validated structurally (UUIDs): scanning them for personal data only yields false alarms.
+_NOT_SCANNED = frozenset({"lineage_run_ids"})
+_GATE_METRICS = ("disparate_impact", "equal_opportunity_diff", "predictive_parity_diff")
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class RegistryError(LakewardenError):
+    """A registry operation cannot be done (unknown model, refused approval, failed verification)."""
+
+    exit_code = 2
+
+
+class ModelNotFound(RegistryError):
+    """No model of that name, or no such version of it."""
+
+
+class ApprovalRefused(RegistryError):
+    """The model's fairness evaluation failed (``failures``) and no ``override_reason`` was given."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, failures: list[str], hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.failures = failures
+
+
+class ArtifactTampered(RegistryError):
+    """Stored files differ from what was registered; ``ref`` and ``problems`` say which."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, ref: str, problems: list[str]) -> None:
+        super().__init__(message, hint="the model must not be deployed; re-register it from a trusted build")
+        self.ref = ref
+        self.problems = problems
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _check_name(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(
+            f"{what} {value!r} must be lower_snake_case (a-z, 0-9, _, starting with a letter, "
+            "at most 63 characters) — a name, never a path"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """One registered version of a model: ``ModelRef("credit", 2)``, printed ``credit@2``."""
+
+    name: str
+    version: int
+
+    def __post_init__(self) -> None:
+        _check_name(self.name, "model name")
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise ValueError(f"model version must be an int >= 1, got {self.version!r}")
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelRef":
+        """``"credit@2"`` -> ``ModelRef("credit", 2)``."""
+        name, sep, version = str(text).partition("@")
+        if not sep or not version.isdigit():
+            raise ValueError(f"a model reference looks like name@version, got {text!r}")
+        return cls(name, int(version))
+
+
+# --------------------------------------------------------------------------- the card
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class PrivacyGuarantee(_Frozen):
+    """What the accountant reports for the training run (ε, δ) and the DP-SGD settings behind it."""
+
+    epsilon: float = Field(gt=0)
+    delta: float = Field(ge=0, lt=1)
+    accountant: str = Field(min_length=1)
+    target_epsilon: float | None = Field(default=None, gt=0)
+    noise_multiplier: float | None = Field(default=None, ge=0)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    epochs: int | None = Field(default=None, ge=0)
+    sample_rate: float | None = Field(default=None, gt=0, le=1)
+
+    def sentence(self, dataset: str) -> str:
+        """The guarantee in one line, as the card states it."""
+        return (
+            f"(ε={self.epsilon:g}, δ={self.delta:g})-differentially private with respect to one subject's rows "
+            f"in {dataset} (accountant {self.accountant})"
+        )
+
+
+class FairnessReport(_Frozen):
+    """Fairness per sensitive attribute and the verdict.
+
+    ``attributes`` is exactly what the deploy gate reads: ``{attr: {"disparate_impact",
+    "equal_opportunity_diff", "predictive_parity_diff", ...}}``. ``thresholds`` are the
+    policy's (filled in at registration when absent). ``passed`` ``None`` means not judged
+    yet; the registry judges it from the thresholds at registration.
+
+    A flat input ``{"sex": {...}, "ethnicity": {...}, "passed": True, "failures": []}`` is
+    accepted too: every key other than ``passed``/``failures``/``thresholds`` is an attribute.
+    """
+
+    attributes: dict[str, dict[str, float | dict[str, float]]]
+    passed: bool | None = None
+    failures: list[str] = Field(default_factory=list)
+    thresholds: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_flat(cls, value: Any) -> Any:
+        if isinstance(value, Mapping) and "attributes" not in value:
+            meta = {k: value[k] for k in ("passed", "failures", "thresholds") if k in value}
+            return {**meta, "attributes": {k: v for k, v in value.items() if k not in meta}}
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FairnessReport":
+        if not self.attributes:
+            raise ValueError("fairness must hold metrics for at least one attribute")
+        if self.passed is True and self.failures:
+            raise ValueError("fairness says passed but lists failures")
+        if self.passed is False and not self.failures:
+            raise ValueError("a failed fairness verdict must list its failures")
+        return self
+
+
+class GateRecord(_Frozen):
+    """A gate decision the model's history went through (a :class:`Decision` is accepted as input)."""
+
+    stage: str
+    rule_ids: list[str]
+    allowed: bool
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_decision(cls, value: Any) -> Any:
+        if isinstance(value, Decision):
+            return {"stage": value.stage.value, "rule_ids": list(value.rule_ids), "allowed": value.allowed}
+        return value
+
+
+class Approval(_Frozen):
+    """An approval: who, in which approving role, when, and the reason if it overrode a failed verdict."""
+
+    actor: str
+    role: str
+    at: AwareDatetime
+    override_reason: str | None = None
+
+
+class Deployment(_Frozen):
+    """A recorded deployment of the version to ``target``."""
+
+    actor: str
+    target: str
+    at: AwareDatetime
+
+
+class ModelCard(_Frozen):
+    """Everything a reviewer needs to judge one model version, and what the deploy gate reads.
+
+    The registry sets ``name``, ``version``, ``dataset``, ``created_at``, ``created_by``,
+    ``artifact_sha256``, ``approvals``, ``deployments`` and ``status``; the trainer supplies
+    the rest (``card_fields`` of :meth:`Registry.register`).
+    """
+
+    name: str = Field(pattern=IDENT)
+    version: int = Field(ge=1)
+    dataset: str = Field(pattern=IDENT)
+    purpose: str = Field(pattern=IDENT)
+    created_at: AwareDatetime
+    created_by: str = Field(min_length=1)
+    features: list[str] = Field(default_factory=list)
+    label: str | None = None
+    data_versions: dict[str, int] = Field(default_factory=dict)
+    privacy: PrivacyGuarantee
+    utility: dict[str, float] = Field(default_factory=dict)
+    fairness: FairnessReport | None = None
+    mitigation: dict[str, Any] | None = None
+    lineage_run_ids: list[str] = Field(default_factory=list)
+    gate_decisions: list[GateRecord] = Field(default_factory=list)
+    preprocessing: dict[str, Any] = Field(default_factory=dict)
+    artifact_sha256: dict[str, str] = Field(default_factory=dict)
+    approvals: list[Approval] = Field(default_factory=list)
+    deployments: list[Deployment] = Field(default_factory=list)
+    status: Literal["registered", "approved", "deployed"] = "registered"
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: list[str]) -> list[str]:
+        bad = [f for f in v if not _FEATURE.match(f)]
+        if bad:
+            raise ValueError(f"features are 'view:feature' (lower_snake_case), got {', '.join(map(repr, bad))}")
+        return v
+
+    @field_validator("data_versions")
+    @classmethod
+    def _data_versions(cls, v: dict[str, int]) -> dict[str, int]:
+        for table, version in v.items():
+            if not table or version < 0:
+                raise ValueError(f"data_versions maps a table to its Delta version (>= 0), got {table!r}: {version}")
+        return v
+
+    @field_validator("lineage_run_ids")
+    @classmethod
+    def _run_ids(cls, v: list[str]) -> list[str]:
+        for rid in v:
+            try:
+                uuid.UUID(rid)
+            except ValueError:
+                raise ValueError(f"lineage run ids are UUIDs, got {rid!r}") from None
+        return v
+
+    @field_validator("artifact_sha256")
+    @classmethod
+    def _digests(cls, v: dict[str, str]) -> dict[str, str]:
+        for fn, digest in v.items():
+            if not _SHA256.match(digest):
+                raise ValueError(f"artifact_sha256[{fn!r}] is not a lowercase hex sha256")
+        return v
+
+    # -- views -------------------------------------------------------------------------
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.name, self.version)
+
+    def deploy_context(self) -> dict[str, Any]:
+        """The context ``Stage.DEPLOY`` reads: dataset, ε, per-attribute fairness, approving actors."""
+        return {
+            "dataset": self.dataset,
+            "epsilon": self.privacy.epsilon,
+            "fairness": copy.deepcopy(self.fairness.attributes) if self.fairness else {},
+            "approvals": [{"actor": a.actor} for a in self.approvals],
+        }
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, two-space indent, UTF-8, trailing newline; no NaN."""
+        return (
+            json.dumps(self.model_dump(mode="json"), sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False)
+            + "\n"
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ModelCard":
+        return cls.model_validate_json(text)
+
+    def to_markdown(self) -> str:
+        """The card for people: headline, privacy guarantee, metric tables with pass/fail, provenance."""
+        out: list[str] = [f"# Model card: {self.ref} — {self.status}", ""]
+        out += _table(
+            ("", ""),
+            [
+                ("Dataset", self.dataset),
+                ("Purpose", self.purpose),
+                ("Created", f"{_ts(self.created_at)} by {self.created_by}"),
+                ("Label", self.label or "—"),
+                ("Features", ", ".join(self.features) or "—"),
+            ],
+        )
+        p = self.privacy
+        out += ["", "## Privacy", "", f"This model is {p.sentence(self.dataset)}.", ""]
+        params = [
+            ("target ε", p.target_epsilon),
+            ("noise multiplier", p.noise_multiplier),
+            ("max grad norm", p.max_grad_norm),
+            ("epochs", p.epochs),
+            ("sample rate", p.sample_rate),
+        ]
+        out += _table(("parameter", "value"), [(k, _num(v)) for k, v in params if v is not None] or [("—", "—")])
+
+        out += ["", "## Utility", ""]
+        out += _table(("metric", "value"), [(k, _num(v)) for k, v in sorted(self.utility.items())] or [("—", "—")])
+
+        out += ["", "## Fairness", ""]
+        f = self.fairness
+        if f is None:
+            out.append("No fairness evaluation.")
+        else:
+            verdict = {True: "passed", False: "FAILED", None: "not judged"}[f.passed]
+            out += [f"Verdict: **{verdict}**", ""]
+            rows = []
+            for attr in sorted(f.attributes):
+                m = f.attributes[attr]
+                cells = [attr]
+                ok_all = True
+                for metric in _GATE_METRICS:
+                    value = m.get(metric, _MISSING)
+                    ok = _metric_ok(metric, value, f.thresholds)
+                    ok_all = ok_all and ok is not False
+                    shown = _num(value) if isinstance(value, (int, float)) else "—"
+                    cells.append(shown if ok is None else f"{shown} ({'pass' if ok else 'FAIL'})")
+                cells.append("pass" if ok_all else "FAIL")
+                rows.append(tuple(cells))
+            out += _table(("attribute", "disparate impact", "equal opportunity diff", "predictive parity diff", "result"), rows)
+            t = f.thresholds
+            if t:
+                out += [
+                    "",
+                    "Thresholds: disparate impact ≥ {}, |equal opportunity diff| ≤ {}, |predictive parity diff| ≤ {}.".format(
+                        _num(t.get("disparate_impact_min")),
+                        _num(t.get("equal_opportunity_max_diff")),
+                        _num(t.get("predictive_parity_max_diff")),
+                    ),
+                ]
+            if f.failures:
+                out += ["", "Failures:", ""] + [f"- {_line(x)}" for x in f.failures]
+        if self.mitigation:
+            out += ["", "## Bias mitigation", "", "```json", _pretty(self.mitigation), "```"]
+        if self.preprocessing:
+            out += ["", "## Preprocessing", "", "```json", _pretty(self.preprocessing), "```"]
+
+        out += ["", "## Data versions", ""]
+        out += _table(("table", "Delta version"), [(t, str(v)) for t, v in sorted(self.data_versions.items())] or [("—", "—")])
+        out += ["", "## Lineage", ""]
+        out += [f"- run `{r}`" for r in self.lineage_run_ids] or ["No lineage runs recorded."]
+        out += ["", "## Gate decisions", ""]
+        out += _table(
+            ("stage", "allowed", "rules"),
+            [(g.stage, "yes" if g.allowed else "no", ", ".join(g.rule_ids)) for g in self.gate_decisions] or [("—", "—", "—")],
+        )
+        out += ["", "## Artifacts", ""]
+        out += _table(("file", "sha256"), [(fn, f"`{d}`") for fn, d in sorted(self.artifact_sha256.items())] or [("—", "—")])
+        out += ["", "## Approvals", ""]
+        if self.approvals:
+            out += _table(
+                ("actor", "role", "at", "override reason"),
+                [(a.actor, a.role, _ts(a.at), a.override_reason or "—") for a in self.approvals],
+            )
+        else:
+            out.append("None yet.")
+        if self.deployments:
+            out += ["", "## Deployments", ""]
+            out += _table(("actor", "target", "at"), [(d.actor, d.target, _ts(d.at)) for d in self.deployments])
+        return "\n".join(out) + "\n"
+
+
+def fairness_failures(
+    attributes: Mapping[str, Mapping[str, Any]],
+    thresholds: Mapping[str, float],
+    *,
+    required: tuple[str, ...] | list[str] = (),
+) -> list[str]:
+    """The gate's fairness rules applied to ``attributes``; one message per failure, empty if all pass.
+
+    A metric that is missing counts as failing, as at the deploy gate.
+    """
+    out: list[str] = []
+    for attr in list(required) + sorted(a for a in attributes if a not in required):
+        m = attributes.get(attr)
+        if m is None:
+            out.append(f"no fairness metrics for '{attr}'")
+            continue
+        for metric in _GATE_METRICS:
+            if _metric_ok(metric, m.get(metric, _MISSING), thresholds) is False:
+                value = m.get(metric)
+                shown = "missing" if value is None else f"{float(value):.3f}"
+                limit = _LIMITS[metric]
+                out.append(f"{metric} on '{attr}' is {shown} ({limit[1]} {thresholds.get(limit[0])} required)")
+    return out
+
+
+_MISSING = object()
+_LIMITS = {
+    "disparate_impact": ("disparate_impact_min", "≥"),
+    "equal_opportunity_diff": ("equal_opportunity_max_diff", "|x| ≤"),
+    "predictive_parity_diff": ("predictive_parity_max_diff", "|x| ≤"),
+}
+
+
+def _metric_ok(metric: str, value: Any, thresholds: Mapping[str, float]) -> bool | None:
+    """True/False against the threshold; None when no threshold applies. ``_MISSING`` fails."""
+    key, _ = _LIMITS[metric]
+    limit = thresholds.get(key)
+    if limit is None:
+        return None
+    if value is _MISSING or not isinstance(value, (int, float)):
+        return False if value is _MISSING else None
+    if metric == "disparate_impact":
+        return float(value) >= limit
+    return abs(float(value)) <= limit
+
+
+def _policy_thresholds(pol: DatasetPolicy) -> dict[str, float]:
+    f = pol.fairness
+    if f is None:
+        return {}
+    return {
+        "disparate_impact_min": float(f.disparate_impact_min),
+        "equal_opportunity_max_diff": float(f.equal_opportunity_max_diff),
+        "predictive_parity_max_diff": float(f.predictive_parity_max_diff),
+    }
+
+
+# -- markdown helpers -------------------------------------------------------------------
+
+
+def _line(text: Any) -> str:
+    return _CONTROL.sub(" ", str(text))
+
+
+def _cell(text: Any) -> str:
+    return _line(text).replace("\\", "\\\\").replace("|", "\\|")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _ts(t: datetime) -> str:
+    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False).replace("```", "`\u200b``")
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def _check_files(files: Mapping[str, Any]) -> dict[str, bytes | Path]:
+    if not isinstance(files, Mapping) or not files:
+        raise ValueError("files must be a non-empty mapping of file name -> bytes (or a path to copy)")
+    out: dict[str, bytes | Path] = {}
+    for fn, data in files.items():
+        if not isinstance(fn, str) or "/" in fn or "\\" in fn or ".." in fn or not _FILE.match(fn):
+            raise ValueError(
+                f"artifact file name {fn!r} must be a plain file name (letters, digits, '.', '_', '-'; "
+                "no path separators, no '..', not hidden)"
+            )
+        if fn.lower() in _RESERVED_FILES:
+            raise ValueError(f"artifact file name {fn!r} is reserved for the model card")
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            out[fn] = bytes(data)
+        elif isinstance(data, os.PathLike):
+            p = Path(data)
+            if not p.is_file():
+                raise ValueError(f"artifact {fn!r}: {p} is not a file")
+            out[fn] = p
+        else:
+            raise TypeError(f"artifact {fn!r} must be bytes or a path, got {type(data).__name__}")
+    return out
+
+
+def _find_personal(value: Any, path: str) -> tuple[str, str] | None:
+    """The first (field path, kind) whose text looks like personal data."""
+    if isinstance(value, str):
+        for kind, _ in find_pii(value):
+            return path, kind
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            sub = f"{path}.{k}" if path else str(k)
+            for kind, _ in find_pii(str(k)):
+                return sub, kind
+            hit = _find_personal(v, sub)
+            if hit:
+                return hit
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            hit = _find_personal(v, f"{path}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def _refuse_personal(value: Any, what: str, path: str = "") -> None:
+    """Raise ``ValueError`` naming the first field (``what 'path'``) that looks like personal data."""
+    hit = _find_personal(value, path)
+    if hit:
+        where = f"{what} '{hit[0]}'" if hit[0] else what
+        # The value itself is never echoed: error messages end up in logs.
+        raise ValueError(f"{where} looks like personal data ({hit[1]}): model cards must hold none — remove it")
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "card"
+        parts.append(f"{loc}: {err['msg']}")
+    return "invalid model card: " + "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_new(path: Path, src: bytes | Path) -> str:
+    """Write ``src`` to a new file, fsync it, and return its sha256."""
+    h = hashlib.sha256()
+    with open(path, "xb") as out:
+        if isinstance(src, bytes):
+            h.update(src)
+            out.write(src)
+        else:
+            with open(src, "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        _write_new(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fairness_problems(card: ModelCard, pol: DatasetPolicy) -> list[str]:
+    """Why the card's fairness does not allow an approval (empty: it does)."""
+    f = card.fairness
+    if f is None:
+        if pol.fairness is not None:
+            return [f"the card has no fairness evaluation, which the policy of '{card.dataset}' requires"]
+        return []
+    if f.passed is True:
+        return []
+    return list(f.failures) or ["the fairness evaluation has no verdict"]
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+class Registry:
+    """Versioned models of one workspace: register, read, verify, approve, record deployments.
+
+    Args:
+        ws: the workspace (gate, audit, lineage, paths).
+        clock: returns the current time as an aware ``datetime`` (inject in tests).
+    """
+
+    def __init__(self, ws: Workspace, *, clock: Callable[[], datetime] | None = None) -> None:
+        self.ws = ws
+        self.root = ws.config.workspace_dir / "models"
+        self.table_uri = ws.config.table_uri(REGISTRY_TABLE)
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._storage_options = dict(ws.config.storage.options) or None
+
+    def __repr__(self) -> str:
+        return f"Registry({self.root})"
+
+    # -- writing ---------------------------------------------------------------------------
+    def register(
+        self,
+        actor: Actor,
+        *,
+        name: str,
+        dataset: str,
+        files: Mapping[str, bytes | os.PathLike[str]],
+        card_fields: Mapping[str, Any],
+    ) -> ModelRef:
+        """Register the next version of ``name``: artifacts, card, registry row, lineage, audit.
+
+        Args:
+            actor: who registers; the gate's ``register`` stage decides (with ``dataset``).
+            name: the model name (lower_snake_case).
+            dataset: the dataset the model was trained on (its policy governs approval and deployment).
+            files: artifact file name -> bytes, or -> a path whose file is copied.
+            card_fields: the trainer's part of the :class:`ModelCard` (purpose, features, label,
+                data_versions, privacy, utility, fairness, mitigation, lineage_run_ids,
+                gate_decisions, preprocessing). Without a fairness verdict (``passed``) the
+                registry judges the metrics by the dataset policy's thresholds.
+
+        Returns:
+            The new version's :class:`ModelRef` (version = highest so far + 1).
+
+        Raises:
+            AccessDenied: the gate denied ``register``.
+            ValueError / TypeError: bad names or file names, invalid or personal card fields,
+                a purpose the dataset does not declare, a "passed" verdict that the policy's
+                thresholds contradict.
+        """
+        _check_name(name, "model name")
+        _check_name(dataset, "dataset name")
+        decision = self.ws.gate.enforce(Stage.REGISTER, actor, Resource.model(name), {"dataset": dataset})
+        blobs = _check_files(files)
+        for fn in blobs:
+            _refuse_personal(fn, "an artifact file name")
+        if not isinstance(card_fields, Mapping):
+            raise TypeError(f"card_fields must be a mapping, got {type(card_fields).__name__}")
+        owned = sorted(_OWNED & set(card_fields))
+        if owned:
+            raise ValueError(f"card field(s) {', '.join(owned)} are set by the registry, not by the caller")
+        pol = self.ws.policies.dataset(dataset)
+        fields = dict(card_fields)
+        purpose = fields.get("purpose")
+        if isinstance(purpose, str) and purpose not in pol.purposes:
+            raise ValueError(
+                f"purpose {purpose!r} is not declared by dataset '{dataset}' (declared: {', '.join(sorted(pol.purposes))})"
+            )
+
+        from openlineage.client.uuid import generate_new_uuid  # as the lineage store does: UUIDv7
+
+        at = self._now()
+        run_id = str(generate_new_uuid(at))
+        try:
+            draft = ModelCard.model_validate(
+                {
+                    **fields,
+                    "name": name,
+                    "version": 1,
+                    "dataset": dataset,
+                    "created_at": at,
+                    "created_by": actor.name,
+                    "lineage_run_ids": [*fields.get("lineage_run_ids", ()), run_id],
+                    "gate_decisions": [*fields.get("gate_decisions", ()), decision],
+                }
+            )
+        except ValidationError as exc:
+            raise ValueError(_validation_message(exc)) from None
+        dumped = draft.model_dump(mode="json")
+        _refuse_personal({k: dumped[k] for k in fields if k not in _NOT_SCANNED}, "card field")
+        draft = self._judge_fairness(draft, pol)
+
+        with self._locked():
+            version = self._next_version(name)
+            ref = ModelRef(name, version)
+            final = self.root / name / str(version)
+            tmp = self.root / name / f".tmp-{uuid.uuid4().hex}"
+            tmp.mkdir(parents=True)
+            try:
+                digests = {fn: _write_new(tmp / fn, src) for fn, src in blobs.items()}
+                card = draft.model_copy(update={"version": version, "artifact_sha256": digests})
+                card_bytes = card.to_json().encode()
+                _write_new(tmp / CARD_JSON, card_bytes)
+                _write_new(tmp / CARD_MD, card.to_markdown().encode())
+                _fsync_dir(tmp)
+                os.rename(tmp, final)  # fails if the version folder exists: never overwrites
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            _fsync_dir(final.parent)
+            try:
+                self._append(card, actor.name, at, card_bytes)
+            except BaseException:
+                shutil.rmtree(final, ignore_errors=True)  # the row is the commit point
+                raise
+
+        self.ws.lineage.emit(
+            f"register.{name}",
+            inputs=[DatasetRef(t, version=v) for t, v in sorted(card.data_versions.items())],
+            outputs=[DatasetRef(f"model:{name}", version=version, kind="model")],
+            run_id=run_id,
+            facets={"dataset": dataset, "card_sha256": _sha256_bytes(card_bytes)},
+        )
+        self.ws.audit.record(
+            "registry.register",
+            actor=actor.name,
+            outcome="ok",
+            stage=Stage.REGISTER.value,
+            resource=str(Resource.model(name, version)),
+            rule_ids=decision.rule_ids,
+            details={
+                "dataset": dataset,
+                "card_sha256": _sha256_bytes(card_bytes),
+                "files": sorted(digests),
+                "epsilon": card.privacy.epsilon,
+                "fairness_passed": card.fairness.passed if card.fairness else None,
+            },
+        )
+        return ref
+
+    def approve(self, actor: Actor, ref: ModelRef | str, *, override_reason: str | None = None) -> ModelCard:
+        """Record ``actor``'s approval of a version, in the card and the registry table.
+
+        The gate's ``approve`` stage decides who (a role among the dataset policy's
+        ``deployment.approvers``). A version whose fairness verdict failed — or that has no
+        fairness evaluation while the policy requires one — is refused unless
+        ``override_reason`` says why; the reason is recorded in the approval and the audit log.
+
+        Returns:
+            The updated card.
+
+        Raises:
+            AccessDenied: the gate denied ``approve``.
+            ApprovalRefused: failed fairness and no ``override_reason``.
+            RegistryError: ``actor`` already approved this version.
+            ModelNotFound / ArtifactTampered: as :meth:`card`.
+            ValueError: an empty or personal ``override_reason``.
+        """
+        if override_reason is not None:
+            if not isinstance(override_reason, str) or not override_reason.strip():
+                raise ValueError("override_reason must be a sentence saying why the fairness failure is accepted")
+            override_reason = _line(override_reason.strip())
+            _refuse_personal(override_reason, "override_reason")
+        with self._locked():
+            card = self.card(ref)
+            ref = card.ref
+            resource = Resource.model(ref.name, ref.version)
+            decision = self.ws.gate.enforce(Stage.APPROVE, actor, resource, {"dataset": card.dataset})
+            pol = self.ws.policies.dataset(card.dataset)
+            # The gate allowed, so one of the actor's roles is an approver of the dataset.
+            role = next((r for r in decision.actor.roles if r in pol.deployment.approvers), "")
+            if any(a.actor == actor.name for a in card.approvals):
+                raise RegistryError(f"{actor.name} has already approved {ref}")
+            failures = _fairness_problems(card, pol)
+            if failures and override_reason is None:
+                self.ws.audit.record(
+                    "registry.approve", actor=actor.name, outcome="refused", stage=Stage.APPROVE.value,
+                    resource=str(resource), details={"dataset": card.dataset, "failures": failures},
+                )
+                self.ws.audit.flush()
+                raise ApprovalRefused(
+                    f"{ref} failed its fairness evaluation: {'; '.join(failures)}",
+                    failures=failures,
+                    hint="fix the model, or approve with override_reason='...' (recorded in the card and the audit log)",
+                )
+            at = self._now(ref)
+            new = card.model_copy(
+                update={
+                    "approvals": [*card.approvals, Approval(actor=actor.name, role=role, at=at, override_reason=override_reason)],
+                    "gate_decisions": [*card.gate_decisions, GateRecord.model_validate(decision)],
+                    "status": "deployed" if card.status == "deployed" else "approved",
+                }
+            )
+            card_bytes = self._rewrite(new, actor.name, at)
+        self.ws.audit.record(
+            "registry.approve", actor=actor.name, outcome="ok", stage=Stage.APPROVE.value,
+            resource=str(resource), rule_ids=decision.rule_ids,
+            details={
+                "dataset": card.dataset, "role": role, "card_sha256": _sha256_bytes(card_bytes),
+                **({"override_reason": override_reason, "failures": failures} if override_reason else {}),
+            },
+        )
+        return new
+
+    def mark_deployed(
+        self, actor: Actor, ref: ModelRef | str, target: str, *, decision: Decision | None = None
+    ) -> ModelCard:
+        """Record that ``actor`` deployed the version to ``target`` (status ``deployed``).
+
+        The deploy decision is the caller's (``ws.gate.enforce("deploy", ..., deploy_context(ref))``);
+        pass it as ``decision`` to keep it in the card's ``gate_decisions``.
+
+        Raises:
+            ValueError: empty/personal ``target``; a ``decision`` that is not an allowed
+                deploy decision on this version.
+            ModelNotFound / ArtifactTampered: as :meth:`card`.
+        """
+        if not isinstance(target, str) or not target.strip() or len(target) > 512 or _CONTROL.search(target):
+            raise ValueError("target must name where the model runs (one line, at most 512 characters)")
+        _refuse_personal(target, "target")
+        with self._locked():
+            card = self.card(ref)
+            ref = card.ref
+            if decision is not None:
+                res = decision.resource
+                if not (
+                    decision.allowed
+                    and decision.stage is Stage.DEPLOY
+                    and res.kind == "model"
+                    and res.name == ref.name
+                    and res.version in (None, ref.version)
+                ):
+                    raise ValueError(f"decision must be an allowed deploy decision on {ref}, got {decision.stage.value} "
+                                     f"on {res} (allowed={decision.allowed})")
+            at = self._now(ref)
+            gates = [*card.gate_decisions] + ([GateRecord.model_validate(decision)] if decision is not None else [])
+            new = card.model_copy(
+                update={
+                    "deployments": [*card.deployments, Deployment(actor=actor.name, target=target, at=at)],
+                    "gate_decisions": gates,
+                    "status": "deployed",
+                }
+            )
+            card_bytes = self._rewrite(new, actor.name, at)
+        self.ws.audit.record(
+            "registry.deploy", actor=actor.name, outcome="ok", stage=Stage.DEPLOY.value,
+            resource=str(Resource.model(ref.name, ref.version)),
+            rule_ids=decision.rule_ids if decision is not None else (),
+            details={"dataset": card.dataset, "target": target, "card_sha256": _sha256_bytes(card_bytes)},
+        )
+        return new
+
+    # -- reading ---------------------------------------------------------------------------
+    def list(self, name: str | None = None) -> list[ModelCard]:  # noqa: A003  (the registry's verb)
+        """Every version's card (its latest status), ordered by name and version; one model's with ``name``.
+
+        Raises:
+            ArtifactTampered: a card.json differs from its registry row.
+        """
+        if name is not None:
+            _check_name(name, "model name")
+        latest = self._latest()
+        keys = sorted(k for k in latest if name is None or k[0] == name)
+        return [self._load(ModelRef(*k), latest[k]) for k in keys]
+
+    def card(self, ref_or_name: ModelRef | str, version: int | None = None) -> ModelCard:
+        """The card of a version: a :class:`ModelRef`, ``"name@version"``, or a name (latest version
+        unless ``version`` is given). ``card.json`` is checked against the registry table.
+
+        Raises:
+            ModelNotFound: unknown name or version.
+            ArtifactTampered: card.json is missing or differs from the latest registry row.
+        """
+        ref, row = self._resolve(ref_or_name, version)
+        return self._load(ref, row)
+
+    def path(self, ref: ModelRef | str) -> Path:
+        """The folder of a registered version (``<workspace>/models/<name>/<version>``)."""
+        resolved, _ = self._resolve(ref, None)
+        return self.root / resolved.name / str(resolved.version)
+
+    def verify(self, ref: ModelRef | str) -> ModelCard:
+        """Recompute every artifact's sha256 and check card.json and card.md; return the card.
+
+        Raises:
+            ArtifactTampered: a file changed, went missing, or appeared; card.json differs from
+                the registry table; card.md differs from the card.
+            ModelNotFound: unknown name or version.
+        """
+        card = self.card(ref)
+        folder = self.root / card.name / str(card.version)
+        problems: list[str] = []
+        present = {p.name: p for p in folder.iterdir()}
+        for fn, digest in sorted(card.artifact_sha256.items()):
+            p = present.get(fn)
+            if p is None:
+                problems.append(f"{fn} is missing")
+            elif p.is_symlink() or not p.is_file():
+                problems.append(f"{fn} is not a regular file")
+            elif _sha256_file(p) != digest:
+                problems.append(f"{fn} changed (sha256 differs from the card)")
+        for fn in sorted(set(present) - set(card.artifact_sha256) - _RESERVED_FILES):
+            problems.append(f"{fn} is not part of the registered model")
+        md = present.get(CARD_MD)
+        if md is None or md.is_symlink() or md.read_text(encoding="utf-8") != card.to_markdown():
+            problems.append(f"{CARD_MD} differs from {CARD_JSON}")
+        if problems:
+            raise ArtifactTampered(f"{card.ref} failed verification: {'; '.join(problems)}", ref=str(card.ref), problems=problems)
+        return card
+
+    def deploy_context(self, ref: ModelRef | str, *, verify: bool = True) -> dict[str, Any]:
+        """The exact context ``Stage.DEPLOY`` reads: ``{"dataset", "epsilon", "fairness", "approvals"}``.
+
+        ``fairness`` is the per-attribute dict; ``approvals`` carry actors only (the gate looks
+        their roles up in the policy). The artifacts are verified first unless ``verify=False``.
+        """
+        card = self.verify(ref) if verify else self.card(ref)
+        return card.deploy_context()
+
+    # -- internals -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _rows(self) -> pa.Table:
+        try:
+            if not DeltaTable.is_deltatable(self.table_uri, storage_options=self._storage_options):
+                return SCHEMA.empty_table()
+            return DeltaTable(self.table_uri, storage_options=self._storage_options).to_pyarrow_table()
+        except DeltaError as exc:
+            raise RegistryError(f"cannot read the model registry table {self.table_uri}: {exc}") from exc
+
+    def _latest(self) -> dict[tuple[str, int], dict[str, Any]]:
+        """The latest row of every (name, version); ``at`` increases strictly per version."""
+        latest: dict[tuple[str, int], dict[str, Any]] = {}
+        for r in self._rows().sort_by([("at", "ascending")]).to_pylist():
+            latest[(r["name"], r["version"])] = r
+        return latest
+
+    def _append(self, card: ModelCard, actor: str, at: datetime, card_bytes: bytes) -> None:
+        row = {
+            "name": card.name,
+            "version": card.version,
+            "dataset": card.dataset,
+            "status": card.status,
+            "actor": actor,
+            "at": at,
+            "card_sha256": _sha256_bytes(card_bytes),
+        }
+        try:
+            write_deltalake(
+                self.table_uri,
+                pa.Table.from_pylist([row], schema=SCHEMA),
+                mode="append",
+                name="lakewarden_model_registry",
+                description="Model registry events (no personal data)",
+                configuration={"delta.appendOnly": "true"},
+                storage_options=self._storage_options,
+                commit_properties=CommitProperties(
+                    custom_metadata={"lakewarden.operation": f"registry.{card.status}", "lakewarden.model": str(card.ref)}
+                ),
+            )
+        except DeltaError as exc:
+            raise RegistryError(f"cannot append to the model registry table {self.table_uri}: {exc}") from exc
+
+    def _now(self, ref: ModelRef | None = None) -> datetime:
+        now = self._clock()
+        if now.tzinfo is None:
+            raise ValueError("the registry clock must return an aware datetime")
+        now = now.astimezone(timezone.utc)
+        if ref is not None:  # events of one version get strictly increasing times: the last row is the latest
+            row = self._latest().get((ref.name, ref.version))
+            if row is not None and now <= row["at"]:
+                now = row["at"] + timedelta(microseconds=1)
+        return now
+
+    def _next_version(self, name: str) -> int:
+        versions = [v for (n, v) in self._latest() if n == name]
+        folder = self.root / name
+        if folder.is_dir():
+            versions += [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+        return max(versions, default=0) + 1
+
+    def _resolve(self, ref_or_name: ModelRef | str, version: int | None) -> tuple[ModelRef, dict[str, Any]]:
+        if isinstance(ref_or_name, ModelRef):
+            if version is not None and version != ref_or_name.version:
+                raise ValueError(f"{ref_or_name} names version {ref_or_name.version}, not {version}")
+            name, version = ref_or_name.name, ref_or_name.version
+        elif isinstance(ref_or_name, str) and "@" in ref_or_name:
+            parsed = ModelRef.parse(ref_or_name)
+            name, version = parsed.name, parsed.version if version is None else version
+        else:
+            name = _check_name(ref_or_name, "model name")
+        latest = self._latest()
+        versions = sorted(v for (n, v) in latest if n == name)
+        if not versions:
+            known = sorted({n for n, _ in latest})
+            raise ModelNotFound(
+                f"no model named '{name}' in the registry (known: {', '.join(known) or 'none'})",
+                hint="register it first",
+            )
+        if version is None:
+            version = versions[-1]
+        elif version not in versions:
+            raise ModelNotFound(
+                f"model '{name}' has no version {version} (versions: {', '.join(map(str, versions))})"
+            )
+        return ModelRef(name, version), latest[(name, version)]
+
+    def _load(self, ref: ModelRef, row: Mapping[str, Any]) -> ModelCard:
+        path = self.root / ref.name / str(ref.version) / CARD_JSON
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ArtifactTampered(f"{ref}: {CARD_JSON} is missing", ref=str(ref), problems=[f"{CARD_JSON} is missing"]) from None
+        if _sha256_bytes(data) != row["card_sha256"]:
+            problem = f"{CARD_JSON} differs from the registry table (changed outside the registry)"
+            raise ArtifactTampered(f"{ref}: {problem}", ref=str(ref), problems=[problem])
+        card = ModelCard.from_json(data)
+        if card.ref != ref or card.status != row["status"]:
+            problem = f"{CARD_JSON} describes {card.ref} ({card.status}), the registry {ref} ({row['status']})"
+            raise ArtifactTampered(f"{ref}: {problem}", ref=str(ref), problems=[problem])
+        return card
+
+    def _rewrite(self, new: ModelCard, actor: str, at: datetime) -> bytes:
+        """Replace card.md and card.json (each atomically), then commit the row; undo the files if the row fails."""
+        folder = self.root / new.name / str(new.version)
+        old_json, old_md = (folder / CARD_JSON).read_bytes(), (folder / CARD_MD).read_bytes()
+        data = new.to_json().encode()
+        try:
+            _replace(folder / CARD_MD, new.to_markdown().encode())
+            _replace(folder / CARD_JSON, data)
+            self._append(new, actor, at, data)
+        except BaseException:
+            _replace(folder / CARD_JSON, old_json)
+            _replace(folder / CARD_MD, old_md)
+            raise
+        return data
+
+    def _judge_fairness(self, card: ModelCard, pol: DatasetPolicy) -> ModelCard:
+        """Fill the policy's thresholds and, when the card has no verdict, judge by them.
+
+        A card that says "passed" while its metrics break the policy's thresholds is refused.
+        """
+        f = card.fairness
+        if f is None or pol.fairness is None:
+            return card
+        thresholds = f.thresholds or _policy_thresholds(pol)
+        computed = fairness_failures(f.attributes, thresholds, required=list(pol.fairness.sensitive_attributes))
+        if f.passed is True and computed:
+            raise ValueError(
+                f"fairness says passed, but by the thresholds of '{card.dataset}': {'; '.join(computed)}"
+            )
+        update: dict[str, Any] = {"thresholds": thresholds}
+        if f.passed is None:
+            update |= {"passed": not computed, "failures": computed}
+        return card.model_copy(update={"fairness": f.model_copy(update=update)})
