@@ -54,6 +54,8 @@ features_app = typer.Typer(help="Feast over the governed tables: apply, material
 app.add_typer(features_app, name="features")
 privacy_app = typer.Typer(help="Differential-privacy budgets per dataset (the privacy ledger).", no_args_is_help=True)
 app.add_typer(privacy_app, name="privacy")
+models_app = typer.Typer(help="The model registry: list, show, approve.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 tables_app = typer.Typer(help="Governed Delta tables: list, describe, history, optimize, vacuum.", no_args_is_help=True)
 app.add_typer(tables_app, name="tables")
 
@@ -722,6 +724,86 @@ def features_erase(
         console.print(f"{where}: {n} row(s) removed")
 
 
+# -- training and models ------------------------------------------------------------------------
+@app.command()
+def train(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Option(help="Model name in the registry.")],
+    features: Annotated[str, typer.Option(help="Comma-separated view:feature references.")],
+    label: Annotated[str, typer.Option(help="Label column of silver.")],
+    purpose: Annotated[str, typer.Option(help="Purpose; the policy must allow it for every feature.")],
+    epsilon: Annotated[float, typer.Option(help="Target ε of this run (capped by policy and the budget left).")] = 3.0,
+    delta: Annotated[float, typer.Option(help="Target δ.")] = 1e-5,
+    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")] = 512,
+    max_grad_norm: Annotated[float, typer.Option(help="Per-sample gradient clipping norm.")] = 1.0,
+    accountant: Annotated[str, typer.Option(help="prv, rdp or gdp.")] = "prv",
+    seed: Annotated[int, typer.Option(help="Same seed, same model (CPU).")] = 0,
+    processes: Annotated[int, typer.Option(help="Data-parallel processes (torch.distributed, gloo).")] = 1,
+    mitigate: Annotated[bool, typer.Option(help="Retrain with reweighing if the fairness gate fails.")] = True,
+) -> None:
+    """Train a differentially private model on a training set and register it with its model card."""
+    from training.pipeline import train_model
+    from training.trainer import TrainOptions
+
+    st = _state(ctx)
+    opts = TrainOptions(epochs=epochs, batch_size=batch_size, target_epsilon=epsilon, delta=delta,
+                        max_grad_norm=max_grad_norm, accountant=accountant, seed=seed)  # type: ignore[arg-type]
+    with err.status(f"training {name} (DP-SGD, target ε={epsilon:g})"):
+        out = train_model(st.workspace(), st.actor(), name=name, features=_split(features), label=label,
+                          purpose=purpose, options=opts, mitigate=mitigate, world_size=processes)
+    c = out.card
+    console.print(f"[green]registered[/] {out.ref}: ε={c.privacy.epsilon:.3f} (δ={c.privacy.delta:g}, {c.privacy.accountant}), "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in c.utility.items()))
+    if c.fairness is not None:
+        verdict = "[green]passed[/]" if c.fairness.passed else "[red]failed[/]: " + "; ".join(c.fairness.failures)
+        console.print(f"fairness {verdict}")
+    if c.mitigation:
+        console.print(f"mitigation: {c.mitigation['method']} (passed before {c.mitigation['passed_before']}, "
+                      f"after {c.mitigation['passed_after']})")
+    console.print(f"privacy spent by this call: ε={out.epsilon_spent:.3f} over {len(out.runs)} run(s)")
+
+
+@models_app.command("list")
+def models_list(ctx: typer.Context, name: Annotated[Optional[str], typer.Argument()] = None) -> None:
+    """Registered model versions with ε, utility, fairness and status."""
+    from training.registry import Registry
+
+    cards = Registry(_state(ctx).workspace()).list(name)
+    t = Table(title=f"models ({len(cards)})")
+    for c in ("model", "dataset", "purpose", "ε", "AUC", "fairness", "status", "created"):
+        t.add_column(c)
+    for c in cards:
+        fair = "—" if c.fairness is None else ("passed" if c.fairness.passed else "failed")
+        t.add_row(f"{c.name}@{c.version}", c.dataset, c.purpose, f"{c.privacy.epsilon:.2f}",
+                  f"{c.utility.get('auc', float('nan')):.3f}", fair, c.status, c.created_at.strftime("%Y-%m-%d %H:%M"))
+    console.print(t)
+
+
+@models_app.command("show")
+def models_show(ctx: typer.Context, model: Annotated[str, typer.Argument(help="name or name@version")]) -> None:
+    """The model card (Markdown)."""
+    from rich.markdown import Markdown
+
+    from training.registry import Registry
+
+    console.print(Markdown(Registry(_state(ctx).workspace()).card(model).to_markdown()))
+
+
+@models_app.command("approve")
+def models_approve(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="name@version")],
+    override_reason: Annotated[Optional[str], typer.Option(help="Approve despite a failed fairness verdict, and say why.")] = None,
+) -> None:
+    """Record a compliance approval (the deploy gate requires one)."""
+    from training.registry import Registry
+
+    st = _state(ctx)
+    card = Registry(st.workspace()).approve(st.actor(), model, override_reason=override_reason)
+    console.print(f"[green]approved[/] {card.name}@{card.version} by {st.actor().name}")
+
+
 # -- privacy ----------------------------------------------------------------------------------
 @privacy_app.command("status")
 def privacy_status(
@@ -735,12 +817,12 @@ def privacy_status(
     led = PrivacyLedger(ws)
     names = [dataset] if dataset else sorted(n for n, p in ws.policies.datasets.items() if p.privacy)
     t = Table(title="privacy budgets (basic composition)")
-    for c in ("dataset", "ε total", "ε spent", "ε reserved", "ε left", "δ spent / max", "runs"):
+    for c in ("dataset", "ε total", "ε spent", "ε reserved", "ε left", "δ spent (sum)", "δ per run ≤", "runs"):
         t.add_column(c, justify="left" if c == "dataset" else "right")
     for n in names:
         s_ = led.status(n)
         t.add_row(n, f"{s_.epsilon_total:g}", f"{s_.epsilon_spent:.3g}", f"{s_.epsilon_reserved:.3g}",
-                  f"{s_.epsilon_left:.3g}", f"{s_.delta_spent:.2g} / {s_.delta_max:.2g}", str(s_.runs))
+                  f"{s_.epsilon_left:.3g}", f"{s_.delta_spent:.2g}", f"{s_.delta_max:.2g}", str(s_.runs))
     console.print(t)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from governance.errors import AccessDenied
 from governance.gate import Actor
 from governance.ledger import PrivacyLedger
 from governance.lineage import DatasetRef
@@ -129,10 +130,16 @@ def train_model(
         pred = (p_te > 0.5).astype(int)
         metrics = fairness_metrics(y_te.astype(int), pred, sens, pos_label=FAVOURABLE_LABEL)
         verdict = check_fairness(metrics, pol.fairness)
+        mitigated = None
         if not verdict.passed and mitigate:
             sens_tr = decrypt_sensitive(ws, actor, ts.dataset, [tokens[i] for i in tr], purpose="fairness_evaluation")
             weights = reweighing(y_tr.astype(int), {a: sens_tr[a] for a in pol.fairness.sensitive_attributes})
-            mitigated = private_run(weights)
+            try:
+                mitigated = private_run(weights)
+            except AccessDenied as exc:  # no budget left for a second run: keep the first, say why
+                mitigation = {"method": "reweighing (Kamiran & Calders)", "skipped": exc.message,
+                              "passed_before": verdict.passed}
+        if mitigated is not None:
             p2 = predict_proba(mitigated, X_te)
             m2 = fairness_metrics(y_te.astype(int), (p2 > 0.5).astype(int), sens, pos_label=FAVOURABLE_LABEL)
             v2 = check_fairness(m2, pol.fairness)
