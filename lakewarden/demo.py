@@ -90,6 +90,12 @@ def main() -> None:
         "--out", str(root / ".lakewarden" / "training_set.parquet"))
     run("--as", "sam", "features", "training-set", "--purpose", "credit_scoring",
         "--features", "customer_profile:income,customer_sensitive:sex", expect=3)
+    console.print(Rule("Private training: DP-SGD, privacy ledger, fairness, model card"))
+    run("--as", "sam", "train", "--name", "credit", "--purpose", "credit_scoring", "--label", "defaulted",
+        "--features", "customer_profile:income,customer_profile:income_log,customer_profile:birth_date,customer_profile:region",
+        "--epsilon", "3", "--epochs", "3")
+    run("models", "list")
+    run("privacy", "status", "customers")
     console.print(Rule("The gate decides each later stage"))
     run("--as", "pipeline", "gate", "check", "ingest", "--dataset", "customers")
     run("--as", "ana", "gate", "check", "query", "--dataset", "customers", "--layer", "silver")
