@@ -58,10 +58,20 @@ def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(idx[:cut]), np.sort(idx[cut:])
 
 
-def _utility(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+def _threshold(p_train: np.ndarray, y_train: np.ndarray) -> float:
+    """The score above which the model predicts the positive label: chosen so that it predicts
+    as many positives on the training rows as there are (a rare label otherwise never fires)."""
+    rate = float(y_train.mean())
+    if rate <= 0 or rate >= 1:
+        return 0.5
+    return float(np.quantile(p_train, 1 - rate))
+
+
+def _utility(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
-    out = {"accuracy": float(((p > 0.5) == (y > 0.5)).mean()), "positive_rate": float((p > 0.5).mean())}
+    out = {"accuracy": float(((p > threshold) == (y > 0.5)).mean()), "positive_rate": float((p > threshold).mean()),
+           "threshold": float(threshold)}
     if len(np.unique(y)) == 2:
         out["auc"] = float(roc_auc_score(y, p))
     return out
@@ -120,14 +130,15 @@ def train_model(
         return result
 
     result = private_run(None)
+    threshold = _threshold(predict_proba(result, X_tr), y_tr)  # from training rows only: holdout stays unseen
     p_te = predict_proba(result, X_te)
-    utility = _utility(y_te, p_te)
+    utility = _utility(y_te, p_te, threshold)
 
     fairness_fields: dict[str, Any] | None = None
     mitigation = None
     if pol.fairness is not None:
         sens = decrypt_sensitive(ws, actor, ts.dataset, [tokens[i] for i in te], purpose="fairness_evaluation")
-        pred = (p_te > 0.5).astype(int)
+        pred = (p_te > threshold).astype(int)
         metrics = fairness_metrics(y_te.astype(int), pred, sens, pos_label=FAVOURABLE_LABEL)
         verdict = check_fairness(metrics, pol.fairness)
         mitigated = None
@@ -140,13 +151,14 @@ def train_model(
                 mitigation = {"method": "reweighing (Kamiran & Calders)", "skipped": exc.message,
                               "passed_before": verdict.passed}
         if mitigated is not None:
+            t2 = _threshold(predict_proba(mitigated, X_tr), y_tr)
             p2 = predict_proba(mitigated, X_te)
-            m2 = fairness_metrics(y_te.astype(int), (p2 > 0.5).astype(int), sens, pos_label=FAVOURABLE_LABEL)
+            m2 = fairness_metrics(y_te.astype(int), (p2 > t2).astype(int), sens, pos_label=FAVOURABLE_LABEL)
             v2 = check_fairness(m2, pol.fairness)
             mitigation = {"method": "reweighing (Kamiran & Calders)", "report": mitigation_report(metrics, m2),
-                          "utility_before": utility, "utility_after": _utility(y_te, p2),
+                          "utility_before": utility, "utility_after": _utility(y_te, p2, t2),
                           "passed_before": verdict.passed, "passed_after": v2.passed}
-            result, metrics, verdict, utility = mitigated, m2, v2, _utility(y_te, p2)
+            result, metrics, verdict, utility, threshold = mitigated, m2, v2, _utility(y_te, p2, t2), t2
         fairness_fields = {**gate_context(metrics), "passed": verdict.passed, "failures": list(verdict.failures)}
 
     train_run = ws.lineage.emit(
@@ -169,7 +181,7 @@ def train_model(
         "mitigation": mitigation,
         "lineage_run_ids": [r for r in (ts.run_id, train_run) if r],
         "gate_decisions": [d for d in decisions if d is not None],
-        "preprocessing": {"encoder": enc.to_dict(), "favourable_label": FAVOURABLE_LABEL,
+        "preprocessing": {"encoder": enc.to_dict(), "favourable_label": FAVOURABLE_LABEL, "threshold": threshold,
                           "hidden": list(options.hidden), "n_features": result.n_features},
     }
     if fairness_fields is not None:
