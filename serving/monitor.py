@@ -1,0 +1,919 @@
+"""Drift monitoring: how far live traffic has moved from the training data.
+
+The predictor appends one JSON line per scored entity to
+``<workspace>/serving/requests/<model>.jsonl``::
+
+    {"ts": "2025-01-02T03:04:05Z", "model": "credit", "version": 1, "token": "sub_...",
+     "features": {"income": 51234.5, "region": "north"}, "score": 0.12}
+
+This module compares those lines with the training data's :class:`Reference` using the
+Population Stability Index, per feature and for the score, and reports the result three ways:
+the audit log (``monitor.drift``, plus ``monitor.alert`` for every feature in alert), an
+optional webhook, and Prometheus gauges (:class:`DriftMetrics`, :func:`render_textfile`)
+that ``infra/prometheus/alerts.yml`` turns into alerts.
+
+PSI::
+
+    PSI = sum over bins  (c_i - r_i) * ln(c_i / r_i)
+
+with ``r_i``/``c_i`` the reference and current share of bin ``i``; a share of 0 counts as
+``epsilon`` (1e-4) so an empty bin gives a large finite term rather than infinity. Numeric
+features use the reference's quantiles as bin edges (ties merged, so a feature with few
+distinct values gets fewer bins; the outer bins are open-ended, so values beyond the
+reference's range land in them — except that a point mass at the reference's maximum
+gets a bin of its own, so a shift above it shows); categorical features use one bin per category seen in
+either sample. ``None`` and NaN are dropped. Statuses: ``ok``; ``warn`` when PSI > 0.1;
+``alert`` when PSI > 0.25 (the usual reading: small / moderate / significant shift);
+``no_data`` when fewer than ``min_records`` values were seen.
+
+Example::
+
+    ref = Reference.from_table(training_table, score=training_scores)   # stored with the model
+    report = monitor(ws, ws.actor("mel"), model="credit", reference=ref,
+                     since=datetime.now(timezone.utc) - timedelta(hours=1))
+    DriftMetrics(REGISTRY).observe(report)                              # the predictor's /metrics
+
+Privacy: a :class:`Reference` keeps only a summary of each feature (bin edges and shares,
+category shares), never the training rows: the model's ε does not cover raw training values
+stored next to it. Reports, audit events and metrics carry counts and PSI values — never
+tokens or feature values. Webhook URLs can hold secrets; the audit log records only their
+scheme and host.
+
+Errors: caller mistakes raise ``ValueError``/``TypeError``; a denied gate decision raises
+:class:`governance.errors.AccessDenied`; a missing ``log_path`` raises ``FileNotFoundError``.
+Webhook failures are audited (outcome ``error``), never raised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from governance.gate import Actor, Resource
+from governance.policy import IDENT, Stage
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from prometheus_client import CollectorRegistry
+
+    from governance.workspace import Workspace
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "REFERENCE_FORMAT",
+    "CategoricalReference",
+    "DriftMetrics",
+    "DriftReport",
+    "FeatureDrift",
+    "NumericReference",
+    "Reference",
+    "RequestRecords",
+    "drift_report",
+    "monitor",
+    "psi",
+    "psi_categorical",
+    "read_request_log",
+    "render_textfile",
+    "request_log_path",
+]
+
+EPSILON = 1e-4
+"""Share given to an empty bin, so that PSI stays finite."""
+DEFAULT_THRESHOLDS: Mapping[str, float] = MappingProxyType({"warn": 0.1, "alert": 0.25})
+REFERENCE_FORMAT = "lakewarden.drift-reference/1"
+Status = Literal["ok", "warn", "alert", "no_data"]
+_RANK = {"ok": 0, "no_data": 1, "warn": 2, "alert": 3}
+_NAME = re.compile(IDENT)
+_TOKEN = re.compile(r"^sub_[a-z2-7]{26}$")
+_PSI_DIGITS = 6  # rounded in reports: stable JSON, and no long digit runs for the PII detectors to trip on
+
+
+# -- PSI ----------------------------------------------------------------------------------
+def _numeric_values(values: Iterable[Any]) -> np.ndarray:
+    """Floats of ``values`` with None and NaN dropped. Raises TypeError for anything not a number."""
+    out = []
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"numeric PSI needs numbers, got {type(v).__name__}")
+        out.append(float(v))
+    arr = np.asarray(out, dtype=np.float64)
+    return arr[~np.isnan(arr)]
+
+
+def _category(v: Any) -> str:
+    """One spelling per category on both sides: booleans as true/false, everything else str()."""
+    if isinstance(v, (bool, np.bool_)):
+        return "true" if v else "false"
+    return v if isinstance(v, str) else str(v)
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _psi(ref: np.ndarray, cur: np.ndarray, epsilon: float) -> float:
+    r = np.maximum(ref, epsilon)
+    c = np.maximum(cur, epsilon)
+    return float(np.sum((c - r) * np.log(c / r)))
+
+
+@dataclass(frozen=True, slots=True)
+class NumericReference:
+    """Quantile bins of a numeric reference sample: interior ``edges`` and each bin's share.
+
+    Bin ``i`` holds ``edges[i-1] <= x < edges[i]``; the first and last bins are open-ended.
+    """
+
+    edges: tuple[float, ...]
+    shares: tuple[float, ...]
+    count: int
+    kind: Literal["numeric"] = "numeric"
+
+    def __post_init__(self) -> None:
+        if len(self.shares) != len(self.edges) + 1:
+            raise ValueError(f"{len(self.edges)} edges need {len(self.edges) + 1} shares, got {len(self.shares)}")
+        if list(self.edges) != sorted(set(self.edges)):
+            raise ValueError("edges must be strictly increasing")
+        if self.count < 1:
+            raise ValueError("a reference needs at least one value")
+
+    @classmethod
+    def from_sample(cls, sample: Iterable[Any], *, bins: int = 10) -> "NumericReference":
+        if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2:
+            raise ValueError(f"bins must be an integer >= 2, got {bins!r}")
+        ref = _numeric_values(sample)
+        if ref.size == 0:
+            raise ValueError("the reference sample has no values (after dropping None/NaN)")
+        cuts = np.quantile(ref, np.linspace(0.0, 1.0, bins + 1)[1:-1])
+        edges = np.unique(cuts)  # ties in the data give equal quantiles: merge those bins
+        if edges[-1] == ref.max():
+            # Tied values at the top: the last bin [max, inf) would hide a shift upwards. Close
+            # it at max, so values above anything seen in training get a bin of their own.
+            edges = np.append(edges, np.nextafter(edges[-1], np.inf))
+        counts = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=edges.size + 1)
+        return cls(tuple(float(e) for e in edges), tuple(float(s) for s in counts / ref.size), int(ref.size))
+
+    def counts(self, current: Iterable[Any]) -> np.ndarray:
+        cur = _numeric_values(current)
+        return np.bincount(np.searchsorted(np.asarray(self.edges), cur, side="right"), minlength=len(self.shares))
+
+    def psi(self, current: Iterable[Any], *, epsilon: float = EPSILON) -> float:
+        counts = self.counts(current)
+        n = int(counts.sum())
+        if n == 0:
+            raise ValueError("the current sample has no values (after dropping None/NaN)")
+        return _psi(np.asarray(self.shares), counts / n, epsilon)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "numeric", "edges": list(self.edges), "shares": list(self.shares), "count": self.count}
+
+
+@dataclass(frozen=True, slots=True)
+class CategoricalReference:
+    """Each category's share of a categorical reference sample."""
+
+    shares: Mapping[str, float]
+    count: int
+    kind: Literal["categorical"] = "categorical"
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not self.shares:
+            raise ValueError("a reference needs at least one value")
+        object.__setattr__(self, "shares", MappingProxyType(dict(self.shares)))
+
+    @classmethod
+    def from_sample(cls, sample: Iterable[Any]) -> "CategoricalReference":
+        counts: dict[str, int] = {}
+        for v in sample:
+            if not _is_missing(v):
+                k = _category(v)
+                counts[k] = counts.get(k, 0) + 1
+        n = sum(counts.values())
+        if n == 0:
+            raise ValueError("the reference sample has no values (after dropping None)")
+        return cls({k: c / n for k, c in sorted(counts.items())}, n)
+
+    def psi(self, current: Iterable[Any], *, epsilon: float = EPSILON) -> float:
+        counts: dict[str, int] = {}
+        for v in current:
+            if not _is_missing(v):
+                k = _category(v)
+                counts[k] = counts.get(k, 0) + 1
+        n = sum(counts.values())
+        if n == 0:
+            raise ValueError("the current sample has no values (after dropping None)")
+        cats = sorted(set(self.shares) | set(counts))
+        ref = np.asarray([self.shares.get(c, 0.0) for c in cats])
+        cur = np.asarray([counts.get(c, 0) / n for c in cats])
+        return _psi(ref, cur, epsilon)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "categorical", "shares": dict(self.shares), "count": self.count}
+
+
+def psi(reference: Iterable[Any], current: Iterable[Any], *, bins: int = 10, epsilon: float = EPSILON) -> float:
+    """Population Stability Index of a numeric feature, binned at the reference's quantiles.
+
+    Args:
+        reference: the training sample (numbers; None and NaN are dropped).
+        current: the live sample.
+        bins: quantile bins wanted; ties in the reference merge bins, so there may be fewer.
+        epsilon: share used for an empty bin.
+
+    Returns:
+        PSI >= 0; 0 for identical samples.
+
+    Raises:
+        ValueError: a sample is empty after dropping None/NaN, or ``bins`` < 2.
+        TypeError: a value is not a number.
+
+    Example::
+
+        >>> round(psi([1, 2, 3, 4], [1, 2, 3, 4], bins=2), 6)
+        0.0
+    """
+    return NumericReference.from_sample(reference, bins=bins).psi(current, epsilon=epsilon)
+
+
+def psi_categorical(reference: Iterable[Any], current: Iterable[Any], *, epsilon: float = EPSILON) -> float:
+    """Population Stability Index of a categorical feature: one bin per category of either sample.
+
+    A category absent from one side counts with share ``epsilon`` there, so a new category
+    raises PSI sharply. None is dropped; booleans read as ``true``/``false``, other values as
+    ``str()``.
+
+    Raises:
+        ValueError: a sample is empty after dropping None.
+    """
+    return CategoricalReference.from_sample(reference).psi(current, epsilon=epsilon)
+
+
+# -- reference ----------------------------------------------------------------------------
+FeatureReference = NumericReference | CategoricalReference
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """The training data's distribution per feature and of the score, as PSI needs it.
+
+    Build it from samples with :meth:`from_samples` or :meth:`from_table`, store
+    :meth:`to_json` with the model, load it back with :meth:`from_json`. Only summaries are
+    kept (quantile edges and shares, category shares), never the rows.
+    """
+
+    features: Mapping[str, FeatureReference]
+    score: NumericReference
+    bins: int = 10
+
+    def __post_init__(self) -> None:
+        for name in self.features:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"feature names must be non-empty strings, got {name!r}")
+        object.__setattr__(self, "features", MappingProxyType(dict(self.features)))
+
+    @classmethod
+    def from_samples(
+        cls,
+        features: Mapping[str, Sequence[Any]],
+        score: Sequence[Any],
+        *,
+        bins: int = 10,
+        max_categories: int = 100,
+    ) -> "Reference":
+        """Summarize training samples: numbers become quantile bins, strings and booleans categories.
+
+        Raises:
+            ValueError: a sample is empty, holds subject tokens, or has more than
+                ``max_categories`` categories (an identifier, not a feature).
+        """
+        out: dict[str, FeatureReference] = {}
+        for name, values in features.items():
+            values = list(values)
+            present = [v for v in values if not _is_missing(v)]
+            if not present:
+                raise ValueError(f"feature {name!r}: the reference sample has no values")
+            numeric = all(
+                isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) for v in present
+            )
+            out[name] = (
+                NumericReference.from_sample(present, bins=bins)
+                if numeric
+                else _categorical(name, present, max_categories)
+            )
+        return cls(out, NumericReference.from_sample(score, bins=bins), bins)
+
+    @classmethod
+    def from_table(
+        cls,
+        table: "pa.Table",
+        *,
+        score: "Sequence[Any] | str",
+        columns: Sequence[str] | None = None,
+        bins: int = 10,
+        max_categories: int = 100,
+    ) -> "Reference":
+        """Summarize a training table (numeric columns as numbers, string/bool/dictionary as categories).
+
+        Args:
+            table: the rows the model was trained on (or a sample of them).
+            score: the model's scores for those rows, or the name of a column holding them.
+            columns: the features; default every column except the score column, columns
+                whose name starts with ``_``, and columns of subject tokens.
+
+        Raises:
+            ValueError: a named column is missing or holds subject tokens; lengths differ.
+            TypeError: a column's type is neither numeric nor categorical.
+        """
+        import pyarrow as pa
+
+        score_col = score if isinstance(score, str) else None
+        if score_col is not None:
+            if score_col not in table.column_names:
+                raise ValueError(f"score column {score_col!r} is not in the table")
+            scores: list[Any] = table.column(score_col).to_pylist()
+        else:
+            scores = list(score)
+            if len(scores) != table.num_rows:
+                raise ValueError(f"{len(scores)} scores for {table.num_rows} rows")
+        explicit = columns is not None
+        names = list(columns) if columns is not None else [c for c in table.column_names if c != score_col and not c.startswith("_")]
+        samples: dict[str, list[Any]] = {}
+        for name in names:
+            if name not in table.column_names:
+                raise ValueError(f"column {name!r} is not in the table (has: {', '.join(table.column_names)})")
+            col = table.column(name)
+            t = col.type
+            if pa.types.is_dictionary(t):
+                t = t.value_type
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+                    or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t)):
+                raise TypeError(f"column {name!r} has type {col.type}: only numeric, string and boolean columns can be monitored")
+            values = col.to_pylist()
+            if pa.types.is_decimal(t):
+                values = [None if v is None else float(v) for v in values]
+            if (pa.types.is_string(t) or pa.types.is_large_string(t)) and any(
+                isinstance(v, str) and _TOKEN.match(v) for v in values
+            ):
+                if explicit:
+                    raise ValueError(f"column {name!r} holds subject tokens: tokens are never a monitored feature")
+                continue
+            samples[name] = values
+        return cls.from_samples(samples, scores, bins=bins, max_categories=max_categories)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": REFERENCE_FORMAT,
+            "bins": self.bins,
+            "features": {n: f.to_dict() for n, f in sorted(self.features.items())},
+            "score": self.score.to_dict(),
+        }
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys): the same reference always gives the same bytes."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Reference":
+        """Load :meth:`to_json` output. Raises ValueError for another format or a malformed document."""
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"not a drift reference: {e}") from None
+        if not isinstance(d, dict) or d.get("format") != REFERENCE_FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"not a drift reference of format {REFERENCE_FORMAT!r} (got {got!r})")
+        try:
+            feats = {n: _feature_from_dict(f) for n, f in d["features"].items()}
+            score = _feature_from_dict(d["score"])
+            if not isinstance(score, NumericReference):
+                raise ValueError("the score reference must be numeric")
+            return cls(feats, score, int(d["bins"]))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"malformed drift reference: {e!r}") from None
+
+
+def _categorical(name: str, values: list[Any], max_categories: int) -> CategoricalReference:
+    if any(isinstance(v, str) and _TOKEN.match(v) for v in values):
+        raise ValueError(f"feature {name!r} holds subject tokens: tokens are never a monitored feature")
+    ref = CategoricalReference.from_sample(values)
+    if len(ref.shares) > max_categories:
+        raise ValueError(
+            f"feature {name!r} has {len(ref.shares)} categories (max_categories={max_categories}): "
+            "an identifier-like column is not a feature to monitor"
+        )
+    return ref
+
+
+def _feature_from_dict(d: Mapping[str, Any]) -> FeatureReference:
+    if d["kind"] == "numeric":
+        return NumericReference(tuple(float(e) for e in d["edges"]), tuple(float(s) for s in d["shares"]), int(d["count"]))
+    if d["kind"] == "categorical":
+        return CategoricalReference({str(k): float(v) for k, v in d["shares"].items()}, int(d["count"]))
+    raise ValueError(f"unknown feature kind {d['kind']!r}")
+
+
+# -- request log --------------------------------------------------------------------------
+def request_log_path(ws: "Workspace", model: str) -> Path:
+    """Where the predictor writes ``model``'s request log: ``<workspace>/serving/requests/<model>.jsonl``."""
+    _check_model(model)
+    return ws.config.workspace_dir / "serving" / "requests" / f"{model}.jsonl"
+
+
+class RequestRecords(list):  # type: ignore[type-arg]
+    """The records read from a request log (a list of dicts), with what was left out.
+
+    Attributes: ``lines`` (non-blank lines read), ``malformed`` (lines that are not a JSON
+    object with a parseable ``ts`` and a ``features`` object), ``filtered`` (other models,
+    or older than ``since``).
+    """
+
+    def __init__(self, records: Iterable[dict[str, Any]] = (), *, lines: int = 0, malformed: int = 0, filtered: int = 0) -> None:
+        super().__init__(records)
+        self.lines = lines
+        self.malformed = malformed
+        self.filtered = filtered
+
+
+def _parse_ts(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=timezone.utc)
+
+
+def _utc(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
+def read_request_log(path: str | Path, *, since: datetime | None = None, model: str | None = None) -> RequestRecords:
+    """Read a request log line by line, skipping (and counting) lines that cannot be used.
+
+    Args:
+        path: the JSON Lines file.
+        since: keep records with ``ts >= since`` (naive datetimes are taken as UTC).
+        model: keep records of this model only.
+
+    Returns:
+        :class:`RequestRecords`: the records, oldest first as written, each with ``_ts``
+        added (the parsed timestamp), and the counts of malformed and filtered lines.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    since = _utc(since) if since is not None else None
+    out = RequestRecords()
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            out.lines += 1
+            try:
+                rec = json.loads(raw)
+            except ValueError:  # includes invalid UTF-8
+                out.malformed += 1
+                continue
+            ts = _parse_ts(rec.get("ts")) if isinstance(rec, dict) else None
+            if ts is None or not isinstance(rec.get("features"), dict):
+                out.malformed += 1
+                continue
+            if (model is not None and rec.get("model") != model) or (since is not None and ts < since):
+                out.filtered += 1
+                continue
+            rec["_ts"] = ts
+            out.append(rec)
+    return out
+
+
+# -- report -------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class FeatureDrift:
+    """PSI and status of one feature (or of the score) over a window of records.
+
+    ``count`` values were used; ``missing`` records had none (absent, None, NaN);
+    ``invalid`` had a value of the wrong kind (a string for a numeric feature).
+    ``psi`` is None when no value was seen.
+    """
+
+    name: str
+    kind: Literal["numeric", "categorical"]
+    psi: float | None
+    status: Status
+    count: int
+    missing: int = 0
+    invalid: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "psi": None if self.psi is None else round(self.psi, _PSI_DIGITS),
+            "status": self.status,
+            "count": self.count,
+            "missing": self.missing,
+            "invalid": self.invalid,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DriftReport:
+    """The result of :func:`drift_report`: per-feature and score drift, with counts.
+
+    ``status`` is the worst of all (alert > warn > no_data > ok). ``alerts`` names the
+    features in alert, and ``score`` when the score is.
+    """
+
+    model: str | None
+    features: Mapping[str, FeatureDrift]
+    score: FeatureDrift
+    records: int
+    malformed: int
+    thresholds: Mapping[str, float]
+    computed_at: datetime
+    window_start: datetime | None = None
+    window_end: datetime | None = None
+    versions: Mapping[str, int] = field(default_factory=dict)
+    unexpected_features: tuple[str, ...] = ()
+
+    @property
+    def status(self) -> Status:
+        return max((f.status for f in (*self.features.values(), self.score)), key=_RANK.__getitem__)
+
+    @property
+    def alerts(self) -> tuple[str, ...]:
+        names = [n for n, f in self.features.items() if f.status == "alert"]
+        return (*names, "score") if self.score.status == "alert" else tuple(names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: statuses, PSI (rounded to 6 places) and counts; no tokens, no feature values."""
+        return {
+            "model": self.model,
+            "status": self.status,
+            "computed_at": self.computed_at.isoformat(),
+            "window": {
+                "start": self.window_start.isoformat() if self.window_start else None,
+                "end": self.window_end.isoformat() if self.window_end else None,
+            },
+            "records": self.records,
+            "malformed": self.malformed,
+            "versions": dict(self.versions),
+            "thresholds": dict(self.thresholds),
+            "features": {n: f.to_dict() for n, f in self.features.items()},
+            "score": self.score.to_dict(),
+            "alerts": list(self.alerts),
+            "unexpected_features": list(self.unexpected_features),
+        }
+
+
+def _thresholds(t: Mapping[str, float]) -> Mapping[str, float]:
+    if set(t) != {"warn", "alert"}:
+        raise ValueError(f"thresholds need exactly 'warn' and 'alert', got {sorted(t)}")
+    warn, alert = float(t["warn"]), float(t["alert"])
+    if not 0 < warn <= alert:
+        raise ValueError(f"thresholds must satisfy 0 < warn <= alert, got warn={warn:g}, alert={alert:g}")
+    return MappingProxyType({"warn": warn, "alert": alert})
+
+
+def _status(value: float | None, count: int, min_records: int, t: Mapping[str, float]) -> Status:
+    if value is None or count < min_records:
+        return "no_data"
+    if value > t["alert"]:
+        return "alert"
+    if value > t["warn"]:
+        return "warn"
+    return "ok"
+
+
+def _drift(name: str, ref: FeatureReference, values: list[Any], min_records: int, t: Mapping[str, float]) -> FeatureDrift:
+    used: list[Any] = []
+    missing = invalid = 0
+    for v in values:
+        if _is_missing(v):
+            missing += 1
+        elif ref.kind == "numeric" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            invalid += 1
+        elif ref.kind == "categorical" and isinstance(v, (dict, list)):
+            invalid += 1
+        else:
+            used.append(v)
+    value = ref.psi(used) if used else None
+    return FeatureDrift(name, ref.kind, value, _status(value, len(used), min_records, t), len(used), missing, invalid)
+
+
+def drift_report(
+    reference: Reference,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    thresholds: Mapping[str, float] = DEFAULT_THRESHOLDS,
+    min_records: int = 1,
+    model: str | None = None,
+    now: datetime | None = None,
+) -> DriftReport:
+    """PSI of every reference feature and of the score over ``records``.
+
+    Args:
+        reference: the training distribution.
+        records: request-log records (``features`` dict and ``score`` each); a
+            :class:`RequestRecords` also brings its malformed count.
+        thresholds: ``warn`` and ``alert`` PSI levels; status is ``warn`` above ``warn``,
+            ``alert`` above ``alert``.
+        min_records: fewer values than this for a feature gives ``no_data`` (PSI on a
+            handful of requests is noise).
+        model: the model's name, carried into the report and the metrics' labels.
+        now: the report's time (default: now, UTC).
+
+    Raises:
+        ValueError: bad thresholds or ``min_records`` < 1.
+    """
+    t = _thresholds(thresholds)
+    if min_records < 1:
+        raise ValueError(f"min_records must be >= 1, got {min_records}")
+    cols: dict[str, list[Any]] = {n: [] for n in reference.features}
+    scores: list[Any] = []
+    versions: dict[str, int] = {}
+    unexpected: set[str] = set()
+    start = end = None
+    for rec in records:
+        feats = rec.get("features") or {}
+        for n, vals in cols.items():
+            vals.append(feats.get(n))
+        unexpected.update(k for k in feats if k not in cols)
+        scores.append(rec.get("score"))
+        v = str(rec.get("version"))
+        versions[v] = versions.get(v, 0) + 1
+        ts = rec.get("_ts") or _parse_ts(rec.get("ts"))
+        if ts is not None:
+            start = ts if start is None or ts < start else start
+            end = ts if end is None or ts > end else end
+    return DriftReport(
+        model=model,
+        features={n: _drift(n, reference.features[n], cols[n], min_records, t) for n in reference.features},
+        score=_drift("score", reference.score, scores, min_records, t),
+        records=len(records),
+        malformed=int(getattr(records, "malformed", 0)),
+        thresholds=t,
+        computed_at=_utc(now) if now is not None else datetime.now(timezone.utc),
+        window_start=start,
+        window_end=end,
+        versions=dict(sorted(versions.items())),
+        unexpected_features=tuple(sorted(unexpected)),
+    )
+
+
+# -- the monitoring stage -----------------------------------------------------------------
+def _check_model(model: str) -> None:
+    if not isinstance(model, str) or not _NAME.match(model):
+        raise ValueError(f"model name {model!r} must match {IDENT}")
+
+
+def _check_webhook(url: str) -> urllib.parse.SplitResult:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("webhook must be an http(s) URL with a host")
+    return parts
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirected POST would become a GET without the report: treat redirects as failures."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _post_json(url: str, body: bytes, timeout: float) -> int:
+    """POST ``body`` to ``url``; the HTTP status. Raises on network errors and non-2xx statuses."""
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(_NoRedirect)  # non-2xx (redirects included) raise HTTPError
+    with opener.open(req, timeout=timeout) as resp:
+        return int(resp.status)
+
+
+def monitor(
+    ws: "Workspace",
+    actor: Actor,
+    *,
+    model: str,
+    reference: Reference,
+    log_path: str | Path | None = None,
+    since: datetime | None = None,
+    webhook: str | None = None,
+    timeout: float = 5,
+    thresholds: Mapping[str, float] = DEFAULT_THRESHOLDS,
+    min_records: int = 1,
+    now: datetime | None = None,
+) -> DriftReport:
+    """Compute drift for ``model`` from its request log and report it: audit, webhook.
+
+    The gate decides first (``serve`` on ``model:<name>``: the roles that run serving run its
+    monitoring). Then one ``monitor.drift`` event (outcome = the report's status; details:
+    PSI, status and counts per feature and for the score), one ``monitor.alert`` event
+    (outcome ``alert``) per feature in alert (and for the score), and, with ``webhook``, a
+    POST of :meth:`DriftReport.to_dict` as JSON audited as ``monitor.webhook`` (``ok`` or
+    ``error``; a failure is never raised). The audit log is flushed before returning.
+
+    Args:
+        log_path: the request log; default ``<workspace>/serving/requests/<model>.jsonl``,
+            which may not exist yet (no traffic: every feature ``no_data``).
+        since: only records at or after this time.
+        webhook: an http(s) URL; redirects count as failures.
+        timeout: seconds for the webhook call.
+
+    Raises:
+        AccessDenied: the gate denied ``serve`` on the model.
+        ValueError: a bad model name, webhook URL or thresholds.
+        FileNotFoundError: an explicit ``log_path`` does not exist.
+    """
+    _check_model(model)
+    hook = _check_webhook(webhook) if webhook is not None else None
+    _thresholds(thresholds)
+    resource = Resource.model(model)
+    decision = ws.gate.enforce(Stage.SERVE, actor, resource)
+    if log_path is None:
+        path = request_log_path(ws, model)
+        records = read_request_log(path, since=since, model=model) if path.exists() else RequestRecords()
+    else:
+        records = read_request_log(log_path, since=since, model=model)
+    report = drift_report(reference, records, thresholds=thresholds, min_records=min_records, model=model, now=now)
+
+    audit = ws.audit
+    d = report.to_dict()
+    audit.record(
+        "monitor.drift",
+        actor=actor.name,
+        outcome=report.status,
+        stage=Stage.SERVE.value,
+        resource=str(resource),
+        rule_ids=decision.rule_ids,
+        details={
+            "records": report.records,
+            "malformed": report.malformed,
+            "filtered": records.filtered,
+            "since": _utc(since).isoformat() if since is not None else None,
+            "window": d["window"],
+            "versions": d["versions"],
+            "thresholds": d["thresholds"],
+            "features": d["features"],
+            "score": d["score"],
+            "unexpected_features": d["unexpected_features"],
+        },
+    )
+    in_alert = [("feature", n, f) for n, f in report.features.items() if f.status == "alert"]
+    if report.score.status == "alert":
+        in_alert.append(("score", "score", report.score))
+    for target, name, f in in_alert:
+        audit.record(
+            "monitor.alert",
+            actor=actor.name,
+            outcome="alert",
+            stage=Stage.SERVE.value,
+            resource=str(resource),
+            details={
+                "target": target,
+                "feature": name,
+                "psi": f.to_dict()["psi"],
+                "threshold": report.thresholds["alert"],
+                "count": f.count,
+            },
+        )
+    if hook is not None:
+        extra: dict[str, Any]
+        where = f"{hook.scheme}://{hook.hostname}" + (f":{hook.port}" if hook.port else "")
+        try:
+            status = _post_json(webhook, json.dumps(d, sort_keys=True).encode(), timeout)  # type: ignore[arg-type]
+            outcome, extra = "ok", {"http_status": status}
+        except Exception as e:  # any failure is audited, never raised: drift was already recorded
+            outcome = "error"
+            extra = {"error": type(e).__name__}
+            if isinstance(e, urllib.error.HTTPError):
+                extra["http_status"] = e.code
+        audit.record(
+            "monitor.webhook",
+            actor=actor.name,
+            outcome=outcome,
+            stage=Stage.SERVE.value,
+            resource=str(resource),
+            details={"endpoint": where, "status": report.status, **extra},
+        )
+    audit.flush()
+    return report
+
+
+# -- Prometheus ---------------------------------------------------------------------------
+class _Gauges:
+    def __init__(self, registry: "CollectorRegistry") -> None:
+        from prometheus_client import Gauge
+
+        self.feature = Gauge(
+            "lakewarden_feature_psi",
+            "Population Stability Index of a model input feature against its training reference.",
+            ["model", "feature"],
+            registry=registry,
+        )
+        self.score = Gauge(
+            "lakewarden_score_psi",
+            "Population Stability Index of the model's score against its training reference.",
+            ["model"],
+            registry=registry,
+        )
+        self.records = Gauge(
+            "lakewarden_drift_records",
+            "Request-log records in the latest drift window.",
+            ["model"],
+            registry=registry,
+        )
+        self.timestamp = Gauge(
+            "lakewarden_drift_last_run_timestamp_seconds",
+            "Unix time of the latest drift computation.",
+            ["model"],
+            registry=registry,
+        )
+        self.features: dict[str, set[str]] = {}
+
+
+# One set of gauges per registry: a second DriftMetrics on the same registry (the global
+# REGISTRY in a predictor that reloads) reuses them instead of failing on duplicate names.
+_GAUGES: "weakref.WeakKeyDictionary[CollectorRegistry, _Gauges]" = weakref.WeakKeyDictionary()
+
+
+class DriftMetrics:
+    """Prometheus gauges for drift, in ``registry`` (default: a new one).
+
+    ``lakewarden_feature_psi{model,feature}``, ``lakewarden_score_psi{model}``,
+    ``lakewarden_drift_records{model}`` and
+    ``lakewarden_drift_last_run_timestamp_seconds{model}``. A feature or score without data
+    (``no_data`` and no PSI) has its series removed rather than left at a stale value.
+
+    Example::
+
+        from prometheus_client import REGISTRY
+        metrics = DriftMetrics(REGISTRY)       # served on KServe's /metrics
+        metrics.observe(report)
+    """
+
+    def __init__(self, registry: "CollectorRegistry | None" = None) -> None:
+        if registry is None:
+            from prometheus_client import CollectorRegistry
+
+            registry = CollectorRegistry()
+        self.registry = registry
+        g = _GAUGES.get(registry)
+        if g is None:
+            g = _GAUGES[registry] = _Gauges(registry)
+        self._g = g
+
+    def observe(self, report: DriftReport) -> None:
+        """Set the gauges from ``report`` (which must name its model)."""
+        if not report.model:
+            raise ValueError("the report names no model: pass model= to drift_report")
+        g, m = self._g, report.model
+        seen = set()
+        for name, f in report.features.items():
+            if f.psi is None or f.status == "no_data":
+                _remove(g.feature, m, name)
+            else:
+                g.feature.labels(m, name).set(f.psi)
+                seen.add(name)
+        for name in g.features.get(m, set()) - seen:
+            _remove(g.feature, m, name)
+        g.features[m] = seen
+        if report.score.psi is None or report.score.status == "no_data":
+            _remove(g.score, m)
+        else:
+            g.score.labels(m).set(report.score.psi)
+        g.records.labels(m).set(report.records)
+        g.timestamp.labels(m).set(report.computed_at.timestamp())
+
+
+def _remove(gauge: Any, *labels: str) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass
+
+
+def render_textfile(report: DriftReport) -> str:
+    """The report's gauges in Prometheus text exposition format, for node_exporter's textfile collector.
+
+    Write it atomically (temp file + rename) to ``<textfile dir>/lakewarden_drift_<model>.prom``.
+    """
+    from prometheus_client import generate_latest
+
+    metrics = DriftMetrics()
+    metrics.observe(report)
+    return generate_latest(metrics.registry).decode("utf-8")

@@ -1,0 +1,199 @@
+"""Serving end to end: KServe's ModelServer with the governed predictor on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from governance.errors import AccessDenied
+from governance.workspace import Workspace
+from features.store import Features, erase_subject
+from lakehouse.catalog import Catalog, TableRef
+from lakehouse.ingest import ingest
+from lakehouse.silver import build_silver
+from lakehouse.synth import generate
+from serving.model import GovernedPredictor
+from training.pipeline import train_model
+from training.registry import Registry
+from training.trainer import TrainOptions
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+FEATURES = ["customer_profile:income", "customer_profile:income_log", "customer_profile:region"]
+FAIR = {"sex": {"disparate_impact": 0.95, "equal_opportunity_diff": 0.02, "predictive_parity_diff": 0.03},
+        "ethnicity": {"disparate_impact": 0.9, "equal_opportunity_diff": 0.04, "predictive_parity_diff": 0.05}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: bytes | dict, *, ctype: str = "application/json") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"content-type": ctype}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    from governance.keys import generate_kek_b64
+
+    d = tmp_path_factory.mktemp("serve")
+    import shutil
+
+    shutil.copytree(Path(__file__).resolve().parents[1] / "policies", d / "policies")
+    (d / "lakewarden.yaml").write_text(
+        "version: 1\nname: servetest\nstorage: {root: .lakewarden/tables}\n"
+        "keys: {store: .lakewarden/keys/keystore.db, kek: {provider: env, var: SERVE_TEST_KEK}}\npolicies: [policies/*.yaml]\n")
+    os.environ["SERVE_TEST_KEK"] = generate_kek_b64()
+    res = generate(d / "landing", people=800, transactions_per_person=0, seed=4, bias=0.3)
+    ws = Workspace.open(d / "lakewarden.yaml")
+    ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
+    build_silver(ws, ws.actor("dana"), "customers")
+    fs = Features(ws)
+    fs.apply(ws.actor("pipeline"))
+    fs.materialize(ws.actor("pipeline"))
+    out = train_model(ws, ws.actor("sam"), name="credit", features=FEATURES, label="defaulted", purpose="credit_scoring",
+                      options=TrainOptions(epochs=1, target_epsilon=2.0, accountant="rdp"), mitigate=False)
+    ws.audit.flush()
+    port = free_port()
+    env = {**os.environ, "LAKEWARDEN_CONFIG": str(d / "lakewarden.yaml"), "LAKEWARDEN_USER": "mel"}
+    log = open(d / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "lakewarden", "serve", "--model", str(out.ref), "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/v2/models/credit/ready", timeout=1):
+                break
+        except OSError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("the predictor did not start: " + (d / "server.log").read_text()[-2000:])
+    tokens = Catalog(ws.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"].to_pylist()
+    yield ws, url, out.ref, tokens
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+    ws.close()
+
+
+def test_both_protocols_answer_with_the_direct_scores(served):
+    ws, url, ref, tokens = served
+    sample = tokens[:20]
+    direct = GovernedPredictor(ws, ref, ws.actor("mel"), log_requests=False).score_tokens(sample)
+    code, v1 = post(f"{url}/v1/models/credit:predict", {"instances": sample})
+    assert code == 200 and np.allclose(v1["predictions"], direct, atol=1e-6)
+    code, v1b = post(f"{url}/v1/models/credit:predict", {"instances": [{"customer_id": t} for t in sample]})
+    assert code == 200 and v1b["predictions"] == v1["predictions"]
+    code, v2 = post(f"{url}/v2/models/credit/infer",
+                    {"inputs": [{"name": "customer_id", "shape": [len(sample)], "datatype": "BYTES", "data": sample}]})
+    assert code == 200 and np.allclose(v2["outputs"][0]["data"], direct, atol=1e-6)
+
+
+BAD = [
+    ("malformed JSON", b"{not json", 400, "request format"),
+    ("no instances", {"rows": []}, 400, "instances"),
+    ("empty instances", {"instances": []}, 400, "non-empty"),
+    ("wrong type", {"instances": [42]}, 400, "token string"),
+    ("not a token", {"instances": ["C-000000001"]}, 400, "not subject tokens"),
+    ("too many", {"instances": ["sub_" + "a" * 26] * 1001}, 400, "at most 1000"),
+    ("unknown entity", {"instances": ["sub_" + "b" * 26]}, 404, "unknown subject"),
+]
+
+
+@pytest.mark.parametrize("case,body,code,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(served, case, body, code, words):
+    ws, url, ref, tokens = served
+    got, resp = post(f"{url}/v1/models/credit:predict", body)
+    assert got == code and words in resp.get("error", ""), resp
+    ok, _ = post(f"{url}/v1/models/credit:predict", {"instances": tokens[:1]})
+    assert ok == 200
+
+
+def test_v2_shape_and_type_errors_unknown_model_and_oversized_body(served):
+    ws, url, ref, tokens = served
+    for inp, words in (
+        ({"name": "id", "shape": [1], "datatype": "BYTES", "data": tokens[:1]}, "must be named"),
+        ({"name": "customer_id", "shape": [1], "datatype": "FP32", "data": [1.0]}, "datatype BYTES"),
+        ({"name": "customer_id", "shape": [2], "datatype": "BYTES", "data": tokens[:1]}, "shape"),
+    ):
+        code, resp = post(f"{url}/v2/models/credit/infer", {"inputs": [inp]})
+        assert code == 400 and words in json.dumps(resp), resp
+    code, _ = post(f"{url}/v1/models/nope:predict", {"instances": tokens[:1]})
+    assert code == 404
+    code, resp = post(f"{url}/v1/models/credit:predict", b"x" * (2 << 20))
+    assert code == 413
+    assert post(f"{url}/v1/models/credit:predict", {"instances": tokens[:1]})[0] == 200
+
+
+def test_erased_subjects_are_not_served(served):
+    ws, url, ref, tokens = served
+    victim, other = tokens[-1], tokens[-2]
+    assert post(f"{url}/v1/models/credit:predict", {"instances": [victim]})[0] == 200
+    erase_subject(ws, victim)
+    code, resp = post(f"{url}/v1/models/credit:predict", {"instances": [victim]})
+    assert code == 404 and victim in resp["error"] and "erased" in resp["error"]
+    assert post(f"{url}/v1/models/credit:predict", {"instances": [other]})[0] == 200
+
+
+def test_request_log_holds_tokens_never_identifiers(served):
+    ws, url, ref, tokens = served
+    post(f"{url}/v1/models/credit:predict", {"instances": tokens[:3]})
+    log = ws.config.workspace_dir / "serving" / "requests" / "credit.jsonl"
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert lines and all(r["token"].startswith("sub_") for r in lines)
+    assert "C-0" not in log.read_text() and "@example" not in log.read_text()
+
+
+def test_deploy_gate_refuses_unapproved_and_over_budget_models(served, tmp_path: Path):
+    from governance.gate import Resource
+
+    ws, url, ref, tokens = served
+    reg = Registry(ws)
+    trained = reg.card(ref)
+    files = {"model.pt": (reg.path(ref) / "model.pt").read_bytes(), "encoder.json": (reg.path(ref) / "encoder.json").read_bytes()}
+    base = {"purpose": "credit_scoring", "features": FEATURES, "label": "defaulted",
+            "preprocessing": dict(trained.preprocessing), "fairness": FAIR}
+    fair = reg.register(ws.actor("sam"), name="credit", dataset="customers", files=files,
+                        card_fields={**base, "privacy": {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"}})
+    greedy = reg.register(ws.actor("sam"), name="credit", dataset="customers", files=files,
+                          card_fields={**base, "privacy": {"epsilon": 12.0, "delta": 1e-5, "accountant": "rdp"}})
+    from serving.deploy import deploy
+
+    with pytest.raises(AccessDenied, match="customers/deployment/approvals"):
+        deploy(ws, ws.actor("mel"), fair, target="k8s", out_dir=tmp_path)
+    reg.approve(ws.actor("carla"), fair)
+    reg.approve(ws.actor("carla"), greedy)
+    with pytest.raises(AccessDenied, match="customers/deployment/max_epsilon"):
+        deploy(ws, ws.actor("mel"), greedy, target="k8s", out_dir=tmp_path)
+    with pytest.raises(AccessDenied, match="customers/fairness"):
+        deploy(ws, ws.actor("mel"), ref, target="k8s", out_dir=tmp_path)  # the trained one: fairness failed or unapproved
+    res = deploy(ws, ws.actor("mel"), fair, target="k8s", out_dir=tmp_path)
+    assert Path(res["manifest"]).exists() and reg.card(fair).status == "deployed"
+    port = free_port()
+    res = deploy(ws, ws.actor("mel"), fair, target="local", port=port)
+    try:
+        code, v1 = post(f"{res['url']}/v1/models/credit:predict", {"instances": tokens[:2]})
+        assert code == 200 and len(v1["predictions"]) == 2
+    finally:
+        os.killpg(res["pid"], signal.SIGTERM)
+    assert not ws.gate.decide("deploy", ws.actor("carla"), Resource.model("credit", fair.version),
+                              reg.deploy_context(fair)).allowed  # carla may not deploy (stage)
