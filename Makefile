@@ -24,13 +24,14 @@ trino:
 
 # Debian packages the tests need (the tests start the servers themselves).
 system:
-	@command -v redis-server >/dev/null || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-server >/dev/null && command -v promtool >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq redis-server prometheus >/dev/null; }
 
 demo: install
 	$(BIN)/python -m lakewarden.demo
 
 test: install trino system
-	LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 $(BIN)/python -m pytest -q
+	LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 $(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/bench_governance.py

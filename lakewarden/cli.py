@@ -804,6 +804,75 @@ def models_approve(
     console.print(f"[green]approved[/] {card.name}@{card.version} by {st.actor().name}")
 
 
+# -- serving ----------------------------------------------------------------------------------
+@app.command()
+def serve(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="name@version of a registered model.")],
+    port: Annotated[int, typer.Option(help="HTTP port (loopback).")] = 8080,
+) -> None:
+    """Serve a model with KServe's ModelServer (V1 and Open Inference Protocol), in the foreground."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from serving.model import serve as run_server
+
+    st = _state(ctx)
+    run_server(st.workspace(), model, st.actor(), port=port)
+
+
+@app.command()
+def deploy(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="name@version")],
+    target: Annotated[str, typer.Option(help="local (start the server) or k8s (render an InferenceService).")] = "local",
+    port: Annotated[int, typer.Option(help="Port for the local server.")] = 8080,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the k8s manifest.")] = None,
+) -> None:
+    """Deploy a registered model if the deploy gate allows it (ε, fairness, approvals)."""
+    from serving.deploy import deploy as run_deploy
+
+    if target not in ("local", "k8s"):
+        raise typer.BadParameter("target must be local or k8s", param_hint="--target")
+    st = _state(ctx)
+    res = run_deploy(st.workspace(), st.actor(), model, target=target, port=port, out_dir=out)  # type: ignore[arg-type]
+    where = res.get("url") or res.get("manifest")
+    console.print(f"[green]deployed[/] {res['model']} → {target}: {where}")
+
+
+@app.command()
+def monitor(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="name or name@version of the served model.")],
+    since: Annotated[Optional[str], typer.Option(help="Only requests at or after this ISO time.")] = None,
+    webhook: Annotated[Optional[str], typer.Option(help="POST the drift report here (alerts included).")] = None,
+    min_records: Annotated[int, typer.Option(help="Fewer records than this: no verdict for a feature.")] = 100,
+) -> None:
+    """Drift (PSI) of recent requests against the training reference; alerts go to the audit log."""
+    from serving.monitor import Reference
+    from serving.monitor import monitor as run_monitor
+    from training.registry import Registry
+
+    st = _state(ctx)
+    ws = st.workspace()
+    reg = Registry(ws)
+    card = reg.card(model)
+    ref_file = reg.path(card.ref) / "reference.json"
+    if not ref_file.exists():
+        raise typer.BadParameter(f"{card.ref} has no drift reference (trained before references were stored)")
+    rep = run_monitor(ws, st.actor(), model=card.name, reference=Reference.from_json(ref_file.read_text()),
+                      since=_parse_time(since, "--since"), webhook=webhook, min_records=min_records)
+    d = rep.to_dict()
+    t = Table(title=f"drift of {card.name} against its training reference ({d.get('records', 0)} records)")
+    for c in ("feature", "PSI", "status", "records"):
+        t.add_column(c)
+    style = {"ok": "green", "warn": "yellow", "alert": "red", "no_data": "dim"}
+    rows = [(name, f) for name, f in rep.features.items()] + [("score", rep.score)]
+    for name, f in rows:
+        t.add_row(name, "" if f.psi is None else f"{f.psi:.3f}", Text(f.status, style=style.get(f.status, "")), str(f.count))
+    console.print(t)
+
+
 # -- privacy ----------------------------------------------------------------------------------
 @privacy_app.command("status")
 def privacy_status(

@@ -61,6 +61,7 @@ class GovernedPredictor:
 
 
 _MODEL_CLASS: Any = None
+_SCORE_HISTOGRAM: Any = None
 
 
 def _make_model_class():  # noqa: ANN202
@@ -87,6 +88,20 @@ def _make_model_class():  # noqa: ANN202
             self.threshold = float(card.preprocessing.get("threshold", 0.5))
             blob = (reg.path(card.ref) / "model.pt").read_bytes()
             self.torch_model = load_model(blob, card.preprocessing["n_features"], tuple(card.preprocessing["hidden"]))
+            from prometheus_client import REGISTRY, Histogram
+
+            from serving.monitor import DriftMetrics, Reference
+
+            ref_file = reg.path(card.ref) / "reference.json"
+            self.reference = Reference.from_json(ref_file.read_text()) if ref_file.exists() else None
+            self.drift_metrics = DriftMetrics(REGISTRY)
+            self.scored = 0
+            self.drift_every = 1000  # recompute drift gauges after this many scored entities
+            global _SCORE_HISTOGRAM
+            if _SCORE_HISTOGRAM is None:
+                _SCORE_HISTOGRAM = Histogram("lakewarden_prediction_score", "Scores served, per model",
+                                             ["model"], buckets=[i / 10 for i in range(1, 10)], registry=REGISTRY)
+            self.score_hist = _SCORE_HISTOGRAM.labels(card.name)
             self.log_path: Path | None = None
             if log_requests:
                 self.log_path = ws.config.workspace_dir / "serving" / "requests" / f"{card.name}.jsonl"
@@ -110,6 +125,9 @@ def _make_model_class():  # noqa: ANN202
             x = self.encoder.transform(pa.table({c: tbl[c] for c in self.columns}))
             with torch.no_grad():
                 scores = torch.sigmoid(self.torch_model(torch.from_numpy(x)).squeeze(-1)).numpy()
+            for sc in scores:
+                self.score_hist.observe(float(sc))
+            self.scored += len(tokens)
             if self.log_path is not None:
                 now = datetime.now(timezone.utc).isoformat()
                 rows = tbl.to_pylist()
@@ -117,7 +135,18 @@ def _make_model_class():  # noqa: ANN202
                     for t, r, s in zip(tokens, rows, scores):
                         fh.write(json.dumps({"ts": now, "model": self.card.name, "version": self.card.version, "token": t,
                                              "features": {c: r[c] for c in self.columns}, "score": float(s)}) + "\n")
+                if self.reference is not None and self.scored // self.drift_every != (self.scored - len(tokens)) // self.drift_every:
+                    self.refresh_drift()
             return scores
+
+        def refresh_drift(self) -> Any:
+            """PSI of recent traffic against the training reference, into the Prometheus gauges."""
+            from serving.monitor import drift_report, read_request_log
+
+            records = read_request_log(self.log_path, model=self.card.name)[-10_000:]
+            report = drift_report(self.reference, records, model=self.card.name)
+            self.drift_metrics.observe(report)
+            return report
 
         @staticmethod
         def _tokens_v1(payload: Any, key: str) -> list[str]:

@@ -197,3 +197,22 @@ def test_deploy_gate_refuses_unapproved_and_over_budget_models(served, tmp_path:
         os.killpg(res["pid"], signal.SIGTERM)
     assert not ws.gate.decide("deploy", ws.actor("carla"), Resource.model("credit", fair.version),
                               reg.deploy_context(fair)).allowed  # carla may not deploy (stage)
+
+
+def test_metrics_and_drift_monitoring(served):
+    ws, url, ref, tokens = served
+    for i in range(0, 1000, 100):  # 1000 scored entities: the server refreshes its drift gauges
+        assert post(f"{url}/v1/models/credit:predict", {"instances": (tokens[:-2] * 2)[i:i + 100]})[0] == 200
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert 'lakewarden_prediction_score_bucket{le="0.5",model="credit"}' in metrics
+    assert "request_predict_seconds_bucket" in metrics  # KServe's own
+    assert 'lakewarden_feature_psi{feature="income",model="credit"}' in metrics
+    env = {**os.environ, "LAKEWARDEN_CONFIG": str(ws.config.source), "LAKEWARDEN_USER": "mel"}
+    p = subprocess.run([sys.executable, "-m", "lakewarden", "monitor", "--model", str(ref), "--min-records", "10"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "income" in p.stdout and "score" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "lakewarden", "monitor", "--model", str(ref)],
+                       env={**env, "LAKEWARDEN_USER": "ana"}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3 and "Traceback" not in p.stderr

@@ -38,6 +38,7 @@ from governance.workspace import Workspace
 from features.store import Features
 from training.encode import Encoder
 from training.fairness import check_fairness, decrypt_sensitive, fairness_metrics, gate_context, mitigation_report, reweighing
+from training.reference import Reference
 from training.registry import ModelCard, ModelRef, Registry
 from training.trainer import TrainOptions, TrainResult, predict_proba, train, train_distributed
 
@@ -186,7 +187,11 @@ def train_model(
     }
     if fairness_fields is not None:
         card_fields["fairness"] = fairness_fields
-    files = {"model.pt": result.state_dict, "encoder.json": json.dumps(enc.to_dict(), sort_keys=True).encode()}
+    # The drift reference: bin shares of the training features and scores (summaries, never rows).
+    train_rows = table.take(pa.array(tr)).select(cols)
+    reference = Reference.from_table(train_rows, score=[float(v) for v in predict_proba(result, X_tr)], columns=cols)
+    files = {"model.pt": result.state_dict, "encoder.json": json.dumps(enc.to_dict(), sort_keys=True).encode(),
+             "reference.json": reference.to_json().encode()}
     ref = Registry(ws).register(actor, name=name, dataset=ts.dataset, files=files, card_fields=card_fields)
     card = Registry(ws).card(ref)
     return TrainingOutcome(ref, card, spent, runs)
