@@ -96,6 +96,8 @@ def main() -> None:
         "--epsilon", "3", "--epochs", "3")
     run("models", "list")
     run("privacy", "status", "customers")
+    console.print(Rule("Deployment is gated: approval, ε cap, fairness"))
+    run("--as", "mel", "deploy", "credit@1", "--target", "k8s", expect=3)
     console.print(Rule("The gate decides each later stage"))
     run("--as", "pipeline", "gate", "check", "ingest", "--dataset", "customers")
     run("--as", "ana", "gate", "check", "query", "--dataset", "customers", "--layer", "silver")
