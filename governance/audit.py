@@ -32,13 +32,12 @@ pseudonymous tokens (``sub_…``), and free text passes through
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +51,7 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from governance.errors import AuditError, AuditTampered
+from governance.locks import file_lock
 from governance.pii import redact
 
 GENESIS = "0" * 64
@@ -466,15 +466,8 @@ class AuditLog:
         return tbl
 
     # -- internals --------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _writer_lock(self) -> Iterator[None]:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / ".lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _writer_lock(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.state_dir / ".lock")
 
     def _head_path(self) -> Path:
         return self.state_dir / "HEAD.json"

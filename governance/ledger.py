@@ -26,9 +26,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import uuid
-from collections.abc import Iterator
+
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -39,6 +38,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from governance.errors import LakewardenError
 from governance.gate import Actor, Resource
+from governance.locks import file_lock
 from governance.policy import Stage
 from governance.workspace import Workspace
 
@@ -96,15 +96,8 @@ class PrivacyLedger:
         self.uri = ws.config.table_uri(LEDGER_TABLE)
         self._lock_path = ws.config.workspace_dir / "privacy" / ".lock"
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._lock_path, "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self._lock_path)
 
     def _rows(self) -> pa.Table:
         if not DeltaTable.is_deltatable(self.uri):
