@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from deltalake import DeltaTable, write_deltalake

@@ -26,7 +26,6 @@ from __future__ import annotations
 import glob as globmod
 import hashlib
 import json
-import os
 import resource
 import time
 from collections import Counter

@@ -99,13 +99,7 @@ from training.reference import (  # noqa: F401  (re-exported: the monitor's voca
     _NAME,
     _PSI_DIGITS,
     _RANK,
-    _TOKEN,
-    _categorical,
-    _category,
-    _feature_from_dict,
     _is_missing,
-    _numeric_values,
-    _psi,
     psi,
     psi_categorical,
 )
