@@ -86,6 +86,13 @@ def _make_model_class():  # noqa: ANN202
             self.encoder = Encoder.from_dict(card.preprocessing["encoder"])
             self.columns = [f.split(":", 1)[1] for f in card.features]
             self.threshold = float(card.preprocessing.get("threshold", 0.5))
+            # Fail at start, not on every request: the serving identity must be allowed to serve
+            # this model's features for the card's purpose.
+            from governance.gate import Resource
+            from governance.policy import Stage
+
+            ws.gate.enforce(Stage.SERVE, actor, Resource.dataset(card.dataset),
+                            {"purpose": card.purpose, "columns": self.columns})
             blob = (reg.path(card.ref) / "model.pt").read_bytes()
             self.torch_model = load_model(blob, card.preprocessing["n_features"], tuple(card.preprocessing["hidden"]))
             from prometheus_client import REGISTRY, Histogram
@@ -223,6 +230,9 @@ def install_http_guards(max_body: int = MAX_BODY_BYTES) -> None:
     async def not_found(_request: Any, exc: Exception) -> JSONResponse:
         return JSONResponse(status_code=404, content={"error": str(exc)})
 
+    async def forbidden(_request: Any, exc: Exception) -> JSONResponse:
+        return JSONResponse(status_code=403, content={"error": str(exc)})
+
     class LimitBody(BaseHTTPMiddleware):
         async def dispatch(self, request: Any, call_next: Any) -> Any:
             size = request.headers.get("content-length")
@@ -230,7 +240,10 @@ def install_http_guards(max_body: int = MAX_BODY_BYTES) -> None:
                 return JSONResponse(status_code=413, content={"error": f"request body over {max_body} bytes"})
             return await call_next(request)
 
+    from governance.errors import AccessDenied
+
     app.add_exception_handler(SubjectNotFound, not_found)
+    app.add_exception_handler(AccessDenied, forbidden)  # e.g. the policy changed under a running server
     app.add_middleware(LimitBody)
     app.state.lakewarden_guards = True
 

@@ -216,3 +216,11 @@ def test_metrics_and_drift_monitoring(served):
     p = subprocess.run([sys.executable, "-m", "lakewarden", "monitor", "--model", str(ref)],
                        env={**env, "LAKEWARDEN_USER": "ana"}, capture_output=True, text=True, timeout=120)
     assert p.returncode == 3 and "Traceback" not in p.stderr
+
+
+def test_a_server_for_an_identity_that_may_not_serve_refuses_to_start(served):
+    ws, url, ref, tokens = served
+    env = {**os.environ, "LAKEWARDEN_CONFIG": str(ws.config.source), "LAKEWARDEN_USER": "ana"}
+    p = subprocess.run([sys.executable, "-m", "lakewarden", "serve", "--model", str(ref), "--port", str(free_port())],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3 and "roles/stages/serve" in p.stderr and "Traceback" not in p.stderr
