@@ -110,6 +110,7 @@ def _make_model_class():  # noqa: ANN202
                                              ["model"], buckets=[i / 10 for i in range(1, 10)], registry=REGISTRY)
             self.score_hist = _SCORE_HISTOGRAM.labels(card.name)
             self.log_path: Path | None = None
+            self._log: Any = None
             if log_requests:
                 self.log_path = ws.config.workspace_dir / "serving" / "requests" / f"{card.name}.jsonl"
                 self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,10 +139,13 @@ def _make_model_class():  # noqa: ANN202
             if self.log_path is not None:
                 now = datetime.now(timezone.utc).isoformat()
                 rows = tbl.to_pylist()
-                with open(self.log_path, "a") as fh:
-                    for t, r, s in zip(tokens, rows, scores):
-                        fh.write(json.dumps({"ts": now, "model": self.card.name, "version": self.card.version, "token": t,
-                                             "features": {c: r[c] for c in self.columns}, "score": float(s)}) + "\n")
+                if self._log is None:
+                    self._log = open(self.log_path, "a", buffering=1)  # line-buffered: each record lands whole
+                self._log.write("".join(
+                    json.dumps({"ts": now, "model": self.card.name, "version": self.card.version, "token": t,
+                                "features": {c: r[c] for c in self.columns}, "score": float(s)}) + "\n"
+                    for t, r, s in zip(tokens, rows, scores)
+                ))
                 if self.reference is not None and self.scored // self.drift_every != (self.scored - len(tokens)) // self.drift_every:
                     self.refresh_drift()
             return scores
@@ -150,7 +154,7 @@ def _make_model_class():  # noqa: ANN202
             """PSI of recent traffic against the training reference, into the Prometheus gauges."""
             from serving.monitor import drift_report, read_request_log
 
-            records = read_request_log(self.log_path, model=self.card.name)[-10_000:]
+            records = read_request_log(self.log_path, model=self.card.name, tail_bytes=4 << 20)[-10_000:]
             report = drift_report(self.reference, records, model=self.card.name)
             self.drift_metrics.observe(report)
             return report

@@ -139,13 +139,17 @@ def _utc(dt: datetime) -> datetime:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
 
 
-def read_request_log(path: str | Path, *, since: datetime | None = None, model: str | None = None) -> RequestRecords:
+def read_request_log(
+    path: str | Path, *, since: datetime | None = None, model: str | None = None, tail_bytes: int | None = None
+) -> RequestRecords:
     """Read a request log line by line, skipping (and counting) lines that cannot be used.
 
     Args:
         path: the JSON Lines file.
         since: keep records with ``ts >= since`` (naive datetimes are taken as UTC).
         model: keep records of this model only.
+        tail_bytes: read only the last this many bytes (from the first whole line in them):
+            a running server refreshing its gauges reads recent traffic, not the whole log.
 
     Returns:
         :class:`RequestRecords`: the records, oldest first as written, each with ``_ts``
@@ -157,6 +161,11 @@ def read_request_log(path: str | Path, *, since: datetime | None = None, model: 
     since = _utc(since) if since is not None else None
     out = RequestRecords()
     with open(path, "rb") as fh:
+        if tail_bytes is not None:
+            size = fh.seek(0, 2)
+            fh.seek(max(0, size - tail_bytes))
+            if size > tail_bytes:
+                fh.readline()  # a partial line: start at the next whole one
         for raw in fh:
             if not raw.strip():
                 continue

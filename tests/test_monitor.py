@@ -530,3 +530,15 @@ def test_promtool_unit_test_feature_drift_fires_after_15_minutes(tmp_path: Path)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     out = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_reading_only_the_tail_of_a_request_log(tmp_path):
+    from serving.monitor import read_request_log
+
+    p = tmp_path / "r.jsonl"
+    line = '{"ts": "2026-01-01T00:00:00+00:00", "model": "m", "token": "sub_%s", "features": {"x": 1}, "score": 0.5}\n' % (
+        "a" * 26)
+    p.write_text(line * 1000)
+    full = read_request_log(p)
+    tail = read_request_log(p, tail_bytes=len(line) * 10 + 5)
+    assert len(full) == 1000 and len(tail) == 10 and tail.malformed == 0
