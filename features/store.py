@@ -34,11 +34,12 @@ import pyarrow.compute as pc
 
 from governance.errors import LakewardenError
 from governance.gate import Actor, Resource
+from governance.keys import TOKEN_RE
 from governance.lineage import DatasetRef
 from governance.policy import DatasetPolicy, Stage
 from governance.workspace import Workspace
 from lakehouse.catalog import Catalog, TableRef
-from lakehouse.erasure import TOKEN_RE, delete_subject_rows
+from lakehouse.erasure import delete_subject_rows
 from lakehouse.trino import FEATURES_USER
 from lakehouse.validate import output_type
 

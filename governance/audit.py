@@ -35,7 +35,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,12 +50,12 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from governance.errors import AuditError, AuditTampered
+from governance.keys.store import TOKEN_RE
 from governance.locks import file_lock
 from governance.pii import redact
 
 GENESIS = "0" * 64
 ENCODING = "lw1"
-TOKEN_RE = re.compile(r"^sub_[a-z2-7]{26}$")
 _TEXT_COLUMNS = ("actor", "action", "stage", "resource", "subject_token", "outcome", "rule_ids", "details")
 
 EVENT_SCHEMA = pa.schema(

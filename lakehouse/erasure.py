@@ -10,15 +10,14 @@ workflow does both): the copies that remain can no longer be decrypted or linked
 
 from __future__ import annotations
 
-import re
 import time
 
 from deltalake.exceptions import CommitFailedError
 
+from governance.keys import TOKEN_RE
 from governance.workspace import Workspace
 from lakehouse.catalog import Catalog, TableRef
 
-TOKEN_RE = re.compile(r"^sub_[a-z2-7]{26}$")
 
 
 def delete_subject_rows(ws: Workspace, token: str) -> dict[str, int]:

@@ -19,7 +19,6 @@ that ``lakewarden monitor`` reads for drift.
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,13 +26,13 @@ from typing import Any
 import numpy as np
 
 from governance.gate import Actor
+from governance.keys import TOKEN_RE
 from governance.workspace import Workspace
 from features.store import Features
 from training.encode import Encoder
 from training.registry import ModelRef, Registry
 from training.trainer import load_model
 
-TOKEN_RE = re.compile(r"^sub_[a-z2-7]{26}$")
 MAX_INSTANCES = 1000
 MAX_BODY_BYTES = 1 << 20
 

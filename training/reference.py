@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from governance.keys import TOKEN_RE
 from governance.policy import IDENT
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ REFERENCE_FORMAT = "lakewarden.drift-reference/1"
 Status = Literal["ok", "warn", "alert", "no_data"]
 _RANK = {"ok": 0, "no_data": 1, "warn": 2, "alert": 3}
 _NAME = re.compile(IDENT)
-_TOKEN = re.compile(r"^sub_[a-z2-7]{26}$")
 _PSI_DIGITS = 6  # rounded in reports: stable JSON, and no long digit runs for the PII detectors to trip on
 
 
@@ -303,7 +303,7 @@ class Reference:
             if pa.types.is_decimal(t):
                 values = [None if v is None else float(v) for v in values]
             if (pa.types.is_string(t) or pa.types.is_large_string(t)) and any(
-                isinstance(v, str) and _TOKEN.match(v) for v in values
+                isinstance(v, str) and TOKEN_RE.match(v) for v in values
             ):
                 if explicit:
                     raise ValueError(f"column {name!r} holds subject tokens: tokens are never a monitored feature")
@@ -344,7 +344,7 @@ class Reference:
 
 
 def _categorical(name: str, values: list[Any], max_categories: int) -> CategoricalReference:
-    if any(isinstance(v, str) and _TOKEN.match(v) for v in values):
+    if any(isinstance(v, str) and TOKEN_RE.match(v) for v in values):
         raise ValueError(f"feature {name!r} holds subject tokens: tokens are never a monitored feature")
     ref = CategoricalReference.from_sample(values)
     if len(ref.shares) > max_categories:

@@ -51,9 +51,10 @@ from governance.keys.kek import (
     kek_from_plugin,
     load_kek,
 )
-from governance.keys.store import KeyStore
+from governance.keys.store import TOKEN_RE, KeyStore
 
 __all__ = [
+    "TOKEN_RE",
     "KeyEncryptionKey",
     "KeyRing",
     "KeyStore",

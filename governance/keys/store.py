@@ -38,6 +38,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -54,10 +55,12 @@ from governance.errors import DecryptionError, KeyManagementError, SubjectShredd
 from governance.keys import hazmat
 from governance.keys.kek import InsecureKeyFileWarning, KeyEncryptionKey, _makedirs_private
 
-__all__ = ["KeyStore", "BLIND_INDEX_KEY", "TOKEN_PREFIX"]
+__all__ = ["KeyStore", "BLIND_INDEX_KEY", "TOKEN_PREFIX", "TOKEN_RE"]
 
 SCHEMA_VERSION = 1
 TOKEN_PREFIX = "sub_"
+# The one definition of what a subject token looks like: "sub_" + 26 lowercase base32 characters.
+TOKEN_RE = re.compile(r"^sub_[a-z2-7]{26}$")
 BLIND_INDEX_KEY = "blind-index"
 _DEK_AAD = b"lakewarden:dek\x00"
 _META_AAD = b"lakewarden:meta\x00"
