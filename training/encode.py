@@ -4,7 +4,9 @@ Numeric columns are standardized with the training rows' mean and standard devia
 (missing values become the mean); string columns are one-hot encoded over the categories
 seen in training (an unseen or missing category encodes as all zeros). The fitted encoder
 is a plain dict stored with the model (model card ``preprocessing``), so serving rebuilds
-exactly the same matrix.
+exactly the same matrix. The matrix's column order is canonical (numeric columns by name,
+then one-hot columns by name): it cannot depend on the order of keys in a stored dict, which
+JSON writers (``sort_keys``) and readers are free to change.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class Encoder:
     @classmethod
     def fit(cls, table: pa.Table, columns: list[str]) -> "Encoder":
         enc = cls()
-        for c in columns:
+        for c in sorted(columns):
             col = table[c]
             if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
                 cats = sorted(v for v in pc.unique(col.drop_null()).to_pylist())
@@ -42,18 +44,20 @@ class Encoder:
 
     @property
     def columns(self) -> list[str]:
-        out = list(self.numeric)
-        for c, cats in self.categorical.items():
-            out += [f"{c}={v}" for v in cats]
+        out = sorted(self.numeric)
+        for c in sorted(self.categorical):
+            out += [f"{c}={v}" for v in self.categorical[c]]
         return out
 
     def transform(self, table: pa.Table) -> np.ndarray:
         parts = []
-        for c, (mean, std) in self.numeric.items():
+        for c in sorted(self.numeric):
+            mean, std = self.numeric[c]
             arr = table[c].cast(pa.float64()).to_numpy(zero_copy_only=False)
             arr = np.where(np.isnan(arr), mean, arr)
             parts.append(((arr - mean) / std)[:, None])
-        for c, cats in self.categorical.items():
+        for c in sorted(self.categorical):
+            cats = self.categorical[c]
             vals = table[c].to_pylist()
             idx = {v: i for i, v in enumerate(cats)}
             m = np.zeros((len(vals), len(cats)), np.float32)
