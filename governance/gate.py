@@ -309,6 +309,17 @@ class Gate:
                     f"column '{c}' is sensitive and purpose '{purpose}' does not allow sensitive attributes",
                 )
                 return
+        # A role that sees only some columns may use only those, for any purpose: the same
+        # column list that hides a column from the role's queries keeps it out of its features.
+        allowed = ds.access[role].columns
+        if allowed != "*":
+            hidden = [c for c in ctx.get("columns") or () if c not in allowed]
+            if hidden:
+                v.deny(
+                    f"{ds.dataset}/access/{role}/columns",
+                    f"role {role} may not use column(s) {', '.join(hidden)} of '{ds.dataset}' "
+                    f"(its columns: {', '.join(allowed)})",
+                )
 
     def _budget(self, ds: DatasetPolicy, ctx: Mapping[str, Any], v: _Verdict) -> None:
         b = ds.privacy

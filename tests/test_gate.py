@@ -167,3 +167,24 @@ def test_decision_context_keeps_only_policy_vocabulary(workspace):
 def test_gate_decision_is_deterministic(gate: Gate, workspace):
     args = ("features", workspace.actor("sam"), DS, {"purpose": "fairness_evaluation", "columns": ["sex"]})
     assert gate.decide(*args) == gate.decide(*args)
+
+
+def test_a_role_restricted_to_some_columns_may_not_use_others_for_any_purpose(project):
+    """The column list that hides a column from a role's queries also keeps it out of its
+    features and training (rule: <dataset>/access/<role>/columns)."""
+    import yaml
+
+    from governance.workspace import Workspace
+
+    path = project / "policies" / "customers.yaml"
+    pol = yaml.safe_load(path.read_text())
+    pol["access"]["data_scientist"]["columns"] = ["customer_id", "birth_date", "region", "defaulted"]
+    path.write_text(yaml.safe_dump(pol, sort_keys=False))
+    with Workspace.open(project / "lakewarden.yaml") as ws:
+        sam = ws.actor("sam")
+        d = ws.gate.decide("features", sam, DS, {"purpose": "credit_scoring", "columns": ["income", "region"]})
+        assert (d.allowed, d.rule_ids) == (False, ("customers/access/data_scientist/columns",))
+        assert "income" in d.reasons[0] and "region" not in d.reasons[0].split("(")[0]
+        d = ws.gate.decide("train", sam, DS, {"purpose": "credit_scoring", "columns": ["income"], "epsilon": 1.0})
+        assert not d.allowed and d.rule_ids == ("customers/access/data_scientist/columns",)
+        assert ws.gate.decide("features", sam, DS, {"purpose": "credit_scoring", "columns": ["region"]}).allowed
