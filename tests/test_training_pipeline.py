@@ -96,3 +96,50 @@ def test_two_process_training_is_accounted_once(lake: Workspace):
                       purpose="credit_scoring", options=OPTS, mitigate=False, world_size=2)
     assert len(out.runs) == 1 and out.card.privacy.epsilon <= 2.0 + 1e-6
     assert PrivacyLedger(lake).status("customers").runs == 1
+
+
+def test_encoder_matrix_does_not_depend_on_stored_key_order(lake: Workspace):
+    """A stored encoder (JSON with sorted keys) must rebuild the very matrix the model was trained on."""
+    import json
+
+    import numpy as np
+
+    from training.encode import Encoder
+
+    ts = Features(lake).training_set(lake.actor("sam"), purpose="credit_scoring", features=FEATURES, label="defaulted")
+    cols = ["income_log", "region", "birth_date", "income"]  # deliberately not alphabetical
+    enc = Encoder.fit(ts.table, cols)
+    again = Encoder.from_dict(json.loads(json.dumps(enc.to_dict(), sort_keys=True)))
+    reversed_ = Encoder({k: enc.numeric[k] for k in reversed(enc.numeric)}, enc.categorical)
+    X = enc.transform(ts.table)
+    assert np.array_equal(X, again.transform(ts.table)) and np.array_equal(X, reversed_.transform(ts.table))
+    assert enc.columns[:3] == ["birth_date", "income", "income_log"]
+
+
+def test_fit_evaluate_register_as_separate_stages(lake: Workspace, tmp_path: Path):
+    """The DVC pipeline's training steps: the evaluation re-derives the same holdout and scores
+    it exactly as the fit did; the registered card carries both."""
+    import json
+
+    from training.stages import StageError, evaluate_candidate, fit_candidate, register_candidate
+
+    sam = lake.actor("sam")
+    cand_dir = tmp_path / "candidate"
+    cand = fit_candidate(lake, sam, cand_dir, name="credit", features=FEATURES, label="defaulted",
+                         purpose="credit_scoring", options=OPTS, mitigation="reweighing")
+    assert [p["epoch"] for p in cand["curve"]] == [1, 2] and cand["curve"][-1]["epsilon"] == pytest.approx(cand["privacy"]["epsilon"])
+    assert "sub_" not in (cand_dir / "candidate.json").read_text()  # no token in what DVC caches
+    fair = evaluate_candidate(lake, sam, cand_dir, tmp_path / "evaluation.json")
+    assert fair["utility"] == pytest.approx(cand["utility"])  # same holdout, same matrix, same scores
+    assert set(fair["metrics"]) == {"sex", "ethnicity"} and isinstance(fair["passed"], bool)
+    ref = register_candidate(lake, sam, cand_dir, tmp_path / "evaluation.json")
+    card = Registry(lake).card(ref)
+    assert card.privacy.epsilon == pytest.approx(cand["privacy"]["epsilon"]) and card.fairness.passed == fair["passed"]
+    assert card.mitigation["method"].startswith("reweighing")
+    # Data changed under the candidate: evaluation refuses rather than scoring another holdout.
+    res = generate(tmp_path / "more", people=20, transactions_per_person=0, seed=5)
+    ingest(lake, lake.actor("dana"), "customers", [res.files["customers"]])
+    build_silver(lake, lake.actor("dana"), "customers")
+    with pytest.raises(StageError, match="rerun the train stage"):
+        evaluate_candidate(lake, sam, cand_dir, tmp_path / "e2.json")
+    assert json.loads((tmp_path / "evaluation.json").read_text())["passed"] == fair["passed"]

@@ -60,6 +60,9 @@ class TrainResult:
     device: str
     epoch_seconds: list[float] = field(default_factory=list)
     peak_memory_mb: float | None = None
+    # Per epoch, with an ``eval_set``: ε spent so far and the holdout's AUC / log loss (the
+    # privacy–utility curve of this run; computing it spends no extra privacy).
+    curve: list[dict[str, float | None]] = field(default_factory=list)
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return predict_proba(self, X)
@@ -85,8 +88,13 @@ def build_model(n_features: int, hidden: tuple[int, ...]):  # noqa: ANN201
     return nn.Sequential(*layers)
 
 
-def train(X: np.ndarray, y: np.ndarray, opts: TrainOptions, *, sample_weight: np.ndarray | None = None) -> TrainResult:
-    """Train on ``X`` (n × d float) and binary ``y``; DP unless ``opts.private`` is False."""
+def train(X: np.ndarray, y: np.ndarray, opts: TrainOptions, *, sample_weight: np.ndarray | None = None,
+          eval_set: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
+    """Train on ``X`` (n × d float) and binary ``y``; DP unless ``opts.private`` is False.
+
+    With ``eval_set`` (holdout X, y) each epoch adds a point to ``result.curve``: the ε the
+    accountant has spent so far and the holdout's utility at that point.
+    """
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -133,8 +141,9 @@ def train(X: np.ndarray, y: np.ndarray, opts: TrainOptions, *, sample_weight: np
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     epoch_s = []
+    curve: list[dict[str, float | None]] = []
     model.train()
-    for _ in range(opts.epochs):
+    for epoch in range(opts.epochs):
         t0 = time.perf_counter()
         for xb, yb, wb in loader:
             if len(xb) == 0:  # Poisson sampling can draw an empty batch
@@ -148,6 +157,10 @@ def train(X: np.ndarray, y: np.ndarray, opts: TrainOptions, *, sample_weight: np
             loss.backward()
             optimizer.step()
         epoch_s.append(time.perf_counter() - t0)
+        if eval_set is not None:
+            curve.append({"epoch": epoch + 1, "epsilon": engine.get_epsilon(opts.delta) if engine is not None else None,
+                          **_holdout_utility(model, eval_set, device)})
+            model.train()
     eps = engine.get_epsilon(opts.delta) if engine is not None else None
     base = model._module if hasattr(model, "_module") else model
     buf = io.BytesIO()
@@ -157,7 +170,21 @@ def train(X: np.ndarray, y: np.ndarray, opts: TrainOptions, *, sample_weight: np
         state_dict=buf.getvalue(), n_features=X.shape[1], options=opts, epsilon=eps,
         noise_multiplier=getattr(optimizer, "noise_multiplier", None) if engine else None,
         sample_rate=min(1.0, opts.batch_size / len(X)), device=device, epoch_seconds=epoch_s, peak_memory_mb=peak,
+        curve=curve,
     )
+
+
+def _holdout_utility(model: Any, eval_set: tuple[np.ndarray, np.ndarray], device: str) -> dict[str, float | None]:
+    """AUC and log loss of the model in its current state on a holdout (no gradients, no privacy cost)."""
+    import torch
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    Xv, yv = np.asarray(eval_set[0], np.float32), np.asarray(eval_set[1], np.float32).reshape(-1)
+    model.eval()
+    with torch.no_grad():
+        p = torch.sigmoid(model(torch.from_numpy(Xv).to(device)).squeeze(-1)).cpu().numpy()
+    auc = float(roc_auc_score(yv, p)) if len(np.unique(yv)) == 2 else None
+    return {"auc": auc, "log_loss": float(log_loss(yv, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1]))}
 
 
 def load_model(result_or_bytes: TrainResult | bytes, n_features: int | None = None, hidden: tuple[int, ...] | None = None):  # noqa: ANN201
