@@ -974,6 +974,12 @@ def trino_render(
     console.print(f"[green]wrote[/] {len(files)} files to {out}")
 
 
+# -- command groups in their own modules (they import this one's helpers) ----------------------
+from lakewarden.cli_pipeline import pipeline_app  # noqa: E402
+
+app.add_typer(pipeline_app, name="pipeline")
+
+
 # -- entry point --------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; user errors print one line and exit non-zero, never a traceback."""

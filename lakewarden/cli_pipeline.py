@@ -1,0 +1,104 @@
+"""``lakewarden pipeline …``: the reference pipeline's stages (run by ``dvc repro``), its summary,
+its lineage trace and the checkout of pinned table versions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lakewarden.cli import _state, console, err
+
+pipeline_app = typer.Typer(help="The reference pipeline (dvc.yaml): stages, summary, trace, checkout.",
+                           no_args_is_help=True)
+
+
+@pipeline_app.command("stage")
+def pipeline_stage(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="generate, ingest, silver, features, train, evaluate, register or deploy")],
+    params: Annotated[Path, typer.Option(help="The pipeline's params file.")] = Path("params.yaml"),
+) -> None:
+    """Run one stage of the reference pipeline (dvc.yaml calls this); the gate decides first."""
+    import warnings
+
+    from lakewarden.pipeline import run_stage
+
+    warnings.filterwarnings("ignore")  # library deprecations and Opacus hook notes: not the user's concern
+    st = _state(ctx)
+    with err.status(f"pipeline stage {name}"):
+        out = run_stage(st.workspace(), st.actor(), name, params)
+    console.print(f"[green]{name} done[/]")
+    console.print_json(json.dumps(out, default=str))
+
+
+@pipeline_app.command("summary")
+def pipeline_summary(ctx: typer.Context) -> None:
+    """What the last dvc repro produced, and the audit chain verified."""
+    from lakewarden.pipeline import summary
+
+    st = _state(ctx)
+    s = summary(st.workspace(), st.actor())
+    t = Table(title="reference pipeline", show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    for ds, n in s["rows"].items():
+        t.add_row(f"rows {ds}", f"{n:,} accepted, {s['quarantined'][ds]:,} quarantined" if n is not None else "—")
+    b = s["budget"]
+    t.add_row("ε this run", f"{s['epsilon_run']:.3f}" if s["epsilon_run"] is not None else "—")
+    t.add_row("ε budget (customers)", f"{b['epsilon_spent']:.2f} spent of {b['epsilon_total']:g} over {b['runs']} run(s)")
+    t.add_row("utility (holdout)", ", ".join(f"{k} {v:.3f}" for k, v in (s["utility"] or {}).items()) or "—")
+    f = s["fairness"] or {}
+    verdict = "—" if not f else ("passed" if f.get("passed") else "failed: " + "; ".join(f.get("failures", [])))
+    t.add_row("fairness", verdict)
+    for k in sorted(k for k in f if "." in k):
+        t.add_row(f"  {k}", f"{f[k]:.3f}")
+    t.add_row("registered", s["registered"] or "—")
+    t.add_row("deployed", s["deployed"] or "— (not deployed)")
+    t.add_row("audit verify", ("[green]OK[/]" if s["audit_ok"] else "[red]FAILED[/]") + f" ({s['audit_events']:,} events)")
+    console.print(t)
+    if not s["audit_ok"]:
+        raise typer.Exit(4)
+
+
+@pipeline_app.command("trace")
+def pipeline_trace(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Tie each DVC stage's dvc.lock hash to its lineage run, git commit and pinned versions."""
+    from lakewarden.pipeline import trace
+
+    rows = trace(_state(ctx).workspace())
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    t = Table(title="dvc.lock ↔ lineage")
+    for c in ("stage", "dvc.lock md5", "matches", "lineage run", "git commit", "pinned versions"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["stage"], (r["lock_md5"] or "")[:12], "yes" if r["matches"] else "[red]no[/]", (r["run_id"] or "—")[:13],
+                  (r["git_commit"] or "—")[:10], ", ".join(f"{k}@{v}" for k, v in r["pinned"].items()) or "—")
+    console.print(t)
+
+
+@pipeline_app.command("checkout")
+def pipeline_checkout(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder for the restored tables.")],
+    manifest: Annotated[Path, typer.Option(help="A stage manifest that pins table versions.")] = Path("pipeline/silver.json"),
+    fmt: Annotated[str, typer.Option("--format", help="parquet or csv")] = "parquet",
+) -> None:
+    """Read the tables a manifest pins (e.g. after git checkout + dvc checkout), minus erased subjects."""
+    from lakewarden.pipeline import PipelineError, checkout
+
+    if fmt not in ("parquet", "csv"):
+        raise PipelineError(f"--format must be parquet or csv, not {fmt!r}")
+    st = _state(ctx)
+    done = checkout(st.workspace(), st.actor(), out, manifest=manifest, fmt=fmt)  # type: ignore[arg-type]
+    t = Table(title=f"restored from {manifest}")
+    for c in ("table", "version", "rows", "erased rows dropped", "file"):
+        t.add_column(c)
+    for name, d in done.items():
+        t.add_row(name, str(d["version"]), f"{d['rows']:,}", str(d["erased_rows_dropped"]), d["file"])
+    console.print(t)

@@ -1,0 +1,541 @@
+"""The reference pipeline's stages, as ``dvc repro`` runs them (see dvc.yaml and params.yaml).
+
+Each stage is one function here and one ``lakewarden pipeline <stage>`` command in dvc.yaml.
+Every stage asks the policy gate before it touches data (a deny raises AccessDenied, the
+command exits 3 naming the rule, and ``dvc repro`` stops there; the audit log holds the
+decision).
+
+What DVC versions. The Delta tables are *not* DVC outputs: each stage writes a small
+manifest (``pipeline/<stage>.json``: table URI, Delta version, the version's data files with
+their sizes, row counts, the lineage run id, the git commit) and DVC caches that. Why:
+
+* reproduction — a Delta version is already an immutable snapshot; the manifest pins it,
+  and ``lakewarden pipeline checkout`` (after ``git checkout <rev> && dvc checkout``) reads
+  the tables back as of those versions. A directory output would be rehashed and copied
+  whole on every run, and ``dvc repro`` deletes non-``persist`` outputs before a stage runs,
+  which an appending Delta table cannot survive;
+* erasure — DVC's cache and remotes cannot forget one record (``dvc gc`` works on whole
+  objects). Manifests hold no personal data, so nothing DVC keeps ever needs erasing; the
+  tables stay under the lakehouse's own erasure (row deletes, crypto-shredding, VACUUM).
+  Time travel to a manifest's version shows no erased subject: the checkout drops rows
+  whose subject key is shredded, and their encrypted values could not be opened anyway.
+
+Model artifacts are real DVC outputs (``pipeline/candidate/``): weights, encoder, drift
+reference — no rows, no identifiers. Metrics (ε, utility, fairness) and the privacy–utility
+curve (ε spent vs holdout AUC per epoch) are DVC metrics and plots under ``reports/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from governance._files import validate_file
+from governance.errors import ConfigError, LakewardenError
+from governance.gate import Actor, Resource
+from governance.policy import Stage
+from governance.workspace import Workspace
+
+PARAMS = Path("params.yaml")
+OUT = Path("pipeline")
+REPORTS = Path("reports")
+DATASETS = ("customers", "transactions")
+
+
+class PipelineError(LakewardenError):
+    exit_code = 2
+
+
+# -- params.yaml ---------------------------------------------------------------------------
+class _P(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(_P):
+    people: int = Field(20_000, ge=10)
+    transactions_per_person: float = Field(5.0, ge=0)
+    bad_rows: float = Field(0.01, ge=0, le=0.5)
+    bias: float = Field(0.2, ge=0, le=1)
+    seed: int = Field(7, ge=0)
+    landing: str = ".lakewarden/landing"
+
+
+class TrainParams(_P):
+    model: str = "credit"
+    purpose: str = "credit_scoring"
+    features: list[str] = Field(min_length=1)
+    label: str = "defaulted"
+    epsilon: float = Field(3.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(512, ge=1)
+    learning_rate: float = Field(0.002, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    holdout: float = Field(0.2, gt=0, lt=1)
+    mitigation: Literal["none", "reweighing"] = "reweighing"
+    seed: int = 0
+
+
+class DeployParams(_P):
+    smoke_requests: int = Field(20, ge=1, le=10_000)
+    manifests: str = "pipeline/deploy"
+
+
+class Params(_P):
+    data: DataParams = DataParams()
+    train: TrainParams
+    deploy: DeployParams = DeployParams()
+
+
+def load_params(path: Path = PARAMS) -> Params:
+    if not path.exists():
+        raise PipelineError(f"{path} not found: run from the repository root (where dvc.yaml is)")
+    return validate_file(Params, path, error=ConfigError)
+
+
+# -- manifests -----------------------------------------------------------------------------
+def git_commit() -> dict[str, Any]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": sha or None, "dirty": dirty}
+
+
+def table_manifest(ws: Workspace, layer: str, dataset: str) -> dict[str, Any]:
+    """A Delta table version, pinned: URI, version, the version's data files and sizes, rows."""
+    from lakehouse.catalog import Catalog, TableRef
+
+    cat = Catalog(ws.config)
+    dt = cat.open(TableRef(layer, dataset))  # type: ignore[arg-type]
+    import pyarrow as pa
+
+    adds = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
+    files = sorted(zip(adds["path"], adds["size_bytes"], adds["num_records"]))
+    listing = "\n".join(f"{p}\t{s}" for p, s, _ in files)
+    return {
+        "table": f"{layer}.{dataset}",
+        "uri": os.path.relpath(cat.uri(TableRef(layer, dataset)), ws.config.base_dir),  # type: ignore[arg-type]
+        "version": dt.version(),
+        "rows": int(sum(int(n or 0) for _, _, n in files)),
+        "files": len(files),
+        "bytes": int(sum(int(s) for _, s, _ in files)),
+        "files_digest": hashlib.sha256(listing.encode()).hexdigest(),
+    }
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def read_json(path: Path, *, stage: str) -> Any:
+    if not path.exists():
+        raise PipelineError(f"{path} not found: run the '{stage}' stage first (dvc repro {stage})")
+    return json.loads(path.read_text())
+
+
+def _manifest(stage: str, run_id: str | None, **body: Any) -> dict[str, Any]:
+    return {"stage": stage, "lineage_run_id": run_id, "git": git_commit(),
+            "finished_at": datetime.now(timezone.utc).isoformat(), **body}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- stages --------------------------------------------------------------------------------
+def stage_generate(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
+    """Synthetic landing files (fictional people). The files stay outside DVC and git."""
+    from lakehouse.synth import generate
+
+    for ds in DATASETS:
+        ws.gate.enforce(Stage.INGEST, actor, Resource.dataset(ds))
+    p = params.data
+    landing = ws.config.path(p.landing)
+    res = generate(landing, people=p.people, transactions_per_person=p.transactions_per_person, seed=p.seed,
+                   bias=p.bias, bad_rows=p.bad_rows, overwrite=True)
+    files = {ds: {"path": os.path.relpath(res.files[ds], ws.config.base_dir), "sha256": _sha256(Path(res.files[ds])),
+                  "bytes": Path(res.files[ds]).stat().st_size} for ds in DATASETS}
+    run = ws.lineage.emit("pipeline.generate", outputs=[], dvc_stage="generate",
+                          facets={"people": p.people, "seed": p.seed, "files": {d: f["sha256"] for d, f in files.items()}})
+    write_json(OUT / "generate.json", _manifest("generate", run, files=files, params=p.model_dump()))
+    return {"files": files}
+
+
+def _ingested_record(ws: Workspace) -> Path:
+    """Landing files this workspace has ingested, by sha256 (outside DVC's outputs: kept across runs)."""
+    return ws.config.workspace_dir / "pipeline" / "ingested.json"
+
+
+def _already_ingested(ws: Workspace, sha256: str) -> dict[str, Any] | None:
+    path = _ingested_record(ws)
+    return json.loads(path.read_text()).get(sha256) if path.exists() else None
+
+
+def _remember_ingested(ws: Workspace, sha256: str, report: dict[str, Any]) -> None:
+    path = _ingested_record(ws)
+    seen = json.loads(path.read_text()) if path.exists() else {}
+    seen[sha256] = report
+    write_json(path, seen)
+
+
+def stage_ingest(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
+    """Ingest the generated landing files (exactly once) into bronze, vault, quarantine."""
+    from lakehouse.ingest import ingest
+
+    gen = read_json(OUT / "generate.json", stage="generate")
+    reports: dict[str, Any] = {}
+    runs = []
+    for ds in DATASETS:
+        f = gen["files"][ds]
+        path = ws.config.base_dir / f["path"]
+        if path.exists():
+            if _sha256(path) != f["sha256"]:
+                raise PipelineError(f"{f['path']} changed since the generate stage wrote it (sha256 differs): "
+                                    "rerun the generate stage (dvc repro -f generate)")
+            rep = ingest(ws, actor, ds, [path])
+            if not all(fr.balanced for fr in rep.files):
+                raise PipelineError(f"{f['path']}: rows read do not add up to accepted + quarantined + skipped")
+            reports[ds] = rep.to_dict()
+            _remember_ingested(ws, f["sha256"], reports[ds])
+        else:
+            ws.gate.enforce(Stage.INGEST, actor, Resource.dataset(ds))
+            done = _already_ingested(ws, f["sha256"])
+            if done is None:
+                raise PipelineError(f"{f['path']} is gone and was never ingested here: "
+                                    "rerun the generate stage (dvc repro -f generate)")
+            reports[ds] = {**done, "landing": "removed after an earlier ingest (policy); nothing new to ingest"}
+    tables = {f"{layer}.{ds}": table_manifest(ws, layer, ds) for ds in DATASETS
+              for layer in ("bronze", "quarantine", "vault") if _exists(ws, layer, ds)}
+    from governance.lineage import DatasetRef
+
+    runs.append(ws.lineage.emit("pipeline.ingest", dvc_stage="ingest",
+                                outputs=[DatasetRef(t, version=m["version"]) for t, m in tables.items()]))
+    summary = {ds: {k: reports[ds].get(k) for k in ("rows_read", "rows_accepted", "rows_quarantined", "rows_skipped")}
+               for ds in DATASETS}
+    write_json(REPORTS / "ingest.json", summary)
+    write_json(OUT / "ingest.json", _manifest("ingest", runs[-1], tables=tables, reports=reports))
+    return summary
+
+
+def _exists(ws: Workspace, layer: str, ds: str) -> bool:
+    from lakehouse.catalog import Catalog, TableRef
+
+    return Catalog(ws.config).exists(TableRef(layer, ds))  # type: ignore[arg-type]
+
+
+def stage_silver(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
+    """Rebuild silver (dedupe, impute, standardize, derive) from the bronze versions just pinned."""
+    from governance.lineage import DatasetRef
+    from lakehouse.silver import build_silver
+
+    read_json(OUT / "ingest.json", stage="ingest")
+    out = {}
+    for ds in DATASETS:
+        rep = build_silver(ws, actor, ds)
+        out[f"silver.{ds}"] = {**table_manifest(ws, "silver", ds), "bronze_version": rep.bronze_version}
+    run = ws.lineage.emit("pipeline.silver", dvc_stage="silver",
+                          outputs=[DatasetRef(t, version=m["version"]) for t, m in out.items()])
+    write_json(OUT / "silver.json", _manifest("silver", run, tables=out))
+    return out
+
+
+def _dataset_of(ws: Workspace, features: list[str]) -> tuple[str, list[str]]:
+    from features.store import Features
+
+    pol, cols = Features(ws)._resolve(features)
+    return pol.dataset, cols
+
+
+def stage_features(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
+    """Register the feature views with Feast, materialize the online store, and check that the
+    training features are allowed for the training purpose (the gate, before any training)."""
+    from features.store import Features
+    from governance.lineage import DatasetRef
+
+    silver = read_json(OUT / "silver.json", stage="silver")
+    t = params.train
+    dataset, cols = _dataset_of(ws, t.features)
+    decision = ws.gate.enforce(Stage.FEATURES, actor, Resource.dataset(dataset),
+                               {"purpose": t.purpose, "columns": [*cols, t.label]})
+    fs = Features(ws)
+    names = fs.apply(actor)
+    versions = fs.materialize(actor)
+    run = ws.lineage.emit("pipeline.features", dvc_stage="features",
+                          inputs=[DatasetRef(k, version=v["version"]) for k, v in silver["tables"].items()],
+                          outputs=[DatasetRef(f"feature_view:{v}", version=n, kind="feature_view") for v, n in versions.items()])
+    body = {"objects": names, "materialized": versions, "purpose": t.purpose, "features": t.features,
+            "gate": {"allowed": decision.allowed, "rules": list(decision.rule_ids)}}
+    write_json(OUT / "features.json", _manifest("features", run, **body))
+    return body
+
+
+def _options(t: TrainParams):  # noqa: ANN202
+    from training.trainer import TrainOptions
+
+    return TrainOptions(hidden=tuple(t.hidden), epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+                        max_grad_norm=t.max_grad_norm, target_epsilon=t.epsilon, delta=t.delta, seed=t.seed)
+
+
+CANDIDATE_DIR = OUT / "candidate"
+
+
+def stage_train(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
+    """One DP-SGD run into the candidate folder; ε and utility as DVC metrics, the curve as a plot."""
+    from training.stages import fit_candidate
+
+    read_json(OUT / "features.json", stage="features")
+    t = params.train
+    cand = fit_candidate(ws, actor, CANDIDATE_DIR, name=t.model, features=t.features, label=t.label, purpose=t.purpose,
+                         options=_options(t), holdout=t.holdout, mitigation=t.mitigation)
+    write_json(CANDIDATE_DIR / "stage.json", _manifest("train", cand["lineage_run_ids"][-1], model=t.model,
+                                                        data_versions=cand["data_versions"]))
+    metrics = {"epsilon": cand["privacy"]["epsilon"], "delta": cand["privacy"]["delta"],
+               "target_epsilon": t.epsilon, **{k: v for k, v in cand["utility"].items()},
+               "rows_train": cand["rows"]["train"], "rows_holdout": cand["rows"]["holdout"]}
+    write_json(REPORTS / "train.json", metrics)
+    write_json(REPORTS / "privacy_utility.json",
+               [{"epoch": p["epoch"], "epsilon": round(p["epsilon"], 4), "auc": p["auc"], "log_loss": p["log_loss"]}
+                for p in cand["curve"]])
+    return metrics
+
+
+def stage_evaluate(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
+    """Fairness of the candidate on its holdout, against the policy's thresholds (a DVC metric)."""
+    from training.stages import evaluate_candidate
+
+    fair = evaluate_candidate(ws, actor, CANDIDATE_DIR, OUT / "evaluation.json")
+    write_json(OUT / "evaluation.json", {**fair, **_manifest("evaluate", fair.get("lineage_run_id"))})
+    flat: dict[str, Any] = {"passed": fair["passed"], "failures": fair.get("failures", [])}
+    for attr, ms in (fair.get("metrics") or {}).items():
+        for m, v in ms.items():
+            flat[f"{attr}.{m}"] = v
+    write_json(REPORTS / "fairness.json", flat)
+    return flat
+
+
+def stage_register(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
+    """Register the evaluated candidate; its card holds ε, utility, fairness and lineage."""
+    from governance.lineage import DatasetRef
+    from training.registry import Registry
+    from training.stages import register_candidate
+
+    ref = register_candidate(ws, actor, CANDIDATE_DIR, OUT / "evaluation.json")
+    card = Registry(ws).card(ref)
+    run = ws.lineage.emit("pipeline.register", dvc_stage="register",
+                          outputs=[DatasetRef(f"model:{ref.name}", version=ref.version, kind="model")],
+                          facets={"model": str(ref)})
+    body = {"model": ref.name, "version": ref.version, "ref": str(ref), "data_versions": card.data_versions,
+            "fairness_passed": card.fairness.passed if card.fairness else None, "epsilon": card.privacy.epsilon}
+    write_json(OUT / "register.json", _manifest("register", run, **body))
+    return body
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stage_deploy(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
+    """The deploy gate (approval, ε cap, fairness), then: render and validate the KServe
+    InferenceService, start the predictor locally, send smoke requests, stop it."""
+    import signal
+
+    from features.store import Features
+    from governance.lineage import DatasetRef
+    from serving.deploy import deploy
+
+    reg = read_json(OUT / "register.json", stage="register")
+    ref = reg["ref"]
+    rendered = deploy(ws, actor, ref, target="k8s", out_dir=ws.config.base_dir / params.deploy.manifests)
+    port = _free_port()
+    local = deploy(ws, actor, ref, target="local", port=port)
+    try:
+        smoke = _smoke(ws, local["url"], reg["model"], params.deploy.smoke_requests, Features)
+    finally:
+        try:
+            os.killpg(local["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    run = ws.lineage.emit("pipeline.deploy", dvc_stage="deploy",
+                          inputs=[DatasetRef(f"model:{reg['model']}", version=reg["version"], kind="model")],
+                          facets={"manifest": os.path.relpath(rendered["manifest"], ws.config.base_dir), **smoke})
+    body = {"model": ref, "manifest": os.path.relpath(rendered["manifest"], ws.config.base_dir), "smoke": smoke}
+    write_json(REPORTS / "deploy.json", {"smoke_ok": smoke["ok"], "smoke_requests": smoke["requests"],
+                                         "p50_ms": smoke["p50_ms"]})
+    if smoke["ok"] != smoke["requests"]:
+        raise PipelineError(f"smoke test: {smoke['requests'] - smoke['ok']} of {smoke['requests']} requests failed "
+                            f"(see .lakewarden/serving/{reg['model']}-server.log)")
+    write_json(OUT / "deploy.json", _manifest("deploy", run, **body))
+    return body
+
+
+def _smoke(ws: Workspace, url: str, model: str, n: int, features_cls: Any) -> dict[str, Any]:
+    """V1 predict requests for real subject tokens of silver; every one must answer 200 with a score."""
+    import time
+
+    from lakehouse.catalog import Catalog, TableRef
+
+    tokens = Catalog(ws.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])
+    tokens = tokens["customer_id"].to_pylist()[:n]
+    ok, lat = 0, []
+    for tok in tokens:
+        body = json.dumps({"instances": [{"customer_id": tok}]}).encode()
+        req = urllib.request.Request(f"{url}/v1/models/{model}:predict", data=body,
+                                     headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                out = json.loads(r.read())
+                if r.status == 200 and out.get("predictions"):
+                    ok += 1
+        except (OSError, ValueError):
+            pass
+        lat.append((time.perf_counter() - t0) * 1000)
+    lat.sort()
+    return {"requests": len(tokens), "ok": ok, "p50_ms": round(lat[len(lat) // 2], 2) if lat else None}
+
+
+STAGES = {"generate": stage_generate, "ingest": stage_ingest, "silver": stage_silver, "features": stage_features,
+          "train": stage_train, "evaluate": stage_evaluate, "register": stage_register, "deploy": stage_deploy}
+
+
+def run_stage(ws: Workspace, actor: Actor, stage: str, params_path: Path = PARAMS) -> dict[str, Any]:
+    if stage not in STAGES:
+        raise PipelineError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
+    return STAGES[stage](ws, actor, load_params(params_path))
+
+
+# -- after dvc repro: lineage ties and checkout -------------------------------------------
+def _md5(path: Path) -> str:
+    h = hashlib.md5()  # noqa: S324 - DVC's own content hash, not security
+    h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def trace(ws: Workspace, lock: Path = Path("dvc.lock")) -> list[dict[str, Any]]:
+    """Each DVC stage: its dvc.lock hash of the manifest, whether the file still matches it, the
+    lineage run the manifest names (job, git commit) and the Delta / model versions it pinned."""
+    import yaml
+
+    if not lock.exists():
+        raise PipelineError(f"{lock} not found: run dvc repro first")
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    runs = {e["run_id"]: e for e in ws.lineage.events()}
+    rows = []
+    for name, st in stages.items():
+        for out in st.get("outs", []):
+            path = Path(out["path"])
+            if path.is_dir() and (path / "stage.json").exists():
+                path = path / "stage.json"
+                out = {**out, "md5": None}
+            elif path.suffix != ".json" or not str(path).startswith(str(OUT)):
+                continue
+            man = json.loads(path.read_text()) if path.exists() else {}
+            run = runs.get(man.get("lineage_run_id"), {})
+            pinned = {k: v["version"] for k, v in (man.get("tables") or {}).items()}
+            pinned.update({f"{k}": v for k, v in (man.get("data_versions") or {}).items()})
+            if "version" in man and "model" in man:
+                pinned[f"model:{man['model']}"] = man["version"]
+            rows.append({"stage": name, "manifest": str(path), "lock_md5": out.get("md5"),
+                         "matches": path.exists() and (out["md5"] is None or _md5(path) == out["md5"]),
+                         "run_id": man.get("lineage_run_id"), "job": run.get("job_name"),
+                         "git_commit": (man.get("git") or {}).get("commit"), "pinned": pinned})
+    return rows
+
+
+def checkout(ws: Workspace, actor: Actor, out_dir: Path, *, manifest: Path = OUT / "silver.json",
+             fmt: Literal["parquet", "csv"] = "parquet") -> dict[str, Any]:
+    """Read each table pinned by a manifest back at its Delta version, minus erased subjects.
+
+    A restore copies rows unmasked, so the gate decides it as maintenance of each table (data
+    engineers and compliance, with access to the layer): an analyst, whose queries are masked
+    and filtered, is refused. Rows of subjects whose key was shredded are dropped; their
+    encrypted values could not be opened anyway.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    from lakehouse.catalog import Catalog, TableRef
+
+    man = read_json(manifest, stage=manifest.stem)
+    tables = man.get("tables") or {}
+    if not tables:
+        raise PipelineError(f"{manifest} pins no tables")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cat = Catalog(ws.config)
+    done: dict[str, Any] = {}
+    for name, m in tables.items():
+        layer, ds = name.split(".", 1)
+        ws.gate.enforce(Stage.MAINTAIN, actor, Resource.table(ds, layer))
+        uri = cat.uri(TableRef(layer, ds))  # type: ignore[arg-type]
+        try:
+            t = DeltaTable(uri, version=m["version"], storage_options=cat.storage_options).to_pyarrow_table()
+        except Exception as exc:  # noqa: BLE001 - deltalake raises several kinds for a vacuumed version
+            raise PipelineError(f"{name}@{m['version']} can no longer be read ({str(exc).splitlines()[0]}): "
+                                "history older than the policy's retention.history is vacuumed") from None
+        key = ws.policies.dataset(ds).subject_key
+        tokens = t[key].to_pylist()
+        store = ws.keyring.store
+        shredded = [tok for tok in set(tokens) if tok is not None and store.subject_state(tok) == "shredded"]
+        keep = pc.invert(pc.is_in(t[key], value_set=pa.array(shredded, type=t.schema.field(key).type)))
+        kept = t.filter(keep)
+        dest = out_dir / f"{name}@{m['version']}.{fmt}"
+        (pq.write_table(kept, dest) if fmt == "parquet" else pacsv.write_csv(kept, dest))
+        done[name] = {"version": m["version"], "rows": kept.num_rows, "erased_rows_dropped": t.num_rows - kept.num_rows,
+                      "file": str(dest)}
+    ws.audit.record("pipeline.checkout", actor=actor.name, outcome="ok", resource=f"manifest:{manifest}",
+                    details={k: {"version": v["version"], "rows": v["rows"]} for k, v in done.items()})
+    return done
+
+
+def summary(ws: Workspace, actor: Actor) -> dict[str, Any]:
+    """What the last ``dvc repro`` produced: rows, quarantined, ε, utility, fairness, the deployed
+    model, and the audit chain verified (by ``actor``, who needs the audit permission)."""
+    from governance.audit_ops import verify_audit
+    from governance.ledger import PrivacyLedger
+
+    def opt(path: Path) -> Any:
+        return json.loads(path.read_text()) if path.exists() else None
+
+    ingest, train, fair = opt(REPORTS / "ingest.json") or {}, opt(REPORTS / "train.json"), opt(REPORTS / "fairness.json")
+    deployed, registered = opt(OUT / "deploy.json"), opt(OUT / "register.json")
+    audit = verify_audit(ws, actor)
+    from dataclasses import asdict
+
+    budget = asdict(PrivacyLedger(ws).status("customers"))
+    return {
+        "rows": {ds: v.get("rows_accepted") for ds, v in ingest.items()},
+        "quarantined": {ds: v.get("rows_quarantined") for ds, v in ingest.items()},
+        "epsilon_run": train and train["epsilon"], "budget": budget,
+        "utility": train and {k: train[k] for k in ("auc", "accuracy") if k in train},
+        "fairness": fair,
+        "registered": registered and registered["ref"],
+        "deployed": deployed and deployed["model"],
+        "audit_ok": audit.ok, "audit_events": audit.events,
+    }
+
+
+__all__ = ["STAGES", "summary", "run_stage", "load_params", "trace", "checkout", "table_manifest", "PipelineError"]
