@@ -246,6 +246,28 @@ def audit_verify(
         rep.raise_if_bad()
 
 
+@audit_app.command("report")
+def audit_report(
+    ctx: typer.Context,
+    html_out: Annotated[Path, typer.Option("--html", help="Write the report to this HTML file.")],
+    recent_denies: Annotated[int, typer.Option(min=1, help="How many of the latest denies to list.")] = 20,
+) -> None:
+    """One self-contained HTML compliance report: requests, decisions, budgets, models, lineage, integrity."""
+    from governance.report import build_report, write_report
+    from training.compliance import model_summaries
+
+    st = _state(ctx)
+    rep = build_report(st.workspace(), st.actor(), models=model_summaries, recent_denies=recent_denies)
+    path = write_report(rep, html_out)
+    c = rep.counts
+    console.print(f"[green]wrote[/] {path}: {c['decisions']:,} decisions ({c['denies']:,} denies), {c['requests']} requests, "
+                  f"{c['budgets']} budgets, {c['models']} models, {c['lineage_nodes']} lineage nodes")
+    if rep.integrity.ok:
+        console.print(f"audit chain verified: {rep.integrity.events:,} events, head at seq={rep.integrity.head_seq}")
+    else:
+        rep.integrity.raise_if_bad()
+
+
 class _Fmt(str, Enum):
     table = "table"
     csv = "csv"
