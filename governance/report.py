@@ -125,6 +125,7 @@ class RequestRow:
     state: str
     sla: str
     completed_at: datetime | None
+    late: bool = False  # done after its deadline, or still open past it
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,7 @@ def _requests(ws: Workspace) -> tuple[list[RequestRow] | None, str]:
                 request_id=str(r.request_id), kind=str(r.kind), regime=str(r.regime),
                 filed_at=r.filed_at, due_at=r.due_at, state=str(getattr(r.state, "value", r.state)),
                 sla=str(getattr(r.sla, "value", r.sla)), completed_at=r.completed_at,
+                late=bool(getattr(r, "late", False)) or str(getattr(r.sla, "value", r.sla)) == "overdue",
             )
         )
     rows.sort(key=lambda r: (r.filed_at or datetime.min.replace(tzinfo=timezone.utc)), reverse=True)
@@ -353,7 +355,13 @@ def _badge(text: str, kind: str) -> str:
     return f'<span class="badge {kind}">{_safe(text)}</span>'
 
 
-_SLA_KIND = {"overdue": "bad", "breached": "bad", "late": "bad", "at_risk": "warn", "due_soon": "warn"}
+_SLA_WARN = {"due soon", "due_soon", "at_risk"}
+
+
+def _sla_badge(r: RequestRow) -> str:
+    if r.late:
+        return _badge(r.sla if r.sla == "overdue" else f"{r.sla} (late)", "bad")
+    return _badge(r.sla, "warn" if r.sla.lower() in _SLA_WARN else "ok")
 
 
 def _section_requests(rep: AuditReport) -> str:
@@ -362,11 +370,11 @@ def _section_requests(rep: AuditReport) -> str:
     rows = [
         (
             _safe(r.request_id), _safe(r.kind), _safe(r.regime.upper()), _ts(r.filed_at), _ts(r.due_at),
-            _safe(r.state), _badge(r.sla, _SLA_KIND.get(r.sla.lower(), "ok")), _ts(r.completed_at),
+            _safe(r.state), _sla_badge(r), _ts(r.completed_at),
         )
         for r in rep.requests
     ]
-    late = sum(1 for r in rep.requests if _SLA_KIND.get(r.sla.lower()) == "bad")
+    late = sum(1 for r in rep.requests if r.late)
     summary = f"<p>{len(rep.requests)} request(s); {late} past their due date.</p>"
     head = ("request", "kind", "regime", "filed", "due", "state", "SLA", "completed")
     return summary + _table(head, rows, empty="no data-subject requests filed")

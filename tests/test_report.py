@@ -278,3 +278,25 @@ def test_svg_escapes_labels():
     pic = lineage_picture([_run("job<script>", ['a"b'], ["c&d"])])
     assert "<script>" not in pic.svg and "job&lt;script&gt;" in pic.svg
     assert 'data-name="a&quot;b"' in pic.svg and "c&amp;d" in pic.svg
+
+
+def test_request_rows_render_with_their_sla_and_no_token():
+    """Section (a)'s rendering; filing real requests is tested where the request ledger lives."""
+    from datetime import datetime, timezone
+
+    from governance.audit import VerifyReport
+    from governance.lineage_svg import LineagePicture
+    from governance.report import AuditReport, RequestRow
+
+    t = datetime(2026, 1, 5, 9, 30, tzinfo=timezone.utc)
+    rows = [
+        RequestRow("req-1", "erase", "gdpr", t, t, "done", "done", t, late=False),
+        RequestRow("req-2", "access", "ccpa", t, t, "verifying", "overdue", None, late=True),
+        RequestRow("req-3 sub_abcdefghijklmnopqrstuvwxyz", "erase", "gdpr", t, t, "filed", "due soon", None),
+    ]
+    rep = AuditReport(t, "carla", "demo", "0" * 64, rows, "", {}, [], [], [], [], LineagePicture(), VerifyReport(), None)
+    page = rep.to_html()
+    assert "3 request(s); 1 past their due date." in page
+    assert '<span class="badge bad">overdue</span>' in page and '<span class="badge warn">due soon</span>' in page
+    assert "CCPA" in page and "2026-01-05 09:30 UTC" in page
+    assert not TOKEN.search(page) and "req-3 sub_…" in page
