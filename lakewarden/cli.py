@@ -682,7 +682,7 @@ def tables_enforce_retention(
         version = str(r.version_before) if r.version_after == r.version_before else f"{r.version_before} → {r.version_after}"
         t.add_row(r.table, keep, cutoff, f"{r.rows_before:,}", Text(f"{r.rows_deleted:,}", style="red" if r.rows_deleted else ""),
                   f"{r.rows_after:,}", f"{r.history_hours} h", str(r.files_vacuumed), version)
-    console.print(t)
+    console.print(t if rep.tables else "no governed tables yet: nothing to apply retention to")
     for x in rep.landing:
         console.print(f"landing {x.dataset}: {'would remove' if rep.dry_run else 'removed'} {x.files_removed} "
                       f"ingested file(s), {x.files_kept} still inside "
