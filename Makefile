@@ -22,16 +22,16 @@ install: $(STAMP)
 trino:
 	PYTHON=$(BIN)/python bash infra/trino/install.sh >/dev/null
 
-# Debian packages the tests need (the tests start the servers themselves).
+# Debian packages the tests need (the tests start the servers themselves; chromium renders the HTML report).
 system:
-	@command -v redis-server >/dev/null && command -v promtool >/dev/null || \
-	  { apt-get update -qq && apt-get install -y -qq redis-server prometheus >/dev/null; }
+	@command -v redis-server >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq redis-server prometheus chromium >/dev/null; }
 
 demo: install
 	$(BIN)/python -m lakewarden.demo
 
 test: install trino system
-	LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 $(BIN)/python -m pytest -q
+	LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 LAKEWARDEN_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python benchmarks/bench_governance.py

@@ -427,6 +427,10 @@ class AuditLog:
         return Finding(s, "edited", f"event seq={s} does not match its hash: it was edited")
 
     # -- queries ----------------------------------------------------------------------
+    def head(self) -> dict[str, Any] | None:
+        """The signed head (``seq``, ``hash``, ``signed_at``, ``key_id``, ``signature``); None before the first flush."""
+        return self._read_head()
+
     def query(
         self,
         *,

@@ -92,6 +92,7 @@ __all__ = [
     "LineageEvent",
     "LineageGraph",
     "LineageNode",
+    "LineageRun",
     "LineageStore",
     "RunHandle",
     "render_tree",
@@ -398,6 +399,16 @@ class RunHandle:
         if not isinstance(ref, DatasetRef):
             raise TypeError(f"expected a DatasetRef, got {type(ref).__name__}")
         into.append(ref)
+
+
+@dataclass(frozen=True)
+class LineageRun:
+    """A completed run: its job, id, and the datasets it read and wrote (all its events merged)."""
+
+    run_id: str
+    job: str
+    inputs: tuple[DatasetRef, ...]
+    outputs: tuple[DatasetRef, ...]
 
 
 @dataclass(frozen=True)
@@ -843,6 +854,18 @@ class LineageStore:
             for n, d in depths.items()
         }
         return LineageGraph(root=name, direction=direction, nodes=nodes, edges=tuple(edges))
+
+    def completed_runs(self) -> list[LineageRun]:
+        """Every run with a COMPLETE event, oldest first, inputs and outputs merged over its events.
+
+        Raises:
+            LineageError: the table cannot be read.
+        """
+
+        def refs(rows: tuple[dict[str, Any], ...]) -> tuple[DatasetRef, ...]:
+            return tuple(DatasetRef(r["name"], version=r["version"], namespace=r["namespace"], kind=r["kind"]) for r in rows)
+
+        return [LineageRun(r.run_id, r.job, refs(r.inputs), refs(r.outputs)) for r in self._completed_runs()]
 
     def _completed_runs(self) -> list[_RunRecord]:
         table = _sorted(

@@ -56,7 +56,7 @@ privacy_app = typer.Typer(help="Differential-privacy budgets per dataset (the pr
 app.add_typer(privacy_app, name="privacy")
 models_app = typer.Typer(help="The model registry: list, show, approve.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-tables_app = typer.Typer(help="Governed Delta tables: list, describe, history, optimize, vacuum.", no_args_is_help=True)
+tables_app = typer.Typer(help="Governed Delta tables: list, describe, history, optimize, vacuum, enforce-retention.", no_args_is_help=True)
 app.add_typer(tables_app, name="tables")
 
 
@@ -244,6 +244,28 @@ def audit_verify(
         )
     if not rep.ok:
         rep.raise_if_bad()
+
+
+@audit_app.command("report")
+def audit_report(
+    ctx: typer.Context,
+    html_out: Annotated[Path, typer.Option("--html", help="Write the report to this HTML file.")],
+    recent_denies: Annotated[int, typer.Option(min=1, help="How many of the latest denies to list.")] = 20,
+) -> None:
+    """One self-contained HTML compliance report: requests, decisions, budgets, models, lineage, integrity."""
+    from governance.report import build_report, write_report
+    from training.compliance import model_summaries
+
+    st = _state(ctx)
+    rep = build_report(st.workspace(), st.actor(), models=model_summaries, recent_denies=recent_denies)
+    path = write_report(rep, html_out)
+    c = rep.counts
+    console.print(f"[green]wrote[/] {path}: {c['decisions']:,} decisions ({c['denies']:,} denies), {c['requests']} requests, "
+                  f"{c['budgets']} budgets, {c['models']} models, {c['lineage_nodes']} lineage nodes")
+    if rep.integrity.ok:
+        console.print(f"audit chain verified: {rep.integrity.events:,} events, head at seq={rep.integrity.head_seq}")
+    else:
+        rep.integrity.raise_if_bad()
 
 
 class _Fmt(str, Enum):
@@ -632,6 +654,45 @@ def tables_vacuum(
     console.print(f"{verb} {out['files']} file(s) from {table} (keeping {out['retention_hours']} h of history)")
     for p in out["paths"][:20]:
         console.print(f"  {p}")
+
+
+@tables_app.command("enforce-retention")
+def tables_enforce_retention(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; change nothing.")] = False,
+    dataset: Annotated[Optional[list[str]], typer.Option(help="Only this dataset (repeatable; default: all).")] = None,
+    landing: Annotated[Optional[Path], typer.Option(help="Folder of kept landing files to apply retention.landing to.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Delete rows older than each layer's policy retention, expired landing files, and history past the window."""
+    from lakehouse.retention import enforce_retention
+
+    st = _state(ctx)
+    rep = enforce_retention(st.workspace(), st.actor(), dry_run=dry_run, datasets=dataset or None, landing_dir=landing)
+    if as_json:
+        sys.stdout.write(json.dumps(rep.to_dict(), indent=2, default=str) + "\n")
+        return
+    verb = "would delete" if rep.dry_run else "deleted"
+    t = Table(title=f"retention{' (dry run: nothing changed)' if rep.dry_run else ''} as of {rep.now:%Y-%m-%d %H:%M} UTC")
+    for c in ("table", "keep", "rows older than", "rows before", verb, "rows after", "history kept", "files vacuumed", "version"):
+        t.add_column(c, justify="left" if c in ("table", "rows older than") else "right")
+    for r in rep.tables:
+        keep = "forever" if r.keep is None else f"{r.keep.days} d"
+        cutoff = r.cutoff.strftime("%Y-%m-%d %H:%M") if r.cutoff else ("—" if r.column else "no timestamp column")
+        version = str(r.version_before) if r.version_after == r.version_before else f"{r.version_before} → {r.version_after}"
+        t.add_row(r.table, keep, cutoff, f"{r.rows_before:,}", Text(f"{r.rows_deleted:,}", style="red" if r.rows_deleted else ""),
+                  f"{r.rows_after:,}", f"{r.history_hours} h", str(r.files_vacuumed), version)
+    console.print(t if rep.tables else "no governed tables yet: nothing to apply retention to")
+    for x in rep.landing:
+        console.print(f"landing {x.dataset}: {'would remove' if rep.dry_run else 'removed'} {x.files_removed} "
+                      f"ingested file(s), {x.files_kept} still inside "
+                      f"{'forever' if x.keep is None else f'{x.keep.days} d'}")
+    if rep.landing_dir is None:
+        console.print("[dim]landing files: not checked (name their folder with --landing)[/]")
+    elif rep.landing_not_ingested:
+        console.print(f"[yellow]{rep.landing_not_ingested} file(s) in {rep.landing_dir} were never ingested: left alone[/]")
+    console.print(f"{verb} {rep.rows_deleted:,} row(s) and {rep.files_vacuumed} history file(s)"
+                  + (f"; lineage run(s) {', '.join(rep.lineage_runs)}" if rep.lineage_runs else ""))
 
 
 # -- features ---------------------------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""What the compliance report shows of each registered model.
+
+The report lives in the kernel (:mod:`governance.report`), which never imports a layer;
+this module is the training layer's side of it: a :data:`governance.report.ModelSource`
+that turns every model card into a :class:`governance.report.ModelSummary` — ε, δ,
+utility, each fairness metric against the card's thresholds (the policy's), approvals and
+deployments. Cards are read through the registry, so a card edited on disk fails here
+(``ArtifactTampered``) instead of reaching the report.
+"""
+
+from __future__ import annotations
+
+from governance.report import FairnessCheck, ModelSummary, Signoff
+from governance.workspace import Workspace
+from training.registry import _GATE_METRICS, _LIMITS, _MISSING, ModelCard, Registry, _metric_ok
+
+__all__ = ["model_summaries", "summarize"]
+
+
+def summarize(card: ModelCard) -> ModelSummary:
+    """One card as the report shows it."""
+    checks: list[FairnessCheck] = []
+    f = card.fairness
+    if f is not None:
+        for attr in sorted(f.attributes):
+            m = f.attributes[attr]
+            for metric in _GATE_METRICS:
+                value = m.get(metric, _MISSING)
+                key, op = _LIMITS[metric]
+                limit = f.thresholds.get(key)
+                checks.append(
+                    FairnessCheck(
+                        attribute=attr,
+                        metric=metric,
+                        value=float(value) if isinstance(value, (int, float)) else None,
+                        threshold="" if limit is None else f"{op} {limit:g}",
+                        ok=_metric_ok(metric, value, f.thresholds),
+                    )
+                )
+    return ModelSummary(
+        name=card.name,
+        version=card.version,
+        dataset=card.dataset,
+        purpose=card.purpose,
+        epsilon=card.privacy.epsilon,
+        delta=card.privacy.delta,
+        utility=dict(card.utility),
+        fairness=tuple(checks),
+        fairness_passed=None if f is None else f.passed,
+        status=card.status,
+        approvals=tuple(
+            Signoff(a.actor, a.role + (", overriding the fairness verdict" if a.override_reason else ""), a.at)
+            for a in card.approvals
+        ),
+        deployments=tuple(Signoff(d.actor, d.target, d.at) for d in card.deployments),
+    )
+
+
+def model_summaries(ws: Workspace) -> list[ModelSummary]:
+    """Every registered version's summary (a :data:`governance.report.ModelSource`)."""
+    return [summarize(c) for c in Registry(ws).list()]
