@@ -379,7 +379,8 @@ def stage_deploy(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     run = ws.lineage.emit("pipeline.deploy", dvc_stage="deploy",
                           inputs=[DatasetRef(f"model:{reg['model']}", version=reg["version"], kind="model")],
                           facets={"manifest": os.path.relpath(rendered["manifest"], ws.config.base_dir), **smoke})
-    body = {"model": ref, "manifest": os.path.relpath(rendered["manifest"], ws.config.base_dir), "smoke": smoke}
+    body = {"model": reg["model"], "version": reg["version"], "ref": ref,
+            "manifest": os.path.relpath(rendered["manifest"], ws.config.base_dir), "smoke": smoke}
     write_json(REPORTS / "deploy.json", {"smoke_ok": smoke["ok"], "smoke_requests": smoke["requests"],
                                          "p50_ms": smoke["p50_ms"]})
     if smoke["ok"] != smoke["requests"]:
@@ -533,7 +534,7 @@ def summary(ws: Workspace, actor: Actor) -> dict[str, Any]:
         "utility": train and {k: train[k] for k in ("auc", "accuracy") if k in train},
         "fairness": fair,
         "registered": registered and registered["ref"],
-        "deployed": deployed and deployed["model"],
+        "deployed": deployed and deployed["ref"],
         "audit_ok": audit.ok, "audit_events": audit.events,
     }
 
