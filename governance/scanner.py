@@ -13,6 +13,12 @@ plus folders the layers name (e.g. landing files that are kept):
   opened with the key ring, and quarantined rows sealed under a dataset's system key are
   opened and searched (a bad row can carry a person's identifiers without a valid key).
 
+Copies the system cannot rewrite — the DVC cache and DVC remotes (``dvc gc`` cannot remove
+one record) — are where crypto-shredding does the work: a *token* found there, once the
+subject's key and blind index are destroyed, links to nobody and opens nothing; it is
+counted as an ``unlinkable_copies`` entry, not a finding. An identifier in plaintext, or a
+ciphertext that still opens, is a finding wherever it is.
+
 Excluded, and said so in the report: the key store (it keeps a tombstone of shredded tokens
 — random, unlinkable once the key and blind index are gone — by design) and the request's
 own sealed probe (destroyed when the request completes).
@@ -68,6 +74,7 @@ class ScanReport:
     system_sealed_opened: int = 0
     excluded: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    unlinkable: list[Finding] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -76,7 +83,7 @@ class ScanReport:
             "sqlite_files": self.sqlite_files, "delta_tables": self.delta_tables,
             "delta_versions": self.delta_versions, "decrypt_attempts": self.decrypt_attempts,
             "system_sealed_opened": self.system_sealed_opened, "excluded": self.excluded,
-            "findings": len(self.findings),
+            "findings": len(self.findings), "unlinkable_copies": len(self.unlinkable),
         }
 
 
@@ -117,6 +124,7 @@ def scan(
     excluded |= {ks, Path(str(ks) + "-journal"), Path(str(ks) + "-wal")}
     rep.excluded = ["key store (shred tombstones, by design)", "the request's sealed probe"]
     live = [t for t in ctx.tokens if ws.keyring.store.subject_state(t) == "active"]
+    immutable = [r.resolve() for r in _dvc_roots(ws)]
     seen: set[Path] = set()
     for root in _roots(ws, extra_roots):
         rep.roots.append(_rel(ws, root))
@@ -125,8 +133,18 @@ def scan(
             if rp in seen or rp in excluded:
                 continue
             seen.add(rp)
+            before = len(rep.findings)
             _scan_file(ws, rp, needles, live, rep)
+            if not live and any(r == rp or r in rp.parents for r in immutable):
+                keep = [f for f in rep.findings[before:] if not (f.what.endswith(":token") and f.how != "decrypted")]
+                rep.unlinkable.extend(f for f in rep.findings[before:] if f not in keep)
+                rep.findings[before:] = keep
     return rep
+
+
+def _dvc_roots(ws: "Workspace") -> list[Path]:
+    dvc = ws.config.base_dir / ".dvc"
+    return [dvc / "cache", *_dvc_remotes(dvc)]
 
 
 def _roots(ws: "Workspace", extra: Iterable[Path]) -> list[Path]:
@@ -135,9 +153,7 @@ def _roots(ws: "Workspace", extra: Iterable[Path]) -> list[Path]:
     storage = cfg.table_uri("x")[:-2]
     if "://" not in storage:
         roots.append(Path(storage))
-    dvc = cfg.base_dir / ".dvc"
-    roots.append(dvc / "cache")
-    roots.extend(_dvc_remotes(dvc))
+    roots.extend(_dvc_roots(ws))
     roots.extend(extra)
     out: list[Path] = []
     for r in roots:

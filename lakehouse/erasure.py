@@ -3,12 +3,14 @@
 Bronze, silver, vault, restricted and quarantine of every dataset, matched on the subject
 token (never a plaintext id). Each table gets a new Delta version without the rows.
 
-* **Few files rewritten.** Tables are partitioned by ``_subject_bucket``; the delete predicate
-  names the subjects' buckets, so only files of those partitions are read and only files that
-  held a subject are rewritten.
-* **No token in the Delta log.** delta-rs writes a DELETE's predicate into the commit; the
-  predicate matches ``sha256(token)``, not the token, and governed tables keep no min/max
-  statistics on token columns (:func:`lakehouse.catalog.table_configuration`).
+* **Few files rewritten.** Tables are partitioned by ``_subject_bucket``: the subjects' bucket
+  partitions are read and rewritten without their rows in one overwrite commit whose predicate
+  names only the buckets; every other partition is untouched.
+* **No token in the Delta log.** delta-rs writes a DELETE's predicate into the commit (it
+  would copy the token); the overwrite's predicate names buckets only, and governed tables keep
+  no min/max statistics on token columns (:func:`lakehouse.catalog.table_configuration`).
+  (delta-rs 1.6's DELETE also rewrites strings as ``string_view``, which breaks filtered
+  reads through pyarrow datasets; the overwrite keeps the table's types.)
 * **Quarantine.** Rows quarantined with the subject's token are deleted; rows quarantined
   *without* a valid key (sealed under the dataset's quarantine key) are opened and deleted
   when they carry one of the subject's identifiers.
@@ -20,14 +22,13 @@ token (never a plaintext id). Each table gets a new Delta version without the ro
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable
+from deltalake import CommitProperties, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 from governance.errors import LakewardenError
@@ -53,14 +54,18 @@ def _column(ws: Workspace, ref: TableRef) -> str | None:
     return "subject_token" if ref.layer == "quarantine" else pol.subject_key
 
 
-def predicate(dt: DeltaTable, column: str, tokens: Sequence[str], buckets: int) -> str:
-    """A DELETE predicate for ``tokens`` that holds no token: bucket partitions, then sha256."""
-    digests = ", ".join(f"'{hashlib.sha256(t.encode()).hexdigest()}'" for t in tokens)
-    pred = f"encode(sha256({column}), 'hex') IN ({digests})"
-    if "_subject_bucket" in dt.metadata().partition_columns:
-        bs = sorted({subject_bucket(t, buckets) for t in tokens})
-        pred = f"_subject_bucket IN ({', '.join(map(str, bs))}) AND {pred}"
-    return pred
+def _plain_types(tbl: pa.Table) -> pa.Table:
+    """View types (which some delta-rs rewrites produce) as plain string/binary, the tables' own types."""
+    fields = []
+    for f in tbl.schema:
+        t = f.type
+        if pa.types.is_string_view(t) or pa.types.is_large_string(t):
+            t = pa.string()
+        elif pa.types.is_binary_view(t) or pa.types.is_large_binary(t):
+            t = pa.binary()
+        fields.append(f.with_type(t))
+    schema = pa.schema(fields)
+    return tbl if schema == tbl.schema else tbl.cast(schema)
 
 
 def delete_subject_rows(ws: Workspace, tokens: str | Sequence[str]) -> dict[str, int]:
@@ -78,16 +83,44 @@ def delete_subject_rows(ws: Workspace, tokens: str | Sequence[str]) -> dict[str,
 
 
 def _delete(cat: Catalog, ref: TableRef, column: str, tokens: Sequence[str], buckets: int) -> int:
+    """Rewrite the subjects' bucket partitions without their rows (one commit; none if nothing matches).
+
+    An overwrite whose predicate names only the bucket partitions: the Delta log records
+    ``_subject_bucket IN (...)`` and nothing about who was deleted, only those partitions'
+    files are replaced, and the new files keep the table's own column types.
+    """
     for attempt in range(8):
         dt = cat.open(ref)
         if column not in {f.name for f in dt.schema().fields}:
             return 0
+        parts = list(dt.metadata().partition_columns)
+        pred = flt = None
+        if "_subject_bucket" in parts:
+            bs = sorted({subject_bucket(t, buckets) for t in tokens})
+            pred = f"_subject_bucket IN ({', '.join(map(str, bs))})"
+            flt = pc.field("_subject_bucket").isin(bs)
+        tbl = dt.to_pyarrow_dataset().to_table(filter=flt)
+        hit = pc.is_in(tbl[column].cast(pa.string()), value_set=pa.array(list(tokens), pa.string()))
+        n = int(pc.sum(hit).as_py() or 0)
+        if n == 0:
+            return 0  # already erased (a rerun after a crash): no new version
+        keep = _plain_types(tbl.filter(pc.invert(pc.fill_null(hit, False))))
         try:
-            metrics = dt.delete(predicate(dt, column, tokens, buckets))
-            return int(metrics.get("num_deleted_rows", 0) or 0)
+            write_deltalake(
+                dt, keep, mode="overwrite", predicate=pred, partition_by=parts or None,
+                storage_options=cat.storage_options,
+                writer_properties=WriterProperties(compression=_compression(cat)),
+                commit_properties=CommitProperties(custom_metadata={"lakewarden.operation": "erasure"}),
+            )
+            return n
         except CommitFailedError:
             time.sleep(0.05 * 2**attempt)
     raise LakewardenError(f"{ref}: could not commit the deletion (concurrent writers)", hint="run the request again")
+
+
+def _compression(cat: Catalog) -> str:
+    c = cat.config.storage.compression
+    return "UNCOMPRESSED" if c == "none" else c.upper()
 
 
 def _quarantine_without_key(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
@@ -103,21 +136,24 @@ def _quarantine_without_key(ws: Workspace, ctx: ErasureContext) -> dict[str, int
         if ref.layer != "quarantine":
             continue
         dt = cat.open(ref)
-        tbl = dt.to_pyarrow_table(columns=["_batch_id", "row_number", "subject_token", "payload"])
-        tbl = tbl.filter(pc.is_null(tbl["subject_token"]))
-        doomed: list[tuple[str, int]] = []
-        for b, r, p in zip(tbl["_batch_id"].to_pylist(), tbl["row_number"].to_pylist(), tbl["payload"].to_pylist()):
+        full = dt.to_pyarrow_table()
+        doomed = []
+        for i, (t, p) in enumerate(zip(full["subject_token"].to_pylist(), full["payload"].to_pylist())):
+            if t is not None or p is None:
+                continue
             try:
                 plain = ws.keyring.open_system(f"quarantine:{ref.dataset}", p, dataset=f"quarantine.{ref.dataset}",
                                                column="row")
             except LakewardenError:
                 continue
-            if needles.find(plain) and r is not None:
-                doomed.append((b, int(r)))
+            if needles.find(plain):
+                doomed.append(i)
         if doomed:
-            pred = " OR ".join(f"(_batch_id = '{b}' AND row_number = {r})" for b, r in doomed)
-            metrics = dt.delete(f"subject_token IS NULL AND ({pred})")
-            out[f"{ref} (no key)"] = int(metrics.get("num_deleted_rows", 0) or 0)
+            mask = pc.invert(pc.is_in(pa.array(range(full.num_rows)), value_set=pa.array(doomed)))
+            write_deltalake(dt, _plain_types(full.filter(mask)), mode="overwrite",
+                            storage_options=cat.storage_options,
+                            commit_properties=CommitProperties(custom_metadata={"lakewarden.operation": "erasure"}))
+            out[f"delta:{ref} (no key)"] = len(doomed)
     return out
 
 
