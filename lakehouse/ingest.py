@@ -53,7 +53,6 @@ from lakehouse.readers import RawBatch, header, read_batches, to_text
 from lakehouse.validate import ARROW_TYPE, ShapePlan, Validator, output_type, plan_shape
 
 LEDGER = "_ingest/batches"
-_B32 = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz234567")}
 _COMMIT_RETRIES = 8
 
 LEDGER_SCHEMA = pa.schema(

@@ -17,7 +17,6 @@ import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from typer.testing import CliRunner
