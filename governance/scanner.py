@@ -248,7 +248,10 @@ def _leaves(arr: pa.ChunkedArray | pa.Array, name: str) -> Iterator[tuple[str, p
     t = arr.type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
         yield name, arr
-    elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_map(t):
+    elif pa.types.is_map(t):  # Delta checkpoints: partitionValues, tags, configuration
+        yield from _leaves(arr.keys, f"{name}.key")
+        yield from _leaves(arr.items, f"{name}.value")
+    elif pa.types.is_list(t) or pa.types.is_large_list(t):
         yield from _leaves(arr.flatten(), name)
     elif pa.types.is_struct(t):
         for i in range(t.num_fields):

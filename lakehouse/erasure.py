@@ -22,7 +22,9 @@ token (never a plaintext id). Each table gets a new Delta version without the ro
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -200,10 +202,38 @@ def purge_history(ws: Workspace, retention_hours: int | None = None) -> dict[str
     return out
 
 
+def _trino_logs(ws: Workspace) -> list[Path]:
+    d = ws.config.workspace_dir / "trino" / "data" / "var" / "log"
+    return sorted(p for p in d.iterdir() if p.is_file()) if d.is_dir() else []
+
+
+def scrub_trino_logs(ws: Workspace, tokens: Sequence[str], *, dry_run: bool = False) -> dict[str, int]:
+    """Rewrite the local Trino server's logs without lines naming a token (a query that filtered
+    on a subject's token is logged verbatim); returns lines removed per file."""
+    toks = [t.encode() for t in tokens]
+    out: dict[str, int] = {}
+    for p in _trino_logs(ws):
+        kept, n = [], 0
+        with p.open("rb") as fh:
+            for line in fh:
+                if any(t in line for t in toks):
+                    n += 1
+                else:
+                    kept.append(line)
+        if n and not dry_run:
+            tmp = p.with_name(p.name + ".lw-tmp")
+            tmp.write_bytes(b"".join(kept))
+            os.replace(tmp, p)
+        if n:
+            out[f"trino-log:{p.name}"] = n
+    return out
+
+
 # -- the handler ----------------------------------------------------------------------------------
 def _erase(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
     out = _quarantine_without_key(ws, ctx)
     out.update({f"delta:{k}": v for k, v in delete_subject_rows(ws, ctx.tokens).items()})
+    out.update(scrub_trino_logs(ws, ctx.tokens))
     return out
 
 
@@ -212,7 +242,9 @@ def _purge(ws: Workspace, ctx: ErasureContext, retention_hours: int | None) -> d
 
 
 def _residual(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
-    return {f"delta:{ref}": rows.num_rows for ref, (_v, rows) in subject_rows(ws, ctx.tokens).items()}
+    out = {f"delta:{ref}": rows.num_rows for ref, (_v, rows) in subject_rows(ws, ctx.tokens).items()}
+    out.update(scrub_trino_logs(ws, ctx.tokens, dry_run=True))
+    return out
 
 
 def _open(ws: Workspace, ref: TableRef, rows: pa.Table, key: str) -> list[dict[str, Any]]:

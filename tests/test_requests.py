@@ -199,7 +199,8 @@ def test_embedded_sql_returns_nothing_for_an_erased_subject(lake: Workspace, bui
     tok = _token(lake, sid)
     q = f"SELECT count(*) AS n FROM bronze.customers WHERE customer_id = '{tok}'"
     assert run_query(lake, lake.actor("carla"), q).table["n"][0].as_py() == 1
-    _erase(lake, [sid])
+    rid = _erase(lake, [sid])
+    assert request_status(lake, rid).state == "done"  # the query's audit record names no token
     for layer in ("bronze", "silver"):
         for ds in ("customers", "transactions"):
             q = f"SELECT count(*) AS n FROM {layer}.{ds} WHERE customer_id = '{tok}'"

@@ -316,7 +316,7 @@ def test_an_erased_subject_is_gone_for_trino_too(lake, tmp_path: Path):
     assert run_trino(ws, dana, q)["n"][0].as_py() >= 1
     carla = ws.actor("carla")
     st = run_request(ws, carla, file_request(ws, carla, "erase", [sid]).request_id, purge_now=True)
-    assert st.state == "done"
+    assert st.state == "done", st.detail.get("findings")
     srv.sync(dana)
     for table in ("bronze.customers", "bronze.transactions", "silver.customers"):
         n = run_trino(ws, dana, f"SELECT count(*) AS n FROM {table} WHERE customer_id = '{token}'")["n"][0].as_py()
