@@ -106,6 +106,13 @@ class FeaturesConfig(_Strict):
     )
 
 
+class RequestsConfig(_Strict):
+    """Compliance requests: the legal regime a request falls under unless the officer names one."""
+
+    regime: Literal["gdpr", "ccpa"] = "gdpr"
+    due_soon_days: int = Field(default=7, ge=0, le=60, description="an open request this close to its deadline is 'due soon'")
+
+
 class ProjectConfig(_Strict):
     version: Literal[1] = 1
     name: str = Field(default="lakewarden", pattern=r"^[a-z][a-z0-9_-]{0,62}$")
@@ -116,6 +123,7 @@ class ProjectConfig(_Strict):
     lineage: LineageConfig = LineageConfig()
     trino: TrinoConfig = TrinoConfig()
     features: FeaturesConfig = FeaturesConfig()
+    requests: RequestsConfig = RequestsConfig()
     policies: list[str] = Field(default_factory=lambda: ["policies/*.yaml"], min_length=1)
 
     # Set by load_config: the file itself, and the folder relative paths are resolved against.

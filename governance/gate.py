@@ -249,6 +249,10 @@ class Gate:
             if "compliance_officer" not in roles:
                 return v.deny("builtin/audit-table", "the audit log is readable only by compliance_officer")
             v.allow("builtin/audit-table")
+        if stage is Stage.REQUEST:
+            if "compliance_officer" not in roles:
+                return v.deny("builtin/requests", "access and erasure requests are run only by compliance_officer")
+            v.allow("builtin/requests")
         return v
 
     def _query(self, ds: DatasetPolicy, role: str, ctx: Mapping[str, Any], v: _Verdict) -> _Verdict:

@@ -17,6 +17,9 @@ _PATTERNS: dict[str, re.Pattern[str]] = {
     "card": re.compile(r"\b\d(?:[ -]?\d){12,18}\b"),
     "ssn": re.compile(r"\b\d{3}-\d{2}-\d{4}\b"),
     "phone": re.compile(r"(?<![\w.])\+?\(?\d{1,4}\)?(?:[ .-]?\(?\d{2,4}\)?){2,5}(?![\w.])"),
+    # A subject token in free text (e.g. SQL naming one): the append-only audit log would keep it
+    # after the subject is erased; events name subjects only in their subject_token column.
+    "token": re.compile(r"(?<![A-Za-z0-9])sub_[a-z2-7]{26}(?![a-z2-7])"),
 }
 
 
@@ -31,9 +34,9 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
-# Every detector needs an "@" or a run of at least nine digits (with separators): a cheap
+# Every detector needs an "@", "sub_" or a run of at least nine digits (with separators): a cheap
 # first look that lets the common case (policy vocabulary, short numbers) skip the detectors.
-_MAYBE = re.compile(r"@|\d(?:[ ().-]?\d){8}")
+_MAYBE = re.compile(r"@|sub_|\d(?:[ ().-]?\d){8}")
 
 
 def find_pii(text: str) -> Iterator[tuple[str, str]]:

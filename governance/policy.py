@@ -308,6 +308,13 @@ class Retention(_Strict):
     history: Duration = timedelta(days=7)  # Delta time travel kept before VACUUM
 
 
+class ErasurePolicy(_Strict):
+    """What an erasure does beyond deleting: models trained on the subject's data are flagged
+    for review (``flag``) or, in addition, queued for retraining without them (``retrain``)."""
+
+    models: Literal["flag", "retrain"] = "flag"
+
+
 class PrivacyBudget(_Strict):
     epsilon_per_run: float = Field(gt=0, le=100)
     epsilon_total: float = Field(gt=0, le=1000)
@@ -345,6 +352,7 @@ class DatasetPolicy(_Strict):
     purposes: dict[str, Purpose] = Field(default_factory=dict)
     access: dict[str, RoleAccess] = Field(default_factory=dict)
     retention: Retention = Retention()
+    erasure: ErasurePolicy = ErasurePolicy()
     privacy: PrivacyBudget | None = None
     fairness: Fairness | None = None
     deployment: Deployment = Deployment()

@@ -32,6 +32,24 @@ from governance.config import ProjectConfig
 from lakehouse.errors import TableError
 
 LAYERS = ("bronze", "silver", "quarantine", "vault", "restricted")
+SUBJECT_COLUMNS = ("subject_token",)  # besides each policy's subject_key
+_B32 = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz234567")}
+
+
+def subject_bucket(token: str, n: int) -> int:
+    """Subject hash bucket from the token's random characters (stable across versions and machines)."""
+    v = 0
+    for ch in token[-6:]:
+        v = v * 32 + _B32[ch]
+    return v % n
+
+
+def table_configuration(columns: list[str], subject_key: str) -> dict[str, str]:
+    """Delta table properties for a governed table: no data-skipping statistics on the subject
+    token columns, so the Delta log (min/max per file) never copies a token — an erased
+    subject's token must not outlive its rows in ``_delta_log``."""
+    stats = [c for c in columns if c != subject_key and c not in SUBJECT_COLUMNS]
+    return {"delta.dataSkippingStatsColumns": ",".join(f"`{c}`" for c in stats) if stats else "`_none_`"}
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 

@@ -1,48 +1,300 @@
-"""Row-level erasure in the lakehouse: delete one subject's rows from every governed table.
+"""The lakehouse's erasure handler: delete subjects' rows from every governed table, purge history.
 
-This is the lakehouse's erasure handler: bronze, silver, vault, restricted and quarantine
-of every dataset, matched on the subject token (never a plaintext id). Each table gets a
-new Delta version without the rows; the files that held them are removed from the current
-version and physically deleted by the next VACUUM. Older versions stay readable for time
-travel until then — which is why the subject's key is also shredded (the compliance
-workflow does both): the copies that remain can no longer be decrypted or linked.
+Bronze, silver, vault, restricted and quarantine of every dataset, matched on the subject
+token (never a plaintext id). Each table gets a new Delta version without the rows.
+
+* **Few files rewritten.** Tables are partitioned by ``_subject_bucket``: the subjects' bucket
+  partitions are read and rewritten without their rows in one overwrite commit whose predicate
+  names only the buckets; every other partition is untouched.
+* **No token in the Delta log.** delta-rs writes a DELETE's predicate into the commit (it
+  would copy the token); the overwrite's predicate names buckets only, and governed tables keep
+  no min/max statistics on token columns (:func:`lakehouse.catalog.table_configuration`).
+  (delta-rs 1.6's DELETE also rewrites strings as ``string_view``, which breaks filtered
+  reads through pyarrow datasets; the overwrite keeps the table's types.)
+* **Quarantine.** Rows quarantined with the subject's token are deleted; rows quarantined
+  *without* a valid key (sealed under the dataset's quarantine key) are opened and deleted
+  when they carry one of the subject's identifiers.
+* **History.** Files the delete removed stay on disk for time travel until :func:`purge`
+  vacuums them (the request waits for the policy's ``retention.history``, or an officer's
+  audited ``--purge-now``). Until then the subject's key is already shredded, so the old
+  copies can be neither decrypted nor linked.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
+from collections.abc import Sequence
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import CommitProperties, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
+from governance.errors import LakewardenError
 from governance.keys import TOKEN_RE
+from governance.requests import AccessItem, ErasureContext, ErasureHandler, register_handler
 from governance.workspace import Workspace
-from lakehouse.catalog import Catalog, TableRef
+from lakehouse.catalog import Catalog, TableRef, subject_bucket
+
+__all__ = ["delete_subject_rows", "purge_history", "subject_rows", "HANDLER"]
 
 
-
-def delete_subject_rows(ws: Workspace, token: str) -> dict[str, int]:
-    """Delete the subject's rows from every governed table; return rows deleted per table."""
-    if not TOKEN_RE.match(token):
+def _check(tokens: Sequence[str]) -> list[str]:
+    toks = list(dict.fromkeys(tokens))
+    if not toks or not all(isinstance(t, str) and TOKEN_RE.match(t) for t in toks):
         raise ValueError("erasure works on subject tokens (sub_...), never on identifiers")
+    return toks
+
+
+def _column(ws: Workspace, ref: TableRef) -> str | None:
+    pol = ws.policies.datasets.get(ref.dataset)
+    if pol is None:
+        return None
+    return "subject_token" if ref.layer == "quarantine" else pol.subject_key
+
+
+def _plain_types(tbl: pa.Table) -> pa.Table:
+    """View types (which some delta-rs rewrites produce) as plain string/binary, the tables' own types."""
+    fields = []
+    for f in tbl.schema:
+        t = f.type
+        if pa.types.is_string_view(t) or pa.types.is_large_string(t):
+            t = pa.string()
+        elif pa.types.is_binary_view(t) or pa.types.is_large_binary(t):
+            t = pa.binary()
+        fields.append(f.with_type(t))
+    schema = pa.schema(fields)
+    return tbl if schema == tbl.schema else tbl.cast(schema)
+
+
+def delete_subject_rows(ws: Workspace, tokens: str | Sequence[str]) -> dict[str, int]:
+    """Delete the subjects' rows from every governed table; return rows deleted per table."""
+    toks = _check([tokens] if isinstance(tokens, str) else tokens)
     cat = Catalog(ws.config)
     out: dict[str, int] = {}
     for ref in cat.list():
-        policy = ws.policies.datasets.get(ref.dataset)
-        if policy is None:
+        column = _column(ws, ref)
+        if column is None:
             continue
-        column = "subject_token" if ref.layer == "quarantine" else policy.subject_key
-        out[str(ref)] = _delete(cat, ref, column, token)
+        buckets = ws.policies.datasets[ref.dataset].layout.subject_buckets
+        out[str(ref)] = _delete(cat, ref, column, toks, buckets)
     return out
 
 
-def _delete(cat: Catalog, ref: TableRef, column: str, token: str) -> int:
+def _delete(cat: Catalog, ref: TableRef, column: str, tokens: Sequence[str], buckets: int) -> int:
+    """Rewrite the subjects' bucket partitions without their rows (one commit; none if nothing matches).
+
+    An overwrite whose predicate names only the bucket partitions: the Delta log records
+    ``_subject_bucket IN (...)`` and nothing about who was deleted, only those partitions'
+    files are replaced, and the new files keep the table's own column types.
+    """
     for attempt in range(8):
         dt = cat.open(ref)
         if column not in {f.name for f in dt.schema().fields}:
             return 0
+        parts = list(dt.metadata().partition_columns)
+        pred = flt = None
+        if "_subject_bucket" in parts:
+            bs = sorted({subject_bucket(t, buckets) for t in tokens})
+            pred = f"_subject_bucket IN ({', '.join(map(str, bs))})"
+            flt = pc.field("_subject_bucket").isin(bs)
+        tbl = dt.to_pyarrow_dataset().to_table(filter=flt)
+        hit = pc.is_in(tbl[column].cast(pa.string()), value_set=pa.array(list(tokens), pa.string()))
+        n = int(pc.sum(hit).as_py() or 0)
+        if n == 0:
+            return 0  # already erased (a rerun after a crash): no new version
+        keep = _plain_types(tbl.filter(pc.invert(pc.fill_null(hit, False))))
         try:
-            metrics = dt.delete(f"{column} = '{token}'")
-            return int(metrics.get("num_deleted_rows", 0) or 0)
+            write_deltalake(
+                dt, keep, mode="overwrite", predicate=pred, partition_by=parts or None,
+                storage_options=cat.storage_options,
+                writer_properties=WriterProperties(compression=_compression(cat)),
+                commit_properties=CommitProperties(custom_metadata={"lakewarden.operation": "erasure"}),
+            )
+            return n
         except CommitFailedError:
             time.sleep(0.05 * 2**attempt)
-    raise RuntimeError(f"{ref}: could not commit the deletion (concurrent writers)")
+    raise LakewardenError(f"{ref}: could not commit the deletion (concurrent writers)", hint="run the request again")
+
+
+def _compression(cat: Catalog) -> str:
+    c = cat.config.storage.compression
+    return "UNCOMPRESSED" if c == "none" else c.upper()
+
+
+def _quarantine_without_key(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
+    """Delete quarantined rows sealed under a dataset key that carry a subject's identifiers."""
+    from governance.scanner import Needles
+
+    needles = Needles([n for n in ctx.needles() if not n[0].endswith(":token")])
+    if needles.rx is None:
+        return {}
+    cat = Catalog(ws.config)
+    out: dict[str, int] = {}
+    for ref in cat.list():
+        if ref.layer != "quarantine":
+            continue
+        dt = cat.open(ref)
+        full = dt.to_pyarrow_table()
+        doomed = []
+        for i, (t, p) in enumerate(zip(full["subject_token"].to_pylist(), full["payload"].to_pylist())):
+            if t is not None or p is None:
+                continue
+            try:
+                plain = ws.keyring.open_system(f"quarantine:{ref.dataset}", p, dataset=f"quarantine.{ref.dataset}",
+                                               column="row")
+            except LakewardenError:
+                continue
+            if needles.find(plain):
+                doomed.append(i)
+        if doomed:
+            mask = pc.invert(pc.is_in(pa.array(range(full.num_rows)), value_set=pa.array(doomed)))
+            write_deltalake(dt, _plain_types(full.filter(mask)), mode="overwrite",
+                            storage_options=cat.storage_options,
+                            commit_properties=CommitProperties(custom_metadata={"lakewarden.operation": "erasure"}))
+            out[f"delta:{ref} (no key)"] = len(doomed)
+    return out
+
+
+def subject_rows(ws: Workspace, tokens: Sequence[str], *, version_of: dict[str, int] | None = None
+                 ) -> dict[TableRef, tuple[int, pa.Table]]:
+    """The subjects' rows in each governed table's current version: ``{ref: (version, rows)}``."""
+    toks = _check(tokens)
+    cat = Catalog(ws.config)
+    out: dict[TableRef, tuple[int, pa.Table]] = {}
+    for ref in cat.list():
+        column = _column(ws, ref)
+        if column is None:
+            continue
+        dt = cat.open(ref, version=(version_of or {}).get(str(ref)))
+        if column not in {f.name for f in dt.schema().fields}:
+            continue
+        expr = None
+        if "_subject_bucket" in dt.metadata().partition_columns:
+            n = ws.policies.datasets[ref.dataset].layout.subject_buckets
+            expr = pc.field("_subject_bucket").isin(sorted({subject_bucket(t, n) for t in toks}))
+        # Partition pruning only: files written by different writers may type strings differently
+        # (string vs string_view), which a value filter pushed into the scan cannot compare.
+        tbl = dt.to_pyarrow_dataset().to_table(filter=expr)
+        keys = tbl[column].cast(pa.string())
+        out[ref] = (dt.version(), tbl.filter(pc.is_in(keys, value_set=pa.array(toks, pa.string()))))
+    return out
+
+
+def purge_history(ws: Workspace, retention_hours: int | None = None) -> dict[str, int]:
+    """VACUUM every governed table (full: orphans too); ``None`` keeps each policy's history window.
+
+    Returns files deleted per table. ``retention_hours=0`` removes every file the current
+    version does not need — time travel to older versions ends there.
+    """
+    cat = Catalog(ws.config)
+    out: dict[str, int] = {}
+    for ref in cat.list():
+        pol = ws.policies.datasets.get(ref.dataset)
+        window = int(pol.retention.history.total_seconds() // 3600) if pol else 168
+        hours = window if retention_hours is None else retention_hours
+        dt = cat.open(ref)
+        files = dt.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=False, full=True)
+        out[str(ref)] = len(files)
+    return out
+
+
+def _trino_logs(ws: Workspace) -> list[Path]:
+    d = ws.config.workspace_dir / "trino" / "data" / "var" / "log"
+    return sorted(p for p in d.iterdir() if p.is_file()) if d.is_dir() else []
+
+
+def scrub_trino_logs(ws: Workspace, tokens: Sequence[str], *, dry_run: bool = False) -> dict[str, int]:
+    """Rewrite the local Trino server's logs without lines naming a token (a query that filtered
+    on a subject's token is logged verbatim); returns lines removed per file."""
+    toks = [t.encode() for t in tokens]
+    out: dict[str, int] = {}
+    for p in _trino_logs(ws):
+        kept, n = [], 0
+        with p.open("rb") as fh:
+            for line in fh:
+                if any(t in line for t in toks):
+                    n += 1
+                else:
+                    kept.append(line)
+        if n and not dry_run:
+            tmp = p.with_name(p.name + ".lw-tmp")
+            tmp.write_bytes(b"".join(kept))
+            os.replace(tmp, p)
+        if n:
+            out[f"trino-log:{p.name}"] = n
+    return out
+
+
+# -- the handler ----------------------------------------------------------------------------------
+def _erase(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
+    out = _quarantine_without_key(ws, ctx)
+    out.update({f"delta:{k}": v for k, v in delete_subject_rows(ws, ctx.tokens).items()})
+    out.update(scrub_trino_logs(ws, ctx.tokens))
+    return out
+
+
+def _purge(ws: Workspace, ctx: ErasureContext, retention_hours: int | None) -> dict[str, int]:
+    return {f"delta:{k}": v for k, v in purge_history(ws, retention_hours).items()}
+
+
+def _residual(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
+    out = {f"delta:{ref}": rows.num_rows for ref, (_v, rows) in subject_rows(ws, ctx.tokens).items()}
+    out.update(scrub_trino_logs(ws, ctx.tokens, dry_run=True))
+    return out
+
+
+def _open(ws: Workspace, ref: TableRef, rows: pa.Table, key: str) -> list[dict[str, Any]]:
+    """Rows as dicts with every encrypted column opened under the subject's key."""
+    ds = ref.dataset if ref.layer != "quarantine" else f"quarantine.{ref.dataset}"
+    out = []
+    for r in rows.to_pylist():
+        tok = r.get(key)
+        rec: dict[str, Any] = {}
+        for c, v in r.items():
+            if c == key:
+                continue
+            if isinstance(v, bytes) and tok:
+                col = "row" if ref.layer == "quarantine" else c
+                try:
+                    v = ws.keyring.open(v, token=tok, dataset=ds, column=col).decode("utf-8", "replace")
+                except LakewardenError:
+                    v = "(sealed; cannot be opened)"
+            rec[c] = v
+        out.append(rec)
+    return out
+
+
+def _identifiers(ws: Workspace, tokens: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for ref, (_v, rows) in subject_rows(ws, tokens).items():
+        if ref.layer != "vault":
+            continue
+        key = ws.policies.datasets[ref.dataset].subject_key
+        for tok, rec in zip(rows[key].to_pylist(), _open(ws, ref, rows, key)):
+            for c, v in rec.items():
+                if c.startswith("_") or v is None or not isinstance(v, str):
+                    continue
+                pair = (f"vault.{ref.dataset}.{c}", v)
+                if pair not in out.setdefault(tok, []):
+                    out[tok].append(pair)
+    return out
+
+
+def _access(ws: Workspace, ctx: ErasureContext) -> list[AccessItem]:
+    items: list[AccessItem] = []
+    for ref, (version, rows) in subject_rows(ws, ctx.tokens).items():
+        key = _column(ws, ref) or ""
+        for tok, rec in zip(rows[key].to_pylist(), _open(ws, ref, rows, key)):
+            items.append(AccessItem("delta", str(ref), ctx.labels.get(tok, "subject"), rec, version))
+    return items
+
+
+HANDLER = ErasureHandler(
+    name="lakehouse", order=40, erase=_erase, purge=_purge, residual=_residual, identifiers=_identifiers,
+    access=_access,
+)
+register_handler(HANDLER)

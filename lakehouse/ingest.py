@@ -47,13 +47,12 @@ from governance.lineage import DatasetRef
 from governance.pii import redact
 from governance.policy import ColumnClass, DatasetPolicy, Protection, Stage
 from governance.workspace import Workspace
-from lakehouse.catalog import Catalog, TableRef
+from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_configuration
 from lakehouse.errors import IngestError
 from lakehouse.readers import RawBatch, header, read_batches, to_text
 from lakehouse.validate import ARROW_TYPE, ShapePlan, Validator, output_type, plan_shape
 
 LEDGER = "_ingest/batches"
-_B32 = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz234567")}
 _COMMIT_RETRIES = 8
 
 LEDGER_SCHEMA = pa.schema(
@@ -167,12 +166,7 @@ def _hash_binary(h: Any, arr: pa.Array) -> None:
         h.update(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)).astype(np.int64).tobytes())
 
 
-def _bucket(token: str, n: int) -> int:
-    """Subject hash bucket from the token's random characters (stable across versions and machines)."""
-    v = 0
-    for ch in token[-6:]:
-        v = v * 32 + _B32[ch]
-    return v % n
+_bucket = subject_bucket
 
 
 def expand(paths: Iterable[str | Path]) -> list[Path]:
@@ -496,6 +490,7 @@ class Ingestor:
                 write_deltalake(
                     uri, tbl, mode="append", partition_by=partition_by or None,
                     schema_mode="merge" if evolve else None,
+                    configuration=table_configuration(tbl.column_names, self.policy.subject_key),
                     storage_options=so,
                     writer_properties=WriterProperties(compression=self.compression.upper() if self.compression != "none" else "UNCOMPRESSED"),
                     commit_properties=CommitProperties(app_transactions=[Transaction(app_id=app_id, version=0)]),

@@ -27,7 +27,7 @@ from governance.gate import Actor, Resource
 from governance.lineage import DatasetRef
 from governance.policy import DatasetPolicy, Stage
 from governance.workspace import Workspace
-from lakehouse.catalog import Catalog, TableRef
+from lakehouse.catalog import table_configuration, Catalog, TableRef
 from lakehouse.errors import LakehouseError
 from lakehouse.validate import q
 
@@ -154,6 +154,7 @@ def build_silver(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int =
     write_deltalake(
         uri, reader, mode="overwrite", schema_mode="overwrite",
         partition_by=[*policy.layout.partition_by, "_subject_bucket"],
+        configuration=table_configuration(reader.schema.names, policy.subject_key),
         storage_options=cat.storage_options,
         writer_properties=WriterProperties(compression="ZSTD"),
         commit_properties=CommitProperties(custom_metadata=meta),

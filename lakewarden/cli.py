@@ -58,6 +58,9 @@ models_app = typer.Typer(help="The model registry: list, show, approve.", no_arg
 app.add_typer(models_app, name="models")
 tables_app = typer.Typer(help="Governed Delta tables: list, describe, history, optimize, vacuum, enforce-retention.", no_args_is_help=True)
 app.add_typer(tables_app, name="tables")
+from lakewarden.cli_requests import requests_app  # noqa: E402 - a sub-app in its own module
+
+app.add_typer(requests_app, name="requests")
 
 
 @dataclass
@@ -779,8 +782,11 @@ def features_erase(
     actor = st.actor()
     ws.gate.enforce(Stage.REQUEST, actor, Resource.system("erasure"))
     removed = erase_subject(ws, token)
+    from governance.requests import subject_digest
+
+    # The token itself would outlive the erasure in the append-only log: record a keyed digest.
     ws.audit.record("features.erase", actor=actor.name, outcome="ok", resource="system:features",
-                    subject_token=token, details={"removed": removed})
+                    details={"removed": removed, "subject_digest": subject_digest(ws, token)})
     for where, n in removed.items():
         console.print(f"{where}: {n} row(s) removed")
 

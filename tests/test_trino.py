@@ -299,3 +299,33 @@ def test_committed_infra_configuration_is_current(profile: str):
     for rel, text in render_profile(ws, profile).items():
         committed = REPO / "infra" / "trino" / profile / rel
         assert committed.read_text() == text, f"{committed} is stale: run lakewarden trino render --profile {profile}"
+
+
+def test_an_erased_subject_is_gone_for_trino_too(lake, tmp_path: Path):
+    """A compliance erasure (requests) leaves Trino nothing to return for the subject."""
+    import csv
+
+    from governance.requests import file_request, run_request
+    from lakewarden.handlers import load
+
+    load()
+    ws, srv = lake
+    dana = ws.actor("dana")
+    res = generate(tmp_path / "erase", people=5, transactions_per_person=2, seed=4242)
+    with open(res.files["customers"], newline="") as fh:
+        sid = next(r["customer_id"] for r in csv.DictReader(fh) if r["customer_id"])
+    for ds in ("customers", "transactions"):
+        ingest(ws, dana, ds, [res.files[ds]])
+    token = ws.keyring.token_for(sid, create=False)
+    srv.sync(dana)
+    q = f"SELECT count(*) AS n FROM bronze.customers WHERE customer_id = '{token}'"
+    assert run_trino(ws, dana, q)["n"][0].as_py() >= 1
+    carla = ws.actor("carla")
+    st = run_request(ws, carla, file_request(ws, carla, "erase", [sid]).request_id, purge_now=True)
+    assert st.state == "done", st.detail.get("findings")
+    srv.sync(dana)
+    for table in ("bronze.customers", "bronze.transactions", "silver.customers"):
+        n = run_trino(ws, dana, f"SELECT count(*) AS n FROM {table} WHERE customer_id = '{token}'")["n"][0].as_py()
+        assert n == 0, table
+    assert run_trino(ws, dana, "SELECT count(*) AS n FROM bronze.customers")["n"][0].as_py() == \
+        Catalog(ws.config).open(TableRef("bronze", "customers")).count()

@@ -286,6 +286,10 @@ class KeyRing:
 
     # ------------------------------------------------------------------ destructive verbs
 
+    def destroy_system_key(self, name: str) -> bool:
+        """Destroy a system key (see :meth:`KeyStore.destroy_system_key`)."""
+        return self._store.destroy_system_key(name)
+
     def shred(self, token: str) -> bool:
         """Destroy the subject's key for good (see :meth:`KeyStore.shred`)."""
         return self._store.shred(token)

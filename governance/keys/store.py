@@ -365,6 +365,24 @@ class KeyStore:
             self._system[name] = key
             return key
 
+    def destroy_system_key(self, name: str) -> bool:
+        """Delete the system key ``name`` for good (e.g. a request's throw-away key) and VACUUM.
+
+        Everything sealed under it with :meth:`KeyRing.seal_system` becomes unreadable.
+        Returns True if a key was destroyed, False if there was none.
+        """
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise ValueError(f"system key name must be a non-empty string without NUL, got {name!r}")
+        if name in (BLIND_INDEX_KEY, "audit-signing"):
+            raise ValueError(f"system key {name!r} is structural and cannot be destroyed")
+        with self._lock:
+            self._system.pop(name, None)
+            with self._tx(write=True) as c:
+                n = c.execute("DELETE FROM meta WHERE name=?", (name,)).rowcount
+            if n:
+                self._vacuum()
+        return bool(n)
+
     # ------------------------------------------------------------------ subjects
 
     def token_for(self, subject_id: str, *, create: bool = True) -> str | None:

@@ -1,0 +1,346 @@
+"""Verification: read every file the system keeps and look for subjects that must be gone.
+
+The scanner looks for each subject's token and plaintext identifiers (held in memory only)
+in every file under the workspace, the storage root, the DVC cache and any local DVC remote,
+plus folders the layers name (e.g. landing files that are kept):
+
+* Parquet files (Delta data of every version still on disk, Delta checkpoints): the *values*
+  are read — every string and binary leaf, nested ones included — because compressed pages
+  hide their bytes; the raw bytes are searched too (footers carry min/max statistics).
+* every other file (Delta commit JSON, SQLite online stores with their free pages, model
+  artifacts, request logs, lineage and audit files, DVC objects): raw bytes.
+* ciphertexts the system can still open: values sealed for a subject whose key is alive are
+  opened with the key ring, and quarantined rows sealed under a dataset's system key are
+  opened and searched (a bad row can carry a person's identifiers without a valid key).
+
+Copies the system cannot rewrite — the DVC cache and DVC remotes (``dvc gc`` cannot remove
+one record) — are where crypto-shredding does the work: a *token* found there, once the
+subject's key and blind index are destroyed, links to nobody and opens nothing; it is
+counted as an ``unlinkable_copies`` entry, not a finding. An identifier in plaintext, or a
+ciphertext that still opens, is a finding wherever it is.
+
+Excluded, and said so in the report: the key store (it keeps a tombstone of shredded tokens
+— random, unlinkable once the key and blind index are gone — by design) and the request's
+own sealed probe (destroyed when the request completes).
+
+Findings name the file and *what* matched (``S1:token``, ``S1:email``), never the value.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from governance.errors import LakewardenError
+
+if TYPE_CHECKING:
+    from governance.requests import ErasureContext
+    from governance.workspace import Workspace
+
+_CHUNK = 8 << 20
+_PARQUET_MAGIC = b"PAR1"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    path: str
+    what: str  # e.g. "S1:token", "S1:vault.customers.email"
+    how: str  # bytes | value | decrypted | system-sealed
+
+    def describe(self) -> str:
+        return f"{self.path}: {self.what} ({self.how})"
+
+
+@dataclass(slots=True)
+class ScanReport:
+    roots: list[str] = field(default_factory=list)
+    files: int = 0
+    bytes: int = 0
+    parquet_files: int = 0
+    parquet_values: int = 0
+    sqlite_files: int = 0
+    delta_tables: int = 0
+    delta_versions: int = 0
+    decrypt_attempts: int = 0
+    system_sealed_opened: int = 0
+    excluded: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    unlinkable: list[Finding] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "roots": self.roots, "files_scanned": self.files, "bytes_scanned": self.bytes,
+            "parquet_files": self.parquet_files, "parquet_values": self.parquet_values,
+            "sqlite_files": self.sqlite_files, "delta_tables": self.delta_tables,
+            "delta_versions": self.delta_versions, "decrypt_attempts": self.decrypt_attempts,
+            "system_sealed_opened": self.system_sealed_opened, "excluded": self.excluded,
+            "findings": len(self.findings), "unlinkable_copies": len(self.unlinkable),
+        }
+
+
+class Needles:
+    """Many byte strings searched at once (one regex alternation; RE2 for Arrow values)."""
+
+    def __init__(self, needles: Sequence[tuple[str, bytes]]) -> None:
+        self.by_bytes: dict[bytes, str] = {}
+        for what, b in needles:
+            self.by_bytes.setdefault(b, what)
+        alts = sorted(self.by_bytes, key=len, reverse=True)
+        self.maxlen = max((len(b) for b in alts), default=0)
+        self.rx = re.compile(b"|".join(re.escape(b) for b in alts)) if alts else None
+        self.rx2 = "|".join(_re2_escape(b.decode("utf-8", "replace")) for b in alts) if alts else None
+
+    def find(self, data: bytes) -> set[str]:
+        if self.rx is None:
+            return set()
+        return {self.by_bytes[m.group(0)] for m in self.rx.finditer(data)}
+
+
+def _re2_escape(s: str) -> str:
+    return "".join("\\" + c if not c.isalnum() else c for c in s)
+
+
+def scan(
+    ws: "Workspace",
+    ctx: "ErasureContext",
+    *,
+    extra_roots: Iterable[Path] = (),
+    exclude: Iterable[Path] = (),
+) -> ScanReport:
+    """Scan everything the system keeps for the subjects of ``ctx``; see the module docstring."""
+    rep = ScanReport()
+    needles = Needles(ctx.needles())
+    excluded = {p.resolve() for p in exclude}
+    ks = ws.config.path(ws.config.keys.store).resolve()
+    excluded |= {ks, Path(str(ks) + "-journal"), Path(str(ks) + "-wal")}
+    rep.excluded = ["key store (shred tombstones, by design)", "the request's sealed probe"]
+    live = [t for t in ctx.tokens if ws.keyring.store.subject_state(t) == "active"]
+    immutable = [r.resolve() for r in _dvc_roots(ws)]
+    seen: set[Path] = set()
+    for root in _roots(ws, extra_roots):
+        rep.roots.append(_rel(ws, root))
+        for path in _walk(root):
+            rp = path.resolve()
+            if rp in seen or rp in excluded:
+                continue
+            seen.add(rp)
+            before = len(rep.findings)
+            _scan_file(ws, rp, needles, live, rep)
+            if not live and any(r == rp or r in rp.parents for r in immutable):
+                keep = [f for f in rep.findings[before:] if not (f.what.endswith(":token") and f.how != "decrypted")]
+                rep.unlinkable.extend(f for f in rep.findings[before:] if f not in keep)
+                rep.findings[before:] = keep
+    return rep
+
+
+def _dvc_roots(ws: "Workspace") -> list[Path]:
+    dvc = ws.config.base_dir / ".dvc"
+    return [dvc / "cache", *_dvc_remotes(dvc)]
+
+
+def _roots(ws: "Workspace", extra: Iterable[Path]) -> list[Path]:
+    cfg = ws.config
+    roots = [cfg.workspace_dir]
+    storage = cfg.table_uri("x")[:-2]
+    if "://" not in storage:
+        roots.append(Path(storage))
+    roots.extend(_dvc_roots(ws))
+    roots.extend(extra)
+    out: list[Path] = []
+    for r in roots:
+        r = r.resolve()
+        if r.exists() and not any(r == o or o in r.parents for o in out):
+            out = [o for o in out if r not in o.parents]
+            out.append(r)
+    return out
+
+
+def _dvc_remotes(dvc: Path) -> list[Path]:
+    """Local DVC remotes (``url`` without a scheme) from .dvc/config and .dvc/config.local."""
+    out = []
+    for name in ("config", "config.local"):
+        p = dvc / name
+        if not p.exists():
+            continue
+        cp = configparser.ConfigParser()
+        try:
+            cp.read(p)
+        except configparser.Error:
+            continue
+        for sec in cp.sections():
+            if sec.startswith("remote") and cp.has_option(sec, "url"):
+                url = cp.get(sec, "url").strip()
+                if "://" not in url:
+                    q = Path(url)
+                    out.append(q if q.is_absolute() else (dvc / q).resolve())
+    return out
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    if root.is_file():
+        yield root
+        return
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            if p.is_file() and not p.is_symlink():
+                yield p
+
+
+def _rel(ws: "Workspace", p: Path) -> str:
+    try:
+        return str(p.relative_to(ws.config.base_dir.resolve()))
+    except ValueError:
+        return str(p)
+
+
+def _scan_file(ws: "Workspace", path: Path, needles: Needles, live: list[str], rep: ScanReport) -> None:
+    rep.files += 1
+    size = path.stat().st_size
+    rep.bytes += size
+    if path.name.endswith(".json") and path.parent.name == "_delta_log":
+        rep.delta_versions += 1
+    if path.name == "00000000000000000000.json":
+        rep.delta_tables += 1
+    head = b""
+    with path.open("rb") as fh:
+        head = fh.read(16)
+    if head.startswith(b"SQLite format 3"):
+        rep.sqlite_files += 1
+    for what in _bytes_hits(path, needles):
+        rep.findings.append(Finding(_rel(ws, path), what, "bytes"))
+    if head.startswith(_PARQUET_MAGIC):
+        _scan_parquet(ws, path, needles, live, rep)
+
+
+def _bytes_hits(path: Path, needles: Needles) -> set[str]:
+    hits: set[str] = set()
+    if needles.rx is None:
+        return hits
+    keep = max(needles.maxlen - 1, 0)
+    tail = b""
+    with path.open("rb") as fh:
+        while True:
+            chunk = fh.read(_CHUNK)
+            if not chunk:
+                break
+            data = tail + chunk
+            hits |= needles.find(data)
+            tail = data[-keep:] if keep else b""
+    return hits
+
+
+def _leaves(arr: pa.ChunkedArray | pa.Array, name: str) -> Iterator[tuple[str, pa.Array]]:
+    """String and binary leaves of a column, nested lists/structs/maps flattened."""
+    if isinstance(arr, pa.ChunkedArray):
+        for chunk in arr.chunks:
+            yield from _leaves(chunk, name)
+        return
+    t = arr.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        yield name, arr
+    elif pa.types.is_map(t):  # Delta checkpoints: partitionValues, tags, configuration
+        yield from _leaves(arr.keys, f"{name}.key")
+        yield from _leaves(arr.items, f"{name}.value")
+    elif pa.types.is_list(t) or pa.types.is_large_list(t):
+        yield from _leaves(arr.flatten(), name)
+    elif pa.types.is_struct(t):
+        for i in range(t.num_fields):
+            yield from _leaves(arr.field(i), f"{name}.{t.field(i).name}")
+
+
+def _scan_parquet(ws: "Workspace", path: Path, needles: Needles, live: list[str], rep: ScanReport) -> None:
+    try:
+        tbl = pq.read_table(path)
+    except Exception:  # noqa: BLE001 - a file that only looks like Parquet: its bytes were scanned
+        return
+    rep.parquet_files += 1
+    hits: set[str] = set()
+    for col in tbl.column_names:
+        for _leaf, arr in _leaves(tbl[col], col):
+            rep.parquet_values += len(arr) - arr.null_count
+            if needles.rx2 is None or len(arr) == arr.null_count:
+                continue
+            if pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type):
+                continue  # ciphertexts: handled below; raw bytes were searched already
+            m = pc.match_substring_regex(arr, needles.rx2)
+            if pc.any(m).as_py():
+                for v in arr.filter(m).to_pylist()[:100]:
+                    hits |= needles.find(v.encode("utf-8"))
+    for what in hits:
+        rep.findings.append(Finding(_rel(ws, path), what, "value"))
+    _decrypt_checks(ws, path, tbl, needles, live, rep)
+
+
+def _table_of(ws: "Workspace", path: Path) -> tuple[str, str] | None:
+    """``(layer, dataset)`` when ``path`` lies in a governed table ``<root>/<layer>/<dataset>/``."""
+    root = Path(ws.config.table_uri("x")[:-2]).resolve()
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        return None
+    if len(parts) >= 3 and parts[0] in ("bronze", "silver", "quarantine", "vault", "restricted"):
+        return parts[0], parts[1]
+    return None
+
+
+def _decrypt_checks(ws: "Workspace", path: Path, tbl: pa.Table, needles: Needles, live: list[str],
+                    rep: ScanReport) -> None:
+    where = _table_of(ws, path)
+    if where is None:
+        return
+    layer, ds = where
+    ring = ws.keyring
+    pol = ws.policies.datasets.get(ds)
+    if layer == "quarantine" and "payload" in tbl.column_names and "subject_token" in tbl.column_names:
+        toks = tbl["subject_token"].to_pylist()
+        blobs = tbl["payload"].to_pylist()
+        for t, b in zip(toks, blobs):
+            if b is None:
+                continue
+            try:
+                if t is None:
+                    plain = ring.open_system(f"quarantine:{ds}", b, dataset=f"quarantine.{ds}", column="row")
+                    rep.system_sealed_opened += 1
+                elif t in live:
+                    rep.decrypt_attempts += 1
+                    plain = ring.open(b, token=t, dataset=f"quarantine.{ds}", column="row")
+                else:
+                    continue
+            except LakewardenError:
+                continue
+            for what in needles.find(plain):
+                rep.findings.append(Finding(_rel(ws, path), what, "decrypted"))
+        return
+    if not live or pol is None or pol.subject_key not in tbl.column_names:
+        return
+    keys = tbl[pol.subject_key].to_pylist()
+    live_set = set(live)
+    for col in tbl.column_names:
+        if not pa.types.is_binary(tbl.schema.field(col).type):
+            continue
+        for t, b in zip(keys, tbl[col].to_pylist()):
+            if b is None or t not in live_set:
+                continue
+            rep.decrypt_attempts += 1
+            try:
+                ring.open(b, token=t, dataset=ds, column=col)
+            except LakewardenError:
+                continue
+            rep.findings.append(Finding(_rel(ws, path), f"{_label(needles, t)}:{col}", "decrypted"))
+
+
+def _label(needles: Needles, token: str) -> str:
+    return needles.by_bytes.get(token.encode(), "subject:token").split(":")[0]
+
+
+__all__ = ["Finding", "Needles", "ScanReport", "scan"]
