@@ -63,7 +63,6 @@ __all__ = [
 ]
 
 _TOKEN = re.compile(r"sub_[a-z2-7]{26}")
-_NO_REQUESTS = "the request ledger (governance.requests) is not part of this build"
 
 
 class ReportError(LakewardenError):
@@ -155,8 +154,7 @@ class AuditReport:
     generated_by: str
     project: str
     policy_digest: str
-    requests: list[RequestRow] | None  # None: the request ledger is not available
-    requests_note: str
+    requests: list[RequestRow]
     stage_counts: dict[str, tuple[int, int]]
     rule_counts: list[DecisionCount]
     recent_denies: list[DenyRow]
@@ -198,7 +196,7 @@ def build_report(
         raise ValueError(f"recent_denies must be at least 1 (got {recent_denies})")
     ws.gate.enforce(Stage.AUDIT, actor, Resource.system("audit"))
     ws.audit.flush()  # the report covers everything decided so far, including its own decision
-    requests, note = _requests(ws)
+    requests = _requests(ws)
     stage_counts, rule_counts, denies = _decisions(ws, recent_denies)
     budgets = _budgets(ws)
     model_rows = sorted(models(ws) if models else [], key=lambda m: (m.name, m.version))
@@ -210,7 +208,6 @@ def build_report(
         project=ws.config.name,
         policy_digest=ws.policies.digest,
         requests=requests,
-        requests_note=note,
         stage_counts=stage_counts,
         rule_counts=rule_counts,
         recent_denies=denies,
@@ -257,11 +254,9 @@ def write_report(report: AuditReport, path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def _requests(ws: Workspace) -> tuple[list[RequestRow] | None, str]:
-    try:
-        from governance.requests import list_requests  # type: ignore[import-not-found]
-    except ImportError:
-        return None, _NO_REQUESTS
+def _requests(ws: Workspace) -> list[RequestRow]:
+    from governance.requests import list_requests
+
     rows = []
     for r in list_requests(ws):
         rows.append(
@@ -273,7 +268,7 @@ def _requests(ws: Workspace) -> tuple[list[RequestRow] | None, str]:
             )
         )
     rows.sort(key=lambda r: (r.filed_at or datetime.min.replace(tzinfo=timezone.utc)), reverse=True)
-    return rows, ""
+    return rows
 
 
 def _decisions(ws: Workspace, recent: int) -> tuple[dict[str, tuple[int, int]], list[DecisionCount], list[DenyRow]]:
@@ -365,8 +360,6 @@ def _sla_badge(r: RequestRow) -> str:
 
 
 def _section_requests(rep: AuditReport) -> str:
-    if rep.requests is None:
-        return f'<p class="note">Not available: {_safe(rep.requests_note)}.</p>'
     rows = [
         (
             _safe(r.request_id), _safe(r.kind), _safe(r.regime.upper()), _ts(r.filed_at), _ts(r.due_at),

@@ -41,6 +41,7 @@ def run(*args: str, expect: int = 0) -> None:
 def shredding_demo(config: Path) -> None:
     """Seal synthetic identifiers under per-subject keys, shred one subject, show what remains readable."""
     from governance.errors import SubjectShredded
+    from governance.requests import subject_digest
     from governance.workspace import Workspace
 
     people = ["ada.l@example.org", "grace.h@example.org", "alan.t@example.org"]
@@ -50,7 +51,9 @@ def shredding_demo(config: Path) -> None:
         sealed = ring.seal_many(people, tokens, dataset="demo_vault", column="email")
         victim = tokens[1]
         ring.shred(victim)
-        ws.audit.record("keys.shred", actor="carla", outcome="ok", resource="system:keys", subject_token=victim)
+        # The audit names the subject by a keyed digest, never the token: the log outlives the erasure.
+        ws.audit.record("keys.shred", actor="carla", outcome="ok", resource="system:keys",
+                        details={"subject": subject_digest(ws, victim)})
         for tok, blob in zip(tokens, sealed):
             try:
                 ring.open(blob, token=tok, dataset="demo_vault", column="email")

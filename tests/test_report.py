@@ -81,6 +81,13 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> dict:
             },
         )
         reg.approve(ws.actor("carla"), ref, override_reason="ethnicity groups too small to judge in this pilot")
+    # Two data-subject requests: an erasure run to the end (history purged at once), and an
+    # access request under CCPA that is only filed.
+    erased, asked = people[0]["customer_id"], people[1]["customer_id"]
+    p = lw(d, "requests", "erase", "--subject", erased, "--purge-now", user="carla")
+    assert p.returncode == 0, p.stderr
+    p = lw(d, "requests", "access", "--subject", asked, "--regime", "ccpa", "--out", str(d / "export"), user="carla")
+    assert p.returncode == 0, p.stderr
     out = d / "report.html"
     p = lw(d, "audit", "report", "--html", str(out), user="carla")
     assert p.returncode == 0, p.stderr
@@ -181,8 +188,11 @@ def test_chromium_shows_every_section(lake: dict, tmp_path: Path):
     page.feed(p.stdout)
     assert page.h2 == list(SECTIONS)
     visible = " ".join(" ".join(page.text).split())
-    # (a) without the request ledger in this build the section says so
-    assert "request ledger" in visible
+    # (a) both requests, with their regime, state and SLA
+    reqs = [r for r in page.rows if r and r[0].startswith("req_")]
+    assert sorted((r[1], r[2]) for r in reqs) == [("access", "CCPA"), ("erase", "GDPR")], reqs
+    erase = next(r for r in reqs if r[1] == "erase")
+    assert "done" in erase, erase
     # (b) the analyst's deny, with its rule and reason
     assert ["query", "customers/access/analyst/layers", "0", "1"] in page.rows  # counted by stage and rule
     deny = [r for r in page.rows if "customers/access/analyst/layers" in r and len(r) > 4]
@@ -281,7 +291,7 @@ def test_svg_escapes_labels():
 
 
 def test_request_rows_render_with_their_sla_and_no_token():
-    """Section (a)'s rendering; filing real requests is tested where the request ledger lives."""
+    """Section (a)'s rendering of SLA states a fresh ledger cannot show (overdue, late)."""
     from datetime import datetime, timezone
 
     from governance.audit import VerifyReport
@@ -294,7 +304,7 @@ def test_request_rows_render_with_their_sla_and_no_token():
         RequestRow("req-2", "access", "ccpa", t, t, "verifying", "overdue", None, late=True),
         RequestRow("req-3 sub_abcdefghijklmnopqrstuvwxyz", "erase", "gdpr", t, t, "filed", "due soon", None),
     ]
-    rep = AuditReport(t, "carla", "demo", "0" * 64, rows, "", {}, [], [], [], [], LineagePicture(), VerifyReport(), None)
+    rep = AuditReport(t, "carla", "demo", "0" * 64, rows, {}, [], [], [], [], LineagePicture(), VerifyReport(), None)
     page = rep.to_html()
     assert "3 request(s); 1 past their due date." in page
     assert '<span class="badge bad">overdue</span>' in page and '<span class="badge warn">due soon</span>' in page
