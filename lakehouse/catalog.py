@@ -37,9 +37,15 @@ _B32 = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz234567")}
 
 
 def subject_bucket(token: str, n: int) -> int:
-    """Subject hash bucket from the token's random characters (stable across versions and machines)."""
+    """Subject hash bucket from the token's random characters (stable across versions and machines).
+
+    It reads the six characters right after ``sub_``: 30 uniformly random bits. (The *last*
+    characters will not do: a token is 128 random bits in 26 base32 characters, so the final
+    character carries 3 bits and two zero bits of padding, and ``% 16`` of it fell in only
+    four of sixteen buckets.)
+    """
     v = 0
-    for ch in token[-6:]:
+    for ch in token[4:10]:
         v = v * 32 + _B32[ch]
     return v % n
 

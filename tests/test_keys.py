@@ -588,3 +588,24 @@ def test_closed_store(store_path: Path, kek: LocalKek):
     store.close()
     with pytest.raises(KeyManagementError, match="is closed"):
         store.token_for("x")
+
+
+def test_shred_without_vacuum_leaves_no_key_bytes_even_in_free_pages(store_path: Path, kek: LocalKek,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    """secure_delete zeroes the freed pages too: shredding many subjects (pages freed, no VACUUM
+    while free pages stay under a quarter) leaves none of their wrapped keys or blind indexes."""
+    with KeyStore(store_path, kek) as store:
+        tokens = store.tokens_for([f"person-{i}" for i in range(3000)])
+        victims = tokens[:500]
+        blind_key = store.system_key("blind-index")
+    wrapped = [w for (w,) in raw_rows(store_path, "SELECT wrapped_dek FROM subjects WHERE token IN ({})".format(
+        ",".join("?" * len(victims))), tuple(victims))]
+    blinds = [hmac.digest(blind_key, f"person-{i}".encode(), "sha256") for i in range(500)]
+    def no_vacuum(self: KeyStore) -> None:
+        raise AssertionError("a shred of a sixth of the store must not VACUUM")
+
+    monkeypatch.setattr(KeyStore, "_vacuum", no_vacuum)
+    with KeyStore(store_path, kek, clock=clock) as store:
+        assert store.shred_many(victims) == 500
+    after = store_path.read_bytes()
+    assert not any(w in after for w in wrapped) and not any(b in after for b in blinds)

@@ -10,8 +10,12 @@ How deletion is made real:
 * ``PRAGMA secure_delete=ON`` overwrites deleted cells with zeros;
 * ``journal_mode=DELETE`` (not WAL: the WAL file would keep old pages after a
   delete) and ``synchronous=FULL``;
-* every shred and rotation ends with ``VACUUM``, which rebuilds the file
-  without free pages; ``temp_store=MEMORY`` keeps VACUUM's copy off disk.
+* a rotation ends with ``VACUUM``, which rebuilds the file without free pages
+  (``temp_store=MEMORY`` keeps VACUUM's copy off disk). A shred does not need
+  one for confidentiality — ``secure_delete=ON`` zeroes the deleted cells and
+  the pages it frees (a test reads the file's bytes after a shred) — and a
+  VACUUM costs time in proportion to the whole store, so a shred vacuums only
+  when free pages pass a quarter of the file (to give the space back).
 
 Copies outside this file (filesystem snapshots, backups of the file, SSD
 remapping) are outside its reach: back the key store up only with a retention
@@ -560,8 +564,8 @@ class KeyStore:
     def shred(self, token: str) -> bool:
         """Destroy the subject's DEK and blind index for good (crypto-shredding).
 
-        Deletes the row, records a tombstone, drops the in-memory copy, commits,
-        then VACUUMs so no page of the file keeps the bytes.
+        Deletes the row (``secure_delete`` zeroes its bytes), records a tombstone,
+        drops the in-memory copy and commits.
 
         Returns:
             True if a key was destroyed, False if the token was unknown or
@@ -570,7 +574,7 @@ class KeyStore:
         return self.shred_many([token]) == 1
 
     def shred_many(self, tokens: Iterable[str]) -> int:
-        """Shred several subjects in one transaction and one VACUUM; return how many were destroyed."""
+        """Shred several subjects in one transaction; return how many were destroyed."""
         todo = list(dict.fromkeys(_check_token(t) for t in tokens))
         if not todo:
             return 0
@@ -589,9 +593,15 @@ class KeyStore:
             finally:
                 for t in todo:
                     self._drop_cached(t)
-            if deleted:
+            if deleted and self._mostly_free():
                 self._vacuum()
         return len(deleted)
+
+    def _mostly_free(self) -> bool:
+        db = self._db()
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        return pages > 0 and free > pages // 4
 
     def vacuum(self) -> None:
         """Rebuild the file so no free page keeps deleted bytes (shred and rotate do this)."""
