@@ -50,12 +50,35 @@ def subject_bucket(token: str, n: int) -> int:
     return v % n
 
 
+# How ``_subject_bucket`` was computed for a table's rows — the function (by name) and the
+# bucket count — is recorded in the table's description when it is created (delta-rs accepts
+# only ``delta.*`` configuration keys). Erasure targets the subjects' buckets only when a table
+# says how they were made; a table without it (or with another scheme) is searched whole.
+BUCKETING_SCHEME = "token-chars-4-10-mod"
+_DESCRIPTION = "Lakewarden governed table; subject buckets: {scheme}:{n}"
+_BUCKETING_RE = re.compile(r"subject buckets: ([\w-]+):(\d+)")
+
+
 def table_configuration(columns: list[str], subject_key: str) -> dict[str, str]:
     """Delta table properties for a governed table: no data-skipping statistics on the subject
     token columns, so the Delta log (min/max per file) never copies a token — an erased
     subject's token must not outlive its rows in ``_delta_log``."""
     stats = [c for c in columns if c != subject_key and c not in SUBJECT_COLUMNS]
     return {"delta.dataSkippingStatsColumns": ",".join(f"`{c}`" for c in stats) if stats else "`_none_`"}
+
+
+def table_description(buckets: int | None) -> str | None:
+    """The description a new bucketed table is created with (None: the bucketing is unknown)."""
+    return None if buckets is None else _DESCRIPTION.format(scheme=BUCKETING_SCHEME, n=buckets)
+
+
+def table_buckets(dt: DeltaTable) -> int | None:
+    """The bucket count a table's ``_subject_bucket`` was computed with by :func:`subject_bucket`;
+    None when the table does not record it (older tables) or records another scheme."""
+    m = _BUCKETING_RE.search(dt.metadata().description or "")
+    return int(m.group(2)) if m and m.group(1) == BUCKETING_SCHEME and int(m.group(2)) > 0 else None
+
+
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
 

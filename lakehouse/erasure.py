@@ -3,14 +3,15 @@
 Bronze, silver, vault, restricted and quarantine of every dataset, matched on the subject
 token (never a plaintext id). Each table gets a new Delta version without the rows.
 
-* **Few files rewritten.** Tables are partitioned by ``_subject_bucket``: the subjects' bucket
-  partitions are read and rewritten without their rows in one overwrite commit whose predicate
-  names only the buckets; every other partition is untouched.
+* **Few files rewritten.** Tables are partitioned by ``_subject_bucket``: only the subjects'
+  bucket partitions are searched (reading the key column), and only the data files that hold
+  their rows are rewritten, swapped in one commit of remove and add actions.
 * **No token in the Delta log.** delta-rs writes a DELETE's predicate into the commit (it
-  would copy the token); the overwrite's predicate names buckets only, and governed tables keep
-  no min/max statistics on token columns (:func:`lakehouse.catalog.table_configuration`).
-  (delta-rs 1.6's DELETE also rewrites strings as ``string_view``, which breaks filtered
-  reads through pyarrow datasets; the overwrite keeps the table's types.)
+  would copy the token); the erasure's commit names files and row counts only, and governed
+  tables keep no min/max statistics on token columns
+  (:func:`lakehouse.catalog.table_configuration`). (delta-rs 1.6's DELETE also rewrites
+  strings as ``string_view``, which breaks filtered reads through pyarrow datasets; the
+  rewritten files keep the table's types.)
 * **Quarantine.** Rows quarantined with the subject's token are deleted; rows quarantined
   *without* a valid key (sealed under the dataset's quarantine key) are opened and deleted
   when they carry one of the subject's identifiers.
@@ -22,22 +23,28 @@ token (never a plaintext id). Each table gets a new Delta version without the ro
 
 from __future__ import annotations
 
+import json
 import os
+import posixpath
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, WriterProperties, write_deltalake
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.transaction import AddAction, RemoveAction
 from deltalake.exceptions import CommitFailedError
 
 from governance.errors import LakewardenError
 from governance.keys import TOKEN_RE
 from governance.requests import AccessItem, ErasureContext, ErasureHandler, register_handler
 from governance.workspace import Workspace
-from lakehouse.catalog import Catalog, TableRef, subject_bucket
+from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_buckets
 
 __all__ = ["delete_subject_rows", "purge_history", "subject_rows", "HANDLER"]
 
@@ -79,45 +86,91 @@ def delete_subject_rows(ws: Workspace, tokens: str | Sequence[str]) -> dict[str,
         column = _column(ws, ref)
         if column is None:
             continue
-        buckets = ws.policies.datasets[ref.dataset].layout.subject_buckets
-        out[str(ref)] = _delete(cat, ref, column, toks, buckets)
+        out[str(ref)] = _delete(cat, ref, column, toks)
     return out
 
 
-def _delete(cat: Catalog, ref: TableRef, column: str, tokens: Sequence[str], buckets: int) -> int:
-    """Rewrite the subjects' bucket partitions without their rows (one commit; none if nothing matches).
+def _delete(cat: Catalog, ref: TableRef, column: str, tokens: Sequence[str]) -> int:
+    """Rewrite the data files that hold the subjects' rows, without them (one commit; none if
+    nothing matches).
 
-    An overwrite whose predicate names only the bucket partitions: the Delta log records
-    ``_subject_bucket IN (...)`` and nothing about who was deleted, only those partitions'
-    files are replaced, and the new files keep the table's own column types.
+    Only the subjects' bucket partitions are searched, file by file, reading the key column;
+    a file with a match is rewritten whole without those rows and swapped for the new one in
+    one commit of remove and add actions. The log records file paths and row counts, never a
+    predicate (a DELETE's would copy the token), and the new files keep the table's own types.
     """
     for attempt in range(8):
         dt = cat.open(ref)
         if column not in {f.name for f in dt.schema().fields}:
             return 0
-        parts = list(dt.metadata().partition_columns)
-        pred = flt = None
-        if "_subject_bucket" in parts:
-            bs = sorted({subject_bucket(t, buckets) for t in tokens})
-            pred = f"_subject_bucket IN ({', '.join(map(str, bs))})"
-            flt = pc.field("_subject_bucket").isin(bs)
-        tbl = dt.to_pyarrow_dataset().to_table(filter=flt)
-        hit = pc.is_in(tbl[column].cast(pa.string()), value_set=pa.array(list(tokens), pa.string()))
-        n = int(pc.sum(hit).as_py() or 0)
+        bs = _buckets_holding(dt, column, tokens)
+        if bs is not None and not bs:
+            return 0
+        ds = dt.to_pyarrow_dataset()
+        flt = None if bs is None else pc.field("_subject_bucket").isin(bs)
+        value_set = pa.array(list(tokens), pa.string())
+        meta = {a["path"]: a for a in pa.table(dt.get_add_actions(flatten=False)).to_pylist()}
+        now = int(time.time() * 1000)
+        compression = _compression(cat)
+
+        def rewrite(frag: Any) -> tuple[int, list[Any], str | None]:
+            """The file without the subjects' rows: (rows removed, actions, new file or None)."""
+            keys = frag.to_table(columns=[column])[column]
+            hit = pc.fill_null(pc.is_in(keys.cast(pa.string()), value_set=value_set), False)
+            k = int(pc.sum(hit).as_py() or 0)
+            if k == 0:
+                return 0, [], None
+            old = meta[frag.path]
+            pv = {c: (None if v is None else str(v)) for c, v in (old.get("partition") or {}).items()}
+            acts: list[Any] = [RemoveAction(path=frag.path, data_change=True, deletion_timestamp=now,
+                                            size=old["size_bytes"], partition_values=pv)]
+            keep = frag.to_table(columns=frag.physical_schema.names).filter(pc.invert(hit))
+            if not keep.num_rows:
+                return k, acts, None
+            rel = f"{posixpath.dirname(frag.path)}/part-erasure-{uuid.uuid4()}.{compression.lower()}.parquet".lstrip("/")
+            pq.write_table(keep, rel, filesystem=ds.filesystem, compression=compression,
+                           coerce_timestamps="us", allow_truncated_timestamps=False)
+            acts.append(AddAction(path=rel, size=ds.filesystem.get_file_info(rel).size, partition_values=pv,
+                                  modification_time=now, data_change=True,
+                                  stats=json.dumps({"numRecords": keep.num_rows})))
+            return k, acts, rel
+
+        # Files are read, filtered and written in parallel (Arrow and Parquet release the GIL).
+        with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+            done = list(pool.map(rewrite, ds.get_fragments(filter=flt)))
+        n = sum(k for k, _, _ in done)
+        actions: list[Any] = [a for _, acts, _ in done for a in acts]
+        written = [rel for _, _, rel in done if rel]
         if n == 0:
             return 0  # already erased (a rerun after a crash): no new version
-        keep = _plain_types(tbl.filter(pc.invert(pc.fill_null(hit, False))))
         try:
-            write_deltalake(
-                dt, keep, mode="overwrite", predicate=pred, partition_by=parts or None,
-                storage_options=cat.storage_options,
-                writer_properties=WriterProperties(compression=_compression(cat)),
+            dt.create_write_transaction(
+                actions, mode="append", schema=dt.schema(), partition_by=list(dt.metadata().partition_columns) or None,
                 commit_properties=CommitProperties(custom_metadata={"lakewarden.operation": "erasure"}),
             )
             return n
         except CommitFailedError:
+            for rel in written:  # never committed: not part of any version
+                ds.filesystem.delete_file(rel)
             time.sleep(0.05 * 2**attempt)
     raise LakewardenError(f"{ref}: could not commit the deletion (concurrent writers)", hint="run the request again")
+
+
+def _buckets_holding(dt: DeltaTable, column: str, tokens: Sequence[str]) -> list[int] | None:
+    """The ``_subject_bucket`` partitions that may hold the subjects' rows (None: not bucketed).
+
+    Computed from the tokens when the table records its bucketing (one partition per subject);
+    otherwise — a table written before that property, or under another bucket count — found by
+    reading the key column, so no row is missed because a bucket would be computed differently.
+    """
+    if "_subject_bucket" not in dt.metadata().partition_columns:
+        return None
+    n = table_buckets(dt)
+    if n is not None:
+        return sorted({subject_bucket(t, n) for t in tokens})
+    t = dt.to_pyarrow_dataset().to_table(columns=[column, "_subject_bucket"])
+    hit = pc.is_in(t[column].cast(pa.string()), value_set=pa.array(list(tokens), pa.string()))
+    return sorted(set(pc.filter(t["_subject_bucket"], pc.fill_null(hit, False)).to_pylist()))
 
 
 def _compression(cat: Catalog) -> str:
@@ -172,10 +225,8 @@ def subject_rows(ws: Workspace, tokens: Sequence[str], *, version_of: dict[str, 
         dt = cat.open(ref, version=(version_of or {}).get(str(ref)))
         if column not in {f.name for f in dt.schema().fields}:
             continue
-        expr = None
-        if "_subject_bucket" in dt.metadata().partition_columns:
-            n = ws.policies.datasets[ref.dataset].layout.subject_buckets
-            expr = pc.field("_subject_bucket").isin(sorted({subject_bucket(t, n) for t in toks}))
+        bs = _buckets_holding(dt, column, toks)
+        expr = None if bs is None else pc.field("_subject_bucket").isin(bs)
         # Partition pruning only: files written by different writers may type strings differently
         # (string vs string_view), which a value filter pushed into the scan cannot compare.
         tbl = dt.to_pyarrow_dataset().to_table(filter=expr)

@@ -47,7 +47,7 @@ from governance.lineage import DatasetRef
 from governance.pii import redact
 from governance.policy import ColumnClass, DatasetPolicy, Protection, Stage
 from governance.workspace import Workspace
-from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_configuration
+from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_buckets, table_configuration, table_description
 from lakehouse.errors import IngestError
 from lakehouse.readers import RawBatch, header, read_batches, to_text
 from lakehouse.validate import ARROW_TYPE, ShapePlan, Validator, output_type, plan_shape
@@ -216,9 +216,20 @@ class Ingestor:
         self.restricted_cols = [n for n, c in pol.columns.items() if c.protection is Protection.RESTRICTED]
         self.bronze_cols = [n for n in pol.columns if n not in self.vault_cols and n not in self.restricted_cols]
         self.partition_by = [*pol.layout.partition_by, "_subject_bucket"]
+        self.buckets = self._bucket_count()
         self._preload_unique()
 
     # -- setup ------------------------------------------------------------------------
+    def _bucket_count(self) -> int:
+        """The bronze table's own bucket count once it exists (a later policy change applies to
+        new tables, so one table's rows never mix two bucketings), else the policy's."""
+        ref = TableRef("bronze", self.dataset)
+        if self.catalog.exists(ref):
+            n = table_buckets(self.catalog.open(ref))
+            if n is not None:
+                return n
+        return self.policy.layout.subject_buckets
+
     def _done_batches(self) -> set[str]:
         uri = self.ws.config.table_uri(LEDGER)
         if not DeltaTable.is_deltatable(uri):
@@ -345,7 +356,7 @@ class Ingestor:
         if missing:
             if len(cache) + len(missing) > 2_000_000:
                 cache.clear()
-            n = self.policy.layout.subject_buckets
+            n = self.buckets
             for v, t in zip(missing, self.ring.tokens_for(missing)):
                 cache[v] = (t, _bucket(t, n))  # type: ignore[arg-type]
         pairs = [cache[v] for v in values]
@@ -491,6 +502,7 @@ class Ingestor:
                     uri, tbl, mode="append", partition_by=partition_by or None,
                     schema_mode="merge" if evolve else None,
                     configuration=table_configuration(tbl.column_names, self.policy.subject_key),
+                    description=table_description(self.buckets if "_subject_bucket" in tbl.column_names else None),
                     storage_options=so,
                     writer_properties=WriterProperties(compression=self.compression.upper() if self.compression != "none" else "UNCOMPRESSED"),
                     commit_properties=CommitProperties(app_transactions=[Transaction(app_id=app_id, version=0)]),

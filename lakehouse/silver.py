@@ -27,7 +27,7 @@ from governance.gate import Actor, Resource
 from governance.lineage import DatasetRef
 from governance.policy import DatasetPolicy, Stage
 from governance.workspace import Workspace
-from lakehouse.catalog import table_configuration, Catalog, TableRef
+from lakehouse.catalog import Catalog, TableRef, table_buckets, table_configuration, table_description
 from lakehouse.errors import LakehouseError
 from lakehouse.validate import q
 
@@ -155,6 +155,7 @@ def build_silver(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int =
         uri, reader, mode="overwrite", schema_mode="overwrite",
         partition_by=[*policy.layout.partition_by, "_subject_bucket"],
         configuration=table_configuration(reader.schema.names, policy.subject_key),
+        description=table_description(table_buckets(bronze)),
         storage_options=cat.storage_options,
         writer_properties=WriterProperties(compression="ZSTD"),
         commit_properties=CommitProperties(custom_metadata=meta),

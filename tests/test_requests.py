@@ -437,3 +437,63 @@ def test_cli_user_errors_are_one_line(lake: Workspace):
     p = subprocess.run([sys.executable, "-m", "lakewarden", "--config", cfg, "--as", "dana", "requests", "list"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 3 and "roles/stages/request" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_erasure_finds_rows_whatever_bucketing_a_table_was_written_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A table that does not record its bucketing (written before the property, or under another
+    bucket count) is searched by its key column: no row survives a bucket computed differently."""
+    import lakehouse.erasure as erasure_mod
+    import lakehouse.ingest as ingest_mod
+    from deltalake import DeltaTable
+    from governance.keys import generate_kek_b64
+    from lakehouse.catalog import Catalog, TableRef
+    from lakehouse.erasure import delete_subject_rows
+    from lakehouse.ingest import ingest
+    from lakehouse.synth import generate
+
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    (tmp_path / "lakewarden.yaml").write_text(
+        "version: 1\nname: t\nstorage: {root: .lakewarden/tables}\n"
+        "keys: {store: .lakewarden/keys/keystore.db, kek: {provider: env, var: LAKEWARDEN_KEK}}\npolicies: [policies/*.yaml]\n")
+    monkeypatch.setenv("LAKEWARDEN_KEK", generate_kek_b64())
+    res = generate(tmp_path / "landing", people=80, transactions_per_person=2, seed=3)
+    # An "old" writer: another bucket function, and no bucketing property on the tables.
+    monkeypatch.setattr(ingest_mod, "_bucket", lambda t, n: len(t) % 3)
+    monkeypatch.setattr(ingest_mod, "table_description", lambda buckets: None)
+    with Workspace.open(tmp_path / "lakewarden.yaml") as ws:
+        for ds in ("customers", "transactions"):
+            ingest(ws, ws.actor("dana"), ds, [res.files[ds]])
+        ref = TableRef("bronze", "transactions")
+        dt = Catalog(ws.config).open(ref)
+        assert not dt.metadata().description
+        victim = dt.to_pyarrow_table(columns=["customer_id"])["customer_id"][0].as_py()
+        assert erasure_mod.table_buckets(dt) is None
+        deleted = delete_subject_rows(ws, victim)
+        assert deleted["bronze.transactions"] > 0 and deleted["bronze.customers"] == 1
+        for r in (ref, TableRef("bronze", "customers"), TableRef("vault", "customers")):
+            left = DeltaTable(Catalog(ws.config).uri(r)).to_pyarrow_table(columns=["customer_id"])
+            assert victim not in left["customer_id"].to_pylist()
+
+
+def test_new_tables_record_their_bucketing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from governance.keys import generate_kek_b64
+    from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_buckets
+    from lakehouse.ingest import ingest
+    from lakehouse.silver import build_silver
+    from lakehouse.synth import generate
+
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    (tmp_path / "lakewarden.yaml").write_text(
+        "version: 1\nname: t\nstorage: {root: .lakewarden/tables}\n"
+        "keys: {store: .lakewarden/keys/keystore.db, kek: {provider: env, var: LAKEWARDEN_KEK}}\npolicies: [policies/*.yaml]\n")
+    monkeypatch.setenv("LAKEWARDEN_KEK", generate_kek_b64())
+    res = generate(tmp_path / "landing", people=60, transactions_per_person=0, seed=4)
+    with Workspace.open(tmp_path / "lakewarden.yaml") as ws:
+        ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
+        build_silver(ws, ws.actor("dana"), "customers")
+        cat = Catalog(ws.config)
+        for layer in ("bronze", "vault", "silver"):
+            dt = cat.open(TableRef(layer, "customers"))
+            assert table_buckets(dt) == 16, layer
+            t = dt.to_pyarrow_table(columns=["customer_id", "_subject_bucket"])
+            assert all(subject_bucket(k, 16) == b for k, b in zip(t["customer_id"].to_pylist(), t["_subject_bucket"].to_pylist()))
