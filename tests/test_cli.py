@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
+
+from cli_helpers import lw
 from deltalake import DeltaTable, write_deltalake
 
 from governance.audit import EVENT_SCHEMA
@@ -17,12 +16,6 @@ from governance.audit import EVENT_SCHEMA
 REPO = Path(__file__).resolve().parents[1]
 
 
-def lw(cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("LAKEWARDEN_")}
-    e.update(env or {})
-    p = subprocess.run([sys.executable, "-m", "lakewarden", *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=120)
-    assert "Traceback" not in p.stderr + p.stdout, p.stderr
-    return p
 
 
 @pytest.fixture

@@ -5,26 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from cli_helpers import lw
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def lw(cwd: Path, *args: str, user: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEWARDEN_")}
-    if user:
-        env["LAKEWARDEN_USER"] = user
-    p = subprocess.run([sys.executable, "-m", "lakewarden", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert "Traceback" not in p.stdout + p.stderr, p.stderr
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import uuid
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+
+from cli_helpers import lw
 
 from governance.lineage import DatasetRef, LineageRun
 from governance.lineage_svg import lineage_picture
@@ -33,14 +34,6 @@ SECTIONS = ("Data-subject requests", "Policy decisions", "Privacy budgets", "Mod
             "Audit-chain integrity")
 
 
-def lw(cwd: Path, *args: str, user: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEWARDEN_")}
-    if user:
-        env["LAKEWARDEN_USER"] = user
-    p = subprocess.run([sys.executable, "-m", "lakewarden", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert "Traceback" not in p.stdout + p.stderr, p.stderr
-    return p
 
 
 @pytest.fixture(scope="module")

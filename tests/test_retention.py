@@ -6,12 +6,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from cli_helpers import lw
 from deltalake import DeltaTable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,14 +19,6 @@ OLD = "'2022-01-01T00:00:00Z'"  # three years and more before any run of these t
 TOKEN = re.compile(r"sub_[a-z2-7]{26}")
 
 
-def lw(cwd: Path, *args: str, user: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEWARDEN_")}
-    if user:
-        env["LAKEWARDEN_USER"] = user
-    p = subprocess.run([sys.executable, "-m", "lakewarden", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert "Traceback" not in p.stdout + p.stderr, p.stderr
-    return p
 
 
 def table(d: Path, name: str) -> DeltaTable:
