@@ -36,5 +36,8 @@ test: install trino system
 bench: install
 	$(BIN)/python benchmarks/bench_governance.py
 
+# The workspace, and what DVC keeps about it: the pipeline's manifests point into the workspace,
+# so they go with it (otherwise DVC would restore manifests of tables that no longer exist).
 clean-demo:
-	rm -rf .lakewarden
+	rm -rf .lakewarden .dvc/cache .dvc/tmp/runs
+	find pipeline -mindepth 1 ! -name .gitignore -exec rm -rf {} + 2>/dev/null || true

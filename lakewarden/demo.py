@@ -79,9 +79,11 @@ def main() -> None:
     root = Path.cwd()
     config = root / "lakewarden.yaml"
     console.print(Rule("Lakewarden demo: the reference pipeline under dvc repro"))
+    # A new workspace makes every manifest DVC may still hold stale (they point into it): rebuild all.
+    fresh = not (root / ".lakewarden").exists()
     run("init", str(root))
     console.print(Rule("generate → ingest → silver → features → train (DP) → evaluate (fairness) → register"))
-    dvc("repro", "register")
+    dvc("repro", "register", *(["--force"] if fresh else []))
     from lakewarden.pipeline import OUT
 
     reg = json.loads((root / OUT / "register.json").read_text())

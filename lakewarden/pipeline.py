@@ -153,6 +153,26 @@ def _manifest(stage: str, run_id: str | None, **body: Any) -> dict[str, Any]:
             "finished_at": datetime.now(timezone.utc).isoformat(), **body}
 
 
+def _require_pinned(ws: Workspace, tables: dict[str, Any], *, stage: str) -> None:
+    """The tables an upstream manifest pins must exist in this workspace at (at least) that version.
+
+    DVC restores a manifest from its cache when its stage's inputs did not change; if the
+    workspace was reset meanwhile, the manifest points at tables that are gone.
+    """
+    from lakehouse.catalog import Catalog, TableRef
+
+    cat = Catalog(ws.config)
+    for name, m in tables.items():
+        layer, ds = name.split(".", 1)
+        ref = TableRef(layer, ds)  # type: ignore[arg-type]
+        if not cat.exists(ref) or cat.open(ref).version() < int(m["version"]):
+            raise PipelineError(
+                f"pipeline/{stage}.json pins {name}@{m['version']}, which this workspace does not hold "
+                "(was the workspace reset?)",
+                hint="rebuild from the start: dvc repro --force (or make clean-demo && make demo)",
+            )
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -247,7 +267,7 @@ def stage_silver(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     from governance.lineage import DatasetRef
     from lakehouse.silver import build_silver
 
-    read_json(OUT / "ingest.json", stage="ingest")
+    _require_pinned(ws, read_json(OUT / "ingest.json", stage="ingest")["tables"], stage="ingest")
     out = {}
     for ds in DATASETS:
         rep = build_silver(ws, actor, ds)
@@ -272,6 +292,7 @@ def stage_features(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any
     from governance.lineage import DatasetRef
 
     silver = read_json(OUT / "silver.json", stage="silver")
+    _require_pinned(ws, silver["tables"], stage="silver")
     t = params.train
     dataset, cols = _dataset_of(ws, t.features)
     decision = ws.gate.enforce(Stage.FEATURES, actor, Resource.dataset(dataset),

@@ -177,3 +177,19 @@ def test_checkout_reads_pinned_versions_without_erased_subjects(repo: Path, tmp_
     assert victim not in after["customer_id"].to_pylist()
     # An analyst may not restore silver wholesale.
     assert _sh(repo, "lakewarden", "--as", "ana", "pipeline", "checkout", "--out", str(tmp_path / "c")).returncode == 3
+
+
+def test_a_reset_workspace_is_named_not_silently_used(repo: Path, tmp_path: Path):
+    """Manifests point into the workspace: with the workspace gone, a stage that reads one says so."""
+    import shutil
+
+    ws_dir = repo / ".lakewarden"
+    saved = tmp_path / "ws"
+    shutil.move(str(ws_dir), saved)
+    try:
+        assert _sh(repo, "lakewarden", "init", ".").returncode == 0
+        p = _sh(repo, "lakewarden", "--as", "pipeline", "pipeline", "stage", "silver")
+        assert p.returncode == 2 and "which this workspace does not hold" in p.stderr and "dvc repro --force" in p.stderr
+    finally:
+        shutil.rmtree(ws_dir, ignore_errors=True)
+        shutil.move(str(saved), ws_dir)
