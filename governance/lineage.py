@@ -689,6 +689,11 @@ class LineageStore:
 
     # ----------------------------------------------------------------- git and DVC
 
+    def git_state(self) -> dict[str, Any]:
+        """The commit runs are recorded against and whether the tree is dirty (None when unknown)."""
+        facet = self._git_facet()
+        return {"commit": facet.commit, "dirty": facet.dirty} if facet else {"commit": None, "dirty": None}
+
     def _git_facet(self) -> GitRunFacet | None:
         if self.repo_dir is None:
             return None

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,16 +103,6 @@ def load_params(path: Path = PARAMS) -> Params:
 
 
 # -- manifests -----------------------------------------------------------------------------
-def git_commit() -> dict[str, Any]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": sha or None, "dirty": dirty}
-
-
 def table_manifest(ws: Workspace, layer: str, dataset: str) -> dict[str, Any]:
     """A Delta table version, pinned: URI, version, the version's data files and sizes, rows."""
     from lakehouse.catalog import Catalog, TableRef
@@ -148,8 +137,8 @@ def read_json(path: Path, *, stage: str) -> Any:
     return json.loads(path.read_text())
 
 
-def _manifest(stage: str, run_id: str | None, **body: Any) -> dict[str, Any]:
-    return {"stage": stage, "lineage_run_id": run_id, "git": git_commit(),
+def _manifest(ws: Workspace, stage: str, run_id: str | None, **body: Any) -> dict[str, Any]:
+    return {"stage": stage, "lineage_run_id": run_id, "git": ws.lineage.git_state(),
             "finished_at": datetime.now(timezone.utc).isoformat(), **body}
 
 
@@ -196,7 +185,7 @@ def stage_generate(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any
                   "bytes": Path(res.files[ds]).stat().st_size} for ds in DATASETS}
     run = ws.lineage.emit("pipeline.generate", outputs=[], dvc_stage="generate",
                           facets={"people": p.people, "seed": p.seed, "files": {d: f["sha256"] for d, f in files.items()}})
-    write_json(OUT / "generate.json", _manifest("generate", run, files=files, params=p.model_dump()))
+    write_json(OUT / "generate.json", _manifest(ws, "generate", run, files=files, params=p.model_dump()))
     return {"files": files}
 
 
@@ -223,7 +212,6 @@ def stage_ingest(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
 
     gen = read_json(OUT / "generate.json", stage="generate")
     reports: dict[str, Any] = {}
-    runs = []
     for ds in DATASETS:
         f = gen["files"][ds]
         path = ws.config.base_dir / f["path"]
@@ -247,12 +235,12 @@ def stage_ingest(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
               for layer in ("bronze", "quarantine", "vault") if _exists(ws, layer, ds)}
     from governance.lineage import DatasetRef
 
-    runs.append(ws.lineage.emit("pipeline.ingest", dvc_stage="ingest",
-                                outputs=[DatasetRef(t, version=m["version"]) for t, m in tables.items()]))
+    run = ws.lineage.emit("pipeline.ingest", dvc_stage="ingest",
+                          outputs=[DatasetRef(t, version=m["version"]) for t, m in tables.items()])
     summary = {ds: {k: reports[ds].get(k) for k in ("rows_read", "rows_accepted", "rows_quarantined", "rows_skipped")}
                for ds in DATASETS}
     write_json(REPORTS / "ingest.json", summary)
-    write_json(OUT / "ingest.json", _manifest("ingest", runs[-1], tables=tables, reports=reports))
+    write_json(OUT / "ingest.json", _manifest(ws, "ingest", run, tables=tables, reports=reports))
     return summary
 
 
@@ -274,7 +262,7 @@ def stage_silver(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
         out[f"silver.{ds}"] = {**table_manifest(ws, "silver", ds), "bronze_version": rep.bronze_version}
     run = ws.lineage.emit("pipeline.silver", dvc_stage="silver",
                           outputs=[DatasetRef(t, version=m["version"]) for t, m in out.items()])
-    write_json(OUT / "silver.json", _manifest("silver", run, tables=out))
+    write_json(OUT / "silver.json", _manifest(ws, "silver", run, tables=out))
     return out
 
 
@@ -305,7 +293,7 @@ def stage_features(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any
                           outputs=[DatasetRef(f"feature_view:{v}", version=n, kind="feature_view") for v, n in versions.items()])
     body = {"objects": names, "materialized": versions, "purpose": t.purpose, "features": t.features,
             "gate": {"allowed": decision.allowed, "rules": list(decision.rule_ids)}}
-    write_json(OUT / "features.json", _manifest("features", run, **body))
+    write_json(OUT / "features.json", _manifest(ws, "features", run, **body))
     return body
 
 
@@ -327,7 +315,7 @@ def stage_train(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     t = params.train
     cand = fit_candidate(ws, actor, CANDIDATE_DIR, name=t.model, features=t.features, label=t.label, purpose=t.purpose,
                          options=_options(t), holdout=t.holdout, mitigation=t.mitigation)
-    write_json(CANDIDATE_DIR / "stage.json", _manifest("train", cand["lineage_run_ids"][-1], model=t.model,
+    write_json(CANDIDATE_DIR / "stage.json", _manifest(ws, "train", cand["lineage_run_ids"][-1], model=t.model,
                                                         data_versions=cand["data_versions"]))
     metrics = {"epsilon": cand["privacy"]["epsilon"], "delta": cand["privacy"]["delta"],
                "target_epsilon": t.epsilon, **{k: v for k, v in cand["utility"].items()},
@@ -344,7 +332,7 @@ def stage_evaluate(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any
     from training.stages import evaluate_candidate
 
     fair = evaluate_candidate(ws, actor, CANDIDATE_DIR, OUT / "evaluation.json")
-    write_json(OUT / "evaluation.json", {**fair, **_manifest("evaluate", fair.get("lineage_run_id"))})
+    write_json(OUT / "evaluation.json", {**fair, **_manifest(ws, "evaluate", fair.get("lineage_run_id"))})
     flat: dict[str, Any] = {"passed": fair["passed"], "failures": fair.get("failures", [])}
     for attr, ms in (fair.get("metrics") or {}).items():
         for m, v in ms.items():
@@ -366,7 +354,7 @@ def stage_register(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any
                           facets={"model": str(ref)})
     body = {"model": ref.name, "version": ref.version, "ref": str(ref), "data_versions": card.data_versions,
             "fairness_passed": card.fairness.passed if card.fairness else None, "epsilon": card.privacy.epsilon}
-    write_json(OUT / "register.json", _manifest("register", run, **body))
+    write_json(OUT / "register.json", _manifest(ws, "register", run, **body))
     return body
 
 
@@ -407,7 +395,7 @@ def stage_deploy(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     if smoke["ok"] != smoke["requests"]:
         raise PipelineError(f"smoke test: {smoke['requests'] - smoke['ok']} of {smoke['requests']} requests failed "
                             f"(see .lakewarden/serving/{reg['model']}-server.log)")
-    write_json(OUT / "deploy.json", _manifest("deploy", run, **body))
+    write_json(OUT / "deploy.json", _manifest(ws, "deploy", run, **body))
     return body
 
 
