@@ -25,14 +25,14 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
 from governance.errors import AccessDenied
 from governance.gate import Actor
-from governance.ledger import PrivacyLedger
+from governance.ledger import PrivacyLedger, Reservation
 from governance.lineage import DatasetRef
 from governance.workspace import Workspace
 from features.store import Features
@@ -78,6 +78,24 @@ def _utility(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, 
     return out
 
 
+def budgeted_run(
+    ledger: PrivacyLedger, actor: Actor, dataset: str, *, purpose: str, options: TrainOptions, columns: list[str],
+    fit: Callable[[], TrainResult],
+) -> tuple[TrainResult, Reservation]:
+    """One private run inside the ledger: reserve its ε through the gate (refused before any
+    training when the budget cannot pay), run ``fit``, commit the ε the accountant reports. A run
+    that fails after touching the data is committed at its target: that privacy is spent."""
+    res = ledger.reserve(actor, dataset, purpose=purpose, epsilon=options.target_epsilon, delta=options.delta,
+                         accountant=options.accountant, columns=columns)
+    try:
+        result = fit()
+    except BaseException:
+        ledger.commit(res.run_id, epsilon=options.target_epsilon, actor=actor.name)
+        raise
+    ledger.commit(res.run_id, epsilon=float(result.epsilon), actor=actor.name)
+    return result, res
+
+
 def train_model(
     ws: Workspace,
     actor: Actor,
@@ -114,19 +132,15 @@ def train_model(
 
     def private_run(sample_weight: np.ndarray | None) -> TrainResult:
         nonlocal spent
-        res = ledger.reserve(actor, ts.dataset, purpose=purpose, epsilon=options.target_epsilon, delta=options.delta,
-                             accountant=options.accountant, columns=cols)
+
+        def fit() -> TrainResult:
+            if world_size > 1 and sample_weight is None:
+                return train_distributed(X_tr, y_tr, options, world_size=world_size)
+            return train(X_tr, y_tr, options, sample_weight=sample_weight)
+
+        result, res = budgeted_run(ledger, actor, ts.dataset, purpose=purpose, options=options, columns=cols, fit=fit)
         decisions.append(res.decision)
         runs.append(res.run_id)
-        try:
-            if world_size > 1 and sample_weight is None:
-                result = train_distributed(X_tr, y_tr, options, world_size=world_size)
-            else:
-                result = train(X_tr, y_tr, options, sample_weight=sample_weight)
-        except BaseException:
-            ledger.commit(res.run_id, epsilon=options.target_epsilon, actor=actor.name)  # data was touched: spent
-            raise
-        ledger.commit(res.run_id, epsilon=float(result.epsilon), actor=actor.name)
         spent += float(result.epsilon)
         return result
 

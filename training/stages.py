@@ -38,10 +38,10 @@ from governance.lineage import DatasetRef
 from governance.workspace import Workspace
 from training.encode import Encoder
 from training.fairness import check_fairness, decrypt_sensitive, fairness_metrics, gate_context, reweighing
-from training.pipeline import FAVOURABLE_LABEL, _split, _threshold, _utility
+from training.pipeline import FAVOURABLE_LABEL, _split, _threshold, _utility, budgeted_run
 from training.reference import Reference
 from training.registry import ModelRef, Registry
-from training.trainer import TrainOptions, load_model, train
+from training.trainer import TrainOptions, predict_proba, train
 
 CANDIDATE = "candidate.json"
 FAIRNESS = "fairness.json"
@@ -66,14 +66,6 @@ def _training_set(ws: Workspace, actor: Actor, *, purpose: str, features: list[s
 
 def _digest(tokens: list[str]) -> str:
     return hashlib.sha256("\n".join(tokens).encode()).hexdigest()
-
-
-def _predict(state: bytes, n_features: int, hidden: tuple[int, ...], X: np.ndarray) -> np.ndarray:
-    import torch
-
-    model = load_model(state, n_features, hidden)
-    with torch.no_grad():
-        return torch.sigmoid(model(torch.from_numpy(np.asarray(X, np.float32))).squeeze(-1)).numpy()
 
 
 def fit_candidate(
@@ -109,18 +101,11 @@ def fit_candidate(
             raise StageError(f"mitigation 'reweighing' needs a fairness section in policies for '{ts.dataset}'")
         sens_tr = decrypt_sensitive(ws, actor, ts.dataset, [tokens[i] for i in tr], purpose="fairness_evaluation")
         weights = reweighing(y_tr.astype(int), {a: sens_tr[a] for a in pol.fairness.sensitive_attributes})
-    ledger = PrivacyLedger(ws)
-    res = ledger.reserve(actor, ts.dataset, purpose=purpose, epsilon=options.target_epsilon, delta=options.delta,
-                         accountant=options.accountant, columns=cols)
-    try:
-        result = train(X_tr, y_tr, options, sample_weight=weights, eval_set=(X_te, y_te))
-    except BaseException:
-        ledger.commit(res.run_id, epsilon=options.target_epsilon, actor=actor.name)  # the data was touched: spent
-        raise
-    ledger.commit(res.run_id, epsilon=float(result.epsilon), actor=actor.name)
-    p_tr = _predict(result.state_dict, result.n_features, options.hidden, X_tr)
+    result, res = budgeted_run(PrivacyLedger(ws), actor, ts.dataset, purpose=purpose, options=options, columns=cols,
+                               fit=lambda: train(X_tr, y_tr, options, sample_weight=weights, eval_set=(X_te, y_te)))
+    p_tr = predict_proba(result, X_tr)
     threshold = _threshold(p_tr, y_tr)
-    utility = _utility(y_te, _predict(result.state_dict, result.n_features, options.hidden, X_te), threshold)
+    utility = _utility(y_te, predict_proba(result, X_te), threshold)
     run = ws.lineage.emit(
         f"train.{name}",
         inputs=[DatasetRef(t, version=v) for t, v in ts.sources.items()],
@@ -196,7 +181,7 @@ def evaluate_candidate(ws: Workspace, actor: Actor, cand_dir: Path, out: Path | 
     X_te = enc.transform(table.take(pa.array(te)))
     y_te = np.array([1.0 if v else 0.0 for v in table.take(pa.array(te))[cand["label"]].to_pylist()], dtype=np.float32)
     pre = cand["preprocessing"]
-    p = _predict((cand_dir / "model.pt").read_bytes(), pre["n_features"], tuple(pre["hidden"]), X_te)
+    p = predict_proba((cand_dir / "model.pt").read_bytes(), X_te, n_features=pre["n_features"], hidden=tuple(pre["hidden"]))
     utility = _utility(y_te, p, pre["threshold"])
     res: dict[str, Any] = {"model": cand["name"], "utility": utility, "columns": cols}
     if pol.fairness is None:

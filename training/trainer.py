@@ -200,10 +200,12 @@ def load_model(result_or_bytes: TrainResult | bytes, n_features: int | None = No
     return model
 
 
-def predict_proba(result: TrainResult, X: np.ndarray) -> np.ndarray:
+def predict_proba(result: TrainResult | bytes, X: np.ndarray, *, n_features: int | None = None,
+                  hidden: tuple[int, ...] | None = None) -> np.ndarray:
+    """Scores of a trained model: a :class:`TrainResult`, or saved weights with their shape."""
     import torch
 
-    model = load_model(result)
+    model = load_model(result, n_features, hidden)
     with torch.no_grad():
         return torch.sigmoid(model(torch.from_numpy(np.asarray(X, np.float32))).squeeze(-1)).numpy()
 
