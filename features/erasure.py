@@ -74,14 +74,18 @@ def _exists(conn: sqlite3.Connection, table: str) -> bool:
 
 
 def delete_online(ws: Workspace, tokens: Sequence[str]) -> dict[str, int]:
-    """Delete the tokens' rows from every feature view's online table; one VACUUM at the end."""
-    out: dict[str, int] = {}
+    """Delete the tokens' rows from every feature view's online table; one VACUUM at the end.
+
+    Returns rows removed per view (``online:<view>``). Redis keeps one hash per entity with every
+    view's fields, so the first view of an entity counts its deleted hashes and later ones 0.
+    """
+    out: dict[str, int] = {f"online:{view}": 0 for _key, view in _views(ws)}
     project = ws.config.features.project
     if ws.config.features.online.type == "redis":
         r = _redis(ws)
-        for key in sorted({k for k, _v in _views(ws)}):
+        for key, view in _views(ws):
             keys = list(_redis_keys(ws, key, tokens))
-            out[f"online-redis:{key}"] = int(r.delete(*keys)) if keys else 0
+            out[f"online:{view}"] = int(r.delete(*keys)) if keys else 0
         return out
     with _sqlite(ws) as conn:
         if conn is None:

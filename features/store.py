@@ -309,53 +309,15 @@ def erase_subject(ws: Workspace, token: str) -> dict[str, int]:
     """Remove a subject from the online store and from every offline source (the lakehouse tables).
 
     Returns what was removed: online rows per feature view, and rows per lakehouse table.
+    (The same per-layer erasure handlers the compliance requests run.)
     """
+    from features.erasure import delete_online
+
     if not TOKEN_RE.match(token):
         raise ValueError("erasure works on subject tokens (sub_...), never on identifiers")
-    fs = Features(ws)
-    out: dict[str, int] = {}
-    for pol in ws.policies.datasets.values():
-        for view in pol.features:
-            out[f"online:{view}"] = _delete_online(fs, pol.subject_key, view, token)
+    out = delete_online(ws, [token])
     out.update(delete_subject_rows(ws, token))
     return out
-
-
-def _delete_online(fs: Features, key: str, view: str, token: str) -> int:
-    """Feast has no per-entity delete: remove the entity's row from the online store directly."""
-    from feast.infra.key_encoding_utils import serialize_entity_key
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
-
-    ek = EntityKey(join_keys=[key], entity_values=[Value(string_val=token)])
-    online = fs.cfg.online
-    if online.type == "redis":
-        import redis
-        from feast.infra.online_stores.helpers import _redis_key
-
-        host, _, rest = online.connection_string.partition(":")
-        port = int(rest.split(",")[0] or 6379)
-        r = redis.Redis(host=host, port=port)
-        return int(r.delete(_redis_key(fs.cfg.project, ek, entity_key_serialization_version=3)))
-    import sqlite3
-
-    path = fs.ws.config.path(online.path)
-    if not path.exists():
-        return 0
-    blob = serialize_entity_key(ek, entity_key_serialization_version=3)
-    conn = sqlite3.connect(str(path))
-    try:
-        table = f"{fs.cfg.project}_{view}"
-        exists = conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone()
-        if not exists:
-            return 0
-        conn.execute("PRAGMA secure_delete=ON")
-        n = conn.execute(f'DELETE FROM "{table}" WHERE entity_key = ?', (blob,)).rowcount
-        conn.commit()
-        conn.execute("VACUUM")
-        return max(n, 0)
-    finally:
-        conn.close()
 
 
 __all__ = ["Features", "FeatureError", "TrainingSet", "erase_subject"]
