@@ -1,3 +1,3 @@
-from lakewarden.cli import main
+from lakewarden.cli import run
 
-main()
+run()

@@ -1060,3 +1060,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         raise SystemExit(130) from None
+
+
+def run() -> None:
+    """The installed ``lakewarden`` command: ``main``, then a clean process exit (lakewarden.process)."""
+    from lakewarden.process import run_and_exit
+
+    run_and_exit(main)

@@ -112,4 +112,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lakewarden.process import run_and_exit
+
+    run_and_exit(main)

@@ -268,6 +268,8 @@ if sys.argv[2] == "file":
 else:
     run_request(ws, carla, sys.argv[3], purge_now=True)
 ws.close()
+from lakewarden.process import exit_process
+exit_process(0)  # as the lakewarden command ends (see lakewarden/process.py)
 """
 
 
