@@ -17,7 +17,7 @@ def data(n: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["fused", "ghost", "hooks"])
 def test_reported_epsilon_within_target_and_model_learns(mode: str):
     X, y = data()
     r = train(X, y, TrainOptions(epochs=2, target_epsilon=2.0, delta=1e-5, grad_sample_mode=mode, accountant="rdp"))
