@@ -83,6 +83,10 @@ class Features:
         self.ws = ws
         self.cfg = ws.config.features
         self.catalog = Catalog(ws.config)
+        # Per feature list: its dataset and columns, and the online result's schema (the
+        # policies do not change under an open workspace; a lookup repeats the same list).
+        self._resolved: dict[tuple[str, ...], tuple[DatasetPolicy, tuple[str, ...]]] = {}
+        self._online_schemas: dict[tuple[str, ...], pa.Schema] = {}
 
     # -- Feast configuration and objects ----------------------------------------------------
     def repo_config(self) -> Any:
@@ -170,6 +174,14 @@ class Features:
 
     def _resolve(self, refs: list[str]) -> tuple[DatasetPolicy, list[str]]:
         """Check ``view:feature`` references; return the dataset and the source columns they read."""
+        key = tuple(refs)
+        hit = self._resolved.get(key)
+        if hit is None:
+            pol, columns = self._resolve_uncached(refs)
+            hit = self._resolved[key] = (pol, tuple(columns))
+        return hit[0], list(hit[1])
+
+    def _resolve_uncached(self, refs: list[str]) -> tuple[DatasetPolicy, list[str]]:
         if not refs:
             raise FeatureError("name at least one feature as view:feature")
         policies, columns = set(), []
@@ -302,7 +314,18 @@ class Features:
         if bad:
             raise FeatureError(f"{len(bad)} entity value(s) are not subject tokens (raw identifiers are never used)")
         resp = self.store.get_online_features(features=features, entity_rows=[{pol.subject_key: t} for t in tokens])
-        return pa.table(resp.to_dict())
+        values = resp.to_dict()
+        key = tuple(features)
+        schema = self._online_schemas.get(key)
+        if schema is None:
+            schema = self._online_schemas[key] = pa.schema(
+                [(pol.subject_key, pa.string())] + [(c, self._arrow_type(pol, c)) for c in columns])
+        if set(values) == set(schema.names):
+            try:  # the declared types: no inference, half the conversion time of pa.table
+                return pa.Table.from_pydict(values, schema=schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                pass
+        return pa.table(values)
 
 
 def erase_subject(ws: Workspace, token: str) -> dict[str, int]:
