@@ -116,6 +116,9 @@ def _make_model_class():  # noqa: ANN202
             self.ready = False
 
         def load(self) -> bool:
+            # Open Feast before saying ready: importing it (typeguard instruments its modules)
+            # and reading the registry took seconds, which the first request used to pay.
+            self.features.store.get_feature_view(self.card.features[0].split(":", 1)[0])
             self.ready = True
             return self.ready
 
@@ -225,7 +228,6 @@ def install_http_guards(max_body: int = MAX_BODY_BYTES) -> None:
     """Add to KServe's FastAPI app: 404 for unknown subjects, 413 for oversized bodies."""
     from fastapi.responses import JSONResponse
     from kserve.model_server import app
-    from starlette.middleware.base import BaseHTTPMiddleware
 
     if getattr(app.state, "lakewarden_guards", False):
         return
@@ -236,12 +238,58 @@ def install_http_guards(max_body: int = MAX_BODY_BYTES) -> None:
     async def forbidden(_request: Any, exc: Exception) -> JSONResponse:
         return JSONResponse(status_code=403, content={"error": str(exc)})
 
-    class LimitBody(BaseHTTPMiddleware):
-        async def dispatch(self, request: Any, call_next: Any) -> Any:
-            size = request.headers.get("content-length")
-            if size is not None and size.isdigit() and int(size) > max_body:
-                return JSONResponse(status_code=413, content={"error": f"request body over {max_body} bytes"})
-            return await call_next(request)
+    class _TooLarge(Exception):
+        pass
+
+    async def _reject(send: Any) -> None:
+        body = json.dumps({"error": f"request body over {max_body} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    class LimitBody:
+        """413 for a body over ``max_body`` bytes, by its Content-Length or as it streams in.
+
+        A plain ASGI middleware: Starlette's BaseHTTPMiddleware runs every request through
+        an extra task and memory streams, a cost paid on each prediction.
+        """
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length":
+                    if value.isdigit() and int(value) > max_body:
+                        await _reject(send)
+                        return
+                    break
+            seen = 0
+            started = False
+
+            async def counted_receive() -> Any:
+                nonlocal seen
+                msg = await receive()
+                if msg.get("type") == "http.request":
+                    seen += len(msg.get("body", b""))
+                    if seen > max_body:  # a chunked body, or one longer than it said
+                        raise _TooLarge
+                return msg
+
+            async def tracked_send(msg: Any) -> None:
+                nonlocal started
+                if msg.get("type") == "http.response.start":
+                    started = True
+                await send(msg)
+
+            try:
+                await self.app(scope, counted_receive, tracked_send)
+            except _TooLarge:
+                if not started:
+                    await _reject(send)
 
     from governance.errors import AccessDenied
 

@@ -98,7 +98,10 @@ def served(tmp_path_factory: pytest.TempPathFactory):
 def test_both_protocols_answer_with_the_direct_scores(served):
     ws, url, ref, tokens = served
     sample = tokens[:20]
-    direct = GovernedPredictor(ws, ref, ws.actor("mel"), log_requests=False).score_tokens(sample)
+    pred = GovernedPredictor(ws, ref, ws.actor("mel"), log_requests=False)
+    assert "store" not in vars(pred.features)
+    assert pred.load() and "store" in vars(pred.features)  # ready means Feast is open: no cold first request
+    direct = pred.score_tokens(sample)
     code, v1 = post(f"{url}/v1/models/credit:predict", {"instances": sample})
     assert code == 200 and np.allclose(v1["predictions"], direct, atol=1e-6)
     code, v1b = post(f"{url}/v1/models/credit:predict", {"instances": [{"customer_id": t} for t in sample]})
@@ -141,6 +144,17 @@ def test_v2_shape_and_type_errors_unknown_model_and_oversized_body(served):
     assert code == 404
     code, resp = post(f"{url}/v1/models/credit:predict", b"x" * (2 << 20))
     assert code == 413
+    # the same body sent chunked, without a Content-Length, is cut off as it streams in
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.request("POST", "/v1/models/credit:predict", body=(b"x" * 65536 for _ in range(32)),
+                 headers={"content-type": "application/json"}, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and b"request body over" in r.read()
+    conn.close()
     assert post(f"{url}/v1/models/credit:predict", {"instances": tokens[:1]})[0] == 200
 
 
