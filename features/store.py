@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -276,13 +277,16 @@ class Features:
             entities = base.append_column("event_timestamp", pa.array([when] * base.num_rows, pa.timestamp("us", tz="UTC")))
         if key not in entities.column_names or "event_timestamp" not in entities.column_names:
             raise FeatureError(f"entity rows need columns '{key}' and 'event_timestamp'")
-        ok = pc.match_substring_regex(entities[key], TOKEN_RE.pattern)
-        bad = entities.num_rows - pc.sum(pc.fill_null(ok, False).cast(pa.int64())).as_py() if entities.num_rows else 0
-        if bad:
+        # Each distinct value is checked once: entity rows repeat subjects (one row per label time).
+        values = pc.unique(entities[key])
+        ok = pc.fill_null(pc.match_substring_regex(values, TOKEN_RE.pattern), False)
+        if not pc.all(ok).as_py():
+            wrong = pc.is_in(entities[key], value_set=values.filter(pc.invert(ok)))
+            bad = pc.sum(pc.fill_null(wrong, True).cast(pa.int64())).as_py()  # a null key matches the null value
             raise FeatureError(f"{bad} entity row(s) do not hold a subject token in '{key}' (raw identifiers are never used)")
         n_in = entities.num_rows
         self._trino_scratch()
-        entities = entities.append_column("_lw_row", pa.array(range(n_in), pa.int64()))
+        entities = entities.append_column("_lw_row", pa.array(np.arange(n_in, dtype=np.int64)))
         job = self.store.get_historical_features(entity_df=entities.to_pandas(), features=features)
         out = job.to_arrow()
         if out.num_rows != n_in:
@@ -293,7 +297,7 @@ class Features:
             for c, arr in fill.items():
                 lost = lost.append_column(c, arr)
             out = pa.concat_tables([out, lost.select(out.column_names).cast(out.schema)])
-        out = out.sort_by("_lw_row").drop(["_lw_row"])
+        out = _in_entity_order(out, n_in).drop(["_lw_row"])
         assert out.num_rows == n_in
         run_id = self.ws.lineage.emit(
             "features.training_set",
@@ -326,6 +330,20 @@ class Features:
             except (pa.ArrowInvalid, pa.ArrowTypeError):
                 pass
         return pa.table(values)
+
+
+def _in_entity_order(out: pa.Table, n: int) -> pa.Table:
+    """``out`` in entity-row order by its ``_lw_row``: a scatter when it holds each row once, else a sort."""
+    rows = out["_lw_row"].to_numpy()
+    if len(rows) == n:
+        if n < 2 or bool((rows[1:] > rows[:-1]).all()):
+            return out  # already in order
+        order = np.full(n, -1, dtype=np.int64)
+        if rows.min() >= 0 and rows.max() < n:
+            order[rows] = np.arange(n, dtype=np.int64)
+            if (order >= 0).all():  # a permutation: every entity row exactly once
+                return out.take(pa.array(order))
+    return out.sort_by("_lw_row")
 
 
 def erase_subject(ws: Workspace, token: str) -> dict[str, int]:

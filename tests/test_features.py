@@ -102,6 +102,23 @@ def test_bad_requests_are_clear(lake: Workspace):
         fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=["customer_profile:email"])
     with pytest.raises(FeatureError, match="not subject tokens"):
         fs.online(lake.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=["C-000000001"])
+    when = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    ents = pa.table({"customer_id": [tok(1), "C-000000001", None, "C-000000001", tok(2)],
+                     "event_timestamp": pa.array([when] * 5, pa.timestamp("us", tz="UTC"))})
+    with pytest.raises(FeatureError, match="3 entity row"):  # both raw-id rows and the null, counted by row
+        fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=PROFILE, entities=ents)
+
+
+def test_training_set_rows_come_back_in_entity_order(lake: Workspace):
+    fs = Features(lake)
+    toks = Catalog(lake.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"].to_pylist()
+    order = [7, 3, 3, 250, 0, 7, 99, 12, 3]  # repeats, and no particular order
+    when = [datetime(2030, 1, 1 + i, tzinfo=timezone.utc) for i in range(len(order))]
+    ents = pa.table({"customer_id": [toks[i] for i in order], "event_timestamp": pa.array(when, pa.timestamp("us", tz="UTC"))})
+    ts = fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=PROFILE, entities=ents)
+    assert ts.table["customer_id"].to_pylist() == [toks[i] for i in order]
+    assert ts.table["event_timestamp"].to_pylist() == when
+    assert all(v is not None for v in ts.table[PROFILE[0].split(":")[1]].to_pylist())
 
 
 def test_online_matches_offline_after_materialization(lake: Workspace):
@@ -190,3 +207,14 @@ def test_redis_and_sqlite_give_the_same_answers(lake: Workspace, project: Path, 
     again = fs.online(ws.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=[tokens[0]])
     assert again["income"][0].as_py() is None
     ws.close()
+
+
+def test_entity_order_helper_scatters_a_permutation_and_sorts_anything_else():
+    from features.store import _in_entity_order
+
+    t = pa.table({"_lw_row": [0, 1, 2, 3], "v": ["a", "b", "c", "d"]})
+    assert _in_entity_order(t, 4) is t  # already in order: untouched
+    shuffled = t.take([2, 0, 3, 1])
+    assert _in_entity_order(shuffled, 4).to_pydict() == t.to_pydict()
+    dup = pa.table({"_lw_row": [2, 0, 2, 1], "v": ["c", "a", "c2", "b"]})  # not a permutation: sorted instead
+    assert _in_entity_order(dup, 4)["_lw_row"].to_pylist() == [0, 1, 2, 2]
