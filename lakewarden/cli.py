@@ -824,6 +824,8 @@ def train(
                   + ", ".join(f"{k} {v:.3f}" for k, v in c.utility.items()))
     if c.fairness is not None:
         verdict = "[green]passed[/]" if c.fairness.passed else "[red]failed[/]: " + "; ".join(c.fairness.failures)
+        if c.fairness.uncertainty:
+            verdict += f" (passes in {100 * c.fairness.uncertainty['pass_rate']:.0f} % of bootstrap resamples of the holdout)"
         console.print(f"fairness {verdict}")
     if c.mitigation:
         console.print(f"mitigation: {c.mitigation['method']} (passed before {c.mitigation['passed_before']}, "

@@ -53,6 +53,8 @@ def pipeline_summary(ctx: typer.Context) -> None:
     t.add_row("utility (holdout)", ", ".join(f"{k} {v:.3f}" for k, v in (s["utility"] or {}).items()) or "—")
     f = s["fairness"] or {}
     verdict = "—" if not f else ("passed" if f.get("passed") else "failed: " + "; ".join(f.get("failures", [])))
+    if f.get("pass_rate") is not None:
+        verdict += f" (passes in {100 * f['pass_rate']:.0f} % of bootstrap resamples of the holdout)"
     t.add_row("fairness", verdict)
     for k in sorted(k for k in f if "." in k):
         t.add_row(f"  {k}", f"{f[k]:.3f}")

@@ -328,3 +328,46 @@ def test_no_silver_yet_is_a_fairness_error(workspace: Workspace):
 def test_tokens_must_be_strings(workspace: Workspace):
     with pytest.raises(TypeError, match="subject tokens must be str, got int"):
         decrypt_sensitive(workspace, Actor("sam"), "customers", [1])  # type: ignore[list-item]
+
+
+# -- bootstrap uncertainty of the verdict ----------------------------------------------------------
+def _fair_data(n: int, gap: float, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    g = rng.choice(["F", "M"], size=n)
+    y = (rng.random(n) < 0.5).astype(int)
+    # predictions right 85 % of the time for F, (85 - gap) % for M: precision differs by about the gap
+    right = rng.random(n) < np.where(g == "F", 0.85, 0.85 - gap)
+    return y, np.where(right, y, 1 - y), g
+
+
+def test_uncertainty_resamples_are_the_metrics_of_resampled_rows():
+    from training.fairness import fairness_uncertainty
+
+    y, p, g = _fair_data(400, 0.05)
+    g = g.astype(object)
+    g[:7] = None  # unknown groups are left out, as in fairness_metrics
+    u = fairness_uncertainty(y, p, {"sex": list(g)}, Fairness(sensitive_attributes=["sex"]), resamples=1, seed=3)
+    w = np.random.default_rng(3).multinomial(400, np.full(400, 1 / 400), size=1)[0]  # the same draw
+    rows = np.repeat(np.arange(400), w)
+    want = fairness_metrics(y[rows], p[rows], {"sex": list(g[rows])})["sex"]
+    for m in ("disparate_impact", "equal_opportunity_diff", "predictive_parity_diff"):
+        lo, hi = u["intervals"]["sex"][m]
+        assert lo == pytest.approx(want[m], abs=1e-12) and hi == pytest.approx(want[m], abs=1e-12)
+    verdict = check_fairness({"sex": want}, Fairness(sensitive_attributes=["sex"]))
+    assert u["pass_rate"] == (1.0 if verdict.passed else 0.0)
+
+
+def test_uncertainty_pass_rate_tells_clear_verdicts_from_close_ones():
+    from training.fairness import fairness_uncertainty
+
+    pol = Fairness(sensitive_attributes=["sex"], predictive_parity_max_diff=0.1,
+                   equal_opportunity_max_diff=1.0, disparate_impact_min=0.01)
+    clear_pass = fairness_uncertainty(*_fair_data(4000, 0.0)[:2], {"sex": list(_fair_data(4000, 0.0)[2])}, pol)
+    clear_fail = fairness_uncertainty(*_fair_data(4000, 0.3)[:2], {"sex": list(_fair_data(4000, 0.3)[2])}, pol)
+    close = fairness_uncertainty(*_fair_data(4000, 0.1)[:2], {"sex": list(_fair_data(4000, 0.1)[2])}, pol)
+    assert clear_pass["pass_rate"] > 0.95 and clear_fail["pass_rate"] < 0.05
+    assert 0.05 < close["pass_rate"] < 0.95
+    lo, hi = close["intervals"]["sex"]["predictive_parity_diff"]
+    assert lo < 0.1 < hi  # the interval straddles the limit
+    with pytest.raises(ValueError, match="level"):
+        fairness_uncertainty([1, 0], [1, 0], {"sex": ["F", "M"]}, pol, level=1.0)

@@ -43,6 +43,9 @@ def test_train_registers_a_private_model_with_its_card(lake: Workspace):
     assert c.data_versions == {"silver.customers": Catalog(lake.config).open(TableRef("silver", "customers")).version()}
     assert {"accuracy", "auc"} <= set(c.utility)
     assert set(c.fairness.attributes) == {"sex", "ethnicity"}
+    u = c.fairness.uncertainty  # bootstrap of the holdout: intervals and the verdict's pass rate
+    assert u["resamples"] == 500 and 0.0 <= u["pass_rate"] <= 1.0 and set(u["intervals"]) == {"sex", "ethnicity"}
+    assert "resamples): the verdict passes in" in c.to_markdown()
     assert c.lineage_run_ids and any(d.stage == "train" and d.allowed for d in c.gate_decisions)
     assert (Registry(lake).path(out.ref) / "model.pt").exists()
     Registry(lake).verify(out.ref)
@@ -135,6 +138,7 @@ def test_fit_evaluate_register_as_separate_stages(lake: Workspace, tmp_path: Pat
     ref = register_candidate(lake, sam, cand_dir, tmp_path / "evaluation.json")
     card = Registry(lake).card(ref)
     assert card.privacy.epsilon == pytest.approx(cand["privacy"]["epsilon"]) and card.fairness.passed == fair["passed"]
+    assert card.fairness.uncertainty == fair["uncertainty"]
     assert card.mitigation["method"].startswith("reweighing")
     # Data changed under the candidate: evaluation refuses rather than scoring another holdout.
     res = generate(tmp_path / "more", people=20, transactions_per_person=0, seed=5)

@@ -440,6 +440,93 @@ def check_fairness(metrics: Mapping[str, Mapping[str, Any]], policy_fairness: Fa
     return FairnessVerdict(passed=not failures, failures=failures)
 
 
+def fairness_uncertainty(
+    y_true: Sequence[Any],
+    y_pred: Sequence[Any],
+    groups: Mapping[str, Sequence[Any]],
+    policy_fairness: Fairness,
+    *,
+    pos_label: int = 1,
+    resamples: int = 500,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """How much the fairness verdict depends on which holdout rows were drawn (a bootstrap).
+
+    The holdout's rows are resampled with replacement ``resamples`` times; each resample's
+    metrics are computed exactly as :func:`fairness_metrics` computes them (rows with an
+    unknown group left out, undefined rates left out of a spread) and judged as
+    :func:`check_fairness` judges them. Returns, per attribute and gated metric, the
+    percentile interval at ``level``; and ``pass_rate``, the share of resamples whose
+    verdict passes. A verdict with a pass rate near 0.5 could have gone either way on
+    another holdout of the same size. The gate itself still judges the point estimate;
+    this is evidence for the people who approve.
+
+    Example:
+
+    >>> from governance.policy import Fairness
+    >>> u = fairness_uncertainty([1, 0] * 50, [1, 0] * 50, {"sex": ["F", "M"] * 50}, Fairness(sensitive_attributes=["sex"]))
+    >>> u["resamples"], 0.0 <= u["pass_rate"] <= 1.0
+    (500, True)
+    """
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError("level must be in (0, 1) and resamples at least 1")
+    yt = _binary(y_true, "y_true", pos_label).astype(np.float64)
+    yp = _binary(y_pred, "y_pred", pos_label).astype(np.float64)
+    n = len(yt)
+    rng = np.random.default_rng(seed)
+    # Row multiplicities of each resample (B × n): a resample is a multinomial draw of n rows.
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64) if n else np.zeros((resamples, 0))
+    f = policy_fairness
+    passed = np.ones(resamples, dtype=bool)
+    out: dict[str, Any] = {"resamples": resamples, "level": level, "seed": seed, "intervals": {}}
+    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    for attr in f.sensitive_attributes:
+        if attr not in groups:
+            passed[:] = False
+            continue
+        g = _as_list(groups[attr])
+        if len(g) != n:
+            raise ValueError(f"groups['{attr}'] has {len(g)} values but there are {n} labels")
+        known = np.array([not _is_missing(v) for v in g], dtype=bool)
+        labels = sorted({str(v) for v, k in zip(g, known) if k})
+        codes = {v: i for i, v in enumerate(labels)}
+        onehot = np.zeros((n, len(labels)))
+        for r, (v, k) in enumerate(zip(g, known)):
+            if k:
+                onehot[r, codes[str(v)]] = 1.0
+        count = weights @ onehot  # B × groups
+        sel = weights @ (onehot * yp[:, None])
+        pos = weights @ (onehot * yt[:, None])
+        tp = weights @ (onehot * (yt * yp)[:, None])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            present = count > 0
+            sel_rate = np.where(present, sel / count, np.nan)
+            tpr = np.where(pos > 0, tp / pos, np.nan)
+            prec = np.where(sel > 0, tp / sel, np.nan)
+            max_sel = np.nanmax(np.where(present, sel_rate, -np.inf), axis=1, initial=-np.inf)
+            min_sel = np.nanmin(np.where(present, sel_rate, np.inf), axis=1, initial=np.inf)
+            di = np.where(max_sel > 0, min_sel / max_sel, np.nan)
+
+        def spread(rates: np.ndarray) -> np.ndarray:
+            hi = np.nanmax(np.where(np.isnan(rates), -np.inf, rates), axis=1, initial=-np.inf)
+            lo = np.nanmin(np.where(np.isnan(rates), np.inf, rates), axis=1, initial=np.inf)
+            return np.where(np.isfinite(hi), hi - lo, np.nan)
+
+        metrics = {"disparate_impact": di, "equal_opportunity_diff": spread(tpr), "predictive_parity_diff": spread(prec)}
+        limits = {"disparate_impact": f.disparate_impact_min, "equal_opportunity_diff": f.equal_opportunity_max_diff,
+                  "predictive_parity_diff": f.predictive_parity_max_diff}
+        out["intervals"][attr] = {}
+        for m, v in metrics.items():
+            ok = ~np.isnan(v) & ((v >= limits[m]) if GATE_METRICS[m] else (np.abs(v) <= limits[m]))
+            passed &= ok
+            finite = v[~np.isnan(v)]
+            out["intervals"][attr][m] = (
+                [float(np.percentile(finite, lo_q)), float(np.percentile(finite, hi_q))] if len(finite) else None)
+    out["pass_rate"] = float(passed.mean())
+    return out
+
+
 def gate_context(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """The ``fairness`` entry of the deployment context: ``{attr: {metric: float}}``.
 

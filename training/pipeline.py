@@ -37,7 +37,9 @@ from governance.lineage import DatasetRef
 from governance.workspace import Workspace
 from features.store import Features
 from training.encode import Encoder
-from training.fairness import check_fairness, decrypt_sensitive, fairness_metrics, gate_context, mitigation_report, reweighing
+from training.fairness import (
+    check_fairness, decrypt_sensitive, fairness_metrics, fairness_uncertainty, gate_context, mitigation_report, reweighing,
+)
 from training.reference import Reference
 from training.registry import ModelCard, ModelRef, Registry
 from training.trainer import TrainOptions, TrainResult, predict_proba, train, train_distributed
@@ -174,7 +176,10 @@ def train_model(
                           "utility_before": utility, "utility_after": _utility(y_te, p2, t2),
                           "passed_before": verdict.passed, "passed_after": v2.passed}
             result, metrics, verdict, utility, threshold = mitigated, m2, v2, _utility(y_te, p2, t2), t2
-        fairness_fields = {**gate_context(metrics), "passed": verdict.passed, "failures": list(verdict.failures)}
+            pred = (p2 > t2).astype(int)
+        fairness_fields = {**gate_context(metrics), "passed": verdict.passed, "failures": list(verdict.failures),
+                           "uncertainty": fairness_uncertainty(y_te.astype(int), pred, sens, pol.fairness,
+                                                               pos_label=FAVOURABLE_LABEL, seed=options.seed)}
 
     train_run = ws.lineage.emit(
         f"train.{name}",

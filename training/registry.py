@@ -254,12 +254,14 @@ class FairnessReport(_Frozen):
     passed: bool | None = None
     failures: list[str] = Field(default_factory=list)
     thresholds: dict[str, float] = Field(default_factory=dict)
+    # training.fairness.fairness_uncertainty: bootstrap intervals and the verdict's pass rate
+    uncertainty: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _lift_flat(cls, value: Any) -> Any:
         if isinstance(value, Mapping) and "attributes" not in value:
-            meta = {k: value[k] for k in ("passed", "failures", "thresholds") if k in value}
+            meta = {k: value[k] for k in ("passed", "failures", "thresholds", "uncertainty") if k in value}
             return {**meta, "attributes": {k: v for k, v in value.items() if k not in meta}}
         return value
 
@@ -454,6 +456,16 @@ class ModelCard(_Frozen):
                 ]
             if f.failures:
                 out += ["", "Failures:", ""] + [f"- {_line(x)}" for x in f.failures]
+            u = f.uncertainty
+            if u:
+                pct = round(100 * float(u.get("level", 0.95)))
+                out += ["", f"Bootstrap over the holdout ({u.get('resamples')} resamples): the verdict passes in "
+                            f"{100 * float(u.get('pass_rate', 0.0)):.0f} % of them. {pct} % intervals:", ""]
+                rows = []
+                for attr in sorted(u.get("intervals") or {}):
+                    iv = u["intervals"][attr]
+                    rows.append((attr, *(f"{_num(iv[m][0])} – {_num(iv[m][1])}" if iv.get(m) else "—" for m in _GATE_METRICS)))
+                out += _table(("attribute", "disparate impact", "equal opportunity diff", "predictive parity diff"), rows)
         if self.mitigation:
             out += ["", "## Bias mitigation", "", "```json", _pretty(self.mitigation), "```"]
         if self.preprocessing:

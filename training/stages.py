@@ -37,7 +37,9 @@ from governance.ledger import PrivacyLedger
 from governance.lineage import DatasetRef
 from governance.workspace import Workspace
 from training.encode import Encoder
-from training.fairness import check_fairness, decrypt_sensitive, fairness_metrics, gate_context, reweighing
+from training.fairness import (
+    check_fairness, decrypt_sensitive, fairness_metrics, fairness_uncertainty, gate_context, reweighing,
+)
 from training.pipeline import FAVOURABLE_LABEL, _split, _threshold, _utility, budgeted_run
 from training.reference import Reference
 from training.registry import ModelRef, Registry
@@ -188,10 +190,13 @@ def evaluate_candidate(ws: Workspace, actor: Actor, cand_dir: Path, out: Path | 
         res.update({"passed": None, "note": f"policies for '{ts.dataset}' set no fairness thresholds"})
     else:
         sens = decrypt_sensitive(ws, actor, ts.dataset, [tokens[i] for i in te], purpose="fairness_evaluation")
-        metrics = fairness_metrics(y_te.astype(int), (p > pre["threshold"]).astype(int), sens, pos_label=FAVOURABLE_LABEL)
+        y_hat = (p > pre["threshold"]).astype(int)
+        metrics = fairness_metrics(y_te.astype(int), y_hat, sens, pos_label=FAVOURABLE_LABEL)
         verdict = check_fairness(metrics, pol.fairness)
         res.update({"metrics": gate_context(metrics), "passed": verdict.passed, "failures": list(verdict.failures),
-                    "thresholds": pol.fairness.model_dump(mode="json")})
+                    "thresholds": pol.fairness.model_dump(mode="json"),
+                    "uncertainty": fairness_uncertainty(y_te.astype(int), y_hat, sens, pol.fairness,
+                                                        pos_label=FAVOURABLE_LABEL, seed=int(cand["seed"]))})
     run = ws.lineage.emit(
         f"evaluate.{cand['name']}",
         inputs=[DatasetRef(t, version=v) for t, v in ts.sources.items()] + [DatasetRef(f"candidate:{cand['name']}", kind="model")],
@@ -222,7 +227,8 @@ def register_candidate(ws: Workspace, actor: Actor, cand_dir: Path, fairness: Pa
         "preprocessing": cand["preprocessing"],
     }
     if fair.get("passed") is not None:
-        card_fields["fairness"] = {**fair["metrics"], "passed": fair["passed"], "failures": fair["failures"]}
+        card_fields["fairness"] = {**fair["metrics"], "passed": fair["passed"], "failures": fair["failures"],
+                                   **({"uncertainty": fair["uncertainty"]} if fair.get("uncertainty") else {})}
     files = {f: cand_dir / f for f in ARTIFACTS}
     return Registry(ws).register(actor, name=cand["name"], dataset=cand["dataset"], files=files, card_fields=card_fields)
 
