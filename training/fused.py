@@ -73,7 +73,7 @@ class FusedDPSGD:
                      wb: torch.Tensor | None = None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """Per layer, the summed clipped (weight, bias) gradients; and each sample's gradient norm.
 
-        The backward pass is written out, as the model allows: for the mean-free binary
+        The backward pass is written out, as the model allows: for the unreduced binary
         cross-entropy ``ℓᵢ = BCE(zᵢ, yᵢ)``, ``∂ℓᵢ/∂zᵢ = σ(zᵢ) - yᵢ`` at the logit, and through
         a layer ``δ ← (δ W) ⊙ [z > 0]``. No autograd graph is built. ``wb`` weights each
         sample's loss (reweighing): sample *i* contributes ``wᵢ·ℓᵢ`` and is clipped as a
