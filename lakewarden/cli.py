@@ -825,7 +825,9 @@ def train(
     if c.fairness is not None:
         verdict = "[green]passed[/]" if c.fairness.passed else "[red]failed[/]: " + "; ".join(c.fairness.failures)
         if c.fairness.uncertainty:
-            verdict += f" (passes in {100 * c.fairness.uncertainty['pass_rate']:.0f} % of bootstrap resamples of the holdout)"
+            from training.fairness import pass_rate_note
+
+            verdict += f" ({pass_rate_note(c.fairness.uncertainty['pass_rate'])})"
         console.print(f"fairness {verdict}")
     if c.mitigation:
         console.print(f"mitigation: {c.mitigation['method']} (passed before {c.mitigation['passed_before']}, "

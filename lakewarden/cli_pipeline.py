@@ -54,7 +54,9 @@ def pipeline_summary(ctx: typer.Context) -> None:
     f = s["fairness"] or {}
     verdict = "—" if not f else ("passed" if f.get("passed") else "failed: " + "; ".join(f.get("failures", [])))
     if f.get("pass_rate") is not None:
-        verdict += f" (passes in {100 * f['pass_rate']:.0f} % of bootstrap resamples of the holdout)"
+        from training.fairness import pass_rate_note
+
+        verdict += f" ({pass_rate_note(f['pass_rate'])})"
     t.add_row("fairness", verdict)
     for k in sorted(k for k in f if "." in k):
         t.add_row(f"  {k}", f"{f[k]:.3f}")

@@ -500,20 +500,15 @@ def fairness_uncertainty(
         pos = weights @ (onehot * yt[:, None])
         tp = weights @ (onehot * (yt * yp)[:, None])
         with np.errstate(invalid="ignore", divide="ignore"):
-            present = count > 0
-            sel_rate = np.where(present, sel / count, np.nan)
+            sel_rate = np.where(count > 0, sel / count, np.nan)  # NaN: the group is absent, or the rate undefined
             tpr = np.where(pos > 0, tp / pos, np.nan)
             prec = np.where(sel > 0, tp / sel, np.nan)
-            max_sel = np.nanmax(np.where(present, sel_rate, -np.inf), axis=1, initial=-np.inf)
-            min_sel = np.nanmin(np.where(present, sel_rate, np.inf), axis=1, initial=np.inf)
-            di = np.where(max_sel > 0, min_sel / max_sel, np.nan)
-
-        def spread(rates: np.ndarray) -> np.ndarray:
-            hi = np.nanmax(np.where(np.isnan(rates), -np.inf, rates), axis=1, initial=-np.inf)
-            lo = np.nanmin(np.where(np.isnan(rates), np.inf, rates), axis=1, initial=np.inf)
-            return np.where(np.isfinite(hi), hi - lo, np.nan)
-
-        metrics = {"disparate_impact": di, "equal_opportunity_diff": spread(tpr), "predictive_parity_diff": spread(prec)}
+            (sel_hi, sel_lo), (tpr_hi, tpr_lo), (prec_hi, prec_lo) = map(_extremes, (sel_rate, tpr, prec))
+            metrics = {
+                "disparate_impact": np.where(sel_hi > 0, sel_lo / sel_hi, np.nan),
+                "equal_opportunity_diff": np.where(np.isfinite(tpr_hi), tpr_hi - tpr_lo, np.nan),
+                "predictive_parity_diff": np.where(np.isfinite(prec_hi), prec_hi - prec_lo, np.nan),
+            }
         limits = {"disparate_impact": f.disparate_impact_min, "equal_opportunity_diff": f.equal_opportunity_max_diff,
                   "predictive_parity_diff": f.predictive_parity_max_diff}
         out["intervals"][attr] = {}
@@ -525,6 +520,17 @@ def fairness_uncertainty(
                 [float(np.percentile(finite, lo_q)), float(np.percentile(finite, hi_q))] if len(finite) else None)
     out["pass_rate"] = float(passed.mean())
     return out
+
+
+def _extremes(rates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (resample), the largest and smallest defined rate; -inf and inf where none is."""
+    return (np.where(np.isnan(rates), -np.inf, rates).max(axis=1, initial=-np.inf),
+            np.where(np.isnan(rates), np.inf, rates).min(axis=1, initial=np.inf))
+
+
+def pass_rate_note(pass_rate: float) -> str:
+    """How the CLI states a verdict's bootstrap pass rate (see :func:`fairness_uncertainty`)."""
+    return f"passes in {100 * pass_rate:.0f} % of bootstrap resamples of the holdout"
 
 
 def gate_context(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:

@@ -61,6 +61,29 @@ def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(idx[:cut]), np.sort(idx[cut:])
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A training set split into training and holdout rows, encoded by an encoder fit on the training rows."""
+
+    tr: np.ndarray
+    te: np.ndarray
+    train_rows: pa.Table  # the feature columns of the training rows
+    enc: Encoder
+    X_tr: np.ndarray
+    X_te: np.ndarray
+    y_tr: np.ndarray
+    y_te: np.ndarray
+
+
+def _prepare(table: pa.Table, cols: list[str], label: str, holdout: float, seed: int) -> _Prepared:
+    y_all = np.array([1.0 if v else 0.0 for v in table[label].to_pylist()], dtype=np.float32)
+    tr, te = _split(table.num_rows, holdout, seed)
+    train_rows = table.take(pa.array(tr)).select(cols)
+    enc = Encoder.fit(train_rows, cols)
+    return _Prepared(tr, te, train_rows, enc, enc.transform(train_rows), enc.transform(table.take(pa.array(te))),
+                     y_all[tr], y_all[te])
+
+
 def _threshold(p_train: np.ndarray, y_train: np.ndarray) -> float:
     """The score above which the model predicts the positive label: chosen so that it predicts
     as many positives on the training rows as there are (a rare label otherwise never fires)."""
@@ -121,11 +144,8 @@ def train_model(
     table = ts.table
     if table.num_rows < 10:
         raise ValueError(f"the training set has {table.num_rows} rows: too few to train on")
-    y_all = np.array([1.0 if v else 0.0 for v in table[label].to_pylist()], dtype=np.float32)
-    tr, te = _split(table.num_rows, holdout, options.seed)
-    enc = Encoder.fit(table.take(pa.array(tr)), cols)
-    X_tr, X_te = enc.transform(table.take(pa.array(tr))), enc.transform(table.take(pa.array(te)))
-    y_tr, y_te = y_all[tr], y_all[te]
+    prep = _prepare(table, cols, label, holdout, options.seed)
+    tr, te, enc, X_tr, X_te, y_tr, y_te = prep.tr, prep.te, prep.enc, prep.X_tr, prep.X_te, prep.y_tr, prep.y_te
     tokens = table[key].to_pylist()
     ledger = PrivacyLedger(ws)
     decisions: list[Any] = [ts.decision]
@@ -207,7 +227,7 @@ def train_model(
     if fairness_fields is not None:
         card_fields["fairness"] = fairness_fields
     # The drift reference: bin shares of the training features and scores (summaries, never rows).
-    train_rows = table.take(pa.array(tr)).select(cols)
+    train_rows = prep.train_rows
     reference = Reference.from_table(train_rows, score=[float(v) for v in predict_proba(result, X_tr)], columns=cols)
     files = {"model.pt": result.state_dict, "encoder.json": json.dumps(enc.to_dict(), sort_keys=True).encode(),
              "reference.json": reference.to_json().encode()}

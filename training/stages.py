@@ -40,7 +40,7 @@ from training.encode import Encoder
 from training.fairness import (
     check_fairness, decrypt_sensitive, fairness_metrics, fairness_uncertainty, gate_context, reweighing,
 )
-from training.pipeline import FAVOURABLE_LABEL, _split, _threshold, _utility, budgeted_run
+from training.pipeline import FAVOURABLE_LABEL, _prepare, _split, _threshold, _utility, budgeted_run
 from training.reference import Reference
 from training.registry import ModelRef, Registry
 from training.trainer import TrainOptions, predict_proba, train
@@ -91,11 +91,8 @@ def fit_candidate(
     pol = ws.policies.dataset(ts.dataset)
     key = pol.subject_key
     cols = [f.split(":", 1)[1] for f in features]
-    y_all = np.array([1.0 if v else 0.0 for v in table[label].to_pylist()], dtype=np.float32)
-    tr, te = _split(table.num_rows, holdout, options.seed)
-    enc = Encoder.fit(table.take(pa.array(tr)), cols)
-    X_tr, X_te = enc.transform(table.take(pa.array(tr))), enc.transform(table.take(pa.array(te)))
-    y_tr, y_te = y_all[tr], y_all[te]
+    prep = _prepare(table, cols, label, holdout, options.seed)
+    tr, te, enc, X_tr, X_te, y_tr, y_te = prep.tr, prep.te, prep.enc, prep.X_tr, prep.X_te, prep.y_tr, prep.y_te
     tokens = table[key].to_pylist()
     weights = None
     if mitigation == "reweighing":
@@ -116,7 +113,7 @@ def fit_candidate(
                 "mitigation": mitigation},
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    reference = Reference.from_table(table.take(pa.array(tr)).select(cols), score=[float(v) for v in p_tr], columns=cols)
+    reference = Reference.from_table(prep.train_rows, score=[float(v) for v in p_tr], columns=cols)
     (out_dir / "model.pt").write_bytes(result.state_dict)
     (out_dir / "encoder.json").write_text(json.dumps(enc.to_dict(), sort_keys=True))
     (out_dir / "reference.json").write_text(reference.to_json())
