@@ -25,8 +25,9 @@ encoding is built column-wise with Arrow compute, which is what lets verify run
 at hundreds of thousands of events per second in Python.
 
 Events never hold plaintext personal data: subjects appear only as
-pseudonymous tokens (``sub_…``), and free text passes through
-:func:`governance.pii.redact` before it is written.
+pseudonymous tokens (``sub_…``), and the strings in ``details`` and ``resource``
+pass through :func:`governance.pii.redact` before they are written (numbers in
+``details`` are typed values and are never taken for identifiers).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from deltalake.exceptions import TableNotFoundError
 from governance.errors import AuditError, AuditTampered
 from governance.keys.store import TOKEN_RE
 from governance.locks import file_lock
-from governance.pii import redact
+from governance.pii import maybe_pii, redact, redact_value
 
 GENESIS = "0" * 64
 ENCODING = "lw1"
@@ -223,8 +224,12 @@ class AuditLog:
         det = None
         if details:
             det = json.dumps(details, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-            det, n = redact(det)
-            self.redactions += n
+            if maybe_pii(det):
+                # Strings are redacted field by field; numbers are typed values, never read as identifiers.
+                clean, n = redact_value(details)
+                if n:
+                    det = json.dumps(clean, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+                    self.redactions += n
         if resource is not None:
             resource, n = redact(resource)
             self.redactions += n

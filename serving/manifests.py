@@ -276,8 +276,15 @@ def _metadata_maps(card: ModelCard) -> tuple[dict[str, str], dict[str, str]]:
     return labels, annotations
 
 
+# Values the system writes itself from typed card fields (numbers, a digest): not free text, so not
+# scanned — a float's digits are not a card number. Names, dataset, purpose and principals are.
+_TYPED_KEYS = frozenset(f"{LABEL_PREFIX}{k}" for k in ("model-version", "epsilon", "delta", "card-sha256"))
+
+
 def _refuse_personal(values: Mapping[str, str], where: str) -> None:
     for key, value in values.items():
+        if key in _TYPED_KEYS:
+            continue
         hit = next(find_pii(value), None)
         if hit is not None:
             raise ValueError(
@@ -471,7 +478,7 @@ def _check_string_map(value: Any, where: str, *, label_values: bool = False) -> 
             continue
         if label_values and (len(v) > 63 or not _LABEL_VALUE.match(v)):
             yield f"{where}['{k}'] = {v!r} is not a valid label value (≤ 63 alphanumerics, '-', '_', '.')"
-        hit = next(find_pii(v), None)
+        hit = None if k in _TYPED_KEYS else next(find_pii(v), None)
         if hit is not None:
             yield f"{where}['{k}'] looks like personal data ({hit[0]})"
 

@@ -111,6 +111,18 @@ def test_labels_and_annotations_carry_the_card_and_no_personal_data():
     assert all(isinstance(v, str) for v in [*labels.values(), *ann.values()])
 
 
+def test_any_epsilon_renders_and_validates():
+    """A float's digits are never personal data: ε = 2.993874919966173 (Luhn-valid fraction digits) was refused
+    as a card. Every repr a float can take renders, validates and round-trips."""
+    import random
+
+    rng = random.Random(5)
+    for eps in (2.993874919966173, *(rng.uniform(0.01, 10.0) for _ in range(300))):
+        obj = render_inference_service(card(epsilon=eps))
+        assert validate(obj) == []
+        assert float(obj["metadata"]["labels"]["lakewarden.io/epsilon"]) == eps
+
+
 def test_override_reason_stays_in_the_card():
     c = card().model_copy(update={"approvals": [Approval(actor="carla", role="compliance_officer", at=AT,
                                                          override_reason="call carla on +44 20 7946 0958")]})

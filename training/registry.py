@@ -81,7 +81,7 @@ from governance.locks import file_lock
 from governance.errors import LakewardenError
 from governance.gate import Actor, Decision, Resource
 from governance.lineage import DatasetRef
-from governance.pii import find_pii
+from governance.pii import find_pii_in
 from governance.policy import IDENT, DatasetPolicy, Stage
 from governance.workspace import Workspace
 
@@ -613,30 +613,9 @@ def _check_files(files: Mapping[str, Any]) -> dict[str, bytes | Path]:
     return out
 
 
-def _find_personal(value: Any, path: str) -> tuple[str, str] | None:
-    """The first (field path, kind) whose text looks like personal data."""
-    if isinstance(value, str):
-        for kind, _ in find_pii(value):
-            return path, kind
-    elif isinstance(value, Mapping):
-        for k, v in value.items():
-            sub = f"{path}.{k}" if path else str(k)
-            for kind, _ in find_pii(str(k)):
-                return sub, kind
-            hit = _find_personal(v, sub)
-            if hit:
-                return hit
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            hit = _find_personal(v, f"{path}[{i}]")
-            if hit:
-                return hit
-    return None
-
-
 def _refuse_personal(value: Any, what: str, path: str = "") -> None:
     """Raise ``ValueError`` naming the first field (``what 'path'``) that looks like personal data."""
-    hit = _find_personal(value, path)
+    hit = next(find_pii_in(value, path), None)
     if hit:
         where = f"{what} '{hit[0]}'" if hit[0] else what
         # The value itself is never echoed: error messages end up in logs.
