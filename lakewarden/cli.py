@@ -1064,6 +1064,29 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         raise SystemExit(130) from None
+    except Exception as exc:  # a bug, not a user error: one line here, the traceback in a file
+        from lakewarden.process import crash_dir, crash_line, save_crash
+
+        args = list(sys.argv[1:] if argv is None else argv)
+        path = save_crash(exc, crash_dir(_workspace_dir(args)), command="lakewarden " + " ".join(args))
+        err.print(Text.assemble(("error: ", "bold red"), crash_line(exc, path)), highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None
+
+
+def _workspace_dir(args: list[str]) -> Optional[Path]:
+    """The workspace folder of the configuration these arguments name (or the one found), if it loads."""
+    from governance.config import load_config
+
+    config = None
+    for i, a in enumerate(args):
+        if a in ("--config", "-c") and i + 1 < len(args):
+            config = args[i + 1]
+        elif a.startswith("--config="):
+            config = a.split("=", 1)[1]
+    try:
+        return load_config(config).workspace_dir
+    except Exception:  # noqa: BLE001 - no configuration to be had: the caller falls back to a temp folder
+        return None
 
 
 def run() -> None:

@@ -61,7 +61,7 @@ def pipeline_summary(ctx: typer.Context) -> None:
     for k in sorted(k for k in f if "." in k):
         t.add_row(f"  {k}", f"{f[k]:.3f}")
     t.add_row("registered", s["registered"] or "—")
-    t.add_row("deployed", s["deployed"] or "— (not deployed)")
+    t.add_row("deployed", s["deploy_status"])
     t.add_row("audit verify", ("[green]OK[/]" if s["audit_ok"] else "[red]FAILED[/]") + f" ({s['audit_events']:,} events)")
     console.print(t)
     if not s["audit_ok"]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,16 +64,32 @@ def shredding_demo(config: Path) -> None:
             console.print(f"  {tok}  {len(blob)}-byte ciphertext  {state}")
 
 
-def dvc(*args: str, expect: tuple[int, ...] = (0,)) -> int:
-    """Run DVC (from this venv) and stream its output; return its exit code."""
+def dvc(outcomes: Path, *args: str) -> dict | None:
+    """Run DVC (from this venv), streaming its output; return the outcome of the stage that stopped it
+    (``lakewarden.pipeline.stage_outcome``), or None when every stage it ran succeeded.
+
+    A stage that failed rather than being refused by the gate ends the demo: one line naming the
+    stage and why, exit 1.
+    """
     exe = Path(sys.executable).parent / "dvc"
     console.print(f"[bold cyan]$ dvc {' '.join(args)}[/]")
+    shutil.rmtree(outcomes, ignore_errors=True)  # only this run's stages report below
     env = {**os.environ, "PATH": f"{exe.parent}:{os.environ.get('PATH', '')}", "PYTHONWARNINGS": "ignore"}
     code = subprocess.run([str(exe), *args], env=env).returncode
-    if code not in expect:
-        console.print(f"[red]dvc exited {code}[/]")
-        sys.exit(1)
-    return code
+    ended = [json.loads(p.read_text()) for p in sorted(outcomes.glob("*.json"))]
+    stopped = next((o for o in ended if o["status"] != "ok"), None)
+    if code == 0 and stopped is None:
+        return None
+    if stopped is None:
+        fail(f"dvc repro failed (exit {code}) before a stage could report; see DVC's message above")
+    if stopped["status"] != "denied":
+        fail(f"stage {stopped['stage']} {stopped['status']}: {stopped['message']}")
+    return stopped
+
+
+def fail(line: str) -> None:
+    console.print(f"[bold red]demo failed[/]: {line}", soft_wrap=True)
+    sys.exit(1)
 
 
 def main() -> None:
@@ -82,9 +99,14 @@ def main() -> None:
     # A new workspace makes every manifest DVC may still hold stale (they point into it): rebuild all.
     fresh = not (root / ".lakewarden").exists()
     run("init", str(root))
+    from governance.config import load_config
+    from lakewarden.pipeline import OUT, deploy_status
+
+    outcomes = load_config(config).workspace_dir / "pipeline" / "outcomes"
     console.print(Rule("generate → ingest → silver → features → train (DP) → evaluate (fairness) → register"))
-    dvc("repro", "register", *(["--force"] if fresh else []))
-    from lakewarden.pipeline import OUT
+    stopped = dvc(outcomes, "repro", "register", *(["--force"] if fresh else []))
+    if stopped is not None:
+        fail(f"stage {stopped['stage']} refused by the gate: {stopped['message']}")
 
     reg = json.loads((root / OUT / "register.json").read_text())
     run("models", "show", reg["ref"])
@@ -94,9 +116,11 @@ def main() -> None:
         run("--as", "carla", "models", "approve", reg["ref"])
     else:
         console.print("[yellow]the fairness verdict failed: compliance does not approve; the deploy gate will refuse[/]")
-    code = dvc("repro", expect=(0, 1, 255))
-    if code:
-        console.print("[yellow]deploy refused by the gate (rule named above); the rest of the pipeline stands[/]")
+    stopped = dvc(outcomes, "repro")
+    if stopped is not None:
+        if stopped["stage"] != "deploy":
+            fail(f"stage {stopped['stage']} refused by the gate: {stopped['message']}")
+        console.print(f"[yellow]{deploy_status(None, stopped)}[/]; the rest of the pipeline stands", soft_wrap=True)
     console.print(Rule("Analyst SQL on the same tables: masks and row filters from policy"))
     run("--as", "ana", "sql", "SELECT region, count(*) AS customers, round(avg(CAST(defaulted AS INT)), 3) AS default_rate "
         "FROM customers GROUP BY region ORDER BY region")

@@ -431,10 +431,64 @@ STAGES = {"generate": stage_generate, "ingest": stage_ingest, "silver": stage_si
           "train": stage_train, "evaluate": stage_evaluate, "register": stage_register, "deploy": stage_deploy}
 
 
+class StageFailed(LakewardenError):
+    """A stage broke on something that is not a user error: the message names the stage, the error
+    and the file holding the traceback."""
+
+
+def _outcome_path(ws: Workspace, stage: str) -> Path:
+    return ws.config.workspace_dir / "pipeline" / "outcomes" / f"{stage}.json"
+
+
+def stage_outcome(ws: Workspace, stage: str) -> dict[str, Any] | None:
+    """How ``stage`` last ended: ``status`` ok, denied (by the gate: ``rule_ids``), failed (a user
+    error) or crashed (``traceback`` names the file), with ``message`` and ``at``; None if never run."""
+    p = _outcome_path(ws, stage)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _record_outcome(ws: Workspace, stage: str, status: str, message: str = "", **extra: Any) -> None:
+    from governance.pii import redact
+
+    write_json(_outcome_path(ws, stage), {"stage": stage, "status": status, "message": redact(message)[0],
+                                          "at": datetime.now(timezone.utc).isoformat(), **extra})
+
+
+def is_fairness_rule(rule_id: str) -> bool:
+    """A deploy-gate rule about the fairness verdict (``<dataset>/fairness[/metric]``)."""
+    parts = rule_id.split("/")
+    return len(parts) >= 2 and parts[1] == "fairness"
+
+
 def run_stage(ws: Workspace, actor: Actor, stage: str, params_path: Path = PARAMS) -> dict[str, Any]:
+    """Run one stage and record how it ended (:func:`stage_outcome`), so a caller of ``dvc repro`` can
+    tell a gate's refusal from a failure.
+
+    Raises:
+        AccessDenied: the gate refused (exit 3). LakewardenError: a user error (its own exit code).
+        StageFailed: anything else (exit 1); the traceback is saved under ``<workspace>/crash/``.
+    """
+    from governance.errors import AccessDenied
+    from lakewarden.process import crash_dir, crash_line, save_crash
+
     if stage not in STAGES:
         raise PipelineError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
-    return STAGES[stage](ws, actor, load_params(params_path))
+    try:
+        out = STAGES[stage](ws, actor, load_params(params_path))
+    except AccessDenied as exc:
+        rules = list(getattr(getattr(exc, "decision", None), "rule_ids", None) or [])
+        _record_outcome(ws, stage, "denied", exc.message, rule_ids=rules)
+        raise
+    except LakewardenError as exc:
+        _record_outcome(ws, stage, "failed", exc.message)
+        raise
+    except Exception as exc:  # a bug: one line for the user, the traceback in a file
+        path = save_crash(exc, crash_dir(ws.config.workspace_dir), command=f"lakewarden pipeline stage {stage}")
+        line = crash_line(exc, path)
+        _record_outcome(ws, stage, "crashed", line, traceback=str(path))
+        raise StageFailed(f"stage {stage} failed: {line}") from None
+    _record_outcome(ws, stage, "ok")
+    return out
 
 
 # -- after dvc repro: lineage ties and checkout -------------------------------------------
@@ -546,8 +600,26 @@ def summary(ws: Workspace, actor: Actor) -> dict[str, Any]:
         "fairness": fair,
         "registered": registered and registered["ref"],
         "deployed": deployed and deployed["ref"],
+        "deploy_status": deploy_status(deployed and deployed["ref"], stage_outcome(ws, "deploy")),
         "audit_ok": audit.ok, "audit_events": audit.events,
     }
 
 
-__all__ = ["STAGES", "summary", "run_stage", "load_params", "trace", "checkout", "table_manifest", "PipelineError"]
+def deploy_status(deployed_ref: str | None, outcome: dict[str, Any] | None) -> str:
+    """One line: what was deployed, or why not (the gate's rule, a failed fairness verdict, a failure)."""
+    if deployed_ref:
+        return deployed_ref
+    if not outcome:
+        return "not deployed (the deploy stage has not run)"
+    if outcome["status"] == "ok":
+        return "not deployed (pipeline/deploy.json is missing)"
+    rules = outcome.get("rule_ids") or []
+    if outcome["status"] == "denied":
+        fair = [r for r in rules if is_fairness_rule(r)]
+        if fair:
+            return f"not deployed: fairness failed (rule {', '.join(fair)})"
+        return f"not deployed: refused by the gate (rule {', '.join(rules) or 'default-deny'})"
+    return f"not deployed: the deploy stage {outcome['status']}: {outcome.get('message', '')}"
+
+
+__all__ = ["STAGES", "StageFailed", "deploy_status", "is_fairness_rule", "stage_outcome", "summary", "run_stage", "load_params", "trace", "checkout", "table_manifest", "PipelineError"]

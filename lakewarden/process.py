@@ -12,6 +12,10 @@ standard streams), then leave with ``os._exit``, which skips the C++ static dest
 where the abort happens. Every table commit, audit flush and key-store write is complete
 before this point; nothing that matters lives in a native destructor. Code that imports
 Lakewarden as a library (tests, notebooks) is not affected.
+
+An unexpected exception (a bug, not a user error) is not shown as a traceback either:
+:func:`save_crash` writes the traceback, with personal-looking spans redacted, to
+``<workspace>/crash/`` and the command prints one line naming that file (:func:`crash_line`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,14 @@ import atexit
 import os
 import sys
 import threading
+import tempfile
 import traceback
 from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import NoReturn
+
+CRASH_DIR = "crash"
 
 
 def exit_code(exc: SystemExit) -> int:
@@ -34,6 +43,42 @@ def exit_code(exc: SystemExit) -> int:
         return code
     print(code, file=sys.stderr)
     return 1
+
+
+def crash_dir(workspace_dir: Path | None) -> Path:
+    """Where tracebacks go: ``<workspace>/crash``, or a per-user temp folder when no workspace opened."""
+    if workspace_dir is not None:
+        return workspace_dir / CRASH_DIR
+    return Path(tempfile.gettempdir()) / f"lakewarden-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / CRASH_DIR
+
+
+def save_crash(exc: BaseException, directory: Path, *, command: str, now: datetime | None = None) -> Path:
+    """Write ``exc``'s traceback to a new file in ``directory`` (mode 0600) and return its path.
+
+    The text passes through :func:`governance.pii.redact` first: an exception message can quote a
+    value, and this file lives outside the vault.
+    """
+    from governance.pii import redact
+
+    when = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    body, _ = redact(f"command: {command}\n{text}")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{when}-{os.getpid()}-{type(exc).__name__}.txt"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(body)
+    return path
+
+
+def crash_line(exc: BaseException, path: Path) -> str:
+    """One line for the user: what broke, redacted and shortened, and where the traceback is."""
+    from governance.pii import redact
+
+    msg = redact(" ".join(str(exc).split()))[0]
+    if len(msg) > 300:
+        msg = msg[:297] + "..."
+    return f"unexpected {type(exc).__name__}{': ' + msg if msg else ''} (a bug; the traceback is in {path})"
 
 
 def exit_process(code: int) -> NoReturn:

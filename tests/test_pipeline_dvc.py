@@ -76,6 +76,15 @@ def test_full_repro_is_gated_at_deploy_until_compliance_approves(repo: Path):
     assert _ran(first) == STAGES, first.stdout[-3000:] + first.stderr[-3000:]
     assert first.returncode != 0
     assert "customers/deployment/approvals" in first.stdout + first.stderr  # the rule, named
+    from governance.workspace import Workspace
+    from lakewarden.pipeline import stage_outcome
+
+    with Workspace.open(repo / "lakewarden.yaml") as ws:  # what the demo reads to tell a refusal from a failure
+        stopped = stage_outcome(ws, "deploy")
+        assert stage_outcome(ws, "register")["status"] == "ok"
+    assert stopped["status"] == "denied" and stopped["rule_ids"] == ["customers/deployment/approvals"], stopped
+    before = _sh(repo, "lakewarden", "--as", "carla", "pipeline", "summary")
+    assert "not deployed: refused by the gate (rule customers/deployment/approvals)" in " ".join(before.stdout.split())
     reg = json.loads((repo / "pipeline" / "register.json").read_text())
     assert reg["ref"] == "credit@1" and reg["fairness_passed"] is True, (repo / "reports" / "fairness.json").read_text()
     # Separation of duties: the pipeline identity cannot approve its own model.
@@ -93,8 +102,6 @@ def test_full_repro_is_gated_at_deploy_until_compliance_approves(repo: Path):
     curve = json.loads((repo / "reports" / "privacy_utility.json").read_text())
     assert [p["epoch"] for p in curve] == [1, 2] and curve[0]["epsilon"] < curve[1]["epsilon"]
     # The audit log holds both deploy decisions: the deny, then the allow.
-    from governance.workspace import Workspace
-
     with Workspace.open(repo / "lakewarden.yaml") as ws:
         deploys = ws.audit.query(stage="deploy").to_pylist()
     outcomes = {e["outcome"] for e in deploys}

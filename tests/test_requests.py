@@ -390,21 +390,36 @@ def test_legal_deadlines(filed: str, regime: str, due: str):
     assert due_date(f, regime) == datetime.fromisoformat(due).replace(tzinfo=timezone.utc)
 
 
-def test_sla_status_over_time(lake: Workspace, built: dict):
+# Filing dates where a month's length decides the deadline: a month after 31 January is 28 February,
+# after 2 December is 2 January (31 days), after 31 December 23:30 UTC is 31 January 23:30.
+FILED_AT = [datetime(2027, 1, 31, 9, tzinfo=timezone.utc), datetime(2027, 2, 28, 9, tzinfo=timezone.utc),
+            datetime(2027, 4, 30, 9, tzinfo=timezone.utc), datetime(2026, 12, 2, 9, tzinfo=timezone.utc),
+            datetime(2026, 12, 31, 23, 30, tzinfo=timezone.utc)]
+GDPR_DUE = ["2027-02-28", "2027-03-28", "2027-05-30", "2027-01-02", "2027-01-31"]
+
+
+@pytest.mark.parametrize(("filed", "gdpr_due"), zip(FILED_AT, GDPR_DUE), ids=[d.date().isoformat() for d in FILED_AT])
+def test_sla_status_over_time(lake: Workspace, built: dict, filed: datetime, gdpr_due: str):
+    lake._clock = lambda: filed  # "now" is pinned: the deadline arithmetic, not today's date, is under test
     carla = lake.actor("carla")
     g = file_request(lake, carla, "erase", _ids(built, 50))
     c = file_request(lake, carla, "erase", _ids(built, 51), regime="ccpa")
-    assert c.due_at - c.filed_at == timedelta(days=45) and g.regime == "gdpr"
+    assert g.filed_at == filed and g.regime == "gdpr" and g.due_at.date().isoformat() == gdpr_due
+    assert c.due_at - c.filed_at == timedelta(days=45)
 
-    def sla(days: float) -> dict[str, tuple[str, bool]]:
-        return {s.request_id: (s.sla, s.late) for s in list_requests(lake, now=g.filed_at + timedelta(days=days))}
+    def sla(at: datetime) -> dict[str, tuple[str, bool]]:
+        return {s.request_id: (s.sla, s.late) for s in list_requests(lake, now=at)}
 
-    assert sla(1) == {g.request_id: ("open", False), c.request_id: ("open", False)}
-    assert sla(25)[g.request_id] == ("due soon", False) and sla(25)[c.request_id] == ("open", False)
-    assert sla(31)[g.request_id] == ("overdue", True) and sla(40)[c.request_id] == ("due soon", False)
-    assert sla(46)[c.request_id] == ("overdue", True)
+    day, soon = timedelta(days=1), timedelta(days=lake.config.requests.due_soon_days)
+    assert sla(filed + day) == {g.request_id: ("open", False), c.request_id: ("open", False)}
+    assert sla(g.due_at - soon - day)[g.request_id] == ("open", False)
+    assert sla(g.due_at - soon + day)[g.request_id] == ("due soon", False)
+    assert sla(g.due_at)[g.request_id] == ("due soon", False)  # due that day: not late yet
+    assert sla(g.due_at + timedelta(seconds=1))[g.request_id] == ("overdue", True)
+    assert sla(c.due_at - day)[c.request_id] == ("due soon", False)
+    assert sla(c.due_at + timedelta(seconds=1))[c.request_id] == ("overdue", True)
     run_request(lake, carla, g.request_id, purge_now=True)
-    s = {x.request_id: x for x in list_requests(lake, now=g.filed_at + timedelta(days=40))}
+    s = {x.request_id: x for x in list_requests(lake, now=g.due_at + 9 * day)}
     assert s[g.request_id].sla == "done" and s[g.request_id].late is False  # done on time, whatever the date now
 
 
