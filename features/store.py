@@ -206,6 +206,9 @@ class Features:
             return
         import trino
 
+        from lakehouse.trino import check_server
+
+        check_server(self.ws)  # only this workspace's Trino (another's has other tables and rules)
         tc = self.ws.config.trino
         conn = trino.dbapi.connect(host=tc.host, port=tc.port, user=FEATURES_USER, http_scheme=tc.http_scheme)
         try:
@@ -229,6 +232,10 @@ class Features:
     def materialize(self, actor: Actor, *, end: datetime | None = None) -> dict[str, int]:
         """Incremental materialization into the online store; returns the silver version per view."""
         self.ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("features"))
+        if self.cfg.offline == "trino":
+            from lakehouse.trino import check_server
+
+            check_server(self.ws)
         end = end or datetime.now(timezone.utc)
         self.store.materialize_incremental(end_date=end)
         versions = {}

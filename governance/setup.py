@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from governance.config import CONFIG_FILENAME, load_config
+from governance.identity import workspace_id
 from governance.keys import generate_kek_file
 from governance.workspace import Workspace
 
@@ -52,6 +53,7 @@ class InitResult:
     kept: list[str] = field(default_factory=list)
     key_id: str = ""
     audit_key_id: str = ""
+    workspace_id: str = ""  # what servers started for this workspace report (governance/identity.py)
 
 
 def init_workspace(directory: Path, *, actor: str) -> InitResult:
@@ -76,6 +78,7 @@ def init_workspace(directory: Path, *, actor: str) -> InitResult:
             res.created.append(str(kek_path))
     store_path = cfg.path(cfg.keys.store)
     (res.kept if store_path.exists() else res.created).append(str(store_path))
+    res.workspace_id = workspace_id(cfg)
     with Workspace(cfg) as ws:
         res.key_id = ws.keyring.store.kek_id
         res.audit_key_id = ws.audit_key_id
@@ -83,7 +86,8 @@ def init_workspace(directory: Path, *, actor: str) -> InitResult:
             "workspace.init",
             actor=actor,
             outcome="ok",
-            details={"created": len(res.created), "kek_id": res.key_id, "audit_key_id": res.audit_key_id},
+            details={"created": len(res.created), "kek_id": res.key_id, "audit_key_id": res.audit_key_id,
+                     "workspace_id": res.workspace_id},
         )
     return res
 

@@ -17,6 +17,11 @@ from the same policies the gate enforces.
   lakehouse layer.
 * :func:`run_query` sends an analyst's SQL through the ``trino`` client as the acting user
   (or ``user@role`` to act in one role only); a denial comes back as one line.
+* Ownership: the local server runs with ``node.environment=lakewarden_<workspace id>``
+  (governance/identity.py). Whatever finds a server running on the port — ``start``,
+  ``status``, ``sync``, ``stop``, :func:`run_query`, the feature store's Trino offline store —
+  reads the environment back from ``/v1/info`` first (:meth:`TrinoServer.check_owner`); another
+  workspace's server is a ``ForeignServer`` error (exit 2), never used.
 
 Identity: without authentication a Trino user name is only a claim. The ``production``
 profile of :func:`render_profile` renders the HTTPS + password (or OAuth 2.0) set-up with
@@ -38,6 +43,7 @@ from typing import Any
 import pyarrow as pa
 
 from governance.gate import Actor, Gate, Resource
+from governance.identity import ForeignServer, workspace_id
 from governance.pii import redact
 from governance.policy import Stage
 from governance.workspace import Workspace
@@ -54,6 +60,9 @@ REPO = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO / "infra" / "trino" / "install.sh"
 # System tables Trino serves besides the governed layers: (schema, table, path under the storage root).
 SYSTEM_TABLES = (("audit", "events"), ("audit", "checkpoints"))
+# The local server's node.environment is this prefix + the workspace id (governance/identity.py).
+ENV_PREFIX = "lakewarden_"
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 class TrinoError(LakehouseError):
@@ -192,8 +201,9 @@ def render_local(ws: Workspace, *, heap: str = "1G") -> dict[str, str]:
     root = _storage_root(ws)
     etc = ws.config.workspace_dir / "trino" / "etc"
     data = ws.config.workspace_dir / "trino" / "data"
+    wid = workspace_id(ws.config)  # the server says whose it is: see TrinoServer.check_owner
     return {
-        "node.properties": f"node.environment=lakewarden\nnode.id=lakewarden-{ws.config.name}\nnode.data-dir={data}\n",
+        "node.properties": f"node.environment={ENV_PREFIX}{wid}\nnode.id=lakewarden-{wid}\nnode.data-dir={data}\n",
         "jvm.config": JVM_CONFIG.format(heap=heap),
         "config.properties": (
             "coordinator=true\nnode-scheduler.include-coordinator=true\n"
@@ -246,6 +256,8 @@ class TrinoServer:
         self.data = ws.config.workspace_dir / "trino" / "data"
         tc = ws.config.trino
         self.url = f"{tc.http_scheme}://{tc.host}:{tc.port}"
+        self.where = f"{tc.host}:{tc.port}"
+        self.workspace_id = workspace_id(ws.config)
 
     # -- process --------------------------------------------------------------------------
     def _launcher(self, *args: str) -> subprocess.CompletedProcess:
@@ -276,12 +288,69 @@ class TrinoServer:
             return None
 
     def running(self) -> bool:
+        """Does a Trino answer on the configured port (whoever's it is; see :meth:`check_owner`)."""
         return self.info() is not None
 
+    # -- ownership ------------------------------------------------------------------------
+    def check_owner(self, info: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The server's /v1/info if it is this workspace's, None if none answers; raise ForeignServer otherwise.
+
+        The local server renders ``node.environment=lakewarden_<workspace id>``; Trino reports
+        its environment in /v1/info, so the server itself says whose it is. Another
+        workspace's server is refused wherever it runs; a server without a workspace id (an
+        older Lakewarden's, or not Lakewarden's) is refused on loopback, where the local
+        profile runs. A remote coordinator rendered by ``trino render`` (environment
+        ``lakewarden``) is the operator's deployment and is used as configured.
+        """
+        info = self.info() if info is None else info
+        if info is None:
+            return None
+        env = str(info.get("environment") or "")
+        if env == ENV_PREFIX + self.workspace_id:
+            return info
+        tc = self.ws.config.trino
+        if env.startswith(ENV_PREFIX):
+            raise ForeignServer("Trino", self.where, env[len(ENV_PREFIX):], ours=self.workspace_id,
+                                hint="set trino.port in lakewarden.yaml to a port of this workspace's own")
+        if tc.host not in LOOPBACK:
+            return info
+        hint = "set trino.port in lakewarden.yaml to a port of this workspace's own"
+        if env == "lakewarden":
+            detail = "its node.environment is 'lakewarden', without a workspace id (started by an older Lakewarden)"
+            hint = "if it is this workspace's, `lakewarden trino down` stops it and `trino up` restarts it; otherwise " + hint
+        else:
+            detail = f"its node.environment is {env!r}, not a Lakewarden workspace's"
+        raise ForeignServer("Trino", self.where, None, ours=self.workspace_id, detail=detail, hint=hint)
+
+    def _port_taken(self) -> bool:
+        import socket
+
+        tc = self.ws.config.trino
+        try:
+            socket.create_connection((tc.host, tc.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
     def start(self, *, timeout: float = 240) -> float:
-        """Render the configuration, start the server, wait until it runs queries; return seconds taken."""
+        """Render the configuration, start the server, wait until it runs queries; return seconds taken.
+
+        A server already on the port is used only if it is this workspace's (:meth:`check_owner`).
+        """
         t0 = time.perf_counter()
-        if not self.running():
+        info = self.info()
+        if info is None and self._port_taken():  # a server starting up, or something that is not Trino
+            deadline = time.monotonic() + 3
+            while info is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+                info = self.info()
+            if info is None:
+                raise ForeignServer("Trino", self.where, None, ours=self.workspace_id,
+                                    detail="something that does not answer as Trino listens there",
+                                    hint="set trino.port in lakewarden.yaml to a free port")
+        if info is not None:
+            self.check_owner(info)
+        else:
             self.render()
             p = self._launcher("start")
             if p.returncode:
@@ -290,10 +359,11 @@ class TrinoServer:
         return time.perf_counter() - t0
 
     def wait_ready(self, *, timeout: float = 240) -> None:
+        """Wait until this workspace's server runs queries (another workspace's answering is refused at once)."""
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            info = self.info()
+            info = self.check_owner()
             if info and not info.get("starting", True):
                 try:
                     self._admin("SELECT 1")
@@ -305,16 +375,18 @@ class TrinoServer:
         raise TrinoError(f"Trino did not become ready within {timeout:.0f}s ({last or 'no answer'}); see {log}")
 
     def stop(self) -> None:
-        if self.running() or (self.data / "var" / "run" / "launcher.pid").exists():
-            self._launcher("stop")
+        """Stop this workspace's server; another workspace's on the port is left running (ForeignServer)."""
+        if (self.data / "var" / "run" / "launcher.pid").exists():
+            self._launcher("stop")  # the process this workspace launched (its own data dir): ours by construction
         deadline = time.monotonic() + 60
-        while self.running() and time.monotonic() < deadline:
+        while self.check_owner() is not None and time.monotonic() < deadline:
             time.sleep(0.5)
 
     def status(self) -> dict[str, Any]:
-        info = self.info()
+        info = self.check_owner()
         return {
             "url": self.url,
+            "workspace": self.workspace_id,
             "running": info is not None,
             "version": (info or {}).get("nodeVersion", {}).get("version"),
             "uptime": (info or {}).get("uptime"),
@@ -338,6 +410,7 @@ class TrinoServer:
     def sync(self, actor: Actor) -> SyncReport:
         """Register every governed table, render the rules from policy, flush Trino's caches."""
         self.ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("trino"))
+        self.check_owner()  # never register this workspace's tables in another workspace's server
         t0 = time.perf_counter()
         rep = SyncReport()
         cat = Catalog(self.ws.config)
@@ -541,6 +614,7 @@ def run_query(ws: Workspace, actor: Actor, sql: str, *, role: str | None = None,
 
     tc = ws.config.trino
     user = actor.name if role is None else f"{actor.name}@{role}"
+    check_server(ws)
     conn = trino.dbapi.connect(host=tc.host, port=tc.port, user=user, catalog=CATALOG, schema="silver",
                                http_scheme=tc.http_scheme, verify=tc.verify)
     outcome, rows_n = "error", 0
@@ -569,6 +643,11 @@ def run_query(ws: Workspace, actor: Actor, sql: str, *, role: str | None = None,
                         details={"engine": "trino", "trino_user": user, "rows": rows_n, "sql": redact(sql)[0][:500]})
 
 
+def check_server(ws: Workspace) -> None:
+    """Raise ForeignServer if the Trino on the configured port is not this workspace's (none answering is fine)."""
+    TrinoServer(ws).check_owner()
+
+
 def _unique(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     out = []
@@ -579,5 +658,5 @@ def _unique(names: list[str]) -> list[str]:
     return out
 
 
-__all__ = ["TrinoServer", "TrinoError", "TrinoDenied", "compile_rules", "render_groups", "render_local", "install",
+__all__ = ["TrinoServer", "TrinoError", "TrinoDenied", "ForeignServer", "check_server", "compile_rules", "render_groups", "render_local", "install",
            "run_query", "default_home", "TRINO_VERSION"]

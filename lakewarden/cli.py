@@ -116,7 +116,7 @@ def init(
         console.print(f"[green]created[/] {p}")
     for p in res.kept:
         console.print(f"[dim]kept[/]    {p}")
-    console.print(f"KEK {res.key_id} · audit signing key {res.audit_key_id}")
+    console.print(f"KEK {res.key_id} · audit signing key {res.audit_key_id} · workspace {res.workspace_id}")
 
 
 @policy_app.command("check")
@@ -1008,7 +1008,7 @@ def trino_status(ctx: typer.Context) -> None:
     s = TrinoServer(_state(ctx).workspace()).status()
     state = "[green]running[/]" if s["running"] else "[yellow]not running[/]"
     console.print(f"Trino at {s['url']}: {state}" + (f" (version {s['version']}, up {s['uptime']})" if s["running"] else ""))
-    console.print(f"home {s['home']} · config {s['etc']}")
+    console.print(f"home {s['home']} · config {s['etc']} · workspace {s['workspace']}")
     if not s["running"]:
         raise typer.Exit(1)
 

@@ -329,3 +329,83 @@ def test_an_erased_subject_is_gone_for_trino_too(lake, tmp_path: Path):
         assert n == 0, table
     assert run_trino(ws, dana, "SELECT count(*) AS n FROM bronze.customers")["n"][0].as_py() == \
         Catalog(ws.config).open(TableRef("bronze", "customers")).count()
+
+
+# -- a server is only ours if it proves it -----------------------------------------------------------
+def _second_workspace(root: Path, port: int, *extra: str) -> Workspace:
+    """Another workspace (own folder, own id, no data) configured with the given Trino port."""
+    shutil.copytree(REPO / "policies", root / "policies")
+    (root / "lakewarden.yaml").write_text(
+        "version: 1\nname: othertest\nstorage: {root: .lakewarden/tables}\n"
+        "keys: {store: .lakewarden/keys/keystore.db, kek: {provider: env, var: TRINO_TEST_KEK}}\n"
+        f"trino: {{host: 127.0.0.1, port: {port}}}\npolicies: [policies/*.yaml]\n" + "".join(extra)
+    )
+    return Workspace.open(root / "lakewarden.yaml")
+
+
+def test_another_workspaces_server_on_the_port_is_never_used(lake, tmp_path: Path):
+    """Two workspaces with the same trino.port: the second refuses the first's server everywhere."""
+    import subprocess
+    import sys
+
+    from features.store import Features
+    from governance.identity import ForeignServer
+
+    ws, srv = lake
+    port = ws.config.trino.port
+    other = _second_workspace(tmp_path, port, "features: {offline: trino}\n")
+    theirs = TrinoServer(other, home=srv.home)
+    assert theirs.workspace_id != srv.workspace_id
+    assert srv.info()["environment"] == f"lakewarden_{srv.workspace_id}"  # the server itself says whose it is
+    dana = other.actor("dana")
+    calls = {
+        "up": theirs.start, "status": theirs.status, "down": theirs.stop, "sync": lambda: theirs.sync(dana),
+        "sql": lambda: run_trino(other, other.actor("ana"), "SELECT count(*) FROM customers"),
+        "feast": lambda: Features(other).apply(other.actor("pipeline")),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ForeignServer) as e:
+            call()
+        msg = str(e.value)
+        assert e.value.exit_code == 2, what
+        assert f"127.0.0.1:{port}" in msg and srv.workspace_id in msg and theirs.workspace_id in msg, (what, msg)
+        assert str(ws.config.workspace_dir.resolve()) in msg, (what, msg)  # where the other workspace is
+    assert not (other.config.workspace_dir / "trino" / "etc").exists()  # nothing rendered, nothing registered
+    assert srv.check_owner() is not None  # the first workspace's server still runs its own queries
+    assert run_trino(ws, ws.actor("ana"), "SELECT count(*) AS n FROM customers")["n"][0].as_py() > 0
+    env = {**os.environ, "LAKEWARDEN_CONFIG": str(other.config.source), "LAKEWARDEN_USER": "dana"}
+    p = subprocess.run([sys.executable, "-m", "lakewarden", "trino", "up"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert "belongs to another workspace" in p.stderr and srv.workspace_id in p.stderr and "up" not in p.stdout
+    other.close()
+
+
+def test_something_else_on_the_port_is_refused_without_starting_trino(tmp_path: Path):
+    """A port held by a program that is not Trino: refused at once (no server launched, no wait)."""
+    import threading
+
+    from governance.identity import ForeignServer
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def hang_up() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    ws = _second_workspace(tmp_path, port)
+    try:
+        with pytest.raises(ForeignServer, match="does not answer as Trino"):
+            TrinoServer(ws, home=tmp_path / "no-trino-here").start(timeout=5)
+        assert not (ws.config.workspace_dir / "trino" / "etc").exists()
+    finally:
+        listener.close()
+        ws.close()
