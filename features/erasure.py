@@ -32,10 +32,9 @@ def _entity_keys(ws: Workspace, key: str, tokens: Sequence[str]) -> dict[bytes, 
 
 
 def _redis(ws: Workspace) -> Any:
-    import redis
+    from features.online import redis_client
 
-    host, _, rest = ws.config.features.online.connection_string.partition(":")
-    return redis.Redis(host=host, port=int(rest.split(",")[0] or 6379))
+    return redis_client(ws)  # the database Feast writes to, checked to be this workspace's
 
 
 def _redis_keys(ws: Workspace, key: str, tokens: Sequence[str]) -> dict[bytes, str]:

@@ -124,6 +124,10 @@ class Features:
     def store(self) -> Any:
         from feast import FeatureStore
 
+        if self.cfg.online.type == "redis":  # only this workspace's Redis database (features/online.py)
+            from features.online import redis_client
+
+            redis_client(self.ws).close()
         self.ws.config.path(self.cfg.registry).parent.mkdir(parents=True, exist_ok=True)
         return FeatureStore(config=self.repo_config())
 

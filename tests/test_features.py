@@ -218,3 +218,41 @@ def test_entity_order_helper_scatters_a_permutation_and_sorts_anything_else():
     assert _in_entity_order(shuffled, 4).to_pydict() == t.to_pydict()
     dup = pa.table({"_lw_row": [2, 0, 2, 1], "v": ["c", "a", "c2", "b"]})  # not a permutation: sorted instead
     assert _in_entity_order(dup, 4)["_lw_row"].to_pylist() == [0, 1, 2, 2]
+
+
+def test_a_redis_database_is_used_only_by_the_workspace_that_claimed_it(project: Path, redis_port: int,
+                                                                          tmp_path: Path):
+    """The first workspace marks an empty database as its own; another workspace is refused, and so
+    is a database holding keys without a marker (nothing is written to either)."""
+    import redis
+
+    from features.erasure import delete_online
+    from features.online import MARKER
+    from governance.identity import ForeignServer, workspace_id
+
+    online = (f"features:\n  registry: .lakewarden/feast/registry-redis.db\n"
+              f"  online: {{type: redis, connection_string: '127.0.0.1:{redis_port}'}}\n")
+    cfg = project / "lakewarden.yaml"
+    cfg.write_text(cfg.read_text() + online)
+    first = Workspace.open(cfg)
+    assert delete_online(first, [tok(0)]) == {"online:customer_profile": 0, "online:customer_sensitive": 0}
+    r = redis.Redis(host="127.0.0.1", port=redis_port)
+    assert r.get(MARKER).decode() == workspace_id(first.config)  # claimed on first use of the empty database
+    shutil.copytree(project / "policies", tmp_path / "other" / "policies")
+    (tmp_path / "other" / "lakewarden.yaml").write_text(cfg.read_text().replace("name: test", "name: other"))
+    second = Workspace.open(tmp_path / "other" / "lakewarden.yaml")
+    where = f"127.0.0.1:{redis_port} db 0"
+    for call in (lambda: Features(second).apply(second.actor("pipeline")), lambda: erase_subject(second, tok(1))):
+        with pytest.raises(ForeignServer) as e:
+            call()
+        msg = str(e.value)
+        assert e.value.exit_code == 2 and where in msg and workspace_id(first.config) in msg, msg
+        assert workspace_id(second.config) in msg and str(first.config.workspace_dir.resolve()) in msg, msg
+    r.delete(MARKER)
+    r.set("someone:else", "1")
+    with pytest.raises(ForeignServer, match=r"holds 1 key\(s\) and no workspace marker"):
+        delete_online(first, [tok(0)])
+    assert r.get(MARKER) is None and r.dbsize() == 1
+    r.close()
+    first.close()
+    second.close()
