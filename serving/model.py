@@ -305,6 +305,9 @@ def serve(ws: Workspace, ref: ModelRef | str, actor: Actor, *, port: int = 8080)
     model = GovernedPredictor(ws, ref, actor)
     model.load()
     install_http_guards()
+    from serving.identity import install_identity_route
+
+    install_identity_route(ws, str(model.card.ref))  # deploy checks whose server answers (serving/deploy.py)
     kserve.ModelServer(http_port=port, workers=1, enable_grpc=False).start([model])
 
 

@@ -207,6 +207,8 @@ def test_deploy_gate_refuses_unapproved_and_over_budget_models(served, tmp_path:
     try:
         code, v1 = post(f"{res['url']}/v1/models/credit:predict", {"instances": tokens[:2]})
         assert code == 200 and len(v1["predictions"]) == 2
+        again = deploy(ws, ws.actor("mel"), fair, target="local", port=port)  # this workspace's server of this model
+        assert again["existing"] and again["pid"] == res["pid"]
     finally:
         os.killpg(res["pid"], signal.SIGTERM)
     assert not ws.gate.decide("deploy", ws.actor("carla"), Resource.model("credit", fair.version),
@@ -238,3 +240,37 @@ def test_a_server_for_an_identity_that_may_not_serve_refuses_to_start(served):
     p = subprocess.run([sys.executable, "-m", "lakewarden", "serve", "--model", str(ref), "--port", str(free_port())],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 3 and "roles/stages/serve" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_deploy_never_adopts_a_predictor_of_another_workspace(served, tmp_path: Path):
+    """A predictor on the port is used only if it says it is this workspace's, serving this model."""
+    import shutil
+
+    from governance.identity import ForeignServer, workspace_id
+    from serving.deploy import DeployError, deploy
+    from serving.identity import read_identity
+
+    ws, url, ref, tokens = served
+    port = int(url.rsplit(":", 1)[1])
+    assert read_identity(port) == {"workspace_id": workspace_id(ws.config), "model": str(ref),
+                                   "pid": read_identity(port)["pid"]}
+    reg = Registry(ws)
+    trained = reg.card(ref)
+    files = {n: (reg.path(ref) / n).read_bytes() for n in ("model.pt", "encoder.json")}
+    fair = reg.register(ws.actor("sam"), name="credit", dataset="customers", files=files, card_fields={
+        "purpose": "credit_scoring", "features": FEATURES, "label": "defaulted", "fairness": FAIR,
+        "preprocessing": dict(trained.preprocessing), "privacy": {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"}})
+    reg.approve(ws.actor("carla"), fair)
+    with pytest.raises(DeployError, match=f"already serves {ref} for this workspace, not {fair}"):
+        deploy(ws, ws.actor("mel"), fair, target="local", port=port)
+    ws.audit.flush()
+    shutil.copytree(ws.config.base_dir, tmp_path / "copy", ignore=shutil.ignore_patterns("landing"))
+    copy = Workspace.open(tmp_path / "copy" / "lakewarden.yaml")  # the same files in another folder: another workspace
+    assert workspace_id(copy.config) != workspace_id(ws.config)
+    with pytest.raises(ForeignServer) as e:
+        deploy(copy, copy.actor("mel"), fair, target="local", port=port)
+    msg = str(e.value)
+    assert e.value.exit_code == 2 and f"127.0.0.1:{port}" in msg and workspace_id(ws.config) in msg, msg
+    assert str(ws.config.workspace_dir.resolve()) in msg and workspace_id(copy.config) in msg, msg
+    assert Registry(copy).card(fair).status != "deployed" and reg.card(fair).status != "deployed"
+    copy.close()
