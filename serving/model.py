@@ -13,7 +13,8 @@ model), scores them, and answers on both of KServe's protocols:
 Subjects the feature store does not know — never ingested, or erased — get a 404 naming the
 tokens; malformed input gets a 400, an oversized body a 413; the server keeps serving.
 Every scored entity is appended to a request log (token, features, score — no identifiers)
-that ``lakewarden monitor`` reads for drift.
+that ``lakewarden monitor`` reads for drift; the log is opened per append under a lock that
+erasure also takes (:mod:`serving.requestlog`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from governance.gate import Actor
 from governance.keys import TOKEN_RE
 from governance.workspace import Workspace
 from features.store import Features
+from serving.requestlog import append_records
 from training.encode import Encoder
 from training.registry import ModelRef, Registry
 from training.trainer import load_model
@@ -109,7 +111,6 @@ def _make_model_class():  # noqa: ANN202
                                              ["model"], buckets=[i / 10 for i in range(1, 10)], registry=REGISTRY)
             self.score_hist = _SCORE_HISTOGRAM.labels(card.name)
             self.log_path: Path | None = None
-            self._log: Any = None
             if log_requests:
                 self.log_path = ws.config.workspace_dir / "serving" / "requests" / f"{card.name}.jsonl"
                 self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,13 +142,13 @@ def _make_model_class():  # noqa: ANN202
             if self.log_path is not None:
                 now = datetime.now(timezone.utc).isoformat()
                 rows = tbl.to_pylist()
-                if self._log is None:
-                    self._log = open(self.log_path, "a", buffering=1)  # line-buffered: each record lands whole
-                self._log.write("".join(
-                    json.dumps({"ts": now, "model": self.card.name, "version": self.card.version, "token": t,
-                                "features": {c: r[c] for c in self.columns}, "score": float(s)}) + "\n"
+                # Opened per append under the logs' lock: an erasure may have replaced the file
+                # (and erased a subject scored here meanwhile); see serving.requestlog.
+                append_records(self.ws, self.log_path, [
+                    {"ts": now, "model": self.card.name, "version": self.card.version, "token": t,
+                     "features": {c: r[c] for c in self.columns}, "score": float(s)}
                     for t, r, s in zip(tokens, rows, scores)
-                ))
+                ])
                 if self.reference is not None and self.scored // self.drift_every != (self.scored - len(tokens)) // self.drift_every:
                     self.refresh_drift()
             return scores
