@@ -160,6 +160,9 @@ class ErasureHandler:
         access: everything held on the subjects, decrypted.
         models: models trained on data that held the subjects (``{"model": "credit@1", ...}``).
         scan_roots: extra folders or files the scanner must read (e.g. storage outside the workspace).
+        scan_files: files the scanner must read wherever they lie, each with the label reports and
+            certificates name it by instead of its path (e.g. kept landing files: a path may
+            carry a person's name).
         decrypt: ``(path) -> (dataset, column)``-like probe for ciphertext in a file, see scanner.
     """
 
@@ -172,6 +175,7 @@ class ErasureHandler:
     access: Callable[["Workspace", ErasureContext], list[AccessItem]] | None = None
     models: Callable[["Workspace", ErasureContext], list[dict[str, Any]]] | None = None
     scan_roots: Callable[["Workspace"], list[Path]] | None = None
+    scan_files: Callable[["Workspace"], Mapping[Path, str]] | None = None
 
 
 _HANDLERS: dict[str, ErasureHandler] = {}
@@ -579,7 +583,8 @@ def _run_erase(run: _Run, ctx: ErasureContext) -> None:
 
         residual = _sum_counts(h.residual(ws, ctx) for h in hs if h.residual)
         report = scan(ws, ctx, extra_roots=[p for h in hs if h.scan_roots for p in h.scan_roots(ws)],
-                      exclude=[_probe_path(ws, ctx.request_id)])
+                      exclude=[_probe_path(ws, ctx.request_id)],
+                      labelled={p: lab for h in hs if h.scan_files for p, lab in h.scan_files(ws).items()})
         not_shredded = sum(ws.keyring.store.subject_state(t) != "shredded" for t in ctx.tokens)
         left = {k: v for k, v in residual.items() if v}
         verification = {**report.summary(), "residual_rows": sum(residual.values()), "keys_live": not_shredded}

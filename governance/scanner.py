@@ -2,7 +2,9 @@
 
 The scanner looks for each subject's token and plaintext identifiers (held in memory only)
 in every file under the workspace, the storage root, the DVC cache and any local DVC remote,
-plus folders the layers name (e.g. landing files that are kept):
+plus folders the layers name and *labelled* files wherever they lie (kept landing files: a
+report names them by their label, ``landing:<dataset>:<digest>``, never by a path that may
+carry a person's name; the path itself is searched as well):
 
 * Parquet files (Delta data of every version still on disk, Delta checkpoints): the *values*
   are read — every string and binary leaf, nested ones included — because compressed pages
@@ -29,9 +31,10 @@ Findings name the file and *what* matched (``S1:token``, ``S1:email``), never th
 from __future__ import annotations
 
 import configparser
+import contextvars
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from governance.workspace import Workspace
 
 _CHUNK = 8 << 20
+_LABELS: contextvars.ContextVar[Mapping[Path, str]] = contextvars.ContextVar("scan_labels", default={})
 _PARQUET_MAGIC = b"PAR1"
 
 
@@ -73,6 +77,7 @@ class ScanReport:
     decrypt_attempts: int = 0
     system_sealed_opened: int = 0
     excluded: list[str] = field(default_factory=list)
+    labelled: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     unlinkable: list[Finding] = field(default_factory=list)
 
@@ -83,6 +88,7 @@ class ScanReport:
             "sqlite_files": self.sqlite_files, "delta_tables": self.delta_tables,
             "delta_versions": self.delta_versions, "decrypt_attempts": self.decrypt_attempts,
             "system_sealed_opened": self.system_sealed_opened, "excluded": self.excluded,
+            "labelled_files": self.labelled,
             "findings": len(self.findings), "unlinkable_copies": len(self.unlinkable),
         }
 
@@ -115,10 +121,27 @@ def scan(
     *,
     extra_roots: Iterable[Path] = (),
     exclude: Iterable[Path] = (),
+    labelled: Mapping[Path, str] | None = None,
 ) -> ScanReport:
-    """Scan everything the system keeps for the subjects of ``ctx``; see the module docstring."""
+    """Scan everything the system keeps for the subjects of ``ctx``; see the module docstring.
+
+    ``labelled``: files to read wherever they lie (e.g. kept landing files outside the
+    workspace), each named in the report by its label instead of its path (a path may carry a
+    person's name); the path itself is searched too (a finding ``how="path"``).
+    """
+    labels = {Path(p).resolve(): lab for p, lab in (labelled or {}).items()}
+    reset = _LABELS.set(labels)
+    try:
+        return _scan(ws, ctx, extra_roots, exclude, labels)
+    finally:
+        _LABELS.reset(reset)
+
+
+def _scan(ws: "Workspace", ctx: "ErasureContext", extra_roots: Iterable[Path], exclude: Iterable[Path],
+          labels: Mapping[Path, str]) -> ScanReport:
     rep = ScanReport()
     needles = Needles(ctx.needles())
+    rep.labelled = sorted(labels.values())
     excluded = {p.resolve() for p in exclude}
     ks = ws.config.path(ws.config.keys.store).resolve()
     excluded |= {ks, Path(str(ks) + "-journal"), Path(str(ks) + "-wal")}
@@ -126,7 +149,10 @@ def scan(
     live = [t for t in ctx.tokens if ws.keyring.store.subject_state(t) == "active"]
     immutable = [r.resolve() for r in _dvc_roots(ws)]
     seen: set[Path] = set()
-    for root in _roots(ws, extra_roots):
+    for p, lab in sorted(labels.items(), key=lambda kv: kv[1]):
+        for what in needles.find(os.fsencode(str(p))):
+            rep.findings.append(Finding(lab, what, "path"))
+    for root in _roots(ws, [*extra_roots, *(p for p in labels if p.exists())]):
         rep.roots.append(_rel(ws, root))
         for path in _walk(root):
             rp = path.resolve()
@@ -197,6 +223,9 @@ def _walk(root: Path) -> Iterator[Path]:
 
 
 def _rel(ws: "Workspace", p: Path) -> str:
+    lab = _LABELS.get().get(p)
+    if lab is not None:
+        return lab
     try:
         return str(p.relative_to(ws.config.base_dir.resolve()))
     except ValueError:

@@ -49,6 +49,7 @@ from governance.policy import ColumnClass, DatasetPolicy, Protection, Stage
 from governance.workspace import Workspace
 from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_buckets, table_configuration, table_description
 from lakehouse.errors import IngestError
+from lakehouse.landing import is_erasure_rewrite, record_kept
 from lakehouse.readers import RawBatch, header, read_batches, to_text
 from lakehouse.validate import ARROW_TYPE, ShapePlan, Validator, output_type, plan_shape
 
@@ -252,12 +253,20 @@ class Ingestor:
                 self.validator.preload_unique(name, ds.to_table(columns=[name])[name])
 
     # -- the work ---------------------------------------------------------------------
-    def ingest_file(self, path: Path) -> FileReport:
+    def ingest_file(self, path: Path, *, skip: bool = False) -> FileReport:
+        """Ingest one file; ``skip``: its rows were ingested before (an erasure's rewrite of a kept
+        file), so every batch is counted as already ingested."""
         source = redact(path.name)[0]
         rep = FileReport(source=source)
         plan = plan_shape(self.policy, header(path), source=path.name, policy_file=f"policies/{self.dataset}.yaml")
         rep.dropped_columns, rep.filled_columns = plan.dropped, plan.filled
         for raw in read_batches(path, batch_rows=self.batch_rows):
+            if skip:
+                rep.rows_read += raw.rows_read
+                rep.rows_skipped += raw.rows_read
+                rep.batches += 1
+                rep.batches_skipped += 1
+                continue
             self._batch(raw, plan, rep)
             if self.progress:
                 self.progress(source, raw.rows_read)
@@ -588,13 +597,18 @@ def ingest(
     ing = Ingestor(ws, actor, dataset, batch_rows=batch_rows, progress=progress)
     try:
         for path in files:
+            rewritten = is_erasure_rewrite(ws, dataset, path)
             with ws.lineage.run(
                 f"ingest.{dataset}", inputs=[DatasetRef(f"landing.{dataset}/{redact(path.name)[0]}", kind="file")]
             ) as run:
-                frep = ing.ingest_file(path)
+                frep = ing.ingest_file(path, skip=rewritten)
                 for name, version in sorted(ing.versions.items()):
                     run.add_output(DatasetRef(name, version=version))
             frep.landing = _landing(ing.policy, path)
+            if path.exists():  # kept (by policy, or it could not be removed): erasure must find it
+                record_kept(ws, dataset, path, actor=actor.name)
+            if rewritten:
+                frep.landing += "; rewritten by an erasure, its rows were ingested before"
             report.files.append(frep)
             ws.audit.record(
                 "ingest.file", actor=actor.name, outcome="ok", stage=Stage.INGEST.value,
