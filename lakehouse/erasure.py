@@ -15,6 +15,9 @@ token (never a plaintext id). Each table gets a new Delta version without the ro
 * **Quarantine.** Rows quarantined with the subject's token are deleted; rows quarantined
   *without* a valid key (sealed under the dataset's quarantine key) are opened and deleted
   when they carry one of the subject's identifiers.
+* **Kept landing files** (``landing: keep``), wherever they lie: rewritten without the
+  subjects' rows in their own format, and read by the scanner under their labels
+  (:mod:`lakehouse.landing`).
 * **History.** Files the delete removed stay on disk for time travel until :func:`purge`
   vacuums them (the request waits for the policy's ``retention.history``, or an officer's
   audited ``--purge-now``). Until then the subject's key is already shredded, so the old
@@ -44,7 +47,9 @@ from governance.errors import LakewardenError
 from governance.keys import TOKEN_RE
 from governance.requests import AccessItem, ErasureContext, ErasureHandler, register_handler
 from governance.workspace import Workspace
+from lakehouse import landing
 from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_buckets
+from lakehouse.maintenance import expire_log, token_stats
 
 __all__ = ["delete_subject_rows", "purge_history", "subject_rows", "HANDLER"]
 
@@ -148,6 +153,9 @@ def _delete(cat: Catalog, ref: TableRef, column: str, tokens: Sequence[str]) -> 
                 actions, mode="append", schema=dt.schema(), partition_by=list(dt.metadata().partition_columns) or None,
                 commit_properties=CommitProperties(custom_metadata={"lakewarden.operation": "erasure"}),
             )
+            # A checkpoint after the deletion: the history purge can then drop the log entries
+            # before it once they leave the window (old add actions may carry token statistics).
+            cat.open(ref).create_checkpoint()
             return n
         except CommitFailedError:
             for rel in written:  # never committed: not part of any version
@@ -239,7 +247,9 @@ def purge_history(ws: Workspace, retention_hours: int | None = None) -> dict[str
     """VACUUM every governed table (full: orphans too); ``None`` keeps each policy's history window.
 
     Returns files deleted per table. ``retention_hours=0`` removes every file the current
-    version does not need — time travel to older versions ends there.
+    version does not need — time travel to older versions ends there. A table whose Delta log
+    carries token statistics (written before they were turned off) also loses the log entries
+    before its newest checkpoint older than the window: they would keep an erased token.
     """
     cat = Catalog(ws.config)
     out: dict[str, int] = {}
@@ -250,6 +260,9 @@ def purge_history(ws: Workspace, retention_hours: int | None = None) -> dict[str
         dt = cat.open(ref)
         files = dt.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=False, full=True)
         out[str(ref)] = len(files)
+        ts = token_stats(ws, ref)
+        if ts is not None and ts.log_files:  # a table written before token statistics were turned off
+            out[f"{ref} (log entries)"] = expire_log(cat, ref, older_than_hours=hours)
     return out
 
 
@@ -285,6 +298,7 @@ def _erase(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
     out = _quarantine_without_key(ws, ctx)
     out.update({f"delta:{k}": v for k, v in delete_subject_rows(ws, ctx.tokens).items()})
     out.update(scrub_trino_logs(ws, ctx.tokens))
+    out.update(landing.erase_subjects(ws, ctx))
     return out
 
 
@@ -295,6 +309,7 @@ def _purge(ws: Workspace, ctx: ErasureContext, retention_hours: int | None) -> d
 def _residual(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
     out = {f"delta:{ref}": rows.num_rows for ref, (_v, rows) in subject_rows(ws, ctx.tokens).items()}
     out.update(scrub_trino_logs(ws, ctx.tokens, dry_run=True))
+    out.update(landing.residual_rows(ws, ctx))
     return out
 
 
@@ -346,6 +361,6 @@ def _access(ws: Workspace, ctx: ErasureContext) -> list[AccessItem]:
 
 HANDLER = ErasureHandler(
     name="lakehouse", order=40, erase=_erase, purge=_purge, residual=_residual, identifiers=_identifiers,
-    access=_access,
+    access=_access, scan_files=landing.scan_files,
 )
 register_handler(HANDLER)

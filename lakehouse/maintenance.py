@@ -1,4 +1,4 @@
-"""Table maintenance and inspection: list, describe, history, optimize, vacuum.
+"""Table maintenance and inspection: list, describe, history, optimize, vacuum; token statistics.
 
 Destructive verbs default to safe, like delta-rs: ``vacuum`` is a dry run unless
 ``dry_run=False``, and keeps the dataset policy's ``retention.history`` (time
@@ -9,16 +9,25 @@ and audited.
 
 from __future__ import annotations
 
+import json
+import posixpath
+import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+from deltalake import CommitProperties
+from deltalake.exceptions import CommitFailedError
+from deltalake.transaction import AddAction, RemoveAction
 
 from governance.gate import Actor, Resource
 from governance.policy import Stage
 from governance.workspace import Workspace
-from lakehouse.catalog import Catalog, TableRef
+from lakehouse.catalog import SUBJECT_COLUMNS, Catalog, TableRef, table_configuration
 from lakehouse.errors import TableError
 
 
@@ -99,15 +108,36 @@ def history(ws: Workspace, ref: TableRef, *, limit: int | None = 20) -> list[dic
 
 
 def optimize(ws: Workspace, actor: Actor, ref: TableRef) -> dict[str, Any]:
-    """Compact small files (bin-packing); data is unchanged, a new version is written."""
+    """Compact small files (bin-packing); data is unchanged, a new version is written.
+
+    A table written before token statistics were turned off is fixed first (see
+    :func:`token_stats`): the property that keeps them off is set, and the current files whose
+    add actions carry min/max of a token column are rewritten (one commit, ``dataChange``
+    false) with a row count only. Older log entries keep theirs until history is purged.
+    """
     ws.gate.enforce(Stage.MAINTAIN, actor, Resource.table(ref.dataset, ref.layer))
-    dt = Catalog(ws.config).open(ref)
+    cat = Catalog(ws.config)
+    ts = token_stats(ws, ref)
+    fixed: dict[str, Any] = {}
+    if ts is not None and ts.writes:
+        dt = cat.open(ref)
+        pol = ws.policies.datasets.get(ref.dataset)
+        conf = table_configuration([f.name for f in dt.schema().fields], pol.subject_key if pol else SUBJECT_COLUMNS[0])
+        dt.alter.set_table_properties(conf, raise_if_not_exists=False)
+        fixed["token_stats_property"] = conf[_STATS_PROP]
+    if ts is not None and ts.current_files:
+        fixed["token_stats_files_rewritten"] = _rewrite_without_stats(cat, ref, set(ts.current_files))
+    dt = cat.open(ref)
     metrics = dt.optimize.compact()
     out = {
         "files_added": metrics.get("numFilesAdded"),
         "files_removed": metrics.get("numFilesRemoved"),
         "version": dt.version(),
+        **fixed,
     }
+    after = token_stats(ws, ref)
+    if after is not None and after.log_files:
+        out["token_stats_log_files"] = after.log_files  # old commits: gone when history is purged
     ws.audit.record("tables.optimize", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value,
                     resource=f"table:{ref}", details=out)
     return out
@@ -142,3 +172,217 @@ def vacuum(
     ws.audit.record("tables.vacuum", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value,
                     resource=f"table:{ref}", details={k: v for k, v in out.items() if k != "paths"})
     return out
+
+
+# -- token statistics in the Delta log ----------------------------------------------------------------
+# Governed tables are created with no data-skipping statistics on token columns
+# (``delta.dataSkippingStatsColumns``, :func:`lakehouse.catalog.table_configuration`): a file's
+# min/max in the log would copy a token, and the log outlives the rows an erasure deletes. A
+# table written before that property (or by another writer) has them; these helpers find them,
+# ``optimize`` removes them from the current files, and the erasure's history purge removes the
+# log entries that still carry them.
+_STATS_PROP = "delta.dataSkippingStatsColumns"
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Where a table's Delta log carries statistics (min/max) of its token columns."""
+
+    table: str
+    columns: tuple[str, ...]
+    writes: bool  # the table's properties let new files carry them
+    current_files: tuple[str, ...]  # current data files whose add action carries them
+    log_files: int  # commit and checkpoint files in _delta_log that carry them (history included)
+
+    def describe(self) -> str:
+        """One line naming the table (never a value)."""
+        parts = []
+        if self.current_files:
+            parts.append(f"{len(self.current_files)} current file(s)")
+        if self.log_files:
+            parts.append(f"{self.log_files} log file(s)")
+        if self.writes:
+            parts.append("new writes")
+        return (f"{self.table}: Delta statistics on token column(s) {', '.join(self.columns)} in "
+                f"{', '.join(parts)} (written before token statistics were turned off): "
+                f"run `lakewarden tables optimize {self.table}`; old log entries go when history is purged")
+
+
+def _token_columns(ws: Workspace, ref: TableRef, names: list[str]) -> list[str]:
+    pol = ws.policies.datasets.get(ref.dataset)
+    cols = {*SUBJECT_COLUMNS, *([pol.subject_key] if pol else [])}
+    return [c for c in names if c in cols]
+
+
+def _carries(stats: str | None, cols: list[str]) -> bool:
+    if not stats or not any(f'"{c}"' in stats for c in cols):
+        return False
+    try:
+        d = json.loads(stats)
+    except ValueError:
+        return True  # unreadable: count it, the bytes hold the name
+    return any(c in (d.get(k) or {}) for k in ("minValues", "maxValues") for c in cols)
+
+
+def _log_version(name: str) -> int | None:
+    head = name.split(".", 1)[0]
+    return int(head) if head.isdigit() and len(head) == 20 else None
+
+
+def scan_log(log_dir: Path, cols: list[str]) -> tuple[dict[str, bool], int]:
+    """Replay a local ``_delta_log``: current files (path -> carries token stats) and how many
+    commit/checkpoint files carry them anywhere in the history still on disk."""
+    cp_version = -1
+    last = log_dir / "_last_checkpoint"
+    if last.exists():
+        try:
+            cp_version = int(json.loads(last.read_text())["version"])
+        except (ValueError, KeyError):
+            cp_version = -1
+    current: dict[str, bool] = {}
+    carrying = 0
+    names = sorted(p.name for p in log_dir.iterdir() if p.is_file())
+    for name in names:
+        v = _log_version(name)
+        if v is None or ".checkpoint" not in name or not name.endswith(".parquet"):
+            continue
+        add = pq.read_table(log_dir / name, columns=["add"]).column("add").combine_chunks()
+        valid = add.is_valid().to_pylist()
+        paths = add.field("path").to_pylist()
+        stats = add.field("stats").to_pylist()
+        hit = False
+        for ok, p, st in zip(valid, paths, stats):
+            if not ok:
+                continue
+            c = _carries(st, cols)
+            hit |= c
+            if v == cp_version:
+                current[p] = c
+        carrying += hit
+    for name in names:
+        v = _log_version(name)
+        if v is None or not name.endswith(".json"):
+            continue
+        hit = False
+        with (log_dir / name).open() as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                act = json.loads(line)
+                if "add" in act:
+                    c = _carries(act["add"].get("stats"), cols)
+                    hit |= c
+                    if v > cp_version:
+                        current[act["add"]["path"]] = c
+                elif "remove" in act:
+                    hit |= _carries(act["remove"].get("stats"), cols)
+                    if v > cp_version:
+                        current.pop(act["remove"]["path"], None)
+        carrying += hit
+    return current, carrying
+
+
+def token_stats(ws: Workspace, ref: TableRef) -> TokenStats | None:
+    """The table's token statistics, or None when it has none (or is not on local storage)."""
+    cat = Catalog(ws.config)
+    uri = cat.uri(ref)
+    log_dir = Path(uri) / "_delta_log"
+    if "://" in uri or not log_dir.is_dir():
+        return None
+    dt = cat.open(ref)
+    cols = _token_columns(ws, ref, [f.name for f in dt.schema().fields])
+    if not cols:
+        return None
+    prop = dt.metadata().configuration.get(_STATS_PROP)
+    listed = {c.strip().strip("`") for c in prop.split(",")} if prop is not None else None
+    writes = listed is None or any(c in listed for c in cols)
+    current, carrying = scan_log(log_dir, cols)
+    files = tuple(sorted(p for p, c in current.items() if c))
+    if not (writes or files or carrying):
+        return None
+    return TokenStats(str(ref), tuple(cols), writes, files, carrying)
+
+
+def token_stats_report(ws: Workspace) -> list[TokenStats]:
+    """Every governed table whose Delta log carries (or would carry) token statistics."""
+    out = []
+    for ref in Catalog(ws.config).list():
+        ts = token_stats(ws, ref)
+        if ts is not None:
+            out.append(ts)
+    return out
+
+
+def _rewrite_without_stats(cat: Catalog, ref: TableRef, paths: set[str]) -> int:
+    """Rewrite these current files as they are, committed with a row count as their only
+    statistic (one commit of remove and add actions, ``dataChange`` false)."""
+    compression = "UNCOMPRESSED" if cat.config.storage.compression == "none" else cat.config.storage.compression.upper()
+    for attempt in range(8):
+        dt = cat.open(ref)
+        ds = dt.to_pyarrow_dataset()
+        meta = {a["path"]: a for a in pa.table(dt.get_add_actions(flatten=False)).to_pylist()}
+        now = int(time.time() * 1000)
+        actions: list[Any] = []
+        written: list[str] = []
+        for frag in ds.get_fragments():
+            if frag.path not in paths or frag.path not in meta:
+                continue
+            old = meta[frag.path]
+            pv = {c: (None if v is None else str(v)) for c, v in (old.get("partition") or {}).items()}
+            tbl = frag.to_table(columns=frag.physical_schema.names)
+            rel = f"{posixpath.dirname(frag.path)}/part-nostats-{uuid.uuid4()}.{compression.lower()}.parquet".lstrip("/")
+            pq.write_table(tbl, rel, filesystem=ds.filesystem, compression=compression,
+                           coerce_timestamps="us", allow_truncated_timestamps=False)
+            written.append(rel)
+            actions.append(RemoveAction(path=frag.path, data_change=False, deletion_timestamp=now,
+                                        size=old["size_bytes"], partition_values=pv))
+            actions.append(AddAction(path=rel, size=ds.filesystem.get_file_info(rel).size, partition_values=pv,
+                                     modification_time=now, data_change=False,
+                                     stats=json.dumps({"numRecords": tbl.num_rows})))
+        if not written:
+            return 0
+        try:
+            dt.create_write_transaction(
+                actions, mode="append", schema=dt.schema(),
+                partition_by=list(dt.metadata().partition_columns) or None,
+                commit_properties=CommitProperties(custom_metadata={"lakewarden.operation": "drop-token-stats"}),
+            )
+            return len(written)
+        except CommitFailedError:
+            for rel in written:
+                ds.filesystem.delete_file(rel)
+            time.sleep(0.05 * 2**attempt)
+    raise TableError(f"{ref}: could not commit the rewrite (concurrent writers)", hint="run it again")
+
+
+def expire_log(cat: Catalog, ref: TableRef, *, older_than_hours: int, now: float | None = None) -> int:
+    """Checkpoint the table and delete the log entries (commits, checkpoints) before the newest
+    checkpoint whose commit is older than the window; returns files deleted.
+
+    What Delta's own log cleanup does, with the policy's history window instead of
+    ``delta.logRetentionDuration``: versions before that checkpoint can no longer be loaded
+    (their data files are vacuumed with the same window).
+    """
+    uri = cat.uri(ref)
+    log_dir = Path(uri) / "_delta_log"
+    if "://" in uri or not log_dir.is_dir():
+        return 0
+    dt = cat.open(ref)
+    dt.create_checkpoint()
+    cutoff = (time.time() if now is None else now) - older_than_hours * 3600
+    cps = sorted({v for p in log_dir.iterdir() if ".checkpoint" in p.name and (v := _log_version(p.name)) is not None})
+    keep_from = None
+    for v in reversed(cps):
+        commit = log_dir / f"{v:020d}.json"
+        if not commit.exists() or commit.stat().st_mtime <= cutoff or older_than_hours == 0:
+            keep_from = v
+            break
+    if keep_from is None:
+        return 0
+    n = 0
+    for p in sorted(log_dir.iterdir()):
+        v = _log_version(p.name)
+        if v is not None and v < keep_from and p.is_file():
+            p.unlink()
+            n += 1
+    return n

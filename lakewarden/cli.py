@@ -147,6 +147,10 @@ def policy_check(
         )
     console.print(t)
     console.print(f"[green]ok[/]: {ws.config.base_dir / 'lakewarden.yaml'} and {len(ps.files)} policy files are valid")
+    from lakehouse.maintenance import token_stats_report
+
+    for ts in token_stats_report(ws):  # tables written before token statistics were turned off
+        console.print(f"[yellow]warning[/]: {ts.describe()}", soft_wrap=True)
 
 
 @policy_app.command("show")
