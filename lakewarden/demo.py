@@ -120,7 +120,10 @@ def main() -> None:
     if stopped is not None:
         if stopped["stage"] != "deploy":
             fail(f"stage {stopped['stage']} refused by the gate: {stopped['message']}")
-        console.print(f"[yellow]{deploy_status(None, stopped)}[/]; the rest of the pipeline stands", soft_wrap=True)
+        deployed = deploy_status(None, stopped)
+        console.print(f"[yellow]{deployed}[/]; the rest of the pipeline stands", soft_wrap=True)
+    else:
+        deployed = "deployed " + json.loads((root / OUT / "deploy.json").read_text())["ref"]
     console.print(Rule("Analyst SQL on the same tables: masks and row filters from policy"))
     run("--as", "ana", "sql", "SELECT region, count(*) AS customers, round(avg(CAST(defaulted AS INT)), 3) AS default_rate "
         "FROM customers GROUP BY region ORDER BY region")
@@ -131,7 +134,7 @@ def main() -> None:
     console.print(Rule("Summary"))
     run("--as", "carla", "pipeline", "summary")
     run("--as", "carla", "pipeline", "trace")
-    console.print("[bold green]demo finished[/]: state is under .lakewarden/ (make clean-demo removes it); "
+    console.print(f"[bold green]demo finished[/] ({deployed}): state is under .lakewarden/ (make clean-demo removes it); "
                   "`dvc repro` again does nothing until a param, policy or input changes")
 
 
