@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # `make demo` from a fresh clone, N times, each on a fresh workspace with its own training seed:
 # how many deployed, how many were refused for fairness (a legitimate outcome, said as such), how many
-# failed. Each run works in a copy of the tracked files under a temporary folder (the repository's own
-# dvc.lock and reports are not touched); the copies are removed afterwards.
+# failed. Each run works in a fresh copy of a commit (HEAD by default: what a clone gets) under a
+# temporary folder, so the repository's own dvc.lock and reports are not touched and uncommitted
+# edits do not leak in; the copies are removed afterwards.
 #
-#   bash infra/testing/demo-runs.sh [N=10]
+#   bash infra/testing/demo-runs.sh [N=10] [REV=HEAD]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 N=${1:-10}
+REV=${2:-HEAD}
 REPO=$(pwd)
 PY=$REPO/.venv/bin/python
 work=$(mktemp -d)
@@ -16,7 +18,7 @@ deployed=0 fairness=0 failed=0
 for i in $(seq 1 "$N"); do
   d=$work/run$i
   mkdir -p "$d"
-  git ls-files -z | while IFS= read -r -d '' f; do mkdir -p "$d/$(dirname "$f")"; cp -p "$f" "$d/$f"; done
+  git archive "$REV" | tar -x -C "$d"
   (cd "$d" && git init -q && git add -A && git -c user.email=ci@example.org -c user.name=ci commit -qm copy)
   "$PY" - "$d/params.yaml" "$i" <<'PY'
 import sys, yaml
@@ -32,9 +34,9 @@ PY
   secs=$(( $(date +%s) - start ))
   flat=$(tr -s ' \n' ' ' < "$log")
   if [ $rc -ne 0 ]; then
-    failed=$((failed + 1)); what="FAILED (exit $rc): $(grep -a 'demo failed' "$log" | tail -1)"
+    failed=$((failed + 1)); what="FAILED (exit $rc): $(grep -a -E 'demo failed|error:' "$log" | tail -1)"
   elif echo "$flat" | grep -q "demo finished (not deployed: fairness failed"; then
-    fairness=$((fairness + 1)); what="not deployed: fairness failed ($(echo "$flat" | grep -o 'rule [a-z_/, ]*' | head -1))"
+    fairness=$((fairness + 1)); what="$(echo "$flat" | grep -o 'not deployed: fairness failed (rule [^)]*)' | tail -1)"
   elif echo "$flat" | grep -q "demo finished (deployed credit@"; then
     deployed=$((deployed + 1)); what="deployed"
   else
