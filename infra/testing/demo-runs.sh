@@ -29,7 +29,8 @@ yaml.safe_dump(p, open(path, "w"), sort_keys=False)
 PY
   log=$d/demo.log
   start=$(date +%s)
-  (cd "$d" && PATH="$REPO/.venv/bin:$PATH" "$PY" -m lakewarden.demo >"$log" 2>&1)
+  # PYTHONPATH: every process of the run (the stages dvc starts too) imports the copy's code, not the checkout's
+  (cd "$d" && PATH="$REPO/.venv/bin:$PATH" PYTHONPATH="$d" "$PY" -m lakewarden.demo >"$log" 2>&1)
   rc=$?
   secs=$(( $(date +%s) - start ))
   flat=$(tr -s ' \n' ' ' < "$log")
