@@ -4,6 +4,10 @@ Feast 0.67 has no per-entity delete, so the handler removes the entities' rows f
 online store itself: SQLite with ``secure_delete`` and a VACUUM (no free page keeps the
 bytes), Redis by deleting the entity's hash. The offline store reads the silver Delta
 tables, which the lakehouse handler erases; a later materialization cannot bring rows back.
+
+Access reads the same rows (Redis fields, murmur3 hashes of ``view:feature``, mapped back to
+feature names) and opens sensitive features — silver's ciphertexts, stored by Feast unchanged
+— with the subject's key.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from governance.requests import AccessItem, ErasureContext, ErasureHandler, register_handler
+from governance.requests import AccessItem, ErasureContext, ErasureHandler, open_sealed, register_handler
 from governance.workspace import Workspace
 
 __all__ = ["delete_online", "online_rows", "HANDLER"]
@@ -105,31 +109,52 @@ def delete_online(ws: Workspace, tokens: Sequence[str]) -> dict[str, int]:
     return out
 
 
+def _redis_fields(ws: Workspace, key: str) -> dict[bytes, tuple[str, str]]:
+    """Feast's Redis hash field of each feature of the views keyed by ``key``: ``{field: (view, feature)}``.
+
+    Feast names a feature's field by the murmur3 hash of ``"<view>:<feature>"``; the hash keeps
+    one entity's features of every view.
+    """
+    from feast.infra.online_stores.helpers import _mmh3
+
+    return {_mmh3(f"{view}:{c}"): (view, c)
+            for pol in ws.policies.datasets.values() if pol.subject_key == key
+            for view, spec in pol.features.items() for c in spec.columns}
+
+
 def online_rows(ws: Workspace, tokens: Sequence[str]) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(view, token, {feature: value})`` held online for the tokens."""
+    """``(view, token, {feature: value})`` held online for the tokens, values as Feast stored them
+    (sensitive features are the silver ciphertexts; :func:`_access` opens them).
+
+    In Redis a field no declared feature hashes to (a view since removed from the policy) is
+    listed under ``redis:<join key>`` as ``field:<hex>``.
+    """
     from feast.protos.feast.types.Value_pb2 import Value
     from feast.type_map import feast_value_type_to_python_type
+
+    def parse(v: bytes) -> Any:
+        val = Value()
+        val.ParseFromString(v)
+        return feast_value_type_to_python_type(val)
 
     out: list[tuple[str, str, dict[str, Any]]] = []
     project = ws.config.features.project
     if ws.config.features.online.type == "redis":
         r = _redis(ws)
         for key in sorted({k for k, _v in _views(ws)}):
+            fields = _redis_fields(ws, key)
             for rk, tok in _redis_keys(ws, key, tokens).items():
-                h = r.hgetall(rk)
-                feats: dict[str, Any] = {}
-                for f, v in h.items():
-                    name = f.decode(errors="replace")
-                    if name.startswith("_ts"):
+                by_view: dict[str, dict[str, Any]] = {}
+                for f, v in sorted(r.hgetall(rk).items()):
+                    if f.startswith(b"_ts"):
                         continue
-                    val = Value()
+                    view, name = fields.get(f, (f"redis:{key}", f"field:{f.hex()}"))
                     try:
-                        val.ParseFromString(v)
-                        feats[name] = feast_value_type_to_python_type(val)
-                    except Exception:  # noqa: BLE001 - a hashed field name: show raw
-                        feats[name] = None
-                if feats:
-                    out.append((f"redis:{key}", tok, feats))
+                        value = parse(v)
+                    except Exception:  # noqa: BLE001 - not a Feast value: the bytes as stored
+                        value = bytes(v)
+                    by_view.setdefault(view, {})[name] = value
+                out.extend((view, tok, feats) for view, feats in by_view.items())
         return out
     with _sqlite(ws) as conn:
         if conn is None:
@@ -141,12 +166,7 @@ def online_rows(ws: Workspace, tokens: Sequence[str]) -> list[tuple[str, str, di
             for blob, tok in _entity_keys(ws, key, tokens).items():
                 rows = conn.execute(f'SELECT feature_name, value FROM "{table}" WHERE entity_key = ?', (blob,)).fetchall()
                 if rows:
-                    feats = {}
-                    for name, v in rows:
-                        val = Value()
-                        val.ParseFromString(v)
-                        feats[name] = feast_value_type_to_python_type(val)
-                    out.append((view, tok, feats))
+                    out.append((view, tok, {name: parse(v) for name, v in rows}))
     return out
 
 
@@ -162,8 +182,27 @@ def _residual(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
 
 
 def _access(ws: Workspace, ctx: ErasureContext) -> list[AccessItem]:
-    return [AccessItem("feast-online", f"online:{view}", ctx.labels.get(tok, "subject"), feats)
-            for view, tok, feats in online_rows(ws, ctx.tokens)]
+    """Every online row of the subjects, sensitive features opened with the subject's key.
+
+    A feature view reads ``silver.<dataset>``, whose encrypted columns hold the ciphertexts ingest
+    sealed under ``(<dataset>, <column>)`` and the subject's token; Feast stores them unchanged.
+    """
+    from lakehouse.catalog import TableRef
+    from lakehouse.erasure import sealed_columns
+
+    owner = {view: pol for pol in ws.policies.datasets.values() for view in pol.features}
+    items = []
+    for view, tok, feats in online_rows(ws, ctx.tokens):
+        pol = owner.get(view)
+        sealed = sealed_columns(ws, TableRef("silver", pol.dataset)) if pol is not None else {}
+        plain = {}
+        for name, v in feats.items():
+            if isinstance(v, (bytes, bytearray)) and name in sealed:
+                ds, col = sealed[name]
+                v = open_sealed(ws, v, token=tok, dataset=ds, column=col)
+            plain[name] = v
+        items.append(AccessItem("feast-online", f"online:{view}", ctx.labels.get(tok, "subject"), plain))
+    return items
 
 
 HANDLER = ErasureHandler(name="features", order=30, erase=_erase, residual=_residual, access=_access)

@@ -36,24 +36,7 @@ REQUIRED_ROLES = ("data_engineer", "analyst", "data_scientist", "ml_engineer", "
 LAYERS = ("landing", "bronze", "silver", "gold", "quarantine", "vault")
 
 
-class Stage(str, Enum):
-    """Pipeline stages and administrative actions the gate decides on."""
-
-    INGEST = "ingest"
-    QUERY = "query"
-    FEATURES = "features"
-    TRAIN = "train"
-    EVALUATE = "evaluate"
-    REGISTER = "register"
-    APPROVE = "approve"
-    DEPLOY = "deploy"
-    SERVE = "serve"
-    MAINTAIN = "maintain"
-    REQUEST = "request"
-    AUDIT = "audit"
-    KEYS = "keys"
-    LINEAGE = "lineage"
-    POLICY = "policy"
+from governance.stages import Stage  # noqa: E402 - the enum lives apart so the CLI can name stages cheaply
 
 
 class ColumnClass(str, Enum):

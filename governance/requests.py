@@ -32,16 +32,19 @@ Errors: :class:`RequestError` (bad input, unknown request or subject: exit 2);
 
 from __future__ import annotations
 
+import base64
 import calendar
 import csv
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -65,9 +68,11 @@ __all__ = [
     "RequestStatus",
     "Certificate",
     "due_date",
+    "export_value",
     "file_request",
     "handlers",
     "list_requests",
+    "open_sealed",
     "register_handler",
     "request_status",
     "run_request",
@@ -115,7 +120,12 @@ class RequestError(LakewardenError):
 
 @dataclass(frozen=True, slots=True)
 class AccessItem:
-    """One thing held on a subject, decrypted, with where it lives."""
+    """One thing held on a subject, decrypted, with where it lives.
+
+    ``fields`` hold plain values: a handler opens every ciphertext it holds with the subject's
+    key (:func:`open_sealed`); bytes left over are exported base64-encoded with a type marker
+    (:func:`export_value`), never as a Python repr.
+    """
 
     store: str  # e.g. "delta", "feast-online", "request-log"
     location: str  # e.g. "silver.customers", "online:customer_profile", "serving/requests/credit.jsonl"
@@ -179,6 +189,63 @@ class ErasureHandler:
 
 
 _HANDLERS: dict[str, ErasureHandler] = {}
+
+SEALED_UNREADABLE = "(sealed; cannot be opened)"
+SEALED_SHREDDED = "(sealed; the subject's key was destroyed)"
+
+
+def open_sealed(ws: "Workspace", blob: bytes | bytearray | memoryview, *, token: str, dataset: str,
+                column: str) -> str:
+    """A value sealed under a subject's key, opened for an access export: decoded as UTF-8.
+
+    ``dataset`` and ``column`` must be the associated data it was sealed with (ingest seals a
+    column of dataset ``customers`` as ``dataset="customers", column=<name>``; silver and the
+    online store carry those ciphertexts unchanged). A value that cannot be opened becomes a
+    marker saying so (:data:`SEALED_SHREDDED`, :data:`SEALED_UNREADABLE`), never ciphertext.
+    """
+    from governance.errors import SubjectShredded
+
+    try:
+        return ws.keyring.open(bytes(blob), token=token, dataset=dataset, column=column).decode("utf-8", "replace")
+    except SubjectShredded:
+        return SEALED_SHREDDED
+    except LakewardenError:
+        return SEALED_UNREADABLE
+
+
+def export_value(value: Any) -> Any:
+    """``value`` as plain JSON: bytes as ``{"type": "binary", "base64": ...}``, dates and times in ISO
+    8601, decimals and non-finite floats as strings; mappings and lists walked."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"type": "binary", "base64": base64.b64encode(bytes(value)).decode("ascii")}
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): export_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [export_value(v) for v in value]
+    return str(value)
+
+
+def _csv_cell(value: Any) -> tuple[str, str]:
+    """``(text, encoding)`` of a value in the CSV export: encoding "" (plain text), "base64" (binary)
+    or "json" (a structure)."""
+    v = export_value(value)
+    if v is None:
+        return "", ""
+    if isinstance(v, dict) and v.get("type") == "binary" and set(v) == {"type", "base64"}:
+        return v["base64"], "base64"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, ensure_ascii=False, sort_keys=True), "json"
+    if isinstance(v, bool):
+        return ("true" if v else "false"), ""
+    return str(v), ""
 
 
 def register_handler(handler: ErasureHandler) -> None:
@@ -644,20 +711,21 @@ def _export(out_dir: Path, items: list[AccessItem], processing: list[dict[str, A
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "exported_at": datetime.now(timezone.utc).isoformat(),
+        "encoding": 'plain values; binary values as {"type": "binary", "base64": ...}',
         "items": [{"store": i.store, "location": i.location, "version": i.version, "subject": i.subject,
-                   "fields": dict(i.fields)} for i in items],
-        "processing": processing,
+                   "fields": export_value(dict(i.fields))} for i in items],
+        "processing": export_value(processing),
     }
     jp = out_dir / "subject_data.json"
-    jp.write_text(json.dumps(doc, indent=2, default=str, ensure_ascii=False) + "\n")
+    jp.write_text(json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     cp = out_dir / "subject_data.csv"
     with cp.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["subject", "store", "location", "version", "column", "value"])
+        w.writerow(["subject", "store", "location", "version", "column", "value", "encoding"])
         for i in items:
             for k, v in i.fields.items():
-                w.writerow([i.subject, i.store, i.location, "" if i.version is None else i.version, k,
-                            "" if v is None else v])
+                text, enc = _csv_cell(v)
+                w.writerow([i.subject, i.store, i.location, "" if i.version is None else i.version, k, text, enc])
     pp = out_dir / "processing.csv"
     with pp.open("w", newline="") as fh:
         w = csv.writer(fh)

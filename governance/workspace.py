@@ -20,9 +20,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from governance.audit import AuditLog, key_id
 from governance.config import ProjectConfig, load_config
 from governance.errors import AuditError
 from governance.gate import Actor, Gate
@@ -30,6 +27,7 @@ from governance.keys import KeyRing, KeyStore, load_kek
 from governance.policy import PolicySet, load_policies
 
 if TYPE_CHECKING:
+    from governance.audit import AuditLog
     from governance.lineage import LineageStore
 
 USER_ENV = "LAKEWARDEN_USER"
@@ -59,7 +57,13 @@ class Workspace:
         return KeyRing(KeyStore(self.config.path(self.config.keys.store), kek))
 
     @cached_property
-    def audit(self) -> AuditLog:
+    def audit(self) -> "AuditLog":
+        # Imported here: the audit log needs pyarrow and deltalake, which a command that only
+        # reads (``models list``, ``policy check``) should not pay for at start.
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from governance.audit import AuditLog
+
         sk = Ed25519PrivateKey.from_private_bytes(self.keyring.system_key(AUDIT_SIGNING_KEY))
         pinned = self.config.audit.public_key
         if pinned and pinned.lower() != sk.public_key().public_bytes_raw().hex():
@@ -83,6 +87,8 @@ class Workspace:
 
     @property
     def audit_key_id(self) -> str:
+        from governance.audit import key_id
+
         return key_id(self.audit._pk)  # type: ignore[arg-type]
 
     @cached_property

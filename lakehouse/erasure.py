@@ -45,13 +45,16 @@ from deltalake.exceptions import CommitFailedError
 
 from governance.errors import LakewardenError
 from governance.keys import TOKEN_RE
-from governance.requests import AccessItem, ErasureContext, ErasureHandler, register_handler
+from governance.policy import Protection
+from governance.requests import (
+    SEALED_SHREDDED, SEALED_UNREADABLE, AccessItem, ErasureContext, ErasureHandler, open_sealed, register_handler,
+)
 from governance.workspace import Workspace
 from lakehouse import landing
 from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_buckets
 from lakehouse.maintenance import expire_log, token_stats
 
-__all__ = ["delete_subject_rows", "purge_history", "subject_rows", "HANDLER"]
+__all__ = ["delete_subject_rows", "purge_history", "sealed_columns", "subject_rows", "HANDLER"]
 
 
 def _check(tokens: Sequence[str]) -> list[str]:
@@ -313,9 +316,29 @@ def _residual(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
     return out
 
 
+def sealed_columns(ws: Workspace, ref: TableRef) -> dict[str, tuple[str, str]]:
+    """``{column: (dataset, column)}``: the associated data each sealed column of a table was sealed with.
+
+    Ingest seals encrypted, vault and restricted columns under ``(<dataset>, <column>)`` and a
+    quarantined row's original under ``(quarantine.<dataset>, row)``; silver carries bronze's
+    ciphertexts unchanged.
+    """
+    pol = ws.policies.datasets.get(ref.dataset)
+    if pol is None:
+        return {}
+    if ref.layer == "quarantine":
+        return {"payload": (f"quarantine.{ref.dataset}", "row")}
+    sealed = (Protection.ENCRYPT, Protection.VAULT, Protection.RESTRICTED)
+    return {c: (ref.dataset, c) for c, col in pol.columns.items() if col.protection in sealed}
+
+
 def _open(ws: Workspace, ref: TableRef, rows: pa.Table, key: str) -> list[dict[str, Any]]:
-    """Rows as dicts with every encrypted column opened under the subject's key."""
-    ds = ref.dataset if ref.layer != "quarantine" else f"quarantine.{ref.dataset}"
+    """Rows as dicts with every sealed column opened under the subject's key (plain values).
+
+    A quarantined row's payload (its original row, as JSON) is opened and parsed. Bytes in a
+    column the policy does not seal stay bytes (the export encodes them as base64).
+    """
+    sealed = sealed_columns(ws, ref)
     out = []
     for r in rows.to_pylist():
         tok = r.get(key)
@@ -323,12 +346,14 @@ def _open(ws: Workspace, ref: TableRef, rows: pa.Table, key: str) -> list[dict[s
         for c, v in r.items():
             if c == key:
                 continue
-            if isinstance(v, bytes) and tok:
-                col = "row" if ref.layer == "quarantine" else c
-                try:
-                    v = ws.keyring.open(v, token=tok, dataset=ds, column=col).decode("utf-8", "replace")
-                except LakewardenError:
-                    v = "(sealed; cannot be opened)"
+            if isinstance(v, (bytes, bytearray)) and tok and c in sealed:
+                ds, col = sealed[c]
+                v = open_sealed(ws, v, token=tok, dataset=ds, column=col)
+                if ref.layer == "quarantine" and v not in (SEALED_SHREDDED, SEALED_UNREADABLE):
+                    try:
+                        v = json.loads(v)
+                    except ValueError:
+                        pass  # a row that never parsed: its text as it came
             rec[c] = v
         out.append(rec)
     return out
@@ -342,7 +367,7 @@ def _identifiers(ws: Workspace, tokens: Sequence[str]) -> dict[str, list[tuple[s
         key = ws.policies.datasets[ref.dataset].subject_key
         for tok, rec in zip(rows[key].to_pylist(), _open(ws, ref, rows, key)):
             for c, v in rec.items():
-                if c.startswith("_") or v is None or not isinstance(v, str):
+                if c.startswith("_") or v is None or not isinstance(v, str) or v in (SEALED_SHREDDED, SEALED_UNREADABLE):
                     continue
                 pair = (f"vault.{ref.dataset}.{c}", v)
                 if pair not in out.setdefault(tok, []):

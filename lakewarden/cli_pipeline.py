@@ -1,8 +1,6 @@
 """``lakewarden pipeline …``: the reference pipeline's stages (run by ``dvc repro``), its summary,
 its lineage trace and the checkout of pinned table versions."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Annotated

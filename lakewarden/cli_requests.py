@@ -4,8 +4,6 @@ A thin shell over :mod:`governance.requests`: parse, call, print. The layers' ha
 loaded here (``lakewarden.handlers.load``) so the kernel can reach every store.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Any, Optional
 

@@ -1,8 +1,12 @@
-"""Shared fixtures: a project folder with the example policies and an env-var KEK."""
+"""Shared fixtures: a project folder with the example policies and an env-var KEK; a throw-away Redis."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -41,3 +45,28 @@ def workspace(project: Path):
     ws = Workspace.open(project / "lakewarden.yaml")
     yield ws
     ws.close()
+
+
+@pytest.fixture
+def redis_port():
+    """A throw-away redis-server on a free loopback port (skipped when none is installed)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("LAKEWARDEN_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed (make test installs Debian's redis-server)")
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield port
+    p.terminate()
+    p.wait(10)

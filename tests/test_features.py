@@ -3,11 +3,7 @@ erasure from both stores, and Redis answering exactly like SQLite."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -165,30 +161,6 @@ def test_erasure_leaves_no_trace_in_either_store(lake: Workspace):
 
 
 # -- Redis ---------------------------------------------------------------------------------------
-@pytest.fixture
-def redis_port():
-    exe = shutil.which("redis-server")
-    if exe is None:
-        if os.environ.get("LAKEWARDEN_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is not installed (make test installs Debian's redis-server)")
-        pytest.skip("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    p = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield port
-    p.terminate()
-    p.wait(10)
-
-
 def test_redis_and_sqlite_give_the_same_answers(lake: Workspace, project: Path, redis_port: int):
     sqlite_fs = Features(lake)
     tokens = Catalog(lake.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"].to_pylist()

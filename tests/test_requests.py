@@ -2,8 +2,10 @@
 crash-resume at every step, access export, deadlines, and who may run them.
 
 One lake (customers + transactions, features materialized, a small DP model, request-log
-lines from the real predictor) is built per module and copied per test. Subject ids come
-from the generated files at run time: no personal data (not even synthetic) is in this file.
+lines from the real predictor) is built per module and copied per test. Its customers policy
+is the example's with ``ethnicity`` moved to ``protection: restricted`` (and out of the
+sensitive feature view), so every column class and protection has a layer here. Subject ids
+come from the generated files at run time: no personal data (not even synthetic) is in this file.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from governance.errors import AccessDenied, SubjectShredded
@@ -56,6 +60,11 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     d = tmp_path_factory.mktemp("requests") / "proj"
     shutil.copytree(REPO / "policies", d / "policies")
+    pol = yaml.safe_load((d / "policies" / "customers.yaml").read_text())
+    pol["columns"]["ethnicity"]["protection"] = "restricted"  # kept in restricted.customers only
+    view = pol["features"]["customer_sensitive"]
+    view["columns"] = [c for c in view["columns"] if c != "ethnicity"]
+    (d / "policies" / "customers.yaml").write_text(yaml.safe_dump(pol, sort_keys=False))
     (d / "lakewarden.yaml").write_text(
         "version: 1\nname: reqtest\nstorage: {root: .lakewarden/tables}\n"
         f"keys: {{store: .lakewarden/keys/keystore.db, kek: {{provider: env, var: {KEK_VAR}}}}}\n"
@@ -66,8 +75,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
         people = [r for r in csv.DictReader(fh) if r["customer_id"]]
     with open(res.files["transactions"], newline="") as fh:
         tx_count: dict[str, int] = {}
+        tx_rows: dict[str, list[dict[str, str]]] = {}
         for r in csv.DictReader(fh):
             tx_count[r["customer_id"]] = tx_count.get(r["customer_id"], 0) + 1
+            tx_rows.setdefault(r["customer_id"], []).append(r)
     ws = Workspace.open(d / "lakewarden.yaml")
     dana = ws.actor("dana")
     for ds in ("customers", "transactions"):
@@ -82,7 +93,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tokens = ws.keyring.tokens_for([p["customer_id"] for p in people[:6]], create=False)
     GovernedPredictor(ws, out.ref, ws.actor("mel")).score_tokens(tokens)  # request-log lines
     ws.close()
-    return {"dir": d, "people": people, "tx": tx_count}
+    return {"dir": d, "people": people, "tx": tx_count, "tx_rows": tx_rows}
 
 
 @pytest.fixture
@@ -337,7 +348,8 @@ def test_access_export_matches_what_was_ingested(lake: Workspace, built: dict, t
     assert by["vault.customers"][0]["version"] is not None
     assert len(by["bronze.customers"]) == 1 and len(by.get("bronze.transactions", [])) == built["tx"].get(sid, 0)
     bronze = by["bronze.customers"][0]["fields"]
-    assert bronze["sex"] == person["sex"] and bronze["ethnicity"] == person["ethnicity"]  # opened with the subject key
+    assert bronze["sex"] == person["sex"]  # opened with the subject key
+    assert by["restricted.customers"][0]["fields"]["ethnicity"] == person["ethnicity"]
     assert not person["income"] or abs(float(bronze["income"]) - float(person["income"])) < 1e-6
     assert any(loc.startswith("online:") for loc in by)
     assert [p["model"] for p in doc["processing"]] == ["credit@1"] and doc["processing"][0]["lineage_run_ids"]
@@ -348,6 +360,143 @@ def test_access_export_matches_what_was_ingested(lake: Workspace, built: dict, t
     token = _token(lake, sid)
     assert token not in (out / "subject_data.json").read_text()  # the export names no pseudonym
     assert lake.audit.query(action="requests.exported").num_rows == 1
+
+
+_REPR = re.compile(r"(?<!\w)b'")  # a Python bytes literal (b'\x01...'), which an export must never hold
+SCORED = range(6)  # the fixture's predictor scored the first six generated customers
+
+
+def _whole_person(built: dict) -> dict:
+    """A scored customer whose generated row has every field and appears once."""
+    ids = [p["customer_id"] for p in built["people"]]
+    return next(built["people"][i] for i in SCORED
+                if all(built["people"][i].values()) and ids.count(built["people"][i]["customer_id"]) == 1)
+
+
+def _export(ws: Workspace, sid: str, out: Path) -> tuple[dict[str, list[dict]], dict[tuple[str, str], list[dict]], str]:
+    """Run an access request; return JSON fields by location, CSV rows by (location, column), both texts."""
+    carla = ws.actor("carla")
+    st = file_request(ws, carla, "access", [sid], out_dir=out)
+    assert run_request(ws, carla, st.request_id).state == "done"
+    text = (out / "subject_data.json").read_text() + (out / "subject_data.csv").read_text()
+    by: dict[str, list[dict]] = {}
+    for item in json.loads((out / "subject_data.json").read_text())["items"]:
+        by.setdefault(item["location"], []).append(item["fields"])
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in csv.DictReader((out / "subject_data.csv").open(newline="")):
+        cells.setdefault((r["location"], r["column"]), []).append(r)
+    return by, cells, text
+
+
+def test_access_export_holds_plain_values_of_every_column_class(lake: Workspace, built: dict, tmp_path: Path):
+    """Every store's values are the subject's plain data (compared with the generated rows): the
+    lakehouse layers, the online store's sensitive feature (ciphertext in Feast, opened with the
+    subject's key), the predictor's request log; no ciphertext and no bytes repr anywhere."""
+    person = _whole_person(built)
+    sid = person["customer_id"]
+    by, cells, text = _export(lake, sid, tmp_path / "export")
+    assert not _REPR.search(text) and "\\x" not in text
+
+    def cell(location: str, column: str) -> str:
+        rows = cells[(location, column)]
+        assert len(rows) == 1 and rows[0]["encoding"] == "", (location, column, rows)
+        return rows[0]["value"]
+
+    year, zip3 = int(person["birth_date"][:4]), person["zip_code"][:3]
+    # subject_key: the id as filed (the token, its pseudonym, is never exported)
+    assert by["as filed"] == [{"subject_id": sid}] and cell("as filed", "subject_id") == sid
+    assert _token(lake, sid) not in text
+    # direct identifiers: the vault, opened
+    for c in ("name", "email", "phone"):
+        assert by["vault.customers"][0][c] == person[c] and cell("vault.customers", c) == person[c]
+    for loc in ("bronze.customers", "silver.customers"):
+        (f,) = by[loc]
+        # quasi-identifiers as held (generalized at ingest: the year, the zip prefix)
+        assert f["birth_date"] == year and cell(loc, "birth_date") == str(year)
+        assert f["zip_code"] == zip3 and cell(loc, "zip_code") == zip3
+        # sensitive, protection encrypt: opened with the subject's key
+        assert f["sex"] == person["sex"] and cell(loc, "sex") == person["sex"]
+        assert "ethnicity" not in f  # restricted: its own table
+        # public
+        assert abs(f["income"] - float(person["income"])) < 1e-6 and abs(float(cell(loc, "income")) - f["income"]) < 1e-9
+        assert f["region"] == person["region"] and cell(loc, "region") == person["region"]
+        assert f["defaulted"] is (person["defaulted"] == "true") and cell(loc, "defaulted") == person["defaulted"]
+        assert datetime.fromisoformat(f["_ingested_at"]).tzinfo is not None  # timestamps in ISO 8601
+    # sensitive, protection restricted
+    assert by["restricted.customers"][0]["ethnicity"] == person["ethnicity"]
+    assert cell("restricted.customers", "ethnicity") == person["ethnicity"]
+    # the online store: the sensitive feature was ciphertext in Feast
+    assert by["online:customer_sensitive"] == [{"sex": person["sex"]}]
+    assert cell("online:customer_sensitive", "sex") == person["sex"]
+    (prof,) = by["online:customer_profile"]
+    assert prof["region"] == person["region"] and abs(prof["income"] - float(person["income"])) < 1e-6
+    assert prof["birth_date"] == year and prof["zip_code"] == zip3
+    # transactions, every one of them
+    want = sorted((t["transaction_id"], float(t["amount"]), t["merchant_category"]) for t in built["tx_rows"][sid])
+    got = sorted((f["transaction_id"], f["amount"], f["merchant_category"]) for f in by["bronze.transactions"])
+    assert got == want and len(by["silver.transactions"]) == len(want)
+    # the predictor's request log: the features it scored, as plain values
+    (logged,) = by["serving/requests/credit.jsonl"]
+    assert logged["features"]["region"] == person["region"] and 0 <= logged["score"] <= 1
+    (log_cell,) = cells[("serving/requests/credit.jsonl", "features")]
+    assert log_cell["encoding"] == "json" and json.loads(log_cell["value"]) == logged["features"]
+
+
+def test_access_export_opens_a_quarantined_row(lake: Workspace, built: dict, tmp_path: Path):
+    """A row quarantined with the subject's token: its original row, opened and parsed."""
+    from lakehouse.ingest import ingest
+
+    person = _whole_person(built)
+    bad = {**person, "income": "-5"}  # fails the policy's min: quarantined with the subject's token
+    src = tmp_path / "landing" / "customers_again.csv"
+    src.parent.mkdir()
+    with src.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(person))
+        w.writeheader()
+        w.writerow(bad)
+    ingest(lake, lake.actor("dana"), "customers", [src])
+    by, cells, text = _export(lake, person["customer_id"], tmp_path / "export")
+    assert not _REPR.search(text)
+    (q,) = by["quarantine.customers"]
+    assert q["payload"]["email"] == person["email"] and q["payload"]["income"] in ("-5", -5, -5.0)
+    assert "income" in q["reason"]
+    (c,) = cells[("quarantine.customers", "payload")]
+    assert c["encoding"] == "json" and json.loads(c["value"]) == q["payload"]
+
+
+def test_export_values_encode_binary_with_a_type_marker():
+    import base64
+
+    from governance.requests import _csv_cell, export_value
+
+    blob = b"\x01H\x00\xff"
+    assert export_value({"b": blob}) == {"b": {"type": "binary", "base64": base64.b64encode(blob).decode()}}
+    assert _csv_cell(blob) == (base64.b64encode(blob).decode(), "base64")
+    assert _csv_cell(None) == ("", "") and _csv_cell(True) == ("true", "")
+    assert _csv_cell({"x": [1, 2]}) == ('{"x": [1, 2]}', "json")
+    assert export_value(datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)) == "2026-01-02T03:04:00+00:00"
+    assert export_value(float("nan")) == "nan"
+
+
+def test_access_export_from_a_redis_online_store(lake: Workspace, built: dict, tmp_path: Path, redis_port: int):
+    """Redis keeps features under hashed field names: the export names them and opens the sensitive one."""
+    from features.store import Features
+
+    person = _whole_person(built)
+    cfg = lake.config.source
+    lake.close()
+    cfg.write_text(cfg.read_text() + "features:\n  registry: .lakewarden/feast/registry-redis.db\n"
+                   f"  online: {{type: redis, connection_string: '127.0.0.1:{redis_port}'}}\n")
+    with Workspace.open(cfg) as ws:
+        fs = Features(ws)
+        fs.apply(ws.actor("pipeline"))
+        fs.materialize(ws.actor("pipeline"))
+        by, cells, text = _export(ws, person["customer_id"], tmp_path / "export")
+    assert not _REPR.search(text) and "field:" not in text
+    assert by["online:customer_sensitive"] == [{"sex": person["sex"]}]
+    assert cells[("online:customer_sensitive", "sex")][0]["value"] == person["sex"]
+    (prof,) = by["online:customer_profile"]
+    assert prof["region"] == person["region"] and prof["zip_code"] == person["zip_code"][:3]
 
 
 # -- who may, deadlines, bad input -----------------------------------------------------------------

@@ -70,9 +70,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import DeltaError
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -80,10 +79,12 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from governance.locks import file_lock
 from governance.errors import LakewardenError
 from governance.gate import Actor, Decision, Resource
-from governance.lineage import DatasetRef
 from governance.pii import find_pii_in
 from governance.policy import IDENT, DatasetPolicy, Stage
 from governance.workspace import Workspace
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = [
     "REGISTRY_TABLE",
@@ -110,18 +111,29 @@ REGISTRY_TABLE = "_models/registry"
 STATUSES: tuple[str, ...] = ("registered", "approved", "deployed")
 """A version's statuses, in lifecycle order."""
 
-SCHEMA = pa.schema(
-    [
-        pa.field("name", pa.string(), nullable=False),
-        pa.field("version", pa.int64(), nullable=False),
-        pa.field("dataset", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("actor", pa.string(), nullable=False),
-        pa.field("at", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("card_sha256", pa.string(), nullable=False),
-    ]
-)
-"""Arrow schema of the registry table: one row per event, never updated."""
+def _schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("name", pa.string(), nullable=False),
+            pa.field("version", pa.int64(), nullable=False),
+            pa.field("dataset", pa.string(), nullable=False),
+            pa.field("status", pa.string(), nullable=False),
+            pa.field("actor", pa.string(), nullable=False),
+            pa.field("at", pa.timestamp("us", tz="UTC"), nullable=False),
+            pa.field("card_sha256", pa.string(), nullable=False),
+        ]
+    )
+
+
+# SCHEMA: the Arrow schema of the registry table, one row per event, never updated.
+def __getattr__(name: str) -> Any:  # SCHEMA is built on first use: reading the registry needs no pyarrow
+    if name == "SCHEMA":
+        return _schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 
 CARD_JSON = "card.json"
 CARD_MD = "card.md"
@@ -176,6 +188,27 @@ class ArtifactTampered(RegistryError):
 
 
 # --------------------------------------------------------------------------- references
+
+
+def _read_rows(dt: DeltaTable) -> list[dict[str, Any]]:
+    """Every row of the registry table's current version, as dicts (``at`` an aware UTC datetime).
+
+    Read through deltalake's own query engine, which answers with arro3 arrays: pyarrow (and the
+    pandas that its conversion of zoned timestamps imports) cost ``models list`` about half a
+    second of a start that should stay under one.
+    """
+    from deltalake import QueryBuilder
+
+    cols = [f.name for f in dt.schema().fields]
+    sel = ", ".join(f'CAST("{c}" AS BIGINT) AS "{c}"' if c == "at" else f'"{c}"' for c in cols)
+    tbl = QueryBuilder().register("registry", dt).execute(f"SELECT {sel} FROM registry").read_all()
+    values = {c: tbl.column(c).to_pylist() for c in cols}
+    rows = [dict(zip(cols, r)) for r in zip(*(values[c] for c in cols))]
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    for r in rows:
+        if r.get("at") is not None:
+            r["at"] = epoch + timedelta(microseconds=int(r["at"]))
+    return rows
 
 
 def _check_name(value: object, what: str) -> str:
@@ -812,6 +845,8 @@ class Registry:
                 shutil.rmtree(final, ignore_errors=True)  # the row is the commit point
                 raise
 
+        from governance.lineage import DatasetRef  # openlineage costs ~0.3 s to import: only where it is used
+
         self.ws.lineage.emit(
             f"register.{name}",
             inputs=[DatasetRef(t, version=v) for t, v in sorted(card.data_versions.items())],
@@ -1019,18 +1054,18 @@ class Registry:
     def _locked(self) -> contextlib.AbstractContextManager[None]:
         return file_lock(self.root / ".lock")
 
-    def _rows(self) -> pa.Table:
+    def _rows(self) -> list[dict[str, Any]]:
         try:
             if not DeltaTable.is_deltatable(self.table_uri, storage_options=self._storage_options):
-                return SCHEMA.empty_table()
-            return DeltaTable(self.table_uri, storage_options=self._storage_options).to_pyarrow_table()
+                return []
+            return _read_rows(DeltaTable(self.table_uri, storage_options=self._storage_options))
         except DeltaError as exc:
             raise RegistryError(f"cannot read the model registry table {self.table_uri}: {exc}") from exc
 
     def _latest(self) -> dict[tuple[str, int], dict[str, Any]]:
         """The latest row of every (name, version); ``at`` increases strictly per version."""
         latest: dict[tuple[str, int], dict[str, Any]] = {}
-        for r in self._rows().sort_by([("at", "ascending")]).to_pylist():
+        for r in sorted(self._rows(), key=lambda r: r["at"]):
             latest[(r["name"], r["version"])] = r
         return latest
 
@@ -1044,10 +1079,12 @@ class Registry:
             "at": at,
             "card_sha256": _sha256_bytes(card_bytes),
         }
+        import pyarrow as pa
+
         try:
             write_deltalake(
                 self.table_uri,
-                pa.Table.from_pylist([row], schema=SCHEMA),
+                pa.Table.from_pylist([row], schema=_schema()),
                 mode="append",
                 name="lakewarden_model_registry",
                 description="Model registry events (no personal data)",
