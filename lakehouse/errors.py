@@ -6,6 +6,7 @@
     └── LakehouseError
         ├── TableError      a table is missing, unreadable, or named wrongly
         ├── IngestError     a file cannot be ingested (format, encoding, shape, drift)
+        ├── SuggestError    a file cannot be sampled for a draft policy, or the draft not written
         └── SqlError        a query is refused or fails
 """
 
@@ -24,6 +25,10 @@ class TableError(LakehouseError):
 
 class IngestError(LakehouseError):
     """A file cannot be ingested; the message names the file and what is wrong."""
+
+
+class SuggestError(LakehouseError):
+    """``policy suggest`` cannot sample the file or write the draft; the message names the file."""
 
 
 class SqlError(LakehouseError):
