@@ -189,6 +189,57 @@ def policy_show(ctx: typer.Context, dataset: str) -> None:
     console.print(a)
 
 
+@policy_app.command("suggest")
+def policy_suggest(
+    file: Annotated[Path, typer.Argument(help="A landing file to sample: .csv, .parquet or .jsonl.", show_default=False)],
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset name (default: the file's name, lower_snake_case).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the draft (default: policies/<dataset>.yaml; '-' prints it).")] = None,
+    sample: Annotated[int, typer.Option(help="Rows to sample from the start of the file.")] = 1000,
+    force: Annotated[bool, typer.Option("--force", help="Replace the file at --out if it exists.")] = False,
+) -> None:
+    """Draft a dataset policy from a sample of a file: each column classified from its name and content, with evidence."""
+    from lakehouse.suggest import suggest_policy, write_draft
+
+    s = suggest_policy(file, dataset=dataset, sample=sample)
+    if out is not None and str(out) == "-":
+        sys.stdout.write(s.to_yaml())
+        return
+    target = write_draft(s, out if out is not None else Path("policies") / f"{s.dataset}.yaml", force=force)
+    t = Table(title=f"{s.dataset}: {s.rows_sampled:,} rows sampled from {s.source}")
+    for col in ("column", "class", "protection", "type", "confidence", "evidence"):
+        t.add_column(col, overflow="fold")
+    for c in s.columns:
+        prot = "" if c.class_.value == "public" else c.protection.value
+        if "generalize" in c.spec:
+            prot += f" ({c.spec['generalize']})"
+        t.add_row(c.name, c.class_.value, prot, c.type, c.confidence, "; ".join(c.evidence))
+    console.print(t)
+    k = s.subject_key
+    console.print(f"subject key: [bold]{k.column}[/] ({k.confidence} confidence)", highlight=False)
+    for w in s.warnings:
+        console.print(f"[yellow]warning[/]: {w}", soft_wrap=True, highlight=False)
+    console.print(f"[green]wrote[/] {target}: a draft; review it, then run `lakewarden policy check`", highlight=False)
+
+
+@policy_app.command("schema")
+def policy_schema(
+    out: Annotated[Optional[Path], typer.Option(help="Write the JSON Schema here (default: print it).")] = None,
+) -> None:
+    """Print or write the JSON Schema of policy files, for editors (see docs/configuration.md)."""
+    from governance.policy_schema import render
+
+    text = render()
+    if out is None:
+        sys.stdout.write(text)
+        return
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise LakewardenError(f"{out}: cannot write the schema ({exc.strerror or exc})") from None
+    console.print(f"[green]wrote[/] {out}", highlight=False)
+
+
 # -- gate ---------------------------------------------------------------------------------
 def _print_decision(d: "Decision") -> None:
     colour = "green" if d.allowed else "red"
