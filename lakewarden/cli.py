@@ -1168,7 +1168,12 @@ def _workspace_dir(args: list[str]) -> Optional[Path]:
 
 
 def run() -> None:
-    """The installed ``lakewarden`` command: ``main``, then a clean process exit (lakewarden.process)."""
-    from lakewarden.process import run_and_exit
+    """The installed ``lakewarden`` command: ``main``, then a clean process exit (lakewarden.process).
 
+    Libraries' deprecation notes are not shown to the user (``quiet_library_warnings``); the
+    project's own warnings are.
+    """
+    from lakewarden.process import quiet_library_warnings, run_and_exit
+
+    quiet_library_warnings()
     run_and_exit(main)

@@ -81,6 +81,43 @@ def crash_line(exc: BaseException, path: Path) -> str:
     return f"unexpected {type(exc).__name__}{': ' + msg if msg else ''} (a bug; the traceback is in {path})"
 
 
+OWN_PACKAGES = frozenset({"lakewarden", "governance", "lakehouse", "features", "training", "serving"})
+_LIBRARY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def _own(module: str | None) -> bool:
+    return bool(module) and module.split(".", 1)[0] in OWN_PACKAGES  # type: ignore[union-attr]
+
+
+def quiet_library_warnings() -> None:
+    """In a command's own process: show the project's warnings, not libraries' deprecation notes.
+
+    A user running ``lakewarden features training-set`` was shown ibis's
+    ``fetch_arrow_table() is deprecated`` — a note for ibis's developers about DuckDB, not for
+    them. Warning *filters* cannot hold this back: Feast calls
+    ``warnings.simplefilter("once", DeprecationWarning)`` when it is imported, in front of any
+    filter set before. So the display itself decides (``warnings.showwarning``, Python's hook
+    for it): a ``DeprecationWarning``, ``PendingDeprecationWarning`` or ``FutureWarning`` is
+    shown only if its class is one of the project's; every other warning (the project's own
+    ``UserWarning`` subclasses such as an insecure key file's, a runtime warning) is shown as
+    before. Called by :func:`lakewarden.cli.run` only: tests and library users keep Python's
+    behaviour.
+    """
+    import warnings
+
+    show = warnings.showwarning
+    if getattr(show, "_lakewarden_quiet", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+        if issubclass(category, _LIBRARY_NOISE) and not _own(getattr(category, "__module__", None)):
+            return
+        show(message, category, filename, lineno, file, line)
+
+    showwarning._lakewarden_quiet = True  # type: ignore[attr-defined]
+    warnings.showwarning = showwarning
+
+
 def exit_process(code: int) -> NoReturn:
     """Finish Python's own shutdown work, then end the process with ``code``."""
     me = threading.current_thread()
