@@ -9,7 +9,8 @@ each may run, and which users hold which roles (``principals``).
 class (subject_key, direct_identifier, quasi_identifier, sensitive, public) and
 protection, allowed purposes, per-role access (layers, columns, masks, row
 filter, purposes), retention, privacy budget, fairness thresholds and who must
-approve a deployment.
+approve a deployment, and the labels a model may be trained to predict (with
+the favourable value of each).
 
 :func:`load_policies` validates every file and then the set as a whole (roles
 named by datasets must exist, masks must name real columns, ...). Errors name
@@ -26,7 +27,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator, model_validator,
+)
 
 from governance._files import FieldError, locate, read_yaml, validate_file
 from governance.errors import PolicyError
@@ -319,6 +322,46 @@ class Fairness(_Strict):
     predictive_parity_max_diff: float = Field(default=0.1, ge=0, le=1)
 
 
+def _label_value(v: Any) -> Any:
+    if isinstance(v, (bool, int, str)):
+        return v
+    raise ValueError(f"a label value is true/false, a whole number or text (got {v!r})")
+
+
+LabelValue = Annotated[StrictBool | StrictInt | StrictStr, BeforeValidator(_label_value)]
+_YAML_BOOLS = "YAML reads unquoted yes/no/true/false/on/off as booleans: quote the value (e.g. 'no')"
+
+
+class Label(_Strict):
+    """A column a model may be trained to predict, and which of its two values is favourable.
+
+    The model predicts the *unfavourable* value as 1 (its score is the probability of it);
+    fairness measures the favourable one. A bool label names its favourable value only
+    (``defaulted: {favourable: false}``); a text or int label names both
+    (``risk: {favourable: good, unfavourable: bad}``). A value outside the pair is refused
+    at training, never guessed.
+    """
+
+    favourable: LabelValue
+    unfavourable: LabelValue | None = Field(default=None, description="the other value; implied for a bool label")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _pair(self) -> "Label":
+        fav, unf = self.favourable, self.unfavourable
+        if isinstance(fav, bool) and unf is None:
+            object.__setattr__(self, "unfavourable", not fav)
+            return self
+        if unf is None:
+            raise ValueError(f"favourable {fav!r} needs its counterpart: add 'unfavourable: <the other value>'")
+        if type(fav) is not type(unf):
+            why = _YAML_BOOLS if isinstance(fav, bool) or isinstance(unf, bool) else "quote both values or neither"
+            raise ValueError(f"favourable {fav!r} and unfavourable {unf!r} must be of one type ({why})")
+        if fav == unf:
+            raise ValueError(f"favourable and unfavourable are both {fav!r}: a label has two distinct values")
+        return self
+
+
 class Deployment(_Strict):
     approvers: list[str] = Field(default_factory=lambda: ["compliance_officer"], min_length=1)
     min_approvals: int = Field(default=1, ge=1, le=10)
@@ -338,6 +381,9 @@ class DatasetPolicy(_Strict):
     erasure: ErasurePolicy = ErasurePolicy()
     privacy: PrivacyBudget | None = None
     fairness: Fairness | None = None
+    labels: dict[str, Label] = Field(
+        default_factory=dict, description="column -> its favourable value: the labels a model may be trained on"
+    )
     deployment: Deployment = Deployment()
     landing: Literal["remove", "keep"] = "remove"
     contract: Contract = Contract()
@@ -426,6 +472,8 @@ class DatasetPolicy(_Strict):
                     raise FieldError(
                         ("fairness", "sensitive_attributes"), f"fairness attribute '{a}' must be a column of class 'sensitive'"
                     )
+        for c, lab in self.labels.items():
+            _check_label(c, lab, cols.get(c))
         return self
 
     # -- queries the enforcers use -------------------------------------------------
@@ -449,6 +497,37 @@ class DatasetPolicy(_Strict):
         if c.class_ is ColumnClass.SENSITIVE:
             return Mask(kind=MaskKind.NULL)
         return None
+
+
+_LABEL_TYPES = {"bool": bool, "string": str, "int": int}
+
+
+def _check_label(name: str, lab: Label, col: ColumnPolicy | None) -> None:
+    """A label is a public bool, string or int column, and its declared values fit the column."""
+    if col is None:
+        raise FieldError(("labels", name), f"labels names unknown column '{name}'")
+    if col.class_ is not ColumnClass.PUBLIC:
+        raise FieldError(
+            ("labels", name),
+            f"label '{name}' is a {col.class_.value} column: a model's label must be a public column "
+            "(identifiers and sensitive attributes are never predicted)",
+        )
+    want = _LABEL_TYPES.get(col.type)
+    if want is None:
+        raise FieldError(("labels", name), f"label '{name}' is a {col.type} column: a label must be bool, string or int")
+    for side in ("favourable", "unfavourable"):
+        v = getattr(lab, side)
+        if type(v) is not want:
+            shown = "true/false" if want is bool else ("text" if want is str else "a whole number")
+            extra = f" ({_YAML_BOOLS})" if want is str and isinstance(v, bool) else ""
+            raise FieldError(
+                ("labels", name, side), f"labels.{name}.{side} is {v!r}, but '{name}' is a {col.type} column: use {shown}{extra}"
+            )
+        if want is str and col.allowed is not None and v not in col.allowed:
+            raise FieldError(
+                ("labels", name, side),
+                f"labels.{name}.{side} is {v!r}, which columns.{name}.allowed does not list ({', '.join(col.allowed)})",
+            )
 
 
 class RoleSpec(_Strict):
@@ -484,11 +563,17 @@ class _AnyPolicy(_Strict):
 class PolicySet:
     """All policies, validated together. Immutable; ``digest`` identifies this exact version."""
 
-    def __init__(self, roles: RoleCatalog, datasets: dict[str, DatasetPolicy], *, digest: str, files: list[str]):
+    def __init__(self, roles: RoleCatalog, datasets: dict[str, DatasetPolicy], *, digest: str, files: list[str],
+                 sources: dict[str, str] | None = None):
         self.roles = roles
         self.datasets = datasets
         self.digest = digest
         self.files = files
+        self._sources = dict(sources or {})
+
+    def source(self, dataset: str) -> str:
+        """The file that defines ``dataset``'s policy (for messages that tell the user what to edit)."""
+        return self._sources.get(dataset, f"policies/{dataset}.yaml")
 
     def dataset(self, name: str) -> DatasetPolicy:
         try:
@@ -565,5 +650,6 @@ def load_policies(files: list[Path]) -> PolicySet:
                     line=locate(node, ("deployment", "approvers")),
                 )
     return PolicySet(
-        roles, {k: v[0] for k, v in datasets.items()}, digest=h.hexdigest(), files=[str(f) for f in sorted(files)]
+        roles, {k: v[0] for k, v in datasets.items()}, digest=h.hexdigest(), files=[str(f) for f in sorted(files)],
+        sources={k: str(v[1]) for k, v in datasets.items()},
     )
