@@ -875,8 +875,12 @@ def train(
     purpose: Annotated[str, typer.Option(help="Purpose; the policy must allow it for every feature.")],
     epsilon: Annotated[float, typer.Option(help="Target ε of this run (capped by policy and the budget left).")] = 3.0,
     delta: Annotated[float, typer.Option(help="Target δ.")] = 1e-5,
-    epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Expected batch size (Poisson sampling).")] = 512,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the data.")] = 5,
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, show_default=False,
+        help="Expected batch size (Poisson sampling). Default: a tenth of the training rows, at least 32 "
+             "and at most 512.")] = None,
+    learning_rate: Annotated[float, typer.Option(help="Adam's learning rate.")] = 0.002,
     max_grad_norm: Annotated[float, typer.Option(help="Per-sample gradient clipping norm.")] = 1.0,
     accountant: Annotated[str, typer.Option(help="prv, rdp or gdp.")] = "prv",
     seed: Annotated[int, typer.Option(help="Same seed, same model (CPU).")] = 0,
@@ -887,9 +891,11 @@ def train(
     from training.pipeline import train_model
     from training.trainer import TrainOptions
 
+    if not learning_rate > 0:
+        raise typer.BadParameter(f"must be greater than 0 (got {learning_rate:g})", param_hint="--learning-rate")
     st = _state(ctx)
-    opts = TrainOptions(epochs=epochs, batch_size=batch_size, target_epsilon=epsilon, delta=delta,
-                        max_grad_norm=max_grad_norm, accountant=accountant, seed=seed)  # type: ignore[arg-type]
+    opts = TrainOptions(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, target_epsilon=epsilon,
+                        delta=delta, max_grad_norm=max_grad_norm, accountant=accountant, seed=seed)  # type: ignore[arg-type]
     with err.status(f"training {name} (DP-SGD, target ε={epsilon:g})"):
         out = train_model(st.workspace(), st.actor(), name=name, features=_split(features), label=label,
                           purpose=purpose, options=opts, mitigate=mitigate, world_size=processes)
@@ -906,6 +912,9 @@ def train(
     if c.mitigation:
         console.print(f"mitigation: {c.mitigation['method']} (passed before {c.mitigation['passed_before']}, "
                       f"after {c.mitigation['passed_after']})")
+    batches = "auto (a tenth of the training rows, 32–512)" if batch_size is None else str(batch_size)
+    rate = f", sampling rate {c.privacy.sample_rate:.4g} per step" if c.privacy.sample_rate else ""
+    console.print(f"batch size {batches}{rate}, {epochs} epoch(s), learning rate {learning_rate:g}", highlight=False)
     console.print(f"privacy spent by this call: ε={out.epsilon_spent:.3f} over {len(out.runs)} run(s)")
 
 
