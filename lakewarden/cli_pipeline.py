@@ -56,6 +56,9 @@ def pipeline_summary(ctx: typer.Context) -> None:
 
         verdict += f" ({pass_rate_note(f['pass_rate'])})"
     t.add_row("fairness", verdict)
+    fl = f.get("favourable_label")
+    if fl:  # what "selected" means in the metrics: the policy's declared favourable outcome
+        t.add_row("  favourable outcome", f"{fl['column']} = {json.dumps(fl['favourable'])}")
     for k in sorted(k for k in f if "." in k):
         t.add_row(f"  {k}", f"{f[k]:.3f}")
     t.add_row("registered", s["registered"] or "—")

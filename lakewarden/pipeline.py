@@ -333,7 +333,8 @@ def stage_evaluate(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any
 
     fair = evaluate_candidate(ws, actor, CANDIDATE_DIR, OUT / "evaluation.json")
     write_json(OUT / "evaluation.json", {**fair, **_manifest(ws, "evaluate", fair.get("lineage_run_id"))})
-    flat: dict[str, Any] = {"passed": fair["passed"], "failures": fair.get("failures", [])}
+    flat: dict[str, Any] = {"passed": fair["passed"], "failures": fair.get("failures", []),
+                            "favourable_label": fair["favourable_label"]}  # which outcome "selected" means
     if fair.get("uncertainty"):
         flat["pass_rate"] = fair["uncertainty"]["pass_rate"]  # share of bootstrap resamples that pass
     for attr, ms in (fair.get("metrics") or {}).items():

@@ -2,8 +2,11 @@
 
 :func:`train_model`:
 
-1. builds a point-in-time training set from the feature store (gated by purpose: no
-   sensitive attribute reaches a ``credit_scoring`` model);
+1. checks the label against the dataset policy's ``labels:`` declaration, builds a point-in-time
+   training set from the feature store (gated by purpose: no sensitive attribute reaches a
+   ``credit_scoring`` model) and encodes the label by the declaration — refusing an undeclared
+   label, a NULL or a value outside the declared pair (:class:`~training.labels.LabelError`,
+   exit 2) before any budget is reserved;
 2. reserves the run's privacy budget in the ledger — the gate refuses, before any training,
    a run that would take the dataset past its total ε, and says how much is left;
 3. trains the MLP with Opacus DP-SGD (target ε and δ from the options, capped by policy;
@@ -16,8 +19,10 @@
 6. registers the model: weights, the feature encoder, and a model card (data versions, ε,
    δ, accountant, utility, fairness, lineage run ids, gate decisions).
 
-Fairness is measured on the favourable outcome of a credit decision: predicted
-``defaulted = 0`` (approval) is the "selected" outcome (``favourable_label`` in the card).
+The label is encoded 1 for its unfavourable value and 0 for its favourable one, as the policy
+declares them (``labels: {defaulted: {favourable: false}}`` for the demo: the score is the risk
+of default). Fairness is measured on the favourable outcome: a predicted 0 is the "selected"
+outcome; the card's ``favourable_label`` names the column and both values.
 """
 
 from __future__ import annotations
@@ -40,11 +45,12 @@ from training.encode import Encoder
 from training.fairness import (
     check_fairness, decrypt_sensitive, fairness_metrics, fairness_uncertainty, gate_context, mitigation_report, reweighing,
 )
+from training.labels import FAVOURABLE, check_label_column, declared_label
 from training.reference import Reference
 from training.registry import ModelCard, ModelRef, Registry
 from training.trainer import TrainOptions, TrainResult, predict_proba, train, train_distributed
 
-FAVOURABLE_LABEL = 0
+FAVOURABLE_LABEL = FAVOURABLE  # the encoded favourable outcome (0); which value it is, the policy says
 
 
 @dataclass
@@ -75,8 +81,7 @@ class _Prepared:
     y_te: np.ndarray
 
 
-def _prepare(table: pa.Table, cols: list[str], label: str, holdout: float, seed: int) -> _Prepared:
-    y_all = np.array([1.0 if v else 0.0 for v in table[label].to_pylist()], dtype=np.float32)
+def _prepare(table: pa.Table, cols: list[str], y_all: np.ndarray, holdout: float, seed: int) -> _Prepared:
     tr, te = _split(table.num_rows, holdout, seed)
     train_rows = table.take(pa.array(tr)).select(cols)
     enc = Encoder.fit(train_rows, cols)
@@ -137,14 +142,17 @@ def train_model(
     """Run the training stage and register the model (see the module docstring)."""
     warnings.filterwarnings("ignore", module="opacus")
     fs = Features(ws)
+    check_label_column(ws.policies, fs._resolve(features)[0], label)  # before any data is read
     ts = fs.training_set(actor, purpose=purpose, features=features, label=label)
     pol = ws.policies.dataset(ts.dataset)
     key = pol.subject_key
     cols = [f.split(":", 1)[1] for f in features]
     table = ts.table
+    outcome = declared_label(ws.policies, pol, label, values=table[label])
+    y_all = outcome.encode(table[label], where=" (training set)")  # refused here: nothing reserved yet
     if table.num_rows < 10:
         raise ValueError(f"the training set has {table.num_rows} rows: too few to train on")
-    prep = _prepare(table, cols, label, holdout, options.seed)
+    prep = _prepare(table, cols, y_all, holdout, options.seed)
     tr, te, enc, X_tr, X_te, y_tr, y_te = prep.tr, prep.te, prep.enc, prep.X_tr, prep.X_te, prep.y_tr, prep.y_te
     tokens = table[key].to_pylist()
     ledger = PrivacyLedger(ws)
@@ -211,6 +219,7 @@ def train_model(
         "purpose": purpose,
         "features": features,
         "label": label,
+        "favourable_label": outcome.describe(),
         "data_versions": ts.sources,
         "privacy": {
             "epsilon": float(result.epsilon), "delta": options.delta, "accountant": options.accountant,
@@ -221,7 +230,7 @@ def train_model(
         "mitigation": mitigation,
         "lineage_run_ids": [r for r in (ts.run_id, train_run) if r],
         "gate_decisions": [d for d in decisions if d is not None],
-        "preprocessing": {"encoder": enc.to_dict(), "favourable_label": FAVOURABLE_LABEL, "threshold": threshold,
+        "preprocessing": {"encoder": enc.to_dict(), "threshold": threshold,
                           "hidden": list(options.hidden), "n_features": result.n_features},
     }
     if fairness_fields is not None:

@@ -74,7 +74,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import DeltaError
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator,
+    model_serializer, model_validator,
+)
 
 from governance.locks import file_lock
 from governance.errors import LakewardenError
@@ -341,6 +344,29 @@ class Deployment(_Frozen):
     at: AwareDatetime
 
 
+class FavourableLabel(_Frozen):
+    """The label the model predicts, as the dataset policy declares it (``labels:``): which value
+    is the favourable outcome (fairness measures it) and which the model scores (``positive``,
+    encoded 1: the score is the probability of that value)."""
+
+    column: str = Field(pattern=IDENT)
+    favourable: StrictBool | StrictInt | StrictStr
+    unfavourable: StrictBool | StrictInt | StrictStr
+    positive: StrictBool | StrictInt | StrictStr
+
+    @model_validator(mode="after")
+    def _pair(self) -> "FavourableLabel":
+        if self.favourable == self.unfavourable or self.positive not in (self.favourable, self.unfavourable):
+            raise ValueError("favourable_label needs two distinct values, and positive must be one of them")
+        return self
+
+    def sentence(self) -> str:
+        def v(x: bool | int | str) -> str:
+            return ("true" if x else "false") if isinstance(x, bool) else repr(x)
+
+        return f"{self.column} (favourable: {v(self.favourable)}; the score is the probability of {v(self.positive)})"
+
+
 class ModelCard(_Frozen):
     """Everything a reviewer needs to judge one model version, and what the deploy gate reads.
 
@@ -357,6 +383,7 @@ class ModelCard(_Frozen):
     created_by: str = Field(min_length=1)
     features: list[str] = Field(default_factory=list)
     label: str | None = None
+    favourable_label: FavourableLabel | None = None  # the policy's declaration of the label (None on older cards)
     data_versions: dict[str, int] = Field(default_factory=dict)
     privacy: PrivacyGuarantee
     utility: dict[str, float] = Field(default_factory=dict)
@@ -377,6 +404,20 @@ class ModelCard(_Frozen):
         if bad:
             raise ValueError(f"features are 'view:feature' (lower_snake_case), got {', '.join(map(repr, bad))}")
         return v
+
+    @model_validator(mode="after")
+    def _label_declared(self) -> "ModelCard":
+        if self.favourable_label is not None and self.favourable_label.column != self.label:
+            raise ValueError(f"favourable_label describes '{self.favourable_label.column}', not the label {self.label!r}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _undeclared_label_left_out(self, handler: Any) -> Any:
+        """A card without ``favourable_label`` (registered before labels were declared) keeps its JSON bytes."""
+        out = handler(self)
+        if isinstance(out, dict) and out.get("favourable_label") is None:
+            out.pop("favourable_label", None)
+        return out
 
     @field_validator("data_versions")
     @classmethod
@@ -438,7 +479,7 @@ class ModelCard(_Frozen):
                 ("Dataset", self.dataset),
                 ("Purpose", self.purpose),
                 ("Created", f"{_ts(self.created_at)} by {self.created_by}"),
-                ("Label", self.label or "—"),
+                ("Label", self.favourable_label.sentence() if self.favourable_label else self.label or "—"),
                 ("Features", ", ".join(self.features) or "—"),
             ],
         )
@@ -818,7 +859,7 @@ class Registry:
         except ValidationError as exc:
             raise ValueError(_validation_message(exc)) from None
         dumped = draft.model_dump(mode="json")
-        _refuse_personal({k: dumped[k] for k in fields if k not in _NOT_SCANNED}, "card field")
+        _refuse_personal({k: dumped[k] for k in fields if k not in _NOT_SCANNED and k in dumped}, "card field")
         draft = self._judge_fairness(draft, pol)
 
         with self._locked():

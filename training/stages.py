@@ -4,8 +4,10 @@
 after seeing the fairness verdict). The DVC pipeline runs them as separate stages so that
 each is gated, cached and rerun on its own:
 
-* :func:`fit_candidate` — a point-in-time training set as of a fixed time ``at``, a budget
-  reservation in the privacy ledger, one DP-SGD run (with Kamiran–Calders reweighing when
+* :func:`fit_candidate` — a point-in-time training set as of a fixed time ``at``, its label
+  encoded by the policy's declaration (``labels:``; an undeclared label or a value outside the
+  declared pair is refused before anything is reserved), a budget reservation in the privacy
+  ledger, one DP-SGD run (with Kamiran–Calders reweighing when
   the params ask for it: a pre-processing mitigation chosen up front, not after peeking at
   the holdout), the per-epoch privacy–utility curve, and a *candidate* folder holding the
   weights, the encoder, the drift reference and ``candidate.json``. Nothing in the folder
@@ -13,7 +15,8 @@ each is gated, cached and rerun on its own:
 * :func:`evaluate_candidate` — rebuilds the same training set (same ``at``, same silver
   version, checked), re-derives the same holdout (checked by digest), scores it, decrypts
   the sensitive attributes of the holdout only (gated, purpose ``fairness_evaluation``,
-  audited) and writes ``fairness.json`` with the policy's verdict.
+  audited) and writes ``fairness.json`` with the policy's verdict and the favourable outcome
+  it measured (the label's declaration, checked to be the one the candidate was trained on).
 * :func:`register_candidate` — the model card from both files, and the registry version.
 """
 
@@ -27,7 +30,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 
 from features.store import Features, TrainingSet
@@ -40,7 +42,8 @@ from training.encode import Encoder
 from training.fairness import (
     check_fairness, decrypt_sensitive, fairness_metrics, fairness_uncertainty, gate_context, reweighing,
 )
-from training.pipeline import FAVOURABLE_LABEL, _prepare, _split, _threshold, _utility, budgeted_run
+from training.labels import FAVOURABLE, check_label_column, declared_label
+from training.pipeline import _prepare, _split, _threshold, _utility, budgeted_run
 from training.reference import Reference
 from training.registry import ModelRef, Registry
 from training.trainer import TrainOptions, predict_proba, train
@@ -58,7 +61,9 @@ class StageError(LakewardenError):
 
 def _training_set(ws: Workspace, actor: Actor, *, purpose: str, features: list[str], label: str,
                   at: datetime) -> tuple[TrainingSet, pa.Table]:
-    ts = Features(ws).training_set(actor, purpose=purpose, features=features, label=label, at=at)
+    fs = Features(ws)
+    check_label_column(ws.policies, fs._resolve(features)[0], label)  # before any data is read
+    ts = fs.training_set(actor, purpose=purpose, features=features, label=label, at=at)
     key = ws.policies.dataset(ts.dataset).subject_key
     table = ts.table.sort_by(key)  # a stable order: the split must be the same in every stage
     if table.num_rows < 10:
@@ -91,7 +96,8 @@ def fit_candidate(
     pol = ws.policies.dataset(ts.dataset)
     key = pol.subject_key
     cols = [f.split(":", 1)[1] for f in features]
-    prep = _prepare(table, cols, label, holdout, options.seed)
+    outcome = declared_label(ws.policies, pol, label, values=table[label])
+    prep = _prepare(table, cols, outcome.encode(table[label], where=" (training set)"), holdout, options.seed)
     tr, te, enc, X_tr, X_te, y_tr, y_te = prep.tr, prep.te, prep.enc, prep.X_tr, prep.X_te, prep.y_tr, prep.y_te
     tokens = table[key].to_pylist()
     weights = None
@@ -120,6 +126,7 @@ def fit_candidate(
     opts = asdict(options)
     cand: dict[str, Any] = {
         "name": name, "dataset": ts.dataset, "purpose": purpose, "features": features, "label": label,
+        "favourable_label": outcome.describe(),
         "at": at.isoformat(), "holdout": holdout, "seed": options.seed, "mitigation": mitigation,
         "data_versions": ts.sources, "rows": {"train": int(len(tr)), "holdout": int(len(te))},
         "holdout_digest": _digest([tokens[i] for i in te]),
@@ -129,7 +136,7 @@ def fit_candidate(
                     "sample_rate": result.sample_rate, "ledger_run": res.run_id},
         "utility": utility, "curve": result.curve,
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()},
-        "preprocessing": {"encoder": enc.to_dict(), "favourable_label": FAVOURABLE_LABEL, "threshold": threshold,
+        "preprocessing": {"encoder": enc.to_dict(), "threshold": threshold,
                           "hidden": list(options.hidden), "n_features": result.n_features},
         "lineage_run_ids": [r for r in (ts.run_id, run) if r],
         "gate_decisions": [{"stage": d.stage.value, "rule_ids": list(d.rule_ids), "allowed": d.allowed}
@@ -176,24 +183,30 @@ def evaluate_candidate(ws: Workspace, actor: Actor, cand_dir: Path, out: Path | 
     if _digest([tokens[i] for i in te]) != cand["holdout_digest"]:
         raise StageError("the holdout differs from the one the candidate was trained beside: rerun the train stage")
     cols = [f.split(":", 1)[1] for f in cand["features"]]
+    outcome = declared_label(ws.policies, pol, cand["label"])
+    if cand.get("favourable_label") != outcome.describe():
+        raise StageError(f"the declaration of label '{outcome.column}' is not the one the candidate was trained with "
+                         f"(then {cand.get('favourable_label')}, now {outcome.describe()}): rerun the train stage")
     enc = Encoder.from_dict(cand["preprocessing"]["encoder"])
-    X_te = enc.transform(table.take(pa.array(te)))
-    y_te = np.array([1.0 if v else 0.0 for v in table.take(pa.array(te))[cand["label"]].to_pylist()], dtype=np.float32)
+    holdout_rows = table.take(pa.array(te))
+    X_te = enc.transform(holdout_rows)
+    y_te = outcome.encode(holdout_rows[cand["label"]], where=" (holdout)")
     pre = cand["preprocessing"]
     p = predict_proba((cand_dir / "model.pt").read_bytes(), X_te, n_features=pre["n_features"], hidden=tuple(pre["hidden"]))
     utility = _utility(y_te, p, pre["threshold"])
-    res: dict[str, Any] = {"model": cand["name"], "utility": utility, "columns": cols}
+    res: dict[str, Any] = {"model": cand["name"], "utility": utility, "columns": cols,
+                           "favourable_label": outcome.describe()}
     if pol.fairness is None:
         res.update({"passed": None, "note": f"policies for '{ts.dataset}' set no fairness thresholds"})
     else:
         sens = decrypt_sensitive(ws, actor, ts.dataset, [tokens[i] for i in te], purpose="fairness_evaluation")
         y_hat = (p > pre["threshold"]).astype(int)
-        metrics = fairness_metrics(y_te.astype(int), y_hat, sens, pos_label=FAVOURABLE_LABEL)
+        metrics = fairness_metrics(y_te.astype(int), y_hat, sens, pos_label=FAVOURABLE)
         verdict = check_fairness(metrics, pol.fairness)
         res.update({"metrics": gate_context(metrics), "passed": verdict.passed, "failures": list(verdict.failures),
                     "thresholds": pol.fairness.model_dump(mode="json"),
                     "uncertainty": fairness_uncertainty(y_te.astype(int), y_hat, sens, pol.fairness,
-                                                        pos_label=FAVOURABLE_LABEL, seed=int(cand["seed"]))})
+                                                        pos_label=FAVOURABLE, seed=int(cand["seed"]))})
     run = ws.lineage.emit(
         f"evaluate.{cand['name']}",
         inputs=[DatasetRef(t, version=v) for t, v in ts.sources.items()] + [DatasetRef(f"candidate:{cand['name']}", kind="model")],
@@ -216,6 +229,7 @@ def register_candidate(ws: Workspace, actor: Actor, cand_dir: Path, fairness: Pa
     fair = json.loads(fpath.read_text())
     card_fields: dict[str, Any] = {
         "purpose": cand["purpose"], "features": cand["features"], "label": cand["label"],
+        "favourable_label": cand.get("favourable_label"),
         "data_versions": cand["data_versions"], "privacy": {k: v for k, v in cand["privacy"].items() if k != "ledger_run"},
         "utility": cand["utility"],
         "mitigation": None if cand["mitigation"] == "none" else {"method": "reweighing (Kamiran & Calders)", "applied": "before training"},
