@@ -34,10 +34,23 @@ def lake(workspace: Workspace, tmp_path: Path) -> Workspace:
     return workspace
 
 
-def test_train_registers_a_private_model_with_its_card(lake: Workspace):
+def test_train_registers_a_private_model_with_its_card(lake: Workspace, monkeypatch: pytest.MonkeyPatch):
+    import numpy as np
+
+    import training.pipeline as tp
+
+    seen = []
+    real = tp._prepare
+    monkeypatch.setattr(tp, "_prepare", lambda table, cols, y, *a: seen.append((table, y)) or real(table, cols, y, *a))
     out = train_model(lake, lake.actor("sam"), name="credit", features=FEATURES, label="defaulted",
                       purpose="credit_scoring", options=OPTS, mitigate=False)
     c = out.card
+    # The demo's label as before it was declared (labels: {defaulted: {favourable: false}}): y = defaulted.
+    (table, y), = seen
+    assert np.array_equal(y, np.array(table["defaulted"].to_pylist(), dtype=np.float32))
+    assert c.favourable_label.model_dump() == {"column": "defaulted", "favourable": False, "unfavourable": True,
+                                               "positive": True}
+    assert "defaulted (favourable: false; the score is the probability of true)" in c.to_markdown()
     assert str(out.ref) == "credit@1" and c.status == "registered"
     assert 0 < c.privacy.epsilon <= 2.0 + 1e-6 and c.privacy.delta == 1e-5 and c.privacy.accountant == "rdp"
     assert c.data_versions == {"silver.customers": Catalog(lake.config).open(TableRef("silver", "customers")).version()}
