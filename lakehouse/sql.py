@@ -15,7 +15,8 @@ How a query is checked, before any data is touched:
 
 1. DuckDB's own parser: exactly one statement, of type SELECT.
 2. sqlglot (duckdb dialect): the statement is a SELECT / WITH … SELECT / UNION /
-   INTERSECT / EXCEPT (no ``SELECT … INTO``, DESCRIBE, SUMMARIZE, PIVOT statement);
+   INTERSECT / EXCEPT (no ``SELECT … INTO``, SUMMARIZE, PIVOT statement, no DESCRIBE but of a
+   table: see below);
    every table reference that is not a CTE (resolved by scope) is ``dataset`` or
    ``layer.dataset`` of a governed dataset; FROM holds no table function, file path
    or ``AT (VERSION => …)``.
@@ -25,6 +26,10 @@ How a query is checked, before any data is touched:
 4. The policy gate decides ``query`` for each table (``AccessDenied`` propagates).
 5. The query runs with ``enable_external_access=false`` and a locked configuration
    (no files, no extensions, no ``SET``).
+
+``DESCRIBE <table>`` (or ``DESC``, ``SHOW COLUMNS FROM|IN <table>``) of one governed table is
+answered too: the columns of the role's view (hidden ones absent) with their type, policy class
+and mask — gated (``query``) and audited (``sql.query``) exactly like a query of the table.
 
 Errors (see ``lakehouse.errors``)::
 
@@ -71,7 +76,7 @@ if TYPE_CHECKING:
 
 __all__ = ["QueryResult", "SqlError", "run_query", "write_result"]
 
-_READ_ONLY = "SELECT, WITH … SELECT, UNION, INTERSECT, EXCEPT"
+_READ_ONLY = "SELECT, WITH … SELECT, UNION, INTERSECT, EXCEPT; DESCRIBE <table>"
 _AUDIT_SQL_CHARS = 500
 _TABLE_ROWS_SHOWN = 50
 _PATHLIKE = re.compile(r"[/\\.*?:~]")
@@ -147,9 +152,15 @@ def run_query(
     used: list[str] = []
     try:
         with _connection() as con:
-            uses = _check(con, sql, ws)
-            used = [str(u.ref) for u in uses]
-            result = _execute(con, ws, actor, sql, uses, version=version, as_of=as_of, max_rows=max_rows)
+            described = _DESCRIBE.match(sql or "")
+            if described:  # DESCRIBE t / SHOW COLUMNS FROM t: the columns the role's view has
+                use = _describe_target(described.group("name"), ws)
+                used = [str(use.ref)]
+                result = _describe(con, ws, actor, sql, use, version=version, as_of=as_of)
+            else:
+                uses = _check(con, sql, ws)
+                used = [str(u.ref) for u in uses]
+                result = _execute(con, ws, actor, sql, uses, version=version, as_of=as_of, max_rows=max_rows)
     except LakewardenError as exc:
         _audit(ws, actor, sql, used, outcome="error", error=exc)
         raise
@@ -407,6 +418,19 @@ LAYER_COLUMNS: dict[str, tuple[str, ...]] = {
     "restricted": ("_batch_id", "_ingested_at"),
 }
 
+@dataclass(slots=True)
+class _Views:
+    """What registering the governed views found: masks applied, row filters, mask fallbacks,
+    hidden columns (for helpful errors) and the raw internal names (kept out of messages)."""
+
+    masked: dict[str, dict[str, str]] = field(default_factory=dict)
+    row_filters: dict[str, str] = field(default_factory=dict)
+    warns: list[str] = field(default_factory=list)
+    hidden: dict[str, tuple[str, str]] = field(default_factory=dict)  # column -> (table, role)
+    internal: dict[str, str] = field(default_factory=dict)  # raw name -> table
+    classes: dict[str, dict[str, str]] = field(default_factory=dict)  # table -> column -> policy class
+
+
 def _execute(
     con: duckdb.DuckDBPyConnection,
     ws: "Workspace",
@@ -418,13 +442,41 @@ def _execute(
     as_of: datetime | str | None,
     max_rows: int | None,
 ) -> QueryResult:
+    v = _register_views(con, ws, actor, sql, uses, version=version, as_of=as_of)
+    # From here on the query cannot read files, load extensions or change settings.
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    try:
+        rel = con.sql(sql)
+        table, truncated = _fetch(rel, max_rows)
+    except duckdb.Error as exc:
+        raise _engine_error(exc, v.hidden, v.internal) from None
+    return QueryResult(
+        table=table,
+        tables=tuple(str(u.ref) for u in uses),
+        masked=v.masked,
+        row_filters=v.row_filters,
+        truncated=truncated,
+        warnings=tuple(v.warns),
+    )
+
+
+def _register_views(
+    con: duckdb.DuckDBPyConnection,
+    ws: "Workspace",
+    actor: Actor,
+    sql: str,
+    uses: list[_Use],
+    *,
+    version: int | None,
+    as_of: datetime | str | None,
+) -> _Views:
+    """Gate each table (``query``) and create its view: visible columns through their masks, rows
+    through the row filter, over the Delta version registered under a random internal name."""
     catalog = Catalog(ws.config)
     lowered = sql.lower()
-    masked: dict[str, dict[str, str]] = {}
-    row_filters: dict[str, str] = {}
-    warns: list[str] = []
-    hidden: dict[str, tuple[str, str]] = {}  # column -> (table, role) for a helpful error
-    internal: dict[str, str] = {}  # raw name -> table, to keep raw names out of messages
+    out = _Views()
+    masked, row_filters, warns, hidden, internal = out.masked, out.row_filters, out.warns, out.hidden, out.internal
     schemas: set[str] = set()
     for use in uses:
         ref = use.ref
@@ -488,22 +540,61 @@ def _execute(
                     f"{_scrub(_first_line(exc), internal)}",
                     hint="the policy's row filter or masks do not fit the table; tell the dataset owner",
                 ) from None
-    # From here on the query cannot read files, load extensions or change settings.
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
+        out.classes[str(ref)] = {c: policy_cols[c].class_.value for c in policy_cols}
+    return out
+
+
+_NAME_PART = r'(?:"[^"]+"|[A-Za-z_][A-Za-z0-9_]*)'
+_DESCRIBE = re.compile(
+    rf"^\s*(?:DESCRIBE|DESC|SHOW\s+COLUMNS\s+(?:FROM|IN))\s+(?P<name>{_NAME_PART}(?:\s*\.\s*{_NAME_PART})?)\s*;?\s*$",
+    re.IGNORECASE,
+)
+# The layer's own columns (LAYER_COLUMNS) and silver's derived features have no policy class.
+_SYSTEM, _DERIVED = "system", "derived"
+
+
+def _describe_target(name: str, ws: "Workspace") -> _Use:
     try:
-        rel = con.sql(sql)
-        table, truncated = _fetch(rel, max_rows)
+        table = exp.to_table(re.sub(r"\s*\.\s*", ".", name), dialect="duckdb")
+    except sqlglot.errors.SqlglotError as exc:
+        raise SqlError(f"cannot read the table name {name!r}: {str(exc).splitlines()[0]}") from None
+    ref, qualified = _resolve(table, ws.policies.datasets)
+    return _Use(ref, bare=not qualified, qualified=qualified)
+
+
+def _describe(
+    con: duckdb.DuckDBPyConnection,
+    ws: "Workspace",
+    actor: Actor,
+    sql: str,
+    use: _Use,
+    *,
+    version: int | None,
+    as_of: datetime | str | None,
+) -> QueryResult:
+    """``DESCRIBE`` a governed table as the role sees it: DuckDB's description of the role's view
+    (the same view a query reads, gated the same way), so a hidden column is absent and a column's
+    type is what the query returns; each column's policy class (``system`` for the layer's own
+    columns, ``derived`` for silver's derived features), whether it is masked, and the mask."""
+    ref = use.ref
+    v = _register_views(con, ws, actor, sql, [use], version=version, as_of=as_of)
+    target = f"{quote_ident(ref.layer)}.{quote_ident(ref.dataset)}" if use.qualified else f"main.{quote_ident(ref.dataset)}"
+    try:
+        rows = con.execute(f"DESCRIBE {target}").fetchall()
     except duckdb.Error as exc:
-        raise _engine_error(exc, hidden, internal) from None
-    return QueryResult(
-        table=table,
-        tables=tuple(str(u.ref) for u in uses),
-        masked=masked,
-        row_filters=row_filters,
-        truncated=truncated,
-        warnings=tuple(warns),
-    )
+        raise SqlError(_scrub(_first_line(exc), v.internal)) from None
+    classes, masks = v.classes.get(str(ref), {}), v.masked.get(str(ref), {})
+    layer_cols = set(LAYER_COLUMNS.get(ref.layer, ()))
+    names = [r[0] for r in rows]
+    table = pa.table({
+        "column_name": pa.array(names, pa.string()),
+        "column_type": pa.array([r[1] for r in rows], pa.string()),
+        "class": pa.array([classes.get(c) or (_SYSTEM if c in layer_cols else _DERIVED) for c in names], pa.string()),
+        "masked": pa.array([c in masks for c in names], pa.bool_()),
+        "mask": pa.array([masks.get(c) for c in names], pa.string()),
+    })
+    return QueryResult(table=table, tables=(str(ref),), masked=v.masked, row_filters=v.row_filters,
+                       warnings=tuple(v.warns))
 
 
 def _internal_name(sql_lower: str) -> str:

@@ -366,7 +366,7 @@ REFUSED = [
     ("CALL pragma_version()", "CALL"),
     ("EXPORT DATABASE '/tmp/x'", "EXPORT"),
     ("EXPLAIN SELECT * FROM customers", "EXPLAIN"),
-    ("DESCRIBE customers", "DESCRIBE"),
+    ("DESCRIBE SELECT * FROM customers", "DESCRIBE"),  # DESCRIBE of a table is answered (test_describe_*)
     ("SUMMARIZE customers", "SUMMARIZE"),
     ("SHOW TABLES", "SHOW"),
     ("CHECKPOINT", "CHECKPOINT"),
@@ -483,6 +483,44 @@ def test_the_view_definitions_are_not_readable(ws, monkeypatch):
     assert res.table.column("n").to_pylist() == [len(KEPT)] and len(names) == 1
     with pytest.raises(SqlError):  # the one from the last query is gone, and would be refused anyway
         run_query(ws, ana(ws), f"SELECT * FROM {names[0]}")
+
+
+# -- DESCRIBE: the role's view of a table ----------------------------------------------------
+def test_describe_shows_the_analyst_only_visible_columns_and_marks_masks(ws):
+    res = run_query(ws, ana(ws), "DESCRIBE customers")
+    rows = {r["column_name"]: r for r in res.table.to_pylist()}
+    assert list(rows) == VISIBLE_TO_ANA  # the view's columns, in its order
+    for hidden in ("sex", "ethnicity", "name", "email"):
+        assert hidden not in rows
+    assert {c for c, r in rows.items() if r["masked"]} == {"customer_id", "income"}
+    assert rows["customer_id"]["mask"] == "hash" and rows["income"]["mask"] == "bucket:10000"
+    assert rows["region"]["mask"] is None and rows["region"]["class"] == "public"
+    assert rows["customer_id"]["class"] == "subject_key"
+    assert rows["income"]["column_type"] == "DOUBLE"  # the type the query returns (masks keep it)
+    assert res.tables == ("silver.customers",) and res.row_filters == {"silver.customers": "region <> 'restricted'"}
+    assert list(rows) == run_query(ws, ana(ws), "SELECT * FROM customers LIMIT 0").table.column_names
+
+
+@pytest.mark.parametrize("sql", ["describe customers;", "DESC silver.customers", "SHOW COLUMNS FROM customers",
+                                 'show columns in "silver"."customers"', "DESCRIBE  silver . customers"])
+def test_describe_spellings(ws, sql):
+    assert run_query(ws, ana(ws), sql).table.column("column_name").to_pylist()[:2] == ["customer_id", "birth_date"]
+
+
+def test_describe_is_gated_and_audited_like_a_query(ws):
+    with pytest.raises(AccessDenied, match="customers/access/analyst/layers"):
+        run_query(ws, ana(ws), "DESCRIBE bronze.customers")
+    with pytest.raises(SqlError, match="unknown table 'payroll'"):
+        run_query(ws, ana(ws), "DESCRIBE payroll")
+    res = run_query(ws, sam(ws), "DESCRIBE customers")  # the data scientist sees sensitive columns, as NULL
+    rows = {r["column_name"]: r for r in res.table.to_pylist()}
+    assert rows["sex"]["masked"] and rows["sex"]["mask"] == "null"
+    evs = events(ws)
+    q = [e for e in evs if e["action"] == "sql.query"]
+    assert [e["outcome"] for e in q[-3:]] == ["error", "error", "ok"]
+    assert json.loads(q[-1]["details"])["tables"] == ["silver.customers"]
+    gate = [e for e in evs if e["action"] == "gate.decide" and e["resource"] == "table:bronze.customers"]
+    assert gate and gate[-1]["outcome"] == "deny"
 
 
 def test_unknown_tables_list_the_governed_datasets(ws):
