@@ -125,6 +125,10 @@ def init(
     for p in res.kept:
         console.print(f"[dim]kept[/]    {p}")
     console.print(f"KEK {res.key_id} · audit signing key {res.audit_key_id} · workspace {res.workspace_id}")
+    if res.policy_templates:
+        console.print("The project had no policy: the files above are a template to start from. Edit the dataset "
+                      "policy for your data, or draft one from a sample of your file with "
+                      "`lakewarden policy suggest FILE`; then run `lakewarden policy check`.", highlight=False)
 
 
 @policy_app.command("check")
