@@ -14,6 +14,11 @@ A run goes through three states, each an append to an append-only Delta table:
 ``spent``     after training: the ε the accountant actually reports (≤ the target).
 ``released``  the run ended before it touched any data; its reservation stops counting.
 
+A run may name the model **build** it belongs to (``reserve(..., model=, build=)``): one call of
+``train_model`` — its first run and a mitigation retrain after a failed fairness verdict — or
+one pipeline candidate. :meth:`PrivacyLedger.build_cost` sums a build's runs, so the model card
+states what producing the model cost of the dataset's budget, not only the released run's ε.
+
 Example::
 
     ledger = PrivacyLedger(ws)
@@ -21,11 +26,13 @@ Example::
     ... train with Opacus, target ε = 3 ...
     ledger.commit(res.run_id, epsilon=2.97)
     ledger.status("customers")   # spent, reserved, left
+    ledger.build_cost(build)     # ε and δ of every run of one model build
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 
 from dataclasses import dataclass
@@ -54,8 +61,17 @@ SCHEMA = pa.schema(
         pa.field("accountant", pa.string()),
         pa.field("actor", pa.string(), nullable=False),
         pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        # The model build the run belongs to (added later: NULL in older ledgers and for runs of no build).
+        pa.field("model", pa.string()),
+        pa.field("build", pa.string()),
     ]
 )
+BUILD_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_build_id() -> str:
+    """A fresh model build id (32 hex digits) to record with each of the build's runs."""
+    return uuid.uuid4().hex
 
 
 class LedgerError(LakewardenError):
@@ -71,6 +87,38 @@ class Reservation:
     epsilon: float
     delta: float
     decision: Any = None  # the gate's Decision that allowed it
+
+
+@dataclass(frozen=True)
+class LedgerRun:
+    """One run of a build, in its latest state (``spent``, or ``reserved`` while it runs)."""
+
+    run_id: str
+    state: str
+    epsilon: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class BuildCost:
+    """What one model build spent of its dataset's budget: its runs composed (ε and δ add up).
+
+    Released runs never touched data and are left out; a run still reserved counts at its
+    reservation, as in :meth:`PrivacyLedger.status`.
+    """
+
+    build: str
+    dataset: str | None
+    model: str | None
+    runs: tuple[LedgerRun, ...]
+
+    @property
+    def epsilon(self) -> float:
+        return sum(r.epsilon for r in self.runs)
+
+    @property
+    def delta(self) -> float:
+        return sum(r.delta for r in self.runs)
 
 
 @dataclass(frozen=True)
@@ -105,8 +153,9 @@ class PrivacyLedger:
         return DeltaTable(self.uri).to_pyarrow_table()
 
     def _append(self, row: dict[str, Any]) -> None:
+        # schema_mode="merge": a ledger written before the build columns gains them (older rows read NULL).
         write_deltalake(self.uri, pa.Table.from_pylist([row], schema=SCHEMA), mode="append",
-                        configuration={"delta.appendOnly": "true"})
+                        configuration={"delta.appendOnly": "true"}, schema_mode="merge")
 
     def _latest(self, rows: pa.Table) -> dict[str, dict[str, Any]]:
         """The latest state of every run."""
@@ -135,10 +184,16 @@ class PrivacyLedger:
         return BudgetStatus(dataset, pol.privacy.epsilon_total, pol.privacy.delta, spent, reserved, dspent, runs)
 
     def reserve(self, actor: Actor, dataset: str, *, purpose: str, epsilon: float, delta: float,
-                accountant: str = "prv", columns: list[str] | None = None) -> Reservation:
-        """Ask the gate (with what is already spent) and reserve the run's budget; raise AccessDenied if over."""
+                accountant: str = "prv", columns: list[str] | None = None, model: str | None = None,
+                build: str | None = None) -> Reservation:
+        """Ask the gate (with what is already spent) and reserve the run's budget; raise AccessDenied if over.
+
+        ``model`` and ``build`` (:func:`new_build_id`) link the run to the model build it belongs to.
+        """
         if not epsilon > 0 or not 0 < delta < 1:
             raise LedgerError(f"epsilon must be > 0 and delta in (0, 1) (got {epsilon!r}, {delta!r})")
+        if build is not None and (not isinstance(build, str) or not BUILD_RE.match(build)):
+            raise LedgerError(f"a build id is 32 lowercase hex digits (new_build_id()), got {build!r}")
         with self._locked():
             st = self.status(dataset)
             decision = self.ws.gate.enforce(
@@ -149,9 +204,11 @@ class PrivacyLedger:
             run_id = uuid.uuid4().hex
             self._append({"run_id": run_id, "dataset": dataset, "state": "reserved", "epsilon": float(epsilon),
                           "delta": float(delta), "purpose": purpose, "accountant": accountant, "actor": actor.name,
-                          "recorded_at": datetime.now(timezone.utc)})
+                          "recorded_at": datetime.now(timezone.utc), "model": model, "build": build})
         self.ws.audit.record("privacy.reserve", actor=actor.name, outcome="ok", stage=Stage.TRAIN.value,
-                             resource=f"dataset:{dataset}", details={"run_id": run_id, "epsilon": epsilon, "delta": delta})
+                             resource=f"dataset:{dataset}",
+                             details={"run_id": run_id, "epsilon": epsilon, "delta": delta,
+                                      **({"model": model, "build": build} if build else {})})
         return Reservation(run_id, dataset, float(epsilon), float(delta), decision)
 
     def _transition(self, run_id: str, state: str, epsilon: float | None, actor: str) -> dict[str, Any]:
@@ -183,5 +240,30 @@ class PrivacyLedger:
         """The run never touched data: its reservation stops counting."""
         self._transition(run_id, "released", None, actor)
 
+    def build_cost(self, build: str) -> BuildCost:
+        """Every run recorded with ``build`` (latest state each, released ones left out), oldest first.
 
-__all__ = ["PrivacyLedger", "Reservation", "BudgetStatus", "LedgerError", "LEDGER_TABLE"]
+        Raises:
+            LedgerError: ``build`` is not a build id.
+        """
+        if not isinstance(build, str) or not BUILD_RE.match(build):
+            raise LedgerError(f"a build id is 32 lowercase hex digits, got {build!r}")
+        rows = self._rows()
+        if "build" not in rows.column_names:  # a ledger written before builds were recorded
+            return BuildCost(build, None, None, ())
+        rows = rows.filter(pc.equal(rows["build"], build))
+        first: dict[str, datetime] = {}
+        for r in rows.sort_by("recorded_at").to_pylist():
+            first.setdefault(r["run_id"], r["recorded_at"])
+        latest = self._latest(rows)
+        runs = [r for r in latest.values() if r["state"] in ("spent", "reserved")]
+        runs.sort(key=lambda r: (first[r["run_id"]], r["run_id"]))
+        any_row = next(iter(latest.values()), None)
+        return BuildCost(
+            build, any_row["dataset"] if any_row else None, any_row["model"] if any_row else None,
+            tuple(LedgerRun(r["run_id"], r["state"], float(r["epsilon"]), float(r["delta"])) for r in runs),
+        )
+
+
+__all__ = ["PrivacyLedger", "Reservation", "BudgetStatus", "BuildCost", "LedgerRun", "LedgerError", "LEDGER_TABLE",
+           "new_build_id"]

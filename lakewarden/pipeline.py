@@ -320,6 +320,8 @@ def stage_train(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     metrics = {"epsilon": cand["privacy"]["epsilon"], "delta": cand["privacy"]["delta"],
                "target_epsilon": t.epsilon, **{k: v for k, v in cand["utility"].items()},
                "rows_train": cand["rows"]["train"], "rows_holdout": cand["rows"]["holdout"]}
+    if cand.get("cost"):  # what the build cost of the dataset's budget, from the ledger (the card states it too)
+        metrics |= {"epsilon_spent": cand["cost"]["epsilon"], "delta_spent": cand["cost"]["delta"]}
     write_json(REPORTS / "train.json", metrics)
     write_json(REPORTS / "privacy_utility.json",
                [{"epoch": p["epoch"], "epsilon": round(p["epsilon"], 4), "auc": p["auc"], "log_loss": p["log_loss"]}

@@ -83,3 +83,55 @@ def test_concurrent_reservations_cannot_overspend(project: Path):
     ws = Workspace.open(project / "lakewarden.yaml")
     assert PrivacyLedger(ws).status("customers").epsilon_left == 7.0
     ws.close()
+
+
+def test_a_build_sums_its_own_runs(workspace: Workspace):
+    from governance.ledger import new_build_id
+
+    led = PrivacyLedger(workspace)
+    sam = workspace.actor("sam")
+    build, other = new_build_id(), new_build_id()
+
+    def run(eps: float, b: str | None, state: str = "spent") -> str:
+        r = led.reserve(sam, "customers", purpose="credit_scoring", epsilon=eps, delta=1e-6, model="credit", build=b)
+        if state == "spent":
+            led.commit(r.run_id, epsilon=eps - 0.5)
+        elif state == "released":
+            led.release(r.run_id)
+        return r.run_id
+
+    a, _, _, d, _ = run(3.0, build), run(2.0, other), run(1.0, None), run(2.0, build, "reserved"), run(1.0, build, "released")
+    cost = led.build_cost(build)
+    assert [r.run_id for r in cost.runs] == [a, d] and [r.state for r in cost.runs] == ["spent", "reserved"]
+    assert cost.epsilon == pytest.approx(2.5 + 2.0) and cost.delta == pytest.approx(2e-6)  # a reservation counts
+    assert (cost.dataset, cost.model) == ("customers", "credit")
+    assert led.build_cost(new_build_id()).runs == ()
+    with pytest.raises(LedgerError, match="32 lowercase hex"):
+        led.reserve(sam, "customers", purpose="credit_scoring", epsilon=1.0, delta=1e-6, build="credit@1")
+    with pytest.raises(LedgerError, match="32 lowercase hex"):
+        led.build_cost("credit@1")
+
+
+def test_a_ledger_from_before_builds_gains_the_columns(workspace: Workspace):
+    """A ledger written before runs named their build: old rows read NULL, new runs record theirs."""
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from governance.ledger import SCHEMA, new_build_id
+
+    led = PrivacyLedger(workspace)
+    old = pa.schema([f for f in SCHEMA if f.name not in ("model", "build")])
+    write_deltalake(led.uri, pa.Table.from_pylist([{
+        "run_id": "a" * 32, "dataset": "customers", "state": "spent", "epsilon": 3.0, "delta": 1e-5,
+        "purpose": "credit_scoring", "accountant": "prv", "actor": "sam", "recorded_at": datetime.now(timezone.utc),
+    }], schema=old), mode="append", configuration={"delta.appendOnly": "true"})
+    build = new_build_id()
+    assert led.build_cost(build).runs == ()
+    r = led.reserve(workspace.actor("sam"), "customers", purpose="credit_scoring", epsilon=1.0, delta=1e-6, build=build)
+    led.commit(r.run_id, epsilon=1.0)
+    assert [x.run_id for x in led.build_cost(build).runs] == [r.run_id]
+    assert led.status("customers").epsilon_spent == pytest.approx(4.0)
+    rows = {x["run_id"]: x for x in DeltaTable(led.uri).to_pyarrow_table().to_pylist()}
+    assert rows["a" * 32]["build"] is None and rows[r.run_id]["build"] == build

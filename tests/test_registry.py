@@ -343,3 +343,82 @@ def test_files_can_be_copied_from_paths(reg: Registry, workspace: Workspace, tmp
     card = reg.verify(ref)
     assert card.artifact_sha256["model.pt"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert card.gate_decisions[0].rule_ids == ["roles/ml_engineer/stages/register", "customers/access/ml_engineer"]
+
+
+# -- what the model cost: the build's runs, from the privacy ledger ------------------------------------
+def _build(ws: Workspace, *eps: float) -> tuple[str, list[str]]:
+    """A build with one committed ledger run per ε (each reserved at ε, δ = 1e-5)."""
+    from governance.ledger import PrivacyLedger, new_build_id
+
+    led, build, runs = PrivacyLedger(ws), new_build_id(), []
+    for e in eps:
+        r = led.reserve(ws.actor("sam"), "customers", purpose="credit_scoring", epsilon=e, delta=1e-5,
+                        model="credit", build=build)
+        led.commit(r.run_id, epsilon=e)
+        runs.append(r.run_id)
+    return build, runs
+
+
+def _priv(eps: float, **cost: Any) -> dict[str, Any]:
+    return {**_fields()["privacy"], "epsilon": eps, "cost": cost}
+
+
+def test_card_states_the_released_guarantee_and_what_the_build_cost(reg: Registry, workspace: Workspace):
+    build, (first, second) = _build(workspace, 3.0, 2.5)
+    ref = _register(reg, workspace, privacy=_priv(2.5, build=build, released_run=second))
+    card = reg.verify(ref)
+    assert card.privacy.epsilon == 2.5 and card.privacy.delta == 1e-5  # the released model's own guarantee
+    cost = card.privacy.cost
+    assert cost.epsilon == pytest.approx(5.5) and cost.delta == pytest.approx(2e-5) and cost.build == build
+    assert [(r.run, r.epsilon) for r in cost.runs] == [(first, 3.0), (second, 2.5)] and cost.released_run == second
+    data = json.loads((reg.path(ref) / "card.json").read_text())
+    assert data["privacy"]["epsilon"] == 2.5 and data["privacy"]["cost"]["epsilon"] == pytest.approx(5.5)
+    md = card.to_markdown()
+    assert f"Producing it cost ε=5.5, δ=2e-05 of the privacy budget of customers: 2 private runs of build `{build}`" in md
+    assert f"| `{first}` | 3 | 1e-05 | not released |" in md and f"| `{second}` | 2.5 | 1e-05 | released |" in md
+    from training.compliance import summarize
+
+    s = summarize(card)
+    assert (s.epsilon, s.epsilon_spent, s.runs) == (2.5, pytest.approx(5.5), 2)
+    # a build of one run costs what the run did
+    build1, (only,) = _build(workspace, 3.0)
+    one = reg.card(_register(reg, workspace, privacy=_priv(3.0, build=build1, released_run=only)))
+    assert one.privacy.cost.epsilon == one.privacy.epsilon == 3.0 and len(one.privacy.cost.runs) == 1
+
+
+def test_a_cost_the_ledger_does_not_back_is_refused(reg: Registry, workspace: Workspace):
+    from governance.ledger import new_build_id
+
+    build, (first, second) = _build(workspace, 3.0, 2.5)
+    with pytest.raises(ValueError, match="has no runs in the privacy ledger"):
+        _register(reg, workspace, privacy=_priv(2.5, build=new_build_id(), released_run=second))
+    with pytest.raises(ValueError, match="is not a run of build"):
+        _register(reg, workspace, privacy=_priv(2.5, build=build, released_run="0" * 32))
+    with pytest.raises(ValueError, match="not what the ledger recorded for the released run"):
+        _register(reg, workspace, privacy=_priv(3.0, build=build, released_run=second))
+    with pytest.raises(ValueError, match="its runs, ε and δ come from the privacy ledger"):
+        _register(reg, workspace, privacy=_priv(2.5, build=build, released_run=second, epsilon=2.5))
+    with pytest.raises(ValueError, match="must be a build id"):
+        _register(reg, workspace, privacy=_priv(2.5, build="credit-1", released_run=second))
+    assert reg.list() == []
+
+
+def test_a_card_without_a_cost_loads_as_unknown_and_keeps_its_bytes(reg: Registry, workspace: Workspace):
+    """Cards registered before builds were recorded: no ``cost`` in their JSON. They load (cost
+    None: unknown, never 0), say so, keep their JSON bytes, and their old card.md still verifies."""
+    ref = _register(reg, workspace)
+    folder = reg.path(ref)
+    text = (folder / "card.json").read_text()
+    assert "cost" not in json.loads(text)["privacy"]
+    card = reg.verify(ref)
+    assert card.privacy.cost is None and card.to_json() == text  # same bytes: digests and manifests hold
+    assert "of the privacy budget of customers: unknown" in card.to_markdown()
+    (folder / "card.md").write_text(card.to_markdown(legacy=True))  # rendered before costs were stated
+    assert "unknown" not in (folder / "card.md").read_text()
+    reg.verify(ref)
+    from training.compliance import summarize
+
+    assert summarize(card).epsilon_spent is None
+    (folder / "card.md").write_text(card.to_markdown(legacy=True).replace("ε=3", "ε=1"))
+    with pytest.raises(ArtifactTampered, match="card.md differs"):
+        reg.verify(ref)

@@ -15,9 +15,11 @@
    attributes — decrypted only here, for purpose ``fairness_evaluation``, audited;
 5. if the fairness verdict fails and ``mitigate`` is on, retrains with reweighing (Kamiran &
    Calders) — a second private run, with its own reservation — and keeps the mitigated
-   model with before/after metrics;
+   model with before/after metrics; both runs are recorded in the ledger under one build id;
 6. registers the model: weights, the feature encoder, and a model card (data versions, ε,
-   δ, accountant, utility, fairness, lineage run ids, gate decisions).
+   δ, accountant, utility, fairness, lineage run ids, gate decisions). The card states the
+   released run's (ε, δ) and what the build cost in all (``privacy.cost``: every run of the
+   build, summed from the ledger — a failed first run included).
 
 The label is encoded 1 for its unfavourable value and 0 for its favourable one, as the policy
 declares them (``labels: {defaulted: {favourable: false}}`` for the demo: the score is the risk
@@ -37,7 +39,7 @@ import pyarrow as pa
 
 from governance.errors import AccessDenied
 from governance.gate import Actor
-from governance.ledger import PrivacyLedger, Reservation
+from governance.ledger import PrivacyLedger, Reservation, new_build_id
 from governance.lineage import DatasetRef
 from governance.workspace import Workspace
 from features.store import Features
@@ -59,6 +61,7 @@ class TrainingOutcome:
     card: ModelCard
     epsilon_spent: float  # all private runs of this call together
     runs: list[str] = field(default_factory=list)  # ledger run ids
+    build: str | None = None  # the build id its ledger runs carry
 
 
 def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,13 +113,14 @@ def _utility(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, 
 
 def budgeted_run(
     ledger: PrivacyLedger, actor: Actor, dataset: str, *, purpose: str, options: TrainOptions, columns: list[str],
-    fit: Callable[[], TrainResult],
+    fit: Callable[[], TrainResult], model: str | None = None, build: str | None = None,
 ) -> tuple[TrainResult, Reservation]:
     """One private run inside the ledger: reserve its ε through the gate (refused before any
     training when the budget cannot pay), run ``fit``, commit the ε the accountant reports. A run
-    that fails after touching the data is committed at its target: that privacy is spent."""
+    that fails after touching the data is committed at its target: that privacy is spent.
+    ``model`` and ``build`` are recorded with the run (what the model card's cost sums)."""
     res = ledger.reserve(actor, dataset, purpose=purpose, epsilon=options.target_epsilon, delta=options.delta,
-                         accountant=options.accountant, columns=columns)
+                         accountant=options.accountant, columns=columns, model=model, build=build)
     try:
         result = fit()
     except BaseException:
@@ -156,6 +160,7 @@ def train_model(
     tr, te, enc, X_tr, X_te, y_tr, y_te = prep.tr, prep.te, prep.enc, prep.X_tr, prep.X_te, prep.y_tr, prep.y_te
     tokens = table[key].to_pylist()
     ledger = PrivacyLedger(ws)
+    build = new_build_id()  # every private run of this call: the card's cost sums them
     decisions: list[Any] = [ts.decision]
     runs: list[str] = []
     spent = 0.0
@@ -168,13 +173,15 @@ def train_model(
                 return train_distributed(X_tr, y_tr, options, world_size=world_size)
             return train(X_tr, y_tr, options, sample_weight=sample_weight)
 
-        result, res = budgeted_run(ledger, actor, ts.dataset, purpose=purpose, options=options, columns=cols, fit=fit)
+        result, res = budgeted_run(ledger, actor, ts.dataset, purpose=purpose, options=options, columns=cols, fit=fit,
+                                   model=name, build=build)
         decisions.append(res.decision)
         runs.append(res.run_id)
         spent += float(result.epsilon)
         return result
 
     result = private_run(None)
+    released_run = runs[-1]
     threshold = _threshold(predict_proba(result, X_tr), y_tr)  # from training rows only: holdout stays unseen
     p_te = predict_proba(result, X_te)
     utility = _utility(y_te, p_te, threshold)
@@ -204,6 +211,7 @@ def train_model(
                           "utility_before": utility, "utility_after": _utility(y_te, p2, t2),
                           "passed_before": verdict.passed, "passed_after": v2.passed}
             result, metrics, verdict, utility, threshold = mitigated, m2, v2, _utility(y_te, p2, t2), t2
+            released_run = runs[-1]
             pred = (p2 > t2).astype(int)
         fairness_fields = {**gate_context(metrics), "passed": verdict.passed, "failures": list(verdict.failures),
                            "uncertainty": fairness_uncertainty(y_te.astype(int), pred, sens, pol.fairness,
@@ -213,7 +221,7 @@ def train_model(
         f"train.{name}",
         inputs=[DatasetRef(t, version=v) for t, v in ts.sources.items()],
         outputs=[DatasetRef(f"model:{name}", kind="model")],
-        facets={"purpose": purpose, "features": features, "epsilon": spent, "ledger_runs": runs},
+        facets={"purpose": purpose, "features": features, "epsilon": spent, "ledger_runs": runs, "build": build},
     )
     card_fields: dict[str, Any] = {
         "purpose": purpose,
@@ -225,6 +233,7 @@ def train_model(
             "epsilon": float(result.epsilon), "delta": options.delta, "accountant": options.accountant,
             "target_epsilon": options.target_epsilon, "noise_multiplier": result.noise_multiplier,
             "max_grad_norm": options.max_grad_norm, "epochs": options.epochs, "sample_rate": result.sample_rate,
+            "cost": {"build": build, "released_run": released_run},  # the registry sums the build's runs
         },
         "utility": utility,
         "mitigation": mitigation,
@@ -242,7 +251,7 @@ def train_model(
              "reference.json": reference.to_json().encode()}
     ref = Registry(ws).register(actor, name=name, dataset=ts.dataset, files=files, card_fields=card_fields)
     card = Registry(ws).card(ref)
-    return TrainingOutcome(ref, card, spent, runs)
+    return TrainingOutcome(ref, card, spent, runs, build)
 
 
 def options_with(options: TrainOptions, **changes: Any) -> TrainOptions:

@@ -6,7 +6,7 @@ version is a folder of artifact files plus its model card::
     <workspace>/models/<name>/<version>/
         <artifact files>      the bytes the trainer handed over (weights, preprocessing, ...)
         card.json             the card, canonical JSON (sorted keys); its sha256 is in the registry table
-        card.md               the same card rendered for people (headline, privacy guarantee, metrics)
+        card.md               the same card rendered for people (headline, privacy guarantee and cost, metrics)
 
 Every event (register, approve, deploy) appends one row to the append-only Delta table
 ``_models/registry`` (``name, version, dataset, status, actor, at, card_sha256``) and one
@@ -99,9 +99,11 @@ __all__ = [
     "Deployment",
     "FairnessReport",
     "GateRecord",
+    "LedgerRunCost",
     "ModelCard",
     "ModelNotFound",
     "ModelRef",
+    "PrivacyCost",
     "PrivacyGuarantee",
     "Registry",
     "RegistryError",
@@ -254,8 +256,48 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
+class LedgerRunCost(_Frozen):
+    """One private run of a model build, as the privacy ledger recorded it."""
+
+    run: str = Field(pattern=r"^[0-9a-f]{32}$")
+    epsilon: float = Field(gt=0)
+    delta: float = Field(ge=0, lt=1)
+    state: Literal["spent", "reserved"] = "spent"
+
+
+class PrivacyCost(_Frozen):
+    """What producing the model cost of its dataset's privacy budget: every private run of its build
+    (the released one, and e.g. a first run that failed fairness before a mitigation retrain),
+    composed as the ledger composes them (ε and δ add up). Filled from the ledger at registration."""
+
+    build: str = Field(pattern=r"^[0-9a-f]{32}$")
+    epsilon: float = Field(gt=0)
+    delta: float = Field(ge=0, lt=1)
+    runs: list[LedgerRunCost] = Field(min_length=1)
+    released_run: str = Field(pattern=r"^[0-9a-f]{32}$")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PrivacyCost":
+        if self.released_run not in {r.run for r in self.runs}:
+            raise ValueError("the released run must be one of the build's runs")
+        if abs(self.epsilon - sum(r.epsilon for r in self.runs)) > 1e-9 * max(1.0, self.epsilon):
+            raise ValueError("the cost's ε must be the sum of its runs' ε (basic composition)")
+        return self
+
+    def sentence(self, dataset: str) -> str:
+        n = len(self.runs)
+        return (f"Producing it cost ε={self.epsilon:g}, δ={self.delta:g} of the privacy budget of {dataset}: "
+                f"{n} private run{'s' if n != 1 else ''} of build `{self.build}`, composed (privacy ledger)")
+
+
 class PrivacyGuarantee(_Frozen):
-    """What the accountant reports for the training run (ε, δ) and the DP-SGD settings behind it."""
+    """What the accountant reports for the training run (ε, δ) and the DP-SGD settings behind it.
+
+    ``epsilon``/``delta`` are the released model's own guarantee; ``cost`` is what producing it
+    spent of the dataset's budget (its build's runs, from the privacy ledger). ``cost`` is None on
+    cards registered before builds were recorded: unknown (at least ``epsilon``), never 0, and
+    left out of the card's JSON so those cards keep their bytes and digests.
+    """
 
     epsilon: float = Field(gt=0)
     delta: float = Field(ge=0, lt=1)
@@ -265,6 +307,31 @@ class PrivacyGuarantee(_Frozen):
     max_grad_norm: float | None = Field(default=None, gt=0)
     epochs: int | None = Field(default=None, ge=0)
     sample_rate: float | None = Field(default=None, gt=0, le=1)
+    cost: PrivacyCost | None = None
+
+    @model_serializer(mode="wrap")
+    def _unknown_cost_left_out(self, handler: Any) -> Any:
+        out = handler(self)
+        if isinstance(out, dict) and out.get("cost") is None:
+            out.pop("cost", None)
+        return out
+
+    @model_validator(mode="after")
+    def _released_within_cost(self) -> "PrivacyGuarantee":
+        c = self.cost
+        if c is not None:
+            released = next(r for r in c.runs if r.run == c.released_run)
+            if abs(released.epsilon - self.epsilon) > 1e-9 * max(1.0, self.epsilon):
+                raise ValueError(f"ε={self.epsilon:g} is not what the ledger recorded for the released run "
+                                 f"({released.epsilon:g})")
+        return self
+
+    def cost_sentence(self, dataset: str) -> str:
+        """What producing the model cost, in one line; "unknown" on a card that predates build costs."""
+        if self.cost is None:
+            return (f"What producing it cost of the privacy budget of {dataset}: unknown (registered before model "
+                    "builds were linked to the privacy ledger; at least the ε above)")
+        return self.cost.sentence(dataset)
 
     def sentence(self, dataset: str) -> str:
         """The guarantee in one line, as the card states it."""
@@ -470,8 +537,12 @@ class ModelCard(_Frozen):
     def from_json(cls, text: str | bytes) -> "ModelCard":
         return cls.model_validate_json(text)
 
-    def to_markdown(self) -> str:
-        """The card for people: headline, privacy guarantee, metric tables with pass/fail, provenance."""
+    def to_markdown(self, *, legacy: bool = False) -> str:
+        """The card for people: headline, privacy guarantee and cost, metric tables with pass/fail, provenance.
+
+        ``legacy``: as cards were rendered before the privacy cost was stated (for a card without
+        one, :meth:`Registry.verify` accepts that rendering too).
+        """
         out: list[str] = [f"# Model card: {self.ref} — {self.status}", ""]
         out += _table(
             ("", ""),
@@ -485,6 +556,15 @@ class ModelCard(_Frozen):
         )
         p = self.privacy
         out += ["", "## Privacy", "", f"This model is {p.sentence(self.dataset)}.", ""]
+        if not legacy:
+            out += [f"{p.cost_sentence(self.dataset)}.", ""]
+            if p.cost is not None:
+                out += _table(("ledger run", "ε", "δ", "weights"), [
+                    (f"`{r.run}`", _num(r.epsilon), _num(r.delta),
+                     ("released" if r.run == p.cost.released_run else "not released")
+                     + ("" if r.state == "spent" else " (still reserved)"))
+                    for r in p.cost.runs
+                ]) + [""]
         params = [
             ("target ε", p.target_epsilon),
             ("noise multiplier", p.noise_multiplier),
@@ -809,7 +889,9 @@ class Registry:
             card_fields: the trainer's part of the :class:`ModelCard` (purpose, features, label,
                 data_versions, privacy, utility, fairness, mitigation, lineage_run_ids,
                 gate_decisions, preprocessing). Without a fairness verdict (``passed``) the
-                registry judges the metrics by the dataset policy's thresholds.
+                registry judges the metrics by the dataset policy's thresholds. ``privacy.cost``
+                names the build and its released run (``{"build": id, "released_run": run_id}``);
+                the registry fills in its runs, ε and δ from the privacy ledger.
 
         Returns:
             The new version's :class:`ModelRef` (version = highest so far + 1).
@@ -818,7 +900,8 @@ class Registry:
             AccessDenied: the gate denied ``register``.
             ValueError / TypeError: bad names or file names, invalid or personal card fields,
                 a purpose the dataset does not declare, a "passed" verdict that the policy's
-                thresholds contradict.
+                thresholds contradict, a build the ledger does not know (or of another dataset),
+                an ε that is not the ledger's for the released run.
         """
         _check_name(name, "model name")
         _check_name(dataset, "dataset name")
@@ -832,7 +915,7 @@ class Registry:
         if owned:
             raise ValueError(f"card field(s) {', '.join(owned)} are set by the registry, not by the caller")
         pol = self.ws.policies.dataset(dataset)
-        fields = dict(card_fields)
+        fields = self._with_privacy_cost(dict(card_fields), dataset)
         purpose = fields.get("purpose")
         if isinstance(purpose, str) and purpose not in pol.purposes:
             raise ValueError(
@@ -1076,7 +1159,8 @@ class Registry:
         for fn in sorted(set(present) - set(card.artifact_sha256) - _RESERVED_FILES):
             problems.append(f"{fn} is not part of the registered model")
         md = present.get(CARD_MD)
-        if md is None or md.is_symlink() or md.read_text(encoding="utf-8") != card.to_markdown():
+        rendered = {card.to_markdown()} | ({card.to_markdown(legacy=True)} if card.privacy.cost is None else set())
+        if md is None or md.is_symlink() or md.read_text(encoding="utf-8") not in rendered:
             problems.append(f"{CARD_MD} differs from {CARD_JSON}")
         if problems:
             raise ArtifactTampered(f"{card.ref} failed verification: {'; '.join(problems)}", ref=str(card.ref), problems=problems)
@@ -1092,6 +1176,35 @@ class Registry:
         return card.deploy_context()
 
     # -- internals -------------------------------------------------------------------------
+    def _with_privacy_cost(self, fields: dict[str, Any], dataset: str) -> dict[str, Any]:
+        """``fields`` with ``privacy.cost`` filled from the privacy ledger (build and released run given)."""
+        from governance.ledger import PrivacyLedger
+
+        priv = fields.get("privacy")
+        if not isinstance(priv, Mapping) or priv.get("cost") is None:
+            return fields
+        given = priv["cost"]
+        if isinstance(given, PrivacyCost):
+            given = {"build": given.build, "released_run": given.released_run}
+        if not isinstance(given, Mapping) or set(given) != {"build", "released_run"}:
+            raise ValueError("privacy.cost names the build and its released run ({'build': ..., 'released_run': ...}); "
+                             "its runs, ε and δ come from the privacy ledger")
+        build, released = given["build"], given["released_run"]
+        if not isinstance(build, str) or not re.match(r"^[0-9a-f]{32}$", build):
+            raise ValueError(f"privacy.cost.build must be a build id (32 hex digits), got {build!r}")
+        spent = PrivacyLedger(self.ws).build_cost(build)
+        if not spent.runs:
+            raise ValueError(f"privacy.cost.build {build} has no runs in the privacy ledger")
+        if spent.dataset != dataset:
+            raise ValueError(f"privacy.cost.build {build} spent the budget of '{spent.dataset}', not of '{dataset}'")
+        if released not in {r.run_id for r in spent.runs}:
+            raise ValueError(f"privacy.cost.released_run {released!r} is not a run of build {build} in the privacy ledger")
+        cost = {
+            "build": build, "released_run": released, "epsilon": spent.epsilon, "delta": spent.delta,
+            "runs": [{"run": r.run_id, "epsilon": r.epsilon, "delta": r.delta, "state": r.state} for r in spent.runs],
+        }
+        return {**fields, "privacy": {**priv, "cost": cost}}
+
     def _locked(self) -> contextlib.AbstractContextManager[None]:
         return file_lock(self.root / ".lock")
 

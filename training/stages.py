@@ -17,7 +17,9 @@ each is gated, cached and rerun on its own:
   the sensitive attributes of the holdout only (gated, purpose ``fairness_evaluation``,
   audited) and writes ``fairness.json`` with the policy's verdict and the favourable outcome
   it measured (the label's declaration, checked to be the one the candidate was trained on).
-* :func:`register_candidate` — the model card from both files, and the registry version.
+* :func:`register_candidate` — the model card from both files, and the registry version. The
+  candidate's run is recorded in the ledger with a build id; the card's ``privacy.cost`` is that
+  build's runs, summed from the ledger by the registry.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import pyarrow as pa
 from features.store import Features, TrainingSet
 from governance.errors import LakewardenError
 from governance.gate import Actor
-from governance.ledger import PrivacyLedger
+from governance.ledger import PrivacyLedger, new_build_id
 from governance.lineage import DatasetRef
 from governance.workspace import Workspace
 from training.encode import Encoder
@@ -106,8 +108,12 @@ def fit_candidate(
             raise StageError(f"mitigation 'reweighing' needs a fairness section in policies for '{ts.dataset}'")
         sens_tr = decrypt_sensitive(ws, actor, ts.dataset, [tokens[i] for i in tr], purpose="fairness_evaluation")
         weights = reweighing(y_tr.astype(int), {a: sens_tr[a] for a in pol.fairness.sensitive_attributes})
-    result, res = budgeted_run(PrivacyLedger(ws), actor, ts.dataset, purpose=purpose, options=options, columns=cols,
-                               fit=lambda: train(X_tr, y_tr, options, sample_weight=weights, eval_set=(X_te, y_te)))
+    build = new_build_id()
+    ledger = PrivacyLedger(ws)
+    result, res = budgeted_run(ledger, actor, ts.dataset, purpose=purpose, options=options, columns=cols,
+                               fit=lambda: train(X_tr, y_tr, options, sample_weight=weights, eval_set=(X_te, y_te)),
+                               model=name, build=build)
+    cost = ledger.build_cost(build)
     p_tr = predict_proba(result, X_tr)
     threshold = _threshold(p_tr, y_tr)
     utility = _utility(y_te, predict_proba(result, X_te), threshold)
@@ -133,7 +139,8 @@ def fit_candidate(
         "privacy": {"epsilon": float(result.epsilon), "delta": options.delta, "accountant": options.accountant,
                     "target_epsilon": options.target_epsilon, "noise_multiplier": result.noise_multiplier,
                     "max_grad_norm": options.max_grad_norm, "epochs": options.epochs,
-                    "sample_rate": result.sample_rate, "ledger_run": res.run_id},
+                    "sample_rate": result.sample_rate, "ledger_run": res.run_id, "build": build},
+        "cost": {"build": build, "epsilon": cost.epsilon, "delta": cost.delta, "runs": len(cost.runs)},
         "utility": utility, "curve": result.curve,
         "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()},
         "preprocessing": {"encoder": enc.to_dict(), "threshold": threshold,
@@ -220,6 +227,15 @@ def evaluate_candidate(ws: Workspace, actor: Actor, cand_dir: Path, out: Path | 
     return res
 
 
+def _card_privacy(privacy: dict[str, Any]) -> dict[str, Any]:
+    """The card's privacy from the candidate's: its ledger run and build become ``cost`` (the registry
+    sums the build's runs from the ledger); a candidate from before builds has none (unknown)."""
+    out = {k: v for k, v in privacy.items() if k not in ("ledger_run", "build")}
+    if privacy.get("build") and privacy.get("ledger_run"):
+        out["cost"] = {"build": privacy["build"], "released_run": privacy["ledger_run"]}
+    return out
+
+
 def register_candidate(ws: Workspace, actor: Actor, cand_dir: Path, fairness: Path | None = None) -> ModelRef:
     """Register the evaluated candidate (its evaluation in ``fairness``) as the next version of its model."""
     cand = load_candidate(cand_dir)
@@ -230,7 +246,7 @@ def register_candidate(ws: Workspace, actor: Actor, cand_dir: Path, fairness: Pa
     card_fields: dict[str, Any] = {
         "purpose": cand["purpose"], "features": cand["features"], "label": cand["label"],
         "favourable_label": cand.get("favourable_label"),
-        "data_versions": cand["data_versions"], "privacy": {k: v for k, v in cand["privacy"].items() if k != "ledger_run"},
+        "data_versions": cand["data_versions"], "privacy": _card_privacy(cand["privacy"]),
         "utility": cand["utility"],
         "mitigation": None if cand["mitigation"] == "none" else {"method": "reweighing (Kamiran & Calders)", "applied": "before training"},
         "lineage_run_ids": cand["lineage_run_ids"] + ([fair["lineage_run_id"]] if fair.get("lineage_run_id") else []),
