@@ -6,7 +6,8 @@
 (b) policy decisions: allow/deny counts per stage and per rule, and the latest denies with
     actor, rule and reason (from the audit log's ``gate.decide`` events);
 (c) privacy budgets per dataset: ε spent and reserved of the total, with a bar;
-(d) model cards: version, ε, utility, fairness metrics against the policy's thresholds,
+(d) model cards: version, ε (the released model's, and what its build spent of the budget:
+    "unknown" on older cards), utility, fairness metrics against the policy's thresholds,
     approvals and deployments (models live in ``training/``; the kernel never imports it,
     so the caller passes a :data:`ModelSource`, e.g. ``training.compliance.model_summaries``);
 (e) a lineage picture, datasets → runs → models, as inline SVG (:mod:`governance.lineage_svg`);
@@ -108,6 +109,11 @@ class ModelSummary:
     status: str
     approvals: tuple[Signoff, ...] = ()
     deployments: tuple[Signoff, ...] = ()
+    # What producing the model cost of the dataset's budget (its build's ledger runs); None: unknown
+    # (a card registered before builds were recorded).
+    epsilon_spent: float | None = None
+    delta_spent: float | None = None
+    runs: int | None = None
 
 
 ModelSource = Callable[[Workspace], Iterable[ModelSummary]]
@@ -421,10 +427,12 @@ def _section_models(rep: AuditReport) -> str:
     for m in rep.models:
         verdict = {True: _badge("passed", "ok"), False: _badge("failed", "bad"), None: _badge("not judged", "warn")}
         util = ", ".join(f"{_safe(k)} {v:.3f}" for k, v in sorted(m.utility.items())) or "—"
+        cost = ("unknown" if m.epsilon_spent is None else
+                f"{m.epsilon_spent:.3f} (δ {m.delta_spent:g}, {m.runs} run{'s' if m.runs != 1 else ''})")
         facts = _table(
-            ("model", "dataset", "purpose", "ε", "δ", "utility", "fairness", "status"),
+            ("model", "dataset", "purpose", "ε", "δ", "ε spent to build", "utility", "fairness", "status"),
             [(f"<b>{_safe(m.name)}@{m.version}</b>", _safe(m.dataset), _safe(m.purpose), f"{m.epsilon:.3f}",
-              f"{m.delta:g}", util, verdict[m.fairness_passed], _safe(m.status))],
+              f"{m.delta:g}", cost, util, verdict[m.fairness_passed], _safe(m.status))],
         )
         fair_rows = [
             (_safe(c.attribute), _safe(c.metric), _num(c.value), _safe(c.threshold or "—"),

@@ -7,8 +7,9 @@ container, Kubernetes ``V1Container``/``V1Probe``/...) and serialized by the SDK
 Python ``ModelServer``, open inference protocol v2 on port 8080); KServe's storage initializer
 puts the version's registry folder from ``pvc://lakewarden-models/<name>/<version>`` at
 ``/mnt/models``. What a reviewer or an operator needs to trace the deployment back to its card
-travels in labels and annotations: model, version, dataset, ε (and δ), status, who approved and
-the sha256 of the card — never free text and never personal data (every value is scanned with
+travels in labels and annotations: model, version, dataset, ε (and δ), what the model's build
+spent of the budget (``epsilon-spent``/``delta-spent``, ``unknown`` on older cards), status, who
+approved and the sha256 of the card — never free text and never personal data (every value is scanned with
 :func:`governance.pii.find_pii`; a hit refuses the render).
 
 Rendering is not deploying: the deploy gate (``Stage.DEPLOY`` on
@@ -49,7 +50,7 @@ import yaml
 
 from governance.pii import find_pii
 from governance.policy import IDENT
-from training.registry import Approval, FairnessReport, ModelCard, PrivacyGuarantee
+from training.registry import Approval, FairnessReport, LedgerRunCost, ModelCard, PrivacyCost, PrivacyGuarantee
 
 __all__ = [
     "API_VERSION",
@@ -247,6 +248,7 @@ def _card_sha256(card: ModelCard) -> str:
 
 def _metadata_maps(card: ModelCard) -> tuple[dict[str, str], dict[str, str]]:
     eps = repr(float(card.privacy.epsilon))
+    cost = card.privacy.cost  # what the build spent of the budget; None: unknown (an older card)
     labels = {
         "app.kubernetes.io/name": "lakewarden-predictor",
         "app.kubernetes.io/part-of": "lakewarden",
@@ -269,6 +271,8 @@ def _metadata_maps(card: ModelCard) -> tuple[dict[str, str], dict[str, str]]:
         f"{LABEL_PREFIX}epsilon": eps,
         f"{LABEL_PREFIX}delta": repr(float(card.privacy.delta)),
         f"{LABEL_PREFIX}accountant": card.privacy.accountant,
+        f"{LABEL_PREFIX}epsilon-spent": "unknown" if cost is None else repr(float(cost.epsilon)),
+        f"{LABEL_PREFIX}delta-spent": "unknown" if cost is None else repr(float(cost.delta)),
         f"{LABEL_PREFIX}approved-by": ",".join(dict.fromkeys(a.actor for a in card.approvals)),
         f"{LABEL_PREFIX}approvals": json.dumps(approvals, sort_keys=True, separators=(",", ":")),
         f"{LABEL_PREFIX}card-sha256": _card_sha256(card),
@@ -278,7 +282,8 @@ def _metadata_maps(card: ModelCard) -> tuple[dict[str, str], dict[str, str]]:
 
 # Values the system writes itself from typed card fields (numbers, a digest): not free text, so not
 # scanned — a float's digits are not a card number. Names, dataset, purpose and principals are.
-_TYPED_KEYS = frozenset(f"{LABEL_PREFIX}{k}" for k in ("model-version", "epsilon", "delta", "card-sha256"))
+_TYPED_KEYS = frozenset(f"{LABEL_PREFIX}{k}" for k in ("model-version", "epsilon", "delta", "epsilon-spent",
+                                                         "delta-spent", "card-sha256"))
 
 
 def _refuse_personal(values: Mapping[str, str], where: str) -> None:
@@ -645,8 +650,13 @@ def validate(obj: Any) -> list[str]:
 def example_card() -> ModelCard:
     """The sample card behind ``infra/k8s/credit-v1.yaml`` (not a registered model).
 
-    ``credit@1`` on ``customers`` at ε = 3.0, approved by carla (compliance_officer).
+    ``credit@1`` on ``customers`` at ε = 3.0, approved by carla (compliance_officer). Its build
+    cost ε = 6.0: a first run failed fairness and the released model is the reweighed retrain.
     """
+    first, second = (hashlib.sha256(f"example run {i}".encode()).hexdigest()[:32] for i in (1, 2))
+    cost = PrivacyCost(build=hashlib.sha256(b"example build").hexdigest()[:32], epsilon=6.0, delta=2e-5,
+                       runs=[LedgerRunCost(run=first, epsilon=3.0, delta=1e-5),
+                             LedgerRunCost(run=second, epsilon=3.0, delta=1e-5)], released_run=second)
     at = datetime(2025, 3, 3, 9, 30, tzinfo=timezone.utc)
     metrics = {"disparate_impact": 0.91, "equal_opportunity_diff": 0.04, "predictive_parity_diff": 0.03}
     return ModelCard(
@@ -660,7 +670,7 @@ def example_card() -> ModelCard:
         label="defaulted",
         data_versions={"silver.customers": 7},
         privacy=PrivacyGuarantee(epsilon=3.0, delta=1e-5, accountant="prv", target_epsilon=3.0,
-                                 noise_multiplier=1.1, max_grad_norm=1.0, epochs=5, sample_rate=0.01),
+                                 noise_multiplier=1.1, max_grad_norm=1.0, epochs=5, sample_rate=0.01, cost=cost),
         utility={"accuracy": 0.81, "auc": 0.86},
         fairness=FairnessReport(
             attributes={"sex": metrics, "ethnicity": {**metrics, "disparate_impact": 0.87}},

@@ -320,7 +320,18 @@ def test_committed_example_is_current(tmp_path: Path):
     assert meta["labels"]["lakewarden.io/epsilon"] == "3.0"
     assert meta["labels"]["lakewarden.io/dataset"] == "customers"
     assert meta["annotations"]["lakewarden.io/approved-by"] == "carla"
+    assert meta["annotations"]["lakewarden.io/epsilon-spent"] == "6.0"  # its build: a failed run and the retrain
     assert list(find_pii(committed.read_text())) == []
+
+
+def test_annotations_say_what_the_build_cost_or_that_it_is_unknown():
+    ann = render_inference_service(card(epsilon=2.5))["metadata"]["annotations"]
+    assert ann["lakewarden.io/epsilon-spent"] == ann["lakewarden.io/delta-spent"] == "unknown"  # an older card
+    ex = example_card()
+    ann = render_inference_service(ex)["metadata"]["annotations"]
+    assert float(ann["lakewarden.io/epsilon-spent"]) == ex.privacy.cost.epsilon == 6.0
+    assert float(ann["lakewarden.io/delta-spent"]) == ex.privacy.cost.delta
+    assert ann["lakewarden.io/epsilon"] == "3.0"
 
 
 def test_main_writes_the_example(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

@@ -303,3 +303,22 @@ def test_request_rows_render_with_their_sla_and_no_token():
     assert '<span class="badge bad">overdue</span>' in page and '<span class="badge warn">due soon</span>' in page
     assert "CCPA" in page and "2026-01-05 09:30 UTC" in page
     assert not TOKEN.search(page) and "req-3 sub_…" in page
+
+
+def test_model_cards_show_what_the_build_cost_or_unknown():
+    """Section (d): the released model's ε, and what its build spent of the budget ("unknown" on a
+    card registered before builds were recorded, never 0)."""
+    from datetime import datetime, timezone
+
+    from governance.audit import VerifyReport
+    from governance.lineage_svg import LineagePicture
+    from governance.report import AuditReport, ModelSummary
+
+    t = datetime(2026, 1, 5, 9, 30, tzinfo=timezone.utc)
+    known = ModelSummary("credit", 2, "customers", "credit_scoring", 2.5, 1e-5, {}, (), True, "registered",
+                         epsilon_spent=5.5, delta_spent=2e-5, runs=2)
+    old = ModelSummary("credit", 1, "customers", "credit_scoring", 3.0, 1e-5, {}, (), True, "registered")
+    page = AuditReport(t, "carla", "demo", "0" * 64, [], {}, [], [], [], [known, old], LineagePicture(),
+                       VerifyReport(), None).to_html()
+    assert "ε spent to build" in page
+    assert "<td>5.500 (δ 2e-05, 2 runs)</td>" in page and "<td>unknown</td>" in page

@@ -2,8 +2,8 @@
 
 The report lives in the kernel (:mod:`governance.report`), which never imports a layer;
 this module is the training layer's side of it: a :data:`governance.report.ModelSource`
-that turns every model card into a :class:`governance.report.ModelSummary` — ε, δ,
-utility, each fairness metric against the card's thresholds (the policy's), approvals and
+that turns every model card into a :class:`governance.report.ModelSummary` — ε, δ, what
+the model's build cost of the budget (unknown on older cards), utility, each fairness metric against the card's thresholds (the policy's), approvals and
 deployments. Cards are read through the registry, so a card edited on disk fails here
 (``ArtifactTampered``) instead of reaching the report.
 """
@@ -53,6 +53,9 @@ def summarize(card: ModelCard) -> ModelSummary:
             for a in card.approvals
         ),
         deployments=tuple(Signoff(d.actor, d.target, d.at) for d in card.deployments),
+        epsilon_spent=None if card.privacy.cost is None else card.privacy.cost.epsilon,
+        delta_spent=None if card.privacy.cost is None else card.privacy.cost.delta,
+        runs=None if card.privacy.cost is None else len(card.privacy.cost.runs),
     )
 
 
