@@ -65,6 +65,7 @@ __all__ = [
     "BAD_ROW_KINDS",
     "CHANNELS",
     "CUSTOMERS_SCHEMA",
+    "DATASETS",
     "EMAIL_DOMAINS",
     "ETHNICITIES",
     "MAX_NAME_LENGTH",
@@ -109,6 +110,8 @@ TRANSACTIONS_SCHEMA = pa.schema(
     ]
 )
 _SCHEMAS = {"customers": CUSTOMERS_SCHEMA, "transactions": TRANSACTIONS_SCHEMA}
+#: The datasets :func:`generate` writes (one file each): what a pipeline source ``synthetic`` can feed.
+DATASETS = tuple(_SCHEMAS)
 _SUFFIX = {"csv": ".csv", "parquet": ".parquet", "jsonl": ".jsonl"}
 
 SEXES = ("F", "M", "X")

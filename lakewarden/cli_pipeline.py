@@ -17,7 +17,7 @@ pipeline_app = typer.Typer(help="The reference pipeline (dvc.yaml): stages, summ
 @pipeline_app.command("stage")
 def pipeline_stage(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="generate, ingest, silver, features, train, evaluate, register or deploy")],
+    name: Annotated[str, typer.Argument(help="sources, ingest, silver, features, train, evaluate, register or deploy")],
     params: Annotated[Path, typer.Option(help="The pipeline's params file.")] = Path("params.yaml"),
 ) -> None:
     """Run one stage of the reference pipeline (dvc.yaml calls this); the gate decides first."""
@@ -31,6 +31,29 @@ def pipeline_stage(
         out = run_stage(st.workspace(), st.actor(), name, params)
     console.print(f"[green]{name} done[/]")
     console.print_json(json.dumps(out, default=str))
+
+
+@pipeline_app.command("render")
+def pipeline_render(
+    ctx: typer.Context,
+    params: Annotated[Path, typer.Option(help="The pipeline's params file (dvc.yaml is written beside it).")] = Path("params.yaml"),
+    check: Annotated[bool, typer.Option("--check", help="Only say whether dvc.yaml is current (exit 2 if not).")] = False,
+) -> None:
+    """Write dvc.yaml from params.yaml and the policies: the datasets, their policy keys, the model's dataset."""
+    from lakewarden.dvcyaml import render, stale
+    from lakewarden.pipeline import PipelineError, load_params
+
+    ws = _state(ctx).workspace()
+    p = load_params(params, ws)
+    if check:
+        diff = stale(ws, p)
+        if diff:
+            raise PipelineError(f"dvc.yaml is stale (stage {', '.join(diff)})", hint="run `lakewarden pipeline render`")
+        console.print("dvc.yaml is current")
+        return
+    path, written = render(ws, p)
+    console.print(f"[green]wrote {path.name}[/] for datasets {', '.join(p.datasets)}" if written
+                  else f"{path.name} is current (datasets {', '.join(p.datasets)})")
 
 
 @pipeline_app.command("summary")
@@ -47,7 +70,9 @@ def pipeline_summary(ctx: typer.Context) -> None:
         t.add_row(f"rows {ds}", f"{n:,} accepted, {s['quarantined'][ds]:,} quarantined" if n is not None else "—")
     b = s["budget"]
     t.add_row("ε this run", f"{s['epsilon_run']:.3f}" if s["epsilon_run"] is not None else "—")
-    t.add_row("ε budget (customers)", f"{b['epsilon_spent']:.2f} spent of {b['epsilon_total']:g} over {b['runs']} run(s)")
+    if b is not None:
+        t.add_row(f"ε budget ({s['budget_dataset']})",
+                  f"{b['epsilon_spent']:.2f} spent of {b['epsilon_total']:g} over {b['runs']} run(s)")
     t.add_row("utility (holdout)", ", ".join(f"{k} {v:.3f}" for k, v in (s["utility"] or {}).items()) or "—")
     f = s["fairness"] or {}
     verdict = "—" if not f else ("passed" if f.get("passed") else "failed: " + "; ".join(f.get("failures", [])))

@@ -1,11 +1,13 @@
 """``make demo``: the main job on embedded defaults — the reference pipeline under ``dvc repro``.
 
 Against the repository's own lakewarden.yaml, params.yaml and dvc.yaml (state under
-.lakewarden/, ignored by git): initialise the workspace, ``dvc repro register`` (generate,
-ingest, silver, features, DP training, fairness evaluation, registration — each stage gated),
-the compliance officer's approval (the pipeline identity is refused: separation of duties),
-``dvc repro`` again for the deploy stage (render the InferenceService, local smoke test),
-a few analyst queries, crypto-shredding, and a summary with the audit chain verified.
+.lakewarden/, ignored by git): initialise the workspace, ``dvc repro register`` (sources —
+the synthetic generator, as params.yaml says — ingest, silver, features, DP training, fairness
+evaluation, registration — each stage gated), the compliance officer's approval (the pipeline
+identity is refused: separation of duties), ``dvc repro`` again for the deploy stage (render the
+InferenceService, local smoke test), a few analyst queries, crypto-shredding, and a summary with
+the audit chain verified. The demo is one configuration of the pipeline: docs/your-own-data.md
+runs the same stages on a user's own files.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def main() -> None:
     from lakewarden.pipeline import OUT, deploy_status
 
     outcomes = load_config(config).workspace_dir / "pipeline" / "outcomes"
-    console.print(Rule("generate → ingest → silver → features → train (DP) → evaluate (fairness) → register"))
+    console.print(Rule("sources (generate) → ingest → silver → features → train (DP) → evaluate (fairness) → register"))
     stopped = dvc(outcomes, "repro", "register", *(["--force"] if fresh else []))
     if stopped is not None:
         fail(f"stage {stopped['stage']} refused by the gate: {stopped['message']}")
@@ -135,7 +137,7 @@ def main() -> None:
     run("--as", "carla", "pipeline", "summary")
     run("--as", "carla", "pipeline", "trace")
     console.print(f"[bold green]demo finished[/] ({deployed}): state is under .lakewarden/ (make clean-demo removes it); "
-                  "`dvc repro` again does nothing until a param, policy or input changes")
+                  "`dvc repro` again runs only its sources stage until a param, policy or landing file changes")
 
 
 if __name__ == "__main__":

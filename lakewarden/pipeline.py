@@ -5,6 +5,14 @@ Every stage asks the policy gate before it touches data (a deny raises AccessDen
 command exits 3 naming the rule, and ``dvc repro`` stops there; the audit log holds the
 decision).
 
+Which data: params.yaml names the datasets and each one's source (``synthetic``, or files and
+globs of CSV, Parquet, JSON Lines), and the model (features, label, purpose). Nothing here names
+a dataset or a column: the subject key comes from the dataset's policy, the model's dataset from
+its features. dvc.yaml follows from params.yaml and the policies (:mod:`lakewarden.dvcyaml`); a
+stage run by DVC refuses a stale one. The ``sources`` stage runs on every ``dvc repro`` and
+rewrites its record only when a landing file is new or changed, so nothing downstream reruns
+when none is (see :func:`stage_sources`).
+
 What DVC versions. The Delta tables are *not* DVC outputs: each stage writes a small
 manifest (``pipeline/<stage>.json``: table URI, Delta version, the version's data files with
 their sizes, row counts, the lineage run id, the git commit) and DVC caches that. Why:
@@ -27,6 +35,7 @@ curve (ε spent vs holdout AUC per epoch) are DVC metrics and plots under ``repo
 
 from __future__ import annotations
 
+import glob as globmod
 import hashlib
 import json
 import os
@@ -36,9 +45,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
-from governance._files import validate_file
+from governance._files import FieldError, validate_file
 from governance.errors import ConfigError, LakewardenError
 from governance.gate import Actor, Resource
 from governance.policy import Stage
@@ -47,7 +56,7 @@ from governance.workspace import Workspace
 PARAMS = Path("params.yaml")
 OUT = Path("pipeline")
 REPORTS = Path("reports")
-DATASETS = ("customers", "transactions")
+SYNTHETIC = "synthetic"
 
 
 class PipelineError(LakewardenError):
@@ -59,7 +68,9 @@ class _P(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DataParams(_P):
+class SyntheticParams(_P):
+    """The generator's knobs, for datasets whose source is ``synthetic`` (fictional people)."""
+
     people: int = Field(20_000, ge=10)
     transactions_per_person: float = Field(5.0, ge=0)
     bad_rows: float = Field(0.01, ge=0, le=0.5)
@@ -90,16 +101,146 @@ class DeployParams(_P):
     manifests: str = "pipeline/deploy"
 
 
+_GLOB = set("*?[")
+
+
+def _check_pattern(pattern: str) -> None:
+    """A file or glob: not empty, and a file type ingest reads when its name says one."""
+    if not pattern.strip():
+        raise ValueError("a source is a file or glob such as 'data/applicants*.csv', not an empty string")
+    name, suffix = Path(pattern).name, Path(pattern).suffix
+    if _GLOB & set(suffix) or (not suffix and _GLOB & set(name)):
+        return  # e.g. 'data/*': each matched file's type is checked by the sources stage
+    from lakehouse.readers import detect_format
+
+    detect_format(Path(pattern))  # IngestError naming the type and the readable ones
+
+
 class Params(_P):
-    data: DataParams = DataParams()
+    """params.yaml: each dataset's source, the generator, training and deployment.
+
+    ``sources`` maps each governed dataset to ``synthetic`` (the fictional generator, for the
+    datasets it writes) or to a file or glob of CSV, Parquet or JSON Lines files (or a list of
+    them), relative to the params file's folder. Validated with the workspace's policies as
+    context (:func:`load_params`): every dataset has a policy, the training features read one of
+    them, and the label is a column of it.
+    """
+
+    sources: dict[str, str | list[str]] = Field(min_length=1)
+    synthetic: SyntheticParams = SyntheticParams()
     train: TrainParams
     deploy: DeployParams = DeployParams()
+    _path: Path = PrivateAttr(default=PARAMS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "data" in data:
+            raise FieldError(("data",), "'data:' is now 'synthetic:' (the generator's knobs), and 'sources:' names "
+                                        "each dataset's source (e.g. sources: {my_dataset: 'data/my_dataset*.csv'}); "
+                                        "see docs/your-own-data.md")
+        return data
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v: dict[str, str | list[str]], info: ValidationInfo) -> dict[str, str | list[str]]:
+        from lakehouse.errors import IngestError
+        from lakehouse.synth import DATASETS as GENERATED
+
+        known = (info.context or {}).get("datasets")
+        for ds, spec in v.items():
+            if known is not None and ds not in known:
+                raise FieldError((ds,), f"no policy governs dataset '{ds}': write one (kind: dataset, dataset: {ds}) "
+                                        f"under policies/ — `lakewarden policy suggest FILE` drafts it from a sample "
+                                        f"(policies govern: {', '.join(sorted(known)) or 'none'})")
+            items = [spec] if isinstance(spec, str) else spec
+            if not items:
+                raise FieldError((ds,), "an empty list: name a file, a glob or 'synthetic'")
+            if SYNTHETIC in items:
+                if len(items) > 1:
+                    raise FieldError((ds,), "'synthetic' is a source on its own, not one in a list of files")
+                if ds not in GENERATED:
+                    raise FieldError((ds,), f"the generator writes {', '.join(GENERATED)}, not '{ds}': "
+                                            "name its files or a glob instead of 'synthetic'")
+                continue
+            for i, pattern in enumerate(items):
+                try:
+                    _check_pattern(pattern)
+                except (ValueError, IngestError) as exc:
+                    raise FieldError((ds,) if isinstance(spec, str) else (ds, i), str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _model_dataset(self, info: ValidationInfo) -> "Params":
+        policies = (info.context or {}).get("policies")
+        if policies is None:
+            return self
+        try:
+            ds = model_dataset(policies, self.train.features)
+        except ValueError as exc:
+            raise FieldError(("train", "features"), str(exc)) from None
+        if ds not in self.sources:
+            raise FieldError(("train", "features"), f"the features read dataset '{ds}', which sources does not name: "
+                                                     f"add it (sources: {{{ds}: <file or glob>}})")
+        if self.train.label not in policies.dataset(ds).columns:
+            raise FieldError(("train", "label"), f"'{self.train.label}' is not a column of dataset '{ds}' "
+                                                  "(the dataset the features read)")
+        return self
+
+    @property
+    def datasets(self) -> list[str]:
+        """The pipeline's datasets, in the order params.yaml names them (ingest reads them so)."""
+        return list(self.sources)
+
+    @property
+    def root(self) -> Path:
+        """The folder sources are relative to (params.yaml's, where dvc.yaml is)."""
+        return self._path.resolve().parent
+
+    def patterns(self, ds: str) -> list[str]:
+        spec = self.sources[ds]
+        return [spec] if isinstance(spec, str) else list(spec)
+
+    def synthetic_datasets(self) -> list[str]:
+        return [ds for ds in self.sources if self.sources[ds] == SYNTHETIC]
 
 
-def load_params(path: Path = PARAMS) -> Params:
+def model_dataset(policies: Any, features: list[str]) -> str:
+    """The dataset whose feature views the training features name (one dataset per model)."""
+    owners = {view: pol.dataset for pol in policies.datasets.values() for view in pol.features}
+    found = set()
+    for ref in features:
+        view, sep, feat = ref.partition(":")
+        if not sep or not feat:
+            raise ValueError(f"feature reference {ref!r} must look like view:feature")
+        if view not in owners:
+            raise ValueError(f"no policy defines feature view '{view}' (views: {', '.join(sorted(owners)) or 'none'})")
+        found.add(owners[view])
+    if len(found) > 1:
+        raise ValueError(f"a model reads one dataset's features (got {', '.join(sorted(found))})")
+    return found.pop()
+
+
+def load_params(path: Path = PARAMS, ws: Workspace | None = None) -> Params:
+    """Read and validate the params file; with a workspace, also against its policies."""
     if not path.exists():
         raise PipelineError(f"{path} not found: run from the repository root (where dvc.yaml is)")
-    return validate_file(Params, path, error=ConfigError)
+    context = None
+    if ws is not None:
+        pols = ws.policies
+        context = {"datasets": set(pols.datasets), "policies": pols}
+    params = validate_file(Params, path, error=ConfigError, context=context)
+    params._path = path
+    return params
+
+
+def params_error(params: Params, loc: tuple[Any, ...], message: str, **kw: Any) -> ConfigError:
+    """A ConfigError about one place in the params file, naming its line."""
+    from governance._files import locate, read_yaml
+
+    _, node = read_yaml(params._path)
+    field = ".".join(str(p) for p in loc)
+    return ConfigError(message, path=str(params._path), field=field, line=locate(node, loc), **kw)
 
 
 # -- manifests -----------------------------------------------------------------------------
@@ -170,77 +311,229 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# -- stages --------------------------------------------------------------------------------
-def stage_generate(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
-    """Synthetic landing files (fictional people). The files stay outside DVC and git."""
-    from lakehouse.synth import generate
-
-    for ds in DATASETS:
-        ws.gate.enforce(Stage.INGEST, actor, Resource.dataset(ds))
-    p = params.data
-    landing = ws.config.path(p.landing)
-    res = generate(landing, people=p.people, transactions_per_person=p.transactions_per_person, seed=p.seed,
-                   bias=p.bias, bad_rows=p.bad_rows, overwrite=True)
-    files = {ds: {"path": os.path.relpath(res.files[ds], ws.config.base_dir), "sha256": _sha256(Path(res.files[ds])),
-                  "bytes": Path(res.files[ds]).stat().st_size} for ds in DATASETS}
-    run = ws.lineage.emit("pipeline.generate", outputs=[], dvc_stage="generate",
-                          facets={"people": p.people, "seed": p.seed, "files": {d: f["sha256"] for d, f in files.items()}})
-    write_json(OUT / "generate.json", _manifest(ws, "generate", run, files=files, params=p.model_dump()))
-    return {"files": files}
+# -- sources: each dataset's landing files ------------------------------------------------
+SOURCES = OUT / "sources.json"
 
 
 def _ingested_record(ws: Workspace) -> Path:
-    """Landing files this workspace has ingested, by sha256 (outside DVC's outputs: kept across runs)."""
+    """Landing files this workspace has ingested, by dataset and sha256 (outside DVC's outputs: kept across runs)."""
     return ws.config.workspace_dir / "pipeline" / "ingested.json"
 
 
-def _already_ingested(ws: Workspace, sha256: str) -> dict[str, Any] | None:
+def _ingested(ws: Workspace) -> dict[str, Any]:
     path = _ingested_record(ws)
-    return json.loads(path.read_text()).get(sha256) if path.exists() else None
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _remember_ingested(ws: Workspace, sha256: str, report: dict[str, Any]) -> None:
-    path = _ingested_record(ws)
-    seen = json.loads(path.read_text()) if path.exists() else {}
-    seen[sha256] = report
-    write_json(path, seen)
+def _already_ingested(seen: dict[str, Any], ds: str, sha256: str) -> dict[str, Any] | None:
+    return seen.get(f"{ds}/{sha256}") or seen.get(sha256)  # bare digests: records written before datasets were named
+
+
+def _remember_ingested(ws: Workspace, ds: str, sha256: str, report: dict[str, Any]) -> None:
+    seen = _ingested(ws)
+    seen[f"{ds}/{sha256}"] = report
+    write_json(_ingested_record(ws), seen)
+
+
+def _shown(params: Params, path: Path) -> str:
+    """How manifests name a landing file: its path relative to the repository, PII-redacted."""
+    from governance.pii import redact
+
+    return redact(os.path.relpath(path, params.root))[0]
+
+
+def _synthetic_file(ws: Workspace, params: Params, ds: str) -> Path:
+    return ws.config.path(params.synthetic.landing) / f"{ds}.csv"  # generate()'s default format
+
+
+def _match(params: Params, ds: str, *, known: bool) -> list[Path]:
+    """The files ``ds``'s source names now, globs in sorted order. A pattern that matches nothing is
+    an error unless files of ``ds`` were ingested before (``landing: remove`` deletes them)."""
+    from governance.pii import redact
+    from lakehouse.errors import IngestError
+    from lakehouse.readers import detect_format
+
+    out: list[Path] = []
+    spec = params.sources[ds]
+    for i, pattern in enumerate(params.patterns(ds)):
+        loc = ("sources", ds) if isinstance(spec, str) else ("sources", ds, i)
+        full = Path(pattern) if os.path.isabs(pattern) else params.root / pattern
+        if _GLOB & set(pattern):
+            hits = sorted(Path(m) for m in globmod.glob(str(full), recursive=True) if Path(m).is_file())
+        elif full.is_dir():
+            raise params_error(params, loc, f"'{pattern}' is a folder: name its files or a glob such as '{pattern}/*.csv'")
+        else:
+            hits = [full] if full.is_file() else []
+        if not hits and not known:
+            raise params_error(params, loc, f"'{pattern}' matches no file (paths are relative to {params._path.name}'s folder)")
+        for h in hits:
+            try:
+                detect_format(h)
+            except IngestError as exc:
+                raise params_error(params, loc, f"'{pattern}' matches {_shown(params, h)}, which ingest cannot read "
+                                                f"({redact(exc.message)[0]})") from None
+        out.extend(hits)
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def _tracked(root: Path, files: list[Path]) -> list[Path]:
+    """Those of ``files`` that git tracks (landing files hold personal data: never in git)."""
+    import subprocess
+
+    inside = [f.resolve() for f in files if f.resolve().is_relative_to(root)]
+    if not inside:
+        return []
+    try:
+        r = subprocess.run(["git", "ls-files", "-z", "--", *(str(f.relative_to(root)) for f in inside)],
+                           cwd=root, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [root / x for x in r.stdout.split("\0") if x] if r.returncode == 0 else []
+
+
+def _synthetic_fingerprint(params: Params) -> dict[str, Any]:
+    import lakehouse.synth
+
+    return {"params": params.synthetic.model_dump(), "code": _sha256(Path(lakehouse.synth.__file__))}
+
+
+def _generate_if_needed(ws: Workspace, params: Params, prev: dict[str, Any], seen: dict[str, Any]) -> list[str]:
+    """Run the generator when its params or code changed since it last ran here, or when a file it
+    wrote is gone without having been ingested; return the datasets it wrote (none when it did not run)."""
+    synthetic = params.synthetic_datasets()
+    if not synthetic:
+        return []
+    record = ws.config.workspace_dir / "pipeline" / "synthetic.json"
+    fingerprint = _synthetic_fingerprint(params)
+    last = json.loads(record.read_text()) if record.exists() else None
+    prev_ds = prev.get("datasets") or {}
+
+    def lost(ds: str) -> bool:
+        f = _synthetic_file(ws, params, ds)
+        return not f.exists() and not any(e["path"] == _shown(params, f) and _already_ingested(seen, ds, e["sha256"])
+                                          for e in (prev_ds.get(ds) or {}).get("files", []))
+
+    if last == fingerprint and not any(lost(ds) for ds in synthetic):
+        return []
+    from lakehouse.synth import generate
+
+    p = params.synthetic
+    res = generate(ws.config.path(p.landing), people=p.people, transactions_per_person=p.transactions_per_person,
+                   seed=p.seed, bias=p.bias, bad_rows=p.bad_rows, overwrite=True)
+    write_json(record, fingerprint)
+    return sorted(res.files)
+
+
+def stage_sources(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
+    """Each dataset's landing files, each recorded by path (PII-redacted) and sha256 in
+    pipeline/sources.json: the generator's files for a ``synthetic`` source (it runs only when its
+    params or code changed), the matches of each file or glob otherwise.
+
+    DVC runs this stage every time (``always_changed``). Its output is ``persist``: the stage reads
+    its last record and rewrites it only when the files changed, so ``dvc repro`` re-ingests new or
+    changed landing files and runs nothing downstream when there are none. Files ingested before
+    stay recorded after ingest removed them (``landing: remove``) — the record says what bronze
+    holds — and an erasure's rewrite of a kept file is not a new file.
+    """
+    from lakehouse.landing import is_erasure_rewrite
+
+    for ds in params.datasets:
+        ws.gate.enforce(Stage.INGEST, actor, Resource.dataset(ds))
+    prev = json.loads(SOURCES.read_text()) if SOURCES.exists() else {}
+    prev_ds = prev.get("datasets") or {}
+    seen = _ingested(ws)
+    generated = _generate_if_needed(ws, params, prev, seen)
+    found: dict[str, list[Path]] = {}
+    known: dict[str, list[dict[str, Any]]] = {}  # recorded before and ingested since: what bronze holds
+    for ds in params.datasets:
+        known[ds] = [e for e in (prev_ds.get(ds) or {}).get("files", []) if _already_ingested(seen, ds, e["sha256"])]
+        if params.sources[ds] == SYNTHETIC:
+            f = _synthetic_file(ws, params, ds)
+            found[ds] = [f] if f.is_file() else []
+        else:
+            found[ds] = _match(params, ds, known=bool(known[ds]))
+    tracked = _tracked(params.root, [f for ds in params.datasets for f in found[ds]])
+    if tracked:
+        raise PipelineError(f"{_shown(params, tracked[0])} is tracked by git: landing files hold personal data and stay "
+                            "out of git and DVC", hint="git rm --cached it and list its folder in .gitignore")
+    datasets: dict[str, Any] = {}
+    for ds in params.datasets:
+        entries = {(e["path"], e["sha256"]): e for e in known[ds]}
+        for f in found[ds]:
+            sha, shown = _sha256(f), _shown(params, f)
+            if (shown, sha) in entries or is_erasure_rewrite(ws, ds, f):
+                continue  # recorded already, or an erasure's rewrite of a kept file (its rows were ingested)
+            entries[(shown, sha)] = {"path": shown, "sha256": sha, "bytes": f.stat().st_size}
+        datasets[ds] = {"files": [entries[k] for k in sorted(entries)]}
+    counts = {ds: len(d["files"]) for ds, d in datasets.items()}
+    if prev.get("datasets") == datasets:
+        return {"changed": False, "files": counts, "generated": generated}
+    run = ws.lineage.emit("pipeline.sources", outputs=[], dvc_stage="sources",
+                          facets={"files": {ds: [e["sha256"] for e in d["files"]] for ds, d in datasets.items()},
+                                  "generated": generated})
+    write_json(SOURCES, _manifest(ws, "sources", run, datasets=datasets))
+    return {"changed": True, "files": counts, "generated": generated}
+
+
+def _find(ws: Workspace, params: Params, ds: str, entry: dict[str, Any]) -> Path | None:
+    """The landing file a sources.json entry records, if it is still there with that content."""
+    direct = params.root / entry["path"]
+    if direct.is_file() and _sha256(direct) == entry["sha256"]:
+        return direct
+    cands = ([_synthetic_file(ws, params, ds)] if params.sources[ds] == SYNTHETIC
+             else _match(params, ds, known=True))  # a redacted name: find the file by its content
+    return next((f for f in cands if f.is_file() and f != direct and _sha256(f) == entry["sha256"]), None)
+
+
+_COUNTS = ("rows_read", "rows_accepted", "rows_quarantined", "rows_skipped")
 
 
 def stage_ingest(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
-    """Ingest the generated landing files (exactly once) into bronze, vault, quarantine."""
+    """Ingest each landing file pipeline/sources.json records and this workspace has not ingested
+    yet (by sha256) into bronze, vault and quarantine. Exactly once twice over: files already
+    ingested are skipped here, and ingest's batch ledger skips any batch it has committed before."""
+    from governance.lineage import DatasetRef
     from lakehouse.ingest import ingest
 
-    gen = read_json(OUT / "generate.json", stage="generate")
-    reports: dict[str, Any] = {}
-    for ds in DATASETS:
-        f = gen["files"][ds]
-        path = ws.config.base_dir / f["path"]
-        if path.exists():
-            if _sha256(path) != f["sha256"]:
-                raise PipelineError(f"{f['path']} changed since the generate stage wrote it (sha256 differs): "
-                                    "rerun the generate stage (dvc repro -f generate)")
-            rep = ingest(ws, actor, ds, [path])
-            if not all(fr.balanced for fr in rep.files):
-                raise PipelineError(f"{f['path']}: rows read do not add up to accepted + quarantined + skipped")
-            reports[ds] = rep.to_dict()
-            _remember_ingested(ws, f["sha256"], reports[ds])
-        else:
-            ws.gate.enforce(Stage.INGEST, actor, Resource.dataset(ds))
-            done = _already_ingested(ws, f["sha256"])
+    man = read_json(SOURCES, stage="sources")
+    seen = _ingested(ws)
+    files: dict[str, list[dict[str, Any]]] = {}
+    reports: dict[str, list[dict[str, Any]]] = {}
+    summary: dict[str, Any] = {}
+    for ds in params.datasets:
+        entries = ((man.get("datasets") or {}).get(ds) or {}).get("files")
+        if entries is None:
+            raise PipelineError(f"{SOURCES} records no files of '{ds}': run the sources stage first (dvc repro)")
+        ws.gate.enforce(Stage.INGEST, actor, Resource.dataset(ds))
+        files[ds], reports[ds] = [], []
+        for e in entries:
+            done = _already_ingested(seen, ds, e["sha256"])
+            status = "ingested earlier"
             if done is None:
-                raise PipelineError(f"{f['path']} is gone and was never ingested here: "
-                                    "rerun the generate stage (dvc repro -f generate)")
-            reports[ds] = {**done, "landing": "removed after an earlier ingest (policy); nothing new to ingest"}
-    tables = {f"{layer}.{ds}": table_manifest(ws, layer, ds) for ds in DATASETS
+                path = _find(ws, params, ds, e)
+                if path is None:
+                    raise PipelineError(f"{e['path']} ({ds}, sha256 {e['sha256'][:12]}…) is gone or changed since the "
+                                        "sources stage recorded it, and was never ingested",
+                                        hint="run dvc repro again: the sources stage records what is there now")
+                rep = ingest(ws, actor, ds, [path])
+                if not all(fr.balanced for fr in rep.files):
+                    raise PipelineError(f"{e['path']}: rows read do not add up to accepted + quarantined + skipped")
+                done = rep.to_dict()
+                _remember_ingested(ws, ds, e["sha256"], done)
+                seen = _ingested(ws)
+                reports[ds].append(done)
+                status = "ingested"
+            files[ds].append({"path": e["path"], "sha256": e["sha256"], "status": status,
+                              **{k: done.get(k) for k in _COUNTS}})
+        summary[ds] = {"files": len(files[ds]), "files_new": sum(f["status"] == "ingested" for f in files[ds]),
+                       **{k: sum(int(f[k] or 0) for f in files[ds]) for k in _COUNTS}}
+    tables = {f"{layer}.{ds}": table_manifest(ws, layer, ds) for ds in params.datasets
               for layer in ("bronze", "quarantine", "vault") if _exists(ws, layer, ds)}
-    from governance.lineage import DatasetRef
-
     run = ws.lineage.emit("pipeline.ingest", dvc_stage="ingest",
                           outputs=[DatasetRef(t, version=m["version"]) for t, m in tables.items()])
-    summary = {ds: {k: reports[ds].get(k) for k in ("rows_read", "rows_accepted", "rows_quarantined", "rows_skipped")}
-               for ds in DATASETS}
     write_json(REPORTS / "ingest.json", summary)
-    write_json(OUT / "ingest.json", _manifest(ws, "ingest", run, tables=tables, reports=reports))
+    write_json(OUT / "ingest.json", _manifest(ws, "ingest", run, tables=tables, files=files, reports=reports))
     return summary
 
 
@@ -257,7 +550,7 @@ def stage_silver(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
 
     _require_pinned(ws, read_json(OUT / "ingest.json", stage="ingest")["tables"], stage="ingest")
     out = {}
-    for ds in DATASETS:
+    for ds in params.datasets:
         rep = build_silver(ws, actor, ds)
         out[f"silver.{ds}"] = {**table_manifest(ws, "silver", ds), "bronze_version": rep.bronze_version}
     run = ws.lineage.emit("pipeline.silver", dvc_stage="silver",
@@ -291,7 +584,7 @@ def stage_features(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any
     run = ws.lineage.emit("pipeline.features", dvc_stage="features",
                           inputs=[DatasetRef(k, version=v["version"]) for k, v in silver["tables"].items()],
                           outputs=[DatasetRef(f"feature_view:{v}", version=n, kind="feature_view") for v, n in versions.items()])
-    body = {"objects": names, "materialized": versions, "purpose": t.purpose, "features": t.features,
+    body = {"objects": names, "materialized": versions, "purpose": t.purpose, "dataset": dataset, "features": t.features,
             "gate": {"allowed": decision.allowed, "rules": list(decision.rule_ids)}}
     write_json(OUT / "features.json", _manifest(ws, "features", run, **body))
     return body
@@ -357,7 +650,8 @@ def stage_register(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any
     run = ws.lineage.emit("pipeline.register", dvc_stage="register",
                           outputs=[DatasetRef(f"model:{ref.name}", version=ref.version, kind="model")],
                           facets={"model": str(ref)})
-    body = {"model": ref.name, "version": ref.version, "ref": str(ref), "data_versions": card.data_versions,
+    body = {"model": ref.name, "version": ref.version, "ref": str(ref), "dataset": card.dataset,
+            "data_versions": card.data_versions,
             "fairness_passed": card.fairness.passed if card.fairness else None, "epsilon": card.privacy.epsilon}
     write_json(OUT / "register.json", _manifest(ws, "register", run, **body))
     return body
@@ -374,9 +668,9 @@ def stage_deploy(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     InferenceService, start the predictor locally, send smoke requests, stop it."""
     import signal
 
-    from features.store import Features
     from governance.lineage import DatasetRef
     from serving.deploy import deploy
+    from training.registry import Registry
 
     reg = read_json(OUT / "register.json", stage="register")
     ref = reg["ref"]
@@ -384,7 +678,7 @@ def stage_deploy(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     port = _free_port()
     local = deploy(ws, actor, ref, target="local", port=port)
     try:
-        smoke = _smoke(ws, local["url"], reg["model"], params.deploy.smoke_requests, Features)
+        smoke = _smoke(ws, local["url"], reg["model"], Registry(ws).card(ref).dataset, params.deploy.smoke_requests)
     finally:
         try:
             os.killpg(local["pid"], signal.SIGTERM)
@@ -404,17 +698,19 @@ def stage_deploy(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     return body
 
 
-def _smoke(ws: Workspace, url: str, model: str, n: int, features_cls: Any) -> dict[str, Any]:
-    """V1 predict requests for real subject tokens of silver; every one must answer 200 with a score."""
+def _smoke(ws: Workspace, url: str, model: str, dataset: str, n: int) -> dict[str, Any]:
+    """V1 predict requests for real subject tokens of the model's dataset (its silver table, by the
+    policy's subject key); every one must answer 200 with a score."""
     import time
 
     from lakehouse.catalog import Catalog, TableRef
 
-    tokens = Catalog(ws.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])
-    tokens = tokens["customer_id"].to_pylist()[:n]
+    key = ws.policies.dataset(dataset).subject_key
+    tokens = Catalog(ws.config).open(TableRef("silver", dataset)).to_pyarrow_table(columns=[key])
+    tokens = [t for t in tokens[key].to_pylist() if t][:n]
     ok, lat = 0, []
     for tok in tokens:
-        body = json.dumps({"instances": [{"customer_id": tok}]}).encode()
+        body = json.dumps({"instances": [{key: tok}]}).encode()
         req = urllib.request.Request(f"{url}/v1/models/{model}:predict", data=body,
                                      headers={"Content-Type": "application/json"})
         t0 = time.perf_counter()
@@ -430,7 +726,7 @@ def _smoke(ws: Workspace, url: str, model: str, n: int, features_cls: Any) -> di
     return {"requests": len(tokens), "ok": ok, "p50_ms": round(lat[len(lat) // 2], 2) if lat else None}
 
 
-STAGES = {"generate": stage_generate, "ingest": stage_ingest, "silver": stage_silver, "features": stage_features,
+STAGES = {"sources": stage_sources, "ingest": stage_ingest, "silver": stage_silver, "features": stage_features,
           "train": stage_train, "evaluate": stage_evaluate, "register": stage_register, "deploy": stage_deploy}
 
 
@@ -463,6 +759,16 @@ def is_fairness_rule(rule_id: str) -> bool:
     return len(parts) >= 2 and parts[1] == "fairness"
 
 
+def _refuse_stale(ws: Workspace, params: Params) -> None:
+    from lakewarden.dvcyaml import stale
+
+    diff = stale(ws, params)
+    if diff:
+        where = "is missing" if diff == ["dvc.yaml"] else f"is stale (stage {', '.join(diff)})"
+        raise PipelineError(f"dvc.yaml {where}: it does not match {params._path.name} and the policies",
+                            hint="run `lakewarden pipeline render`, then dvc repro")
+
+
 def run_stage(ws: Workspace, actor: Actor, stage: str, params_path: Path = PARAMS) -> dict[str, Any]:
     """Run one stage and record how it ended (:func:`stage_outcome`), so a caller of ``dvc repro`` can
     tell a gate's refusal from a failure.
@@ -477,7 +783,10 @@ def run_stage(ws: Workspace, actor: Actor, stage: str, params_path: Path = PARAM
     if stage not in STAGES:
         raise PipelineError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
     try:
-        out = STAGES[stage](ws, actor, load_params(params_path))
+        params = load_params(params_path, ws)
+        if os.environ.get("DVC_STAGE"):  # run by dvc repro: dvc.yaml must say what this configuration needs
+            _refuse_stale(ws, params)
+        out = STAGES[stage](ws, actor, params)
     except AccessDenied as exc:
         rules = list(getattr(getattr(exc, "decision", None), "rule_ids", None) or [])
         _record_outcome(ws, stage, "denied", exc.message, rule_ids=rules)
@@ -594,11 +903,17 @@ def summary(ws: Workspace, actor: Actor) -> dict[str, Any]:
     audit = verify_audit(ws, actor)
     from dataclasses import asdict
 
-    budget = asdict(PrivacyLedger(ws).status("customers"))
+    dataset = (registered or {}).get("dataset") or (opt(OUT / "features.json") or {}).get("dataset")
+    if dataset is None and PARAMS.exists():  # before the features stage ran: the dataset the params train on
+        try:
+            dataset = model_dataset(ws.policies, load_params(PARAMS).train.features)
+        except ValueError:
+            dataset = None
+    budget = asdict(PrivacyLedger(ws).status(dataset)) if dataset else None
     return {
         "rows": {ds: v.get("rows_accepted") for ds, v in ingest.items()},
         "quarantined": {ds: v.get("rows_quarantined") for ds, v in ingest.items()},
-        "epsilon_run": train and train["epsilon"], "budget": budget,
+        "epsilon_run": train and train["epsilon"], "budget": budget, "budget_dataset": dataset,
         "utility": train and {k: train[k] for k in ("auc", "accuracy") if k in train},
         "fairness": fair,
         "registered": registered and registered["ref"],

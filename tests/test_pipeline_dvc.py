@@ -1,7 +1,8 @@
 """The reference pipeline under real ``dvc repro``, in a temporary copy of the repository.
 
 One copy per module; the tests run in order on it: a full repro (stopped by the deploy gate
-until compliance approves, then finished), a second repro that does nothing, an ε change that
+until compliance approves, then finished), a second repro that runs only the sources stage
+(nothing new to ingest, so nothing downstream), an ε change that
 reruns only train and what follows, a policy change that stops the features stage naming the
 rule, the lineage trace against dvc.lock, DVC's cache free of personal data, and a checkout of
 pinned table versions without an erased subject.
@@ -21,7 +22,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ["governance", "generate", "ingest", "silver", "features", "train", "evaluate", "register", "deploy"]
+STAGES = ["governance", "sources", "ingest", "silver", "features", "train", "evaluate", "register", "deploy"]
 pytestmark = pytest.mark.slow
 
 
@@ -57,13 +58,16 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (d / f).write_bytes(src.read_bytes())
 
     def small(p: dict) -> None:
-        p["data"].update(people=1000, transactions_per_person=2)
+        p["synthetic"].update(people=1000, transactions_per_person=2)
         p["train"].update(epochs=2, batch_size=64)
         p["deploy"]["smoke_requests"] = 5
 
     _edit_yaml(d / "params.yaml", small)
     _edit_yaml(d / "policies" / "customers.yaml", lambda p: p["fairness"].update(
         disparate_impact_min=0.05, equal_opportunity_max_diff=0.95, predictive_parity_max_diff=0.95))
+    # dvc.yaml as the render makes it for this tree (tests/test_pipeline_params.py checks that the
+    # repository's own dvc.yaml is current).
+    assert _sh(d, "lakewarden", "pipeline", "render").returncode == 0
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=ci@example.org", "-c", "user.name=ci", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=d, check=True)
@@ -92,7 +96,7 @@ def test_full_repro_is_gated_at_deploy_until_compliance_approves(repo: Path):
     assert _sh(repo, "lakewarden", "--as", "carla", "models", "approve", "credit@1").returncode == 0
     second = _sh(repo, "dvc", "repro")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert _ran(second) == ["deploy"]
+    assert _ran(second) == ["sources", "deploy"]
     dep = json.loads((repo / "pipeline" / "deploy.json").read_text())
     assert dep["smoke"]["ok"] == dep["smoke"]["requests"] == 5
     manifest = repo / dep["manifest"]
@@ -111,16 +115,18 @@ def test_full_repro_is_gated_at_deploy_until_compliance_approves(repo: Path):
 
 
 def test_second_repro_with_nothing_changed_does_nothing(repo: Path):
+    before = (repo / "pipeline" / "sources.json").read_bytes()
     p = _sh(repo, "dvc", "repro")
-    assert p.returncode == 0 and _ran(p) == [], p.stdout
+    assert p.returncode == 0 and _ran(p) == ["sources"], p.stdout  # always_changed: it looks at the landing files
     assert "didn't change" in p.stdout
+    assert (repo / "pipeline" / "sources.json").read_bytes() == before  # left as it was: ingest is not rerun
 
 
 def test_lineage_ties_dvc_lock_git_commit_delta_and_model_versions(repo: Path):
     p = _sh(repo, "lakewarden", "--as", "carla", "pipeline", "trace", "--json")
     assert p.returncode == 0, p.stderr
     rows = {r["stage"]: r for r in json.loads(p.stdout)}
-    assert set(rows) == {"generate", "ingest", "silver", "features", "train", "evaluate", "register", "deploy"}
+    assert set(rows) == {"sources", "ingest", "silver", "features", "train", "evaluate", "register", "deploy"}
     head = _sh(repo, "git", "rev-parse", "HEAD").stdout.strip()
     for r in rows.values():
         assert r["matches"] and r["run_id"] and r["stage"] in r["job"], r
@@ -143,7 +149,7 @@ def test_dvc_cache_holds_no_personal_data(repo: Path):
 def test_epsilon_change_reruns_only_training_and_after(repo: Path):
     _edit_yaml(repo / "params.yaml", lambda p: p["train"].update(epsilon=2.0))
     p = _sh(repo, "dvc", "repro")
-    assert _ran(p) == ["train", "evaluate", "register", "deploy"], p.stdout[-3000:]
+    assert _ran(p) == ["sources", "train", "evaluate", "register", "deploy"], p.stdout[-3000:]
     assert p.returncode != 0 and "customers/deployment/approvals" in p.stdout + p.stderr  # credit@2 is not approved
     assert json.loads((repo / "reports" / "train.json").read_text())["epsilon"] <= 2.0 + 1e-6
 
@@ -157,7 +163,7 @@ def test_policy_change_forbidding_a_feature_stops_the_features_stage(repo: Path)
     p = _sh(repo, "dvc", "repro")
     out = p.stdout + p.stderr
     assert p.returncode != 0
-    assert _ran(p) == ["governance", "features"], out[-3000:]
+    assert _ran(p) == ["governance", "sources", "features"], out[-3000:]
     assert "denied by policy rule customers/access/data_scientist/columns" in out and "income" in out
     assert "failed to reproduce 'features'" in out
 
