@@ -1,20 +1,34 @@
 """The governed KServe predictor: a registered model version behind KServe's ModelServer.
 
-A request names subjects by their pseudonymous tokens only. For each request the predictor
-asks the feature store for the model's online features — a gated, audited lookup for the
-model card's purpose — encodes them exactly as at training (the encoder stored with the
+A request names subjects by their pseudonymous tokens, or by their own ids. For each request the
+predictor asks the feature store for the model's online features — a gated, audited lookup for
+the model card's purpose — encodes them exactly as at training (the encoder stored with the
 model), scores them, and answers on both of KServe's protocols:
 
 * V1: ``POST /v1/models/<name>:predict`` with ``{"instances": ["sub_…", …]}`` (or
-  ``[{"customer_id": "sub_…"}]``) → ``{"predictions": [score, …]}``;
+  ``[{"customer_id": "sub_…"}]``, the field named after the dataset's subject key) →
+  ``{"predictions": [score, …]}``;
 * Open Inference Protocol: ``POST /v2/models/<name>/infer`` with one BYTES input named after
   the subject key → one FP32 output ``score``.
 
-Subjects the feature store does not know — never ingested, or erased — get a 404 naming the
-tokens; malformed input gets a 400, an oversized body a 413; the server keeps serving.
-Every scored entity is appended to a request log (token, features, score — no identifiers)
-that ``lakewarden monitor`` reads for drift; the log is opened per append under a lock that
-erasure also takes (:mod:`serving.requestlog`).
+**By the subject's own id.** An instance ``{"subject_id": "C-000123"}`` (V1; instances may mix
+ids and tokens), or one BYTES input named ``subject_id`` (V2), names the subject by the id it was
+ingested with. The predictor computes the id's blind index and looks the token up in the key
+store (``KeyRing.tokens_for(ids, create=False)``: never creating one), then scores the token. The
+lookup is gated like the feature lookup (``serve`` on the dataset, for the card's purpose, the
+subject key as the column used) and audited with counts only (``serve.resolve_ids``). The id is
+held in memory for the lookup and goes nowhere else: the request log keeps the token, and no
+message repeats the id. An id the key store does not know (never ingested, or erased), or whose
+subject has no online features, is a per-instance error — V1: ``null`` in ``predictions`` and
+``{"instance": i, "error": …}`` in ``errors``; V2: ``NaN`` in ``score`` and the message in a
+second BYTES output ``error`` ("" where scored) — with HTTP 200 for the others. (Should a
+dataset's subject key itself be named ``subject_id``, values shaped like tokens there are tokens.)
+
+Subjects the feature store does not know, named by token — never ingested, or erased — get a
+404 naming the tokens; malformed input gets a 400, an oversized body a 413; the server keeps
+serving. Every scored entity is appended to a request log (token, features, score — no
+identifiers) that ``lakewarden monitor`` reads for drift; the log is opened per append under a
+lock that erasure also takes (:mod:`serving.requestlog`).
 """
 
 from __future__ import annotations
@@ -37,6 +51,10 @@ from training.trainer import load_model
 
 MAX_INSTANCES = 1000
 MAX_BODY_BYTES = 1 << 20
+ID_FIELD = "subject_id"  # the field (V1) or input (V2) that names a subject by its own id
+MAX_ID_CHARS = 1024
+UNKNOWN_ID = "unknown subject: the key store has no such id (never ingested, or erased)"
+NO_FEATURES = "no online features for this subject (not materialized yet, or erased)"
 
 
 class SubjectNotFound(Exception):
@@ -82,18 +100,19 @@ def _make_model_class():  # noqa: ANN202
             self.ws = ws
             self.card = card
             self.actor = actor
-            self.features = Features(ws)
-            self.key = ws.policies.dataset(card.dataset).subject_key
-            self.encoder = Encoder.from_dict(card.preprocessing["encoder"])
             self.columns = [f.split(":", 1)[1] for f in card.features]
-            self.threshold = float(card.preprocessing.get("threshold", 0.5))
-            # Fail at start, not on every request: the serving identity must be allowed to serve
-            # this model's features for the card's purpose.
+            # Fail at start, not on every request — and before anything else of the model is
+            # read: the serving identity must be allowed to serve this model's features for the
+            # card's purpose.
             from governance.gate import Resource
             from governance.policy import Stage
 
             ws.gate.enforce(Stage.SERVE, actor, Resource.dataset(card.dataset),
                             {"purpose": card.purpose, "columns": self.columns})
+            self.features = Features(ws)
+            self.key = ws.policies.dataset(card.dataset).subject_key
+            self.encoder = Encoder.from_dict(card.preprocessing["encoder"])
+            self.threshold = float(card.preprocessing.get("threshold", 0.5))
             blob = (reg.path(card.ref) / "model.pt").read_bytes()
             self.torch_model = load_model(blob, card.preprocessing["n_features"], tuple(card.preprocessing["hidden"]))
             from prometheus_client import REGISTRY, Histogram
@@ -125,14 +144,58 @@ def _make_model_class():  # noqa: ANN202
 
         # -- the work -----------------------------------------------------------------
         def score_tokens(self, tokens: list[str]) -> np.ndarray:
+            """Scores of subjects named by token; SubjectNotFound (404) names those with no features."""
+            scores, missing = self._score(tokens)
+            if missing:
+                raise SubjectNotFound([tokens[i] for i in missing])
+            return scores
+
+        def score_subjects(self, ids: list[str]) -> tuple[np.ndarray, dict[int, str]]:
+            """Scores of subjects named by their own ids: NaN and ``{position: error}`` for those
+            the key store does not know or that have no online features (never the id in it)."""
+            tokens = self.resolve_ids(ids)
+            found = [i for i, t in enumerate(tokens) if t is not None]
+            out = np.full(len(ids), np.nan, dtype=np.float64)
+            errors = {i: UNKNOWN_ID for i, t in enumerate(tokens) if t is None}
+            if found:
+                scores, missing = self._score([tokens[i] for i in found])  # type: ignore[misc]
+                for j, i in enumerate(found):
+                    out[i] = scores[j]
+                for j in missing:
+                    errors[found[j]] = NO_FEATURES
+            return out, dict(sorted(errors.items()))
+
+        def resolve_ids(self, ids: list[str]) -> list[str | None]:
+            """Each id's token, looked up by its blind index (never created): gated like the
+            feature lookup and audited with counts only. The ids go nowhere but the HMAC."""
+            from governance.gate import Resource
+            from governance.policy import Stage
+
+            self.ws.gate.enforce(Stage.SERVE, self.actor, Resource.dataset(self.card.dataset),
+                                 {"purpose": self.card.purpose, "columns": [self.key]})
+            tokens = self.ws.keyring.tokens_for(ids, create=False)
+            unknown = sum(t is None for t in tokens)
+            self.ws.audit.record("serve.resolve_ids", actor=self.actor.name, outcome="ok", stage=Stage.SERVE.value,
+                                 resource=f"model:{self.card.ref}",
+                                 details={"dataset": self.card.dataset, "purpose": self.card.purpose,
+                                          "ids": len(ids), "resolved": len(ids) - unknown, "unknown": unknown})
+            return tokens
+
+        def _score(self, tokens: list[str]) -> tuple[np.ndarray, list[int]]:
+            """Scores of the tokens that have online features, and the positions of those that have none."""
             import pyarrow as pa
             import torch
 
             tbl = self.features.online(self.actor, purpose=self.card.purpose, features=self.card.features, tokens=tokens)
             cols = [tbl[c] for c in self.columns]
-            missing = [t for i, t in enumerate(tokens) if all(col[i].as_py() is None for col in cols)]
+            missing = [i for i in range(len(tokens)) if all(col[i].as_py() is None for col in cols)]
+            n = len(tokens)
+            keep = [i for i in range(n) if i not in set(missing)] if missing else []
             if missing:
-                raise SubjectNotFound(missing)
+                tbl = tbl.take(pa.array(keep, pa.int64()))
+                tokens = [tokens[i] for i in keep]
+            if not tokens:
+                return np.zeros(0, dtype=np.float32), missing
             x = self.encoder.transform(pa.table({c: tbl[c] for c in self.columns}))
             with torch.no_grad():
                 scores = torch.sigmoid(self.torch_model(torch.from_numpy(x)).squeeze(-1)).numpy()
@@ -151,7 +214,11 @@ def _make_model_class():  # noqa: ANN202
                 ])
                 if self.reference is not None and self.scored // self.drift_every != (self.scored - len(tokens)) // self.drift_every:
                     self.refresh_drift()
-            return scores
+            if not missing:
+                return scores, missing
+            full = np.full(n, np.nan, dtype=scores.dtype)
+            full[keep] = scores
+            return full, missing
 
         def refresh_drift(self) -> Any:
             """PSI of recent traffic against the training reference, into the Prometheus gauges."""
@@ -162,64 +229,117 @@ def _make_model_class():  # noqa: ANN202
             self.drift_metrics.observe(report)
             return report
 
-        @staticmethod
-        def _tokens_v1(payload: Any, key: str) -> list[str]:
+        def _instances_v1(self, payload: Any) -> list[tuple[str, str]]:
+            """V1 instances as ("token", value) or ("id", value), in request order."""
+            key = self.key
             if isinstance(payload, (bytes, bytearray)):
                 try:
                     payload = json.loads(payload)
                 except (ValueError, UnicodeDecodeError) as exc:
                     raise InvalidInput(f"the request body is not valid JSON ({exc})") from None
             if not isinstance(payload, dict) or "instances" not in payload:
-                raise InvalidInput('expected a JSON object {"instances": [...]} with subject tokens')
+                raise InvalidInput('expected a JSON object {"instances": [...]} with subject tokens or '
+                                   f'{{"{ID_FIELD}": ...}} objects')
             inst = payload["instances"]
             if not isinstance(inst, list) or not inst:
                 raise InvalidInput('"instances" must be a non-empty list')
-            out = []
+            if len(inst) > MAX_INSTANCES:
+                raise InvalidInput(f"at most {MAX_INSTANCES} instances per request (got {len(inst)})")
+            out: list[tuple[str, str]] = []
             for i, v in enumerate(inst):
+                kind = "token"
                 if isinstance(v, dict):
-                    v = v.get(key)
+                    named = [f for f in (key, ID_FIELD) if f in v]
+                    if len(set(named)) > 1:
+                        raise InvalidInput(f'instance {i}: give "{key}" (a token) or "{ID_FIELD}" (the subject\'s id), not both')
+                    if named == [ID_FIELD] and not (key == ID_FIELD and isinstance(v[ID_FIELD], str)
+                                                    and TOKEN_RE.match(v[ID_FIELD])):
+                        kind = "id"
+                    v = v.get(named[0]) if named else None
                 if not isinstance(v, str):
-                    raise InvalidInput(f'instance {i} must be a token string or {{"{key}": "sub_..."}}')
-                out.append(v)
+                    raise InvalidInput(f'instance {i} must be a token string, {{"{key}": "sub_..."}} '
+                                       f'or {{"{ID_FIELD}": "<the subject\'s id>"}}')
+                out.append((kind, v))
             return out
 
-        def _tokens_v2(self, req: Any) -> list[str]:
+        def _inputs_v2(self, req: Any) -> tuple[str, list[str]]:
+            """V2: ("token", tokens) from the input named after the subject key, or ("id", ids) from
+            the input named ``subject_id``."""
+            names = f"'{self.key}' (tokens) or '{ID_FIELD}' (the subjects' ids)"
             if len(req.inputs) != 1:
-                raise InvalidInput(f"expected exactly one input named '{self.key}' (got {len(req.inputs)})")
+                raise InvalidInput(f"expected exactly one input named {names} (got {len(req.inputs)})")
             inp = req.inputs[0]
-            if inp.name != self.key:
-                raise InvalidInput(f"the input must be named '{self.key}' (got '{inp.name}')")
+            if inp.name not in (self.key, ID_FIELD):
+                raise InvalidInput(f"the input must be named {names} (got '{inp.name}')")
             if inp.datatype != "BYTES":
-                raise InvalidInput(f"input '{self.key}' must have datatype BYTES (got {inp.datatype})")
+                raise InvalidInput(f"input '{inp.name}' must have datatype BYTES (got {inp.datatype})")
             if len(inp.shape) != 1:
-                raise InvalidInput(f"input '{self.key}' must be one-dimensional (shape [n]), got shape {inp.shape}")
-            data = inp.data
-            tokens = [d.decode() if isinstance(d, bytes) else d for d in data]
-            if len(tokens) != inp.shape[0]:
-                raise InvalidInput(f"shape {inp.shape} does not match {len(tokens)} values")
-            return tokens
+                raise InvalidInput(f"input '{inp.name}' must be one-dimensional (shape [n]), got shape {inp.shape}")
+            values = [d.decode() if isinstance(d, bytes) else d for d in inp.data]
+            if len(values) != inp.shape[0]:
+                raise InvalidInput(f"shape {inp.shape} does not match {len(values)} values")
+            if len(values) > MAX_INSTANCES:
+                raise InvalidInput(f"at most {MAX_INSTANCES} instances per request (got {len(values)})")
+            if inp.name == ID_FIELD and not (self.key == ID_FIELD and all(isinstance(v, str) and TOKEN_RE.match(v) for v in values)):
+                return "id", values
+            return "token", values
 
-        def _check(self, tokens: list[str]) -> None:
-            if len(tokens) > MAX_INSTANCES:
-                raise InvalidInput(f"at most {MAX_INSTANCES} instances per request (got {len(tokens)})")
-            bad = [i for i, t in enumerate(tokens) if not isinstance(t, str) or not TOKEN_RE.match(t)]
+        @staticmethod
+        def _check(items: list[tuple[str, str]]) -> None:
+            """Tokens must look like tokens; ids must be non-empty text. Messages name positions only:
+            a value that is not a token may be an identifier, and is never repeated."""
+            if len(items) > MAX_INSTANCES:
+                raise InvalidInput(f"at most {MAX_INSTANCES} instances per request (got {len(items)})")
+            bad = [i for i, (k, t) in enumerate(items) if k == "token" and (not isinstance(t, str) or not TOKEN_RE.match(t))]
             if bad:
                 raise InvalidInput(f"instance(s) {bad[:5]} are not subject tokens (sub_ + 26 base32 characters); "
-                                   "the predictor never takes identifiers")
+                                   f'to score a subject by its own id send {{"{ID_FIELD}": "<id>"}}')
+            bad = [i for i, (k, t) in enumerate(items)
+                   if k == "id" and (not isinstance(t, str) or not t.strip() or len(t) > MAX_ID_CHARS)]
+            if bad:
+                raise InvalidInput(f"instance(s) {bad[:5]}: {ID_FIELD} must be non-empty text of at most "
+                                   f"{MAX_ID_CHARS} characters")
 
         async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
             if isinstance(payload, InferRequest):
-                tokens = self._tokens_v2(payload)
-                self._check(tokens)
-                scores = self.score_tokens(tokens).astype(np.float32)
+                kind, values = self._inputs_v2(payload)
+                self._check([(kind, v) for v in values])
+                outputs = []
+                if kind == "token":
+                    scores = self.score_tokens(values).astype(np.float32)
+                else:
+                    scores_, errors = self.score_subjects(values)
+                    scores = scores_.astype(np.float32)
+                    err = InferOutput(name="error", shape=[len(values)], datatype="BYTES")
+                    err.set_data_from_numpy(np.array([errors.get(i, "") for i in range(len(values))], dtype=np.object_),
+                                            binary_data=False)
+                    outputs.append(err)
                 out = InferOutput(name="score", shape=[len(scores)], datatype="FP32")
                 out.set_data_from_numpy(scores, binary_data=False)
-                return InferResponse(response_id=payload.id or "", model_name=self.name, infer_outputs=[out],
+                return InferResponse(response_id=payload.id or "", model_name=self.name, infer_outputs=[out, *outputs],
                                      model_version=str(self.card.version))
-            tokens = self._tokens_v1(payload, self.key)
-            self._check(tokens)
-            scores = self.score_tokens(tokens)
-            return {"predictions": [float(s) for s in scores], "model_version": self.card.version}
+            items = self._instances_v1(payload)
+            self._check(items)
+            tok_pos = [i for i, (k, _) in enumerate(items) if k == "token"]
+            id_pos = [i for i, (k, _) in enumerate(items) if k == "id"]
+            if not id_pos:
+                scores = self.score_tokens([v for _, v in items])
+                return {"predictions": [float(s) for s in scores], "model_version": self.card.version}
+            preds: list[float | None] = [None] * len(items)
+            if tok_pos:  # tokens keep their contract: an unknown token is a 404 naming it
+                for i, sc in zip(tok_pos, self.score_tokens([items[i][1] for i in tok_pos])):
+                    preds[i] = float(sc)
+            id_scores, id_errors = self.score_subjects([items[i][1] for i in id_pos])
+            errors = []
+            for j, i in enumerate(id_pos):
+                if j in id_errors:
+                    errors.append({"instance": i, "error": id_errors[j]})
+                else:
+                    preds[i] = float(id_scores[j])
+            out: dict[str, Any] = {"predictions": preds, "model_version": self.card.version}
+            if errors:
+                out["errors"] = sorted(errors, key=lambda e: e["instance"])
+            return out
 
     _MODEL_CLASS = _Predictor
     return _Predictor
@@ -312,4 +432,5 @@ def serve(ws: Workspace, ref: ModelRef | str, actor: Actor, *, port: int = 8080)
     kserve.ModelServer(http_port=port, workers=1, enable_grpc=False).start([model])
 
 
-__all__ = ["GovernedPredictor", "SubjectNotFound", "install_http_guards", "serve", "MAX_INSTANCES", "MAX_BODY_BYTES"]
+__all__ = ["GovernedPredictor", "SubjectNotFound", "install_http_guards", "serve", "MAX_INSTANCES", "MAX_BODY_BYTES",
+           "ID_FIELD"]

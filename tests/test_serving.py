@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -274,3 +275,77 @@ def test_deploy_never_adopts_a_predictor_of_another_workspace(served, tmp_path: 
     assert str(ws.config.workspace_dir.resolve()) in msg and workspace_id(copy.config) in msg, msg
     assert Registry(copy).card(fair).status != "deployed" and reg.card(fair).status != "deployed"
     copy.close()
+
+
+# -- scoring by the subject's own id ----------------------------------------------------------
+def _ids(tmp_path: Path, n: int) -> list[str]:
+    """The first ids of the fixture's customers: the generator is deterministic (same seed, same people)."""
+    import csv
+
+    res = generate(tmp_path / "again", people=800, transactions_per_person=0, seed=4, bias=0.3)
+    with open(res.files["customers"], newline="") as fh:
+        return [r["customer_id"] for r, _ in zip(csv.DictReader(fh), range(n))]
+
+
+def test_a_subject_can_be_scored_by_its_own_id_on_both_protocols(served, tmp_path: Path):
+    ws, url, ref, tokens = served
+    ids = _ids(tmp_path, 4)
+    toks = ws.keyring.tokens_for(ids, create=False)
+    assert all(toks)
+    code, by_token = post(f"{url}/v1/models/credit:predict", {"instances": toks})
+    assert code == 200
+    code, by_id = post(f"{url}/v1/models/credit:predict", {"instances": [{"subject_id": i} for i in ids]})
+    assert code == 200 and "errors" not in by_id and np.allclose(by_id["predictions"], by_token["predictions"], atol=1e-6)
+    # ids and tokens mixed, an id nobody has: a per-instance error, the others scored, the id never repeated
+    unknown = "C-999999999"
+    code, mixed = post(f"{url}/v1/models/credit:predict",
+                       {"instances": [toks[0], {"subject_id": unknown}, {"customer_id": toks[1]}, {"subject_id": ids[2]}]})
+    assert code == 200, mixed
+    p = mixed["predictions"]
+    assert p[1] is None and np.allclose([p[0], p[2], p[3]], [by_token["predictions"][i] for i in (0, 1, 2)], atol=1e-6)
+    assert mixed["errors"] == [{"instance": 1, "error": "unknown subject: the key store has no such id (never ingested, or erased)"}]
+    assert unknown not in json.dumps(mixed)
+    code, v2 = post(f"{url}/v2/models/credit/infer", {"inputs": [
+        {"name": "subject_id", "shape": [3], "datatype": "BYTES", "data": [ids[0], unknown, ids[3]]}]})
+    assert code == 200, v2
+    out = {o["name"]: o for o in v2["outputs"]}
+    score, err = out["score"]["data"], out["error"]["data"]
+    assert np.isclose(score[0], by_token["predictions"][0], atol=1e-6) and np.isclose(score[2], by_token["predictions"][3], atol=1e-6)
+    assert score[1] is None or np.isnan(score[1])
+    assert err[0] == "" and err[2] == "" and err[1].startswith("unknown subject") and unknown not in json.dumps(v2)
+    for body, words in (({"instances": [{"subject_id": ""}]}, "non-empty text"),
+                        ({"instances": [{"subject_id": 7}]}, "must be a token string"),
+                        ({"instances": [{"subject_id": ids[0], "customer_id": toks[0]}]}, "not both"),
+                        ({"instances": [ids[0]]}, "send {\"subject_id\"")):
+        code, resp = post(f"{url}/v1/models/credit:predict", body)
+        assert code == 400 and words in resp.get("error", ""), resp
+        assert ids[0] not in json.dumps(resp)
+
+
+def test_ids_stay_out_of_logs_and_the_key_store_is_only_read(served, tmp_path: Path):
+    ws, url, ref, tokens = served
+    ids = _ids(tmp_path, 6)[4:]
+    before = ws.keyring.store.stats()["subjects"]
+    code, resp = post(f"{url}/v1/models/credit:predict", {"instances": [{"subject_id": i} for i in ids] + [{"subject_id": "X-1"}]})
+    assert code == 200 and resp["predictions"][-1] is None
+    assert ws.keyring.store.stats()["subjects"] == before  # an unknown id created no token
+    log = (ws.config.workspace_dir / "serving" / "requests" / "credit.jsonl").read_text()
+    for t in ws.keyring.tokens_for(ids, create=False):
+        assert t in log  # scored: the request log keeps the token
+    server_log = (ws.config.base_dir / "server.log").read_text(errors="replace")
+    for i in ids:
+        assert i not in log and i not in server_log
+    # the lookup is gated like the feature lookup and audited with counts only (in-process predictor)
+    pred = GovernedPredictor(ws, ref, ws.actor("mel"), log_requests=False)
+    scores, errors = pred.score_subjects([ids[0], "X-2"])
+    assert not np.isnan(scores[0]) and np.isnan(scores[1]) and set(errors) == {1}
+    ws.audit.flush()
+    ev = ws.audit.query(action="serve.resolve_ids").to_pylist()[-1]
+    assert ev["outcome"] == "ok" and ev["stage"] == "serve" and ev["resource"] == f"model:{ref}"
+    d = json.loads(ev["details"])
+    assert (d["ids"], d["resolved"], d["unknown"]) == (2, 1, 1)
+    gate = [e for e in ws.audit.query(action="gate.decide").to_pylist() if e["stage"] == "serve"][-2:]
+    assert any(json.loads(e["details"]).get("columns") == ["customer_id"] and e["outcome"] == "allow" for e in gate)
+    everything = json.dumps(ws.audit.query().to_pylist(), default=str)
+    assert ids[0] not in everything and "X-2" not in everything
+
