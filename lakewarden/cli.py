@@ -66,6 +66,8 @@ models_app = typer.Typer(help="The model registry: list, show, approve.", no_arg
 app.add_typer(models_app, name="models")
 tables_app = typer.Typer(help="Governed Delta tables: list, describe, history, optimize, vacuum, enforce-retention.", no_args_is_help=True)
 app.add_typer(tables_app, name="tables")
+deployments_app = typer.Typer(help="Local predictors this workspace started: list, stop.", no_args_is_help=True)
+app.add_typer(deployments_app, name="deployments")
 from lakewarden.cli_requests import requests_app  # noqa: E402 - a sub-app in its own module
 
 app.add_typer(requests_app, name="requests")
@@ -996,6 +998,41 @@ def deploy(
     res = run_deploy(st.workspace(), st.actor(), model, target=target, port=port, out_dir=out)  # type: ignore[arg-type]
     where = res.get("url") or res.get("manifest")
     console.print(f"[green]deployed[/] {res['model']} → {target}: {where}")
+
+
+@deployments_app.command("list")
+def deployments_list(ctx: typer.Context) -> None:
+    """Local predictors this workspace started (deploy --target local): model, port, process, alive, since."""
+    from serving.deploy import list_deployments
+
+    found = list_deployments(_state(ctx).workspace())
+    t = Table(title=f"local deployments ({len(found)})")
+    for c in ("model", "port", "pid", "alive", "since (UTC)", "url"):
+        t.add_column(c, justify="right" if c in ("port", "pid") else "left")
+    style = {"running": "green", "stopped": "dim", "replaced": "yellow"}
+    for st in found:
+        d = st.deployment
+        alive = Text("yes" if st.alive else f"no ({st.state}: {st.detail})", style=style[st.state])
+        t.add_row(d.model, str(d.port), str(d.pid), alive, d.started_at.replace("T", " ").removesuffix("+00:00"), d.url)
+    console.print(t)
+
+
+@deployments_app.command("stop")
+def deployments_stop(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Argument(help="name or name@version", show_default=False)] = None,
+    all_models: Annotated[bool, typer.Option("--all", help="Stop every local predictor of this workspace.")] = False,
+) -> None:
+    """Stop this workspace's local predictors of MODEL (or --all); each is checked to be ours first."""
+    from serving.deploy import stop_deployments
+
+    st = _state(ctx)
+    for s_ in stop_deployments(st.workspace(), st.actor(), model, all_models=all_models):
+        d = s_.deployment
+        if s_.alive:
+            console.print(f"[green]stopped[/] {d.model} on port {d.port} (process {d.pid})")
+        else:
+            console.print(f"[dim]forgot[/] {d.model} on port {d.port}: {s_.state} ({s_.detail}); nothing signalled")
 
 
 @app.command()

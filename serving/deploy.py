@@ -16,15 +16,26 @@ them by the deployer (separation of duties). A deny ends here with the rule name
   (serving/manifests.py) and validates it.
 
 Either way the deployment is recorded in the registry (status ``deployed``) and audited.
+
+A local predictor is also recorded in ``<workspace>/serving/deployments/<port>.json`` (model,
+port, process id, when it started — nothing personal). :func:`list_deployments` reads those
+records and asks each port whose server answers; :func:`stop_deployments` stops this
+workspace's predictors of a model (or all of them): gated by the ``deploy`` stage (who may start
+a predictor may stop one), audited per predictor, and a process is signalled only after the
+predictor on its port said it is this workspace's, serving that model, with that process id.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +50,12 @@ from training.registry import ModelRef, Registry
 
 class DeployError(LakewardenError, RuntimeError):
     """The deployment failed: invalid manifest, a server that did not start, a port serving another model."""
+
+
+class DeploymentNotFound(DeployError):
+    """A stop named no recorded predictor, or named none at all (a usage mistake: exit 2)."""
+
+    exit_code = 2
 
 
 def wait_ready(url: str, name: str, *, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
@@ -122,11 +139,175 @@ def deploy(ws: Workspace, actor: Actor, ref: ModelRef | str, *, target: Literal[
                     proc.terminate()
                 raise
             out.update({"url": url, "pid": proc.pid})
-        (logs / f"{card.name}.pid").write_text(str(out["pid"]))
+        _record(ws, Deployment(model=str(card.ref), port=port, pid=int(out["pid"]), url=url,
+                               started_at=_now(ws).isoformat(timespec="seconds")), replace=not out.get("existing"))
     reg.mark_deployed(actor, card.ref, target, decision=decision)
     ws.audit.record("deploy", actor=actor.name, outcome="ok", stage=Stage.DEPLOY.value, resource=f"model:{card.ref}",
                     details={k: v for k, v in out.items() if k != "pid"})
     return out
 
 
-__all__ = ["deploy", "DeployError", "check_predictor", "wait_ready"]
+# -- local deployments: list and stop -------------------------------------------------------------
+@dataclass(frozen=True)
+class Deployment:
+    """A local predictor this workspace started (``deploy --target local``), as recorded."""
+
+    model: str  # name@version
+    port: int
+    pid: int
+    url: str
+    started_at: str  # ISO 8601, UTC
+
+    @property
+    def name(self) -> str:
+        return self.model.split("@", 1)[0]
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    """A recorded deployment and what answers on its port now.
+
+    ``state``: ``running`` (the predictor there says it is this workspace's, this model, this
+    process), ``stopped`` (nothing listens), ``replaced`` (something else answers: another
+    process, model or workspace — never signalled by :func:`stop_deployments`).
+    """
+
+    deployment: Deployment
+    state: Literal["running", "stopped", "replaced"]
+    detail: str = ""
+
+    @property
+    def alive(self) -> bool:
+        return self.state == "running"
+
+
+def _folder(ws: Workspace) -> Path:
+    return ws.config.workspace_dir / "serving" / "deployments"
+
+
+def _now(ws: Workspace) -> datetime:
+    clock = getattr(ws, "_clock", None)
+    now = clock() if clock is not None else datetime.now(timezone.utc)
+    return now.astimezone(timezone.utc)
+
+
+def _record(ws: Workspace, d: Deployment, *, replace: bool = True) -> None:
+    folder = _folder(ws)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{d.port}.json"
+    if path.exists() and not replace:
+        try:
+            if json.loads(path.read_text()).get("pid") == d.pid:
+                return  # the same server, recorded when it was started: keep its start time
+        except (OSError, ValueError):
+            pass
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(d), sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _recorded(ws: Workspace) -> list[tuple[Path, Deployment]]:
+    out = []
+    folder = _folder(ws)
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            raw = json.loads(path.read_text())
+            d = Deployment(model=str(raw["model"]), port=int(raw["port"]), pid=int(raw["pid"]), url=str(raw["url"]),
+                           started_at=str(raw["started_at"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DeployError(f"{path}: not a deployment record (model, port, pid, url, started_at)",
+                              hint="remove the file if no predictor runs on that port") from None
+        out.append((path, d))
+    return sorted(out, key=lambda pd: (pd[1].name, pd[1].model, pd[1].port))
+
+
+def _status(ws: Workspace, d: Deployment) -> DeploymentStatus:
+    ident = read_identity(d.port)
+    if ident is None:
+        return DeploymentStatus(d, "stopped", "nothing listens on the port")
+    if not ident:
+        return DeploymentStatus(d, "replaced", "something that is not a Lakewarden predictor answers")
+    if ident.get("workspace_id") != workspace_id(ws.config):
+        return DeploymentStatus(d, "replaced", f"a predictor of workspace {ident.get('workspace_id')} answers")
+    if ident.get("model") != d.model or ident.get("pid") != d.pid:
+        return DeploymentStatus(d, "replaced", f"process {ident.get('pid')} serves {ident.get('model')} there now")
+    return DeploymentStatus(d, "running")
+
+
+def list_deployments(ws: Workspace) -> list[DeploymentStatus]:
+    """The local predictors this workspace started, each with what answers on its port now.
+
+    Not gated: it shows model versions, ports and process ids, which ``models list`` and the
+    process table show anyway — no data.
+    """
+    return [_status(ws, d) for _, d in _recorded(ws)]
+
+
+def stop_deployments(ws: Workspace, actor: Actor, model: str | None = None, *, all_models: bool = False,
+                     timeout: float = 20.0) -> list[DeploymentStatus]:
+    """Stop this workspace's local predictors of ``model`` (``name`` or ``name@version``), or all.
+
+    The gate decides first (``deploy`` on ``system:deployments``: a role that may start
+    predictors may stop them). A predictor is signalled (SIGTERM to its process group, SIGKILL
+    after ``timeout``) only when the server on its port says it is this workspace's, serving the
+    recorded model, with the recorded process id; a record whose port is silent or answered by
+    something else is removed and nothing is signalled. Each one is audited
+    (``deployments.stop``). Returns the statuses found before stopping.
+
+    Raises:
+        DeployError: neither a model nor ``all_models``, both, or no recorded predictor matches.
+        AccessDenied: the actor may not run the deploy stage.
+    """
+    if (model is None) == (not all_models):
+        raise DeploymentNotFound("name a model (name or name@version) or --all, not both" if model else
+                                 "name a model (name or name@version) or --all")
+    ws.gate.enforce(Stage.DEPLOY, actor, Resource.system("deployments"))
+    found = [(p, d) for p, d in _recorded(ws) if all_models or model in (d.model, d.name)]
+    if not found:
+        known = ", ".join(sorted({d.model for _, d in _recorded(ws)})) or "none"
+        raise DeploymentNotFound(f"no local predictor of {model or 'any model'} was started by this workspace "
+                          f"(recorded: {known})", hint="`lakewarden deployments list` shows them")
+    out = []
+    for path, d in found:
+        st = _status(ws, d)
+        if st.state == "running":
+            _terminate(d, timeout)
+        path.unlink(missing_ok=True)
+        ws.audit.record("deployments.stop", actor=actor.name, outcome="ok",
+                        stage=Stage.DEPLOY.value, resource=f"model:{d.model}",
+                        details={"port": d.port, "state_before": st.state})
+        out.append(st)
+    return out
+
+
+def _terminate(d: Deployment, timeout: float) -> None:
+    """SIGTERM the predictor's process group (deploy starts it in a session of its own), then wait
+    for the port to close; SIGKILL the group if it does not. Reaps it when it is our child."""
+    def gone() -> bool:
+        try:
+            if os.waitpid(d.pid, os.WNOHANG)[0] == d.pid:
+                return True
+        except ChildProcessError:  # not our child: its parent reaps it
+            pass
+        return read_identity(d.port, timeout=0.5) is None
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            try:
+                os.killpg(d.pid, sig)
+            except ProcessLookupError:  # not a group leader (a predictor deploy adopted): the process alone
+                os.kill(d.pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError as exc:
+            raise DeployError(f"cannot stop process {d.pid} on port {d.port}: {exc.strerror}") from None
+        deadline = time.monotonic() + (timeout if sig is signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            if gone():
+                return
+            time.sleep(0.2)
+    raise DeployError(f"the predictor {d.model} (process {d.pid}) on port {d.port} did not stop")
+
+
+__all__ = ["deploy", "DeployError", "DeploymentNotFound", "Deployment", "DeploymentStatus", "check_predictor", "list_deployments",
+           "stop_deployments", "wait_ready"]

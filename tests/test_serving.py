@@ -349,3 +349,77 @@ def test_ids_stay_out_of_logs_and_the_key_store_is_only_read(served, tmp_path: P
     everything = json.dumps(ws.audit.query().to_pylist(), default=str)
     assert ids[0] not in everything and "X-2" not in everything
 
+
+# -- local deployments: list and stop ----------------------------------------------------------
+def _approved_copy(ws, ref):  # noqa: ANN001, ANN202 - a deployable version of the trained model
+    reg = Registry(ws)
+    trained = reg.card(ref)
+    files = {n: (reg.path(ref) / n).read_bytes() for n in ("model.pt", "encoder.json")}
+    fair = reg.register(ws.actor("sam"), name="credit", dataset="customers", files=files, card_fields={
+        "purpose": "credit_scoring", "features": FEATURES, "label": "defaulted", "fairness": FAIR,
+        "preprocessing": dict(trained.preprocessing), "privacy": {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"}})
+    reg.approve(ws.actor("carla"), fair)
+    return fair
+
+
+def test_deployments_are_listed_and_stopped_only_when_they_are_ours(served):
+    from serving.deploy import DeployError, deploy, list_deployments, stop_deployments
+    from serving.identity import read_identity
+
+    ws, url, ref, tokens = served
+    fair = _approved_copy(ws, ref)
+    port = free_port()
+    res = deploy(ws, ws.actor("mel"), fair, target="local", port=port)
+    try:
+        found = {s.deployment.port: s for s in list_deployments(ws)}
+        st = found[port]
+        assert st.alive and st.deployment.model == str(fair) and st.deployment.pid == res["pid"] and st.deployment.started_at
+        env = {**os.environ, "LAKEWARDEN_CONFIG": str(ws.config.source), "LAKEWARDEN_USER": "mel"}
+        p = subprocess.run([sys.executable, "-m", "lakewarden", "deployments", "list"], env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0 and str(fair) in p.stdout and str(port) in p.stdout and "yes" in p.stdout, p.stderr
+        with pytest.raises(AccessDenied, match="roles/stages/deploy"):
+            stop_deployments(ws, ws.actor("ana"), "credit")
+        with pytest.raises(DeployError, match="no local predictor of nope"):
+            stop_deployments(ws, ws.actor("mel"), "nope")
+        p = subprocess.run([sys.executable, "-m", "lakewarden", "deployments", "stop"], env=env, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 2 and "--all" in p.stderr and "Traceback" not in p.stderr
+        p = subprocess.run([sys.executable, "-m", "lakewarden", "deployments", "stop", str(fair)], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and f"stopped {fair} on port {port}" in p.stdout, p.stderr
+        assert read_identity(port) is None and port not in {s.deployment.port for s in list_deployments(ws)}
+        assert read_identity(int(url.rsplit(":", 1)[1])) is not None  # the fixture's own server still runs
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(res["pid"], signal.SIGTERM)
+    ws.audit.flush()
+    ev = [e for e in ws.audit.query(action="deployments.stop").to_pylist() if e["resource"] == f"model:{fair}"]
+    assert ev and json.loads(ev[-1]["details"]) == {"port": port, "state_before": "running"}
+
+
+def test_a_port_taken_by_something_else_is_never_signalled(served):
+    """The record says our predictor ran there; now another process listens: stop forgets it, kills nothing."""
+    from serving.deploy import Deployment, _record, list_deployments, stop_deployments
+
+    ws, url, ref, tokens = served
+    port = free_port()
+    other = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.2)
+        _record(ws, Deployment(model=f"{ref}", port=port, pid=other.pid, url=f"http://127.0.0.1:{port}",
+                               started_at="2026-01-01T00:00:00+00:00"))
+        st = {s.deployment.port: s for s in list_deployments(ws)}[port]
+        assert st.state == "replaced" and not st.alive
+        out = stop_deployments(ws, ws.actor("mel"), all_models=False, model=ref.name)
+        assert [s.state for s in out if s.deployment.port == port] == ["replaced"]
+        assert other.poll() is None  # still running: not ours, not signalled
+        assert port not in {s.deployment.port for s in list_deployments(ws)}
+    finally:
+        other.kill()
+        other.wait(10)
