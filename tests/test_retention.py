@@ -86,6 +86,7 @@ def _state(d: Path) -> dict[str, tuple[int, int, frozenset[str]]]:
     return {n: (table(d, n).version(), table(d, n).count(), frozenset(on_disk(d, n))) for n in names}
 
 
+@pytest.mark.real_clock  # landing files and vacuumed data files are aged by their modification times
 def test_old_rows_go_new_rows_stay_and_counts_add_up(lake: Path):
     old = _old_counts(lake)
     assert all(v > 0 for v in old.values()), old
@@ -111,6 +112,7 @@ def test_old_rows_go_new_rows_stay_and_counts_add_up(lake: Path):
     assert rep["landing_not_ingested"] == 1
 
 
+@pytest.mark.real_clock  # landing files and vacuumed data files are aged by their modification times
 def test_history_is_vacuumed(lake: Path):
     before = on_disk(lake, "bronze.customers")
     p = lw(lake, "tables", "enforce-retention", "--json", user="carla")

@@ -574,6 +574,7 @@ def test_time_travel_by_version(ws):
         run_query(ws, sam(ws), "SELECT count(*) FROM customers", version=7)
 
 
+@pytest.mark.real_clock  # delta-rs dates versions by the log files' modification times
 def test_time_travel_as_of(ws):
     import time
 
