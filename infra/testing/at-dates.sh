@@ -39,6 +39,7 @@ args=()
 if [ "${1:-}" = "--" ]; then shift; args=("$@"); fi
 DATES=${DATES:-"2027-01-31T09:00:00|UTC 2027-02-28T12:00:00|America/Los_Angeles 2027-04-30T18:00:00|Asia/Kolkata 2026-12-02T04:00:00|UTC 2026-12-31T23:30:00|Pacific/Kiritimati"}
 LOGS=${LOGS:-$(mktemp -d /tmp/at-dates.XXXXXX)}
+mkdir -p "$LOGS"
 echo "logs in $LOGS"
 status=0
 for entry in $DATES; do
