@@ -877,7 +877,8 @@ def train(
     ctx: typer.Context,
     name: Annotated[str, typer.Option(help="Model name in the registry.")],
     features: Annotated[str, typer.Option(help="Comma-separated view:feature references.")],
-    label: Annotated[str, typer.Option(help="Label column of silver.")],
+    label: Annotated[str, typer.Option(help="Label column of silver, declared with its favourable value under "
+                                            "'labels:' in the dataset policy.")],
     purpose: Annotated[str, typer.Option(help="Purpose; the policy must allow it for every feature.")],
     epsilon: Annotated[float, typer.Option(help="Target ε of this run (capped by policy and the budget left).")] = 3.0,
     delta: Annotated[float, typer.Option(help="Target δ.")] = 1e-5,
@@ -908,6 +909,8 @@ def train(
     c = out.card
     console.print(f"[green]registered[/] {out.ref}: ε={c.privacy.epsilon:.3f} (δ={c.privacy.delta:g}, {c.privacy.accountant}), "
                   + ", ".join(f"{k} {v:.3f}" for k, v in c.utility.items()))
+    if c.favourable_label is not None:
+        console.print(f"label {c.favourable_label.sentence()}", highlight=False, markup=False)
     if c.fairness is not None:
         verdict = "[green]passed[/]" if c.fairness.passed else "[red]failed[/]: " + "; ".join(c.fairness.failures)
         if c.fairness.uncertainty:
