@@ -207,3 +207,68 @@ def test_a_policy_section_added_makes_dvc_yaml_stale_until_rendered(repo: Path):
     ingest = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["ingest"]
     assert {"policies/clients.yaml": ["columns", "contract", "landing"]} in ingest["params"]
     assert _sh(repo, "lakewarden", "pipeline", "render", "--check").returncode == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_served_by_id_then_erased_and_an_independent_scan_of_the_project_finds_nothing(repo: Path):
+    """The issue's "done when" on this dataset: a prediction asked by the client's own id, then an erasure
+    request whose certificate an independent byte- and Parquet-level scan of the whole project confirms
+    (landing: keep — the client's landing file is rewritten, not forgotten)."""
+    import urllib.request
+
+    import pyarrow.parquet as pq
+
+    # Client 240: its name is no prefix of another client's ("Client Number7" is of "Client Number70"; the
+    # scanner matches identifiers as substrings, so that erasure would stop at verification_failed).
+    n = 240  # composed, so that this file (copied into the project) does not hold them itself
+    cid, name, email = f"CL-{n:06d}", f"Client Number{n}".encode(), f"client{n}@example.net".encode()
+    port = _free_port()
+    dep = _sh(repo, "lakewarden", "--as", "mel", "deploy", "screening@1", "--target", "local", "--port", str(port))
+    assert dep.returncode == 0, _out(dep)
+    try:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/screening:predict",
+                                     data=json.dumps({"instances": [{"subject_id": cid}]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            out = json.loads(r.read())
+        assert r.status == 200 and isinstance(out["predictions"][0], float), out
+    finally:
+        stop = _sh(repo, "lakewarden", "--as", "mel", "deployments", "stop", "screening")
+    assert stop.returncode == 0, _out(stop)
+    from governance.workspace import Workspace
+
+    with Workspace.open(repo / "lakewarden.yaml") as ws:
+        token = ws.keyring.token_for(cid, create=False)
+    assert token and token.startswith("sub_")
+
+    erase = _sh(repo, "lakewarden", "--as", "carla", "requests", "erase", "--subject", cid, "--purge-now")
+    assert erase.returncode == 0 and "done" in erase.stdout, _out(erase)
+    rid = erase.stdout.split("filed ")[1].split()[0]
+    cert = _sh(repo, "lakewarden", "--as", "carla", "requests", "certificate", rid)
+    assert cert.returncode == 0 and "valid" in cert.stdout, _out(cert)
+
+    # The independent scan: every file in the project, as bytes, and every Parquet file's values.
+    ident = [re.compile(re.escape(cid.encode()) + rb"(?!\d)"), re.compile(re.escape(name) + rb"(?!\d)"),
+             re.compile(re.escape(email))]
+    keystore = {p.resolve() for p in (repo / ".lakewarden" / "keys").glob("*")}  # keeps the shred record by design
+    files = [p for p in repo.rglob("*") if p.is_file()]
+    assert len(files) > 100 and any(p.suffix == ".parquet" for p in files)
+    for p in files:
+        b = p.read_bytes()
+        assert not any(rx.search(b) for rx in ident), f"{p.relative_to(repo)} holds the erased client's data"
+        if p.resolve() not in keystore:
+            assert token.encode() not in b, f"{p.relative_to(repo)} holds the erased client's token"
+        if p.suffix == ".parquet":
+            for col in pq.read_table(p).columns:
+                for v in col.to_pylist():
+                    vb = v if isinstance(v, bytes) else str(v).encode()
+                    assert not any(rx.search(vb) for rx in ident) and token.encode() not in vb, p.relative_to(repo)
+    kept = (repo / "landing" / "clients-1.csv").read_text()
+    assert f"CL-{n - 1:06d}," in kept and f"{cid}," not in kept  # rewritten, not deleted
