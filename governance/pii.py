@@ -32,7 +32,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["find_pii", "find_pii_in", "maybe_pii", "redact", "redact_value"]
+__all__ = ["find_pii", "find_pii_in", "iban_ok", "luhn_ok", "maybe_pii", "redact", "redact_value"]
 
 _PATTERNS: dict[str, re.Pattern[str]] = {
     "email": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"),
@@ -66,7 +66,8 @@ def maybe_pii(text: str) -> bool:
     return _MAYBE.search(text) is not None
 
 
-def _luhn(digits: str) -> bool:
+def luhn_ok(digits: str) -> bool:
+    """The Luhn check of a payment card number's digits."""
     total, alt = 0, False
     for ch in reversed(digits):
         d = int(ch)
@@ -77,7 +78,7 @@ def _luhn(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _iban_ok(s: str) -> bool:
+def iban_ok(s: str) -> bool:
     """ISO 13616 mod-97 check of a candidate IBAN (spaces allowed)."""
     s = s.replace(" ", "")
     if not 15 <= len(s) <= 34:
@@ -103,11 +104,11 @@ def _spans(text: str) -> Iterator[tuple[int, int, str]]:
             s = m.group(0)
             if kind in ("card", "phone", "ssn"):
                 digits = re.sub(r"\D", "", s)
-                if kind == "card" and not _luhn(digits):
+                if kind == "card" and not luhn_ok(digits):
                     continue
                 if kind == "phone" and (len(digits) < 9 or len(digits) > 15 or not re.search(r"[-+ ().]", s)):
                     continue  # plain numbers (counts, epochs, ids of runs) are not phone numbers
-            elif kind == "iban" and not _iban_ok(s):
+            elif kind == "iban" and not iban_ok(s):
                 continue
             yield m.start(), m.end(), kind
 

@@ -53,7 +53,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import yaml
 
-from governance.pii import find_pii
+from governance.pii import find_pii, iban_ok, luhn_ok
 from governance.policy import IDENT, NAMED_PATTERNS, ColumnClass, DatasetPolicy, Protection
 from lakehouse.errors import IngestError, SuggestError
 from lakehouse.readers import Format, detect_format, read_batches, to_text
@@ -392,7 +392,7 @@ _NAME_PUNCT = "'’-."
 _NATIONAL_IDS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("US social security number", lambda v: bool(_SSN.match(v))),
     ("UK National Insurance number", lambda v: bool(_NINO.match(v.upper()))),
-    ("Canadian social insurance number", lambda v: bool(_SIN.match(v)) and _luhn(re.sub(r"\D", "", v))),
+    ("Canadian social insurance number", lambda v: bool(_SIN.match(v)) and luhn_ok(re.sub(r"\D", "", v))),
     ("Swedish personnummer", lambda v: bool(_PERSONNUMMER.match(v))),
     ("Spanish DNI", lambda v: bool(_DNI.match(v.upper())) and _dni_ok(v.upper())),
     ("Italian codice fiscale", lambda v: bool(_CODICE_FISCALE.match(v.upper()))),
@@ -406,28 +406,9 @@ _POSTCODES_STRONG: tuple[tuple[str, re.Pattern[str], str, str], ...] = (  # labe
 )
 
 
-def _luhn(digits: str) -> bool:
-    total, alt = 0, False
-    for ch in reversed(digits):
-        d = int(ch)
-        if alt:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-        alt = not alt
-    return total % 10 == 0
-
-
 def _dni_ok(v: str) -> bool:
     digits = re.sub(r"\D", "", v)
     return "TRWAGMYFPDXBNJZSQVHLCKE"[int(digits) % 23] == v[-1]
-
-
-def _iban_ok(s: str) -> bool:
-    s = s.replace(" ", "")
-    if not 15 <= len(s) <= 34:
-        return False
-    moved = s[4:] + s[:4]
-    return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
 
 
 def _bsn_ok(v: str) -> bool:
@@ -526,9 +507,9 @@ def _value_kind(v: str) -> tuple[str, str] | None:
         if check(v):
             return "national_id", label
     digits = v.replace(" ", "").replace("-", "")
-    if _CARD.match(v) and _luhn(digits) and len(digits) >= 13:
+    if _CARD.match(v) and luhn_ok(digits) and len(digits) >= 13:
         return "card", "payment card number (Luhn check)"
-    if u[:2].isalpha() and _IBAN.match(u) and _iban_ok(u):
+    if u[:2].isalpha() and _IBAN.match(u) and iban_ok(u):
         return "iban", "IBAN (mod-97 check)"
     for label, shape, _, _ in _POSTCODES_STRONG:
         if shape.match(u):
