@@ -22,3 +22,11 @@ def lw(cwd: Path, *args: str, user: str | None = None, env: dict | None = None,
                        timeout=timeout)
     assert "Traceback" not in p.stdout + p.stderr, p.stderr
     return p
+
+
+def server_env() -> dict[str, str]:
+    """The environment for a third-party server a test starts (redis-server, Chromium): this process's,
+    less a moved clock. infra/testing/at-dates.sh preloads libfaketime, which redis-server's allocator
+    and Chromium's launcher do not survive; their clocks decide nothing here."""
+    drop = ("LD_PRELOAD", "FAKETIME")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import server_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def redis_port():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     p = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=server_env())
     deadline = time.time() + 20
     while time.time() < deadline:
         try:

@@ -18,6 +18,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from cli_helpers import server_env
 
 from cli_helpers import lw
 
@@ -169,7 +170,7 @@ def _browser(exe: str, *args: str, tmp: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
          f"--user-data-dir={tmp / 'profile'}", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env=server_env(),
     )
 
 
