@@ -16,8 +16,9 @@
 #   them with statx, which libfaketime does not see. Tests that compare the clock with file times
 #   are marked real_clock and deselected here (they reason in relative times, so the real clock of
 #   any day is as good a test for them);
-# - the servers' own clocks (redis-server, Trino's JVM, Chromium: FAKETIME_SKIP_CMDS). redis-server
-#   does not start under libfaketime; none of the three decides anything by the date here.
+# - the servers' own clocks: the tests start redis-server and Chromium without the preload
+#   (tests/cli_helpers.py server_env: redis-server's allocator and Chromium's launcher do not survive
+#   libfaketime), and Trino's JVM is skipped (FAKETIME_SKIP_CMDS); none decides anything by the date.
 # Each run's full log is kept in $LOGS (printed), with the failures' tracebacks.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
