@@ -11,30 +11,16 @@ import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
 
-from features.store import Features
 from governance.ledger import PrivacyLedger
 from governance.workspace import Workspace
-from lakehouse.ingest import ingest
-from lakehouse.silver import build_silver
-from lakehouse.synth import generate
 from training.pipeline import train_model
 from training.registry import Registry
-from training.trainer import TrainOptions
+
+# The same biased lake as test_training_pipeline (bias 0.9: the first run fails the fairness gate, so
+# mitigate retrains), its fixture and options shared rather than copied.
+from test_training_pipeline import FEATURES, OPTS, lake  # noqa: E402,F401 - lake is a pytest fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-FEATURES = ["customer_profile:income", "customer_profile:income_log", "customer_profile:birth_date",
-            "customer_profile:region"]
-OPTS = TrainOptions(epochs=2, target_epsilon=2.0, accountant="rdp", batch_size=256)
-
-
-@pytest.fixture
-def lake(workspace: Workspace, tmp_path: Path) -> Workspace:
-    # bias 0.9: the first run fails the fairness gate (as in test_training_pipeline), so mitigate retrains
-    res = generate(tmp_path / "landing", people=1500, transactions_per_person=0, seed=21, bias=0.9)
-    ingest(workspace, workspace.actor("dana"), "customers", [res.files["customers"]])
-    build_silver(workspace, workspace.actor("dana"), "customers")
-    Features(workspace).apply(workspace.actor("pipeline"))
-    return workspace
 
 
 def _ledger(ws: Workspace, build: str) -> dict[str, dict]:
