@@ -41,7 +41,8 @@ from governance.erasure.certificate import Certificate, verify_certificate
 from governance.erasure.errors import MissingHandlers, RequestError
 from governance.erasure.handlers import (
     ENTRY_POINT_GROUP, REQUIRED_HANDLERS, SEALED_SHREDDED, SEALED_UNREADABLE, AccessItem, ErasureContext,
-    ErasureHandler, handlers, load_handlers, open_sealed, register_handler, require_handlers, unregister_handler,
+    ErasureHandler, load_handlers, open_sealed, register_handler, registered_handlers, require_handlers,
+    unregister_handler,
 )
 from governance.erasure.ledger import RequestStatus, due_date, subject_digest
 from governance.erasure.scan import Finding, Needles, ScanReport, scan
@@ -53,7 +54,7 @@ __all__ = [
     "CRASH_ENV", "ENTRY_POINT_GROUP", "REQUIRED_HANDLERS", "SEALED_SHREDDED", "SEALED_UNREADABLE",
     "AccessItem", "Certificate", "ErasureContext", "ErasureHandler", "Finding", "MissingHandlers", "Needles",
     "RequestError", "RequestStatus", "ScanReport",
-    "due_date", "export_value", "file_request", "handlers", "list_requests", "load_handlers", "open_sealed",
-    "register_handler", "request_status", "require_handlers", "run_pending", "run_request", "scan",
+    "due_date", "export_value", "file_request", "list_requests", "load_handlers", "open_sealed", "register_handler",
+    "registered_handlers", "request_status", "require_handlers", "run_pending", "run_request", "scan",
     "subject_digest", "unregister_handler", "verify_certificate",
 ]

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENTRY_POINT_GROUP", "REQUIRED_HANDLERS", "SEALED_SHREDDED", "SEALED_UNREADABLE", "AccessItem", "ErasureContext",
-    "ErasureHandler", "handlers", "load_handlers", "open_sealed", "register_handler",
+    "ErasureHandler", "load_handlers", "open_sealed", "register_handler", "registered_handlers",
     "require_handlers", "unregister_handler",
 ]
 
@@ -116,6 +116,7 @@ class ErasureHandler:
 
 _HANDLERS: dict[str, ErasureHandler] = {}
 _FAILED: dict[str, str] = {}  # entry point name -> why it did not load
+_FROM_ENTRY_POINTS: set[str] = set()  # names registered by load_handlers (a reload forgets them first)
 _LOADED = False
 
 
@@ -125,6 +126,7 @@ def register_handler(handler: ErasureHandler) -> None:
         raise TypeError(f"expected an ErasureHandler, got {type(handler).__name__}")
     _HANDLERS[handler.name] = handler
     _FAILED.pop(handler.name, None)
+    _FROM_ENTRY_POINTS.discard(handler.name)
 
 
 def unregister_handler(name: str) -> ErasureHandler | None:
@@ -138,12 +140,16 @@ def _entry_points() -> Sequence[metadata.EntryPoint]:
 
 def load_handlers(*, reload: bool = False) -> dict[str, str]:
     """Load the handlers named by the ``lakewarden.erasure_handlers`` entry points (once per
-    process unless ``reload``). Never raises for a broken one: returns ``{name: why}`` of those
+    process unless ``reload``, which first forgets what entry points registered before; handlers
+    registered by hand stay). Never raises for a broken one: returns ``{name: why}`` of those
     that did not load, and a required one among them makes :func:`require_handlers` refuse."""
     global _LOADED
     if _LOADED and not reload:
         return dict(_FAILED)
     _FAILED.clear()
+    for name in _FROM_ENTRY_POINTS:
+        _HANDLERS.pop(name, None)
+    _FROM_ENTRY_POINTS.clear()
     for ep in _entry_points():
         try:
             obj = ep.load()
@@ -157,11 +163,12 @@ def load_handlers(*, reload: bool = False) -> dict[str, str]:
             _FAILED[ep.name] = f"entry point {ep.value!r} names a {what}, not the ErasureHandler {ep.name!r}"
             continue
         _HANDLERS[obj.name] = obj
+        _FROM_ENTRY_POINTS.add(obj.name)
     _LOADED = True
     return dict(_FAILED)
 
 
-def handlers() -> list[ErasureHandler]:
+def registered_handlers() -> list[ErasureHandler]:
     """The registered handlers in erase order (entry points not loaded yet are not among them)."""
     return sorted(_HANDLERS.values(), key=lambda h: (h.order, h.name))
 
@@ -185,7 +192,7 @@ def require_handlers() -> list[ErasureHandler]:
             missing[name] = f"registered without {cap!r}"
     if missing:
         raise MissingHandlers(missing)
-    return handlers()
+    return registered_handlers()
 
 
 # ----------------------------------------------------------------------------- sealed values
