@@ -95,9 +95,9 @@ def file_request(
     """
     if kind not in KINDS:
         raise RequestError(f"unknown request kind {kind!r} (use erase or access)")
-    regime = regime or ws.config.requests.regime
-    if regime not in REGIMES:
-        raise RequestError(f"unknown regime {regime!r} (use gdpr or ccpa)")
+    regime_: str = regime or ws.config.requests.regime
+    if regime_ not in REGIMES:
+        raise RequestError(f"unknown regime {regime_!r} (use gdpr or ccpa)")
     ids = list(dict.fromkeys(s.strip() for s in subjects if s and s.strip()))
     if not ids:
         raise RequestError("name at least one subject (--subject <id>)")
@@ -119,22 +119,22 @@ def file_request(
         if h.identifiers:
             for t, vals in h.identifiers(ws, toks).items():
                 ctx.identifiers.setdefault(t, []).extend(vals)
-    for t, sid in zip(tokens, ids):
-        if t:
-            ctx.identifiers.setdefault(t, []).insert(0, ("subject_id", sid))
+    for tok, sid in zip(tokens, ids):
+        if tok:
+            ctx.identifiers.setdefault(tok, []).insert(0, ("subject_id", sid))
     extra = {"out_dir": str(Path(out_dir).resolve())} if out_dir is not None else {}
     save_probe(ws, request_id, ctx, extra)
     now = now_utc(ws)
     digests = [subject_digest(ws, t) for t in toks]
-    row = {
-        "request_id": request_id, "seq": 0, "at": now, "actor": actor.name, "kind": kind, "regime": regime,
-        "state": "filed", "filed_at": now, "due_at": due_date(now, regime), "subjects": len(toks),
+    row: dict[str, Any] = {
+        "request_id": request_id, "seq": 0, "at": now, "actor": actor.name, "kind": kind, "regime": regime_,
+        "state": "filed", "filed_at": now, "due_at": due_date(now, regime_), "subjects": len(toks),
         "subject_digests": json.dumps(digests), "detail": json.dumps(extra),
     }
     Ledger(ws).append(row)
     ws.audit.record("requests.file", actor=actor.name, outcome="ok", stage=Stage.REQUEST.value,
                     resource=f"request:{request_id}",
-                    details={"kind": kind, "regime": regime, "subjects": len(toks), "due_at": row["due_at"].isoformat(),
+                    details={"kind": kind, "regime": regime_, "subjects": len(toks), "due_at": row["due_at"].isoformat(),
                              "subject_digests": digests})
     ws.audit.flush()
     return status_of(ws, request_id)
