@@ -704,6 +704,10 @@ def test_cli_user_errors_are_one_line(lake: Workspace):
     p = subprocess.run([sys.executable, "-m", "lakewarden", "--config", cfg, "--as", "dana", "requests", "list"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 3 and "roles/stages/request" in p.stderr and "Traceback" not in p.stderr
+    # gate first: a denied actor is refused before the id is looked up (not told it does not exist)
+    p = subprocess.run([sys.executable, "-m", "lakewarden", "--config", cfg, "--as", "dana", "requests", "run",
+                        "req_nope"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3 and "roles/stages/request" in p.stderr and "no request" not in p.stderr
 
 
 def test_erasure_finds_rows_whatever_bucketing_a_table_was_written_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
