@@ -121,6 +121,8 @@ def run_query(
     version: int | None = None,
     as_of: datetime | str | None = None,
     max_rows: int | None = None,
+    role: str | None = None,
+    engine: str = "embedded",
 ) -> QueryResult:
     """Run one read-only query as ``actor``, through the policy's masks and row filters.
 
@@ -131,6 +133,10 @@ def run_query(
             (the silver layer) or ``layer.dataset``.
         version, as_of: time travel, applied to every table in the query.
         max_rows: return at most this many rows (``truncated`` says whether more existed).
+        role: act in this one of the actor's roles only (a role they do not hold is a deny,
+            ``builtin/role-not-held``, audited).
+        engine: ``embedded`` (DuckDB in this process) or ``trino`` (the local Trino server,
+            which applies the same policy compiled to its access rules; no time travel).
 
     Returns:
         A :class:`QueryResult`.
@@ -147,8 +153,20 @@ def run_query(
         >>> res.tables, res.row_filters
         (('silver.customers',), {'silver.customers': "region <> 'restricted'"})
     """
+    if engine not in ("embedded", "trino"):
+        raise SqlError(f"unknown engine {engine!r}: use embedded or trino")
     if max_rows is not None and max_rows < 0:
         raise SqlError(f"max_rows must be 0 or more (got {max_rows})")
+    if role is not None:
+        narrowed = ws.gate.narrow(actor, role, Stage.QUERY, Resource.system("sql"))
+    if engine == "trino":
+        from lakehouse.trino import run_query as run_trino
+
+        if version is not None or as_of is not None:
+            raise SqlError("time travel (--version/--as-of) is available on the embedded engine")
+        return QueryResult(run_trino(ws, actor, sql, role=role, max_rows=max_rows), (), {}, {})
+    if role is not None:
+        actor = narrowed
     used: list[str] = []
     try:
         with _connection() as con:
