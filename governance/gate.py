@@ -210,6 +210,20 @@ class Gate:
             self._audit(d, {"role": role})
         raise AccessDenied(d)
 
+    def require_stage(self, stage: Stage | str, actor: Actor, resource: Resource) -> None:
+        """Refuse, before anything is looked up, an actor none of whose roles may run ``stage``.
+
+        For verbs that must find something (a model, a request, a running server) before they
+        can ask their full question: without this, a refused actor would learn from a "not
+        found" whether it exists. The deny is the one :meth:`decide` would give
+        (``roles/stages/<stage>``) and is audited like it; an actor who may run the stage passes
+        silently (no event), and the verb's own decision follows.
+        """
+        stage = Stage(stage)
+        roles = actor.roles or self.policies.roles_of(actor.name)
+        if not any(r in self._stage_roles[stage] for r in roles):
+            self.enforce(stage, Actor(actor.name, tuple(roles)), resource)
+
     # -- evaluation -----------------------------------------------------------------
     def _evaluate(
         self, stage: Stage, actor: Actor, roles: tuple[str, ...], res: Resource, ctx: Mapping[str, Any]

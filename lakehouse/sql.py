@@ -159,8 +159,10 @@ def run_query(
         raise SqlError(f"max_rows must be 0 or more (got {max_rows})")
     if role is not None:
         narrowed = ws.gate.narrow(actor, role, Stage.QUERY, Resource.system("sql"))
-    if engine == "trino":
+    if engine == "trino":  # Trino decides each table by the same policy, compiled to its rules
         from lakehouse.trino import run_query as run_trino
+
+        ws.gate.require_stage(Stage.QUERY, actor, Resource.system("sql"))
 
         if version is not None or as_of is not None:
             raise SqlError("time travel (--version/--as-of) is available on the embedded engine")
