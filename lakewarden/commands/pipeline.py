@@ -23,12 +23,12 @@ def pipeline_stage(
     """Run one stage of the reference pipeline (dvc.yaml calls this); the gate decides first."""
     import warnings
 
-    from lakewarden.pipeline import run_stage
+    from lakewarden.pipeline import run_step
 
     warnings.filterwarnings("ignore")  # library deprecations and Opacus hook notes: not the user's concern
     st = state(ctx)
     with err.status(f"pipeline stage {name}"):
-        out = run_stage(st.workspace(), st.actor(), name, params)
+        out = run_step(st.workspace(), st.actor(), name, params)
     console.print(f"[green]{name} done[/]")
     console.print_json(json.dumps(out, default=str))
 
@@ -40,7 +40,7 @@ def pipeline_render(
     check: Annotated[bool, typer.Option("--check", help="Only say whether dvc.yaml is current (exit 2 if not).")] = False,
 ) -> None:
     """Write dvc.yaml from params.yaml and the policies: the datasets, their policy keys, the model's dataset."""
-    from lakewarden.dvcyaml import render, stale
+    from lakewarden.pipeline.dvcyaml import render, stale
     from lakewarden.pipeline import PipelineError, load_params
 
     ws = state(ctx).workspace()
