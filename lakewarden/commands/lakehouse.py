@@ -110,7 +110,8 @@ def sql(
     max_rows: Annotated[Optional[int], typer.Option(help="Stop after this many rows.")] = None,
 ) -> None:
     """Query governed tables with your role's column masks and row filters applied."""
-    from lakehouse.sql import run_query, write_result
+    from lakehouse.sql import run_query
+    from lakewarden.commands.sqlout import write_result
 
     st = state(ctx)
     res = run_query(st.workspace(), st.actor(), query, role=role, engine=engine, version=version,
