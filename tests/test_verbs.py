@@ -33,6 +33,7 @@ def _verbs(tmp: Path) -> dict[str, tuple[str, Callable[[Any, Any], Any]]]:
     from governance.key_ops import key_status, rotate_kek
     from governance.lineage_ops import lineage_of
     from governance.report import build_report
+    from lakewarden.pipeline import checkout, run_step, summary
     from lakehouse.catalog import TableRef
     from lakehouse.ingest import ingest
     from lakehouse.maintenance import optimize, vacuum
@@ -41,6 +42,7 @@ def _verbs(tmp: Path) -> dict[str, tuple[str, Callable[[Any, Any], Any]]]:
     from lakehouse.sql import run_query
     from lakehouse.trino import trino_down, trino_sync, trino_up
     from serving.deploy import deploy, stop_deployments
+    from serving.model import serve
     from training.registry import Registry
 
     kek = tmp / "new.kek"
@@ -72,7 +74,18 @@ def _verbs(tmp: Path) -> dict[str, tuple[str, Callable[[Any, Any], Any]]]:
         "approve": ("approve", lambda ws, a: Registry(ws).approve(a, "credit@1")),
         "deploy": ("deploy", lambda ws, a: deploy(ws, a, "credit@1", target="k8s", out_dir=tmp / "k8s")),
         "stop deployments": ("deploy", lambda ws, a: stop_deployments(ws, a, all_models=True)),
+        "serve": ("serve", lambda ws, a: serve(ws, "credit@1", a, port=1)),
+        "pipeline ingest step": ("ingest", lambda ws, a: run_step(ws, a, "ingest", _params(tmp))),
+        "pipeline checkout": ("maintain", lambda ws, a: checkout(ws, a, tmp / "out", manifest=tmp / "silver.json")),
+        "pipeline summary": ("audit", summary),
     }
+
+
+def _params(tmp: Path) -> Path:
+    p = tmp / "params.yaml"
+    p.write_text("sources: {customers: customers.csv}\n"
+                 "train: {features: ['customer_profile:income'], label: defaulted, purpose: credit_scoring}\n")
+    return p
 
 
 VERBS = sorted(_verbs(Path("/nonexistent")))

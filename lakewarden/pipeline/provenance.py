@@ -69,6 +69,7 @@ def checkout(ws: Workspace, actor: Actor, out_dir: Path, *, manifest: Path = OUT
 
     from lakehouse.catalog import Catalog, TableRef
 
+    ws.gate.require_stage(Stage.MAINTAIN, actor, Resource.system("tables"))  # before the manifest says anything
     man = read_json(manifest, stage=manifest.stem)
     tables = man.get("tables") or {}
     if not tables:
