@@ -149,3 +149,83 @@ def test_no_module_imports_itself_in_a_circle():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# -- a command maps its arguments to one verb ---------------------------------------------------
+def _run(args: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from lakewarden.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            main(args)
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return code, out.getvalue()
+
+
+class _Recorder:
+    """Stands in for a verb: records how the command called it and returns a canned typed result."""
+
+    def __init__(self, result: object) -> None:
+        self.result = result
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        self.calls.append((args, kwargs))
+        return self.result
+
+
+CASES = {
+    "keys rotate": (["keys", "rotate", "--new-kek-file", "new.key"], "governance.key_ops", "rotate_kek",
+                    lambda: __import__("governance.key_ops", fromlist=["Rotation"]).Rotation(3, "kek-a", "kek-b", "{x}"),
+                    {"new_kek_file": Path("new.key"), "new_kek_env": None}),
+    "keys status": (["keys", "status"], "governance.key_ops", "key_status", lambda: {"subjects": 0}, {}),
+    "lineage show": (["lineage", "show", "silver.customers", "--direction", "up", "--depth", "2"],
+                     "governance.lineage_ops", "lineage_of",
+                     lambda: __import__("governance.lineage_ops", fromlist=["LineageView"]).LineageView("x", None, None),
+                     {"direction": "up", "depth": 2}),
+    "gate check": (["gate", "check", "train", "--dataset", "customers", "--purpose", "credit_scoring",
+                    "--columns", "income, region"], "governance.gate", "check_access", None,
+                   {"dataset": "customers", "purpose": "credit_scoring", "columns": ["income", "region"], "layer": None,
+                    "model": None, "epsilon": None, "epsilon_spent": None}),
+    "sql": (["sql", "SELECT 1", "--role", "analyst", "--engine", "trino", "--max-rows", "5"], "lakehouse.sql", "run_query",
+            None, {"role": "analyst", "engine": "trino", "max_rows": 5, "version": None, "as_of": None}),
+    "trino down": (["trino", "down"], "lakehouse.trino", "trino_down", lambda: None, {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_command_calls_its_verb_with_the_arguments_mapped(case: str, project: Path, monkeypatch: pytest.MonkeyPatch):
+    import importlib
+
+    args, module, verb, result, expected = CASES[case]
+    if result is None:  # a real result type for the renderer: build it from the real verb's module
+        if verb == "check_access":
+            from governance.gate import Actor, Decision, Resource
+            from governance.stages import Stage
+
+            made = Decision(True, ("allowed",), ("roles/x/stages/train",), Stage.TRAIN, Actor("carla", ("x",)),
+                            Resource.dataset("customers"))
+        else:
+            import pyarrow as pa
+
+            from lakehouse.sql import QueryResult
+
+            made = QueryResult(pa.table({"a": [1]}), (), {}, {})
+    else:
+        made = result()
+    rec = _Recorder(made)
+    monkeypatch.setattr(importlib.import_module(module), verb, rec)
+    monkeypatch.chdir(project)
+    code, out = _run(["--as", "carla", *args])
+    assert code == 0, out
+    assert len(rec.calls) == 1, rec.calls
+    (ws, actor, *_), kwargs = rec.calls[0]
+    assert actor.name == "carla"
+    for k, v in expected.items():
+        assert kwargs.get(k) == v, (k, kwargs)
