@@ -177,8 +177,11 @@ class Features:
         known = sorted(v for p in self.ws.policies.datasets.values() for v in p.features)
         raise FeatureError(f"unknown feature view '{name}' (declared: {', '.join(known) or 'none'})")
 
-    def _resolve(self, refs: list[str]) -> tuple[DatasetPolicy, list[str]]:
-        """Check ``view:feature`` references; return the dataset and the source columns they read."""
+    def resolve(self, refs: list[str]) -> tuple[DatasetPolicy, list[str]]:
+        """Check ``view:feature`` references; return the dataset's policy and the source columns they read.
+
+        Reads policy only (no data, not gated): which dataset a model's features come from.
+        """
         key = tuple(refs)
         hit = self._resolved.get(key)
         if hit is None:
@@ -276,7 +279,7 @@ class Features:
         ``label`` is taken from silver. Every entity row comes back, with NULLs where no
         feature value existed yet (Feast can drop such rows silently; this is checked).
         """
-        pol, columns = self._resolve(features)
+        pol, columns = self.resolve(features)
         decision = self._decide(actor, Stage.FEATURES, pol, purpose, columns + ([label] if label else []))
         key = pol.subject_key
         silver_ref = TableRef("silver", pol.dataset)
@@ -323,7 +326,7 @@ class Features:
 
     def online(self, actor: Actor, *, purpose: str, features: list[str], tokens: list[str]) -> pa.Table:
         """Online feature values for subject tokens (gated as ``serve`` for the purpose)."""
-        pol, columns = self._resolve(features)
+        pol, columns = self.resolve(features)
         self._decide(actor, Stage.SERVE, pol, purpose, columns)
         bad = [t for t in tokens if not isinstance(t, str) or not TOKEN_RE.match(t)]
         if bad:

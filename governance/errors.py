@@ -6,6 +6,7 @@ prints its message on one line and exits non-zero, without a traceback.
 ::
 
     LakewardenError
+    ├── UsageError             a verb called with arguments that cannot go together
     ├── ConfigError            bad lakewarden.yaml (names file, field, problem)
     │   └── PolicyError        bad policies/*.yaml
     ├── AccessDenied           the policy gate said no (carries the Decision)
@@ -42,6 +43,12 @@ class LakewardenError(Exception):
         if self.hint:
             return f"{self.message} ({self.hint})"
         return self.message
+
+
+class UsageError(LakewardenError):
+    """A verb was called with arguments that do not make sense together (exit 2, like a usage error)."""
+
+    exit_code = 2
 
 
 class ConfigError(LakewardenError):

@@ -27,14 +27,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from governance.errors import AccessDenied
 from governance.policy import ColumnClass, DatasetPolicy, PolicySet, Stage
 
+if TYPE_CHECKING:
+    from governance.workspace import Workspace
+
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 # Context keys that may be copied into the audit log: all are policy vocabulary, never personal data.
-_AUDITABLE_CONTEXT = ("purpose", "columns", "epsilon", "delta", "epsilon_spent", "layer", "dataset", "request_id")
+_AUDITABLE_CONTEXT = ("purpose", "columns", "epsilon", "delta", "epsilon_spent", "layer", "dataset", "request_id",
+                      "role")
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +194,35 @@ class Gate:
     ) -> Decision:
         """Like :meth:`decide`, but raise :class:`AccessDenied` on a deny."""
         return self.decide(stage, actor, resource, context).raise_if_denied()
+
+    def narrow(self, actor: Actor, role: str, stage: Stage | str, resource: Resource) -> Actor:
+        """``actor`` acting in ``role`` only (an analyst who holds several roles and wants one's view).
+
+        A role the actor does not hold is a deny by ``builtin/role-not-held``, audited like every
+        decision, and raised as :class:`AccessDenied`.
+        """
+        roles = actor.roles or self.policies.roles_of(actor.name)
+        if role in roles:
+            return Actor(actor.name, (role,))
+        d = Decision(False, (f"{actor.name} does not hold role {role}",), ("builtin/role-not-held",), Stage(stage),
+                     Actor(actor.name, tuple(roles)), resource)
+        if self.audit is not None:
+            self._audit(d, {"role": role})
+        raise AccessDenied(d)
+
+    def require_stage(self, stage: Stage | str, actor: Actor, resource: Resource) -> None:
+        """Refuse, before anything is looked up, an actor none of whose roles may run ``stage``.
+
+        For verbs that must find something (a model, a request, a running server) before they
+        can ask their full question: without this, a refused actor would learn from a "not
+        found" whether it exists. The deny is the one :meth:`decide` would give
+        (``roles/stages/<stage>``) and is audited like it; an actor who may run the stage passes
+        silently (no event), and the verb's own decision follows.
+        """
+        stage = Stage(stage)
+        roles = actor.roles or self.policies.roles_of(actor.name)
+        if not any(r in self._stage_roles[stage] for r in roles):
+            self.enforce(stage, Actor(actor.name, tuple(roles)), resource)
 
     # -- evaluation -----------------------------------------------------------------
     def _evaluate(
@@ -442,3 +475,46 @@ class Gate:
         )
         if not d.allowed:
             self.audit.flush()  # type: ignore[union-attr]  # a deny ends the stage: make it durable now
+
+
+def check_access(
+    ws: "Workspace",
+    actor: Actor,
+    stage: Stage | str,
+    *,
+    dataset: str | None = None,
+    layer: str | None = None,
+    model: str | None = None,
+    purpose: str | None = None,
+    columns: list[str] | tuple[str, ...] | None = None,
+    epsilon: float | None = None,
+    epsilon_spent: float | None = None,
+) -> Decision:
+    """Ask the gate whether ``actor`` may run ``stage`` (``lakewarden gate check``): the decision is
+    audited, and a deny raises :class:`AccessDenied`.
+
+    The resource is the model when one is named (with ``dataset`` as context), else the table
+    ``layer.dataset``, else the dataset.
+    """
+    from governance.errors import UsageError
+
+    if model:
+        res = Resource.model(model)
+    elif dataset and layer:
+        res = Resource.table(dataset, layer)
+    elif dataset:
+        res = Resource.dataset(dataset)
+    else:
+        raise UsageError("name a dataset or a model to decide on")
+    context: dict[str, Any] = {}
+    if purpose:
+        context["purpose"] = purpose
+    if columns:
+        context["columns"] = list(columns)
+    if epsilon is not None:
+        context["epsilon"] = epsilon
+    if epsilon_spent is not None:
+        context["epsilon_spent"] = epsilon_spent
+    if model and dataset:
+        context["dataset"] = dataset
+    return ws.gate.enforce(stage, actor, res, context)

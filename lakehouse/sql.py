@@ -42,17 +42,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import re
 import secrets
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
-from decimal import Decimal
-from pathlib import Path
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import duckdb
@@ -70,15 +66,12 @@ from lakehouse.errors import SqlError
 from lakehouse.masks import compile_mask, quote_ident
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from governance.workspace import Workspace
 
-__all__ = ["QueryResult", "SqlError", "run_query", "write_result"]
+__all__ = ["QueryResult", "SqlError", "run_query"]
 
 _READ_ONLY = "SELECT, WITH … SELECT, UNION, INTERSECT, EXCEPT; DESCRIBE <table>"
 _AUDIT_SQL_CHARS = 500
-_TABLE_ROWS_SHOWN = 50
 _PATHLIKE = re.compile(r"[/\\.*?:~]")
 _HIDDEN_COLUMN = re.compile(r'(?:Referenced column|does not have a column named) "?([^"\s!]+)"?', re.IGNORECASE)
 # DuckDB table references allowed in the parse tree; anything else (TABLE_FUNCTION, SHOW_REF, ...) is refused.
@@ -121,6 +114,8 @@ def run_query(
     version: int | None = None,
     as_of: datetime | str | None = None,
     max_rows: int | None = None,
+    role: str | None = None,
+    engine: str = "embedded",
 ) -> QueryResult:
     """Run one read-only query as ``actor``, through the policy's masks and row filters.
 
@@ -131,6 +126,10 @@ def run_query(
             (the silver layer) or ``layer.dataset``.
         version, as_of: time travel, applied to every table in the query.
         max_rows: return at most this many rows (``truncated`` says whether more existed).
+        role: act in this one of the actor's roles only (a role they do not hold is a deny,
+            ``builtin/role-not-held``, audited).
+        engine: ``embedded`` (DuckDB in this process) or ``trino`` (the local Trino server,
+            which applies the same policy compiled to its access rules; no time travel).
 
     Returns:
         A :class:`QueryResult`.
@@ -147,8 +146,22 @@ def run_query(
         >>> res.tables, res.row_filters
         (('silver.customers',), {'silver.customers': "region <> 'restricted'"})
     """
+    if engine not in ("embedded", "trino"):
+        raise SqlError(f"unknown engine {engine!r}: use embedded or trino")
     if max_rows is not None and max_rows < 0:
         raise SqlError(f"max_rows must be 0 or more (got {max_rows})")
+    if role is not None:
+        narrowed = ws.gate.narrow(actor, role, Stage.QUERY, Resource.system("sql"))
+    if engine == "trino":  # Trino decides each table by the same policy, compiled to its rules
+        from lakehouse.trino import run_query as run_trino
+
+        ws.gate.require_stage(Stage.QUERY, actor, Resource.system("sql"))
+
+        if version is not None or as_of is not None:
+            raise SqlError("time travel (--version/--as-of) is available on the embedded engine")
+        return QueryResult(run_trino(ws, actor, sql, role=role, max_rows=max_rows), (), {}, {})
+    if role is not None:
+        actor = narrowed
     used: list[str] = []
     try:
         with _connection() as con:
@@ -166,51 +179,6 @@ def run_query(
         raise
     _audit(ws, actor, sql, used, outcome="ok", rows=result.table.num_rows, warnings=result.warnings)
     return result
-
-
-def write_result(
-    result: QueryResult,
-    fmt: Literal["table", "csv", "parquet", "json"],
-    out: Path | None,
-    console: "Console",
-) -> None:
-    """Write a result for the CLI.
-
-    ``table``: a rich table on ``console`` (first 50 rows, then "… N more rows");
-    ``csv`` and ``json`` (an array of records): to ``out`` or to the console's file
-    (stdout); ``parquet``: to ``out``, which it requires. Binary values are written as
-    hex in text formats.
-
-    Raises:
-        SqlError: unknown format, or ``parquet`` without ``out``.
-    """
-    tbl = result.table
-    if fmt == "table":
-        console.print(_rich_table(result))
-        return
-    if fmt == "parquet":
-        if out is None:
-            raise SqlError("--format parquet writes a file: give --out FILE.parquet")
-        import pyarrow.parquet as pq
-
-        pq.write_table(tbl, out)
-        console.print(f"wrote {tbl.num_rows:,} rows to {out}")
-        return
-    if fmt == "csv":
-        import pyarrow.csv as pcsv
-
-        buf = io.BytesIO()
-        pcsv.write_csv(_text_safe(tbl), buf)
-        _emit(buf.getvalue().decode("utf-8"), out, console, tbl.num_rows)
-        return
-    if fmt == "json":
-        safe = _text_safe(tbl)
-        names = _unique(safe.column_names)
-        columns = [c.to_pylist() for c in safe.columns]
-        records = [dict(zip(names, vals)) for vals in zip(*columns)] if columns else []
-        _emit(json.dumps(records, ensure_ascii=False, default=_json_default, indent=None) + "\n", out, console, tbl.num_rows)
-        return
-    raise SqlError(f"unknown output format {fmt!r} (formats: table, csv, parquet, json)")
 
 
 # -- checking -----------------------------------------------------------------------------
@@ -678,78 +646,3 @@ def _audit(
         if not isinstance(error, AccessDenied):  # a deny is already audited, with its rule, by the gate
             details["message"] = str(error.message if isinstance(error, LakewardenError) else error)[:300]
     ws.audit.record("sql.query", actor=actor.name, outcome=outcome, stage="query", resource="sql", details=details)
-
-
-# -- output -------------------------------------------------------------------------------
-def _text_safe(tbl: pa.Table) -> pa.Table:
-    """Binary columns as hex strings (CSV and JSON cannot carry raw bytes)."""
-    cols = []
-    for f, col in zip(tbl.schema, tbl.columns):
-        if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_fixed_size_binary(f.type):
-            hexed = pa.array([None if v is None else v.hex() for v in col.to_pylist()], pa.string())
-            cols.append(hexed)
-        else:
-            cols.append(col)
-    return pa.Table.from_arrays(cols, names=tbl.column_names)
-
-
-def _unique(names: list[str]) -> list[str]:
-    """Result names may repeat (``SELECT 1 AS a, 2 AS a``): suffix repeats so no value is lost."""
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        k = seen.get(n, 0)
-        seen[n] = k + 1
-        out.append(n if k == 0 else f"{n}_{k}")
-    return out
-
-
-def _json_default(v: Any) -> Any:
-    if isinstance(v, (datetime, date, time)):
-        return v.isoformat()
-    if isinstance(v, Decimal):
-        return str(v)
-    if isinstance(v, bytes):
-        return v.hex()
-    return str(v)
-
-
-def _emit(text: str, out: Path | None, console: "Console", rows: int) -> None:
-    if out is None:
-        stream = getattr(console, "file", None) or sys.stdout
-        stream.write(text)
-        stream.flush()
-    else:
-        Path(out).write_text(text, encoding="utf-8")
-        console.print(f"wrote {rows:,} rows to {out}")
-
-
-def _rich_table(result: QueryResult) -> Any:
-    from rich.table import Table
-    from rich.text import Text
-
-    tbl = result.table
-    t = Table(show_lines=False)
-    for name in tbl.column_names:
-        t.add_column(Text(name), overflow="fold")
-    head = tbl.slice(0, _TABLE_ROWS_SHOWN)
-    columns = [c.to_pylist() for c in head.columns]  # by position: result names may repeat
-    for i in range(head.num_rows):
-        t.add_row(*(_cell(col[i]) for col in columns))
-    more = tbl.num_rows - head.num_rows
-    if more > 0 or result.truncated:
-        note = f"… {more:,} more rows" if more > 0 else "…"
-        if result.truncated:
-            note += " (stopped at max rows)"
-        t.caption = note
-    return t
-
-
-def _cell(v: Any) -> Any:
-    from rich.text import Text
-
-    if v is None:
-        return Text("NULL", style="dim")
-    if isinstance(v, bytes):
-        return Text(f"<{len(v)} bytes>", style="dim")
-    return Text(str(v))  # Text, not markup: values never style the table

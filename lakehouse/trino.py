@@ -38,6 +38,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -607,6 +608,61 @@ def render_profile(ws: Workspace, profile: str) -> dict[str, str]:
 
 
 # -- queries ----------------------------------------------------------------------------------
+# -- verbs: the Trino admin a command (or a scheduler) runs, each gated and audited -------------
+@dataclass(frozen=True)
+class TrinoStarted:
+    """``trino_up``'s result: where the server answers, how long it took, what the sync registered."""
+
+    url: str
+    seconds: float
+    installed: bool
+    sync: SyncReport
+
+
+def trino_up(ws: Workspace, actor: Actor, *, on_step: Callable[[str], None] | None = None) -> TrinoStarted:
+    """Install Trino if needed, render its configuration, start it, wait until ready, register the tables.
+
+    Stage ``maintain`` on ``system:trino`` decides first; the start is audited (``trino.start``)
+    and so is the sync (``trino.sync``). ``on_step`` hears each long step as it begins.
+    """
+    ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("trino"))
+    step = on_step or (lambda _msg: None)
+    home, installed = default_home(), False
+    if not (home / "bin" / "launcher").exists():
+        step("installing Trino from Maven Central")
+        home, installed = install(), True
+    srv = TrinoServer(ws, home=home)
+    step(f"starting Trino at {srv.url}")
+    secs = srv.start()
+    ws.audit.record("trino.start", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value, resource="system:trino",
+                    details={"url": srv.url, "installed": installed})
+    return TrinoStarted(srv.url, secs, installed, srv.sync(actor))
+
+
+def trino_down(ws: Workspace, actor: Actor) -> None:
+    """Stop this workspace's Trino server (stage ``maintain``; audited as ``trino.stop``)."""
+    ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("trino"))
+    srv = TrinoServer(ws)
+    srv.stop()
+    ws.audit.record("trino.stop", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value, resource="system:trino",
+                    details={"url": srv.url})
+    ws.audit.flush()
+
+
+def trino_sync(ws: Workspace, actor: Actor) -> SyncReport:
+    """Register new tables and re-render the access rules from policy on the running server (gated, audited)."""
+    srv = TrinoServer(ws)
+    if not srv.running():
+        ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("trino"))  # decide before saying anything
+        raise TrinoError(f"Trino is not running at {srv.url}", hint="start it with `lakewarden trino up`")
+    return srv.sync(actor)
+
+
+def trino_status(ws: Workspace) -> dict[str, Any]:
+    """Is this workspace's server up, which version, where (no governed values: not gated)."""
+    return TrinoServer(ws).status()
+
+
 def run_query(ws: Workspace, actor: Actor, sql: str, *, role: str | None = None, max_rows: int | None = None) -> pa.Table:
     """Run ``sql`` on Trino as the actor (or ``user@role``); Trino applies the compiled rules."""
     import trino

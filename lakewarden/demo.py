@@ -68,7 +68,7 @@ def shredding_demo(config: Path) -> None:
 
 def dvc(outcomes: Path, *args: str) -> dict | None:
     """Run DVC (from this venv), streaming its output; return the outcome of the stage that stopped it
-    (``lakewarden.pipeline.stage_outcome``), or None when every stage it ran succeeded.
+    (``lakewarden.pipeline.step_outcome``), or None when every stage it ran succeeded.
 
     A stage that failed rather than being refused by the gate ends the demo: one line naming the
     stage and why, exit 1.

@@ -93,6 +93,7 @@ def check_predictor(ws: Workspace, port: int, model: str, ident: dict[str, Any] 
 def deploy(ws: Workspace, actor: Actor, ref: ModelRef | str, *, target: Literal["local", "k8s"], port: int = 8080,
            out_dir: Path | None = None) -> dict[str, Any]:
     """Deploy a registered model version if the gate allows it; return where it runs or what was rendered."""
+    ws.gate.require_stage(Stage.DEPLOY, actor, Resource.model(str(ref).split("@")[0]))
     reg = Registry(ws)
     card = reg.card(ref)
     decision = ws.gate.enforce(Stage.DEPLOY, actor, Resource.model(card.name, card.version), reg.deploy_context(card.ref))

@@ -421,7 +421,11 @@ def install_http_guards(max_body: int = MAX_BODY_BYTES) -> None:
 
 
 def serve(ws: Workspace, ref: ModelRef | str, actor: Actor, *, port: int = 8080) -> None:
-    """Run KServe's ModelServer with the governed predictor in the foreground."""
+    """Run KServe's ModelServer with the governed predictor in the foreground (the gate decides first)."""
+    from governance.gate import Resource
+    from governance.policy import Stage
+
+    ws.gate.require_stage(Stage.SERVE, actor, Resource.model(str(ref).split("@")[0]))
     kserve = _kserve()
     model = GovernedPredictor(ws, ref, actor)
     model.load()

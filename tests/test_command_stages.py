@@ -59,7 +59,7 @@ def _args(t: Path) -> dict[str, list[str]]:
         "audit query": [], "audit report": ["--html", str(t / "r.html")], "audit verify": [],
         "deploy": ["credit@1", "--target", "k8s", "--out", str(t / "k8s")],
         "deployments list": [], "deployments stop": ["--all"],
-        "features apply": [], "features materialize": [], "features erase": ["--token", TOKEN],
+        "features apply": [], "features materialize": [],
         "features online": ["--features", "customer_profile:income", "--purpose", "credit_scoring", "--tokens", TOKEN],
         "features training-set": ["--features", "customer_profile:income", "--purpose", "credit_scoring"],
         "generate": ["--out", str(t / "landing2"), "--people", "5"],

@@ -57,14 +57,14 @@ def test_a_crashing_stage_says_failed_names_the_file_and_records_it(project: Pat
     def deploy(ws, actor, params):
         raise ValueError("label value refused")
 
-    monkeypatch.setitem(pl.STAGES, "deploy", deploy)
+    monkeypatch.setitem(pl.STEPS, "deploy", deploy)
     with pytest.raises(SystemExit) as e:
         main(_stage(project, "deploy"))
     assert e.value.code == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "stage deploy failed: unexpected ValueError: label value refused" in err and "refused by the gate" not in err
     with Workspace.open(project / "lakewarden.yaml") as ws:
-        out = pl.stage_outcome(ws, "deploy")
+        out = pl.step_outcome(ws, "deploy")
     assert out["status"] == "crashed" and Path(out["traceback"]).exists()
     assert pl.deploy_status(None, out).startswith("not deployed: the deploy stage crashed: unexpected ValueError")
 
@@ -81,12 +81,12 @@ def test_a_refused_stage_is_recorded_with_its_rule(project: Path, monkeypatch, c
     def deploy(ws, actor, params):
         raise AccessDenied(Decision(False, ("why",), (rule,), Stage.DEPLOY, actor, Resource.model("credit@1")))
 
-    monkeypatch.setitem(pl.STAGES, "deploy", deploy)
+    monkeypatch.setitem(pl.STEPS, "deploy", deploy)
     with pytest.raises(SystemExit) as e:
         main(_stage(project, "deploy"))
     assert e.value.code == 3 and rule in capsys.readouterr().err
     with Workspace.open(project / "lakewarden.yaml") as ws:
-        out = pl.stage_outcome(ws, "deploy")
+        out = pl.step_outcome(ws, "deploy")
     assert out["status"] == "denied" and out["rule_ids"] == [rule]
     assert pl.deploy_status(None, out) == said
     assert pl.deploy_status("credit@1", out) == "credit@1"
@@ -97,10 +97,10 @@ def test_a_stage_that_succeeds_records_ok(project: Path, monkeypatch, capsys):
     from lakewarden.cli import main
     from governance.workspace import Workspace
 
-    monkeypatch.setitem(pl.STAGES, "evaluate", lambda ws, actor, params: {"passed": True})
+    monkeypatch.setitem(pl.STEPS, "evaluate", lambda ws, actor, params: {"passed": True})
     with pytest.raises(SystemExit) as e:
         main(_stage(project, "evaluate"))
     assert e.value.code == 0 and "evaluate done" in capsys.readouterr().out
     with Workspace.open(project / "lakewarden.yaml") as ws:
-        assert pl.stage_outcome(ws, "evaluate")["status"] == "ok"
-        assert pl.stage_outcome(ws, "train") is None
+        assert pl.step_outcome(ws, "evaluate")["status"] == "ok"
+        assert pl.step_outcome(ws, "train") is None

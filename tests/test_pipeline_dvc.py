@@ -81,11 +81,11 @@ def test_full_repro_is_gated_at_deploy_until_compliance_approves(repo: Path):
     assert first.returncode != 0
     assert "customers/deployment/approvals" in first.stdout + first.stderr  # the rule, named
     from governance.workspace import Workspace
-    from lakewarden.pipeline import stage_outcome
+    from lakewarden.pipeline import step_outcome
 
     with Workspace.open(repo / "lakewarden.yaml") as ws:  # what the demo reads to tell a refusal from a failure
-        stopped = stage_outcome(ws, "deploy")
-        assert stage_outcome(ws, "register")["status"] == "ok"
+        stopped = step_outcome(ws, "deploy")
+        assert step_outcome(ws, "register")["status"] == "ok"
     assert stopped["status"] == "denied" and stopped["rule_ids"] == ["customers/deployment/approvals"], stopped
     before = _sh(repo, "lakewarden", "--as", "carla", "pipeline", "summary")
     assert "not deployed: refused by the gate (rule customers/deployment/approvals)" in " ".join(before.stdout.split())

@@ -58,12 +58,13 @@ def test_params_errors_name_the_line_and_the_field(workspace, project: Path, tex
 def sources(workspace, project: Path, monkeypatch: pytest.MonkeyPatch):
     """Run the sources stage for ``customers: in/c-*.csv`` in the project folder; return its record."""
     import lakewarden.pipeline as pl
+    from lakewarden.pipeline.steps import step_sources
 
     monkeypatch.chdir(project)
     path = _params(project, "sources: {customers: 'in/c-*.csv'}\n" + TRAIN)
 
     def run() -> tuple[dict, dict]:
-        out = pl.stage_sources(workspace, workspace.actor("pipeline"), pl.load_params(path, workspace))
+        out = step_sources(workspace, workspace.actor("pipeline"), pl.load_params(path, workspace))
         return out, json.loads((project / "pipeline" / "sources.json").read_text())
 
     return run
@@ -100,13 +101,13 @@ def test_the_record_changes_only_when_a_file_is_new_or_changed(sources, project:
 
 def test_files_ingested_and_removed_stay_recorded(sources, workspace, project: Path):
     """``landing: remove`` deletes ingested files: the glob then matches nothing, and that is no error."""
-    import lakewarden.pipeline as pl
+    from lakewarden.pipeline.manifests import remember_ingested
 
     (project / "in").mkdir()
     (project / "in" / "c-1.csv").write_text("customer_id\nC-1\n")
     _, rec = sources()
     for f in rec["datasets"]["customers"]["files"]:
-        pl._remember_ingested(workspace, "customers", f["sha256"], {"rows_read": 1, "rows_accepted": 1})
+        remember_ingested(workspace, "customers", f["sha256"], {"rows_read": 1, "rows_accepted": 1})
     (project / "in" / "c-1.csv").unlink()
     out, again = sources()
     assert not out["changed"] and again == rec
@@ -114,14 +115,14 @@ def test_files_ingested_and_removed_stay_recorded(sources, workspace, project: P
 
 def test_an_erasures_rewrite_of_a_kept_file_is_no_new_file(sources, workspace, project: Path):
     """Erasure rewrites kept landing files without the erased rows: nothing new to ingest."""
-    import lakewarden.pipeline as pl
+    from lakewarden.pipeline.manifests import remember_ingested
     from lakehouse import landing
 
     (project / "in").mkdir()
     f = project / "in" / "c-1.csv"
     f.write_text("customer_id\nC-1\nC-2\n")
     _, rec = sources()
-    pl._remember_ingested(workspace, "customers", rec["datasets"]["customers"]["files"][0]["sha256"], {"rows_read": 2})
+    remember_ingested(workspace, "customers", rec["datasets"]["customers"]["files"][0]["sha256"], {"rows_read": 2})
     f.write_text("customer_id\nC-2\n")  # as the erasure leaves it, and records it (lakehouse/landing.py, _rewrite)
     landing._append(workspace, {"dataset": "customers", "path_digest": landing._path_digest(workspace, f), "path": b"",
                                 "format": "csv", "event": "rewritten", "content_digest": landing.content_digest(workspace, f),
@@ -146,7 +147,7 @@ def test_a_landing_file_tracked_by_git_is_refused(sources, project: Path):
 
 
 def test_render_names_each_datasets_policy_keys(workspace, project: Path):
-    from lakewarden.dvcyaml import render_data, stale
+    from lakewarden.pipeline.dvcyaml import render_data, stale
     from lakewarden.pipeline import load_params
 
     params = load_params(_params(project, "sources: {customers: 'in/*.csv', transactions: 'in/t.parquet'}\n" + TRAIN),

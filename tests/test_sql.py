@@ -24,7 +24,8 @@ from governance.errors import AccessDenied
 from lakehouse.catalog import Catalog, TableRef
 from lakehouse.errors import TableError
 from lakehouse.masks import MaskWarning, compile_mask, mask_sql, quote_ident, sql_type
-from lakehouse.sql import QueryResult, SqlError, run_query, write_result
+from lakehouse.sql import QueryResult, SqlError, run_query
+from lakewarden.commands.sqlout import write_result
 
 
 def token(i: int) -> str:

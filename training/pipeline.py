@@ -146,7 +146,7 @@ def train_model(
     """Run the training stage and register the model (see the module docstring)."""
     warnings.filterwarnings("ignore", module="opacus")
     fs = Features(ws)
-    check_label_column(ws.policies, fs._resolve(features)[0], label)  # before any data is read
+    check_label_column(ws.policies, fs.resolve(features)[0], label)  # before any data is read
     ts = fs.training_set(actor, purpose=purpose, features=features, label=label)
     pol = ws.policies.dataset(ts.dataset)
     key = pol.subject_key

@@ -1013,6 +1013,7 @@ class Registry:
             ModelNotFound / ArtifactTampered: as :meth:`card`.
             ValueError: an empty or personal ``override_reason``.
         """
+        self.ws.gate.require_stage(Stage.APPROVE, actor, Resource.model(str(ref).split("@")[0]))
         if override_reason is not None:
             if not isinstance(override_reason, str) or not override_reason.strip():
                 raise ValueError("override_reason must be a sentence saying why the fairness failure is accepted")

@@ -64,7 +64,7 @@ class StageError(LakewardenError):
 def _training_set(ws: Workspace, actor: Actor, *, purpose: str, features: list[str], label: str,
                   at: datetime) -> tuple[TrainingSet, pa.Table]:
     fs = Features(ws)
-    check_label_column(ws.policies, fs._resolve(features)[0], label)  # before any data is read
+    check_label_column(ws.policies, fs.resolve(features)[0], label)  # before any data is read
     ts = fs.training_set(actor, purpose=purpose, features=features, label=label, at=at)
     key = ws.policies.dataset(ts.dataset).subject_key
     table = ts.table.sort_by(key)  # a stable order: the split must be the same in every stage

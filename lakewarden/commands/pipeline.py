@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lakewarden.cli import _state, console, err
+from lakewarden.commands import console, err, state
 
 pipeline_app = typer.Typer(help="The reference pipeline (dvc.yaml): stages, summary, trace, checkout.",
                            no_args_is_help=True)
@@ -23,12 +23,12 @@ def pipeline_stage(
     """Run one stage of the reference pipeline (dvc.yaml calls this); the gate decides first."""
     import warnings
 
-    from lakewarden.pipeline import run_stage
+    from lakewarden.pipeline import run_step
 
     warnings.filterwarnings("ignore")  # library deprecations and Opacus hook notes: not the user's concern
-    st = _state(ctx)
+    st = state(ctx)
     with err.status(f"pipeline stage {name}"):
-        out = run_stage(st.workspace(), st.actor(), name, params)
+        out = run_step(st.workspace(), st.actor(), name, params)
     console.print(f"[green]{name} done[/]")
     console.print_json(json.dumps(out, default=str))
 
@@ -40,10 +40,10 @@ def pipeline_render(
     check: Annotated[bool, typer.Option("--check", help="Only say whether dvc.yaml is current (exit 2 if not).")] = False,
 ) -> None:
     """Write dvc.yaml from params.yaml and the policies: the datasets, their policy keys, the model's dataset."""
-    from lakewarden.dvcyaml import render, stale
+    from lakewarden.pipeline.dvcyaml import render, stale
     from lakewarden.pipeline import PipelineError, load_params
 
-    ws = _state(ctx).workspace()
+    ws = state(ctx).workspace()
     p = load_params(params, ws)
     if check:
         diff = stale(ws, p)
@@ -61,7 +61,7 @@ def pipeline_summary(ctx: typer.Context) -> None:
     """What the last dvc repro produced, and the audit chain verified."""
     from lakewarden.pipeline import summary
 
-    st = _state(ctx)
+    st = state(ctx)
     s = summary(st.workspace(), st.actor())
     t = Table(title="reference pipeline", show_header=False)
     t.add_column("what", style="bold")
@@ -99,7 +99,7 @@ def pipeline_trace(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--
     """Tie each DVC stage's dvc.lock hash to its lineage run, git commit and pinned versions."""
     from lakewarden.pipeline import trace
 
-    rows = trace(_state(ctx).workspace())
+    rows = trace(state(ctx).workspace())
     if as_json:
         console.print_json(json.dumps(rows))
         return
@@ -124,7 +124,7 @@ def pipeline_checkout(
 
     if fmt not in ("parquet", "csv"):
         raise PipelineError(f"--format must be parquet or csv, not {fmt!r}")
-    st = _state(ctx)
+    st = state(ctx)
     done = checkout(st.workspace(), st.actor(), out, manifest=manifest, fmt=fmt)  # type: ignore[arg-type]
     t = Table(title=f"restored from {manifest}")
     for c in ("table", "version", "rows", "erased rows dropped", "file"):

@@ -24,7 +24,7 @@ from governance._files import read_yaml
 
 if TYPE_CHECKING:
     from governance.workspace import Workspace
-    from lakewarden.pipeline import Params
+    from lakewarden.pipeline.params import Params
 
 DVC_YAML = "dvc.yaml"
 LW = "lakewarden --as pipeline pipeline stage"
@@ -106,7 +106,7 @@ def _rel(path: Path, root: Path) -> str:
 
 def render_data(ws: Workspace, params: Params) -> dict[str, Any]:
     """The pipeline's part of dvc.yaml (``vars`` and ``stages``) for these params and policies."""
-    from lakewarden.pipeline import model_dataset
+    from lakewarden.pipeline.params import model_dataset
 
     root = params.root
     files = _Files(ws)
@@ -237,4 +237,3 @@ def render(ws: Workspace, params: Params) -> tuple[Path, bool]:
     return path, True
 
 
-__all__ = ["render", "render_data", "render_text", "stale", "DVC_YAML"]

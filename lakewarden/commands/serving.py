@@ -1,0 +1,118 @@
+"""``lakewarden serve | deploy | monitor`` and ``lakewarden deployments …``: models in service."""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from lakewarden.commands import console, parse_time, state
+
+top = typer.Typer()
+deployments_app = typer.Typer(help="Local predictors this workspace started: list, stop.", no_args_is_help=True)
+
+
+@top.command()
+def serve(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="name@version of a registered model.")],
+    port: Annotated[int, typer.Option(help="HTTP port (loopback).")] = 8080,
+) -> None:
+    """Serve a model with KServe's ModelServer (V1 and Open Inference Protocol), in the foreground."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from serving.model import serve as run_server
+
+    st = state(ctx)
+    run_server(st.workspace(), model, st.actor(), port=port)
+
+
+@top.command()
+def deploy(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="name@version")],
+    target: Annotated[str, typer.Option(help="local (start the server) or k8s (render an InferenceService).")] = "local",
+    port: Annotated[int, typer.Option(help="Port for the local server.")] = 8080,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the k8s manifest.")] = None,
+) -> None:
+    """Deploy a registered model if the deploy gate allows it (ε, fairness, approvals)."""
+    from serving.deploy import deploy as run_deploy
+
+    if target not in ("local", "k8s"):
+        raise typer.BadParameter("target must be local or k8s", param_hint="--target")
+    st = state(ctx)
+    res = run_deploy(st.workspace(), st.actor(), model, target=target, port=port, out_dir=out)  # type: ignore[arg-type]
+    where = res.get("url") or res.get("manifest")
+    console.print(f"[green]deployed[/] {res['model']} → {target}: {where}")
+
+
+@deployments_app.command("list")
+def deployments_list(ctx: typer.Context) -> None:
+    """Local predictors this workspace started (deploy --target local): model, port, process, alive, since."""
+    from serving.deploy import list_deployments
+
+    found = list_deployments(state(ctx).workspace())
+    t = Table(title=f"local deployments ({len(found)})")
+    for c in ("model", "port", "pid", "alive", "since (UTC)", "url"):
+        t.add_column(c, justify="right" if c in ("port", "pid") else "left")
+    style = {"running": "green", "stopped": "dim", "replaced": "yellow"}
+    for st in found:
+        d = st.deployment
+        alive = Text("yes" if st.alive else f"no ({st.state}: {st.detail})", style=style[st.state])
+        t.add_row(d.model, str(d.port), str(d.pid), alive, d.started_at.replace("T", " ").removesuffix("+00:00"), d.url)
+    console.print(t)
+
+
+@deployments_app.command("stop")
+def deployments_stop(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Argument(help="name or name@version", show_default=False)] = None,
+    all_models: Annotated[bool, typer.Option("--all", help="Stop every local predictor of this workspace.")] = False,
+) -> None:
+    """Stop this workspace's local predictors of MODEL (or --all); each is checked to be ours first."""
+    from serving.deploy import stop_deployments
+
+    st = state(ctx)
+    for s_ in stop_deployments(st.workspace(), st.actor(), model, all_models=all_models):
+        d = s_.deployment
+        if s_.alive:
+            console.print(f"[green]stopped[/] {d.model} on port {d.port} (process {d.pid})")
+        else:
+            console.print(f"[dim]forgot[/] {d.model} on port {d.port}: {s_.state} ({s_.detail}); nothing signalled")
+
+
+@top.command()
+def monitor(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="name or name@version of the served model.")],
+    since: Annotated[Optional[str], typer.Option(help="Only requests at or after this ISO time.")] = None,
+    webhook: Annotated[Optional[str], typer.Option(help="POST the drift report here (alerts included).")] = None,
+    min_records: Annotated[int, typer.Option(help="Fewer records than this: no verdict for a feature.")] = 100,
+) -> None:
+    """Drift (PSI) of recent requests against the training reference; alerts go to the audit log."""
+    from serving.monitor import Reference
+    from serving.monitor import monitor as run_monitor
+    from training.registry import Registry
+
+    st = state(ctx)
+    ws = st.workspace()
+    reg = Registry(ws)
+    card = reg.card(model)
+    ref_file = reg.path(card.ref) / "reference.json"
+    if not ref_file.exists():
+        raise typer.BadParameter(f"{card.ref} has no drift reference (trained before references were stored)")
+    rep = run_monitor(ws, st.actor(), model=card.name, reference=Reference.from_json(ref_file.read_text()),
+                      since=parse_time(since, "--since"), webhook=webhook, min_records=min_records)
+    d = rep.to_dict()
+    t = Table(title=f"drift of {card.name} against its training reference ({d.get('records', 0)} records)")
+    for c in ("feature", "PSI", "status", "records"):
+        t.add_column(c)
+    style = {"ok": "green", "warn": "yellow", "alert": "red", "no_data": "dim"}
+    rows = [(name, f) for name, f in rep.features.items()] + [("score", rep.score)]
+    for name, f in rows:
+        t.add_row(name, "" if f.psi is None else f"{f.psi:.3f}", Text(f.status, style=style.get(f.status, "")), str(f.count))
+    console.print(t)
+
+
