@@ -81,6 +81,9 @@ from pydantic import (
 
 from governance.locks import file_lock
 from governance.errors import LakewardenError
+from governance.fairness import METRICS as FAIRNESS_METRICS
+from governance.fairness import judge as judge_fairness
+from governance.fairness import thresholds as fairness_thresholds
 from governance.gate import Actor, Decision, Resource
 from governance.pii import find_pii_in
 from governance.policy import IDENT, DatasetPolicy, Stage
@@ -107,7 +110,6 @@ __all__ = [
     "PrivacyGuarantee",
     "Registry",
     "RegistryError",
-    "fairness_failures",
 ]
 
 REGISTRY_TABLE = "_models/registry"
@@ -154,7 +156,6 @@ _OWNED = frozenset(
 )
 # Fields validated structurally (UUIDs): scanning them for personal data only yields false alarms.
 _NOT_SCANNED = frozenset({"lineage_run_ids"})
-_GATE_METRICS = ("disparate_impact", "equal_opportunity_diff", "predictive_parity_diff")
 _CHUNK = 1 << 20
 
 
@@ -585,13 +586,15 @@ class ModelCard(_Frozen):
             verdict = {True: "passed", False: "FAILED", None: "not judged"}[f.passed]
             out += [f"Verdict: **{verdict}**", ""]
             rows = []
+            judged = judge_fairness(f.thresholds, f.attributes)
             for attr in sorted(f.attributes):
                 m = f.attributes[attr]
                 cells = [attr]
                 ok_all = True
-                for metric in _GATE_METRICS:
-                    value = m.get(metric, _MISSING)
-                    ok = _metric_ok(metric, value, f.thresholds)
+                for r in FAIRNESS_METRICS:
+                    value = m.get(r.metric)
+                    check = judged.check(attr, r.metric)
+                    ok = None if check is None else check.ok
                     ok_all = ok_all and ok is not False
                     shown = _num(value) if isinstance(value, (int, float)) else "—"
                     cells.append(shown if ok is None else f"{shown} ({'pass' if ok else 'FAIL'})")
@@ -618,7 +621,8 @@ class ModelCard(_Frozen):
                 rows = []
                 for attr in sorted(u.get("intervals") or {}):
                     iv = u["intervals"][attr]
-                    rows.append((attr, *(f"{_num(iv[m][0])} – {_num(iv[m][1])}" if iv.get(m) else "—" for m in _GATE_METRICS)))
+                    rows.append((attr, *(f"{_num(iv[r.metric][0])} – {_num(iv[r.metric][1])}" if iv.get(r.metric) else "—"
+                                         for r in FAIRNESS_METRICS)))
                 out += _table(("attribute", "disparate impact", "equal opportunity diff", "predictive parity diff"), rows)
         if self.mitigation:
             out += ["", "## Bias mitigation", "", "```json", _pretty(self.mitigation), "```"]
@@ -648,63 +652,6 @@ class ModelCard(_Frozen):
             out += ["", "## Deployments", ""]
             out += _table(("actor", "target", "at"), [(d.actor, d.target, _ts(d.at)) for d in self.deployments])
         return "\n".join(out) + "\n"
-
-
-def fairness_failures(
-    attributes: Mapping[str, Mapping[str, Any]],
-    thresholds: Mapping[str, float],
-    *,
-    required: tuple[str, ...] | list[str] = (),
-) -> list[str]:
-    """The gate's fairness rules applied to ``attributes``; one message per failure, empty if all pass.
-
-    A metric that is missing counts as failing, as at the deploy gate.
-    """
-    out: list[str] = []
-    for attr in list(required) + sorted(a for a in attributes if a not in required):
-        m = attributes.get(attr)
-        if m is None:
-            out.append(f"no fairness metrics for '{attr}'")
-            continue
-        for metric in _GATE_METRICS:
-            if _metric_ok(metric, m.get(metric, _MISSING), thresholds) is False:
-                value = m.get(metric)
-                shown = "missing" if value is None else f"{float(value):.3f}"
-                limit = _LIMITS[metric]
-                out.append(f"{metric} on '{attr}' is {shown} ({limit[1]} {thresholds.get(limit[0])} required)")
-    return out
-
-
-_MISSING = object()
-_LIMITS = {
-    "disparate_impact": ("disparate_impact_min", "≥"),
-    "equal_opportunity_diff": ("equal_opportunity_max_diff", "|x| ≤"),
-    "predictive_parity_diff": ("predictive_parity_max_diff", "|x| ≤"),
-}
-
-
-def _metric_ok(metric: str, value: Any, thresholds: Mapping[str, float]) -> bool | None:
-    """True/False against the threshold; None when no threshold applies. ``_MISSING`` fails."""
-    key, _ = _LIMITS[metric]
-    limit = thresholds.get(key)
-    if limit is None:
-        return None
-    if value is _MISSING or not isinstance(value, (int, float)):
-        return False if value is _MISSING else None
-    if metric == "disparate_impact":
-        return float(value) >= limit
-    return abs(float(value)) <= limit
-
-
-def _policy_thresholds(pol: DatasetPolicy) -> dict[str, float]:
-    f = pol.fairness
-    if f is None:
-        return {}
-    return {
-        "disparate_impact_min": float(f.disparate_impact_min),
-        "equal_opportunity_max_diff": float(f.equal_opportunity_max_diff),
-        "predictive_parity_max_diff": float(f.predictive_parity_max_diff),
-    }
 
 
 # -- markdown helpers -------------------------------------------------------------------
@@ -1333,8 +1280,9 @@ class Registry:
         f = card.fairness
         if f is None or pol.fairness is None:
             return card
-        thresholds = f.thresholds or _policy_thresholds(pol)
-        computed = fairness_failures(f.attributes, thresholds, required=list(pol.fairness.sensitive_attributes))
+        thresholds = f.thresholds or fairness_thresholds(pol)
+        computed = judge_fairness(thresholds, f.attributes, pol.fairness.sensitive_attributes,
+                                  dataset=card.dataset).failures
         if f.passed is True and computed:
             raise ValueError(
                 f"fairness says passed, but by the thresholds of '{card.dataset}': {'; '.join(computed)}"
