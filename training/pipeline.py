@@ -192,7 +192,7 @@ def train_model(
         sens = decrypt_sensitive(ws, actor, ts.dataset, [tokens[i] for i in te], purpose="fairness_evaluation")
         pred = (p_te > threshold).astype(int)
         metrics = fairness_metrics(y_te.astype(int), pred, sens, pos_label=FAVOURABLE_LABEL)
-        verdict = check_fairness(metrics, pol.fairness)
+        verdict = check_fairness(metrics, pol)
         mitigated = None
         if not verdict.passed and mitigate:
             sens_tr = decrypt_sensitive(ws, actor, ts.dataset, [tokens[i] for i in tr], purpose="fairness_evaluation")
@@ -206,7 +206,7 @@ def train_model(
             t2 = _threshold(predict_proba(mitigated, X_tr), y_tr)
             p2 = predict_proba(mitigated, X_te)
             m2 = fairness_metrics(y_te.astype(int), (p2 > t2).astype(int), sens, pos_label=FAVOURABLE_LABEL)
-            v2 = check_fairness(m2, pol.fairness)
+            v2 = check_fairness(m2, pol)
             mitigation = {"method": "reweighing (Kamiran & Calders)", "report": mitigation_report(metrics, m2),
                           "utility_before": utility, "utility_after": _utility(y_te, p2, t2),
                           "passed_before": verdict.passed, "passed_after": v2.passed}

@@ -209,7 +209,7 @@ def evaluate_candidate(ws: Workspace, actor: Actor, cand_dir: Path, out: Path | 
         sens = decrypt_sensitive(ws, actor, ts.dataset, [tokens[i] for i in te], purpose="fairness_evaluation")
         y_hat = (p > pre["threshold"]).astype(int)
         metrics = fairness_metrics(y_te.astype(int), y_hat, sens, pos_label=FAVOURABLE)
-        verdict = check_fairness(metrics, pol.fairness)
+        verdict = check_fairness(metrics, pol)
         res.update({"metrics": gate_context(metrics), "passed": verdict.passed, "failures": list(verdict.failures),
                     "thresholds": pol.fairness.model_dump(mode="json"),
                     "uncertainty": fairness_uncertainty(y_te.astype(int), y_hat, sens, pol.fairness,
