@@ -25,7 +25,7 @@ from lakehouse.ingest import ingest
 from lakehouse.silver import build_silver
 from lakehouse.synth import generate
 from serving.model import GovernedPredictor
-from training.pipeline import train_model
+from training.flow import train_model
 from training.registry import Registry
 from training.trainer import TrainOptions
 
