@@ -1047,7 +1047,7 @@ def monitor(
     min_records: Annotated[int, typer.Option(help="Fewer records than this: no verdict for a feature.")] = 100,
 ) -> None:
     """Drift (PSI) of recent requests against the training reference; alerts go to the audit log."""
-    from serving.monitor import Reference
+    from serving.monitor import Profile
     from serving.monitor import monitor as run_monitor
     from training.registry import Registry
 
@@ -1058,7 +1058,7 @@ def monitor(
     ref_file = reg.path(card.ref) / "reference.json"
     if not ref_file.exists():
         raise typer.BadParameter(f"{card.ref} has no drift reference (trained before references were stored)")
-    rep = run_monitor(ws, st.actor(), model=card.name, reference=Reference.from_json(ref_file.read_text()),
+    rep = run_monitor(ws, st.actor(), model=card.name, profile=Profile.from_json(ref_file.read_text()),
                       since=_parse_time(since, "--since"), webhook=webhook, min_records=min_records)
     d = rep.to_dict()
     t = Table(title=f"drift of {card.name} against its training reference ({d.get('records', 0)} records)")

@@ -29,7 +29,7 @@ AUC are measured on a holdout.
 purpose ``fairness_evaluation``, audited — judged by :func:`governance.fairness.judge`, with a
 bootstrap of the verdict's pass rate.
 
-**register.** Weights, the feature encoder, the drift reference and a model card (data
+**register.** Weights, the feature encoder, the drift profile and a model card (data
 versions, ε, δ, accountant, utility, fairness, lineage run ids, gate decisions). The card
 states the released run's (ε, δ) and what the build cost in all (``privacy.cost``: every run
 of the build, summed from the ledger by the registry — a failed first run included).
@@ -40,7 +40,7 @@ The stages, in more detail:
   every stage derives the same split), one private run (with reweighing when the params ask
   for it: a pre-processing mitigation chosen up front, not after peeking at the holdout), the
   per-epoch privacy–utility curve, and a candidate folder holding the weights, the encoder,
-  the drift reference and ``candidate.json``. Nothing in the folder is personal: weights, bin
+  the drift profile and ``candidate.json``. Nothing in the folder is personal: weights, bin
   shares, metrics and a digest of the holdout's tokens.
 * :func:`evaluate_candidate` — rebuilds the same training set (same ``at``, same silver
   version, checked), re-derives the same holdout (checked by digest), scores it, and writes
@@ -80,7 +80,7 @@ from training.fairness import (
     check_fairness, decrypt_sensitive, fairness_metrics, fairness_uncertainty, gate_context, mitigation_report, reweighing,
 )
 from training.labels import FAVOURABLE, LabelEncoding, check_label_column, declared_label
-from training.reference import Reference
+from training.profile import Profile
 from training.registry import ModelCard, ModelRef, Registry
 from training.trainer import TrainOptions, TrainResult, predict_proba, train, train_distributed
 
@@ -299,12 +299,12 @@ def _fairness_fields(pol: DatasetPolicy, y_te: np.ndarray, ev: _Evaluation, sens
 
 def _artifacts(result: TrainResult | bytes, enc: Encoder, rows: pa.Table, p_tr: np.ndarray,
                cols: list[str]) -> dict[str, bytes]:
-    """The registered files: weights, the encoder, and the drift reference (bin shares of the
-    training features and scores: summaries, never rows)."""
-    reference = Reference.from_table(rows, score=[float(v) for v in p_tr], columns=cols)
+    """The registered files: weights, the encoder, and the drift profile (bin shares of the
+    training features and scores: summaries, never rows; stored as ``reference.json``)."""
+    profile = Profile.from_table(rows, score=[float(v) for v in p_tr], columns=cols)
     weights = result.state_dict if isinstance(result, TrainResult) else result
     return {"model.pt": weights, "encoder.json": json.dumps(enc.to_dict(), sort_keys=True).encode(),
-            "reference.json": reference.to_json().encode()}
+            "reference.json": profile.to_json().encode()}
 
 
 def _preprocessing(enc: Encoder, threshold: float, options: TrainOptions, result: TrainResult) -> dict[str, Any]:

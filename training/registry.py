@@ -88,9 +88,21 @@ from governance.gate import Actor, Decision, Resource
 from governance.pii import find_pii_in
 from governance.policy import IDENT, DatasetPolicy, Stage
 from governance.workspace import Workspace
+from training.profile import (  # the drift profile stored with each model: loaded by serving through this module
+    EPSILON,
+    PROFILE_FORMAT,
+    CategoricalProfile,
+    FeatureProfile,
+    NumericProfile,
+    Profile,
+    psi,
+    psi_categorical,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from training.encode import Encoder
 
 __all__ = [
     "REGISTRY_TABLE",
@@ -103,11 +115,13 @@ __all__ = [
     "FairnessReport",
     "GateRecord",
     "LedgerRunCost",
+    "LoadedModel",
     "ModelCard",
     "ModelNotFound",
     "ModelRef",
     "PrivacyCost",
     "PrivacyGuarantee",
+    "Profile",
     "Registry",
     "RegistryError",
 ]
@@ -144,6 +158,8 @@ def __getattr__(name: str) -> Any:  # SCHEMA is built on first use: reading the 
 
 CARD_JSON = "card.json"
 CARD_MD = "card.md"
+MODEL_FILE = "model.pt"  # the weights (a torch state dict)
+PROFILE_FILE = "reference.json"  # the drift profile (its historical name; registered cards list it)
 _RESERVED_FILES = frozenset({CARD_JSON, CARD_MD})
 _NAME = re.compile(IDENT)
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -795,6 +811,32 @@ def _fairness_problems(card: ModelCard, pol: DatasetPolicy) -> list[str]:
     return list(f.failures) or ["the fairness evaluation has no verdict"]
 
 
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A registered version ready to score (see :meth:`Registry.load`)."""
+
+    card: ModelCard
+    encoder: "Encoder"  # the feature encoder fit at training (training.encode.Encoder)
+    model: Any  # the torch module, in eval mode
+    threshold: float  # the score above which the model predicts the positive (unfavourable) label
+    profile: Profile | None  # the drift profile; None for a model trained before profiles were stored
+
+    @property
+    def ref(self) -> ModelRef:
+        return self.card.ref
+
+    def predict_proba(self, X: Any) -> Any:
+        """Scores (probability of the positive label) of encoded rows ``X`` (a float32 matrix)."""
+        import numpy as np
+        import torch
+
+        with torch.no_grad():  # as training.trainer.predict_proba scores
+            return torch.sigmoid(self.model(torch.from_numpy(np.asarray(X, np.float32))).squeeze(-1)).numpy()
+
+
 # --------------------------------------------------------------------------- the registry
 
 
@@ -1112,6 +1154,48 @@ class Registry:
         if problems:
             raise ArtifactTampered(f"{card.ref} failed verification: {'; '.join(problems)}", ref=str(card.ref), problems=problems)
         return card
+
+    def load(self, ref: ModelRef | str, *, verify: bool = True) -> "LoadedModel":
+        """A registered version ready to score: card, feature encoder, torch model, threshold, drift profile.
+
+        Serving loads models only through this (and :meth:`profile`), never from the training
+        modules or the files directly. The artifacts are verified first unless ``verify=False``
+        (for a caller that has just verified them).
+
+        Raises:
+            ArtifactTampered: a file differs from what was registered (with ``verify``).
+            ModelNotFound: unknown name or version.
+            RegistryError: the card has no preprocessing to score with (encoder, features, layers).
+
+        Example::
+
+            m = Registry(ws).load("credit@1")
+            scores = m.predict_proba(m.encoder.transform(rows))
+        """
+        from training.encode import Encoder
+        from training.trainer import load_model
+
+        card = self.verify(ref) if verify else self.card(ref)
+        pre = card.preprocessing or {}
+        missing = [k for k in ("encoder", "n_features", "hidden") if k not in pre]
+        if missing:
+            raise RegistryError(f"{card.ref} cannot be scored: its card's preprocessing lacks {', '.join(missing)}",
+                                hint="re-register it from a trained model (lakewarden train)")
+        folder = self.root / card.name / str(card.version)
+        model = load_model((folder / MODEL_FILE).read_bytes(), pre["n_features"], tuple(pre["hidden"]))
+        return LoadedModel(card=card, encoder=Encoder.from_dict(pre["encoder"]), model=model,
+                           threshold=float(pre.get("threshold", 0.5)), profile=self._profile(folder))
+
+    def profile(self, ref: ModelRef | str) -> Profile | None:
+        """The drift profile stored with a version (bin shares of its training data); ``None``
+        for a model trained before profiles were stored. Needs no torch."""
+        card = self.card(ref)
+        return self._profile(self.root / card.name / str(card.version))
+
+    @staticmethod
+    def _profile(folder: Path) -> Profile | None:
+        path = folder / PROFILE_FILE
+        return Profile.from_json(path.read_text()) if path.exists() else None
 
     def deploy_context(self, ref: ModelRef | str, *, verify: bool = True) -> dict[str, Any]:
         """The exact context ``Stage.DEPLOY`` reads: ``{"dataset", "epsilon", "fairness", "approvals"}``.
