@@ -16,7 +16,8 @@ Example::
 
 Rule ids are stable strings: ``roles/<role>/stages/<stage>``,
 ``<dataset>/access/<role>``, ``<dataset>/purposes/<purpose>/sensitive``,
-``<dataset>/privacy/epsilon_total``, ``builtin/...`` for rules the kernel
+``<dataset>/privacy/epsilon_total``, ``<dataset>/fairness/disparate_impact`` (and the
+other fairness rules, decided by :func:`governance.fairness.judge`), ``builtin/...`` for rules the kernel
 itself holds (the audit table is for compliance officers only, purposes are
 required for feature use, separation of duties for deployments), and
 ``default-deny`` when nothing matched.
