@@ -55,7 +55,7 @@ CODE: dict[str, list[str]] = {
     "silver": ["lakehouse/silver.py"],
     "features": ["features"],
     "train": ["training/trainer.py", "training/flow.py", "training/encode.py", "training/labels.py"],
-    "evaluate": ["training/fairness.py"],
+    "evaluate": ["training/fairness.py", "governance/fairness.py"],
     "register": ["training/registry.py"],
     "deploy": ["serving"],
 }
