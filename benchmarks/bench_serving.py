@@ -100,7 +100,7 @@ def main() -> None:
     from lakehouse.ingest import ingest
     from lakehouse.silver import build_silver
     from lakehouse.synth import generate
-    from training.pipeline import train_model
+    from training.flow import train_model
     from training.trainer import TrainOptions
 
     root = Path(tempfile.mkdtemp(prefix="lw-bench-serving-"))

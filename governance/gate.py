@@ -16,7 +16,8 @@ Example::
 
 Rule ids are stable strings: ``roles/<role>/stages/<stage>``,
 ``<dataset>/access/<role>``, ``<dataset>/purposes/<purpose>/sensitive``,
-``<dataset>/privacy/epsilon_total``, ``builtin/...`` for rules the kernel
+``<dataset>/privacy/epsilon_total``, ``<dataset>/fairness/disparate_impact`` (and the
+other fairness rules, decided by :func:`governance.fairness.judge`), ``builtin/...`` for rules the kernel
 itself holds (the audit table is for compliance officers only, purposes are
 required for feature use, separation of duties for deployments), and
 ``default-deny`` when nothing matched.
@@ -30,6 +31,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from governance.errors import AccessDenied
+from governance.fairness import judge as judge_fairness
 from governance.policy import ColumnClass, DatasetPolicy, PolicySet, Stage
 
 if TYPE_CHECKING:
@@ -407,31 +409,9 @@ class Gate:
                 return v.deny(f"{ds.dataset}/deployment/max_epsilon", f"model epsilon {float(eps):g} exceeds the cap {cap:g}")
             v.allow(f"{ds.dataset}/deployment/max_epsilon")
         if ds.fairness is not None:
-            fair = ctx.get("fairness")
-            if not fair:
-                return v.deny(f"{ds.dataset}/fairness", "the model card has no fairness evaluation")
-            f = ds.fairness
-            for attr in f.sensitive_attributes:
-                m = fair.get(attr)
-                if m is None:
-                    return v.deny(f"{ds.dataset}/fairness/{attr}", f"no fairness metrics for '{attr}'")
-                if m.get("disparate_impact", 0.0) < f.disparate_impact_min:
-                    return v.deny(
-                        f"{ds.dataset}/fairness/disparate_impact",
-                        f"disparate impact on '{attr}' is {m.get('disparate_impact', 0.0):.3f} < {f.disparate_impact_min:g}",
-                    )
-                if abs(m.get("equal_opportunity_diff", 1.0)) > f.equal_opportunity_max_diff:
-                    return v.deny(
-                        f"{ds.dataset}/fairness/equal_opportunity",
-                        f"equal opportunity difference on '{attr}' is {m.get('equal_opportunity_diff', 1.0):.3f} "
-                        f"> {f.equal_opportunity_max_diff:g}",
-                    )
-                if abs(m.get("predictive_parity_diff", 1.0)) > f.predictive_parity_max_diff:
-                    return v.deny(
-                        f"{ds.dataset}/fairness/predictive_parity",
-                        f"predictive parity difference on '{attr}' is {m.get('predictive_parity_diff', 1.0):.3f} "
-                        f"> {f.predictive_parity_max_diff:g}",
-                    )
+            finding = next(iter(judge_fairness(ds, ctx.get("fairness")).findings), None)
+            if finding is not None:
+                return v.deny(finding.rule_id, finding.message)
             v.allow(f"{ds.dataset}/fairness")
         approvals = ctx.get("approvals") or ()
         counted: set[str] = set()

@@ -42,6 +42,8 @@ from typing import Any
 
 from governance.audit import VerifyReport
 from governance.errors import LakewardenError
+from governance.fairness import METRICS as FAIRNESS_METRICS
+from governance.fairness import judge as judge_fairness
 from governance.gate import Actor, Resource
 from governance.ledger import BudgetStatus, PrivacyLedger
 from governance.lineage_svg import LineagePicture, lineage_picture
@@ -60,6 +62,7 @@ __all__ = [
     "RequestRow",
     "Signoff",
     "build_report",
+    "fairness_checks",
     "write_report",
 ]
 
@@ -82,6 +85,30 @@ class FairnessCheck:
     value: float | None
     threshold: str  # e.g. "≥ 0.8", "|x| ≤ 0.1"; "" when the policy sets none
     ok: bool | None  # None: no threshold applies
+
+
+def fairness_checks(
+    attributes: Mapping[str, Mapping[str, Any]], thresholds: Mapping[str, float]
+) -> tuple[FairnessCheck, ...]:
+    """Each attribute's metrics against ``thresholds``, judged by :func:`governance.fairness.judge`.
+
+    One row per attribute (sorted) and metric of :data:`governance.fairness.METRICS`.
+    """
+    judged = judge_fairness(thresholds, attributes)
+    out: list[FairnessCheck] = []
+    for attr in sorted(attributes):
+        for r in FAIRNESS_METRICS:
+            value = attributes[attr].get(r.metric)
+            limit = thresholds.get(r.threshold)
+            check = judged.check(attr, r.metric)
+            out.append(FairnessCheck(
+                attribute=attr,
+                metric=r.metric,
+                value=float(value) if isinstance(value, (int, float)) else None,
+                threshold="" if limit is None else f"{r.op} {limit:g}",
+                ok=None if check is None else check.ok,
+            ))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,7 @@ from governance.keys import TOKEN_RE
 from governance.workspace import Workspace
 from features.store import Features
 from serving.requestlog import append_records
-from training.encode import Encoder
 from training.registry import ModelRef, Registry
-from training.trainer import load_model
 
 MAX_INSTANCES = 1000
 MAX_BODY_BYTES = 1 << 20
@@ -111,16 +109,15 @@ def _make_model_class():  # noqa: ANN202
                             {"purpose": card.purpose, "columns": self.columns})
             self.features = Features(ws)
             self.key = ws.policies.dataset(card.dataset).subject_key
-            self.encoder = Encoder.from_dict(card.preprocessing["encoder"])
-            self.threshold = float(card.preprocessing.get("threshold", 0.5))
-            blob = (reg.path(card.ref) / "model.pt").read_bytes()
-            self.torch_model = load_model(blob, card.preprocessing["n_features"], tuple(card.preprocessing["hidden"]))
+            loaded = reg.load(card.ref, verify=False)  # verified above, before the gate
+            self.encoder = loaded.encoder
+            self.threshold = loaded.threshold
+            self.torch_model = loaded.model
             from prometheus_client import REGISTRY, Histogram
 
-            from serving.monitor import DriftMetrics, Reference
+            from serving.monitor import DriftMetrics
 
-            ref_file = reg.path(card.ref) / "reference.json"
-            self.reference = Reference.from_json(ref_file.read_text()) if ref_file.exists() else None
+            self.profile = loaded.profile  # the training data's drift profile; None for older models
             self.drift_metrics = DriftMetrics(REGISTRY)
             self.scored = 0
             self.drift_every = 1000  # recompute drift gauges after this many scored entities
@@ -212,7 +209,7 @@ def _make_model_class():  # noqa: ANN202
                      "features": {c: r[c] for c in self.columns}, "score": float(s)}
                     for t, r, s in zip(tokens, rows, scores)
                 ])
-                if self.reference is not None and self.scored // self.drift_every != (self.scored - len(tokens)) // self.drift_every:
+                if self.profile is not None and self.scored // self.drift_every != (self.scored - len(tokens)) // self.drift_every:
                     self.refresh_drift()
             if not missing:
                 return scores, missing
@@ -221,11 +218,11 @@ def _make_model_class():  # noqa: ANN202
             return full, missing
 
         def refresh_drift(self) -> Any:
-            """PSI of recent traffic against the training reference, into the Prometheus gauges."""
+            """PSI of recent traffic against the training data's drift profile, into the Prometheus gauges."""
             from serving.monitor import drift_report, read_request_log
 
             records = read_request_log(self.log_path, model=self.card.name, tail_bytes=4 << 20)[-10_000:]
-            report = drift_report(self.reference, records, model=self.card.name)
+            report = drift_report(self.profile, records, model=self.card.name)
             self.drift_metrics.observe(report)
             return report
 

@@ -6,7 +6,7 @@ The predictor appends one JSON line per scored entity to
     {"ts": "2025-01-02T03:04:05Z", "model": "credit", "version": 1, "token": "sub_...",
      "features": {"income": 51234.5, "region": "north"}, "score": 0.12}
 
-This module compares those lines with the training data's :class:`Reference` using the
+This module compares those lines with the training data's :class:`Profile` using the
 Population Stability Index, per feature and for the score, and reports the result three ways:
 the audit log (``monitor.drift``, plus ``monitor.alert`` for every feature in alert), an
 optional webhook, and Prometheus gauges (:class:`DriftMetrics`, :func:`render_textfile`)
@@ -16,11 +16,11 @@ PSI::
 
     PSI = sum over bins  (c_i - r_i) * ln(c_i / r_i)
 
-with ``r_i``/``c_i`` the reference and current share of bin ``i``; a share of 0 counts as
+with ``r_i``/``c_i`` the profile's (training) and current share of bin ``i``; a share of 0 counts as
 ``epsilon`` (1e-4) so an empty bin gives a large finite term rather than infinity. Numeric
-features use the reference's quantiles as bin edges (ties merged, so a feature with few
+features use the profile's quantiles as bin edges (ties merged, so a feature with few
 distinct values gets fewer bins; the outer bins are open-ended, so values beyond the
-reference's range land in them — except that a point mass at the reference's maximum
+profile's range land in them — except that a point mass at the profile's maximum
 gets a bin of its own, so a shift above it shows); categorical features use one bin per category seen in
 either sample. ``None`` and NaN are dropped. Statuses: ``ok``; ``warn`` when PSI > 0.1;
 ``alert`` when PSI > 0.25 (the usual reading: small / moderate / significant shift);
@@ -28,12 +28,12 @@ either sample. ``None`` and NaN are dropped. Statuses: ``ok``; ``warn`` when PSI
 
 Example::
 
-    ref = Reference.from_table(training_table, score=training_scores)   # stored with the model
-    report = monitor(ws, ws.actor("mel"), model="credit", reference=ref,
+    ref = Profile.from_table(training_table, score=training_scores)   # stored with the model
+    report = monitor(ws, ws.actor("mel"), model="credit", profile=ref,
                      since=datetime.now(timezone.utc) - timedelta(hours=1))
     DriftMetrics(REGISTRY).observe(report)                              # the predictor's /metrics
 
-Privacy: a :class:`Reference` keeps only a summary of each feature (bin edges and shares,
+Privacy: a :class:`Profile` keeps only a summary of each feature (bin edges and shares,
 category shares), never the training rows: the model's ε does not cover raw training values
 stored next to it. Reports, audit events and metrics carry counts and PSI values — never
 tokens or feature values. Webhook URLs can hold secrets; the audit log records only their
@@ -47,6 +47,8 @@ Webhook failures are audited (outcome ``error``), never raised.
 from __future__ import annotations
 
 import json
+import math
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -59,6 +61,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 
+from governance.errors import LakewardenError
 from governance.gate import Actor, Resource
 from governance.policy import IDENT, Stage
 
@@ -70,13 +73,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
-    "REFERENCE_FORMAT",
-    "CategoricalReference",
+    "PROFILE_FORMAT",
+    "CategoricalProfile",
     "DriftMetrics",
     "DriftReport",
     "FeatureDrift",
-    "NumericReference",
-    "Reference",
+    "NumericProfile",
+    "Profile",
     "RequestRecords",
     "drift_report",
     "monitor",
@@ -87,22 +90,26 @@ __all__ = [
     "request_log_path",
 ]
 
-from training.reference import (  # noqa: F401  (re-exported: the monitor's vocabulary)
-    DEFAULT_THRESHOLDS,
-    CategoricalReference,
+from training.registry import (  # noqa: F401  (re-exported: the drift profile is the monitor's vocabulary)
     EPSILON,
-    FeatureReference,
-    NumericReference,
-    REFERENCE_FORMAT,
-    Reference,
-    Status,
-    _NAME,
-    _PSI_DIGITS,
-    _RANK,
-    _is_missing,
+    PROFILE_FORMAT,
+    CategoricalProfile,
+    FeatureProfile,
+    NumericProfile,
+    Profile,
     psi,
     psi_categorical,
 )
+
+DEFAULT_THRESHOLDS: Mapping[str, float] = MappingProxyType({"warn": 0.1, "alert": 0.25})
+Status = Literal["ok", "warn", "alert", "no_data"]
+_RANK = {"ok": 0, "no_data": 1, "warn": 2, "alert": 3}
+_NAME = re.compile(IDENT)
+_PSI_DIGITS = 6  # rounded in reports: stable JSON, and no long digit runs for the PII detectors to trip on
+
+
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 def request_log_path(ws: "Workspace", model: str) -> Path:
     """Where the predictor writes ``model``'s request log: ``<workspace>/serving/requests/<model>.jsonl``."""
@@ -285,7 +292,7 @@ def _status(value: float | None, count: int, min_records: int, t: Mapping[str, f
     return "ok"
 
 
-def _drift(name: str, ref: FeatureReference, values: list[Any], min_records: int, t: Mapping[str, float]) -> FeatureDrift:
+def _drift(name: str, ref: FeatureProfile, values: list[Any], min_records: int, t: Mapping[str, float]) -> FeatureDrift:
     used: list[Any] = []
     missing = invalid = 0
     for v in values:
@@ -302,7 +309,7 @@ def _drift(name: str, ref: FeatureReference, values: list[Any], min_records: int
 
 
 def drift_report(
-    reference: Reference,
+    profile: Profile,
     records: Sequence[Mapping[str, Any]],
     *,
     thresholds: Mapping[str, float] = DEFAULT_THRESHOLDS,
@@ -310,10 +317,10 @@ def drift_report(
     model: str | None = None,
     now: datetime | None = None,
 ) -> DriftReport:
-    """PSI of every reference feature and of the score over ``records``.
+    """PSI of every profiled feature and of the score over ``records``.
 
     Args:
-        reference: the training distribution.
+        profile: the training distribution (the model's drift profile).
         records: request-log records (``features`` dict and ``score`` each); a
             :class:`RequestRecords` also brings its malformed count.
         thresholds: ``warn`` and ``alert`` PSI levels; status is ``warn`` above ``warn``,
@@ -329,7 +336,7 @@ def drift_report(
     t = _thresholds(thresholds)
     if min_records < 1:
         raise ValueError(f"min_records must be >= 1, got {min_records}")
-    cols: dict[str, list[Any]] = {n: [] for n in reference.features}
+    cols: dict[str, list[Any]] = {n: [] for n in profile.features}
     scores: list[Any] = []
     versions: dict[str, int] = {}
     unexpected: set[str] = set()
@@ -348,8 +355,8 @@ def drift_report(
             end = ts if end is None or ts > end else end
     return DriftReport(
         model=model,
-        features={n: _drift(n, reference.features[n], cols[n], min_records, t) for n in reference.features},
-        score=_drift("score", reference.score, scores, min_records, t),
+        features={n: _drift(n, profile.features[n], cols[n], min_records, t) for n in profile.features},
+        score=_drift("score", profile.score, scores, min_records, t),
         records=len(records),
         malformed=int(getattr(records, "malformed", 0)),
         thresholds=t,
@@ -389,12 +396,50 @@ def _post_json(url: str, body: bytes, timeout: float) -> int:
         return int(resp.status)
 
 
+def monitor_model(
+    ws: "Workspace",
+    actor: Actor,
+    model: str,
+    *,
+    since: datetime | None = None,
+    webhook: str | None = None,
+    min_records: int = 1,
+) -> DriftReport:
+    """``lakewarden monitor``: drift of a registered model's traffic against the profile stored with it.
+
+    ``model`` is ``name`` (the latest version) or ``name@version``. An actor who may not run
+    ``serve`` is refused (and audited) before the registry is read; then :func:`monitor` decides
+    on the model and reports.
+
+    Raises:
+        AccessDenied: the gate denied ``serve``.
+        ModelNotFound: no such model or version.
+        MonitorError: the version has no stored drift profile (trained before profiles were kept).
+    """
+    from training.registry import Registry
+
+    ws.gate.require_stage(Stage.SERVE, actor, Resource.model(model.split("@")[0]))
+    reg = Registry(ws)
+    card = reg.card(model)
+    profile = reg.profile(card.ref)
+    if profile is None:
+        raise MonitorError(f"{card.ref} has no drift profile (it was trained before profiles were stored)",
+                           hint="retrain it, or monitor a newer version")
+    return monitor(ws, actor, model=card.name, profile=profile, since=since, webhook=webhook, min_records=min_records)
+
+
+class MonitorError(LakewardenError):
+    """Monitoring cannot start for a reason the user can fix (exit 2)."""
+
+    exit_code = 2
+
+
 def monitor(
     ws: "Workspace",
     actor: Actor,
     *,
     model: str,
-    reference: Reference,
+    profile: Profile,
     log_path: str | Path | None = None,
     since: datetime | None = None,
     webhook: str | None = None,
@@ -434,7 +479,7 @@ def monitor(
         records = read_request_log(path, since=since, model=model) if path.exists() else RequestRecords()
     else:
         records = read_request_log(log_path, since=since, model=model)
-    report = drift_report(reference, records, thresholds=thresholds, min_records=min_records, model=model, now=now)
+    report = drift_report(profile, records, thresholds=thresholds, min_records=min_records, model=model, now=now)
 
     audit = ws.audit
     d = report.to_dict()
@@ -506,13 +551,13 @@ class _Gauges:
 
         self.feature = Gauge(
             "lakewarden_feature_psi",
-            "Population Stability Index of a model input feature against its training reference.",
+            "Population Stability Index of a model input feature against its training profile.",
             ["model", "feature"],
             registry=registry,
         )
         self.score = Gauge(
             "lakewarden_score_psi",
-            "Population Stability Index of the model's score against its training reference.",
+            "Population Stability Index of the model's score against its training profile.",
             ["model"],
             registry=registry,
         )

@@ -103,7 +103,7 @@ def test_a_user_with_no_role_is_refused_by_the_listed_stage(project: Path, monke
     from lakehouse.silver import build_silver
     from lakehouse.synth import generate
     from lakewarden.cli import main
-    from training.reference import Reference
+    from training.profile import Profile
     from training.registry import Registry
 
     t = project
@@ -113,7 +113,7 @@ def test_a_user_with_no_role_is_refused_by_the_listed_stage(project: Path, monke
     shutil.copy(res.files["customers"], t / "kept" / "customers.csv")  # ingest removes its landing file
     ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
     build_silver(ws, ws.actor("dana"), "customers")
-    ref = Reference.from_samples({"income": [1.0, 2.0, 3.0, 4.0]}, [0.1, 0.2, 0.3, 0.4], bins=2)
+    ref = Profile.from_samples({"income": [1.0, 2.0, 3.0, 4.0]}, [0.1, 0.2, 0.3, 0.4], bins=2)
     Registry(ws).register(ws.actor("sam"), name="credit", dataset="customers",
                           files={"model.pt": b"w", "reference.json": ref.to_json().encode()},
                           card_fields={"purpose": "credit_scoring", "features": ["customer_profile:income"],

@@ -18,7 +18,10 @@ COMMAND_LAYER = sorted((REPO / "lakewarden" / "commands").glob("*.py")) + [REPO 
 
 # Attributes of a workspace that only verbs may touch, and the calls that decide or audit.
 KERNEL_PARTS = {"gate", "audit", "keyring", "lineage"}
-DECIDING_CALLS = {"enforce", "decide", "narrow", "require_stage", "record", "flush"}
+DECIDING_CALLS = {"enforce", "decide", "narrow", "require_stage", "check_stage"}
+# Modules and names a command has no use for: the verbs hold the gate and the audit log.
+KERNEL_IMPORTS = {"governance.audit"}
+KERNEL_NAMES = {"Gate", "AuditLog", "KeyRing", "LineageStore", "Decision"}
 
 
 def _offences(path: Path) -> list[str]:
@@ -32,7 +35,20 @@ def _offences(path: Path) -> list[str]:
             name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
             if name in DECIDING_CALLS or name == "Decision":
                 out.append(f"line {node.lineno}: {name}(...)")
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module in KERNEL_IMPORTS:
+                out.append(f"line {node.lineno}: from {node.module} import ...")
+            out += [f"line {node.lineno}: imports {a.name}" for a in node.names
+                    if a.name in KERNEL_NAMES and not _type_only(tree, node)]
     return out
+
+
+def _type_only(tree: ast.Module, node: ast.stmt) -> bool:
+    """Imported under ``if TYPE_CHECKING:`` (for annotations, never called)."""
+    for block in ast.walk(tree):
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test) and node in block.body:
+            return True
+    return False
 
 
 def test_the_command_layer_exists_and_is_split_by_group():
@@ -47,8 +63,9 @@ def test_a_command_module_never_decides_or_audits(path: Path):
 
 def test_the_check_catches_a_command_that_decides(tmp_path: Path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def cmd(ws, actor):\n    ws.gate.enforce('keys', actor, None)\n    ws.audit.record('x')\n")
-    assert len(_offences(bad)) >= 3
+    bad.write_text("from governance.gate import Decision\n"
+                   "def cmd(ws, actor):\n    ws.gate.enforce('keys', actor, None)\n    ws.audit.record('x')\n")
+    assert len(_offences(bad)) >= 4
 
 
 # -- import cycles ------------------------------------------------------------------------------

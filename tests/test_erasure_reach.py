@@ -296,7 +296,7 @@ def test_a_running_predictor_keeps_no_trace_of_an_erased_subject(tmp_path: Path,
     from features.store import Features
     from lakehouse.silver import build_silver
     from serving.monitor import request_log_path
-    from training.pipeline import train_model
+    from training.flow import train_model
     from training.trainer import TrainOptions
 
     monkeypatch.setenv("LAKEWARDEN_KEK", generate_kek_b64())

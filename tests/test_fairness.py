@@ -94,7 +94,7 @@ def test_undefined_metrics_are_none_fail_the_check_and_leave_the_gate_context():
     assert m["sex"]["equal_opportunity_diff"] == 0.0
     v = check_fairness(m, POLICY)
     assert not v.passed
-    assert "sex: disparate_impact is undefined, so disparate_impact_min 0.8 cannot be met" in v.failures
+    assert "disparate impact on 'sex' is missing, so ≥ 0.8 cannot be met" in v.failures
     assert gate_context(m) == {"sex": {"equal_opportunity_diff": 0.0}}
 
 
@@ -135,10 +135,9 @@ def test_biased_classifier_fails_and_a_fair_one_passes():
     biased = np.where(sex == "F", rng.random(len(y)) < 0.8, rng.random(len(y)) < 0.2).astype(int)
     bad = check_fairness(fairness_metrics(y, biased, {"sex": sex}), POLICY)
     assert not bad.passed and not bad
-    assert bad.failures[0].startswith("sex: disparate_impact ")
-    assert "< disparate_impact_min 0.8" in bad.failures[0]
-    assert any(f.startswith("sex: equal_opportunity_diff ") and "> equal_opportunity_max_diff 0.1" in f
-               for f in bad.failures)
+    assert bad.failures[0].startswith("disparate impact on 'sex' is ")
+    assert bad.failures[0].endswith(" < 0.8")
+    assert any(f.startswith("equal opportunity difference on 'sex' is ") and f.endswith(" > 0.1") for f in bad.failures)
 
     fair = check_fairness(fairness_metrics(y, y, {"sex": sex}), POLICY)  # perfect, equal base rates
     assert fair.passed and fair.failures == []
@@ -147,7 +146,8 @@ def test_biased_classifier_fails_and_a_fair_one_passes():
 def test_missing_attribute_fails():
     m = fairness_metrics([0, 1, 0, 1], [0, 1, 0, 1], {"sex": ["F", "F", "M", "M"]})
     v = check_fairness(m, Fairness(sensitive_attributes=["sex", "ethnicity"]))
-    assert v.failures == ["ethnicity: no fairness metrics (the policy requires them)"]
+    assert v.failures == ["no fairness metrics for 'ethnicity'"]
+    assert v.rule_ids == ("fairness/ethnicity",)
 
 
 def test_gate_context_is_what_the_deploy_gate_reads(workspace: Workspace):
@@ -167,6 +167,95 @@ def test_gate_context_is_what_the_deploy_gate_reads(workspace: Workspace):
     unfair = gate_context(fairness_metrics(y, biased, {"sex": sex, "ethnicity": eth}))
     d = workspace.gate.decide("deploy", mel, res, {**ctx, "fairness": unfair})
     assert not d.allowed and d.rule_ids == ("customers/fairness/disparate_impact",)
+
+
+# ----------------------------------------------------------------------------- the judge (governance.fairness)
+
+OK = {"disparate_impact": 0.9, "equal_opportunity_diff": 0.0, "predictive_parity_diff": 0.0}
+
+
+def test_judge_docstring_examples_run():
+    import governance.fairness
+
+    res = doctest.testmod(governance.fairness)
+    assert res.attempted >= 3 and res.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("metric", "value", "ok"),
+    [
+        ("disparate_impact", 0.8, True),  # the limit itself passes
+        ("disparate_impact", 0.7999, False),
+        ("disparate_impact", 1.0, True),
+        ("equal_opportunity_diff", 0.1, True),
+        ("equal_opportunity_diff", -0.1, True),  # |x| <= limit: the sign does not matter
+        ("equal_opportunity_diff", 0.1001, False),
+        ("predictive_parity_diff", -0.1001, False),
+        ("disparate_impact", float("nan"), False),  # NaN never meets a limit
+        ("predictive_parity_diff", float("nan"), False),
+        ("disparate_impact", None, False),  # undefined
+        ("equal_opportunity_diff", "0.0", False),  # not a number
+    ],
+)
+def test_judge_boundaries_and_undefined_values(metric, value, ok):
+    from governance.fairness import judge
+
+    v = judge(POLICY, {"sex": {**OK, metric: value}}, dataset="customers")
+    assert v.passed is ok and bool(v) is ok
+    check = v.check("sex", metric)
+    assert check is not None and check.ok is ok and check.limit in (0.8, 0.1)
+    if not ok:
+        rule = {"disparate_impact": "disparate_impact", "equal_opportunity_diff": "equal_opportunity",
+                "predictive_parity_diff": "predictive_parity"}[metric]
+        assert v.rule_ids == (f"customers/fairness/{rule}",)
+        assert [(f.attribute, f.metric) for f in v.findings] == [("sex", metric)]
+
+
+def test_judge_messages_are_the_gates():
+    from governance.fairness import judge
+
+    v = judge(POLICY, {"sex": {"disparate_impact": 0.5, "equal_opportunity_diff": -0.25}}, dataset="customers")
+    assert v.failures == [
+        "disparate impact on 'sex' is 0.500 < 0.8",
+        "equal opportunity difference on 'sex' is -0.250 > 0.1",
+        "predictive parity difference on 'sex' is missing, so |x| ≤ 0.1 cannot be met",
+    ]
+    assert [(f.value, f.limit) for f in v.findings] == [(0.5, 0.8), (-0.25, 0.1), (None, 0.1)]
+
+
+def test_judge_missing_attribute_and_missing_evaluation():
+    from governance.fairness import judge
+
+    both = Fairness(sensitive_attributes=["sex", "ethnicity"])
+    v = judge(both, {"sex": OK}, dataset="customers")
+    assert v.rule_ids == ("customers/fairness/ethnicity",)
+    assert v.findings[0].attribute == "ethnicity" and v.findings[0].metric is None
+    assert v.failures == ["no fairness metrics for 'ethnicity'"]
+    for nothing in ({}, None):
+        assert judge(both, nothing, dataset="customers").rule_ids == ("customers/fairness",)
+    # the required attributes come first, in the policy's order; then the others, sorted
+    order = judge(both, {"zeta": OK, "alpha": OK, "ethnicity": OK}, dataset="customers")
+    assert [c.attribute for c in order.checks] == ["sex"] + ["ethnicity"] * 3 + ["alpha"] * 3 + ["zeta"] * 3
+    assert order.rule_ids == ("customers/fairness/sex",)
+
+
+def test_judge_thresholds_from_policy_fairness_or_mapping(workspace: Workspace):
+    from governance.fairness import judge, thresholds
+
+    pol = workspace.policies.dataset("customers")
+    t = thresholds(pol)
+    assert t == thresholds(pol.fairness) == {
+        "disparate_impact_min": 0.8, "equal_opportunity_max_diff": 0.1, "predictive_parity_max_diff": 0.1}
+    metrics = {"sex": {**OK, "disparate_impact": 0.7}, "ethnicity": OK}
+    by_policy = judge(pol, metrics)  # the dataset names the rule ids; the policy's attributes are required
+    assert by_policy.rule_ids == ("customers/fairness/disparate_impact",)
+    assert judge(t, metrics, ["sex", "ethnicity"], dataset="customers") == by_policy
+    # a thresholds mapping judges only the metrics it has a limit for
+    partial = judge({"equal_opportunity_max_diff": 0.1}, metrics)
+    assert partial.passed and partial.check("sex", "disparate_impact") is None
+    assert thresholds(None) == {}
+    with pytest.raises(TypeError):
+        judge(0.8, metrics)
 
 
 # ----------------------------------------------------------------------------- reweighing

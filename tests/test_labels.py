@@ -220,7 +220,7 @@ def test_declared_values_must_be_among_the_columns_allowed_values(tmp_path: Path
 
 # -- training maps the declared values -----------------------------------------------------------
 def test_a_text_label_trains_with_the_declared_mapping(lake: Workspace, monkeypatch: pytest.MonkeyPatch):
-    import training.pipeline as tp
+    import training.flow as tp
     from training.registry import Registry
 
     seen = spy_labels(monkeypatch, tp)
@@ -241,7 +241,7 @@ def test_a_text_label_trains_with_the_declared_mapping(lake: Workspace, monkeypa
 
 
 def test_a_bool_label_whose_favourable_value_is_true(lake: Workspace, monkeypatch: pytest.MonkeyPatch):
-    import training.pipeline as tp
+    import training.flow as tp
 
     seen = spy_labels(monkeypatch, tp)
     out = tp.train_model(lake, lake.actor("sam"), name="approval", features=FEATURES, label="approved",
@@ -256,7 +256,7 @@ def test_a_bool_label_whose_favourable_value_is_true(lake: Workspace, monkeypatc
 
 def test_fairness_selects_the_declared_favourable_outcome(lake: Workspace, monkeypatch: pytest.MonkeyPatch):
     """The fairness metrics count a predicted 0 — the encoded favourable value — as "selected"."""
-    import training.pipeline as tp
+    import training.flow as tp
 
     calls = []
     real = tp.fairness_metrics
@@ -275,7 +275,7 @@ def test_separate_stages_carry_the_declaration_to_the_evaluation_and_the_card(la
     import json
 
     from training.registry import Registry
-    from training.stages import evaluate_candidate, fit_candidate, register_candidate
+    from training.flow import evaluate_candidate, fit_candidate, register_candidate
 
     sam = lake.actor("sam")
     cand = fit_candidate(lake, sam, tmp_path / "cand", name="risk_model", features=FEATURES, label="risk",
@@ -302,9 +302,9 @@ def odd_lake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 @pytest.mark.parametrize("how", ["train_model", "fit_candidate"])
 def test_values_outside_the_declaration_are_refused_before_any_budget(odd_lake: Workspace, tmp_path: Path, how: str):
     from training.labels import LabelError
-    from training.pipeline import train_model
+    from training.flow import train_model
     from training.registry import Registry
-    from training.stages import fit_candidate
+    from training.flow import fit_candidate
 
     before = ledger_state(odd_lake)
     with pytest.raises(LabelError) as ei:
@@ -326,7 +326,7 @@ def test_values_outside_the_declaration_are_refused_before_any_budget(odd_lake: 
 
 def test_an_undeclared_label_is_refused_with_the_yaml_to_add(lake: Workspace):
     from training.labels import LabelError
-    from training.pipeline import train_model
+    from training.flow import train_model
     from training.registry import Registry
 
     with pytest.raises(LabelError) as ei:

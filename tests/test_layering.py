@@ -36,3 +36,19 @@ def test_layer_imports_only_what_the_rule_allows(layer: str):
     for f in files:
         wrong = imported_packages(f) - ALLOWED[layer] - {layer}
         assert not wrong, f"{f.relative_to(REPO)} imports {sorted(wrong)}, which {layer}/ may not import"
+
+
+def test_serving_reads_models_only_through_the_registry():
+    """serving/ loads models through ``training.registry``'s public surface (``Registry.load``),
+    never from the trainer, the encoder or the drift profile's module directly."""
+    for f in (REPO / "serving").rglob("*.py"):
+        tree = ast.parse(f.read_text(), filename=str(f))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] if node.module != "training" else [f"training.{a.name}" for a in node.names]
+            else:
+                continue
+            wrong = [n for n in names if n.split(".")[0] == "training" and n != "training.registry"]
+            assert not wrong, f"{f.relative_to(REPO)} imports {wrong}: serving/ may import only training.registry"

@@ -13,7 +13,7 @@ from deltalake import DeltaTable
 
 from governance.ledger import PrivacyLedger
 from governance.workspace import Workspace
-from training.pipeline import train_model
+from training.flow import train_model
 from training.registry import Registry
 
 # The same biased lake as test_training_pipeline (bias 0.9: the first run fails the fairness gate, so
@@ -66,7 +66,7 @@ def test_a_mitigation_retrain_is_in_the_cost_and_a_plain_run_costs_itself(lake: 
 
 
 def test_a_pipeline_candidate_is_one_build(lake: Workspace, tmp_path: Path):
-    from training.stages import evaluate_candidate, fit_candidate, register_candidate
+    from training.flow import evaluate_candidate, fit_candidate, register_candidate
 
     sam = lake.actor("sam")
     cand = fit_candidate(lake, sam, tmp_path / "c", name="credit", features=FEATURES, label="defaulted",

@@ -23,10 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from governance.errors import AccessDenied
 from serving.monitor import (
-    CategoricalReference,
+    CategoricalProfile,
     DriftMetrics,
-    NumericReference,
-    Reference,
+    NumericProfile,
+    Profile,
     RequestRecords,
     drift_report,
     monitor,
@@ -49,10 +49,10 @@ def token(rng: np.random.Generator) -> str:
 
 # -- PSI known answers ------------------------------------------------------------------------
 def test_psi_known_answer_with_empty_bins():
-    # Reference 0..99 in 4 quantile bins: edges 24.75, 49.5, 74.25, each bin 1/4.
+    # Baseline 0..99 in 4 quantile bins: edges 24.75, 49.5, 74.25, each bin 1/4.
     # Current: half at 10 (bin 0), half at 60 (bin 2); bins 1 and 3 empty -> epsilon 1e-4.
     # PSI = 2 (0.5 - 0.25) ln 2 + 2 (1e-4 - 0.25) ln(1e-4 / 0.25)
-    assert NumericReference.from_sample(range(100), bins=4).edges == (24.75, 49.5, 74.25)
+    assert NumericProfile.from_sample(range(100), bins=4).edges == (24.75, 49.5, 74.25)
     assert psi(list(range(100)), [10] * 50 + [60] * 50, bins=4) == pytest.approx(4.257031786505947, rel=1e-12)
 
 
@@ -68,7 +68,7 @@ def test_psi_drops_none_and_nan_and_refuses_empty_or_non_numbers():
     assert psi([1, 2, 3, 4, None, math.nan], [1, None, 2, 3, 4, math.nan], bins=2) == 0.0
     with pytest.raises(ValueError, match="current sample has no values"):
         psi([1, 2, 3], [None, math.nan])
-    with pytest.raises(ValueError, match="reference sample has no values"):
+    with pytest.raises(ValueError, match="profile sample has no values"):
         psi([], [1.0])
     with pytest.raises(TypeError, match="numeric PSI needs numbers, got str"):
         psi([1, 2, 3], ["north"])
@@ -76,9 +76,9 @@ def test_psi_drops_none_and_nan_and_refuses_empty_or_non_numbers():
         psi([1, 2, 3], [1], bins=1)
 
 
-def test_psi_ties_merge_bins_and_a_constant_reference_still_sees_shifts_both_ways():
+def test_psi_ties_merge_bins_and_a_constant_baseline_still_sees_shifts_both_ways():
     # 50 zeros and 1..50: the lower quantiles are all 0 and merge into one bin of share 1/2.
-    ref = NumericReference.from_sample([0] * 50 + list(range(1, 51)), bins=10)
+    ref = NumericProfile.from_sample([0] * 50 + list(range(1, 51)), bins=10)
     assert ref.edges[0] == 0.0 and ref.shares[:2] == (0.0, 0.5)
     # A constant: bins below, at and above the value.
     assert psi([5] * 10, [5] * 3) == 0.0
@@ -86,7 +86,7 @@ def test_psi_ties_merge_bins_and_a_constant_reference_still_sees_shifts_both_way
 
 
 def test_psi_categorical_known_answer_with_a_new_category():
-    # Reference a, b 1/2 each; current a, b 1/4 each and c (new, epsilon in the reference) 1/2.
+    # Baseline a, b 1/2 each; current a, b 1/4 each and c (new, epsilon in the baseline) 1/2.
     # PSI = 2 (0.25 - 0.5) ln(0.5) + (0.5 - 1e-4) ln(0.5 / 1e-4)
     got = psi_categorical(["a"] * 50 + ["b"] * 50, ["a"] * 25 + ["b"] * 25 + ["c"] * 50)
     assert got == pytest.approx(-0.5 * math.log(0.5) + 0.4999 * math.log(5000), rel=1e-12)
@@ -99,16 +99,16 @@ def test_docstring_examples_run():
     import doctest
 
     import serving.monitor
-    import training.reference
+    import training.profile
 
     attempted = failed = 0
-    for mod in (serving.monitor, training.reference):  # the reference half moved to training/
+    for mod in (serving.monitor, training.profile):  # the profile half lives in training/
         r = doctest.testmod(mod)
         attempted, failed = attempted + r.attempted, failed + r.failed
     assert attempted >= 1 and failed == 0
 
 
-# -- reference ------------------------------------------------------------------------------
+# -- profile --------------------------------------------------------------------------------
 def _training_table(rng: np.random.Generator, n: int = 2000) -> tuple[pa.Table, np.ndarray]:
     income = rng.lognormal(10.8, 0.4, n)
     table = pa.table(
@@ -124,39 +124,39 @@ def _training_table(rng: np.random.Generator, n: int = 2000) -> tuple[pa.Table, 
     return table, rng.beta(2, 8, n)
 
 
-def test_reference_from_table_keeps_summaries_only_and_round_trips_json():
+def test_profile_from_table_keeps_summaries_only_and_round_trips_json():
     rng = np.random.default_rng(1)
     table, scores = _training_table(rng)
-    ref = Reference.from_table(table, score=scores)
+    ref = Profile.from_table(table, score=scores)
     assert sorted(ref.features) == ["birth_date", "income", "income_log", "region"]  # no token, no _columns
     assert ref.features["income"].kind == "numeric" and len(ref.features["income"].shares) == 10
     assert ref.features["region"].kind == "categorical"
     assert ref.features["region"].shares["north"] == pytest.approx(0.4, abs=0.03)
     text = ref.to_json()
     assert "sub_" not in text and len(text) < 4000  # bin edges and shares, not 2000 rows
-    back = Reference.from_json(text)
+    back = Profile.from_json(text)
     assert back == ref and back.to_json() == text
     # The summary gives the same PSI as the raw sample.
     cur = rng.lognormal(11.0, 0.4, 500)
     assert back.features["income"].psi(cur) == pytest.approx(psi(table.column("income").to_pylist(), cur))
 
 
-def test_reference_from_table_with_a_score_column_and_refusals():
+def test_profile_from_table_with_a_score_column_and_refusals():
     rng = np.random.default_rng(2)
     table, scores = _training_table(rng, 300)
     table = table.append_column("score", pa.array(scores))
-    ref = Reference.from_table(table, score="score", columns=["income", "region"])
+    ref = Profile.from_table(table, score="score", columns=["income", "region"])
     assert sorted(ref.features) == ["income", "region"] and ref.score.count == 300
     with pytest.raises(ValueError, match="column 'customer_token' holds subject tokens"):
-        Reference.from_table(table, score="score", columns=["customer_token"])
+        Profile.from_table(table, score="score", columns=["customer_token"])
     with pytest.raises(ValueError, match="3 scores for 300 rows"):
-        Reference.from_table(table, score=[0.1, 0.2, 0.3])
+        Profile.from_table(table, score=[0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="feature 'id' has 300 categories"):
-        Reference.from_samples({"id": [f"c{i}" for i in range(300)]}, scores)
+        Profile.from_samples({"id": [f"c{i}" for i in range(300)]}, scores)
     with pytest.raises(TypeError, match="column 'when' has type timestamp"):
-        Reference.from_table(pa.table({"when": pa.array([T0] * 3)}), score=[0.1, 0.2, 0.3])
-    with pytest.raises(ValueError, match="not a drift reference of format"):
-        Reference.from_json('{"format": "something-else/1"}')
+        Profile.from_table(pa.table({"when": pa.array([T0] * 3)}), score=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="not a drift profile of format"):
+        Profile.from_json('{"format": "something-else/1"}')
 
 
 # -- request log --------------------------------------------------------------------------
@@ -201,10 +201,10 @@ def test_read_request_log_skips_and_counts_malformed_lines(tmp_path: Path):
 
 # -- drift report -------------------------------------------------------------------------
 @pytest.fixture
-def reference() -> Reference:
+def profile() -> Profile:
     rng = np.random.default_rng(4)
     income = rng.normal(50000.0, 10000.0, 4000)
-    return Reference.from_samples(
+    return Profile.from_samples(
         {
             "income": income.tolist(),
             "income_log": np.log(np.abs(income) + 1).tolist(),
@@ -227,13 +227,13 @@ def _traffic(n: int, *, income_shift: float, north: float, seed: int = 5, extra:
     return out
 
 
-def test_drift_report_statuses_and_counts(reference: Reference):
+def test_drift_report_statuses_and_counts(profile: Profile):
     recs = _traffic(1000, income_shift=1.0, north=0.66, extra={"new_feature": 1})
     for r in recs[:10]:
         del r["features"]["birth_date"]
     recs[10]["features"]["income_log"] = "oops"
     recs[11]["score"] = None
-    rep = drift_report(reference, recs, model="credit", now=T0)
+    rep = drift_report(profile, recs, model="credit", now=T0)
     f = rep.features
     # region: 0.66 / 0.34 against 0.5 / 0.5 -> 0.16 ln(1.32) + 0.16 ln(0.5 / 0.34) ≈ 0.106: warn.
     assert f["region"].psi == pytest.approx(0.16 * math.log(0.66 / 0.5) + 0.16 * math.log(0.5 / 0.34))
@@ -252,26 +252,26 @@ def test_drift_report_statuses_and_counts(reference: Reference):
     assert "sub_" not in json.dumps(d)
 
 
-def test_drift_report_no_data_min_records_and_thresholds(reference: Reference):
-    rep = drift_report(reference, [], model="credit", now=T0)
+def test_drift_report_no_data_min_records_and_thresholds(profile: Profile):
+    rep = drift_report(profile, [], model="credit", now=T0)
     assert rep.status == "no_data" and all(x.psi is None for x in rep.features.values()) and rep.records == 0
     small = _traffic(20, income_shift=0.0, north=0.5)
-    rep = drift_report(reference, small, min_records=50, now=T0)
+    rep = drift_report(profile, small, min_records=50, now=T0)
     assert {x.status for x in rep.features.values()} == {"no_data"} and rep.features["income"].psi is not None
-    calm = drift_report(reference, _traffic(1000, income_shift=0.0, north=0.5), now=T0)
+    calm = drift_report(profile, _traffic(1000, income_shift=0.0, north=0.5), now=T0)
     assert calm.status == "ok" and calm.alerts == ()
-    strict = drift_report(reference, _traffic(1000, income_shift=0.0, north=0.66), thresholds={"warn": 0.01, "alert": 0.05})
+    strict = drift_report(profile, _traffic(1000, income_shift=0.0, north=0.66), thresholds={"warn": 0.01, "alert": 0.05})
     assert strict.features["region"].status == "alert"
     with pytest.raises(ValueError, match="0 < warn <= alert"):
-        drift_report(reference, [], thresholds={"warn": 0.3, "alert": 0.2})
+        drift_report(profile, [], thresholds={"warn": 0.3, "alert": 0.2})
     with pytest.raises(ValueError, match="exactly 'warn' and 'alert'"):
-        drift_report(reference, [], thresholds={"warn": 0.1})
+        drift_report(profile, [], thresholds={"warn": 0.1})
 
 
-def test_drift_report_reads_malformed_count_from_the_log(reference: Reference, tmp_path: Path):
+def test_drift_report_reads_malformed_count_from_the_log(profile: Profile, tmp_path: Path):
     path = tmp_path / "log.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in _traffic(50, income_shift=0.0, north=0.5)) + "\n{broken\n")
-    rep = drift_report(reference, read_request_log(path), now=T0)
+    rep = drift_report(profile, read_request_log(path), now=T0)
     assert rep.records == 50 and rep.malformed == 1 and rep.to_dict()["malformed"] == 1
 
 
@@ -321,11 +321,11 @@ def _events(ws, action: str) -> list[dict]:
     return ws.audit.query(action=action).to_pylist()
 
 
-def test_monitor_audits_drift_and_alerts_without_tokens(workspace, reference: Reference):
+def test_monitor_audits_drift_and_alerts_without_tokens(workspace, profile: Profile):
     recs = _traffic(600, income_shift=1.0, north=0.5)
     _write_log(workspace, recs)
     mel = workspace.actor("mel")
-    rep = monitor(workspace, mel, model="credit", reference=reference, now=T0)
+    rep = monitor(workspace, mel, model="credit", profile=profile, now=T0)
     assert rep.status == "alert" and rep.records == 600 and rep.malformed == 1 and rep.model == "credit"
 
     (drift,) = _events(workspace, "monitor.drift")
@@ -349,29 +349,29 @@ def test_monitor_audits_drift_and_alerts_without_tokens(workspace, reference: Re
     assert gate["outcome"] == "allow" and gate["stage"] == "serve"
 
 
-def test_monitor_is_gated(workspace, reference: Reference):
+def test_monitor_is_gated(workspace, profile: Profile):
     with pytest.raises(AccessDenied) as e:
-        monitor(workspace, workspace.actor("ana"), model="credit", reference=reference)
+        monitor(workspace, workspace.actor("ana"), model="credit", profile=profile)
     assert e.value.decision.rule_ids == ("roles/stages/serve",)
     assert _events(workspace, "monitor.drift") == []
 
 
-def test_monitor_without_traffic_reports_no_data(workspace, reference: Reference):
-    rep = monitor(workspace, workspace.actor("mel"), model="credit", reference=reference, now=T0)
+def test_monitor_without_traffic_reports_no_data(workspace, profile: Profile):
+    rep = monitor(workspace, workspace.actor("mel"), model="credit", profile=profile, now=T0)
     assert rep.status == "no_data" and rep.records == 0
     assert [e["outcome"] for e in _events(workspace, "monitor.drift")] == ["no_data"]
     with pytest.raises(FileNotFoundError):
-        monitor(workspace, workspace.actor("mel"), model="credit", reference=reference, log_path="/nonexistent.jsonl")
+        monitor(workspace, workspace.actor("mel"), model="credit", profile=profile, log_path="/nonexistent.jsonl")
     with pytest.raises(ValueError, match="model name"):
-        monitor(workspace, workspace.actor("mel"), model="../etc", reference=reference)
+        monitor(workspace, workspace.actor("mel"), model="../etc", profile=profile)
     with pytest.raises(ValueError, match="webhook must be an http"):
-        monitor(workspace, workspace.actor("mel"), model="credit", reference=reference, webhook="file:///etc/passwd")
+        monitor(workspace, workspace.actor("mel"), model="credit", profile=profile, webhook="file:///etc/passwd")
 
 
-def test_monitor_posts_the_report_to_the_webhook(workspace, reference: Reference):
+def test_monitor_posts_the_report_to_the_webhook(workspace, profile: Profile):
     _write_log(workspace, _traffic(300, income_shift=1.0, north=0.5))
     with _Hook() as hook:
-        rep = monitor(workspace, workspace.actor("mel"), model="credit", reference=reference,
+        rep = monitor(workspace, workspace.actor("mel"), model="credit", profile=profile,
                       webhook=hook.url, timeout=2, now=T0)
     (body,) = hook.bodies
     assert json.loads(body) == rep.to_dict()
@@ -391,7 +391,7 @@ def test_monitor_posts_the_report_to_the_webhook(workspace, reference: Reference
         ("refused", {"error": "URLError"}),
     ],
 )
-def test_a_failing_webhook_is_audited_not_raised(workspace, reference: Reference, kind: str, expected: dict):
+def test_a_failing_webhook_is_audited_not_raised(workspace, profile: Profile, kind: str, expected: dict):
     _write_log(workspace, _traffic(100, income_shift=0.0, north=0.5))
     if kind == "refused":
         with _Hook() as hook:
@@ -401,10 +401,10 @@ def test_a_failing_webhook_is_audited_not_raised(workspace, reference: Reference
         hook = _Hook(500) if kind == "500" else _Hook(302, location="http://127.0.0.1:9/elsewhere")
         with hook:
             url = hook.url
-            rep = monitor(workspace, workspace.actor("mel"), model="credit", reference=reference, webhook=url, timeout=2)
+            rep = monitor(workspace, workspace.actor("mel"), model="credit", profile=profile, webhook=url, timeout=2)
         assert len(hook.bodies) == 1  # the redirect was not followed
     if kind == "refused":
-        rep = monitor(workspace, workspace.actor("mel"), model="credit", reference=reference, webhook=url, timeout=2)
+        rep = monitor(workspace, workspace.actor("mel"), model="credit", profile=profile, webhook=url, timeout=2)
     assert rep.records == 100
     (ev,) = _events(workspace, "monitor.webhook")
     assert ev["outcome"] == "error"
@@ -413,10 +413,10 @@ def test_a_failing_webhook_is_audited_not_raised(workspace, reference: Reference
 
 
 # -- Prometheus -----------------------------------------------------------------------------
-def test_drift_metrics_export_psi_with_model_and_feature_labels(reference: Reference):
+def test_drift_metrics_export_psi_with_model_and_feature_labels(profile: Profile):
     registry = CollectorRegistry()
     metrics = DriftMetrics(registry)
-    rep = drift_report(reference, _traffic(500, income_shift=1.0, north=0.66), model="credit", now=T0)
+    rep = drift_report(profile, _traffic(500, income_shift=1.0, north=0.66), model="credit", now=T0)
     metrics.observe(rep)
     for name, f in rep.features.items():
         assert registry.get_sample_value("lakewarden_feature_psi", {"model": "credit", "feature": name}) == f.psi
@@ -427,16 +427,16 @@ def test_drift_metrics_export_psi_with_model_and_feature_labels(reference: Refer
     # A second DriftMetrics on the same registry (the global REGISTRY) reuses the gauges.
     again = DriftMetrics(registry)
     # No traffic now: the PSI series disappear instead of staying at stale values.
-    again.observe(drift_report(reference, [], model="credit", now=T0 + timedelta(hours=1)))
+    again.observe(drift_report(profile, [], model="credit", now=T0 + timedelta(hours=1)))
     assert registry.get_sample_value("lakewarden_feature_psi", {"model": "credit", "feature": "income"}) is None
     assert registry.get_sample_value("lakewarden_score_psi", {"model": "credit"}) is None
     assert registry.get_sample_value("lakewarden_drift_records", {"model": "credit"}) == 0
     with pytest.raises(ValueError, match="names no model"):
-        metrics.observe(drift_report(reference, []))
+        metrics.observe(drift_report(profile, []))
 
 
-def test_render_textfile_is_prometheus_exposition(reference: Reference):
-    rep = drift_report(reference, _traffic(500, income_shift=1.0, north=0.5), model="credit", now=T0)
+def test_render_textfile_is_prometheus_exposition(profile: Profile):
+    rep = drift_report(profile, _traffic(500, income_shift=1.0, north=0.5), model="credit", now=T0)
     text = render_textfile(rep)
     assert "# TYPE lakewarden_feature_psi gauge" in text
     fams = {f.name: f for f in text_string_to_metric_families(text)}
@@ -477,7 +477,7 @@ def test_promtool_check_rules():
 FEATURE_DRIFT_ANNOTATIONS = {
     "summary": "Feature income of model credit has drifted (PSI 0.40)",
     "description": (
-        "The Population Stability Index of feature income against the training reference of model credit has been "
+        "The Population Stability Index of feature income against the training profile of model credit has been "
         "above 0.25 for 15 minutes (now 0.40). Live inputs no longer look like the training data: check the upstream "
         "feature pipeline, then consider retraining. The monitor.drift and monitor.alert audit events hold the counts."
     ),

@@ -216,17 +216,17 @@ def test_approval_by_compliance_is_recorded_and_others_are_denied(reg: Registry,
 def test_fairness_failed_card_needs_an_override_reason(reg: Registry, workspace: Workspace):
     unfair = {**FAIR, "sex": {**FAIR["sex"], "disparate_impact": 0.7}}
     # A card may not claim a pass its own metrics contradict.
-    with pytest.raises(ValueError, match=r"fairness says passed, but .*disparate_impact on 'sex' is 0\.700"):
+    with pytest.raises(ValueError, match=r"fairness says passed, but .*disparate impact on 'sex' is 0\.700 < 0\.8"):
         _register(reg, workspace, fairness={**unfair, "passed": True, "failures": []})
 
     ref = _register(reg, workspace, fairness=unfair)  # no verdict: judged by the policy's thresholds
     card = reg.card(ref)
     assert card.fairness is not None and card.fairness.passed is False
-    assert card.fairness.failures == ["disparate_impact on 'sex' is 0.700 (≥ 0.8 required)"]
+    assert card.fairness.failures == ["disparate impact on 'sex' is 0.700 < 0.8"]
     assert "| sex | 0.7 (FAIL) | 0.04 (pass) | -0.03 (pass) | FAIL |" in (reg.path(ref) / "card.md").read_text()
 
     carla = workspace.actor("carla")
-    with pytest.raises(ApprovalRefused, match=r"credit@1 failed its fairness evaluation: disparate_impact on 'sex'") as exc:
+    with pytest.raises(ApprovalRefused, match=r"credit@1 failed its fairness evaluation: disparate impact on 'sex'") as exc:
         reg.approve(carla, ref)
     assert exc.value.failures == card.fairness.failures
     assert reg.card(ref).status == "registered" and len(_rows(workspace)) == 1
@@ -244,6 +244,36 @@ def test_fairness_failed_card_needs_an_override_reason(reg: Registry, workspace:
     # The deploy gate still holds the policy's line.
     d = workspace.gate.decide("deploy", workspace.actor("mel"), Resource.model("credit", 1), reg.deploy_context(ref))
     assert not d.allowed and d.rule_ids == ("customers/fairness/disparate_impact",)
+
+
+@pytest.mark.parametrize(
+    "fairness",
+    [
+        FAIR,
+        {**FAIR, "sex": {**FAIR["sex"], "disparate_impact": 0.79}},
+        {**FAIR, "ethnicity": {**FAIR["ethnicity"], "equal_opportunity_diff": -0.2, "predictive_parity_diff": 0.3}},
+        {"sex": FAIR["sex"]},  # no metrics for ethnicity
+        {**FAIR, "sex": {"disparate_impact": 0.9, "predictive_parity_diff": 0.0}},  # a metric missing
+        {**FAIR, "sex": {**FAIR["sex"], "disparate_impact": 0.8, "equal_opportunity_diff": -0.1}},  # the limits
+    ],
+    ids=["pass", "disparate-impact", "ethnicity-two-rules", "no-ethnicity", "metric-missing", "limits-pass"],
+)
+def test_gate_trainer_and_registry_give_one_verdict(reg: Registry, workspace: Workspace, fairness):
+    from training.fairness import check_fairness
+
+    pol = workspace.policies.dataset("customers")
+    trainer = check_fairness(fairness, pol)
+    ref = _register(reg, workspace, fairness=dict(fairness))  # judged by the registry at registration
+    card = reg.card(ref)
+    d = workspace.gate.decide("deploy", workspace.actor("mel"), Resource.model("credit", ref.version),
+                              {**reg.deploy_context(ref), "approvals": [{"actor": "carla"}]})
+    assert card.fairness.passed is trainer.passed is d.allowed
+    assert card.fairness.failures == trainer.failures
+    if trainer.passed:
+        assert "customers/fairness" in d.rule_ids
+    else:
+        assert d.rule_ids == trainer.rule_ids[:1] and d.reasons == (trainer.failures[0],)
+        assert all(r.startswith("customers/fairness") for r in trainer.rule_ids)
 
 
 def test_deploy_context_feeds_the_gate_denied_before_approval_allowed_after(reg: Registry, workspace: Workspace):

@@ -50,7 +50,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from lakehouse.silver import build_silver
     from lakehouse.synth import generate
     from serving.model import GovernedPredictor
-    from training.pipeline import train_model
+    from training.flow import train_model
     from training.trainer import TrainOptions
 
     d = tmp_path_factory.mktemp("requests") / "proj"

@@ -25,7 +25,7 @@ from lakehouse.ingest import ingest
 from lakehouse.silver import build_silver
 from lakehouse.synth import generate
 from serving.model import GovernedPredictor
-from training.pipeline import train_model
+from training.flow import train_model
 from training.registry import Registry
 from training.trainer import TrainOptions
 
@@ -110,6 +110,25 @@ def test_both_protocols_answer_with_the_direct_scores(served):
     code, v2 = post(f"{url}/v2/models/credit/infer",
                     {"inputs": [{"name": "customer_id", "shape": [len(sample)], "datatype": "BYTES", "data": sample}]})
     assert code == 200 and np.allclose(v2["outputs"][0]["data"], direct, atol=1e-6)
+
+
+def test_the_registry_loads_what_the_predictor_serves(served):
+    """Serving's one way into a trained model: Registry.load (card, encoder, torch model, threshold, profile)."""
+    from training.registry import LoadedModel, Profile, Registry
+    from training.trainer import predict_proba
+
+    ws, url, ref, tokens = served
+    reg = Registry(ws)
+    m = reg.load(ref)
+    assert isinstance(m, LoadedModel) and m.ref == reg.card(ref).ref and m.card == reg.card(ref)
+    pre = m.card.preprocessing
+    assert m.threshold == pre["threshold"] and m.encoder.to_dict() == pre["encoder"]
+    assert isinstance(m.profile, Profile) and m.profile == reg.profile(ref)
+    assert sorted(m.profile.features) == sorted(f.split(":", 1)[1] for f in m.card.features)
+    X = np.random.default_rng(0).normal(size=(5, pre["n_features"])).astype(np.float32)
+    blob = (reg.path(ref) / "model.pt").read_bytes()
+    want = predict_proba(blob, X, n_features=pre["n_features"], hidden=tuple(pre["hidden"]))
+    assert np.array_equal(m.predict_proba(X), want)
 
 
 BAD = [

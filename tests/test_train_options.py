@@ -36,7 +36,7 @@ class _Stop(LakewardenError):
 
 
 def test_the_cli_passes_batch_size_learning_rate_and_epochs(project: Path, monkeypatch: pytest.MonkeyPatch):
-    import training.pipeline
+    import training.flow
     from lakewarden.cli import main
 
     seen: list[TrainOptions] = []
@@ -45,7 +45,7 @@ def test_the_cli_passes_batch_size_learning_rate_and_epochs(project: Path, monke
         seen.append(kw["options"])
         raise _Stop("stopped before training")
 
-    monkeypatch.setattr(training.pipeline, "train_model", fake)
+    monkeypatch.setattr(training.flow, "train_model", fake)
     monkeypatch.chdir(project)
     for extra, want in (([], (None, 0.002, 5)),
                         (["--batch-size", "64", "--learning-rate", "0.01", "--epochs", "3"], (64, 0.01, 3))):

@@ -15,7 +15,7 @@ from lakehouse.catalog import Catalog, TableRef
 from lakehouse.ingest import ingest
 from lakehouse.silver import build_silver
 from lakehouse.synth import generate
-from training.pipeline import train_model
+from training.flow import train_model
 from training.registry import ApprovalRefused, Registry
 from training.trainer import TrainOptions
 
@@ -37,7 +37,7 @@ def lake(workspace: Workspace, tmp_path: Path) -> Workspace:
 def test_train_registers_a_private_model_with_its_card(lake: Workspace, monkeypatch: pytest.MonkeyPatch):
     import numpy as np
 
-    import training.pipeline as tp
+    import training.flow as tp
 
     seen = []
     real = tp._prepare
@@ -137,7 +137,7 @@ def test_fit_evaluate_register_as_separate_stages(lake: Workspace, tmp_path: Pat
     it exactly as the fit did; the registered card carries both."""
     import json
 
-    from training.stages import StageError, evaluate_candidate, fit_candidate, register_candidate
+    from training.flow import StageError, evaluate_candidate, fit_candidate, register_candidate
 
     sam = lake.actor("sam")
     cand_dir = tmp_path / "candidate"

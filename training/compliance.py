@@ -10,33 +10,16 @@ deployments. Cards are read through the registry, so a card edited on disk fails
 
 from __future__ import annotations
 
-from governance.report import FairnessCheck, ModelSummary, Signoff
+from governance.report import ModelSummary, Signoff, fairness_checks
 from governance.workspace import Workspace
-from training.registry import _GATE_METRICS, _LIMITS, _MISSING, ModelCard, Registry, _metric_ok
+from training.registry import ModelCard, Registry
 
 __all__ = ["model_summaries", "summarize"]
 
 
 def summarize(card: ModelCard) -> ModelSummary:
     """One card as the report shows it."""
-    checks: list[FairnessCheck] = []
     f = card.fairness
-    if f is not None:
-        for attr in sorted(f.attributes):
-            m = f.attributes[attr]
-            for metric in _GATE_METRICS:
-                value = m.get(metric, _MISSING)
-                key, op = _LIMITS[metric]
-                limit = f.thresholds.get(key)
-                checks.append(
-                    FairnessCheck(
-                        attribute=attr,
-                        metric=metric,
-                        value=float(value) if isinstance(value, (int, float)) else None,
-                        threshold="" if limit is None else f"{op} {limit:g}",
-                        ok=_metric_ok(metric, value, f.thresholds),
-                    )
-                )
     return ModelSummary(
         name=card.name,
         version=card.version,
@@ -45,7 +28,7 @@ def summarize(card: ModelCard) -> ModelSummary:
         epsilon=card.privacy.epsilon,
         delta=card.privacy.delta,
         utility=dict(card.utility),
-        fairness=tuple(checks),
+        fairness=() if f is None else fairness_checks(f.attributes, f.thresholds),
         fairness_passed=None if f is None else f.passed,
         status=card.status,
         approvals=tuple(

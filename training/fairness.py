@@ -5,7 +5,7 @@ The flow a training run follows::
 
     groups = decrypt_sensitive(ws, actor, "customers", tokens)          # gated, audited
     metrics = fairness_metrics(y_true, y_pred, groups)                   # per attribute
-    verdict = check_fairness(metrics, ws.policies.dataset("customers").fairness)
+    verdict = check_fairness(metrics, ws.policies.dataset("customers"))   # governance.fairness.judge
     if not verdict.passed:                                               # retrain with weights
         w = reweighing(y_train, groups_train["ethnicity"])
         ...
@@ -55,14 +55,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from governance.errors import LakewardenError, SubjectShredded
+from governance.fairness import METRICS, FairnessVerdict, judge, thresholds
 from governance.gate import Actor, Resource
-from governance.policy import Fairness, Protection, Stage
+from governance.policy import DatasetPolicy, Fairness, Protection, Stage
 
 if TYPE_CHECKING:
     from governance.workspace import Workspace
@@ -79,8 +79,6 @@ __all__ = [
 ]
 
 PURPOSE = "fairness_evaluation"
-#: The metrics the deployment gate reads, and whether higher is better.
-GATE_METRICS = {"disparate_impact": True, "equal_opportunity_diff": False, "predictive_parity_diff": False}
 
 
 class FairnessError(LakewardenError):
@@ -390,61 +388,33 @@ def _sel(y_true: np.ndarray, y_pred: np.ndarray) -> int:
 # ----------------------------------------------------------------------------- policy check
 
 
-@dataclass(frozen=True)
-class FairnessVerdict:
-    """Whether the metrics meet the policy; each failure names attribute, metric, value and threshold."""
+def check_fairness(
+    metrics: Mapping[str, Mapping[str, Any]], policy: DatasetPolicy | Fairness, *, dataset: str | None = None
+) -> FairnessVerdict:
+    """Judge metrics from :func:`fairness_metrics` by a policy, as the deployment gate does.
 
-    passed: bool
-    failures: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-
-def check_fairness(metrics: Mapping[str, Mapping[str, Any]], policy_fairness: Fairness) -> FairnessVerdict:
-    """Check metrics from :func:`fairness_metrics` against a policy's ``fairness`` section.
-
-    Uses the same comparisons as the deployment gate (``disparate_impact >=
-    disparate_impact_min``, ``|difference| <= max_diff``). A missing attribute or an
-    undefined metric fails.
+    The judge is :func:`governance.fairness.judge` (``disparate_impact >= disparate_impact_min``,
+    ``|difference| <= max_diff``; a missing attribute or an undefined metric fails), so the
+    verdict, its rule ids and its messages are the gate's. Pass the dataset's policy (or
+    ``dataset=``) for rule ids named by the dataset.
 
     Example:
 
     >>> from governance.policy import Fairness
     >>> m = fairness_metrics([1, 0, 1, 0], [1, 0, 1, 1], {"sex": ["F", "F", "M", "M"]})
     >>> check_fairness(m, Fairness(sensitive_attributes=["sex"])).failures[0]
-    'sex: disparate_impact 0.500 < disparate_impact_min 0.8'
+    "disparate impact on 'sex' is 0.500 < 0.8"
     """
-    if not isinstance(policy_fairness, Fairness):
-        raise TypeError(f"policy_fairness must be a governance.policy.Fairness, got {type(policy_fairness).__name__}")
-    f = policy_fairness
-    rules = (
-        ("disparate_impact", "disparate_impact_min", f.disparate_impact_min),
-        ("equal_opportunity_diff", "equal_opportunity_max_diff", f.equal_opportunity_max_diff),
-        ("predictive_parity_diff", "predictive_parity_max_diff", f.predictive_parity_max_diff),
-    )
-    failures: list[str] = []
-    for attr in f.sensitive_attributes:
-        m = metrics.get(attr)
-        if m is None:
-            failures.append(f"{attr}: no fairness metrics (the policy requires them)")
-            continue
-        for metric, rule, limit in rules:
-            v = m.get(metric)
-            if v is None:
-                failures.append(f"{attr}: {metric} is undefined, so {rule} {limit:g} cannot be met")
-            elif GATE_METRICS[metric] and v < limit:
-                failures.append(f"{attr}: {metric} {v:.3f} < {rule} {limit:g}")
-            elif not GATE_METRICS[metric] and abs(v) > limit:
-                failures.append(f"{attr}: {metric} {v:.3f} > {rule} {limit:g}")
-    return FairnessVerdict(passed=not failures, failures=failures)
+    if not isinstance(policy, (DatasetPolicy, Fairness)):
+        raise TypeError(f"policy must be a governance.policy.DatasetPolicy or Fairness, got {type(policy).__name__}")
+    return judge(policy, metrics, dataset=dataset)
 
 
 def fairness_uncertainty(
     y_true: Sequence[Any],
     y_pred: Sequence[Any],
     groups: Mapping[str, Sequence[Any]],
-    policy_fairness: Fairness,
+    policy: DatasetPolicy | Fairness,
     *,
     pos_label: int = 1,
     resamples: int = 500,
@@ -477,7 +447,10 @@ def fairness_uncertainty(
     rng = np.random.default_rng(seed)
     # Row multiplicities of each resample (B × n): a resample is a multinomial draw of n rows.
     weights = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64) if n else np.zeros((resamples, 0))
-    f = policy_fairness
+    f = policy.fairness if isinstance(policy, DatasetPolicy) else policy
+    if f is None:
+        raise FairnessError(f"dataset '{policy.dataset}' declares no fairness section")
+    limits = thresholds(f)
     passed = np.ones(resamples, dtype=bool)
     out: dict[str, Any] = {"resamples": resamples, "level": level, "seed": seed, "intervals": {}}
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
@@ -509,12 +482,10 @@ def fairness_uncertainty(
                 "equal_opportunity_diff": np.where(np.isfinite(tpr_hi), tpr_hi - tpr_lo, np.nan),
                 "predictive_parity_diff": np.where(np.isfinite(prec_hi), prec_hi - prec_lo, np.nan),
             }
-        limits = {"disparate_impact": f.disparate_impact_min, "equal_opportunity_diff": f.equal_opportunity_max_diff,
-                  "predictive_parity_diff": f.predictive_parity_max_diff}
         out["intervals"][attr] = {}
-        for m, v in metrics.items():
-            ok = ~np.isnan(v) & ((v >= limits[m]) if GATE_METRICS[m] else (np.abs(v) <= limits[m]))
-            passed &= ok
+        for r in METRICS:  # judged as governance.fairness.judge judges: NaN (undefined) never meets a limit
+            m, v = r.metric, metrics[r.metric]
+            passed &= ~np.isnan(v) & r.meets(v, limits[r.threshold])
             finite = v[~np.isnan(v)]
             out["intervals"][attr][m] = (
                 [float(np.percentile(finite, lo_q)), float(np.percentile(finite, hi_q))] if len(finite) else None)
@@ -539,7 +510,7 @@ def gate_context(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str
     Undefined metrics are left out, so the gate applies its fail-closed defaults to them.
     """
     return {
-        attr: {k: float(m[k]) for k in GATE_METRICS if m.get(k) is not None}
+        attr: {r.metric: float(m[r.metric]) for r in METRICS if m.get(r.metric) is not None}
         for attr, m in metrics.items()
     }
 
@@ -613,12 +584,12 @@ def mitigation_report(
     for attr in [*before, *(a for a in after if a not in before)]:
         b, a = before.get(attr, {}), after.get(attr, {})
         rows: dict[str, dict[str, Any]] = {}
-        for metric, higher_better in GATE_METRICS.items():
-            vb, va = b.get(metric), a.get(metric)
+        for r in METRICS:
+            vb, va = b.get(r.metric), a.get(r.metric)
             change = improved = None
             if vb is not None and va is not None:
                 change = va - vb
-                improved = va > vb if higher_better else abs(va) < abs(vb)
-            rows[metric] = {"before": vb, "after": va, "change": change, "improved": improved}
+                improved = va > vb if r.higher_is_better else abs(va) < abs(vb)
+            rows[r.metric] = {"before": vb, "after": va, "change": change, "improved": improved}
         out[attr] = rows
     return out

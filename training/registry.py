@@ -81,13 +81,28 @@ from pydantic import (
 
 from governance.locks import file_lock
 from governance.errors import LakewardenError
+from governance.fairness import METRICS as FAIRNESS_METRICS
+from governance.fairness import judge as judge_fairness
+from governance.fairness import thresholds as fairness_thresholds
 from governance.gate import Actor, Decision, Resource
 from governance.pii import find_pii_in
 from governance.policy import IDENT, DatasetPolicy, Stage
 from governance.workspace import Workspace
+from training.profile import (  # the drift profile stored with each model: loaded by serving through this module
+    EPSILON,
+    PROFILE_FORMAT,
+    CategoricalProfile,
+    FeatureProfile,
+    NumericProfile,
+    Profile,
+    psi,
+    psi_categorical,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from training.encode import Encoder
 
 __all__ = [
     "REGISTRY_TABLE",
@@ -100,14 +115,15 @@ __all__ = [
     "FairnessReport",
     "GateRecord",
     "LedgerRunCost",
+    "LoadedModel",
     "ModelCard",
     "ModelNotFound",
     "ModelRef",
     "PrivacyCost",
     "PrivacyGuarantee",
+    "Profile",
     "Registry",
     "RegistryError",
-    "fairness_failures",
 ]
 
 REGISTRY_TABLE = "_models/registry"
@@ -142,6 +158,8 @@ def __getattr__(name: str) -> Any:  # SCHEMA is built on first use: reading the 
 
 CARD_JSON = "card.json"
 CARD_MD = "card.md"
+MODEL_FILE = "model.pt"  # the weights (a torch state dict)
+PROFILE_FILE = "reference.json"  # the drift profile (its historical name; registered cards list it)
 _RESERVED_FILES = frozenset({CARD_JSON, CARD_MD})
 _NAME = re.compile(IDENT)
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -154,7 +172,6 @@ _OWNED = frozenset(
 )
 # Fields validated structurally (UUIDs): scanning them for personal data only yields false alarms.
 _NOT_SCANNED = frozenset({"lineage_run_ids"})
-_GATE_METRICS = ("disparate_impact", "equal_opportunity_diff", "predictive_parity_diff")
 _CHUNK = 1 << 20
 
 
@@ -585,13 +602,15 @@ class ModelCard(_Frozen):
             verdict = {True: "passed", False: "FAILED", None: "not judged"}[f.passed]
             out += [f"Verdict: **{verdict}**", ""]
             rows = []
+            judged = judge_fairness(f.thresholds, f.attributes)
             for attr in sorted(f.attributes):
                 m = f.attributes[attr]
                 cells = [attr]
                 ok_all = True
-                for metric in _GATE_METRICS:
-                    value = m.get(metric, _MISSING)
-                    ok = _metric_ok(metric, value, f.thresholds)
+                for r in FAIRNESS_METRICS:
+                    value = m.get(r.metric)
+                    check = judged.check(attr, r.metric)
+                    ok = None if check is None else check.ok
                     ok_all = ok_all and ok is not False
                     shown = _num(value) if isinstance(value, (int, float)) else "—"
                     cells.append(shown if ok is None else f"{shown} ({'pass' if ok else 'FAIL'})")
@@ -618,7 +637,8 @@ class ModelCard(_Frozen):
                 rows = []
                 for attr in sorted(u.get("intervals") or {}):
                     iv = u["intervals"][attr]
-                    rows.append((attr, *(f"{_num(iv[m][0])} – {_num(iv[m][1])}" if iv.get(m) else "—" for m in _GATE_METRICS)))
+                    rows.append((attr, *(f"{_num(iv[r.metric][0])} – {_num(iv[r.metric][1])}" if iv.get(r.metric) else "—"
+                                         for r in FAIRNESS_METRICS)))
                 out += _table(("attribute", "disparate impact", "equal opportunity diff", "predictive parity diff"), rows)
         if self.mitigation:
             out += ["", "## Bias mitigation", "", "```json", _pretty(self.mitigation), "```"]
@@ -648,63 +668,6 @@ class ModelCard(_Frozen):
             out += ["", "## Deployments", ""]
             out += _table(("actor", "target", "at"), [(d.actor, d.target, _ts(d.at)) for d in self.deployments])
         return "\n".join(out) + "\n"
-
-
-def fairness_failures(
-    attributes: Mapping[str, Mapping[str, Any]],
-    thresholds: Mapping[str, float],
-    *,
-    required: tuple[str, ...] | list[str] = (),
-) -> list[str]:
-    """The gate's fairness rules applied to ``attributes``; one message per failure, empty if all pass.
-
-    A metric that is missing counts as failing, as at the deploy gate.
-    """
-    out: list[str] = []
-    for attr in list(required) + sorted(a for a in attributes if a not in required):
-        m = attributes.get(attr)
-        if m is None:
-            out.append(f"no fairness metrics for '{attr}'")
-            continue
-        for metric in _GATE_METRICS:
-            if _metric_ok(metric, m.get(metric, _MISSING), thresholds) is False:
-                value = m.get(metric)
-                shown = "missing" if value is None else f"{float(value):.3f}"
-                limit = _LIMITS[metric]
-                out.append(f"{metric} on '{attr}' is {shown} ({limit[1]} {thresholds.get(limit[0])} required)")
-    return out
-
-
-_MISSING = object()
-_LIMITS = {
-    "disparate_impact": ("disparate_impact_min", "≥"),
-    "equal_opportunity_diff": ("equal_opportunity_max_diff", "|x| ≤"),
-    "predictive_parity_diff": ("predictive_parity_max_diff", "|x| ≤"),
-}
-
-
-def _metric_ok(metric: str, value: Any, thresholds: Mapping[str, float]) -> bool | None:
-    """True/False against the threshold; None when no threshold applies. ``_MISSING`` fails."""
-    key, _ = _LIMITS[metric]
-    limit = thresholds.get(key)
-    if limit is None:
-        return None
-    if value is _MISSING or not isinstance(value, (int, float)):
-        return False if value is _MISSING else None
-    if metric == "disparate_impact":
-        return float(value) >= limit
-    return abs(float(value)) <= limit
-
-
-def _policy_thresholds(pol: DatasetPolicy) -> dict[str, float]:
-    f = pol.fairness
-    if f is None:
-        return {}
-    return {
-        "disparate_impact_min": float(f.disparate_impact_min),
-        "equal_opportunity_max_diff": float(f.equal_opportunity_max_diff),
-        "predictive_parity_max_diff": float(f.predictive_parity_max_diff),
-    }
 
 
 # -- markdown helpers -------------------------------------------------------------------
@@ -846,6 +809,32 @@ def _fairness_problems(card: ModelCard, pol: DatasetPolicy) -> list[str]:
     if f.passed is True:
         return []
     return list(f.failures) or ["the fairness evaluation has no verdict"]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A registered version ready to score (see :meth:`Registry.load`)."""
+
+    card: ModelCard
+    encoder: "Encoder"  # the feature encoder fit at training (training.encode.Encoder)
+    model: Any  # the torch module, in eval mode
+    threshold: float  # the score above which the model predicts the positive (unfavourable) label
+    profile: Profile | None  # the drift profile; None for a model trained before profiles were stored
+
+    @property
+    def ref(self) -> ModelRef:
+        return self.card.ref
+
+    def predict_proba(self, X: Any) -> Any:
+        """Scores (probability of the positive label) of encoded rows ``X`` (a float32 matrix)."""
+        import numpy as np
+        import torch
+
+        with torch.no_grad():  # as training.trainer.predict_proba scores
+            return torch.sigmoid(self.model(torch.from_numpy(np.asarray(X, np.float32))).squeeze(-1)).numpy()
 
 
 # --------------------------------------------------------------------------- the registry
@@ -1167,6 +1156,48 @@ class Registry:
             raise ArtifactTampered(f"{card.ref} failed verification: {'; '.join(problems)}", ref=str(card.ref), problems=problems)
         return card
 
+    def load(self, ref: ModelRef | str, *, verify: bool = True) -> "LoadedModel":
+        """A registered version ready to score: card, feature encoder, torch model, threshold, drift profile.
+
+        Serving loads models only through this (and :meth:`profile`), never from the training
+        modules or the files directly. The artifacts are verified first unless ``verify=False``
+        (for a caller that has just verified them).
+
+        Raises:
+            ArtifactTampered: a file differs from what was registered (with ``verify``).
+            ModelNotFound: unknown name or version.
+            RegistryError: the card has no preprocessing to score with (encoder, features, layers).
+
+        Example::
+
+            m = Registry(ws).load("credit@1")
+            scores = m.predict_proba(m.encoder.transform(rows))
+        """
+        from training.encode import Encoder
+        from training.trainer import load_model
+
+        card = self.verify(ref) if verify else self.card(ref)
+        pre = card.preprocessing or {}
+        missing = [k for k in ("encoder", "n_features", "hidden") if k not in pre]
+        if missing:
+            raise RegistryError(f"{card.ref} cannot be scored: its card's preprocessing lacks {', '.join(missing)}",
+                                hint="re-register it from a trained model (lakewarden train)")
+        folder = self.root / card.name / str(card.version)
+        model = load_model((folder / MODEL_FILE).read_bytes(), pre["n_features"], tuple(pre["hidden"]))
+        return LoadedModel(card=card, encoder=Encoder.from_dict(pre["encoder"]), model=model,
+                           threshold=float(pre.get("threshold", 0.5)), profile=self._profile(folder))
+
+    def profile(self, ref: ModelRef | str) -> Profile | None:
+        """The drift profile stored with a version (bin shares of its training data); ``None``
+        for a model trained before profiles were stored. Needs no torch."""
+        card = self.card(ref)
+        return self._profile(self.root / card.name / str(card.version))
+
+    @staticmethod
+    def _profile(folder: Path) -> Profile | None:
+        path = folder / PROFILE_FILE
+        return Profile.from_json(path.read_text()) if path.exists() else None
+
     def deploy_context(self, ref: ModelRef | str, *, verify: bool = True) -> dict[str, Any]:
         """The exact context ``Stage.DEPLOY`` reads: ``{"dataset", "epsilon", "fairness", "approvals"}``.
 
@@ -1334,8 +1365,9 @@ class Registry:
         f = card.fairness
         if f is None or pol.fairness is None:
             return card
-        thresholds = f.thresholds or _policy_thresholds(pol)
-        computed = fairness_failures(f.attributes, thresholds, required=list(pol.fairness.sensitive_attributes))
+        thresholds = f.thresholds or fairness_thresholds(pol)
+        computed = judge_fairness(thresholds, f.attributes, pol.fairness.sensitive_attributes,
+                                  dataset=card.dataset).failures
         if f.passed is True and computed:
             raise ValueError(
                 f"fairness says passed, but by the thresholds of '{card.dataset}': {'; '.join(computed)}"

@@ -34,7 +34,7 @@ def train(
     mitigate: Annotated[bool, typer.Option(help="Retrain with reweighing if the fairness gate fails.")] = True,
 ) -> None:
     """Train a differentially private model on a training set and register it with its model card."""
-    from training.pipeline import train_model
+    from training.flow import train_model
     from training.trainer import TrainOptions
 
     if not learning_rate > 0:

@@ -91,22 +91,14 @@ def monitor(
     webhook: Annotated[Optional[str], typer.Option(help="POST the drift report here (alerts included).")] = None,
     min_records: Annotated[int, typer.Option(help="Fewer records than this: no verdict for a feature.")] = 100,
 ) -> None:
-    """Drift (PSI) of recent requests against the training reference; alerts go to the audit log."""
-    from serving.monitor import Reference
-    from serving.monitor import monitor as run_monitor
-    from training.registry import Registry
+    """Drift (PSI) of recent requests against the model's training profile; alerts go to the audit log."""
+    from serving.monitor import monitor_model
 
     st = state(ctx)
-    ws = st.workspace()
-    reg = Registry(ws)
-    card = reg.card(model)
-    ref_file = reg.path(card.ref) / "reference.json"
-    if not ref_file.exists():
-        raise typer.BadParameter(f"{card.ref} has no drift reference (trained before references were stored)")
-    rep = run_monitor(ws, st.actor(), model=card.name, reference=Reference.from_json(ref_file.read_text()),
-                      since=parse_time(since, "--since"), webhook=webhook, min_records=min_records)
+    rep = monitor_model(st.workspace(), st.actor(), model, since=parse_time(since, "--since"), webhook=webhook,
+                        min_records=min_records)
     d = rep.to_dict()
-    t = Table(title=f"drift of {card.name} against its training reference ({d.get('records', 0)} records)")
+    t = Table(title=f"drift of {rep.model} against its training profile ({d.get('records', 0)} records)")
     for c in ("feature", "PSI", "status", "records"):
         t.add_column(c)
     style = {"ok": "green", "warn": "yellow", "alert": "red", "no_data": "dim"}

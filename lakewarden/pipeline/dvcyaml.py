@@ -54,8 +54,8 @@ CODE: dict[str, list[str]] = {
     "ingest": ["lakehouse/ingest.py", "lakehouse/validate.py", "lakehouse/readers.py"],
     "silver": ["lakehouse/silver.py"],
     "features": ["features"],
-    "train": ["training/trainer.py", "training/stages.py", "training/encode.py", "training/labels.py"],
-    "evaluate": ["training/fairness.py"],
+    "train": ["training/trainer.py", "training/flow.py", "training/encode.py", "training/labels.py"],
+    "evaluate": ["training/fairness.py", "governance/fairness.py"],
     "register": ["training/registry.py"],
     "deploy": ["serving"],
 }

@@ -323,7 +323,7 @@ CANDIDATE_DIR = OUT / "candidate"
 
 def step_train(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     """One DP-SGD run into the candidate folder; ε and utility as DVC metrics, the curve as a plot."""
-    from training.stages import fit_candidate
+    from training.flow import fit_candidate
 
     read_json(OUT / "features.json", stage="features")
     t = params.train
@@ -345,7 +345,7 @@ def step_train(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
 
 def step_evaluate(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     """Fairness of the candidate on its holdout, against the policy's thresholds (a DVC metric)."""
-    from training.stages import evaluate_candidate
+    from training.flow import evaluate_candidate
 
     fair = evaluate_candidate(ws, actor, CANDIDATE_DIR, OUT / "evaluation.json")
     write_json(OUT / "evaluation.json", {**fair, **step_manifest(ws, "evaluate", fair.get("lineage_run_id"))})
@@ -364,7 +364,7 @@ def step_register(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]
     """Register the evaluated candidate; its card holds ε, utility, fairness and lineage."""
     from governance.lineage import DatasetRef
     from training.registry import Registry
-    from training.stages import register_candidate
+    from training.flow import register_candidate
 
     ref = register_candidate(ws, actor, CANDIDATE_DIR, OUT / "evaluation.json")
     card = Registry(ws).card(ref)

@@ -1,17 +1,17 @@
-"""Drift references: what a model's training data looked like, as summaries only.
+"""Drift profiles: what a model's training data looked like, as summaries only.
 
-A reference keeps, per feature, quantile bin edges and the share of training values in each
+A profile keeps, per feature, quantile bin edges and the share of training values in each
 bin (numeric) or each category's share (categorical) — never raw values, so storing it
 beside a differentially private model does not weaken what the model's ε describes. The
 Population Stability Index against live traffic is computed from these shares exactly as
-from the raw sample. Built at training time, read by serving's drift monitor.
+from the raw sample. Built at training time, stored with the model (``reference.json``, its historical file name),
+read by serving's drift monitor through :meth:`training.registry.Registry.load`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from governance.keys import TOKEN_RE
-from governance.policy import IDENT
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -29,12 +28,7 @@ if TYPE_CHECKING:
 
 EPSILON = 1e-4
 """Share given to an empty bin, so that PSI stays finite."""
-DEFAULT_THRESHOLDS: Mapping[str, float] = MappingProxyType({"warn": 0.1, "alert": 0.25})
-REFERENCE_FORMAT = "lakewarden.drift-reference/1"
-Status = Literal["ok", "warn", "alert", "no_data"]
-_RANK = {"ok": 0, "no_data": 1, "warn": 2, "alert": 3}
-_NAME = re.compile(IDENT)
-_PSI_DIGITS = 6  # rounded in reports: stable JSON, and no long digit runs for the PII detectors to trip on
+PROFILE_FORMAT = "lakewarden.drift-reference/1"  # the stored format's name: kept, so older models still load
 
 
 # -- PSI ----------------------------------------------------------------------------------
@@ -69,8 +63,8 @@ def _psi(ref: np.ndarray, cur: np.ndarray, epsilon: float) -> float:
 
 
 @dataclass(frozen=True, slots=True)
-class NumericReference:
-    """Quantile bins of a numeric reference sample: interior ``edges`` and each bin's share.
+class NumericProfile:
+    """Quantile bins of a numeric baseline sample: interior ``edges`` and each bin's share.
 
     Bin ``i`` holds ``edges[i-1] <= x < edges[i]``; the first and last bins are open-ended.
     """
@@ -86,15 +80,15 @@ class NumericReference:
         if list(self.edges) != sorted(set(self.edges)):
             raise ValueError("edges must be strictly increasing")
         if self.count < 1:
-            raise ValueError("a reference needs at least one value")
+            raise ValueError("a profile needs at least one value")
 
     @classmethod
-    def from_sample(cls, sample: Iterable[Any], *, bins: int = 10) -> "NumericReference":
+    def from_sample(cls, sample: Iterable[Any], *, bins: int = 10) -> "NumericProfile":
         if not isinstance(bins, int) or isinstance(bins, bool) or bins < 2:
             raise ValueError(f"bins must be an integer >= 2, got {bins!r}")
         ref = _numeric_values(sample)
         if ref.size == 0:
-            raise ValueError("the reference sample has no values (after dropping None/NaN)")
+            raise ValueError("the profile sample has no values (after dropping None/NaN)")
         cuts = np.quantile(ref, np.linspace(0.0, 1.0, bins + 1)[1:-1])
         edges = np.unique(cuts)  # ties in the data give equal quantiles: merge those bins
         if edges[-1] == ref.max():
@@ -120,8 +114,8 @@ class NumericReference:
 
 
 @dataclass(frozen=True, slots=True)
-class CategoricalReference:
-    """Each category's share of a categorical reference sample."""
+class CategoricalProfile:
+    """Each category's share of a categorical baseline sample."""
 
     shares: Mapping[str, float]
     count: int
@@ -129,11 +123,11 @@ class CategoricalReference:
 
     def __post_init__(self) -> None:
         if self.count < 1 or not self.shares:
-            raise ValueError("a reference needs at least one value")
+            raise ValueError("a profile needs at least one value")
         object.__setattr__(self, "shares", MappingProxyType(dict(self.shares)))
 
     @classmethod
-    def from_sample(cls, sample: Iterable[Any]) -> "CategoricalReference":
+    def from_sample(cls, sample: Iterable[Any]) -> "CategoricalProfile":
         counts: dict[str, int] = {}
         for v in sample:
             if not _is_missing(v):
@@ -141,7 +135,7 @@ class CategoricalReference:
                 counts[k] = counts.get(k, 0) + 1
         n = sum(counts.values())
         if n == 0:
-            raise ValueError("the reference sample has no values (after dropping None)")
+            raise ValueError("the profile sample has no values (after dropping None)")
         return cls({k: c / n for k, c in sorted(counts.items())}, n)
 
     def psi(self, current: Iterable[Any], *, epsilon: float = EPSILON) -> float:
@@ -162,13 +156,13 @@ class CategoricalReference:
         return {"kind": "categorical", "shares": dict(self.shares), "count": self.count}
 
 
-def psi(reference: Iterable[Any], current: Iterable[Any], *, bins: int = 10, epsilon: float = EPSILON) -> float:
-    """Population Stability Index of a numeric feature, binned at the reference's quantiles.
+def psi(baseline: Iterable[Any], current: Iterable[Any], *, bins: int = 10, epsilon: float = EPSILON) -> float:
+    """Population Stability Index of a numeric feature, binned at the baseline's quantiles.
 
     Args:
-        reference: the training sample (numbers; None and NaN are dropped).
+        baseline: the training sample (numbers; None and NaN are dropped).
         current: the live sample.
-        bins: quantile bins wanted; ties in the reference merge bins, so there may be fewer.
+        bins: quantile bins wanted; ties in the baseline merge bins, so there may be fewer.
         epsilon: share used for an empty bin.
 
     Returns:
@@ -183,10 +177,10 @@ def psi(reference: Iterable[Any], current: Iterable[Any], *, bins: int = 10, eps
         >>> round(psi([1, 2, 3, 4], [1, 2, 3, 4], bins=2), 6)
         0.0
     """
-    return NumericReference.from_sample(reference, bins=bins).psi(current, epsilon=epsilon)
+    return NumericProfile.from_sample(baseline, bins=bins).psi(current, epsilon=epsilon)
 
 
-def psi_categorical(reference: Iterable[Any], current: Iterable[Any], *, epsilon: float = EPSILON) -> float:
+def psi_categorical(baseline: Iterable[Any], current: Iterable[Any], *, epsilon: float = EPSILON) -> float:
     """Population Stability Index of a categorical feature: one bin per category of either sample.
 
     A category absent from one side counts with share ``epsilon`` there, so a new category
@@ -196,15 +190,15 @@ def psi_categorical(reference: Iterable[Any], current: Iterable[Any], *, epsilon
     Raises:
         ValueError: a sample is empty after dropping None.
     """
-    return CategoricalReference.from_sample(reference).psi(current, epsilon=epsilon)
+    return CategoricalProfile.from_sample(baseline).psi(current, epsilon=epsilon)
 
 
-# -- reference ----------------------------------------------------------------------------
-FeatureReference = NumericReference | CategoricalReference
+# -- profile ------------------------------------------------------------------------------
+FeatureProfile = NumericProfile | CategoricalProfile
 
 
 @dataclass(frozen=True, slots=True)
-class Reference:
+class Profile:
     """The training data's distribution per feature and of the score, as PSI needs it.
 
     Build it from samples with :meth:`from_samples` or :meth:`from_table`, store
@@ -212,8 +206,8 @@ class Reference:
     kept (quantile edges and shares, category shares), never the rows.
     """
 
-    features: Mapping[str, FeatureReference]
-    score: NumericReference
+    features: Mapping[str, FeatureProfile]
+    score: NumericProfile
     bins: int = 10
 
     def __post_init__(self) -> None:
@@ -230,28 +224,28 @@ class Reference:
         *,
         bins: int = 10,
         max_categories: int = 100,
-    ) -> "Reference":
+    ) -> "Profile":
         """Summarize training samples: numbers become quantile bins, strings and booleans categories.
 
         Raises:
             ValueError: a sample is empty, holds subject tokens, or has more than
                 ``max_categories`` categories (an identifier, not a feature).
         """
-        out: dict[str, FeatureReference] = {}
+        out: dict[str, FeatureProfile] = {}
         for name, values in features.items():
             values = list(values)
             present = [v for v in values if not _is_missing(v)]
             if not present:
-                raise ValueError(f"feature {name!r}: the reference sample has no values")
+                raise ValueError(f"feature {name!r}: the profile sample has no values")
             numeric = all(
                 isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) for v in present
             )
             out[name] = (
-                NumericReference.from_sample(present, bins=bins)
+                NumericProfile.from_sample(present, bins=bins)
                 if numeric
                 else _categorical(name, present, max_categories)
             )
-        return cls(out, NumericReference.from_sample(score, bins=bins), bins)
+        return cls(out, NumericProfile.from_sample(score, bins=bins), bins)
 
     @classmethod
     def from_table(
@@ -262,7 +256,7 @@ class Reference:
         columns: Sequence[str] | None = None,
         bins: int = 10,
         max_categories: int = 100,
-    ) -> "Reference":
+    ) -> "Profile":
         """Summarize a training table (numeric columns as numbers, string/bool/dictionary as categories).
 
         Args:
@@ -313,40 +307,40 @@ class Reference:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": REFERENCE_FORMAT,
+            "format": PROFILE_FORMAT,
             "bins": self.bins,
             "features": {n: f.to_dict() for n, f in sorted(self.features.items())},
             "score": self.score.to_dict(),
         }
 
     def to_json(self) -> str:
-        """Canonical JSON (sorted keys): the same reference always gives the same bytes."""
+        """Canonical JSON (sorted keys): the same profile always gives the same bytes."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Reference":
+    def from_json(cls, text: str | bytes) -> "Profile":
         """Load :meth:`to_json` output. Raises ValueError for another format or a malformed document."""
         try:
             d = json.loads(text)
         except ValueError as e:
-            raise ValueError(f"not a drift reference: {e}") from None
-        if not isinstance(d, dict) or d.get("format") != REFERENCE_FORMAT:
+            raise ValueError(f"not a drift profile: {e}") from None
+        if not isinstance(d, dict) or d.get("format") != PROFILE_FORMAT:
             got = d.get("format") if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"not a drift reference of format {REFERENCE_FORMAT!r} (got {got!r})")
+            raise ValueError(f"not a drift profile of format {PROFILE_FORMAT!r} (got {got!r})")
         try:
             feats = {n: _feature_from_dict(f) for n, f in d["features"].items()}
             score = _feature_from_dict(d["score"])
-            if not isinstance(score, NumericReference):
-                raise ValueError("the score reference must be numeric")
+            if not isinstance(score, NumericProfile):
+                raise ValueError("the score profile must be numeric")
             return cls(feats, score, int(d["bins"]))
         except (KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"malformed drift reference: {e!r}") from None
+            raise ValueError(f"malformed drift profile: {e!r}") from None
 
 
-def _categorical(name: str, values: list[Any], max_categories: int) -> CategoricalReference:
+def _categorical(name: str, values: list[Any], max_categories: int) -> CategoricalProfile:
     if any(isinstance(v, str) and TOKEN_RE.match(v) for v in values):
         raise ValueError(f"feature {name!r} holds subject tokens: tokens are never a monitored feature")
-    ref = CategoricalReference.from_sample(values)
+    ref = CategoricalProfile.from_sample(values)
     if len(ref.shares) > max_categories:
         raise ValueError(
             f"feature {name!r} has {len(ref.shares)} categories (max_categories={max_categories}): "
@@ -355,11 +349,11 @@ def _categorical(name: str, values: list[Any], max_categories: int) -> Categoric
     return ref
 
 
-def _feature_from_dict(d: Mapping[str, Any]) -> FeatureReference:
+def _feature_from_dict(d: Mapping[str, Any]) -> FeatureProfile:
     if d["kind"] == "numeric":
-        return NumericReference(tuple(float(e) for e in d["edges"]), tuple(float(s) for s in d["shares"]), int(d["count"]))
+        return NumericProfile(tuple(float(e) for e in d["edges"]), tuple(float(s) for s in d["shares"]), int(d["count"]))
     if d["kind"] == "categorical":
-        return CategoricalReference({str(k): float(v) for k, v in d["shares"].items()}, int(d["count"]))
+        return CategoricalProfile({str(k): float(v) for k, v in d["shares"].items()}, int(d["count"]))
     raise ValueError(f"unknown feature kind {d['kind']!r}")
 
 
