@@ -132,10 +132,8 @@ def plain(root: Path, tokens: list[str]) -> dict:
 
 
 def governed(root: Path, tokens: list[str]) -> dict:
-    import lakewarden.handlers
     from lakehouse.erasure import delete_subject_rows, purge_history
 
-    lakewarden.handlers.load()
     ws = _open(root)
     ws.keyring.store.subject_state(tokens[0])  # open the key store outside the timing, as a running service has
     before = _sizes(root)
@@ -154,8 +152,7 @@ def governed(root: Path, tokens: list[str]) -> dict:
 
 
 def verify(root: Path, token: str) -> dict:
-    from governance.requests import ErasureContext
-    from governance.scanner import scan
+    from governance.erasure import ErasureContext, scan
 
     ws = _open(root)
     t0 = time.perf_counter()

@@ -17,10 +17,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from governance.requests import AccessItem, ErasureContext, ErasureHandler, open_sealed, register_handler
+from governance.erasure import AccessItem, ErasureContext, ErasureHandler, open_sealed
 from governance.workspace import Workspace
 
-__all__ = ["delete_online", "online_rows", "HANDLER"]
+__all__ = ["online_rows", "HANDLER"]
 
 
 def _entity_keys(ws: Workspace, key: str, tokens: Sequence[str]) -> dict[bytes, str]:
@@ -76,7 +76,7 @@ def _exists(conn: sqlite3.Connection, table: str) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone() is not None
 
 
-def delete_online(ws: Workspace, tokens: Sequence[str]) -> dict[str, int]:
+def _delete_online(ws: Workspace, tokens: Sequence[str]) -> dict[str, int]:
     """Delete the tokens' rows from every feature view's online table; one VACUUM at the end.
 
     Returns rows removed per view (``online:<view>``). Redis keeps one hash per entity with every
@@ -171,7 +171,7 @@ def online_rows(ws: Workspace, tokens: Sequence[str]) -> list[tuple[str, str, di
 
 
 def _erase(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
-    return delete_online(ws, ctx.tokens)
+    return _delete_online(ws, ctx.tokens)
 
 
 def _residual(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
@@ -206,4 +206,4 @@ def _access(ws: Workspace, ctx: ErasureContext) -> list[AccessItem]:
 
 
 HANDLER = ErasureHandler(name="features", order=30, erase=_erase, residual=_residual, access=_access)
-register_handler(HANDLER)
+"""Entry point ``features`` of ``lakewarden.erasure_handlers``: the Feast online store."""

@@ -10,8 +10,9 @@ deltalake, point-in-time joins by Feast). Online: SQLite (embedded) or Redis, ch
 Every request states a purpose and goes through the gate first: features derived from
 sensitive attributes are served only for purposes the policy allows; a denial names the
 rule and is audited. Training sets record their lineage (source tables and Delta
-versions); :func:`erase_subject` removes a subject from the online store and, through the
-lakehouse, from every offline source.
+versions). A subject leaves the feature store only through an erasure request
+(:mod:`governance.erasure`), whose ``features`` handler (:mod:`features.erasure`) deletes the
+online rows.
 
 Example::
 
@@ -40,7 +41,6 @@ from governance.lineage import DatasetRef
 from governance.policy import DatasetPolicy, Stage
 from governance.workspace import Workspace
 from lakehouse.catalog import Catalog, TableRef
-from lakehouse.erasure import delete_subject_rows
 from lakehouse.trino import FEATURES_USER
 from lakehouse.validate import output_type
 
@@ -360,19 +360,4 @@ def _in_entity_order(out: pa.Table, n: int) -> pa.Table:
     return out.sort_by("_lw_row")
 
 
-def erase_subject(ws: Workspace, token: str) -> dict[str, int]:
-    """Remove a subject from the online store and from every offline source (the lakehouse tables).
-
-    Returns what was removed: online rows per feature view, and rows per lakehouse table.
-    (The same per-layer erasure handlers the compliance requests run.)
-    """
-    from features.erasure import delete_online
-
-    if not TOKEN_RE.match(token):
-        raise ValueError("erasure works on subject tokens (sub_...), never on identifiers")
-    out = delete_online(ws, [token])
-    out.update(delete_subject_rows(ws, token))
-    return out
-
-
-__all__ = ["Features", "FeatureError", "TrainingSet", "erase_subject"]
+__all__ = ["Features", "FeatureError", "TrainingSet"]

@@ -2,7 +2,7 @@
 
 ``lakewarden audit report --html report.html`` gathers, after asking the gate:
 
-(a) data-subject requests and their SLA status (the request ledger, ``governance.requests``);
+(a) data-subject requests and their SLA status (the request ledger, ``governance.erasure``);
 (b) policy decisions: allow/deny counts per stage and per rule, and the latest denies with
     actor, rule and reason (from the audit log's ``gate.decide`` events);
 (c) privacy budgets per dataset: ε spent and reserved of the total, with a bar;
@@ -288,10 +288,10 @@ def write_report(report: AuditReport, path: str | os.PathLike[str]) -> Path:
 
 
 def _requests(ws: Workspace) -> list[RequestRow]:
-    from governance.requests import list_requests
+    from governance.erasure.ledger import statuses  # ungated: build_report asked the gate (stage audit)
 
     rows = []
-    for r in list_requests(ws):
+    for r in statuses(ws):
         rows.append(
             RequestRow(
                 request_id=str(r.request_id), kind=str(r.kind), regime=str(r.regime),

@@ -15,9 +15,9 @@ token (never a plaintext id). Each table gets a new Delta version without the ro
 * **Quarantine.** Rows quarantined with the subject's token are deleted; rows quarantined
   *without* a valid key (sealed under the dataset's quarantine key) are opened and deleted
   when they carry one of the subject's identifiers.
-* **Kept landing files** (``landing: keep``), wherever they lie: rewritten without the
-  subjects' rows in their own format, and read by the scanner under their labels
-  (:mod:`lakehouse.landing`).
+* **Kept landing files** (``landing: keep``), wherever they lie: their own handler
+  (:data:`LANDING_HANDLER`, entry point ``landing``) rewrites them without the subjects' rows
+  in their own format, and the scanner reads them under their labels (:mod:`lakehouse.landing`).
 * **History.** Files the delete removed stay on disk for time travel until :func:`purge`
   vacuums them (the request waits for the policy's ``retention.history``, or an officer's
   audited ``--purge-now``). Until then the subject's key is already shredded, so the old
@@ -46,15 +46,15 @@ from deltalake.exceptions import CommitFailedError
 from governance.errors import LakewardenError
 from governance.keys import TOKEN_RE
 from governance.policy import Protection
-from governance.requests import (
-    SEALED_SHREDDED, SEALED_UNREADABLE, AccessItem, ErasureContext, ErasureHandler, open_sealed, register_handler,
+from governance.erasure import (
+    SEALED_SHREDDED, SEALED_UNREADABLE, AccessItem, ErasureContext, ErasureHandler, Needles, open_sealed,
 )
 from governance.workspace import Workspace
 from lakehouse import landing
 from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_buckets
 from lakehouse.maintenance import expire_log, token_stats
 
-__all__ = ["delete_subject_rows", "purge_history", "sealed_columns", "subject_rows", "HANDLER"]
+__all__ = ["delete_subject_rows", "purge_history", "sealed_columns", "subject_rows", "HANDLER", "LANDING_HANDLER"]
 
 
 def _check(tokens: Sequence[str]) -> list[str]:
@@ -191,8 +191,6 @@ def _compression(cat: Catalog) -> str:
 
 def _quarantine_without_key(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
     """Delete quarantined rows sealed under a dataset key that carry a subject's identifiers."""
-    from governance.scanner import Needles
-
     needles = Needles([n for n in ctx.needles() if not n[0].endswith(":token")])
     if needles.rx is None:
         return {}
@@ -301,7 +299,6 @@ def _erase(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
     out = _quarantine_without_key(ws, ctx)
     out.update({f"delta:{k}": v for k, v in delete_subject_rows(ws, ctx.tokens).items()})
     out.update(scrub_trino_logs(ws, ctx.tokens))
-    out.update(landing.erase_subjects(ws, ctx))
     return out
 
 
@@ -312,7 +309,6 @@ def _purge(ws: Workspace, ctx: ErasureContext, retention_hours: int | None) -> d
 def _residual(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
     out = {f"delta:{ref}": rows.num_rows for ref, (_v, rows) in subject_rows(ws, ctx.tokens).items()}
     out.update(scrub_trino_logs(ws, ctx.tokens, dry_run=True))
-    out.update(landing.residual_rows(ws, ctx))
     return out
 
 
@@ -386,6 +382,12 @@ def _access(ws: Workspace, ctx: ErasureContext) -> list[AccessItem]:
 
 HANDLER = ErasureHandler(
     name="lakehouse", order=40, erase=_erase, purge=_purge, residual=_residual, identifiers=_identifiers,
-    access=_access, scan_files=landing.scan_files,
+    access=_access,
 )
-register_handler(HANDLER)
+"""Entry point ``lakehouse`` of ``lakewarden.erasure_handlers``: governed tables, their history, Trino's logs."""
+
+LANDING_HANDLER = ErasureHandler(
+    name="landing", order=45, erase=landing.erase_subjects, residual=landing.residual_rows,
+    scan_files=landing.scan_files,
+)
+"""Entry point ``landing``: kept landing files wherever they lie (:mod:`lakehouse.landing`)."""

@@ -56,7 +56,7 @@ from governance.errors import LakewardenError
 from lakehouse.readers import detect_format
 
 if TYPE_CHECKING:
-    from governance.requests import ErasureContext
+    from governance.erasure import ErasureContext
     from governance.workspace import Workspace
 
 __all__ = ["LEDGER", "KeptFile", "erase_subjects", "is_erasure_rewrite", "kept_files", "record_kept",
@@ -180,7 +180,7 @@ class _Match:
     """Which rows are the subjects': by subject key, or (rows without one) by an identifier."""
 
     def __init__(self, ws: "Workspace", dataset: str, ctx: "ErasureContext") -> None:
-        from governance.scanner import Needles
+        from governance.erasure import Needles
 
         self.key = ws.policies.dataset(dataset).subject_key.lower()
         self.ids = {v.strip() for t in ctx.tokens for label, v in ctx.identifiers.get(t, []) if label == "subject_id"}

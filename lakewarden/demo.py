@@ -44,7 +44,7 @@ def run(*args: str, expect: int = 0) -> None:
 def shredding_demo(config: Path) -> None:
     """Seal synthetic identifiers under per-subject keys, shred one subject, show what remains readable."""
     from governance.errors import SubjectShredded
-    from governance.requests import subject_digest
+    from governance.erasure import subject_digest
     from governance.workspace import Workspace
 
     people = ["ada.l@example.org", "grace.h@example.org", "alan.t@example.org"]

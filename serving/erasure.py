@@ -11,7 +11,7 @@ records of subjects on the erased list (a request scored while the erasure ran).
 
 from __future__ import annotations
 
-from governance.requests import AccessItem, ErasureContext, ErasureHandler, register_handler
+from governance.erasure import AccessItem, ErasureContext, ErasureHandler
 from governance.workspace import Workspace
 from serving.requestlog import lines_of, log_dir, log_lock, mark_erased, request_logs, rewrite_without
 
@@ -43,5 +43,5 @@ def _access(ws: Workspace, ctx: ErasureContext) -> list[AccessItem]:
     return items
 
 
-HANDLER = ErasureHandler(name="serving", order=20, erase=_erase, residual=_residual, access=_access)
-register_handler(HANDLER)
+HANDLER = ErasureHandler(name="serving-logs", order=20, erase=_erase, residual=_residual, access=_access)
+"""Entry point ``serving-logs`` of ``lakewarden.erasure_handlers``: the predictors' request logs."""

@@ -12,7 +12,7 @@ new file over the old one. So that neither loses the other's work:
   ``O_APPEND | O_CREAT``, writes whole lines, and closes it. It always writes into the file
   now at the path, never through a stale handle to a file an erasure replaced.
 * **Erased subjects stay out.** Before rewriting, the erasure adds the subjects' keyed digests
-  (:func:`governance.requests.subject_digest`: HMAC under a system key, never a token) to
+  (:func:`governance.erasure.subject_digest`: HMAC under a system key, never a token) to
   ``serving/requests/.erased``. Each append reads that list (when it changed) under the lock
   and drops records of erased subjects: a request scored just before the erasure (features
   read before the online store was erased) cannot write the token back afterwards.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from governance.locks import file_lock
-from governance.requests import subject_digest
+from governance.erasure import subject_digest
 
 if TYPE_CHECKING:
     from governance.workspace import Workspace

@@ -29,16 +29,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from governance.keys import generate_kek_b64
-from governance.requests import ErasureContext, file_request, request_status, run_request, verify_certificate
+from governance.erasure import ErasureContext, file_request, request_status, run_request, verify_certificate
 from governance.workspace import Workspace
-from lakewarden.handlers import load
-
-load()
-
-from lakehouse import landing  # noqa: E402
-from lakehouse.catalog import Catalog, TableRef  # noqa: E402
-from lakehouse.ingest import ingest  # noqa: E402
-from lakehouse.synth import generate  # noqa: E402
+from lakehouse import landing
+from lakehouse.catalog import Catalog, TableRef
+from lakehouse.ingest import ingest
+from lakehouse.synth import generate
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 REPO = Path(__file__).resolve().parents[1]
@@ -126,12 +122,12 @@ def test_kept_landing_files_outside_the_workspace_are_rewritten_scanned_and_cert
         tok = ws.keyring.token_for(sid, create=False)
 
         rid = _erase(ws, [sid])
-        st = request_status(ws, rid)
+        st = request_status(ws, ws.actor("carla"), rid)
         assert st.state == "done", st.detail.get("findings")
         erased = st.detail["erased"]
         labels = {f.dataset: f.label for f in kept}
         assert erased[labels["customers"]] == 1 and erased[labels["transactions"]] == tx[sid]
-        cert = verify_certificate(ws, rid).data
+        cert = verify_certificate(ws, ws.actor("carla"), rid).data
         assert sorted(cert["verified"]["labelled_files"]) == sorted(labels.values())
         assert set(labels.values()) <= set(cert["verified"]["roots"])  # the certificate lists what was scanned
         assert cert["done"]["rows_deleted"][labels["customers"]] == 1
@@ -174,14 +170,14 @@ def test_a_kept_file_still_holding_the_subject_stops_at_verification_failed(
         ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
         label = landing.kept_files(ws)[0].label
         rid = _erase(ws, [person["customer_id"]])
-        st = request_status(ws, rid)
+        st = request_status(ws, ws.actor("carla"), rid)
         assert st.state == "verification_failed"
         assert st.detail["findings"] and all(f.startswith(f"{label}: S1:") for f in st.detail["findings"])
         assert f"{label}: S1:vault.customers.email (bytes)" in st.detail["findings"]
         blob = json.dumps(st.to_dict())
         assert person["email"] not in blob and str(exports) not in blob and "customers.csv" not in blob
         with pytest.raises(Exception, match="no certificate"):
-            verify_certificate(ws, rid)
+            verify_certificate(ws, ws.actor("carla"), rid)
         # the subject's own row is gone; the other subject's row stays
         ids = pacsv.read_csv(res.files["customers"])["customer_id"].to_pylist()
         assert person["customer_id"] not in ids and other["customer_id"] in ids
@@ -342,7 +338,7 @@ def test_a_running_predictor_keeps_no_trace_of_an_erased_subject(tmp_path: Path,
         inode = log.stat().st_ino
         with Workspace.open(proj / "lakewarden.yaml") as ws:
             rid = _erase(ws, [person["customer_id"]])  # while the predictor runs
-            st = request_status(ws, rid)
+            st = request_status(ws, ws.actor("carla"), rid)
             assert st.state == "done", st.detail.get("findings")
             assert st.detail["erased"]["request-log:credit.jsonl"] == 1
         assert log.stat().st_ino != inode  # the erasure replaced the file the predictor had written to
@@ -427,7 +423,7 @@ def test_token_statistics_are_found_rewritten_by_optimize_and_gone_after_an_eras
                 break
         assert victim is not None
         rid = _erase(ws, [victim["customer_id"]])
-        st = request_status(ws, rid)
+        st = request_status(ws, ws.actor("carla"), rid)
         assert st.state == "done", st.detail.get("findings")
         for t in ("bronze.customers", "bronze.transactions", "vault.customers"):
             d = Path(Catalog(ws.config).uri(TableRef.parse(t))) / "_delta_log"

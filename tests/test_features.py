@@ -13,7 +13,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from governance.errors import AccessDenied
 from governance.workspace import Workspace
-from features.store import FeatureError, Features, erase_subject
+from features.store import FeatureError, Features
 from lakehouse.catalog import Catalog, TableRef
 from lakehouse.ingest import ingest
 from lakehouse.silver import build_silver
@@ -143,11 +143,26 @@ def test_incremental_materialization_picks_up_new_subjects(lake: Workspace, tmp_
     assert v["income"][0].as_py() is not None
 
 
+def _erase(ws: Workspace, token: str, *, layers: tuple[str, ...] = ("features", "lakehouse")) -> dict[str, int]:
+    """Erase as an erasure request's ``erased`` step does, with the features (and lakehouse)
+    handlers only: the features handler is under test here (tests/test_requests.py runs whole requests)."""
+    from features.erasure import HANDLER as FEATURES
+    from governance.erasure import ErasureContext
+    from lakehouse.erasure import HANDLER as LAKEHOUSE
+
+    ctx = ErasureContext("req_test", [token])
+    out: dict[str, int] = {}
+    for h in sorted((h for h in (FEATURES, LAKEHOUSE) if h.name in layers), key=lambda h: h.order):
+        out.update(h.erase(ws, ctx))
+    return out
+
+
 def test_erasure_leaves_no_trace_in_either_store(lake: Workspace):
     fs = Features(lake)
     victim = Catalog(lake.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"][0].as_py()
-    removed = erase_subject(lake, victim)
-    assert removed["online:customer_profile"] > 0 and removed["silver.customers"] == 1 and removed["bronze.customers"] == 1
+    removed = _erase(lake, victim)
+    assert removed["online:customer_profile"] > 0 and removed["delta:silver.customers"] == 1
+    assert removed["delta:bronze.customers"] == 1
     assert fs.online(lake.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=[victim])["income"][0].as_py() is None
     ts = fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=PROFILE)
     assert victim not in ts.table["customer_id"].to_pylist()
@@ -174,7 +189,7 @@ def test_redis_and_sqlite_give_the_same_answers(lake: Workspace, project: Path, 
     fs.materialize(ws.actor("pipeline"))
     got = fs.online(ws.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=tokens)
     assert got.to_pylist() == want.to_pylist()
-    removed = erase_subject(ws, tokens[0])
+    removed = _erase(ws, tokens[0], layers=("features",))
     assert removed["online:customer_profile"] == 1
     again = fs.online(ws.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=[tokens[0]])
     assert again["income"][0].as_py() is None
@@ -198,7 +213,6 @@ def test_a_redis_database_is_used_only_by_the_workspace_that_claimed_it(project:
     is a database holding keys without a marker (nothing is written to either)."""
     import redis
 
-    from features.erasure import delete_online
     from features.online import MARKER
     from governance.identity import ForeignServer, workspace_id
 
@@ -207,14 +221,15 @@ def test_a_redis_database_is_used_only_by_the_workspace_that_claimed_it(project:
     cfg = project / "lakewarden.yaml"
     cfg.write_text(cfg.read_text() + online)
     first = Workspace.open(cfg)
-    assert delete_online(first, [tok(0)]) == {"online:customer_profile": 0, "online:customer_sensitive": 0}
+    assert _erase(first, tok(0), layers=("features",)) == {"online:customer_profile": 0, "online:customer_sensitive": 0}
     r = redis.Redis(host="127.0.0.1", port=redis_port)
     assert r.get(MARKER).decode() == workspace_id(first.config)  # claimed on first use of the empty database
     shutil.copytree(project / "policies", tmp_path / "other" / "policies")
     (tmp_path / "other" / "lakewarden.yaml").write_text(cfg.read_text().replace("name: test", "name: other"))
     second = Workspace.open(tmp_path / "other" / "lakewarden.yaml")
     where = f"127.0.0.1:{redis_port} db 0"
-    for call in (lambda: Features(second).apply(second.actor("pipeline")), lambda: erase_subject(second, tok(1))):
+    for call in (lambda: Features(second).apply(second.actor("pipeline")),
+                 lambda: _erase(second, tok(1), layers=("features",))):
         with pytest.raises(ForeignServer) as e:
             call()
         msg = str(e.value)
@@ -223,7 +238,7 @@ def test_a_redis_database_is_used_only_by_the_workspace_that_claimed_it(project:
     r.delete(MARKER)
     r.set("someone:else", "1")
     with pytest.raises(ForeignServer, match=r"holds 1 key\(s\) and no workspace marker"):
-        delete_online(first, [tok(0)])
+        _erase(first, tok(0), layers=("features",))
     assert r.get(MARKER) is None and r.dbsize() == 1
     r.close()
     first.close()

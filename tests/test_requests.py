@@ -27,19 +27,14 @@ from typer.testing import CliRunner
 
 from governance.errors import AccessDenied, SubjectShredded
 from governance.keys import generate_kek_b64
-from governance.requests import (
+from features.erasure import online_rows
+from governance.erasure import (
     CRASH_ENV, ErasureContext, RequestError, due_date, file_request, list_requests, request_status, run_request,
-    verify_certificate,
+    scan, verify_certificate,
 )
-from governance.scanner import scan
 from governance.workspace import Workspace
-from lakewarden.handlers import load
-
-load()
-
-from features.erasure import online_rows  # noqa: E402
-from lakehouse.catalog import Catalog, TableRef  # noqa: E402
-from lakehouse.erasure import subject_rows  # noqa: E402
+from lakehouse.catalog import Catalog, TableRef
+from lakehouse.erasure import subject_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +139,7 @@ def test_erasure_removes_the_subject_everywhere_and_is_certified(lake: Workspace
     assert tok and subject_rows(lake, [tok])[TableRef("bronze", "customers")][1].num_rows == 1
     assert online_rows(lake, [tok])
     rid = _erase(lake, [sid])
-    st = request_status(lake, rid)
+    st = request_status(lake, lake.actor("carla"), rid)
     assert st.state == "done" and st.sla == "done" and st.completed_at and not st.late
     # gone from every current table and the online store, the key destroyed, the id unlinkable
     assert all(rows.num_rows == 0 for _v, rows in subject_rows(lake, [tok]).values())
@@ -160,7 +155,7 @@ def test_erasure_removes_the_subject_everywhere_and_is_certified(lake: Workspace
     flagged = lake.audit.query(action="requests.model_flagged").to_pylist()
     assert [r["resource"] for r in flagged] == ["model:credit@1"] and flagged[0]["outcome"] == "flag"
     # verified by a full scan that found nothing, and certified with a signature that checks
-    cert = verify_certificate(lake, rid).data
+    cert = verify_certificate(lake, lake.actor("carla"), rid).data
     v = cert["verified"]
     assert v["findings"] == 0 and v["residual_rows"] == 0 and v["files_scanned"] > 50 and v["bytes_scanned"] > 0
     assert v["delta_versions"] >= 10 and v["parquet_values"] > 0
@@ -211,7 +206,7 @@ def test_embedded_sql_returns_nothing_for_an_erased_subject(lake: Workspace, bui
     q = f"SELECT count(*) AS n FROM bronze.customers WHERE customer_id = '{tok}'"
     assert run_query(lake, lake.actor("carla"), q).table["n"][0].as_py() == 1
     rid = _erase(lake, [sid])
-    assert request_status(lake, rid).state == "done"  # the query's audit record names no token
+    assert request_status(lake, lake.actor("carla"), rid).state == "done"  # the query's audit record names no token
     for layer in ("bronze", "silver"):
         for ds in ("customers", "transactions"):
             q = f"SELECT count(*) AS n FROM {layer}.{ds} WHERE customer_id = '{tok}'"
@@ -223,7 +218,7 @@ def test_batch_erasure_of_several_subjects_in_one_request(lake: Workspace, built
     toks = [_token(lake, s) for s in ids]
     before = Catalog(lake.config).open(TableRef("bronze", "customers")).count()
     rid = _erase(lake, ids)
-    st = request_status(lake, rid)
+    st = request_status(lake, lake.actor("carla"), rid)
     assert st.state == "done" and st.subjects == 5 and len(st.subject_digests) == 5
     assert Catalog(lake.config).open(TableRef("bronze", "customers")).count() == before - 5
     assert all(lake.keyring.store.subject_state(t) == "shredded" for t in toks)
@@ -233,8 +228,8 @@ def test_ledger_and_audit_hold_no_token_and_no_identifier(lake: Workspace, built
     sid = _ids(built, 4)[0]
     tok = _token(lake, sid)
     rid = _erase(lake, [sid])
-    st = request_status(lake, rid)
-    blob = json.dumps([s.to_dict() for s in list_requests(lake)])
+    st = request_status(lake, lake.actor("carla"), rid)
+    blob = json.dumps([s.to_dict() for s in list_requests(lake, lake.actor("carla"))])
     assert tok not in blob and sid not in blob and rid in blob
     events = lake.audit.query(resource=f"request:{rid}").to_pylist()
     assert events and all(e["subject_token"] is None for e in events)
@@ -259,8 +254,8 @@ def test_a_dvc_cached_copy_is_unlinkable_after_shredding(lake: Workspace, built:
     pq.write_table(tbl.filter(pc.equal(tbl["customer_id"], tok)), cache / "cdef0123")
     assert src.exists()
     rid = _erase(lake, [sid])
-    v = request_status(lake, rid).detail["verification"]
-    assert request_status(lake, rid).state == "done"
+    v = request_status(lake, lake.actor("carla"), rid).detail["verification"]
+    assert request_status(lake, lake.actor("carla"), rid).state == "done"
     assert v["unlinkable_copies"] >= 1 and v["findings"] == 0
 
 
@@ -269,9 +264,7 @@ _RUNNER = """
 import sys, warnings
 warnings.filterwarnings("ignore")
 from governance.workspace import Workspace
-from governance.requests import file_request, run_request, list_requests
-from lakewarden.handlers import load
-load()
+from governance.erasure import file_request, run_request
 ws = Workspace.open(sys.argv[1])
 carla = ws.actor("carla")
 if sys.argv[2] == "file":
@@ -311,11 +304,11 @@ def test_a_crash_at_every_step_then_run_finishes_the_same(lake: Workspace, built
     assert p.returncode == 0, p.stderr[-2000:]
     ws = Workspace.open(cfg)
     try:
-        st = request_status(ws, rid)
+        st = request_status(ws, ws.actor("carla"), rid)
         assert st.state == "done"
         states = [r for r in ws.audit.query(resource=f"request:{rid}").to_pylist() if r["action"] == "requests.certificate"]
         assert len(states) == 1  # certified once, though it crashed around certification
-        cert = verify_certificate(ws, rid).data
+        cert = verify_certificate(ws, ws.actor("carla"), rid).data
         assert cert["verified"]["findings"] == 0 and cert["done"]["keys_destroyed"] == 2
         assert all(rows.num_rows == 0 for _v, rows in subject_rows(ws, toks).values())
         assert online_rows(ws, toks) == []
@@ -467,7 +460,7 @@ def test_access_export_opens_a_quarantined_row(lake: Workspace, built: dict, tmp
 def test_export_values_encode_binary_with_a_type_marker():
     import base64
 
-    from governance.requests import _csv_cell, export_value
+    from governance.erasure.access import _csv_cell, export_value
 
     blob = b"\x01H\x00\xff"
     assert export_value({"b": blob}) == {"b": {"type": "binary", "base64": base64.b64encode(blob).decode()}}
@@ -499,6 +492,114 @@ def test_access_export_from_a_redis_online_store(lake: Workspace, built: dict, t
     assert prof["region"] == person["region"] and prof["zip_code"] == person["zip_code"][:3]
 
 
+# -- closed by default: required handlers ----------------------------------------------------------
+@pytest.fixture
+def reload_handlers(monkeypatch: pytest.MonkeyPatch):
+    """Handlers as the entry points give them again after the test (which may break or remove some)."""
+    from governance.erasure import load_handlers
+
+    yield
+    monkeypatch.undo()
+    load_handlers(reload=True)
+
+
+def test_the_required_handlers_are_declared_as_entry_points():
+    import tomllib
+
+    from governance.erasure import ENTRY_POINT_GROUP, REQUIRED_HANDLERS, require_handlers
+
+    eps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"][ENTRY_POINT_GROUP]
+    assert set(REQUIRED_HANDLERS) <= set(eps)
+    assert REQUIRED_HANDLERS == ("lakehouse", "landing", "features", "models", "serving-logs")
+    assert {h.name for h in require_handlers()} >= set(REQUIRED_HANDLERS)
+
+
+def test_a_missing_required_handler_refuses_every_request_naming_it(lake: Workspace, built: dict, tmp_path: Path,
+                                                                    reload_handlers: None):
+    from governance.erasure import MissingHandlers, load_handlers, run_pending, unregister_handler
+
+    carla = lake.actor("carla")
+    sid = _ids(built, 70)[0]
+    filed = file_request(lake, carla, "erase", [sid])
+    load_handlers()
+    assert unregister_handler("models") is not None and unregister_handler("landing") is not None
+    calls = {
+        "file erase": lambda: file_request(lake, carla, "erase", [sid]),
+        "file access": lambda: file_request(lake, carla, "access", [sid], out_dir=tmp_path / "x"),
+        "run": lambda: run_request(lake, carla, filed.request_id, purge_now=True),
+        "run pending": lambda: run_pending(lake, carla, purge_now=True),
+        "scan": lambda: scan(lake, ErasureContext("req_x", [_token(lake, sid)])),
+    }
+    for what, call in calls.items():
+        with pytest.raises(MissingHandlers) as e:
+            call()
+        assert list(e.value.missing) == ["landing", "models"], what
+        assert "'landing'" in str(e.value) and "'models'" in str(e.value) and e.value.exit_code == 2, what
+    # nothing started: one request on file, still filed; its subject still there
+    assert [(s.request_id, s.state) for s in list_requests(lake, carla)] == [(filed.request_id, "filed")]
+    assert lake.keyring.store.subject_state(_token(lake, sid)) == "active"
+    assert not (tmp_path / "x").exists()
+
+
+def test_no_request_passes_models_checked_without_a_models_handler(lake: Workspace, built: dict,
+                                                                   reload_handlers: None):
+    from governance.erasure import ErasureHandler, MissingHandlers, load_handlers, register_handler
+
+    carla = lake.actor("carla")
+    filed = file_request(lake, carla, "erase", _ids(built, 71))
+    load_handlers()
+    register_handler(ErasureHandler(name="models", order=10))  # there, but checks no model
+    with pytest.raises(MissingHandlers, match=r"'models' \(registered without 'models'\)"):
+        run_request(lake, carla, filed.request_id, purge_now=True)
+    assert request_status(lake, carla, filed.request_id).state == "filed"
+    assert lake.audit.query(action="requests.models_checked").num_rows == 0
+
+
+def test_a_broken_entry_point_is_a_missing_handler(lake: Workspace, built: dict, monkeypatch: pytest.MonkeyPatch,
+                                                   reload_handlers: None):
+    from importlib.metadata import EntryPoint
+
+    import governance.erasure.handlers as handlers_mod
+    from governance.erasure import ENTRY_POINT_GROUP, MissingHandlers, load_handlers
+
+    real = handlers_mod._entry_points()
+    broken = [ep for ep in real if ep.name not in ("models", "features")] + [
+        EntryPoint("models", "training.no_such_module:HANDLER", ENTRY_POINT_GROUP),
+        EntryPoint("features", "training.erasure:HANDLER", ENTRY_POINT_GROUP),  # names the "models" handler
+    ]
+    monkeypatch.setattr(handlers_mod, "_entry_points", lambda: broken)
+    failed = load_handlers(reload=True)
+    assert set(failed) == {"models", "features"}
+    with pytest.raises(MissingHandlers) as e:
+        file_request(lake, lake.actor("carla"), "erase", _ids(built, 72))
+    assert list(e.value.missing) == ["features", "models"]
+    assert "ModuleNotFoundError" in e.value.missing["models"]
+    assert "not the ErasureHandler 'features'" in e.value.missing["features"]
+    monkeypatch.setattr(handlers_mod, "_entry_points", lambda: [])  # none installed at all
+    load_handlers(reload=True)
+    with pytest.raises(MissingHandlers) as e:
+        file_request(lake, lake.actor("carla"), "erase", _ids(built, 72))
+    assert list(e.value.missing) == ["lakehouse", "landing", "features", "models", "serving-logs"]
+    assert list_requests(lake, lake.actor("carla")) == []
+
+
+def test_a_denied_actor_learns_nothing_about_requests(lake: Workspace, built: dict):
+    """Every verb asks the gate first (and audits it): unknown and known ids get the same denial."""
+    from governance.erasure import run_pending
+
+    carla, dana = lake.actor("carla"), lake.actor("dana")
+    rid = file_request(lake, carla, "erase", _ids(built, 73)).request_id
+    for ident in (rid, "req_nope"):
+        for call in (lambda: run_request(lake, dana, ident), lambda: request_status(lake, dana, ident),
+                     lambda: verify_certificate(lake, dana, ident)):
+            with pytest.raises(AccessDenied, match="roles/stages/request"):
+                call()
+    for call in (lambda: list_requests(lake, dana), lambda: run_pending(lake, dana)):
+        with pytest.raises(AccessDenied, match="roles/stages/request"):
+            call()
+    assert lake.audit.query(outcome="deny", stage="request", actor="dana").num_rows == 8
+
+
 # -- who may, deadlines, bad input -----------------------------------------------------------------
 def test_only_a_compliance_officer_may_file_or_run(lake: Workspace, built: dict):
     sid = _ids(built, 40)[0]
@@ -523,7 +624,7 @@ def test_bad_input_is_a_clear_error(lake: Workspace):
     with pytest.raises(RequestError, match="output folder"):
         file_request(lake, carla, "access", ["x"])
     with pytest.raises(RequestError, match="no request"):
-        request_status(lake, "req_nope")
+        request_status(lake, lake.actor("carla"), "req_nope")
 
 
 @pytest.mark.parametrize(("filed", "regime", "due"), [
@@ -557,7 +658,7 @@ def test_sla_status_over_time(lake: Workspace, built: dict, filed: datetime, gdp
     assert c.due_at - c.filed_at == timedelta(days=45)
 
     def sla(at: datetime) -> dict[str, tuple[str, bool]]:
-        return {s.request_id: (s.sla, s.late) for s in list_requests(lake, now=at)}
+        return {s.request_id: (s.sla, s.late) for s in list_requests(lake, lake.actor("carla"), now=at)}
 
     day, soon = timedelta(days=1), timedelta(days=lake.config.requests.due_soon_days)
     assert sla(filed + day) == {g.request_id: ("open", False), c.request_id: ("open", False)}
@@ -568,7 +669,7 @@ def test_sla_status_over_time(lake: Workspace, built: dict, filed: datetime, gdp
     assert sla(c.due_at - day)[c.request_id] == ("due soon", False)
     assert sla(c.due_at + timedelta(seconds=1))[c.request_id] == ("overdue", True)
     run_request(lake, carla, g.request_id, purge_now=True)
-    s = {x.request_id: x for x in list_requests(lake, now=g.due_at + 9 * day)}
+    s = {x.request_id: x for x in list_requests(lake, lake.actor("carla"), now=g.due_at + 9 * day)}
     assert s[g.request_id].sla == "done" and s[g.request_id].late is False  # done on time, whatever the date now
 
 
@@ -603,6 +704,10 @@ def test_cli_user_errors_are_one_line(lake: Workspace):
     p = subprocess.run([sys.executable, "-m", "lakewarden", "--config", cfg, "--as", "dana", "requests", "list"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 3 and "roles/stages/request" in p.stderr and "Traceback" not in p.stderr
+    # gate first: a denied actor is refused before the id is looked up (not told it does not exist)
+    p = subprocess.run([sys.executable, "-m", "lakewarden", "--config", cfg, "--as", "dana", "requests", "run",
+                        "req_nope"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3 and "roles/stages/request" in p.stderr and "no request" not in p.stderr
 
 
 def test_erasure_finds_rows_whatever_bucketing_a_table_was_written_with(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -305,10 +305,8 @@ def test_an_erased_subject_is_gone_for_trino_too(lake, tmp_path: Path):
     """A compliance erasure (requests) leaves Trino nothing to return for the subject."""
     import csv
 
-    from governance.requests import file_request, run_request
-    from lakewarden.handlers import load
+    from governance.erasure import file_request, run_request
 
-    load()
     ws, srv = lake
     dana = ws.actor("dana")
     res = generate(tmp_path / "erase", people=5, transactions_per_person=2, seed=4242)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from governance.requests import ErasureContext, ErasureHandler, register_handler
+from governance.erasure import ErasureContext, ErasureHandler
 from governance.workspace import Workspace
 from training.registry import Registry
 
@@ -55,5 +55,5 @@ def _models(ws: Workspace, ctx: ErasureContext) -> list[dict[str, Any]]:
     return models_trained_on(ws, ctx.tokens)
 
 
-HANDLER = ErasureHandler(name="training", order=10, models=_models)
-register_handler(HANDLER)
+HANDLER = ErasureHandler(name="models", order=10, models=_models)
+"""Entry point ``models`` of ``lakewarden.erasure_handlers``: models trained on the subjects' data."""

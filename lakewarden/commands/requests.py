@@ -1,7 +1,7 @@
 """``lakewarden requests …``: erasure and access requests (compliance officers).
 
-A thin shell over :mod:`governance.requests`: parse, call, print. The layers' handlers are
-loaded here (``lakewarden.handlers.load``) so the kernel can reach every store.
+A thin shell over :mod:`governance.erasure`: parse, call, print. The library asks the gate
+and loads the layers' handlers (entry points) itself.
 """
 
 from pathlib import Path
@@ -23,9 +23,6 @@ requests_app = typer.Typer(
 
 
 def _ws_actor(ctx: typer.Context) -> tuple[Any, Any]:
-    from lakewarden.handlers import load
-
-    load()
     st = ctx.find_root().obj
     return st.workspace(), st.actor()
 
@@ -78,7 +75,7 @@ def erase(
     purge_now: Annotated[bool, typer.Option("--purge-now", help="Vacuum Delta history at once instead of waiting for the policy's window (audited).")] = False,
 ) -> None:
     """File an erasure request (and run it): rows, online features, logs, keys, history; then verify."""
-    from governance.requests import file_request, run_request
+    from governance.erasure import file_request, run_request
 
     ws, actor = _ws_actor(ctx)
     st = file_request(ws, actor, "erase", _subjects(subject, subjects_file), regime=regime)
@@ -97,7 +94,7 @@ def access(
     regime: Annotated[Optional[str], typer.Option(help="gdpr or ccpa (default: requests.regime in lakewarden.yaml).")] = None,
 ) -> None:
     """Export everything held on a subject, decrypted, with where it lives and what used it."""
-    from governance.requests import file_request, run_request
+    from governance.erasure import file_request, run_request
 
     ws, actor = _ws_actor(ctx)
     st = file_request(ws, actor, "access", _subjects(subject, subjects_file), regime=regime, out_dir=out)
@@ -112,7 +109,7 @@ def run_cmd(
     purge_now: Annotated[bool, typer.Option("--purge-now", help="Vacuum Delta history at once (audited).")] = False,
 ) -> None:
     """Resume requests: each continues from its last recorded step."""
-    from governance.requests import run_pending, run_request
+    from governance.erasure import run_pending, run_request
 
     ws, actor = _ws_actor(ctx)
     done = ([run_request(ws, actor, request_id, purge_now=purge_now, progress=_progress)] if request_id
@@ -126,14 +123,14 @@ def run_cmd(
 @requests_app.command("list")
 def list_cmd(ctx: typer.Context) -> None:
     """Every request with its deadline and SLA status."""
-    from governance.requests import list_requests
+    from governance.erasure import list_requests
 
     ws, actor = _ws_actor(ctx)
-    _gate_read(ws, actor)
+    rows = list_requests(ws, actor)
     t = Table(title="compliance requests")
     for c in ("request", "kind", "regime", "subjects", "filed", "due", "state", "SLA", "completed"):
         t.add_column(c)
-    for st in list_requests(ws):
+    for st in rows:
         colour = {"done": "green", "overdue": "red", "due soon": "yellow"}.get(st.sla, "white")
         t.add_row(st.request_id, st.kind, st.regime.upper(), str(st.subjects), f"{st.filed_at:%Y-%m-%d %H:%M}",
                   f"{st.due_at:%Y-%m-%d}", st.state, f"[{colour}]{st.sla}[/]" + (" (late)" if st.late else ""),
@@ -144,11 +141,10 @@ def list_cmd(ctx: typer.Context) -> None:
 @requests_app.command("status")
 def status_cmd(ctx: typer.Context, request_id: Annotated[str, typer.Argument(help="The request id (req_...).")]) -> None:
     """One request: state, deadline, what was done and verified."""
-    from governance.requests import request_status
+    from governance.erasure import request_status
 
     ws, actor = _ws_actor(ctx)
-    _gate_read(ws, actor)
-    _print_status(request_status(ws, request_id))
+    _print_status(request_status(ws, actor, request_id))
 
 
 @requests_app.command("certificate")
@@ -160,11 +156,10 @@ def certificate_cmd(
     """Verify a request's signed erasure certificate (Ed25519, the audit signing key)."""
     import json
 
-    from governance.requests import verify_certificate
+    from governance.erasure import verify_certificate
 
     ws, actor = _ws_actor(ctx)
-    _gate_read(ws, actor)
-    cert = verify_certificate(ws, request_id)
+    cert = verify_certificate(ws, actor, request_id)
     d = cert.data
     if out is not None:
         out.write_text(json.dumps({"certificate": d, "signature": cert.signature, "key_id": cert.key_id}, indent=2) + "\n")
@@ -173,9 +168,3 @@ def certificate_cmd(
                   f"{d['subjects']} subject(s) · {sum(d['done']['rows_deleted'].values())} row(s) deleted · "
                   f"{v.get('files_scanned', 0):,} files / {v.get('bytes_scanned', 0):,} bytes scanned, 0 findings")
 
-
-def _gate_read(ws: Any, actor: Any) -> None:
-    from governance.gate import Resource
-    from governance.policy import Stage
-
-    ws.gate.enforce(Stage.REQUEST, actor, Resource.system("requests"))

@@ -26,6 +26,10 @@ Excluded, and said so in the report: the key store (it keeps a tombstone of shre
 own sealed probe (destroyed when the request completes).
 
 Findings name the file and *what* matched (``S1:token``, ``S1:email``), never the value.
+
+A scan is part of a request: it refuses to start unless every required handler is there
+(:func:`~governance.erasure.handlers.require_handlers`), and reads what each handler names
+(``scan_roots``, ``scan_files``) besides the folders above.
 """
 
 from __future__ import annotations
@@ -43,10 +47,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from governance.erasure.handlers import ErasureContext, require_handlers
 from governance.errors import LakewardenError
 
 if TYPE_CHECKING:
-    from governance.requests import ErasureContext
     from governance.workspace import Workspace
 
 _CHUNK = 8 << 20
@@ -117,7 +121,7 @@ def _re2_escape(s: str) -> str:
 
 def scan(
     ws: "Workspace",
-    ctx: "ErasureContext",
+    ctx: ErasureContext,
     *,
     extra_roots: Iterable[Path] = (),
     exclude: Iterable[Path] = (),
@@ -125,11 +129,18 @@ def scan(
 ) -> ScanReport:
     """Scan everything the system keeps for the subjects of ``ctx``; see the module docstring.
 
+    Every handler's ``scan_roots`` and ``scan_files`` are read besides ``extra_roots`` and
     ``labelled``: files to read wherever they lie (e.g. kept landing files outside the
     workspace), each named in the report by its label instead of its path (a path may carry a
     person's name); the path itself is searched too (a finding ``how="path"``).
+
+    Raises:
+        MissingHandlers: a required handler is missing (the scan would miss its stores).
     """
-    labels = {Path(p).resolve(): lab for p, lab in (labelled or {}).items()}
+    hs = require_handlers()
+    extra_roots = [*extra_roots, *(p for h in hs if h.scan_roots for p in h.scan_roots(ws))]
+    labelled = {**{p: lab for h in hs if h.scan_files for p, lab in h.scan_files(ws).items()}, **(labelled or {})}
+    labels = {Path(p).resolve(): lab for p, lab in labelled.items()}
     reset = _LABELS.set(labels)
     try:
         return _scan(ws, ctx, extra_roots, exclude, labels)
@@ -137,7 +148,7 @@ def scan(
         _LABELS.reset(reset)
 
 
-def _scan(ws: "Workspace", ctx: "ErasureContext", extra_roots: Iterable[Path], exclude: Iterable[Path],
+def _scan(ws: "Workspace", ctx: ErasureContext, extra_roots: Iterable[Path], exclude: Iterable[Path],
           labels: Mapping[Path, str]) -> ScanReport:
     rep = ScanReport()
     needles = Needles(ctx.needles())
