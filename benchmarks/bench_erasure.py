@@ -5,8 +5,8 @@ A governed table set is built once per size with the real pipeline (``generate``
 
 * ``plain``          on a copy: for each table, ``DeltaTable.delete("customer_id = '<token>'")``
                      and ``vacuum(retention_hours=0, full=True)`` — the same rows, no governance;
-* ``governed_one``   on a copy: the erasure's work for one subject — ``delete_subject_rows``
-                     (the files of the subjects' buckets that hold them, rewritten), ``purge_history(0)``
+* ``governed_one``   on a copy: the erasure's work for one subject — ``_delete_subject_rows``
+                     (the files of the subjects' buckets that hold them, rewritten), ``_purge_history(0)``
                      and the key shred;
 * ``plain_batch``    on a copy: plain delete (``customer_id IN (...)``) + vacuum of 1,000 subjects;
 * ``governed_batch`` on a copy: the governed work for the same 1,000 subjects in one batch;
@@ -132,15 +132,15 @@ def plain(root: Path, tokens: list[str]) -> dict:
 
 
 def governed(root: Path, tokens: list[str]) -> dict:
-    from lakehouse.erasure import delete_subject_rows, purge_history
+    from lakehouse.erasure import _delete_subject_rows, _purge_history
 
     ws = _open(root)
     ws.keyring.store.subject_state(tokens[0])  # open the key store outside the timing, as a running service has
     before = _sizes(root)
     t0 = time.perf_counter()
-    deleted = delete_subject_rows(ws, tokens)
+    deleted = _delete_subject_rows(ws, tokens)
     t_del = time.perf_counter() - t0
-    purge_history(ws, 0)
+    _purge_history(ws, 0)
     t_purge = time.perf_counter() - t0 - t_del
     shredded = ws.keyring.shred_many(tokens)
     secs = time.perf_counter() - t0

@@ -54,7 +54,7 @@ from lakehouse import landing
 from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_buckets
 from lakehouse.maintenance import expire_log, token_stats
 
-__all__ = ["delete_subject_rows", "purge_history", "sealed_columns", "subject_rows", "HANDLER", "LANDING_HANDLER"]
+__all__ = ["sealed_columns", "subject_rows", "HANDLER", "LANDING_HANDLER"]
 
 
 def _check(tokens: Sequence[str]) -> list[str]:
@@ -85,8 +85,12 @@ def _plain_types(tbl: pa.Table) -> pa.Table:
     return tbl if schema == tbl.schema else tbl.cast(schema)
 
 
-def delete_subject_rows(ws: Workspace, tokens: str | Sequence[str]) -> dict[str, int]:
-    """Delete the subjects' rows from every governed table; return rows deleted per table."""
+def _delete_subject_rows(ws: Workspace, tokens: str | Sequence[str]) -> dict[str, int]:
+    """Delete the subjects' rows from every governed table; return rows deleted per table.
+
+    The lakehouse handler's work, not a verb: no gate, no audit, no key destruction, no
+    verification. Erase through :mod:`governance.erasure` (``lakewarden requests erase``).
+    """
     toks = _check([tokens] if isinstance(tokens, str) else tokens)
     cat = Catalog(ws.config)
     out: dict[str, int] = {}
@@ -244,7 +248,7 @@ def subject_rows(ws: Workspace, tokens: Sequence[str], *, version_of: dict[str, 
     return out
 
 
-def purge_history(ws: Workspace, retention_hours: int | None = None) -> dict[str, int]:
+def _purge_history(ws: Workspace, retention_hours: int | None = None) -> dict[str, int]:
     """VACUUM every governed table (full: orphans too); ``None`` keeps each policy's history window.
 
     Returns files deleted per table. ``retention_hours=0`` removes every file the current
@@ -297,13 +301,13 @@ def scrub_trino_logs(ws: Workspace, tokens: Sequence[str], *, dry_run: bool = Fa
 # -- the handler ----------------------------------------------------------------------------------
 def _erase(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:
     out = _quarantine_without_key(ws, ctx)
-    out.update({f"delta:{k}": v for k, v in delete_subject_rows(ws, ctx.tokens).items()})
+    out.update({f"delta:{k}": v for k, v in _delete_subject_rows(ws, ctx.tokens).items()})
     out.update(scrub_trino_logs(ws, ctx.tokens))
     return out
 
 
 def _purge(ws: Workspace, ctx: ErasureContext, retention_hours: int | None) -> dict[str, int]:
-    return {f"delta:{k}": v for k, v in purge_history(ws, retention_hours).items()}
+    return {f"delta:{k}": v for k, v in _purge_history(ws, retention_hours).items()}
 
 
 def _residual(ws: Workspace, ctx: ErasureContext) -> dict[str, int]:

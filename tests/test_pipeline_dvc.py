@@ -170,7 +170,7 @@ def test_policy_change_forbidding_a_feature_stops_the_features_stage(repo: Path)
 
 def test_checkout_reads_pinned_versions_without_erased_subjects(repo: Path, tmp_path: Path):
     from governance.workspace import Workspace
-    from lakehouse.erasure import delete_subject_rows
+    from lakehouse.erasure import _delete_subject_rows
 
     p = _sh(repo, "lakewarden", "--as", "dana", "pipeline", "checkout", "--out", str(tmp_path / "a"))
     assert p.returncode == 0, p.stderr
@@ -181,7 +181,7 @@ def test_checkout_reads_pinned_versions_without_erased_subjects(repo: Path, tmp_
     assert before.num_rows == silver["rows"]
     victim = before["customer_id"][0].as_py()
     with Workspace.open(repo / "lakewarden.yaml") as ws:
-        delete_subject_rows(ws, victim)
+        _delete_subject_rows(ws, victim)
         ws.keyring.store.shred(victim)
     p = _sh(repo, "lakewarden", "--as", "dana", "pipeline", "checkout", "--out", str(tmp_path / "b"))
     assert p.returncode == 0, p.stderr

@@ -718,7 +718,7 @@ def test_erasure_finds_rows_whatever_bucketing_a_table_was_written_with(tmp_path
     from deltalake import DeltaTable
     from governance.keys import generate_kek_b64
     from lakehouse.catalog import Catalog, TableRef
-    from lakehouse.erasure import delete_subject_rows
+    from lakehouse.erasure import _delete_subject_rows
     from lakehouse.ingest import ingest
     from lakehouse.synth import generate
 
@@ -739,7 +739,7 @@ def test_erasure_finds_rows_whatever_bucketing_a_table_was_written_with(tmp_path
         assert not dt.metadata().description
         victim = dt.to_pyarrow_table(columns=["customer_id"])["customer_id"][0].as_py()
         assert erasure_mod.table_buckets(dt) is None
-        deleted = delete_subject_rows(ws, victim)
+        deleted = _delete_subject_rows(ws, victim)
         assert deleted["bronze.transactions"] > 0 and deleted["bronze.customers"] == 1
         for r in (ref, TableRef("bronze", "customers"), TableRef("vault", "customers")):
             left = DeltaTable(Catalog(ws.config).uri(r)).to_pyarrow_table(columns=["customer_id"])

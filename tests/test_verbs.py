@@ -23,12 +23,16 @@ from governance.errors import AccessDenied
 
 NOBODY = "nobody"  # no role in policies/roles.yaml
 TOKEN = "sub_" + "a" * 26
+REQ = "req_000000000000"  # no such request: a refused actor must not learn that
 
 
 def _verbs(tmp: Path) -> dict[str, tuple[str, Callable[[Any, Any], Any]]]:
     """verb -> (the stage it must ask for first, a call of it as a library user)."""
     from features.store import Features
     from governance.audit_ops import query_audit, verify_audit
+    from governance.erasure import (
+        file_request, list_requests, request_status, run_pending, run_request, verify_certificate,
+    )
     from governance.gate import check_access
     from governance.key_ops import key_status, rotate_kek
     from governance.lineage_ops import lineage_of
@@ -78,6 +82,13 @@ def _verbs(tmp: Path) -> dict[str, tuple[str, Callable[[Any, Any], Any]]]:
         "pipeline ingest step": ("ingest", lambda ws, a: run_step(ws, a, "ingest", _params(tmp))),
         "pipeline checkout": ("maintain", lambda ws, a: checkout(ws, a, tmp / "out", manifest=tmp / "silver.json")),
         "pipeline summary": ("audit", summary),
+        "erasure request": ("request", lambda ws, a: file_request(ws, a, "erase", ["C-000000001"])),
+        "access request": ("request", lambda ws, a: file_request(ws, a, "access", ["C-000000001"], out_dir=tmp / "x")),
+        "run a request": ("request", lambda ws, a: run_request(ws, a, REQ)),
+        "run pending requests": ("request", run_pending),
+        "list requests": ("request", list_requests),
+        "request status": ("request", lambda ws, a: request_status(ws, a, REQ)),
+        "erasure certificate": ("request", lambda ws, a: verify_certificate(ws, a, REQ)),
     }
 
 
@@ -92,8 +103,10 @@ VERBS = sorted(_verbs(Path("/nonexistent")))
 
 
 @pytest.mark.parametrize("verb", VERBS)
-def test_a_verb_refuses_an_actor_without_the_stage_and_audits_the_deny(verb: str, workspace, tmp_path: Path):
+def test_a_verb_refuses_an_actor_without_the_stage_and_audits_the_deny(verb: str, workspace, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch):
     stage, call = _verbs(tmp_path)[verb]
+    monkeypatch.chdir(tmp_path)  # no pipeline manifests, params or landing files of this repository
     (tmp_path / "customers.csv").write_text("customer_id,email\nc1,a@example.org\n")
     with pytest.raises(AccessDenied) as denied:
         call(workspace, workspace.actor(NOBODY))

@@ -413,6 +413,11 @@ def step_deploy(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     return body
 
 
+#: The gate stage each step asks for first: an actor none of whose roles may run it is refused
+#: (and audited) before the step reads any manifest (:meth:`Gate.require_stage`).
+FIRST_STAGE = {"sources": Stage.INGEST, "ingest": Stage.INGEST, "silver": Stage.INGEST, "features": Stage.FEATURES,
+               "train": Stage.FEATURES, "evaluate": Stage.EVALUATE, "register": Stage.REGISTER, "deploy": Stage.DEPLOY}
+
 STEPS = {"sources": step_sources, "ingest": step_ingest, "silver": step_silver, "features": step_features,
           "train": step_train, "evaluate": step_evaluate, "register": step_register, "deploy": step_deploy}
 
@@ -470,6 +475,7 @@ def run_step(ws: Workspace, actor: Actor, stage: str, params_path: Path = PARAMS
     if stage not in STEPS:
         raise PipelineError(f"unknown stage '{stage}' (stages: {', '.join(STEPS)})")
     try:
+        ws.gate.require_stage(FIRST_STAGE[stage], actor, Resource.system("pipeline"))
         params = load_params(params_path, ws)
         if os.environ.get("DVC_STAGE"):  # run by dvc repro: dvc.yaml must say what this configuration needs
             _refuse_stale(ws, params)
