@@ -5,7 +5,8 @@ Against the repository's own lakewarden.yaml, params.yaml and dvc.yaml (state un
 the synthetic generator, as params.yaml says — ingest, silver, features, DP training, fairness
 evaluation, registration — each stage gated), the compliance officer's approval (the pipeline
 identity is refused: separation of duties), ``dvc repro`` again for the deploy stage (render the
-InferenceService, local smoke test), a few analyst queries, crypto-shredding, and a summary with
+InferenceService, local smoke test), a few analyst queries, an erasure request (rows, online features, logs, the subject's key
+destroyed, then a scan of every file; the history waits for the policy's window), and a summary with
 the audit chain verified. The demo is one configuration of the pipeline: docs/your-own-data.md
 runs the same stages on a user's own files.
 """
@@ -41,29 +42,20 @@ def run(*args: str, expect: int = 0) -> None:
         console.print(f"[dim](exit {code}, as expected)[/]")
 
 
-def shredding_demo(config: Path) -> None:
-    """Seal synthetic identifiers under per-subject keys, shred one subject, show what remains readable."""
-    from governance.errors import SubjectShredded
-    from governance.erasure import subject_digest
-    from governance.workspace import Workspace
+def a_customer_id(root: Path) -> str:
+    """The id of the synthetic generator's first customer for params.yaml's seed (the same seed makes
+    the same people), as a data subject would give it in an erasure request."""
+    import tempfile
 
-    people = ["ada.l@example.org", "grace.h@example.org", "alan.t@example.org"]
-    with Workspace.open(config) as ws:
-        ring = ws.keyring
-        tokens = ring.tokens_for(people)
-        sealed = ring.seal_many(people, tokens, dataset="demo_vault", column="email")
-        victim = tokens[1]
-        ring.shred(victim)
-        # The audit names the subject by a keyed digest, never the token: the log outlives the erasure.
-        ws.audit.record("keys.shred", actor="carla", outcome="ok", resource="system:keys",
-                        details={"subject": subject_digest(ws, victim)})
-        for tok, blob in zip(tokens, sealed):
-            try:
-                ring.open(blob, token=tok, dataset="demo_vault", column="email")
-                state = "[green]readable by its key holder[/]"
-            except SubjectShredded:
-                state = "[red]key destroyed: unreadable everywhere, for good[/]"
-            console.print(f"  {tok}  {len(blob)}-byte ciphertext  {state}")
+    import pyarrow.csv as pacsv
+    import yaml
+
+    from lakehouse.synth import generate
+
+    seed = int((yaml.safe_load((root / "params.yaml").read_text()).get("synthetic") or {}).get("seed", 0))
+    with tempfile.TemporaryDirectory() as tmp:
+        res = generate(tmp, people=1, transactions_per_person=0, seed=seed)
+        return str(pacsv.read_csv(res.files["customers"]).column("customer_id")[0].as_py())
 
 
 def dvc(outcomes: Path, *args: str) -> dict | None:
@@ -131,8 +123,9 @@ def main() -> None:
         "FROM customers GROUP BY region ORDER BY region")
     run("--as", "ana", "sql", "SELECT sex FROM customers", expect=2)
     run("--as", "ana", "sql", "SELECT count(*) FROM bronze.customers", expect=3)
-    console.print(Rule("Crypto-shredding"))
-    shredding_demo(config)
+    console.print(Rule("The right to erasure: one request reaches every copy, then a scan proves it"))
+    run("--as", "ana", "requests", "erase", "--subject", a_customer_id(root), expect=3)
+    run("--as", "carla", "requests", "erase", "--subject", a_customer_id(root))
     console.print(Rule("Summary"))
     run("--as", "carla", "pipeline", "summary")
     run("--as", "carla", "pipeline", "trace")
