@@ -129,3 +129,19 @@ def test_policy_check_writes_a_json_summary(proj: Path):
 
     s = json.loads((proj / "reports/g.json").read_text())
     assert s["datasets"]["customers"]["direct_identifier"] == 3 and len(s["digest"]) == 64
+
+
+def test_in_process_runs_match_the_installed_command(proj: Path):
+    """``lw_in``, which these tests use, prints and exits as ``python -m lakewarden`` does, and leaves this
+    process's environment, folder and excepthook as it found them."""
+    import os
+    import sys
+
+    env, cwd, hook = dict(os.environ), os.getcwd(), sys.excepthook
+    for args, user in ((("gate", "check", "features", "--dataset", "customers", "--purpose", "credit_scoring",
+                         "--columns", "income,region"), "sam"),     # allowed: 0 and a table on stdout
+                       (("audit", "query", "--format", "csv"), "ana"),  # denied: 3 and one line
+                       (("gate", "check", "teleport"), None)):       # a usage error: click's 2 and its panel
+        sub, ins = lw(proj, *args, user=user), lw_in(proj, *args, user=user)
+        assert (ins.returncode, ins.stdout, ins.stderr) == (sub.returncode, sub.stdout, sub.stderr), args
+    assert dict(os.environ) == env and os.getcwd() == cwd and sys.excepthook is hook
