@@ -45,6 +45,7 @@ def _env() -> dict[str, str]:
     return {"LAKEWARDEN_KEK": os.environ["LAKEWARDEN_KEK"]}
 
 
+@pytest.mark.slow  # two fresh interpreters importing Feast, ~13 s and more on 2 cores
 def test_a_training_set_from_the_command_line_prints_no_library_deprecation(lake: Path):
     # Subprocesses on purpose, both: the hook is lakewarden.cli.run's, in the command's own process; and
     # the control's note comes only in a fresh interpreter (run in this one, after the lake's set-up, the

@@ -91,6 +91,7 @@ def test_sql_time_travel(lake: Path):
     assert p.returncode == 2 and "999" in p.stderr
 
 
+@pytest.mark.slow  # Feast apply, materialize, training set, online and erase, ~11 s on 2 cores
 def test_features_commands(lake: Path, tmp_path: Path):
     assert lw_in(lake, "features", "apply", user="ana").returncode == 3  # analysts do not run the feature store
     p = lw_in(lake, "features", "apply", user="dana")
