@@ -333,7 +333,6 @@ ws.close()
 """
 
 
-@pytest.mark.slow  # a killed process and a rerun, ~6-10 s on 2 cores
 def test_sigkill_mid_ingest_then_rerun_is_exactly_once(project: Path, tmp_path: Path):
     n = 6000
     rows = [person(i, **({"email": "broken"} if i % 97 == 0 else {})) for i in range(n)]
@@ -370,7 +369,6 @@ def _ingest_proc(config: str, path: str) -> None:
     ws.close()
 
 
-@pytest.mark.slow  # two processes ingesting, ~6-10 s on 2 cores
 def test_two_concurrent_ingests_lose_no_rows(project: Path, tmp_path: Path):
     a = write_csv(tmp_path / "a.csv", [person(i) for i in range(0, 1000)])
     b = write_csv(tmp_path / "b.csv", [person(i) for i in range(1000, 2000)])
