@@ -1,13 +1,14 @@
 # Two commands for a fresh machine (see README):
 #   make demo   install, then run the main job on embedded defaults
 #   make test   install, then run the test suite
+# (make test-fast: the suite less the tests marked slow, for the edit-test loop; it starts no Trino)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 LW     := $(BIN)/lakewarden
 
-.PHONY: install trino system demo test bench clean-demo
+.PHONY: install trino system demo test test-fast bench clean-demo
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=python3.11)")'
@@ -32,6 +33,11 @@ demo: install
 
 test: install trino system
 	LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 LAKEWARDEN_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -q
+
+# Everything but the long end-to-end tests (@pytest.mark.slow: DVC pipeline runs, Trino, demo-like and
+# at-scale runs). Servers that are not installed are skipped, not required.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/bench_governance.py

@@ -8,14 +8,13 @@ computed from the text written, never typed in by hand.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import lw_in
 
 from governance.config import CONFIG_ENV, ProjectConfig, find_config, load_config
 from governance.errors import ConfigError, PolicyError
@@ -686,12 +685,7 @@ def test_missing_policy_file_is_a_policy_error(tmp_path: Path) -> None:
 # == CLI ==================================================================================
 def _cli(tmp_path: Path) -> subprocess.CompletedProcess[str]:
     cfg = write_cfg(tmp_path, "version: 1\nname: demo\npolicies: [policies/*.yaml]\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEWARDEN_") and k != "FORCE_COLOR"}
-    env.update(NO_COLOR="1", TERM="dumb", COLUMNS="200")
-    return subprocess.run(
-        [sys.executable, "-m", "lakewarden", "-c", str(cfg), "policy", "check"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )
+    return lw_in(tmp_path, "-c", str(cfg), "policy", "check")
 
 
 def test_cli_policy_check_broken_policy(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cli_helpers import lw_in
 from deltalake import DeltaTable
 
 from governance.errors import AccessDenied, LakewardenError
@@ -309,15 +310,13 @@ def test_unknown_column_dropped_when_policy_says_so(project: Path, tmp_path: Pat
 
 
 def test_cli_reports_bad_input_without_traceback(project: Path, tmp_path: Path):
-    env = {**os.environ, "LAKEWARDEN_USER": "dana"}
+    env = {"LAKEWARDEN_KEK": os.environ["LAKEWARDEN_KEK"]}
     f = write_csv(tmp_path / "c.csv", [{**person(1), "shoe_size": "44"}], [*HEADER, "shoe_size"])
-    p = subprocess.run([sys.executable, "-m", "lakewarden", "ingest", "customers", str(f)], cwd=project, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = lw_in(project, "ingest", "customers", str(f), user="dana", env=env)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "have no policy" in p.stderr and "hint: classify them" in p.stderr
     ok = write_csv(tmp_path / "ok.csv", [person(1), person(2, sex="?")])
-    p = subprocess.run([sys.executable, "-m", "lakewarden", "ingest", "customers", str(ok), "--json"], cwd=project, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = lw_in(project, "ingest", "customers", str(ok), "--json", user="dana", env=env)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert (out["rows_read"], out["rows_accepted"], out["rows_quarantined"]) == (2, 1, 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from cli_helpers import lw
+from cli_helpers import lw_in
 from governance.config import load_config
 from governance.policy import load_policies
 from governance.setup import write_policy_templates
@@ -14,14 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_init_writes_a_policy_that_passes_the_check_and_names_policy_suggest(tmp_path: Path):
-    p = lw(tmp_path, "init", ".", user="alex")
+    p = lw_in(tmp_path, "init", ".", user="alex")
     assert p.returncode == 0, p.stderr
     roles, example = tmp_path / "policies" / "roles.yaml", tmp_path / "policies" / "example.yaml"
     assert f"created {roles}" in p.stdout and f"created {example}" in p.stdout
     assert "lakewarden policy suggest FILE" in p.stdout and "lakewarden policy check" in p.stdout
     assert "alex: [data_engineer, data_scientist, ml_engineer]" in roles.read_text()
     assert example.read_text().count("#") > 10  # commented, field by field
-    check = lw(tmp_path, "policy", "check")
+    check = lw_in(tmp_path, "policy", "check")
     assert check.returncode == 0 and "2 policy files are valid" in check.stdout, check.stderr
     ps = load_policies(load_config(tmp_path / "lakewarden.yaml").policy_files())
     ds = ps.datasets["example"]
@@ -29,14 +29,14 @@ def test_init_writes_a_policy_that_passes_the_check_and_names_policy_suggest(tmp
     assert ps.roles_of("alex") == ("data_engineer", "data_scientist", "ml_engineer")
     # the user's edits survive a second init: nothing is rewritten, and no template is offered
     example.write_text(example.read_text().replace("A template. Replace it with your data.", "Loan applicants."))
-    again = lw(tmp_path, "init", ".", user="alex")
+    again = lw_in(tmp_path, "init", ".", user="alex")
     assert again.returncode == 0 and "created" not in again.stdout and "policy suggest" not in again.stdout
     assert "Loan applicants." in example.read_text()
 
 
 def test_a_project_with_policies_gets_no_template(tmp_path: Path):
     shutil.copytree(REPO / "policies", tmp_path / "policies")
-    p = lw(tmp_path, "init", ".")
+    p = lw_in(tmp_path, "init", ".")
     assert p.returncode == 0, p.stderr
     assert not (tmp_path / "policies" / "example.yaml").exists() and "policy suggest" not in p.stdout
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import lw
+from cli_helpers import lw_in
 from deltalake import DeltaTable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,13 +39,13 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f = d / "policies" / f"{ds}.yaml"
         text = f.read_text().replace("landing: remove", "landing: keep").replace("history: 7d", "history: 0h")
         f.write_text(text)
-    assert lw(d, "init", ".").returncode == 0
-    assert lw(d, "generate", "--out", "landing", "--people", "90", "--transactions-per-person", "2", "--bad-rows", "0.1",
-              "--seed", "11").returncode == 0
+    assert lw_in(d, "init", ".").returncode == 0
+    assert lw_in(d, "generate", "--out", "landing", "--people", "90", "--transactions-per-person", "2",
+                 "--bad-rows", "0.1", "--seed", "11").returncode == 0
     for ds in ("customers", "transactions"):
-        p = lw(d, "ingest", ds, f"landing/{ds}.csv", user="dana")
+        p = lw_in(d, "ingest", ds, f"landing/{ds}.csv", user="dana")
         assert p.returncode == 0, p.stderr
-        assert lw(d, "silver", ds, user="dana").returncode == 0
+        assert lw_in(d, "silver", ds, user="dana").returncode == 0
     bronze = table(d, "bronze.customers")
     old_tokens = [r["customer_id"] for r in bronze.to_pyarrow_table(columns=["customer_id", "_row"]).to_pylist()
                   if r["_row"] <= 30]
@@ -91,7 +91,7 @@ def test_old_rows_go_new_rows_stay_and_counts_add_up(lake: Path):
     old = _old_counts(lake)
     assert all(v > 0 for v in old.values()), old
     rows = {n: table(lake, n).count() for n in old}
-    p = lw(lake, "tables", "enforce-retention", "--landing", "landing", "--json", user="dana")
+    p = lw_in(lake, "tables", "enforce-retention", "--landing", "landing", "--json", user="dana")
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
     by = {t["table"]: t for t in rep["tables"]}
@@ -115,7 +115,7 @@ def test_old_rows_go_new_rows_stay_and_counts_add_up(lake: Path):
 @pytest.mark.real_clock  # landing files and vacuumed data files are aged by their modification times
 def test_history_is_vacuumed(lake: Path):
     before = on_disk(lake, "bronze.customers")
-    p = lw(lake, "tables", "enforce-retention", "--json", user="carla")
+    p = lw_in(lake, "tables", "enforce-retention", "--json", user="carla")
     assert p.returncode == 0, p.stderr
     t = {x["table"]: x for x in json.loads(p.stdout)["tables"]}["bronze.customers"]
     assert t["history_hours"] == 0 and t["files_vacuumed"] > 0
@@ -131,30 +131,30 @@ def test_history_is_vacuumed(lake: Path):
 
 def test_dry_run_changes_nothing_and_predicts_the_real_run(lake: Path):
     state = _state(lake)
-    p = lw(lake, "tables", "enforce-retention", "--dry-run", "--landing", "landing", "--json", user="dana")
+    p = lw_in(lake, "tables", "enforce-retention", "--dry-run", "--landing", "landing", "--json", user="dana")
     assert p.returncode == 0, p.stderr
     dry = json.loads(p.stdout)
     assert dry["dry_run"] and _state(lake) == state
     assert (lake / "landing/customers.csv").exists()
     assert dry["rows_deleted"] == sum(_old_counts(lake).values()) > 0
-    real = json.loads(lw(lake, "tables", "enforce-retention", "--json", user="dana").stdout)
+    real = json.loads(lw_in(lake, "tables", "enforce-retention", "--json", user="dana").stdout)
     assert [(t["table"], t["rows_deleted"]) for t in dry["tables"]] == [(t["table"], t["rows_deleted"]) for t in real["tables"]]
 
 
 def test_denied_for_an_analyst_and_nothing_changes(lake: Path):
     state = _state(lake)
-    p = lw(lake, "tables", "enforce-retention", user="ana")
+    p = lw_in(lake, "tables", "enforce-retention", user="ana")
     assert p.returncode == 3 and "roles/stages/maintain" in p.stderr
-    p = lw(lake, "tables", "enforce-retention", user="sam")
+    p = lw_in(lake, "tables", "enforce-retention", user="sam")
     assert p.returncode == 3 and "roles/stages/maintain" in p.stderr
     assert _state(lake) == state
 
 
 def test_audited_per_table_with_counts_and_lineage(lake: Path):
-    p = lw(lake, "tables", "enforce-retention", "--dataset", "customers", "--json", user="dana")
+    p = lw_in(lake, "tables", "enforce-retention", "--dataset", "customers", "--json", user="dana")
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
-    q = lw(lake, "audit", "query", "--action", "retention.enforce", "--format", "json", user="carla")
+    q = lw_in(lake, "audit", "query", "--action", "retention.enforce", "--format", "json", user="carla")
     events = json.loads(q.stdout)
     assert sorted(e["resource"] for e in events) == sorted(f"table:{t['table']}" for t in rep["tables"])
     for e in events:
@@ -162,15 +162,15 @@ def test_audited_per_table_with_counts_and_lineage(lake: Path):
         assert det["rows_before"] == det["rows_deleted"] + det["rows_after"]
         assert e["subject_token"] is None and not TOKEN.search(e["details"])
     assert len(rep["lineage_runs"]) == 1
-    out = lw(lake, "lineage", "show", "bronze.customers", "--direction", "down", user="dana").stdout
+    out = lw_in(lake, "lineage", "show", "bronze.customers", "--direction", "down", user="dana").stdout
     assert "retention.customers" in out
 
 
 def test_table_output_and_bad_input(lake: Path):
-    p = lw(lake, "tables", "enforce-retention", "--dry-run", user="dana")
+    p = lw_in(lake, "tables", "enforce-retention", "--dry-run", user="dana")
     assert p.returncode == 0 and "dry run: nothing changed" in p.stdout and "would delete" in p.stdout
     assert "bronze.customers" in p.stdout and "not checked" in p.stdout
-    p = lw(lake, "tables", "enforce-retention", "--dataset", "nope", user="dana")
+    p = lw_in(lake, "tables", "enforce-retention", "--dataset", "nope", user="dana")
     assert p.returncode == 2 and "nope" in p.stderr
-    p = lw(lake, "tables", "enforce-retention", "--landing", "no-such-dir", user="dana")
+    p = lw_in(lake, "tables", "enforce-retention", "--landing", "no-such-dir", user="dana")
     assert p.returncode == 2 and "no-such-dir" in p.stderr

@@ -26,7 +26,7 @@ from governance.errors import LakewardenError
 from governance.policy import ColumnClass, load_policies
 from lakehouse.errors import SuggestError
 from lakehouse.suggest import _range, suggest_policy, write_draft
-from tests.cli_helpers import lw
+from tests.cli_helpers import lw_in
 
 REPO = Path(__file__).resolve().parents[1]
 TODAY = date(2026, 1, 1)
@@ -319,17 +319,17 @@ def test_ranges_are_rounded_outward():
 
 def test_cli_suggest_writes_a_draft_that_policy_check_accepts(project: Path, files):
     src = files["jsonl"][0]
-    p = lw(project, "policy", "suggest", str(src), "--sample", "200")
+    p = lw_in(project, "policy", "suggest", str(src), "--sample", "200")
     assert p.returncode == 0, p.stderr
     assert "member_number" in p.stdout and "direct_identifier" in p.stdout and "high" in p.stdout
     assert "wrote policies/members.yaml" in " ".join(p.stdout.split())
-    chk = lw(project, "policy", "check")
+    chk = lw_in(project, "policy", "check")
     assert chk.returncode == 0, chk.stderr
     assert "members" in chk.stdout and "member_number" in chk.stdout
-    again = lw(project, "policy", "suggest", str(src))
+    again = lw_in(project, "policy", "suggest", str(src))
     assert again.returncode == 2 and "policies/members.yaml: already exists" in again.stderr
     assert len(again.stderr.strip().splitlines()) <= 2  # the error and its hint
-    bad = lw(project, "policy", "suggest", str(project / "nothing.parquet"))
+    bad = lw_in(project, "policy", "suggest", str(project / "nothing.parquet"))
     assert bad.returncode == 2 and f"{project / 'nothing.parquet'}: no such file" in " ".join(bad.stderr.split())
 
 

@@ -122,6 +122,7 @@ def test_groups_map_users_and_single_role_identities(project: Path):
 
 
 # -- against the server -----------------------------------------------------------------------
+@pytest.mark.slow  # against the module's Trino server
 def test_analyst_sees_masked_filtered_rows_same_as_embedded(lake):
     ws, _ = lake
     trino_rows, embedded_rows = both(ws, "ana", "SELECT customer_id, birth_date, zip_code, income, region FROM customers")
@@ -132,6 +133,7 @@ def test_analyst_sees_masked_filtered_rows_same_as_embedded(lake):
     assert "restricted" not in {r[4] for r in trino_rows}  # row filter
 
 
+@pytest.mark.slow  # against the module's Trino server
 def test_hidden_column_and_forbidden_tables_are_denied(lake):
     ws, _ = lake
     ana = ws.actor("ana")
@@ -141,6 +143,7 @@ def test_hidden_column_and_forbidden_tables_are_denied(lake):
             run_trino(ws, ana, sql)
 
 
+@pytest.mark.slow  # against the module's Trino server
 def test_unknown_user_is_denied(lake):
     ws, _ = lake
     from governance.gate import Actor
@@ -149,6 +152,7 @@ def test_unknown_user_is_denied(lake):
         run_trino(ws, Actor("mallory"), "SELECT count(*) FROM customers")
 
 
+@pytest.mark.slow  # against the module's Trino server
 def test_audit_table_only_for_compliance(lake):
     ws, _ = lake
     n = run_trino(ws, ws.actor("carla"), "SELECT count(*) AS n FROM audit.events")["n"][0].as_py()
@@ -157,6 +161,7 @@ def test_audit_table_only_for_compliance(lake):
         run_trino(ws, ws.actor("sam"), "SELECT count(*) FROM audit.events")
 
 
+@pytest.mark.slow  # against the module's Trino server
 def test_acting_in_one_role_only(lake):
     ws, _ = lake
     pipeline = ws.actor("pipeline")  # data_engineer + data_scientist + ml_engineer
@@ -179,6 +184,7 @@ QUERY_SUITE = [
 ]
 
 
+@pytest.mark.slow  # against the module's Trino server
 @pytest.mark.parametrize("user,sql", QUERY_SUITE, ids=[f"{u}-{i}" for i, (u, _) in enumerate(QUERY_SUITE)])
 def test_same_rows_on_both_engines(lake, user: str, sql: str):
     ws, _ = lake
@@ -186,12 +192,14 @@ def test_same_rows_on_both_engines(lake, user: str, sql: str):
     assert trino_rows == embedded_rows
 
 
+@pytest.mark.slow  # against the module's Trino server
 def test_sensitive_columns_are_null_for_data_scientists(lake):
     ws, _ = lake
     t = run_trino(ws, ws.actor("sam"), "SELECT count(*) AS n, count(sex) AS s, count(ethnicity) AS e FROM customers")
     assert t["n"][0].as_py() > 0 and t["s"][0].as_py() == 0 and t["e"][0].as_py() == 0
 
 
+@pytest.mark.slow  # against the module's Trino server
 def test_new_versions_are_seen_after_ingest_and_erasure(lake, tmp_path: Path):
     ws, srv = lake
     dana = ws.actor("dana")
@@ -212,6 +220,7 @@ def test_new_versions_are_seen_after_ingest_and_erasure(lake, tmp_path: Path):
     assert run_trino(ws, dana, count)["n"][0].as_py() == after - 1
 
 
+@pytest.mark.slow  # against the module's Trino server
 def test_tables_checkpointed_by_delta_rs_read_correctly(lake, tmp_path: Path):
     ws, srv = lake
     dana = ws.actor("dana")
@@ -230,6 +239,7 @@ def test_tables_checkpointed_by_delta_rs_read_correctly(lake, tmp_path: Path):
     assert trino_rows == embedded_rows
 
 
+@pytest.mark.slow  # against the module's Trino server
 def test_feature_store_with_the_trino_offline_store(lake, tmp_path: Path):
     """Feast's Trino offline store over the same silver tables gives the same training set."""
     import warnings
@@ -301,6 +311,7 @@ def test_committed_infra_configuration_is_current(profile: str):
         assert committed.read_text() == text, f"{committed} is stale: run lakewarden trino render --profile {profile}"
 
 
+@pytest.mark.slow  # against the module's Trino server
 def test_an_erased_subject_is_gone_for_trino_too(lake, tmp_path: Path):
     """A compliance erasure (requests) leaves Trino nothing to return for the subject."""
     import csv
@@ -341,6 +352,7 @@ def _second_workspace(root: Path, port: int, *extra: str) -> Workspace:
     return Workspace.open(root / "lakewarden.yaml")
 
 
+@pytest.mark.slow  # against the module's Trino server
 def test_another_workspaces_server_on_the_port_is_never_used(lake, tmp_path: Path):
     """Two workspaces with the same trino.port: the second refuses the first's server everywhere."""
     import subprocess
