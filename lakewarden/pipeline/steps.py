@@ -1,14 +1,14 @@
-"""The reference pipeline's stages, as ``dvc repro`` runs them (see dvc.yaml and params.yaml).
+"""The reference pipeline's steps, as ``dvc repro`` runs them (see dvc.yaml and params.yaml).
 
-Each stage is one function here and one ``lakewarden pipeline <stage>`` command in dvc.yaml.
-Every stage asks the policy gate before it touches data (a deny raises AccessDenied, the
-command exits 3 naming the rule, and ``dvc repro`` stops there; the audit log holds the
-decision).
+Each step is one function here (``step_<name>``, in :data:`STEPS`) and one DVC stage in dvc.yaml,
+whose command is ``lakewarden pipeline stage <name>`` (DVC's word). Every step asks the policy
+gate for its stage(s) before it touches data (a deny raises AccessDenied, the command exits 3
+naming the rule, and ``dvc repro`` stops there; the audit log holds the decision).
 
 Which data: params.yaml names the datasets and each one's source (``synthetic``, or files and
 globs of CSV, Parquet, JSON Lines), and the model (features, label, purpose). Nothing here names
 a dataset or a column: the subject key comes from the dataset's policy, the model's dataset from
-its features. dvc.yaml follows from params.yaml and the policies (:mod:`lakewarden.dvcyaml`); a
+its features. dvc.yaml follows from params.yaml and the policies (:mod:`lakewarden.pipeline.dvcyaml`); a
 stage run by DVC refuses a stale one. The ``sources`` stage runs on every ``dvc repro`` and
 rewrites its record only when a landing file is new or changed, so nothing downstream reruns
 when none is (see :func:`step_sources`).
