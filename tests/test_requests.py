@@ -648,7 +648,7 @@ FILED_AT = [datetime(2027, 1, 31, 9, tzinfo=timezone.utc), datetime(2027, 2, 28,
 GDPR_DUE = ["2027-02-28", "2027-03-28", "2027-05-30", "2027-01-02", "2027-01-31"]
 
 
-@pytest.mark.parametrize(("filed", "gdpr_due"), zip(FILED_AT, GDPR_DUE), ids=[d.date().isoformat() for d in FILED_AT])
+@pytest.mark.parametrize(("filed", "gdpr_due"), list(zip(FILED_AT, GDPR_DUE)), ids=[d.date().isoformat() for d in FILED_AT])
 def test_sla_status_over_time(lake: Workspace, built: dict, filed: datetime, gdpr_due: str):
     lake._clock = lambda: filed  # "now" is pinned: the deadline arithmetic, not today's date, is under test
     carla = lake.actor("carla")
