@@ -82,25 +82,15 @@ from pydantic import (
 from governance.locks import file_lock
 from governance.errors import LakewardenError
 from governance.fairness import METRICS as FAIRNESS_METRICS
-from governance.fairness import judge as judge_fairness
-from governance.fairness import thresholds as fairness_thresholds
 from governance.gate import Actor, Decision, Resource
 from governance.pii import find_pii_in
 from governance.policy import IDENT, DatasetPolicy, Stage
 from governance.workspace import Workspace
-from training.profile import (  # the drift profile stored with each model: loaded by serving through this module
-    EPSILON,
-    PROFILE_FORMAT,
-    CategoricalProfile,
-    FeatureProfile,
-    NumericProfile,
-    Profile,
-    psi,
-    psi_categorical,
-)
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from training.profile import Profile
 
     from training.encode import Encoder
 
@@ -126,6 +116,12 @@ __all__ = [
     "RegistryError",
 ]
 
+# The drift profile stored with each model is serving's vocabulary too; serving reads it through this
+# module. Re-exported lazily: training.profile imports numpy, which `models list` must not pay for.
+_PROFILE_NAMES = frozenset({"EPSILON", "PROFILE_FORMAT", "CategoricalProfile", "FeatureProfile", "NumericProfile",
+                            "Profile", "psi", "psi_categorical"})
+
+
 REGISTRY_TABLE = "_models/registry"
 """The registry table, under the storage root (``ws.config.table_uri(REGISTRY_TABLE)``)."""
 
@@ -149,11 +145,14 @@ def _schema() -> pa.Schema:
 
 
 # SCHEMA: the Arrow schema of the registry table, one row per event, never updated.
-def __getattr__(name: str) -> Any:  # SCHEMA is built on first use: reading the registry needs no pyarrow
+def __getattr__(name: str) -> Any:  # built on first use: reading the registry needs neither pyarrow nor numpy
     if name == "SCHEMA":
         return _schema()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in _PROFILE_NAMES:
+        import training.profile
 
+        return getattr(training.profile, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 CARD_JSON = "card.json"
@@ -602,6 +601,8 @@ class ModelCard(_Frozen):
             verdict = {True: "passed", False: "FAILED", None: "not judged"}[f.passed]
             out += [f"Verdict: **{verdict}**", ""]
             rows = []
+            from governance.fairness import judge as judge_fairness
+
             judged = judge_fairness(f.thresholds, f.attributes)
             for attr in sorted(f.attributes):
                 m = f.attributes[attr]
@@ -1196,6 +1197,8 @@ class Registry:
     @staticmethod
     def _profile(folder: Path) -> Profile | None:
         path = folder / PROFILE_FILE
+        from training.profile import Profile
+
         return Profile.from_json(path.read_text()) if path.exists() else None
 
     def deploy_context(self, ref: ModelRef | str, *, verify: bool = True) -> dict[str, Any]:
@@ -1365,6 +1368,9 @@ class Registry:
         f = card.fairness
         if f is None or pol.fairness is None:
             return card
+        from governance.fairness import judge as judge_fairness
+        from governance.fairness import thresholds as fairness_thresholds
+
         thresholds = f.thresholds or fairness_thresholds(pol)
         computed = judge_fairness(thresholds, f.attributes, pol.fairness.sensitive_attributes,
                                   dataset=card.dataset).failures
