@@ -39,7 +39,7 @@ def make_project(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def open_copy(src: Path, dst: Path, kek: str, monkeypatch: pytest.MonkeyPatch):
+def open_copy(src: Path, kek: str, dst: Path, monkeypatch: pytest.MonkeyPatch):
     """A copy of the closed project folder ``src`` at ``dst``, opened with its KEK: a lake of its own for
     a test that writes to it, without building it again. Feast's registry holds absolute table paths,
     so copy a project before its feature views are applied, and apply them in the copy."""
