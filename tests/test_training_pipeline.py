@@ -136,6 +136,7 @@ def test_mitigation_is_recorded_with_before_and_after(lake: Workspace):
     assert PrivacyLedger(lake).status("customers").runs == 2
 
 
+@pytest.mark.slow  # two training processes: 19-25 s here
 def test_two_process_training_is_accounted_once(lake: Workspace):
     out = train_model(lake, lake.actor("sam"), name="credit", features=FEATURES, label="defaulted",
                       purpose="credit_scoring", options=OPTS, mitigate=False, world_size=2)
