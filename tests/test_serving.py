@@ -30,7 +30,8 @@ from training.flow import train_model
 from training.registry import Registry
 from training.trainer import TrainOptions
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+# slow: every test here uses ``served`` (train a model, start a predictor process: 24-28 s before the first test)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 FEATURES = ["customer_profile:income", "customer_profile:income_log", "customer_profile:region"]
 FAIR = {"sex": {"disparate_impact": 0.95, "equal_opportunity_diff": 0.02, "predictive_parity_diff": 0.03},
         "ethnicity": {"disparate_impact": 0.9, "equal_opportunity_diff": 0.04, "predictive_parity_diff": 0.05}}
