@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 import yaml
+from cli_helpers import lw_in
 from typer.testing import CliRunner
 
 from governance.errors import AccessDenied, SubjectShredded
@@ -697,16 +698,13 @@ def test_cli_erase_list_status_certificate_and_deny(lake: Workspace, built: dict
 
 def test_cli_user_errors_are_one_line(lake: Workspace):
     cfg = str(lake.config.source)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-m", "lakewarden", "--config", cfg, "--as", "carla", "requests", "status",
-                        "req_nope"], env=env, capture_output=True, text=True, timeout=120)
+    where = lake.config.base_dir
+    p = lw_in(where, "--config", cfg, "--as", "carla", "requests", "status", "req_nope")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "no request 'req_nope'" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "lakewarden", "--config", cfg, "--as", "dana", "requests", "list"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    p = lw_in(where, "--config", cfg, "--as", "dana", "requests", "list")
     assert p.returncode == 3 and "roles/stages/request" in p.stderr and "Traceback" not in p.stderr
     # gate first: a denied actor is refused before the id is looked up (not told it does not exist)
-    p = subprocess.run([sys.executable, "-m", "lakewarden", "--config", cfg, "--as", "dana", "requests", "run",
-                        "req_nope"], env=env, capture_output=True, text=True, timeout=120)
+    p = lw_in(where, "--config", cfg, "--as", "dana", "requests", "run", "req_nope")
     assert p.returncode == 3 and "roles/stages/request" in p.stderr and "no request" not in p.stderr
 
 
