@@ -287,6 +287,7 @@ def _sub(cfg: Path, *args: str, crash: str | None = None) -> subprocess.Complete
                           timeout=300)
 
 
+@pytest.mark.slow  # a process crashed at every step, then run again: 46-56 s
 def test_a_crash_at_every_step_then_run_finishes_the_same(lake: Workspace, built: dict, tmp_path: Path):
     ids = _ids(built, 20, 21)
     toks = [_token(lake, s) for s in ids]
