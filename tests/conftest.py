@@ -26,17 +26,36 @@ policies: [policies/*.yaml]
 """
 
 
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A project folder: lakewarden.yaml (KEK from $LAKEWARDEN_KEK) and a copy of policies/."""
+def make_project(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``project`` in ``folder``, its environment set through ``monkeypatch`` (a module-scoped fixture
+    passes a ``pytest.MonkeyPatch.context()``, so that the variables are restored after the module)."""
     from governance.keys import generate_kek_b64
 
-    shutil.copytree(REPO / "policies", tmp_path / "policies")
-    (tmp_path / "lakewarden.yaml").write_text(PROJECT_CONFIG)
+    shutil.copytree(REPO / "policies", folder / "policies")
+    (folder / "lakewarden.yaml").write_text(PROJECT_CONFIG)
     monkeypatch.setenv("LAKEWARDEN_KEK", generate_kek_b64())
     monkeypatch.delenv("LAKEWARDEN_CONFIG", raising=False)
     monkeypatch.delenv("LAKEWARDEN_USER", raising=False)
-    return tmp_path
+    return folder
+
+
+def open_copy(src: Path, kek: str, dst: Path, monkeypatch: pytest.MonkeyPatch):
+    """A copy of the closed project folder ``src`` at ``dst``, opened with its KEK: a lake of its own for
+    a test that writes to it, without building it again. Feast's registry holds absolute table paths,
+    so copy a project before its feature views are applied, and apply them in the copy."""
+    from governance.workspace import Workspace
+
+    shutil.copytree(src, dst)
+    monkeypatch.setenv("LAKEWARDEN_KEK", kek)
+    monkeypatch.delenv("LAKEWARDEN_CONFIG", raising=False)
+    monkeypatch.delenv("LAKEWARDEN_USER", raising=False)
+    return Workspace.open(dst / "lakewarden.yaml")
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder: lakewarden.yaml (KEK from $LAKEWARDEN_KEK) and a copy of policies/."""
+    return make_project(tmp_path, monkeypatch)
 
 
 @pytest.fixture

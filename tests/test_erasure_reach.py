@@ -292,6 +292,7 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read() or b"{}")
 
 
+@pytest.mark.slow  # trains a model and starts a predictor process: 18 s here
 def test_a_running_predictor_keeps_no_trace_of_an_erased_subject(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from features.store import Features
     from lakehouse.silver import build_silver

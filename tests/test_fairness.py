@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import doctest
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import make_project, open_copy
 
 import training.fairness as fairness_module
 from governance.errors import AccessDenied
@@ -331,21 +334,36 @@ def test_mitigation_report_with_undefined_values():
 # ----------------------------------------------------------------------------- gated decryption
 
 
-@pytest.fixture
-def lake(workspace: Workspace, tmp_path: Path) -> tuple[Workspace, dict[str, tuple[str, str]]]:
-    """300 customers ingested and built into silver; their plaintext sex/ethnicity by token."""
+@pytest.fixture(scope="module")
+def customers_silver(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[str, tuple[str, str]]]:
+    """300 customers ingested and built into silver once (the project folder, closed, and its KEK);
+    their plaintext sex/ethnicity by token. ``lake`` copies it for each test."""
     from lakehouse.ingest import ingest
     from lakehouse.silver import build_silver
     from lakehouse.synth import generate, read_landing
 
-    res = generate(tmp_path / "landing", people=300, transactions_per_person=0, seed=5)
-    csv = read_landing(res.files["customers"]).to_pylist()  # before ingest: the policy removes landing files
-    ingest(workspace, workspace.actor("dana"), "customers", [res.files["customers"]])
-    build_silver(workspace, workspace.actor("dana"), "customers")
-    tokens = workspace.keyring.tokens_for([r["customer_id"] for r in csv], create=False)
-    truth = {t: (r["sex"], r["ethnicity"]) for t, r in zip(tokens, csv, strict=True)}
-    assert None not in truth and len(truth) == 300
-    return workspace, truth
+    root = tmp_path_factory.mktemp("fairness")
+    with pytest.MonkeyPatch.context() as mp:
+        proj = make_project(root / "proj", mp)
+        res = generate(root / "landing", people=300, transactions_per_person=0, seed=5)
+        csv = read_landing(res.files["customers"]).to_pylist()  # before ingest: the policy removes landing files
+        with Workspace.open(proj / "lakewarden.yaml") as workspace:
+            ingest(workspace, workspace.actor("dana"), "customers", [res.files["customers"]])
+            build_silver(workspace, workspace.actor("dana"), "customers")
+            tokens = workspace.keyring.tokens_for([r["customer_id"] for r in csv], create=False)
+        truth = {t: (r["sex"], r["ethnicity"]) for t, r in zip(tokens, csv, strict=True)}
+        assert None not in truth and len(truth) == 300
+        return proj, os.environ["LAKEWARDEN_KEK"], truth
+
+
+@pytest.fixture
+def lake(customers_silver, tmp_path: Path,
+         monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Workspace, dict[str, tuple[str, str]]]]:
+    """A copy of ``customers_silver`` for each test: they count audit events and shred keys."""
+    src, kek, truth = customers_silver
+    ws = open_copy(src, kek, tmp_path / "proj", monkeypatch)
+    yield ws, truth
+    ws.close()
 
 
 UNKNOWN = "sub_" + "a" * 26

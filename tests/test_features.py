@@ -4,11 +4,13 @@ erasure from both stores, and Redis answering exactly like SQLite."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from conftest import make_project
 from deltalake import DeltaTable, write_deltalake
 
 from governance.errors import AccessDenied
@@ -41,15 +43,32 @@ def silver_rows(rows: list[dict]) -> pa.Table:
     return pa.table(base)
 
 
-@pytest.fixture
-def lake(workspace: Workspace, tmp_path: Path) -> Workspace:
-    res = generate(tmp_path / "landing", people=300, transactions_per_person=0, seed=5)
+def fill(workspace: Workspace, landing: Path) -> Workspace:
+    """300 customers ingested, built into silver, their feature views applied and materialized."""
+    res = generate(landing, people=300, transactions_per_person=0, seed=5)
     ingest(workspace, workspace.actor("dana"), "customers", [res.files["customers"]])
     build_silver(workspace, workspace.actor("dana"), "customers")
     fs = Features(workspace)
     fs.apply(workspace.actor("pipeline"))
     fs.materialize(workspace.actor("pipeline"))
     return workspace
+
+
+@pytest.fixture
+def lake(workspace: Workspace, tmp_path: Path) -> Workspace:
+    """A lake of its own, for a test that writes to it (ingests, erases, changes its online store)."""
+    return fill(workspace, tmp_path / "landing")
+
+
+@pytest.fixture(scope="module")
+def shared_lake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
+    """One lake for the tests that only read it: they query features and the audit log, and assert
+    nothing another reader's queries would change. A test that writes uses ``lake``."""
+    root = tmp_path_factory.mktemp("features")
+    with pytest.MonkeyPatch.context() as mp:
+        ws = Workspace.open(make_project(root / "proj", mp) / "lakewarden.yaml")
+        yield fill(ws, root / "landing")
+        ws.close()
 
 
 def test_point_in_time_correct_no_label_leakage(workspace: Workspace):
@@ -77,55 +96,55 @@ def test_point_in_time_correct_no_label_leakage(workspace: Workspace):
     assert ts.table["label"].to_pylist() == [1, 0, 1, 0]
 
 
-def test_purpose_limitation(lake: Workspace):
-    fs = Features(lake)
+def test_purpose_limitation(shared_lake: Workspace):
+    fs = Features(shared_lake)
     with pytest.raises(AccessDenied, match="customers/purposes/credit_scoring/sensitive"):
-        fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=["customer_sensitive:sex"])
+        fs.training_set(shared_lake.actor("sam"), purpose="credit_scoring", features=["customer_sensitive:sex"])
     with pytest.raises(AccessDenied, match="customers/access/ml_engineer/purposes"):
-        fs.online(lake.actor("mel"), purpose="fairness_evaluation", features=["customer_sensitive:sex"], tokens=[tok(0)])
-    ok = fs.training_set(lake.actor("sam"), purpose="fairness_evaluation", features=["customer_sensitive:sex"])
+        fs.online(shared_lake.actor("mel"), purpose="fairness_evaluation", features=["customer_sensitive:sex"], tokens=[tok(0)])
+    ok = fs.training_set(shared_lake.actor("sam"), purpose="fairness_evaluation", features=["customer_sensitive:sex"])
     assert ok.table.num_rows == 300
-    denials = lake.audit.query(outcome="deny").to_pylist()
+    denials = shared_lake.audit.query(outcome="deny").to_pylist()
     assert {d["rule_ids"] for d in denials} >= {"customers/purposes/credit_scoring/sensitive",
                                                 "customers/access/ml_engineer/purposes"}
 
 
-def test_bad_requests_are_clear(lake: Workspace):
-    fs = Features(lake)
+def test_bad_requests_are_clear(shared_lake: Workspace):
+    fs = Features(shared_lake)
     with pytest.raises(FeatureError, match="unknown feature view 'nope'"):
-        fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=["nope:x"])
+        fs.training_set(shared_lake.actor("sam"), purpose="credit_scoring", features=["nope:x"])
     with pytest.raises(FeatureError, match="has no feature 'email'"):
-        fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=["customer_profile:email"])
+        fs.training_set(shared_lake.actor("sam"), purpose="credit_scoring", features=["customer_profile:email"])
     with pytest.raises(FeatureError, match="not subject tokens"):
-        fs.online(lake.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=["C-000000001"])
+        fs.online(shared_lake.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=["C-000000001"])
     when = datetime(2030, 1, 1, tzinfo=timezone.utc)
     ents = pa.table({"customer_id": [tok(1), "C-000000001", None, "C-000000001", tok(2)],
                      "event_timestamp": pa.array([when] * 5, pa.timestamp("us", tz="UTC"))})
     with pytest.raises(FeatureError, match="3 entity row"):  # both raw-id rows and the null, counted by row
-        fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=PROFILE, entities=ents)
+        fs.training_set(shared_lake.actor("sam"), purpose="credit_scoring", features=PROFILE, entities=ents)
 
 
-def test_training_set_rows_come_back_in_entity_order(lake: Workspace):
-    fs = Features(lake)
-    toks = Catalog(lake.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"].to_pylist()
+def test_training_set_rows_come_back_in_entity_order(shared_lake: Workspace):
+    fs = Features(shared_lake)
+    toks = Catalog(shared_lake.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"].to_pylist()
     order = [7, 3, 3, 250, 0, 7, 99, 12, 3]  # repeats, and no particular order
     when = [datetime(2030, 1, 1 + i, tzinfo=timezone.utc) for i in range(len(order))]
     ents = pa.table({"customer_id": [toks[i] for i in order], "event_timestamp": pa.array(when, pa.timestamp("us", tz="UTC"))})
-    ts = fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=PROFILE, entities=ents)
+    ts = fs.training_set(shared_lake.actor("sam"), purpose="credit_scoring", features=PROFILE, entities=ents)
     assert ts.table["customer_id"].to_pylist() == [toks[i] for i in order]
     assert ts.table["event_timestamp"].to_pylist() == when
     assert all(v is not None for v in ts.table[PROFILE[0].split(":")[1]].to_pylist())
 
 
-def test_online_matches_offline_after_materialization(lake: Workspace):
-    fs = Features(lake)
-    ts = fs.training_set(lake.actor("sam"), purpose="credit_scoring", features=PROFILE, label="defaulted")
+def test_online_matches_offline_after_materialization(shared_lake: Workspace):
+    fs = Features(shared_lake)
+    ts = fs.training_set(shared_lake.actor("sam"), purpose="credit_scoring", features=PROFILE, label="defaulted")
     tokens = ts.table["customer_id"].to_pylist()
-    online = fs.online(lake.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=tokens)
+    online = fs.online(shared_lake.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=tokens)
     assert online["income"].to_pylist() == ts.table["income"].to_pylist()
     assert online["region"].to_pylist() == ts.table["region"].to_pylist()
-    assert ts.sources == {"silver.customers": Catalog(lake.config).open(TableRef("silver", "customers")).version()}
-    runs = lake.lineage.events(job="features.training_set")
+    assert ts.sources == {"silver.customers": Catalog(shared_lake.config).open(TableRef("silver", "customers")).version()}
+    runs = shared_lake.lineage.events(job="features.training_set")
     assert runs and runs[-1]["inputs"][0]["name"] == "silver.customers"
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import open_copy
 
 from governance.errors import PolicyError
 from governance.ledger import PrivacyLedger
@@ -99,7 +101,7 @@ def make_project(root: Path, monkeypatch: pytest.MonkeyPatch, loans: str = LOANS
     return root
 
 
-def build_lake(root: Path, data: list[dict[str, str]]) -> Workspace:
+def build_lake(root: Path, data: list[dict[str, str]], *, features: bool = True) -> Workspace:
     from features.store import Features
     from lakehouse.ingest import ingest
     from lakehouse.silver import build_silver
@@ -114,13 +116,29 @@ def build_lake(root: Path, data: list[dict[str, str]]) -> Workspace:
         w.writerows(data)
     ingest(ws, ws.actor("dana"), "loans", [path])
     build_silver(ws, ws.actor("dana"), "loans")
-    Features(ws).apply(ws.actor("pipeline"))
+    if features:
+        Features(ws).apply(ws.actor("pipeline"))
     return ws
 
 
+@pytest.fixture(scope="module")
+def loans_silver(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The loans data ingested and built into silver once (the project folder, closed, and its KEK):
+    ``lake`` copies it for each test."""
+    with pytest.MonkeyPatch.context() as mp:
+        root = make_project(tmp_path_factory.mktemp("loans") / "proj", mp)
+        build_lake(root, rows(), features=False).close()
+        return root, os.environ["LAKEWARDEN_KEK"]
+
+
 @pytest.fixture
-def lake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    ws = build_lake(make_project(tmp_path / "proj", monkeypatch), rows())
+def lake(loans_silver: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A lake of its own for each test (they train, spend and register): a copy of ``loans_silver``,
+    its feature views applied in the copy."""
+    from features.store import Features
+
+    ws = open_copy(*loans_silver, tmp_path / "proj", monkeypatch)
+    Features(ws).apply(ws.actor("pipeline"))
     yield ws
     ws.close()
 
@@ -290,13 +308,18 @@ def test_separate_stages_carry_the_declaration_to_the_evaluation_and_the_card(la
 
 
 # -- refusals, before the ledger is touched ------------------------------------------------------
-@pytest.fixture
-def odd_lake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The loans data with 'unknown' in 7 rows and no risk at all in 3."""
+@pytest.fixture(scope="module")
+def odd_lake(tmp_path_factory: pytest.TempPathFactory):
+    """The loans data with 'unknown' in 7 rows and no risk at all in 3.
+
+    One lake for the module: every test using it is refused before anything is written, and checks
+    that the ledger and the registry are still empty (a test that trains or spends must not use it).
+    """
     odd = {**{i: "unknown" for i in range(0, 70, 10)}, **{i: "" for i in range(5, 35, 10)}}
-    ws = build_lake(make_project(tmp_path / "proj", monkeypatch), rows(odd=odd))
-    yield ws
-    ws.close()
+    with pytest.MonkeyPatch.context() as mp:
+        ws = build_lake(make_project(tmp_path_factory.mktemp("odd") / "proj", mp), rows(odd=odd))
+        yield ws
+        ws.close()
 
 
 @pytest.mark.parametrize("how", ["train_model", "fit_candidate"])
@@ -343,12 +366,14 @@ def test_an_undeclared_label_is_refused_with_the_yaml_to_add(lake: Workspace):
 
 
 def test_the_cli_refuses_with_exit_2_and_no_traceback(odd_lake: Workspace):
-    from cli_helpers import lw
+    from cli_helpers import lw_in
 
+    # in this process: the refusal is the command's; exit codes through the installed entry point
+    # are tests/test_cli.py's
     root = odd_lake.config.base_dir
-    p = lw(root, "train", "--name", "risk_model", "--features", ",".join(FEATURES), "--label", "risk",
-           "--purpose", "lending", "--epsilon", "1", "--epochs", "1", user="sam",
-           env={"LAKEWARDEN_KEK": __import__("os").environ["LAKEWARDEN_KEK"]})
+    p = lw_in(root, "train", "--name", "risk_model", "--features", ",".join(FEATURES), "--label", "risk",
+              "--purpose", "lending", "--epsilon", "1", "--epochs", "1", user="sam",
+              env={"LAKEWARDEN_KEK": os.environ["LAKEWARDEN_KEK"]})
     assert p.returncode == 2, p.stdout + p.stderr
     err = " ".join(p.stderr.split())
     assert "label 'risk'" in err and "'unknown' (7 rows)" in err and "null (3 rows)" in err

@@ -18,7 +18,7 @@ from training.registry import Registry
 
 # The same biased lake as test_training_pipeline (bias 0.9: the first run fails the fairness gate, so
 # mitigate retrains), its fixture and options shared rather than copied.
-from test_training_pipeline import FEATURES, OPTS, lake  # noqa: E402,F401 - lake is a pytest fixture
+from test_training_pipeline import FEATURES, OPTS, biased_silver, lake  # noqa: E402,F401 - pytest fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -48,10 +48,10 @@ def test_a_mitigation_retrain_is_in_the_cost_and_a_plain_run_costs_itself(lake: 
     assert json.loads((Registry(lake).path(out.ref) / "card.json").read_text())["privacy"]["cost"]["epsilon"] == \
         pytest.approx(cost.epsilon)
     assert f"Producing it cost ε={cost.epsilon:g}" in card.to_markdown()
-    from cli_helpers import lw
+    from cli_helpers import lw_in
 
-    shown = lw(lake.config.base_dir, "models", "show", str(out.ref), user="carla",
-               env={"LAKEWARDEN_KEK": os.environ["LAKEWARDEN_KEK"], "COLUMNS": "300"})
+    shown = lw_in(lake.config.base_dir, "models", "show", str(out.ref), user="carla",
+                  env={"LAKEWARDEN_KEK": os.environ["LAKEWARDEN_KEK"], "COLUMNS": "300"})
     assert shown.returncode == 0, shown.stderr
     assert f"ε={card.privacy.epsilon:g}, δ=1e-05)-differentially private" in shown.stdout
     assert f"Producing it cost ε={cost.epsilon:g}, δ={cost.delta:g}" in shown.stdout and "not released" in shown.stdout

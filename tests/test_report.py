@@ -18,9 +18,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from cli_helpers import server_env
-
-from cli_helpers import lw
+from cli_helpers import lw_in, server_env
 
 from governance.lineage import DatasetRef, LineageRun
 from governance.lineage_svg import lineage_picture
@@ -35,23 +33,21 @@ SECTIONS = ("Data-subject requests", "Policy decisions", "Privacy budgets", "Mod
             "Audit-chain integrity")
 
 
-
-
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Ingest, a deny, a private run in the ledger, a registered and approved model, then the report."""
     d = tmp_path_factory.mktemp("report")
     shutil.copytree(REPO / "policies", d / "policies")
-    assert lw(d, "init", ".").returncode == 0
-    assert lw(d, "generate", "--out", "landing", "--people", "60", "--transactions-per-person", "2",
-              "--seed", "5").returncode == 0
+    assert lw_in(d, "init", ".").returncode == 0
+    assert lw_in(d, "generate", "--out", "landing", "--people", "60", "--transactions-per-person", "2",
+                 "--seed", "5").returncode == 0
     with open(d / "landing/customers.csv", newline="") as fh:
         people = list(csv.DictReader(fh))
     personal = {r[c] for r in people for c in ("customer_id", "name", "email", "phone") if r.get(c)}
-    p = lw(d, "ingest", "customers", "landing/customers.csv", user="dana")
+    p = lw_in(d, "ingest", "customers", "landing/customers.csv", user="dana")
     assert p.returncode == 0, p.stderr
-    assert lw(d, "silver", "customers", user="dana").returncode == 0
-    deny = lw(d, "sql", "SELECT count(*) FROM bronze.customers", user="ana")
+    assert lw_in(d, "silver", "customers", user="dana").returncode == 0
+    deny = lw_in(d, "sql", "SELECT count(*) FROM bronze.customers", user="ana")
     assert deny.returncode == 3 and "customers/access/analyst/layers" in deny.stderr
 
     from governance.ledger import PrivacyLedger
@@ -78,28 +74,28 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> dict:
     # Two data-subject requests: an erasure run to the end (history purged at once), and an
     # access request under CCPA that is only filed.
     erased, asked = people[0]["customer_id"], people[1]["customer_id"]
-    p = lw(d, "requests", "erase", "--subject", erased, "--purge-now", user="carla")
+    p = lw_in(d, "requests", "erase", "--subject", erased, "--purge-now", user="carla")
     assert p.returncode == 0, p.stderr
-    p = lw(d, "requests", "access", "--subject", asked, "--regime", "ccpa", "--out", str(d / "export"), user="carla")
+    p = lw_in(d, "requests", "access", "--subject", asked, "--regime", "ccpa", "--out", str(d / "export"), user="carla")
     assert p.returncode == 0, p.stderr
     out = d / "report.html"
-    p = lw(d, "audit", "report", "--html", str(out), user="carla")
+    p = lw_in(d, "audit", "report", "--html", str(out), user="carla")
     assert p.returncode == 0, p.stderr
     return {"dir": d, "html": out, "stdout": p.stdout, "personal": personal}
 
 
 def test_only_a_compliance_officer_may_produce_it(lake: dict):
     out = lake["dir"] / "ana.html"
-    p = lw(lake["dir"], "audit", "report", "--html", str(out), user="ana")
+    p = lw_in(lake["dir"], "audit", "report", "--html", str(out), user="ana")
     assert p.returncode == 3 and "roles/stages/audit" in p.stderr
     assert not out.exists()
-    q = lw(lake["dir"], "audit", "query", "--action", "gate.decide", "--outcome", "deny", "--actor", "ana",
-           "--format", "json", user="carla")
+    q = lw_in(lake["dir"], "audit", "query", "--action", "gate.decide", "--outcome", "deny", "--actor", "ana",
+              "--format", "json", user="carla")
     assert any(e["stage"] == "audit" and e["rule_ids"] == "roles/stages/audit" for e in json.loads(q.stdout))
 
 
 def test_report_is_audited_with_counts(lake: dict):
-    q = lw(lake["dir"], "audit", "query", "--action", "audit.report", "--format", "json", user="carla")
+    q = lw_in(lake["dir"], "audit", "query", "--action", "audit.report", "--format", "json", user="carla")
     events = json.loads(q.stdout)
     assert len(events) == 1 and events[0]["actor"] == "carla"
     details = json.loads(events[0]["details"])
@@ -118,9 +114,9 @@ def test_html_is_self_contained_and_holds_no_personal_data(lake: dict):
 
 
 def test_bad_paths_are_one_line_errors(lake: dict):
-    p = lw(lake["dir"], "audit", "report", "--html", "no/such/folder/r.html", user="carla")
+    p = lw_in(lake["dir"], "audit", "report", "--html", "no/such/folder/r.html", user="carla")
     assert p.returncode == 2 and "the folder no/such/folder does not exist" in p.stderr
-    p = lw(lake["dir"], "audit", "report", "--html", "landing", user="carla")
+    p = lw_in(lake["dir"], "audit", "report", "--html", "landing", user="carla")
     assert p.returncode == 2 and "is a folder" in p.stderr
 
 

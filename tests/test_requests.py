@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 import yaml
+from cli_helpers import lw_in
 from typer.testing import CliRunner
 
 from governance.errors import AccessDenied, SubjectShredded
@@ -286,6 +287,7 @@ def _sub(cfg: Path, *args: str, crash: str | None = None) -> subprocess.Complete
                           timeout=300)
 
 
+@pytest.mark.slow  # a process crashed at every step, then run again: 46-56 s
 def test_a_crash_at_every_step_then_run_finishes_the_same(lake: Workspace, built: dict, tmp_path: Path):
     ids = _ids(built, 20, 21)
     toks = [_token(lake, s) for s in ids]
@@ -697,16 +699,13 @@ def test_cli_erase_list_status_certificate_and_deny(lake: Workspace, built: dict
 
 def test_cli_user_errors_are_one_line(lake: Workspace):
     cfg = str(lake.config.source)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-m", "lakewarden", "--config", cfg, "--as", "carla", "requests", "status",
-                        "req_nope"], env=env, capture_output=True, text=True, timeout=120)
+    where = lake.config.base_dir
+    p = lw_in(where, "--config", cfg, "--as", "carla", "requests", "status", "req_nope")
     assert p.returncode == 2 and "Traceback" not in p.stderr and "no request 'req_nope'" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "lakewarden", "--config", cfg, "--as", "dana", "requests", "list"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    p = lw_in(where, "--config", cfg, "--as", "dana", "requests", "list")
     assert p.returncode == 3 and "roles/stages/request" in p.stderr and "Traceback" not in p.stderr
     # gate first: a denied actor is refused before the id is looked up (not told it does not exist)
-    p = subprocess.run([sys.executable, "-m", "lakewarden", "--config", cfg, "--as", "dana", "requests", "run",
-                        "req_nope"], env=env, capture_output=True, text=True, timeout=120)
+    p = lw_in(where, "--config", cfg, "--as", "dana", "requests", "run", "req_nope")
     assert p.returncode == 3 and "roles/stages/request" in p.stderr and "no request" not in p.stderr
 
 

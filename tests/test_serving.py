@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import lw_in
 
 from governance.errors import AccessDenied
 from governance.workspace import Workspace
@@ -29,7 +30,8 @@ from training.flow import train_model
 from training.registry import Registry
 from training.trainer import TrainOptions
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+# slow: every test here uses ``served`` (train a model, start a predictor process: 24-28 s before the first test)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 FEATURES = ["customer_profile:income", "customer_profile:income_log", "customer_profile:region"]
 FAIR = {"sex": {"disparate_impact": 0.95, "equal_opportunity_diff": 0.02, "predictive_parity_diff": 0.03},
         "ethnicity": {"disparate_impact": 0.9, "equal_opportunity_diff": 0.04, "predictive_parity_diff": 0.05}}
@@ -255,18 +257,18 @@ def test_metrics_and_drift_monitoring(served):
     assert 'lakewarden_prediction_score_bucket{le="0.5",model="credit"}' in metrics
     assert "request_predict_seconds_bucket" in metrics  # KServe's own
     assert 'lakewarden_feature_psi{feature="income",model="credit"}' in metrics
-    env = {**os.environ, "LAKEWARDEN_CONFIG": str(ws.config.source), "LAKEWARDEN_USER": "mel"}
-    p = subprocess.run([sys.executable, "-m", "lakewarden", "monitor", "--model", str(ref), "--min-records", "10"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    # monitor reads the request log the server wrote: the command in this process will do
+    env = {"LAKEWARDEN_CONFIG": str(ws.config.source)}
+    p = lw_in(ws.config.base_dir, "monitor", "--model", str(ref), "--min-records", "10", user="mel", env=env)
     assert p.returncode == 0, p.stderr
     assert "income" in p.stdout and "score" in p.stdout
-    p = subprocess.run([sys.executable, "-m", "lakewarden", "monitor", "--model", str(ref)],
-                       env={**env, "LAKEWARDEN_USER": "ana"}, capture_output=True, text=True, timeout=120)
+    p = lw_in(ws.config.base_dir, "monitor", "--model", str(ref), user="ana", env=env)
     assert p.returncode == 3 and "Traceback" not in p.stderr
 
 
 def test_a_server_for_an_identity_that_may_not_serve_refuses_to_start(served):
     ws, url, ref, tokens = served
+    # a subprocess: were the refusal to regress, the server would start and serve in this process
     env = {**os.environ, "LAKEWARDEN_CONFIG": str(ws.config.source), "LAKEWARDEN_USER": "ana"}
     p = subprocess.run([sys.executable, "-m", "lakewarden", "serve", "--model", str(ref), "--port", str(free_port())],
                        env=env, capture_output=True, text=True, timeout=120)
@@ -404,19 +406,18 @@ def test_deployments_are_listed_and_stopped_only_when_they_are_ours(served):
         found = {s.deployment.port: s for s in list_deployments(ws)}
         st = found[port]
         assert st.alive and st.deployment.model == str(fair) and st.deployment.pid == res["pid"] and st.deployment.started_at
-        env = {**os.environ, "LAKEWARDEN_CONFIG": str(ws.config.source), "LAKEWARDEN_USER": "mel"}
-        p = subprocess.run([sys.executable, "-m", "lakewarden", "deployments", "list"], env=env, capture_output=True,
-                           text=True, timeout=120)
+        # deployments list/stop in this process: they read the deployment records and signal the predictor
+        # deploy started (its own process, whatever runs the command)
+        env = {"LAKEWARDEN_CONFIG": str(ws.config.source)}
+        p = lw_in(ws.config.base_dir, "deployments", "list", user="mel", env=env)
         assert p.returncode == 0 and str(fair) in p.stdout and str(port) in p.stdout and "yes" in p.stdout, p.stderr
         with pytest.raises(AccessDenied, match="roles/stages/deploy"):
             stop_deployments(ws, ws.actor("ana"), "credit")
         with pytest.raises(DeployError, match="no local predictor of nope"):
             stop_deployments(ws, ws.actor("mel"), "nope")
-        p = subprocess.run([sys.executable, "-m", "lakewarden", "deployments", "stop"], env=env, capture_output=True,
-                           text=True, timeout=120)
+        p = lw_in(ws.config.base_dir, "deployments", "stop", user="mel", env=env)
         assert p.returncode == 2 and "--all" in p.stderr and "Traceback" not in p.stderr
-        p = subprocess.run([sys.executable, "-m", "lakewarden", "deployments", "stop", str(fair)], env=env,
-                           capture_output=True, text=True, timeout=120)
+        p = lw_in(ws.config.base_dir, "deployments", "stop", str(fair), user="mel", env=env)
         assert p.returncode == 0 and f"stopped {fair} on port {port}" in p.stdout, p.stderr
         assert read_identity(port) is None and port not in {s.deployment.port for s in list_deployments(ws)}
         assert read_identity(int(url.rsplit(":", 1)[1])) is not None  # the fixture's own server still runs

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_helpers import lw
+from cli_helpers import lw_in
 from governance.errors import LakewardenError
 from training.trainer import TrainOptions, auto_batch_size, resolve_batch_size, train
 
@@ -62,5 +62,5 @@ def test_the_cli_passes_batch_size_learning_rate_and_epochs(project: Path, monke
     (["--learning-rate", "0"], "--learning-rate"),
 ])
 def test_impossible_training_options_are_refused_in_one_line(tmp_path: Path, args: list[str], words: str):
-    p = lw(tmp_path, "train", *REQUIRED, *args)
+    p = lw_in(tmp_path, "train", *REQUIRED, *args)
     assert p.returncode == 2 and words in p.stderr, p.stderr

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import make_project, open_copy
 
 from governance.errors import AccessDenied
 from governance.gate import Resource
@@ -25,13 +28,38 @@ FEATURES = ["customer_profile:income", "customer_profile:income_log", "customer_
 OPTS = TrainOptions(epochs=2, target_epsilon=2.0, accountant="rdp", batch_size=256)
 
 
+@pytest.fixture(scope="module")
+def biased_silver(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """1500 customers (bias 0.9) ingested and built into silver once: the project folder, closed, and
+    its KEK. The lakes below are copies of it."""
+    root = tmp_path_factory.mktemp("biased")
+    with pytest.MonkeyPatch.context() as mp:
+        proj = make_project(root / "proj", mp)
+        res = generate(root / "landing", people=1500, transactions_per_person=0, seed=21, bias=0.9)
+        with Workspace.open(proj / "lakewarden.yaml") as ws:
+            ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
+            build_silver(ws, ws.actor("dana"), "customers")
+        return proj, os.environ["LAKEWARDEN_KEK"]
+
+
 @pytest.fixture
-def lake(workspace: Workspace, tmp_path: Path) -> Workspace:
-    res = generate(tmp_path / "landing", people=1500, transactions_per_person=0, seed=21, bias=0.9)
-    ingest(workspace, workspace.actor("dana"), "customers", [res.files["customers"]])
-    build_silver(workspace, workspace.actor("dana"), "customers")
-    Features(workspace).apply(workspace.actor("pipeline"))
-    return workspace
+def lake(biased_silver: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
+    """A lake of its own, for a test that trains, spends budget or ingests: a copy of ``biased_silver``,
+    its feature views applied in the copy."""
+    ws = open_copy(*biased_silver, tmp_path / "lake", monkeypatch)
+    Features(ws).apply(ws.actor("pipeline"))
+    yield ws
+    ws.close()
+
+
+@pytest.fixture(scope="module")
+def shared_lake(biased_silver: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
+    """One lake for the tests that only read it (nothing trained, nothing reserved in the ledger)."""
+    with pytest.MonkeyPatch.context() as mp:
+        ws = open_copy(*biased_silver, tmp_path_factory.mktemp("shared") / "lake", mp)
+        Features(ws).apply(ws.actor("pipeline"))
+        yield ws
+        ws.close()
 
 
 def test_train_registers_a_private_model_with_its_card(lake: Workspace, monkeypatch: pytest.MonkeyPatch):
@@ -80,11 +108,12 @@ def test_budget_exhaustion_is_refused_before_training(lake: Workspace):
     assert Registry(lake).list() == []
 
 
-def test_sensitive_features_never_reach_a_credit_model(lake: Workspace):
+def test_sensitive_features_never_reach_a_credit_model(shared_lake: Workspace):
     with pytest.raises(AccessDenied, match="customers/purposes/credit_scoring/sensitive"):
-        train_model(lake, lake.actor("sam"), name="credit", features=[*FEATURES, "customer_sensitive:sex"],
-                    label="defaulted", purpose="credit_scoring", options=OPTS)
-    assert PrivacyLedger(lake).status("customers").runs == 0
+        train_model(shared_lake, shared_lake.actor("sam"), name="credit",
+                    features=[*FEATURES, "customer_sensitive:sex"], label="defaulted", purpose="credit_scoring",
+                    options=OPTS)
+    assert PrivacyLedger(shared_lake).status("customers").runs == 0
 
 
 def test_a_biased_model_fails_the_fairness_gate(lake: Workspace):
@@ -107,6 +136,7 @@ def test_mitigation_is_recorded_with_before_and_after(lake: Workspace):
     assert PrivacyLedger(lake).status("customers").runs == 2
 
 
+@pytest.mark.slow  # two training processes: 19-25 s here
 def test_two_process_training_is_accounted_once(lake: Workspace):
     out = train_model(lake, lake.actor("sam"), name="credit", features=FEATURES, label="defaulted",
                       purpose="credit_scoring", options=OPTS, mitigate=False, world_size=2)
@@ -114,7 +144,7 @@ def test_two_process_training_is_accounted_once(lake: Workspace):
     assert PrivacyLedger(lake).status("customers").runs == 1
 
 
-def test_encoder_matrix_does_not_depend_on_stored_key_order(lake: Workspace):
+def test_encoder_matrix_does_not_depend_on_stored_key_order(shared_lake: Workspace):
     """A stored encoder (JSON with sorted keys) must rebuild the very matrix the model was trained on."""
     import json
 
@@ -122,7 +152,8 @@ def test_encoder_matrix_does_not_depend_on_stored_key_order(lake: Workspace):
 
     from training.encode import Encoder
 
-    ts = Features(lake).training_set(lake.actor("sam"), purpose="credit_scoring", features=FEATURES, label="defaulted")
+    ts = Features(shared_lake).training_set(shared_lake.actor("sam"), purpose="credit_scoring", features=FEATURES,
+                                            label="defaulted")
     cols = ["income_log", "region", "birth_date", "income"]  # deliberately not alphabetical
     enc = Encoder.fit(ts.table, cols)
     again = Encoder.from_dict(json.loads(json.dumps(enc.to_dict(), sort_keys=True)))
