@@ -13,7 +13,7 @@ import json
 import posixpath
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -107,7 +107,37 @@ def history(ws: Workspace, ref: TableRef, *, limit: int | None = 20) -> list[dic
     return out
 
 
-def optimize(ws: Workspace, actor: Actor, ref: TableRef) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Optimized:
+    """What ``optimize`` did to a table: files compacted, the new version, token statistics removed."""
+
+    table: str
+    version: int
+    files_added: int | None
+    files_removed: int | None
+    token_stats_property: str | None = None  # the property set so new files carry no token statistics
+    token_stats_files_rewritten: int | None = None  # current files rewritten without them
+    token_stats_log_files: int | None = None  # older log files that still carry them (gone with history)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Vacuumed:
+    """What ``vacuum`` removed (or, on a dry run, would remove) from a table's storage."""
+
+    table: str
+    dry_run: bool
+    retention_hours: int
+    files: int
+    paths: tuple[str, ...]  # the first 50, sorted
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "paths": list(self.paths)}
+
+
+def optimize(ws: Workspace, actor: Actor, ref: TableRef) -> Optimized:
     """Compact small files (bin-packing); data is unchanged, a new version is written.
 
     A table written before token statistics were turned off is fixed first (see
@@ -129,17 +159,15 @@ def optimize(ws: Workspace, actor: Actor, ref: TableRef) -> dict[str, Any]:
         fixed["token_stats_files_rewritten"] = _rewrite_without_stats(cat, ref, set(ts.current_files))
     dt = cat.open(ref)
     metrics = dt.optimize.compact()
-    out = {
-        "files_added": metrics.get("numFilesAdded"),
-        "files_removed": metrics.get("numFilesRemoved"),
-        "version": dt.version(),
-        **fixed,
-    }
     after = token_stats(ws, ref)
-    if after is not None and after.log_files:
-        out["token_stats_log_files"] = after.log_files  # old commits: gone when history is purged
+    out = Optimized(
+        table=str(ref), version=dt.version(), files_added=metrics.get("numFilesAdded"),
+        files_removed=metrics.get("numFilesRemoved"), **fixed,
+        token_stats_log_files=after.log_files if after is not None and after.log_files else None,  # gone with history
+    )
+    details = {k: v for k, v in out.to_dict().items() if k != "table"}
     ws.audit.record("tables.optimize", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value,
-                    resource=f"table:{ref}", details=out)
+                    resource=f"table:{ref}", details=details)
     return out
 
 
@@ -151,7 +179,7 @@ def vacuum(
     dry_run: bool = True,
     retention_hours: int | None = None,
     enforce_retention: bool = True,
-) -> dict[str, Any]:
+) -> Vacuumed:
     """Remove files no version within the retention window needs (dry run by default).
 
     The window defaults to the dataset policy's ``retention.history``. A shorter window
@@ -168,9 +196,9 @@ def vacuum(
         )
     dt = Catalog(ws.config).open(ref)
     files = dt.vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=False, full=True)
-    out = {"dry_run": dry_run, "retention_hours": hours, "files": len(files), "paths": sorted(files)[:50]}
-    ws.audit.record("tables.vacuum", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value,
-                    resource=f"table:{ref}", details={k: v for k, v in out.items() if k != "paths"})
+    out = Vacuumed(str(ref), dry_run, hours, len(files), tuple(sorted(files)[:50]))
+    ws.audit.record("tables.vacuum", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value, resource=f"table:{ref}",
+                    details={"dry_run": dry_run, "retention_hours": hours, "files": len(files)})
     return out
 
 

@@ -90,8 +90,26 @@ def check_predictor(ws: Workspace, port: int, model: str, ident: dict[str, Any] 
     return ident
 
 
+@dataclass(frozen=True)
+class Deployed:
+    """Where a deployed version runs (``local``: ``url`` and the predictor's ``pid``) or what was rendered
+    (``k8s``: the validated InferenceService ``manifest``), and the gate's rules that allowed it."""
+
+    model: str  # name@version
+    target: Literal["local", "k8s"]
+    rules: tuple[str, ...]
+    manifest: str | None = None
+    url: str | None = None
+    pid: int | None = None
+    existing: bool = False  # local: this workspace's predictor of this version already answered on the port
+
+    @property
+    def where(self) -> str:
+        return self.url or self.manifest or ""
+
+
 def deploy(ws: Workspace, actor: Actor, ref: ModelRef | str, *, target: Literal["local", "k8s"], port: int = 8080,
-           out_dir: Path | None = None) -> dict[str, Any]:
+           out_dir: Path | None = None) -> Deployed:
     """Deploy a registered model version if the gate allows it; return where it runs or what was rendered."""
     ws.gate.require_stage(Stage.DEPLOY, actor, Resource.model(str(ref).split("@")[0]))
     reg = Registry(ws)
@@ -145,7 +163,8 @@ def deploy(ws: Workspace, actor: Actor, ref: ModelRef | str, *, target: Literal[
     reg.mark_deployed(actor, card.ref, target, decision=decision)
     ws.audit.record("deploy", actor=actor.name, outcome="ok", stage=Stage.DEPLOY.value, resource=f"model:{card.ref}",
                     details={k: v for k, v in out.items() if k != "pid"})
-    return out
+    return Deployed(model=out["model"], target=target, rules=tuple(out["rules"]), manifest=out.get("manifest"),
+                    url=out.get("url"), pid=out.get("pid"), existing=bool(out.get("existing")))
 
 
 # -- local deployments: list and stop -------------------------------------------------------------
@@ -310,5 +329,5 @@ def _terminate(d: Deployment, timeout: float) -> None:
     raise DeployError(f"the predictor {d.model} (process {d.pid}) on port {d.port} did not stop")
 
 
-__all__ = ["deploy", "DeployError", "DeploymentNotFound", "Deployment", "DeploymentStatus", "check_predictor", "list_deployments",
+__all__ = ["deploy", "Deployed", "DeployError", "DeploymentNotFound", "Deployment", "DeploymentStatus", "check_predictor", "list_deployments",
            "stop_deployments", "wait_ready"]

@@ -402,7 +402,7 @@ def test_token_statistics_are_found_rewritten_by_optimize_and_gone_after_an_eras
         assert r.exit_code == 0 and "bronze.customers: Delta statistics on token column(s)" in r.output
 
         out = optimize(ws, ws.actor("dana"), bronze)
-        assert out["token_stats_files_rewritten"] == len(ts.current_files) and "token_stats_property" in out
+        assert out.token_stats_files_rewritten == len(ts.current_files) and out.token_stats_property
         after = token_stats(ws, bronze)
         assert after is not None and not after.writes and not after.current_files and after.log_files
         rows = Catalog(ws.config).open(bronze).count()

@@ -234,16 +234,16 @@ def test_deploy_gate_refuses_unapproved_and_over_budget_models(served, tmp_path:
     with pytest.raises(AccessDenied, match="customers/fairness"):
         deploy(ws, ws.actor("mel"), ref, target="k8s", out_dir=tmp_path)  # the trained one: fairness failed or unapproved
     res = deploy(ws, ws.actor("mel"), fair, target="k8s", out_dir=tmp_path)
-    assert Path(res["manifest"]).exists() and reg.card(fair).status == "deployed"
+    assert Path(res.manifest).exists() and reg.card(fair).status == "deployed"
     port = free_port()
     res = deploy(ws, ws.actor("mel"), fair, target="local", port=port)
     try:
-        code, v1 = post(f"{res['url']}/v1/models/credit:predict", {"instances": tokens[:2]})
+        code, v1 = post(f"{res.url}/v1/models/credit:predict", {"instances": tokens[:2]})
         assert code == 200 and len(v1["predictions"]) == 2
         again = deploy(ws, ws.actor("mel"), fair, target="local", port=port)  # this workspace's server of this model
-        assert again["existing"] and again["pid"] == res["pid"]
+        assert again.existing and again.pid == res.pid
     finally:
-        os.killpg(res["pid"], signal.SIGTERM)
+        os.killpg(res.pid, signal.SIGTERM)
     assert not ws.gate.decide("deploy", ws.actor("carla"), Resource.model("credit", fair.version),
                               reg.deploy_context(fair)).allowed  # carla may not deploy (stage)
 
@@ -405,7 +405,7 @@ def test_deployments_are_listed_and_stopped_only_when_they_are_ours(served):
     try:
         found = {s.deployment.port: s for s in list_deployments(ws)}
         st = found[port]
-        assert st.alive and st.deployment.model == str(fair) and st.deployment.pid == res["pid"] and st.deployment.started_at
+        assert st.alive and st.deployment.model == str(fair) and st.deployment.pid == res.pid and st.deployment.started_at
         # deployments list/stop in this process: they read the deployment records and signal the predictor
         # deploy started (its own process, whatever runs the command)
         env = {"LAKEWARDEN_CONFIG": str(ws.config.source)}
@@ -423,7 +423,7 @@ def test_deployments_are_listed_and_stopped_only_when_they_are_ours(served):
         assert read_identity(int(url.rsplit(":", 1)[1])) is not None  # the fixture's own server still runs
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(res["pid"], signal.SIGTERM)
+            os.killpg(res.pid, signal.SIGTERM)
     ws.audit.flush()
     ev = [e for e in ws.audit.query(action="deployments.stop").to_pylist() if e["resource"] == f"model:{fair}"]
     assert ev and json.loads(ev[-1]["details"]) == {"port": port, "state_before": "running"}

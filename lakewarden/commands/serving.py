@@ -44,8 +44,7 @@ def deploy(
         raise typer.BadParameter("target must be local or k8s", param_hint="--target")
     st = state(ctx)
     res = run_deploy(st.workspace(), st.actor(), model, target=target, port=port, out_dir=out)  # type: ignore[arg-type]
-    where = res.get("url") or res.get("manifest")
-    console.print(f"[green]deployed[/] {res['model']} → {target}: {where}")
+    console.print(f"[green]deployed[/] {res.model} → {target}: {res.where}")
 
 
 @deployments_app.command("list")

@@ -80,7 +80,7 @@ def tables_optimize(ctx: typer.Context, table: Annotated[str, typer.Argument(hel
 
     st = state(ctx)
     out = optimize(st.workspace(), st.actor(), _ref(table))
-    console.print(f"[green]optimized[/] {table}: {out['files_removed']} files → {out['files_added']}, now version {out['version']}")
+    console.print(f"[green]optimized[/] {table}: {out.files_removed} files → {out.files_added}, now version {out.version}")
 
 
 @tables_app.command("vacuum")
@@ -97,9 +97,9 @@ def tables_vacuum(
     st = state(ctx)
     out = vacuum(st.workspace(), st.actor(), _ref(table), dry_run=not force, retention_hours=retention_hours,
                  enforce_retention=enforce_retention)
-    verb = "would delete" if out["dry_run"] else "deleted"
-    console.print(f"{verb} {out['files']} file(s) from {table} (keeping {out['retention_hours']} h of history)")
-    for p in out["paths"][:20]:
+    verb = "would delete" if out.dry_run else "deleted"
+    console.print(f"{verb} {out.files} file(s) from {table} (keeping {out.retention_hours} h of history)")
+    for p in out.paths[:20]:
         console.print(f"  {p}")
 
 

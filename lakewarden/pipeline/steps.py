@@ -393,17 +393,17 @@ def step_deploy(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     port = free_port()
     local = deploy(ws, actor, ref, target="local", port=port)
     try:
-        smoke = smoke_test(ws, local["url"], reg["model"], Registry(ws).card(ref).dataset, params.deploy.smoke_requests)
+        smoke = smoke_test(ws, local.url, reg["model"], Registry(ws).card(ref).dataset, params.deploy.smoke_requests)
     finally:
         try:
-            os.killpg(local["pid"], signal.SIGTERM)
+            os.killpg(local.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     run = ws.lineage.emit("pipeline.deploy", dvc_stage="deploy",
                           inputs=[DatasetRef(f"model:{reg['model']}", version=reg["version"], kind="model")],
-                          facets={"manifest": os.path.relpath(rendered["manifest"], ws.config.base_dir), **smoke})
+                          facets={"manifest": os.path.relpath(rendered.manifest, ws.config.base_dir), **smoke})
     body = {"model": reg["model"], "version": reg["version"], "ref": ref,
-            "manifest": os.path.relpath(rendered["manifest"], ws.config.base_dir), "smoke": smoke}
+            "manifest": os.path.relpath(rendered.manifest, ws.config.base_dir), "smoke": smoke}
     write_json(REPORTS / "deploy.json", {"smoke_ok": smoke["ok"], "smoke_requests": smoke["requests"],
                                          "p50_ms": smoke["p50_ms"]})
     if smoke["ok"] != smoke["requests"]:
