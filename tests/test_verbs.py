@@ -47,6 +47,8 @@ def _verbs(tmp: Path) -> dict[str, tuple[str, Callable[[Any, Any], Any]]]:
     from lakehouse.trino import trino_down, trino_sync, trino_up
     from serving.deploy import deploy, stop_deployments
     from serving.model import serve
+    from serving.monitor import monitor_model
+    from training.flow import train_model
     from training.registry import Registry
 
     kek = tmp / "new.kek"
@@ -79,6 +81,9 @@ def _verbs(tmp: Path) -> dict[str, tuple[str, Callable[[Any, Any], Any]]]:
         "deploy": ("deploy", lambda ws, a: deploy(ws, a, "credit@1", target="k8s", out_dir=tmp / "k8s")),
         "stop deployments": ("deploy", lambda ws, a: stop_deployments(ws, a, all_models=True)),
         "serve": ("serve", lambda ws, a: serve(ws, "credit@1", a, port=1)),
+        "monitor": ("serve", lambda ws, a: monitor_model(ws, a, "credit@1")),
+        "train": ("features", lambda ws, a: train_model(ws, a, name="credit", features=["customer_profile:income"],
+                                                        label="defaulted", purpose="credit_scoring")),
         "pipeline ingest step": ("ingest", lambda ws, a: run_step(ws, a, "ingest", _params(tmp))),
         "pipeline checkout": ("maintain", lambda ws, a: checkout(ws, a, tmp / "out", manifest=tmp / "silver.json")),
         "pipeline summary": ("audit", summary),
