@@ -40,7 +40,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 
 from governance.errors import DecryptionError
-from governance.keys import hazmat
+from governance.keys import hazmat, wire
 from governance.keys.kek import (
     KeyEncryptionKey,
     LocalKek,
@@ -67,24 +67,14 @@ __all__ = [
     "load_kek",
 ]
 
-FORMAT_VERSION = 1
-_VERSION_BYTE = b"\x01"
-_AAD_PREFIX = b"lakewarden:v1\x00"
+FORMAT_VERSION = wire.FORMAT_VERSION
+_VERSION_BYTE = wire.VERSION_BYTE
 _NONCE = hazmat.NONCE_SIZE
 _MIN_LEN = 1 + hazmat.NONCE_SIZE + hazmat.TAG_SIZE
 _BATCH = 65536  # values per nonce draw in seal_many
 
 
-def _name(value: object, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be str, got {type(value).__name__}")
-    if not value or "\x00" in value:
-        raise ValueError(f"{what} must be a non-empty string without NUL, got {value!r}")
-    return value.encode("utf-8")
-
-
-def _aad_prefix(dataset: str, column: str) -> bytes:
-    return _AAD_PREFIX + _name(dataset, "dataset") + b"\x00" + _name(column, "column") + b"\x00"
+_aad_prefix = wire.value_aad_prefix  # the one definition of the wire format (governance/keys/wire.py)
 
 
 def _plain(value: object) -> bytes:
@@ -276,12 +266,12 @@ class KeyRing:
     def seal_system(self, name: str, plaintext: bytes | str, *, dataset: str, column: str) -> bytes:
         """Seal data that belongs to no known subject (e.g. a quarantined row without a valid key)
         under the system key ``name``; destroying that key (``shred_system``) destroys it all."""
-        aad = _aad_prefix(dataset, column) + b"system:" + _name(name, "system key")
+        aad = wire.system_value_aad(dataset, column, name)
         return _VERSION_BYTE + hazmat.aesgcm_seal(self._store.system_key(name), _plain(plaintext), aad)
 
     def open_system(self, name: str, blob: bytes, *, dataset: str, column: str) -> bytes:
         """Open a value from :meth:`seal_system`; raises DecryptionError if the key or binding differ."""
-        aad = _aad_prefix(dataset, column) + b"system:" + _name(name, "system key")
+        aad = wire.system_value_aad(dataset, column, name)
         return _open_one(hazmat.cipher(self._store.system_key(name, create=False)), blob, aad)
 
     # ------------------------------------------------------------------ destructive verbs

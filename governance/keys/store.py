@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from governance.errors import DecryptionError, KeyManagementError, SubjectShredded
-from governance.keys import hazmat
+from governance.keys import hazmat, wire
 from governance.keys.kek import InsecureKeyFileWarning, KeyEncryptionKey, _makedirs_private
 
 __all__ = ["KeyStore", "BLIND_INDEX_KEY", "TOKEN_PREFIX", "TOKEN_RE"]
@@ -66,8 +66,8 @@ TOKEN_PREFIX = "sub_"
 # The one definition of what a subject token looks like: "sub_" + 26 lowercase base32 characters.
 TOKEN_RE = re.compile(r"^sub_[a-z2-7]{26}$")
 BLIND_INDEX_KEY = "blind-index"
-_DEK_AAD = b"lakewarden:dek\x00"
-_META_AAD = b"lakewarden:meta\x00"
+_DEK_AAD = wire.DEK_AAD_PREFIX  # the wire formats: governance/keys/wire.py
+_META_AAD = wire.META_AAD_PREFIX
 _CHUNK = 999  # bound parameters per IN (...) query; SQLite's historic limit
 
 _SCHEMA = """

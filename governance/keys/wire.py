@@ -1,0 +1,99 @@
+"""The key hierarchy's wire formats, one definition each: what any implementation must reproduce.
+
+The key ring and the key store build their bytes from these constants, and
+``tests/fixtures/crypto_vectors.json`` pins them with known answers. An implementation (the
+pure-Python one here, a native core) is compatible when it reproduces every vector and opens
+every sealed one.
+
+* **Sealed value** (``KeyRing.seal``): ``0x01 || nonce (12) || AES-256-GCM ciphertext || tag (16)``
+  under the subject's DEK, with associated data
+  ``"lakewarden:v1\\0" || dataset || "\\0" || column || "\\0" || token`` (UTF-8), so a value opens
+  only for the dataset, column and subject it was sealed for.
+* **System-sealed value** (``KeyRing.seal_system``): the same layout under a system key, with
+  ``"system:" || name`` where the token would be.
+* **Wrapped DEK** (key store, ``subjects.wrapped_dek``): ``nonce (12) || ciphertext || tag (16)``
+  of the 32-byte DEK under the KEK, associated data ``"lakewarden:dek\\0" || token``.
+* **Wrapped system key** (``meta.wrapped``): the same under the KEK, associated data
+  ``"lakewarden:meta\\0" || name``.
+* **Blind index** of a subject id: HMAC-SHA256 under the system key ``blind-index`` of the id,
+  stripped of surrounding whitespace, as UTF-8.
+* **Token**: ``"sub_"`` + the first 26 characters of the lowercase base32 of 16 random bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+from governance.keys import hazmat
+
+FORMAT_VERSION = 1
+VERSION_BYTE = bytes([FORMAT_VERSION])
+VALUE_AAD_PREFIX = b"lakewarden:v1\x00"
+DEK_AAD_PREFIX = b"lakewarden:dek\x00"
+META_AAD_PREFIX = b"lakewarden:meta\x00"
+TOKEN_PREFIX = "sub_"
+
+
+def _name(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, got {type(value).__name__}")
+    if not value or "\x00" in value:
+        raise ValueError(f"{what} must be a non-empty string without NUL, got {value!r}")
+    return value.encode("utf-8")
+
+
+def value_aad_prefix(dataset: str, column: str) -> bytes:
+    """The associated data of a sealed value, less the token (shared by a column's values)."""
+    return VALUE_AAD_PREFIX + _name(dataset, "dataset") + b"\x00" + _name(column, "column") + b"\x00"
+
+
+def value_aad(dataset: str, column: str, token: str) -> bytes:
+    """The associated data a value of ``dataset.column`` for subject ``token`` is sealed with."""
+    if not isinstance(token, str):
+        raise TypeError(f"subject token must be str, got {type(token).__name__}")
+    return value_aad_prefix(dataset, column) + token.encode("utf-8")
+
+
+def system_value_aad(dataset: str, column: str, name: str) -> bytes:
+    """The associated data of a value sealed under the system key ``name`` (no subject: e.g. a
+    quarantined row without a valid subject key)."""
+    return value_aad_prefix(dataset, column) + b"system:" + _name(name, "system key")
+
+
+def seal_value(dek: bytes, plaintext: bytes, *, dataset: str, column: str, token: str,
+               nonce: bytes | None = None) -> bytes:
+    """A sealed value. Leave ``nonce`` None (fresh and random) outside known-answer tests."""
+    return VERSION_BYTE + hazmat.aesgcm_seal(dek, plaintext, value_aad(dataset, column, token), nonce)
+
+
+def open_value(dek: bytes, blob: bytes, *, dataset: str, column: str, token: str) -> bytes:
+    """The plaintext of a sealed value (DecryptionError when it does not open for these names)."""
+    from governance.errors import DecryptionError
+
+    if len(blob) < 1 + hazmat.NONCE_SIZE + hazmat.TAG_SIZE or blob[0] != FORMAT_VERSION:
+        raise DecryptionError("ciphertext is invalid (too short or unknown format version)")
+    return hazmat.aesgcm_open(dek, bytes(blob[1:]), value_aad(dataset, column, token))
+
+
+def dek_aad(token: str) -> bytes:
+    """The associated data a subject's DEK is wrapped with under the KEK."""
+    return DEK_AAD_PREFIX + token.encode("utf-8")
+
+
+def meta_aad(name: str) -> bytes:
+    """The associated data a system key is wrapped with under the KEK."""
+    return META_AAD_PREFIX + name.encode("utf-8")
+
+
+def blind_index(key: bytes, subject_id: str) -> bytes:
+    """The blind index of a subject id (what the key store looks tokens up by)."""
+    return hmac.new(key, subject_id.strip().encode("utf-8"), hashlib.sha256).digest()
+
+
+def token_from_bytes(raw: bytes) -> str:
+    """The token spelled from 16 random bytes."""
+    if len(raw) != 16:
+        raise ValueError(f"a token is spelled from 16 bytes, got {len(raw)}")
+    return TOKEN_PREFIX + base64.b32encode(raw).decode("ascii")[:26].lower()
