@@ -1,0 +1,62 @@
+"""Two processes creating the same new subjects at once get one key per subject (#15: the key store
+stays consistent under parallel writers, before ingest's batches run in parallel).
+
+The store takes SQLite's write lock (BEGIN IMMEDIATE) before it looks a blind index up, so lookup and
+insert are one step across processes. Each worker waits at a barrier, then asks for the same ids —
+all new on the first round — in a different order, several rounds; the ids overlap between rounds.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from governance.keys import KeyStore, generate_kek_b64, kek_from_env
+
+ROUNDS = 6
+PER_ROUND = 400
+VAR = "LW_CONCURRENCY_KEK"
+
+
+def _ids(round_: int) -> list[str]:
+    # each round: half the ids of the round before, half new
+    start = round_ * PER_ROUND // 2
+    return [f"person-{i:06d}" for i in range(start, start + PER_ROUND)]
+
+
+def _worker(path: str, reverse: bool, barrier, out) -> None:  # noqa: ANN001 - multiprocessing objects
+    got: dict[str, str] = {}
+    with KeyStore(path, kek_from_env(VAR)) as store:
+        for r in range(ROUNDS):
+            ids = _ids(r)[::-1] if reverse else _ids(r)
+            barrier.wait(timeout=60)
+            got.update(zip(ids, store.tokens_for(ids)))
+        deks = {t: store.dek(t).hex() for t in sorted(set(got.values()))[:50]}
+    out.put((got, deks))
+
+
+def test_two_writers_creating_the_same_new_subjects_yield_one_key_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(VAR, generate_kek_b64())
+    path = tmp_path / "keys.db"
+    KeyStore(path, kek_from_env(VAR)).close()  # created once, as the workspace does
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(str(path), rev, barrier, out)) for rev in (False, True)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (a, deks_a), (b, deks_b) = results
+    every = {i for r in range(ROUNDS) for i in _ids(r)}
+    assert set(a) == set(b) == every
+    assert a == b, "the two writers got different tokens for the same subject"
+    assert len(set(a.values())) == len(every)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*), count(DISTINCT blind_index) FROM subjects").fetchone() == (len(every),) * 2
+    shared = set(deks_a) & set(deks_b)
+    assert shared and all(deks_a[t] == deks_b[t] for t in shared)
