@@ -89,7 +89,26 @@ def meta_aad(name: str) -> bytes:
 
 def blind_index(key: bytes, subject_id: str) -> bytes:
     """The blind index of a subject id (what the key store looks tokens up by)."""
-    return hmac.new(key, subject_id.strip().encode("utf-8"), hashlib.sha256).digest()
+    return blind_indexes(key, [subject_id.strip()])[0]
+
+
+def blind_indexes(key: bytes, stripped_ids: list[str]) -> list[bytes]:
+    """The blind indexes of ids already stripped of surrounding whitespace (the key store's bulk path).
+
+    Raises:
+        ValueError: an id is not encodable as UTF-8.
+    """
+    base = hmac.new(key, digestmod=hashlib.sha256)  # copying a keyed HMAC beats re-keying per id
+    out = []
+    append = out.append
+    try:
+        for s in stripped_ids:
+            h = base.copy()
+            h.update(s.encode("utf-8"))
+            append(h.digest())
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"subject id is not encodable as UTF-8: {exc.reason}") from None
+    return out
 
 
 def token_from_bytes(raw: bytes) -> str:
