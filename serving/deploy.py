@@ -45,7 +45,7 @@ from governance.identity import ForeignServer, workspace_id
 from governance.policy import Stage
 from governance.workspace import Workspace
 from serving.identity import read_identity
-from training.registry import ModelRef, Registry
+from training.registry import ModelRef, Registry, model_name
 
 
 class DeployError(LakewardenError, RuntimeError):
@@ -111,7 +111,7 @@ class Deployed:
 def deploy(ws: Workspace, actor: Actor, ref: ModelRef | str, *, target: Literal["local", "k8s"], port: int = 8080,
            out_dir: Path | None = None) -> Deployed:
     """Deploy a registered model version if the gate allows it; return where it runs or what was rendered."""
-    ws.gate.require_stage(Stage.DEPLOY, actor, Resource.model(str(ref).split("@")[0]))
+    ws.gate.require_stage(Stage.DEPLOY, actor, Resource.model(model_name(ref)))
     reg = Registry(ws)
     card = reg.card(ref)
     decision = ws.gate.enforce(Stage.DEPLOY, actor, Resource.model(card.name, card.version), reg.deploy_context(card.ref))

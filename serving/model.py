@@ -45,7 +45,7 @@ from governance.keys import TOKEN_RE
 from governance.workspace import Workspace
 from features.store import Features
 from serving.requestlog import append_records
-from training.registry import ModelRef, Registry
+from training.registry import ModelRef, Registry, model_name
 
 MAX_INSTANCES = 1000
 MAX_BODY_BYTES = 1 << 20
@@ -422,7 +422,7 @@ def serve(ws: Workspace, ref: ModelRef | str, actor: Actor, *, port: int = 8080)
     from governance.gate import Resource
     from governance.policy import Stage
 
-    ws.gate.require_stage(Stage.SERVE, actor, Resource.model(str(ref).split("@")[0]))
+    ws.gate.require_stage(Stage.SERVE, actor, Resource.model(model_name(ref)))
     kserve = _kserve()
     model = GovernedPredictor(ws, ref, actor)
     model.load()

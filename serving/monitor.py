@@ -416,9 +416,9 @@ def monitor_model(
         ModelNotFound: no such model or version.
         MonitorError: the version has no stored drift profile (trained before profiles were kept).
     """
-    from training.registry import Registry
+    from training.registry import Registry, model_name
 
-    ws.gate.require_stage(Stage.SERVE, actor, Resource.model(model.split("@")[0]))
+    ws.gate.require_stage(Stage.SERVE, actor, Resource.model(model_name(model)))
     reg = Registry(ws)
     card = reg.card(model)
     profile = reg.profile(card.ref)

@@ -109,6 +109,7 @@ __all__ = [
     "ModelCard",
     "ModelNotFound",
     "ModelRef",
+    "model_name",
     "PrivacyCost",
     "PrivacyGuarantee",
     "Profile",
@@ -263,6 +264,12 @@ class ModelRef:
         if not sep or not version.isdigit():
             raise ValueError(f"a model reference looks like name@version, got {text!r}")
         return cls(name, int(version))
+
+
+def model_name(ref: ModelRef | str) -> str:
+    """The model's name in ``name``, ``name@version`` or a :class:`ModelRef` (nothing looked up): what
+    a verb names in the gate's resource before it may read the registry."""
+    return ref.name if isinstance(ref, ModelRef) else str(ref).partition("@")[0]
 
 
 # --------------------------------------------------------------------------- the card
@@ -1003,7 +1010,7 @@ class Registry:
             ModelNotFound / ArtifactTampered: as :meth:`card`.
             ValueError: an empty or personal ``override_reason``.
         """
-        self.ws.gate.require_stage(Stage.APPROVE, actor, Resource.model(str(ref).split("@")[0]))
+        self.ws.gate.require_stage(Stage.APPROVE, actor, Resource.model(model_name(ref)))
         if override_reason is not None:
             if not isinstance(override_reason, str) or not override_reason.strip():
                 raise ValueError("override_reason must be a sentence saying why the fairness failure is accepted")
