@@ -150,8 +150,8 @@ def run_query(
         raise SqlError(f"unknown engine {engine!r}: use embedded or trino")
     if max_rows is not None and max_rows < 0:
         raise SqlError(f"max_rows must be 0 or more (got {max_rows})")
-    if role is not None:
-        narrowed = ws.gate.narrow(actor, role, Stage.QUERY, Resource.system("sql"))
+    # In one role only: a role the actor does not hold is the gate's deny (builtin/role-not-held).
+    in_role = actor if role is None else ws.gate.narrow(actor, role, Stage.QUERY, Resource.system("sql"))
     if engine == "trino":  # Trino decides each table by the same policy, compiled to its rules
         from lakehouse.trino import run_query as run_trino
 
@@ -159,9 +159,8 @@ def run_query(
 
         if version is not None or as_of is not None:
             raise SqlError("time travel (--version/--as-of) is available on the embedded engine")
-        return QueryResult(run_trino(ws, actor, sql, role=role, max_rows=max_rows), (), {}, {})
-    if role is not None:
-        actor = narrowed
+        return QueryResult(run_trino(ws, actor, sql, role=role, max_rows=max_rows), (), {}, {})  # Trino narrows user@role
+    actor = in_role
     used: list[str] = []
     try:
         with _connection() as con:
