@@ -6,9 +6,15 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# The native core (native/: Rust, PyO3, built by maturin from crates.io); rebuilt when its sources change.
+NATIVE := $(VENV)/.native-$(shell cat native/Cargo.toml native/pyproject.toml native/src/*.rs | sha1sum | cut -c1-12)
 LW     := $(BIN)/lakewarden
 
 .PHONY: install trino system demo test test-fast bench clean-demo
+
+# What CI also runs without the native core, so both paths stay green.
+FALLBACK_TESTS := tests/test_native_core.py tests/test_crypto_vectors.py tests/test_keys.py tests/test_keys_concurrency.py \
+                  tests/test_ingest.py tests/test_ingest_parallel.py
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=python3.11)")'
@@ -17,7 +23,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-install: $(STAMP)
+# Without cargo the library runs its pure-Python fallback (same bytes, slower; see README).
+$(NATIVE): $(STAMP) native/Cargo.toml native/pyproject.toml $(wildcard native/src/*.rs)
+	@if command -v cargo >/dev/null 2>&1 || test -x $$HOME/.cargo/bin/cargo; then \
+	  PATH="$$PATH:$$HOME/.cargo/bin" $(BIN)/python -m pip install --quiet ./native && \
+	  rm -f $(VENV)/.native-* && touch $@; \
+	else echo "no Rust toolchain (cargo): Lakewarden will run its pure-Python fallback"; fi
+
+install: $(STAMP) $(NATIVE)
 
 # A pinned Trino server from Maven Central (into ~/.cache/lakewarden, outside git), for analyst SQL.
 trino:
@@ -32,7 +45,10 @@ demo: install
 	$(BIN)/python -m lakewarden.demo
 
 test: install trino system
-	LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 LAKEWARDEN_REQUIRE_CHROMIUM=1 $(BIN)/python -m pytest -q
+	LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 LAKEWARDEN_REQUIRE_CHROMIUM=1 \
+	  LAKEWARDEN_REQUIRE_NATIVE=1 $(BIN)/python -m pytest -q
+	@echo "== the key and ingest tests again on the pure-Python fallback (LAKEWARDEN_NATIVE=0)"
+	LAKEWARDEN_NATIVE=0 $(BIN)/python -m pytest -q $(FALLBACK_TESTS)
 
 # Everything but the long end-to-end tests (@pytest.mark.slow: DVC pipeline runs, Trino, demo-like and
 # at-scale runs). Servers that are not installed are skipped, not required.

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
@@ -48,6 +51,38 @@ def subject_bucket(token: str, n: int) -> int:
     for ch in token[4:10]:
         v = v * 32 + _B32[ch]
     return v % n
+
+
+def subject_buckets(tokens: pa.Array, n: int) -> pa.Array:
+    """:func:`subject_bucket` of a whole column of tokens (int32; null stays null), in numpy."""
+    if isinstance(tokens, pa.ChunkedArray):
+        tokens = tokens.combine_chunks()
+    m = len(tokens)
+    valid = tokens.drop_null()
+    lengths = pc.binary_length(valid)
+    if len(valid) and pc.all(pc.equal(lengths, 30)).as_py():
+        offsets = np.frombuffer(valid.buffers()[1], dtype=np.int32, count=valid.offset + len(valid) + 1)[valid.offset:]
+        data = np.frombuffer(valid.buffers()[2], dtype=np.uint8)
+        starts = offsets[:-1] + 4
+        chars = data[starts[:, None] + np.arange(6)]  # the six characters after "sub_"
+        digits = _B32_TABLE[chars]
+        if (digits < 0).any():
+            raise ValueError("a token has a character outside base32")
+        v = np.zeros(len(valid), dtype=np.int64)
+        for k in range(6):
+            v = v * 32 + digits[:, k]
+        dense = pa.array((v % n).astype(np.int32))
+    else:
+        dense = pa.array([subject_bucket(t, n) for t in valid.to_pylist()], pa.int32())
+    if len(valid) == m:
+        return dense
+    pos = pc.subtract(pc.cumulative_sum(pc.cast(pc.is_valid(tokens), pa.int32())), 1)
+    return pc.if_else(pc.is_valid(tokens), pc.take(dense, pc.max_element_wise(pos, 0)), pa.scalar(None, pa.int32()))
+
+
+_B32_TABLE = np.full(256, -1, dtype=np.int64)
+for _c, _i in _B32.items():
+    _B32_TABLE[ord(_c)] = _i
 
 
 # How ``_subject_bucket`` was computed for a table's rows — the function (by name) and the

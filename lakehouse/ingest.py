@@ -24,11 +24,11 @@ was valid (so erasure reaches them), else under a per-dataset quarantine key.
 from __future__ import annotations
 
 import glob as globmod
-import hashlib
+import os
 import json
 import resource
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,18 +36,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
 from governance.gate import Actor, Resource
+from governance.keys import SubjectKeys, native
 from governance.lineage import DatasetRef
 from governance.pii import redact
 from governance.policy import ColumnClass, DatasetPolicy, Protection, Stage
 from governance.workspace import Workspace
-from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_buckets, table_configuration, table_description
+from lakehouse.catalog import Catalog, TableRef, subject_buckets, table_buckets, table_configuration, table_description
 from lakehouse.errors import IngestError
 from lakehouse.landing import is_erasure_rewrite, record_kept
 from lakehouse.readers import RawBatch, header, read_batches, to_text
@@ -153,22 +153,6 @@ class IngestReport:
 Progress = Callable[[str, int], None]
 
 
-def _hash_binary(h: Any, arr: pa.Array) -> None:
-    """Feed a binary/string array's value lengths, bytes and null positions to ``h`` (zero copy)."""
-    n = len(arr)
-    if n == 0:
-        return
-    bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int32, count=arr.offset + n + 1)[arr.offset :]
-    h.update(np.diff(offsets).tobytes())
-    if bufs[2] is not None:
-        h.update(memoryview(bufs[2])[offsets[0] : offsets[-1]])
-    if arr.null_count:
-        h.update(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)).astype(np.int64).tobytes())
-
-
-_bucket = subject_bucket
-
 
 def expand(paths: Iterable[str | Path]) -> list[Path]:
     """Files named directly or by glob, in a stable order; a pattern matching nothing is an error."""
@@ -194,7 +178,8 @@ def expand(paths: Iterable[str | Path]) -> list[Path]:
 class Ingestor:
     """Ingest files into one dataset. Use :func:`ingest`; this class holds the per-ingest state."""
 
-    def __init__(self, ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int, progress: Progress | None):
+    def __init__(self, ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int, progress: Progress | None,
+                 workers: int | None = None):
         self.ws = ws
         self.actor = actor
         self.dataset = dataset
@@ -205,17 +190,25 @@ class Ingestor:
         self.ring = ws.keyring
         self.compression = ws.config.storage.compression
         self.validator = Validator(self.policy)
-        self.token_cache: dict[str, str] = {}
         self.existing_tokens: pa.Array | None = None
         self.done = self._done_batches()
         self.versions: dict[str, int] = {}
         self.reasons: Counter = Counter()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lakewarden-ingest-writer")
+        # Batches are checked (text, shape, rules: DuckDB, which releases the GIL) in a pool sized
+        # to the cores, while this thread resolves tokens and seals (the native core releases it
+        # too) and the writer commits: all cores work, and at most workers + 2 batches are held.
+        self.workers = max(1, min(os.cpu_count() or 1, 4)) if workers is None else workers
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="lakewarden-ingest-check")
         self._pending: Future | None = None
         pol = self.policy
         self.vault_cols = [n for n, c in pol.columns.items() if c.protection is Protection.VAULT]
         self.restricted_cols = [n for n, c in pol.columns.items() if c.protection is Protection.RESTRICTED]
         self.bronze_cols = [n for n in pol.columns if n not in self.vault_cols and n not in self.restricted_cols]
+        self.sealed_cols = [n for n, c in pol.columns.items()
+                            if c.protection in (Protection.ENCRYPT, Protection.VAULT, Protection.RESTRICTED)]
+        self._cache_keys: pa.Array | None = None
+        self._cache_tokens: pa.Array | None = None
         self.partition_by = [*pol.layout.partition_by, "_subject_bucket"]
         self.buckets = self._bucket_count()
         self._preload_unique()
@@ -260,16 +253,25 @@ class Ingestor:
         rep = FileReport(source=source)
         plan = plan_shape(self.policy, header(path), source=path.name, policy_file=f"policies/{self.dataset}.yaml")
         rep.dropped_columns, rep.filled_columns = plan.dropped, plan.filled
-        for raw in read_batches(path, batch_rows=self.batch_rows):
-            if skip:
+        inflight: deque[tuple[RawBatch, str, Future]] = deque()
+        try:
+            for raw in read_batches(path, batch_rows=self.batch_rows):
                 rep.rows_read += raw.rows_read
-                rep.rows_skipped += raw.rows_read
                 rep.batches += 1
-                rep.batches_skipped += 1
-                continue
-            self._batch(raw, plan, rep)
-            if self.progress:
-                self.progress(source, raw.rows_read)
+                batch_id = None if skip else self._batch_id(raw)
+                if batch_id is None or batch_id in self.done:
+                    rep.rows_skipped += raw.rows_read
+                    rep.batches_skipped += 1
+                    continue
+                self.done.add(batch_id)  # a repeat of this batch later in the same ingest is skipped too
+                inflight.append((raw, batch_id, self._pool.submit(self._check, raw, plan)))
+                while len(inflight) > self.workers:
+                    self._finish(*inflight.popleft(), rep)
+            while inflight:
+                self._finish(*inflight.popleft(), rep)
+        finally:
+            for _, _, fut in inflight:
+                fut.cancel()
         self.wait()
         if not rep.balanced:  # never expected: it would mean a row was lost
             raise IngestError(
@@ -278,14 +280,9 @@ class Ingestor:
             )
         return rep
 
-    def _batch(self, raw: RawBatch, plan: ShapePlan, rep: FileReport) -> None:
-        batch_id = self._batch_id(raw)
-        rep.rows_read += raw.rows_read
-        rep.batches += 1
-        if batch_id in self.done:
-            rep.rows_skipped += raw.rows_read
-            rep.batches_skipped += 1
-            return
+    def _check(self, raw: RawBatch, plan: ShapePlan) -> pa.Table | None:
+        """The part of a batch that runs in the pool, several batches at once: text, shape, and
+        every rule but uniqueness across batches."""
         text, bad_utf8 = to_text(raw.table)
         text = self._conform(text, plan)
         pre = None
@@ -297,21 +294,29 @@ class Ingestor:
                     if m and pre_vals[i] is None:
                         pre_vals[i] = f"{name}: not valid UTF-8 text"
             pre = pa.array(pre_vals, pa.string())
-        out = self.validator.validate(text, raw.first_row, pre) if text.num_rows else None
+        return self.validator.check(text, raw.first_row, pre) if text.num_rows else None
+
+    def _finish(self, raw: RawBatch, batch_id: str, checked: Future, rep: FileReport) -> None:
+        """The ordered part of a batch, in file order: uniqueness across batches, tokens, sealing;
+        then its commits go to the writer (at most one batch waits, so memory stays bounded)."""
+        out = checked.result()
+        if out is not None:
+            out = self.validator.dedupe(out)
         now = datetime.now(timezone.utc)
-        accepted, quarantine = self._protect(out, raw, batch_id, rep.source, now)
-        n_acc = accepted["bronze"].num_rows if accepted else 0
+        accepted, n_acc, quarantine = self._protect(out, raw, batch_id, rep.source, now)
         n_q = quarantine.num_rows
         rep.rows_accepted += n_acc
         rep.rows_quarantined += n_q
-        self.done.add(batch_id)  # a repeat of this batch later in the same ingest is skipped too
-        # Write behind: this batch's commits run while the next batch is validated. At most one
-        # batch waits, so memory stays bounded; the ledger row is written after the tables.
+        # Write behind: this batch's commits run while the next batches are checked and protected.
+        # The ledger row is written after the tables.
         self.wait()
         self._pending = self._writer.submit(self._commit, batch_id, accepted, quarantine, rep.source, raw, n_acc, n_q, now)
+        if self.progress:
+            self.progress(rep.source, raw.rows_read)
 
-    def _commit(self, batch_id: str, accepted: dict[str, pa.Table] | None, quarantine: pa.Table, source: str,
+    def _commit(self, batch_id: str, protected: Future | None, quarantine: pa.Table, source: str,
                 raw: RawBatch, n_acc: int, n_q: int, now: datetime) -> None:
+        accepted = protected.result() if protected is not None else None
         self._write_batch(batch_id, accepted, quarantine)
         self._ledger(batch_id, source, raw, n_acc, n_q, now)
         self.ws.audit.record(
@@ -328,13 +333,13 @@ class Ingestor:
 
     def _batch_id(self, raw: RawBatch) -> str:
         """A hash of the batch's content (values, lengths, nulls), independent of how it is chunked."""
-        h = hashlib.sha256(f"lakewarden-batch:v1|{self.dataset}|{raw.table.num_rows}|".encode())
+        h = native.Hasher(f"lakewarden-batch:v1|{self.dataset}|{raw.table.num_rows}|".encode())
         for name in raw.table.column_names:
             h.update(b"|" + name.encode() + b"|")
             col = raw.table[name]
             for chunk in col.chunks:
                 if pa.types.is_binary(chunk.type) or pa.types.is_string(chunk.type):
-                    _hash_binary(h, chunk)
+                    h.update_binary(chunk)
                 else:
                     sink = pa.BufferOutputStream()
                     with pa.ipc.new_stream(sink, pa.schema([(name, chunk.type)])) as w:
@@ -356,34 +361,57 @@ class Ingestor:
         return pa.table(cols, names=names)
 
     # -- protection -------------------------------------------------------------------
-    def _tokens(self, keys: pa.Array) -> tuple[pa.Array, pa.Array]:
-        """Tokens and subject buckets for subject keys (NULL stays NULL), through a per-ingest cache."""
+    def _subjects(self, keys: pa.Array) -> tuple[pa.Array, pa.Array, SubjectKeys | None, pa.Array]:
+        """Per row: token, subject bucket; and, when the dataset seals columns, the batch's
+        subjects' data keys with each row's index into them. NULL keys stay NULL.
+
+        No Python per row: the ids go to the key store as one Arrow column (blind indexes in the
+        native core), and tokens come back as one. A dataset that seals nothing keeps a
+        per-ingest Arrow cache of tokens, so a subject seen in an earlier batch is not looked up
+        again (transactions: many rows per customer).
+        """
         uniq = pc.unique(keys.drop_null())
-        values = uniq.to_pylist()
-        cache = self.token_cache
-        missing = [v for v in values if v not in cache]
-        if missing:
-            if len(cache) + len(missing) > 2_000_000:
-                cache.clear()
-            n = self.buckets
-            for v, t in zip(missing, self.ring.tokens_for(missing)):
-                cache[v] = (t, _bucket(t, n))  # type: ignore[arg-type]
-        pairs = [cache[v] for v in values]
-        toks = pa.array([p[0] for p in pairs], pa.string())
-        bks = pa.array([p[1] for p in pairs], pa.int32())
         idx = pc.index_in(keys, value_set=uniq)
-        return pc.take(toks, idx), pc.take(bks, idx)
+        store = self.ring.store
+        if self.sealed_cols:
+            subjects = store.subject_keys(uniq, keys=True)
+            tok_u = subjects.tokens
+        else:
+            subjects = None
+            tok_u = self._cached_tokens(uniq)
+        bk_u = subject_buckets(tok_u, self.buckets)
+        return pc.take(tok_u, idx), pc.take(bk_u, idx), subjects, idx
+
+    def _cached_tokens(self, uniq: pa.Array) -> pa.Array:
+        if self._cache_keys is not None:
+            pos = pc.index_in(uniq, value_set=self._cache_keys)
+            missing = uniq.filter(pc.is_null(pos))
+        else:
+            missing = uniq
+        if len(missing):
+            new = self.ring.store.subject_keys(missing).tokens
+            if self._cache_keys is None or len(self._cache_keys) + len(missing) > 2_000_000:
+                self._cache_keys, self._cache_tokens = missing, new
+            else:
+                self._cache_keys = pa.concat_arrays([self._cache_keys, missing])
+                self._cache_tokens = pa.concat_arrays([self._cache_tokens, new])
+        pos = pc.index_in(uniq, value_set=self._cache_keys)
+        return pc.take(self._cache_tokens, pos)
 
     def _protect(
         self, out: pa.Table | None, raw: RawBatch, batch_id: str, source: str, now: datetime
-    ) -> tuple[dict[str, pa.Table] | None, pa.Table]:
+    ) -> tuple[Future | None, int, pa.Table]:
+        """Sort a checked batch into accepted rows and quarantine, in file order (tokens, the
+        duplicate-subject rule). The accepted rows' sealing and table building go to the pool:
+        ``(future of the protected tables or None, rows accepted, quarantine table)``."""
         pol = self.policy
         key = pol.subject_key
         q_rows: dict[str, list[Any]] = {n: [] for n in QUARANTINE_SCHEMA.names}
-        result: dict[str, pa.Table] | None = None
+        result: Future | None = None
+        n_acc = 0
         if out is not None and out.num_rows:
             keys = out["_t_" + key].combine_chunks()
-            tokens, buckets = self._tokens(keys)
+            tokens, buckets, subjects, key_index = self._subjects(keys)
             reasons = out["_reason"].combine_chunks()
             # A unique subject key already in the table (from an earlier ingest) is a duplicate.
             if self.existing_tokens is not None and len(self.existing_tokens):
@@ -393,12 +421,15 @@ class Ingestor:
             acc = out.filter(ok)
             acc_tokens = tokens.filter(ok)
             acc_buckets = buckets.filter(ok)
+            acc_index = key_index.filter(ok)
             rej = out.filter(pc.invert(ok))
             rej_tokens = tokens.filter(pc.invert(ok))
             rej_reasons = reasons.filter(pc.invert(ok))
             if self.existing_tokens is not None and pol.columns[key].unique:
                 self.existing_tokens = pa.concat_arrays([self.existing_tokens, acc_tokens])
-            result = self._protected_tables(acc, acc_tokens, acc_buckets, batch_id, now)
+            n_acc = acc.num_rows
+            result = self._pool.submit(self._protected_tables, acc, acc_tokens, acc_buckets, subjects, acc_index,
+                                       batch_id, now)
             # Quarantine: the original row, encrypted; the reason in plaintext (it names no value).
             raw_cols = [n for n in pol.columns]
             originals = rej.select([f"_v_{n}" for n in raw_cols]).rename_columns(raw_cols).to_pylist()
@@ -409,7 +440,7 @@ class Ingestor:
                 self._quarantine_row(q_rows, batch_id, source, row, reason, tok, payload, now)
         for m in raw.malformed:
             self._quarantine_row(q_rows, batch_id, source, m.row, m.reason, None, m.text, now)
-        return result, pa.table(q_rows, schema=QUARANTINE_SCHEMA)
+        return result, n_acc, pa.table(q_rows, schema=QUARANTINE_SCHEMA)
 
     def _quarantine_row(self, q: dict[str, list[Any]], batch_id: str, source: str, row: int | None,
                         reason: str, token: str | None, payload: str, now: datetime) -> None:
@@ -428,12 +459,11 @@ class Ingestor:
         q["_quarantined_at"].append(now)
 
     def _protected_tables(
-        self, acc: pa.Table, tokens: pa.Array, buckets: pa.Array, batch_id: str, now: datetime
+        self, acc: pa.Table, tokens: pa.Array, buckets: pa.Array, subjects: SubjectKeys | None,
+        key_index: pa.Array, batch_id: str, now: datetime,
     ) -> dict[str, pa.Table]:
         pol = self.policy
         n = acc.num_rows
-        tok_list = tokens.to_pylist() if (self.vault_cols or self.restricted_cols or any(
-            c.protection is Protection.ENCRYPT for c in pol.columns.values())) else []
         meta = {
             "_subject_bucket": buckets,
             "_batch_id": pa.repeat(pa.scalar(batch_id, pa.string()), n),
@@ -441,21 +471,16 @@ class Ingestor:
             "_ingested_at": pa.repeat(pa.scalar(now, pa.timestamp("us", tz="UTC")), n),
         }
 
-        # Every encrypted column of the batch is sealed in one pass: one key lookup per subject.
-        to_seal = [n_ for n_, c in pol.columns.items() if c.protection in (Protection.ENCRYPT, Protection.VAULT,
-                                                                            Protection.RESTRICTED)]
+        # Every encrypted column is sealed whole: Arrow in, Arrow out (the native core when built).
         sealed_cols: dict[str, pa.Array] = {}
-        if to_seal and n:
+        if self.sealed_cols:
             values = {}
-            for name in to_seal:
-                vals = acc[f"_t_{name}"]
-                if not pa.types.is_string(vals.type):
+            for name in self.sealed_cols:
+                vals = acc[f"_t_{name}"].combine_chunks()
+                if not (pa.types.is_string(vals.type) or pa.types.is_binary(vals.type)):
                     vals = pc.cast(vals, pa.string())
-                values[name] = vals.to_pylist()
-            for name, blobs in self.ring.seal_columns(values, tok_list, dataset=self.dataset).items():
-                sealed_cols[name] = pa.array(blobs, pa.binary())
-        elif to_seal:
-            sealed_cols = {name: pa.array([], pa.binary()) for name in to_seal}
+                values[name] = vals
+            sealed_cols = self.ring.seal_arrow(values, subjects, key_index, dataset=self.dataset)  # type: ignore[arg-type]
 
         bronze: dict[str, Any] = {}
         for name in self.bronze_cols:
@@ -549,6 +574,7 @@ class Ingestor:
         try:
             self.wait()
         finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._writer.shutdown(wait=True)
             self.validator.close()
 
@@ -556,11 +582,15 @@ class Ingestor:
 def default_batch_rows(policy: DatasetPolicy) -> int:
     """Rows per batch when none is given: smaller when many columns are encrypted per row.
 
-    Sealing turns every value into a Python bytes object for a moment (~0.3 KB each with
-    its list slot and Arrow copy), so a batch's memory grows with the encrypted columns.
+    With the native core a sealed value is a few Arrow bytes, so batches stay large (fewer
+    commits). On the pure-Python path sealing turns every value into a Python bytes object for a
+    moment (~0.3 KB each with its list slot and Arrow copy), so a batch's memory grows with the
+    encrypted columns.
     """
     sealed = sum(1 for c in policy.columns.values()
                  if c.protection in (Protection.ENCRYPT, Protection.VAULT, Protection.RESTRICTED))
+    if native.backend() == "native":
+        return max(50_000, min(250_000, 2_000_000 // (1 + sealed)))
     return max(20_000, min(250_000, 1_000_000 // (1 + 4 * sealed)))
 
 
@@ -572,10 +602,12 @@ def ingest(
     *,
     batch_rows: int | None = None,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> IngestReport:
     """Ingest landing files into ``dataset`` (see the module docstring). The gate decides first.
 
-    ``batch_rows`` bounds memory (default: :func:`default_batch_rows` for the dataset).
+    ``batch_rows`` bounds memory (default: :func:`default_batch_rows` for the dataset);
+    ``workers`` batches are checked at once (default: the machine's cores, at most 4).
 
     Raises:
         AccessDenied: the actor may not ingest into this dataset.
@@ -594,7 +626,7 @@ def ingest(
     if not files:
         raise IngestError("no files to ingest")
     report = IngestReport(dataset)
-    ing = Ingestor(ws, actor, dataset, batch_rows=batch_rows, progress=progress)
+    ing = Ingestor(ws, actor, dataset, batch_rows=batch_rows, progress=progress, workers=workers)
     try:
         for path in files:
             rewritten = is_erasure_rewrite(ws, dataset, path)

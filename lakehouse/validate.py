@@ -16,6 +16,7 @@ n²/2⁶⁵) would quarantine a row as a duplicate, never accept a duplicate.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import date
 
@@ -163,6 +164,9 @@ class Validator:
         self.con.execute("SET memory_limit = '1GB'")  # bounded: DuckDB spills rather than grows
         self.con.execute("SET preserve_insertion_order = false")  # rows carry their own _row number
         self.unique = [n for n, c in policy.columns.items() if c.unique]
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
         for n in self.unique:
             self.con.execute(f"CREATE TABLE {q('seen_' + n)} (h UBIGINT)")
 
@@ -175,26 +179,45 @@ class Validator:
 
     def validate(self, batch: pa.Table, first_row: int, pre_reason: pa.Array | None) -> pa.Table:
         """Return ``_row``, ``_reason`` (NULL = accepted) and one typed (or generalized) column per policy column."""
+        return self.dedupe(self.check(batch, first_row, pre_reason))
+
+    def check(self, batch: pa.Table, first_row: int, pre_reason: pa.Array | None) -> pa.Table:
+        """Every rule but uniqueness across batches; safe to run for several batches at once
+        (each thread has its own DuckDB cursor). Follow with :meth:`dedupe`, in file order."""
         n = batch.num_rows
         b = batch.append_column("_row", pa.array(range(first_row, first_row + n), pa.int64()))
         b = b.append_column("_pre", pre_reason if pre_reason is not None else pa.nulls(n, pa.string()))
-        self.con.register("batch", b)
+        con = self._cursor()
+        con.register("batch", b)
         try:
-            out = self.con.sql(self._sql(b.schema)).to_arrow_table()
+            return con.sql(self._sql(b.schema)).to_arrow_table()
         finally:
-            self.con.unregister("batch")
-        for c in self.unique:
-            out = self._duplicates(out, c)
-        # Remember accepted unique values for the next batches of this ingest.
-        if self.unique and out.num_rows:
-            self.con.register("_acc", out)
+            con.unregister("batch")
+
+    def dedupe(self, out: pa.Table) -> pa.Table:
+        """Mark repeats of unique columns (within the batch, and against earlier batches and the
+        table), then remember this batch's accepted values. Batches must come in file order."""
+        with self._lock:
             for c in self.unique:
-                self.con.execute(
-                    f"INSERT INTO {q('seen_' + c)} SELECT hash({q('_t_' + c)}) FROM _acc "
-                    f"WHERE _reason IS NULL AND {q('_t_' + c)} IS NOT NULL"
-                )
-            self.con.unregister("_acc")
+                out = self._duplicates(out, c)
+            if self.unique and out.num_rows:
+                self.con.register("_acc", out)
+                for c in self.unique:
+                    self.con.execute(
+                        f"INSERT INTO {q('seen_' + c)} SELECT hash({q('_t_' + c)}) FROM _acc "
+                        f"WHERE _reason IS NULL AND {q('_t_' + c)} IS NOT NULL"
+                    )
+                self.con.unregister("_acc")
         return out
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        cur = getattr(self._local, "cur", None)
+        if cur is None:
+            cur = self._local.cur = self.con.cursor()
+            cur.execute("SET TimeZone='UTC'")  # a session setting: each cursor needs its own
+            with self._lock:
+                self._cursors.append(cur)
+        return cur
 
     def _duplicates(self, out: pa.Table, name: str) -> pa.Table:
         """Mark a unique column's repeats: within the batch (the first row wins), then against earlier batches."""
@@ -278,6 +301,8 @@ class Validator:
         return f"SELECT _row, _reason, {', '.join(out_cols)}, {typed}, {raw} FROM ({mid})"
 
     def close(self) -> None:
+        for cur in self._cursors:
+            cur.close()
         self.con.close()
 
 

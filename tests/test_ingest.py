@@ -459,11 +459,17 @@ def test_subject_buckets_spread_evenly_over_all_buckets():
     """Erasure rewrites one bucket partition per subject: every bucket must be in use, evenly."""
     from collections import Counter
 
-    from governance.keys.store import KeyStore
-    from lakehouse.catalog import subject_bucket
+    import pyarrow as pa
 
-    toks = KeyStore._new_tokens(16_000)
+    from governance.keys import native
+    from lakehouse.catalog import subject_bucket, subject_buckets
+
+    toks = native.new_tokens(16_000)
     counts = Counter(subject_bucket(t, 16) for t in toks)
     assert set(counts) == set(range(16))
     assert max(counts.values()) < 1.15 * 1000 and min(counts.values()) > 0.85 * 1000
     assert all(subject_bucket(t, 16) == subject_bucket(t, 16) for t in toks[:10])  # stable
+    # the column version (what ingest runs) is the same function; NULL stays NULL
+    col = pa.array([*toks[:500], None, *toks[500:1000]])
+    for n in (1, 7, 16, 4096):
+        assert subject_buckets(col, n).to_pylist() == [None if t is None else subject_bucket(t, n) for t in col.to_pylist()]

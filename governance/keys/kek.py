@@ -129,11 +129,19 @@ class LocalKek(KeyEncryptionKey):
     def unwrap(self, blob: bytes, aad: bytes) -> bytes:
         return hazmat.aesgcm_open(self.__key, blob, aad)
 
+    def _native_material(self) -> bytes:
+        """The key bytes, for the native core's bulk key-store path only (it zeroizes its copy)."""
+        return self.__key
+
     def wrap_many(self, deks: Sequence[bytes], aads: Sequence[bytes]) -> list[bytes]:
-        return hazmat.aesgcm_seal_many(self.__key, deks, aads)
+        from governance.keys import native  # the native core when built (same bytes), else Python
+
+        return native.wrap_keys(self.__key, deks, aads)
 
     def unwrap_many(self, blobs: Sequence[bytes], aads: Sequence[bytes]) -> list[bytes]:
-        return hazmat.aesgcm_open_many(self.__key, blobs, aads)
+        from governance.keys import native
+
+        return native.unwrap_keys(self.__key, blobs, aads)
 
     def __repr__(self) -> str:
         return f"LocalKek(key_id={self._key_id!r}, source={self._source!r})"

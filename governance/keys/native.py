@@ -1,0 +1,342 @@
+"""The per-value key work on whole Arrow columns: the native core when it is built, else Python.
+
+The native core is the Rust extension ``lakewarden_native`` (``native/`` in the repository,
+built by ``make install`` with maturin). It takes Arrow buffers in and gives Arrow buffers out,
+releases the GIL and spreads large columns over the cores. Without it (a machine with no Rust
+toolchain, or ``LAKEWARDEN_NATIVE=0``) the same functions run on the pure-Python reference
+(``cryptography``, ``hmac``): the same bytes, more slowly. The formats are
+:mod:`governance.keys.wire`'s; ``tests/test_crypto_vectors.py`` checks both backends against the
+same known answers, and that each opens what the other sealed.
+
+Functions here are primitives for the key store and key ring; they know nothing about subjects'
+lifecycles. Use :class:`~governance.keys.KeyRing` for data.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from governance.errors import DecryptionError
+from governance.keys import hazmat, wire
+
+_OFF = os.environ.get("LAKEWARDEN_NATIVE", "1").strip().lower() in ("0", "off", "false", "no")
+try:
+    if _OFF:
+        raise ImportError("disabled by LAKEWARDEN_NATIVE")
+    import lakewarden_native as _native  # type: ignore[import-not-found]
+except ImportError:
+    _native = None
+
+KEY = 32
+NONCE = 12
+TOKEN_LEN = 30
+WRAPPED = NONCE + KEY + 16
+
+
+def backend() -> str:
+    """``"native"`` (the Rust core is loaded) or ``"python"`` (the pure-Python reference)."""
+    return "native" if _native is not None else "python"
+
+
+def _use_native(force: str | None) -> bool:
+    if force == "python":
+        return False
+    if force == "native":
+        if _native is None:
+            raise RuntimeError("the native core (lakewarden_native) is not built or is disabled")
+        return True
+    return _native is not None
+
+
+# ---------------------------------------------------------------------- Arrow plumbing
+
+
+def _binary(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``arr`` as a binary array with 32-bit offsets (strings are viewed, not copied)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    t = arr.type
+    if pa.types.is_string(t):
+        return arr.view(pa.binary())
+    if pa.types.is_binary(t):
+        return arr
+    if pa.types.is_large_string(t) or pa.types.is_large_binary(t):
+        return pc.cast(arr, pa.binary())
+    if pa.types.is_null(t):
+        return pa.nulls(len(arr), pa.binary())
+    raise TypeError(f"expected a string or binary column, got {t}")
+
+
+def _mv(buf: Any) -> memoryview | None:
+    return None if buf is None else memoryview(buf).cast("B")
+
+
+def _col(arr: pa.Array) -> tuple:
+    validity, offsets, data = arr.buffers()
+    return (_mv(offsets), _mv(data), _mv(validity) if arr.null_count else None, arr.offset, len(arr))
+
+
+def _from_parts(typ: pa.DataType, n: int, parts: tuple) -> pa.Array:
+    offsets, data, validity, nulls = parts
+    bufs = [pa.py_buffer(validity) if validity is not None else None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    return pa.Array.from_buffers(typ, n, bufs, null_count=nulls)
+
+
+def fixed(blob: bytes, width: int) -> list[bytes]:
+    """``blob`` cut into ``width``-byte pieces."""
+    return [blob[i : i + width] for i in range(0, len(blob), width)]
+
+
+# ---------------------------------------------------------------------- blind indexes and tokens
+
+
+def blind_indexes(key: bytes, ids: pa.Array, *, force: str | None = None) -> bytes:
+    """The blind indexes of subject ids (stripped as ``str.strip()`` does), ``32 * len(ids)`` bytes.
+
+    Raises:
+        ValueError: an id is null, not UTF-8, or empty once stripped (names its position).
+    """
+    arr = _binary(ids)
+    if _use_native(force):
+        return _native.blind_indexes(_mv(key), _col(arr))
+    stripped = []
+    for i, raw in enumerate(arr.to_pylist()):
+        if raw is None:
+            raise ValueError(f"subject id at position {i} is null")
+        try:
+            s = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"subject id at position {i} is not valid UTF-8") from None
+        if not s:
+            raise ValueError(f"subject id at position {i} is empty or whitespace only")
+        stripped.append(s)
+    return b"".join(wire.blind_indexes(key, stripped))
+
+
+def new_tokens(n: int, *, sorted_: bool = False, force: str | None = None) -> list[str]:
+    """``n`` new random tokens ("sub_" + 26 base32 characters of 16 random bytes)."""
+    if n <= 0:
+        return []
+    if _use_native(force):
+        flat = _native.new_tokens(n, sorted_).decode("ascii")
+    else:
+        raw = os.urandom(16 * n)
+        buf = bytearray(20 * n)  # each 16 bytes padded to 20: one b32encode call for the batch
+        for k in range(16):
+            buf[k::20] = raw[k::16]
+        enc = base64.b32encode(bytes(buf)).decode("ascii").lower()
+        toks = ["sub_" + enc[i : i + 26] for i in range(0, 32 * n, 32)]
+        return sorted(toks) if sorted_ else toks
+    return [flat[i : i + TOKEN_LEN] for i in range(0, TOKEN_LEN * n, TOKEN_LEN)]
+
+
+# ---------------------------------------------------------------------- the key store's bulk path
+
+_SHARED_SQLITE: bool | None = None
+
+
+def sqlite_shared() -> bool:
+    """Whether the native core calls the very SQLite library instance Python's ``sqlite3`` uses.
+
+    Two copies of SQLite in one process do not see each other's POSIX locks (closing one
+    copy's file descriptor drops the other's locks), so the native key-store path runs only when
+    ``sqlite3_libversion`` resolves to the same address from both (a Python built with SQLite
+    linked in statically gets the Python path).
+    """
+    global _SHARED_SQLITE
+    if _SHARED_SQLITE is None:
+        _SHARED_SQLITE = False
+        if _native is not None:
+            try:
+                import ctypes
+                import sqlite3
+
+                import _sqlite3
+
+                addr, version = _native.sqlite_library()
+                ours = ctypes.cast(ctypes.CDLL(_sqlite3.__file__).sqlite3_libversion, ctypes.c_void_p).value
+                _SHARED_SQLITE = ours == addr and version == sqlite3.sqlite_version
+            except (OSError, AttributeError, ImportError):
+                _SHARED_SQLITE = False
+    return _SHARED_SQLITE
+
+
+def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Array, *, create: bool,
+                     keys: bool, now: str) -> tuple[pa.Array, bytes | None, int]:
+    """The native key store's bulk lookup-and-create (see ``native/src/keystore.rs``):
+    ``(tokens, keys or None, subjects created)``. Only when :func:`sqlite_shared`.
+
+    Raises:
+        ValueError: a null or blank id (names its position).
+        RuntimeError: ``"sqlite\t…"``, ``"foreign-kek\t<token>\t<kek id>"`` or
+            ``"unwrap\t<token>"``; the key store turns them into its own errors.
+    """
+    arr = _binary(ids)
+    parts, key_bytes, created = _native.resolve_subjects(db, _mv(bi_key), _mv(kek), kek_id, _col(arr), create, keys, now)
+    return _from_parts(pa.string(), len(arr), parts), key_bytes, created
+
+
+# ---------------------------------------------------------------------- key wrapping
+
+
+def wrap_keys(kek: bytes, keys: Sequence[bytes], aads: Sequence[bytes], *, force: str | None = None,
+              nonces: bytes | None = None) -> list[bytes]:
+    """Wrap 32-byte keys under ``kek`` (``nonce || ct || tag``, associated data ``aads[i]``)."""
+    if len(keys) != len(aads):
+        raise ValueError(f"{len(keys)} keys but {len(aads)} associated data")
+    if not keys:
+        return []
+    if _use_native(force):
+        flat = _native.wrap_keys(_mv(kek), b"".join(keys), b"", _col(pa.array(aads, pa.binary())), nonces)
+        return fixed(flat, WRAPPED)
+    if nonces is None:
+        return hazmat.aesgcm_seal_many(kek, keys, aads)
+    return [hazmat.aesgcm_seal(kek, k, a, nonces[i * NONCE : (i + 1) * NONCE]) for i, (k, a) in enumerate(zip(keys, aads))]
+
+
+def unwrap_keys(kek: bytes, blobs: Sequence[bytes], aads: Sequence[bytes], *, force: str | None = None) -> list[bytes]:
+    """Unwrap what :func:`wrap_keys` wrapped. Raises DecryptionError naming the first failure."""
+    if len(blobs) != len(aads):
+        raise ValueError(f"{len(blobs)} wrapped keys but {len(aads)} associated data")
+    if not blobs:
+        return []
+    if _use_native(force):
+        try:
+            flat = _native.unwrap_keys(_mv(kek), _col(pa.array(blobs, pa.binary())), b"", _col(pa.array(aads, pa.binary())))
+        except ValueError as exc:
+            raise DecryptionError(f"key unwrap failed: {exc}") from None
+        return fixed(flat, KEY)
+    return hazmat.aesgcm_open_many(kek, blobs, aads)
+
+
+# ---------------------------------------------------------------------- sealing whole columns
+
+
+def _index(key_index: pa.Array) -> memoryview:
+    idx = key_index.fill_null(-1) if key_index.null_count else key_index
+    idx = idx.cast(pa.int32())
+    return memoryview(np.ascontiguousarray(idx.to_numpy(zero_copy_only=False), dtype="<i4")).cast("B")
+
+
+def seal_column(keys: bytes, key_index: pa.Array, tokens: pa.Array, aad_prefix: bytes, values: pa.Array, *,
+                force: str | None = None, nonces: bytes | None = None) -> pa.Array:
+    """Seal ``values[i]`` under key ``key_index[i]`` (``keys`` holds 32 bytes per token), with
+    associated data ``aad_prefix || tokens[key_index[i]]``: ``0x01 || nonce || ct || tag``.
+    Null values stay null; a value whose index is null has no key (ValueError)."""
+    vals = _binary(values)
+    toks = _binary(tokens)
+    n = len(vals)
+    if len(key_index) != n:
+        raise ValueError(f"{n} values but {len(key_index)} key indexes")
+    if _use_native(force):
+        parts = _native.seal_column(_mv(keys), _index(key_index), _col(toks), aad_prefix, _col(vals), nonces)
+        return _from_parts(pa.binary(), n, parts)
+    tok_list = toks.to_pylist()
+    idx = key_index.to_pylist()
+    nonces = nonces if nonces is not None else os.urandom(NONCE * n)
+    ciphers: dict[int, AESGCM] = {}
+    out: list[bytes | None] = []
+    for i, v in enumerate(vals.to_pylist()):
+        if v is None:
+            out.append(None)
+            continue
+        j = idx[i]
+        if j is None or j < 0 or j >= len(tok_list):
+            raise ValueError(f"value at position {i} has no subject key")
+        c = ciphers.get(j)
+        if c is None:
+            if len(ciphers) > 4096:
+                ciphers.clear()
+            c = ciphers[j] = AESGCM(keys[j * KEY : (j + 1) * KEY])
+        nonce = nonces[i * NONCE : (i + 1) * NONCE]
+        out.append(b"\x01" + nonce + c.encrypt(nonce, v, aad_prefix + tok_list[j]))
+    return pa.array(out, pa.binary())
+
+
+def open_column(keys: bytes, key_index: pa.Array, tokens: pa.Array, aad_prefix: bytes, blobs: pa.Array, *,
+                force: str | None = None) -> pa.Array:
+    """Open a column :func:`seal_column` sealed (binary out). Raises DecryptionError at the first
+    value that does not open for its key, dataset, column and token."""
+    arr = _binary(blobs)
+    toks = _binary(tokens)
+    n = len(arr)
+    if len(key_index) != n:
+        raise ValueError(f"{n} values but {len(key_index)} key indexes")
+    if _use_native(force):
+        try:
+            parts = _native.open_column(_mv(keys), _index(key_index), _col(toks), aad_prefix, _col(arr))
+        except ValueError as exc:
+            if "no subject key" in str(exc):
+                raise
+            raise DecryptionError(str(exc)) from None
+        return _from_parts(pa.binary(), n, parts)
+    tok_list = toks.to_pylist()
+    idx = key_index.to_pylist()
+    out: list[bytes | None] = []
+    for i, b in enumerate(arr.to_pylist()):
+        if b is None:
+            out.append(None)
+            continue
+        j = idx[i]
+        if j is None or j < 0 or j >= len(tok_list):
+            raise ValueError(f"value at position {i} has no subject key")
+        if len(b) < 29 or b[0] != 1:
+            raise DecryptionError(f"ciphertext at position {i} is invalid (too short or unknown format version)")
+        try:
+            out.append(AESGCM(keys[j * KEY : (j + 1) * KEY]).decrypt(b[1:13], b[13:], aad_prefix + tok_list[j]))
+        except InvalidTag:
+            raise DecryptionError(f"ciphertext at position {i} failed authentication") from None
+    return pa.array(out, pa.binary())
+
+
+# ---------------------------------------------------------------------- content hashing
+
+
+class Hasher:
+    """SHA-256 of a batch's content; ``update_binary`` feeds a binary column's lengths, bytes and
+    null positions (the bytes ``lakehouse.ingest`` has always hashed, so batch ids do not change)."""
+
+    def __init__(self, prefix: bytes = b"", *, force: str | None = None) -> None:
+        self._n = _native.Hasher() if _use_native(force) else None
+        self._h = None if self._n is not None else hashlib.sha256()
+        if prefix:
+            self.update(prefix)
+
+    def update(self, data: bytes | memoryview) -> None:
+        if self._n is not None:
+            self._n.update(_mv(data))
+        else:
+            self._h.update(data)  # type: ignore[union-attr]
+
+    def update_binary(self, arr: pa.Array) -> None:
+        arr = _binary(arr)
+        if not len(arr):
+            return
+        if self._n is not None:
+            self._n.update_binary(_col(arr), arr.null_count)
+            return
+        n = len(arr)
+        bufs = arr.buffers()
+        offsets = np.frombuffer(bufs[1], dtype=np.int32, count=arr.offset + n + 1)[arr.offset :]
+        h = self._h
+        h.update(np.diff(offsets).tobytes())  # type: ignore[union-attr]
+        if bufs[2] is not None:
+            h.update(memoryview(bufs[2])[offsets[0] : offsets[-1]])  # type: ignore[union-attr]
+        if arr.null_count:
+            h.update(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)).astype(np.int64).tobytes())  # type: ignore[union-attr]
+
+    def hexdigest(self) -> str:
+        return self._n.hexdigest() if self._n is not None else self._h.hexdigest()  # type: ignore[union-attr]
+
+
+__all__ = ["Hasher", "backend", "blind_indexes", "new_tokens", "open_column", "seal_column", "unwrap_keys", "wrap_keys"]

@@ -1,0 +1,246 @@
+//! The key store's bulk path: tokens (and data keys) of a whole column of subject ids, with the
+//! new subjects created, in one SQLite transaction and no Python per id.
+//!
+//! It runs the same statements on the same schema as `governance/keys/store.py` (which creates the
+//! file and owns every other operation), through the system SQLite library. Python's `sqlite3`
+//! module must use that same library instance (the Python side checks it before calling here):
+//! two SQLite copies in one process would not see each other's POSIX locks.
+
+use crate::{blind_index_all, cipher, open_into, seal_into, slice, spell_token, Col, ColArg, OutCol, CHUNK, KEY, NONCE, TOKEN_LEN, WRAPPED};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use pyo3::buffer::PyBuffer;
+use rayon::prelude::*;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+enum Failure {
+    Value(String),
+    Sqlite(String),
+    ForeignKek(String, String),
+    Unwrap(String),
+}
+
+impl From<rusqlite::Error> for Failure {
+    fn from(e: rusqlite::Error) -> Self {
+        Failure::Sqlite(e.to_string())
+    }
+}
+
+impl Failure {
+    fn into_py(self) -> PyErr {
+        match self {
+            Failure::Value(m) => PyValueError::new_err(m),
+            Failure::Sqlite(m) => PyRuntimeError::new_err(format!("sqlite\t{m}")),
+            Failure::ForeignKek(t, k) => PyRuntimeError::new_err(format!("foreign-kek\t{t}\t{k}")),
+            Failure::Unwrap(t) => PyRuntimeError::new_err(format!("unwrap\t{t}")),
+        }
+    }
+}
+
+fn random(n: usize) -> Result<Vec<u8>, Failure> {
+    let mut buf = vec![0u8; n];
+    getrandom::getrandom(&mut buf).map_err(|e| Failure::Sqlite(format!("OS random source failed: {e}")))?;
+    Ok(buf)
+}
+
+/// The address and version of the SQLite library this module calls, so Python can check that its
+/// own `sqlite3` module resolves the same function to the same address (one library instance).
+#[pyfunction]
+fn sqlite_library() -> (usize, String) {
+    (rusqlite::ffi::sqlite3_libversion as *const () as usize, rusqlite::version().to_string())
+}
+
+struct Slot {
+    token: [u8; TOKEN_LEN],
+    wrapped: Option<Vec<u8>>, // an existing subject's wrapped key (None: created here, or unknown)
+    known: bool,
+    created: bool,
+}
+
+fn open(db: &str, timeout_ms: u64) -> Result<Connection, Failure> {
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(Duration::from_millis(timeout_ms))?;
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "DELETE", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("delete") {
+        return Err(Failure::Sqlite(format!("journal_mode is {mode}, not delete; deletion would not be final")));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "cache_size", -65536)?;
+    Ok(conn)
+}
+
+/// Tokens of `ids` (a string column), creating the subjects not in the store when `create`:
+/// `(tokens column, keys (n * 32 bytes, zeros where unknown) when want_keys, subjects created)`.
+///
+/// Every distinct id is looked up in blind-index order; the missing ones are then inserted in
+/// that order with their (random) tokens sorted, so both of the table's indexes are walked in
+/// order. The pairing this makes between a token's rank and its blind index's rank within one
+/// batch says nothing about the ids without the blind-index key, and goes with the row on shred.
+#[pyfunction]
+#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, timeout_ms=30_000))]
+#[allow(clippy::too_many_arguments)]
+fn resolve_subjects(
+    py: Python<'_>,
+    db: &str,
+    bi_key: PyBuffer<u8>,
+    kek: PyBuffer<u8>,
+    kek_id: &str,
+    ids: ColArg,
+    create: bool,
+    want_keys: bool,
+    now: &str,
+    timeout_ms: u64,
+) -> PyResult<(crate::PyCol, Option<Py<PyBytes>>, usize)> {
+    let bi_key = slice(&bi_key)?;
+    let kek = Zeroizing::new(slice(&kek)?.to_vec());
+    let kek_cipher = cipher(&kek)?;
+    let ids = Col::new(&ids)?;
+    let n = ids.len;
+    let db = db.to_string();
+    let kek_id = kek_id.to_string();
+    let now = now.to_string();
+    let res = py.allow_threads(|| -> Result<(Vec<usize>, Vec<Slot>, Zeroizing<Vec<u8>>, usize), Failure> {
+        let bis = blind_index_all(bi_key, &ids).map_err(Failure::Value)?;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_unstable_by(|a, b| bis[*a].cmp(&bis[*b]));
+        let mut slot_of = vec![0usize; n];
+        let mut uniq: Vec<usize> = Vec::new(); // the first id of each distinct blind index, sorted
+        for &i in &order {
+            if uniq.last().map(|&u| bis[u] != bis[i]).unwrap_or(true) {
+                uniq.push(i);
+            }
+            slot_of[i] = uniq.len() - 1;
+        }
+        let m = uniq.len();
+        let mut conn = open(&db, timeout_ms)?;
+        let tx = conn.transaction_with_behavior(if create { TransactionBehavior::Immediate } else { TransactionBehavior::Deferred })?;
+        // 1. Look every distinct id up, in blind-index order (in-order index probes).
+        let mut slots: Vec<Slot> = Vec::with_capacity(m);
+        {
+            let mut sel = tx.prepare("SELECT token, wrapped_dek, kek_id FROM subjects WHERE blind_index = ?1")?;
+            for &i in &uniq {
+                let row: Option<(String, Vec<u8>, String)> = sel
+                    .query_row(params![&bis[i][..]], |r| Ok((r.get(0)?, if want_keys { r.get(1)? } else { Vec::new() }, r.get(2)?)))
+                    .optional()?;
+                match row {
+                    Some((tok, w, kid)) => {
+                        if kid != kek_id {
+                            return Err(Failure::ForeignKek(tok, kid));
+                        }
+                        let t: [u8; TOKEN_LEN] = tok
+                            .as_bytes()
+                            .try_into()
+                            .map_err(|_| Failure::Sqlite(format!("token {tok:?} in the key store is malformed")))?;
+                        slots.push(Slot { token: t, wrapped: Some(w), known: true, created: false });
+                    }
+                    None => slots.push(Slot { token: [0; TOKEN_LEN], wrapped: None, known: false, created: false }),
+                }
+            }
+        }
+        // 2. Create the missing ones: random tokens (sorted, so the token index is appended to in
+        //    order too), random data keys, wrapped under the KEK with the token as associated data.
+        let missing: Vec<usize> = if create { (0..m).filter(|&s| !slots[s].known).collect() } else { Vec::new() };
+        let k = missing.len();
+        let mut keys = Zeroizing::new(random(k * KEY)?);
+        let mut created = 0usize;
+        if k > 0 {
+            let mut raw = Zeroizing::new(random(k * 16)?);
+            let mut tokens: Vec<[u8; TOKEN_LEN]> = raw
+                .chunks_exact(16)
+                .map(|r| {
+                    let mut t = Vec::with_capacity(TOKEN_LEN);
+                    spell_token(r, &mut t);
+                    t.try_into().expect("a token is 30 bytes")
+                })
+                .collect();
+            raw.iter_mut().for_each(|b| *b = 0);
+            tokens.sort_unstable();
+            let nonces = random(k * NONCE)?;
+            let parts: Vec<Vec<u8>> = (0..k.div_ceil(CHUNK))
+                .into_par_iter()
+                .map(|c| {
+                    let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(k));
+                    let mut out = Vec::with_capacity((hi - lo) * WRAPPED);
+                    let mut aad = Vec::with_capacity(15 + TOKEN_LEN);
+                    for j in lo..hi {
+                        aad.clear();
+                        aad.extend_from_slice(b"lakewarden:dek\x00");
+                        aad.extend_from_slice(&tokens[j]);
+                        seal_into(&kek_cipher, &nonces[j * NONCE..(j + 1) * NONCE], &keys[j * KEY..(j + 1) * KEY], &aad, &mut out);
+                    }
+                    out
+                })
+                .collect();
+            let wrapped = parts.concat();
+            let mut ins = tx.prepare("INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?1,?2,?3,?4,?5)")?;
+            for (j, &s) in missing.iter().enumerate() {
+                let token = std::str::from_utf8(&tokens[j]).expect("base32 is ASCII");
+                ins.execute(params![token, &bis[uniq[s]][..], &wrapped[j * WRAPPED..(j + 1) * WRAPPED], kek_id, now])?;
+                slots[s] = Slot { token: tokens[j], wrapped: None, known: true, created: true };
+                created += 1;
+            }
+        }
+        let mut new_key_of = vec![usize::MAX; m];
+        for (j, &s) in missing.iter().enumerate() {
+            new_key_of[s] = j;
+        }
+        tx.commit()?;
+        // The data key of each slot: created here (keys[s]) or unwrapped from the store.
+        let mut out_keys = Zeroizing::new(Vec::new());
+        if want_keys {
+            let per_slot: Vec<Result<Zeroizing<Vec<u8>>, Failure>> = slots
+                .par_iter()
+                .enumerate()
+                .map(|(s, slot)| {
+                    let mut k = Zeroizing::new(Vec::with_capacity(KEY));
+                    if slot.created {
+                        let j = new_key_of[s];
+                        k.extend_from_slice(&keys[j * KEY..(j + 1) * KEY]);
+                    } else if let Some(w) = &slot.wrapped {
+                        let mut aad = b"lakewarden:dek\x00".to_vec();
+                        aad.extend_from_slice(&slot.token);
+                        if w.len() != WRAPPED || !open_into(&kek_cipher, w, &aad, &mut k) {
+                            return Err(Failure::Unwrap(String::from_utf8_lossy(&slot.token).into_owned()));
+                        }
+                    } else {
+                        k.extend_from_slice(&[0u8; KEY]);
+                    }
+                    Ok(k)
+                })
+                .collect();
+            out_keys.reserve(n * KEY);
+            let per_slot: Vec<Zeroizing<Vec<u8>>> = per_slot.into_iter().collect::<Result<_, _>>()?;
+            for &s in &slot_of {
+                out_keys.extend_from_slice(&per_slot[s]);
+            }
+        }
+        keys.iter_mut().for_each(|b| *b = 0);
+        Ok((slot_of, slots, out_keys, created))
+    });
+    let (slot_of, slots, keys, created) = res.map_err(Failure::into_py)?;
+    let mut lens = Vec::with_capacity(n);
+    let mut data = Vec::with_capacity(n * TOKEN_LEN);
+    for &s in &slot_of {
+        let slot = &slots[s];
+        if slot.known {
+            data.extend_from_slice(&slot.token);
+            lens.push(Some(TOKEN_LEN));
+        } else {
+            lens.push(None);
+        }
+    }
+    let col = OutCol::from_parts(vec![(lens, data)], n)?.into_py(py);
+    let keys = if want_keys { Some(PyBytes::new(py, &keys).unbind()) } else { None };
+    Ok((col, keys, created))
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(sqlite_library, m)?)?;
+    m.add_function(wrap_pyfunction!(resolve_subjects, m)?)?;
+    Ok(())
+}

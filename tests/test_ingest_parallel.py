@@ -1,0 +1,106 @@
+"""Batches checked in parallel, and sealed by either backend, give what one batch at a time gives:
+the same rows accepted, the same quarantine reasons (uniqueness across batch boundaries
+included), the same plaintexts behind the ciphertexts, exactly once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from test_ingest import person, run, table, write_csv
+
+from governance.keys import native
+from governance.workspace import Workspace
+from lakehouse.ingest import LEDGER
+
+
+def _rows() -> list[dict[str, str]]:
+    rows = [person(i) for i in range(120)]
+    rows[40] = person(3)  # the same customer as row 3, in another batch: a duplicate across batches
+    rows[41] = person(41, email="not-an-email")
+    rows[42] = person(42, region="nowhere")
+    rows[43] = person(3)  # and again, later
+    rows[90] = person(90, customer_id="   ")
+    rows[91] = person(91, sex="Q")
+    return rows
+
+
+def _outcome(ws: Workspace) -> tuple[list, list, dict]:
+    quarantine = table(ws, "quarantine").sort_by("row_number")
+    reasons = list(zip(quarantine["row_number"].to_pylist(), quarantine["reason"].to_pylist()))
+    bronze = table(ws, "bronze").sort_by("_row")
+    vault = table(ws, "vault").sort_by("_row")
+    opened = {}
+    for col in ("name", "email", "phone"):
+        vals = ws.keyring.open_arrow(vault[col].combine_chunks(), vault["customer_id"].combine_chunks(),
+                                     dataset="customers", column=col)
+        opened[col] = dict(zip(vault["_row"].to_pylist(), vals.cast(pa.string()).to_pylist()))
+    sex = ws.keyring.open_arrow(bronze["sex"].combine_chunks(), bronze["customer_id"].combine_chunks(),
+                                dataset="customers", column="sex")
+    opened["sex"] = dict(zip(bronze["_row"].to_pylist(), sex.cast(pa.string()).to_pylist()))
+    return bronze["_row"].to_pylist(), reasons, opened
+
+
+def test_parallel_batches_give_what_one_at_a_time_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from conftest import make_project
+
+    results = []
+    for workers in (1, 3):
+        folder = tmp_path / f"w{workers}"
+        ws = Workspace.open(make_project(folder, monkeypatch) / "lakewarden.yaml")
+        f = write_csv(folder / "people.csv", _rows())
+        seen = []
+        rep = run(ws, f, batch_rows=9, workers=workers, progress=lambda src, n: seen.append(n))
+        assert (rep.rows_read, rep.rows_accepted, rep.rows_quarantined) == (120, 114, 6)
+        assert rep.batches == 14 and sum(seen) == 120 and len(seen) == 14
+        results.append(_outcome(ws))
+        # exactly once: the same file again writes nothing
+        f2 = write_csv(folder / "again.csv", _rows())
+        again = run(ws, f2, batch_rows=9, workers=workers)
+        assert again.rows_skipped == 120 and again.batches_skipped == 14
+        ws.close()
+    (rows1, reasons1, opened1), (rows3, reasons3, opened3) = results
+    assert rows1 == rows3
+    assert reasons1 == reasons3
+    assert [r for r, _ in reasons1] == [41, 42, 43, 44, 91, 92]  # row numbers count data rows from 1
+    assert all("duplicate" in why for r, why in reasons1 if r in (41, 44))
+    assert opened1 == opened3
+    assert opened1["email"][8] == "person7@example.org" and opened1["sex"][8] == "FMX"[7 % 3]
+
+
+def test_both_backends_ingest_the_same_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    if native.backend() != "native":
+        pytest.skip("native core not built")
+    from conftest import make_project
+
+    results = []
+    for backend in ("native", "python"):
+        folder = tmp_path / backend
+        ws = Workspace.open(make_project(folder, monkeypatch) / "lakewarden.yaml")
+        with monkeypatch.context() as m:
+            if backend == "python":
+                m.setattr(native, "_native", None)
+                m.setattr(native, "_SHARED_SQLITE", False)
+            run(ws, write_csv(folder / "people.csv", _rows()), batch_rows=25)
+        results.append(_outcome(ws))
+        # the other backend reads what this one wrote
+        bronze = table(ws, "bronze")
+        token_of_row = dict(zip(bronze["_row"].to_pylist(), bronze["customer_id"].to_pylist()))
+        assert ws.keyring.tokens_for([f"C-{i:09d}" for i in (0, 7, 119)], create=False) == [
+            token_of_row[i + 1] for i in (0, 7, 119)
+        ]
+        ws.close()
+    assert results[0] == results[1]
+
+
+def test_the_ledger_has_one_row_per_batch_after_a_parallel_ingest(workspace: Workspace, tmp_path: Path):
+    from deltalake import DeltaTable
+
+    run(workspace, write_csv(tmp_path / "people.csv", [person(i) for i in range(100)]), batch_rows=10, workers=4)
+    ledger = DeltaTable(workspace.config.table_uri(LEDGER)).to_pyarrow_table()
+    assert ledger.num_rows == 10 and len(set(ledger["batch_id"].to_pylist())) == 10
+    firsts = sorted(ledger["first_row"].to_pylist())
+    assert [b - a for a, b in zip(firsts, firsts[1:])] == [10] * 9
+    assert pc.sum(ledger["rows_accepted"]).as_py() == 100

@@ -1,0 +1,209 @@
+"""The native core (``native/``, Rust) and the pure-Python reference make the same bytes.
+
+Each primitive runs on both backends against the known answers in
+tests/fixtures/crypto_vectors.json, and each backend opens what the other sealed, on columns with
+nulls, empty and non-ASCII values, slices and chunks. The key store's bulk path gives the same
+subjects either way. Without the native module built, the native half is skipped — unless
+LAKEWARDEN_REQUIRE_NATIVE=1 (``make test`` sets it), where its absence fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from governance.errors import DecryptionError, KeyManagementError
+from governance.keys import KeyStore, LocalKek, native, wire
+
+V = json.loads((Path(__file__).parent / "fixtures" / "crypto_vectors.json").read_text(encoding="utf-8"))
+h = bytes.fromhex
+NATIVE = native._native is not None
+BACKENDS = ["python", pytest.param("native", marks=pytest.mark.skipif(not NATIVE, reason="native core not built"))]
+
+
+def test_the_native_core_is_built_where_required():
+    if os.environ.get("LAKEWARDEN_REQUIRE_NATIVE") == "1":
+        assert native.backend() == "native", "make install builds native/ (needs cargo); LAKEWARDEN_NATIVE=0 disables it"
+        assert native.sqlite_shared(), "the native core must call the SQLite library Python's sqlite3 uses"
+
+
+@pytest.mark.parametrize("force", BACKENDS)
+def test_seal_vectors_are_reproduced_and_open(force: str):
+    for v in V["seal"]:
+        prefix = wire.value_aad_prefix(v["dataset"], v["column"])
+        sealed = native.seal_column(h(v["dek"]), pa.array([0], pa.int32()), pa.array([v["token"]]), prefix,
+                                    pa.array([h(v["plaintext"])]), force=force, nonces=h(v["nonce"]))
+        assert sealed.to_pylist() == [h(v["sealed"])]
+        opened = native.open_column(h(v["dek"]), pa.array([0], pa.int32()), pa.array([v["token"]]), prefix, sealed, force=force)
+        assert opened.to_pylist() == [h(v["plaintext"])]
+
+
+@pytest.mark.parametrize("force", BACKENDS)
+def test_key_wrap_and_blind_index_vectors(force: str):
+    for v in V["wrap_dek"]:
+        aad = wire.dek_aad(v["token"])
+        assert native.wrap_keys(h(v["kek"]), [h(v["dek"])], [aad], force=force, nonces=h(v["nonce"])) == [h(v["wrapped"])]
+        assert native.unwrap_keys(h(v["kek"]), [h(v["wrapped"])], [aad], force=force) == [h(v["dek"])]
+    for v in V["wrap_system_key"]:
+        aad = wire.meta_aad(v["name"])
+        assert native.wrap_keys(h(v["kek"]), [h(v["key"])], [aad], force=force, nonces=h(v["nonce"])) == [h(v["wrapped"])]
+    for v in V["blind_index"]:
+        assert native.blind_indexes(h(v["key"]), pa.array([v["subject_id"]]), force=force) == h(v["index"])
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_native_tokens_are_spelled_as_the_wire_format_says():
+    for v in V["token"]:
+        assert native._native.token_from_bytes(h(v["random"])) == v["token"] == wire.token_from_bytes(h(v["random"]))
+    toks = native.new_tokens(2000, sorted_=True, force="native")
+    assert toks == sorted(toks) and len(set(toks)) == 2000
+    assert all(len(t) == 30 and t.startswith("sub_") and set(t[4:]) <= set("abcdefghijklmnopqrstuvwxyz234567") for t in toks)
+
+
+def _column() -> tuple[pa.Array, pa.Array, bytes, pa.Array]:
+    """Values with nulls, empty, non-ASCII and a 70 KB value; keys shared by some rows."""
+    vals = ["alice@example.com", None, "", "Zürich ☃ 東京", "x" * 70_000, "bob", None, "🦀", "same", "same"]
+    tokens = pa.array(native.new_tokens(4, force="python"))
+    keys = os.urandom(32 * 4)
+    index = pa.array([0, 1, 2, 3, 0, 1, None, 2, 3, 3], pa.int32())
+    return pa.array(vals), index, keys, tokens
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+@pytest.mark.parametrize("sealer,opener", [("native", "python"), ("python", "native")])
+def test_each_backend_opens_what_the_other_sealed(sealer: str, opener: str):
+    vals, index, keys, tokens = _column()
+    prefix = wire.value_aad_prefix("customers", "email")
+    sealed = native.seal_column(keys, index, tokens, prefix, vals, force=sealer)
+    assert sealed.null_count == 2 and sealed.type == pa.binary()
+    assert all(len(b) == len(v.encode()) + 29 for b, v in zip(sealed.to_pylist(), vals.to_pylist()) if v is not None)
+    opened = native.open_column(keys, index, tokens, prefix, sealed, force=opener)
+    assert opened.cast(pa.string()).to_pylist() == vals.to_pylist()
+    # a slice and a chunked column read the same as the whole
+    part = native.open_column(keys, index.slice(3, 5), tokens, prefix, sealed.slice(3, 5), force=opener)
+    assert part.cast(pa.string()).to_pylist() == vals.to_pylist()[3:8]
+    chunked = pa.chunked_array([sealed.slice(0, 4), sealed.slice(4)])
+    assert native.open_column(keys, index, tokens, prefix, chunked, force=opener).cast(pa.string()).equals(vals)
+    # each value opens only for its own column and subject
+    with pytest.raises(DecryptionError):
+        native.open_column(keys, index, tokens, wire.value_aad_prefix("customers", "phone"), sealed, force=opener)
+    swapped = pa.array([1, 0, 2, 3, 0, 1, None, 2, 3, 3], pa.int32())
+    with pytest.raises(DecryptionError):
+        native.open_column(keys, swapped, tokens, prefix, sealed, force=opener)
+
+
+@pytest.mark.parametrize("force", BACKENDS)
+def test_a_value_without_a_subject_is_refused(force: str):
+    with pytest.raises(ValueError, match="position 1 has no subject key"):
+        native.seal_column(os.urandom(32), pa.array([0, None], pa.int32()), pa.array(["sub_" + "a" * 26]), b"p",
+                           pa.array(["a", "b"]), force=force)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_blind_indexes_strip_exactly_what_python_strips():
+    spaces = [chr(c) for c in range(0x110000) if chr(c).isspace()]
+    ids = [f"{s}id{i}{s}" for i, s in enumerate(spaces)] + ["a\u200bb", "\u200b", "ü", " mixed\tcase "]
+    key = os.urandom(32)
+    assert native.blind_indexes(key, pa.array(ids), force="native") == native.blind_indexes(key, pa.array(ids), force="python")
+    for bad, msg in ((["ok", None], "position 1 is null"), (["ok", " \u3000\t"], "position 1 is empty")):
+        for force in ("native", "python"):
+            with pytest.raises(ValueError, match=msg):
+                native.blind_indexes(key, pa.array(bad), force=force)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_the_batch_hash_is_the_same_bytes_on_both_backends():
+    arr = pa.array(["a", None, "", "ü", None, "long" * 100])
+    for piece in (arr, arr.slice(1, 4), pa.array([], pa.string()), pa.array([b"\x00\xff", None], pa.binary())):
+        digests = set()
+        for force in ("native", "python"):
+            hs = native.Hasher(b"prefix", force=force)
+            hs.update(b"|col|")
+            hs.update_binary(piece)
+            digests.add(hs.hexdigest())
+        assert len(digests) == 1
+
+
+# ---------------------------------------------------------------------- the key store's bulk path
+
+
+@pytest.fixture()
+def store(tmp_path: Path):
+    s = KeyStore(tmp_path / "keystore.db", LocalKek(os.urandom(32), source="test"))
+    yield s
+    s.close()
+
+
+def _python_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "_native", None)
+    monkeypatch.setattr(native, "_SHARED_SQLITE", False)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+@pytest.mark.parametrize("creator", ["native", "python"])
+def test_subjects_made_by_one_path_are_found_by_the_other(store: KeyStore, creator: str, monkeypatch: pytest.MonkeyPatch):
+    ids = pa.array(["alice", "bob", " alice ", "carol", "bob"])
+    if creator == "python":
+        with monkeypatch.context() as m:
+            _python_path(m)
+            made = store.subject_keys(ids, keys=True)
+        found = store.subject_keys(ids, keys=True, create=False)
+    else:
+        made = store.subject_keys(ids, keys=True)
+        with monkeypatch.context() as m:
+            _python_path(m)
+            found = store.subject_keys(ids, keys=True, create=False)
+    toks = made.tokens.to_pylist()
+    assert toks[0] == toks[2] and toks[1] == toks[4] and len(set(toks)) == 3
+    assert found.tokens.to_pylist() == toks and found.keys == made.keys
+    assert [made.keys[i * 32 : (i + 1) * 32] for i in range(5)] == [store.dek(t) for t in toks]
+    assert store.stats()["subjects"] == 3
+    unknown = store.subject_keys(pa.array(["dave", "alice"]), create=False, keys=True)
+    assert unknown.tokens.to_pylist() == [None, toks[0]] and unknown.keys[:32] == bytes(32)
+    assert store.stats()["subjects"] == 3
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_the_native_path_writes_what_the_python_path_writes(store: KeyStore):
+    tok = store.subject_keys(pa.array(["erin"])).tokens[0].as_py()
+    con = sqlite3.connect(store.path)
+    bi, wrapped, kid, created = con.execute(
+        "SELECT blind_index, wrapped_dek, kek_id, created_at FROM subjects WHERE token=?", (tok,)).fetchone()
+    con.close()
+    assert bi == wire.blind_index(store.system_key("blind-index"), "erin")
+    assert kid == store.kek_id and len(wrapped) == 60 and created.endswith("+00:00")
+    assert store._kek.unwrap(wrapped, wire.dek_aad(tok)) == store.dek(tok)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_the_native_path_names_a_tampered_key_and_a_foreign_kek(store: KeyStore, tmp_path: Path):
+    tok = store.tokens_for(["frank"])[0]
+    con = sqlite3.connect(store.path)
+    con.execute("UPDATE subjects SET wrapped_dek = ? WHERE token = ?", (os.urandom(60), tok))
+    con.commit()
+    with pytest.raises(DecryptionError, match=f"data key of subject {tok}"):
+        store.subject_keys(pa.array(["frank"]), keys=True)
+    con.execute("UPDATE subjects SET kek_id = 'kek-other' WHERE token = ?", (tok,))
+    con.commit()
+    con.close()
+    with pytest.raises(KeyManagementError, match="kek-other"):
+        store.subject_keys(pa.array(["frank"]))
+    with pytest.raises(ValueError, match="position 1 is empty"):
+        store.subject_keys(pa.array(["gina", "  "]))
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_a_shredded_subject_comes_back_with_a_new_token_on_both_paths(store: KeyStore, monkeypatch: pytest.MonkeyPatch):
+    first = store.tokens_for(["hana"])[0]
+    store.shred(first)
+    second = store.subject_keys(pa.array(["hana"])).tokens[0].as_py()
+    assert second != first and store.subject_state(first) == "shredded"
+    store.shred(second)
+    _python_path(monkeypatch)
+    third = store.tokens_for(["hana"])[0]
+    assert third not in (first, second) and store.subject_state(third) == "active"
