@@ -27,6 +27,7 @@ import glob as globmod
 import os
 import json
 import resource
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -209,6 +210,7 @@ class Ingestor:
                             if c.protection in (Protection.ENCRYPT, Protection.VAULT, Protection.RESTRICTED)]
         self._cache_keys: pa.Array | None = None
         self._cache_tokens: pa.Array | None = None
+        self._cache_lock = threading.Lock()
         self.partition_by = [*pol.layout.partition_by, "_subject_bucket"]
         self.buckets = self._bucket_count()
         self._preload_unique()
@@ -280,9 +282,9 @@ class Ingestor:
             )
         return rep
 
-    def _check(self, raw: RawBatch, plan: ShapePlan) -> pa.Table | None:
-        """The part of a batch that runs in the pool, several batches at once: text, shape, and
-        every rule but uniqueness across batches."""
+    def _check(self, raw: RawBatch, plan: ShapePlan) -> tuple[pa.Table, tuple | None] | None:
+        """The part of a batch that runs in the pool, several batches at once: text, shape, every
+        rule but uniqueness across batches, and the rows' subjects."""
         text, bad_utf8 = to_text(raw.table)
         text = self._conform(text, plan)
         pre = None
@@ -294,16 +296,23 @@ class Ingestor:
                     if m and pre_vals[i] is None:
                         pre_vals[i] = f"{name}: not valid UTF-8 text"
             pre = pa.array(pre_vals, pa.string())
-        return self.validator.check(text, raw.first_row, pre) if text.num_rows else None
+        if not text.num_rows:
+            return None
+        out = self.validator.check(text, raw.first_row, pre)
+        # Tokens (and keys) now, in the pool too: the key store serializes its own transactions,
+        # and a subject's token does not depend on which batch asked first.
+        subjects = self._subjects(out["_t_" + self.policy.subject_key].combine_chunks()) if out.num_rows else None
+        return out, subjects
 
     def _finish(self, raw: RawBatch, batch_id: str, checked: Future, rep: FileReport) -> None:
         """The ordered part of a batch, in file order: uniqueness across batches, tokens, sealing;
         then its commits go to the writer (at most one batch waits, so memory stays bounded)."""
-        out = checked.result()
+        checked_out = checked.result()
+        out, subjects = (None, None) if checked_out is None else checked_out
         if out is not None:
             out = self.validator.dedupe(out)
         now = datetime.now(timezone.utc)
-        accepted, n_acc, quarantine = self._protect(out, raw, batch_id, rep.source, now)
+        accepted, n_acc, quarantine = self._protect(out, subjects, raw, batch_id, rep.source, now)
         n_q = quarantine.num_rows
         rep.rows_accepted += n_acc
         rep.rows_quarantined += n_q
@@ -383,6 +392,10 @@ class Ingestor:
         return pc.take(tok_u, idx), pc.take(bk_u, idx), subjects, idx
 
     def _cached_tokens(self, uniq: pa.Array) -> pa.Array:
+        with self._cache_lock:
+            return self._cached_tokens_locked(uniq)
+
+    def _cached_tokens_locked(self, uniq: pa.Array) -> pa.Array:
         if self._cache_keys is not None:
             pos = pc.index_in(uniq, value_set=self._cache_keys)
             missing = uniq.filter(pc.is_null(pos))
@@ -399,7 +412,7 @@ class Ingestor:
         return pc.take(self._cache_tokens, pos)
 
     def _protect(
-        self, out: pa.Table | None, raw: RawBatch, batch_id: str, source: str, now: datetime
+        self, out: pa.Table | None, resolved: tuple | None, raw: RawBatch, batch_id: str, source: str, now: datetime
     ) -> tuple[Future | None, int, pa.Table]:
         """Sort a checked batch into accepted rows and quarantine, in file order (tokens, the
         duplicate-subject rule). The accepted rows' sealing and table building go to the pool:
@@ -410,8 +423,7 @@ class Ingestor:
         result: Future | None = None
         n_acc = 0
         if out is not None and out.num_rows:
-            keys = out["_t_" + key].combine_chunks()
-            tokens, buckets, subjects, key_index = self._subjects(keys)
+            tokens, buckets, subjects, key_index = resolved  # type: ignore[misc]
             reasons = out["_reason"].combine_chunks()
             # A unique subject key already in the table (from an earlier ingest) is a duplicate.
             if self.existing_tokens is not None and len(self.existing_tokens):
