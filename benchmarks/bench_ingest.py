@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000], help="transaction rows")
     ap.add_argument("--tpp", type=float, default=10.0, help="transactions per person")
     ap.add_argument("--batch", type=int, default=0, help="rows per batch (0: the ingest's default for the dataset)")
+    ap.add_argument("--datasets", nargs="+", default=["customers", "transactions"], choices=["customers", "transactions"])
     ap.add_argument("--python-up-to", type=int, default=1_000_000,
                     help="also run the pure-Python fallback (LAKEWARDEN_NATIVE=0) at sizes up to this many rows")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ingest.json")
@@ -121,7 +122,7 @@ def main() -> None:
     for size in args.sizes:
         people = max(1, int(size / args.tpp))
         files = landing(people, args.tpp)
-        for dataset in ("customers", "transactions"):
+        for dataset in args.datasets:
             src = files[dataset]
             root = Path(tempfile.mkdtemp(prefix="lw-bench-ingest-"))
             try:

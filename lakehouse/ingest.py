@@ -267,7 +267,7 @@ class Ingestor:
                     continue
                 self.done.add(batch_id)  # a repeat of this batch later in the same ingest is skipped too
                 inflight.append((raw, batch_id, self._pool.submit(self._check, raw, plan)))
-                while len(inflight) > self.workers:
+                while len(inflight) >= self.workers:
                     self._finish(*inflight.popleft(), rep)
             while inflight:
                 self._finish(*inflight.popleft(), rep)
@@ -602,7 +602,7 @@ def default_batch_rows(policy: DatasetPolicy) -> int:
     sealed = sum(1 for c in policy.columns.values()
                  if c.protection in (Protection.ENCRYPT, Protection.VAULT, Protection.RESTRICTED))
     if native.backend() == "native":
-        return max(50_000, min(250_000, 2_000_000 // (1 + sealed)))
+        return max(50_000, min(250_000, 1_000_000 // (1 + sealed)))
     return max(20_000, min(250_000, 1_000_000 // (1 + 4 * sealed)))
 
 

@@ -264,8 +264,9 @@ class KeyRing:
         if isinstance(blobs, pa.ChunkedArray):
             blobs = blobs.combine_chunks()
         needed = pc.unique(tokens.filter(pc.is_valid(blobs)).drop_null())
-        if pc.any(pc.and_(pc.is_valid(blobs), pc.is_null(tokens))).as_py():
-            raise ValueError("a sealed value has no subject token")
+        orphan = pc.and_(pc.is_valid(blobs), pc.is_null(tokens))
+        if pc.any(orphan).as_py():
+            raise ValueError(f"value at position {pc.index(orphan, True).as_py()} has no subject token")
         uniq = needed.to_pylist()
         deks = self._store.deks(uniq)
         keys = b"".join(deks[t] for t in uniq)
@@ -289,6 +290,10 @@ class KeyRing:
         """
         if len(blobs) != len(tokens):
             raise ValueError(f"open_many: {len(blobs)} blobs but {len(tokens)} tokens")
+        if len(blobs) >= _ARROW_MIN and native.backend() == "native":
+            arrays = _as_arrays(blobs, tokens)
+            if arrays is not None:
+                return self.open_arrow(*arrays, dataset=dataset, column=column).to_pylist()
         prefix = _aad_prefix(dataset, column)
         ciphers = self._ciphers(blobs, tokens, prefix)
         out: list[bytes | None] = []
@@ -354,6 +359,18 @@ class KeyRing:
 
     def __repr__(self) -> str:
         return f"KeyRing({self._store!r})"
+
+
+_ARROW_MIN = 256  # open_many of at least this many values goes through the native core's whole-column path
+
+
+def _as_arrays(blobs: Sequence[Any], tokens: Sequence[Any]) -> tuple[pa.Array, pa.Array] | None:
+    """Blobs and tokens as Arrow columns; None when a value is of another type (the per-value path
+    then raises the precise TypeError)."""
+    try:
+        return pa.array(blobs, pa.binary()), pa.array(tokens, pa.string())
+    except (pa.ArrowException, TypeError):
+        return None
 
 
 def _open_one(cipher: Any, blob: object, aad: bytes) -> bytes:
