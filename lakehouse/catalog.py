@@ -24,15 +24,16 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from governance.config import ProjectConfig
 from lakehouse.errors import TableError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 LAYERS = ("bronze", "silver", "quarantine", "vault", "restricted")
 SUBJECT_COLUMNS = ("subject_token",)  # besides each policy's subject_key
@@ -55,6 +56,10 @@ def subject_bucket(token: str, n: int) -> int:
 
 def subject_buckets(tokens: pa.Array, n: int) -> pa.Array:
     """:func:`subject_bucket` of a whole column of tokens (int32; null stays null), in numpy."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     if isinstance(tokens, pa.ChunkedArray):
         tokens = tokens.combine_chunks()
     m = len(tokens)
@@ -65,7 +70,7 @@ def subject_buckets(tokens: pa.Array, n: int) -> pa.Array:
         data = np.frombuffer(valid.buffers()[2], dtype=np.uint8)
         starts = offsets[:-1] + 4
         chars = data[starts[:, None] + np.arange(6)]  # the six characters after "sub_"
-        digits = _B32_TABLE[chars]
+        digits = _b32_table()[chars]
         if (digits < 0).any():
             raise ValueError("a token has a character outside base32")
         v = np.zeros(len(valid), dtype=np.int64)
@@ -80,9 +85,13 @@ def subject_buckets(tokens: pa.Array, n: int) -> pa.Array:
     return pc.if_else(pc.is_valid(tokens), pc.take(dense, pc.max_element_wise(pos, 0)), pa.scalar(None, pa.int32()))
 
 
-_B32_TABLE = np.full(256, -1, dtype=np.int64)
-for _c, _i in _B32.items():
-    _B32_TABLE[ord(_c)] = _i
+def _b32_table():  # base32 character -> digit, -1 elsewhere (numpy; built on first use)
+    import numpy as np
+
+    table = np.full(256, -1, dtype=np.int64)
+    for c, i in _B32.items():
+        table[ord(c)] = i
+    return table
 
 
 # How ``_subject_bucket`` was computed for a table's rows — the function (by name) and the

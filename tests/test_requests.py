@@ -728,7 +728,10 @@ def test_erasure_finds_rows_whatever_bucketing_a_table_was_written_with(tmp_path
     monkeypatch.setenv("LAKEWARDEN_KEK", generate_kek_b64())
     res = generate(tmp_path / "landing", people=80, transactions_per_person=2, seed=3)
     # An "old" writer: another bucket function, and no bucketing property on the tables.
-    monkeypatch.setattr(ingest_mod, "_bucket", lambda t, n: len(t) % 3)
+    import pyarrow as pa
+
+    monkeypatch.setattr(ingest_mod, "subject_buckets",
+                        lambda toks, n: pa.array([None if t is None else len(t) % 3 for t in toks.to_pylist()], pa.int32()))
     monkeypatch.setattr(ingest_mod, "table_description", lambda buckets: None)
     with Workspace.open(tmp_path / "lakewarden.yaml") as ws:
         for ds in ("customers", "transactions"):

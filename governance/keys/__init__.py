@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from cryptography.exceptions import InvalidTag
 
 from governance.errors import DecryptionError
-from governance.keys import hazmat, native, wire
+from governance.keys import hazmat, wire
 from governance.keys.kek import (
     KeyEncryptionKey,
     LocalKek,
@@ -54,6 +52,9 @@ from governance.keys.kek import (
     load_kek,
 )
 from governance.keys.store import TOKEN_RE, KeyStore, SubjectKeys
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = [
     "TOKEN_RE",
@@ -241,6 +242,8 @@ class KeyRing:
         Raises:
             ValueError: a non-null value has no subject, or lengths differ.
         """
+        from governance.keys import native  # Arrow and the native core load on first use, not at import
+
         if subjects.keys is None:
             raise ValueError("seal_arrow needs the subjects' data keys: KeyStore.subject_keys(..., keys=True)")
         out = {}
@@ -257,6 +260,11 @@ class KeyRing:
             SubjectShredded / KeyManagementError: as :meth:`open`, for the first such subject.
             DecryptionError: a value does not open for its dataset, column and subject.
         """
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from governance.keys import native
+
         if len(blobs) != len(tokens):
             raise ValueError(f"open_arrow: {len(blobs)} blobs but {len(tokens)} tokens")
         if isinstance(tokens, pa.ChunkedArray):
@@ -290,7 +298,7 @@ class KeyRing:
         """
         if len(blobs) != len(tokens):
             raise ValueError(f"open_many: {len(blobs)} blobs but {len(tokens)} tokens")
-        if len(blobs) >= _ARROW_MIN and native.backend() == "native":
+        if len(blobs) >= _ARROW_MIN and _native_backend() == "native":
             arrays = _as_arrays(blobs, tokens)
             if arrays is not None:
                 return self.open_arrow(*arrays, dataset=dataset, column=column).to_pylist()
@@ -364,9 +372,17 @@ class KeyRing:
 _ARROW_MIN = 256  # open_many of at least this many values goes through the native core's whole-column path
 
 
+def _native_backend() -> str:
+    from governance.keys import native
+
+    return native.backend()
+
+
 def _as_arrays(blobs: Sequence[Any], tokens: Sequence[Any]) -> tuple[pa.Array, pa.Array] | None:
     """Blobs and tokens as Arrow columns; None when a value is of another type (the per-value path
     then raises the precise TypeError)."""
+    import pyarrow as pa
+
     try:
         return pa.array(blobs, pa.binary()), pa.array(tokens, pa.string())
     except (pa.ArrowException, TypeError):

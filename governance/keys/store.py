@@ -50,13 +50,14 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from governance.errors import DecryptionError, KeyManagementError, SubjectShredded
-from governance.keys import hazmat, native, wire
+from governance.keys import hazmat, wire
 from governance.keys.kek import InsecureKeyFileWarning, KeyEncryptionKey, _makedirs_private
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = ["KeyStore", "SubjectKeys", "BLIND_INDEX_KEY", "TOKEN_PREFIX", "TOKEN_RE"]
 
@@ -434,6 +435,8 @@ class KeyStore:
             raise TypeError(f"subject id at position {i} must be str, got {type(bad).__name__}")
         if not ids:
             return []
+        import pyarrow as pa  # imported here: a CLI that never touches subjects starts without it
+
         try:
             arr = pa.array(ids, pa.string())
         except (UnicodeEncodeError, pa.ArrowException) as exc:
@@ -452,6 +455,10 @@ class KeyStore:
             ValueError: an id is null, not UTF-8, or blank (names its position).
             KeyManagementError / DecryptionError: as :meth:`deks`.
         """
+        import pyarrow as pa
+
+        from governance.keys import native
+
         if isinstance(ids, pa.ChunkedArray):
             ids = ids.combine_chunks()
         if len(ids) == 0:
@@ -497,6 +504,8 @@ class KeyStore:
         pairing this makes between a token's rank and its blind index's rank within one batch
         says nothing about the ids without the blind-index key, and goes with the row on shred.
         """
+        from governance.keys import native
+
         bis = native.fixed(native.blind_indexes(key, ids), 32)
         unique = sorted(set(bis))  # sorted: index probes and inserts walk the b-tree in order
         found: dict[bytes, tuple[str, bytes]] = {}
