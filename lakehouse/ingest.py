@@ -52,7 +52,7 @@ from lakehouse.catalog import Catalog, TableRef, subject_buckets, table_buckets,
 from lakehouse.errors import IngestError
 from lakehouse.landing import is_erasure_rewrite, record_kept
 from lakehouse.readers import RawBatch, header, read_batches, to_text
-from lakehouse.validate import ARROW_TYPE, ShapePlan, Validator, output_type, plan_shape
+from lakehouse.validate import ARROW_TYPE, ShapePlan, Validator, output_column, output_type, plan_shape
 
 LEDGER = "_ingest/batches"
 _COMMIT_RETRIES = 8
@@ -502,7 +502,7 @@ class Ingestor:
             elif col.protection is Protection.ENCRYPT:
                 bronze[name] = sealed_cols[name]
             else:
-                bronze[name] = pc.cast(acc[name], output_type(col))
+                bronze[name] = pc.cast(output_column(acc, name), output_type(col))
         tables = {"bronze": pa.table({**bronze, **meta})}
         for layer, cols in (("vault", self.vault_cols), ("restricted", self.restricted_cols)):
             if cols:

@@ -288,22 +288,28 @@ class Validator:
             if col.protection is Protection.GENERALIZE:
                 g, _ = generalize_sql(col, tq)
                 out_cols.append(f"CASE WHEN _reason IS NULL THEN {g} END AS {q(name)}")
-            else:
-                out_cols.append(f"{tq} AS {q(name)}")
+            # Other columns' output is their typed value: ``_t_<name>`` (see :func:`output_column`).
         inner = (
             "SELECT _row, _pre, " + ", ".join(typed_cols) + " FROM batch"
         )
         reason = "CASE " + " ".join(checks) + " END AS _reason"
         mid = f"SELECT *, {reason} FROM ({inner})"
-        # Raw values (_v_*) are returned too: quarantine encrypts the rejected rows' originals.
-        raw = ", ".join(q(f"_v_{n}") for n in pol.columns)
+        # Raw values (_v_*) of rejected rows only: quarantine encrypts their originals. Accepted
+        # rows' raw text is not copied out of DuckDB a second time.
+        raw = ", ".join(f"CASE WHEN _reason IS NOT NULL THEN {q(f'_v_{n}')} END AS {q(f'_v_{n}')}" for n in pol.columns)
         typed = ", ".join(q("_t_" + n) for n in pol.columns)
-        return f"SELECT _row, _reason, {', '.join(out_cols)}, {typed}, {raw} FROM ({mid})"
+        return f"SELECT _row, _reason, {''.join(c + ', ' for c in out_cols)}{typed}, {raw} FROM ({mid})"
 
     def close(self) -> None:
         for cur in self._cursors:
             cur.close()
         self.con.close()
+
+
+def output_column(checked: pa.Table, name: str) -> pa.ChunkedArray:
+    """A policy column's output in a checked batch: generalized when the policy generalizes it,
+    else its typed value."""
+    return checked[name] if name in checked.column_names else checked["_t_" + name]
 
 
 def output_type(col: ColumnPolicy) -> pa.DataType:
