@@ -104,3 +104,77 @@ def test_the_ledger_has_one_row_per_batch_after_a_parallel_ingest(workspace: Wor
     firsts = sorted(ledger["first_row"].to_pylist())
     assert [b - a for a, b in zip(firsts, firsts[1:])] == [10] * 9
     assert pc.sum(ledger["rows_accepted"]).as_py() == 100
+
+
+VISITS = """\
+kind: dataset
+dataset: visits
+description: Clinic visits (fictional); several visits per patient.
+subject_key: patient_ref
+columns:
+  patient_ref: {class: subject_key, type: string, required: true}
+  nhs_number:  {class: direct_identifier, type: string}
+  visit_date:  {class: sensitive, type: date, protection: encrypt}
+  weight_kg:   {class: sensitive, type: double, protection: encrypt}
+  diagnosis:   {class: sensitive, type: string, protection: restricted}
+  postcode:    {class: quasi_identifier, type: string, generalize: "prefix:2"}
+  clinic:      {class: public, type: string, required: true}
+purposes:
+  care: {description: Care quality reporting.}
+access:
+  data_engineer: {layers: [bronze, silver, quarantine], purposes: [care]}
+  compliance_officer: {layers: [bronze, silver, quarantine, vault], purposes: [care]}
+"""
+
+
+def test_a_policy_we_did_not_design_ingests_the_same_on_both_backends_and_any_pool(tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch):
+    """Another subject key, repeat subjects, an encrypted date and double, a restricted column, a
+    generalized one: the plaintexts behind the ciphertexts are the typed values, whichever path."""
+    import csv
+
+    from conftest import make_project
+
+    rows = [{"patient_ref": f"P{i % 37:04d}", "nhs_number": f"{900000000 + i}" if i % 5 else "",
+             "visit_date": f"2024-0{1 + i % 9}-1{i % 9}", "weight_kg": f"{50 + i % 40}.5",
+             "diagnosis": ["J45", "E11", "I10", ""][i % 4], "postcode": f"SW{i % 10}A 1AA", "clinic": "north"}
+            for i in range(150)]
+    rows[60]["weight_kg"] = "heavy"  # not a double: quarantined
+    outcomes = []
+    for label, workers, force_python in (("native-1", 1, False), ("native-3", 3, False), ("python-2", 2, True)):
+        if force_python and native.backend() != "native":
+            continue
+        folder = tmp_path / label
+        make_project(folder, monkeypatch)
+        (folder / "policies" / "visits.yaml").write_text(VISITS)
+        src = folder / "visits.csv"
+        with open(src, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        ws = Workspace.open(folder / "lakewarden.yaml")
+        with monkeypatch.context() as m:
+            if force_python:
+                m.setattr(native, "_native", None)
+                m.setattr(native, "_SHARED_SQLITE", False)
+            rep = run(ws, src, dataset="visits", batch_rows=16, workers=workers)
+        assert (rep.rows_accepted, rep.rows_quarantined) == (149, 1)
+        bronze = table(ws, "bronze", "visits").sort_by("_row")
+        assert len(set(bronze["patient_ref"].to_pylist())) == 37  # one token per patient across batches
+        assert "nhs_number" not in bronze.column_names and "diagnosis" not in bronze.column_names
+        opened = {}
+        for layer, col in (("bronze", "visit_date"), ("bronze", "weight_kg"), ("vault", "nhs_number"),
+                           ("restricted", "diagnosis")):
+            t = table(ws, layer, "visits").sort_by("_row")
+            vals = ws.keyring.open_arrow(t[col].combine_chunks(), t["patient_ref"].combine_chunks(),
+                                         dataset="visits", column=col)
+            opened[col] = dict(zip(t["_row"].to_pylist(), vals.cast(pa.string()).to_pylist()))
+        opened["postcode"] = dict(zip(bronze["_row"].to_pylist(), bronze["postcode"].to_pylist()))
+        outcomes.append(opened)
+        ws.close()
+    assert all(o == outcomes[0] for o in outcomes)
+    first = outcomes[0]
+    assert first["weight_kg"][1] == "50.5" and first["visit_date"][1] == "2024-01-10"
+    assert first["nhs_number"][2] == "900000001" and 1 not in first["nhs_number"]  # empty: nothing vaulted
+    assert first["diagnosis"][2] == "E11" and first["postcode"][1] == "SW"
+    assert 61 not in first["weight_kg"]  # the quarantined row
