@@ -6,11 +6,14 @@
 //! module must use that same library instance (the Python side checks it before calling here):
 //! two SQLite copies in one process would not see each other's POSIX locks.
 
-use crate::{blind_index_all, cipher, open_into, seal_into, slice, spell_token, Col, ColArg, OutCol, CHUNK, KEY, NONCE, TOKEN_LEN, WRAPPED};
+use crate::{
+    blind_index_all, cipher, open_into, seal_into, slice, spell_token, Col, ColArg, OutCol, CHUNK,
+    KEY, NONCE, TOKEN_LEN, WRAPPED,
+};
+use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use pyo3::buffer::PyBuffer;
 use rayon::prelude::*;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::time::Duration;
@@ -42,7 +45,8 @@ impl Failure {
 
 fn random(n: usize) -> Result<Vec<u8>, Failure> {
     let mut buf = vec![0u8; n];
-    getrandom::getrandom(&mut buf).map_err(|e| Failure::Sqlite(format!("OS random source failed: {e}")))?;
+    getrandom::getrandom(&mut buf)
+        .map_err(|e| Failure::Sqlite(format!("OS random source failed: {e}")))?;
     Ok(buf)
 }
 
@@ -50,7 +54,10 @@ fn random(n: usize) -> Result<Vec<u8>, Failure> {
 /// own `sqlite3` module resolves the same function to the same address (one library instance).
 #[pyfunction]
 fn sqlite_library() -> (usize, String) {
-    (rusqlite::ffi::sqlite3_libversion as *const () as usize, rusqlite::version().to_string())
+    (
+        rusqlite::ffi::sqlite3_libversion as *const () as usize,
+        rusqlite::version().to_string(),
+    )
 }
 
 struct Slot {
@@ -61,12 +68,18 @@ struct Slot {
 }
 
 fn open(db: &str, timeout_ms: u64) -> Result<Connection, Failure> {
-    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    let conn = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
     conn.busy_timeout(Duration::from_millis(timeout_ms))?;
     conn.pragma_update(None, "secure_delete", "ON")?;
-    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "DELETE", |r| r.get(0))?;
+    let mode: String =
+        conn.pragma_update_and_check(None, "journal_mode", "DELETE", |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("delete") {
-        return Err(Failure::Sqlite(format!("journal_mode is {mode}, not delete; deletion would not be final")));
+        return Err(Failure::Sqlite(format!(
+            "journal_mode is {mode}, not delete; deletion would not be final"
+        )));
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
@@ -235,7 +248,11 @@ fn resolve_subjects(
         }
     }
     let col = OutCol::from_parts(vec![(lens, data)], n)?.into_py(py);
-    let keys = if want_keys { Some(PyBytes::new(py, &keys).unbind()) } else { None };
+    let keys = if want_keys {
+        Some(PyBytes::new(py, &keys).unbind())
+    } else {
+        None
+    };
     Ok((col, keys, created))
 }
 

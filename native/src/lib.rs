@@ -57,7 +57,13 @@ pub(crate) fn opt_slice(b: &Option<PyBuffer<u8>>) -> PyResult<Option<&[u8]>> {
 
 /// A binary or string column as Python passes it: (offsets, data, validity, offset, length).
 #[derive(FromPyObject)]
-pub(crate) struct ColArg(PyBuffer<u8>, Option<PyBuffer<u8>>, Option<PyBuffer<u8>>, usize, usize);
+pub(crate) struct ColArg(
+    PyBuffer<u8>,
+    Option<PyBuffer<u8>>,
+    Option<PyBuffer<u8>>,
+    usize,
+    usize,
+);
 
 #[derive(Clone, Copy)]
 pub(crate) struct Col<'a> {
@@ -75,18 +81,30 @@ impl<'a> Col<'a> {
         let validity = opt_slice(&arg.2)?;
         let (start, len) = (arg.3, arg.4);
         if offsets.len() < (start + len + 1) * 4 {
-            return Err(PyValueError::new_err("offsets buffer is shorter than the column"));
+            return Err(PyValueError::new_err(
+                "offsets buffer is shorter than the column",
+            ));
         }
         if let Some(v) = validity {
             if v.len() * 8 < start + len {
-                return Err(PyValueError::new_err("validity buffer is shorter than the column"));
+                return Err(PyValueError::new_err(
+                    "validity buffer is shorter than the column",
+                ));
             }
         }
-        let col = Col { offsets, data, validity, start, len };
+        let col = Col {
+            offsets,
+            data,
+            validity,
+            start,
+            len,
+        };
         if len > 0 {
             let (a, b) = (col.off(0), col.off(len));
             if a > b || b > data.len() {
-                return Err(PyValueError::new_err("offsets point outside the data buffer"));
+                return Err(PyValueError::new_err(
+                    "offsets point outside the data buffer",
+                ));
             }
         }
         Ok(col)
@@ -95,7 +113,12 @@ impl<'a> Col<'a> {
     #[inline]
     fn off(&self, i: usize) -> usize {
         let k = (self.start + i) * 4;
-        i32::from_le_bytes([self.offsets[k], self.offsets[k + 1], self.offsets[k + 2], self.offsets[k + 3]]) as usize
+        i32::from_le_bytes([
+            self.offsets[k],
+            self.offsets[k + 1],
+            self.offsets[k + 2],
+            self.offsets[k + 3],
+        ]) as usize
     }
 
     #[inline]
@@ -122,11 +145,16 @@ pub(crate) struct OutCol {
 pub(crate) type PyCol = (Py<PyBytes>, Py<PyBytes>, Option<Py<PyBytes>>, usize);
 
 impl OutCol {
-    pub(crate) fn from_parts(parts: Vec<(Vec<Option<usize>>, Vec<u8>)>, n: usize) -> PyResult<OutCol> {
+    pub(crate) fn from_parts(
+        parts: Vec<(Vec<Option<usize>>, Vec<u8>)>,
+        n: usize,
+    ) -> PyResult<OutCol> {
         let mut offsets = Vec::with_capacity((n + 1) * 4);
         let total: usize = parts.iter().map(|p| p.1.len()).sum();
         if total > i32::MAX as usize {
-            return Err(PyValueError::new_err("column too large for 32-bit offsets; use smaller batches"));
+            return Err(PyValueError::new_err(
+                "column too large for 32-bit offsets; use smaller batches",
+            ));
         }
         let mut data = Vec::with_capacity(total);
         let mut valid = vec![0u8; n.div_ceil(8)];
@@ -148,7 +176,12 @@ impl OutCol {
                 row += 1;
             }
         }
-        Ok(OutCol { offsets, data, validity: if nulls > 0 { Some(valid) } else { None }, nulls })
+        Ok(OutCol {
+            offsets,
+            data,
+            validity: if nulls > 0 { Some(valid) } else { None },
+            nulls,
+        })
     }
 
     pub(crate) fn into_py(self, py: Python<'_>) -> PyCol {
@@ -163,13 +196,17 @@ impl OutCol {
 
 pub(crate) fn random(n: usize) -> PyResult<Vec<u8>> {
     let mut buf = vec![0u8; n];
-    getrandom::getrandom(&mut buf).map_err(|e| PyRuntimeError::new_err(format!("OS random source failed: {e}")))?;
+    getrandom::getrandom(&mut buf)
+        .map_err(|e| PyRuntimeError::new_err(format!("OS random source failed: {e}")))?;
     Ok(buf)
 }
 
 pub(crate) fn cipher(key: &[u8]) -> PyResult<Aes256Gcm> {
     if key.len() != KEY {
-        return Err(PyValueError::new_err(format!("AES-256-GCM key must be {KEY} bytes, got {}", key.len())));
+        return Err(PyValueError::new_err(format!(
+            "AES-256-GCM key must be {KEY} bytes, got {}",
+            key.len()
+        )));
     }
     Ok(Aes256Gcm::new(GenericArray::from_slice(key)))
 }
@@ -195,7 +232,12 @@ pub(crate) fn open_into(c: &Aes256Gcm, blob: &[u8], aad: &[u8], out: &mut Vec<u8
     let start = out.len();
     out.extend_from_slice(ct);
     let ok = c
-        .decrypt_in_place_detached(GenericArray::from_slice(nonce), aad, &mut out[start..], GenericArray::from_slice(tag))
+        .decrypt_in_place_detached(
+            GenericArray::from_slice(nonce),
+            aad,
+            &mut out[start..],
+            GenericArray::from_slice(tag),
+        )
         .is_ok();
     if !ok {
         out[start..].zeroize();
@@ -206,9 +248,14 @@ pub(crate) fn open_into(c: &Aes256Gcm, blob: &[u8], aad: &[u8], out: &mut Vec<u8
 
 fn read_index(buf: &[u8], n: usize) -> PyResult<Vec<i32>> {
     if buf.len() < n * 4 {
-        return Err(PyValueError::new_err("key index buffer is shorter than the column"));
+        return Err(PyValueError::new_err(
+            "key index buffer is shorter than the column",
+        ));
     }
-    Ok(buf[..n * 4].chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(buf[..n * 4]
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 fn check_keys(keys: &[u8], tokens: &Col) -> PyResult<usize> {
@@ -233,11 +280,16 @@ pub(crate) fn blind_index_all(key: &[u8], ids: &Col) -> Result<Vec<[u8; 32]>, St
             let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
             let mut out = Vec::with_capacity(hi - lo);
             for i in lo..hi {
-                let raw = ids.get(i).ok_or_else(|| format!("subject id at position {i} is null"))?;
-                let s = std::str::from_utf8(raw).map_err(|_| format!("subject id at position {i} is not valid UTF-8"))?;
+                let raw = ids
+                    .get(i)
+                    .ok_or_else(|| format!("subject id at position {i} is null"))?;
+                let s = std::str::from_utf8(raw)
+                    .map_err(|_| format!("subject id at position {i} is not valid UTF-8"))?;
                 let s = s.trim_matches(PY_WHITESPACE);
                 if s.is_empty() {
-                    return Err(format!("subject id at position {i} is empty or whitespace only"));
+                    return Err(format!(
+                        "subject id at position {i} is empty or whitespace only"
+                    ));
                 }
                 let mut h = base.clone();
                 h.update(s.as_bytes());
@@ -255,7 +307,9 @@ pub(crate) fn blind_index_all(key: &[u8], ids: &Col) -> Result<Vec<[u8; 32]>, St
 fn blind_indexes(py: Python<'_>, key: PyBuffer<u8>, ids: ColArg) -> PyResult<Py<PyBytes>> {
     let key = slice(&key)?;
     let ids = Col::new(&ids)?;
-    let out = py.allow_threads(|| blind_index_all(key, &ids)).map_err(PyValueError::new_err)?;
+    let out = py
+        .allow_threads(|| blind_index_all(key, &ids))
+        .map_err(PyValueError::new_err)?;
     Ok(PyBytes::new(py, &out.concat()).unbind())
 }
 
@@ -285,7 +339,10 @@ pub(crate) fn spell_token(raw: &[u8], out: &mut Vec<u8>) {
 #[pyfunction]
 fn token_from_bytes(raw: &[u8]) -> PyResult<String> {
     if raw.len() != 16 {
-        return Err(PyValueError::new_err(format!("a token is spelled from 16 bytes, got {}", raw.len())));
+        return Err(PyValueError::new_err(format!(
+            "a token is spelled from 16 bytes, got {}",
+            raw.len()
+        )));
     }
     let mut out = Vec::with_capacity(TOKEN_LEN);
     spell_token(raw, &mut out);
@@ -315,7 +372,14 @@ fn new_tokens(py: Python<'_>, n: usize, sorted: bool) -> PyResult<Py<PyBytes>> {
 /// `nonces` (`n * 12` bytes) is for known-answer tests only; leave it None.
 #[pyfunction]
 #[pyo3(signature = (kek, keys, aad_prefix, names, nonces=None))]
-fn wrap_keys(py: Python<'_>, kek: PyBuffer<u8>, keys: PyBuffer<u8>, aad_prefix: &[u8], names: ColArg, nonces: Option<PyBuffer<u8>>) -> PyResult<Py<PyBytes>> {
+fn wrap_keys(
+    py: Python<'_>,
+    kek: PyBuffer<u8>,
+    keys: PyBuffer<u8>,
+    aad_prefix: &[u8],
+    names: ColArg,
+    nonces: Option<PyBuffer<u8>>,
+) -> PyResult<Py<PyBytes>> {
     let kek = cipher(slice(&kek)?)?;
     let keys = slice(&keys)?;
     let names = Col::new(&names)?;
@@ -330,8 +394,18 @@ fn wrap_keys(py: Python<'_>, kek: PyBuffer<u8>, keys: PyBuffer<u8>, aad_prefix: 
     for i in 0..n {
         aad.clear();
         aad.extend_from_slice(aad_prefix);
-        aad.extend_from_slice(names.get(i).ok_or_else(|| PyValueError::new_err(format!("name at position {i} is null")))?);
-        seal_into(&kek, &nonces[i * NONCE..(i + 1) * NONCE], &keys[i * KEY..(i + 1) * KEY], &aad, &mut out);
+        aad.extend_from_slice(
+            names
+                .get(i)
+                .ok_or_else(|| PyValueError::new_err(format!("name at position {i} is null")))?,
+        );
+        seal_into(
+            &kek,
+            &nonces[i * NONCE..(i + 1) * NONCE],
+            &keys[i * KEY..(i + 1) * KEY],
+            &aad,
+            &mut out,
+        );
     }
     Ok(PyBytes::new(py, &out).unbind())
 }
@@ -339,12 +413,21 @@ fn wrap_keys(py: Python<'_>, kek: PyBuffer<u8>, keys: PyBuffer<u8>, aad_prefix: 
 /// Unwrap keys wrapped by [`wrap_keys`]/[`new_subjects`]: `n * 32` bytes. Raises ValueError
 /// "position i" for the first blob that does not open (Python turns it into DecryptionError).
 #[pyfunction]
-fn unwrap_keys(py: Python<'_>, kek: PyBuffer<u8>, blobs: ColArg, aad_prefix: &[u8], names: ColArg) -> PyResult<Py<PyBytes>> {
+fn unwrap_keys(
+    py: Python<'_>,
+    kek: PyBuffer<u8>,
+    blobs: ColArg,
+    aad_prefix: &[u8],
+    names: ColArg,
+) -> PyResult<Py<PyBytes>> {
     let kek = cipher(slice(&kek)?)?;
     let blobs = Col::new(&blobs)?;
     let names = Col::new(&names)?;
     if blobs.len != names.len {
-        return Err(PyValueError::new_err(format!("{} wrapped keys but {} names", blobs.len, names.len)));
+        return Err(PyValueError::new_err(format!(
+            "{} wrapped keys but {} names",
+            blobs.len, names.len
+        )));
     }
     let n = blobs.len;
     let res: Result<Vec<Zeroizing<Vec<u8>>>, usize> = py.allow_threads(|| {
@@ -375,8 +458,71 @@ fn unwrap_keys(py: Python<'_>, kek: PyBuffer<u8>, blobs: ColArg, aad_prefix: &[u
             }
             Ok(PyBytes::new(py, &flat).unbind())
         }
-        Err(i) => Err(PyValueError::new_err(format!("wrapped key at position {i} does not unwrap"))),
+        Err(i) => Err(PyValueError::new_err(format!(
+            "wrapped key at position {i} does not unwrap"
+        ))),
     }
+}
+
+/// Row by row over a column, in parallel chunks: `f(cipher, aad, value, row, out)` appends row
+/// `i`'s output to `out`, under the cipher of subject `key_index[i]` (built once per run of rows
+/// with the same subject) and associated data `aad_prefix || tokens[key_index[i]]`. Null stays null.
+fn map_column<F>(
+    keys: &[u8],
+    idx: &[i32],
+    tokens: &Col,
+    aad_prefix: &[u8],
+    values: &Col,
+    f: F,
+) -> Result<Vec<(Vec<Option<usize>>, Vec<u8>)>, String>
+where
+    F: Fn(&Aes256Gcm, &[u8], &[u8], usize, &mut Vec<u8>) -> Result<(), String> + Sync,
+{
+    let (n, k) = (values.len, tokens.len);
+    (0..n.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+            let mut lens = Vec::with_capacity(hi - lo);
+            let mut out = Vec::new();
+            let mut aad = Vec::new();
+            let mut current: Option<(i32, Aes256Gcm)> = None;
+            for i in lo..hi {
+                let Some(v) = values.get(i) else {
+                    lens.push(None);
+                    continue;
+                };
+                let j = idx[i];
+                if j < 0 || j as usize >= k {
+                    return Err(format!("value at position {i} has no subject key"));
+                }
+                if current.as_ref().map(|c| c.0) != Some(j) {
+                    let ju = j as usize;
+                    current = Some((
+                        j,
+                        Aes256Gcm::new(GenericArray::from_slice(&keys[ju * KEY..(ju + 1) * KEY])),
+                    ));
+                    aad.clear();
+                    aad.extend_from_slice(aad_prefix);
+                    aad.extend_from_slice(
+                        tokens
+                            .get(ju)
+                            .ok_or_else(|| format!("token {ju} is null"))?,
+                    );
+                }
+                let before = out.len();
+                f(
+                    &current.as_ref().expect("set above").1,
+                    &aad,
+                    v,
+                    i,
+                    &mut out,
+                )?;
+                lens.push(Some(out.len() - before));
+            }
+            Ok((lens, out))
+        })
+        .collect()
 }
 
 /// Seal a column: row `i`'s value under key `key_index[i]` of `keys` (`k * 32` bytes), associated
@@ -395,7 +541,7 @@ fn seal_column(
 ) -> PyResult<PyCol> {
     let keys = slice(&keys)?;
     let tokens = Col::new(&tokens)?;
-    let k = check_keys(keys, &tokens)?;
+    check_keys(keys, &tokens)?;
     let values = Col::new(&values)?;
     let n = values.len;
     let idx = read_index(slice(&key_index)?, n)?;
@@ -404,42 +550,22 @@ fn seal_column(
         Some(_) => return Err(PyValueError::new_err("nonces must be 12 bytes per row")),
         None => random(n * NONCE)?,
     };
-    let res: Result<Vec<(Vec<Option<usize>>, Vec<u8>)>, String> = py.allow_threads(|| {
-        (0..n.div_ceil(CHUNK))
-            .into_par_iter()
-            .map(|c| {
-                let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-                let mut lens = Vec::with_capacity(hi - lo);
-                let mut out = Vec::new();
-                let mut aad = Vec::new();
-                let mut current: Option<(i32, Aes256Gcm)> = None;
-                for i in lo..hi {
-                    let Some(v) = values.get(i) else {
-                        lens.push(None);
-                        continue;
-                    };
-                    let j = idx[i];
-                    if j < 0 || j as usize >= k {
-                        return Err(format!("value at position {i} has no subject key"));
-                    }
-                    if current.as_ref().map(|c| c.0) != Some(j) {
-                        let ju = j as usize;
-                        current = Some((j, Aes256Gcm::new(GenericArray::from_slice(&keys[ju * KEY..(ju + 1) * KEY]))));
-                        aad.clear();
-                        aad.extend_from_slice(aad_prefix);
-                        aad.extend_from_slice(tokens.get(ju).ok_or_else(|| format!("token {ju} is null"))?);
-                    }
-                    let c = &current.as_ref().expect("set above").1;
-                    let before = out.len();
+    let parts = py
+        .allow_threads(|| {
+            map_column(
+                keys,
+                &idx,
+                &tokens,
+                aad_prefix,
+                &values,
+                |c, aad, v, i, out| {
                     out.push(VERSION);
-                    seal_into(c, &nonces[i * NONCE..(i + 1) * NONCE], v, &aad, &mut out);
-                    lens.push(Some(out.len() - before));
-                }
-                Ok((lens, out))
-            })
-            .collect()
-    });
-    let parts = res.map_err(PyValueError::new_err)?;
+                    seal_into(c, &nonces[i * NONCE..(i + 1) * NONCE], v, aad, out);
+                    Ok(())
+                },
+            )
+        })
+        .map_err(PyValueError::new_err)?;
     Ok(OutCol::from_parts(parts, n)?.into_py(py))
 }
 
@@ -456,50 +582,23 @@ fn open_column(
 ) -> PyResult<PyCol> {
     let keys = slice(&keys)?;
     let tokens = Col::new(&tokens)?;
-    let k = check_keys(keys, &tokens)?;
+    check_keys(keys, &tokens)?;
     let blobs = Col::new(&blobs)?;
     let n = blobs.len;
     let idx = read_index(slice(&key_index)?, n)?;
-    let res: Result<Vec<(Vec<Option<usize>>, Vec<u8>)>, String> = py.allow_threads(|| {
-        (0..n.div_ceil(CHUNK))
-            .into_par_iter()
-            .map(|c| {
-                let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-                let mut lens = Vec::with_capacity(hi - lo);
-                let mut out = Vec::new();
-                let mut aad = Vec::new();
-                let mut current: Option<(i32, Aes256Gcm)> = None;
-                for i in lo..hi {
-                    let Some(b) = blobs.get(i) else {
-                        lens.push(None);
-                        continue;
-                    };
-                    let j = idx[i];
-                    if j < 0 || j as usize >= k {
-                        return Err(format!("value at position {i} has no subject key"));
-                    }
-                    if current.as_ref().map(|c| c.0) != Some(j) {
-                        let ju = j as usize;
-                        current = Some((j, Aes256Gcm::new(GenericArray::from_slice(&keys[ju * KEY..(ju + 1) * KEY]))));
-                        aad.clear();
-                        aad.extend_from_slice(aad_prefix);
-                        aad.extend_from_slice(tokens.get(ju).ok_or_else(|| format!("token {ju} is null"))?);
-                    }
-                    let c = &current.as_ref().expect("set above").1;
-                    if b.len() < SEAL_OVERHEAD || b[0] != VERSION {
-                        return Err(format!("ciphertext at position {i} is invalid (too short or unknown format version)"));
-                    }
-                    let before = out.len();
-                    if !open_into(c, &b[1..], &aad, &mut out) {
-                        return Err(format!("ciphertext at position {i} failed authentication"));
-                    }
-                    lens.push(Some(out.len() - before));
+    let parts = py
+        .allow_threads(|| {
+            map_column(keys, &idx, &tokens, aad_prefix, &blobs, |c, aad, b, i, out| {
+                if b.len() < SEAL_OVERHEAD || b[0] != VERSION {
+                    return Err(format!("ciphertext at position {i} is invalid (too short or unknown format version)"));
                 }
-                Ok((lens, out))
+                if !open_into(c, &b[1..], aad, out) {
+                    return Err(format!("ciphertext at position {i} failed authentication"));
+                }
+                Ok(())
             })
-            .collect()
-    });
-    let parts = res.map_err(PyValueError::new_err)?;
+        })
+        .map_err(PyValueError::new_err)?;
     Ok(OutCol::from_parts(parts, n)?.into_py(py))
 }
 
@@ -533,7 +632,9 @@ impl Hasher {
             }
             let mut lens = Vec::with_capacity(n * 4);
             for i in 0..n {
-                lens.extend_from_slice(&((col.off(i + 1) as i32 - col.off(i) as i32).to_le_bytes()));
+                lens.extend_from_slice(
+                    &((col.off(i + 1) as i32 - col.off(i) as i32).to_le_bytes()),
+                );
             }
             h.update(&lens);
             h.update(&col.data[col.off(0)..col.off(n)]);
@@ -551,7 +652,12 @@ impl Hasher {
     }
 
     fn hexdigest(&self) -> String {
-        self.0.clone().finalize().iter().map(|b| format!("{b:02x}")).collect()
+        self.0
+            .clone()
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 
