@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import ColumnProperties, CommitProperties, DeltaTable, Transaction, WriterProperties, write_deltalake
@@ -178,6 +179,8 @@ def expand(paths: Iterable[str | Path]) -> list[Path]:
 
 class Ingestor:
     """Ingest files into one dataset. Use :func:`ingest`; this class holds the per-ingest state."""
+
+    TOKEN_CACHE_MAX = 2_000_000  # subjects whose tokens an ingest keeps (datasets that seal nothing)
 
     def __init__(self, ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int, progress: Progress | None,
                  workers: int | None = None):
@@ -388,6 +391,8 @@ class Ingestor:
         else:
             subjects = None
             tok_u = self._cached_tokens(uniq)
+        if tok_u.null_count:  # never expected: every subject key gets a token (created if new)
+            raise IngestError(f"{self.dataset}: {tok_u.null_count} subject key(s) got no token from the key store")
         bk_u = subject_buckets(tok_u, self.buckets)
         return pc.take(tok_u, idx), pc.take(bk_u, idx), subjects, idx
 
@@ -398,18 +403,22 @@ class Ingestor:
     def _cached_tokens_locked(self, uniq: pa.Array) -> pa.Array:
         if self._cache_keys is not None:
             pos = pc.index_in(uniq, value_set=self._cache_keys)
-            missing = uniq.filter(pc.is_null(pos))
+            tokens = pc.take(self._cache_tokens, pos)  # null where not cached
+            missing_mask = pc.is_null(pos)
         else:
-            missing = uniq
-        if len(missing):
-            new = self.ring.store.subject_keys(missing).tokens
-            if self._cache_keys is None or len(self._cache_keys) + len(missing) > 2_000_000:
-                self._cache_keys, self._cache_tokens = missing, new
-            else:
-                self._cache_keys = pa.concat_arrays([self._cache_keys, missing])
-                self._cache_tokens = pa.concat_arrays([self._cache_tokens, new])
-        pos = pc.index_in(uniq, value_set=self._cache_keys)
-        return pc.take(self._cache_tokens, pos)
+            tokens = pa.nulls(len(uniq), pa.string())
+            missing_mask = pa.array(np.ones(len(uniq), dtype=bool))
+        missing = uniq.filter(missing_mask)
+        if not len(missing):
+            return tokens
+        new = self.ring.store.subject_keys(missing).tokens
+        tokens = pc.replace_with_mask(tokens, missing_mask, new)
+        if self._cache_keys is None or len(self._cache_keys) + len(missing) > self.TOKEN_CACHE_MAX:
+            self._cache_keys, self._cache_tokens = uniq, tokens  # start again from this batch's subjects
+        else:
+            self._cache_keys = pa.concat_arrays([self._cache_keys, missing])
+            self._cache_tokens = pa.concat_arrays([self._cache_tokens, new])
+        return tokens
 
     def _protect(
         self, out: pa.Table | None, resolved: tuple | None, raw: RawBatch, batch_id: str, source: str, now: datetime

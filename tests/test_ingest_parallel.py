@@ -178,3 +178,21 @@ def test_a_policy_we_did_not_design_ingests_the_same_on_both_backends_and_any_po
     assert first["nhs_number"][2] == "900000001" and 1 not in first["nhs_number"]  # empty: nothing vaulted
     assert first["diagnosis"][2] == "E11" and first["postcode"][1] == "SW"
     assert 61 not in first["weight_kg"]  # the quarantined row
+
+
+def test_the_token_cache_starting_again_mid_ingest_loses_no_token(workspace: Workspace, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """Transactions keep a per-ingest cache of tokens; when it is full it starts again from the
+    batch at hand, and every row still gets its customer's token."""
+    import lakehouse.ingest as ingest_mod
+    from lakehouse.synth import generate
+
+    res = generate(tmp_path / "landing", people=40, transactions_per_person=5, seed=7)
+    run(workspace, res.files["customers"])
+    monkeypatch.setattr(ingest_mod.Ingestor, "TOKEN_CACHE_MAX", 12)
+    rep = run(workspace, res.files["transactions"], dataset="transactions", batch_rows=15, workers=2)
+    assert rep.batches > 5 and rep.rows_accepted > 0
+    bronze = table(workspace, "bronze", "transactions")
+    tokens = bronze["customer_id"].to_pylist()
+    assert None not in tokens
+    assert set(tokens) <= set(table(workspace, "bronze", "customers")["customer_id"].to_pylist())
