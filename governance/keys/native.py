@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -241,26 +241,13 @@ def seal_column(keys: bytes, key_index: pa.Array, tokens: pa.Array, aad_prefix: 
     if _use_native(force):
         parts = _native.seal_column(_mv(keys), _index(key_index), _col(toks), aad_prefix, _col(vals), nonces)
         return _from_parts(pa.binary(), n, parts)
-    tok_list = toks.to_pylist()
-    idx = key_index.to_pylist()
     nonces = nonces if nonces is not None else os.urandom(NONCE * n)
-    ciphers: dict[int, AESGCM] = {}
-    out: list[bytes | None] = []
-    for i, v in enumerate(vals.to_pylist()):
-        if v is None:
-            out.append(None)
-            continue
-        j = idx[i]
-        if j is None or j < 0 or j >= len(tok_list):
-            raise ValueError(f"value at position {i} has no subject key")
-        c = ciphers.get(j)
-        if c is None:
-            if len(ciphers) > 4096:
-                ciphers.clear()
-            c = ciphers[j] = AESGCM(keys[j * KEY : (j + 1) * KEY])
+
+    def seal(c: AESGCM, v: bytes, token: bytes, i: int) -> bytes:
         nonce = nonces[i * NONCE : (i + 1) * NONCE]
-        out.append(b"\x01" + nonce + c.encrypt(nonce, v, aad_prefix + tok_list[j]))
-    return pa.array(out, pa.binary())
+        return wire.VERSION_BYTE + nonce + c.encrypt(nonce, v, aad_prefix + token)
+
+    return _by_row(keys, key_index, toks, vals, seal)
 
 
 def open_column(keys: bytes, key_index: pa.Array, tokens: pa.Array, aad_prefix: bytes, blobs: pa.Array, *,
@@ -280,22 +267,39 @@ def open_column(keys: bytes, key_index: pa.Array, tokens: pa.Array, aad_prefix: 
                 raise
             raise DecryptionError(str(exc)) from None
         return _from_parts(pa.binary(), n, parts)
-    tok_list = toks.to_pylist()
+
+    def open_(c: AESGCM, b: bytes, token: bytes, i: int) -> bytes:
+        if len(b) < 1 + NONCE + 16 or b[0] != wire.FORMAT_VERSION:
+            raise DecryptionError(f"ciphertext at position {i} is invalid (too short or unknown format version)")
+        try:
+            return c.decrypt(b[1 : 1 + NONCE], b[1 + NONCE :], aad_prefix + token)
+        except InvalidTag:
+            raise DecryptionError(f"ciphertext at position {i} failed authentication") from None
+
+    return _by_row(keys, key_index, toks, arr, open_)
+
+
+def _by_row(keys: bytes, key_index: pa.Array, tokens: pa.Array, values: pa.Array,
+            op: Callable[[AESGCM, bytes, bytes, int], bytes]) -> pa.Array:
+    """The pure-Python row loop of :func:`seal_column` and :func:`open_column`: ``op(cipher,
+    value, token, row)`` for each non-null value, under its subject's key. Null stays null."""
+    tok_list = tokens.to_pylist()
     idx = key_index.to_pylist()
+    ciphers: dict[int, AESGCM] = {}
     out: list[bytes | None] = []
-    for i, b in enumerate(arr.to_pylist()):
-        if b is None:
+    for i, v in enumerate(values.to_pylist()):
+        if v is None:
             out.append(None)
             continue
         j = idx[i]
         if j is None or j < 0 or j >= len(tok_list):
             raise ValueError(f"value at position {i} has no subject key")
-        if len(b) < 29 or b[0] != 1:
-            raise DecryptionError(f"ciphertext at position {i} is invalid (too short or unknown format version)")
-        try:
-            out.append(AESGCM(keys[j * KEY : (j + 1) * KEY]).decrypt(b[1:13], b[13:], aad_prefix + tok_list[j]))
-        except InvalidTag:
-            raise DecryptionError(f"ciphertext at position {i} failed authentication") from None
+        c = ciphers.get(j)
+        if c is None:
+            if len(ciphers) > 4096:
+                ciphers.clear()
+            c = ciphers[j] = AESGCM(keys[j * KEY : (j + 1) * KEY])
+        out.append(op(c, v, tok_list[j], i))
     return pa.array(out, pa.binary())
 
 

@@ -7,7 +7,7 @@
 //! two SQLite copies in one process would not see each other's POSIX locks.
 
 use crate::{
-    blind_index_all, cipher, open_into, seal_into, slice, spell_token, Col, ColArg, OutCol, CHUNK,
+    blind_index_all, cipher, make_tokens, open_into, seal_into, slice, Col, ColArg, OutCol, CHUNK,
     KEY, NONCE, TOKEN_LEN, WRAPPED,
 };
 use pyo3::buffer::PyBuffer;
@@ -162,17 +162,7 @@ fn resolve_subjects(
         let mut keys = Zeroizing::new(random(k * KEY)?);
         let mut created = 0usize;
         if k > 0 {
-            let mut raw = Zeroizing::new(random(k * 16)?);
-            let mut tokens: Vec<[u8; TOKEN_LEN]> = raw
-                .chunks_exact(16)
-                .map(|r| {
-                    let mut t = Vec::with_capacity(TOKEN_LEN);
-                    spell_token(r, &mut t);
-                    t.try_into().expect("a token is 30 bytes")
-                })
-                .collect();
-            raw.iter_mut().for_each(|b| *b = 0);
-            tokens.sort_unstable();
+            let tokens = make_tokens(&Zeroizing::new(random(k * 16)?), true);
             let nonces = random(k * NONCE)?;
             let parts: Vec<Vec<u8>> = (0..k.div_ceil(CHUNK))
                 .into_par_iter()

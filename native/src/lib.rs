@@ -349,11 +349,8 @@ fn token_from_bytes(raw: &[u8]) -> PyResult<String> {
     Ok(String::from_utf8(out).expect("base32 is ASCII"))
 }
 
-/// `n` new random tokens (`n * 30` bytes), ascending when `sorted`, from the OS random source.
-#[pyfunction]
-#[pyo3(signature = (n, sorted=false))]
-fn new_tokens(py: Python<'_>, n: usize, sorted: bool) -> PyResult<Py<PyBytes>> {
-    let raw = random(n * 16)?;
+/// Tokens spelled from `raw` (16 bytes each), ascending when `sorted`.
+pub(crate) fn make_tokens(raw: &[u8], sorted: bool) -> Vec<[u8; TOKEN_LEN]> {
     let mut tokens: Vec<[u8; TOKEN_LEN]> = raw
         .chunks_exact(16)
         .map(|r| {
@@ -365,6 +362,14 @@ fn new_tokens(py: Python<'_>, n: usize, sorted: bool) -> PyResult<Py<PyBytes>> {
     if sorted {
         tokens.sort_unstable();
     }
+    tokens
+}
+
+/// `n` new random tokens (`n * 30` bytes), ascending when `sorted`, from the OS random source.
+#[pyfunction]
+#[pyo3(signature = (n, sorted=false))]
+fn new_tokens(py: Python<'_>, n: usize, sorted: bool) -> PyResult<Py<PyBytes>> {
+    let tokens = make_tokens(&random(n * 16)?, sorted);
     Ok(PyBytes::new(py, &tokens.concat()).unbind())
 }
 
