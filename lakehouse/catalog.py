@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,29 +63,25 @@ def subject_buckets(tokens: pa.Array, n: int) -> pa.Array:
 
     if isinstance(tokens, pa.ChunkedArray):
         tokens = tokens.combine_chunks()
-    m = len(tokens)
-    valid = tokens.drop_null()
-    lengths = pc.binary_length(valid)
-    if len(valid) and pc.all(pc.equal(lengths, 30)).as_py():
-        offsets = np.frombuffer(valid.buffers()[1], dtype=np.int32, count=valid.offset + len(valid) + 1)[valid.offset:]
-        data = np.frombuffer(valid.buffers()[2], dtype=np.uint8)
-        starts = offsets[:-1] + 4
-        chars = data[starts[:, None] + np.arange(6)]  # the six characters after "sub_"
+    valid = pc.is_valid(tokens)
+    filled = tokens.fill_null("sub_" + "a" * 26) if tokens.null_count else tokens
+    if len(filled) and pc.all(pc.equal(pc.binary_length(filled), 30)).as_py():
+        offsets = np.frombuffer(filled.buffers()[1], dtype=np.int32, count=filled.offset + len(filled) + 1)[filled.offset:]
+        data = np.frombuffer(filled.buffers()[2], dtype=np.uint8)
+        chars = data[(offsets[:-1] + 4)[:, None] + np.arange(6)]  # the six characters after "sub_"
         digits = _b32_table()[chars]
         if (digits < 0).any():
             raise ValueError("a token has a character outside base32")
-        v = np.zeros(len(valid), dtype=np.int64)
+        v = np.zeros(len(filled), dtype=np.int64)
         for k in range(6):
             v = v * 32 + digits[:, k]
         dense = pa.array((v % n).astype(np.int32))
     else:
-        dense = pa.array([subject_bucket(t, n) for t in valid.to_pylist()], pa.int32())
-    if len(valid) == m:
-        return dense
-    pos = pc.subtract(pc.cumulative_sum(pc.cast(pc.is_valid(tokens), pa.int32())), 1)
-    return pc.if_else(pc.is_valid(tokens), pc.take(dense, pc.max_element_wise(pos, 0)), pa.scalar(None, pa.int32()))
+        dense = pa.array([subject_bucket(t, n) for t in filled.to_pylist()], pa.int32())
+    return dense if not tokens.null_count else pc.if_else(valid, dense, pa.scalar(None, pa.int32()))
 
 
+@functools.cache
 def _b32_table():  # base32 character -> digit, -1 elsewhere (numpy; built on first use)
     import numpy as np
 
