@@ -209,8 +209,7 @@ class Ingestor:
         self.vault_cols = [n for n, c in pol.columns.items() if c.protection is Protection.VAULT]
         self.restricted_cols = [n for n, c in pol.columns.items() if c.protection is Protection.RESTRICTED]
         self.bronze_cols = [n for n in pol.columns if n not in self.vault_cols and n not in self.restricted_cols]
-        self.sealed_cols = [n for n, c in pol.columns.items()
-                            if c.protection in (Protection.ENCRYPT, Protection.VAULT, Protection.RESTRICTED)]
+        self.sealed_cols = sealed_columns(pol)
         self._cache_keys: pa.Array | None = None
         self._cache_tokens: pa.Array | None = None
         self._cache_lock = threading.Lock()
@@ -610,6 +609,12 @@ class Ingestor:
             self.validator.close()
 
 
+def sealed_columns(policy: DatasetPolicy) -> list[str]:
+    """The columns an ingest encrypts: in place, into the vault, or into the restricted table."""
+    return [n for n, c in policy.columns.items()
+            if c.protection in (Protection.ENCRYPT, Protection.VAULT, Protection.RESTRICTED)]
+
+
 def default_batch_rows(policy: DatasetPolicy) -> int:
     """Rows per batch when none is given: smaller when many columns are encrypted per row.
 
@@ -618,8 +623,7 @@ def default_batch_rows(policy: DatasetPolicy) -> int:
     moment (~0.3 KB each with its list slot and Arrow copy), so a batch's memory grows with the
     encrypted columns.
     """
-    sealed = sum(1 for c in policy.columns.values()
-                 if c.protection in (Protection.ENCRYPT, Protection.VAULT, Protection.RESTRICTED))
+    sealed = len(sealed_columns(policy))
     if native.backend() == "native":
         return max(50_000, min(250_000, 1_000_000 // (1 + sealed)))
     return max(20_000, min(250_000, 1_000_000 // (1 + 4 * sealed)))

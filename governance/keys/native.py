@@ -5,8 +5,8 @@ built by ``make install`` with maturin). It takes Arrow buffers in and gives Arr
 releases the GIL and spreads large columns over the cores. Without it (a machine with no Rust
 toolchain, or ``LAKEWARDEN_NATIVE=0``) the same functions run on the pure-Python reference
 (``cryptography``, ``hmac``): the same bytes, more slowly. The formats are
-:mod:`governance.keys.wire`'s; ``tests/test_crypto_vectors.py`` checks both backends against the
-same known answers, and that each opens what the other sealed.
+:mod:`governance.keys.wire`'s; ``tests/test_native_core.py`` checks both backends against the
+known answers in ``tests/fixtures/crypto_vectors.json``, and that each opens what the other sealed.
 
 Functions here are primitives for the key store and key ring; they know nothing about subjects'
 lifecycles. Use :class:`~governance.keys.KeyRing` for data.
@@ -135,7 +135,7 @@ def new_tokens(n: int, *, sorted_: bool = False, force: str | None = None) -> li
         for k in range(16):
             buf[k::20] = raw[k::16]
         enc = base64.b32encode(bytes(buf)).decode("ascii").lower()
-        toks = ["sub_" + enc[i : i + 26] for i in range(0, 32 * n, 32)]
+        toks = [wire.TOKEN_PREFIX + enc[i : i + 26] for i in range(0, 32 * n, 32)]
         return sorted(toks) if sorted_ else toks
     return [flat[i : i + TOKEN_LEN] for i in range(0, TOKEN_LEN * n, TOKEN_LEN)]
 
