@@ -44,10 +44,7 @@ impl Failure {
 }
 
 fn random(n: usize) -> Result<Vec<u8>, Failure> {
-    let mut buf = vec![0u8; n];
-    getrandom::getrandom(&mut buf)
-        .map_err(|e| Failure::Sqlite(format!("OS random source failed: {e}")))?;
-    Ok(buf)
+    crate::os_random(n).map_err(Failure::Sqlite)
 }
 
 /// The address and version of the SQLite library this module calls, so Python can check that its

@@ -194,11 +194,15 @@ impl OutCol {
     }
 }
 
-pub(crate) fn random(n: usize) -> PyResult<Vec<u8>> {
+/// `n` bytes from the OS random source, or the reason it failed.
+pub(crate) fn os_random(n: usize) -> Result<Vec<u8>, String> {
     let mut buf = vec![0u8; n];
-    getrandom::getrandom(&mut buf)
-        .map_err(|e| PyRuntimeError::new_err(format!("OS random source failed: {e}")))?;
+    getrandom::getrandom(&mut buf).map_err(|e| format!("OS random source failed: {e}"))?;
     Ok(buf)
+}
+
+pub(crate) fn random(n: usize) -> PyResult<Vec<u8>> {
+    os_random(n).map_err(PyRuntimeError::new_err)
 }
 
 pub(crate) fn cipher(key: &[u8]) -> PyResult<Aes256Gcm> {
