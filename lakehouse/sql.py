@@ -46,9 +46,12 @@ import json
 import logging
 import re
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import duckdb
@@ -163,16 +166,16 @@ def run_query(
     actor = in_role
     used: list[str] = []
     try:
-        with _connection() as con:
-            described = _DESCRIBE.match(sql or "")
-            if described:  # DESCRIBE t / SHOW COLUMNS FROM t: the columns the role's view has
-                use = _describe_target(described.group("name"), ws)
-                used = [str(use.ref)]
+        described = _DESCRIBE.match(sql or "")
+        if described:  # DESCRIBE t / SHOW COLUMNS FROM t: the columns the role's view has
+            use = _describe_target(described.group("name"), ws)
+            used = [str(use.ref)]
+            with _connection() as con:
                 result = _describe(con, ws, actor, sql, use, version=version, as_of=as_of)
-            else:
-                uses = _check(con, sql, ws)
-                used = [str(u.ref) for u in uses]
-                result = _execute(con, ws, actor, sql, uses, version=version, as_of=as_of, max_rows=max_rows)
+        else:
+            uses = _checked(sql, ws)
+            used = [str(u.ref) for u in uses]
+            result = _execute(ws, actor, sql, uses, version=version, as_of=as_of, max_rows=max_rows)
     except LakewardenError as exc:
         _audit(ws, actor, sql, used, outcome="error", error=exc)
         raise
@@ -181,19 +184,65 @@ def run_query(
 
 
 # -- checking -----------------------------------------------------------------------------
+def _new_connection() -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(":memory:")
+    for stmt in (
+        "SET autoinstall_known_extensions = false",
+        "SET autoload_known_extensions = false",
+        "SET TimeZone = 'UTC'",
+    ):
+        con.execute(stmt)
+    return con
+
+
 @contextlib.contextmanager
 def _connection() -> Iterator[duckdb.DuckDBPyConnection]:
-    con = duckdb.connect(":memory:")
+    con = _new_connection()
     try:
-        for stmt in (
-            "SET autoinstall_known_extensions = false",
-            "SET autoload_known_extensions = false",
-            "SET TimeZone = 'UTC'",
-        ):
-            con.execute(stmt)
         yield con
     finally:
         con.close()
+
+
+_CHECKER: duckdb.DuckDBPyConnection | None = None
+_CHECKER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _checker() -> Iterator[duckdb.DuckDBPyConnection]:
+    """The process's parsing connection (DuckDB's parser and ``json_serialize_sql`` only): no table,
+    no file access, a locked configuration; one query at a time."""
+    global _CHECKER
+    with _CHECKER_LOCK:
+        if _CHECKER is None:
+            con = _new_connection()
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+            _CHECKER = con
+        yield _CHECKER
+
+
+_CHECKED: "OrderedDict[tuple[str, tuple[str, ...]], tuple[tuple[TableRef, bool, bool], ...]]" = OrderedDict()
+_CHECKED_MAX = 256
+
+
+def _checked(sql: str, ws: "Workspace") -> list[_Use]:
+    """:func:`_check`, remembered per process for a query text and set of governed datasets (all the
+    check depends on): a repeated query skips the three parsers. Refusals are not remembered."""
+    key = (sql, tuple(sorted(ws.policies.datasets)))
+    with _CHECKER_LOCK:
+        hit = _CHECKED.get(key)
+        if hit is not None:
+            _CHECKED.move_to_end(key)
+    if hit is None:
+        with _checker() as con:
+            uses = _check(con, sql, ws)
+        hit = tuple((u.ref, u.bare, u.qualified) for u in uses)
+        with _CHECKER_LOCK:
+            _CHECKED[key] = hit
+            while len(_CHECKED) > _CHECKED_MAX:
+                _CHECKED.popitem(last=False)
+    return [_Use(ref, bare, qualified) for ref, bare, qualified in hit]
 
 
 def _check(con: duckdb.DuckDBPyConnection, sql: str, ws: "Workspace") -> list[_Use]:
@@ -399,7 +448,6 @@ class _Views:
 
 
 def _execute(
-    con: duckdb.DuckDBPyConnection,
     ws: "Workspace",
     actor: Actor,
     sql: str,
@@ -409,15 +457,34 @@ def _execute(
     as_of: datetime | str | None,
     max_rows: int | None,
 ) -> QueryResult:
-    v = _register_views(con, ws, actor, sql, uses, version=version, as_of=as_of)
-    # From here on the query cannot read files, load extensions or change settings.
-    con.execute("SET enable_external_access = false")
-    con.execute("SET lock_configuration = true")
+    decided = _decide(ws, actor, uses, version=version, as_of=as_of)  # the gate, every query
+    lowered = sql.lower()
+    prepared = None
+    if version is None and as_of is None:  # the latest versions: views may come from the cache
+        prepared = _PREPARED.acquire(_view_key(ws, decided), lowered)
+    if prepared is None:
+        con = _new_connection()
+        try:
+            v = _create_views(con, ws, decided, lowered)
+            # From here on the query cannot read files, load extensions or change settings.
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+        except BaseException:
+            con.close()
+            raise
+        prepared = _Prepared(con, v)
+        prepared.lock.acquire()
+        if version is None and as_of is None:
+            _PREPARED.put(_view_key(ws, decided), prepared)
     try:
-        rel = con.sql(sql)
-        table, truncated = _fetch(rel, max_rows)
-    except duckdb.Error as exc:
-        raise _engine_error(exc, v.hidden, v.internal) from None
+        v = prepared.views
+        try:
+            rel = prepared.con.sql(sql)
+            table, truncated = _fetch(rel, max_rows)
+        except duckdb.Error as exc:
+            raise _engine_error(exc, v.hidden, v.internal) from None
+    finally:
+        prepared.release()
     return QueryResult(
         table=table,
         tables=tuple(str(u.ref) for u in uses),
@@ -426,6 +493,170 @@ def _execute(
         truncated=truncated,
         warnings=tuple(v.warns),
     )
+
+
+# -- per-process caches ---------------------------------------------------------------------
+# What does not change between queries is kept per process: each table's latest snapshot (the
+# opened Delta table and its Arrow dataset, refreshed incrementally), and DuckDB connections that
+# hold one set of views, keyed by everything a view is made of — each table's version and
+# identity, the gate's obligations for it (columns, masks, row filter), the rule that decided,
+# and the policy digest. The gate still decides (and audits) every table of every query; a
+# cached connection is used only when that decision and the data are exactly those it was built
+# from. Time travel (version/as_of) is never cached.
+@dataclass(slots=True)
+class _Snapshot:
+    table: Any  # deltalake.DeltaTable
+    version: int
+    identity: tuple[Any, ...]  # the table's metadata id and, on local storage, its first commit's inode
+    dataset: Any  # pyarrow dataset of ``version``
+
+
+@dataclass(slots=True)
+class _Decided:
+    use: _Use
+    decision: Any  # governance.gate.Decision
+    version: int | None
+    identity: tuple[Any, ...]
+    dataset: Any
+
+
+class _Prepared:
+    """One DuckDB connection with one set of governed views, locked down; one query at a time."""
+
+    __slots__ = ("con", "views", "lock", "cached")
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, views: "_Views") -> None:
+        self.con, self.views, self.lock, self.cached = con, views, threading.Lock(), False
+
+    def release(self) -> None:
+        close = not self.cached
+        self.lock.release()
+        if close:
+            with contextlib.suppress(Exception):
+                self.con.close()
+
+
+class _PreparedCache:
+    """A small LRU of :class:`_Prepared` connections; a busy one is not shared (the caller builds
+    its own)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._items: "OrderedDict[tuple[Any, ...], _Prepared]" = OrderedDict()
+
+    def acquire(self, key: tuple[Any, ...], sql_lower: str) -> _Prepared | None:
+        with self._lock:
+            p = self._items.get(key)
+            if p is None or not p.lock.acquire(blocking=False):
+                return None
+            self._items.move_to_end(key)
+        if any(raw in sql_lower for raw in p.views.internal):  # never let a query name a raw table
+            p.lock.release()
+            return None
+        return p
+
+    def put(self, key: tuple[Any, ...], p: _Prepared) -> None:
+        with self._lock:
+            if key in self._items:
+                return  # another thread cached the same views first: this one closes after use
+            p.cached = True
+            self._items[key] = p
+            while len(self._items) > self.size:
+                _, old = self._items.popitem(last=False)
+                if old.lock.acquire(blocking=False):
+                    with contextlib.suppress(Exception):
+                        old.con.close()
+                    old.lock.release()
+                else:  # in use: its user closes it on release
+                    old.cached = False
+
+    def clear(self) -> None:
+        with self._lock:
+            items, self._items = list(self._items.values()), OrderedDict()
+        for p in items:
+            p.cached = False
+            if p.lock.acquire(blocking=False):
+                p.release()
+
+
+_PREPARED = _PreparedCache(8)
+_SNAPSHOTS: dict[str, _Snapshot] = {}
+_SNAPSHOTS_LOCK = threading.Lock()
+
+
+def clear_caches() -> None:
+    """Forget every cached query check, table snapshot and view connection of this process."""
+    _PREPARED.clear()
+    with _CHECKER_LOCK:
+        _CHECKED.clear()
+    with _SNAPSHOTS_LOCK:
+        _SNAPSHOTS.clear()
+
+
+def _first_commit(uri: str) -> tuple[int, int] | None:
+    """The first commit file's inode and mtime on local storage (a table deleted and created again
+    at the same path has another), None elsewhere."""
+    if "://" in uri and not uri.startswith("file://"):
+        return None
+    path = Path(uri.removeprefix("file://")) / "_delta_log" / "00000000000000000000.json"
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _latest(catalog: Catalog, ref: TableRef) -> _Snapshot:
+    """The table's latest snapshot, from the cache when only new commits need reading."""
+    uri = catalog.uri(ref)
+    first = _first_commit(uri)
+    with _SNAPSHOTS_LOCK:
+        snap = _SNAPSHOTS.get(uri)
+        if snap is not None and first is not None and snap.identity[1:] == (first,):
+            try:
+                snap.table.update_incremental()
+                version = snap.table.version()
+                if version != snap.version or snap.table.metadata().id != snap.identity[0]:
+                    snap = _Snapshot(snap.table, version, (snap.table.metadata().id, first),
+                                     snap.table.to_pyarrow_dataset())
+                    _SNAPSHOTS[uri] = snap
+                return snap
+            except Exception:  # noqa: BLE001 - reopen from scratch below
+                _SNAPSHOTS.pop(uri, None)
+    dt = catalog.open(ref)
+    snap = _Snapshot(dt, dt.version(), (dt.metadata().id, first), dt.to_pyarrow_dataset())
+    if first is not None:  # local storage: the first commit tells a recreated table apart
+        with _SNAPSHOTS_LOCK:
+            _SNAPSHOTS[uri] = snap
+    return snap
+
+
+def _decide(
+    ws: "Workspace", actor: Actor, uses: list[_Use], *, version: int | None, as_of: datetime | str | None
+) -> list[_Decided]:
+    """Gate each table (``query``, audited) and open the version the query reads."""
+    catalog = Catalog(ws.config)
+    out = []
+    for use in uses:
+        ref = use.ref
+        decision = ws.gate.enforce(Stage.QUERY, actor, Resource.table(ref.dataset, ref.layer), {"layer": ref.layer})
+        if version is None and as_of is None:
+            snap = _latest(catalog, ref)
+            out.append(_Decided(use, decision, snap.version, snap.identity, snap.dataset))
+        else:
+            dt = catalog.open(ref, version=version, as_of=as_of)
+            out.append(_Decided(use, decision, dt.version(), (), dt.to_pyarrow_dataset()))
+    return out
+
+
+def _view_key(ws: "Workspace", decided: list[_Decided]) -> tuple[Any, ...]:
+    parts: list[Any] = [ws.policies.digest, ws.config.table_uri("")]
+    for d in decided:
+        ob = json.dumps(d.decision.obligations, sort_keys=True, default=str)
+        parts.append((str(d.use.ref), d.use.bare, d.use.qualified, d.version, d.identity, ob,
+                      tuple(d.decision.rule_ids)))
+    return tuple(parts)
 
 
 def _register_views(
@@ -438,18 +669,20 @@ def _register_views(
     version: int | None,
     as_of: datetime | str | None,
 ) -> _Views:
-    """Gate each table (``query``) and create its view: visible columns through their masks, rows
-    through the row filter, over the Delta version registered under a random internal name."""
-    catalog = Catalog(ws.config)
-    lowered = sql.lower()
+    """Gate each table (``query``) and create its view (see :func:`_create_views`)."""
+    return _create_views(con, ws, _decide(ws, actor, uses, version=version, as_of=as_of), sql.lower())
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, ws: "Workspace", decided: list[_Decided], lowered: str) -> _Views:
+    """Create each decided table's view: visible columns through their masks, rows through the row
+    filter, over the Delta version registered under a random internal name."""
     out = _Views()
     masked, row_filters, warns, hidden, internal = out.masked, out.row_filters, out.warns, out.hidden, out.internal
     schemas: set[str] = set()
-    for use in uses:
+    for d in decided:
+        use, decision, dataset = d.use, d.decision, d.dataset
         ref = use.ref
-        decision = ws.gate.enforce(Stage.QUERY, actor, Resource.table(ref.dataset, ref.layer), {"layer": ref.layer})
         ob = decision.obligations
-        dataset = catalog.open(ref, version=version, as_of=as_of).to_pyarrow_dataset()
         raw = _internal_name(lowered)
         internal[raw] = str(ref)
         con.register(raw, dataset)

@@ -26,6 +26,18 @@ policies: [policies/*.yaml]
 """
 
 
+@pytest.fixture(autouse=True)
+def _fresh_query_caches():
+    """Each test starts with the embedded engine's per-process caches empty (a test that patches the
+    checks must not leave a remembered result behind)."""
+    yield
+    import sys
+
+    sql = sys.modules.get("lakehouse.sql")
+    if sql is not None:
+        sql.clear_caches()
+
+
 def make_project(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``project`` in ``folder``, its environment set through ``monkeypatch`` (a module-scoped fixture
     passes a ``pytest.MonkeyPatch.context()``, so that the variables are restored after the module)."""

@@ -668,3 +668,77 @@ def test_write_parquet_needs_out(tmp_path):
         write_result(big_result(3), "parquet", None, Console(file=io.StringIO()))
     write_result(big_result(3), "parquet", tmp_path / "r.parquet", Console(file=io.StringIO()))
     assert pq.read_table(tmp_path / "r.parquet").equals(big_result(3).table)
+
+
+# -- per-process caches: the gate and the data decide every query ---------------------------------
+def test_a_repeated_query_is_gated_and_audited_every_time(ws):
+    q = "SELECT count(*) AS n FROM customers"
+    before = len(events(ws, "sql.query")), len(events(ws, "gate.decide"))
+    for _ in range(3):
+        assert run_query(ws, ana(ws), q).table.column("n").to_pylist() == [len(KEPT)]
+    after = len(events(ws, "sql.query")), len(events(ws, "gate.decide"))
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 3)
+    assert len(sql_mod._PREPARED._items) == 1  # one cached connection served all three
+
+
+def test_cached_views_follow_new_commits_roles_and_policy_changes(ws, project):
+    q = "SELECT count(*) AS n FROM customers"
+    assert run_query(ws, ana(ws), q).table.column("n").to_pylist() == [len(KEPT)]
+    assert run_query(ws, sam(ws), q).table.column("n").to_pylist() == [CUSTOMERS.num_rows]  # no row filter
+    put(ws, "silver", "customers", CUSTOMERS.slice(0, 2), mode="overwrite")  # a new version
+    assert run_query(ws, ana(ws), q).table.column("n").to_pylist() == [2]
+    put(ws, "silver", "customers", CUSTOMERS, mode="append")
+    assert run_query(ws, sam(ws), q).table.column("n").to_pylist() == [2 + CUSTOMERS.num_rows]
+    # the analyst's masks are the policy's at each query: a new mask is applied at once
+    ids = run_query(ws, ana(ws), "SELECT customer_id FROM customers ORDER BY 1 LIMIT 1").table.column(0).to_pylist()
+    assert len(ids[0]) == 64  # hashed
+    policy = project / "policies" / "customers.yaml"
+    policy.write_text(policy.read_text().replace('masks: {customer_id: hash, income: "bucket:10000"}',
+                                                 'masks: {customer_id: "prefix:4", income: "bucket:10000"}'))
+    from governance.workspace import Workspace
+
+    with Workspace.open(project / "lakewarden.yaml") as ws2:
+        ids = run_query(ws2, ana(ws2), "SELECT DISTINCT customer_id FROM customers").table.column(0).to_pylist()
+    assert ids == ["sub_"]
+
+
+def test_a_table_created_again_at_the_same_path_is_not_served_from_the_cache(ws):
+    import shutil
+
+    q = "SELECT count(*) AS n FROM customers"
+    assert run_query(ws, sam(ws), q).table.column("n").to_pylist() == [CUSTOMERS.num_rows]
+    shutil.rmtree(Catalog(ws.config).uri(TableRef("silver", "customers")))
+    put(ws, "silver", "customers", CUSTOMERS.slice(0, 1))  # version 0 again, other files
+    assert run_query(ws, sam(ws), q).table.column("n").to_pylist() == [1]
+
+
+def test_a_query_naming_a_cached_raw_table_is_refused_and_never_served_from_it(ws):
+    run_query(ws, ana(ws), "SELECT count(*) AS n FROM customers")
+    (prepared,) = sql_mod._PREPARED._items.values()
+    (raw,) = prepared.views.internal
+    with pytest.raises(SqlError):
+        run_query(ws, ana(ws), f"SELECT * FROM {raw}")
+    # named in a string it is harmless, and the query runs on fresh views, not the cached ones
+    res = run_query(ws, ana(ws), f"SELECT '{raw}' AS s, count(*) AS n FROM customers")
+    assert res.table.column("n").to_pylist() == [len(KEPT)]
+    assert sql_mod._PREPARED.acquire(next(iter(sql_mod._PREPARED._items)), raw) is None
+
+
+def test_queries_from_many_threads_share_the_caches_safely(ws):
+    from concurrent.futures import ThreadPoolExecutor
+
+    qs = {"SELECT count(*) AS n FROM customers": len(KEPT),
+          "SELECT count(*) AS n FROM transactions": TRANSACTIONS.num_rows,
+          "SELECT count(*) AS n FROM customers c JOIN transactions t ON c.customer_id = t.customer_id": 4}
+    jobs = [q for q in qs for _ in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda q: run_query(ws, ana(ws), q).table.column("n").to_pylist()[0], jobs))
+    assert got == [qs[q] for q in jobs]
+    assert len(events(ws, "sql.query")) >= len(jobs)
+
+
+def test_a_deny_is_not_cached_away(ws):
+    run_query(ws, sam(ws), "SELECT count(*) FROM customers")
+    for _ in range(2):
+        with pytest.raises(AccessDenied):
+            run_query(ws, ana(ws), "SELECT count(*) FROM bronze.customers")
