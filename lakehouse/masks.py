@@ -8,7 +8,9 @@ embedded SQL engine and Trino's column masks return the same values.
 ===========  =======================================================================
 type         masks that fit
 ===========  =======================================================================
-string       null, redact ('****'), hash (lowercase hex SHA-256 of the UTF-8 value),
+string       null, redact ('****'), hash (lowercase hex HMAC-SHA256 of the UTF-8 value under
+             the workspace's mask key; computed once, when silver is built, into the
+             column ``_hash_<column>``, so the mask is a column swap on both engines),
              partial:N ('****' + last N characters, or only '****' when the value has
              at most N characters — a mask must never show a whole value),
              prefix:N (first N characters)
@@ -19,7 +21,9 @@ binary       null (encrypted columns show no ciphertext)
 boolean      null
 ===========  =======================================================================
 
-NULL stays NULL under every mask. A mask that does not fit the column's type
+NULL stays NULL under every mask. ``hash`` needs the precomputed column: a table without
+it (another layer, or a silver table built before the mask was set) shows NULL, flagged.
+A mask that does not fit the column's type
 fails closed: the expression is NULL of the column's type, and the result says
 so (:class:`CompiledMask` ``fits=False``; :func:`mask_sql` also warns with
 :class:`MaskWarning`) so that the caller can audit it.
@@ -40,8 +44,12 @@ from typing import Literal
 import pyarrow as pa
 
 from governance.policy import Mask, MaskKind
+from lakehouse.catalog import HASH_PREFIX
 
-__all__ = ["CompiledMask", "Dialect", "MaskWarning", "compile_mask", "mask_sql", "quote_ident", "sql_type"]
+__all__ = [
+    "HASH_PREFIX", "CompiledMask", "Dialect", "MaskWarning", "compile_mask", "hash_column", "mask_sql", "quote_ident",
+    "sql_type",
+]
 
 Dialect = Literal["duckdb", "trino"]
 _DIALECTS = ("duckdb", "trino")
@@ -64,6 +72,11 @@ class CompiledMask:
     sql: str
     fits: bool = True
     reason: str | None = None
+
+
+def hash_column(name: str) -> str:
+    """The silver column that holds the keyed hash of column ``name``."""
+    return HASH_PREFIX + name
 
 
 def quote_ident(name: str, dialect: Dialect = "duckdb") -> str:
@@ -117,7 +130,9 @@ def sql_type(arrow_type: pa.DataType, dialect: Dialect) -> str | None:
     return None
 
 
-def compile_mask(mask: str | Mask, column_sql: str, arrow_type: pa.DataType, *, dialect: Dialect) -> CompiledMask:
+def compile_mask(
+    mask: str | Mask, column_sql: str, arrow_type: pa.DataType, *, dialect: Dialect, hashed: str | None = None
+) -> CompiledMask:
     """Compile one mask for one column; see the module docstring for the vocabulary.
 
     Args:
@@ -125,6 +140,8 @@ def compile_mask(mask: str | Mask, column_sql: str, arrow_type: pa.DataType, *, 
         column_sql: the column as SQL, usually ``quote_ident(name, dialect)``.
         arrow_type: the column's Arrow type (from the table's schema).
         dialect: ``"duckdb"`` or ``"trino"``.
+        hashed: for ``hash``, the precomputed keyed-hash column as SQL (usually
+            ``quote_ident(hash_column(name), dialect)``); None when the table has none.
 
     Returns:
         A :class:`CompiledMask`; ``fits`` is False (and ``sql`` a typed NULL) when
@@ -152,7 +169,10 @@ def compile_mask(mask: str | Mask, column_sql: str, arrow_type: pa.DataType, *, 
             lit = f"'{REDACTED}'" if duck else f"CAST('{REDACTED}' AS varchar)"
             return CompiledMask(f"CASE WHEN {x} IS NULL THEN NULL ELSE {lit} END")
         if kind is MaskKind.HASH:
-            return CompiledMask(f"sha256({x})" if duck else f"lower(to_hex(sha256(to_utf8({x}))))")
+            if hashed is None:
+                return misfit("needs the keyed hash silver computes when it is built, and this table has none "
+                              "(rebuild silver, or query the silver layer)")
+            return CompiledMask(hashed)
         if kind is MaskKind.PARTIAL:
             k = _count(m)
             tail = f"right({x}, {k})" if duck else f"substr({x}, length({x}) - {k - 1})"
@@ -212,7 +232,9 @@ def compile_mask(mask: str | Mask, column_sql: str, arrow_type: pa.DataType, *, 
     return misfit(f"does not apply to columns of type {t} (only null does)")
 
 
-def mask_sql(mask: str | Mask, column_sql: str, arrow_type: pa.DataType, *, dialect: Dialect) -> str:
+def mask_sql(
+    mask: str | Mask, column_sql: str, arrow_type: pa.DataType, *, dialect: Dialect, hashed: str | None = None
+) -> str:
     """The SQL expression of ``mask`` over ``column_sql``, of the same type as the column.
 
     A mask that does not fit the type compiles to NULL of the column's type and
@@ -220,10 +242,10 @@ def mask_sql(mask: str | Mask, column_sql: str, arrow_type: pa.DataType, *, dial
 
     Example::
 
-        >>> mask_sql("hash", '"customer_id"', pa.string(), dialect="trino")
-        'lower(to_hex(sha256(to_utf8("customer_id"))))'
+        >>> mask_sql("hash", '"customer_id"', pa.string(), dialect="trino", hashed='"_hash_customer_id"')
+        '"_hash_customer_id"'
     """
-    c = compile_mask(mask, column_sql, arrow_type, dialect=dialect)
+    c = compile_mask(mask, column_sql, arrow_type, dialect=dialect, hashed=hashed)
     if not c.fits:
         warnings.warn(f"{column_sql}: {c.reason}", MaskWarning, stacklevel=2)
     return c.sql

@@ -8,12 +8,21 @@ twice: in the silver commit's metadata and as a row of the ``_stats/<dataset>``
 table keyed by silver version. Training and serving load them with
 :func:`load_stats` so every consumer applies exactly the transform silver used.
 
-A rebuild with nothing new in bronze and the same policy is a no-op.
+A rebuild with nothing new in bronze, the same policy and the same mask key is a no-op.
+
+Every text column some role sees through the ``hash`` mask gets its keyed hash computed here,
+once, into ``_hash_<column>`` (lowercase hex HMAC-SHA256 under the workspace's ``mask-hash``
+system key, by the native core): both query engines then show that column in its place, so
+the mask costs nothing per query, and the key never leaves the key store (Trino never sees
+it). Rotating the key (:func:`rotate_mask_key`) rebuilds these columns.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -23,18 +32,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, WriterProperties, write_deltalake
 
-from governance.gate import Actor, Resource
+from governance.gate import Actor, Gate, Resource
 from governance.lineage import DatasetRef
-from governance.policy import DatasetPolicy, Stage
+from governance.policy import DatasetPolicy, Mask, MaskKind, PolicySet, Stage
 from governance.workspace import Workspace
 from lakehouse.catalog import Catalog, TableRef, table_buckets, table_configuration, table_description
 from lakehouse.errors import LakehouseError
+from lakehouse.masks import hash_column
 from lakehouse.validate import q
 
 STATS = "_stats"
 _META_BRONZE = "lakewarden.bronze_version"
 _META_POLICY = "lakewarden.policy_digest"
 _META_STATS = "lakewarden.preprocess"
+_META_HASH = "lakewarden.mask_hash"  # the mask key's id and the hashed columns
+MASK_HASH_KEY = "mask-hash"
 
 
 @dataclass(frozen=True)
@@ -114,17 +126,62 @@ def transform_sql(policy: DatasetPolicy, stats: dict[str, Any], columns: list[st
     return f"SELECT *{', ' if extra else ''}{', '.join(extra)} FROM ({inner})"
 
 
+def hashed_columns(policies: PolicySet, dataset: str) -> list[str]:
+    """The columns of ``dataset`` that some role sees through the ``hash`` mask in silver (the gate's
+    own what-if decisions, one per role, so default masks count too)."""
+    gate = Gate(policies)  # no audit: what-if decisions
+    cols: set[str] = set()
+    for role in sorted(policies.roles.roles):
+        d = gate.decide(Stage.QUERY, Actor(f"role:{role}", (role,)), Resource.table(dataset, "silver"), {"layer": "silver"})
+        if d.allowed:
+            cols.update(c for c, m in (d.obligations.get("masks") or {}).items()
+                        if Mask.model_validate(m).kind is MaskKind.HASH)
+    return sorted(cols)
+
+
+def mask_key_id(key: bytes) -> str:
+    """A public name for a mask key (it identifies the key, reveals nothing of it)."""
+    return hmac.new(key, b"lakewarden:key-id", hashlib.sha256).hexdigest()[:16]
+
+
+def _with_hashes(reader: pa.RecordBatchReader, cols: list[str], key: bytes) -> pa.RecordBatchReader:
+    """``reader``'s batches with ``_hash_<column>`` appended for each text column in ``cols``."""
+    from governance.keys.native import keyed_hashes
+
+    names = [c for c in cols if c in reader.schema.names and pa.types.is_string(reader.schema.field(c).type)]
+    if not names:
+        return reader
+    schema = reader.schema
+    for c in names:
+        schema = schema.append(pa.field(hash_column(c), pa.string()))
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for b in reader:
+            arrays = list(b.columns) + [keyed_hashes(key, b.column(c)) for c in names]
+            yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
 def build_silver(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_000) -> SilverReport:
     """Rebuild ``silver.<dataset>`` from the current bronze version (gated as an ingest stage)."""
     ws.gate.enforce(Stage.INGEST, actor, Resource.table(dataset, "silver"))
+    return _build(ws, actor, dataset, batch_rows=batch_rows)
+
+
+def _build(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_000) -> SilverReport:
     policy = ws.policies.dataset(dataset)
     cat = Catalog(ws.config)
     bronze_ref, silver_ref = TableRef("bronze", dataset), TableRef("silver", dataset)
     bronze = cat.open(bronze_ref)
     bv = bronze.version()
+    hashed = hashed_columns(ws.policies, dataset)
+    hash_key = ws.keyring.system_key(MASK_HASH_KEY) if hashed else b""
+    hash_meta = json.dumps({"key": mask_key_id(hash_key), "columns": hashed}) if hashed else ""
     if cat.exists(silver_ref):
         last = cat.open(silver_ref).history(1)[0]
-        if str(last.get(_META_BRONZE)) == str(bv) and last.get(_META_POLICY) == ws.policies.digest:
+        if (str(last.get(_META_BRONZE)) == str(bv) and last.get(_META_POLICY) == ws.policies.digest
+                and (last.get(_META_HASH) or "") == hash_meta):
             stats = json.loads(last[_META_STATS])
             sv = cat.open(silver_ref).version()
             return SilverReport(dataset, bv, sv, cat.open(silver_ref).count(), stats, up_to_date=True)
@@ -149,7 +206,9 @@ def build_silver(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int =
             f"silver.{dataset}: a preprocess expression failed: {str(exc).splitlines()[0]}",
             hint=f"check preprocess.derive in policies/{dataset}.yaml",
         ) from None
-    meta = {_META_BRONZE: str(bv), _META_POLICY: ws.policies.digest, _META_STATS: json.dumps(stats, sort_keys=True)}
+    reader = _with_hashes(reader, hashed, hash_key)
+    meta = {_META_BRONZE: str(bv), _META_POLICY: ws.policies.digest, _META_STATS: json.dumps(stats, sort_keys=True),
+            _META_HASH: hash_meta}
     uri = cat.uri(silver_ref)
     write_deltalake(
         uri, reader, mode="overwrite", schema_mode="overwrite",
@@ -195,3 +254,25 @@ def load_stats(ws: Workspace, dataset: str, *, silver_version: int | None = None
             raise LakehouseError(f"no statistics recorded for silver.{dataset} version {silver_version}")
     t = t.sort_by([("silver_version", "descending"), ("fitted_at", "descending")])
     return json.loads(t["stats"][0].as_py())
+
+
+def rotate_mask_key(ws: Workspace, actor: Actor) -> list[SilverReport]:
+    """Replace the ``hash`` mask's key and rebuild every silver table that holds keyed hashes.
+
+    Gated as ``keys`` on ``system:keys`` before anything changes. The rebuilds are part of the
+    rotation (the same rows from the same bronze version, only the hash columns change), so they
+    need no ``ingest`` right of their own, and no row reaches the caller. The old key is destroyed:
+    its hashes can no longer be recomputed, so exports made before stop matching new ones.
+    Audited as ``keys.rotate-mask``, and each rebuild as ``silver.build``.
+    """
+    ws.gate.enforce(Stage.KEYS, actor, Resource.system("keys"))
+    cat = Catalog(ws.config)
+    datasets = [ds for ds in sorted(ws.policies.datasets)
+                if hashed_columns(ws.policies, ds) and cat.exists(TableRef("silver", ds))]
+    old = mask_key_id(ws.keyring.system_key(MASK_HASH_KEY))
+    ws.keyring.destroy_system_key(MASK_HASH_KEY)
+    new = mask_key_id(ws.keyring.system_key(MASK_HASH_KEY))
+    ws.audit.record("keys.rotate-mask", actor=actor.name, outcome="ok", resource="system:keys",
+                    details={"from": old, "to": new, "rebuilds": datasets})
+    ws.audit.flush()
+    return [_build(ws, actor, ds) for ds in datasets]

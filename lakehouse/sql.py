@@ -66,7 +66,7 @@ from governance.pii import redact
 from governance.policy import Stage
 from lakehouse.catalog import LAYERS, Catalog, TableRef
 from lakehouse.errors import SqlError
-from lakehouse.masks import compile_mask, quote_ident
+from lakehouse.masks import compile_mask, hash_column, quote_ident
 
 if TYPE_CHECKING:
     from governance.workspace import Workspace
@@ -699,8 +699,10 @@ def _create_views(con: duckdb.DuckDBPyConnection, ws: "Workspace", decided: list
                 continue
             q = quote_ident(f.name, "duckdb")
             if f.name in masks:
+                hc = hash_column(f.name)
+                hashed = quote_ident(hc, "duckdb") if hc in dataset.schema.names else None
                 try:
-                    cm = compile_mask(masks[f.name], q, f.type, dialect="duckdb")
+                    cm = compile_mask(masks[f.name], q, f.type, dialect="duckdb", hashed=hashed)
                 except ValueError as exc:  # in the vocabulary's shape but not usable (e.g. partial:2.5)
                     raise SqlError(
                         f"cannot apply mask {masks[f.name]!r} to {ref}.{f.name}: {exc}",

@@ -50,7 +50,7 @@ from governance.policy import Stage
 from governance.workspace import Workspace
 from lakehouse.catalog import Catalog, TableRef
 from lakehouse.errors import LakehouseError, SqlError
-from lakehouse.masks import compile_mask, quote_ident
+from lakehouse.masks import compile_mask, hash_column, quote_ident
 from lakehouse.sql import LAYER_COLUMNS
 
 TRINO_VERSION = "476"
@@ -129,8 +129,15 @@ def compile_rules(ws: Workspace, tables: dict[tuple[str, str], pa.Schema]) -> di
                 if f.name not in visible:
                     columns.append({"name": f.name, "allow": False})
                 elif f.name in masks:
-                    cm = compile_mask(masks[f.name], quote_ident(f.name, "trino"), f.type, dialect="trino")
-                    columns.append({"name": f.name, "mask": cm.sql})
+                    hc = hash_column(f.name)
+                    hashed = quote_ident(hc, "trino") if hc in arrow_schema.names else None
+                    cm = compile_mask(masks[f.name], quote_ident(f.name, "trino"), f.type, dialect="trino", hashed=hashed)
+                    col: dict[str, Any] = {"name": f.name, "mask": cm.sql}
+                    if hashed is not None and cm.sql == hashed:
+                        # the precomputed hash column is hidden from the role itself: the mask reads it
+                        # as Lakewarden's own user, which may read every column
+                        col["mask_environment"] = {"user": ADMIN_USER}
+                    columns.append(col)
             rule: dict[str, Any] = {
                 "group": role, "catalog": CATALOG, "schema": schema, "table": table, "privileges": ["SELECT"],
             }
@@ -472,7 +479,11 @@ def policy_schema(ws: Workspace, dataset: str, layer: str) -> pa.Schema:
             continue
         fields.append(pa.field(name, output_type(col)))
     if layer == "silver":
+        from lakehouse.silver import hashed_columns
+
         fields += [pa.field(n, pa.float64()) for n in pol.derived_columns()]
+        fields += [pa.field(hash_column(n), pa.string()) for n in hashed_columns(ws.policies, dataset)
+                   if pol.columns.get(n) is not None and pa.types.is_string(output_type(pol.columns[n]))]
     fields += [pa.field("_subject_bucket", pa.int32()), pa.field("_ingested_at", pa.timestamp("us", tz="UTC"))]
     return pa.schema(fields)
 

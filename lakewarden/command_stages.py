@@ -35,6 +35,7 @@ COMMAND_STAGES: dict[str, tuple[str, ...]] = {
     "keys new-kek": (),
     "keys status": ("keys",),
     "keys rotate": ("keys",),
+    "keys rotate-mask": ("keys",),
     "lineage show": ("lineage",),
     "tables list": (),
     "tables describe": (),

@@ -7,6 +7,7 @@ import datetime as dt
 import decimal
 import doctest
 import hashlib
+import hmac
 import io
 import json
 import warnings
@@ -23,7 +24,9 @@ import lakehouse.sql as sql_mod
 from governance.errors import AccessDenied
 from lakehouse.catalog import Catalog, TableRef
 from lakehouse.errors import TableError
-from lakehouse.masks import MaskWarning, compile_mask, mask_sql, quote_ident, sql_type
+from governance.keys.native import keyed_hashes
+from lakehouse.masks import MaskWarning, compile_mask, hash_column, mask_sql, quote_ident, sql_type
+from lakehouse.silver import MASK_HASH_KEY, hashed_columns
 from lakehouse.sql import QueryResult, SqlError, run_query
 from lakewarden.commands.sqlout import write_result
 
@@ -81,7 +84,17 @@ TRANSACTIONS = pa.table(
 )
 
 
+def mh(ws, value: str) -> str:
+    """The ``hash`` mask's value: HMAC-SHA256 under the workspace's mask key, in hex."""
+    return hmac.new(ws.keyring.system_key(MASK_HASH_KEY), value.encode(), hashlib.sha256).hexdigest()
+
+
 def put(ws, layer: str, dataset: str, table: pa.Table, mode: str = "error") -> None:
+    """Write a table as silver does: with the keyed hash of every column a role sees hashed."""
+    if layer == "silver":
+        for c in hashed_columns(ws.policies, dataset):
+            if c in table.column_names and hash_column(c) not in table.column_names:
+                table = table.append_column(hash_column(c), keyed_hashes(ws.keyring.system_key(MASK_HASH_KEY), table[c]))
     extra = {"schema_mode": "overwrite"} if mode == "overwrite" else {}
     write_deltalake(Catalog(ws.config).uri(TableRef(layer, dataset)), table, mode=mode, **extra)
 
@@ -126,7 +139,6 @@ def duck_eval(mask: str, typ: pa.DataType, values: list) -> tuple[list, pa.DataT
 DUCK_CASES = [
     ("null", pa.string(), ["a", None], [None, None]),
     ("redact", pa.string(), ["secret", "", None], ["****", "****", None]),
-    ("hash", pa.string(), [T[0], "é", None], [sha(T[0]), sha("é"), None]),
     ("partial:4", pa.string(), ["4111111111111111", "abcd", "héllo wörld", None], ["****1111", "****", "****örld", None]),
     ("prefix:3", pa.string(), ["94107", "9", None], ["941", "9", None]),
     ("prefix:2", pa.large_string(), ["abcdef", None], ["ab", None]),
@@ -168,6 +180,7 @@ MISFITS = [
     ("year", pa.string()),
     ("bucket:10", pa.date32()),
     ("redact", pa.bool_()),
+    ("hash", pa.string()),  # a table without the keyed hash silver computes
     ("bucket:2.5", pa.int32()),
     ("bucket:1000", pa.int8()),
 ]
@@ -203,7 +216,7 @@ TRINO = [
     ("null", pa.bool_(), "CAST(NULL AS boolean)"),
     ("null", pa.timestamp("us", tz="UTC"), "CAST(NULL AS timestamp(3) with time zone)"),
     ("redact", pa.string(), """CASE WHEN "c" IS NULL THEN NULL ELSE CAST('****' AS varchar) END"""),
-    ("hash", pa.string(), 'lower(to_hex(sha256(to_utf8("c"))))'),
+    ("hash", pa.string(), "CAST(NULL AS varchar)"),  # no precomputed keyed hash: fails closed
     ("partial:4", pa.string(),
      """CASE WHEN "c" IS NULL THEN NULL WHEN length("c") > 4 THEN '****' || substr("c", length("c") - 3) """
      """ELSE CAST('****' AS varchar) END"""),
@@ -237,7 +250,26 @@ def test_every_mask_kind_compiles_for_both_dialects():
     for k, typ in fits.items():
         m = k if k in ("null", "redact", "hash", "year") else f"{k}:3"
         for d in ("duckdb", "trino"):
-            assert compile_mask(m, '"c"', typ, dialect=d).fits
+            assert compile_mask(m, '"c"', typ, dialect=d, hashed='"_hash_c"').fits
+
+
+def test_the_hash_mask_swaps_in_the_precomputed_keyed_hash():
+    for d in ("duckdb", "trino"):
+        cm = compile_mask("hash", '"c"', pa.string(), dialect=d, hashed='"_hash_c"')
+        assert cm.fits and cm.sql == '"_hash_c"'
+    cm = compile_mask("hash", '"c"', pa.string(), dialect="duckdb")
+    assert not cm.fits and "rebuild silver" in cm.reason
+    # the native core and the pure-Python fallback agree with hmac, nulls kept, slices too
+    key = bytes(range(32))
+    vals = pa.array([T[0], None, "é", " spaced ", ""] * 3).slice(2, 11)
+    expected = [None if v is None else hmac.new(key, v.encode(), hashlib.sha256).hexdigest() for v in vals.to_pylist()]
+    from governance.keys import native
+
+    backends = ["python"] + (["native"] if native.backend() == "native" else [])
+    for force in backends:
+        got = keyed_hashes(key, vals, force=force)
+        got.validate(full=True)
+        assert got.to_pylist() == expected, force
 
 
 def test_quote_ident_and_expressions():
@@ -263,8 +295,8 @@ def test_analyst_sees_only_policy_columns_masked_and_filtered(ws):
     assert res.masked == {"silver.customers": {"customer_id": "hash", "income": "bucket:10000"}}
     assert res.row_filters == {"silver.customers": "region <> 'restricted'"}
     rows = sorted(res.table.to_pylist(), key=lambda r: r["customer_id"])
-    kept = sorted((CUSTOMERS.slice(i, 1).to_pylist()[0] for i in KEPT), key=lambda r: sha(r["customer_id"]))
-    assert [r["customer_id"] for r in rows] == [sha(r["customer_id"]) for r in kept]
+    kept = sorted((CUSTOMERS.slice(i, 1).to_pylist()[0] for i in KEPT), key=lambda r: mh(ws, r["customer_id"]))
+    assert [r["customer_id"] for r in rows] == [mh(ws, r["customer_id"]) for r in kept]
     assert [r["income"] for r in rows] == [None if r["income"] is None else (r["income"] // 10000) * 10000 for r in kept]
     for c in ("birth_date", "zip_code", "region", "defaulted"):  # unmasked (silver already generalized them)
         assert [r[c] for r in rows] == [r[c] for r in kept]

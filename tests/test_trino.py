@@ -27,7 +27,7 @@ from lakehouse.ingest import ingest
 from lakehouse.silver import build_silver
 from lakehouse.sql import run_query as run_embedded
 from lakehouse.synth import generate
-from lakehouse.trino import TrinoDenied, TrinoServer, compile_rules, default_home, install, render_groups
+from lakehouse.trino import ADMIN_USER, TrinoDenied, TrinoServer, compile_rules, default_home, install, render_groups
 from lakehouse.trino import run_query as run_trino
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,8 @@ def both(ws: Workspace, user: str, sql: str) -> tuple[list[tuple], list[tuple]]:
 def test_rules_follow_the_gate(project: Path):
     ws = Workspace.open(project / "lakewarden.yaml")
     schema = pa.schema([("customer_id", pa.string()), ("birth_date", pa.int32()), ("sex", pa.binary()),
-                        ("income", pa.float64()), ("region", pa.string()), ("income_z", pa.float64())])
+                        ("income", pa.float64()), ("region", pa.string()), ("income_z", pa.float64()),
+                        ("_hash_customer_id", pa.string())])
     rules = compile_rules(ws, {("silver", "customers"): schema, ("bronze", "customers"): schema,
                                ("audit", "events"): pa.schema([("seq", pa.int64())])})
     by = {(r.get("group"), r.get("schema"), r.get("table")): r for r in rules["tables"]}
@@ -101,7 +102,10 @@ def test_rules_follow_the_gate(project: Path):
     cols = {c["name"]: c for c in analyst["columns"]}
     assert cols["sex"] == {"name": "sex", "allow": False}
     assert cols["income_z"] == {"name": "income_z", "allow": False}  # not in the analyst's column list
-    assert cols["customer_id"]["mask"] == 'lower(to_hex(sha256(to_utf8("customer_id"))))'
+    # the keyed hash silver precomputed, read as Lakewarden's own user (the column is hidden from the role)
+    assert cols["customer_id"] == {"name": "customer_id", "mask": '"_hash_customer_id"',
+                                   "mask_environment": {"user": ADMIN_USER}}
+    assert cols["_hash_customer_id"] == {"name": "_hash_customer_id", "allow": False}
     assert "floor" in cols["income"]["mask"] and "10000" in cols["income"]["mask"]
     assert analyst["filter"] == "region <> 'restricted'"
     assert ("analyst", "bronze", "customers") not in by  # no rule: denied
@@ -137,7 +141,7 @@ def test_analyst_sees_masked_filtered_rows_same_as_embedded(lake):
 def test_hidden_column_and_forbidden_tables_are_denied(lake):
     ws, _ = lake
     ana = ws.actor("ana")
-    for sql in ("SELECT sex FROM customers", "SELECT count(*) FROM bronze.customers",
+    for sql in ("SELECT sex FROM customers", "SELECT _hash_customer_id FROM customers", "SELECT count(*) FROM bronze.customers",
                 "SELECT count(*) FROM audit.events", "SELECT count(*) FROM vault.customers"):
         with pytest.raises(TrinoDenied, match="Access Denied"):
             run_trino(ws, ana, sql)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -121,6 +122,26 @@ def blind_indexes(key: bytes, ids: pa.Array, *, force: str | None = None) -> byt
             raise ValueError(f"subject id at position {i} is empty or whitespace only")
         stripped.append(s)
     return b"".join(wire.blind_indexes(key, stripped))
+
+
+def keyed_hashes(key: bytes, values: pa.Array, *, force: str | None = None) -> pa.Array:
+    """The ``hash`` mask's values: lowercase hex HMAC-SHA256 under ``key`` of each value's UTF-8 bytes
+    (as given, not stripped), a string array with the input's nulls."""
+    arr = _binary(values)
+    n = len(arr)
+    if _use_native(force):
+        flat = _native.keyed_hashes(_mv(key), _col(arr))
+    else:
+        flat = b"".join(
+            b"0" * 64 if v is None else hmac.new(key, v, hashlib.sha256).hexdigest().encode("ascii")
+            for v in arr.to_pylist()
+        )
+    offsets = pa.array(np.arange(0, 64 * (n + 1), 64, dtype=np.int32))
+    validity = arr.buffers()[0] if arr.null_count else None
+    if validity is not None and arr.offset:  # the input is a slice: rebuild its validity from 0
+        validity = pc.is_valid(arr).buffers()[1]
+    return pa.Array.from_buffers(pa.string(), n, [validity, offsets.buffers()[1], pa.py_buffer(flat)],
+                                 null_count=arr.null_count)
 
 
 def new_tokens(n: int, *, sorted_: bool = False, force: str | None = None) -> list[str]:

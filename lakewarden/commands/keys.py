@@ -50,3 +50,14 @@ def keys_rotate(
     r = rotate_kek(st.workspace(), st.actor(), new_kek_file=new_kek_file, new_kek_env=new_kek_env)
     console.print(f"[green]rotated[/] {r.rewrapped} keys from {r.old_kek} to {r.new_kek}")
     console.print(f"[yellow]now set keys.kek in lakewarden.yaml to {r.config_hint}[/] and destroy the old KEK.")
+
+
+@keys_app.command("rotate-mask")
+def keys_rotate_mask(ctx: typer.Context) -> None:
+    """Replace the key of the `hash` mask and rebuild the silver tables that hold keyed hashes."""
+    from lakehouse.silver import rotate_mask_key
+
+    st = state(ctx)
+    reports = rotate_mask_key(st.workspace(), st.actor())
+    names = ", ".join(f"silver.{r.dataset} (version {r.silver_version})" for r in reports) or "none"
+    console.print(f"[green]rotated[/] the mask key; rebuilt {names}")

@@ -317,6 +317,45 @@ fn blind_indexes(py: Python<'_>, key: PyBuffer<u8>, ids: ColArg) -> PyResult<Py<
     Ok(PyBytes::new(py, &out.concat()).unbind())
 }
 
+/// Keyed hashes for the `hash` mask: the lowercase hex of HMAC-SHA256(key, value) of each value,
+/// exactly the bytes given (no stripping), `n * 64` ASCII bytes; a null value gives 64 zero bytes
+/// (the caller keeps the input's validity).
+#[pyfunction]
+fn keyed_hashes(py: Python<'_>, key: PyBuffer<u8>, values: ColArg) -> PyResult<Py<PyBytes>> {
+    let key = slice(&key)?;
+    let values = Col::new(&values)?;
+    let out = py
+        .allow_threads(|| -> Result<Vec<u8>, String> {
+            let base = <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|e| e.to_string())?;
+            let n = values.len;
+            let parts: Vec<Vec<u8>> = (0..n.div_ceil(CHUNK))
+                .into_par_iter()
+                .map(|c| {
+                    let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+                    let mut out = vec![0u8; (hi - lo) * 64];
+                    for i in lo..hi {
+                        if let Some(raw) = values.get(i) {
+                            let mut h = base.clone();
+                            h.update(raw);
+                            let d = h.finalize().into_bytes();
+                            let o = &mut out[(i - lo) * 64..(i - lo + 1) * 64];
+                            for (j, b) in d.iter().enumerate() {
+                                o[2 * j] = HEX[(b >> 4) as usize];
+                                o[2 * j + 1] = HEX[(b & 15) as usize];
+                            }
+                        }
+                    }
+                    out
+                })
+                .collect();
+            Ok(parts.concat())
+        })
+        .map_err(PyValueError::new_err)?;
+    Ok(PyBytes::new(py, &out).unbind())
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 const B32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 
 /// "sub_" + the first 26 characters of the lowercase base32 of 16 bytes.
@@ -675,6 +714,7 @@ fn lakewarden_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FORMAT_VERSION", VERSION)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(blind_indexes, m)?)?;
+    m.add_function(wrap_pyfunction!(keyed_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(token_from_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(new_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(wrap_keys, m)?)?;
