@@ -8,7 +8,8 @@ unmasked: on Trino as Lakewarden's admin user (no masks, no filters), on the emb
 as plain DuckDB over the same Delta versions. Median of ``--repeat`` runs after one warm-up.
 Also reports Trino's start time and resident memory.
 
-Goal (issue #9): policy overhead ≤ 1.2× in both engines.
+Goal (issues #9, #16): policy overhead ≤ 1.2× in both engines (geometric mean of the ten ratios);
+each run's ratios are kept, so the spread over runs is reported beside the medians.
 """
 
 from __future__ import annotations
@@ -46,13 +47,19 @@ QUERIES = {
 }
 
 
-def timed(fn, repeat: int) -> float:
+SAMPLES: dict[str, list[float]] = {}
+
+
+def timed(fn, repeat: int, label: str = "") -> float:
+    """Median of ``repeat`` runs after one warm-up; the samples are kept under ``label``."""
     fn()  # warm-up
     samples = []
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
+    if label:
+        SAMPLES[label] = samples
     return statistics.median(samples)
 
 
@@ -127,13 +134,17 @@ def main() -> None:
                 r = {
                     "query": name,
                     "sql": sql,
-                    "trino_plain_s": timed(lambda: run_trino(ws, admin, sql), args.repeat),
-                    "trino_governed_s": timed(lambda: run_trino(ws, ana, sql), args.repeat),
-                    "embedded_plain_s": timed(lambda: plain.sql(sql).to_arrow_table(), args.repeat),
-                    "embedded_governed_s": timed(lambda: run_embedded(ws, ana, sql), args.repeat),
+                    "trino_plain_s": timed(lambda: run_trino(ws, admin, sql), args.repeat, "tp"),
+                    "trino_governed_s": timed(lambda: run_trino(ws, ana, sql), args.repeat, "tg"),
+                    "embedded_plain_s": timed(lambda: plain.sql(sql).to_arrow_table(), args.repeat, "ep"),
+                    "embedded_governed_s": timed(lambda: run_embedded(ws, ana, sql), args.repeat, "eg"),
                 }
             r["trino_ratio"] = r["trino_governed_s"] / r["trino_plain_s"]
             r["embedded_ratio"] = r["embedded_governed_s"] / r["embedded_plain_s"]
+            # the spread: each run's ratio (run i governed / run i plain)
+            for eng, (g, p) in {"trino": ("tg", "tp"), "embedded": ("eg", "ep")}.items():
+                r[f"{eng}_ratio_runs"] = [a / b for a, b in zip(SAMPLES[g], SAMPLES[p])]
+                r[f"{eng}_samples_s"] = {"governed": SAMPLES[g], "plain": SAMPLES[p]}
             results.append(r)
         rss = trino_rss_mb(srv)
     finally:
@@ -153,8 +164,14 @@ def main() -> None:
     t.add_row("geometric mean", "", "", f"{gm('trino_ratio'):.2f}", "", "", f"{gm('embedded_ratio'):.2f}")
     console.print(t)
     console.print(f"Trino start: {start_s:.1f}s to answer queries; resident memory after the run: {rss or 0:.0f} MB")
-    out = {"cpus": os.cpu_count(), "rows": rows, "trino_start_s": start_s, "trino_rss_mb": rss, "repeat": args.repeat,
-           "geomean_trino_ratio": gm("trino_ratio"), "geomean_embedded_ratio": gm("embedded_ratio"), "queries": results}
+    # the geometric mean per run index, so the spread over runs is reported, not only the medians'
+    spread = {eng: [statistics.geometric_mean(r[f"{eng}_ratio_runs"][i] for r in results) for i in range(args.repeat)]
+              for eng in ("trino", "embedded")}
+    console.print(f"geometric mean per run: Trino {', '.join(f'{v:.2f}' for v in spread['trino'])}; "
+                  f"embedded {', '.join(f'{v:.2f}' for v in spread['embedded'])}")
+    out = {"cpus": os.cpu_count(), "issue": 16, "rows": rows, "trino_start_s": start_s, "trino_rss_mb": rss,
+           "repeat": args.repeat, "geomean_trino_ratio": gm("trino_ratio"), "geomean_embedded_ratio": gm("embedded_ratio"),
+           "geomean_per_run": spread, "queries": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     console.print(f"written to {args.out}")
