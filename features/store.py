@@ -324,15 +324,27 @@ class Features:
                              details={"purpose": purpose, "features": features, "rows": n_in, "silver_version": silver_version})
         return TrainingSet(out, pol.dataset, features, purpose, {str(silver_ref): silver_version}, run_id, decision)
 
-    def online(self, actor: Actor, *, purpose: str, features: list[str], tokens: list[str]) -> pa.Table:
-        """Online feature values for subject tokens (gated as ``serve`` for the purpose)."""
+    def online(
+        self, actor: Actor, *, purpose: str, features: list[str], tokens: list[str], as_dict: bool = False
+    ) -> pa.Table | dict[str, list[Any]]:
+        """Online feature values for subject tokens (gated as ``serve`` for the purpose): an Arrow
+        table with the policy's types, or with ``as_dict`` the columns as Feast gives them
+        (``{name: [values]}``, no Arrow conversion: about 25 µs less for one entity).
+
+        A hot path: identical allow decisions are audited as a run (the first in full, then one
+        ``gate.decide.repeat`` event counting the lookups and the entities they read; see
+        :meth:`governance.gate.Gate.enforce_repeated`). A deny is audited and flushed each time.
+        """
         pol, columns = self.resolve(features)
-        self._decide(actor, Stage.SERVE, pol, purpose, columns)
+        self.ws.gate.enforce_repeated(Stage.SERVE, actor, Resource.dataset(pol.dataset),
+                                      {"purpose": purpose, "columns": columns}, tally={"lookups": 1, "entities": len(tokens)})
         bad = [t for t in tokens if not isinstance(t, str) or not TOKEN_RE.match(t)]
         if bad:
             raise FeatureError(f"{len(bad)} entity value(s) are not subject tokens (raw identifiers are never used)")
         resp = self.store.get_online_features(features=features, entity_rows=[{pol.subject_key: t} for t in tokens])
         values = resp.to_dict()
+        if as_dict:
+            return values
         key = tuple(features)
         schema = self._online_schemas.get(key)
         if schema is None:

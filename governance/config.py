@@ -72,6 +72,11 @@ class AuditConfig(_Strict):
     checkpoints_table: str = "_audit/checkpoints"
     checkpoint_every: int = Field(default=1000, ge=1, le=1_000_000)
     flush_every: int = Field(default=10_000, ge=1, le=10_000_000)
+    repeat_window: float = Field(
+        default=1.0, ge=0, le=3600,
+        description="seconds a run of identical allow decisions on a hot path (online lookups) is counted "
+                    "under its first audited decision before its count is written (0: audit each one)",
+    )
     public_key: str | None = Field(default=None, description="pinned Ed25519 public key (hex); verify refuses others")
 
 

@@ -25,8 +25,11 @@ required for feature use, separation of duties for deployments), and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import secrets
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -40,7 +43,7 @@ if TYPE_CHECKING:
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 # Context keys that may be copied into the audit log: all are policy vocabulary, never personal data.
 _AUDITABLE_CONTEXT = ("purpose", "columns", "epsilon", "delta", "epsilon_spent", "layer", "dataset", "request_id",
-                      "role")
+                      "role", "run")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +150,52 @@ class _Verdict:
         return self
 
 
-class Gate:
-    """Decides whether an actor may run a stage on a resource, from one PolicySet."""
+class _Run:
+    """A run of identical allow decisions: the first is audited in full, the rest are counted."""
 
-    def __init__(self, policies: PolicySet, *, audit: AuditSink | None = None) -> None:
+    __slots__ = ("decision", "id", "context", "repeats", "tally", "opened", "last")
+
+    def __init__(self, decision: Decision, run_id: str, context: Mapping[str, Any], now: datetime) -> None:
+        self.decision, self.id, self.context = decision, run_id, context
+        self.repeats, self.tally, self.opened, self.last = 0, {}, now, now
+
+
+def _frozen(ctx: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """A hashable form of a decision context, or None when it holds something that is not plain data."""
+    items = []
+    for k, v in sorted(ctx.items()):
+        if isinstance(v, (list, tuple)):
+            if not all(isinstance(x, (str, int, float, bool)) or x is None for x in v):
+                return None
+            v = ("__seq__", *v)
+        elif not (isinstance(v, (str, int, float, bool)) or v is None):
+            return None
+        items.append((k, v))
+    return tuple(items)
+
+
+class Gate:
+    """Decides whether an actor may run a stage on a resource, from one PolicySet.
+
+    ``repeat_window`` (seconds) and ``clock`` govern :meth:`enforce_repeated`: a run of identical
+    allow decisions is audited as its first decision plus one ``gate.decide.repeat`` event that
+    counts the rest, written when the window ends, at the next differing call, or at :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        policies: PolicySet,
+        *,
+        audit: AuditSink | None = None,
+        repeat_window: float = 1.0,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.policies = policies
         self.audit = audit
+        self.repeat_window = repeat_window
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._runs: dict[tuple[Any, ...], _Run] = {}
+        self._runs_lock = threading.Lock()
         self._stage_roles: dict[Stage, frozenset[str]] = {
             s: frozenset(r for r, spec in policies.roles.roles.items() if s in spec.stages) for s in Stage
         }
@@ -196,6 +239,85 @@ class Gate:
     ) -> Decision:
         """Like :meth:`decide`, but raise :class:`AccessDenied` on a deny."""
         return self.decide(stage, actor, resource, context).raise_if_denied()
+
+    def enforce_repeated(
+        self,
+        stage: Stage | str,
+        actor: Actor,
+        resource: Resource,
+        context: Mapping[str, Any] | None = None,
+        *,
+        tally: Mapping[str, int] | None = None,
+    ) -> Decision:
+        """:meth:`enforce` for a hot path that asks the same question again and again (an online
+        feature lookup per request).
+
+        The answer is the same as :meth:`enforce`'s, and so is what the audit log can prove, in a
+        coarser grain: the first decision of a run is evaluated and audited in full (its details
+        carry the run id); while the same actor, roles, stage, resource and context come back within
+        ``repeat_window`` seconds, the gate returns that decision without evaluating again and counts
+        the call, summing ``tally`` (what each call did, e.g. ``{"entities": 3}``). The run ends with
+        one ``gate.decide.repeat`` event (run id, repeats, first and last time, the tallies) when the
+        window has passed, and at :meth:`close`. Denies are never coalesced: each is evaluated,
+        audited and flushed at once, as by :meth:`enforce`. A context holding anything but plain
+        values is decided by :meth:`enforce`.
+
+        What a SIGKILL can lose: the counts of the runs still open (at most ``repeat_window``
+        seconds of calls per run), besides the audit log's own unflushed buffer.
+        """
+        stage = Stage(stage)
+        ctx = context or _EMPTY
+        frozen = _frozen(ctx)
+        if frozen is None or self.audit is None:
+            return self.enforce(stage, actor, resource, ctx)
+        roles = actor.roles or self.policies.roles_of(actor.name)
+        key = (stage, actor.name, tuple(roles), resource, frozen)
+        now = self._clock()
+        with self._runs_lock:
+            run = self._runs.get(key)
+            if run is not None and (now - run.opened).total_seconds() < self.repeat_window:
+                run.repeats += 1
+                run.last = now
+                for k, n in (tally or {}).items():
+                    run.tally[k] = run.tally.get(k, 0) + n
+                return run.decision
+            if run is not None:
+                del self._runs[key]
+                self._close_run(run)
+        run_id = secrets.token_hex(8)
+        d = self.decide(stage, actor, resource, {**ctx, "run": run_id})
+        if not d.allowed:
+            raise AccessDenied(d)
+        new = _Run(d, run_id, ctx, now)
+        new.tally = dict(tally or {})
+        with self._runs_lock:
+            old = self._runs.pop(key, None)
+            self._runs[key] = new
+        if old is not None:
+            self._close_run(old)
+        return d
+
+    def close(self) -> None:
+        """End every open run of repeated decisions (its ``gate.decide.repeat`` event is recorded)."""
+        with self._runs_lock:
+            runs, self._runs = list(self._runs.values()), {}
+        for run in runs:
+            self._close_run(run)
+
+    def _close_run(self, run: _Run) -> None:
+        if not run.repeats or self.audit is None:
+            return
+        d = run.decision
+        details: dict[str, Any] = {"run": run.id, "repeats": run.repeats, "first": run.opened.isoformat(),
+                                   "last": run.last.isoformat()}
+        if run.tally:
+            details["tally"] = dict(run.tally)
+        for k in _AUDITABLE_CONTEXT:
+            if k in run.context:
+                val = run.context[k]
+                details[k] = list(val) if isinstance(val, (list, tuple)) else val
+        self.audit.record("gate.decide.repeat", actor=d.actor.name, outcome="allow", stage=d.stage.value,
+                          resource=str(d.resource), rule_ids=d.rule_ids, details=details)
 
     def narrow(self, actor: Actor, role: str, stage: Stage | str, resource: Resource) -> Actor:
         """``actor`` acting in ``role`` only (an analyst who holds several roles and wants one's view).

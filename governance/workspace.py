@@ -93,7 +93,7 @@ class Workspace:
 
     @cached_property
     def gate(self) -> Gate:
-        return Gate(self.policies, audit=self.audit)
+        return Gate(self.policies, audit=self.audit, repeat_window=self.config.audit.repeat_window, clock=self._clock)
 
     @cached_property
     def lineage(self) -> "LineageStore":
@@ -112,6 +112,8 @@ class Workspace:
 
     # -- lifecycle --------------------------------------------------------------------
     def close(self) -> None:
+        if "gate" in self.__dict__:
+            self.gate.close()  # the counts of repeated decisions, before the audit log's last flush
         if "audit" in self.__dict__:
             self.audit.close()
         if "keyring" in self.__dict__:

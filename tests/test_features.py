@@ -3,6 +3,8 @@ erasure from both stores, and Redis answering exactly like SQLite."""
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -146,6 +148,29 @@ def test_online_matches_offline_after_materialization(shared_lake: Workspace):
     assert ts.sources == {"silver.customers": Catalog(shared_lake.config).open(TableRef("silver", "customers")).version()}
     runs = shared_lake.lineage.events(job="features.training_set")
     assert runs and runs[-1]["inputs"][0]["name"] == "silver.customers"
+
+
+def test_online_lookups_are_audited_as_a_run_and_the_log_still_verifies(lake: Workspace):
+    fs = Features(lake)
+    tokens = Catalog(lake.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])
+    tokens = tokens["customer_id"].to_pylist()[:3]
+    lake.audit.flush()
+    before = lake.audit.query().num_rows
+    mel = lake.actor("mel")
+    lake.gate.repeat_window = 3600  # not the machine's speed: the three lookups are one run
+    table = fs.online(mel, purpose="credit_scoring", features=PROFILE, tokens=tokens)
+    as_dict = fs.online(mel, purpose="credit_scoring", features=PROFILE, tokens=tokens, as_dict=True)
+    assert as_dict["income"] == table["income"].to_pylist() and as_dict["customer_id"] == tokens
+    fs.online(mel, purpose="credit_scoring", features=PROFILE, tokens=tokens[:1])
+    lake.gate.close()
+    lake.audit.flush()
+    new = lake.audit.query().to_pylist()[before:]
+    serve = [e for e in new if e["stage"] == "serve"]
+    assert [e["action"] for e in serve] == ["gate.decide", "gate.decide.repeat"]
+    first, rep = (json.loads(e["details"]) for e in serve)
+    assert rep["run"] == first["run"] and rep["repeats"] == 2 and rep["tally"] == {"lookups": 3, "entities": 7}
+    assert rep["purpose"] == "credit_scoring" and serve[1]["actor"] == "mel"
+    assert lake.audit.verify().ok
 
 
 def test_incremental_materialization_picks_up_new_subjects(lake: Workspace, tmp_path: Path):

@@ -188,3 +188,106 @@ def test_a_role_restricted_to_some_columns_may_not_use_others_for_any_purpose(pr
         d = ws.gate.decide("train", sam, DS, {"purpose": "credit_scoring", "columns": ["income"], "epsilon": 1.0})
         assert not d.allowed and d.rule_ids == ("customers/access/data_scientist/columns",)
         assert ws.gate.decide("features", sam, DS, {"purpose": "credit_scoring", "columns": ["region"]}).allowed
+
+
+# -- a hot path's repeated decisions: the first audited in full, the rest counted ----------------
+class _Events:
+    """An audit sink that keeps what it is given (the real log is checked in test_features)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.flushes = 0
+
+    def record(self, action, **kw):
+        self.events.append({"action": action, **kw})
+        return len(self.events)
+
+    def flush(self):
+        self.flushes += 1
+
+
+class _Clock:
+    def __init__(self) -> None:
+        import datetime as dt
+
+        self.now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        import datetime as dt
+
+        self.now += dt.timedelta(seconds=seconds)
+
+
+SERVE_CTX = {"purpose": "credit_scoring", "columns": ["income", "region"]}
+
+
+def test_repeated_allows_are_one_full_decision_and_a_count(workspace):
+    sink, clock = _Events(), _Clock()
+    gate = Gate(workspace.policies, audit=sink, repeat_window=2.0, clock=clock)
+    mel = workspace.actor("mel")
+    first = gate.enforce_repeated(Stage.SERVE, mel, DS, SERVE_CTX, tally={"entities": 1})
+    for i in range(5):
+        clock.advance(0.3)
+        again = gate.enforce_repeated(Stage.SERVE, mel, DS, dict(SERVE_CTX), tally={"entities": 2})
+        assert again == first and again.allowed
+    (full,) = sink.events
+    assert full["action"] == "gate.decide" and full["outcome"] == "allow"
+    run = full["details"]["run"]
+    assert full["details"]["purpose"] == "credit_scoring" and full["rule_ids"] == first.rule_ids
+    # the window passes: the run is closed with its count, and a new one starts with a full decision
+    clock.advance(1.0)
+    gate.enforce_repeated(Stage.SERVE, mel, DS, SERVE_CTX, tally={"entities": 1})
+    repeat, full2 = sink.events[1:]
+    assert repeat["action"] == "gate.decide.repeat" and repeat["outcome"] == "allow"
+    assert repeat["details"]["run"] == run and repeat["details"]["repeats"] == 5
+    assert repeat["details"]["tally"] == {"entities": 1 + 5 * 2}
+    assert repeat["details"]["first"] == "2026-01-01T00:00:00+00:00"
+    assert repeat["details"]["last"] == "2026-01-01T00:00:01.500000+00:00"
+    assert repeat["rule_ids"] == first.rule_ids and repeat["details"]["columns"] == ["income", "region"]
+    assert full2["action"] == "gate.decide" and full2["details"]["run"] != run
+    gate.close()  # the new run has no repeats: nothing to add
+    assert len(sink.events) == 3
+    gate.enforce_repeated(Stage.SERVE, mel, DS, SERVE_CTX)
+    gate.enforce_repeated(Stage.SERVE, mel, DS, SERVE_CTX)
+    gate.close()
+    assert sink.events[-1]["action"] == "gate.decide.repeat" and sink.events[-1]["details"]["repeats"] == 1
+
+
+def test_other_questions_are_other_runs_and_denies_are_never_coalesced(workspace):
+    sink = _Events()
+    gate = Gate(workspace.policies, audit=sink, repeat_window=60, clock=_Clock())
+    mel, sam = workspace.actor("mel"), workspace.actor("sam")
+    gate.enforce_repeated(Stage.SERVE, mel, DS, SERVE_CTX)
+    gate.enforce_repeated(Stage.SERVE, mel, DS, {"purpose": "credit_scoring", "columns": ["income"]})
+    assert [e["action"] for e in sink.events] == ["gate.decide", "gate.decide"]
+    for _ in range(3):  # a role without serve: each deny evaluated, audited and flushed
+        with pytest.raises(AccessDenied):
+            gate.enforce_repeated(Stage.SERVE, sam, DS, SERVE_CTX)
+    denies = [e for e in sink.events if e["outcome"] == "deny"]
+    assert len(denies) == 3 and sink.flushes >= 3
+    sensitive = {"purpose": "credit_scoring", "columns": ["sex"]}
+    for _ in range(2):
+        with pytest.raises(AccessDenied, match="sensitive"):
+            gate.enforce_repeated(Stage.SERVE, mel, DS, sensitive)
+    assert len([e for e in sink.events if e["outcome"] == "deny"]) == 5
+
+
+def test_a_zero_window_audits_every_decision(workspace):
+    sink = _Events()
+    gate = Gate(workspace.policies, audit=sink, repeat_window=0, clock=_Clock())
+    for _ in range(4):
+        gate.enforce_repeated(Stage.SERVE, workspace.actor("mel"), DS, SERVE_CTX)
+    gate.close()
+    assert [e["action"] for e in sink.events] == ["gate.decide"] * 4
+
+
+def test_a_context_that_is_not_plain_data_is_decided_every_time(workspace):
+    sink = _Events()
+    gate = Gate(workspace.policies, audit=sink, repeat_window=60, clock=_Clock())
+    ctx = {"purpose": "credit_scoring", "columns": ["income"], "approvals": [{"actor": "carla"}]}
+    for _ in range(3):
+        gate.enforce_repeated(Stage.SERVE, workspace.actor("mel"), DS, ctx)
+    assert len(sink.events) == 3 and all("run" not in e["details"] for e in sink.events)
