@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 NATIVE := $(VENV)/.native-$(shell cat native/Cargo.toml native/pyproject.toml native/src/*.rs | sha1sum | cut -c1-12)
 LW     := $(BIN)/lakewarden
 
-.PHONY: install trino system demo test test-fast bench clean-demo
+.PHONY: install trino system demo test test-fast bench bench-deps clean-demo
 
 # What CI also runs without the native core, so both paths stay green.
 FALLBACK_TESTS := tests/test_native_core.py tests/test_crypto_vectors.py tests/test_keys.py tests/test_keys_concurrency.py \
@@ -54,6 +54,10 @@ test: install trino system
 # at-scale runs). Servers that are not installed are skipped, not required.
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# the native load generator of benchmarks/bench_serving.py (Debian's wrk package)
+bench-deps:
+	command -v wrk >/dev/null || { apt-get update && apt-get install -y wrk; }
 
 bench: install
 	$(BIN)/python benchmarks/bench_governance.py

@@ -27,13 +27,16 @@ dataset's subject key itself be named ``subject_id``, values shaped like tokens 
 Subjects the feature store does not know, named by token — never ingested, or erased — get a
 404 naming the tokens; malformed input gets a 400, an oversized body a 413; the server keeps
 serving. Every scored entity is appended to a request log (token, features, score — no
-identifiers) that ``lakewarden monitor`` reads for drift; the log is opened per append under a
-lock that erasure also takes (:mod:`serving.requestlog`).
+identifiers) that ``lakewarden monitor`` reads for drift; every append holds a lock that erasure
+also takes and writes into the file now at the path (:mod:`serving.requestlog`). The server's own
+drift gauges are computed from the last 10,000 scored entities kept in memory without their
+tokens (features and score only), every 1,000 scored entities.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ from governance.gate import Actor
 from governance.keys import TOKEN_RE
 from governance.workspace import Workspace
 from features.store import Features
-from serving.requestlog import append_records
+from serving.requestlog import RequestLogWriter
 from training.registry import ModelRef, Registry, model_name
 
 MAX_INSTANCES = 1000
@@ -127,9 +130,15 @@ def _make_model_class():  # noqa: ANN202
                                              ["model"], buckets=[i / 10 for i in range(1, 10)], registry=REGISTRY)
             self.score_hist = _SCORE_HISTOGRAM.labels(card.name)
             self.log_path: Path | None = None
+            self.log: RequestLogWriter | None = None
             if log_requests:
                 self.log_path = ws.config.workspace_dir / "serving" / "requests" / f"{card.name}.jsonl"
-                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                self.log = RequestLogWriter(ws, self.log_path)
+            # The drift gauges' window: the features and scores of the last 10,000 scored entities,
+            # in memory and without their tokens (what drift needs, and nothing that names anyone).
+            self.recent: deque[dict[str, Any]] = deque(maxlen=10_000)
+            pol = ws.policies.dataset(card.dataset)
+            self.types = {c: self.features._arrow_type(pol, c) for c in self.columns}
             self.ready = False
 
         def load(self) -> bool:
@@ -183,34 +192,38 @@ def _make_model_class():  # noqa: ANN202
             import pyarrow as pa
             import torch
 
-            tbl = self.features.online(self.actor, purpose=self.card.purpose, features=self.card.features, tokens=tokens)
-            cols = [tbl[c] for c in self.columns]
-            missing = [i for i in range(len(tokens)) if all(col[i].as_py() is None for col in cols)]
+            values = self.features.online(self.actor, purpose=self.card.purpose, features=self.card.features,
+                                          tokens=tokens, as_dict=True)
+            cols = [values[c] for c in self.columns]
             n = len(tokens)
-            keep = [i for i in range(n) if i not in set(missing)] if missing else []
+            missing = [i for i in range(n) if all(col[i] is None for col in cols)]
             if missing:
-                tbl = tbl.take(pa.array(keep, pa.int64()))
+                gone = set(missing)
+                keep = [i for i in range(n) if i not in gone]
+                cols = [[col[i] for i in keep] for col in cols]
                 tokens = [tokens[i] for i in keep]
             if not tokens:
                 return np.zeros(0, dtype=np.float32), missing
-            x = self.encoder.transform(pa.table({c: tbl[c] for c in self.columns}))
+            x = self.encoder.transform(pa.table({c: pa.array(v, self.types[c]) for c, v in zip(self.columns, cols)}))
             with torch.no_grad():
                 scores = torch.sigmoid(self.torch_model(torch.from_numpy(x)).squeeze(-1)).numpy()
             for sc in scores:
                 self.score_hist.observe(float(sc))
+            before = self.scored
             self.scored += len(tokens)
-            if self.log_path is not None:
+            feats = [dict(zip(self.columns, row)) for row in zip(*cols)]
+            if self.log is not None:
                 now = datetime.now(timezone.utc).isoformat()
-                rows = tbl.to_pylist()
-                # Opened per append under the logs' lock: an erasure may have replaced the file
-                # (and erased a subject scored here meanwhile); see serving.requestlog.
-                append_records(self.ws, self.log_path, [
+                # Under the logs' lock, into the file now at the path: an erasure may have replaced
+                # it (and erased a subject scored here meanwhile); see serving.requestlog.
+                self.log.append([
                     {"ts": now, "model": self.card.name, "version": self.card.version, "token": t,
-                     "features": {c: r[c] for c in self.columns}, "score": float(s)}
-                    for t, r, s in zip(tokens, rows, scores)
+                     "features": f, "score": float(s)}
+                    for t, f, s in zip(tokens, feats, scores)
                 ])
-                if self.profile is not None and self.scored // self.drift_every != (self.scored - len(tokens)) // self.drift_every:
-                    self.refresh_drift()
+            self.recent.extend({"features": f, "score": float(s)} for f, s in zip(feats, scores))
+            if self.profile is not None and self.scored // self.drift_every != before // self.drift_every:
+                self.refresh_drift()
             if not missing:
                 return scores, missing
             full = np.full(n, np.nan, dtype=scores.dtype)
@@ -218,13 +231,17 @@ def _make_model_class():  # noqa: ANN202
             return full, missing
 
         def refresh_drift(self) -> Any:
-            """PSI of recent traffic against the training data's drift profile, into the Prometheus gauges."""
-            from serving.monitor import drift_report, read_request_log
+            """PSI of recent traffic (the last 10,000 scored entities, kept in memory) against the
+            training data's drift profile, into the Prometheus gauges."""
+            from serving.monitor import drift_report
 
-            records = read_request_log(self.log_path, model=self.card.name, tail_bytes=4 << 20)[-10_000:]
-            report = drift_report(self.profile, records, model=self.card.name)
+            report = drift_report(self.profile, list(self.recent), model=self.card.name)
             self.drift_metrics.observe(report)
             return report
+
+        def stop(self) -> None:
+            if self.log is not None:
+                self.log.close()
 
         def _instances_v1(self, payload: Any) -> list[tuple[str, str]]:
             """V1 instances as ("token", value) or ("id", value), in request order."""

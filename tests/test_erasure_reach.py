@@ -242,11 +242,14 @@ def test_kept_files_are_rewritten_in_their_own_format(fmt: str, tmp_path: Path, 
 
 
 # -- 2. the request log of a running predictor --------------------------------------------------------
-def test_appends_racing_an_erasure_lose_nothing_and_bring_nobody_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("kept_open", [False, True], ids=["append_records", "RequestLogWriter"])
+def test_appends_racing_an_erasure_lose_nothing_and_bring_nobody_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       kept_open: bool):
     """Appenders (threads standing in for a predictor's requests) and erasures interleave however
-    they do: every other subject's line survives, and the erased one is never written back."""
+    they do: every other subject's line survives, and the erased one is never written back — also
+    through the predictor's writer, which keeps its handles open across the erasure's rename."""
     from serving import erasure as serving_erasure
-    from serving.requestlog import append_records, log_dir
+    from serving.requestlog import RequestLogWriter, append_records, log_dir
 
     monkeypatch.setenv("LAKEWARDEN_KEK", generate_kek_b64())
     proj = _project(tmp_path, keep=False)
@@ -255,10 +258,15 @@ def test_appends_racing_an_erasure_lose_nothing_and_bring_nobody_back(tmp_path: 
         victim, others = "sub_" + "v" * 26, ["sub_" + c * 26 for c in "abcd"]
         append_records(ws, log, [{"token": victim, "score": 0.5}])
         n_each = 150
+        shared = RequestLogWriter(ws, log) if kept_open else None
 
         def writer(tok: str) -> None:
             for i in range(n_each):
-                append_records(ws, log, [{"token": tok, "i": i}, {"token": victim, "i": i}])
+                recs = [{"token": tok, "i": i}, {"token": victim, "i": i}]
+                if shared is not None:
+                    shared.append(recs)
+                else:
+                    append_records(ws, log, recs)
 
         threads = [threading.Thread(target=writer, args=(t,)) for t in others]
         for t in threads:
@@ -269,6 +277,9 @@ def test_appends_racing_an_erasure_lose_nothing_and_bring_nobody_back(tmp_path: 
             t.join()
         serving_erasure.HANDLER.erase(ws, ctx)  # lines written before the erasure took the lock
         assert append_records(ws, log, [{"token": victim, "late": True}]) == 0  # scored before, logged after
+        if shared is not None:
+            assert shared.append([{"token": victim, "late": True}]) == 0
+            shared.close()
         recs = [json.loads(x) for x in log.read_text().splitlines()]
         assert victim.encode() not in log.read_bytes()
         for tok in others:
