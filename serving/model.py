@@ -30,12 +30,14 @@ serving. Every scored entity is appended to a request log (token, features, scor
 identifiers) that ``lakewarden monitor`` reads for drift; every append holds a lock that erasure
 also takes and writes into the file now at the path (:mod:`serving.requestlog`). The server's own
 drift gauges are computed from the last 10,000 scored entities kept in memory without their
-tokens (features and score only), every 1,000 scored entities.
+tokens (features and score only): first when 1,000 entities are scored, then every 1,000 but
+at most every 10 seconds, in a background thread.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,7 +125,9 @@ def _make_model_class():  # noqa: ANN202
             self.profile = loaded.profile  # the training data's drift profile; None for older models
             self.drift_metrics = DriftMetrics(REGISTRY)
             self.scored = 0
-            self.drift_every = 1000  # recompute drift gauges after this many scored entities
+            self.drift_every = 1000  # recompute drift gauges after this many scored entities...
+            self.drift_interval = 10.0  # ...and at most this often (seconds; Prometheus scrapes every 15-30 s)
+            self._drift_at: float | None = None
             global _SCORE_HISTOGRAM
             if _SCORE_HISTOGRAM is None:
                 _SCORE_HISTOGRAM = Histogram("lakewarden_prediction_score", "Scores served, per model",
@@ -137,6 +141,9 @@ def _make_model_class():  # noqa: ANN202
             # The drift gauges' window: the features and scores of the last 10,000 scored entities,
             # in memory and without their tokens (what drift needs, and nothing that names anyone).
             self.recent: deque[dict[str, Any]] = deque(maxlen=10_000)
+            import threading
+
+            self._drift_busy = threading.Lock()
             pol = ws.policies.dataset(card.dataset)
             self.types = {c: self.features._arrow_type(pol, c) for c in self.columns}
             self.ready = False
@@ -221,21 +228,48 @@ def _make_model_class():  # noqa: ANN202
                      "features": f, "score": float(s)}
                     for t, f, s in zip(tokens, feats, scores)
                 ])
-            self.recent.extend({"features": f, "score": float(s)} for f, s in zip(feats, scores))
+            version = self.card.version
+            self.recent.extend({"features": f, "score": float(s), "version": version} for f, s in zip(feats, scores))
             if self.profile is not None and self.scored // self.drift_every != before // self.drift_every:
-                self.refresh_drift()
+                if self._drift_at is None:
+                    self.refresh_drift()  # the first: the gauges exist once 1,000 entities are scored
+                elif time.monotonic() - self._drift_at >= self.drift_interval:
+                    self._refresh_in_background()
             if not missing:
                 return scores, missing
             full = np.full(n, np.nan, dtype=scores.dtype)
             full[keep] = scores
             return full, missing
 
+        def _refresh_in_background(self) -> None:
+            """Recompute the drift gauges in a thread (one at a time), not on the request path: a
+            10,000-record report takes tens of milliseconds, which every request waiting behind it
+            would pay."""
+            import threading
+
+            if not self._drift_busy.acquire(blocking=False):
+                return  # one is running: it reads the window as it is now
+
+            def run() -> None:
+                try:
+                    self.refresh_drift()
+                except Exception as exc:  # noqa: BLE001 - a gauge refresh must never stop serving
+                    import logging
+
+                    logging.getLogger(__name__).warning("drift gauges not refreshed: %s", exc)
+                finally:
+                    self._drift_busy.release()
+
+            threading.Thread(target=run, name="lakewarden-drift", daemon=True).start()
+
         def refresh_drift(self) -> Any:
             """PSI of recent traffic (the last 10,000 scored entities, kept in memory) against the
             training data's drift profile, into the Prometheus gauges."""
             from serving.monitor import drift_report
 
-            report = drift_report(self.profile, list(self.recent), model=self.card.name)
+            self._drift_at = time.monotonic()
+            window = list(self.recent)  # a copy: requests keep appending meanwhile
+            report = drift_report(self.profile, window, model=self.card.name)
             self.drift_metrics.observe(report)
             return report
 

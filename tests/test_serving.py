@@ -114,6 +114,28 @@ def test_both_protocols_answer_with_the_direct_scores(served):
     assert code == 200 and np.allclose(v2["outputs"][0]["data"], direct, atol=1e-6)
 
 
+def test_the_drift_window_is_in_memory_without_tokens_and_refreshes_off_the_request_path(served):
+    ws, url, ref, tokens = served
+    pred = GovernedPredictor(ws, ref, ws.actor("mel"), log_requests=False)
+    pred.load()
+    known = tokens[:-2]
+    batch = (known * (1000 // len(known) + 1))[:1000]
+    pred.score_tokens(batch)  # the first 1,000: the gauges are computed at once
+    first = pred._drift_at
+    assert first is not None and len(pred.recent) == 1000
+    assert all(set(r) == {"features", "score", "version"} for r in pred.recent)  # no token is kept
+    assert not any(t in repr(list(pred.recent)) for t in known)
+    pred.score_tokens(batch)  # within the interval: no new report
+    assert pred._drift_at == first
+    pred.drift_interval = 0
+    pred.score_tokens(batch)  # due: computed in a background thread
+    assert pred._drift_busy.acquire(timeout=30)  # wait for it (bounded)
+    pred._drift_busy.release()
+    assert pred._drift_at > first and len(pred.recent) == 3000
+    report = pred.refresh_drift()
+    assert report.records == 3000 and report.versions == {str(pred.card.version): 3000}
+
+
 def test_the_registry_loads_what_the_predictor_serves(served):
     """Serving's one way into a trained model: Registry.load (card, encoder, torch model, threshold, profile)."""
     from training.registry import LoadedModel, Profile, Registry
