@@ -37,7 +37,10 @@ from rich.table import Table
 
 from governance.keys import generate_kek_b64
 from governance.workspace import Workspace
-from lakehouse.catalog import Catalog, TableRef
+from governance.keys.native import keyed_hashes
+from lakehouse.catalog import Catalog, TableRef, table_configuration
+from lakehouse.masks import hash_column
+from lakehouse.silver import MASK_HASH_KEY, hashed_columns
 from lakehouse.sql import run_query
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +113,13 @@ def main() -> None:
         ws = Workspace.open(tmp / "lakewarden.yaml")
         ref = TableRef("silver", "customers")
         with console.status(f"writing {args.rows:,} silver rows"):
-            write_deltalake(Catalog(ws.config).uri(ref), silver_customers(args.rows))
+            table = silver_customers(args.rows)
+            # as build_silver writes it: the keyed hash of each column a role sees through `hash`
+            key = ws.keyring.system_key(MASK_HASH_KEY)
+            for c in hashed_columns(ws.policies, "customers"):
+                table = table.append_column(hash_column(c), keyed_hashes(key, table[c]))
+            write_deltalake(Catalog(ws.config).uri(ref), table,
+                            configuration=table_configuration(table.column_names, "customer_id"))
         dataset = Catalog(ws.config).open(ref).to_pyarrow_dataset()
         actor = ws.actor("ana")
 
@@ -140,6 +149,9 @@ def main() -> None:
                 "governed_samples_s": gov_all,
                 "governed_rows": governed().num_rows,
             }
+            check = run_query(ws, actor, q)
+            if check.warnings:  # a mask that fell back to NULL would make the governed side look cheap
+                raise SystemExit(f"{label}: the governed query fell back: {check.warnings}")
         ws.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
