@@ -65,7 +65,7 @@ def _args(t: Path) -> dict[str, list[str]]:
         "generate": ["--out", str(t / "landing2"), "--people", "5"],
         "ingest": ["customers", str(t / "kept" / "customers.csv")],
         "init": [str(t / "elsewhere")], "keys new-kek": ["--out", str(t / "k2.key")],
-        "keys rotate": ["--new-kek-file", str(t / "new.key")], "keys status": [],
+        "keys rotate": ["--new-kek-file", str(t / "new.key")], "keys rotate-mask": [], "keys status": [],
         "lineage show": ["silver.customers"], "models approve": ["credit@1"], "models list": [],
         "models show": ["credit@1"], "monitor": ["--model", "credit@1"],
         "policy check": [], "policy schema": ["--out", str(t / "schema.json")], "policy show": ["customers"],
