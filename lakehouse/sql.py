@@ -653,7 +653,7 @@ def _decide(
 def _view_key(ws: "Workspace", decided: list[_Decided]) -> tuple[Any, ...]:
     parts: list[Any] = [ws.policies.digest, ws.config.table_uri("")]
     for d in decided:
-        ob = json.dumps(d.decision.obligations, sort_keys=True, default=str)
+        ob = json.dumps(dict(d.decision.obligations), sort_keys=True, default=str)
         parts.append((str(d.use.ref), d.use.bare, d.use.qualified, d.version, d.identity, ob,
                       tuple(d.decision.rule_ids)))
     return tuple(parts)

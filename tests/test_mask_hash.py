@@ -100,3 +100,51 @@ def test_rebuild_is_a_no_op_until_the_key_rotates(lake: Workspace):
     assert len(new) == len(old) and not set(new.to_pylist()) & set(old.to_pylist())
     ev = [e for e in lake.audit.query(action="keys.rotate-mask").to_pylist()]
     assert ev and json.loads(ev[-1]["details"])["rebuilds"] == ["customers", "transactions"]
+
+
+CLINIC = """\
+kind: dataset
+dataset: visits
+description: Clinic visits (fictional); several visits per patient.
+subject_key: patient_ref
+columns:
+  patient_ref: {class: subject_key, type: string, required: true}
+  postcode:    {class: public, type: string}
+  clinic:      {class: public, type: string, required: true}
+  visits_n:    {class: public, type: int}
+purposes:
+  care: {description: Care quality reporting.}
+access:
+  data_engineer: {layers: [bronze, silver, quarantine], purposes: [care]}
+  analyst:
+    layers: [silver]
+    masks: {patient_ref: hash, postcode: hash, visits_n: hash}
+    purposes: [care]
+"""
+
+
+def test_a_policy_we_did_not_design_gets_its_hashes_and_a_misfit_stays_null(tmp_path: Path, monkeypatch):
+    """Another subject key, a second hashed text column, and `hash` on a number (which no hash
+    column can serve: NULL, flagged, and nothing computed for it)."""
+    from conftest import make_project
+
+    folder = tmp_path / "clinic"
+    make_project(folder, monkeypatch)
+    (folder / "policies" / "visits.yaml").write_text(CLINIC)
+    src = folder / "visits.csv"
+    src.write_text("patient_ref,postcode,clinic,visits_n\n" + "".join(
+        f"P{i % 7:03d},SW{i % 3}A,{'north' if i % 2 else 'south'},{i}\n" for i in range(40)))
+    with Workspace.open(folder / "lakewarden.yaml") as ws:
+        ingest(ws, ws.actor("dana"), "visits", [src])
+        build_silver(ws, ws.actor("dana"), "visits")
+        assert hashed_columns(ws.policies, "visits") == ["patient_ref", "postcode", "visits_n"]
+        t = silver(ws, "visits").to_pyarrow_table()
+        assert {"_hash_patient_ref", "_hash_postcode"} <= set(t.column_names)
+        assert "_hash_visits_n" not in t.column_names  # not text: nothing to hash
+        assert t["_hash_postcode"].to_pylist() == [keyed(ws, v) for v in t["postcode"].to_pylist()]
+        res = run_query(ws, ws.actor("ana"), "SELECT patient_ref, postcode, visits_n, clinic FROM visits")
+        assert res.table.num_rows == 40
+        assert set(res.table["postcode"].to_pylist()) == {keyed(ws, f"SW{k}A") for k in range(3)}
+        assert len(set(res.table["patient_ref"].to_pylist())) == 7
+        assert res.table["visits_n"].null_count == 40
+        assert any("visits_n" in w for w in res.warnings)
