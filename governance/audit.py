@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -172,6 +173,9 @@ class AuditLog:
         public_key: the key verify trusts (default: the signing key's public half).
         checkpoint_every: sign a checkpoint every this many events.
         flush_every: write buffered events once this many are waiting.
+        flush_interval: seconds an event may wait in the buffer before a background thread writes
+            it (0: only at ``flush_every``, after a deny and at close). It bounds what a SIGKILL
+            of a long-running process (a predictor, a notebook) can lose to that many seconds.
         clock: returns "now" as an aware datetime; injectable for tests.
     """
 
@@ -187,6 +191,7 @@ class AuditLog:
         flush_every: int = 10_000,
         storage_options: Mapping[str, str] | None = None,
         clock: Callable[[], datetime] | None = None,
+        flush_interval: float = 0.0,
     ) -> None:
         self.table_uri = table_uri
         self.checkpoints_uri = checkpoints_uri
@@ -198,6 +203,11 @@ class AuditLog:
         self._so = dict(storage_options or {})
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._buf: dict[str, list[Any]] = {n: [] for n in ("ts", *_TEXT_COLUMNS)}
+        self.flush_interval = flush_interval
+        self._buf_lock = threading.Lock()  # one event's fields go in together; the swap is atomic
+        self._flush_lock = threading.RLock()  # flushes write in the order they took their events
+        self._oldest: float | None = None  # monotonic time of the oldest buffered event
+        self._flusher: tuple[int, threading.Thread, threading.Event] | None = None  # (pid, thread, stop)
         self.redactions = 0
 
     # -- writing --------------------------------------------------------------------
@@ -233,31 +243,84 @@ class AuditLog:
         if resource is not None:
             resource, n = redact(resource)
             self.redactions += n
-        b = self._buf
-        b["ts"].append(self._clock())
-        b["actor"].append(actor)
-        b["action"].append(action)
-        b["stage"].append(stage)
-        b["resource"].append(resource)
-        b["subject_token"].append(subject_token)
-        b["outcome"].append(outcome)
-        b["rule_ids"].append(",".join(rule_ids) if rule_ids else None)
-        b["details"].append(det)
-        if len(b["ts"]) >= self.flush_every:
+        ts = self._clock()
+        rules = ",".join(rule_ids) if rule_ids else None
+        with self._buf_lock:
+            b = self._buf
+            b["ts"].append(ts)
+            b["actor"].append(actor)
+            b["action"].append(action)
+            b["stage"].append(stage)
+            b["resource"].append(resource)
+            b["subject_token"].append(subject_token)
+            b["outcome"].append(outcome)
+            b["rule_ids"].append(rules)
+            b["details"].append(det)
+            pending = len(b["ts"])
+            if self._oldest is None:
+                self._oldest = time.monotonic()
+        if self.flush_interval > 0:
+            self._ensure_flusher()
+        if pending >= self.flush_every:
             self.flush()
+
+    def _ensure_flusher(self) -> None:
+        """Start this process's background flusher (once; again in a forked child)."""
+        pid = os.getpid()
+        if self._flusher is not None and self._flusher[0] == pid:
+            return
+        with self._buf_lock:
+            if self._flusher is not None and self._flusher[0] == pid:
+                return
+            stop = threading.Event()
+            thread = threading.Thread(target=self._flush_loop, args=(stop,), name="lakewarden-audit-flush", daemon=True)
+            self._flusher = (pid, thread, stop)
+        thread.start()
+
+    def _flush_loop(self, stop: threading.Event) -> None:
+        interval = self.flush_interval
+        while not stop.wait(min(interval, 1.0) / 2):
+            oldest = self._oldest
+            if oldest is not None and time.monotonic() - oldest >= interval:
+                try:
+                    self.flush()
+                except Exception as exc:  # noqa: BLE001 - keep the events; the next flush retries
+                    import logging
+
+                    logging.getLogger(__name__).warning("audit flush failed (events kept in memory): %s", exc)
 
     @property
     def pending(self) -> int:
         return len(self._buf["ts"])
 
     def flush(self) -> int:
-        """Write buffered events as one Delta commit, extend the chain and sign. Returns the count."""
-        n = self.pending
-        if n == 0:
-            return 0
-        if self._sk is None:
-            raise AuditError("this audit log was opened read-only (no signing key); cannot append")
-        buf, self._buf = self._buf, {k: [] for k in self._buf}
+        """Write buffered events as one Delta commit, extend the chain and sign. Returns the count.
+
+        If the write fails before the events' commit, they go back to the front of the buffer
+        (nothing is dropped); once committed they are never written twice (a failure signing the
+        head afterwards is recovered from the table by the next writer)."""
+        with self._flush_lock:
+            if self.pending == 0:
+                return 0
+            if self._sk is None:
+                raise AuditError("this audit log was opened read-only (no signing key); cannot append")
+            with self._buf_lock:
+                buf, self._buf = self._buf, {k: [] for k in self._buf}
+                oldest, self._oldest = self._oldest, None
+            written: list[bool] = []
+            try:
+                return self._append(buf, written)
+            except BaseException:
+                if written:
+                    raise
+                with self._buf_lock:
+                    for k, vals in buf.items():
+                        self._buf[k][:0] = vals
+                    self._oldest = oldest if self._oldest is None else min(oldest or self._oldest, self._oldest)
+                raise
+
+    def _append(self, buf: dict[str, list[Any]], written: list[bool]) -> int:
+        n = len(buf["ts"])
         with self._writer_lock():
             last_seq, last_hash = self._tail()
             seqs = pa.array(range(last_seq + 1, last_seq + 1 + n), pa.int64())
@@ -274,6 +337,7 @@ class AuditLog:
                 "hash", pa.array(hashes, pa.string())
             ).select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA)
             self._write(self.table_uri, tbl)
+            written.append(True)
             first = last_seq + 1
             cps = [
                 (s, hashes[s - first])
@@ -286,6 +350,11 @@ class AuditLog:
         return n
 
     def close(self) -> None:
+        if self._flusher is not None and self._flusher[0] == os.getpid():
+            _, thread, stop = self._flusher
+            stop.set()
+            thread.join(timeout=30)
+            self._flusher = None
         self.flush()
 
     def __enter__(self) -> "AuditLog":

@@ -72,6 +72,11 @@ class AuditConfig(_Strict):
     checkpoints_table: str = "_audit/checkpoints"
     checkpoint_every: int = Field(default=1000, ge=1, le=1_000_000)
     flush_every: int = Field(default=10_000, ge=1, le=10_000_000)
+    flush_interval: float = Field(
+        default=5.0, ge=0, le=3600,
+        description="seconds a buffered event may wait before a background thread writes it (0: only at "
+                    "flush_every, after a deny and at exit); bounds what a SIGKILL of a long-running process loses",
+    )
     repeat_window: float = Field(
         default=1.0, ge=0, le=3600,
         description="seconds a run of identical allow decisions on a hot path (online lookups) is counted "

@@ -81,6 +81,7 @@ class Workspace:
             signing_key=sk,
             checkpoint_every=self.config.audit.checkpoint_every,
             flush_every=self.config.audit.flush_every,
+            flush_interval=self.config.audit.flush_interval,
             storage_options=self.config.storage.options,
             clock=self._clock,
         )

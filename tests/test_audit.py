@@ -300,3 +300,105 @@ def test_events_never_hold_raw_identifiers(tmp_path: Path):
             data = f.read_bytes()
             assert b"jane.doe" not in data and b"555-0100" not in data, f
     assert lg.verify().ok
+
+
+# -- the time-bounded flush: what a SIGKILL of a long-running process can lose ----------------------
+def _wait_for_events(log: AuditLog, n: int, timeout: float = 20.0) -> int:
+    """Poll (bounded in time) until the table holds ``n`` events; returns how many it holds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    have = 0
+    while time.monotonic() < deadline:
+        try:
+            have = DeltaTable(log.table_uri).to_pyarrow_table(columns=["seq"]).num_rows
+        except Exception:  # noqa: BLE001 - the table does not exist yet
+            have = 0
+        if have >= n:
+            return have
+        time.sleep(0.05)
+    return have
+
+
+def test_a_background_flush_writes_waiting_events_within_the_interval(tmp_path: Path):
+    log = make_log(tmp_path, every=1000)
+    log.flush_interval = 0.1
+    for i in range(3):
+        log.record("x.y", actor="u", outcome="ok", details={"i": i})
+    assert _wait_for_events(log, 3) == 3 and log.pending == 0  # nobody called flush
+    log.record("x.y", actor="u", outcome="ok", details={"i": 3})
+    log.close()  # stops the flusher and writes the rest
+    assert events(log).num_rows == 4 and log.verify().ok
+
+
+def _killed_writer(root: str, ready) -> None:
+    log = make_log(Path(root), every=1000)
+    log.flush_interval = 0.2
+    for i in range(5):
+        log.record("serve.predict", actor="mel", outcome="ok", details={"i": i})
+    ready.set()
+    import time
+
+    time.sleep(600)  # a server that never calls flush or close
+
+
+def test_a_sigkilled_process_loses_at_most_the_interval(tmp_path: Path):
+    import os
+    import signal
+
+    ctx = mp.get_context("spawn")  # a fork would copy delta-rs's runtime in a state it cannot use
+    ready = ctx.Event()
+    p = ctx.Process(target=_killed_writer, args=(str(tmp_path), ready))
+    p.start()
+    try:
+        assert ready.wait(60)
+        log = make_log(tmp_path, key=None, public=KEY.public_key())
+        assert _wait_for_events(log, 5) == 5
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+    assert log.verify().ok
+
+
+def test_a_failed_write_keeps_the_events_and_a_commit_is_never_written_twice(tmp_path: Path, monkeypatch):
+    log = make_log(tmp_path, every=1000)
+    fill(log, 2)
+    for i in range(3):
+        log.record("x.y", actor="u", outcome="ok", details={"i": i})
+    real = log._write
+    monkeypatch.setattr(log, "_write", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        log.flush()
+    assert log.pending == 3  # back in the buffer, in order
+    monkeypatch.setattr(log, "_write", real)
+    log.record("x.y", actor="u", outcome="ok", details={"i": 3})
+    assert log.flush() == 4
+    assert [json.loads(d)["i"] for d in events(log)["details"].to_pylist()[-4:]] == [0, 1, 2, 3]
+    # a failure after the commit (signing the head): the events are in the table, not re-queued
+    log.record("x.y", actor="u", outcome="ok", details={"i": 4})
+    monkeypatch.setattr(log, "_write_head", lambda *a, **k: (_ for _ in ()).throw(OSError("head")))
+    with pytest.raises(OSError):
+        log.flush()
+    assert log.pending == 0 and events(log).num_rows == 7
+
+
+def test_threads_recording_while_the_flusher_writes_keep_every_event_whole(tmp_path: Path):
+    import threading
+
+    log = make_log(tmp_path, every=1000)
+    log.flush_interval = 0.05
+
+    def writer(k: int) -> None:
+        for i in range(300):
+            log.record("x.y", actor=f"t{k}", outcome="ok", resource=f"r{k}", details={"k": k, "i": i})
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    t = events(log)
+    assert t.num_rows == 1200 and log.verify().ok
+    for a, r, d in zip(t["actor"].to_pylist(), t["resource"].to_pylist(), t["details"].to_pylist()):
+        assert a[1:] == r[1:] == str(json.loads(d)["k"])
