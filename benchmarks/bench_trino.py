@@ -5,7 +5,8 @@ Data: synthetic customers and transactions (default 1M people × 10 → ~10M tra
 ingested through the governed path and built into silver. Ten analyst queries
 (aggregations, joins, selective filters) run as the analyst ``ana`` (masked, filtered) and
 unmasked: on Trino as Lakewarden's admin user (no masks, no filters), on the embedded side
-as plain DuckDB over the same Delta versions. Median of ``--repeat`` runs after one warm-up.
+as plain DuckDB over the same Delta versions. Median of ``--repeat`` runs after one warm-up of each,
+the plain and governed runs alternating which goes first (an engine warms across runs).
 Also reports Trino's start time and resident memory.
 
 Goal (issues #9, #16): policy overhead ≤ 1.2× in both engines (geometric mean of the ten ratios);
@@ -50,17 +51,20 @@ QUERIES = {
 SAMPLES: dict[str, list[float]] = {}
 
 
-def timed(fn, repeat: int, label: str = "") -> float:
-    """Median of ``repeat`` runs after one warm-up; the samples are kept under ``label``."""
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    if label:
-        SAMPLES[label] = samples
-    return statistics.median(samples)
+def paired(plain, governed, repeat: int, label: str) -> tuple[float, float]:
+    """Medians of ``repeat`` runs of each, after a warm-up of each, alternating which goes first
+    (an engine that warms across runs favours whichever runs second); the samples are kept."""
+    plain()
+    governed()
+    ps, gs = [], []
+    for i in range(repeat):
+        order = ((plain, ps), (governed, gs)) if i % 2 == 0 else ((governed, gs), (plain, ps))
+        for fn, out in order:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    SAMPLES[label + "p"], SAMPLES[label + "g"] = ps, gs
+    return statistics.median(ps), statistics.median(gs)
 
 
 def trino_rss_mb(srv) -> float | None:
@@ -134,14 +138,11 @@ def main() -> None:
             if fallback:  # a mask that fell back to NULL would make the governed side look cheap
                 raise SystemExit(f"{name}: the governed query fell back: {fallback}")
             with console.status(name):
-                r = {
-                    "query": name,
-                    "sql": sql,
-                    "trino_plain_s": timed(lambda: run_trino(ws, admin, sql), args.repeat, "tp"),
-                    "trino_governed_s": timed(lambda: run_trino(ws, ana, sql), args.repeat, "tg"),
-                    "embedded_plain_s": timed(lambda: plain.sql(sql).to_arrow_table(), args.repeat, "ep"),
-                    "embedded_governed_s": timed(lambda: run_embedded(ws, ana, sql), args.repeat, "eg"),
-                }
+                tp, tg = paired(lambda: run_trino(ws, admin, sql), lambda: run_trino(ws, ana, sql), args.repeat, "t")
+                ep, eg = paired(lambda: plain.sql(sql).to_arrow_table(), lambda: run_embedded(ws, ana, sql),
+                                args.repeat, "e")
+                r = {"query": name, "sql": sql, "trino_plain_s": tp, "trino_governed_s": tg,
+                     "embedded_plain_s": ep, "embedded_governed_s": eg}
             r["trino_ratio"] = r["trino_governed_s"] / r["trino_plain_s"]
             r["embedded_ratio"] = r["embedded_governed_s"] / r["embedded_plain_s"]
             # the spread: each run's ratio (run i governed / run i plain)
