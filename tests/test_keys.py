@@ -322,7 +322,7 @@ def test_rotate_kek(store_path: Path, kek: LocalKek):
     old_wrapped = [r[0] for r in raw_rows(store_path, "SELECT wrapped_dek FROM subjects")]
     old_id = ring.store.kek_id
 
-    assert ring.rotate_kek(new) == 30 + 2  # 30 DEKs + blind-index + audit-signing
+    assert ring.rotate_kek(new) == 30 + 3  # 30 DEKs + blind-index + subject-token (schema 2) + audit-signing
     assert ring.store.kek_id == new.key_id != old_id
     assert ring.store.stats()["kek_id"] == new.key_id
     assert ring.open_many(blobs, tokens, dataset="d", column="c") == [f"v{i}".encode() for i in range(30)]
@@ -521,7 +521,7 @@ def test_kek_from_plugin_works(store_path: Path):
         t = ring.token_for("alice")
         blob = ring.seal("x", token=t, dataset="d", column="c")
         assert ring.open(blob, token=t, dataset="d", column="c") == b"x"
-        assert ring.rotate_kek(LocalKek(KEK_A, source="a")) == 2
+        assert ring.rotate_kek(LocalKek(KEK_A, source="a")) == 3  # the DEK, blind-index, subject-token
 
 
 def test_kek_from_plugin_errors():
@@ -609,3 +609,89 @@ def test_shred_without_vacuum_leaves_no_key_bytes_even_in_free_pages(store_path:
         assert store.shred_many(victims) == 500
     after = store_path.read_bytes()
     assert not any(w in after for w in wrapped) and not any(b in after for b in blinds)
+
+
+# -- schema 2: tokens are a keyed permutation of row ids; schema-1 stores keep working -------------
+V1_SCHEMA = """
+CREATE TABLE meta(name TEXT PRIMARY KEY, wrapped BLOB NOT NULL, kek_id TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE subjects(token TEXT PRIMARY KEY, blind_index BLOB NOT NULL UNIQUE, wrapped_dek BLOB NOT NULL,
+                      kek_id TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE shredded(token TEXT PRIMARY KEY, shredded_at TEXT NOT NULL);
+PRAGMA user_version=1;
+"""
+
+
+def _backends():
+    from governance.keys import native
+
+    return ["python"] + (["native"] if native.backend() == "native" else [])
+
+
+@pytest.fixture(params=_backends())
+def backend(request, monkeypatch):
+    """Run the test on the pure-Python key store path, and on the native one where it is built."""
+    from governance.keys import native
+
+    if request.param == "python":
+        monkeypatch.setattr(native, "_native", None)
+        monkeypatch.setattr(native, "_SHARED_SQLITE", False)
+    return request.param
+
+
+def test_schema_2_tokens_are_row_ids_under_the_token_key_and_never_come_back(store_path, kek, backend):
+    from governance.keys import wire
+
+    with KeyStore(store_path, kek, clock=clock) as ks:
+        assert ks._version == 2
+        toks = ks.tokens_for(["alice", "bob", " alice", "carol"])
+        assert toks[0] == toks[2] and len(set(toks)) == 3 and all(TOKEN_RE.match(t) for t in toks)
+        ids = wire.token_ids(ks._tkey, toks)
+        assert sorted(set(ids)) == [1, 2, 3]  # new subjects take the next ids, in blind-index order
+        assert wire.derived_tokens(ks._tkey, ids) == toks  # the same on both paths
+        # no index on tokens: the blind index is the only random-keyed B-tree
+        indexes = raw_rows(store_path, "SELECT name FROM pragma_index_list('subjects')")
+        assert len(indexes) == 1
+        bob = toks[1]
+        assert ks.shred(bob) and ks.subject_state(bob) == "shredded"
+        again = ks.token_for("bob")
+        assert again != bob and wire.token_ids(ks._tkey, [again]) == [4]  # ids are never reused
+        with pytest.raises(SubjectShredded):
+            ks.dek(bob)
+        assert len(ks.deks([toks[0], toks[3], again])) == 3
+
+
+def test_schema_2_refuses_tokens_it_did_not_make(store_path, kek, tmp_path, backend):
+    with KeyStore(store_path, kek, clock=clock) as ks, KeyStore(tmp_path / "other.db", kek, clock=clock) as other:
+        mine = ks.token_for("alice")
+        theirs = other.token_for("alice")  # another store's token key: another token
+        assert mine != theirs
+        assert ks.subject_state(theirs) == "unknown"
+        with pytest.raises(KeyManagementError, match="unknown subject token"):
+            ks.dek(theirs)
+        # the same 16 bytes spelled with other padding bits decode to the same id: refused by the
+        # comparison with the stored token
+        last = mine[-1]
+        b32 = "abcdefghijklmnopqrstuvwxyz234567"
+        twin = mine[:-1] + b32[b32.index(last) ^ 1]
+        assert twin != mine and ks.subject_state(twin) == "unknown"
+        assert ks.shred(twin) is False and ks.subject_state(mine) == "active"
+
+
+def test_a_schema_1_store_keeps_its_random_tokens_and_every_operation(store_path, kek, backend):
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    raw = sqlite3.connect(store_path)
+    raw.executescript(V1_SCHEMA)
+    raw.close()
+    os.chmod(store_path, 0o600)
+    with KeyRing(KeyStore(store_path, kek, clock=clock)) as ring:
+        ks = ring.store
+        assert ks._version == 1 and ks._tkey is None
+        toks = ks.tokens_for(["alice", "bob", "carol"])
+        assert all(TOKEN_RE.match(t) for t in toks)
+        blob = ring.seal("x", token=toks[0], dataset="d", column="c")
+        assert ring.open(blob, token=toks[0], dataset="d", column="c") == b"x"
+        assert ks.shred(toks[1]) and ks.subject_state(toks[1]) == "shredded"
+        assert ks.tokens_for(["alice"]) == [toks[0]]
+        assert ring.rotate_kek(LocalKek(KEK_B, source="b")) == 2 + 1  # 2 live DEKs + blind-index
+    assert raw_rows(store_path, "PRAGMA user_version") == [(1,)]  # not migrated
+    assert raw_rows(store_path, "SELECT count(*) FROM meta WHERE name='subject-token'") == [(0,)]

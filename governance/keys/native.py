@@ -193,9 +193,10 @@ def sqlite_shared() -> bool:
 
 
 def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Array, *, create: bool,
-                     keys: bool, now: str) -> tuple[pa.Array, bytes | None, int]:
+                     keys: bool, now: str, token_key: bytes | None = None) -> tuple[pa.Array, bytes | None, int]:
     """The native key store's bulk lookup-and-create (see ``native/src/keystore.rs``):
-    ``(tokens, keys or None, subjects created)``. Only when :func:`sqlite_shared`.
+    ``(tokens, keys or None, subjects created)``. Only when :func:`sqlite_shared`. ``token_key``
+    (a version-2 store): new subjects' tokens are the keyed permutation of their row ids.
 
     Raises:
         ValueError: a null or blank id (names its position).
@@ -203,7 +204,8 @@ def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Ar
             ``"unwrap\t<token>"``; the key store turns them into its own errors.
     """
     arr = _binary(ids)
-    parts, key_bytes, created = _native.resolve_subjects(db, _mv(bi_key), _mv(kek), kek_id, _col(arr), create, keys, now)
+    parts, key_bytes, created = _native.resolve_subjects(db, _mv(bi_key), _mv(kek), kek_id, _col(arr), create, keys, now,
+                                                         token_key=_mv(token_key))
     return _from_parts(pa.string(), len(arr), parts), key_bytes, created
 
 

@@ -21,11 +21,18 @@ Copies outside this file (filesystem snapshots, backups of the file, SSD
 remapping) are outside its reach: back the key store up only with a retention
 shorter than the erasure deadline.
 
-Tables::
+Tables (schema version 2; a version-1 store keeps its own ``subjects`` and works as before)::
 
     meta(name, wrapped, kek_id, created_at)           system keys
-    subjects(token, blind_index, wrapped_dek, kek_id, created_at)
-    shredded(token, shredded_at)                      tombstones (random tokens)
+    subjects(id, token, blind_index, wrapped_dek, kek_id, created_at)
+    shredded(token, shredded_at)                      tombstones
+
+In version 2 a token is a keyed permutation of its row id (:func:`wire.derived_tokens`, under
+the ``subject-token`` system key; ``id`` is ``AUTOINCREMENT``, never reused, so a shredded
+subject's token never comes back), and ``token`` has no index: a lookup by token decrypts it to
+the id and checks the stored token. The only random-keyed B-tree left is the blind index, which
+new subjects enter in sorted order; version 1 (random tokens, a token index) rewrote two such
+trees per batch of new subjects, which made creating subjects slower the larger the store.
 
 Each wrapped key is bound to its row by the wrapping AAD
 (``b"lakewarden:dek\\x00" + token``, ``b"lakewarden:meta\\x00" + name``), so a
@@ -59,13 +66,14 @@ from governance.keys.kek import InsecureKeyFileWarning, KeyEncryptionKey, _maked
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["KeyStore", "SubjectKeys", "BLIND_INDEX_KEY", "TOKEN_PREFIX", "TOKEN_RE"]
+__all__ = ["KeyStore", "SubjectKeys", "BLIND_INDEX_KEY", "TOKEN_KEY", "TOKEN_PREFIX", "TOKEN_RE"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TOKEN_PREFIX = "sub_"
 # The one definition of what a subject token looks like: "sub_" + 26 lowercase base32 characters.
 TOKEN_RE = re.compile(r"^sub_[a-z2-7]{26}$")
 BLIND_INDEX_KEY = "blind-index"
+TOKEN_KEY = "subject-token"  # version 2: tokens are a keyed permutation of row ids
 _DEK_AAD = wire.DEK_AAD_PREFIX  # the wire formats: governance/keys/wire.py
 _META_AAD = wire.META_AAD_PREFIX
 _PAGE_SIZE = 16384  # new stores only; an existing store keeps its page size
@@ -79,7 +87,8 @@ CREATE TABLE IF NOT EXISTS meta(
     created_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS subjects(
-    token       TEXT PRIMARY KEY,
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    token       TEXT NOT NULL,
     blind_index BLOB NOT NULL UNIQUE,
     wrapped_dek BLOB NOT NULL,
     kek_id      TEXT NOT NULL,
@@ -157,10 +166,13 @@ class KeyStore:
         self._deks: OrderedDict[str, bytes] = OrderedDict()
         self._system: dict[str, bytes] = {}
         self._conn: sqlite3.Connection | None = None
+        self._tkey: bytes | None = None
         self._conn = self._connect()
         try:
             self._init_schema()
             self._check_kek()
+            # version 2: the token permutation key, loaded once (lookups by token run inside transactions)
+            self._tkey = self._system_key(TOKEN_KEY, create=True) if self._version >= 2 else None
         except BaseException:
             self.close()
             raise
@@ -257,12 +269,14 @@ class KeyStore:
                     f"up to {SCHEMA_VERSION}",
                     hint="upgrade Lakewarden",
                 )
-            if version < SCHEMA_VERSION:
+            if version == 0:  # a new store; a version-1 store keeps its tables and works as before
                 # one by one: executescript() would COMMIT our transaction
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         c.execute(stmt)
                 c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                version = SCHEMA_VERSION
+        self._version = version
 
     def _check_kek(self) -> None:
         with self._tx(write=False) as c:
@@ -401,7 +415,7 @@ class KeyStore:
         """
         if not isinstance(name, str) or not name or "\x00" in name:
             raise ValueError(f"system key name must be a non-empty string without NUL, got {name!r}")
-        if name in (BLIND_INDEX_KEY, "audit-signing"):
+        if name in (BLIND_INDEX_KEY, TOKEN_KEY, "audit-signing"):
             raise ValueError(f"system key {name!r} is structural and cannot be destroyed")
         with self._lock:
             self._system.pop(name, None)
@@ -413,8 +427,29 @@ class KeyStore:
 
     # ------------------------------------------------------------------ subjects
 
+    def _token_key(self) -> bytes | None:
+        """The token permutation key (version 2), None for a version-1 store."""
+        return self._tkey
+
+    def _by_tokens(self, c: sqlite3.Connection, columns: str, tokens: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Rows ``(token, <columns>)`` of the subjects among ``tokens`` that exist (by the token
+        index in version 1; in version 2 by the row id each token decrypts to, the stored token
+        then compared with the given one)."""
+        out: list[tuple[Any, ...]] = []
+        key = self._token_key()
+        if key is None:
+            template = f"SELECT token, {columns} FROM subjects WHERE token IN ({{}})"
+            for chunk in _chunks(sorted(tokens)):  # sorted: in-order index probes
+                out.extend(c.execute(_in_query(template, len(chunk)), chunk).fetchall())
+            return out
+        wanted = {i: t for t, i in zip(tokens, wire.token_ids(key, list(tokens))) if i is not None}
+        template = f"SELECT id, token, {columns} FROM subjects WHERE id IN ({{}})"
+        for chunk in _chunks(sorted(wanted)):
+            out.extend(r[1:] for r in c.execute(_in_query(template, len(chunk)), chunk) if wanted[r[0]] == r[1])
+        return out
+
     def token_for(self, subject_id: str, *, create: bool = True) -> str | None:
-        """Return the subject's random token, creating it (and its DEK) if new.
+        """Return the subject's token, creating it (and its DEK) if new.
 
         The id is normalised with ``strip()``; only its blind index
         (HMAC-SHA256 under the "blind-index" system key) is stored. After a
@@ -482,7 +517,8 @@ class KeyStore:
             with self._lock:
                 try:
                     tokens, key_bytes, _ = native.resolve_subjects(
-                        str(self._path), key, material(), self._kek.key_id, ids, create=create, keys=keys, now=self._now()
+                        str(self._path), key, material(), self._kek.key_id, ids, create=create, keys=keys, now=self._now(),
+                        token_key=self._token_key(),
                     )
                 except RuntimeError as exc:
                     raise self._native_error(str(exc)) from None
@@ -534,15 +570,28 @@ class KeyStore:
                     found.update((b, (t, b"")) for b, t in c.execute(_in_query(template, len(chunk)), chunk))
             if create and len(found) < len(unique):
                 missing = [b for b in unique if b not in found]
-                tokens = native.new_tokens(len(missing), sorted_=True)
+                token_key = self._token_key()
+                if token_key is not None:  # version 2: the next row ids, in blind-index order
+                    seq = c.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)").fetchone()[0]
+                    row_ids = list(range(seq + 1, seq + 1 + len(missing)))
+                    tokens = wire.derived_tokens(token_key, row_ids)
+                else:
+                    row_ids = []
+                    tokens = native.new_tokens(len(missing), sorted_=True)
                 deks = native.fixed(os.urandom(hazmat.KEY_SIZE * len(missing)), hazmat.KEY_SIZE)
                 wrapped = self._kek.wrap_many(deks, [_DEK_AAD + t.encode("ascii") for t in tokens])
                 if len(wrapped) != len(deks):
                     raise KeyManagementError(f"KEK {self._kek.key_id} returned {len(wrapped)} wrapped keys for {len(deks)}")
-                c.executemany(
-                    "INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?,?,?,?,?)",
-                    zip(tokens, missing, wrapped, repeat(self._kek.key_id), repeat(self._now())),
-                )
+                if row_ids:
+                    c.executemany(
+                        "INSERT INTO subjects(id, token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?,?,?,?,?,?)",
+                        zip(row_ids, tokens, missing, wrapped, repeat(self._kek.key_id), repeat(self._now())),
+                    )
+                else:
+                    c.executemany(
+                        "INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?,?,?,?,?)",
+                        zip(tokens, missing, wrapped, repeat(self._kek.key_id), repeat(self._now())),
+                    )
                 found.update(zip(missing, zip(tokens, deks)))
         return [found.get(b) for b in bis]
 
@@ -577,10 +626,8 @@ class KeyStore:
         with self._lock:
             rows: dict[str, tuple[bytes, str]] = {}
             with self._tx(write=False) as c:
-                template = "SELECT token, wrapped_dek, kek_id FROM subjects WHERE token IN ({})"
-                for chunk in _chunks(sorted(todo)):  # sorted: in-order index probes
-                    for tok, blob, kid in c.execute(_in_query(template, len(chunk)), chunk):
-                        rows[tok] = (blob, kid)
+                for tok, blob, kid in self._by_tokens(c, "wrapped_dek, kek_id", todo):
+                    rows[tok] = (blob, kid)
                 missing = [t for t in todo if t not in rows]
                 if missing:
                     self._raise_missing(c, missing)
@@ -610,7 +657,7 @@ class KeyStore:
         """Say whether ``token`` has a live key, was shredded, or was never issued here."""
         _check_token(token)
         with self._tx(write=False) as c:
-            if c.execute("SELECT 1 FROM subjects WHERE token=?", (token,)).fetchone():
+            if self._by_tokens(c, "1", [token]):
                 return "active"
             if c.execute("SELECT 1 FROM shredded WHERE token=?", (token,)).fetchone():
                 return "shredded"
@@ -639,8 +686,8 @@ class KeyStore:
             deleted: list[str] = []
             try:
                 with self._tx(write=True) as c:
-                    for t in todo:
-                        if c.execute("DELETE FROM subjects WHERE token=?", (t,)).rowcount:
+                    for t, rowid in self._by_tokens(c, "rowid", todo):
+                        if c.execute("DELETE FROM subjects WHERE rowid=?", (rowid,)).rowcount:
                             deleted.append(t)
                     now = self._now()
                     c.executemany(
@@ -686,7 +733,8 @@ class KeyStore:
         with self._lock:
             with self._tx(write=True) as c:
                 meta = c.execute("SELECT name, wrapped, kek_id FROM meta").fetchall()
-                subj = c.execute("SELECT token, wrapped_dek, kek_id FROM subjects").fetchall()
+                rows = c.execute("SELECT token, wrapped_dek, kek_id, rowid FROM subjects").fetchall()
+                subj = [r[:3] for r in rows]
                 foreign: dict[str, int] = {}
                 for _, _, kid in (*meta, *subj):
                     if kid != old.key_id:
@@ -722,8 +770,8 @@ class KeyStore:
                     zip(rewrapped[:nm], repeat(new_kek.key_id), (r[0] for r in meta)),
                 )
                 c.executemany(
-                    "UPDATE subjects SET wrapped_dek=?, kek_id=? WHERE token=?",
-                    zip(rewrapped[nm:], repeat(new_kek.key_id), (r[0] for r in subj)),
+                    "UPDATE subjects SET wrapped_dek=?, kek_id=? WHERE rowid=?",
+                    zip(rewrapped[nm:], repeat(new_kek.key_id), (r[3] for r in rows)),
                 )
                 del keys
             self._kek = new_kek
@@ -744,6 +792,7 @@ class KeyStore:
         """Forget every unwrapped key and close the file (idempotent)."""
         with self._lock:
             self._clear_caches()
+            self._tkey = None
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None

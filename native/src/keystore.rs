@@ -15,6 +15,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use rayon::prelude::*;
+use aes::cipher::{generic_array::GenericArray, BlockEncrypt, KeyInit};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::time::Duration;
 use zeroize::Zeroizing;
@@ -91,8 +92,12 @@ fn open(db: &str, timeout_ms: u64) -> Result<Connection, Failure> {
 /// that order with their (random) tokens sorted, so both of the table's indexes are walked in
 /// order. The pairing this makes between a token's rank and its blind index's rank within one
 /// batch says nothing about the ids without the blind-index key, and goes with the row on shred.
+///
+/// With `token_key` (a version-2 store) a new subject's token is the keyed permutation of its row
+/// id (`governance/keys/wire.py: derived_tokens`): the next ids after the table's AUTOINCREMENT
+/// sequence, given in blind-index order, so the blind index is the only index written at random.
 #[pyfunction]
-#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, timeout_ms=30_000))]
+#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, timeout_ms=30_000, token_key=None))]
 #[allow(clippy::too_many_arguments)]
 fn resolve_subjects(
     py: Python<'_>,
@@ -105,7 +110,18 @@ fn resolve_subjects(
     want_keys: bool,
     now: &str,
     timeout_ms: u64,
+    token_key: Option<PyBuffer<u8>>,
 ) -> PyResult<(crate::PyCol, Option<Py<PyBytes>>, usize)> {
+    let token_cipher = match &token_key {
+        Some(k) => {
+            let k = slice(k)?;
+            if k.len() != KEY {
+                return Err(PyValueError::new_err(format!("the token key must be {KEY} bytes, got {}", k.len())));
+            }
+            Some(aes::Aes256::new(GenericArray::from_slice(k)))
+        }
+        None => None,
+    };
     let bi_key = slice(&bi_key)?;
     let kek = Zeroizing::new(slice(&kek)?.to_vec());
     let kek_cipher = cipher(&kek)?;
@@ -159,7 +175,18 @@ fn resolve_subjects(
         let mut keys = Zeroizing::new(random(k * KEY)?);
         let mut created = 0usize;
         if k > 0 {
-            let tokens = make_tokens(&Zeroizing::new(random(k * 16)?), true);
+            let first_id: i64 = match &token_cipher {
+                Some(_) => tx.query_row(
+                    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )? + 1,
+                None => 0,
+            };
+            let tokens = match &token_cipher {
+                Some(c) => (0..k).map(|j| derived_token(c, first_id + j as i64)).collect::<Vec<_>>(),
+                None => make_tokens(&Zeroizing::new(random(k * 16)?), true),
+            };
             let nonces = random(k * NONCE)?;
             let parts: Vec<Vec<u8>> = (0..k.div_ceil(CHUNK))
                 .into_par_iter()
@@ -177,10 +204,19 @@ fn resolve_subjects(
                 })
                 .collect();
             let wrapped = parts.concat();
-            let mut ins = tx.prepare("INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?1,?2,?3,?4,?5)")?;
+            let mut ins = if token_cipher.is_some() {
+                tx.prepare("INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at, id) VALUES (?1,?2,?3,?4,?5,?6)")?
+            } else {
+                tx.prepare("INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?1,?2,?3,?4,?5)")?
+            };
             for (j, &s) in missing.iter().enumerate() {
                 let token = std::str::from_utf8(&tokens[j]).expect("base32 is ASCII");
-                ins.execute(params![token, &bis[uniq[s]][..], &wrapped[j * WRAPPED..(j + 1) * WRAPPED], kek_id, now])?;
+                let w = &wrapped[j * WRAPPED..(j + 1) * WRAPPED];
+                if token_cipher.is_some() {
+                    ins.execute(params![token, &bis[uniq[s]][..], w, kek_id, now, first_id + j as i64])?;
+                } else {
+                    ins.execute(params![token, &bis[uniq[s]][..], w, kek_id, now])?;
+                }
                 slots[s] = Slot { token: tokens[j], wrapped: None, known: true, created: true };
                 created += 1;
             }
@@ -242,6 +278,18 @@ fn resolve_subjects(
     };
     Ok((col, keys, created))
 }
+
+/// The token of row `id` under the token key: AES-256 of `TOKEN_MAGIC || id (8 bytes, big
+/// endian)`, spelled as any token (`wire.derived_tokens` is the reference).
+fn derived_token(c: &aes::Aes256, id: i64) -> [u8; TOKEN_LEN] {
+    let mut block = GenericArray::clone_from_slice(&[TOKEN_MAGIC.as_slice(), &id.to_be_bytes()].concat());
+    c.encrypt_block(&mut block);
+    let mut t = Vec::with_capacity(TOKEN_LEN);
+    crate::spell_token(&block, &mut t);
+    t.try_into().expect("a token is 30 bytes")
+}
+
+const TOKEN_MAGIC: &[u8; 8] = b"lw-subj\x02";
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sqlite_library, m)?)?;
