@@ -8,9 +8,10 @@ embedded SQL engine and Trino's column masks return the same values.
 ===========  =======================================================================
 type         masks that fit
 ===========  =======================================================================
-string       null, redact ('****'), hash (lowercase hex HMAC-SHA256 of the UTF-8 value under
-             the workspace's mask key; computed once, when silver is built, into the
-             column ``_hash_<column>``, so the mask is a column swap on both engines),
+string       null, redact ('****'), hash (lowercase hex of HMAC-SHA256 of the UTF-8 value under
+             the workspace's mask key, truncated to 128 bits: 32 characters; computed once,
+             when silver is built, into ``_hash_<column>``, so the mask is a column swap on
+             both engines),
              partial:N ('****' + last N characters, or only '****' when the value has
              at most N characters — a mask must never show a whole value),
              prefix:N (first N characters)

@@ -11,8 +11,8 @@ table keyed by silver version. Training and serving load them with
 A rebuild with nothing new in bronze, the same policy and the same mask key is a no-op.
 
 Every text column some role sees through the ``hash`` mask gets its keyed hash computed here,
-once, into ``_hash_<column>`` (lowercase hex HMAC-SHA256 under the workspace's ``mask-hash``
-system key, by the native core): both query engines then show that column in its place, so
+once, into ``_hash_<column>`` (HMAC-SHA256 under the workspace's ``mask-hash`` system key,
+truncated to 128 bits — 32 hex characters, as wide as a token — by the native core): both query engines then show that column in its place, so
 the mask costs nothing per query, and the key never leaves the key store (Trino never sees
 it). Rotating the key (:func:`rotate_mask_key`) rebuilds these columns.
 """
@@ -47,6 +47,7 @@ _META_POLICY = "lakewarden.policy_digest"
 _META_STATS = "lakewarden.preprocess"
 _META_HASH = "lakewarden.mask_hash"  # the mask key's id and the hashed columns
 MASK_HASH_KEY = "mask-hash"
+HASH_FORMAT = "hmac-sha256-128-hex"  # in the commit metadata: a silver built with another format rebuilds
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def _build(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_0
     bv = bronze.version()
     hashed = hashed_columns(ws.policies, dataset)
     hash_key = ws.keyring.system_key(MASK_HASH_KEY) if hashed else b""
-    hash_meta = json.dumps({"key": mask_key_id(hash_key), "columns": hashed}) if hashed else ""
+    hash_meta = json.dumps({"key": mask_key_id(hash_key), "columns": hashed, "format": HASH_FORMAT}) if hashed else ""
     if cat.exists(silver_ref):
         last = cat.open(silver_ref).history(1)[0]
         if (str(last.get(_META_BRONZE)) == str(bv) and last.get(_META_POLICY) == ws.policies.digest

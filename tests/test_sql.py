@@ -85,8 +85,8 @@ TRANSACTIONS = pa.table(
 
 
 def mh(ws, value: str) -> str:
-    """The ``hash`` mask's value: HMAC-SHA256 under the workspace's mask key, in hex."""
-    return hmac.new(ws.keyring.system_key(MASK_HASH_KEY), value.encode(), hashlib.sha256).hexdigest()
+    """The ``hash`` mask's value: HMAC-SHA256 under the workspace's mask key, 128 bits in hex."""
+    return hmac.new(ws.keyring.system_key(MASK_HASH_KEY), value.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def put(ws, layer: str, dataset: str, table: pa.Table, mode: str = "error") -> None:
@@ -262,7 +262,7 @@ def test_the_hash_mask_swaps_in_the_precomputed_keyed_hash():
     # the native core and the pure-Python fallback agree with hmac, nulls kept, slices too
     key = bytes(range(32))
     vals = pa.array([T[0], None, "é", " spaced ", ""] * 3).slice(2, 11)
-    expected = [None if v is None else hmac.new(key, v.encode(), hashlib.sha256).hexdigest() for v in vals.to_pylist()]
+    expected = [None if v is None else hmac.new(key, v.encode(), hashlib.sha256).hexdigest()[:32] for v in vals.to_pylist()]
     from governance.keys import native
 
     backends = ["python"] + (["native"] if native.backend() == "native" else [])
@@ -723,7 +723,7 @@ def test_cached_views_follow_new_commits_roles_and_policy_changes(ws, project):
     assert run_query(ws, sam(ws), q).table.column("n").to_pylist() == [2 + CUSTOMERS.num_rows]
     # the analyst's masks are the policy's at each query: a new mask is applied at once
     ids = run_query(ws, ana(ws), "SELECT customer_id FROM customers ORDER BY 1 LIMIT 1").table.column(0).to_pylist()
-    assert len(ids[0]) == 64  # hashed
+    assert len(ids[0]) == 32  # hashed (128 bits, hex)
     policy = project / "policies" / "customers.yaml"
     policy.write_text(policy.read_text().replace('masks: {customer_id: hash, income: "bucket:10000"}',
                                                  'masks: {customer_id: "prefix:4", income: "bucket:10000"}'))

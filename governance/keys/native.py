@@ -124,19 +124,23 @@ def blind_indexes(key: bytes, ids: pa.Array, *, force: str | None = None) -> byt
     return b"".join(wire.blind_indexes(key, stripped))
 
 
+HASH_HEX = 32  # the `hash` mask: HMAC-SHA256 truncated to 128 bits (RFC 2104 allows half), in hex
+
+
 def keyed_hashes(key: bytes, values: pa.Array, *, force: str | None = None) -> pa.Array:
-    """The ``hash`` mask's values: lowercase hex HMAC-SHA256 under ``key`` of each value's UTF-8 bytes
-    (as given, not stripped), a string array with the input's nulls."""
+    """The ``hash`` mask's values: lowercase hex of HMAC-SHA256 under ``key``, truncated to 128 bits
+    (32 characters, as wide as a token), of each value's UTF-8 bytes (as given, not stripped); a
+    string array with the input's nulls."""
     arr = _binary(values)
     n = len(arr)
     if _use_native(force):
         flat = _native.keyed_hashes(_mv(key), _col(arr))
     else:
         flat = b"".join(
-            b"0" * 64 if v is None else hmac.new(key, v, hashlib.sha256).hexdigest().encode("ascii")
+            b"0" * HASH_HEX if v is None else hmac.new(key, v, hashlib.sha256).hexdigest()[:HASH_HEX].encode("ascii")
             for v in arr.to_pylist()
         )
-    offsets = pa.array(np.arange(0, 64 * (n + 1), 64, dtype=np.int32))
+    offsets = pa.array(np.arange(0, HASH_HEX * (n + 1), HASH_HEX, dtype=np.int32))
     validity = arr.buffers()[0] if arr.null_count else None
     if validity is not None and arr.offset:  # the input is a slice: rebuild its validity from 0
         validity = pc.is_valid(arr).buffers()[1]

@@ -317,9 +317,9 @@ fn blind_indexes(py: Python<'_>, key: PyBuffer<u8>, ids: ColArg) -> PyResult<Py<
     Ok(PyBytes::new(py, &out.concat()).unbind())
 }
 
-/// Keyed hashes for the `hash` mask: the lowercase hex of HMAC-SHA256(key, value) of each value,
-/// exactly the bytes given (no stripping), `n * 64` ASCII bytes; a null value gives 64 zero bytes
-/// (the caller keeps the input's validity).
+/// Keyed hashes for the `hash` mask: the lowercase hex of HMAC-SHA256(key, value) truncated to
+/// 128 bits (HASH_BYTES), of each value exactly as given (no stripping): `n * 32` ASCII bytes; a
+/// null value gives 32 zero bytes (the caller keeps the input's validity).
 #[pyfunction]
 fn keyed_hashes(py: Python<'_>, key: PyBuffer<u8>, values: ColArg) -> PyResult<Py<PyBytes>> {
     let key = slice(&key)?;
@@ -332,14 +332,14 @@ fn keyed_hashes(py: Python<'_>, key: PyBuffer<u8>, values: ColArg) -> PyResult<P
                 .into_par_iter()
                 .map(|c| {
                     let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
-                    let mut out = vec![0u8; (hi - lo) * 64];
+                    let mut out = vec![0u8; (hi - lo) * HASH_HEX];
                     for i in lo..hi {
                         if let Some(raw) = values.get(i) {
                             let mut h = base.clone();
                             h.update(raw);
                             let d = h.finalize().into_bytes();
-                            let o = &mut out[(i - lo) * 64..(i - lo + 1) * 64];
-                            for (j, b) in d.iter().enumerate() {
+                            let o = &mut out[(i - lo) * HASH_HEX..(i - lo + 1) * HASH_HEX];
+                            for (j, b) in d.iter().take(HASH_HEX / 2).enumerate() {
                                 o[2 * j] = HEX[(b >> 4) as usize];
                                 o[2 * j + 1] = HEX[(b & 15) as usize];
                             }
@@ -355,6 +355,7 @@ fn keyed_hashes(py: Python<'_>, key: PyBuffer<u8>, values: ColArg) -> PyResult<P
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+const HASH_HEX: usize = 32; // 128 bits of HMAC-SHA256, in hex
 
 const B32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 
