@@ -204,6 +204,8 @@ class AuditLog:
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._buf: dict[str, list[Any]] = {n: [] for n in ("ts", *_TEXT_COLUMNS)}
         self.flush_interval = flush_interval
+        self.compact_every = 100  # commits of the events table between compactions
+        self._version = -1  # the events table's version before this writer's commit (set by _tail)
         self._buf_lock = threading.Lock()  # one event's fields go in together; the swap is atomic
         self._flush_lock = threading.RLock()  # flushes write in the order they took their events
         self._oldest: float | None = None  # monotonic time of the oldest buffered event
@@ -347,7 +349,22 @@ class AuditLog:
             if cps:
                 self._write_checkpoints(cps)
             self._write_head(first + n - 1, hashes[-1])
+            self._maybe_compact(self._version + 1)
         return n
+
+    def _maybe_compact(self, version: int) -> None:
+        """Every ``compact_every`` commits of the events table, compact its files (OPTIMIZE, which
+        moves events between files without changing them: ``dataChange=false``, allowed on an
+        append-only table). Frequent small flushes (``flush_interval``) would otherwise leave one
+        file per flush, and every flush and verify opens them all. Under the writers' lock."""
+        if self.compact_every <= 0 or version <= 0 or version % self.compact_every:
+            return
+        try:
+            DeltaTable(self.table_uri, storage_options=self._so or None).optimize.compact()
+        except Exception as exc:  # noqa: BLE001 - the events are committed; compaction can wait
+            import logging
+
+            logging.getLogger(__name__).warning("audit table not compacted (it will be at a later flush): %s", exc)
 
     def close(self) -> None:
         if self._flusher is not None and self._flusher[0] == os.getpid():
@@ -562,8 +579,11 @@ class AuditLog:
         head = self._read_head()
         last_seq, last_hash = (-1, GENESIS) if head is None else (head["seq"], head["hash"])
         try:
-            ds = DeltaTable(self.table_uri, storage_options=self._so or None).to_pyarrow_dataset()
+            dt = DeltaTable(self.table_uri, storage_options=self._so or None)
+            self._version = dt.version()
+            ds = dt.to_pyarrow_dataset()
         except TableNotFoundError:
+            self._version = -1
             if head is not None:
                 raise AuditError(
                     f"the audit head records seq={last_seq} but the audit table {self.table_uri} is missing"

@@ -402,3 +402,23 @@ def test_threads_recording_while_the_flusher_writes_keep_every_event_whole(tmp_p
     assert t.num_rows == 1200 and log.verify().ok
     for a, r, d in zip(t["actor"].to_pylist(), t["resource"].to_pylist(), t["details"].to_pylist()):
         assert a[1:] == r[1:] == str(json.loads(d)["k"])
+
+
+def test_many_small_flushes_are_compacted_and_still_verify(tmp_path: Path):
+    log = make_log(tmp_path, every=7)
+    log.compact_every = 10
+    for i in range(25):  # one flush (one commit, one file) each, as a time-bounded flusher makes
+        log.record("x.y", actor="u", outcome="ok", details={"i": i})
+        log.flush()
+    dt = DeltaTable(log.table_uri)
+    assert dt.version() == 24 + 2  # 25 appends and two compactions (after commits 10 and 20)
+    assert len(dt.file_uris()) < 10
+    ops = [h.get("operation") for h in dt.history()]
+    assert ops.count("OPTIMIZE") == 2
+    rep = log.verify()
+    assert rep.ok and rep.events == 25
+    assert [json.loads(d)["i"] for d in events(log)["details"].to_pylist()] == list(range(25))
+    # tampering is still found after compaction
+    t = events(log)
+    rewrite(log, set_cell(t, 3, "actor", "mallory"))
+    assert not log.verify().ok
