@@ -318,7 +318,8 @@ class AuditLog:
                 with self._buf_lock:
                     for k, vals in buf.items():
                         self._buf[k][:0] = vals
-                    self._oldest = oldest if self._oldest is None else min(oldest or self._oldest, self._oldest)
+                    if oldest is not None:
+                        self._oldest = oldest if self._oldest is None else min(oldest, self._oldest)
                 raise
 
     def _append(self, buf: dict[str, list[Any]], written: list[bool]) -> int:

@@ -37,6 +37,7 @@ at most every 10 seconds, in a background thread.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import deque
 from datetime import datetime, timezone
@@ -141,8 +142,6 @@ def _make_model_class():  # noqa: ANN202
             # The drift gauges' window: the features and scores of the last 10,000 scored entities,
             # in memory and without their tokens (what drift needs, and nothing that names anyone).
             self.recent: deque[dict[str, Any]] = deque(maxlen=10_000)
-            import threading
-
             self._drift_busy = threading.Lock()
             pol = ws.policies.dataset(card.dataset)
             self.types = {c: self.features._arrow_type(pol, c) for c in self.columns}
@@ -245,8 +244,6 @@ def _make_model_class():  # noqa: ANN202
             """Recompute the drift gauges in a thread (one at a time), not on the request path: a
             10,000-record report takes tens of milliseconds, which every request waiting behind it
             would pay."""
-            import threading
-
             if not self._drift_busy.acquire(blocking=False):
                 return  # one is running: it reads the window as it is now
 

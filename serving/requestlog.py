@@ -90,33 +90,21 @@ def append_records(ws: "Workspace", path: Path, records: Sequence[Mapping[str, A
     """Append ``records`` (each with a ``token``) to the log at ``path``; return how many were written.
 
     Under the logs' lock: records of subjects on the erased list are dropped, the file is
-    opened (``O_APPEND``), written in whole lines and closed.
+    opened (``O_APPEND``), written in whole lines and closed (a :class:`RequestLogWriter` used once).
     """
     if not records:
         return 0
-    folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    with log_lock(folder):
-        erased = _ERASED_CACHE.setdefault(folder.resolve(), _Erased()).current(folder)
-        if erased:
-            records = [r for r in records if subject_digest(ws, str(r.get("token"))) not in erased]
-        if not records:
-            return 0
-        data = "".join(json.dumps(dict(r)) + "\n" for r in records).encode()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-    return len(records)
+    writer = RequestLogWriter(ws, path)
+    try:
+        return writer.append(records)
+    finally:
+        writer.close()
 
 
 class RequestLogWriter:
-    """Appends to one request log for a long-running predictor; the same contract as
-    :func:`append_records` (the logs' lock, the erased list, whole lines into the file now at the
-    path), with the lock file and the log kept open between appends. Thread-safe."""
+    """Appends to one request log: under the logs' lock, records of subjects on the erased list
+    dropped, whole lines into the file now at the path. A long-running predictor keeps one, with
+    the lock file and the log open between appends. Thread-safe."""
 
     def __init__(self, ws: "Workspace", path: Path) -> None:
         self.ws = ws
