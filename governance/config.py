@@ -123,6 +123,22 @@ class RequestsConfig(_Strict):
     due_soon_days: int = Field(default=7, ge=0, le=60, description="an open request this close to its deadline is 'due soon'")
 
 
+class StreamingConfig(_Strict):
+    """Kafka for ``lakewarden stream``: the brokers, client options, and the brokers' log folders
+    the erasure scanner reads (the broker keeps its own copy of every record)."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    options: dict[str, str] = Field(
+        default_factory=dict,
+        description="librdkafka client options (security.protocol, ssl.ca.location, ...); passwords come from "
+                    "the environment (LAKEWARDEN_KAFKA_<OPTION>, dots as underscores), never from this file",
+    )
+    log_dirs: list[str] = Field(
+        default_factory=list,
+        description="the brokers' log.dirs as this machine sees them (a mount); the scanner decodes their segments",
+    )
+
+
 class ProjectConfig(_Strict):
     version: Literal[1] = 1
     name: str = Field(default="lakewarden", pattern=r"^[a-z][a-z0-9_-]{0,62}$")
@@ -134,6 +150,7 @@ class ProjectConfig(_Strict):
     trino: TrinoConfig = TrinoConfig()
     features: FeaturesConfig = FeaturesConfig()
     requests: RequestsConfig = RequestsConfig()
+    streaming: StreamingConfig = StreamingConfig()
     policies: list[str] = Field(default_factory=lambda: ["policies/*.yaml"], min_length=1)
 
     # Set by load_config: the file itself, and the folder relative paths are resolved against.

@@ -104,7 +104,7 @@ PRODUCER = "https://github.com/lakewarden/lakewarden"
 EVENT_TYPES: tuple[str, ...] = ("START", "RUNNING", "COMPLETE", "ABORT", "FAIL", "OTHER")
 """OpenLineage run states, in lifecycle order (used to order events at equal times)."""
 
-DatasetKind = Literal["table", "model", "file", "feature_view", "training_set"]
+DatasetKind = Literal["table", "model", "file", "feature_view", "training_set", "topic"]
 _KINDS: tuple[str, ...] = get_args(DatasetKind)
 
 # kind -> (DatasetTypeDatasetFacet.datasetType, subType)
@@ -114,6 +114,7 @@ _DATASET_TYPES: dict[str, tuple[str, str | None]] = {
     "file": ("FILE", None),
     "feature_view": ("VIEW", "FEATURE_VIEW"),
     "training_set": ("TABLE", "TRAINING_SET"),
+    "topic": ("TOPIC", None),
 }
 
 _FACET_SCHEMA = PRODUCER + "/blob/main/docs/lineage/facets/1-0-0/{name}.json#/$defs/{name}"

@@ -187,6 +187,37 @@ class Contract(_Strict):
     )
 
 
+class StreamPolicy(_Strict):
+    """Streaming ingest (``lakewarden stream``): what a topic's records must be, and how long the
+    broker may keep raw ones. The broker's log is a copy of personal data that no Delta erasure
+    rewrites: records sealed per subject (the producer helper) become unreadable when the subject
+    is erased; raw records stay readable until the topic's retention removes them."""
+
+    sealed: Literal["required", "optional"] = Field(
+        default="required",
+        description="required: a record not sealed for its subject goes to quarantine; optional: raw JSON "
+                    "records are accepted too, and max_topic_retention must bound how long the broker keeps them",
+    )
+    max_message_bytes: int = Field(
+        default=1_048_576, ge=1024, le=64 << 20, description="a larger message goes to quarantine (sealed), unparsed"
+    )
+    max_topic_retention: Duration | None = Field(
+        default=None,
+        description="the longest retention.ms a topic may have: a stream refuses a topic that keeps records longer "
+                    "(with sealed: optional, erasure of raw records completes only when the broker drops them)",
+    )
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "StreamPolicy":
+        if self.sealed == "optional" and self.max_topic_retention is None:
+            raise FieldError(
+                ("max_topic_retention",),
+                "sealed: optional needs max_topic_retention (raw records stay in the broker's log until it drops "
+                "them; erasure waits that long)",
+            )
+        return self
+
+
 class Layout(_Strict):
     """Physical layout: partition columns plus a subject hash bucket so erasure rewrites few files."""
 
@@ -387,6 +418,7 @@ class DatasetPolicy(_Strict):
     deployment: Deployment = Deployment()
     landing: Literal["remove", "keep"] = "remove"
     contract: Contract = Contract()
+    stream: StreamPolicy = StreamPolicy()
     layout: Layout = Layout()
     preprocess: Preprocess = Preprocess()
     features: dict[str, FeatureViewSpec] = Field(default_factory=dict)

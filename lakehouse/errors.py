@@ -7,7 +7,8 @@
         ├── TableError      a table is missing, unreadable, or named wrongly
         ├── IngestError     a file cannot be ingested (format, encoding, shape, drift)
         ├── SuggestError    a file cannot be sampled for a draft policy, or the draft not written
-        └── SqlError        a query is refused or fails
+        ├── SqlError        a query is refused or fails
+        └── StreamError     a stream cannot start or go on (broker, topic, retention)
 """
 
 from __future__ import annotations
@@ -33,3 +34,7 @@ class SuggestError(LakehouseError):
 
 class SqlError(LakehouseError):
     """A query is refused (not read-only, unknown table, table function) or fails."""
+
+
+class StreamError(LakehouseError):
+    """A stream cannot start or go on: the broker, the topic, or its retention against the policy."""

@@ -301,12 +301,16 @@ class Ingestor:
         if not text.num_rows:
             return None
         out = self.validator.check(text, raw.first_row, pre)
+        if raw.offsets is not None and out.num_rows:  # a stream's batch: a row's number is its offset
+            i = out.schema.get_field_index("_row")
+            out = out.set_column(i, "_row", pc.take(raw.offsets, pc.subtract(out["_row"], raw.first_row)))
         # Tokens (and keys) now, in the pool too: the key store serializes its own transactions,
         # and a subject's token does not depend on which batch asked first.
         subjects = self._subjects(out["_t_" + self.policy.subject_key].combine_chunks()) if out.num_rows else None
         return out, subjects
 
-    def _finish(self, raw: RawBatch, batch_id: str, checked: Future, rep: FileReport) -> None:
+    def _finish(self, raw: RawBatch, batch_id: str, checked: Future, rep: FileReport, *,
+                txn: Transaction | None = None, on_commit: Callable[[int, int], None] | None = None) -> None:
         """The ordered part of a batch, in file order: uniqueness across batches, tokens, sealing;
         then its commits go to the writer (at most one batch waits, so memory stays bounded)."""
         checked_out = checked.result()
@@ -321,20 +325,24 @@ class Ingestor:
         # Write behind: this batch's commits run while the next batches are checked and protected.
         # The ledger row is written after the tables.
         self.wait()
-        self._pending = self._writer.submit(self._commit, batch_id, accepted, quarantine, rep.source, raw, n_acc, n_q, now)
+        self._pending = self._writer.submit(self._commit, batch_id, accepted, quarantine, rep.source, raw, n_acc, n_q,
+                                            now, txn, on_commit)
         if self.progress:
             self.progress(rep.source, raw.rows_read)
 
     def _commit(self, batch_id: str, protected: Future | None, quarantine: pa.Table, source: str,
-                raw: RawBatch, n_acc: int, n_q: int, now: datetime) -> None:
+                raw: RawBatch, n_acc: int, n_q: int, now: datetime, txn: Transaction | None = None,
+                on_commit: Callable[[int, int], None] | None = None) -> None:
         accepted = protected.result() if protected is not None else None
-        self._write_batch(batch_id, accepted, quarantine)
-        self._ledger(batch_id, source, raw, n_acc, n_q, now)
+        self._write_batch(batch_id, accepted, quarantine, txn)
+        self._ledger(batch_id, source, raw.first_row, raw.rows_read, n_acc, n_q, now, txn)
         self.ws.audit.record(
             "ingest.batch", actor=self.actor.name, outcome="ok", stage=Stage.INGEST.value,
             resource=f"dataset:{self.dataset}",
             details={"batch_id": batch_id, "rows_read": raw.rows_read, "accepted": n_acc, "quarantined": n_q},
         )
+        if on_commit is not None:
+            on_commit(n_acc, n_q)
 
     def wait(self) -> None:
         """Wait for the batch being written; re-raise its error here, in the ingest's thread."""
@@ -524,24 +532,29 @@ class Ingestor:
         return tables
 
     # -- writing ----------------------------------------------------------------------
-    def _write_batch(self, batch_id: str, accepted: dict[str, pa.Table] | None, quarantine: pa.Table) -> None:
-        app_id = f"lakewarden.ingest.{batch_id}"
+    def _write_batch(self, batch_id: str, accepted: dict[str, pa.Table] | None, quarantine: pa.Table,
+                     txn: Transaction | None = None) -> None:
+        """Each table's append carries ``txn``: a file batch's own id at version 0, or a stream's
+        partition at the batch's last offset. Bronze is written last, so a batch in bronze is in
+        every table (streams rely on it when they resume)."""
+        txn = txn or Transaction(app_id=f"lakewarden.ingest.{batch_id}", version=0)
         if quarantine.num_rows:
-            self._append(TableRef("quarantine", self.dataset), quarantine, app_id, [])
+            self._append(TableRef("quarantine", self.dataset), quarantine, txn, [])
         if accepted:
             for layer in ("vault", "restricted", "bronze"):
                 tbl = accepted.get(layer)
                 if tbl is not None and tbl.num_rows:
-                    self._append(TableRef(layer, self.dataset), tbl, app_id, self.partition_by)
+                    self._append(TableRef(layer, self.dataset), tbl, txn, self.partition_by)
 
-    def _append(self, ref: TableRef, tbl: pa.Table, app_id: str, partition_by: list[str]) -> None:
+    def _append(self, ref: TableRef, tbl: pa.Table, txn: Transaction, partition_by: list[str]) -> None:
         uri = self.catalog.uri(ref)
         so = self.catalog.storage_options
         evolve = self.policy.contract.schema_evolution == "merge"
         for attempt in range(_COMMIT_RETRIES):
             if DeltaTable.is_deltatable(uri, storage_options=so):
                 dt = DeltaTable(uri, storage_options=so)
-                if dt.transaction_version(app_id) is not None:
+                done = dt.transaction_version(txn.app_id)
+                if done is not None and done >= txn.version:
                     self.versions[str(ref)] = dt.version()
                     return  # written before a crash: exactly once
                 names = {f.name for f in dt.schema().fields}
@@ -559,7 +572,7 @@ class Ingestor:
                     description=table_description(self.buckets if "_subject_bucket" in tbl.column_names else None),
                     storage_options=so,
                     writer_properties=self._writer_properties(tbl.column_names),
-                    commit_properties=CommitProperties(app_transactions=[Transaction(app_id=app_id, version=0)]),
+                    commit_properties=CommitProperties(app_transactions=[txn]),
                 )
                 self.versions[str(ref)] = DeltaTable(uri, storage_options=so).version()
                 return
@@ -582,11 +595,14 @@ class Ingestor:
             column_properties=sealed or None,
         )
 
-    def _ledger(self, batch_id: str, source: str, raw: RawBatch, acc: int, quar: int, now: datetime) -> None:
+    def _ledger(self, batch_id: str, source: str, first_row: int, rows_read: int, acc: int, quar: int,
+                now: datetime, txn: Transaction | None = None) -> None:
+        """One row per batch. A stream's row carries its partition's transaction too: the ledger
+        is where a stream resumes from, so it is written after every table of the batch."""
         row = pa.table(
             {
-                "batch_id": [batch_id], "dataset": [self.dataset], "source": [source], "first_row": [raw.first_row],
-                "rows_read": [raw.rows_read], "rows_accepted": [acc], "rows_quarantined": [quar],
+                "batch_id": [batch_id], "dataset": [self.dataset], "source": [source], "first_row": [first_row],
+                "rows_read": [rows_read], "rows_accepted": [acc], "rows_quarantined": [quar],
                 "actor": [self.actor.name], "ingested_at": [now],
             },
             schema=LEDGER_SCHEMA,
@@ -594,7 +610,13 @@ class Ingestor:
         uri = self.ws.config.table_uri(LEDGER)
         for attempt in range(_COMMIT_RETRIES):
             try:
-                write_deltalake(uri, row, mode="append", storage_options=self.catalog.storage_options)
+                so = self.catalog.storage_options
+                if txn is not None and DeltaTable.is_deltatable(uri, storage_options=so):
+                    done = DeltaTable(uri, storage_options=so).transaction_version(txn.app_id)
+                    if done is not None and done >= txn.version:
+                        return
+                write_deltalake(uri, row, mode="append", storage_options=so,
+                                commit_properties=CommitProperties(app_transactions=[txn]) if txn else None)
                 return
             except CommitFailedError:
                 time.sleep(0.05 * (2**attempt))

@@ -51,6 +51,7 @@ class RawBatch:
     table: pa.Table
     first_row: int
     malformed: list[Malformed] = field(default_factory=list)
+    offsets: pa.Array | None = None  # a stream's batch: each table row's offset in its partition (its row number)
 
     @property
     def rows_read(self) -> int:

@@ -16,7 +16,7 @@ from rich.text import Text
 from governance.errors import LakewardenError
 from lakewarden.commands import State, err
 from lakewarden.commands import audit, features, gate, keys, lakehouse, lineage, models, pipeline, policy, privacy
-from lakewarden.commands import requests, serving, tables, trino, workspace
+from lakewarden.commands import requests, serving, streams, tables, trino, workspace
 
 app = typer.Typer(
     name="lakewarden",
@@ -25,13 +25,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for _top in (workspace.top, lakehouse.top, models.top, serving.top):
+for _top in (workspace.top, lakehouse.top, streams.top, models.top, serving.top):
     app.registered_commands.extend(_top.registered_commands)
 for _group, _name in (
     (policy.policy_app, "policy"), (gate.gate_app, "gate"), (audit.audit_app, "audit"), (keys.keys_app, "keys"),
     (lineage.lineage_app, "lineage"), (trino.trino_app, "trino"), (features.features_app, "features"),
     (privacy.privacy_app, "privacy"), (models.models_app, "models"), (tables.tables_app, "tables"),
     (serving.deployments_app, "deployments"), (requests.requests_app, "requests"), (pipeline.pipeline_app, "pipeline"),
+    (streams.broker_app, "broker"),
 ):
     app.add_typer(_group, name=_name)
 

@@ -102,3 +102,26 @@ def redis_port():
     yield port
     p.terminate()
     p.wait(10)
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory):
+    """One local Kafka broker (KRaft, loopback) for the whole session; tests make their own topics.
+
+    Installed by infra/kafka/install.sh (make test runs it); skipped when Java or the install is
+    missing, unless LAKEWARDEN_REQUIRE_KAFKA=1."""
+    from lakewarden.broker import BrokerError, LocalBroker, free_port
+
+    if shutil.which("java") is None:
+        if os.environ.get("LAKEWARDEN_REQUIRE_KAFKA") == "1":
+            pytest.fail("java is not installed (the local Kafka broker needs it)")
+        pytest.skip("java is not installed")
+    broker = LocalBroker(tmp_path_factory.mktemp("kafka"), port=free_port(pair=True))
+    try:
+        broker.start()
+    except BrokerError as exc:
+        if os.environ.get("LAKEWARDEN_REQUIRE_KAFKA") == "1":
+            pytest.fail(f"the Kafka broker did not start: {exc}")
+        pytest.skip(f"the Kafka broker did not start: {exc}")
+    yield broker
+    broker.stop()

@@ -471,7 +471,7 @@ def _promtool() -> str:
 def test_promtool_check_rules():
     out = subprocess.run([_promtool(), "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 6 rules found" in out.stdout
+    assert "SUCCESS: 8 rules found" in out.stdout
 
 
 FEATURE_DRIFT_ANNOTATIONS = {
