@@ -913,7 +913,29 @@ def _json_line(name: str, lineno: int, line: str) -> dict:
 
 
 __all__ = ["ENVELOPE", "PartitionReport", "SealedProducer", "StreamReport", "app_id", "batch_id", "client_options",
-           "produce", "seal_dataset", "status", "stream", "watermarks"]
+           "end_offsets", "produce", "seal_dataset", "status", "stream", "watermarks"]
+
+
+def end_offsets(ws: Workspace, topic: str, bootstrap: str | None = None, *, timeout: float = 10.0) -> dict[str, int]:
+    """Each partition's high watermark now (``{"0": 1234, ...}``): what a stream would read up to.
+
+    Raises:
+        StreamError: the broker cannot be reached, or the topic does not exist.
+    """
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    c = Consumer({**client_options(ws, bootstrap), "group.id": "lakewarden.offsets", "enable.auto.commit": False})
+    try:
+        md = c.list_topics(topic, timeout=timeout)
+        t = md.topics.get(topic)
+        if t is None or t.error is not None:
+            raise StreamError(f"topic {topic!r} does not exist on {client_options(ws, bootstrap)['bootstrap.servers']}")
+        return {str(p): c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+                for p in sorted(t.partitions)}
+    except KafkaException as exc:
+        raise StreamError(f"cannot reach the broker for topic {topic!r}: {exc}") from None
+    finally:
+        c.close()
 
 
 def _scan_roots(ws: Workspace) -> list:

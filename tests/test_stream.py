@@ -421,3 +421,43 @@ def test_stream_refuses_a_role_without_ingest_and_bad_batch_settings(kafka, work
     with pytest.raises(StreamError, match="no subject key 'customer_id'"):
         SealedProducer(workspace, workspace.actor("dana"), "transactions", topic,
                        bootstrap=kafka.bootstrap).send([{"amount": 1}])
+
+
+def test_a_pipeline_source_can_be_a_topic_ingest_streams_until_caught_up(kafka, project, tmp_path, monkeypatch):
+    from governance.workspace import Workspace
+    from lakewarden.pipeline.params import load_params
+    from lakewarden.pipeline.steps import step_ingest, step_sources
+
+    ws = Workspace.open(project / "lakewarden.yaml")
+    dana = ws.actor("dana")
+    topic = _topic(kafka, partitions=2)
+    _records(tmp_path, 20)
+    (project / "landing").mkdir()
+    (project / "landing" / "customers.jsonl").write_text((tmp_path / "synth-customers-20" / "customers.jsonl").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["sources"] = {"customers": "landing/customers.jsonl", "transactions": f"kafka://{kafka.bootstrap}/{topic}"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(project)
+    tx = _records(tmp_path, 20, "transactions")
+    with SealedProducer(ws, dana, "transactions", topic, bootstrap=kafka.bootstrap) as prod:
+        prod.send(tx[:30])
+    pl = ws.actor("pipeline")
+    p = load_params(project / "params.yaml", ws)
+    first = step_sources(ws, pl, p)
+    assert first["changed"]
+    man = json.loads((project / "pipeline" / "sources.json").read_text())
+    assert sum(man["datasets"]["transactions"]["stream"]["end_offsets"].values()) == 30
+    out = step_ingest(ws, pl, p)
+    assert out["transactions"]["rows_read"] == 30 and out["transactions"]["rows_accepted"] == 30
+    assert step_sources(ws, pl, p)["changed"] is False  # nothing new on the topic: downstream stays
+    with SealedProducer(ws, dana, "transactions", topic, bootstrap=kafka.bootstrap) as prod:
+        prod.send(tx[30:40])
+    assert step_sources(ws, pl, p)["changed"] is True
+    again = step_ingest(ws, pl, p)
+    assert again["transactions"]["rows_read"] == 10  # only the new records
+    assert _table(ws, "bronze", "transactions").num_rows == 40
+    with pytest.raises(Exception, match="kafka:TOPIC"):
+        params["sources"]["transactions"] = ["kafka:a", "landing/x.csv"]
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        load_params(project / "params.yaml", ws)
+    ws.close()

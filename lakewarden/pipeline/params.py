@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +64,14 @@ class DeployParams(_P):
 
 
 GLOB_CHARS = set("*?[")
+KAFKA = re.compile(r"^kafka:(?://(?P<bootstrap>[^/\s]+)/)?(?P<topic>[A-Za-z0-9._-]{1,249})$")
+"""A stream source: ``kafka:TOPIC`` (brokers from lakewarden.yaml) or ``kafka://HOST:PORT/TOPIC``."""
+
+
+def kafka_source(spec: object) -> tuple[str | None, str] | None:
+    """``(bootstrap or None, topic)`` when ``spec`` names a Kafka topic, else None."""
+    m = KAFKA.match(spec) if isinstance(spec, str) else None
+    return (m.group("bootstrap"), m.group("topic")) if m else None
 
 
 def _check_pattern(pattern: str) -> None:
@@ -116,6 +126,11 @@ class Params(_P):
             items = [spec] if isinstance(spec, str) else spec
             if not items:
                 raise FieldError((ds,), "an empty list: name a file, a glob or 'synthetic'")
+            if any(isinstance(i, str) and i.startswith("kafka:") for i in items):
+                if len(items) > 1 or kafka_source(items[0]) is None:
+                    raise FieldError((ds,), "a stream source is one 'kafka:TOPIC' or 'kafka://HOST:PORT/TOPIC', "
+                                            "not one in a list")
+                continue
             if SYNTHETIC in items:
                 if len(items) > 1:
                     raise FieldError((ds,), "'synthetic' is a source on its own, not one in a list of files")

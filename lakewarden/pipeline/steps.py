@@ -51,7 +51,8 @@ from lakewarden.pipeline.manifests import (
     table_manifest, write_json,
 )
 from lakewarden.pipeline.params import (
-    GLOB_CHARS, OUT, PARAMS, REPORTS, SYNTHETIC, Params, PipelineError, TrainParams, load_params, params_error,
+    GLOB_CHARS, OUT, PARAMS, REPORTS, SYNTHETIC, Params, PipelineError, TrainParams, kafka_source, load_params,
+    params_error,
 )
 from lakewarden.pipeline.smoke import free_port, smoke_test
 
@@ -172,6 +173,8 @@ def step_sources(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
         if params.sources[ds] == SYNTHETIC:
             f = _synthetic_file(ws, params, ds)
             found[ds] = [f] if f.is_file() else []
+        elif kafka_source(params.sources[ds]) is not None:
+            found[ds] = []
         else:
             found[ds] = _match(params, ds, known=bool(known[ds]))
     tracked = _tracked(params.root, [f for ds in params.datasets for f in found[ds]])
@@ -180,6 +183,12 @@ def step_sources(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
                             "out of git and DVC", hint="git rm --cached it and list its folder in .gitignore")
     datasets: dict[str, Any] = {}
     for ds in params.datasets:
+        topic = kafka_source(params.sources[ds])
+        if topic is not None:  # a topic: its end offsets now (new records rerun ingest onwards)
+            from lakehouse.stream import end_offsets
+
+            datasets[ds] = {"stream": {"topic": topic[1], "end_offsets": end_offsets(ws, topic[1], topic[0])}}
+            continue
         entries = {(e["path"], e["sha256"]): e for e in known[ds]}
         for f in found[ds]:
             sha, shown = file_sha256(f), _shown(params, f)
@@ -187,11 +196,12 @@ def step_sources(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
                 continue  # recorded already, or an erasure's rewrite of a kept file (its rows were ingested)
             entries[(shown, sha)] = {"path": shown, "sha256": sha, "bytes": f.stat().st_size}
         datasets[ds] = {"files": [entries[k] for k in sorted(entries)]}
-    counts = {ds: len(d["files"]) for ds, d in datasets.items()}
+    counts = {ds: len(d.get("files", [])) for ds, d in datasets.items()}
     if prev.get("datasets") == datasets:
         return {"changed": False, "files": counts, "generated": generated}
     run = ws.lineage.emit("pipeline.sources", outputs=[], dvc_stage="sources",
-                          facets={"files": {ds: [e["sha256"] for e in d["files"]] for ds, d in datasets.items()},
+                          facets={"files": {ds: [e["sha256"] for e in d.get("files", [])] for ds, d in datasets.items()},
+                                  "streams": {ds: d["stream"] for ds, d in datasets.items() if "stream" in d},
                                   "generated": generated})
     write_json(SOURCES, step_manifest(ws, "sources", run, datasets=datasets))
     return {"changed": True, "files": counts, "generated": generated}
@@ -216,6 +226,7 @@ def step_ingest(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     ingested are skipped here, and ingest's batch ledger skips any batch it has committed before."""
     from governance.lineage import DatasetRef
     from lakehouse.ingest import ingest
+    from lakehouse.stream import stream
 
     man = read_json(SOURCES, stage="sources")
     seen = ingested(ws)
@@ -223,6 +234,16 @@ def step_ingest(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     reports: dict[str, list[dict[str, Any]]] = {}
     summary: dict[str, Any] = {}
     for ds in params.datasets:
+        topic = kafka_source(params.sources[ds])
+        if topic is not None:
+            ws.gate.enforce(Stage.INGEST, actor, Resource.dataset(ds))
+            srep = stream(ws, actor, ds, topic[1], bootstrap=topic[0], batch_seconds=1.0, until_idle=2.0)
+            reports[ds] = [srep.to_dict()]
+            files[ds] = []
+            summary[ds] = {"files": 0, "files_new": 0, "topic": topic[1], "rows_read": srep.rows_read,
+                           "rows_accepted": srep.rows_accepted, "rows_quarantined": srep.rows_quarantined,
+                           "rows_skipped": 0}
+            continue
         entries = ((man.get("datasets") or {}).get(ds) or {}).get("files")
         if entries is None:
             raise PipelineError(f"{SOURCES} records no files of '{ds}': run the sources stage first (dvc repro)")
