@@ -404,6 +404,7 @@ class StreamReport:
     latencies_ms: list[float] = field(default_factory=list)  # produce (message timestamp) -> committed, per record
     batch_seconds: list[float] = field(default_factory=list)  # first record buffered -> committed, per batch
     seconds: float = 0.0
+    busy_seconds: float = 0.0  # from the first record received to the last batch committed
     stopped: str = ""
 
     def _sum(self, attr: str) -> int:
@@ -429,7 +430,7 @@ class StreamReport:
                 for p in sorted(self.partitions.values(), key=lambda p: p.partition)
             ],
             "latency_ms": {"p50": _r(self.latency(50)), "p99": _r(self.latency(99))},
-            "seconds": round(self.seconds, 3), "stopped": self.stopped,
+            "seconds": round(self.seconds, 3), "busy_seconds": round(self.busy_seconds, 3), "stopped": self.stopped,
         }
 
 
@@ -496,6 +497,8 @@ class StreamIngest:
         self.ing = Ingestor(ws, actor, dataset, batch_rows=max(batch_records, 1), progress=None)
         self._lock = threading.Lock()
         self._to_commit: dict[int, int] = {}  # partition -> next offset, for the broker's group offsets
+        self._first_record: float | None = None
+        self._last_commit: float | None = None
         self.metrics = _Metrics(dataset, topic, metrics_port)
         self.conf = {
             **client_options(ws, bootstrap), "group.id": group or f"lakewarden.{dataset}",
@@ -636,6 +639,7 @@ class StreamIngest:
                 if opened is not None:
                     self.report.batch_seconds.append(self.clock() - opened)
                 self._to_commit[p] = last + 1
+                self._last_commit = self.clock()
                 if p in self.parts:
                     self.parts[p].committed = last
             lbl = self.metrics.labels
@@ -720,6 +724,8 @@ class StreamIngest:
                     if st.committed is not None and m.offset() <= st.committed:
                         continue  # already in the tables (a seek raced a fetch)
                     st.eof = False
+                    if self._first_record is None:
+                        self._first_record = now
                     if st.force_end is not None and m.offset() > st.force_end:
                         # The crashed batch's last records are gone (retention): close what is there.
                         if st.msgs:
@@ -755,6 +761,8 @@ class StreamIngest:
             self._update_lag()
         finally:
             self.report.seconds = self.clock() - t0
+            if self._first_record is not None and self._last_commit is not None:
+                self.report.busy_seconds = self._last_commit - self._first_record
             self.report.versions = dict(self.ing.versions)
         return self.report
 
