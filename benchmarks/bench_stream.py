@@ -1,7 +1,7 @@
 """Benchmark streaming ingest against a plain Kafka consumer writing the same batches with
 ``write_deltalake`` (run by hand; the same broker, the same topic, the same run).
 
-A local broker (``lakewarden.broker``, Kafka 4.4 KRaft on loopback) is started in a temporary
+A local broker (``lakehouse.broker``, Kafka 4.4 KRaft on loopback) is started in a temporary
 folder. Transactions records (synthetic, ``--people`` customers, 10 per customer) are produced as
 JSON to a one-partition topic.
 
@@ -152,7 +152,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from governance.keys import generate_kek_b64
     from lakehouse.synth import generate
-    from lakewarden.broker import LocalBroker, create_topic, free_port
+    from lakehouse.broker import LocalBroker, create_topic, free_port
 
     people = max(1, args.rows // 10)
     src_dir = DATA / f"stream-{people}"

@@ -66,6 +66,8 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "preprocess": "silver-stage preprocessing: imputation, standardization, derived columns",
         "features": "feature view name -> a Feast feature view over the silver table",
         "labels": "column -> its favourable value: the labels a model may be trained on",
+        "stream": "streaming ingest (lakewarden stream): whether records must be sealed per subject, "
+                  "the largest message, and the longest retention a topic may have",
     },
     "ColumnPolicy": {
         "class": "subject_key | direct_identifier | quasi_identifier | sensitive | public; it decides the "

@@ -920,7 +920,8 @@ def _json_line(name: str, lineno: int, line: str) -> dict:
     return obj
 
 
-__all__ = ["ENVELOPE", "PartitionReport", "SealedProducer", "StreamReport", "app_id", "batch_id", "client_options",
+__all__ = ["ENVELOPE", "PartitionReport", "SealedProducer", "StreamReport", "app_id", "batch_id", "broker_down",
+           "broker_up", "client_options", "create_topic",
            "end_offsets", "produce", "seal_dataset", "status", "stream", "watermarks"]
 
 
@@ -944,6 +945,57 @@ def end_offsets(ws: Workspace, topic: str, bootstrap: str | None = None, *, time
         raise StreamError(f"cannot reach the broker for topic {topic!r}: {exc}") from None
     finally:
         c.close()
+
+
+def broker_up(ws: Workspace, actor: Actor, *, port: int = 9092, data_dir: str | os.PathLike | None = None):
+    """Install (once, from Maven Central) and start a local Kafka broker for this workspace.
+
+    Stage ``maintain`` on ``system:kafka`` decides first (as ``trino up`` does); the start is
+    audited (``broker.start``). Returns the running :class:`lakehouse.broker.LocalBroker`.
+    """
+    from lakehouse.broker import LocalBroker
+
+    ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("kafka"))
+    b = LocalBroker(ws.config.path(data_dir) if data_dir else ws.config.workspace_dir / "kafka", port=port).start()
+    ws.audit.record("broker.start", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value,
+                    resource="system:kafka", details={"bootstrap": b.bootstrap, "data_dir": str(b.data_dir)})
+    ws.audit.flush()
+    return b
+
+
+def broker_down(ws: Workspace, actor: Actor, *, data_dir: str | os.PathLike | None = None) -> None:
+    """Stop the local broker ``broker_up`` started (stage ``maintain``; audited as ``broker.stop``)."""
+    from lakehouse.broker import LocalBroker
+
+    ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("kafka"))
+    b = LocalBroker(ws.config.path(data_dir) if data_dir else ws.config.workspace_dir / "kafka")
+    b.stop()
+    ws.audit.record("broker.stop", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value,
+                    resource="system:kafka", details={"data_dir": str(b.data_dir)})
+    ws.audit.flush()
+
+
+def create_topic(ws: Workspace, actor: Actor, topic: str, *, partitions: int = 1,
+                 retention_hours: float | None = None, bootstrap: str | None = None) -> None:
+    """Create a topic (an existing one is left as it is): stage ``maintain`` on ``system:kafka``,
+    audited as ``broker.create_topic``. ``retention_hours`` sets the topic's ``retention.ms``
+    (a dataset whose policy caps ``stream.max_topic_retention`` refuses a topic that keeps longer)."""
+    from lakehouse.broker import BrokerError, create_topic as admin_create
+
+    ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("kafka"))
+    if partitions < 1:
+        raise StreamError(f"partitions must be at least 1 (got {partitions})")
+    if retention_hours is not None and retention_hours <= 0:
+        raise StreamError(f"retention_hours must be positive (got {retention_hours:g})")
+    cfg = {"retention.ms": str(int(retention_hours * 3_600_000))} if retention_hours is not None else {}
+    servers = client_options(ws, bootstrap)["bootstrap.servers"]
+    try:
+        admin_create(servers, topic, partitions=partitions, config=cfg)
+    except BrokerError as exc:
+        raise StreamError(str(exc)) from None
+    ws.audit.record("broker.create_topic", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value,
+                    resource="system:kafka", details={"topic": topic, "partitions": partitions, **cfg})
+    ws.audit.flush()
 
 
 def _scan_roots(ws: Workspace) -> list:

@@ -110,7 +110,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory):
 
     Installed by infra/kafka/install.sh (make test runs it); skipped when Java or the install is
     missing, unless LAKEWARDEN_REQUIRE_KAFKA=1."""
-    from lakewarden.broker import BrokerError, LocalBroker, free_port
+    from lakehouse.broker import BrokerError, LocalBroker, free_port
 
     if shutil.which("java") is None:
         if os.environ.get("LAKEWARDEN_REQUIRE_KAFKA") == "1":

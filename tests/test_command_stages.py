@@ -83,6 +83,10 @@ def _args(t: Path) -> dict[str, list[str]]:
                   "--purpose", "credit_scoring"],
         "trino down": [], "trino up": [], "trino render": ["--profile", "production", "--out", str(t / "trino")],
         "trino status": [],
+        "stream": ["transactions", "--topic", "tx", "--bootstrap", "127.0.0.1:1", "--until-idle", "1"],
+        "produce": ["customers", str(t / "kept" / "customers.csv"), "--topic", "tx", "--bootstrap", "127.0.0.1:1"],
+        "broker start": ["--port", "1"], "broker stop": [],
+        "broker create-topic": ["tx", "--bootstrap", "127.0.0.1:1"],
     }
 
 

@@ -28,7 +28,7 @@ from lakehouse.catalog import Catalog, TableRef
 from lakehouse.errors import StreamError
 from lakehouse.ingest import LEDGER
 from lakehouse.stream import SealedProducer, app_id, seal_dataset, status, stream
-from lakewarden.broker import create_topic
+from lakehouse.broker import create_topic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,12 +45,12 @@ def _producer(kafka, **conf):
     return Producer({"bootstrap.servers": kafka.bootstrap, **conf})
 
 
-def _records(tmp: Path, people: int, which: str = "customers") -> list[dict]:
+def _records(tmp: Path, people: int, which: str = "customers", seed: int = 7) -> list[dict]:
     from lakehouse.synth import generate
 
-    out = tmp / f"synth-{which}-{people}"
+    out = tmp / f"synth-{which}-{people}-{seed}"
     if not out.exists():
-        generate(out, people=people, fmt="jsonl", transactions_per_person=3, seed=7)
+        generate(out, people=people, fmt="jsonl", transactions_per_person=3, seed=seed)
     return [json.loads(line) for line in (out / f"{which}.jsonl").read_text().splitlines() if line.strip()]
 
 
@@ -204,7 +204,9 @@ def test_an_erasure_reaches_the_topic_sealed_records_become_unreadable_raw_ones_
     ws = Workspace.open(project / "lakewarden.yaml")
     dana, carla = ws.actor("dana"), ws.actor("carla")
     topic = _topic(kafka, partitions=2)
-    recs = _records(tmp_path, 40)
+    # People of their own (the broker is shared by the session): another test's raw copy of the
+    # same person would rightly fail this erasure's verification.
+    recs = _records(tmp_path, 40, seed=4242)
     with SealedProducer(ws, dana, "customers", topic, bootstrap=kafka.bootstrap) as prod:
         prod.send(recs)
     rep = stream(ws, dana, "customers", topic, bootstrap=kafka.bootstrap, batch_seconds=0.3, until_idle=1.0)
@@ -214,7 +216,7 @@ def test_an_erasure_reaches_the_topic_sealed_records_become_unreadable_raw_ones_
 
     st = file_request(ws, carla, "erase", [gone["customer_id"]])
     st = run_request(ws, carla, st.request_id, purge_now=True)
-    assert st.state == "done", st
+    assert st.state == "done", json.dumps(st.to_dict()["detail"], default=str)[-4000:]
     v = st.detail["verification"]
     assert v["kafka_segments"] >= 2 and v["kafka_records"] >= len(recs) and v["unlinkable_copies"] >= 1, v
 
@@ -228,8 +230,12 @@ def test_an_erasure_reaches_the_topic_sealed_records_become_unreadable_raw_ones_
         if path.is_file() and kafka_log.is_segment(path):
             for _off, parts in kafka_log.records(path):
                 assert not any(n in part for part in parts for n in needles), path
-                env = json.loads(parts[1]) if parts and parts[-1].startswith(b'{"lakewarden"') else None
-                if env is None:
+                # (other tests of the session left broken envelopes in this broker on purpose)
+                try:
+                    env = json.loads(parts[-1]) if parts and parts[-1].startswith(b'{"lakewarden"') else None
+                except ValueError:
+                    continue
+                if not isinstance(env, dict) or env.get("subject") not in (tok_gone, tok_kept):
                     continue
                 blob = base64.b64decode(env["record"])
                 if env["subject"] == tok_gone:
@@ -296,13 +302,18 @@ def _exactly_once(ws, topic: str, produced: list[dict], bad: int, partitions: in
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_twenty_times_never_duplicates_or_loses_a_record(kafka, project, tmp_path):
-    """20 consumers SIGKILLed at random moments, then one that finishes: every record once, counts add up."""
+    """20 consumers SIGKILLed at random moments, then one that finishes: every record once, counts add up.
+
+    A quarter of the kills fall at a random time (often while the consumer starts or joins); the
+    rest wait until the consumer has committed a batch in this trial, then a random 0-0.4 s more,
+    so they land inside the next batch's writes, whatever the machine's speed."""
     from governance.workspace import Workspace
 
     ws = Workspace.open(project / "lakewarden.yaml")
     dana = ws.actor("dana")
+    ledger_uri = ws.config.table_uri(LEDGER)
     topic = _topic(kafka, partitions=3)
-    tx = _records(tmp_path, 150, "transactions")
+    tx = _records(tmp_path, 300, "transactions")  # 900 records: 30 batches of 30
     with SealedProducer(ws, dana, "transactions", topic, bootstrap=kafka.bootstrap) as prod:
         prod.send(tx)
     p = _producer(kafka)
@@ -311,29 +322,35 @@ def test_sigkill_at_random_points_twenty_times_never_duplicates_or_loses_a_recor
         p.produce(topic, value=v, partition=i % 3)
     p.flush(30)
     ws.close()
+
+    def ledger_version() -> int:
+        return DeltaTable(ledger_uri).version() if DeltaTable.is_deltatable(ledger_uri) else -1
+
     rng = random.Random(1234)
-    killed = 0
+    killed = mid_stream = 0
     # A static member (group.instance.id) takes its partitions back at once after a SIGKILL,
     # instead of waiting for the session timeout of the dead one.
     env = {"LAKEWARDEN_KAFKA_GROUP_INSTANCE_ID": "trial"}
-    progress, mid_stream = 0, 0
     for _trial in range(20):
+        start = ledger_version()
         proc = _lw_stream(project, topic, kafka.bootstrap, env=env)
-        try:
-            proc.wait(timeout=rng.uniform(1.0, 4.5))
-        except subprocess.TimeoutExpired:
+        after_commit = rng.random() >= 0.25
+        deadline = time.monotonic() + (60.0 if after_commit else rng.uniform(0.2, 3.0))
+        while proc.poll() is None and time.monotonic() < deadline:
+            if after_commit and ledger_version() > start:
+                time.sleep(rng.uniform(0.0, 0.4))
+                break
+            time.sleep(0.05)
+        if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
             killed += 1
-            ws = Workspace.open(project / "lakewarden.yaml")
-            now = sum(r["rows_read"] for r in status(ws, "transactions", topic))
-            ws.close()
-            mid_stream += now > progress  # cut after it had committed batches, not while starting
-            progress = now
+            mid_stream += ledger_version() > start
         else:
             assert proc.returncode == 0, proc.stderr.read()
-    # Most trials were cut while committing (the rest finished: then a later trial reads nothing).
-    assert killed >= 10 and mid_stream >= 5, (killed, mid_stream)
+    # Most trials were cut, most of those after a commit of their own (once every record is in,
+    # a trial reads nothing and ends by itself).
+    assert killed >= 10 and mid_stream >= 8, (killed, mid_stream)
     proc = _lw_stream(project, topic, kafka.bootstrap, env=env)
     out, errs = proc.communicate(timeout=240)
     assert proc.returncode == 0, errs
@@ -344,31 +361,52 @@ def test_sigkill_at_random_points_twenty_times_never_duplicates_or_loses_a_recor
 
 @pytest.mark.slow
 def test_a_second_consumer_joining_takes_partitions_over_without_duplicates(kafka, project, tmp_path):
+    """A second consumer joins while the first is mid-stream; once the group shows it holding
+    partitions, more records arrive, so it must read some, and nothing lands twice."""
+    from confluent_kafka.admin import AdminClient
+
     from governance.workspace import Workspace
 
     ws = Workspace.open(project / "lakewarden.yaml")
     dana = ws.actor("dana")
     topic = _topic(kafka, partitions=3)
-    tx = _records(tmp_path, 200, "transactions")
+    tx = _records(tmp_path, 120, "transactions")
+    half = len(tx) // 2
+    ledger_uri = ws.config.table_uri(LEDGER)
     with SealedProducer(ws, dana, "transactions", topic, bootstrap=kafka.bootstrap) as prod:
-        prod.send(tx)
+        prod.send(tx[:half])
+
+    def ledger_version() -> int:
+        return DeltaTable(ledger_uri).version() if DeltaTable.is_deltatable(ledger_uri) else -1
+
+    def second_holds_partitions() -> bool:
+        desc = admin.describe_consumer_groups(["lakewarden.transactions"])["lakewarden.transactions"].result(10)
+        return any(m.client_id == "second" and m.assignment.topic_partitions for m in desc.members)
+
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    start = ledger_version()
+    args = ("--batch-records", "10", "--until-idle", "6")
+    first = _lw_stream(project, topic, kafka.bootstrap, *args, env={"LAKEWARDEN_KAFKA_CLIENT_ID": "first"})
+    deadline = time.monotonic() + 120
+    while ledger_version() == start and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the second joins once the first is under way, however fast the machine
+    second = _lw_stream(project, topic, kafka.bootstrap, *args, env={"LAKEWARDEN_KAFKA_CLIENT_ID": "second"})
+    deadline = time.monotonic() + 120
+    while not second_holds_partitions() and second.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with SealedProducer(ws, dana, "transactions", topic, bootstrap=kafka.bootstrap) as prod:
+        prod.send(tx[half:])  # round-robin over every partition, the second's included
     ws.close()
-    first = _lw_stream(project, topic, kafka.bootstrap, "--batch-records", "10")
-    time.sleep(4.0)
-    second = _lw_stream(project, topic, kafka.bootstrap, "--batch-records", "10")
-    t0 = time.monotonic()
     outs = [json.loads(p.communicate(timeout=300)[0]) for p in (first, second)]
-    print("both done after", time.monotonic() - t0, [(o["seconds"], o["rows_read"], o["batches"]) for o in outs])
-    assert all(o["rows_read"] >= 0 for o in outs)
     assert sum(o["rows_read"] for o in outs) >= len(tx)  # a revoked partition's batch is never lost
-    assert outs[1]["rows_read"] > 0, "the second consumer got no partition"
+    assert outs[0]["rows_read"] > 0 and outs[1]["rows_read"] > 0, outs
     ws = Workspace.open(project / "lakewarden.yaml")
     _exactly_once(ws, topic, tx, 0, 3)
     ws.close()
 
 
 def test_the_lag_metric_is_served_for_prometheus(kafka, workspace, tmp_path):
-    from lakewarden.broker import free_port
+    from lakehouse.broker import free_port
 
     dana = workspace.actor("dana")
     topic = _topic(kafka)
@@ -433,7 +471,7 @@ def test_a_pipeline_source_can_be_a_topic_ingest_streams_until_caught_up(kafka, 
     topic = _topic(kafka, partitions=2)
     _records(tmp_path, 20)
     (project / "landing").mkdir()
-    (project / "landing" / "customers.jsonl").write_text((tmp_path / "synth-customers-20" / "customers.jsonl").read_text())
+    (project / "landing" / "customers.jsonl").write_text((tmp_path / "synth-customers-20-7" / "customers.jsonl").read_text())
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["sources"] = {"customers": "landing/customers.jsonl", "transactions": f"kafka://{kafka.bootstrap}/{topic}"}
     (project / "params.yaml").write_text(yaml.safe_dump(params))

@@ -11,6 +11,10 @@ carry a person's name; the path itself is searched as well):
   hide their bytes; the raw bytes are searched too (footers carry min/max statistics).
 * every other file (Delta commit JSON, SQLite online stores with their free pages, model
   artifacts, request logs, lineage and audit files, DVC objects): raw bytes.
+* Kafka log segments (a local broker under the workspace, and ``streaming.log_dirs``): record
+  batches decoded (``kafka_log``: gzip, snappy, lz4, zstd), every key, value and header
+  searched, sealed stream envelopes of live subjects opened; a batch it cannot decode is
+  listed (``kafka_undecoded``), and a subject's token there after the shred is unlinkable.
 * ciphertexts the system can still open: values sealed for a subject whose key is alive are
   opened with the key ring, and quarantined rows sealed under a dataset's system key are
   opened and searched (a bad row can carry a person's identifiers without a valid key).

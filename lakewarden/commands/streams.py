@@ -115,11 +115,11 @@ def broker_start(
     port: Annotated[int, typer.Option(help="Listener port on 127.0.0.1 (the controller takes PORT+1).")] = 9092,
     data_dir: Annotated[Optional[Path], typer.Option(help="Broker folder (default: <workspace>/kafka).")] = None,
 ) -> None:
-    """Install (once, from Maven Central) and start a local Kafka broker in the background."""
-    from lakewarden.broker import LocalBroker
+    """Install (once, from Maven Central) and start a local Kafka broker in the background (stage maintain)."""
+    from lakehouse.stream import broker_up
 
-    ws = state(ctx).workspace()
-    b = LocalBroker(data_dir or ws.config.workspace_dir / "kafka", port=port).start()
+    st = state(ctx)
+    b = broker_up(st.workspace(), st.actor(), port=port, data_dir=data_dir)
     console.print(f"Kafka broker on {b.bootstrap} (pid {b.proc.pid if b.proc else '?'}), data in {b.data_dir}")
 
 
@@ -128,24 +128,26 @@ def broker_stop(
     ctx: typer.Context,
     data_dir: Annotated[Optional[Path], typer.Option(help="Broker folder (default: <workspace>/kafka).")] = None,
 ) -> None:
-    """Stop the local broker started by `broker start`."""
-    from lakewarden.broker import LocalBroker
+    """Stop the local broker started by `broker start` (stage maintain)."""
+    from lakehouse.stream import broker_down
 
-    ws = state(ctx).workspace()
-    LocalBroker(data_dir or ws.config.workspace_dir / "kafka").stop()
+    st = state(ctx)
+    broker_down(st.workspace(), st.actor(), data_dir=data_dir)
     console.print("broker stopped")
 
 
 @broker_app.command("create-topic")
 def broker_topic(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Topic name.")],
     partitions: Annotated[int, typer.Option(help="Partitions.")] = 1,
     retention_hours: Annotated[Optional[float], typer.Option(help="retention.ms of the topic, in hours.")] = None,
-    bootstrap: Annotated[str, typer.Option(help="Brokers.")] = "127.0.0.1:9092",
+    bootstrap: Annotated[Optional[str], typer.Option(help="Brokers (default: streaming.bootstrap_servers).")] = None,
 ) -> None:
-    """Create a topic (an existing one is left as it is)."""
-    from lakewarden.broker import create_topic
+    """Create a topic (an existing one is left as it is; stage maintain)."""
+    from lakehouse.stream import create_topic
 
-    cfg = {"retention.ms": str(int(retention_hours * 3_600_000))} if retention_hours is not None else {}
-    create_topic(bootstrap, name, partitions=partitions, config=cfg)
-    console.print(f"topic {name} ({partitions} partition(s)) on {bootstrap}")
+    st = state(ctx)
+    create_topic(st.workspace(), st.actor(), name, partitions=partitions, retention_hours=retention_hours,
+                 bootstrap=bootstrap)
+    console.print(f"topic {name}: {partitions} partition(s)")

@@ -223,7 +223,10 @@ def create_topic(bootstrap: str, topic: str, *, partitions: int = 1, config: dic
         fut.result(timeout=timeout)
     except KafkaException as exc:
         if "TOPIC_ALREADY_EXISTS" not in str(exc):
-            raise BrokerError(f"could not create topic {topic!r}: {exc}") from None
+            raise BrokerError(f"could not create topic {topic!r} on {bootstrap}: {exc}") from None
+    except TimeoutError:  # concurrent.futures.TimeoutError is TimeoutError since Python 3.11
+        raise BrokerError(f"could not create topic {topic!r}: no broker answered at {bootstrap} "
+                          f"within {timeout:g}s") from None
 
 
 __all__ = ["BrokerError", "LocalBroker", "create_topic", "free_port", "install"]
