@@ -44,8 +44,8 @@ console = Console()
 CONFIG = """\
 version: 1
 name: bench
-storage: {{root: {root}/tables}}
-workspace: {root}/ws
+storage: {{root: {root}/tables-{tag}}}
+workspace: {root}/ws-{tag}
 keys:
   store: {root}/keys/keystore.db
   kek: {{provider: env, var: LAKEWARDEN_KEK}}
@@ -88,8 +88,8 @@ while True:
             flush()
     if msgs:
         last = now
-    if buf and (now - opened >= batch_s or (total and n + len(buf) >= total)):
-        flush()  # by time, or the backlog's last (short) batch
+    if buf and (now - opened >= batch_s or (total and n + len(buf) >= total) or (not total and now - last > idle)):
+        flush()  # by time, the backlog's last (short) batch, or the producer has stopped
     if (total and n >= total) or (not total and now - last > idle and t0 is not None and not buf):
         break
 secs = time.perf_counter() - t0
@@ -175,8 +175,14 @@ def main() -> None:
             if doc.get("dataset") == "transactions":
                 doc["stream"] = {"sealed": "optional", "max_topic_retention": "24h"}
             (root / "policies" / f.name).write_text(yaml.safe_dump(doc, sort_keys=False))
-        cfg = root / "lakewarden.yaml"
-        cfg.write_text(CONFIG.format(root=root, bootstrap=broker.bootstrap))
+        def config(tag: str) -> Path:
+            # A fresh lake and workspace (audit, ledger) per run, one key store for all of them:
+            # the customers' keys exist, as in production.
+            path = root / f"lakewarden-{tag}.yaml"
+            path.write_text(CONFIG.format(root=root, tag=tag, bootstrap=broker.bootstrap))
+            return path
+
+        cfg = config("producer")
         from confluent_kafka import Producer
 
         raw_topic = "tx-raw"
@@ -192,7 +198,7 @@ def main() -> None:
         p.flush(120)
         # The same records sealed per subject (the customers' keys are created here, as a producer would).
         sealed_topic = "tx-sealed"
-        create_topic(broker.bootstrap, sealed_topic)
+        create_topic(broker.bootstrap, sealed_topic, config={"retention.ms": str(12 * 3_600_000)})
         t0 = time.perf_counter()
         _run(r"""
 import json, sys
@@ -216,10 +222,8 @@ ws.close(); print(json.dumps({"n": n}))
                     r = _run(PLAIN, broker.bootstrap, raw_topic, str(tmp / f"plain-{tag}"), args.batch, 3600,
                              len(lines), 2.0)
                 else:
-                    # A fresh lake per run (the same key store: the customers' keys exist, as in production).
                     ds_topic = raw_topic if kind == "governed" else sealed_topic
-                    shutil.rmtree(root / "tables", ignore_errors=True)
-                    r = _run(GOVERNED, cfg, ds_topic, args.batch, 3600, 1.0, "transactions", env=env)
+                    r = _run(GOVERNED, config(tag), ds_topic, args.batch, 3600, 0.0, "transactions", env=env)
                 row[kind] = {"rows": r["rows"], "seconds": round(r["seconds"], 3),
                              "rows_per_s": round(r["rows"] / r["seconds"])}
                 console.print(f"round {rnd + 1} {kind}: {r['rows']:,} rows in {r['seconds']:.2f}s")
@@ -240,8 +244,8 @@ ws.close(); print(json.dumps({"n": n}))
                         r = _run(PLAIN, broker.bootstrap, topic, str(tmp / f"lat-{topic}"), batch,
                                  min(secs, 3600), 0, 12.0)
                     else:
-                        shutil.rmtree(root / "tables", ignore_errors=True)
-                        r = _run(GOVERNED, cfg, topic, batch, min(secs, 3600), 12.0, "transactions", env=env)
+                        r = _run(GOVERNED, config(topic), topic, batch, min(secs, 3600), 12.0, "transactions",
+                                 env=env)
                     prod.wait(120)
                     row[kind] = {"rows": r["rows"], "p50_ms": round(_pct(r["lat"], 50), 1),
                                  "p99_ms": round(_pct(r["lat"], 99), 1)}

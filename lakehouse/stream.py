@@ -743,7 +743,9 @@ class StreamIngest:
                 if now >= next_lag:
                     self._update_lag()
                     next_lag = now + lag_every
-                caught_up = self.parts and all(st.eof and not st.msgs for st in self.parts.values())
+                # Caught up: every partition at its end. A batch still open is not waited for (it
+                # could wait batch_seconds): the run leaves once idle, committing it first.
+                caught_up = self.parts and all(st.eof for st in self.parts.values())
                 if until_idle is not None:
                     if caught_up and self.ing._pending is None or caught_up and self.ing._pending.done():
                         idle_since = now if idle_since is None else idle_since

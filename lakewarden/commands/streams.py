@@ -57,7 +57,7 @@ def stream(
 
     def progress(src: str, n: int) -> None:
         seen["n"] += n
-        if not as_json:
+        if not as_json and err.is_terminal:  # a live count on a terminal; logs get the table only
             err.print(f"\r{src}: {seen['n']:,} records", end="")
 
     try:
@@ -67,7 +67,7 @@ def stream(
     except KeyboardInterrupt:
         err.print("\ninterrupted: committed batches stay; the next run resumes after them")
         raise SystemExit(130) from None
-    if not as_json and seen["n"]:
+    if not as_json and seen["n"] and err.is_terminal:
         err.print("")
     if as_json:
         sys.stdout.write(json.dumps(rep.to_dict(), indent=2, default=str) + "\n")
