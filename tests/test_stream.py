@@ -142,10 +142,55 @@ def test_sealed_records_are_ingested_and_every_bad_message_is_quarantined_with_i
     for seg in _segments(kafka, topic):
         for _off, parts in kafka_log.records(seg):
             assert not any(e in part for part in parts for e in emails)
-    kinds = [e["action"] for e in ws.audit.events() if e["action"].startswith("stream.")] \
-        if hasattr(ws.audit, "events") else None
-    if kinds is not None:
-        assert {"stream.produce", "stream.start", "stream.stop"} <= set(kinds)
+    ws.audit.flush()
+    kinds = {a for a in ws.audit.query()["action"].to_pylist() if a.startswith(("stream.", "ingest."))}
+    assert {"stream.produce", "stream.start", "stream.assign", "stream.stop", "ingest.batch"} <= kinds, kinds
+    ws.close()
+
+
+def test_a_policy_we_did_not_design_streams_with_its_own_subject_key_types_and_protections(kafka, project):
+    """Clinic visits: another subject key (patient_ref), JSON numbers for an encrypted double and
+    date strings, a vaulted identifier, a restricted column; repeat subjects; one record that
+    breaks the contract and one sealed for another patient than the one it names."""
+    from test_ingest_parallel import VISITS
+
+    from governance.workspace import Workspace
+
+    (project / "policies" / "visits.yaml").write_text(VISITS)
+    ws = Workspace.open(project / "lakewarden.yaml")
+    dana = ws.actor("dana")
+    topic = _topic(kafka, partitions=2)
+    recs = [{"patient_ref": f"P{i % 9:04d}", "nhs_number": str(900000000 + i), "visit_date": f"2024-0{1 + i % 9}-1{i % 9}",
+             "weight_kg": 50 + i % 40 + 0.5, "diagnosis": ["J45", "E11", "I10", None][i % 4],
+             "postcode": f"SW{i % 10}A 1AA", "clinic": "north"} for i in range(40)]
+    with SealedProducer(ws, dana, "visits", topic, bootstrap=kafka.bootstrap) as prod:
+        prod.send(recs)
+        prod.send([{**recs[0], "weight_kg": "heavy"}])  # not a double
+    ring = ws.keyring
+    tok = ring.token_for("P0001")
+    blob = ring.seal(json.dumps({**recs[2], "patient_ref": "P0002"}), token=tok, dataset=seal_dataset("visits"),
+                     column="record")
+    p = _producer(kafka)
+    p.produce(topic, key=tok.encode(), value=json.dumps(
+        {"lakewarden": "sealed/v1", "subject": tok, "record": base64.b64encode(blob).decode()}).encode())
+    p.flush(30)
+
+    rep = stream(ws, dana, "visits", topic, bootstrap=kafka.bootstrap, batch_records=15, batch_seconds=0.5,
+                 until_idle=1.0)
+    assert (rep.rows_read, rep.rows_accepted, rep.rows_quarantined) == (42, 40, 2)
+    reasons = "\n".join(rep.reasons)
+    assert "weight_kg" in reasons and "sealed for another subject than its patient_ref" in reasons, reasons
+    bronze = _table(ws, "bronze", "visits")
+    assert len(set(bronze["patient_ref"].to_pylist())) == 9  # one token per patient across batches
+    assert "nhs_number" not in bronze.column_names and "diagnosis" not in bronze.column_names
+    assert not any(r["nhs_number"] in str(bronze.to_pylist()) for r in recs)
+    weights = ring.open_arrow(bronze["weight_kg"].combine_chunks(), bronze["patient_ref"].combine_chunks(),
+                              dataset="visits", column="weight_kg").to_pylist()
+    assert sorted(float(w) for w in weights) == sorted(r["weight_kg"] for r in recs)  # the typed value's text
+    vault = _table(ws, "vault", "visits")
+    nhs = ring.open_arrow(vault["nhs_number"].combine_chunks(), vault["patient_ref"].combine_chunks(),
+                          dataset="visits", column="nhs_number").to_pylist()
+    assert sorted(v.decode() for v in nhs) == sorted(r["nhs_number"] for r in recs)
     ws.close()
 
 
