@@ -747,7 +747,8 @@ class StreamIngest:
                 # could wait batch_seconds): the run leaves once idle, committing it first.
                 caught_up = self.parts and all(st.eof for st in self.parts.values())
                 if until_idle is not None:
-                    if caught_up and self.ing._pending is None or caught_up and self.ing._pending.done():
+                    pending = self.ing._pending
+                    if caught_up and (pending is None or pending.done()):
                         idle_since = now if idle_since is None else idle_since
                         if now - idle_since >= until_idle:
                             self.report.stopped = f"caught up, idle {until_idle:g}s"
@@ -949,6 +950,11 @@ def end_offsets(ws: Workspace, topic: str, bootstrap: str | None = None, *, time
         c.close()
 
 
+def _broker_dir(ws: Workspace, data_dir: str | os.PathLike | None):
+    """The local broker's folder: ``data_dir``, else ``<workspace>/kafka`` (where stop finds what start began)."""
+    return ws.config.path(str(data_dir)) if data_dir else ws.config.workspace_dir / "kafka"
+
+
 def broker_up(ws: Workspace, actor: Actor, *, port: int = 9092, data_dir: str | os.PathLike | None = None):
     """Install (once, from Maven Central) and start a local Kafka broker for this workspace.
 
@@ -958,7 +964,7 @@ def broker_up(ws: Workspace, actor: Actor, *, port: int = 9092, data_dir: str | 
     from lakehouse.broker import LocalBroker
 
     ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("kafka"))
-    b = LocalBroker(ws.config.path(data_dir) if data_dir else ws.config.workspace_dir / "kafka", port=port).start()
+    b = LocalBroker(_broker_dir(ws, data_dir), port=port).start()
     ws.audit.record("broker.start", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value,
                     resource="system:kafka", details={"bootstrap": b.bootstrap, "data_dir": str(b.data_dir)})
     ws.audit.flush()
@@ -970,7 +976,7 @@ def broker_down(ws: Workspace, actor: Actor, *, data_dir: str | os.PathLike | No
     from lakehouse.broker import LocalBroker
 
     ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("kafka"))
-    b = LocalBroker(ws.config.path(data_dir) if data_dir else ws.config.workspace_dir / "kafka")
+    b = LocalBroker(_broker_dir(ws, data_dir))
     b.stop()
     ws.audit.record("broker.stop", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value,
                     resource="system:kafka", details={"data_dir": str(b.data_dir)})

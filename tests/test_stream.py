@@ -64,6 +64,11 @@ def _segments(kafka, topic: str) -> list[Path]:
     return sorted(p for d in kafka.log_dir.glob(f"{topic}-*") for p in d.glob("*.log"))
 
 
+def _ledger_version(uri: str) -> int:
+    """The ingest ledger's Delta version (-1 before its first commit): it moves once per committed batch."""
+    return DeltaTable(uri).version() if DeltaTable.is_deltatable(uri) else -1
+
+
 def _policy_patch(project: Path, dataset: str, **stream_cfg) -> None:
     p = project / "policies" / f"{dataset}.yaml"
     doc = yaml.safe_load(p.read_text())
@@ -368,21 +373,18 @@ def test_sigkill_at_random_points_twenty_times_never_duplicates_or_loses_a_recor
     p.flush(30)
     ws.close()
 
-    def ledger_version() -> int:
-        return DeltaTable(ledger_uri).version() if DeltaTable.is_deltatable(ledger_uri) else -1
-
     rng = random.Random(1234)
     killed = mid_stream = 0
     # A static member (group.instance.id) takes its partitions back at once after a SIGKILL,
     # instead of waiting for the session timeout of the dead one.
     env = {"LAKEWARDEN_KAFKA_GROUP_INSTANCE_ID": "trial"}
     for _trial in range(20):
-        start = ledger_version()
+        start = _ledger_version(ledger_uri)
         proc = _lw_stream(project, topic, kafka.bootstrap, env=env)
         after_commit = rng.random() >= 0.25
         deadline = time.monotonic() + (60.0 if after_commit else rng.uniform(0.2, 3.0))
         while proc.poll() is None and time.monotonic() < deadline:
-            if after_commit and ledger_version() > start:
+            if after_commit and _ledger_version(ledger_uri) > start:
                 time.sleep(rng.uniform(0.0, 0.4))
                 break
             time.sleep(0.05)
@@ -390,7 +392,7 @@ def test_sigkill_at_random_points_twenty_times_never_duplicates_or_loses_a_recor
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
             killed += 1
-            mid_stream += ledger_version() > start
+            mid_stream += _ledger_version(ledger_uri) > start
         else:
             assert proc.returncode == 0, proc.stderr.read()
     # Most trials were cut, most of those after a commit of their own (once every record is in,
@@ -421,19 +423,16 @@ def test_a_second_consumer_joining_takes_partitions_over_without_duplicates(kafk
     with SealedProducer(ws, dana, "transactions", topic, bootstrap=kafka.bootstrap) as prod:
         prod.send(tx[:half])
 
-    def ledger_version() -> int:
-        return DeltaTable(ledger_uri).version() if DeltaTable.is_deltatable(ledger_uri) else -1
-
     def second_holds_partitions() -> bool:
         desc = admin.describe_consumer_groups(["lakewarden.transactions"])["lakewarden.transactions"].result(10)
         return any(m.client_id == "second" and m.assignment.topic_partitions for m in desc.members)
 
     admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
-    start = ledger_version()
+    start = _ledger_version(ledger_uri)
     args = ("--batch-records", "10", "--until-idle", "6")
     first = _lw_stream(project, topic, kafka.bootstrap, *args, env={"LAKEWARDEN_KAFKA_CLIENT_ID": "first"})
     deadline = time.monotonic() + 120
-    while ledger_version() == start and first.poll() is None and time.monotonic() < deadline:
+    while _ledger_version(ledger_uri) == start and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # the second joins once the first is under way, however fast the machine
     second = _lw_stream(project, topic, kafka.bootstrap, *args, env={"LAKEWARDEN_KAFKA_CLIENT_ID": "second"})
     deadline = time.monotonic() + 120
