@@ -42,6 +42,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -57,6 +58,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable, Transaction
 
 from governance.gate import Actor, Resource
+from governance.keys import native
 from governance.lineage import DatasetRef
 from governance.policy import DatasetPolicy, Stage
 from governance.workspace import Workspace
@@ -71,6 +73,8 @@ ENVELOPE = "sealed/v1"
 "record": <base64 of the record's JSON sealed for the subject>}``."""
 SEAL_COLUMN = "record"
 LAYERS = ("quarantine", "vault", "restricted", "bronze")  # bronze last: see the module docstring
+
+log = logging.getLogger(__name__)
 
 
 def seal_dataset(dataset: str) -> str:
@@ -187,6 +191,15 @@ class SealedProducer:
 # ---------------------------------------------------------------------------------- decoding
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (JSON's "\\ud800" escapes decode to text that cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class _Decoder:
     """Messages of one partition -> a :class:`RawBatch` of text columns plus malformed records."""
 
@@ -196,6 +209,7 @@ class _Decoder:
         self.policy = policy
         self.names = list(policy.columns)
         self.lookup = {n.lower(): n for n in self.names}
+        self.lookup_lower = {low: self.names.index(n) for low, n in self.lookup.items()}
         self.max_bytes = policy.stream.max_message_bytes
         self.sealed_required = policy.stream.sealed == "required"
         self.drop_unknown = policy.contract.unknown_columns == "drop"
@@ -208,6 +222,20 @@ class _Decoder:
             return "base64:" + base64.b64encode(value).decode()
 
     def decode(self, msgs: Sequence[tuple[int, bytes | None, int]]) -> RawBatch:
+        """Decode one batch of ``(offset, value, timestamp)`` messages; malformed ones by offset."""
+        out = None
+        try:
+            out = self._decode_native(msgs)
+        except Exception as exc:  # noqa: BLE001 - the reference decoder decides a batch the fast path could not
+            # the type only: a message could quote a value
+            log.warning("stream decoder: the native path failed on a batch (%s); the Python decoder decodes it",
+                        type(exc).__name__)
+        if out is None:
+            out = self._decode_python(msgs)
+        out.malformed.sort(key=lambda m: m.row or 0)
+        return out
+
+    def _decode_python(self, msgs: Sequence[tuple[int, bytes | None, int]]) -> RawBatch:
         bad: list[Malformed] = []
         objs: list[tuple[int, dict, str | None]] = []  # offset, record, token it was sealed for
         sealed: list[tuple[int, str, bytes, bytes]] = []  # offset, token, blob, raw message
@@ -246,9 +274,89 @@ class _Decoder:
                 objs.append((off, obj, None))
             except Exception as exc:  # noqa: BLE001 - a poison message is quarantined, never stops the stream
                 bad.append(Malformed(off, self._text(value or b""), f"could not be decoded ({type(exc).__name__})"))
-        objs.extend(self._open(sealed, bad))
+        objs.extend(self._check_opened(self._open(sealed, bad), bad))
         objs.sort(key=lambda o: o[0])
         return self._rows(objs, bad)
+
+    def _decode_native(self, msgs: Sequence[tuple[int, bytes | None, int]]) -> RawBatch | None:
+        """The same batch through the native core; the messages it cannot be sure of go through
+        :meth:`_decode_python`, so every reason to quarantine is the Python decoder's. None when
+        the core is absent."""
+        values = pa.array([m[1] for m in msgs], pa.binary())
+        got = native.json_records(values, self.lookup_lower, len(self.names), drop_unknown=self.drop_unknown,
+                                  envelope=ENVELOPE, max_bytes=self.max_bytes)
+        if got is None:
+            return None
+        kinds, cols, toks, blobs = got
+        offsets = pa.array([m[0] for m in msgs], pa.int64())
+        if self.sealed_required:
+            kinds = np.where(kinds == native.RECORD, native.PYTHON, kinds)
+        pieces: list[tuple[pa.Table, pa.Array]] = []
+        rec = kinds == native.RECORD
+        if rec.any():
+            mask = pa.array(rec)
+            pieces.append((pa.table([c.filter(mask) for c in cols], names=self.names), offsets.filter(mask)))
+        by_python = list(np.flatnonzero(kinds == native.PYTHON))
+        env = np.flatnonzero(kinds == native.ENVELOPE)
+        bad: list[Malformed] = []
+        if len(env):
+            mask = pa.array(kinds == native.ENVELOPE)
+            env_toks, env_blobs, env_offs = toks.filter(mask), blobs.filter(mask), offsets.filter(mask)
+            try:
+                plain = self.ws.keyring.open_arrow(env_blobs, env_toks, dataset=seal_dataset(self.dataset),
+                                                   column=SEAL_COLUMN)
+            except Exception:  # noqa: BLE001 - one that does not open: the Python decoder names it
+                by_python.extend(env.tolist())
+            else:
+                pieces.extend(self._opened_native(plain, env_toks, env_offs, env, msgs, bad))
+        if by_python:
+            py = self._decode_python([msgs[i] for i in sorted(by_python)])
+            pieces.append((py.table, py.offsets))
+            bad.extend(py.malformed)
+        if not pieces:
+            return RawBatch(pa.table({n: pa.array([], pa.string()) for n in self.names}), 0, bad,
+                            offsets=pa.array([], pa.int64()))
+        tbl = pa.concat_tables([t for t, _ in pieces])
+        offs = pa.concat_arrays([o for _, o in pieces])
+        order = pc.sort_indices(offs)
+        return RawBatch(tbl.take(order), 0, bad, offsets=offs.take(order))
+
+    def _opened_native(self, plain: pa.Array, toks: pa.Array, offs: pa.Array, rows: np.ndarray,
+                       msgs: Sequence[tuple[int, bytes | None, int]], bad: list[Malformed]
+                       ) -> list[tuple[pa.Table, pa.Array]]:
+        """Opened envelopes' records into columns; each must name the subject it was sealed for."""
+        kinds, cols, _t, _b = native.json_records(plain, self.lookup_lower, len(self.names),  # type: ignore[misc]
+                                                  drop_unknown=self.drop_unknown)
+        ok = kinds == native.RECORD  # a fresh array: marked below
+        subject = self.lookup_lower.get(self.policy.subject_key.lower())
+        if subject is None:
+            ok[:] = False  # the subject's field is not a column: the Python check finds it
+        if ok.any():
+            ids = cols[subject]
+            stripped = pc.utf8_trim_whitespace(ids)
+            named = pc.and_(pc.is_valid(ids), pc.not_equal(stripped, "")).fill_null(False)
+            named_np = np.asarray(named.to_numpy(zero_copy_only=False)) & ok
+            if named_np.any():
+                sel = pa.array(named_np)
+                actual = self.ws.keyring.store.subject_keys(ids.filter(sel), create=False).tokens
+                same = pc.equal(actual, toks.filter(sel)).fill_null(False).to_numpy(zero_copy_only=False)
+                wrong = np.flatnonzero(named_np)[~same]
+                ok[wrong] = False  # the Python check names them
+        slow = np.flatnonzero(~ok)
+        if len(slow):
+            opened = [(msgs[rows[i]][0], toks[i].as_py(), plain[i].as_py(), msgs[rows[i]][1]) for i in slow]
+            objs = self._check_opened(opened, bad)
+            if objs:
+                rb = self._rows(sorted(objs, key=lambda o: o[0]), bad)
+                extra = [(rb.table, rb.offsets)]
+            else:
+                extra = []
+        else:
+            extra = []
+        if not ok.any():
+            return extra
+        mask = pa.array(ok)
+        return [(pa.table([c.filter(mask) for c in cols], names=self.names), offs.filter(mask)), *extra]
 
     @staticmethod
     def _envelope(obj: dict) -> tuple[str, bytes] | None:
@@ -262,7 +370,8 @@ class _Decoder:
         except ValueError:
             return None
 
-    def _open(self, sealed: list[tuple[int, str, bytes, bytes]], bad: list[Malformed]) -> list[tuple[int, dict, str]]:
+    def _open(self, sealed: list[tuple[int, str, bytes, bytes]], bad: list[Malformed]) -> list[tuple[int, str, bytes, bytes]]:
+        """Open sealed envelopes: ``(offset, token, record bytes, raw message)`` for those that open."""
         if not sealed:
             return []
         ring, ds = self.ws.keyring, seal_dataset(self.dataset)
@@ -286,6 +395,13 @@ class _Decoder:
                        else "unknown subject token" if err == "KeyManagementError" else "tampered, or sealed for another dataset")
                 bad.append(Malformed(off, self._text(raw), f"sealed record cannot be opened: {why}"))
                 continue
+            out.append((off, tok, p, raw))
+        return out
+
+    def _check_opened(self, opened: list[tuple[int, str, bytes, bytes]], bad: list[Malformed]) -> list[tuple[int, dict, str]]:
+        """Opened records as objects; each must be a JSON object naming the subject it was sealed for."""
+        out = []
+        for off, tok, p, raw in opened:
             try:
                 obj = json.loads(p)
             except ValueError:
@@ -296,22 +412,33 @@ class _Decoder:
                 continue
             out.append((off, obj, tok))
         # A record sealed for one subject but naming another would escape the named subject's erasure.
+        # The subject's field is found as every field is (stripped, any case).
         key = self.policy.subject_key
         ids = []
         for _off, obj, _tok in out:
-            v = next((obj[k] for k in obj if k.lower() == key), None)
-            ids.append(None if v is None or isinstance(v, (dict, list)) else str(v).strip() or None)
+            v = next((obj[k] for k in obj if k.strip().lower() == key.lower()), None)
+            ids.append(None if v is None or isinstance(v, (dict, list)) else self._scalar(v).strip() or None)
         known = [i for i in ids if i is not None]
         toks = iter(self.ws.keyring.tokens_for(known, create=False)) if known else iter(())
         kept = []
         for (off, obj, tok), sid in zip(out, ids):
             actual = next(toks) if sid is not None else None
             if sid is not None and actual != tok:
-                bad.append(Malformed(off, json.dumps(obj, default=str, ensure_ascii=False),
+                bad.append(Malformed(off, self._dump(obj),
                                      f"sealed for another subject than its {key}"))
                 continue
             kept.append((off, obj, tok))
         return kept
+
+    @staticmethod
+    def _scalar(v: Any) -> str:
+        return "true" if v is True else "false" if v is False else str(v)
+
+    @staticmethod
+    def _dump(obj: dict) -> str:
+        """A record as JSON text for the quarantine, escaped where it holds a lone surrogate."""
+        text = json.dumps(obj, default=str, ensure_ascii=False)
+        return text if _utf8(text) else json.dumps(obj, default=str)
 
     def _rows(self, objs: list[tuple[int, dict, str | None]], bad: list[Malformed]) -> RawBatch:
         cols: dict[str, list[str | None]] = {n: [] for n in self.names}
@@ -327,15 +454,20 @@ class _Decoder:
                         continue
                     if isinstance(v, (dict, list)):
                         raise TypeError
-                    row[name] = None if v is None else ("true" if v is True else "false" if v is False else str(v))
+                    row[name] = None if v is None else self._scalar(v)
             except TypeError:
-                bad.append(Malformed(off, json.dumps(obj, default=str, ensure_ascii=False),
+                bad.append(Malformed(off, self._dump(obj),
                                      "nested objects or arrays are not allowed"))
                 continue
             if unknown and not self.drop_unknown:
                 shown = ", ".join(repr(u)[:40] for u in unknown[:5])
-                bad.append(Malformed(off, json.dumps(obj, default=str, ensure_ascii=False),
+                bad.append(Malformed(off, self._dump(obj),
                                      f"unexpected field(s) {shown} (contract.unknown_columns: reject)"))
+                continue
+            broken = next((n for n, t in row.items() if t is not None and not t.isascii() and not _utf8(t)), None)
+            if broken is not None:  # "\ud800" is valid JSON, but no text: it would stop the batch
+                bad.append(Malformed(off, self._dump(obj),
+                                     f"field '{broken}' is not valid Unicode text (an unpaired surrogate escape)"))
                 continue
             for n in self.names:
                 cols[n].append(row.get(n))

@@ -9,7 +9,9 @@ toolchain, or ``LAKEWARDEN_NATIVE=0``) the same functions run on the pure-Python
 known answers in ``tests/fixtures/crypto_vectors.json``, and that each opens what the other sealed.
 
 Functions here are primitives for the key store and key ring; they know nothing about subjects'
-lifecycles. Use :class:`~governance.keys.KeyRing` for data.
+lifecycles. Use :class:`~governance.keys.KeyRing` for data. One more batch primitive lives here
+because it shares the plumbing: :func:`json_records`, the stream decoder's native fast path
+(native only; the Python decoder in :mod:`lakehouse.stream` is its reference).
 """
 
 from __future__ import annotations
@@ -330,6 +332,35 @@ def _by_row(keys: bytes, key_index: pa.Array, tokens: pa.Array, values: pa.Array
     return pa.array(out, pa.binary())
 
 
+# ---------------------------------------------------------------------- stream messages
+
+#: kinds :func:`json_records` gives each message
+RECORD, ENVELOPE, PYTHON = 0, 1, 2
+
+
+def json_records(messages: pa.Array, lookup: dict[str, int], ncols: int, *, drop_unknown: bool,
+                 envelope: str | None = None, max_bytes: int | None = None
+                 ) -> tuple[np.ndarray, list[pa.Array], pa.Array, pa.Array] | None:
+    """Decode a column of JSON messages (binary; null = a tombstone) natively, or None without the core.
+
+    ``lookup`` maps each field name, lower-cased, to its column (of ``ncols``). Returns each
+    message's kind (:data:`RECORD`, :data:`ENVELOPE`, or :data:`PYTHON`: the Python decoder must
+    decide it, with its reason), the ``ncols`` text columns (set for records; a value is the text
+    ``str()`` gives what ``json.loads`` returns), and the envelopes' subject tokens (string) and
+    base64-decoded blobs (binary), set for envelopes. Unknown fields are dropped with
+    ``drop_unknown``, else the message is Python's; with ``envelope`` (the format tag) an object
+    with a top-level ``lakewarden`` key is an envelope; a message over ``max_bytes`` is Python's.
+    """
+    if _native is None:
+        return None
+    arr = _binary(messages)
+    n = len(arr)
+    kinds, cols, toks, blobs = _native.json_records(_col(arr), lookup, ncols, drop_unknown, envelope,
+                                                     (1 << 62) if max_bytes is None else max_bytes)
+    return (np.frombuffer(kinds, dtype=np.uint8), [_from_parts(pa.string(), n, c) for c in cols],
+            _from_parts(pa.string(), n, toks), _from_parts(pa.binary(), n, blobs))
+
+
 # ---------------------------------------------------------------------- content hashing
 
 
@@ -370,4 +401,4 @@ class Hasher:
         return self._n.hexdigest() if self._n is not None else self._h.hexdigest()  # type: ignore[union-attr]
 
 
-__all__ = ["Hasher", "backend", "blind_indexes", "new_tokens", "open_column", "seal_column", "unwrap_keys", "wrap_keys"]
+__all__ = ["Hasher", "backend", "blind_indexes", "json_records", "new_tokens", "open_column", "seal_column", "unwrap_keys", "wrap_keys"]

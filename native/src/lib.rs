@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, Zeroizing};
 
 mod keystore;
+mod records;
 
 pub(crate) const KEY: usize = 32;
 pub(crate) const NONCE: usize = 12;
@@ -35,7 +36,7 @@ pub(crate) const CHUNK: usize = 8192; // rows per parallel task
 
 /// The characters Python's `str.strip()` removes (`str.isspace()`), so a subject id is normalised
 /// exactly as the key store's Python path does it.
-const PY_WHITESPACE: &[char] = &[
+pub(crate) const PY_WHITESPACE: &[char] = &[
     '\u{9}', '\u{a}', '\u{b}', '\u{c}', '\u{d}', '\u{1c}', '\u{1d}', '\u{1e}', '\u{1f}', '\u{20}',
     '\u{85}', '\u{a0}', '\u{1680}', '\u{2000}', '\u{2001}', '\u{2002}', '\u{2003}', '\u{2004}',
     '\u{2005}', '\u{2006}', '\u{2007}', '\u{2008}', '\u{2009}', '\u{200a}', '\u{2028}', '\u{2029}',
@@ -722,6 +723,7 @@ fn lakewarden_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unwrap_keys, m)?)?;
     m.add_function(wrap_pyfunction!(seal_column, m)?)?;
     m.add_function(wrap_pyfunction!(open_column, m)?)?;
+    m.add_function(wrap_pyfunction!(records::json_records, m)?)?;
     m.add_class::<Hasher>()?;
     keystore::register(m)?;
     Ok(())
