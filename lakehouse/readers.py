@@ -226,6 +226,15 @@ def _scalar(v: object) -> str | None:
     return str(v)
 
 
+def utf8_encodable(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (JSON's "\\ud800" escapes decode to text that cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _jsonl(path: Path, batch_rows: int) -> Iterator[RawBatch]:
     names = header(path)
     cols: dict[str, list[str | None]] = {n: [] for n in names}
@@ -263,13 +272,17 @@ def _jsonl(path: Path, batch_rows: int) -> Iterator[RawBatch]:
                 bad.append(Malformed(lineno, raw.decode("utf-8", "replace"), f"unexpected field(s) {', '.join(extra[:5])}"))
                 continue
             try:
-                for n in names:
-                    cols[n].append(_scalar(obj.get(n)))
+                vals = [_scalar(obj.get(n)) for n in names]
             except TypeError:
-                for n in names:  # undo the partial row
-                    del cols[n][count:]
                 bad.append(Malformed(lineno, raw.decode("utf-8", "replace"), "nested objects or arrays are not allowed"))
                 continue
+            broken = next((n for n, v in zip(names, vals) if v is not None and not v.isascii() and not utf8_encodable(v)), None)
+            if broken is not None:  # "\ud800" is valid JSON, but decodes to text no file can hold
+                bad.append(Malformed(lineno, raw.decode("utf-8", "replace"),
+                                     f"field '{broken}' is not valid Unicode text (an unpaired surrogate escape)"))
+                continue
+            for n, v in zip(names, vals):
+                cols[n].append(v)
             count += 1
             if count >= batch_rows:
                 yield flush()

@@ -65,7 +65,7 @@ from governance.workspace import Workspace
 from lakehouse.catalog import Catalog, TableRef
 from lakehouse.errors import StreamError
 from lakehouse.ingest import LEDGER, FileReport, Ingestor, default_batch_rows
-from lakehouse.readers import Malformed, RawBatch
+from lakehouse.readers import Malformed, RawBatch, utf8_encodable
 from lakehouse.validate import plan_shape
 
 ENVELOPE = "sealed/v1"
@@ -189,15 +189,6 @@ class SealedProducer:
 
 
 # ---------------------------------------------------------------------------------- decoding
-
-
-def _utf8(text: str) -> bool:
-    """Whether ``text`` can be written as UTF-8 (JSON's "\\ud800" escapes decode to text that cannot)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class _Decoder:
@@ -438,7 +429,7 @@ class _Decoder:
     def _dump(obj: dict) -> str:
         """A record as JSON text for the quarantine, escaped where it holds a lone surrogate."""
         text = json.dumps(obj, default=str, ensure_ascii=False)
-        return text if _utf8(text) else json.dumps(obj, default=str)
+        return text if utf8_encodable(text) else json.dumps(obj, default=str)
 
     def _rows(self, objs: list[tuple[int, dict, str | None]], bad: list[Malformed]) -> RawBatch:
         cols: dict[str, list[str | None]] = {n: [] for n in self.names}
@@ -464,7 +455,7 @@ class _Decoder:
                 bad.append(Malformed(off, self._dump(obj),
                                      f"unexpected field(s) {shown} (contract.unknown_columns: reject)"))
                 continue
-            broken = next((n for n, t in row.items() if t is not None and not t.isascii() and not _utf8(t)), None)
+            broken = next((n for n, t in row.items() if t is not None and not t.isascii() and not utf8_encodable(t)), None)
             if broken is not None:  # "\ud800" is valid JSON, but no text: it would stop the batch
                 bad.append(Malformed(off, self._dump(obj),
                                      f"field '{broken}' is not valid Unicode text (an unpaired surrogate escape)"))

@@ -199,11 +199,14 @@ def test_short_and_long_rows_are_quarantined(workspace: Workspace, tmp_path: Pat
 def test_jsonl_bad_lines(workspace: Workspace, tmp_path: Path):
     p = tmp_path / "j.jsonl"
     good = person(1)
-    p.write_text("\n".join([json.dumps(good), "{not json", json.dumps([1, 2]), json.dumps({**person(2), "name": {"first": "x"}})]) + "\n")
+    lone = json.dumps({**person(3), "name": "x"}).replace('"x"', '"\\ud800"')  # valid JSON, no text
+    p.write_text("\n".join([json.dumps(good), "{not json", json.dumps([1, 2]), json.dumps({**person(2), "name": {"first": "x"}}),
+                            lone]) + "\n")
     rep = run(workspace, p)
-    assert rep.rows_read == 4 and rep.rows_accepted == 1
+    assert rep.rows_read == 5 and rep.rows_accepted == 1
     assert set(rep.reasons) == {"invalid JSON (Expecting property name enclosed in double quotes)",
-                                "a JSON line must be an object", "nested objects or arrays are not allowed"}
+                                "a JSON line must be an object", "nested objects or arrays are not allowed",
+                                "field 'name' is not valid Unicode text (an unpaired surrogate escape)"}
 
 
 def test_parquet_with_wrong_values(workspace: Workspace, tmp_path: Path):
