@@ -135,7 +135,7 @@ class SealedProducer:
 
     def _subject_id(self, i: int, rec: Mapping[str, Any]) -> str:
         for k, v in rec.items():
-            if k.lower() == self._key and v is not None and str(v).strip():
+            if k.strip().lower() == self._key.lower() and v is not None and str(v).strip():
                 return str(v).strip()
         raise StreamError(f"record {i}: no subject key '{self._key}': a record can only be sealed for its subject")
 

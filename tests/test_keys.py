@@ -695,3 +695,20 @@ def test_a_schema_1_store_keeps_its_random_tokens_and_every_operation(store_path
         assert ring.rotate_kek(LocalKek(KEK_B, source="b")) == 2 + 1  # 2 live DEKs + blind-index
     assert raw_rows(store_path, "PRAGMA user_version") == [(1,)]  # not migrated
     assert raw_rows(store_path, "SELECT count(*) FROM meta WHERE name='subject-token'") == [(0,)]
+
+
+def test_token_ids_in_bulk_read_every_token_as_one_at_a_time_does():
+    """The numpy path of wire.token_ids (64 tokens or more) against its per-token reference."""
+    import random
+
+    from governance.keys import wire
+
+    key, other = bytes(range(32)), bytes(range(1, 33))
+    toks = wire.derived_tokens(key, [*range(1, 500), 2**63 + 5, 2**64 - 1])
+    odd = ["sub_" + "a" * 26, "sub_" + "1" * 26, "sub_" + "é" * 26, "sub_" + "ß" * 26, None, 5, "x" * 30,
+           "sub_short", wire.derived_tokens(other, [7])[0], "sub_" + toks[0][4:].upper()]
+    mixed = toks + odd
+    random.Random(3).shuffle(mixed)
+    one_by_one = [i for t in mixed for i in wire.token_ids(key, [t])]
+    assert wire.token_ids(key, mixed) == one_by_one
+    assert sorted(i for i in one_by_one if i is not None) == sorted([*range(1, 500), 2**63 + 5, 2**64 - 1, 1])

@@ -142,6 +142,8 @@ def token_ids(key: bytes, tokens: list[str]) -> list[int | None]:
     token, another store's). The caller still compares the stored token with the given one."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+    if len(tokens) >= 64:
+        return _token_ids_bulk(key, tokens)
     out: list[int | None] = [None] * len(tokens)
     blocks, where = [], []
     for i, t in enumerate(tokens):
@@ -160,4 +162,38 @@ def token_ids(key: bytes, tokens: list[str]) -> list[int | None]:
         block = raw[16 * j : 16 * (j + 1)]
         if block[:8] == TOKEN_MAGIC:
             out[i] = int.from_bytes(block[8:], "big")
+    return out
+
+
+_B32 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+
+
+def _token_ids_bulk(key: bytes, tokens: list[str]) -> list[int | None]:
+    """:func:`token_ids` with no Python per token past the first checks: base32 with numpy, one
+    AES-ECB pass. Same result, token for token (tests compare the two)."""
+    import numpy as np
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    out: list[int | None] = [None] * len(tokens)
+    where = [i for i, t in enumerate(tokens)
+             if isinstance(t, str) and len(t) == 30 and t.startswith(TOKEN_PREFIX) and t.isascii()]
+    if not where:
+        return out
+    body = "".join(tokens[i][4:] for i in where).upper().encode("ascii")
+    lut = np.full(256, 255, dtype=np.uint8)
+    lut[np.frombuffer(_B32, dtype=np.uint8)] = np.arange(32, dtype=np.uint8)
+    vals = lut[np.frombuffer(body, dtype=np.uint8).reshape(len(where), 26)]
+    good = (vals != 255).all(axis=1)
+    # 26 characters of 5 bits: 130 bits, of which the first 128 are the block (as b32decode reads them)
+    bits = np.unpackbits(vals[good][:, :, None], axis=2)[:, :, 3:].reshape(-1, 130)[:, :128]
+    blocks = np.packbits(bits, axis=1)
+    if not len(blocks):
+        return out
+    dec = Cipher(algorithms.AES(key), modes.ECB()).decryptor()
+    raw = np.frombuffer(dec.update(blocks.tobytes()) + dec.finalize(), dtype=np.uint8).reshape(-1, 16)
+    magic = (raw[:, :8] == np.frombuffer(TOKEN_MAGIC, dtype=np.uint8)).all(axis=1)
+    ids = raw[:, 8:].copy().view(">u8").ravel()
+    for i, m, v in zip(np.asarray(where)[good].tolist(), magic.tolist(), ids.tolist()):
+        if m:
+            out[i] = v
     return out
