@@ -47,6 +47,7 @@ import os
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -622,6 +623,7 @@ class StreamIngest:
         self._to_commit: dict[int, int] = {}  # partition -> next offset, for the broker's group offsets
         self._first_record: float | None = None
         self._last_commit: float | None = None
+        self._inflight: tuple[int, list, float | None, Future] | None = None  # closed, being decoded and checked
         self.metrics = _Metrics(dataset, topic, metrics_port)
         self.conf = {
             **client_options(ws, bootstrap), "group.id": group or f"lakewarden.{dataset}",
@@ -718,6 +720,7 @@ class StreamIngest:
             st = self.parts.get(tp.partition)
             if st is not None and st.msgs and st.force_end is None:
                 self._close(tp.partition)
+        self._drain()
         self.ing.wait()
         self._commit_offsets()
         for tp in partitions:
@@ -726,6 +729,8 @@ class StreamIngest:
     def _on_lost(self, consumer: Any, partitions: list) -> None:
         for tp in partitions:  # another consumer owns them now: what is buffered is its to replay
             self.parts.pop(tp.partition, None)
+            if self._inflight is not None and self._inflight[0] == tp.partition:
+                self._inflight = None
 
     # -- batches ----------------------------------------------------------------------
     def _due(self, st: _Part, now: float) -> bool:
@@ -736,14 +741,35 @@ class StreamIngest:
         return len(st.msgs) >= self.batch_records or (now - (st.opened or now)) >= self.batch_seconds
 
     def _close(self, p: int) -> None:
+        """Close partition ``p``'s open batch: it is decoded and checked in the pool while this
+        thread goes on consuming, then finished (protected, committed) in the order batches
+        closed. At most one batch is in flight: the one before is finished first."""
         st = self.parts[p]
         msgs, opened = st.msgs, st.opened
         st.msgs, st.opened, st.force_end = [], None, None
+        prepared = self.ing._pool.submit(self._prepare, msgs)
+        before, self._inflight = self._inflight, (p, msgs, opened, prepared)
+        if before is not None:
+            self._finish(*before)
+
+    def _drain(self, *, only_done: bool = False) -> None:
+        """Finish the batch in flight (with ``only_done``, only when its decode and check are done)."""
+        if self._inflight is not None and (not only_done or self._inflight[3].done()):
+            before, self._inflight = self._inflight, None
+            self._finish(*before)
+
+    def _prepare(self, msgs: list[tuple[int, bytes | None, int]]) -> tuple[RawBatch, Any]:
+        raw = self.decoder.decode(msgs)
+        return raw, self.ing._check(raw, self.plan)
+
+    def _finish(self, p: int, msgs: list[tuple[int, bytes | None, int]], opened: float | None,
+                prepared: Future) -> None:
         first, last = msgs[0][0], msgs[-1][0]
         bid = batch_id(self.dataset, self.topic, p, last)
-        raw = self.decoder.decode(msgs)
+        raw, checked_out = prepared.result()
+        checked: Future = Future()
+        checked.set_result(checked_out)
         frep = FileReport(source=self._source(p))
-        checked = self.ing._pool.submit(self.ing._check, raw, self.plan)
         txn = Transaction(app_id(self.dataset, self.topic, p), last)
         stamps = np.fromiter((m[2] for m in msgs), dtype=np.float64, count=len(msgs))
 
@@ -830,38 +856,43 @@ class StreamIngest:
                     break
                 msgs = self.consumer.consume(num_messages=min(self.batch_records, 10_000), timeout=0.1)
                 now = self.clock()
-                for m in msgs:
+                parts, batch_records = self.parts, self.batch_records
+                for m in msgs:  # per record: kept lean, it runs for every message
                     err = m.error()
-                    p = m.partition()
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
-                            if p in self.parts:
-                                self.parts[p].eof = True
+                            if m.partition() in parts:
+                                parts[m.partition()].eof = True
                             continue
                         if err.fatal():
                             raise StreamError(f"the Kafka client failed: {err.str()}")
                         continue  # transient: librdkafka retries
-                    st = self.parts.get(p)
+                    p = m.partition()
+                    st = parts.get(p)
                     if st is None:
                         continue  # revoked meanwhile
-                    if st.committed is not None and m.offset() <= st.committed:
+                    off = m.offset()
+                    if st.committed is not None and off <= st.committed:
                         continue  # already in the tables (a seek raced a fetch)
                     st.eof = False
                     if self._first_record is None:
                         self._first_record = now
-                    if st.force_end is not None and m.offset() > st.force_end:
+                    end = st.force_end
+                    if end is not None and off > end:
                         # The crashed batch's last records are gone (retention): close what is there.
                         if st.msgs:
                             self._close(p)
-                        st.force_end = None
-                    if not st.msgs:
+                        st.force_end = end = None
+                    buf = st.msgs
+                    if not buf:
                         st.opened = now
-                    st.msgs.append((m.offset(), m.value(), m.timestamp()[1]))
-                    if (m.offset() >= st.force_end) if st.force_end is not None else len(st.msgs) >= self.batch_records:
+                    buf.append((off, m.value(), m.timestamp()[1]))
+                    if (off >= end) if end is not None else len(buf) >= batch_records:
                         self._close(p)
                 for p, st in list(self.parts.items()):
                     if self._due(st, now):
                         self._close(p)
+                self._drain(only_done=True)
                 self._commit_offsets()
                 if now >= next_lag:
                     self._update_lag()
@@ -871,7 +902,7 @@ class StreamIngest:
                 caught_up = self.parts and all(st.eof for st in self.parts.values())
                 if until_idle is not None:
                     pending = self.ing._pending
-                    if caught_up and (pending is None or pending.done()):
+                    if caught_up and self._inflight is None and (pending is None or pending.done()):
                         idle_since = now if idle_since is None else idle_since
                         if now - idle_since >= until_idle:
                             self.report.stopped = f"caught up, idle {until_idle:g}s"
@@ -882,6 +913,7 @@ class StreamIngest:
             for p, st in list(self.parts.items()):
                 if st.msgs and (st.force_end is None or st.msgs[-1][0] >= st.force_end):
                     self._close(p)
+            self._drain()
             self.ing.wait()
             self._commit_offsets()
             self._update_lag()
