@@ -274,12 +274,12 @@ class _Decoder:
         """The same batch through the native core; the messages it cannot be sure of go through
         :meth:`_decode_python`, so every reason to quarantine is the Python decoder's. None when
         the core is absent."""
-        values = pa.array([m[1] for m in msgs], pa.binary())
-        got = native.json_records(values, self.lookup_lower, len(self.names), drop_unknown=self.drop_unknown,
-                                  envelope=ENVELOPE, max_bytes=self.max_bytes)
-        if got is None:
+        if native.backend() != "native":
             return None
-        kinds, cols, toks, blobs = got
+        values = pa.array([m[1] for m in msgs], pa.binary())
+        kinds, cols, toks, blobs = native.json_records(  # type: ignore[misc]
+            values, self.lookup_lower, len(self.names), drop_unknown=self.drop_unknown, envelope=ENVELOPE,
+            max_bytes=self.max_bytes)
         offsets = pa.array([m[0] for m in msgs], pa.int64())
         if self.sealed_required:
             kinds = np.where(kinds == native.RECORD, native.PYTHON, kinds)
@@ -334,21 +334,16 @@ class _Decoder:
                 same = pc.equal(actual, toks.filter(sel)).fill_null(False).to_numpy(zero_copy_only=False)
                 wrong = np.flatnonzero(named_np)[~same]
                 ok[wrong] = False  # the Python check names them
-        slow = np.flatnonzero(~ok)
-        if len(slow):
-            opened = [(msgs[rows[i]][0], toks[i].as_py(), plain[i].as_py(), msgs[rows[i]][1]) for i in slow]
-            objs = self._check_opened(opened, bad)
-            if objs:
-                rb = self._rows(sorted(objs, key=lambda o: o[0]), bad)
-                extra = [(rb.table, rb.offsets)]
-            else:
-                extra = []
-        else:
-            extra = []
-        if not ok.any():
-            return extra
-        mask = pa.array(ok)
-        return [(pa.table([c.filter(mask) for c in cols], names=self.names), offs.filter(mask)), *extra]
+        out = []
+        if ok.any():
+            mask = pa.array(ok)
+            out.append((pa.table([c.filter(mask) for c in cols], names=self.names), offs.filter(mask)))
+        opened = [(msgs[rows[i]][0], toks[i].as_py(), plain[i].as_py(), msgs[rows[i]][1]) for i in np.flatnonzero(~ok)]
+        objs = self._check_opened(opened, bad)
+        if objs:
+            rb = self._rows(sorted(objs, key=lambda o: o[0]), bad)
+            out.append((rb.table, rb.offsets))
+        return out
 
     @staticmethod
     def _envelope(obj: dict) -> tuple[str, bytes] | None:
