@@ -216,7 +216,8 @@ def _parquet(path: Path, batch_rows: int) -> Iterator[RawBatch]:
         raise IngestError(f"{path.name}: the Parquet file is damaged near row {row} ({_first_line(exc)})") from None
 
 
-def _scalar(v: object) -> str | None:
+def json_text(v: object) -> str | None:
+    """A JSON value (as ``json.loads`` gives it) as ingest text; nested values raise TypeError."""
     if v is None:
         return None
     if isinstance(v, bool):
@@ -272,7 +273,7 @@ def _jsonl(path: Path, batch_rows: int) -> Iterator[RawBatch]:
                 bad.append(Malformed(lineno, raw.decode("utf-8", "replace"), f"unexpected field(s) {', '.join(extra[:5])}"))
                 continue
             try:
-                vals = [_scalar(obj.get(n)) for n in names]
+                vals = [json_text(obj.get(n)) for n in names]
             except TypeError:
                 bad.append(Malformed(lineno, raw.decode("utf-8", "replace"), "nested objects or arrays are not allowed"))
                 continue

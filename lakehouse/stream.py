@@ -66,7 +66,7 @@ from governance.workspace import Workspace
 from lakehouse.catalog import Catalog, TableRef
 from lakehouse.errors import StreamError
 from lakehouse.ingest import LEDGER, FileReport, Ingestor, default_batch_rows
-from lakehouse.readers import Malformed, RawBatch, utf8_encodable
+from lakehouse.readers import Malformed, RawBatch, json_text, utf8_encodable
 from lakehouse.validate import plan_shape
 
 ENVELOPE = "sealed/v1"
@@ -404,7 +404,7 @@ class _Decoder:
         ids = []
         for _off, obj, _tok in out:
             v = next((obj[k] for k in obj if k.strip().lower() == key.lower()), None)
-            ids.append(None if v is None or isinstance(v, (dict, list)) else self._scalar(v).strip() or None)
+            ids.append(None if v is None or isinstance(v, (dict, list)) else (json_text(v) or "").strip() or None)
         known = [i for i in ids if i is not None]
         toks = iter(self.ws.keyring.tokens_for(known, create=False)) if known else iter(())
         kept = []
@@ -416,10 +416,6 @@ class _Decoder:
                 continue
             kept.append((off, obj, tok))
         return kept
-
-    @staticmethod
-    def _scalar(v: Any) -> str:
-        return "true" if v is True else "false" if v is False else str(v)
 
     @staticmethod
     def _dump(obj: dict) -> str:
@@ -439,9 +435,7 @@ class _Decoder:
                     if name is None:
                         unknown.append(k)
                         continue
-                    if isinstance(v, (dict, list)):
-                        raise TypeError
-                    row[name] = None if v is None else self._scalar(v)
+                    row[name] = json_text(v)  # TypeError: nested
             except TypeError:
                 bad.append(Malformed(off, self._dump(obj),
                                      "nested objects or arrays are not allowed"))
