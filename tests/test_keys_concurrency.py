@@ -60,3 +60,46 @@ def test_two_writers_creating_the_same_new_subjects_yield_one_key_each(tmp_path:
         assert db.execute("SELECT count(*), count(DISTINCT blind_index) FROM subjects").fetchone() == (len(every),) * 2
     shared = set(deks_a) & set(deks_b)
     assert shared and all(deks_a[t] == deks_b[t] for t in shared)
+
+
+BULK = 3000  # ids per bulk call: enough for the native path's sampled "new people" insert
+
+
+def _bulk_worker(path: str, reverse: bool, barrier, out) -> None:  # noqa: ANN001 - multiprocessing objects
+    import pyarrow as pa
+
+    got: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    with KeyStore(path, kek_from_env(VAR)) as store:
+        for r in range(3):
+            # round 0: all new; round 1: all new again but other ids; round 2: half known
+            start = (0, BULK, BULK + BULK // 2)[r]
+            ids = [f"bulk-{i:06d}" for i in range(start, start + BULK)]
+            ids = ids[::-1] if reverse else ids
+            barrier.wait(timeout=60)
+            res = store.subject_keys(pa.array(ids), keys=True)
+            got.update(zip(ids, res.tokens.to_pylist()))
+            keys.update((i, res.keys[j * 32 : (j + 1) * 32].hex()) for j, i in enumerate(ids))
+    out.put((got, keys))
+
+
+def test_two_bulk_writers_creating_the_same_new_subjects_yield_one_key_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The bulk path (ingest's): same ids at once from two processes, whole batches new."""
+    monkeypatch.setenv(VAR, generate_kek_b64())
+    path = tmp_path / "keys.db"
+    KeyStore(path, kek_from_env(VAR)).close()
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_bulk_worker, args=(str(path), rev, barrier, out)) for rev in (False, True)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (a, ka), (b, kb) = results
+    assert a == b and ka == kb, "the two writers got different tokens or keys for the same subject"
+    every = BULK * 2 + BULK // 2
+    assert len(a) == len(set(a.values())) == every
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*), count(DISTINCT blind_index) FROM subjects").fetchone() == (every, every)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 from pathlib import Path
 
@@ -169,6 +170,30 @@ def test_subjects_made_by_one_path_are_found_by_the_other(store: KeyStore, creat
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_a_batch_of_mostly_new_people_keeps_the_few_it_already_knows(store: KeyStore, monkeypatch: pytest.MonkeyPatch):
+    # 3,000 ids of which 60 (2%) exist: the native path samples the batch, inserts first (OR
+    # IGNORE) and looks up what was not inserted; the known 60 keep their tokens and keys.
+    known = [f"k-{i:04d}" for i in range(60)]
+    before = store.subject_keys(pa.array(known), keys=True)
+    ids = known + [f"n-{i:05d}" for i in range(2940)] + known[:5]  # and a repeat within the batch
+    random.Random(7).shuffle(ids)
+    got = store.subject_keys(pa.array(ids), keys=True)
+    tok = dict(zip(ids, got.tokens.to_pylist()))
+    key = {i: got.keys[j * 32 : (j + 1) * 32] for j, i in enumerate(ids)}
+    assert [tok[i] for i in known] == before.tokens.to_pylist()
+    assert b"".join(key[i] for i in known) == before.keys
+    assert len(set(tok.values())) == 3000 and store.stats()["subjects"] == 3000
+    assert all(store.dek(tok[i]) == key[i] for i in ids[:50])
+    with monkeypatch.context() as m:  # the Python path finds the same tokens and keys
+        _python_path(m)
+        again = store.subject_keys(pa.array(ids), keys=True, create=False)
+    assert again.tokens.equals(got.tokens) and again.keys == got.keys
+    # tokens alone (from the blind-index index and the row id) agree, and nothing new is made
+    assert store.subject_keys(pa.array(ids)).tokens.equals(got.tokens)
+    assert store.stats()["subjects"] == 3000
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
 def test_the_native_path_writes_what_the_python_path_writes(store: KeyStore):
     tok = store.subject_keys(pa.array(["erin"])).tokens[0].as_py()
     con = sqlite3.connect(store.path)
@@ -192,7 +217,10 @@ def test_the_native_path_names_a_tampered_key_and_a_foreign_kek(store: KeyStore,
     con.commit()
     con.close()
     with pytest.raises(KeyManagementError, match="kek-other"):
-        store.subject_keys(pa.array(["frank"]))
+        store.subject_keys(pa.array(["frank"]), keys=True)
+    # Tokens alone do not involve the KEK (as on the Python path): in a schema-2 store they come
+    # from the blind-index index and the row id, without reading the row.
+    assert store.subject_keys(pa.array(["frank"])).tokens.to_pylist() == [tok]
     with pytest.raises(ValueError, match="position 1 is empty"):
         store.subject_keys(pa.array(["gina", "  "]))
 

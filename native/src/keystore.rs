@@ -16,7 +16,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use rayon::prelude::*;
 use aes::cipher::{generic_array::GenericArray, BlockEncrypt, KeyInit};
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 use std::time::Duration;
 use zeroize::Zeroizing;
 
@@ -145,28 +145,28 @@ fn resolve_subjects(
         let m = uniq.len();
         let mut conn = open(&db, timeout_ms)?;
         let tx = conn.transaction_with_behavior(if create { TransactionBehavior::Immediate } else { TransactionBehavior::Deferred })?;
-        // 1. Look every distinct id up, in blind-index order (in-order index probes).
-        let mut slots: Vec<Slot> = Vec::with_capacity(m);
-        {
-            let mut sel = tx.prepare("SELECT token, wrapped_dek, kek_id FROM subjects WHERE blind_index = ?1")?;
-            for &i in &uniq {
-                let row: Option<(String, Vec<u8>, String)> = sel
-                    .query_row(params![&bis[i][..]], |r| Ok((r.get(0)?, if want_keys { r.get(1)? } else { Vec::new() }, r.get(2)?)))
-                    .optional()?;
-                match row {
-                    Some((tok, w, kid)) => {
-                        if kid != kek_id {
-                            return Err(Failure::ForeignKek(tok, kid));
-                        }
-                        let t: [u8; TOKEN_LEN] = tok
-                            .as_bytes()
-                            .try_into()
-                            .map_err(|_| Failure::Sqlite(format!("token {tok:?} in the key store is malformed")))?;
-                        slots.push(Slot { token: t, wrapped: Some(w), known: true, created: false });
-                    }
-                    None => slots.push(Slot { token: [0; TOKEN_LEN], wrapped: None, known: false, created: false }),
-                }
+        // 1. Look the distinct ids up, in blind-index order (in-order index probes), one
+        //    statement for all of them (`lookup`). A batch of new people (a customers file) skips
+        //    most of that: when a sample of its ids is (nearly) all unknown, every id goes
+        //    straight to `INSERT OR IGNORE` and what was not inserted is looked up afterwards
+        //    (schema 2 only: new rows' ids are chosen before the insert, so they can be read back).
+        let mut slots: Vec<Slot> = (0..m)
+            .map(|_| Slot { token: [0; TOKEN_LEN], wrapped: None, known: false, created: false })
+            .collect();
+        let mut insert_first = false;
+        if create && token_cipher.is_some() && m >= 4 * SAMPLE {
+            let sample: Vec<usize> = (0..SAMPLE).map(|j| j * m / SAMPLE).collect();
+            let hits = lookup(&tx, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &sample, &mut slots)?;
+            insert_first = hits * 20 <= SAMPLE; // at most 5% known
+            if !insert_first {
+                let mut sampled = vec![false; m];
+                sample.iter().for_each(|&s| sampled[s] = true);
+                let rest: Vec<usize> = (0..m).filter(|&s| !sampled[s]).collect();
+                lookup(&tx, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &rest, &mut slots)?;
             }
+        } else if m > 0 {
+            let all: Vec<usize> = (0..m).collect();
+            lookup(&tx, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &all, &mut slots)?;
         }
         // 2. Create the missing ones: random tokens (sorted, so the token index is appended to in
         //    order too), random data keys, wrapped under the KEK with the token as associated data.
@@ -204,21 +204,58 @@ fn resolve_subjects(
                 })
                 .collect();
             let wrapped = parts.concat();
-            let mut ins = if token_cipher.is_some() {
-                tx.prepare("INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at, id) VALUES (?1,?2,?3,?4,?5,?6)")?
-            } else {
-                tx.prepare("INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?1,?2,?3,?4,?5)")?
-            };
+            // One INSERT ... SELECT for the whole batch (tokens, blind indexes and wrapped keys
+            // packed in blobs, sliced per row): 2.5x faster than a statement per subject.
+            let mut tok_packed = Vec::with_capacity(k * TOKEN_LEN);
+            let mut bi_packed = Vec::with_capacity(k * BI_LEN);
             for (j, &s) in missing.iter().enumerate() {
-                let token = std::str::from_utf8(&tokens[j]).expect("base32 is ASCII");
-                let w = &wrapped[j * WRAPPED..(j + 1) * WRAPPED];
-                if token_cipher.is_some() {
-                    ins.execute(params![token, &bis[uniq[s]][..], w, kek_id, now, first_id + j as i64])?;
-                } else {
-                    ins.execute(params![token, &bis[uniq[s]][..], w, kek_id, now])?;
+                tok_packed.extend_from_slice(&tokens[j]);
+                bi_packed.extend_from_slice(&bis[uniq[s]]);
+            }
+            let sql = match (token_cipher.is_some(), insert_first) {
+                (true, true) => INSERT_OR_IGNORE_WITH_IDS,
+                (true, false) => INSERT_WITH_IDS,
+                _ => INSERT,
+            };
+            let inserted = if token_cipher.is_some() {
+                tx.execute(sql, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64, first_id])?
+            } else {
+                tx.execute(sql, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64])?
+            };
+            let mut is_new = vec![!insert_first; k];
+            if insert_first {
+                // Which rows went in: ours are the ids first_id .. first_id + k with our blind
+                // index; an id whose row holds another blind index would be a broken sequence.
+                let mut sel = tx.prepare("SELECT id, blind_index FROM subjects WHERE id >= ?1 AND id < ?2")?;
+                let mut rows = sel.query(params![first_id, first_id + k as i64])?;
+                let mut seen = 0usize;
+                while let Some(r) = rows.next()? {
+                    let j = usize::try_from(r.get::<_, i64>(0)? - first_id).map_err(|e| Failure::Sqlite(e.to_string()))?;
+                    if j >= k || r.get_ref(1)?.as_blob().map_err(|e| Failure::Sqlite(e.to_string()))? != &bis[uniq[missing[j]]][..] {
+                        return Err(Failure::Sqlite(format!("row id {} holds another subject than the one inserted", first_id + j as i64)));
+                    }
+                    is_new[j] = true;
+                    seen += 1;
                 }
-                slots[s] = Slot { token: tokens[j], wrapped: None, known: true, created: true };
-                created += 1;
+                if seen != inserted {
+                    return Err(Failure::Sqlite(format!("{inserted} new subjects were inserted, {seen} read back")));
+                }
+                // The ones already there (a repeat, or a subject another writer created): look up.
+                let known: Vec<usize> = (0..k).filter(|&j| !is_new[j]).map(|j| missing[j]).collect();
+                if !known.is_empty() {
+                    lookup(&tx, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &known, &mut slots)?;
+                    if let Some(&s) = known.iter().find(|&&s| !slots[s].known) {
+                        return Err(Failure::Sqlite(format!("subject {s} was neither inserted nor found")));
+                    }
+                }
+            } else if inserted != k {
+                return Err(Failure::Sqlite(format!("{inserted} of {k} new subjects were inserted")));
+            }
+            for (j, &s) in missing.iter().enumerate() {
+                if is_new[j] {
+                    slots[s] = Slot { token: tokens[j], wrapped: None, known: true, created: true };
+                    created += 1;
+                }
             }
         }
         let mut new_key_of = vec![usize::MAX; m];
@@ -287,6 +324,92 @@ fn derived_token(c: &aes::Aes256, id: i64) -> [u8; TOKEN_LEN] {
     let mut t = Vec::with_capacity(TOKEN_LEN);
     crate::spell_token(&block, &mut t);
     t.try_into().expect("a token is 30 bytes")
+}
+
+const BI_LEN: usize = 32; // a blind index: HMAC-SHA256
+// The statements below slice packed blobs at these widths.
+const _: () = assert!(TOKEN_LEN == 30 && BI_LEN == 32 && WRAPPED == 60);
+
+/// `?1`: the batch's distinct blind indexes, sorted and packed; `?2`: how many. Row: (position in
+/// `?1`, token, wrapped key or NULL, KEK id) for each one the store knows. `CROSS JOIN` keeps the
+/// numbers outside, so each is one probe of the blind-index index.
+const LOOKUP: &str = "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?2) \
+    SELECT i.n, s.token, NULL, s.kek_id FROM i CROSS JOIN subjects s ON s.blind_index = substr(?1, i.n * 32 + 1, 32)";
+const LOOKUP_IDS: &str = "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?2) \
+    SELECT i.n, s.id FROM i CROSS JOIN subjects s ON s.blind_index = substr(?1, i.n * 32 + 1, 32)";
+const LOOKUP_KEYS: &str = "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?2) \
+    SELECT i.n, s.token, s.wrapped_dek, s.kek_id FROM i CROSS JOIN subjects s ON s.blind_index = substr(?1, i.n * 32 + 1, 32)";
+/// `?1` tokens (30 bytes each), `?2` blind indexes (32), `?3` wrapped keys (60), `?4` KEK id,
+/// `?5` time, `?6` how many; `?7` the first row id (schema 2: a token is its row id's permutation).
+const INSERT: &str = "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?6) \
+    INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at) \
+    SELECT CAST(substr(?1, n * 30 + 1, 30) AS TEXT), substr(?2, n * 32 + 1, 32), substr(?3, n * 60 + 1, 60), ?4, ?5 FROM i";
+const INSERT_WITH_IDS: &str = "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?6) \
+    INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at, id) \
+    SELECT CAST(substr(?1, n * 30 + 1, 30) AS TEXT), substr(?2, n * 32 + 1, 32), substr(?3, n * 60 + 1, 60), ?4, ?5, ?7 + n FROM i";
+const INSERT_OR_IGNORE_WITH_IDS: &str = "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?6) \
+    INSERT OR IGNORE INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at, id) \
+    SELECT CAST(substr(?1, n * 30 + 1, 30) AS TEXT), substr(?2, n * 32 + 1, 32), substr(?3, n * 60 + 1, 60), ?4, ?5, ?7 + n FROM i";
+/// Ids sampled to decide whether a batch is new people (see `resolve_subjects`).
+const SAMPLE: usize = 256;
+
+/// Look up the distinct ids at `subset` (positions in `uniq`, ascending) in one statement and
+/// fill their slots; the number found.
+#[allow(clippy::too_many_arguments)]
+fn lookup(
+    tx: &rusqlite::Transaction<'_>,
+    token_cipher: Option<&aes::Aes256>,
+    want_keys: bool,
+    kek_id: &str,
+    bis: &[[u8; 32]],
+    uniq: &[usize],
+    subset: &[usize],
+    slots: &mut [Slot],
+) -> Result<usize, Failure> {
+    if subset.is_empty() {
+        return Ok(0);
+    }
+    let mut packed = Vec::with_capacity(subset.len() * BI_LEN);
+    for &s in subset {
+        packed.extend_from_slice(&bis[uniq[s]]);
+    }
+    // Tokens only, in a schema-2 store: the blind-index index alone (it holds the row id) and
+    // the token derived from the id, without reading the table's rows.
+    let ids_only = !want_keys && token_cipher.is_some();
+    let sql = if ids_only { LOOKUP_IDS } else if want_keys { LOOKUP_KEYS } else { LOOKUP };
+    let mut sel = tx.prepare_cached(sql)?;
+    let mut rows = sel.query(params![&packed[..], subset.len() as i64])?;
+    let mut found = 0usize;
+    while let Some(r) = rows.next()? {
+        let n = usize::try_from(r.get::<_, i64>(0)?).map_err(|e| Failure::Sqlite(e.to_string()))?;
+        let s = *subset
+            .get(n)
+            .ok_or_else(|| Failure::Sqlite(format!("lookup returned position {n} of {}", subset.len())))?;
+        if let (true, Some(c)) = (ids_only, token_cipher) {
+            if slots[s].known {
+                return Err(Failure::Sqlite(format!("lookup returned subject {s} twice")));
+            }
+            slots[s] = Slot { token: derived_token(c, r.get::<_, i64>(1)?), wrapped: Some(Vec::new()), known: true, created: false };
+            found += 1;
+            continue;
+        }
+        let tok = r.get_ref(1)?.as_str().map_err(|e| Failure::Sqlite(e.to_string()))?;
+        let kid = r.get_ref(3)?.as_str().map_err(|e| Failure::Sqlite(e.to_string()))?;
+        if kid != kek_id {
+            return Err(Failure::ForeignKek(tok.to_string(), kid.to_string()));
+        }
+        let t: [u8; TOKEN_LEN] = tok
+            .as_bytes()
+            .try_into()
+            .map_err(|_| Failure::Sqlite(format!("token {tok:?} in the key store is malformed")))?;
+        let w = if want_keys { r.get_ref(2)?.as_blob().map_err(|e| Failure::Sqlite(e.to_string()))?.to_vec() } else { Vec::new() };
+        if slots[s].known {
+            return Err(Failure::Sqlite(format!("lookup returned subject {s} twice")));
+        }
+        slots[s] = Slot { token: t, wrapped: Some(w), known: true, created: false };
+        found += 1;
+    }
+    Ok(found)
 }
 
 const TOKEN_MAGIC: &[u8; 8] = b"lw-subj\x02";
