@@ -38,20 +38,26 @@ def _worker(path: str, reverse: bool, barrier, out) -> None:  # noqa: ANN001 - m
     out.put((got, deks))
 
 
-def test_two_writers_creating_the_same_new_subjects_yield_one_key_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(VAR, generate_kek_b64())
-    path = tmp_path / "keys.db"
-    KeyStore(path, kek_from_env(VAR)).close()  # created once, as the workspace does
+def _two_writers(worker, path: Path) -> list:  # noqa: ANN001 - a worker function
+    """Run ``worker`` in two processes on one new store (created once, as the workspace does),
+    the second asking in reverse order; their results."""
+    KeyStore(path, kek_from_env(VAR)).close()
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(str(path), rev, barrier, out)) for rev in (False, True)]
+    procs = [ctx.Process(target=worker, args=(str(path), rev, barrier, out)) for rev in (False, True)]
     for p in procs:
         p.start()
     results = [out.get(timeout=180) for _ in procs]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    (a, deks_a), (b, deks_b) = results
+    return results
+
+
+def test_two_writers_creating_the_same_new_subjects_yield_one_key_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(VAR, generate_kek_b64())
+    path = tmp_path / "keys.db"
+    (a, deks_a), (b, deks_b) = _two_writers(_worker, path)
     every = {i for r in range(ROUNDS) for i in _ids(r)}
     assert set(a) == set(b) == every
     assert a == b, "the two writers got different tokens for the same subject"
@@ -87,17 +93,7 @@ def test_two_bulk_writers_creating_the_same_new_subjects_yield_one_key_each(tmp_
     """The bulk path (ingest's): same ids at once from two processes, whole batches new."""
     monkeypatch.setenv(VAR, generate_kek_b64())
     path = tmp_path / "keys.db"
-    KeyStore(path, kek_from_env(VAR)).close()
-    ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_bulk_worker, args=(str(path), rev, barrier, out)) for rev in (False, True)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=180) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    (a, ka), (b, kb) = results
+    (a, ka), (b, kb) = _two_writers(_bulk_worker, path)
     assert a == b and ka == kb, "the two writers got different tokens or keys for the same subject"
     every = BULK * 2 + BULK // 2
     assert len(a) == len(set(a.values())) == every
