@@ -692,7 +692,16 @@ def test_a_schema_1_store_keeps_its_random_tokens_and_every_operation(store_path
         assert ring.open(blob, token=toks[0], dataset="d", column="c") == b"x"
         assert ks.shred(toks[1]) and ks.subject_state(toks[1]) == "shredded"
         assert ks.tokens_for(["alice"]) == [toks[0]]
-        assert ring.rotate_kek(LocalKek(KEK_B, source="b")) == 2 + 1  # 2 live DEKs + blind-index
+        # the bulk path (ingest's): a known subject keeps its token, new ones get random tokens
+        import pyarrow as pa
+
+        bulk = ks.subject_keys(pa.array(["dave", "alice", "erin", "dave"]), keys=True)
+        btoks = bulk.tokens.to_pylist()
+        assert btoks[1] == toks[0] and btoks[0] == btoks[3] and len(set(btoks)) == 3
+        assert all(TOKEN_RE.match(t) for t in btoks)
+        assert [bulk.keys[i * 32 : (i + 1) * 32] for i in range(4)] == [ks.dek(t) for t in btoks]
+        assert ks.subject_keys(pa.array(["erin"])).tokens.to_pylist() == [btoks[2]]
+        assert ring.rotate_kek(LocalKek(KEK_B, source="b")) == 4 + 1  # 4 live DEKs + blind-index
     assert raw_rows(store_path, "PRAGMA user_version") == [(1,)]  # not migrated
     assert raw_rows(store_path, "SELECT count(*) FROM meta WHERE name='subject-token'") == [(0,)]
 

@@ -96,6 +96,10 @@ fn open(db: &str, timeout_ms: u64) -> Result<Connection, Failure> {
 /// With `token_key` (a version-2 store) a new subject's token is the keyed permutation of its row
 /// id (`governance/keys/wire.py: derived_tokens`): the next ids after the table's AUTOINCREMENT
 /// sequence, given in blind-index order, so the blind index is the only index written at random.
+/// There, a batch that a sample shows to be new people is inserted first (`INSERT OR IGNORE`) and
+/// only what was not inserted is looked up; tokens alone come from the blind-index index.
+///
+/// Each step is one statement for the whole batch (see `LOOKUP` and `INSERT` below).
 #[pyfunction]
 #[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, timeout_ms=30_000, token_key=None))]
 #[allow(clippy::too_many_arguments)]
@@ -330,26 +334,38 @@ const BI_LEN: usize = 32; // a blind index: HMAC-SHA256
 // The statements below slice packed blobs at these widths.
 const _: () = assert!(TOKEN_LEN == 30 && BI_LEN == 32 && WRAPPED == 60);
 
-/// `?1`: the batch's distinct blind indexes, sorted and packed; `?2`: how many. Row: (position in
-/// `?1`, token, wrapped key or NULL, KEK id) for each one the store knows. `CROSS JOIN` keeps the
-/// numbers outside, so each is one probe of the blind-index index.
-const LOOKUP: &str = "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?2) \
-    SELECT i.n, s.token, NULL, s.kek_id FROM i CROSS JOIN subjects s ON s.blind_index = substr(?1, i.n * 32 + 1, 32)";
-const LOOKUP_IDS: &str = "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?2) \
-    SELECT i.n, s.id FROM i CROSS JOIN subjects s ON s.blind_index = substr(?1, i.n * 32 + 1, 32)";
-const LOOKUP_KEYS: &str = "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?2) \
-    SELECT i.n, s.token, s.wrapped_dek, s.kek_id FROM i CROSS JOIN subjects s ON s.blind_index = substr(?1, i.n * 32 + 1, 32)";
+/// A batch's rows numbered `n` = 0 .. `?count` - 1: each statement below slices row `n`'s values
+/// out of blobs packed at fixed widths.
+macro_rules! numbered {
+    ($count:literal) => {
+        concat!("WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?", $count, ") ")
+    };
+}
+/// `?1`: the distinct blind indexes, sorted and packed; `?2`: how many. A row `(n, columns)` for
+/// each one the store knows. `CROSS JOIN` keeps the numbers outside, so each is one probe of the
+/// blind-index index.
+macro_rules! probe {
+    ($columns:literal) => {
+        concat!(numbered!(2), "SELECT i.n, ", $columns,
+                " FROM i CROSS JOIN subjects s ON s.blind_index = substr(?1, i.n * 32 + 1, 32)")
+    };
+}
+const LOOKUP: &str = probe!("s.token, NULL, s.kek_id");
+const LOOKUP_KEYS: &str = probe!("s.token, s.wrapped_dek, s.kek_id");
+const LOOKUP_IDS: &str = probe!("s.id"); // the index alone: it holds the row id
 /// `?1` tokens (30 bytes each), `?2` blind indexes (32), `?3` wrapped keys (60), `?4` KEK id,
 /// `?5` time, `?6` how many; `?7` the first row id (schema 2: a token is its row id's permutation).
-const INSERT: &str = "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?6) \
-    INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at) \
-    SELECT CAST(substr(?1, n * 30 + 1, 30) AS TEXT), substr(?2, n * 32 + 1, 32), substr(?3, n * 60 + 1, 60), ?4, ?5 FROM i";
-const INSERT_WITH_IDS: &str = "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?6) \
-    INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at, id) \
-    SELECT CAST(substr(?1, n * 30 + 1, 30) AS TEXT), substr(?2, n * 32 + 1, 32), substr(?3, n * 60 + 1, 60), ?4, ?5, ?7 + n FROM i";
-const INSERT_OR_IGNORE_WITH_IDS: &str = "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?6) \
-    INSERT OR IGNORE INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at, id) \
-    SELECT CAST(substr(?1, n * 30 + 1, 30) AS TEXT), substr(?2, n * 32 + 1, 32), substr(?3, n * 60 + 1, 60), ?4, ?5, ?7 + n FROM i";
+macro_rules! insert {
+    ($verb:literal, $id_column:literal, $id_value:literal) => {
+        concat!(numbered!(6), $verb,
+                " INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at", $id_column, ") ",
+                "SELECT CAST(substr(?1, n * 30 + 1, 30) AS TEXT), substr(?2, n * 32 + 1, 32), ",
+                "substr(?3, n * 60 + 1, 60), ?4, ?5", $id_value, " FROM i")
+    };
+}
+const INSERT: &str = insert!("INSERT", "", "");
+const INSERT_WITH_IDS: &str = insert!("INSERT", ", id", ", ?7 + n");
+const INSERT_OR_IGNORE_WITH_IDS: &str = insert!("INSERT OR IGNORE", ", id", ", ?7 + n");
 /// Ids sampled to decide whether a batch is new people (see `resolve_subjects`).
 const SAMPLE: usize = 256;
 
@@ -385,28 +401,26 @@ fn lookup(
         let s = *subset
             .get(n)
             .ok_or_else(|| Failure::Sqlite(format!("lookup returned position {n} of {}", subset.len())))?;
-        if let (true, Some(c)) = (ids_only, token_cipher) {
-            if slots[s].known {
-                return Err(Failure::Sqlite(format!("lookup returned subject {s} twice")));
+        let (token, wrapped) = match (ids_only, token_cipher) {
+            (true, Some(c)) => (derived_token(c, r.get::<_, i64>(1)?), Vec::new()),
+            _ => {
+                let tok = r.get_ref(1)?.as_str().map_err(|e| Failure::Sqlite(e.to_string()))?;
+                let kid = r.get_ref(3)?.as_str().map_err(|e| Failure::Sqlite(e.to_string()))?;
+                if kid != kek_id {
+                    return Err(Failure::ForeignKek(tok.to_string(), kid.to_string()));
+                }
+                let t: [u8; TOKEN_LEN] = tok
+                    .as_bytes()
+                    .try_into()
+                    .map_err(|_| Failure::Sqlite(format!("token {tok:?} in the key store is malformed")))?;
+                let w = if want_keys { r.get_ref(2)?.as_blob().map_err(|e| Failure::Sqlite(e.to_string()))?.to_vec() } else { Vec::new() };
+                (t, w)
             }
-            slots[s] = Slot { token: derived_token(c, r.get::<_, i64>(1)?), wrapped: Some(Vec::new()), known: true, created: false };
-            found += 1;
-            continue;
-        }
-        let tok = r.get_ref(1)?.as_str().map_err(|e| Failure::Sqlite(e.to_string()))?;
-        let kid = r.get_ref(3)?.as_str().map_err(|e| Failure::Sqlite(e.to_string()))?;
-        if kid != kek_id {
-            return Err(Failure::ForeignKek(tok.to_string(), kid.to_string()));
-        }
-        let t: [u8; TOKEN_LEN] = tok
-            .as_bytes()
-            .try_into()
-            .map_err(|_| Failure::Sqlite(format!("token {tok:?} in the key store is malformed")))?;
-        let w = if want_keys { r.get_ref(2)?.as_blob().map_err(|e| Failure::Sqlite(e.to_string()))?.to_vec() } else { Vec::new() };
+        };
         if slots[s].known {
             return Err(Failure::Sqlite(format!("lookup returned subject {s} twice")));
         }
-        slots[s] = Slot { token: t, wrapped: Some(w), known: true, created: false };
+        slots[s] = Slot { token, wrapped: Some(wrapped), known: true, created: false };
         found += 1;
     }
     Ok(found)
