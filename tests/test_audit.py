@@ -320,6 +320,24 @@ def _wait_for_events(log: AuditLog, n: int, timeout: float = 20.0) -> int:
     return have
 
 
+def _wait_for_head(log: AuditLog, seq: int, timeout: float = 20.0) -> int | None:
+    """Poll (bounded in time) until the signed head records ``seq``. A flush commits the events
+    first and signs the head after, so events in the table alone do not mean the flush is done."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    head = None
+    while time.monotonic() < deadline:
+        try:
+            head = json.loads((log.state_dir / "HEAD.json").read_text())["seq"]
+        except (OSError, ValueError, KeyError):
+            head = None
+        if head is not None and head >= seq:
+            return head
+        time.sleep(0.05)
+    return head
+
+
 def test_a_background_flush_writes_waiting_events_within_the_interval(tmp_path: Path):
     log = make_log(tmp_path, every=1000)
     log.flush_interval = 0.1
@@ -354,6 +372,7 @@ def test_a_sigkilled_process_loses_at_most_the_interval(tmp_path: Path):
         assert ready.wait(60)
         log = make_log(tmp_path, key=None, public=KEY.public_key())
         assert _wait_for_events(log, 5) == 5
+        assert _wait_for_head(log, 4) == 4  # the flush signs its head after the commit
     finally:
         os.kill(p.pid, signal.SIGKILL)
         p.join(30)
