@@ -61,10 +61,37 @@ class KeysConfig(_Strict):
     kek: KekConfig = KekConfig(provider="file", path=".lakewarden/secrets/kek.key")
 
 
+_SECRET_OPTION = re.compile(r"secret|password|token|access_key|key_id|credential|sas_key|account_key", re.IGNORECASE)
+
+
 class StorageConfig(_Strict):
-    root: str = ".lakewarden/tables"
-    options: dict[str, str] = Field(default_factory=dict, description="storage_options passed to deltalake")
+    root: str = Field(default=".lakewarden/tables",
+                      description="a folder, or s3://bucket/prefix on an S3-compatible store (endpoint and "
+                                  "credentials from the AWS_* environment variables)")
+    options: dict[str, str] = Field(default_factory=dict, description="storage_options passed to deltalake "
+                                    "(never credentials: those come from the environment)")
     compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
+
+    @field_validator("root")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        m = _URI.match(v)
+        if m and m.group(0).lower() not in ("s3://", "s3a://", "file://"):
+            raise ValueError(
+                f"storage root {v!r}: Lakewarden supports a local folder or an S3-compatible store (s3://bucket/prefix)"
+            )
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = sorted(k for k in v if _SECRET_OPTION.search(k))
+        if bad:
+            raise ValueError(
+                f"storage.options holds credentials ({', '.join(bad)}): a config file is not a place for secrets. "
+                "Set them in the environment instead (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN)"
+            )
+        return v
 
 
 class AuditConfig(_Strict):

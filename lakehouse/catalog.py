@@ -24,7 +24,6 @@ import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deltalake import DeltaTable
@@ -182,12 +181,20 @@ class Catalog:
         return dt
 
     def list(self) -> list[TableRef]:
-        """Every governed table that exists (local storage roots only)."""
+        """Every governed table that exists, on a local folder or an object store."""
+        from pyarrow.fs import FileSelector, FileType
+
+        from governance.objectstore import filesystem
+
         out = []
         for layer in LAYERS:
-            base = Path(self.config.table_uri(layer))
-            if base.is_dir():
-                for d in sorted(base.iterdir()):
-                    if d.is_dir() and (d / "_delta_log").is_dir() and _NAME.match(d.name):
-                        out.append(TableRef(layer, d.name))
+            fs, base = filesystem(self.config.table_uri(layer))
+            names = sorted(
+                info.base_name
+                for info in fs.get_file_info(FileSelector(base, allow_not_found=True))
+                if info.type == FileType.Directory and _NAME.match(info.base_name)
+            )
+            for name in names:
+                if fs.get_file_info(f"{base}/{name}/_delta_log").type == FileType.Directory:
+                    out.append(TableRef(layer, name))
         return out

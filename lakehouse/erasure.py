@@ -52,6 +52,7 @@ from governance.erasure import (
 from governance.workspace import Workspace
 from lakehouse import landing
 from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_buckets
+from governance.objectstore import is_remote, purge_old_versions
 from lakehouse.maintenance import expire_log, token_stats
 
 __all__ = ["sealed_columns", "subject_rows", "HANDLER", "LANDING_HANDLER"]
@@ -268,6 +269,10 @@ def _purge_history(ws: Workspace, retention_hours: int | None = None) -> dict[st
         ts = token_stats(ws, ref)
         if ts is not None and ts.log_files:  # a table written before token statistics were turned off
             out[f"{ref} (log entries)"] = expire_log(cat, ref, older_than_hours=hours)
+        if is_remote(cat.uri(ref)):  # a versioned bucket keeps what vacuum deleted as older versions
+            old = purge_old_versions(cat.uri(ref))
+            if old:
+                out[f"{ref} (older object versions)"] = old
     return out
 
 

@@ -15,10 +15,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties
 from deltalake.exceptions import CommitFailedError
@@ -29,6 +29,7 @@ from governance.policy import Stage
 from governance.workspace import Workspace
 from lakehouse.catalog import SUBJECT_COLUMNS, Catalog, TableRef, table_configuration
 from lakehouse.errors import TableError
+from governance.objectstore import filesystem
 
 
 @dataclass(frozen=True)
@@ -257,24 +258,38 @@ def _log_version(name: str) -> int | None:
     return int(head) if head.isdigit() and len(head) == 20 else None
 
 
-def scan_log(log_dir: Path, cols: list[str]) -> tuple[dict[str, bool], int]:
-    """Replay a local ``_delta_log``: current files (path -> carries token stats) and how many
-    commit/checkpoint files carry them anywhere in the history still on disk."""
+def _log_files(uri: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]] | None:
+    """The table's ``_delta_log`` entries (files, sorted by name) on a local folder or an object
+    store, or None when it has no log."""
+    fs, base = filesystem(uri)
+    log = f"{base}/_delta_log"
+    infos = fs.get_file_info(pafs.FileSelector(log, allow_not_found=True))
+    files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.base_name)
+    return (fs, log, files) if files else None
+
+
+def scan_log(uri: str, cols: list[str]) -> tuple[dict[str, bool], int]:
+    """Replay a table's ``_delta_log`` (local or on an object store): current files (path -> carries
+    token stats) and how many commit/checkpoint files carry them anywhere in the history still there."""
+    found = _log_files(uri)
+    if found is None:
+        return {}, 0
+    fs, log_dir, infos = found
     cp_version = -1
-    last = log_dir / "_last_checkpoint"
-    if last.exists():
+    names = [i.base_name for i in infos]
+    if "_last_checkpoint" in names:
         try:
-            cp_version = int(json.loads(last.read_text())["version"])
-        except (ValueError, KeyError):
+            with fs.open_input_stream(f"{log_dir}/_last_checkpoint") as fh:
+                cp_version = int(json.loads(fh.read())["version"])
+        except (ValueError, KeyError, OSError):
             cp_version = -1
     current: dict[str, bool] = {}
     carrying = 0
-    names = sorted(p.name for p in log_dir.iterdir() if p.is_file())
     for name in names:
         v = _log_version(name)
         if v is None or ".checkpoint" not in name or not name.endswith(".parquet"):
             continue
-        add = pq.read_table(log_dir / name, columns=["add"]).column("add").combine_chunks()
+        add = pq.read_table(f"{log_dir}/{name}", columns=["add"], filesystem=fs).column("add").combine_chunks()
         valid = add.is_valid().to_pylist()
         paths = add.field("path").to_pylist()
         stats = add.field("stats").to_pylist()
@@ -292,8 +307,8 @@ def scan_log(log_dir: Path, cols: list[str]) -> tuple[dict[str, bool], int]:
         if v is None or not name.endswith(".json"):
             continue
         hit = False
-        with (log_dir / name).open() as fh:
-            for line in fh:
+        with fs.open_input_stream(f"{log_dir}/{name}") as fh:
+            for line in fh.read().decode("utf-8").splitlines():
                 if not line.strip():
                     continue
                 act = json.loads(line)
@@ -314,8 +329,7 @@ def token_stats(ws: Workspace, ref: TableRef) -> TokenStats | None:
     """The table's token statistics, or None when it has none (or is not on local storage)."""
     cat = Catalog(ws.config)
     uri = cat.uri(ref)
-    log_dir = Path(uri) / "_delta_log"
-    if "://" in uri or not log_dir.is_dir():
+    if not cat.exists(ref):
         return None
     dt = cat.open(ref)
     cols = _token_columns(ws, ref, [f.name for f in dt.schema().fields])
@@ -324,7 +338,7 @@ def token_stats(ws: Workspace, ref: TableRef) -> TokenStats | None:
     prop = dt.metadata().configuration.get(_STATS_PROP)
     listed = {c.strip().strip("`") for c in prop.split(",")} if prop is not None else None
     writes = listed is None or any(c in listed for c in cols)
-    current, carrying = scan_log(log_dir, cols)
+    current, carrying = scan_log(uri, cols)
     files = tuple(sorted(p for p, c in current.items() if c))
     if not (writes or files or carrying):
         return None
@@ -392,25 +406,29 @@ def expire_log(cat: Catalog, ref: TableRef, *, older_than_hours: int, now: float
     (their data files are vacuumed with the same window).
     """
     uri = cat.uri(ref)
-    log_dir = Path(uri) / "_delta_log"
-    if "://" in uri or not log_dir.is_dir():
+    if not cat.exists(ref):
         return 0
     dt = cat.open(ref)
     dt.create_checkpoint()
+    found = _log_files(uri)
+    if found is None:
+        return 0
+    fs, log_dir, infos = found
     cutoff = (time.time() if now is None else now) - older_than_hours * 3600
-    cps = sorted({v for p in log_dir.iterdir() if ".checkpoint" in p.name and (v := _log_version(p.name)) is not None})
+    by_name = {i.base_name: i for i in infos}
+    cps = sorted({v for n in by_name if ".checkpoint" in n and (v := _log_version(n)) is not None})
     keep_from = None
     for v in reversed(cps):
-        commit = log_dir / f"{v:020d}.json"
-        if not commit.exists() or commit.stat().st_mtime <= cutoff or older_than_hours == 0:
+        commit = by_name.get(f"{v:020d}.json")
+        if commit is None or commit.mtime.timestamp() <= cutoff or older_than_hours == 0:
             keep_from = v
             break
     if keep_from is None:
         return 0
     n = 0
-    for p in sorted(log_dir.iterdir()):
-        v = _log_version(p.name)
-        if v is not None and v < keep_from and p.is_file():
-            p.unlink()
+    for name in sorted(by_name):
+        v = _log_version(name)
+        if v is not None and v < keep_from:
+            fs.delete_file(f"{log_dir}/{name}")
             n += 1
     return n

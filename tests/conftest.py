@@ -125,3 +125,25 @@ def kafka(tmp_path_factory: pytest.TempPathFactory):
         pytest.skip(f"the Kafka broker did not start: {exc}")
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def objectstore(tmp_path_factory: pytest.TempPathFactory):
+    """One local S3-compatible server (versitygw, loopback) for the whole session, with a bucket
+    ``lakewarden``; tests write under prefixes of their own and set ``objectstore.env()``.
+
+    Installed by infra/objectstore/install.sh (make test runs it); skipped when Go or the install is
+    missing, unless LAKEWARDEN_REQUIRE_OBJECTSTORE=1."""
+    from governance.objectstore import LocalObjectStore, ObjectStoreError
+
+    store = LocalObjectStore(tmp_path_factory.mktemp("s3"))
+    try:
+        store.start()
+        store.create_bucket("lakewarden")
+    except ObjectStoreError as exc:
+        store.stop()
+        if os.environ.get("LAKEWARDEN_REQUIRE_OBJECTSTORE") == "1":
+            pytest.fail(f"the object store did not start: {exc}")
+        pytest.skip(f"the object store did not start: {exc}")
+    yield store
+    store.stop()

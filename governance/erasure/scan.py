@@ -15,6 +15,11 @@ carry a person's name; the path itself is searched as well):
   batches decoded (``kafka_log``: gzip, snappy, lz4, zstd), every key, value and header
   searched, sealed stream envelopes of live subjects opened; a batch it cannot decode is
   listed (``kafka_undecoded``), and a subject's token there after the shred is unlinkable.
+* a storage root on an object store (``s3://bucket/prefix``): every object under the prefix,
+  and every older version of it where the bucket keeps versions, is read the same way (each
+  downloaded to a private temporary file, scanned, deleted) and named ``s3://bucket/key``
+  (``?versionId=...`` for an older version). A store that cannot list versions is said so in
+  ``excluded``.
 * ciphertexts the system can still open: values sealed for a subject whose key is alive are
   opened with the key ring, and quarantined rows sealed under a dataset's system key are
   opened and searched (a bad row can carry a person's identifiers without a valid key).
@@ -54,12 +59,16 @@ import pyarrow.parquet as pq
 from governance.erasure import kafka_log
 from governance.erasure.handlers import ErasureContext, require_handlers
 from governance.errors import LakewardenError
+from governance.objectstore import is_remote
 
 if TYPE_CHECKING:
     from governance.workspace import Workspace
 
 _CHUNK = 8 << 20
 _LABELS: contextvars.ContextVar[Mapping[Path, str]] = contextvars.ContextVar("scan_labels", default={})
+# While an object of a remote storage root is scanned: (the local folder standing for the root,
+# the temporary file, its label ``s3://bucket/key[?versionId=...]``).
+_REMOTE: contextvars.ContextVar[tuple[Path, Path, str] | None] = contextvars.ContextVar("scan_remote", default=None)
 _PARQUET_MAGIC = b"PAR1"
 
 
@@ -88,6 +97,8 @@ class ScanReport:
     kafka_segments: int = 0
     kafka_records: int = 0
     kafka_undecoded: list[str] = field(default_factory=list)  # "<segment>: why": batches the scan could not read
+    objects: int = 0  # objects read from a remote storage root (every version counted)
+    old_versions: int = 0  # of which older (non-current) versions
     excluded: list[str] = field(default_factory=list)
     labelled: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
@@ -100,7 +111,8 @@ class ScanReport:
             "sqlite_files": self.sqlite_files, "delta_tables": self.delta_tables,
             "delta_versions": self.delta_versions, "decrypt_attempts": self.decrypt_attempts,
             "system_sealed_opened": self.system_sealed_opened, "kafka_segments": self.kafka_segments,
-            "kafka_records": self.kafka_records, "kafka_undecoded": self.kafka_undecoded, "excluded": self.excluded,
+            "kafka_records": self.kafka_records, "kafka_undecoded": self.kafka_undecoded,
+            "objects": self.objects, "old_versions": self.old_versions, "excluded": self.excluded,
             "labelled_files": self.labelled,
             "findings": len(self.findings), "unlinkable_copies": len(self.unlinkable),
         }
@@ -185,7 +197,75 @@ def _scan(ws: "Workspace", ctx: ErasureContext, extra_roots: Iterable[Path], exc
                 keep = [f for f in rep.findings[before:] if not (f.what.endswith(":token") and f.how != "decrypted")]
                 rep.unlinkable.extend(f for f in rep.findings[before:] if f not in keep)
                 rep.findings[before:] = keep
+    storage = ws.config.table_uri("x")[:-2]
+    if is_remote(storage):
+        _scan_remote(ws, storage, needles, live, rep)
     return rep
+
+
+def _scan_remote(ws: "Workspace", root_uri: str, needles: Needles, live: list[str], rep: ScanReport) -> None:
+    """Every object (every version the bucket keeps) under a remote storage root, each downloaded
+    to a private temporary folder at its relative key, scanned like a local file, then deleted."""
+    import shutil
+    import tempfile
+    from urllib.parse import urlparse
+
+    from governance.objectstore import s3_client
+
+    u = urlparse(root_uri)
+    bucket, prefix = u.netloc, u.path.strip("/")
+    rep.roots.append(root_uri)
+    client = s3_client()
+    try:
+        items = list(_object_versions(client, bucket, prefix))
+    except _NoVersions as exc:
+        rep.excluded.append(f"older object versions under {root_uri}: not listed ({exc}); current objects read")
+        items = [(key, None, True) for key in _current_objects(client, bucket, prefix)]
+    mirror = Path(tempfile.mkdtemp(prefix="lakewarden-scan-"))  # 0700: a copy of what the bucket holds
+    try:
+        for n, (key, version, latest) in enumerate(items):
+            rel = key[len(prefix):].lstrip("/") if prefix else key
+            base = mirror / str(n)
+            local = base / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            extra = {} if version in (None, "null") else {"VersionId": version}
+            client.download_file(bucket, key, str(local), ExtraArgs=extra or None)
+            label = f"s3://{bucket}/{key}" + ("" if latest or not extra else f"?versionId={version}")
+            token = _REMOTE.set((base, local, label))
+            try:
+                rep.objects += 1
+                rep.old_versions += not latest
+                _scan_file(ws, local, needles, live, rep)
+            finally:
+                _REMOTE.reset(token)
+                shutil.rmtree(base, ignore_errors=True)
+    finally:
+        shutil.rmtree(mirror, ignore_errors=True)
+
+
+class _NoVersions(Exception):
+    pass
+
+
+def _object_versions(client: Any, bucket: str, prefix: str) -> Iterator[tuple[str, str | None, bool]]:
+    """(key, version id, is the current version) of every object version under the prefix."""
+    import botocore.exceptions
+
+    try:
+        for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+            for v in page.get("Versions", []):
+                yield v["Key"], v.get("VersionId"), bool(v.get("IsLatest", True))
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("NotImplemented", "MethodNotAllowed", "InvalidRequest", "AccessDenied"):
+            raise _NoVersions(code) from None
+        raise
+
+
+def _current_objects(client: Any, bucket: str, prefix: str) -> Iterator[str]:
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents", []):
+            yield o["Key"]
 
 
 def _dvc_roots(ws: "Workspace") -> list[Path]:
@@ -243,6 +323,9 @@ def _walk(root: Path) -> Iterator[Path]:
 
 
 def _rel(ws: "Workspace", p: Path) -> str:
+    remote = _REMOTE.get()
+    if remote is not None and p == remote[1]:
+        return remote[2]
     lab = _LABELS.get().get(p)
     if lab is not None:
         return lab
@@ -380,7 +463,8 @@ def _scan_parquet(ws: "Workspace", path: Path, needles: Needles, live: list[str]
 
 def _table_of(ws: "Workspace", path: Path) -> tuple[str, str] | None:
     """``(layer, dataset)`` when ``path`` lies in a governed table ``<root>/<layer>/<dataset>/``."""
-    root = Path(ws.config.table_uri("x")[:-2]).resolve()
+    remote = _REMOTE.get()
+    root = remote[0] if remote is not None else Path(ws.config.table_uri("x")[:-2]).resolve()
     try:
         parts = path.relative_to(root).parts
     except ValueError:

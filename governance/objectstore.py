@@ -1,0 +1,257 @@
+"""Tables on an S3-compatible object store: how Lakewarden reaches it, and a local server.
+
+``storage.root: s3://bucket/prefix`` puts every table (bronze, silver, vault, quarantine, the
+audit log, lineage, the ledgers) in that bucket. The endpoint and the credentials come from the
+environment, never from ``lakewarden.yaml``: the standard AWS variables that delta-rs, pyarrow and
+every S3 client read (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``,
+``AWS_ENDPOINT_URL`` for a store other than AWS, ``AWS_ALLOW_HTTP=true`` for plain HTTP on
+loopback). Concurrent writers are safe on a store that honours ``If-None-Match: *`` (delta-rs 1.x
+commits with it): AWS S3 since 2024, versitygw, SeaweedFS, R2. A store that ignores it (Garage,
+measured) loses commits under concurrent writers.
+
+:class:`LocalObjectStore` runs the Versity S3 Gateway (``infra/objectstore/install.sh``, built once
+per machine from the Go module proxy, cached outside git) on loopback over a local folder: the
+tests' server, and a laptop's stand-in for S3. Its credentials are made at start, passed to the
+server through its environment (never its arguments) and handed to clients by :meth:`env`.
+
+    store = LocalObjectStore(Path(".lakewarden/s3"))
+    store.start()                      # returns when the port answers
+    store.create_bucket("lakewarden")
+    os.environ.update(store.env())     # what a client needs: endpoint, keys, region
+    ...
+    store.stop()
+
+:func:`filesystem` gives a pyarrow filesystem for any table URI (local or ``s3://``), for the few
+places that list or read objects directly (the erasure scanner, the Delta log readers).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from governance.errors import LakewardenError
+
+REPO = Path(__file__).resolve().parents[1]
+INSTALL = REPO / "infra" / "objectstore" / "install.sh"
+REMOTE_SCHEMES = ("s3", "s3a")
+
+
+class ObjectStoreError(LakewardenError):
+    """The object store could not be installed, started or reached."""
+
+
+def is_remote(uri: str) -> bool:
+    """Whether a table URI names an object store (``s3://...``) rather than a local folder."""
+    return urlparse(uri).scheme.lower() in REMOTE_SCHEMES
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem for ``uri`` and the path within it (``bucket/prefix`` for S3).
+
+    For S3 the endpoint and credentials come from the environment (the ``AWS_*`` variables), as for
+    delta-rs; ``AWS_ALLOW_HTTP=true`` allows a plain-HTTP endpoint (loopback)."""
+    u = urlparse(uri)
+    if u.scheme.lower() not in REMOTE_SCHEMES:
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return pafs.LocalFileSystem(), path
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kw: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint:
+        e = urlparse(endpoint)
+        if e.scheme == "http" and os.environ.get("AWS_ALLOW_HTTP", "").lower() not in ("1", "true", "yes"):
+            raise ObjectStoreError(
+                f"AWS_ENDPOINT_URL is plain HTTP ({endpoint}); set AWS_ALLOW_HTTP=true for a loopback store, "
+                "or use https"
+            )
+        kw.update(endpoint_override=e.netloc, scheme=e.scheme or "https")
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kw.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kw["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return pafs.S3FileSystem(**kw), (u.netloc + u.path).rstrip("/")
+
+
+def s3_client():
+    """A boto3 S3 client from the environment (the same ``AWS_*`` variables; a plain-HTTP endpoint
+    only with ``AWS_ALLOW_HTTP=true``), for what pyarrow's filesystem cannot do: object versions."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and urlparse(endpoint).scheme == "http" and os.environ.get("AWS_ALLOW_HTTP", "").lower() not in (
+        "1", "true", "yes"
+    ):
+        raise ObjectStoreError(
+            f"AWS_ENDPOINT_URL is plain HTTP ({endpoint}); set AWS_ALLOW_HTTP=true for a loopback store, or use https"
+        )
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region,
+                        config=Config(s3={"addressing_style": "path"} if endpoint else {}))
+
+
+def install() -> Path:
+    """Install (once per machine) and return the versitygw binary."""
+    cached = os.environ.get("LAKEWARDEN_VERSITYGW")
+    if cached and Path(cached).is_file():
+        return Path(cached)
+    try:
+        out = subprocess.run(["bash", str(INSTALL)], check=True, capture_output=True, text=True, timeout=1800)
+    except subprocess.CalledProcessError as exc:
+        raise ObjectStoreError(f"installing versitygw failed: {exc.stderr.strip()[-500:]}") from None
+    except FileNotFoundError:
+        raise ObjectStoreError("bash is needed to install versitygw (infra/objectstore/install.sh)") from None
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalObjectStore:
+    """The Versity S3 Gateway on 127.0.0.1:``port``, serving the folder ``data_dir`` (one
+    sub-folder per bucket), with ``versions_dir`` for buckets that keep old versions."""
+
+    def __init__(self, data_dir: Path, *, port: int | None = None, region: str = "us-east-1") -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port or free_port()
+        self.region = region
+        self.access_key = "lw" + secrets.token_hex(8)
+        self.secret_key = secrets.token_urlsafe(30)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def root(self) -> Path:
+        """The folder whose sub-folders are the buckets (what the erasure scanner of a laptop reads)."""
+        return self.data_dir / "buckets"
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.data_dir / "versions"
+
+    def env(self) -> dict[str, str]:
+        """The variables a client (delta-rs, pyarrow, boto3, Trino's launcher) needs to reach this store."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    def start(self, *, timeout: float = 30.0) -> "LocalObjectStore":
+        if _port_open(self.port):
+            raise ObjectStoreError(f"port {self.port} is already in use (another object store?)")
+        binary = install()
+        for d in (self.root, self.versions_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "ROOT_ACCESS_KEY": self.access_key, "ROOT_SECRET_KEY": self.secret_key,
+               "VGW_REGION": self.region}
+        log = open(self.data_dir / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [str(binary), "--port", f"127.0.0.1:{self.port}", "posix", "--versioning-dir", str(self.versions_dir),
+             str(self.root)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = (self.data_dir / "server.log").read_text(errors="replace")[-800:]
+                raise ObjectStoreError(f"versitygw exited (code {self.proc.returncode}): {tail}")
+            if _port_open(self.port):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise ObjectStoreError(f"versitygw did not answer on port {self.port} within {timeout:.0f}s")
+
+    def _fs(self) -> pafs.S3FileSystem:
+        return pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{self.port}", scheme="http",
+                                 access_key=self.access_key, secret_key=self.secret_key, region=self.region,
+                                 allow_bucket_creation=True)
+
+    def create_bucket(self, name: str) -> str:
+        """Create a bucket (no error if it exists); returns ``s3://name``."""
+        fs = self._fs()
+        if fs.get_file_info(name).type == pafs.FileType.NotFound:
+            fs.create_dir(name)
+        return f"s3://{name}"
+
+    def stop(self, *, timeout: float = 15.0) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self.proc = None
+
+    def remove(self) -> None:
+        """Stop and delete the store's folder (every bucket in it)."""
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def purge_old_versions(uri: str) -> int:
+    """Delete, for good, every older version and delete marker under ``uri`` (a table's prefix on
+    a bucket that keeps versions); the current objects are untouched. Returns versions deleted.
+
+    On a versioned bucket a Delta ``VACUUM`` (or any delete) only hides an object behind a delete
+    marker: the erased bytes stay readable by version id. An erasure calls this after vacuuming.
+    A bucket without versioning has nothing to purge (0). A version the bucket refuses to delete
+    (object lock) raises :class:`ObjectStoreError` naming how many stayed."""
+    import botocore.exceptions
+
+    if not is_remote(uri):
+        return 0
+    u = urlparse(uri)
+    bucket, prefix = u.netloc, u.path.strip("/") + "/"
+    client = s3_client()
+    doomed: list[dict[str, str]] = []
+    try:
+        for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+            for v in page.get("Versions", []):
+                if not v.get("IsLatest", True) and v.get("VersionId") not in (None, "null"):
+                    doomed.append({"Key": v["Key"], "VersionId": v["VersionId"]})
+            for m in page.get("DeleteMarkers", []):
+                doomed.append({"Key": m["Key"], "VersionId": m["VersionId"]})
+    except botocore.exceptions.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NotImplemented", "MethodNotAllowed"):
+            return 0  # a store without versions keeps no older copies
+        raise ObjectStoreError(f"cannot list the object versions under {uri}: {exc}") from None
+    kept = 0
+    for i in range(0, len(doomed), 1000):
+        r = client.delete_objects(Bucket=bucket, Delete={"Objects": doomed[i:i + 1000], "Quiet": True})
+        kept += len(r.get("Errors", []))
+    if kept:
+        raise ObjectStoreError(
+            f"{kept} older object version(s) under {uri} could not be deleted (object lock or permissions): "
+            "the erased rows' bytes stay there; crypto-shredding leaves their sealed values unreadable"
+        )
+    return len(doomed)
