@@ -38,13 +38,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pyarrow as pa
 
 from governance.gate import Actor, Gate, Resource
 from governance.identity import ForeignServer, workspace_id
+from governance.objectstore import is_remote
 from governance.pii import redact
 from governance.policy import Stage
 from governance.workspace import Workspace
@@ -196,11 +197,34 @@ JVM_CONFIG = """\
 """
 
 
-def _storage_root(ws: Workspace) -> Path:
+def _storage_root(ws: Workspace) -> str:
+    """The storage root: a local folder, or ``s3://bucket/prefix`` on an object store."""
     root = ws.config.table_uri("x")[:-2]
-    if "://" in root:
-        raise TrinoError("the local Trino profile needs a local storage root; see docs/trino.md for object storage")
-    return Path(root)
+    return root[len("file://"):] if root.startswith("file://") else root
+
+
+def _table_location(ws: Workspace, rel: str) -> str:
+    root = _storage_root(ws)
+    return f"{root.rstrip('/')}/{rel}" if is_remote(root) else f"local:///{rel}"
+
+
+def delta_catalog(root: str, *, environ: Mapping[str, str] | None = None) -> str:
+    """The Delta Lake catalog over a storage root. On a local folder, Trino's native local file
+    system; on ``s3://``, its native S3 file system, with the endpoint and credentials taken from
+    the server's environment (``${ENV:...}``: the same ``AWS_*`` variables as Lakewarden's, never
+    written into the file), and the metastore in the bucket beside the tables."""
+    head = "connector.name=delta_lake\nhive.metastore=file\n"
+    tail = "delta.register-table-procedure.enabled=true\ndelta.metadata.cache-ttl=0s\n"
+    if not is_remote(root):
+        return head + f"hive.metastore.catalog.dir=local:///_trino/metastore\nfs.native-local.enabled=true\nlocal.location={root}\n" + tail
+    env = os.environ if environ is None else environ
+    lines = [f"hive.metastore.catalog.dir={root.rstrip('/')}/_trino/metastore", "fs.native-s3.enabled=true",
+             "s3.region=${ENV:AWS_REGION}" if env.get("AWS_REGION") else "s3.region=us-east-1"]
+    if env.get("AWS_ENDPOINT_URL"):
+        lines += ["s3.endpoint=${ENV:AWS_ENDPOINT_URL}", "s3.path-style-access=true"]
+    if env.get("AWS_ACCESS_KEY_ID"):
+        lines += ["s3.aws-access-key=${ENV:AWS_ACCESS_KEY_ID}", "s3.aws-secret-key=${ENV:AWS_SECRET_ACCESS_KEY}"]
+    return head + "\n".join(lines) + "\n" + tail
 
 
 def render_local(ws: Workspace, *, heap: str = "1G") -> dict[str, str]:
@@ -219,15 +243,7 @@ def render_local(ws: Workspace, *, heap: str = "1G") -> dict[str, str]:
             "query.max-memory=512MB\nquery.max-memory-per-node=400MB\n"
         ),
         "log.properties": "io.trino=INFO\n",
-        f"catalog/{CATALOG}.properties": (
-            "connector.name=delta_lake\n"
-            "hive.metastore=file\n"
-            "hive.metastore.catalog.dir=local:///_trino/metastore\n"
-            "fs.native-local.enabled=true\n"
-            f"local.location={root}\n"
-            "delta.register-table-procedure.enabled=true\n"
-            "delta.metadata.cache-ttl=0s\n"
-        ),
+        f"catalog/{CATALOG}.properties": delta_catalog(root),
         "catalog/memory.properties": "connector.name=memory\nmemory.max-data-per-node=128MB\n",
         "access-control.properties": (
             f"access-control.name=file\nsecurity.config-file={etc / 'rules.json'}\nsecurity.refresh-period=1s\n"
@@ -447,7 +463,7 @@ class TrinoServer:
                 continue
             self._admin(
                 f"CALL {CATALOG}.system.register_table(schema_name => '{schema}', table_name => '{table}', "
-                f"table_location => 'local:///{rel}')"
+                f"table_location => '{_table_location(self.ws, rel)}')"
             )
             rep.registered.append(name)
         rules = compile_rules(self.ws, {k: v[1] for k, v in wanted.items()})

@@ -138,13 +138,32 @@ def test_relative_config_path_is_resolved(tmp_path: Path, monkeypatch: pytest.Mo
     [
         ("s3://bucket/x", "s3://bucket/x/silver/customers"),
         ("s3://bucket/x/", "s3://bucket/x/silver/customers"),
-        ("gs://b", "gs://b/silver/customers"),
-        ("abfss://c@acct.dfs.core.windows.net/lake", "abfss://c@acct.dfs.core.windows.net/lake/silver/customers"),
+        ("s3a://b", "s3a://b/silver/customers"),
     ],
 )
 def test_object_store_root_gives_uri_joined_with_slash(tmp_path: Path, root: str, expected: str) -> None:
     cfg = load_config(write_cfg(tmp_path, f"version: 1\nstorage:\n  root: {root}\n"))
     assert cfg.table_uri("silver/customers") == expected
+
+
+@pytest.mark.parametrize("root", ["gs://b", "abfss://c@acct.dfs.core.windows.net/lake", "hdfs://nn/lake"])
+def test_an_object_store_lakewarden_cannot_scan_is_refused_by_name(tmp_path: Path, root: str) -> None:
+    """The erasure scanner, the catalog and the log readers speak S3; a root they could not read
+    would leave an erasure certificate covering nothing there."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(write_cfg(tmp_path, f"version: 1\nstorage:\n  root: '{root}'\n"))
+    msg = str(exc.value)
+    assert "storage.root" in msg and root in msg and "s3://" in msg
+
+
+def test_credentials_in_storage_options_are_refused_without_echoing_them(tmp_path: Path) -> None:
+    secret = "x" + "9" * 30
+    with pytest.raises(ConfigError) as exc:
+        load_config(write_cfg(tmp_path, f"version: 1\nstorage:\n  root: s3://b/p\n  options: {{aws_secret_access_key: {secret}}}\n"))
+    msg = str(exc.value)
+    assert "aws_secret_access_key" in msg and "AWS_SECRET_ACCESS_KEY" in msg and secret not in msg
+    cfg = load_config(write_cfg(tmp_path, "version: 1\nstorage:\n  root: s3://b/p\n  options: {aws_region: eu-west-1}\n"))
+    assert cfg.storage.options == {"aws_region": "eu-west-1"}
 
 
 def test_file_uri_root_is_a_local_path(tmp_path: Path) -> None:

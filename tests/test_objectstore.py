@@ -10,6 +10,7 @@ come from generated files at run time; none is in this file.
 from __future__ import annotations
 
 import csv
+import os
 import multiprocessing as mp
 import shutil
 import uuid
@@ -237,3 +238,69 @@ def test_the_scanner_reads_the_older_versions_a_bucket_keeps(objectstore, tmp_pa
     assert rep.objects == 2 and rep.old_versions == 1
     assert [f.path.split("?")[0] for f in rep.findings] == [f"s3://{bucket}/lake/exports/x.txt"]
     assert "?versionId=" in rep.findings[0].path
+
+
+@pytest.mark.slow  # starts a Trino server of its own
+def test_trino_reads_the_lake_on_the_object_store_with_the_analysts_masks(
+        objectstore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The same tables, read by Trino's native S3 file system (credentials from the server's
+    environment, never in its catalog file), give an analyst the same masked rows as the embedded
+    engine; an erased subject is gone for Trino too."""
+    import math
+    import socket
+
+    from governance.erasure import file_request, run_request
+    from governance.workspace import Workspace
+    from lakehouse.ingest import ingest
+    from lakehouse.silver import build_silver
+    from lakehouse.sql import run_query as run_embedded
+    from lakehouse.synth import generate
+    from lakehouse.trino import TrinoServer, default_home, install
+    from lakehouse.trino import run_query as run_trino
+
+    home = default_home()
+    if not (home / "bin" / "launcher").exists():
+        if os.environ.get("LAKEWARDEN_REQUIRE_TRINO") != "1":
+            pytest.skip("Trino is not installed (run infra/trino/install.sh, or make test)")
+        home = install()
+    _env(monkeypatch, objectstore)
+    monkeypatch.setenv("LAKEWARDEN_KEK", generate_kek_b64())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prefix = _prefix()
+    proj = _project(tmp_path, f"s3://lakewarden/{prefix}")
+    cfg = proj / "lakewarden.yaml"
+    cfg.write_text(cfg.read_text() + f"trino: {{host: 127.0.0.1, port: {port}}}\n")
+    res = generate(tmp_path / "landing", people=200, transactions_per_person=2, seed=13)
+    with open(res.files["customers"], newline="") as fh:
+        sid = next(r["customer_id"] for r in csv.DictReader(fh) if r["customer_id"])
+
+    def rows(tbl: pa.Table) -> list[tuple]:
+        norm = lambda v: None if isinstance(v, float) and math.isnan(v) else (round(v, 6) if isinstance(v, float) else v)  # noqa: E731
+        return sorted((tuple(norm(v) for v in r.values()) for r in tbl.to_pylist()), key=repr)
+
+    with Workspace.open(cfg) as ws:
+        dana, ana, carla = ws.actor("dana"), ws.actor("ana"), ws.actor("carla")
+        for ds in ("customers", "transactions"):
+            ingest(ws, dana, ds, [res.files[ds]])
+            build_silver(ws, dana, ds)
+        token = ws.keyring.token_for(sid, create=False)
+        srv = TrinoServer(ws, home=home)
+        catalog_file = (srv.etc / "catalog").glob("*.properties")
+        try:
+            srv.start()
+            srv.sync(dana)
+            for text in (p.read_text() for p in catalog_file):
+                assert objectstore.secret_key not in text and objectstore.access_key not in text
+            sql = "SELECT customer_id, birth_date, zip_code, income, region FROM customers"
+            on_trino, embedded = rows(run_trino(ws, ana, sql)), rows(run_embedded(ws, ana, sql).table)
+            assert on_trino == embedded and len(on_trino) > 150
+            q = f"SELECT count(*) AS n FROM bronze.customers WHERE customer_id = '{token}'"
+            assert run_trino(ws, dana, q)["n"][0].as_py() == 1
+            st = run_request(ws, carla, file_request(ws, carla, "erase", [sid]).request_id, purge_now=True)
+            assert st.state == "done", st.detail.get("findings")
+            srv.sync(dana)
+            assert run_trino(ws, dana, q)["n"][0].as_py() == 0
+        finally:
+            srv.stop()
