@@ -14,6 +14,10 @@ created first so tokens exist, as in the pipeline), and the customers file
 itself at its size (one row per person: every row is a new subject with three
 vaulted identifiers and two encrypted attributes — the heaviest case).
 
+``--store s3`` puts both the plain and the governed tables on an S3-compatible server on
+loopback (versitygw, started here over a temporary folder; issue #17): the same comparison, with
+every object going through the S3 API.
+
 Goals (issue #15): transactions ≥ 0.6× plain, customers ≥ 0.5×, peak memory flat from 1M to 10M.
 With ``--tpp 1`` both files have ``size`` rows (customers: every row a new subject). The
 pure-Python fallback (``LAKEWARDEN_NATIVE=0``) is measured too at sizes up to ``--python-up-to``.
@@ -41,7 +45,7 @@ console = Console()
 CONFIG = """\
 version: 1
 name: bench
-storage: {{root: {root}/tables}}
+storage: {{root: {tables}}}
 workspace: {root}/ws
 keys:
   store: {root}/keys/keystore.db
@@ -113,11 +117,34 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["customers", "transactions"], choices=["customers", "transactions"])
     ap.add_argument("--python-up-to", type=int, default=1_000_000,
                     help="also run the pure-Python fallback (LAKEWARDEN_NATIVE=0) at sizes up to this many rows")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ingest.json")
+    ap.add_argument("--store", choices=["local", "s3"], default="local",
+                    help="where both tables go: a local folder, or an S3 server on loopback (versitygw)")
+    ap.add_argument("--out", type=Path, default=None, help="results file (default results/ingest.json, ingest-s3.json)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = REPO / "benchmarks" / "results" / ("ingest.json" if args.store == "local" else "ingest-s3.json")
     from governance.keys import generate_kek_b64
 
     env = {**os.environ, "LAKEWARDEN_KEK": generate_kek_b64()}
+    store = None
+    if args.store == "s3":
+        from governance.objectstore import LocalObjectStore
+
+        store = LocalObjectStore(Path(tempfile.mkdtemp(prefix="lw-bench-s3-"))).start()
+        store.create_bucket("lakewarden")
+        env.update(store.env())
+    try:
+        results = _run(args, env)
+    finally:
+        if store is not None:
+            store.remove()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"cpus": os.cpu_count(), "batch_rows": args.batch, "store": args.store,
+                                    "results": results}, indent=2) + "\n")
+    console.print(f"written to {args.out}")
+
+
+def _run(args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
     results = []
     for size in args.sizes:
         people = max(1, int(size / args.tpp))
@@ -127,15 +154,16 @@ def main() -> None:
             root = Path(tempfile.mkdtemp(prefix="lw-bench-ingest-"))
             try:
                 cfg = root / "lakewarden.yaml"
-                cfg.write_text(CONFIG.format(root=root, repo=REPO))
+                where = f"s3://lakewarden/{root.name}" if args.store == "s3" else str(root)
+                cfg.write_text(CONFIG.format(root=root, tables=f"{where}/tables", repo=REPO))
                 if dataset == "transactions":  # tokens for these customers exist, as in the pipeline
                     run_py(GOVERNED, str(cfg), "customers", str(_copy(files["customers"], root)), str(args.batch), env=env)
                 with console.status(f"plain {dataset} ({src.stat().st_size / 1e6:.0f} MB)"):
-                    plain = run_py(PLAIN, str(src), str(root / "plain"), str(args.batch or 250_000), env=env)
+                    plain = run_py(PLAIN, str(src), f"{where}/plain", str(args.batch or 250_000), env=env)
                 with console.status(f"governed {dataset}"):
                     gov = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), str(args.batch), env=env)
                 fallback = None
-                if size <= args.python_up_to:
+                if size <= args.python_up_to and args.store == "local":
                     shutil.rmtree(root / "tables", ignore_errors=True)
                     shutil.rmtree(root / "ws", ignore_errors=True)
                     shutil.rmtree(root / "keys", ignore_errors=True)
@@ -147,6 +175,7 @@ def main() -> None:
             finally:
                 shutil.rmtree(root, ignore_errors=True)
             results.append({
+                "store": args.store,
                 "backend": gov.get("backend"),
                 "python_rows_per_s": fallback["rows"] / fallback["seconds"] if fallback else None,
                 "python_ratio": (fallback["rows"] / fallback["seconds"]) / (plain["rows"] / plain["seconds"]) if fallback else None,
@@ -159,9 +188,7 @@ def main() -> None:
                 "accepted": gov["accepted"], "quarantined": gov["quarantined"],
             })
             _print(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"cpus": os.cpu_count(), "batch_rows": args.batch, "results": results}, indent=2) + "\n")
-    console.print(f"written to {args.out}")
+    return results
 
 
 def _copy(src: Path, root: Path) -> Path:

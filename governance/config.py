@@ -9,7 +9,7 @@ Example::
     version: 1
     name: demo
     storage:
-      root: .lakewarden/tables          # or s3://bucket/prefix later
+      root: .lakewarden/tables          # or s3://bucket/prefix (credentials from AWS_* variables)
     keys:
       store: .lakewarden/keys/keystore.db
       kek: {provider: file, path: .lakewarden/secrets/kek.key}
