@@ -45,16 +45,18 @@ kafka:
 objectstore:
 	bash infra/objectstore/install.sh >/dev/null
 
-# Debian packages the tests need (the tests start the servers themselves; chromium renders the HTML report).
+# Debian packages the tests need (the tests start the servers themselves; chromium renders the HTML report;
+# postgresql: the shared key store's tests start a throw-away cluster).
 system:
-	@command -v redis-server >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null || \
-	  { apt-get update -qq && apt-get install -y -qq redis-server prometheus chromium >/dev/null; }
+	@command -v redis-server >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null && \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { apt-get update -qq && apt-get install -y -qq redis-server prometheus chromium postgresql >/dev/null; }
 
 demo: install
 	$(BIN)/python -m lakewarden.demo
 
 test: install trino kafka objectstore system
-	LAKEWARDEN_REQUIRE_OBJECTSTORE=1 LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 LAKEWARDEN_REQUIRE_CHROMIUM=1 \
+	LAKEWARDEN_REQUIRE_POSTGRES=1 LAKEWARDEN_REQUIRE_OBJECTSTORE=1 LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 LAKEWARDEN_REQUIRE_CHROMIUM=1 \
 	  LAKEWARDEN_REQUIRE_NATIVE=1 LAKEWARDEN_REQUIRE_KAFKA=1 $(BIN)/python -m pytest -q
 	@echo "== the key and ingest tests again on the pure-Python fallback (LAKEWARDEN_NATIVE=0)"
 	LAKEWARDEN_NATIVE=0 $(BIN)/python -m pytest -q $(FALLBACK_TESTS)

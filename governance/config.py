@@ -57,8 +57,26 @@ class KekConfig(_Strict):
 
 
 class KeysConfig(_Strict):
-    store: str = ".lakewarden/keys/keystore.db"
+    store: str = Field(default=".lakewarden/keys/keystore.db",
+                       description="an SQLite file (the laptop default), or postgresql://user@host:port/db for a key "
+                                   "store a cluster shares (password from PGPASSWORD or ~/.pgpass, never here)")
     kek: KekConfig = KekConfig(provider="file", path=".lakewarden/secrets/kek.key")
+
+    @field_validator("store")
+    @classmethod
+    def _no_password(cls, v: str) -> str:
+        from urllib.parse import parse_qs, urlparse
+
+        u = urlparse(v)
+        if u.scheme.lower() in ("postgresql", "postgres"):
+            if u.password is not None or "password" in {k.lower() for k in parse_qs(u.query)}:
+                raise ValueError("the key store DSN holds a password: a config file is not a place for secrets. "
+                                 "Set PGPASSWORD in the environment or use ~/.pgpass")
+            if not u.path.strip("/"):
+                raise ValueError("the key store DSN names no database (postgresql://user@host:port/DBNAME)")
+        elif _URI.match(v):
+            raise ValueError(f"key store {v.split('://')[0]}:// is not supported: an SQLite file path or postgresql://")
+        return v
 
 
 _SECRET_OPTION = re.compile(r"secret|password|token|access_key|key_id|credential|sas_key|account_key", re.IGNORECASE)

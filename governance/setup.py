@@ -200,8 +200,13 @@ def init_workspace(directory: Path, *, actor: str) -> InitResult:
             res.created.append(str(kek_path))
     res.policy_templates = [str(p) for p in write_policy_templates(cfg, user=actor)]
     res.created.extend(res.policy_templates)
-    store_path = cfg.path(cfg.keys.store)
-    (res.kept if store_path.exists() else res.created).append(str(store_path))
+    from governance.keys.pgstore import is_dsn, redacted
+
+    if is_dsn(cfg.keys.store):
+        res.kept.append(redacted(cfg.keys.store))  # a database server: created by its operator
+    else:
+        store_path = cfg.path(cfg.keys.store)
+        (res.kept if store_path.exists() else res.created).append(str(store_path))
     res.workspace_id = workspace_id(cfg)
     with Workspace(cfg) as ws:
         res.key_id = ws.keyring.store.kek_id

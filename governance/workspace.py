@@ -24,6 +24,7 @@ from governance.config import ProjectConfig, load_config
 from governance.errors import AuditError
 from governance.gate import Actor, Gate
 from governance.keys import KeyRing, KeyStore, load_kek
+from governance.keys.pgstore import is_dsn
 from governance.policy import PolicySet, load_policies
 
 if TYPE_CHECKING:
@@ -54,7 +55,12 @@ class Workspace:
     def keyring(self) -> KeyRing:
         k = self.config.keys.kek
         kek = load_kek(k.provider, var=k.var, path=k.path, factory=k.factory, options=k.options, base_dir=self.config.base_dir)
-        return KeyRing(KeyStore(self.config.path(self.config.keys.store), kek))
+        store = self.config.keys.store
+        if is_dsn(store):  # a PostgreSQL database a cluster's workers share
+            from governance.keys.pgstore import PgKeyStore
+
+            return KeyRing(PgKeyStore(store, kek))
+        return KeyRing(KeyStore(self.config.path(store), kek))
 
     @cached_property
     def audit(self) -> "AuditLog":

@@ -147,3 +147,35 @@ def objectstore(tmp_path_factory: pytest.TempPathFactory):
         pytest.skip(f"the object store did not start: {exc}")
     yield store
     store.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory):
+    """One throw-away PostgreSQL server (Debian's package, loopback, password auth) for the whole
+    session; tests make databases of their own with ``postgres_db``. Skipped when PostgreSQL is
+    not installed, unless LAKEWARDEN_REQUIRE_POSTGRES=1."""
+    from governance.keys.pgserver import LocalPostgres, PostgresError
+
+    try:
+        pg = LocalPostgres(tmp_path_factory.mktemp("pg")).start()
+    except PostgresError as exc:
+        if os.environ.get("LAKEWARDEN_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL did not start: {exc}")
+        pytest.skip(f"PostgreSQL did not start: {exc}")
+    yield pg
+    pg.remove()
+
+
+@pytest.fixture
+def postgres_db(postgres, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new, empty database on the session's server; returns its DSN (PGPASSWORD set)."""
+    import uuid
+
+    import psycopg
+
+    for k, v in postgres.env().items():
+        monkeypatch.setenv(k, v)
+    name = "t" + uuid.uuid4().hex[:12]
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres.dsn.rsplit("/", 1)[0] + "/" + name

@@ -706,6 +706,20 @@ def test_a_schema_1_store_keeps_its_random_tokens_and_every_operation(store_path
     assert raw_rows(store_path, "SELECT count(*) FROM meta WHERE name='subject-token'") == [(0,)]
 
 
+def test_derived_tokens_spell_each_block_as_token_from_bytes_does():
+    """The numpy base32 of wire.derived_tokens against the one-block reference, ids up to 2**64-1."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    from governance.keys import wire
+
+    key = bytes(range(32))
+    ids = [*range(0, 3000), 2**31, 2**32 + 1, 2**63 - 1, 2**63 + 5, 2**64 - 1]
+    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+    raw = enc.update(b"".join(wire.TOKEN_MAGIC + i.to_bytes(8, "big") for i in ids)) + enc.finalize()
+    assert wire.derived_tokens(key, ids) == [wire.token_from_bytes(raw[j:j + 16]) for j in range(0, len(raw), 16)]
+    assert wire.derived_tokens(key, []) == [] and wire.token_ids(key, wire.derived_tokens(key, ids)) == ids
+
+
 def test_token_ids_in_bulk_read_every_token_as_one_at_a_time_does():
     """The numpy path of wire.token_ids (64 tokens or more) against its per-token reference."""
     import random

@@ -175,9 +175,15 @@ def _scan(ws: "Workspace", ctx: ErasureContext, extra_roots: Iterable[Path], exc
     needles = Needles(ctx.needles())
     rep.labelled = sorted(labels.values())
     excluded = {p.resolve() for p in exclude}
-    ks = ws.config.path(ws.config.keys.store).resolve()
-    excluded |= {ks, Path(str(ks) + "-journal"), Path(str(ks) + "-wal")}
-    rep.excluded = ["key store (shred tombstones, by design)", "the request's sealed probe"]
+    from governance.keys.pgstore import is_dsn, redacted
+
+    if is_dsn(ws.config.keys.store):  # a database server: its files are not ours to read
+        rep.excluded = [f"key store {redacted(ws.config.keys.store)} (a PostgreSQL server; a shred is final once its KEK "
+                        "generation is retired)", "the request's sealed probe"]
+    else:
+        ks = ws.config.path(ws.config.keys.store).resolve()
+        excluded |= {ks, Path(str(ks) + "-journal"), Path(str(ks) + "-wal")}
+        rep.excluded = ["key store (shred tombstones, by design)", "the request's sealed probe"]
     live = [t for t in ctx.tokens if ws.keyring.store.subject_state(t) == "active"]
     immutable = [r.resolve() for r in _dvc_roots(ws)]
     seen: set[Path] = set()

@@ -1,0 +1,459 @@
+"""The key store on PostgreSQL: one store a cluster's workers share (issue #17).
+
+The same interface and the same wire formats as the SQLite store (:class:`KeyStore`): tokens are
+the keyed permutation of row ids (schema version 2), every wrapped key is bound to its row by
+the wrapping AAD, unwrapped keys live only in process memory. The SQLite file stays the laptop
+default; ``keys.store: postgresql://user@host:port/db`` selects this one. The password never
+sits in the DSN (refused): it comes from ``PGPASSWORD`` or a ``~/.pgpass`` file, as for ``psql``.
+The tables live in their own schema (``lakewarden`` unless the DSN says ``?options=...``).
+
+**When a shred is final.** PostgreSQL does not destroy a deleted row: its bytes stay in the
+table's heap until the page is reused, in the write-ahead log until the segment is recycled and
+overwritten, and in every base backup, WAL archive and replica. So a shred here cannot rely on
+the row's bytes being gone. It relies on the KEK generation instead:
+
+1. every data key is stored wrapped under the KEK generation current when it was written (its
+   ``kek_id`` is on the row);
+2. a shred deletes the row (and its blind index): from then on no query returns the key;
+3. :meth:`rotate_kek` (``lakewarden keys rotate``) retires a generation: it rewraps every *live*
+   key under the new KEK in one transaction, then ``VACUUM FULL`` rewrites the tables so no live
+   heap page holds an old-generation blob;
+4. the operator then destroys the old KEK (deletes the key file, or schedules the KMS key
+   version's destruction). Every residual copy of a shredded key — heap, WAL, backups — is
+   wrapped under that generation and can no longer be opened.
+
+The shred is final at step 4, so the rotation interval must be shorter than the erasure
+deadline (a month under GDPR). ``tests/test_pgstore.py`` shows the residual copy in the
+database's own files before the rotation (it opens with the old KEK), and that after it no copy
+in those files opens with the KEK that remains.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlparse
+
+from governance.errors import DecryptionError, KeyManagementError
+from governance.keys import hazmat, wire
+from governance.keys.kek import KeyEncryptionKey
+from governance.keys.store import _DEK_AAD, _META_AAD, BLIND_INDEX_KEY, SCHEMA_VERSION, TOKEN_KEY, KeyStore, SubjectKeys
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+SCHEMES = ("postgresql", "postgres")
+_SCHEMA_NAME = "lakewarden"
+
+_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {_SCHEMA_NAME};
+CREATE TABLE IF NOT EXISTS {_SCHEMA_NAME}.store_info(
+    version    integer NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {_SCHEMA_NAME}.meta(
+    name       text PRIMARY KEY,
+    wrapped    bytea NOT NULL,
+    kek_id     text NOT NULL,
+    created_at text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {_SCHEMA_NAME}.subjects(
+    id          bigserial PRIMARY KEY,
+    token       text NOT NULL,
+    blind_index bytea NOT NULL UNIQUE,
+    wrapped_dek bytea NOT NULL,
+    kek_id      text NOT NULL,
+    created_at  text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {_SCHEMA_NAME}.shredded(
+    token       text PRIMARY KEY,
+    shredded_at text NOT NULL
+)
+"""
+
+
+def is_dsn(store: str) -> bool:
+    """Whether ``keys.store`` names a PostgreSQL database rather than an SQLite file."""
+    return urlparse(str(store)).scheme.lower() in SCHEMES
+
+
+def check_dsn(dsn: str) -> str:
+    """The DSN, or an error naming what is wrong: a password in it (the config is no place for
+    secrets), or no database name."""
+    u = urlparse(dsn)
+    if u.password is not None or "password" in {k.lower() for k in parse_qs(u.query)}:
+        raise KeyManagementError(
+            "keys.store holds a password: a config file is no place for secrets",
+            hint="set PGPASSWORD in the environment or use ~/.pgpass, and remove the password from the DSN",
+        )
+    if not u.path.strip("/"):
+        raise KeyManagementError(f"keys.store {redacted(dsn)} names no database (postgresql://user@host:port/DBNAME)")
+    return dsn
+
+
+def redacted(dsn: str) -> str:
+    u = urlparse(dsn)
+    host = u.hostname or ""
+    port = f":{u.port}" if u.port else ""
+    user = f"{u.username}@" if u.username else ""
+    return f"{u.scheme}://{user}{host}{port}{u.path}"
+
+
+class _Conn:
+    """The few calls the shared :class:`KeyStore` code makes on a connection (``execute`` with
+    ``?`` placeholders, ``executemany``), on a psycopg cursor."""
+
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        self._cur.execute(sql.replace("?", "%s"), params)
+        return self._cur
+
+    def executemany(self, sql: str, rows: Any) -> Any:
+        self._cur.executemany(sql.replace("?", "%s"), list(rows))
+        return self._cur
+
+
+class PgKeyStore(KeyStore):
+    """Per-subject data keys and system keys, wrapped by a KEK, in a PostgreSQL database.
+
+    Args:
+        dsn: ``postgresql://user@host:port/db`` (no password: ``PGPASSWORD`` or ``~/.pgpass``).
+        kek, clock, cache_size: as for :class:`KeyStore`.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        kek: KeyEncryptionKey,
+        *,
+        clock: Callable[[], datetime] | None = None,
+        cache_size: int = 262_144,
+    ) -> None:
+        if not isinstance(kek, KeyEncryptionKey):
+            raise TypeError(f"kek must be a KeyEncryptionKey, got {type(kek).__name__}")
+        if cache_size < 1:
+            raise ValueError("cache_size must be at least 1")
+        self._dsn = check_dsn(dsn)
+        self._path = redacted(dsn)  # type: ignore[assignment]  # named in messages; holds no secret
+        self._kek = kek
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._cache_size = cache_size
+        self._lock = threading.RLock()
+        self._deks: OrderedDict[str, bytes] = OrderedDict()
+        self._system: dict[str, bytes] = {}
+        self._conn = None
+        self._tkey = None
+        self._conn = self._connect()
+        try:
+            self._init_schema()
+            self._check_kek()
+            self._tkey = self._system_key(TOKEN_KEY, create=True)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _connect(self) -> Any:
+        try:
+            import psycopg
+        except ImportError:  # pragma: no cover - a dependency of the project
+            raise KeyManagementError("a PostgreSQL key store needs psycopg (pip install 'psycopg[binary]')") from None
+        try:
+            conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise KeyManagementError(f"cannot open key store {self._path}: {str(exc).strip()}") from None
+        return conn
+
+    @contextmanager
+    def _tx(self, *, write: bool) -> Iterator[_Conn]:  # type: ignore[override]
+        """One transaction on the shared connection (one thread at a time). Writers that race on
+        the same subject are resolved by the unique blind index (``ON CONFLICT``)."""
+        import psycopg
+
+        conn = self._db()
+        with self._lock:
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    cur.execute(f"SET LOCAL search_path TO {_SCHEMA_NAME}")
+                    yield _Conn(cur)
+            except psycopg.Error as exc:
+                raise KeyManagementError(f"key store {self._path}: {str(exc).strip()}") from exc
+
+    def _vacuum(self) -> None:
+        import psycopg
+
+        try:
+            with self._db().cursor() as cur:
+                cur.execute(f"VACUUM FULL {_SCHEMA_NAME}.meta, {_SCHEMA_NAME}.subjects")
+        except psycopg.Error as exc:
+            raise KeyManagementError(
+                f"key store {self._path}: the change is committed, but VACUUM FULL failed: {str(exc).strip()}",
+                hint="run KeyStore.vacuum() again as the tables' owner",
+            ) from exc
+
+    def _init_schema(self) -> None:
+        with self._tx(write=True) as c:
+            c.execute("SELECT pg_advisory_xact_lock(hashtext('lakewarden.keystore.schema'))")
+            for stmt in _DDL.split(";"):
+                if stmt.strip():
+                    c.execute(stmt)
+            row = c.execute("SELECT version FROM store_info").fetchone()
+            if row is None:
+                c.execute("INSERT INTO store_info(version) VALUES (?)", (SCHEMA_VERSION,))
+                version = SCHEMA_VERSION
+            else:
+                version = row[0]
+        if version > SCHEMA_VERSION:
+            raise KeyManagementError(
+                f"key store {self._path} has schema version {version}; this Lakewarden reads up to {SCHEMA_VERSION}",
+                hint="upgrade Lakewarden",
+            )
+        self._version = version
+
+    def _system_key(self, name: str, *, create: bool) -> bytes | None:
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise ValueError(f"system key name must be a non-empty string without NUL, got {name!r}")
+        key = self._system.get(name)
+        if key is not None:
+            return key
+        with self._lock:
+            aad = _META_AAD + name.encode("utf-8")
+            with self._tx(write=create) as c:
+                row = c.execute("SELECT wrapped, kek_id FROM meta WHERE name=?", (name,)).fetchone()
+                if row is None and create:  # a racing process may insert it first: then read theirs
+                    new = hazmat.new_key()
+                    c.execute(
+                        "INSERT INTO meta(name, wrapped, kek_id, created_at) VALUES (?,?,?,?) ON CONFLICT (name) DO NOTHING",
+                        (name, self._kek.wrap(new, aad), self._kek.key_id, self._now()),
+                    )
+                    hazmat.forget(new)
+                    row = c.execute("SELECT wrapped, kek_id FROM meta WHERE name=?", (name,)).fetchone()
+            if row is None:
+                return None
+            if row[1] != self._kek.key_id:
+                raise self._foreign_kek_error(f"system key {name!r}", row[1])
+            key = self._unwrap_all(self._kek, [bytes(row[0])], [aad], [f"system key {name!r}"])[0]
+            self._system[name] = key
+            return key
+
+    def _unwrap_deks(self, rows: list[tuple[str, bytes, str]]) -> list[bytes]:
+        return super()._unwrap_deks([(t, bytes(b), k) for t, b, k in rows])
+
+    # ------------------------------------------------------------------ subjects
+
+    def subject_keys(self, ids: "pa.Array", *, create: bool = True, keys: bool = False) -> SubjectKeys:
+        """As :meth:`KeyStore.subject_keys`: a few statements per batch (arrays bound as
+        parameters), no Python round trip per id."""
+        import pyarrow as pa
+
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        if len(ids) == 0:
+            return SubjectKeys(pa.array([], pa.string()), b"" if keys else None)
+        key = self._system_key(BLIND_INDEX_KEY, create=create)
+        if key is None:
+            return SubjectKeys(pa.nulls(len(ids), pa.string()), bytes(hazmat.KEY_SIZE * len(ids)) if keys else None)
+        found = self._resolve(key, ids, create=create, keys=keys)
+        tokens = pa.array([None if t is None else t[0] for t in found], pa.string())
+        if not keys:
+            return SubjectKeys(tokens, None)
+        zero = bytes(hazmat.KEY_SIZE)
+        return SubjectKeys(tokens, b"".join(zero if t is None else t[1] for t in found))
+
+    def _resolve(self, key: bytes, ids: "pa.Array", *, create: bool, keys: bool) -> list[tuple[str, bytes] | None]:
+        """Per id, ``(token, data key or b"")`` or None (as :meth:`KeyStore._resolve`).
+
+        Each column goes to the server as one value (fixed-width values packed in one ``bytea``
+        or ``text``, sliced there with ``generate_series``): binding a 100k-element array costs
+        more in the driver than the statement does in the server. New subjects are inserted with
+        ``ON CONFLICT (blind_index) DO NOTHING``: a subject a concurrent writer created first is
+        read back instead, so every subject has one key whoever asks."""
+        from governance.keys import native
+
+        bis = native.fixed(native.blind_indexes(key, ids), 32)
+        unique = sorted(set(bis))  # sorted: concurrent writers take the index's locks in one order
+        cols = "s.blind_index, s.token, s.wrapped_dek, s.kek_id" if keys else "s.blind_index, s.token"
+        found: dict[bytes, tuple[str, bytes]] = {}
+
+        def read(c: _Conn, wanted: list[bytes]) -> None:
+            rows = c.execute(
+                f"SELECT {cols} FROM generate_series(0, %s - 1) AS g(i) "
+                "JOIN subjects s ON s.blind_index = substring(%b::bytea FROM g.i * 32 + 1 FOR 32)",
+                (len(wanted), b"".join(wanted)),
+            ).fetchall()
+            if keys:
+                deks = self._unwrap_deks([(r[1], r[2], r[3]) for r in rows])
+                found.update((bytes(r[0]), (r[1], d)) for r, d in zip(rows, deks))
+            else:
+                found.update((bytes(r[0]), (r[1], b"")) for r in rows)
+
+        with self._lock, self._tx(write=create) as c:
+            read(c, unique)
+            if create and len(found) < len(unique):
+                missing = [b for b in unique if b not in found]
+                n = len(missing)
+                row_ids = sorted(r[0] for r in c.execute(
+                    "SELECT nextval('subjects_id_seq') FROM generate_series(1, %s::bigint)", (n,)
+                ).fetchall())
+                tokens = wire.derived_tokens(self._token_key(), row_ids)  # type: ignore[arg-type]
+                deks = native.fixed(os.urandom(hazmat.KEY_SIZE * n), hazmat.KEY_SIZE)
+                wrapped = self._kek.wrap_many(deks, [_DEK_AAD + t.encode("ascii") for t in tokens])
+                if len(wrapped) != n:
+                    raise KeyManagementError(f"KEK {self._kek.key_id} returned {len(wrapped)} wrapped keys for {n}")
+                width = len(wrapped[0])
+                if any(len(w) != width for w in wrapped):  # a KEK plugin with variable-length blobs
+                    raise KeyManagementError(f"KEK {self._kek.key_id} wrapped keys to blobs of different lengths")
+                inserted = {
+                    bytes(r[0]) for r in c.execute(
+                        "INSERT INTO subjects(id, token, blind_index, wrapped_dek, kek_id, created_at) "
+                        "SELECT u.id, convert_from(substring(%b::bytea FROM (u.k::int - 1) * 30 + 1 FOR 30), 'UTF8'), "
+                        "substring(%b::bytea FROM (u.k::int - 1) * 32 + 1 FOR 32), "
+                        "substring(%b::bytea FROM (u.k::int - 1) * %s::int + 1 FOR %s::int), %s, %s "
+                        "FROM unnest(CAST(string_to_array(%s, ',') AS bigint[])) WITH ORDINALITY AS u(id, k) "
+                        "ORDER BY u.k ON CONFLICT (blind_index) DO NOTHING RETURNING blind_index",
+                        ("".join(tokens).encode("ascii"), b"".join(missing), b"".join(wrapped), width, width,
+                         self._kek.key_id, self._now(), ",".join(map(str, row_ids))),
+                    ).fetchall()
+                }
+                found.update((b, (t, d)) for b, t, d in zip(missing, tokens, deks) if b in inserted)
+                lost = [b for b in missing if b not in inserted]  # created meanwhile by another writer
+                if lost:
+                    read(c, lost)
+        return [found.get(b) for b in bis]
+
+    # ------------------------------------------------------------------ destructive verbs
+
+    def destroy_system_key(self, name: str) -> bool:
+        """Delete the system key ``name`` (e.g. a request's throw-away key). As for a shred, its
+        residual copies become unreadable when the KEK generation is retired; no VACUUM FULL here
+        (it would lock and rewrite the whole store for one row)."""
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise ValueError(f"system key name must be a non-empty string without NUL, got {name!r}")
+        if name in (BLIND_INDEX_KEY, TOKEN_KEY, "audit-signing"):
+            raise ValueError(f"system key {name!r} is structural and cannot be destroyed")
+        with self._lock:
+            self._system.pop(name, None)
+            with self._tx(write=True) as c:
+                n = c.execute("DELETE FROM meta WHERE name=?", (name,)).rowcount
+        return bool(n)
+
+    def shred_many(self, tokens: Any) -> int:
+        """Shred several subjects in one transaction; return how many were destroyed. The row is
+        deleted at once; its residual copies (heap, WAL, backups) become unreadable when its KEK
+        generation is retired (:meth:`rotate_kek`, then destroying the old KEK)."""
+        from governance.keys.store import _check_token
+
+        todo = list(dict.fromkeys(_check_token(t) for t in tokens))
+        if not todo:
+            return 0
+        with self._lock:
+            deleted: list[str] = []
+            try:
+                with self._tx(write=True) as c:
+                    ids = [r[1] for r in self._by_tokens(c, "id", todo)]
+                    if ids:
+                        deleted = [r[0] for r in c.execute(
+                            "DELETE FROM subjects WHERE id = ANY(?) RETURNING token", (ids,)
+                        ).fetchall()]
+                    if deleted:
+                        c.execute(
+                            "INSERT INTO shredded(token, shredded_at) SELECT t, ? FROM unnest(?::text[]) AS t "
+                            "ON CONFLICT (token) DO NOTHING",
+                            (self._now(), deleted),
+                        )
+            finally:
+                for t in todo:
+                    self._drop_cached(t)
+        return len(deleted)
+
+    def _mostly_free(self) -> bool:
+        return False  # PostgreSQL reuses the space itself; finality comes from retiring the KEK generation
+
+    def rotate_kek(self, new_kek: KeyEncryptionKey) -> int:
+        """Retire the current KEK generation: rewrap every live key under ``new_kek`` in one
+        transaction, then ``VACUUM FULL``. Destroy the old KEK afterwards: that is what makes the
+        residual copies of shredded keys (heap, WAL, backups) unreadable. Same errors as
+        :meth:`KeyStore.rotate_kek`; nothing changes on error."""
+        if not isinstance(new_kek, KeyEncryptionKey):
+            raise TypeError(f"new_kek must be a KeyEncryptionKey, got {type(new_kek).__name__}")
+        old = self._kek
+        if new_kek.key_id == old.key_id:
+            raise KeyManagementError(f"KEK {old.key_id} is already the current KEK of key store {self._path}; nothing to rotate")
+        with self._lock:
+            with self._tx(write=True) as c:
+                c.execute("LOCK TABLE meta, subjects IN EXCLUSIVE MODE")
+                meta = [(n, bytes(w), k) for n, w, k in c.execute("SELECT name, wrapped, kek_id FROM meta").fetchall()]
+                rows = [(t, bytes(w), k, i) for t, w, k, i in
+                        c.execute("SELECT token, wrapped_dek, kek_id, id FROM subjects").fetchall()]
+                foreign: dict[str, int] = {}
+                for _, _, kid in meta:
+                    if kid != old.key_id:
+                        foreign[kid] = foreign.get(kid, 0) + 1
+                for _, _, kid, _ in rows:
+                    if kid != old.key_id:
+                        foreign[kid] = foreign.get(kid, 0) + 1
+                if foreign:
+                    listed = ", ".join(f"{k} ({n} keys)" for k, n in sorted(foreign.items()))
+                    raise KeyManagementError(
+                        f"cannot rotate key store {self._path}: keys are wrapped by KEK {listed}, "
+                        f"not by the current KEK {old.key_id}",
+                        hint="open the store with the KEK that wrapped them",
+                        store_kek_ids=sorted(foreign), kek_id=old.key_id,
+                    )
+                aads = [_META_AAD + n.encode("utf-8") for n, _, _ in meta] + [_DEK_AAD + t.encode("utf-8") for t, *_ in rows]
+                names = [f"system key {n!r}" for n, _, _ in meta] + [f"data key of subject {t}" for t, *_ in rows]
+                keys = self._unwrap_all(old, [w for _, w, _ in meta] + [w for _, w, _, _ in rows], aads, names)
+                rewrapped = new_kek.wrap_many(keys, aads)
+                if len(rewrapped) != len(keys):
+                    raise KeyManagementError(f"KEK {new_kek.key_id} returned {len(rewrapped)} wrapped keys for {len(keys)}")
+                if keys:
+                    try:
+                        ok = new_kek.unwrap(rewrapped[0], aads[0]) == keys[0]
+                    except DecryptionError:
+                        ok = False
+                    if not ok:
+                        raise KeyManagementError(
+                            f"new KEK {new_kek.key_id} does not unwrap what it wrapped; rotation aborted, nothing changed"
+                        )
+                nm = len(meta)
+                if meta:
+                    c.execute(
+                        "UPDATE meta SET wrapped = u.w, kek_id = ? FROM unnest(?::text[], ?::bytea[]) AS u(n, w) "
+                        "WHERE meta.name = u.n",
+                        (new_kek.key_id, [m[0] for m in meta], rewrapped[:nm]),
+                    )
+                if rows:
+                    c.execute(
+                        "UPDATE subjects SET wrapped_dek = u.w, kek_id = ? FROM unnest(?::bigint[], ?::bytea[]) AS u(i, w) "
+                        "WHERE subjects.id = u.i",
+                        (new_kek.key_id, [r[3] for r in rows], rewrapped[nm:]),
+                    )
+                for k in keys:
+                    hazmat.forget(k)
+                del keys
+            self._kek = new_kek
+            self._clear_caches()
+            self._tkey = self._system_key(TOKEN_KEY, create=False)
+            self._vacuum()
+        return len(rewrapped)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def close(self) -> None:
+        with self._lock:
+            self._clear_caches()
+            self._tkey = None
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else "open"
+        return f"PgKeyStore(dsn={self._path!r}, kek_id={self._kek.key_id!r}, {state})"
