@@ -70,8 +70,9 @@ class LocalPostgres:
     USER = "lakewarden"
     DB = "lakewarden"
 
-    def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, *, port: int | None = None, durable: bool = False) -> None:
         self.base = Path(data_dir).resolve()
+        self.durable = durable  # False: fsync=off (tests: a crash may lose the cluster, which is thrown away)
         self.port = port or _free_port()
         self.password = secrets.token_urlsafe(24)
         self.bin = bindir()
@@ -123,7 +124,9 @@ class LocalPostgres:
                           "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "-E", "UTF8", "--no-sync")
             finally:
                 pwfile.unlink(missing_ok=True)
-        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.base} -c fsync=off"
+        opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.base}"
+        if not self.durable:
+            opts += " -c fsync=off"
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.base / "server.log"), "-o", opts,
                   "-w", "-t", str(int(timeout)), "start", timeout=timeout + 10)
         if fresh:
