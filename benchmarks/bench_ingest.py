@@ -48,7 +48,7 @@ name: bench
 storage: {{root: {tables}}}
 workspace: {root}/ws
 keys:
-  store: {root}/keys/keystore.db
+  store: {keystore}
   kek: {{provider: env, var: LAKEWARDEN_KEK}}
 policies: [{repo}/policies/*.yaml]
 """
@@ -119,10 +119,13 @@ def main() -> None:
                     help="also run the pure-Python fallback (LAKEWARDEN_NATIVE=0) at sizes up to this many rows")
     ap.add_argument("--store", choices=["local", "s3"], default="local",
                     help="where both tables go: a local folder, or an S3 server on loopback (versitygw)")
+    ap.add_argument("--keystore", choices=["sqlite", "postgresql"], default="sqlite",
+                    help="the governed run's key store: the SQLite file, or a PostgreSQL server on loopback")
     ap.add_argument("--out", type=Path, default=None, help="results file (default results/ingest.json, ingest-s3.json)")
     args = ap.parse_args()
     if args.out is None:
-        args.out = REPO / "benchmarks" / "results" / ("ingest.json" if args.store == "local" else "ingest-s3.json")
+        name = "ingest" + ("-s3" if args.store == "s3" else "") + ("-pg" if args.keystore == "postgresql" else "")
+        args.out = REPO / "benchmarks" / "results" / f"{name}.json"
     from governance.keys import generate_kek_b64
 
     env = {**os.environ, "LAKEWARDEN_KEK": generate_kek_b64()}
@@ -133,13 +136,23 @@ def main() -> None:
         store = LocalObjectStore(Path(tempfile.mkdtemp(prefix="lw-bench-s3-"))).start()
         store.create_bucket("lakewarden")
         env.update(store.env())
+    pg = None
+    if args.keystore == "postgresql":
+        from governance.keys.pgserver import LocalPostgres
+
+        pg = LocalPostgres(Path(tempfile.mkdtemp(prefix="lw-bench-pg-")), durable=True).start()
+        env.update(pg.env())
+        args.pg = pg
     try:
         results = _run(args, env)
     finally:
         if store is not None:
             store.remove()
+        if pg is not None:
+            pg.remove()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"cpus": os.cpu_count(), "batch_rows": args.batch, "store": args.store,
+                                    "keystore": args.keystore,
                                     "results": results}, indent=2) + "\n")
     console.print(f"written to {args.out}")
 
@@ -155,7 +168,15 @@ def _run(args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
             try:
                 cfg = root / "lakewarden.yaml"
                 where = f"s3://lakewarden/{root.name}" if args.store == "s3" else str(root)
-                cfg.write_text(CONFIG.format(root=root, tables=f"{where}/tables", repo=REPO))
+                keystore = f"{root}/keys/keystore.db"
+                if args.keystore == "postgresql":  # a database of its own for each run
+                    import psycopg
+
+                    db = "b" + root.name.replace("-", "_").lower()[-20:]
+                    with psycopg.connect(args.pg.dsn, autocommit=True, password=args.pg.password) as conn:
+                        conn.execute(f"CREATE DATABASE {db}")
+                    keystore = args.pg.dsn.rsplit("/", 1)[0] + "/" + db
+                cfg.write_text(CONFIG.format(root=root, tables=f"{where}/tables", keystore=keystore, repo=REPO))
                 if dataset == "transactions":  # tokens for these customers exist, as in the pipeline
                     run_py(GOVERNED, str(cfg), "customers", str(_copy(files["customers"], root)), str(args.batch), env=env)
                 with console.status(f"plain {dataset} ({src.stat().st_size / 1e6:.0f} MB)"):
@@ -163,7 +184,7 @@ def _run(args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
                 with console.status(f"governed {dataset}"):
                     gov = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), str(args.batch), env=env)
                 fallback = None
-                if size <= args.python_up_to and args.store == "local":
+                if size <= args.python_up_to and args.store == "local" and args.keystore == "sqlite":
                     shutil.rmtree(root / "tables", ignore_errors=True)
                     shutil.rmtree(root / "ws", ignore_errors=True)
                     shutil.rmtree(root / "keys", ignore_errors=True)
@@ -175,7 +196,7 @@ def _run(args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
             finally:
                 shutil.rmtree(root, ignore_errors=True)
             results.append({
-                "store": args.store,
+                "store": args.store, "keystore": args.keystore,
                 "backend": gov.get("backend"),
                 "python_rows_per_s": fallback["rows"] / fallback["seconds"] if fallback else None,
                 "python_ratio": (fallback["rows"] / fallback["seconds"]) / (plain["rows"] / plain["seconds"]) if fallback else None,
