@@ -13,7 +13,7 @@ LW     := $(BIN)/lakewarden
 .PHONY: install trino kafka objectstore system demo test test-fast bench bench-deps clean-demo
 
 # What CI also runs without the native core, so both paths stay green.
-FALLBACK_TESTS := tests/test_native_core.py tests/test_stream_decode.py tests/test_crypto_vectors.py tests/test_keys.py tests/test_keys_concurrency.py \
+FALLBACK_TESTS := tests/test_native_core.py tests/test_stream_decode.py tests/test_crypto_vectors.py tests/test_keys.py tests/test_keys_concurrency.py tests/test_pgstore.py \
                   tests/test_ingest.py tests/test_ingest_parallel.py
 
 $(STAMP): pyproject.toml

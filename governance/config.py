@@ -65,18 +65,26 @@ class KeysConfig(_Strict):
     @field_validator("store")
     @classmethod
     def _no_password(cls, v: str) -> str:
-        from urllib.parse import parse_qs, urlparse
-
-        u = urlparse(v)
-        if u.scheme.lower() in ("postgresql", "postgres"):
-            if u.password is not None or "password" in {k.lower() for k in parse_qs(u.query)}:
-                raise ValueError("the key store DSN holds a password: a config file is not a place for secrets. "
-                                 "Set PGPASSWORD in the environment or use ~/.pgpass")
-            if not u.path.strip("/"):
-                raise ValueError("the key store DSN names no database (postgresql://user@host:port/DBNAME)")
-        elif _URI.match(v):
-            raise ValueError(f"key store {v.split('://')[0]}:// is not supported: an SQLite file path or postgresql://")
+        problem = dsn_problem(v) if _URI.match(v) else None
+        if problem:
+            raise ValueError(problem)
         return v
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """What is wrong with a key store URI, or None: a password in it (the config is no place for
+    secrets), no database name, or a scheme other than ``postgresql://``."""
+    from urllib.parse import parse_qs, urlparse
+
+    u = urlparse(dsn)
+    if u.scheme.lower() not in ("postgresql", "postgres"):
+        return f"key store {u.scheme}:// is not supported: an SQLite file path or postgresql://"
+    if u.password is not None or "password" in {k.lower() for k in parse_qs(u.query)}:
+        return ("the key store DSN holds a password: a config file is not a place for secrets. "
+                "Set PGPASSWORD in the environment or use ~/.pgpass")
+    if not u.path.strip("/"):
+        return "the key store DSN names no database (postgresql://user@host:port/DBNAME)"
+    return None
 
 
 _SECRET_OPTION = re.compile(r"secret|password|token|access_key|key_id|credential|sas_key|account_key", re.IGNORECASE)

@@ -55,6 +55,22 @@ def is_remote(uri: str) -> bool:
     return urlparse(uri).scheme.lower() in REMOTE_SCHEMES
 
 
+def _endpoint() -> str | None:
+    """The S3 endpoint from the environment (None: AWS itself); plain HTTP only when allowed."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and urlparse(endpoint).scheme == "http" and os.environ.get("AWS_ALLOW_HTTP", "").lower() not in (
+        "1", "true", "yes"
+    ):
+        raise ObjectStoreError(
+            f"AWS_ENDPOINT_URL is plain HTTP ({endpoint}); set AWS_ALLOW_HTTP=true for a loopback store, or use https"
+        )
+    return endpoint or None
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem for ``uri`` and the path within it (``bucket/prefix`` for S3).
 
@@ -64,15 +80,10 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if u.scheme.lower() not in REMOTE_SCHEMES:
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         return pafs.LocalFileSystem(), path
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kw: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    endpoint = _endpoint()
+    kw: dict = {"region": _region()}
     if endpoint:
         e = urlparse(endpoint)
-        if e.scheme == "http" and os.environ.get("AWS_ALLOW_HTTP", "").lower() not in ("1", "true", "yes"):
-            raise ObjectStoreError(
-                f"AWS_ENDPOINT_URL is plain HTTP ({endpoint}); set AWS_ALLOW_HTTP=true for a loopback store, "
-                "or use https"
-            )
         kw.update(endpoint_override=e.netloc, scheme=e.scheme or "https")
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         kw.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""))
@@ -87,15 +98,8 @@ def s3_client():
     import boto3
     from botocore.config import Config
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint and urlparse(endpoint).scheme == "http" and os.environ.get("AWS_ALLOW_HTTP", "").lower() not in (
-        "1", "true", "yes"
-    ):
-        raise ObjectStoreError(
-            f"AWS_ENDPOINT_URL is plain HTTP ({endpoint}); set AWS_ALLOW_HTTP=true for a loopback store, or use https"
-        )
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region,
+    endpoint = _endpoint()
+    return boto3.client("s3", endpoint_url=endpoint or None, region_name=_region(),
                         config=Config(s3={"addressing_style": "path"} if endpoint else {}))
 
 

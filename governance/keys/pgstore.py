@@ -37,12 +37,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
-from governance.errors import DecryptionError, KeyManagementError
+from governance.errors import KeyManagementError
 from governance.keys import hazmat, wire
 from governance.keys.kek import KeyEncryptionKey
-from governance.keys.store import _DEK_AAD, _META_AAD, BLIND_INDEX_KEY, SCHEMA_VERSION, TOKEN_KEY, KeyStore, SubjectKeys
+from governance.keys.store import _DEK_AAD, BLIND_INDEX_KEY, SCHEMA_VERSION, TOKEN_KEY, KeyStore
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -82,16 +82,12 @@ def is_dsn(store: str) -> bool:
 
 
 def check_dsn(dsn: str) -> str:
-    """The DSN, or an error naming what is wrong: a password in it (the config is no place for
-    secrets), or no database name."""
-    u = urlparse(dsn)
-    if u.password is not None or "password" in {k.lower() for k in parse_qs(u.query)}:
-        raise KeyManagementError(
-            "keys.store holds a password: a config file is no place for secrets",
-            hint="set PGPASSWORD in the environment or use ~/.pgpass, and remove the password from the DSN",
-        )
-    if not u.path.strip("/"):
-        raise KeyManagementError(f"keys.store {redacted(dsn)} names no database (postgresql://user@host:port/DBNAME)")
+    """The DSN, or an error naming what is wrong (a password in it, no database name)."""
+    from governance.config import dsn_problem
+
+    problem = dsn_problem(dsn)
+    if problem:
+        raise KeyManagementError(problem)
     return dsn
 
 
@@ -217,55 +213,13 @@ class PgKeyStore(KeyStore):
             )
         self._version = version
 
-    def _system_key(self, name: str, *, create: bool) -> bytes | None:
-        if not isinstance(name, str) or not name or "\x00" in name:
-            raise ValueError(f"system key name must be a non-empty string without NUL, got {name!r}")
-        key = self._system.get(name)
-        if key is not None:
-            return key
-        with self._lock:
-            aad = _META_AAD + name.encode("utf-8")
-            with self._tx(write=create) as c:
-                row = c.execute("SELECT wrapped, kek_id FROM meta WHERE name=?", (name,)).fetchone()
-                if row is None and create:  # a racing process may insert it first: then read theirs
-                    new = hazmat.new_key()
-                    c.execute(
-                        "INSERT INTO meta(name, wrapped, kek_id, created_at) VALUES (?,?,?,?) ON CONFLICT (name) DO NOTHING",
-                        (name, self._kek.wrap(new, aad), self._kek.key_id, self._now()),
-                    )
-                    hazmat.forget(new)
-                    row = c.execute("SELECT wrapped, kek_id FROM meta WHERE name=?", (name,)).fetchone()
-            if row is None:
-                return None
-            if row[1] != self._kek.key_id:
-                raise self._foreign_kek_error(f"system key {name!r}", row[1])
-            key = self._unwrap_all(self._kek, [bytes(row[0])], [aad], [f"system key {name!r}"])[0]
-            self._system[name] = key
-            return key
-
     def _unwrap_deks(self, rows: list[tuple[str, bytes, str]]) -> list[bytes]:
         return super()._unwrap_deks([(t, bytes(b), k) for t, b, k in rows])
 
     # ------------------------------------------------------------------ subjects
 
-    def subject_keys(self, ids: "pa.Array", *, create: bool = True, keys: bool = False) -> SubjectKeys:
-        """As :meth:`KeyStore.subject_keys`: a few statements per batch (arrays bound as
-        parameters), no Python round trip per id."""
-        import pyarrow as pa
-
-        if isinstance(ids, pa.ChunkedArray):
-            ids = ids.combine_chunks()
-        if len(ids) == 0:
-            return SubjectKeys(pa.array([], pa.string()), b"" if keys else None)
-        key = self._system_key(BLIND_INDEX_KEY, create=create)
-        if key is None:
-            return SubjectKeys(pa.nulls(len(ids), pa.string()), bytes(hazmat.KEY_SIZE * len(ids)) if keys else None)
-        found = self._resolve(key, ids, create=create, keys=keys)
-        tokens = pa.array([None if t is None else t[0] for t in found], pa.string())
-        if not keys:
-            return SubjectKeys(tokens, None)
-        zero = bytes(hazmat.KEY_SIZE)
-        return SubjectKeys(tokens, b"".join(zero if t is None else t[1] for t in found))
+    def _native_bulk(self) -> bool:
+        return False  # the native core's bulk path speaks SQLite; this store's own _resolve is the bulk path
 
     def _resolve(self, key: bytes, ids: "pa.Array", *, create: bool, keys: bool) -> list[tuple[str, bytes] | None]:
         """Per id, ``(token, data key or b"")`` or None (as :meth:`KeyStore._resolve`).
@@ -392,36 +346,7 @@ class PgKeyStore(KeyStore):
                 meta = [(n, bytes(w), k) for n, w, k in c.execute("SELECT name, wrapped, kek_id FROM meta").fetchall()]
                 rows = [(t, bytes(w), k, i) for t, w, k, i in
                         c.execute("SELECT token, wrapped_dek, kek_id, id FROM subjects").fetchall()]
-                foreign: dict[str, int] = {}
-                for _, _, kid in meta:
-                    if kid != old.key_id:
-                        foreign[kid] = foreign.get(kid, 0) + 1
-                for _, _, kid, _ in rows:
-                    if kid != old.key_id:
-                        foreign[kid] = foreign.get(kid, 0) + 1
-                if foreign:
-                    listed = ", ".join(f"{k} ({n} keys)" for k, n in sorted(foreign.items()))
-                    raise KeyManagementError(
-                        f"cannot rotate key store {self._path}: keys are wrapped by KEK {listed}, "
-                        f"not by the current KEK {old.key_id}",
-                        hint="open the store with the KEK that wrapped them",
-                        store_kek_ids=sorted(foreign), kek_id=old.key_id,
-                    )
-                aads = [_META_AAD + n.encode("utf-8") for n, _, _ in meta] + [_DEK_AAD + t.encode("utf-8") for t, *_ in rows]
-                names = [f"system key {n!r}" for n, _, _ in meta] + [f"data key of subject {t}" for t, *_ in rows]
-                keys = self._unwrap_all(old, [w for _, w, _ in meta] + [w for _, w, _, _ in rows], aads, names)
-                rewrapped = new_kek.wrap_many(keys, aads)
-                if len(rewrapped) != len(keys):
-                    raise KeyManagementError(f"KEK {new_kek.key_id} returned {len(rewrapped)} wrapped keys for {len(keys)}")
-                if keys:
-                    try:
-                        ok = new_kek.unwrap(rewrapped[0], aads[0]) == keys[0]
-                    except DecryptionError:
-                        ok = False
-                    if not ok:
-                        raise KeyManagementError(
-                            f"new KEK {new_kek.key_id} does not unwrap what it wrapped; rotation aborted, nothing changed"
-                        )
+                rewrapped = self._rewrapped(old, new_kek, meta, [r[:3] for r in rows])
                 nm = len(meta)
                 if meta:
                     c.execute(
@@ -435,9 +360,6 @@ class PgKeyStore(KeyStore):
                         "WHERE subjects.id = u.i",
                         (new_kek.key_id, [r[3] for r in rows], rewrapped[nm:]),
                     )
-                for k in keys:
-                    hazmat.forget(k)
-                del keys
             self._kek = new_kek
             self._clear_caches()
             self._tkey = self._system_key(TOKEN_KEY, create=False)

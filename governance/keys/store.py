@@ -392,18 +392,20 @@ class KeyStore:
             if row is None and create:
                 with self._tx(write=True) as c:
                     row = c.execute("SELECT wrapped, kek_id FROM meta WHERE name=?", (name,)).fetchone()
-                    if row is None:
+                    if row is None:  # a writer racing on a server store may insert it first: then theirs is read
                         key = hazmat.new_key()
                         c.execute(
-                            "INSERT INTO meta(name, wrapped, kek_id, created_at) VALUES (?,?,?,?)",
+                            "INSERT INTO meta(name, wrapped, kek_id, created_at) VALUES (?,?,?,?) "
+                            "ON CONFLICT (name) DO NOTHING",
                             (name, self._kek.wrap(key, aad), self._kek.key_id, self._now()),
                         )
-            if key is None:
-                if row is None:
-                    return None
-                if row[1] != self._kek.key_id:
-                    raise self._foreign_kek_error(f"system key {name!r}", row[1])
-                key = self._unwrap_all(self._kek, [row[0]], [aad], [f"system key {name!r}"])[0]
+                        row = c.execute("SELECT wrapped, kek_id FROM meta WHERE name=?", (name,)).fetchone()
+            if row is None:
+                return None
+            if row[1] != self._kek.key_id:
+                raise self._foreign_kek_error(f"system key {name!r}", row[1])
+            # from the row, always: after a race the stored key is the other writer's, not ours
+            key = self._unwrap_all(self._kek, [bytes(row[0])], [aad], [f"system key {name!r}"])[0]
             self._system[name] = key
             return key
 
@@ -512,8 +514,8 @@ class KeyStore:
         key = self._system_key(BLIND_INDEX_KEY, create=create)
         if key is None:
             return SubjectKeys(pa.nulls(len(ids), pa.string()), bytes(hazmat.KEY_SIZE * len(ids)) if keys else None)
-        material = getattr(self._kek, "_native_material", None)
-        if material is not None and native.sqlite_shared():
+        if self._native_bulk():
+            material = self._kek._native_material  # type: ignore[attr-defined]
             with self._lock:
                 try:
                     tokens, key_bytes, _ = native.resolve_subjects(
@@ -529,6 +531,13 @@ class KeyStore:
             return SubjectKeys(tokens, None)
         zero = bytes(hazmat.KEY_SIZE)
         return SubjectKeys(tokens, b"".join(zero if t is None else t[1] for t in found))
+
+    def _native_bulk(self) -> bool:
+        """Whether the native core can run the bulk path on this store (a local KEK, and the same
+        SQLite library as Python's)."""
+        from governance.keys import native
+
+        return getattr(self._kek, "_native_material", None) is not None and native.sqlite_shared()
 
     def _native_error(self, msg: str) -> Exception:
         kind, _, rest = msg.partition("\t")
@@ -712,6 +721,47 @@ class KeyStore:
         with self._lock:
             self._vacuum()
 
+    def _rewrapped(self, old: KeyEncryptionKey, new_kek: KeyEncryptionKey, meta: list[tuple[str, bytes, str]],
+                   subj: list[tuple[str, bytes, str]]) -> list[bytes]:
+        """Every ``(name, wrapped, kek_id)`` system key, then every ``(token, wrapped, kek_id)``
+        subject key, unwrapped with ``old`` and wrapped with ``new_kek`` (a rotation's core, for
+        both stores). Refuses keys wrapped by another KEK (naming them) and a new KEK that cannot
+        unwrap what it wrapped; nothing is written here."""
+        foreign: dict[str, int] = {}
+        for _, _, kid in (*meta, *subj):
+            if kid != old.key_id:
+                foreign[kid] = foreign.get(kid, 0) + 1
+        if foreign:
+            listed = ", ".join(f"{k} ({n} keys)" for k, n in sorted(foreign.items()))
+            raise KeyManagementError(
+                f"cannot rotate key store {self._path}: keys are wrapped by KEK {listed}, "
+                f"not by the current KEK {old.key_id}",
+                hint="open the store with the KEK that wrapped them",
+                store_kek_ids=sorted(foreign),
+                kek_id=old.key_id,
+            )
+        aads = [_META_AAD + n.encode("utf-8") for n, _, _ in meta]
+        aads += [_DEK_AAD + t.encode("utf-8") for t, _, _ in subj]
+        names = [f"system key {n!r}" for n, _, _ in meta] + [f"data key of subject {t}" for t, _, _ in subj]
+        keys = self._unwrap_all(old, [r[1] for r in meta] + [r[1] for r in subj], aads, names)
+        try:
+            rewrapped = new_kek.wrap_many(keys, aads)
+            if len(rewrapped) != len(keys):
+                raise KeyManagementError(f"KEK {new_kek.key_id} returned {len(rewrapped)} wrapped keys for {len(keys)}")
+            if keys:
+                try:
+                    ok = new_kek.unwrap(rewrapped[0], aads[0]) == keys[0]
+                except DecryptionError:
+                    ok = False
+                if not ok:
+                    raise KeyManagementError(
+                        f"new KEK {new_kek.key_id} does not unwrap what it wrapped; rotation aborted, nothing changed"
+                    )
+        finally:
+            for k in keys:
+                hazmat.forget(k)
+        return rewrapped
+
     def rotate_kek(self, new_kek: KeyEncryptionKey) -> int:
         """Rewrap every key with ``new_kek`` in one transaction; return how many were rewrapped.
 
@@ -735,35 +785,7 @@ class KeyStore:
                 meta = c.execute("SELECT name, wrapped, kek_id FROM meta").fetchall()
                 rows = c.execute("SELECT token, wrapped_dek, kek_id, rowid FROM subjects").fetchall()
                 subj = [r[:3] for r in rows]
-                foreign: dict[str, int] = {}
-                for _, _, kid in (*meta, *subj):
-                    if kid != old.key_id:
-                        foreign[kid] = foreign.get(kid, 0) + 1
-                if foreign:
-                    listed = ", ".join(f"{k} ({n} keys)" for k, n in sorted(foreign.items()))
-                    raise KeyManagementError(
-                        f"cannot rotate key store {self._path}: keys are wrapped by KEK {listed}, "
-                        f"not by the current KEK {old.key_id}",
-                        hint="open the store with the KEK that wrapped them",
-                        store_kek_ids=sorted(foreign),
-                        kek_id=old.key_id,
-                    )
-                aads = [_META_AAD + n.encode("utf-8") for n, _, _ in meta]
-                aads += [_DEK_AAD + t.encode("utf-8") for t, _, _ in subj]
-                names = [f"system key {n!r}" for n, _, _ in meta] + [f"data key of subject {t}" for t, _, _ in subj]
-                keys = self._unwrap_all(old, [r[1] for r in meta] + [r[1] for r in subj], aads, names)
-                rewrapped = new_kek.wrap_many(keys, aads)
-                if len(rewrapped) != len(keys):
-                    raise KeyManagementError(f"KEK {new_kek.key_id} returned {len(rewrapped)} wrapped keys for {len(keys)}")
-                if keys:
-                    try:
-                        ok = new_kek.unwrap(rewrapped[0], aads[0]) == keys[0]
-                    except DecryptionError:
-                        ok = False
-                    if not ok:
-                        raise KeyManagementError(
-                            f"new KEK {new_kek.key_id} does not unwrap what it wrapped; rotation aborted, nothing changed"
-                        )
+                rewrapped = self._rewrapped(old, new_kek, meta, subj)
                 nm = len(meta)
                 c.executemany(
                     "UPDATE meta SET wrapped=?, kek_id=? WHERE name=?",
@@ -773,7 +795,6 @@ class KeyStore:
                     "UPDATE subjects SET wrapped_dek=?, kek_id=? WHERE rowid=?",
                     zip(rewrapped[nm:], repeat(new_kek.key_id), (r[3] for r in rows)),
                 )
-                del keys
             self._kek = new_kek
             self._clear_caches()
             self._vacuum()
