@@ -50,6 +50,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
 from governance.gate import Actor, Resource
+from governance.objectstore import is_remote, purge_old_versions
 from governance.lineage import DatasetRef
 from governance.pii import redact
 from governance.policy import DatasetPolicy, Stage
@@ -86,6 +87,7 @@ class TableRetention:
     version_after: int
     history_hours: int
     files_vacuumed: int
+    old_versions_purged: int = 0  # on a bucket that keeps versions: what vacuum left as older versions
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -222,13 +224,16 @@ def _table(cat: Catalog, ref: TableRef, pol: DatasetPolicy, now: datetime, dry_r
         if deleted and not dry_run:
             dt, deleted, before = _delete(cat, ref, column, cutoff)
     files = dt.vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=False, full=True)
+    purged = 0
     if not dry_run:
+        if is_remote(cat.uri(ref)):  # a versioned bucket keeps what vacuum deleted as older versions
+            purged = purge_old_versions(cat.uri(ref))
         dt = cat.open(ref)
     after = before - deleted if dry_run else dt.to_pyarrow_dataset().count_rows()
     return TableRetention(
         table=str(ref), keep=keep, column=column if has_column else None, cutoff=cutoff, rows_before=before,
         rows_deleted=deleted, rows_after=after, version_before=version_before, version_after=dt.version(),
-        history_hours=hours, files_vacuumed=len(files),
+        history_hours=hours, files_vacuumed=len(files), old_versions_purged=purged,
     )
 
 

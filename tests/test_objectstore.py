@@ -304,3 +304,55 @@ def test_trino_reads_the_lake_on_the_object_store_with_the_analysts_masks(
             assert run_trino(ws, dana, q)["n"][0].as_py() == 0
         finally:
             srv.stop()
+
+
+def test_retention_on_a_versioned_bucket_leaves_no_older_version_of_expired_rows(
+        objectstore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Retention deletes expired rows and vacuums the history; on a bucket that keeps versions the
+    vacuumed files would stay readable by version id, so it purges them too."""
+    from datetime import timedelta
+
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
+
+    from governance.objectstore import s3_client
+    from governance.workspace import Workspace
+    from lakehouse.ingest import ingest
+    from lakehouse.retention import enforce_retention
+    from lakehouse.synth import generate
+
+    _env(monkeypatch, objectstore)
+    monkeypatch.setenv("LAKEWARDEN_KEK", generate_kek_b64())
+    bucket = "lwv" + uuid.uuid4().hex[:10]
+    objectstore.create_bucket(bucket)
+    c = s3_client()
+    c.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    proj = _project(tmp_path, f"s3://{bucket}/lake")
+    pol = proj / "policies" / "customers.yaml"
+    pol.write_text(pol.read_text().replace("history: 7d", "history: 0h"))
+    res = generate(tmp_path / "landing", people=90, transactions_per_person=1, seed=14)
+    with Workspace.open(proj / "lakewarden.yaml") as ws:
+        ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
+        uri = f"s3://{bucket}/lake/bronze/customers"
+        bronze = DeltaTable(uri)
+        t = bronze.to_pyarrow_table(columns=["customer_id", "_row", "_ingested_at"])
+        newest = pc.max(t["_ingested_at"]).as_py()
+        expired = t.filter(pc.less_equal(t["_row"], 30))["customer_id"].to_pylist()
+        assert 10 < len(expired) < 40
+        bronze.update(updates={"_ingested_at": "'2001-01-01T00:00:00Z'"}, predicate="_row <= 30")
+        rep = enforce_retention(ws, ws.actor("dana"), dry_run=False, datasets=["customers"],
+                                now=newest + timedelta(days=1))  # the clock, from the data: no wall time
+    by = {x.table: x for x in rep.tables}
+    b = by["bronze.customers"]
+    assert b.rows_deleted == len(expired) and b.rows_after == b.rows_before - len(expired)
+    assert b.files_vacuumed > 0 and b.old_versions_purged > 0
+    left = DeltaTable(uri).to_pyarrow_table(columns=["customer_id"])["customer_id"].to_pylist()
+    assert not set(expired) & set(left)
+    found = []
+    for page in c.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix="lake/bronze/customers/"):
+        assert not page.get("DeleteMarkers")
+        for v in page.get("Versions", []):
+            if v["Key"].endswith(".parquet"):
+                body = c.get_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])["Body"].read()
+                found += [tok for tok in expired[:5] if _holds(body, tok)]
+    assert found == []
