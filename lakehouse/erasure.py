@@ -53,7 +53,7 @@ from governance.workspace import Workspace
 from lakehouse import landing
 from lakehouse.catalog import Catalog, TableRef, subject_bucket, table_buckets
 from governance.objectstore import is_remote, purge_old_versions
-from lakehouse.maintenance import expire_log, token_stats
+from lakehouse.maintenance import expire_log, token_stats, vacuum_files
 
 __all__ = ["sealed_columns", "subject_rows", "HANDLER", "LANDING_HANDLER"]
 
@@ -263,16 +263,15 @@ def _purge_history(ws: Workspace, retention_hours: int | None = None) -> dict[st
         pol = ws.policies.datasets.get(ref.dataset)
         window = int(pol.retention.history.total_seconds() // 3600) if pol else 168
         hours = window if retention_hours is None else retention_hours
-        dt = cat.open(ref)
-        files = dt.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=False, full=True)
+        files, old = vacuum_files(cat, ref, hours, dry_run=False)
         out[str(ref)] = len(files)
         ts = token_stats(ws, ref)
         if ts is not None and ts.log_files:  # a table written before token statistics were turned off
             out[f"{ref} (log entries)"] = expire_log(cat, ref, older_than_hours=hours)
-        if is_remote(cat.uri(ref)):  # a versioned bucket keeps what vacuum deleted as older versions
-            old = purge_old_versions(cat.uri(ref))
-            if old:
-                out[f"{ref} (older object versions)"] = old
+            if is_remote(cat.uri(ref)):  # the expired log entries, too, stay as older versions
+                old += purge_old_versions(cat.uri(ref))
+        if old:
+            out[f"{ref} (older object versions)"] = old
     return out
 
 

@@ -29,7 +29,7 @@ from governance.policy import Stage
 from governance.workspace import Workspace
 from lakehouse.catalog import SUBJECT_COLUMNS, Catalog, TableRef, table_configuration
 from lakehouse.errors import TableError
-from governance.objectstore import filesystem
+from governance.objectstore import filesystem, is_remote, purge_old_versions
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,7 @@ class Vacuumed:
     retention_hours: int
     files: int
     paths: tuple[str, ...]  # the first 50, sorted
+    old_versions_purged: int = 0  # on a bucket that keeps versions: the removed files' older versions
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "paths": list(self.paths)}
@@ -195,12 +196,22 @@ def vacuum(
             f"a {hours} h retention is shorter than the policy's history window of {window} h for '{ref.dataset}'",
             hint="pass --no-enforce-retention to cut time travel short on purpose",
         )
-    dt = Catalog(ws.config).open(ref)
-    files = dt.vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=False, full=True)
-    out = Vacuumed(str(ref), dry_run, hours, len(files), tuple(sorted(files)[:50]))
+    files, purged = vacuum_files(Catalog(ws.config), ref, hours, dry_run=dry_run)
+    out = Vacuumed(str(ref), dry_run, hours, len(files), tuple(sorted(files)[:50]), purged)
     ws.audit.record("tables.vacuum", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value, resource=f"table:{ref}",
-                    details={"dry_run": dry_run, "retention_hours": hours, "files": len(files)})
+                    details={"dry_run": dry_run, "retention_hours": hours, "files": len(files),
+                             "old_versions_purged": purged})
     return out
+
+
+def vacuum_files(cat: Catalog, ref: TableRef, hours: int, *, dry_run: bool) -> tuple[list[str], int]:
+    """VACUUM (full: orphans too) with a ``hours`` window: the files it removed (or would), and
+    how many older object versions were purged after it. On a bucket that keeps versions a delete
+    only adds a delete marker, so what vacuum removed would stay readable by version id; every
+    vacuum of Lakewarden's (maintenance, retention, erasure) purges those versions too."""
+    files = cat.open(ref).vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=False, full=True)
+    purged = 0 if dry_run or not is_remote(cat.uri(ref)) else purge_old_versions(cat.uri(ref))
+    return files, purged
 
 
 # -- token statistics in the Delta log ----------------------------------------------------------------

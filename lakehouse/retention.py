@@ -50,7 +50,6 @@ from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
 from governance.gate import Actor, Resource
-from governance.objectstore import is_remote, purge_old_versions
 from governance.lineage import DatasetRef
 from governance.pii import redact
 from governance.policy import DatasetPolicy, Stage
@@ -58,6 +57,7 @@ from governance.workspace import Workspace
 from lakehouse.catalog import Catalog, TableRef
 from lakehouse.errors import TableError
 from lakehouse.ingest import LEDGER
+from lakehouse.maintenance import vacuum_files
 
 __all__ = ["LandingRetention", "RetentionReport", "TableRetention", "enforce_retention", "RULES"]
 
@@ -223,11 +223,8 @@ def _table(cat: Catalog, ref: TableRef, pol: DatasetPolicy, now: datetime, dry_r
         deleted = dt.to_pyarrow_dataset().count_rows(filter=old)
         if deleted and not dry_run:
             dt, deleted, before = _delete(cat, ref, column, cutoff)
-    files = dt.vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=False, full=True)
-    purged = 0
+    files, purged = vacuum_files(cat, ref, hours, dry_run=dry_run)
     if not dry_run:
-        if is_remote(cat.uri(ref)):  # a versioned bucket keeps what vacuum deleted as older versions
-            purged = purge_old_versions(cat.uri(ref))
         dt = cat.open(ref)
     after = before - deleted if dry_run else dt.to_pyarrow_dataset().count_rows()
     return TableRetention(
