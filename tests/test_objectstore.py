@@ -131,6 +131,14 @@ def test_the_governed_lake_lives_on_the_object_store(objectstore, tmp_path: Path
             build_silver(ws, ws.actor("dana"), ds)
         tables = Catalog(ws.config).list()
         n = run_query(ws, ws.actor("dana"), "select count(*) as n from customers").table["n"][0].as_py()
+        from features.store import Features  # Feast reads silver from the bucket too
+
+        fs = Features(ws)
+        fs.apply(ws.actor("dana"))
+        fs.materialize(ws.actor("dana"))
+        silver = Catalog(ws.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id", "income"])
+        online = fs.online(ws.actor("mel"), purpose="credit_scoring", features=["customer_profile:income"],
+                           tokens=silver["customer_id"].to_pylist()[:20])
         again = ingest(ws, ws.actor("dana"), "customers", [copy])  # the same rows again: exactly once
         ws.audit.flush()
         verified = ws.audit.verify()
@@ -138,6 +146,7 @@ def test_the_governed_lake_lives_on_the_object_store(objectstore, tmp_path: Path
         assert rep.files[0].balanced and rep.rows_accepted > 0
     assert reps["customers"].rows_quarantined > 0  # the bad rows went to quarantine, on the store too
     assert n == reps["customers"].rows_accepted
+    assert online["income"].to_pylist() == silver["income"].to_pylist()[:20]  # materialized from the bucket
     assert again.rows_accepted == 0 and again.rows_skipped == again.rows_read
     assert {TableRef("bronze", "customers"), TableRef("silver", "transactions"), TableRef("vault", "customers"),
             TableRef("quarantine", "customers")} <= set(tables)
