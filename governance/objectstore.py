@@ -92,6 +92,35 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.S3FileSystem(**kw), (u.netloc + u.path).rstrip("/")
 
 
+_REACHED: set[tuple[str, str | None]] = set()
+
+
+def check_root(uri: str) -> None:
+    """Refuse, by name, a storage root on an object store that cannot be used: an endpoint that
+    does not answer, credentials it refuses, a bucket that does not exist. Checked once per
+    bucket and endpoint in a process; a local root is not checked here."""
+    if not is_remote(uri):
+        return
+    endpoint = _endpoint()
+    bucket = urlparse(uri).netloc
+    if (bucket, endpoint) in _REACHED:
+        return
+    fs, _ = filesystem(uri)
+    where = endpoint or "AWS S3"
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ObjectStoreError(
+            f"cannot use the storage root {uri} at {where}: {first}",
+            hint="check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and AWS_REGION",
+        ) from None
+    if info.type == pafs.FileType.NotFound:
+        raise ObjectStoreError(f"the bucket {bucket!r} of storage.root {uri} does not exist at {where}",
+                               hint="create the bucket, or fix storage.root in lakewarden.yaml")
+    _REACHED.add((bucket, endpoint))
+
+
 def s3_client():
     """A boto3 S3 client from the environment (the same ``AWS_*`` variables; a plain-HTTP endpoint
     only with ``AWS_ALLOW_HTTP=true``), for what pyarrow's filesystem cannot do: object versions."""

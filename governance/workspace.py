@@ -69,7 +69,9 @@ class Workspace:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         from governance.audit import AuditLog
+        from governance.objectstore import check_root
 
+        check_root(self.config.table_uri("x")[:-2])  # a bucket that is not there: named, before any write
         sk = Ed25519PrivateKey.from_private_bytes(self.keyring.system_key(AUDIT_SIGNING_KEY))
         pinned = self.config.audit.public_key
         if pinned and pinned.lower() != sk.public_key().public_bytes_raw().hex():

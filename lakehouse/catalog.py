@@ -156,8 +156,11 @@ class Catalog:
     """Maps table references to Delta table URIs under the configured storage root."""
 
     def __init__(self, config: ProjectConfig) -> None:
+        from governance.objectstore import check_root
+
         self.config = config
         self.storage_options = dict(config.storage.options) or None
+        check_root(config.table_uri("x")[:-2])  # a bucket that is not there is named, not read as empty
 
     def uri(self, ref: TableRef) -> str:
         return self.config.table_uri(f"{ref.layer}/{ref.dataset}")

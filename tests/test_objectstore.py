@@ -365,3 +365,32 @@ def test_retention_on_a_versioned_bucket_leaves_no_older_version_of_expired_rows
                 body = c.get_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])["Body"].read()
                 found += [tok for tok in expired[:5] if _holds(body, tok)]
     assert found == []
+
+
+def test_a_root_the_store_cannot_serve_is_refused_by_name(objectstore, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    """A missing bucket is not an empty lake, refused credentials are named, plain HTTP needs
+    AWS_ALLOW_HTTP: each a clear error before anything is read or written."""
+    from governance.objectstore import ObjectStoreError
+    from governance.workspace import Workspace
+    from lakehouse.catalog import Catalog
+
+    _env(monkeypatch, objectstore)
+    monkeypatch.setenv("LAKEWARDEN_KEK", generate_kek_b64())
+    missing = "lwmissing" + uuid.uuid4().hex[:8]
+    with Workspace.open(_project(tmp_path / "a", f"s3://{missing}/lake") / "lakewarden.yaml") as ws:
+        with pytest.raises(ObjectStoreError, match=f"bucket '{missing}' .* does not exist"):
+            Catalog(ws.config).list()
+        with pytest.raises(ObjectStoreError, match="does not exist"):
+            ws.audit.record("x.y", actor="u", outcome="ok")
+    other = "lwcreds" + uuid.uuid4().hex[:8]
+    objectstore.create_bucket(other)
+    cfg = _project(tmp_path / "b", f"s3://{other}/lake") / "lakewarden.yaml"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with Workspace.open(cfg) as ws, pytest.raises(ObjectStoreError) as exc:
+        Catalog(ws.config)
+    assert "AWS_SECRET_ACCESS_KEY" in exc.value.hint and "not-the-secret" not in str(exc.value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", objectstore.secret_key)
+    monkeypatch.delenv("AWS_ALLOW_HTTP")
+    with Workspace.open(cfg) as ws, pytest.raises(ObjectStoreError, match="AWS_ALLOW_HTTP"):
+        Catalog(ws.config)
