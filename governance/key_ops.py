@@ -15,6 +15,7 @@ from pathlib import Path
 from governance.errors import UsageError
 from governance.gate import Actor, Resource
 from governance.keys import kek_from_env, kek_from_file
+from governance.keys.pgstore import is_dsn
 from governance.policy import Stage
 from governance.workspace import Workspace
 
@@ -27,6 +28,7 @@ class Rotation:
     old_kek: str
     new_kek: str
     config_hint: str  # what keys.kek in lakewarden.yaml must now say
+    residual: str | None = None  # a server key store: what destroying the old KEK makes final
 
 
 def key_status(ws: Workspace, actor: Actor) -> dict[str, object]:
@@ -48,7 +50,12 @@ def rotate_kek(ws: Workspace, actor: Actor, *, new_kek_file: str | os.PathLike[s
     old_id = ws.keyring.store.kek_id
     n = ws.keyring.rotate_kek(new)
     ws.audit.record("keys.rotate", actor=actor.name, outcome="ok", resource="system:keys",
-                    details={"rewrapped": n, "from": old_id, "to": new.key_id})
+                    details={"rewrapped": n, "from": old_id, "to": new.key_id,
+                             "retired_generation": old_id if is_dsn(ws.config.keys.store) else None})
     ws.audit.flush()
     where = f"provider: file, path: {Path(new_kek_file)}" if new_kek_file is not None else f"provider: env, var: {new_kek_env}"
-    return Rotation(n, old_id, new.key_id, "{" + where + "}")
+    residual = None
+    if is_dsn(ws.config.keys.store):
+        residual = (f"the key store's database keeps shredded keys (heap, WAL, backups) wrapped under {old_id}: "
+                    "those shreds are final once it is destroyed")
+    return Rotation(n, old_id, new.key_id, "{" + where + "}", residual)

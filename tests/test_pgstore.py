@@ -180,6 +180,12 @@ def test_a_workspace_on_the_shared_key_store_ingests_and_erases(postgres_db: str
         st = run_request(ws, carla, file_request(ws, carla, "erase", [sid]).request_id, purge_now=True)
         assert st.state == "done", st.detail.get("findings")
         assert ws.keyring.store.subject_state(tok) == "shredded"
+        # the verb retires the generation and says what destroying the old KEK makes final
+        from governance.key_ops import rotate_kek
+
+        monkeypatch.setenv("LAKEWARDEN_NEW_KEK", generate_kek_b64())
+        r = rotate_kek(ws, carla, new_kek_env="LAKEWARDEN_NEW_KEK")
+        assert r.rewrapped > 0 and r.residual and r.old_kek in r.residual and "final" in r.residual
         excluded = request_status(ws, carla, st.request_id).detail["verification"]["excluded"]
         assert any("PostgreSQL" in e and "KEK generation" in e for e in excluded)  # the certificate says what it left out
     assert not (proj / ".lakewarden" / "keys").exists()  # no SQLite file was made beside it

@@ -50,6 +50,8 @@ def keys_rotate(
     r = rotate_kek(st.workspace(), st.actor(), new_kek_file=new_kek_file, new_kek_env=new_kek_env)
     console.print(f"[green]rotated[/] {r.rewrapped} keys from {r.old_kek} to {r.new_kek}")
     console.print(f"[yellow]now set keys.kek in lakewarden.yaml to {r.config_hint}[/] and destroy the old KEK.")
+    if r.residual:
+        console.print(f"[yellow]{r.residual}[/]")
 
 
 @keys_app.command("rotate-mask")
