@@ -56,8 +56,9 @@ def is_remote(uri: str) -> bool:
 
 
 def _endpoint() -> str | None:
-    """The S3 endpoint from the environment (None: AWS itself); plain HTTP only when allowed."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    """The S3 endpoint from the environment (None: AWS itself); plain HTTP only when allowed.
+    ``AWS_ENDPOINT_URL`` only: the variable delta-rs reads too, so every reader goes to one store."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and urlparse(endpoint).scheme == "http" and os.environ.get("AWS_ALLOW_HTTP", "").lower() not in (
         "1", "true", "yes"
     ):
