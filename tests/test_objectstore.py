@@ -102,6 +102,17 @@ def _project(base: Path, root: str) -> Path:
     return proj
 
 
+def _versioned_bucket(store) -> tuple[str, object]:
+    """A new bucket that keeps versions, and a client for it."""
+    from governance.objectstore import s3_client
+
+    bucket = "lwv" + uuid.uuid4().hex[:10]
+    store.create_bucket(bucket)
+    c = s3_client()
+    c.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    return bucket, c
+
+
 def _objects(store, prefix: str) -> list[Path]:
     base = store.root / "lakewarden" / prefix
     return sorted(p for p in base.rglob("*") if p.is_file())
@@ -177,7 +188,6 @@ def test_an_erasure_reaches_every_object_and_every_older_version(
     from governance.erasure import file_request, request_status, run_request, verify_certificate
     from governance.erasure.handlers import ErasureContext
     from governance.erasure.scan import scan
-    from governance.objectstore import s3_client
     from governance.workspace import Workspace
     from lakehouse.ingest import ingest
     from lakehouse.silver import build_silver
@@ -185,10 +195,7 @@ def test_an_erasure_reaches_every_object_and_every_older_version(
 
     _env(monkeypatch, objectstore)
     monkeypatch.setenv("LAKEWARDEN_KEK", generate_kek_b64())
-    bucket = "lwv" + uuid.uuid4().hex[:10]
-    objectstore.create_bucket(bucket)
-    c = s3_client()
-    c.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    bucket, c = _versioned_bucket(objectstore)
     proj = _project(tmp_path, f"s3://{bucket}/lake")
     res = generate(tmp_path / "landing", people=120, transactions_per_person=2, seed=12)
     with open(res.files["customers"], newline="") as fh:
@@ -229,15 +236,11 @@ def test_the_scanner_reads_the_older_versions_a_bucket_keeps(objectstore, tmp_pa
     the scan names the older version; on a store that lists no versions it says so."""
     from governance.erasure.handlers import ErasureContext
     from governance.erasure.scan import scan
-    from governance.objectstore import s3_client
     from governance.workspace import Workspace
 
     _env(monkeypatch, objectstore)
     monkeypatch.setenv("LAKEWARDEN_KEK", generate_kek_b64())
-    bucket = "lwv" + uuid.uuid4().hex[:10]
-    objectstore.create_bucket(bucket)
-    c = s3_client()
-    c.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    bucket, c = _versioned_bucket(objectstore)
     proj = _project(tmp_path, f"s3://{bucket}/lake")
     ident = "id-" + uuid.uuid4().hex  # made at run time
     c.put_object(Bucket=bucket, Key="lake/exports/x.txt", Body=f"row,{ident}\n".encode())
@@ -324,7 +327,6 @@ def test_retention_on_a_versioned_bucket_leaves_no_older_version_of_expired_rows
     import pyarrow.compute as pc
     from deltalake import DeltaTable
 
-    from governance.objectstore import s3_client
     from governance.workspace import Workspace
     from lakehouse.ingest import ingest
     from lakehouse.retention import enforce_retention
@@ -332,10 +334,7 @@ def test_retention_on_a_versioned_bucket_leaves_no_older_version_of_expired_rows
 
     _env(monkeypatch, objectstore)
     monkeypatch.setenv("LAKEWARDEN_KEK", generate_kek_b64())
-    bucket = "lwv" + uuid.uuid4().hex[:10]
-    objectstore.create_bucket(bucket)
-    c = s3_client()
-    c.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    bucket, c = _versioned_bucket(objectstore)
     proj = _project(tmp_path, f"s3://{bucket}/lake")
     pol = proj / "policies" / "customers.yaml"
     pol.write_text(pol.read_text().replace("history: 7d", "history: 0h"))

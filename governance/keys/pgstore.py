@@ -31,11 +31,9 @@ in those files opens with the KEK that remains.
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -131,28 +129,9 @@ class PgKeyStore(KeyStore):
         clock: Callable[[], datetime] | None = None,
         cache_size: int = 262_144,
     ) -> None:
-        if not isinstance(kek, KeyEncryptionKey):
-            raise TypeError(f"kek must be a KeyEncryptionKey, got {type(kek).__name__}")
-        if cache_size < 1:
-            raise ValueError("cache_size must be at least 1")
         self._dsn = check_dsn(dsn)
         self._path = redacted(dsn)  # type: ignore[assignment]  # named in messages; holds no secret
-        self._kek = kek
-        self._clock = clock or (lambda: datetime.now(timezone.utc))
-        self._cache_size = cache_size
-        self._lock = threading.RLock()
-        self._deks: OrderedDict[str, bytes] = OrderedDict()
-        self._system: dict[str, bytes] = {}
-        self._conn = None
-        self._tkey = None
-        self._conn = self._connect()
-        try:
-            self._init_schema()
-            self._check_kek()
-            self._tkey = self._system_key(TOKEN_KEY, create=True)
-        except BaseException:
-            self.close()
-            raise
+        self._open(kek, clock, cache_size)
 
     # ------------------------------------------------------------------ plumbing
 

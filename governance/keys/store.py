@@ -154,18 +154,22 @@ class KeyStore:
         clock: Callable[[], datetime] | None = None,
         cache_size: int = 262_144,
     ) -> None:
+        self._path = Path(path).expanduser()
+        self._open(kek, clock, cache_size)
+
+    def _open(self, kek: KeyEncryptionKey, clock: Callable[[], datetime] | None, cache_size: int) -> None:
+        """Check the arguments, connect, create or check the schema and the KEK (both stores)."""
         if not isinstance(kek, KeyEncryptionKey):
             raise TypeError(f"kek must be a KeyEncryptionKey, got {type(kek).__name__}")
         if cache_size < 1:
             raise ValueError("cache_size must be at least 1")
-        self._path = Path(path).expanduser()
         self._kek = kek
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._cache_size = cache_size
         self._lock = threading.RLock()
         self._deks: OrderedDict[str, bytes] = OrderedDict()
         self._system: dict[str, bytes] = {}
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Any = None
         self._tkey: bytes | None = None
         self._conn = self._connect()
         try:
