@@ -347,14 +347,6 @@ class PgKeyStore(KeyStore):
 
     # ------------------------------------------------------------------ housekeeping
 
-    def close(self) -> None:
-        with self._lock:
-            self._clear_caches()
-            self._tkey = None
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
     def __repr__(self) -> str:
         state = "closed" if self._conn is None else "open"
         return f"PgKeyStore(dsn={self._path!r}, kek_id={self._kek.key_id!r}, {state})"
