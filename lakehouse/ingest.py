@@ -44,7 +44,7 @@ from deltalake import ColumnProperties, CommitProperties, DeltaTable, Transactio
 from deltalake.exceptions import CommitFailedError
 
 from governance.gate import Actor, Resource
-from governance.keys import SubjectKeys, native
+from governance.keys import KeyRing, SubjectKeys, native
 from governance.lineage import DatasetRef
 from governance.pii import redact
 from governance.policy import ColumnClass, DatasetPolicy, Protection, Stage
@@ -177,112 +177,31 @@ def expand(paths: Iterable[str | Path]) -> list[Path]:
     return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
 
 
-class Ingestor:
-    """Ingest files into one dataset. Use :func:`ingest`; this class holds the per-ingest state."""
+class BatchWork:
+    """What one batch goes through, with no state across batches but a token cache: text and
+    shape, the contract's rules, tokens and keys, the sort into accepted and quarantined rows,
+    sealing, and the tables' Arrow form. The embedded ingest (:class:`Ingestor`) runs it in
+    threads; the Ray engine runs the same object in each worker (:mod:`lakehouse.distributed`)."""
 
     TOKEN_CACHE_MAX = 2_000_000  # subjects whose tokens an ingest keeps (datasets that seal nothing)
 
-    def __init__(self, ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int, progress: Progress | None,
-                 workers: int | None = None):
-        self.ws = ws
-        self.actor = actor
+    def __init__(self, policy: DatasetPolicy, ring: KeyRing, dataset: str, *, buckets: int, compression: str) -> None:
+        self.policy = policy
+        self.ring = ring
         self.dataset = dataset
-        self.policy: DatasetPolicy = ws.policies.dataset(dataset)
-        self.batch_rows = batch_rows
-        self.progress = progress
-        self.catalog = Catalog(ws.config)
-        self.ring = ws.keyring
-        self.compression = ws.config.storage.compression
-        self.validator = Validator(self.policy)
-        self.existing_tokens: pa.Array | None = None
-        self.done = self._done_batches()
-        self.versions: dict[str, int] = {}
+        self.buckets = buckets
+        self.compression = compression
+        self.validator = Validator(policy)
         self.reasons: Counter = Counter()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lakewarden-ingest-writer")
-        # Batches are checked (text, shape, rules: DuckDB, which releases the GIL) in a pool sized
-        # to the cores, while this thread resolves tokens and seals (the native core releases it
-        # too) and the writer commits: all cores work, and at most workers + 2 batches are held.
-        self.workers = max(1, min(os.cpu_count() or 1, 4)) if workers is None else workers
-        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="lakewarden-ingest-check")
-        self._pending: Future | None = None
-        pol = self.policy
+        pol = policy
         self.vault_cols = [n for n, c in pol.columns.items() if c.protection is Protection.VAULT]
         self.restricted_cols = [n for n, c in pol.columns.items() if c.protection is Protection.RESTRICTED]
         self.bronze_cols = [n for n in pol.columns if n not in self.vault_cols and n not in self.restricted_cols]
         self.sealed_cols = sealed_columns(pol)
+        self.partition_by = [*pol.layout.partition_by, "_subject_bucket"]
         self._cache_keys: pa.Array | None = None
         self._cache_tokens: pa.Array | None = None
         self._cache_lock = threading.Lock()
-        self.partition_by = [*pol.layout.partition_by, "_subject_bucket"]
-        self.buckets = self._bucket_count()
-        self._preload_unique()
-
-    # -- setup ------------------------------------------------------------------------
-    def _bucket_count(self) -> int:
-        """The bronze table's own bucket count once it exists (a later policy change applies to
-        new tables, so one table's rows never mix two bucketings), else the policy's."""
-        ref = TableRef("bronze", self.dataset)
-        if self.catalog.exists(ref):
-            n = table_buckets(self.catalog.open(ref))
-            if n is not None:
-                return n
-        return self.policy.layout.subject_buckets
-
-    def _done_batches(self) -> set[str]:
-        uri = self.ws.config.table_uri(LEDGER)
-        if not DeltaTable.is_deltatable(uri):
-            return set()
-        t = DeltaTable(uri).to_pyarrow_dataset().to_table(
-            columns=["batch_id"], filter=pc.field("dataset") == self.dataset
-        )
-        return set(t["batch_id"].to_pylist())
-
-    def _preload_unique(self) -> None:
-        bronze = TableRef("bronze", self.dataset)
-        if not self.catalog.exists(bronze):
-            return
-        ds = self.catalog.open(bronze).to_pyarrow_dataset()
-        key = self.policy.subject_key
-        for name in self.validator.unique:
-            if name == key:
-                self.existing_tokens = ds.to_table(columns=[key])[key].combine_chunks()
-            elif name in ds.schema.names:
-                self.validator.preload_unique(name, ds.to_table(columns=[name])[name])
-
-    # -- the work ---------------------------------------------------------------------
-    def ingest_file(self, path: Path, *, skip: bool = False) -> FileReport:
-        """Ingest one file; ``skip``: its rows were ingested before (an erasure's rewrite of a kept
-        file), so every batch is counted as already ingested."""
-        source = redact(path.name)[0]
-        rep = FileReport(source=source)
-        plan = plan_shape(self.policy, header(path), source=path.name, policy_file=f"policies/{self.dataset}.yaml")
-        rep.dropped_columns, rep.filled_columns = plan.dropped, plan.filled
-        inflight: deque[tuple[RawBatch, str, Future]] = deque()
-        try:
-            for raw in read_batches(path, batch_rows=self.batch_rows):
-                rep.rows_read += raw.rows_read
-                rep.batches += 1
-                batch_id = None if skip else self._batch_id(raw)
-                if batch_id is None or batch_id in self.done:
-                    rep.rows_skipped += raw.rows_read
-                    rep.batches_skipped += 1
-                    continue
-                self.done.add(batch_id)  # a repeat of this batch later in the same ingest is skipped too
-                inflight.append((raw, batch_id, self._pool.submit(self._check, raw, plan)))
-                while len(inflight) >= self.workers:
-                    self._finish(*inflight.popleft(), rep)
-            while inflight:
-                self._finish(*inflight.popleft(), rep)
-        finally:
-            for _, _, fut in inflight:
-                fut.cancel()
-        self.wait()
-        if not rep.balanced:  # never expected: it would mean a row was lost
-            raise IngestError(
-                f"{path.name}: row counts do not add up (read {rep.rows_read}, accepted {rep.rows_accepted}, "
-                f"quarantined {rep.rows_quarantined}, skipped {rep.rows_skipped})"
-            )
-        return rep
 
     def _check(self, raw: RawBatch, plan: ShapePlan) -> tuple[pa.Table, tuple | None] | None:
         """The part of a batch that runs in the pool, several batches at once: text, shape, every
@@ -308,65 +227,6 @@ class Ingestor:
         # and a subject's token does not depend on which batch asked first.
         subjects = self._subjects(out["_t_" + self.policy.subject_key].combine_chunks()) if out.num_rows else None
         return out, subjects
-
-    def _finish(self, raw: RawBatch, batch_id: str, checked: Future, rep: FileReport, *,
-                txn: Transaction | None = None, on_commit: Callable[[int, int], None] | None = None) -> None:
-        """The ordered part of a batch, in file order: uniqueness across batches, tokens, sealing;
-        then its commits go to the writer (at most one batch waits, so memory stays bounded)."""
-        checked_out = checked.result()
-        out, subjects = (None, None) if checked_out is None else checked_out
-        if out is not None:
-            out = self.validator.dedupe(out)
-        now = datetime.now(timezone.utc)
-        accepted, n_acc, quarantine = self._protect(out, subjects, raw, batch_id, rep.source, now)
-        n_q = quarantine.num_rows
-        rep.rows_accepted += n_acc
-        rep.rows_quarantined += n_q
-        # Write behind: this batch's commits run while the next batches are checked and protected.
-        # The ledger row is written after the tables.
-        self.wait()
-        self._pending = self._writer.submit(self._commit, batch_id, accepted, quarantine, rep.source, raw, n_acc, n_q,
-                                            now, txn, on_commit)
-        if self.progress:
-            self.progress(rep.source, raw.rows_read)
-
-    def _commit(self, batch_id: str, protected: Future | None, quarantine: pa.Table, source: str,
-                raw: RawBatch, n_acc: int, n_q: int, now: datetime, txn: Transaction | None = None,
-                on_commit: Callable[[int, int], None] | None = None) -> None:
-        accepted = protected.result() if protected is not None else None
-        self._write_batch(batch_id, accepted, quarantine, txn)
-        self._ledger(batch_id, source, raw.first_row, raw.rows_read, n_acc, n_q, now, txn)
-        self.ws.audit.record(
-            "ingest.batch", actor=self.actor.name, outcome="ok", stage=Stage.INGEST.value,
-            resource=f"dataset:{self.dataset}",
-            details={"batch_id": batch_id, "rows_read": raw.rows_read, "accepted": n_acc, "quarantined": n_q},
-        )
-        if on_commit is not None:
-            on_commit(n_acc, n_q)
-
-    def wait(self) -> None:
-        """Wait for the batch being written; re-raise its error here, in the ingest's thread."""
-        if self._pending is not None:
-            fut, self._pending = self._pending, None
-            fut.result()
-
-    def _batch_id(self, raw: RawBatch) -> str:
-        """A hash of the batch's content (values, lengths, nulls), independent of how it is chunked."""
-        h = native.Hasher(f"lakewarden-batch:v1|{self.dataset}|{raw.table.num_rows}|".encode())
-        for name in raw.table.column_names:
-            h.update(b"|" + name.encode() + b"|")
-            col = raw.table[name]
-            for chunk in col.chunks:
-                if pa.types.is_binary(chunk.type) or pa.types.is_string(chunk.type):
-                    h.update_binary(chunk)
-                else:
-                    sink = pa.BufferOutputStream()
-                    with pa.ipc.new_stream(sink, pa.schema([(name, chunk.type)])) as w:
-                        w.write_batch(pa.record_batch([chunk], names=[name]))
-                    h.update(sink.getvalue())
-        for m in raw.malformed:
-            h.update(b"|" + m.text.encode("utf-8", "replace"))
-        return h.hexdigest()[:32]
 
     def _conform(self, text: pa.Table, plan: ShapePlan) -> pa.Table:
         """Rename file columns to policy names, drop unknown ones, add missing optional ones as NULL."""
@@ -427,37 +287,27 @@ class Ingestor:
             self._cache_tokens = pa.concat_arrays([self._cache_tokens, new])
         return tokens
 
-    def _protect(
-        self, out: pa.Table | None, resolved: tuple | None, raw: RawBatch, batch_id: str, source: str, now: datetime
-    ) -> tuple[Future | None, int, pa.Table]:
-        """Sort a checked batch into accepted rows and quarantine, in file order (tokens, the
-        duplicate-subject rule). The accepted rows' sealing and table building go to the pool:
-        ``(future of the protected tables or None, rows accepted, quarantine table)``."""
+    def _sort(
+        self, out: pa.Table | None, resolved: tuple | None, reasons: pa.Array | None, raw: RawBatch, batch_id: str,
+        source: str, now: datetime, submit: Callable[..., Any],
+    ) -> tuple[Any, int, pa.Table]:
+        """Sort a checked batch into accepted rows and quarantine by its final ``reasons`` (from
+        :meth:`Ingestor._final_reasons`). The accepted rows' sealing and table building go to
+        ``submit`` (a pool's, or a direct call): ``(its result, rows accepted, quarantine table)``."""
         pol = self.policy
-        key = pol.subject_key
         q_rows: dict[str, list[Any]] = {n: [] for n in QUARANTINE_SCHEMA.names}
-        result: Future | None = None
+        result: Any = None
         n_acc = 0
         if out is not None and out.num_rows:
             tokens, buckets, subjects, key_index = resolved  # type: ignore[misc]
-            reasons = out["_reason"].combine_chunks()
-            # A unique subject key already in the table (from an earlier ingest) is a duplicate.
-            if self.existing_tokens is not None and len(self.existing_tokens):
-                dup = pc.and_(pc.is_null(reasons), pc.is_in(tokens, value_set=self.existing_tokens))
-                reasons = pc.if_else(dup, f"{key}: duplicate of a subject already ingested", reasons)
             ok = pc.is_null(reasons)
             acc = out.filter(ok)
-            acc_tokens = tokens.filter(ok)
-            acc_buckets = buckets.filter(ok)
-            acc_index = key_index.filter(ok)
             rej = out.filter(pc.invert(ok))
             rej_tokens = tokens.filter(pc.invert(ok))
-            rej_reasons = reasons.filter(pc.invert(ok))
-            if self.existing_tokens is not None and pol.columns[key].unique:
-                self.existing_tokens = pa.concat_arrays([self.existing_tokens, acc_tokens])
+            rej_reasons = reasons.filter(pc.invert(ok))  # type: ignore[union-attr]
             n_acc = acc.num_rows
-            result = self._pool.submit(self._protected_tables, acc, acc_tokens, acc_buckets, subjects, acc_index,
-                                       batch_id, now)
+            result = submit(self._protected_tables, acc, tokens.filter(ok), buckets.filter(ok), subjects,
+                            key_index.filter(ok), batch_id, now)
             # Quarantine: the original row, encrypted; the reason in plaintext (it names no value).
             raw_cols = [n for n in pol.columns]
             originals = rej.select([f"_v_{n}" for n in raw_cols]).rename_columns(raw_cols).to_pylist()
@@ -531,6 +381,189 @@ class Ingestor:
                 tables[layer] = tbl.filter(present)
         return tables
 
+    def _writer_properties(self, columns: list[str]) -> WriterProperties:
+        """The storage's compression; sealed columns (random bytes) skip the dictionary and the
+        min/max statistics, which cost CPU and buy nothing on ciphertext."""
+        sealed = {c: ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE")
+                  for c in columns if c in self.sealed_cols}
+        return WriterProperties(
+            compression=self.compression.upper() if self.compression != "none" else "UNCOMPRESSED",
+            column_properties=sealed or None,
+        )
+
+
+class Ingestor(BatchWork):
+    """Ingest files into one dataset. Use :func:`ingest`; this class holds the per-ingest state:
+    batches done, values seen (uniqueness across batches), the writer."""
+
+    def __init__(self, ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int, progress: Progress | None,
+                 workers: int | None = None):
+        self.ws = ws
+        self.actor = actor
+        self.dataset = dataset
+        self.policy: DatasetPolicy = ws.policies.dataset(dataset)
+        self.catalog = Catalog(ws.config)
+        super().__init__(self.policy, ws.keyring, dataset, buckets=self._bucket_count(),
+                         compression=ws.config.storage.compression)
+        self.batch_rows = batch_rows
+        self.progress = progress
+        self.existing_tokens: pa.Array | None = None
+        self.done = self._done_batches()
+        self.versions: dict[str, int] = {}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lakewarden-ingest-writer")
+        # Batches are checked (text, shape, rules: DuckDB, which releases the GIL) in a pool sized
+        # to the cores, while this thread resolves tokens and seals (the native core releases it
+        # too) and the writer commits: all cores work, and at most workers + 2 batches are held.
+        self.workers = max(1, min(os.cpu_count() or 1, 4)) if workers is None else workers
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="lakewarden-ingest-check")
+        self._pending: Future | None = None
+        self._preload_unique()
+
+    # -- setup ------------------------------------------------------------------------
+    def _bucket_count(self) -> int:
+        """The bronze table's own bucket count once it exists (a later policy change applies to
+        new tables, so one table's rows never mix two bucketings), else the policy's."""
+        ref = TableRef("bronze", self.dataset)
+        if self.catalog.exists(ref):
+            n = table_buckets(self.catalog.open(ref))
+            if n is not None:
+                return n
+        return self.policy.layout.subject_buckets
+
+    def _done_batches(self) -> set[str]:
+        uri = self.ws.config.table_uri(LEDGER)
+        if not DeltaTable.is_deltatable(uri):
+            return set()
+        t = DeltaTable(uri).to_pyarrow_dataset().to_table(
+            columns=["batch_id"], filter=pc.field("dataset") == self.dataset
+        )
+        return set(t["batch_id"].to_pylist())
+
+    def _preload_unique(self) -> None:
+        bronze = TableRef("bronze", self.dataset)
+        if not self.catalog.exists(bronze):
+            return
+        ds = self.catalog.open(bronze).to_pyarrow_dataset()
+        key = self.policy.subject_key
+        for name in self.validator.unique:
+            if name == key:
+                self.existing_tokens = ds.to_table(columns=[key])[key].combine_chunks()
+            elif name in ds.schema.names:
+                self.validator.preload_unique(name, ds.to_table(columns=[name])[name])
+
+    # -- the work ---------------------------------------------------------------------
+    def ingest_file(self, path: Path, *, skip: bool = False) -> FileReport:
+        """Ingest one file; ``skip``: its rows were ingested before (an erasure's rewrite of a kept
+        file), so every batch is counted as already ingested."""
+        source = redact(path.name)[0]
+        rep = FileReport(source=source)
+        plan = plan_shape(self.policy, header(path), source=path.name, policy_file=f"policies/{self.dataset}.yaml")
+        rep.dropped_columns, rep.filled_columns = plan.dropped, plan.filled
+        inflight: deque[tuple[RawBatch, str, Future]] = deque()
+        try:
+            for raw in read_batches(path, batch_rows=self.batch_rows):
+                rep.rows_read += raw.rows_read
+                rep.batches += 1
+                batch_id = None if skip else self._batch_id(raw)
+                if batch_id is None or batch_id in self.done:
+                    rep.rows_skipped += raw.rows_read
+                    rep.batches_skipped += 1
+                    continue
+                self.done.add(batch_id)  # a repeat of this batch later in the same ingest is skipped too
+                inflight.append((raw, batch_id, self._pool.submit(self._check, raw, plan)))
+                while len(inflight) >= self.workers:
+                    self._finish(*inflight.popleft(), rep)
+            while inflight:
+                self._finish(*inflight.popleft(), rep)
+        finally:
+            for _, _, fut in inflight:
+                fut.cancel()
+        self.wait()
+        if not rep.balanced:  # never expected: it would mean a row was lost
+            raise IngestError(
+                f"{path.name}: row counts do not add up (read {rep.rows_read}, accepted {rep.rows_accepted}, "
+                f"quarantined {rep.rows_quarantined}, skipped {rep.rows_skipped})"
+            )
+        return rep
+
+    def _finish(self, raw: RawBatch, batch_id: str, checked: Future, rep: FileReport, *,
+                txn: Transaction | None = None, on_commit: Callable[[int, int], None] | None = None) -> None:
+        """The ordered part of a batch, in file order: uniqueness across batches, tokens, sealing;
+        then its commits go to the writer (at most one batch waits, so memory stays bounded)."""
+        checked_out = checked.result()
+        out, subjects = (None, None) if checked_out is None else checked_out
+        if out is not None:
+            out = self.validator.dedupe(out)
+        reasons = self._final_reasons(out, None if subjects is None else subjects[0])
+        now = datetime.now(timezone.utc)
+        accepted, n_acc, quarantine = self._sort(out, subjects, reasons, raw, batch_id, rep.source, now,
+                                                 self._pool.submit)
+        n_q = quarantine.num_rows
+        rep.rows_accepted += n_acc
+        rep.rows_quarantined += n_q
+        # Write behind: this batch's commits run while the next batches are checked and protected.
+        # The ledger row is written after the tables.
+        self.wait()
+        self._pending = self._writer.submit(self._commit, batch_id, accepted, quarantine, rep.source, raw, n_acc, n_q,
+                                            now, txn, on_commit)
+        if self.progress:
+            self.progress(rep.source, raw.rows_read)
+
+    def _final_reasons(self, out: pa.Table | None, tokens: pa.Array | None) -> pa.Array | None:
+        """A batch's reasons after the rules that need every earlier batch, in file order: ``out``
+        has been through :meth:`Validator.dedupe`; a unique subject key already in the table (an
+        earlier ingest or batch) is a duplicate too. Only ``_row``, ``_reason`` and the unique
+        columns of ``out`` are read, so a Ray driver runs this on a small slice of the batch."""
+        if out is None or not out.num_rows:
+            return None
+        key = self.policy.subject_key
+        reasons = out["_reason"].combine_chunks()
+        if self.existing_tokens is not None:
+            if len(self.existing_tokens):
+                dup = pc.and_(pc.is_null(reasons), pc.is_in(tokens, value_set=self.existing_tokens))
+                reasons = pc.if_else(dup, f"{key}: duplicate of a subject already ingested", reasons)
+            if self.policy.columns[key].unique:
+                self.existing_tokens = pa.concat_arrays([self.existing_tokens, tokens.filter(pc.is_null(reasons))])
+        return reasons
+
+    def _commit(self, batch_id: str, protected: Future | None, quarantine: pa.Table, source: str,
+                raw: RawBatch, n_acc: int, n_q: int, now: datetime, txn: Transaction | None = None,
+                on_commit: Callable[[int, int], None] | None = None) -> None:
+        accepted = protected.result() if protected is not None else None
+        self._write_batch(batch_id, accepted, quarantine, txn)
+        self._ledger(batch_id, source, raw.first_row, raw.rows_read, n_acc, n_q, now, txn)
+        self.ws.audit.record(
+            "ingest.batch", actor=self.actor.name, outcome="ok", stage=Stage.INGEST.value,
+            resource=f"dataset:{self.dataset}",
+            details={"batch_id": batch_id, "rows_read": raw.rows_read, "accepted": n_acc, "quarantined": n_q},
+        )
+        if on_commit is not None:
+            on_commit(n_acc, n_q)
+
+    def wait(self) -> None:
+        """Wait for the batch being written; re-raise its error here, in the ingest's thread."""
+        if self._pending is not None:
+            fut, self._pending = self._pending, None
+            fut.result()
+
+    def _batch_id(self, raw: RawBatch) -> str:
+        """A hash of the batch's content (values, lengths, nulls), independent of how it is chunked."""
+        h = native.Hasher(f"lakewarden-batch:v1|{self.dataset}|{raw.table.num_rows}|".encode())
+        for name in raw.table.column_names:
+            h.update(b"|" + name.encode() + b"|")
+            col = raw.table[name]
+            for chunk in col.chunks:
+                if pa.types.is_binary(chunk.type) or pa.types.is_string(chunk.type):
+                    h.update_binary(chunk)
+                else:
+                    sink = pa.BufferOutputStream()
+                    with pa.ipc.new_stream(sink, pa.schema([(name, chunk.type)])) as w:
+                        w.write_batch(pa.record_batch([chunk], names=[name]))
+                    h.update(sink.getvalue())
+        for m in raw.malformed:
+            h.update(b"|" + m.text.encode("utf-8", "replace"))
+        return h.hexdigest()[:32]
+
     # -- writing ----------------------------------------------------------------------
     def _write_batch(self, batch_id: str, accepted: dict[str, pa.Table] | None, quarantine: pa.Table,
                      txn: Transaction | None = None) -> None:
@@ -585,16 +618,6 @@ class Ingestor:
                 raise
         raise IngestError(f"{ref}: could not commit after {_COMMIT_RETRIES} attempts (concurrent writers)")
 
-    def _writer_properties(self, columns: list[str]) -> WriterProperties:
-        """The storage's compression; sealed columns (random bytes) skip the dictionary and the
-        min/max statistics, which cost CPU and buy nothing on ciphertext."""
-        sealed = {c: ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE")
-                  for c in columns if c in self.sealed_cols}
-        return WriterProperties(
-            compression=self.compression.upper() if self.compression != "none" else "UNCOMPRESSED",
-            column_properties=sealed or None,
-        )
-
     def _ledger(self, batch_id: str, source: str, first_row: int, rows_read: int, acc: int, quar: int,
                 now: datetime, txn: Transaction | None = None) -> None:
         """One row per batch. A stream's row carries its partition's transaction too: the ledger
@@ -629,6 +652,8 @@ class Ingestor:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._writer.shutdown(wait=True)
             self.validator.close()
+
+
 
 
 def sealed_columns(policy: DatasetPolicy) -> list[str]:
