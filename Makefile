@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required (set PYTHON=python3.11)")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,scale]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Without cargo the library runs its pure-Python fallback (same bytes, slower; see README).
@@ -56,7 +56,7 @@ demo: install
 	$(BIN)/python -m lakewarden.demo
 
 test: install trino kafka objectstore system
-	LAKEWARDEN_REQUIRE_POSTGRES=1 LAKEWARDEN_REQUIRE_OBJECTSTORE=1 LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 LAKEWARDEN_REQUIRE_CHROMIUM=1 \
+	LAKEWARDEN_REQUIRE_RAY=1 LAKEWARDEN_REQUIRE_POSTGRES=1 LAKEWARDEN_REQUIRE_OBJECTSTORE=1 LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 LAKEWARDEN_REQUIRE_CHROMIUM=1 \
 	  LAKEWARDEN_REQUIRE_NATIVE=1 LAKEWARDEN_REQUIRE_KAFKA=1 $(BIN)/python -m pytest -q
 	@echo "== the key and ingest tests again on the pure-Python fallback (LAKEWARDEN_NATIVE=0)"
 	LAKEWARDEN_NATIVE=0 $(BIN)/python -m pytest -q $(FALLBACK_TESTS)

@@ -102,11 +102,17 @@ _BUCKETING_RE = re.compile(r"subject buckets: ([\w-]+):(\d+)")
 HASH_PREFIX = "_hash_"  # silver's precomputed keyed hash of a column masked with `hash` (no statistics either)
 
 
+def stats_columns(columns: list[str], subject_key: str) -> list[str]:
+    """The columns whose statistics may go to the Delta log: none that holds a subject's token
+    or a keyed hash (see :func:`table_configuration`)."""
+    return [c for c in columns if c != subject_key and c not in SUBJECT_COLUMNS and not c.startswith(HASH_PREFIX)]
+
+
 def table_configuration(columns: list[str], subject_key: str) -> dict[str, str]:
     """Delta table properties for a governed table: no data-skipping statistics on the subject
     token columns, so the Delta log (min/max per file) never copies a token — an erased
     subject's token must not outlive its rows in ``_delta_log``."""
-    stats = [c for c in columns if c != subject_key and c not in SUBJECT_COLUMNS and not c.startswith(HASH_PREFIX)]
+    stats = stats_columns(columns, subject_key)
     return {"delta.dataSkippingStatsColumns": ",".join(f"`{c}`" for c in stats) if stats else "`_none_`"}
 
 

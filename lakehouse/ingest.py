@@ -56,6 +56,7 @@ from lakehouse.readers import RawBatch, header, read_batches, to_text
 from lakehouse.validate import ARROW_TYPE, ShapePlan, Validator, output_column, output_type, plan_shape
 
 LEDGER = "_ingest/batches"
+ENGINES = ("local", "ray")
 _COMMIT_RETRIES = 8
 
 LEDGER_SCHEMA = pa.schema(
@@ -622,11 +623,17 @@ class Ingestor(BatchWork):
                 now: datetime, txn: Transaction | None = None) -> None:
         """One row per batch. A stream's row carries its partition's transaction too: the ledger
         is where a stream resumes from, so it is written after every table of the batch."""
+        self._ledger_rows([(batch_id, source, first_row, rows_read, acc, quar, now)], txn)
+
+    def _ledger_rows(self, rows: list[tuple[str, str, int, int, int, int, datetime]],
+                     txn: Transaction | None = None) -> None:
+        """Ledger rows ``(batch id, source, first row, read, accepted, quarantined, time)`` in one commit."""
+        cols = list(zip(*rows))
         row = pa.table(
             {
-                "batch_id": [batch_id], "dataset": [self.dataset], "source": [source], "first_row": [first_row],
-                "rows_read": [rows_read], "rows_accepted": [acc], "rows_quarantined": [quar],
-                "actor": [self.actor.name], "ingested_at": [now],
+                "batch_id": cols[0], "dataset": [self.dataset] * len(rows), "source": cols[1], "first_row": cols[2],
+                "rows_read": cols[3], "rows_accepted": cols[4], "rows_quarantined": cols[5],
+                "actor": [self.actor.name] * len(rows), "ingested_at": cols[6],
             },
             schema=LEDGER_SCHEMA,
         )
@@ -685,11 +692,15 @@ def ingest(
     batch_rows: int | None = None,
     progress: Progress | None = None,
     workers: int | None = None,
+    engine: str = "local",
 ) -> IngestReport:
     """Ingest landing files into ``dataset`` (see the module docstring). The gate decides first.
 
     ``batch_rows`` bounds memory (default: :func:`default_batch_rows` for the dataset);
-    ``workers`` batches are checked at once (default: the machine's cores, at most 4).
+    ``workers`` batches are checked at once (default: the machine's cores, at most 4; with the
+    ray engine, one worker per CPU of the cluster). ``engine``: ``local`` (threads in this
+    process) or ``ray`` (the batch work on a Ray cluster at ``$RAY_ADDRESS``, else one started
+    here; see :mod:`lakehouse.distributed`): the same rules, tables, counts, audit and lineage.
 
     Raises:
         AccessDenied: the actor may not ingest into this dataset.
@@ -697,6 +708,8 @@ def ingest(
         IngestError: a file cannot be read or its shape breaks the contract; batches
             committed before the error stay committed and are skipped on a rerun.
     """
+    if engine not in ENGINES:
+        raise IngestError(f"unknown ingest engine {engine!r} (engines: {', '.join(ENGINES)})")
     if batch_rows is not None and batch_rows < 1:
         raise IngestError(f"batch size must be at least 1 row (got {batch_rows})")
     TableRef("bronze", dataset)  # validates the name: no paths, no odd characters
@@ -708,7 +721,12 @@ def ingest(
     if not files:
         raise IngestError("no files to ingest")
     report = IngestReport(dataset)
-    ing = Ingestor(ws, actor, dataset, batch_rows=batch_rows, progress=progress, workers=workers)
+    if engine == "ray":
+        from lakehouse.distributed import RayIngestor
+
+        ing: Ingestor = RayIngestor(ws, actor, dataset, batch_rows=batch_rows, progress=progress, workers=workers)
+    else:
+        ing = Ingestor(ws, actor, dataset, batch_rows=batch_rows, progress=progress, workers=workers)
     try:
         for path in files:
             rewritten = is_erasure_rewrite(ws, dataset, path)

@@ -179,3 +179,38 @@ def postgres_db(postgres, monkeypatch: pytest.MonkeyPatch) -> str:
     with psycopg.connect(postgres.dsn, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return postgres.dsn.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
+    """One local Ray cluster for the whole session: a head and a second node of 1 CPU each (``ray
+    start``, token authentication on). The nodes carry the object store's credentials when the
+    session has one, as a real cluster's machines would. Skipped when ray is not installed, unless
+    LAKEWARDEN_REQUIRE_RAY=1 (make test installs it with the ``scale`` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # not imported here: ray reads its auth settings on import
+        if os.environ.get("LAKEWARDEN_REQUIRE_RAY") == "1":
+            pytest.fail("ray is not installed (pip install -e '.[scale]')")
+        pytest.skip("ray is not installed")
+    from lakehouse.distributed import LocalRayCluster
+    from lakehouse.errors import IngestError
+
+    env = dict(os.environ)
+    try:
+        env.update(request.getfixturevalue("objectstore").env())
+    except pytest.skip.Exception:
+        pass
+    cluster = LocalRayCluster(tmp_path_factory.mktemp("ray"), nodes=2, cpus_per_node=1, env=env)
+    try:
+        cluster.start()
+    except IngestError as exc:
+        if os.environ.get("LAKEWARDEN_REQUIRE_RAY") == "1":
+            pytest.fail(f"the Ray cluster did not start: {exc}")
+        pytest.skip(f"the Ray cluster did not start: {exc}")
+    yield cluster
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.stop()

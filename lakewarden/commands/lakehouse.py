@@ -20,6 +20,8 @@ def ingest(
     dataset: Annotated[str, typer.Argument(help="Dataset name (a policy must govern it).")],
     paths: Annotated[list[str], typer.Argument(help="Files or globs: .csv, .parquet, .jsonl.")],
     batch_rows: Annotated[Optional[int], typer.Option(help="Rows per batch (bounds memory; default depends on the dataset).")] = None,
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (a Ray cluster at $RAY_ADDRESS, else one started here).")] = "local",
+    workers: Annotated[Optional[int], typer.Option(help="Batches worked on at once (default: the cores; with ray, the cluster's CPUs).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Validate, protect and write landing files into bronze (bad rows to quarantine, with reasons)."""
@@ -32,7 +34,7 @@ def ingest(
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,} rows"),
                   TimeElapsedColumn(), console=err, transient=True, disable=as_json) as bar:
         task = bar.add_task(f"ingest {dataset}", total=None)
-        rep = run_ingest(ws, st.actor(), dataset, paths, batch_rows=batch_rows,
+        rep = run_ingest(ws, st.actor(), dataset, paths, batch_rows=batch_rows, engine=engine, workers=workers,
                          progress=lambda src, n: bar.update(task, advance=n, description=f"ingest {dataset} ← {src}"))
     if as_json:
         sys.stdout.write(json.dumps(rep.to_dict(), indent=2, default=str) + "\n")

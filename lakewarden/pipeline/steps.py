@@ -258,7 +258,7 @@ def step_ingest(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
                     raise PipelineError(f"{e['path']} ({ds}, sha256 {e['sha256'][:12]}…) is gone or changed since the "
                                         "sources stage recorded it, and was never ingested",
                                         hint="run dvc repro again: the sources stage records what is there now")
-                rep = ingest(ws, actor, ds, [path])
+                rep = ingest(ws, actor, ds, [path], engine=params.ingest.engine)
                 if not all(fr.balanced for fr in rep.files):
                     raise PipelineError(f"{e['path']}: rows read do not add up to accepted + quarantined + skipped")
                 done = rep.to_dict()

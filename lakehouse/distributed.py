@@ -1,0 +1,563 @@
+"""Governed ingest on a Ray cluster: the same batch code on the workers, one committer.
+
+``ingest(..., engine="ray")`` (``lakewarden ingest --engine ray``, the pipeline's ``ingest.engine``)
+runs each batch's expensive work on Ray workers, and keeps on the driver what must be decided once
+and in order:
+
+- **driver**: the gate, reading the landing files into batches, each batch's content id (batches
+  already in the ledger are skipped), uniqueness across batches, every Delta commit, the ledger,
+  the audit and lineage;
+- **workers** (one Ray actor per CPU, spread over the nodes): text and shape, the contract's rules,
+  tokens and keys from the key store, the sort into accepted and quarantined rows, sealing, and
+  the Parquet files, written straight into the tables' folders. A worker returns only small things:
+  each batch's unique columns (for the driver's ordered rules), then its counts and the files'
+  add actions.
+
+A worker runs :class:`lakehouse.ingest.BatchWork`, the object the embedded ingest runs in its
+threads, so the rules, tokens, sealing and quarantine are the same code. The driver commits a group
+of batches with ``DeltaTable.create_write_transaction``: one commit per table per group, carrying
+every batch's application transaction ``lakewarden.ingest.<batch id>`` (the same as the embedded
+path's). A rerun skips what the ledger holds, and a table that already holds a batch's transaction
+does not get it twice, so a crash anywhere (driver or worker, even SIGKILL) leaves a rerun exactly
+once. Files a dead run wrote but never committed are not part of any table; ``tables vacuum``
+removes them once they are older than the retention.
+
+Where a cluster's nodes are more than one machine, the workers must reach the same tables and the
+same keys: ``storage.root`` on object storage and ``keys.store`` on PostgreSQL, checked before any
+work. A worker reads the key-encryption key and the object store's credentials from its own
+environment (set where ``ray start`` runs); nothing secret goes through Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake.exceptions import CommitFailedError
+from deltalake.schema import Field as DeltaField
+from deltalake.transaction import AddAction
+
+from governance.config import ProjectConfig
+from governance.gate import Actor
+from governance.keys.pgstore import is_dsn
+from governance.objectstore import filesystem, is_remote
+from governance.pii import redact
+from governance.policy import DatasetPolicy
+from governance.workspace import Workspace
+from lakehouse.catalog import TableRef, stats_columns, table_configuration, table_description
+from lakehouse.errors import IngestError
+from lakehouse.ingest import _COMMIT_RETRIES, BatchWork, FileReport, Ingestor, Progress
+from lakehouse.readers import RawBatch, header, read_batches
+from lakehouse.validate import ShapePlan, plan_shape
+
+LAYERS = ("quarantine", "vault", "restricted", "bronze")  # commit order: bronze last, as on one machine
+_NULL_PARTITION = "__HIVE_DEFAULT_PARTITION__"
+
+
+# -- the cluster ------------------------------------------------------------------------------
+def connect(address: str | None = None) -> Any:
+    """Ray, connected: to ``address``, else ``$RAY_ADDRESS``, else a Ray started here for this process."""
+    try:
+        import ray
+    except ImportError:
+        raise IngestError("the ray engine needs the ray package: pip install 'lakewarden[scale]'") from None
+    if not ray.is_initialized():
+        addr = address or os.environ.get("RAY_ADDRESS") or None
+        try:
+            ray.init(address=addr, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                     configure_logging=False)
+        except ConnectionError as exc:
+            raise IngestError(f"no Ray cluster at {addr}: {str(exc).splitlines()[0]}") from None
+    return ray
+
+
+def check_cluster(ray: Any, config: ProjectConfig) -> int:
+    """The cluster's CPUs; refuses a cluster spread over machines that cannot share the lake or the keys."""
+    hosts = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
+    if len(hosts) > 1:
+        root = config.table_uri("x")[:-2]
+        if not is_remote(root):
+            raise IngestError(
+                f"the Ray cluster spans {len(hosts)} machines, and storage.root is a local folder ({root}): "
+                "workers elsewhere cannot write it. Set storage.root to s3://bucket/prefix (docs/scale-out.md)"
+            )
+        if not is_dsn(config.keys.store):
+            raise IngestError(
+                f"the Ray cluster spans {len(hosts)} machines, and keys.store is a local SQLite file: workers "
+                "elsewhere would make other keys. Set keys.store to postgresql://user@host:port/db (docs/scale-out.md)"
+            )
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+# -- files a worker writes --------------------------------------------------------------------
+@dataclass(frozen=True)
+class WrittenFile:
+    path: str  # relative to the table's root, as stored (not URI-encoded: delta-rs encodes it)
+    size: int
+    partition_values: dict[str, str | None]
+    stats: str
+
+    def action(self, now_ms: int) -> AddAction:
+        return AddAction(self.path, self.size, self.partition_values, now_ms, True, self.stats)
+
+
+def partition_value(v: Any) -> str | None:
+    """A partition value as the Delta protocol serializes it."""
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, datetime):
+        return v.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f") if v.tzinfo else v.strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(v, date):
+        return v.isoformat()
+    return str(v)
+
+
+def _stat(v: Any) -> Any:
+    if isinstance(v, date):
+        return v.isoformat()
+    return v
+
+
+def file_stats(tbl: pa.Table, columns: list[str]) -> str:
+    """Delta statistics of one file: rows, nulls, and min/max of its numbers and dates. Only
+    ``columns`` (never a token or a sealed value: see :func:`lakehouse.catalog.stats_columns`)."""
+    nulls, mins, maxs = {}, {}, {}
+    for c in columns:
+        col = tbl[c]
+        nulls[c] = col.null_count
+        t = col.type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_date(t)):
+            continue
+        if col.null_count == len(col):
+            continue
+        mm = pc.min_max(col).as_py()
+        lo, hi = mm["min"], mm["max"]
+        if pa.types.is_floating(t) and not (np.isfinite(lo) and np.isfinite(hi) and not pc.any(pc.is_nan(col)).as_py()):
+            continue
+        mins[c], maxs[c] = _stat(lo), _stat(hi)
+    return json.dumps({"numRecords": tbl.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls},
+                      separators=(",", ":"))
+
+
+def _partition_slices(tbl: pa.Table, partition_by: list[str]) -> list[tuple[dict[str, str | None], pa.Table]]:
+    """The table's rows grouped by their partition values (sorted once, then sliced)."""
+    if not partition_by or not tbl.num_rows:
+        return [({}, tbl)] if tbl.num_rows else []
+    codes = np.zeros(tbl.num_rows, dtype=np.int64)
+    for c in partition_by:
+        enc = pc.dictionary_encode(tbl[c].combine_chunks(), null_encoding="encode")
+        n = len(enc.dictionary)
+        codes = codes * max(n, 1) + np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    order = np.argsort(codes, kind="stable")
+    ordered = tbl.take(pa.array(order))
+    sorted_codes = codes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_codes[1:] != sorted_codes[:-1]])
+    ends = np.r_[starts[1:], len(sorted_codes)]
+    out = []
+    for s, e in zip(starts, ends):
+        part = ordered.slice(int(s), int(e - s))
+        values = {c: partition_value(part[c][0].as_py()) for c in partition_by}
+        out.append((values, part.drop_columns(partition_by)))
+    return out
+
+
+def write_files(uri: str, tbl: pa.Table, *, partition_by: list[str], subject_key: str, sealed: list[str],
+                compression: str) -> list[WrittenFile]:
+    """Write ``tbl`` as Parquet files under a Delta table's root, one per partition, and return
+    what the driver needs to commit them. Sealed columns get no dictionary and no statistics, as
+    in the embedded writer."""
+    fs, root = filesystem(uri)
+    codec = "NONE" if compression == "none" else compression.upper()
+    suffix = "" if codec == "NONE" else f".{compression}"
+    local = isinstance(fs, pafs.LocalFileSystem)
+    written = []
+    for values, part in _partition_slices(tbl, partition_by):
+        folder = "/".join(f"{c}={_NULL_PARTITION if v is None else quote(v, safe='')}" for c, v in values.items())
+        name = f"part-00000-{uuid.uuid4()}-c000{suffix}.parquet"
+        rel = f"{folder}/{name}" if folder else name
+        path = f"{root}/{rel}"
+        if local:  # an object store has no folders to make
+            fs.create_dir(f"{root}/{folder}" if folder else root, recursive=True)
+        plain = [c for c in part.column_names if c not in sealed]
+        pq.write_table(part, path, filesystem=fs, compression=codec, use_dictionary=plain, write_statistics=plain)
+        size = fs.get_file_info(path).size
+        stats_cols = [c for c in stats_columns(part.column_names, subject_key) if c not in sealed]
+        written.append(WrittenFile(rel, size, values, file_stats(part, stats_cols)))
+    return written
+
+
+# -- the worker ---------------------------------------------------------------------------------
+class IngestWorker:
+    """A Ray actor: one dataset's :class:`BatchWork` with its own key store connection and DuckDB.
+
+    A batch passes twice: :meth:`check` (held here, only its unique columns go back), then, once
+    the driver has decided the rules that need every earlier batch, :meth:`protect`."""
+
+    def __init__(self, config: ProjectConfig, policy: DatasetPolicy, dataset: str, buckets: int) -> None:
+        self.ws = Workspace(config)
+        self.config = config
+        self.work = BatchWork(policy, self.ws.keyring, dataset, buckets=buckets, compression=config.storage.compression)
+        self.dataset = dataset
+        self.held: dict[str, tuple[RawBatch, Any]] = {}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def check(self, batch_id: str, raw: RawBatch, plan: ShapePlan) -> pa.Table | None:
+        checked = self.work._check(raw, plan)
+        self.held[batch_id] = (raw, checked)
+        if checked is None:
+            return None
+        out, subjects = checked
+        small = out.select(["_row", "_reason", *(f"_t_{c}" for c in self.work.validator.unique)])
+        return small.append_column("_token", subjects[0]) if subjects is not None else small
+
+    def protect(self, batch_id: str, reasons: pa.Array | None, source: str, now: datetime) -> dict[str, Any]:
+        raw, checked = self.held.pop(batch_id)
+        out, subjects = (None, None) if checked is None else checked
+        accepted, n_acc, quarantine = self.work._sort(out, subjects, reasons, raw, batch_id, source, now,
+                                                      lambda f, *a: f(*a))
+        counts = Counter(self.work.reasons)
+        self.work.reasons.clear()
+        tables = dict(accepted or {})
+        tables["quarantine"] = quarantine
+        files: dict[str, tuple[pa.Schema, list[WrittenFile]]] = {}
+        key = self.work.policy.subject_key
+        for layer in LAYERS:
+            tbl = tables.get(layer)
+            if tbl is None or not tbl.num_rows:
+                continue
+            uri = self.config.table_uri(f"{layer}/{self.dataset}")
+            parts = [] if layer == "quarantine" else self.work.partition_by
+            files[layer] = (tbl.schema, write_files(uri, tbl, partition_by=parts, subject_key=key,
+                                                    sealed=self.work.sealed_cols, compression=self.work.compression))
+        return {"accepted": n_acc, "quarantined": quarantine.num_rows, "reasons": counts, "files": files}
+
+    def close(self) -> None:
+        self.work.validator.close()
+        self.ws.close()
+
+
+# -- the driver -------------------------------------------------------------------------------
+@dataclass
+class _Pending:
+    batch_id: str
+    first_row: int
+    rows_read: int
+    worker: Any
+    ref: Any
+
+
+class RayIngestor(Ingestor):
+    """The embedded :class:`Ingestor`'s driver half (done batches, ordered rules, commits, ledger,
+    audit), with the batch work on Ray workers."""
+
+    def __init__(self, ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int, progress: Progress | None,
+                 workers: int | None = None, address: str | None = None) -> None:
+        super().__init__(ws, actor, dataset, batch_rows=batch_rows, progress=progress, workers=1)
+        self.ray = connect(address)
+        cpus = check_cluster(self.ray, ws.config)
+        n = workers or cpus
+        remote = self.ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD")
+        cls = remote(IngestWorker)
+        self.actors = [cls.remote(ws.config, self.policy, dataset, self.buckets) for _ in range(n)]
+        self.workers = n
+        self._fs = None
+
+    # -- the loop -----------------------------------------------------------------------------
+    def ingest_file(self, path: Path, *, skip: bool = False) -> FileReport:
+        source = redact(path.name)[0]
+        rep = FileReport(source=source)
+        plan = plan_shape(self.policy, header(path), source=path.name, policy_file=f"policies/{self.dataset}.yaml")
+        rep.dropped_columns, rep.filled_columns = plan.dropped, plan.filled
+        checking: deque[_Pending] = deque()
+        protecting: deque[_Pending] = deque()
+        group: list[tuple[_Pending, dict[str, Any]]] = []
+        n = len(self.actors)
+        turn = 0
+        for raw in read_batches(path, batch_rows=self.batch_rows):
+            rep.rows_read += raw.rows_read
+            rep.batches += 1
+            batch_id = None if skip else self._batch_id(raw)
+            if batch_id is None or batch_id in self.done:
+                rep.rows_skipped += raw.rows_read
+                rep.batches_skipped += 1
+                continue
+            self.done.add(batch_id)
+            worker = self.actors[turn % n]
+            turn += 1
+            checking.append(_Pending(batch_id, raw.first_row, raw.rows_read, worker,
+                                     worker.check.remote(batch_id, raw, plan)))
+            del raw
+            if len(checking) >= n:
+                protecting.append(self._decide(checking.popleft(), source))
+            while len(protecting) > n:
+                group.append(self._collect(protecting.popleft(), rep))
+            if len(group) >= n:
+                self._commit_group(group, source)
+                group = []
+        while checking:
+            protecting.append(self._decide(checking.popleft(), source))
+        while protecting:
+            group.append(self._collect(protecting.popleft(), rep))
+        if group:
+            self._commit_group(group, source)
+        if not rep.balanced:  # never expected: it would mean a row was lost
+            raise IngestError(
+                f"{path.name}: row counts do not add up (read {rep.rows_read}, accepted {rep.rows_accepted}, "
+                f"quarantined {rep.rows_quarantined}, skipped {rep.rows_skipped})"
+            )
+        return rep
+
+    def _get(self, ref: Any) -> Any:
+        """A worker's result; its error re-raised as itself (a user's mistake stays a clean error),
+        a dead worker as an IngestError that says what a rerun does."""
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            raise cause from None
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as exc:
+            raise IngestError(
+                f"a Ray worker died during ingest of {self.dataset} ({type(exc).__name__}); the batches committed "
+                "before stay committed, and a rerun ingests exactly what is missing"
+            ) from None
+
+    def _decide(self, p: _Pending, source: str) -> _Pending:
+        """The ordered rules on the batch's unique columns, in file order; then its protection starts."""
+        small = self._get(p.ref)
+        reasons = None
+        if small is not None:
+            small = self.validator.dedupe(small)
+            tokens = small["_token"].combine_chunks() if "_token" in small.column_names else None
+            reasons = self._final_reasons(small, tokens)
+        now = datetime.now(timezone.utc)
+        return _Pending(p.batch_id, p.first_row, p.rows_read, p.worker,
+                        p.worker.protect.remote(p.batch_id, reasons, source, now))
+
+    def _collect(self, p: _Pending, rep: FileReport) -> tuple[_Pending, dict[str, Any]]:
+        res = self._get(p.ref)
+        rep.rows_accepted += res["accepted"]
+        rep.rows_quarantined += res["quarantined"]
+        self.reasons.update(res["reasons"])
+        if self.progress:
+            self.progress(rep.source, p.rows_read)
+        return p, res
+
+    # -- the commit ---------------------------------------------------------------------------
+    def _commit_group(self, group: list[tuple[_Pending, dict[str, Any]]], source: str) -> None:
+        """One commit per table for the group (bronze last), then the ledger's rows, then the audit."""
+        for layer in LAYERS:
+            entries = [(p.batch_id, res["files"][layer]) for p, res in group if layer in res["files"]]
+            if entries:
+                self._commit_files(TableRef(layer, self.dataset), entries)
+        now = datetime.now(timezone.utc)
+        self._ledger_rows([(p.batch_id, source, p.first_row, p.rows_read, res["accepted"], res["quarantined"], now)
+                           for p, res in group])
+        for p, res in group:
+            self.ws.audit.record(
+                "ingest.batch", actor=self.actor.name, outcome="ok", stage="ingest",
+                resource=f"dataset:{self.dataset}",
+                details={"batch_id": p.batch_id, "rows_read": p.rows_read, "accepted": res["accepted"],
+                         "quarantined": res["quarantined"], "engine": "ray"},
+            )
+
+    def _commit_files(self, ref: TableRef, entries: list[tuple[str, tuple[pa.Schema, list[WrittenFile]]]]) -> None:
+        uri = self.catalog.uri(ref)
+        so = self.catalog.storage_options
+        schema = entries[0][1][0]
+        partition_by = [] if ref.layer == "quarantine" else self.partition_by
+        for attempt in range(_COMMIT_RETRIES):
+            if not DeltaTable.is_deltatable(uri, storage_options=so):
+                DeltaTable.create(
+                    uri, schema, mode="ignore", partition_by=partition_by or None, storage_options=so,
+                    configuration=table_configuration(schema.names, self.policy.subject_key),
+                    description=table_description(self.buckets if "_subject_bucket" in schema.names else None),
+                )
+            dt = DeltaTable(uri, storage_options=so)
+            todo, stale = [], []
+            for bid, (_, files) in entries:
+                done = dt.transaction_version(f"lakewarden.ingest.{bid}")
+                (stale if done is not None and done >= 0 else todo).append((bid, files))
+            self._remove([f for _, files in stale for f in files], uri)  # a rerun's copies of committed batches
+            if not todo:
+                self.versions[str(ref)] = dt.version()
+                return
+            self._evolve(dt, ref, schema)
+            now_ms = int(time.time() * 1000)
+            try:
+                dt.create_write_transaction(
+                    [f.action(now_ms) for _, files in todo for f in files], "append", schema, partition_by or None,
+                    commit_properties=CommitProperties(
+                        app_transactions=[Transaction(app_id=f"lakewarden.ingest.{bid}", version=0) for bid, _ in todo]
+                    ),
+                )
+                self.versions[str(ref)] = DeltaTable(uri, storage_options=so).version()
+                return
+            except CommitFailedError:
+                entries = todo
+                time.sleep(0.05 * (2**attempt))
+        raise IngestError(f"{ref}: could not commit after {_COMMIT_RETRIES} attempts (concurrent writers)")
+
+    def _evolve(self, dt: DeltaTable, ref: TableRef, schema: pa.Schema) -> None:
+        """New policy columns: added to the table first (schema_evolution merge), or refused by name."""
+        names = {f.name for f in dt.schema().fields}
+        new = [f for f in schema if f.name not in names]
+        if not new:
+            return
+        if self.policy.contract.schema_evolution != "merge":
+            raise IngestError(
+                f"{ref}: the policy added column(s) {', '.join(sorted(f.name for f in new))} since the table was "
+                "created and contract.schema_evolution is reject"
+            )
+        dt.alter.add_columns([DeltaField.from_arrow(f.with_nullable(True)) for f in new])  # type: ignore[attr-defined]
+
+    def _remove(self, files: list[WrittenFile], uri: str) -> None:
+        if not files:
+            return
+        fs, root = filesystem(uri)
+        for f in files:
+            try:
+                fs.delete_file(f"{root}/{f.path}")
+            except (FileNotFoundError, OSError):
+                pass
+
+    def close(self) -> None:
+        try:
+            actors = getattr(self, "actors", [])
+            if actors:  # each closes its key store; one already dead is not waited for
+                self.ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=10)
+            for a in actors:
+                self.ray.kill(a)
+        finally:
+            super().close()
+
+
+__all__ = ["IngestWorker", "RayIngestor", "WrittenFile", "check_cluster", "connect", "file_stats", "partition_value",
+           "write_files"]
+
+
+# -- a local cluster (tests, benchmarks, a laptop trying the ray engine) ---------------------------
+class LocalRayCluster:
+    """A Ray cluster of ``nodes`` raylets on this machine, on loopback: ``ray start --head`` and
+    ``ray start --address`` per extra node, each ``--block``-ed under a process of ours, so
+    :meth:`stop` ends exactly these nodes (``ray stop`` would end every Ray on the machine).
+
+    The nodes get ``env`` (this process's environment by default): what a worker needs from its
+    machine, such as the object store's credentials, comes from there, as on a real cluster.
+    Ray's token authentication is on, with a token made for this cluster (:meth:`client_env`
+    gives a driver the address and the token). Ray advertises the machine's own address, never
+    loopback, and its servers listen on every interface: the token is what keeps others out."""
+
+    def __init__(self, temp_dir: Path, *, nodes: int = 2, cpus_per_node: int = 1, port: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        from governance.objectstore import free_port
+
+        self.temp_dir = Path(temp_dir)
+        self.nodes = nodes
+        self.cpus = cpus_per_node
+        self.port = port or free_port()
+        import secrets
+
+        self.token = secrets.token_hex(32)
+        self.env = {**(os.environ if env is None else env), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        self.procs: list[Any] = []
+
+    def client_env(self) -> dict[str, str]:
+        """What a driver sets to use this cluster (``ray.init()`` and ``--engine ray`` read them)."""
+        return {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _ray(self) -> str:
+        import shutil
+        import sys
+
+        exe = Path(sys.executable).with_name("ray")
+        return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+    def start(self, *, timeout: float = 90.0) -> "LocalRayCluster":
+        import subprocess
+
+        from governance.objectstore import free_port
+
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        base = [self._ray(), "start", "--block", f"--num-cpus={self.cpus}",
+                "--disable-usage-stats"]
+        log = open(self.temp_dir / "ray-start.log", "ab")
+        head = base + ["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp_dir}",
+                       f"--ray-client-server-port={free_port()}"]
+        self.procs.append(subprocess.Popen(head, env=self.env, stdout=log, stderr=log, start_new_session=True))
+        self._wait(1, timeout)
+        for _ in range(self.nodes - 1):
+            self.procs.append(subprocess.Popen(base + [f"--address={self.address}"], env=self.env, stdout=log,
+                                               stderr=log, start_new_session=True))
+        self._wait(self.nodes, timeout)
+        return self
+
+    def _wait(self, nodes: int, timeout: float) -> None:
+        import subprocess
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                self.stop()
+                raise IngestError(f"a Ray node did not start (see {self.temp_dir / 'ray-start.log'})")
+            r = subprocess.run([self._ray(), "status", f"--address={self.address}"], env=self.env,
+                               capture_output=True, text=True, timeout=60)
+            if r.returncode == 0 and r.stdout.count("node_") >= nodes:
+                return
+            time.sleep(1.0)
+        self.stop()
+        raise IngestError(f"the local Ray cluster did not reach {nodes} node(s) in {timeout:.0f} s")
+
+    def worker_pids(self, name: str = "IngestWorker") -> list[int]:
+        """Processes running one of our actors (their title is ``ray::<class>.<method>``)."""
+        pids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    cmd = (d / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if cmd.startswith(f"ray::{name}".encode()):
+                    pids.append(int(d.name))
+        return pids
+
+    def stop(self, *, grace: float = 5.0) -> None:
+        """SIGTERM to each node's process group; what is left after ``grace`` seconds (a node
+        drains for up to 30 s) is killed: a test cluster holds nothing worth draining."""
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in reversed(self.procs):
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+                time.sleep(0.2)
+        for p in self.procs:
+            p.wait(10)
+        self.procs.clear()
