@@ -22,6 +22,10 @@ does not get it twice, so a crash anywhere (driver or worker, even SIGKILL) leav
 once. Files a dead run wrote but never committed are not part of any table; ``tables vacuum``
 removes them once they are older than the retention.
 
+Row data that crosses Ray (a landing batch to a worker, a batch's unique columns back) is sealed
+under a key from the key store (:class:`Transit`): Ray's object store lives in shared memory and
+spills to local disk, and plaintext identifiers must not land there.
+
 Where a cluster's nodes are more than one machine, the workers must reach the same tables and the
 same keys: ``storage.root`` on object storage and ``keys.store`` on PostgreSQL, checked before any
 work. A worker reads the key-encryption key and the object store's credentials from its own
@@ -102,6 +106,41 @@ def check_cluster(ray: Any, config: ProjectConfig) -> int:
                 "elsewhere would make other keys. Set keys.store to postgresql://user@host:port/db (docs/scale-out.md)"
             )
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+# -- rows in transit ---------------------------------------------------------------------------
+TRANSIT_KEY = "ray-transit"
+
+
+class Transit:
+    """Row data crossing Ray's object store, sealed (AES-256-GCM) under a system key of the key
+    store, which the driver and every worker open with their own KEK.
+
+    Ray keeps task arguments and results in shared memory and spills them to local disk when
+    memory runs short; a landing batch holds plaintext identifiers, and a batch's unique
+    columns hold subject ids. Sealed, neither is readable where Ray puts it. Each blob is bound
+    (AAD) to this ingest, its batch and its direction, so one cannot stand for another."""
+
+    def __init__(self, key: bytes, ingest_id: str) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead = AESGCM(key)
+        self.ingest_id = ingest_id
+
+    def _aad(self, batch_id: str, kind: str) -> bytes:
+        return f"lakewarden-ray-transit:v1|{self.ingest_id}|{batch_id}|{kind}".encode()
+
+    def seal(self, obj: Any, batch_id: str, kind: str) -> bytes:
+        import pickle
+
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, pickle.dumps(obj, protocol=5), self._aad(batch_id, kind))
+
+    def open(self, blob: bytes, batch_id: str, kind: str) -> Any:
+        import pickle
+
+        # Authenticated first: only bytes sealed under the key store's key are unpickled.
+        return pickle.loads(self._aead.decrypt(blob[:12], blob[12:], self._aad(batch_id, kind)))
 
 
 # -- files a worker writes --------------------------------------------------------------------
@@ -210,24 +249,34 @@ class IngestWorker:
     A batch passes twice: :meth:`check` (held here, only its unique columns go back), then, once
     the driver has decided the rules that need every earlier batch, :meth:`protect`."""
 
-    def __init__(self, config: ProjectConfig, policy: DatasetPolicy, dataset: str, buckets: int) -> None:
+    def __init__(self, config: ProjectConfig, policy: DatasetPolicy, dataset: str, buckets: int, ingest_id: str) -> None:
         self.ws = Workspace(config)
         self.config = config
         self.work = BatchWork(policy, self.ws.keyring, dataset, buckets=buckets, compression=config.storage.compression)
+        self.transit = Transit(self.ws.keyring.system_key(TRANSIT_KEY), ingest_id)
         self.dataset = dataset
         self.held: dict[str, tuple[RawBatch, Any]] = {}
 
     def pid(self) -> int:
         return os.getpid()
 
-    def check(self, batch_id: str, raw: RawBatch, plan: ShapePlan) -> pa.Table | None:
+    def peak_rss_mb(self) -> float:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def check(self, batch_id: str, sealed_raw: bytes, plan: ShapePlan) -> bytes | None:
+        """The batch's rules, tokens and keys; what goes back (sealed) is its unique columns and tokens."""
+        raw: RawBatch = self.transit.open(sealed_raw, batch_id, "raw")
         checked = self.work._check(raw, plan)
         self.held[batch_id] = (raw, checked)
         if checked is None:
             return None
         out, subjects = checked
         small = out.select(["_row", "_reason", *(f"_t_{c}" for c in self.work.validator.unique)])
-        return small.append_column("_token", subjects[0]) if subjects is not None else small
+        if subjects is not None:
+            small = small.append_column("_token", subjects[0])
+        return self.transit.seal(small, batch_id, "unique")
 
     def protect(self, batch_id: str, reasons: pa.Array | None, source: str, now: datetime) -> dict[str, Any]:
         raw, checked = self.held.pop(batch_id)
@@ -277,9 +326,11 @@ class RayIngestor(Ingestor):
         n = workers or cpus
         remote = self.ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0, scheduling_strategy="SPREAD")
         cls = remote(IngestWorker)
-        self.actors = [cls.remote(ws.config, self.policy, dataset, self.buckets) for _ in range(n)]
+        ingest_id = uuid.uuid4().hex
+        self.transit = Transit(self.ring.system_key(TRANSIT_KEY), ingest_id)
+        self.actors = [cls.remote(ws.config, self.policy, dataset, self.buckets, ingest_id) for _ in range(n)]
         self.workers = n
-        self._fs = None
+        self.worker_peak_rss_mb: list[float] = []
 
     # -- the loop -----------------------------------------------------------------------------
     def ingest_file(self, path: Path, *, skip: bool = False) -> FileReport:
@@ -304,7 +355,7 @@ class RayIngestor(Ingestor):
             worker = self.actors[turn % n]
             turn += 1
             checking.append(_Pending(batch_id, raw.first_row, raw.rows_read, worker,
-                                     worker.check.remote(batch_id, raw, plan)))
+                                     worker.check.remote(batch_id, self.transit.seal(raw, batch_id, "raw"), plan)))
             del raw
             if len(checking) >= n:
                 protecting.append(self._decide(checking.popleft(), source))
@@ -343,7 +394,8 @@ class RayIngestor(Ingestor):
 
     def _decide(self, p: _Pending, source: str) -> _Pending:
         """The ordered rules on the batch's unique columns, in file order; then its protection starts."""
-        small = self._get(p.ref)
+        sealed = self._get(p.ref)
+        small = None if sealed is None else self.transit.open(sealed, p.batch_id, "unique")
         reasons = None
         if small is not None:
             small = self.validator.dedupe(small)
@@ -443,7 +495,13 @@ class RayIngestor(Ingestor):
     def close(self) -> None:
         try:
             actors = getattr(self, "actors", [])
-            if actors:  # each closes its key store; one already dead is not waited for
+            if actors:  # each says its peak memory and closes its key store; a dead one is not waited for
+                ready, _ = self.ray.wait([a.peak_rss_mb.remote() for a in actors], num_returns=len(actors), timeout=10)
+                for r in ready:
+                    try:
+                        self.worker_peak_rss_mb.append(round(self.ray.get(r), 1))
+                    except self.ray.exceptions.RayError:  # a worker that died says nothing
+                        pass
                 self.ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=10)
             for a in actors:
                 self.ray.kill(a)

@@ -113,6 +113,8 @@ class IngestReport:
     versions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    engine: str = "local"
+    worker_peak_rss_mb: list[float] = field(default_factory=list)  # the ray engine's workers
 
     def _sum(self, attr: str) -> int:
         return sum(getattr(f, attr) for f in self.files)
@@ -150,6 +152,8 @@ class IngestReport:
             ],
             "seconds": round(self.seconds, 3),
             "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "engine": self.engine,
+            "worker_peak_rss_mb": self.worker_peak_rss_mb,
         }
 
 
@@ -754,6 +758,8 @@ def ingest(
     finally:
         ing.close()
     report.versions = dict(ing.versions)
+    report.engine = engine
+    report.worker_peak_rss_mb = list(getattr(ing, "worker_peak_rss_mb", []))
     report.reasons = ing.reasons
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -240,6 +240,29 @@ def test_a_cluster_over_several_machines_needs_a_shared_lake_and_key_store(tmp_p
     assert check_cluster(TwoMachines, shared) == 16
 
 
+def test_rows_cross_ray_sealed_and_bound_to_their_batch():
+    """What crosses Ray's object store (shared memory, spilled to disk when short) is sealed: the
+    plaintext is not in the blob, and a blob opens only as the batch and direction it was sealed for."""
+    from cryptography.exceptions import InvalidTag
+
+    from lakehouse.distributed import Transit
+    from lakehouse.readers import RawBatch
+
+    value = "someone-" + uuid.uuid4().hex
+    t = Transit(os.urandom(32), "ingest-1")
+    raw = RawBatch(pa.table({"email": [value]}), first_row=1)
+    blob = t.seal(raw, "b1", "raw")
+    assert value.encode() not in blob
+    assert t.open(blob, "b1", "raw").table.equals(raw.table)
+    key = os.urandom(32)
+    t = Transit(key, "ingest-1")
+    blob = t.seal(raw, "b1", "raw")
+    for batch, kind, ingest, k in (("b2", "raw", "ingest-1", key), ("b1", "unique", "ingest-1", key),
+                                   ("b1", "raw", "ingest-2", key), ("b1", "raw", "ingest-1", os.urandom(32))):
+        with pytest.raises(InvalidTag):
+            Transit(k, ingest).open(blob, batch, kind)
+
+
 def test_an_unknown_engine_is_named(workspace, tmp_path: Path):
     from lakehouse.errors import IngestError
     from lakehouse.ingest import ingest
