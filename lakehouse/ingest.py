@@ -115,6 +115,7 @@ class IngestReport:
     peak_rss_mb: float = 0.0
     engine: str = "local"
     worker_peak_rss_mb: list[float] = field(default_factory=list)  # the ray engine's workers
+    driver_seconds: dict[str, float] = field(default_factory=dict)  # the ray engine's driver: where its time went
 
     def _sum(self, attr: str) -> int:
         return sum(getattr(f, attr) for f in self.files)
@@ -154,6 +155,7 @@ class IngestReport:
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "engine": self.engine,
             "worker_peak_rss_mb": self.worker_peak_rss_mb,
+            "driver_seconds": {k: round(v, 3) for k, v in self.driver_seconds.items()},
         }
 
 
@@ -760,6 +762,7 @@ def ingest(
     report.versions = dict(ing.versions)
     report.engine = engine
     report.worker_peak_rss_mb = list(getattr(ing, "worker_peak_rss_mb", []))
+    report.driver_seconds = dict(getattr(ing, "driver_seconds", {}))
     report.reasons = ing.reasons
     report.seconds = time.perf_counter() - t0
     report.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

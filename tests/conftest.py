@@ -193,8 +193,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         if os.environ.get("LAKEWARDEN_REQUIRE_RAY") == "1":
             pytest.fail("ray is not installed (pip install -e '.[scale]')")
         pytest.skip("ray is not installed")
-    from lakehouse.distributed import LocalRayCluster
-    from lakehouse.errors import IngestError
+    from governance.cluster import ClusterError, LocalRayCluster
 
     env = dict(os.environ)
     try:
@@ -204,7 +203,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
     cluster = LocalRayCluster(tmp_path_factory.mktemp("ray"), nodes=2, cpus_per_node=1, env=env)
     try:
         cluster.start()
-    except IngestError as exc:
+    except ClusterError as exc:
         if os.environ.get("LAKEWARDEN_REQUIRE_RAY") == "1":
             pytest.fail(f"the Ray cluster did not start: {exc}")
         pytest.skip(f"the Ray cluster did not start: {exc}")

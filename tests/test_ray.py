@@ -216,8 +216,7 @@ def test_a_cluster_over_several_machines_needs_a_shared_lake_and_key_store(tmp_p
     """The check before any work: nodes on two machines with a local folder, or with a SQLite key
     store, are refused by name; with s3:// and postgresql:// they are accepted."""
     from governance.config import load_config
-    from lakehouse.distributed import check_cluster
-    from lakehouse.errors import IngestError
+    from governance.cluster import ClusterError, check_cluster
 
     class TwoMachines:  # what ray.nodes() and ray.cluster_resources() answer for such a cluster
         @staticmethod
@@ -230,14 +229,34 @@ def test_a_cluster_over_several_machines_needs_a_shared_lake_and_key_store(tmp_p
 
     kek = _kek(tmp_path / "kek.key")
     local = load_config(_project(tmp_path / "l", kek=kek) / "lakewarden.yaml")
-    with pytest.raises(IngestError, match="storage.root is a local folder"):
+    with pytest.raises(ClusterError, match="storage.root is a local folder"):
         check_cluster(TwoMachines, local)
     s3_sqlite = load_config(_project(tmp_path / "s", kek=kek, root="s3://b/lake") / "lakewarden.yaml")
-    with pytest.raises(IngestError, match="keys.store is a local SQLite file"):
+    with pytest.raises(ClusterError, match="keys.store is a local SQLite file"):
         check_cluster(TwoMachines, s3_sqlite)
     shared = load_config(_project(tmp_path / "p", kek=kek, root="s3://b/lake",
                                   store="postgresql://lw@db:5432/keys") / "lakewarden.yaml")  # type: ignore[arg-type]
     assert check_cluster(TwoMachines, shared) == 16
+
+
+def test_dp_training_on_ray_train_spends_the_single_process_epsilon(ray_env, tmp_path: Path):
+    """DP-SGD over Ray Train's two workers (one per node): the same q, σ and steps as one process,
+    so the same ε from one accountant; the model learns."""
+    import numpy as np
+
+    from governance.workspace import Workspace
+    from training.trainer import TrainOptions, predict_proba, train, train_on_ray
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 4)).astype(np.float32)
+    y = (X[:, 0] + 0.5 * X[:, 1] + rng.normal(scale=0.5, size=3000) > 0).astype(np.float32)
+    opts = TrainOptions(epochs=2, target_epsilon=2.0, delta=1e-5, accountant="rdp")
+    one = train(X, y, opts)
+    with Workspace.open(_project(tmp_path / "p", kek=_kek(tmp_path / "kek.key")) / "lakewarden.yaml") as ws:
+        two = train_on_ray(ws, X, y, opts, workers=2)
+    assert two.noise_multiplier == pytest.approx(one.noise_multiplier, rel=1e-9)
+    assert two.epsilon == pytest.approx(one.epsilon, rel=1e-9) and two.epsilon <= 2.0 + 1e-6
+    assert ((predict_proba(two, X) > 0.5) == (y > 0.5)).mean() > 0.7
 
 
 def test_rows_cross_ray_sealed_and_bound_to_their_batch():
@@ -245,7 +264,7 @@ def test_rows_cross_ray_sealed_and_bound_to_their_batch():
     plaintext is not in the blob, and a blob opens only as the batch and direction it was sealed for."""
     from cryptography.exceptions import InvalidTag
 
-    from lakehouse.distributed import Transit
+    from governance.cluster import Transit
     from lakehouse.readers import RawBatch
 
     value = "someone-" + uuid.uuid4().hex

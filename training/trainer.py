@@ -307,51 +307,66 @@ def predict_proba(result: TrainResult | bytes, X: np.ndarray, *, n_features: int
         return torch.sigmoid(model(torch.from_numpy(np.asarray(X, np.float32))).squeeze(-1)).numpy()
 
 
-__all__ = ["TrainOptions", "TrainResult", "train", "train_distributed", "predict_proba", "load_model", "build_model"]
+__all__ = ["TrainOptions", "TrainResult", "train", "train_distributed", "train_on_ray", "predict_proba", "load_model",
+           "build_model"]
 
 
 # -- data-parallel training across processes ------------------------------------------------
 def _worker(rank: int, world: int, port: int, X: np.ndarray, y: np.ndarray, opts: TrainOptions, out: Any) -> None:
-    import torch
     import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        res = _dp_loop(rank, X, y, opts)
+        if res is not None:
+            out.put(res)
+    finally:
+        dist.destroy_process_group()
+
+
+def _dp_loop(rank: int, X: np.ndarray, y: np.ndarray, opts: TrainOptions) -> dict[str, Any] | None:
+    """One process's part of data-parallel DP-SGD, in a process group already set up (by
+    :func:`train_distributed`, or by Ray Train for :func:`train_on_ray`): Opacus's DPDDP with its
+    distributed Poisson sampler, noise added once per step (by rank 0) to the all-reduced sum of
+    clipped gradients, accounted once. Rank 0 returns the model and the ε; the others None."""
+    import torch
     from opacus import PrivacyEngine
     from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
     from torch.utils.data import DataLoader, TensorDataset
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(opts.seed)
-        model = DPDDP(build_model(X.shape[1], opts.hidden))
-        optimizer = torch.optim.Adam(model.parameters(), lr=opts.learning_rate)
-        ds = TensorDataset(torch.from_numpy(X), torch.from_numpy(y))
-        loader = DataLoader(ds, batch_size=opts.batch_size)
-        engine = PrivacyEngine(accountant=opts.accountant)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, optimizer, loader = engine.make_private_with_epsilon(
-                module=model, optimizer=optimizer, data_loader=loader, target_epsilon=opts.target_epsilon,
-                target_delta=opts.delta, epochs=opts.epochs, max_grad_norm=opts.max_grad_norm, poisson_sampling=True,
-            )
-        criterion = torch.nn.BCEWithLogitsLoss()
-        epoch_s = []
-        for _ in range(opts.epochs):
-            t0 = time.perf_counter()
-            for xb, yb in loader:
-                if len(xb) == 0:
-                    continue
-                optimizer.zero_grad()
-                loss = criterion(model(xb).squeeze(-1), yb)
-                loss.backward()
-                optimizer.step()
-            epoch_s.append(time.perf_counter() - t0)
-        if rank == 0:
-            base = model._module.module if hasattr(model, "_module") else model.module
-            buf = io.BytesIO()
-            torch.save({k: v.detach().cpu() for k, v in base.state_dict().items()}, buf)
-            out.put({"state": buf.getvalue(), "epsilon": engine.get_epsilon(opts.delta),
-                     "noise": optimizer.noise_multiplier, "epoch_s": epoch_s})
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(opts.seed)
+    model = DPDDP(build_model(X.shape[1], opts.hidden))
+    optimizer = torch.optim.Adam(model.parameters(), lr=opts.learning_rate)
+    ds = TensorDataset(torch.from_numpy(X), torch.from_numpy(y))
+    loader = DataLoader(ds, batch_size=opts.batch_size)
+    engine = PrivacyEngine(accountant=opts.accountant)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, optimizer, loader = engine.make_private_with_epsilon(
+            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=opts.target_epsilon,
+            target_delta=opts.delta, epochs=opts.epochs, max_grad_norm=opts.max_grad_norm, poisson_sampling=True,
+        )
+    criterion = torch.nn.BCEWithLogitsLoss()
+    epoch_s = []
+    steps = 0
+    for _ in range(opts.epochs):
+        t0 = time.perf_counter()
+        for xb, yb in loader:
+            steps += 1
+            if len(xb) == 0:
+                continue
+            optimizer.zero_grad()
+            loss = criterion(model(xb).squeeze(-1), yb)
+            loss.backward()
+            optimizer.step()
+        epoch_s.append(time.perf_counter() - t0)
+    if rank != 0:
+        return None
+    base = model._module.module if hasattr(model, "_module") else model.module
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in base.state_dict().items()}, buf)
+    return {"state": buf.getvalue(), "epsilon": engine.get_epsilon(opts.delta), "noise": optimizer.noise_multiplier,
+            "epoch_s": epoch_s, "steps": steps}
 
 
 def train_distributed(X: np.ndarray, y: np.ndarray, opts: TrainOptions, *, world_size: int = 2) -> TrainResult:
@@ -378,6 +393,94 @@ def train_distributed(X: np.ndarray, y: np.ndarray, opts: TrainOptions, *, world
     tmp.start_processes(_worker, args=(world_size, port, X, y, opts, out), nprocs=world_size, join=True,
                         start_method="spawn")
     res = out.get()
+    return TrainResult(state_dict=res["state"], n_features=X.shape[1], options=opts, epsilon=res["epsilon"],
+                       noise_multiplier=res["noise"], sample_rate=min(1.0, opts.batch_size / len(X)), device="cpu",
+                       epoch_seconds=res["epoch_s"])
+
+
+# -- data-parallel training on a Ray cluster ---------------------------------------------------
+def _ray_loop(config: dict[str, Any]) -> None:
+    """Ray Train's loop on each worker: the features open from their sealed blob (the key from
+    the key store, on this worker's machine), then :func:`_dp_loop`; rank 0 hands the model back
+    to the driver's collector, sealed too."""
+    import ray.train
+
+    from governance.cluster import TRANSIT_KEY, Transit
+    from governance.workspace import Workspace
+
+    ws = Workspace(config["config"])
+    try:
+        transit = Transit(ws.keyring.system_key(TRANSIT_KEY), config["run_id"])
+        X, y = transit.open(config["data"], "train", "features")
+        rank = ray.train.get_context().get_world_rank()
+        res = _dp_loop(rank, X, y, config["opts"])
+        if res is not None:
+            import ray as _ray
+
+            _ray.get(config["collector"].put.remote(transit.seal(res, "train", "model")))
+    finally:
+        ws.close()
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.value: bytes | None = None
+
+    def put(self, value: bytes) -> None:
+        self.value = value
+
+    def get(self) -> bytes | None:
+        return self.value
+
+
+def train_on_ray(ws: Any, X: np.ndarray, y: np.ndarray, opts: TrainOptions, *, workers: int = 2) -> TrainResult:
+    """DP-SGD data-parallel over ``workers`` Ray Train workers (``TorchTrainer``, gloo on CPU, NCCL
+    when the workers have GPUs), on the cluster at ``$RAY_ADDRESS``.
+
+    The same loop as :func:`train_distributed` (Opacus's DPDDP): each worker samples its share of
+    every Poisson batch with the global rate q, the clipped sums are all-reduced and the noise
+    N(0, σ²C²) is added once, so one accountant holds the run and ε is the single-process run's
+    for the same q, σ and steps (tested). The features cross Ray sealed (see
+    :class:`governance.cluster.Transit`); Ray Train's run folder (metrics only; no checkpoint
+    is written) is a temporary folder, removed after.
+    """
+    import shutil
+    import tempfile
+    import uuid
+
+    from governance.cluster import TRANSIT_KEY, Transit, connect
+
+    X = np.asarray(X, dtype=np.float32)
+    y = np.asarray(y, dtype=np.float32).reshape(-1)
+    if not opts.private:
+        raise ValueError("train_on_ray is for private runs; use train(private=False) for the baseline")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1 (got {workers})")
+    opts = resolve_batch_size(opts, len(X))
+    ray = connect()
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_id = uuid.uuid4().hex
+    transit = Transit(ws.keyring.system_key(TRANSIT_KEY), run_id)
+    collector = ray.remote(num_cpus=0)(_Collector).remote()
+    storage = tempfile.mkdtemp(prefix="lakewarden-ray-train-")
+    try:
+        trainer = TorchTrainer(
+            _ray_loop,
+            train_loop_config={"config": ws.config, "run_id": run_id, "opts": opts, "collector": collector,
+                               "data": transit.seal((X, y), "train", "features")},
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=_device(opts) == "cuda"),
+            run_config=RunConfig(storage_path=storage, name=f"lakewarden-{run_id[:8]}"),
+        )
+        trainer.fit()
+        sealed = ray.get(collector.get.remote())
+    finally:
+        ray.kill(collector)
+        shutil.rmtree(storage, ignore_errors=True)
+    if sealed is None:
+        raise RuntimeError("the Ray Train run ended without a model from rank 0")
+    res = transit.open(sealed, "train", "model")
     return TrainResult(state_dict=res["state"], n_features=X.shape[1], options=opts, epsilon=res["epsilon"],
                        noise_multiplier=res["noise"], sample_rate=min(1.0, opts.batch_size / len(X)), device="cpu",
                        epoch_seconds=res["epoch_s"])
