@@ -48,8 +48,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from governance.errors import AuditError, AuditTampered
 from governance.keys.store import TOKEN_RE
@@ -86,6 +86,11 @@ CHECKPOINT_SCHEMA = pa.schema(
     ]
 )
 _APPEND_ONLY = {"delta.appendOnly": "true"}
+# Every append of events carries this application transaction, its version the commit's last seq.
+# Two writers that read the same tail (two machines on one bucket: their file locks are their own)
+# both commit it, and Delta's conflict check refuses the second: it re-reads the tail and re-chains.
+CHAIN_APP_ID = "lakewarden.audit.chain"
+_CHAIN_ATTEMPTS = 50
 
 
 def canonical_lines(tbl: pa.Table) -> list[str]:
@@ -206,6 +211,10 @@ class AuditLog:
         self.flush_interval = flush_interval
         self.compact_every = 100  # commits of the events table between compactions
         self._version = -1  # the events table's version before this writer's commit (set by _tail)
+        self._snapshot: DeltaTable | None = None  # the events table as _tail read it (the append's base)
+        from governance.objectstore import is_remote
+
+        self._shared = is_remote(table_uri)  # a bucket several machines may write: see _append
         self._buf_lock = threading.Lock()  # one event's fields go in together; the swap is atomic
         self._flush_lock = threading.RLock()  # flushes write in the order they took their events
         self._oldest: float | None = None  # monotonic time of the oldest buffered event
@@ -324,34 +333,59 @@ class AuditLog:
 
     def _append(self, buf: dict[str, list[Any]], written: list[bool]) -> int:
         n = len(buf["ts"])
-        with self._writer_lock():
-            last_seq, last_hash = self._tail()
-            seqs = pa.array(range(last_seq + 1, last_seq + 1 + n), pa.int64())
-            arrays = [seqs, pa.array(buf["ts"], pa.timestamp("us", tz="UTC"))]
-            arrays += [pa.array(buf[c], pa.string()) for c in _TEXT_COLUMNS]
-            partial = pa.Table.from_arrays(arrays, names=["seq", "ts", *_TEXT_COLUMNS])
-            prevs, hashes = [], []
-            h = last_hash
-            for line in canonical_lines(partial):
-                prevs.append(h)
-                h = chain(h, line)
-                hashes.append(h)
-            tbl = partial.append_column("prev_hash", pa.array(prevs, pa.string())).append_column(
-                "hash", pa.array(hashes, pa.string())
-            ).select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA)
-            self._write(self.table_uri, tbl)
-            written.append(True)
-            first = last_seq + 1
-            cps = [
-                (s, hashes[s - first])
-                for s in range(first, first + n)
-                if (s + 1) % self.checkpoint_every == 0
-            ]
-            if cps:
-                self._write_checkpoints(cps)
-            self._write_head(first + n - 1, hashes[-1])
-            self._maybe_compact(self._version + 1)
-        return n
+        for attempt in range(_CHAIN_ATTEMPTS):
+            with self._writer_lock():
+                last_seq, last_hash = self._tail()
+                seqs = pa.array(range(last_seq + 1, last_seq + 1 + n), pa.int64())
+                arrays = [seqs, pa.array(buf["ts"], pa.timestamp("us", tz="UTC"))]
+                arrays += [pa.array(buf[c], pa.string()) for c in _TEXT_COLUMNS]
+                partial = pa.Table.from_arrays(arrays, names=["seq", "ts", *_TEXT_COLUMNS])
+                prevs, hashes = [], []
+                h = last_hash
+                for line in canonical_lines(partial):
+                    prevs.append(h)
+                    h = chain(h, line)
+                    hashes.append(h)
+                tbl = partial.append_column("prev_hash", pa.array(prevs, pa.string())).append_column(
+                    "hash", pa.array(hashes, pa.string())
+                ).select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA)
+                if not self._write_events(tbl, last_seq + n):
+                    moved = True  # another writer extended the chain since the tail was read
+                else:
+                    moved = False
+                    written.append(True)
+                    first = last_seq + 1
+                    cps = [
+                        (s, hashes[s - first])
+                        for s in range(first, first + n)
+                        if (s + 1) % self.checkpoint_every == 0
+                    ]
+                    if self._shared and (not cps or cps[-1][0] != first + n - 1):
+                        # On a shared root the head file is one machine's: sign each flush's end
+                        # where every writer's verify sees it.
+                        cps.append((first + n - 1, hashes[-1]))
+                    if cps:
+                        self._write_checkpoints(cps)
+                    self._write_head(first + n - 1, hashes[-1])
+                    self._maybe_compact(self._version + 1)
+            if not moved:
+                return n
+            time.sleep(min(0.5, 0.01 * (2 ** min(attempt, 6))) * (0.5 + int.from_bytes(os.urandom(1), "big") / 255))
+        raise AuditError(f"cannot append to the audit table {self.table_uri}: the chain moved under "
+                         f"{_CHAIN_ATTEMPTS} attempts in a row (too many concurrent writers)")
+
+    def _write_events(self, tbl: pa.Table, last_seq: int) -> bool:
+        """Append events on the snapshot their tail was read from; False when another writer's
+        append (same chain transaction) committed first."""
+        txn = CommitProperties(app_transactions=[Transaction(app_id=CHAIN_APP_ID, version=last_seq)])
+        try:
+            write_deltalake(self._snapshot, tbl, mode="append", storage_options=self._so or None,  # type: ignore[arg-type]
+                            commit_properties=txn)
+            return True
+        except CommitFailedError:
+            return False
+        except Exception as exc:  # deltalake raises several unrelated types
+            raise AuditError(f"cannot append to the audit table {self.table_uri}: {exc}") from exc
 
     def _maybe_compact(self, version: int) -> None:
         """Every ``compact_every`` commits of the events table, compact its files (OPTIMIZE, which
@@ -410,9 +444,9 @@ class AuditLog:
         if progress:
             progress(n, n)
         # Signed checkpoints: each must verify and match the chain at its position.
+        prev_ok = -1  # the last signed checkpoint that matches the chain
         if cps is not None and cps.num_rows:
             rep.checkpoints = cps.num_rows
-            prev_ok = -1
             for row in cps.sort_by("seq").to_pylist():
                 s = row["seq"]
                 if not self._signature_ok("checkpoint", s, row["hash"], row["signature"]):
@@ -440,7 +474,12 @@ class AuditLog:
         if bad is not None:
             pass  # the chain is already broken; the head cannot add anything
         elif head is None:
-            if n:
+            if self._shared and n and prev_ok == n - 1:
+                pass  # a shared root signs each flush's end in the checkpoints; this machine never wrote
+            elif self._shared and n and prev_ok >= 0:
+                found.append(Finding(prev_ok + 1, "unsigned-tail",
+                                     f"events seq={prev_ok + 1}..{n - 1} follow the last signed checkpoint"))
+            elif n:
                 found.append(Finding(None, "head-missing", f"the signed head file is missing ({self._head_path()})"))
         else:
             rep.head_seq = head["seq"]
@@ -457,12 +496,13 @@ class AuditLog:
                 )
             elif hashes_arr[head["seq"]].as_py() != head["hash"]:
                 found.append(Finding(head["seq"], "rewritten", f"event seq={head['seq']} differs from the signed head"))
-            elif head["seq"] < n - 1:
+            elif max(head["seq"], prev_ok) < n - 1:  # signed by this machine's head, or a checkpoint
+                signed = max(head["seq"], prev_ok)
                 found.append(
                     Finding(
-                        head["seq"] + 1,
+                        signed + 1,
                         "unsigned-tail",
-                        f"events seq={head['seq'] + 1}..{n - 1} follow the signed head: appended outside Lakewarden "
+                        f"events seq={signed + 1}..{n - 1} follow the signed head: appended outside Lakewarden "
                         "or by a writer that crashed (the next flush re-signs)",
                     )
                 )
@@ -579,17 +619,25 @@ class AuditLog:
         """(last seq, last hash), from the signed head; recovers if a writer crashed after its commit."""
         head = self._read_head()
         last_seq, last_hash = (-1, GENESIS) if head is None else (head["seq"], head["hash"])
+        self._snapshot = None
         try:
             dt = DeltaTable(self.table_uri, storage_options=self._so or None)
-            self._version = dt.version()
-            ds = dt.to_pyarrow_dataset()
         except TableNotFoundError:
-            self._version = -1
             if head is not None:
                 raise AuditError(
                     f"the audit head records seq={last_seq} but the audit table {self.table_uri} is missing"
                 ) from None
-            return last_seq, last_hash
+            # Created empty first, so that every append of events has a snapshot to be checked
+            # against: two writers creating the table with their first events would both be seq 0.
+            try:
+                DeltaTable.create(self.table_uri, EVENT_SCHEMA, mode="ignore", configuration=_APPEND_ONLY,
+                                  storage_options=self._so or None)
+            except Exception:  # noqa: BLE001 - another writer created it first; read it below
+                pass
+            dt = DeltaTable(self.table_uri, storage_options=self._so or None)
+        self._version = dt.version()
+        ds = dt.to_pyarrow_dataset()
+        self._snapshot = dt
         later = ds.to_table(columns=["seq", "hash"], filter=pc.field("seq") > last_seq)
         if later.num_rows:
             later = later.sort_by("seq")

@@ -89,6 +89,55 @@ def test_three_concurrent_writers_lose_no_commit(objectstore, monkeypatch: pytes
     assert pairs == {(w, i) for w in range(3) for i in range(15)}
 
 
+def _auditor(env: dict[str, str], root: str, state: str, key: bytes, w: int, rounds: int) -> None:
+    import os
+
+    os.environ.update(env)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from governance.audit import AuditLog
+
+    log = AuditLog(f"{root}/_audit/events", f"{root}/_audit/checkpoints", state,
+                   signing_key=Ed25519PrivateKey.from_private_bytes(key), checkpoint_every=1000, flush_every=10**9)
+    for r in range(rounds):
+        for i in range(20):
+            log.record("test.event", actor=f"writer{w}", outcome="ok", details={"round": r, "i": i})
+        log.flush()
+    log.close()
+
+
+def test_audit_writers_on_two_machines_extend_one_chain(objectstore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Two writers with their own workspace folders (so their own file locks and heads, as on two
+    machines) append to one audit log in the bucket at once. Each append carries the chain's
+    Delta transaction, so one that read a stale tail is refused and re-chains: one chain, every
+    event once, and a third machine's verify (no head of its own) finds every flush's end signed."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from governance.audit import AuditLog
+
+    _env(monkeypatch, objectstore)
+    root = f"s3://lakewarden/{_prefix()}"
+    key = os.urandom(32)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_auditor, args=(objectstore.env(), root, str(tmp_path / f"m{w}"), key, w, 8))
+             for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    sk = Ed25519PrivateKey.from_private_bytes(key)
+    third = AuditLog(f"{root}/_audit/events", f"{root}/_audit/checkpoints", tmp_path / "m3", public_key=sk.public_key())
+    rep = third.verify()
+    assert rep.ok, rep.to_dict()
+    events = third.query()
+    assert events.num_rows == 2 * 8 * 20 and events["seq"].to_pylist() == list(range(320))
+    assert sorted(events["actor"].to_pylist()) == ["writer0"] * 160 + ["writer1"] * 160
+    for w in range(2):  # each machine's own head is valid too
+        assert AuditLog(f"{root}/_audit/events", f"{root}/_audit/checkpoints", tmp_path / f"m{w}",
+                        public_key=sk.public_key()).verify().ok
+
+
 # -- the governed lake on the store -----------------------------------------------------------------
 def _project(base: Path, root: str) -> Path:
     proj = base / "proj"

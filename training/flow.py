@@ -82,7 +82,7 @@ from training.fairness import (
 from training.labels import FAVOURABLE, LabelEncoding, check_label_column, declared_label
 from training.profile import Profile
 from training.registry import ModelCard, ModelRef, Registry
-from training.trainer import TrainOptions, TrainResult, predict_proba, train, train_distributed
+from training.trainer import TrainOptions, TrainResult, predict_proba, train, train_distributed, train_on_ray
 
 __all__ = [
     "FAVOURABLE_LABEL",
@@ -250,7 +250,7 @@ class _Fitted:
 
 def _fit(ws: Workspace, actor: Actor, data: _Data, ledger: PrivacyLedger, *, name: str, purpose: str,
          options: TrainOptions, build: str, sample_weight: np.ndarray | None = None, world_size: int = 1,
-         curve: bool = False) -> _Fitted:
+         curve: bool = False, engine: str = "local") -> _Fitted:
     """Step 1: one private run (budgeted), its threshold from the training rows only, its holdout utility.
 
     ``curve``: record the per-epoch privacy–utility curve on the holdout (one process only).
@@ -258,6 +258,8 @@ def _fit(ws: Workspace, actor: Actor, data: _Data, ledger: PrivacyLedger, *, nam
     p = data.prep
 
     def fit() -> TrainResult:
+        if engine == "ray" and sample_weight is None:
+            return train_on_ray(ws, p.X_tr, p.y_tr, options, workers=world_size)
         if world_size > 1 and sample_weight is None:
             return train_distributed(p.X_tr, p.y_tr, options, world_size=world_size)
         return train(p.X_tr, p.y_tr, options, sample_weight=sample_weight,
@@ -337,6 +339,7 @@ def train_model(
     holdout: float = 0.2,
     mitigate: bool = True,
     world_size: int = 1,
+    engine: str = "local",
 ) -> TrainingOutcome:
     """Fit, evaluate (retrain with reweighing once if the verdict fails and ``mitigate``), register.
 
@@ -353,7 +356,7 @@ def train_model(
 
     def fit(sample_weight: np.ndarray | None) -> _Fitted:
         f = _fit(ws, actor, data, ledger, name=name, purpose=purpose, options=options, build=build,
-                 sample_weight=sample_weight, world_size=world_size)
+                 sample_weight=sample_weight, world_size=world_size, engine=engine)
         decisions.append(f.reservation.decision)
         fits.append(f)
         return f

@@ -30,13 +30,16 @@ def train(
     max_grad_norm: Annotated[float, typer.Option(help="Per-sample gradient clipping norm.")] = 1.0,
     accountant: Annotated[str, typer.Option(help="prv, rdp or gdp.")] = "prv",
     seed: Annotated[int, typer.Option(help="Same seed, same model (CPU).")] = 0,
-    processes: Annotated[int, typer.Option(help="Data-parallel processes (torch.distributed, gloo).")] = 1,
+    processes: Annotated[int, typer.Option(help="Data-parallel processes (torch.distributed, gloo), or Ray Train workers.")] = 1,
+    engine: Annotated[str, typer.Option(help="local (processes here) or ray (Ray Train workers on the cluster at $RAY_ADDRESS).")] = "local",
     mitigate: Annotated[bool, typer.Option(help="Retrain with reweighing if the fairness gate fails.")] = True,
 ) -> None:
     """Train a differentially private model on a training set and register it with its model card."""
     from training.flow import train_model
     from training.trainer import TrainOptions
 
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter(f"unknown engine {engine!r} (engines: local, ray)", param_hint="--engine")
     if not learning_rate > 0:
         raise typer.BadParameter(f"must be greater than 0 (got {learning_rate:g})", param_hint="--learning-rate")
     st = state(ctx)
@@ -44,7 +47,7 @@ def train(
                         delta=delta, max_grad_norm=max_grad_norm, accountant=accountant, seed=seed)  # type: ignore[arg-type]
     with err.status(f"training {name} (DP-SGD, target ε={epsilon:g})"):
         out = train_model(st.workspace(), st.actor(), name=name, features=split(features), label=label,
-                          purpose=purpose, options=opts, mitigate=mitigate, world_size=processes)
+                          purpose=purpose, options=opts, mitigate=mitigate, world_size=processes, engine=engine)
     c = out.card
     console.print(f"[green]registered[/] {out.ref}: ε={c.privacy.epsilon:.3f} (δ={c.privacy.delta:g}, {c.privacy.accountant}), "
                   + ", ".join(f"{k} {v:.3f}" for k, v in c.utility.items()))
