@@ -461,3 +461,79 @@ class RayIngestor(Ingestor):
 __all__ = ["IngestWorker", "RayIngestor", "WrittenFile", "file_stats", "partition_value", "write_files"]
 
 
+
+
+# -- silver on Ray ----------------------------------------------------------------------------------
+def _silver_chunk(config: ProjectConfig, policy: DatasetPolicy, dataset: str, bronze_version: int, buckets: list[int],
+                  stats: dict[str, Any], columns: list[str], hashed: list[str]) -> dict[str, Any]:
+    """A Ray task: silver for some subject buckets of one bronze version. A subject's rows are all
+    in one bucket, so the deduplication (latest row per subject) is exact per bucket. Nothing of
+    the rows goes back: the files are written into silver's folder, their add actions returned."""
+    import duckdb
+
+    from lakehouse.silver import MASK_HASH_KEY, base_sql, transformed, with_hashes
+
+    so = config.storage.options or None
+    bronze = DeltaTable(config.table_uri(f"bronze/{dataset}"), version=bronze_version, storage_options=so)
+    rows = bronze.to_pyarrow_dataset().to_table(filter=pc.field("_subject_bucket").isin(buckets))
+    key = b""
+    if hashed:
+        ws = Workspace(config)
+        try:
+            key = ws.keyring.system_key(MASK_HASH_KEY)
+        finally:
+            ws.close()
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET TimeZone='UTC'")
+        con.register("bronze", rows)
+        con.execute(f"CREATE TEMP VIEW base AS {base_sql(policy)}")
+        out = with_hashes(transformed(con, policy, stats, columns, dataset, 250_000), hashed, key).read_all()
+    finally:
+        con.close()
+    files = write_files(config.table_uri(f"silver/{dataset}"), out,
+                        partition_by=[*policy.layout.partition_by, "_subject_bucket"], subject_key=policy.subject_key,
+                        sealed=[], compression="zstd")
+    return {"rows": out.num_rows, "schema": out.schema, "files": files}
+
+
+def silver_on_ray(ws: Workspace, dataset: str, bronze: DeltaTable, *, stats: dict[str, Any], columns: list[str],
+                  hashed: list[str], meta: dict[str, str]) -> int:
+    """Silver's files written by Ray tasks (the subject buckets split over the cluster's CPUs, two
+    chunks per CPU), committed here in one overwrite carrying ``meta``; returns the rows written."""
+    from lakehouse.catalog import table_buckets
+
+    ray = connect()
+    cpus = check_cluster(ray, ws.config)
+    policy = ws.policies.dataset(dataset)
+    buckets = sorted(v for v in pc.unique(
+        bronze.to_pyarrow_dataset().to_table(columns=["_subject_bucket"])["_subject_bucket"]).to_pylist() if v is not None)
+    chunks = [c for c in (buckets[i::2 * cpus] for i in range(2 * cpus)) if c]
+    task = ray.remote(num_cpus=1, max_retries=0)(_silver_chunk)
+    refs = [task.remote(ws.config, policy, dataset, bronze.version(), c, stats, columns, hashed) for c in chunks]
+    results = []
+    try:
+        for r in refs:
+            results.append(ray.get(r))
+    except ray.exceptions.RayTaskError as exc:
+        raise (exc.cause if getattr(exc, "cause", None) is not None else exc) from None
+    except ray.exceptions.RayError as exc:
+        raise IngestError(f"a Ray worker died building silver.{dataset} ({type(exc).__name__}); silver is unchanged, "
+                          "run it again") from None
+    uri = ws.config.table_uri(f"silver/{dataset}")
+    so = ws.config.storage.options or None
+    schemas = [r["schema"] for r in results if r["rows"]]
+    schema = schemas[0] if schemas else results[0]["schema"] if results else None
+    if schema is None:
+        raise IngestError(f"silver.{dataset}: bronze has no subject buckets to build from")
+    partition_by = [*policy.layout.partition_by, "_subject_bucket"]
+    if not DeltaTable.is_deltatable(uri, storage_options=so):
+        DeltaTable.create(uri, schema, mode="ignore", partition_by=partition_by, storage_options=so,
+                          configuration=table_configuration(schema.names, policy.subject_key),
+                          description=table_description(table_buckets(bronze)))
+    now_ms = int(time.time() * 1000)
+    DeltaTable(uri, storage_options=so).create_write_transaction(
+        [f.action(now_ms) for r in results for f in r["files"]], "overwrite", schema, partition_by,
+        commit_properties=CommitProperties(custom_metadata=meta),
+    )
+    return sum(r["rows"] for r in results)

@@ -145,7 +145,7 @@ def mask_key_id(key: bytes) -> str:
     return hmac.new(key, b"lakewarden:key-id", hashlib.sha256).hexdigest()[:16]
 
 
-def _with_hashes(reader: pa.RecordBatchReader, cols: list[str], key: bytes) -> pa.RecordBatchReader:
+def with_hashes(reader: pa.RecordBatchReader, cols: list[str], key: bytes) -> pa.RecordBatchReader:
     """``reader``'s batches with ``_hash_<column>`` appended for each text column in ``cols``."""
     from governance.keys.native import keyed_hashes
 
@@ -164,13 +164,32 @@ def _with_hashes(reader: pa.RecordBatchReader, cols: list[str], key: bytes) -> p
     return pa.RecordBatchReader.from_batches(schema, batches())
 
 
-def build_silver(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_000) -> SilverReport:
-    """Rebuild ``silver.<dataset>`` from the current bronze version (gated as an ingest stage)."""
+def build_silver(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_000,
+                 engine: str = "local") -> SilverReport:
+    """Rebuild ``silver.<dataset>`` from the current bronze version (gated as an ingest stage).
+
+    ``engine``: ``local`` (DuckDB in this process) or ``ray``: the statistics are fitted here, and
+    Ray workers apply them to the subject buckets (a subject's rows are all in one bucket, so
+    deduplication is per bucket), writing silver's files; this process commits them in one
+    overwrite (:func:`lakehouse.distributed.silver_on_ray`). The same rows either way."""
+    if engine not in ("local", "ray"):
+        raise LakehouseError(f"unknown engine {engine!r} (engines: local, ray)")
     ws.gate.enforce(Stage.INGEST, actor, Resource.table(dataset, "silver"))
-    return _build(ws, actor, dataset, batch_rows=batch_rows)
+    return _build(ws, actor, dataset, batch_rows=batch_rows, engine=engine)
 
 
-def _build(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_000) -> SilverReport:
+def base_sql(policy: DatasetPolicy, source: str = "bronze") -> str:
+    """Bronze deduplicated: a unique subject key keeps its latest row."""
+    key = policy.subject_key
+    dedupe = (
+        f"QUALIFY row_number() OVER (PARTITION BY {q(key)} ORDER BY _ingested_at DESC, _row DESC) = 1"
+        if policy.columns[key].unique
+        else ""
+    )
+    return f"SELECT * FROM {source} {dedupe}"
+
+
+def _build(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_000, engine: str = "local") -> SilverReport:
     policy = ws.policies.dataset(dataset)
     cat = Catalog(ws.config)
     bronze_ref, silver_ref = TableRef("bronze", dataset), TableRef("silver", dataset)
@@ -190,36 +209,29 @@ def _build(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_0
     con = duckdb.connect(":memory:")
     con.execute("SET TimeZone='UTC'")
     con.register("bronze", bronze.to_pyarrow_dataset())
-    key = policy.subject_key
     business = [f.name for f in bronze.schema().fields if not f.name.startswith("_")]
-    dedupe = (
-        f"QUALIFY row_number() OVER (PARTITION BY {q(key)} ORDER BY _ingested_at DESC, _row DESC) = 1"
-        if policy.columns[key].unique
-        else ""
-    )
-    con.execute(f"CREATE TEMP VIEW base AS SELECT * FROM bronze {dedupe}")
+    con.execute(f"CREATE TEMP VIEW base AS {base_sql(policy)}")
     stats = _fit(con, policy)
-    body = transform_sql(policy, stats, [*business, "_subject_bucket", "_ingested_at"])
-    try:
-        reader = con.sql(body).to_arrow_reader(batch_rows)
-    except duckdb.Error as exc:
-        raise LakehouseError(
-            f"silver.{dataset}: a preprocess expression failed: {str(exc).splitlines()[0]}",
-            hint=f"check preprocess.derive in policies/{dataset}.yaml",
-        ) from None
-    reader = _with_hashes(reader, hashed, hash_key)
+    columns = [*business, "_subject_bucket", "_ingested_at"]
     meta = {_META_BRONZE: str(bv), _META_POLICY: ws.policies.digest, _META_STATS: json.dumps(stats, sort_keys=True),
             _META_HASH: hash_meta}
     uri = cat.uri(silver_ref)
-    write_deltalake(
-        uri, reader, mode="overwrite", schema_mode="overwrite",
-        partition_by=[*policy.layout.partition_by, "_subject_bucket"],
-        configuration=table_configuration(reader.schema.names, policy.subject_key),
-        description=table_description(table_buckets(bronze)),
-        storage_options=cat.storage_options,
-        writer_properties=WriterProperties(compression="ZSTD"),
-        commit_properties=CommitProperties(custom_metadata=meta),
-    )
+    if engine == "ray":
+        from lakehouse.distributed import silver_on_ray
+
+        silver_on_ray(ws, dataset, bronze, stats=stats, columns=columns, hashed=hashed, meta=meta)
+    else:
+        reader = transformed(con, policy, stats, columns, dataset, batch_rows)
+        reader = with_hashes(reader, hashed, hash_key)
+        write_deltalake(
+            uri, reader, mode="overwrite", schema_mode="overwrite",
+            partition_by=[*policy.layout.partition_by, "_subject_bucket"],
+            configuration=table_configuration(reader.schema.names, policy.subject_key),
+            description=table_description(table_buckets(bronze)),
+            storage_options=cat.storage_options,
+            writer_properties=WriterProperties(compression="ZSTD"),
+            commit_properties=CommitProperties(custom_metadata=meta),
+        )
     silver = DeltaTable(uri, storage_options=cat.storage_options)
     sv = silver.version()
     rows = silver.count()
@@ -241,6 +253,18 @@ def _build(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_0
                     resource=f"table:silver.{dataset}", details={"bronze_version": bv, "silver_version": sv, "rows": rows})
     con.close()
     return SilverReport(dataset, bv, sv, rows, stats)
+
+
+def transformed(con: duckdb.DuckDBPyConnection, policy: DatasetPolicy, stats: dict[str, Any], columns: list[str],
+                dataset: str, batch_rows: int) -> pa.RecordBatchReader:
+    """``base`` (a view on ``con``) with the fitted statistics applied, as Arrow batches."""
+    try:
+        return con.sql(transform_sql(policy, stats, columns)).to_arrow_reader(batch_rows)
+    except duckdb.Error as exc:
+        raise LakehouseError(
+            f"silver.{dataset}: a preprocess expression failed: {str(exc).splitlines()[0]}",
+            hint=f"check preprocess.derive in policies/{dataset}.yaml",
+        ) from None
 
 
 def load_stats(ws: Workspace, dataset: str, *, silver_version: int | None = None) -> dict[str, Any]:

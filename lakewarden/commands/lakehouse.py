@@ -125,12 +125,13 @@ def sql(
 def silver(
     ctx: typer.Context,
     dataset: Annotated[str, typer.Argument(help="Dataset to rebuild silver for.")],
+    engine: Annotated[str, typer.Option(help="local (this process) or ray (the subject buckets on the Ray cluster at $RAY_ADDRESS).")] = "local",
 ) -> None:
     """Rebuild silver from bronze: dedupe, impute, standardize, normalize, derive; store the fitted statistics."""
     from lakehouse.silver import build_silver
 
     st = state(ctx)
-    rep = build_silver(st.workspace(), st.actor(), dataset)
+    rep = build_silver(st.workspace(), st.actor(), dataset, engine=engine)
     if rep.up_to_date:
         console.print(f"silver.{dataset}@{rep.silver_version} is up to date with bronze@{rep.bronze_version}")
     else:

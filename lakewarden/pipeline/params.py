@@ -58,10 +58,6 @@ class TrainParams(_P):
     seed: int = 0
 
 
-class IngestParams(_P):
-    engine: Literal["local", "ray"] = "local"  # ray: the batch work on a Ray cluster at $RAY_ADDRESS (docs/scale-out.md)
-
-
 class DeployParams(_P):
     smoke_requests: int = Field(20, ge=1, le=10_000)
     manifests: str = "pipeline/deploy"
@@ -102,7 +98,7 @@ class Params(_P):
 
     sources: dict[str, str | list[str]] = Field(min_length=1)
     synthetic: SyntheticParams = SyntheticParams()
-    ingest: IngestParams = IngestParams()
+    engine: Literal["local", "ray"] = "local"  # ingest and silver: ray runs their work on $RAY_ADDRESS (docs/scale-out.md)
     train: TrainParams
     deploy: DeployParams = DeployParams()
     _path: Path = PrivateAttr(default=PARAMS)

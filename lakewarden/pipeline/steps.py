@@ -258,7 +258,7 @@ def step_ingest(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
                     raise PipelineError(f"{e['path']} ({ds}, sha256 {e['sha256'][:12]}…) is gone or changed since the "
                                         "sources stage recorded it, and was never ingested",
                                         hint="run dvc repro again: the sources stage records what is there now")
-                rep = ingest(ws, actor, ds, [path], engine=params.ingest.engine)
+                rep = ingest(ws, actor, ds, [path], engine=params.engine)
                 if not all(fr.balanced for fr in rep.files):
                     raise PipelineError(f"{e['path']}: rows read do not add up to accepted + quarantined + skipped")
                 done = rep.to_dict()
@@ -293,7 +293,7 @@ def step_silver(ws: Workspace, actor: Actor, params: Params) -> dict[str, Any]:
     require_pinned(ws, read_json(OUT / "ingest.json", stage="ingest")["tables"], stage="ingest")
     out = {}
     for ds in params.datasets:
-        rep = build_silver(ws, actor, ds)
+        rep = build_silver(ws, actor, ds, engine=params.engine)
         out[f"silver.{ds}"] = {**table_manifest(ws, "silver", ds), "bronze_version": rep.bronze_version}
     run = ws.lineage.emit("pipeline.silver", dvc_stage="silver",
                           outputs=[DatasetRef(t, version=m["version"]) for t, m in out.items()])
