@@ -13,7 +13,7 @@ of its own, so its peak memory is its own:
 
 The transactions runs find their customers' tokens in the key store, as in the pipeline: each
 run's workspace ingests the customers file first (not timed). Reports rows/s, the ratio to plain,
-and peak memory of the driver and of each worker.
+peak memory of the driver and of each worker, and the time of silver's rebuild on the same engine.
 """
 
 from __future__ import annotations
@@ -39,12 +39,19 @@ import json, sys
 from governance.workspace import Workspace
 from lakehouse.ingest import ingest
 cfg, dataset, src, engine, workers = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+silver_too = len(sys.argv) > 6 and sys.argv[6] == "silver"
 ws = Workspace.open(cfg)
 rep = ingest(ws, ws.actor("pipeline"), dataset, [src], engine=engine, workers=workers or None)
+import time
+from lakehouse.silver import build_silver
+t0 = time.perf_counter()
+silver = build_silver(ws, ws.actor("pipeline"), dataset, engine=engine) if silver_too else None
+silver_s = time.perf_counter() - t0
 ws.close()
 print(json.dumps({"rows": rep.rows_read, "accepted": rep.rows_accepted, "quarantined": rep.rows_quarantined,
                   "seconds": rep.seconds, "peak_rss_mb": rep.peak_rss_mb, "workers": rep.worker_peak_rss_mb,
-                  "driver": rep.driver_seconds}))
+                  "driver": rep.driver_seconds, "silver_seconds": silver_s if silver_too else None,
+                  "silver_rows": silver.rows if silver else None}))
 """
 
 
@@ -108,10 +115,11 @@ def _run(args: argparse.Namespace, env: dict[str, str], tmp: Path) -> list[dict]
             if dataset == "transactions":
                 run_py(GOVERNED, str(cfg), "customers", str(_copy(files["customers"], root)), "local", "0", env=env)
             with console.status(f"{label}: {dataset}"):
-                g = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), engine, str(n), env=env)
+                g = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), engine, str(n), "silver", env=env)
             row["runs"].append({"engine": label, "seconds": g["seconds"], "rows_per_s": g["rows"] / g["seconds"],
                                 "ratio": plain["seconds"] / g["seconds"], "driver_peak_rss_mb": g["peak_rss_mb"],
                                 "worker_peak_rss_mb": g["workers"], "driver_seconds": g["driver"],
+                                "silver_seconds": g["silver_seconds"], "silver_rows": g["silver_rows"],
                                 "accepted": g["accepted"],
                                 "quarantined": g["quarantined"]})
             shutil.rmtree(root, ignore_errors=True)
@@ -130,15 +138,16 @@ def _busy(d: dict) -> tuple[str, str]:
 def _print(results: list[dict]) -> None:
     t = Table(title="governed ingest: embedded vs Ray workers vs plain write_deltalake (same CSV, same store, same run)")
     for c in ("dataset", "rows", "run", "seconds", "rows/s", "× plain", "driver MB", "worker MB", "driver busy s",
-              "of it committing"):
+              "of it committing", "silver s"):
         t.add_column(c, justify="left" if c in ("dataset", "run") else "right")
     for r in results:
         t.add_row(r["dataset"], f"{r['rows']:,}", "plain", f"{r['plain_seconds']:.1f}",
-                  f"{r['rows'] / r['plain_seconds']:,.0f}", "1.00", f"{r['plain_peak_rss_mb']:.0f}", "", "", "")
+                  f"{r['rows'] / r['plain_seconds']:,.0f}", "1.00", f"{r['plain_peak_rss_mb']:.0f}", "", "", "", "")
         for run in r["runs"]:
             t.add_row("", "", run["engine"], f"{run['seconds']:.1f}", f"{run['rows_per_s']:,.0f}", f"{run['ratio']:.2f}",
                       f"{run['driver_peak_rss_mb']:.0f}", ", ".join(f"{m:.0f}" for m in run["worker_peak_rss_mb"]),
-                      *_busy(run.get("driver_seconds") or {}))
+                      *_busy(run.get("driver_seconds") or {}),
+                      f"{run['silver_seconds']:.1f}" if run.get("silver_seconds") is not None else "")
     console.print(t)
 
 

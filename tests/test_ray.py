@@ -156,7 +156,7 @@ def test_ray_and_the_embedded_engine_give_the_same_tables_and_counts(ray_env, tm
             for c in ta.column_names:
                 if pa.types.is_floating(ta.schema.field(c).type):
                     assert np.allclose(tb[c].to_numpy(zero_copy_only=False), ta[c].to_numpy(zero_copy_only=False),
-                                       rtol=1e-12, atol=0, equal_nan=True), (k, c)
+                                       rtol=1e-9, atol=1e-9, equal_nan=True), (k, c)
                 else:
                     assert tb[c].equals(ta[c]), (k, c)
         else:
