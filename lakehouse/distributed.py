@@ -223,7 +223,7 @@ class IngestWorker:
             if tbl is None or not tbl.num_rows:
                 continue
             uri = self.config.table_uri(f"{layer}/{self.dataset}")
-            parts = [] if layer == "quarantine" else self.work.partition_by
+            parts = [] if layer == "quarantine" else self.work.partitions(tbl.column_names)
             files[layer] = (tbl.schema, write_files(uri, tbl, partition_by=parts, subject_key=key,
                                                     sealed=self.work.sealed_cols, compression=self.work.compression))
         return {"accepted": n_acc, "quarantined": quarantine.num_rows, "reasons": counts, "files": files}
@@ -385,7 +385,7 @@ class RayIngestor(Ingestor):
         uri = self.catalog.uri(ref)
         so = self.catalog.storage_options
         schema = entries[0][1][0]
-        partition_by = [] if ref.layer == "quarantine" else self.partition_by
+        partition_by = [] if ref.layer == "quarantine" else self.partitions(schema.names)
         for attempt in range(_COMMIT_RETRIES):
             if not DeltaTable.is_deltatable(uri, storage_options=so):
                 DeltaTable.create(

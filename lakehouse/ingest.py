@@ -388,6 +388,11 @@ class BatchWork:
                 tables[layer] = tbl.filter(present)
         return tables
 
+    def partitions(self, columns: list[str]) -> list[str]:
+        """A table's partition columns: the policy's layout and the subject bucket, those it has (the
+        vault and restricted tables hold no public column, so they are partitioned by bucket only)."""
+        return [c for c in self.partition_by if c in columns]
+
     def _writer_properties(self, columns: list[str]) -> WriterProperties:
         """The storage's compression; sealed columns (random bytes) skip the dictionary and the
         min/max statistics, which cost CPU and buy nothing on ciphertext."""
@@ -584,7 +589,7 @@ class Ingestor(BatchWork):
             for layer in ("vault", "restricted", "bronze"):
                 tbl = accepted.get(layer)
                 if tbl is not None and tbl.num_rows:
-                    self._append(TableRef(layer, self.dataset), tbl, txn, self.partition_by)
+                    self._append(TableRef(layer, self.dataset), tbl, txn, self.partitions(tbl.column_names))
 
     def _append(self, ref: TableRef, tbl: pa.Table, txn: Transaction, partition_by: list[str]) -> None:
         uri = self.catalog.uri(ref)
