@@ -129,6 +129,7 @@ def _make_model_class():  # noqa: ANN202
             self.drift_every = 1000  # recompute drift gauges after this many scored entities...
             self.drift_interval = 10.0  # ...and at most this often (seconds; Prometheus scrapes every 15-30 s)
             self._drift_at: float | None = None
+            self.clock = time.monotonic  # for the drift interval; injectable (tests must not depend on speed)
             global _SCORE_HISTOGRAM
             if _SCORE_HISTOGRAM is None:
                 _SCORE_HISTOGRAM = Histogram("lakewarden_prediction_score", "Scores served, per model",
@@ -232,7 +233,7 @@ def _make_model_class():  # noqa: ANN202
             if self.profile is not None and self.scored // self.drift_every != before // self.drift_every:
                 if self._drift_at is None:
                     self.refresh_drift()  # the first: the gauges exist once 1,000 entities are scored
-                elif time.monotonic() - self._drift_at >= self.drift_interval:
+                elif self.clock() - self._drift_at >= self.drift_interval:
                     self._refresh_in_background()
             if not missing:
                 return scores, missing
@@ -264,7 +265,7 @@ def _make_model_class():  # noqa: ANN202
             training data's drift profile, into the Prometheus gauges."""
             from serving.monitor import drift_report
 
-            self._drift_at = time.monotonic()
+            self._drift_at = self.clock()
             window = list(self.recent)  # a copy: requests keep appending meanwhile
             report = drift_report(self.profile, window, model=self.card.name)
             self.drift_metrics.observe(report)

@@ -181,9 +181,10 @@ def postgres_db(postgres, monkeypatch: pytest.MonkeyPatch) -> str:
     return postgres.dsn.rsplit("/", 1)[0] + "/" + name
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
-    """One local Ray cluster for the whole session: a head and a second node of 1 CPU each (``ray
+    """One local Ray cluster per test module (its daemons take CPU while idle, so it does not
+    outlive the module that uses it): a head and a second node of 1 CPU each (``ray
     start``, token authentication on). The nodes carry the object store's credentials when the
     session has one, as a real cluster's machines would. Skipped when ray is not installed, unless
     LAKEWARDEN_REQUIRE_RAY=1 (make test installs it with the ``scale`` extra)."""

@@ -118,6 +118,8 @@ def test_the_drift_window_is_in_memory_without_tokens_and_refreshes_off_the_requ
     ws, url, ref, tokens = served
     pred = GovernedPredictor(ws, ref, ws.actor("mel"), log_requests=False)
     pred.load()
+    now = [1000.0]
+    pred.clock = lambda: now[0]  # the interval on an injected clock: a slow machine changes nothing
     known = tokens[:-2]
     batch = (known * (1000 // len(known) + 1))[:1000]
     pred.score_tokens(batch)  # the first 1,000: the gauges are computed at once
@@ -125,9 +127,10 @@ def test_the_drift_window_is_in_memory_without_tokens_and_refreshes_off_the_requ
     assert first is not None and len(pred.recent) == 1000
     assert all(set(r) == {"features", "score", "version"} for r in pred.recent)  # no token is kept
     assert not any(t in repr(list(pred.recent)) for t in known)
+    now[0] += pred.drift_interval - 0.5
     pred.score_tokens(batch)  # within the interval: no new report
     assert pred._drift_at == first
-    pred.drift_interval = 0
+    now[0] += 1.0
     pred.score_tokens(batch)  # due: computed in a background thread
     assert pred._drift_busy.acquire(timeout=30)  # wait for it (bounded)
     pred._drift_busy.release()
