@@ -65,7 +65,7 @@ from governance.workspace import Workspace
 from lakehouse.catalog import TableRef, stats_columns, table_configuration, table_description
 from lakehouse.errors import IngestError
 from lakehouse.ingest import _COMMIT_RETRIES, BatchWork, FileReport, Ingestor, Progress
-from lakehouse.readers import RawBatch, header, read_batches
+from lakehouse.readers import RawBatch, header
 from lakehouse.validate import ShapePlan, plan_shape
 
 LAYERS = ("quarantine", "vault", "restricted", "bronze")  # commit order: bronze last, as on one machine
@@ -282,15 +282,7 @@ class RayIngestor(Ingestor):
         group: list[tuple[_Pending, dict[str, Any]]] = []
         n = len(self.actors)
         turn = 0
-        for raw in read_batches(path, batch_rows=self.batch_rows):
-            rep.rows_read += raw.rows_read
-            rep.batches += 1
-            batch_id = None if skip else self._batch_id(raw)
-            if batch_id is None or batch_id in self.done:
-                rep.rows_skipped += raw.rows_read
-                rep.batches_skipped += 1
-                continue
-            self.done.add(batch_id)
+        for raw, batch_id in self._new_batches(path, rep, skip=skip):
             worker = self.actors[turn % n]
             turn += 1
             checking.append(_Pending(batch_id, raw.first_row, raw.rows_read, worker,

@@ -30,7 +30,7 @@ import resource
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -473,15 +473,7 @@ class Ingestor(BatchWork):
         rep.dropped_columns, rep.filled_columns = plan.dropped, plan.filled
         inflight: deque[tuple[RawBatch, str, Future]] = deque()
         try:
-            for raw in read_batches(path, batch_rows=self.batch_rows):
-                rep.rows_read += raw.rows_read
-                rep.batches += 1
-                batch_id = None if skip else self._batch_id(raw)
-                if batch_id is None or batch_id in self.done:
-                    rep.rows_skipped += raw.rows_read
-                    rep.batches_skipped += 1
-                    continue
-                self.done.add(batch_id)  # a repeat of this batch later in the same ingest is skipped too
+            for raw, batch_id in self._new_batches(path, rep, skip=skip):
                 inflight.append((raw, batch_id, self._pool.submit(self._check, raw, plan)))
                 while len(inflight) >= self.workers:
                     self._finish(*inflight.popleft(), rep)
@@ -497,6 +489,20 @@ class Ingestor(BatchWork):
                 f"quarantined {rep.rows_quarantined}, skipped {rep.rows_skipped})"
             )
         return rep
+
+    def _new_batches(self, path: Path, rep: FileReport, *, skip: bool) -> Iterator[tuple[RawBatch, str]]:
+        """The file's batches not ingested before, with their ids; every batch is counted in ``rep``
+        (read, and skipped when it is in the ledger or ``skip``)."""
+        for raw in read_batches(path, batch_rows=self.batch_rows):
+            rep.rows_read += raw.rows_read
+            rep.batches += 1
+            batch_id = None if skip else self._batch_id(raw)
+            if batch_id is None or batch_id in self.done:
+                rep.rows_skipped += raw.rows_read
+                rep.batches_skipped += 1
+                continue
+            self.done.add(batch_id)  # a repeat of this batch later in the same ingest is skipped too
+            yield raw, batch_id
 
     def _finish(self, raw: RawBatch, batch_id: str, checked: Future, rep: FileReport, *,
                 txn: Transaction | None = None, on_commit: Callable[[int, int], None] | None = None) -> None:
