@@ -60,6 +60,9 @@ _FEAST_TYPES = {
 }
 
 
+ENGINES = ("local", "ray")
+
+
 class FeatureError(LakewardenError):
     """A feature request is malformed (unknown view or feature, bad entity rows)."""
 
@@ -271,6 +274,7 @@ class Features:
         label: str | None = None,
         entities: pa.Table | None = None,
         at: datetime | None = None,
+        engine: str = "local",
     ) -> TrainingSet:
         """A point-in-time correct training set.
 
@@ -278,7 +282,12 @@ class Features:
         valid); without it every subject of silver is used at ``at`` (default now) and
         ``label`` is taken from silver. Every entity row comes back, with NULLs where no
         feature value existed yet (Feast can drop such rows silently; this is checked).
+        ``engine``: ``local`` joins through Feast's offline store in this process; ``ray``
+        joins per subject bucket on a Ray cluster (:mod:`features.distributed`), for silver
+        tables too large for one process. Both give the same table.
         """
+        if engine not in ENGINES:
+            raise FeatureError(f"unknown engine {engine!r} (choose one of: {', '.join(ENGINES)})")
         pol, columns = self.resolve(features)
         decision = self._decide(actor, Stage.FEATURES, pol, purpose, columns + ([label] if label else []))
         key = pol.subject_key
@@ -299,6 +308,26 @@ class Features:
             bad = pc.sum(pc.fill_null(wrong, True).cast(pa.int64())).as_py()  # a null key matches the null value
             raise FeatureError(f"{bad} entity row(s) do not hold a subject token in '{key}' (raw identifiers are never used)")
         n_in = entities.num_rows
+        if engine == "ray":
+            out = self._joined_on_ray(pol, features, entities, silver_ref, silver_version)
+        else:
+            out = self._joined_by_feast(features, entities)
+        assert out.num_rows == n_in
+        run_id = self.ws.lineage.emit(
+            "features.training_set",
+            inputs=[DatasetRef(str(silver_ref), version=silver_version)],
+            outputs=[DatasetRef(f"training_set:{pol.dataset}:{purpose}", kind="training_set")],
+            facets={"features": features, "purpose": purpose, "rows": n_in, "engine": engine},
+        )
+        self.ws.audit.record("features.training_set", actor=actor.name, outcome="ok", stage=Stage.FEATURES.value,
+                             resource=f"dataset:{pol.dataset}",
+                             details={"purpose": purpose, "features": features, "rows": n_in, "silver_version": silver_version,
+                                      "engine": engine})
+        return TrainingSet(out, pol.dataset, features, purpose, {str(silver_ref): silver_version}, run_id, decision)
+
+    def _joined_by_feast(self, features: list[str], entities: pa.Table) -> pa.Table:
+        """Feast's point-in-time join (this workspace's offline store), every entity row kept, in order."""
+        n_in = entities.num_rows
         self._trino_scratch()
         entities = entities.append_column("_lw_row", pa.array(np.arange(n_in, dtype=np.int64)))
         job = self.store.get_historical_features(entity_df=entities.to_pandas(), features=features)
@@ -311,18 +340,27 @@ class Features:
             for c, arr in fill.items():
                 lost = lost.append_column(c, arr)
             out = pa.concat_tables([out, lost.select(out.column_names).cast(out.schema)])
-        out = _in_entity_order(out, n_in).drop(["_lw_row"])
-        assert out.num_rows == n_in
-        run_id = self.ws.lineage.emit(
-            "features.training_set",
-            inputs=[DatasetRef(str(silver_ref), version=silver_version)],
-            outputs=[DatasetRef(f"training_set:{pol.dataset}:{purpose}", kind="training_set")],
-            facets={"features": features, "purpose": purpose, "rows": n_in},
-        )
-        self.ws.audit.record("features.training_set", actor=actor.name, outcome="ok", stage=Stage.FEATURES.value,
-                             resource=f"dataset:{pol.dataset}",
-                             details={"purpose": purpose, "features": features, "rows": n_in, "silver_version": silver_version})
-        return TrainingSet(out, pol.dataset, features, purpose, {str(silver_ref): silver_version}, run_id, decision)
+        return _in_entity_order(out, n_in).drop(["_lw_row"])
+
+    def _joined_on_ray(self, pol: DatasetPolicy, features: list[str], entities: pa.Table, silver_ref: TableRef,
+                       silver_version: int) -> pa.Table:
+        """The same join on a Ray cluster, per subject bucket of the pinned silver version."""
+        from features.distributed import ViewJoin, point_in_time_on_ray
+
+        wanted: dict[str, list[str]] = {}
+        for ref in features:
+            view, _, feat = ref.partition(":")
+            wanted.setdefault(view, []).append(feat)
+        views = [ViewJoin(v, pol.features[v].timestamp, pol.features[v].ttl, tuple(cols)) for v, cols in wanted.items()]
+        types = {c: self._arrow_type(pol, c) for v in views for c in v.columns}
+        joined = point_in_time_on_ray(self.ws.config, self.catalog.uri(silver_ref), silver_version, pol.subject_key,
+                                      entities, views, types)
+        out = entities
+        for ref in features:
+            feat = ref.partition(":")[2]
+            if feat not in out.column_names:
+                out = out.append_column(feat, joined[feat])
+        return out
 
     def online(
         self, actor: Actor, *, purpose: str, features: list[str], tokens: list[str], as_dict: bool = False

@@ -348,6 +348,107 @@ def test_a_cluster_over_several_machines_needs_a_shared_lake_and_key_store(tmp_p
     assert check_cluster(TwoMachines, shared) == 16
 
 
+READINGS = """\
+kind: dataset
+dataset: readings
+description: Smart-meter readings (fictional), many per household over time.
+owner: data_engineer
+subject_key: meter_ref
+columns:
+  meter_ref:   {class: subject_key, type: string, required: true, pattern: "^MTR[0-9]{5}$"}
+  holder_name: {class: direct_identifier, type: string, max_length: 200}
+  read_at:     {class: public, type: timestamp, required: true}
+  kwh:         {class: public, type: double, min: 0, max: 100000}
+  tariff:      {class: public, type: string, allowed: [day, night, flat]}
+  occupants:   {class: public, type: int, min: 0, max: 20}
+purposes:
+  forecasting: {description: Demand forecasting.}
+access:
+  data_engineer: {layers: [bronze, silver, quarantine], purposes: [forecasting]}
+  data_scientist: {layers: [silver], purposes: [forecasting]}
+retention: {landing: 30d, bronze: 1y, silver: 1y, quarantine: 30d, history: 7d}
+layout: {subject_buckets: 8}
+features:
+  usage:
+    columns: [kwh, tariff]
+    timestamp: read_at
+    ttl: 2d
+  household:
+    columns: [occupants]
+    timestamp: read_at
+landing: keep
+"""
+
+
+def test_a_point_in_time_training_set_on_ray_equals_feasts(ray_env, tmp_path: Path):
+    """A dataset of many rows per subject over time (not the demo's): entity rows before a
+    subject's first reading, between readings, on a reading's exact time and past a view's TTL.
+    The join on Ray (per subject bucket) returns the table Feast's offline store returns, row for
+    row; so does the default entity set of the demo's customers with its label."""
+    import csv
+    from datetime import datetime, timedelta, timezone
+
+    from features.store import Features
+    from governance.workspace import Workspace
+    from lakehouse.catalog import TableRef
+    from lakehouse.ingest import ingest
+    from lakehouse.silver import build_silver
+    from lakehouse.synth import generate
+
+    proj = _project(tmp_path / "p", kek=_kek(tmp_path / "kek.key"))
+    (proj / "policies" / "readings.yaml").write_text(READINGS)
+    rng = np.random.default_rng(5)
+    t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    meters = [f"MTR{i:05d}" for i in range(300)]
+    f = proj / "readings.csv"
+    with open(f, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["meter_ref", "holder_name", "read_at", "kwh", "tariff", "occupants"])
+        for i, m in enumerate(meters):
+            hours = np.sort(rng.choice(24 * 20, size=1 + i % 9, replace=False))  # distinct times per meter
+            for h in hours:
+                w.writerow([m, f"Holder {i}", (t0 + timedelta(hours=int(h))).isoformat(),
+                            f"{rng.uniform(0, 40):.3f}", ["day", "night", "flat"][int(h) % 3], int(h) % 6])
+    res = generate(tmp_path / "landing", people=600, transactions_per_person=1, seed=3, bad_rows=0.0)
+    shutil.copy(res.files["customers"], proj / "customers.csv")
+    with Workspace.open(proj / "lakewarden.yaml") as ws:
+        dana, sam = ws.actor("dana"), ws.actor("sam")
+        for ds in ("readings", "customers"):
+            ingest(ws, dana, ds, [proj / f"{ds}.csv"])
+            build_silver(ws, dana, ds)
+        fs = Features(ws)
+        fs.apply(ws.actor("dana"))
+        silver = fs.catalog.open(TableRef("silver", "readings"))
+        hist = silver.to_pyarrow_table(columns=["meter_ref", "read_at"])
+        toks = sorted(set(hist["meter_ref"].to_pylist()))
+        stamps = sorted(hist["read_at"].to_pylist())
+        times = [t0 - timedelta(days=1), stamps[len(stamps) // 2], t0 + timedelta(days=7, hours=5),
+                 t0 + timedelta(days=25), stamps[-1]]  # day 25: past the usage view's 2-day TTL for most
+        ents = pa.table({"meter_ref": [t for t in toks for _ in times],
+                         "event_timestamp": pa.array([x for _ in toks for x in times], pa.timestamp("us", tz="UTC"))})
+        ents = ents.take(pa.array(rng.permutation(ents.num_rows)))  # entity order is the caller's, kept
+        feats = ["usage:kwh", "usage:tariff", "household:occupants"]
+        local = fs.training_set(sam, purpose="forecasting", features=feats, entities=ents)
+        on_ray = fs.training_set(sam, purpose="forecasting", features=feats, entities=ents, engine="ray")
+        assert on_ray.table.num_rows == local.table.num_rows == ents.num_rows
+        assert on_ray.table.select(local.table.column_names).equals(local.table), "the two joins differ"
+        kwh, occ = local.table["kwh"], local.table["occupants"]
+        assert 0 < kwh.null_count < len(kwh)  # some found, some not (before the first reading, past the TTL)
+        assert occ.null_count < kwh.null_count  # no TTL on household: older values still count
+        assert on_ray.sources == local.sources
+        # the demo's customers, every subject at one time, with the label taken from silver
+        cust = ["customer_profile:income", "customer_profile:income_z", "customer_profile:region"]
+        at = datetime(2030, 1, 1, tzinfo=timezone.utc)
+        a = fs.training_set(sam, purpose="credit_scoring", features=cust, label="defaulted", at=at)
+        b = fs.training_set(sam, purpose="credit_scoring", features=cust, label="defaulted", at=at, engine="ray")
+        assert b.table.num_rows == a.table.num_rows > 500
+        assert b.table.select(a.table.column_names).equals(a.table)
+        ws.audit.flush()
+        got = ws.audit.query(action="features.training_set")["details"].to_pylist()
+        assert sorted(json.loads(d)["engine"] if isinstance(d, str) else d["engine"] for d in got) == \
+               ["local", "local", "ray", "ray"]
+
+
 def test_dp_training_on_ray_train_spends_the_single_process_epsilon(ray_env, tmp_path: Path):
     """DP-SGD over Ray Train's two workers (one per node): the same q, σ and steps as one process,
     so the same ε from one accountant; the model learns."""

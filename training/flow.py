@@ -170,11 +170,12 @@ class _Data:
 
 
 def _training_set(ws: Workspace, actor: Actor, *, purpose: str, features: list[str], label: str,
-                  at: datetime | None, sort: bool) -> tuple[TrainingSet, pa.Table]:
-    """The gated training set; ``sort``: by subject (a stable order: every stage derives the same split)."""
+                  at: datetime | None, sort: bool, engine: str = "local") -> tuple[TrainingSet, pa.Table]:
+    """The gated training set; ``sort``: by subject (a stable order: every stage derives the same split);
+    ``engine``: where the point-in-time join runs (``ray``: per subject bucket on the cluster)."""
     fs = Features(ws)
     check_label_column(ws.policies, fs.resolve(features)[0], label)  # before any data is read
-    ts = fs.training_set(actor, purpose=purpose, features=features, label=label,
+    ts = fs.training_set(actor, purpose=purpose, features=features, label=label, engine=engine,
                          **({"at": at} if at is not None else {}))
     table = ts.table.sort_by(ws.policies.dataset(ts.dataset).subject_key) if sort else ts.table
     return ts, table
@@ -186,9 +187,11 @@ def _enough_rows(table: pa.Table, error: type[Exception]) -> None:
 
 
 def _load(ws: Workspace, actor: Actor, *, purpose: str, features: list[str], label: str, holdout: float, seed: int,
-          at: datetime | None = None, sort: bool = False, too_few: type[Exception] = ValueError) -> _Data:
+          at: datetime | None = None, sort: bool = False, too_few: type[Exception] = ValueError,
+          engine: str = "local") -> _Data:
     """Step 0: the training set, its label encoded by the declaration (refused before any budget), split."""
-    ts, table = _training_set(ws, actor, purpose=purpose, features=features, label=label, at=at, sort=sort)
+    ts, table = _training_set(ws, actor, purpose=purpose, features=features, label=label, at=at, sort=sort,
+                              engine=engine)
     pol = ws.policies.dataset(ts.dataset)
     cols = [f.split(":", 1)[1] for f in features]
     outcome = declared_label(ws.policies, pol, label, values=table[label])
@@ -347,7 +350,8 @@ def train_model(
     of this call spent together, their ledger run ids and their build id.
     """
     warnings.filterwarnings("ignore", module="opacus")
-    data = _load(ws, actor, purpose=purpose, features=features, label=label, holdout=holdout, seed=options.seed)
+    data = _load(ws, actor, purpose=purpose, features=features, label=label, holdout=holdout, seed=options.seed,
+                 engine=engine)
     ts, pol, prep = data.ts, data.pol, data.prep
     ledger = PrivacyLedger(ws)
     build = new_build_id()  # every private run of this call: the card's cost sums them

@@ -46,12 +46,13 @@ def features_training_set(
     purpose: Annotated[str, typer.Option(help="Why the data is used; the policy must allow it.")],
     label: Annotated[Optional[str], typer.Option(help="Label column from silver.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the training set as Parquet here.")] = None,
+    engine: Annotated[str, typer.Option(help="local (Feast's offline store here) or ray (the join per subject bucket on the Ray cluster at $RAY_ADDRESS).")] = "local",
 ) -> None:
     """A point-in-time correct training set for every subject of the dataset (gated by purpose)."""
     import pyarrow.parquet as pq
 
     st, fs = _features(ctx)
-    ts = fs.training_set(st.actor(), purpose=purpose, features=split(features), label=label)
+    ts = fs.training_set(st.actor(), purpose=purpose, features=split(features), label=label, engine=engine)
     if out:
         pq.write_table(ts.table, out)
         console.print(f"[green]wrote[/] {out}: {ts.table.num_rows:,} rows; sources {ts.sources}; lineage run {ts.run_id}")
