@@ -349,10 +349,7 @@ class AuditLog:
                 tbl = partial.append_column("prev_hash", pa.array(prevs, pa.string())).append_column(
                     "hash", pa.array(hashes, pa.string())
                 ).select(EVENT_SCHEMA.names).cast(EVENT_SCHEMA)
-                if not self._write_events(tbl, last_seq + n):
-                    moved = True  # another writer extended the chain since the tail was read
-                else:
-                    moved = False
+                if self._write_events(tbl, last_seq + n):  # False: another writer extended the chain first
                     written.append(True)
                     first = last_seq + 1
                     cps = [
@@ -368,8 +365,7 @@ class AuditLog:
                         self._write_checkpoints(cps)
                     self._write_head(first + n - 1, hashes[-1])
                     self._maybe_compact(self._version + 1)
-            if not moved:
-                return n
+                    return n
             time.sleep(min(0.5, 0.01 * (2 ** min(attempt, 6))) * (0.5 + int.from_bytes(os.urandom(1), "big") / 255))
         raise AuditError(f"cannot append to the audit table {self.table_uri}: the chain moved under "
                          f"{_CHAIN_ATTEMPTS} attempts in a row (too many concurrent writers)")

@@ -348,11 +348,9 @@ def _dp_loop(rank: int, X: np.ndarray, y: np.ndarray, opts: TrainOptions) -> dic
         )
     criterion = torch.nn.BCEWithLogitsLoss()
     epoch_s = []
-    steps = 0
     for _ in range(opts.epochs):
         t0 = time.perf_counter()
         for xb, yb in loader:
-            steps += 1
             if len(xb) == 0:
                 continue
             optimizer.zero_grad()
@@ -366,7 +364,14 @@ def _dp_loop(rank: int, X: np.ndarray, y: np.ndarray, opts: TrainOptions) -> dic
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in base.state_dict().items()}, buf)
     return {"state": buf.getvalue(), "epsilon": engine.get_epsilon(opts.delta), "noise": optimizer.noise_multiplier,
-            "epoch_s": epoch_s, "steps": steps}
+            "epoch_s": epoch_s}
+
+
+def _from_loop(res: dict[str, Any], X: np.ndarray, opts: TrainOptions) -> TrainResult:
+    """The :class:`TrainResult` of rank 0's :func:`_dp_loop` result."""
+    return TrainResult(state_dict=res["state"], n_features=X.shape[1], options=opts, epsilon=res["epsilon"],
+                       noise_multiplier=res["noise"], sample_rate=min(1.0, opts.batch_size / len(X)), device="cpu",
+                       epoch_seconds=res["epoch_s"])
 
 
 def train_distributed(X: np.ndarray, y: np.ndarray, opts: TrainOptions, *, world_size: int = 2) -> TrainResult:
@@ -392,10 +397,7 @@ def train_distributed(X: np.ndarray, y: np.ndarray, opts: TrainOptions, *, world
     out = ctx.SimpleQueue()
     tmp.start_processes(_worker, args=(world_size, port, X, y, opts, out), nprocs=world_size, join=True,
                         start_method="spawn")
-    res = out.get()
-    return TrainResult(state_dict=res["state"], n_features=X.shape[1], options=opts, epsilon=res["epsilon"],
-                       noise_multiplier=res["noise"], sample_rate=min(1.0, opts.batch_size / len(X)), device="cpu",
-                       epoch_seconds=res["epoch_s"])
+    return _from_loop(out.get(), X, opts)
 
 
 # -- data-parallel training on a Ray cluster ---------------------------------------------------
@@ -480,7 +482,4 @@ def train_on_ray(ws: Any, X: np.ndarray, y: np.ndarray, opts: TrainOptions, *, w
         shutil.rmtree(storage, ignore_errors=True)
     if sealed is None:
         raise RuntimeError("the Ray Train run ended without a model from rank 0")
-    res = transit.open(sealed, "train", "model")
-    return TrainResult(state_dict=res["state"], n_features=X.shape[1], options=opts, epsilon=res["epsilon"],
-                       noise_multiplier=res["noise"], sample_rate=min(1.0, opts.batch_size / len(X)), device="cpu",
-                       epoch_seconds=res["epoch_s"])
+    return _from_loop(transit.open(sealed, "train", "model"), X, opts)
