@@ -348,36 +348,7 @@ def test_a_cluster_over_several_machines_needs_a_shared_lake_and_key_store(tmp_p
     assert check_cluster(TwoMachines, shared) == 16
 
 
-READINGS = """\
-kind: dataset
-dataset: readings
-description: Smart-meter readings (fictional), many per household over time.
-owner: data_engineer
-subject_key: meter_ref
-columns:
-  meter_ref:   {class: subject_key, type: string, required: true, pattern: "^MTR[0-9]{5}$"}
-  holder_name: {class: direct_identifier, type: string, max_length: 200}
-  read_at:     {class: public, type: timestamp, required: true}
-  kwh:         {class: public, type: double, min: 0, max: 100000}
-  tariff:      {class: public, type: string, allowed: [day, night, flat]}
-  occupants:   {class: public, type: int, min: 0, max: 20}
-purposes:
-  forecasting: {description: Demand forecasting.}
-access:
-  data_engineer: {layers: [bronze, silver, quarantine], purposes: [forecasting]}
-  data_scientist: {layers: [silver], purposes: [forecasting]}
-retention: {landing: 30d, bronze: 1y, silver: 1y, quarantine: 30d, history: 7d}
-layout: {subject_buckets: 8}
-features:
-  usage:
-    columns: [kwh, tariff]
-    timestamp: read_at
-    ttl: 2d
-  household:
-    columns: [occupants]
-    timestamp: read_at
-landing: keep
-"""
+READINGS = REPO / "tests" / "fixtures" / "readings.yaml"  # many rows per subject over time; the bench uses it too
 
 
 def test_a_point_in_time_training_set_on_ray_equals_feasts(ray_env, tmp_path: Path):
@@ -396,7 +367,7 @@ def test_a_point_in_time_training_set_on_ray_equals_feasts(ray_env, tmp_path: Pa
     from lakehouse.synth import generate
 
     proj = _project(tmp_path / "p", kek=_kek(tmp_path / "kek.key"))
-    (proj / "policies" / "readings.yaml").write_text(READINGS)
+    shutil.copy(READINGS, proj / "policies" / "readings.yaml")
     rng = np.random.default_rng(5)
     t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
     meters = [f"MTR{i:05d}" for i in range(300)]
