@@ -289,3 +289,236 @@ def purge_old_versions(uri: str) -> int:
             "the erased rows' bytes stay there; crypto-shredding leaves their sealed values unreadable"
         )
     return len(doomed)
+
+
+# --------------------------------------------------------------------------- objects under a prefix
+
+
+class _HashingReader:
+    """A read-only, non-seekable view of a file that hashes what it hands out, in order (boto3's
+    managed upload reads a non-seekable stream sequentially), so a file is read once for both."""
+
+    def __init__(self, fh) -> None:  # noqa: ANN001 - a binary file
+        import hashlib
+
+        self._fh = fh
+        self.sha256 = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self.sha256.update(data)
+        return data
+
+
+class ObjectPrefix:
+    """The objects under one ``s3://bucket/prefix``, addressed by keys relative to it.
+
+    For what keeps plain objects (not Delta tables) in the bucket: the model registry's artifacts.
+    Reads and writes go through boto3 (:func:`s3_client`: the ``AWS_*`` variables), because
+    pyarrow's filesystem cannot make a conditional put. ``put(..., if_absent=True)`` sends
+    ``If-None-Match: *``: it returns False, writing nothing, when the key exists (HTTP 412), so of
+    several machines putting one key exactly one gets True. A missing key raises
+    ``FileNotFoundError``; any other failure :class:`ObjectStoreError`, naming the object.
+
+        p = ObjectPrefix("s3://lake/prod/models")
+        p.put("credit/3/.claim", b"{}", if_absent=True)   # True: version 3 is ours
+        p.put("credit/3/model.pt", weights)
+        p.list("credit/3")                               # {"model.pt": 1234, ".claim": 2}
+    """
+
+    def __init__(self, uri: str, *, client=None) -> None:  # noqa: ANN001 - a boto3 S3 client
+        if not is_remote(uri):
+            raise ValueError(f"ObjectPrefix needs an s3:// URI, got {uri!r}")
+        u = urlparse(uri)
+        self.bucket = u.netloc
+        self.prefix = u.path.strip("/")
+        self.uri = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"ObjectPrefix({self.uri!r})"
+
+    @property
+    def client(self):  # noqa: ANN201 - boto3's client
+        if self._client is None:
+            self._client = s3_client()
+        return self._client
+
+    def key(self, rel: str = "") -> str:
+        """The bucket key of ``rel`` (``prefix/rel``)."""
+        rel = rel.strip("/")
+        return "/".join(p for p in (self.prefix, rel) if p)
+
+    def uri_of(self, rel: str = "") -> str:
+        return f"s3://{self.bucket}/{self.key(rel)}"
+
+    def _fail(self, exc: Exception, verb: str, rel: str) -> ObjectStoreError:
+        import botocore.exceptions
+
+        if isinstance(exc, botocore.exceptions.ClientError):
+            err = exc.response.get("Error", {})
+            what = f"{err.get('Code', '?')}: {err.get('Message', '')}".strip().rstrip(":")
+        else:
+            what = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return ObjectStoreError(f"cannot {verb} {self.uri_of(rel)}: {what}",
+                                hint="check AWS_ENDPOINT_URL, the credentials and the bucket's permissions")
+
+    @staticmethod
+    def _status(exc: Exception) -> int | None:
+        import botocore.exceptions
+
+        if isinstance(exc, botocore.exceptions.ClientError):
+            return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return None
+
+    def put(self, rel: str, data: bytes | Path, *, if_absent: bool = False) -> bool:
+        """Write ``data`` (bytes, or a file to upload) at ``rel``. With ``if_absent`` the put is
+        conditional (``If-None-Match: *``) and returns False when the key already exists (412), or
+        when the store answers that another conditional write of the key is in flight (409)."""
+        import botocore.exceptions
+
+        try:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                if if_absent:
+                    raise ValueError("a conditional put takes bytes (a claim), not a file")
+                self.upload(rel, Path(data))
+                return True
+            kw = {"IfNoneMatch": "*"} if if_absent else {}
+            self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=bytes(data), **kw)
+        except botocore.exceptions.ClientError as exc:
+            if if_absent and self._status(exc) in (409, 412):
+                return False
+            raise self._fail(exc, "write", rel) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._fail(exc, "write", rel) from None
+        return True
+
+    def upload(self, rel: str, path: Path) -> str:
+        """Upload the file ``path`` to ``rel`` (multipart when large), reading it once; returns the
+        sha256 of the bytes sent."""
+        import botocore.exceptions
+
+        try:
+            with open(path, "rb") as fh:
+                reader = _HashingReader(fh)
+                self.client.upload_fileobj(reader, self.bucket, self.key(rel))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._fail(exc, "write", rel) from None
+        return reader.sha256.hexdigest()
+
+    def _body(self, rel: str):  # noqa: ANN202 - botocore's StreamingBody
+        import botocore.exceptions
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"]
+        except botocore.exceptions.ClientError as exc:
+            if self._status(exc) == 404 or exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise FileNotFoundError(self.uri_of(rel)) from None
+            raise self._fail(exc, "read", rel) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._fail(exc, "read", rel) from None
+
+    def get(self, rel: str) -> bytes:
+        """The bytes of the object at ``rel`` (``FileNotFoundError`` when there is none)."""
+        import botocore.exceptions
+
+        body = self._body(rel)
+        try:
+            return body.read()
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._fail(exc, "read", rel) from None
+        finally:
+            body.close()
+
+    def download(self, rel: str, dest: Path, *, chunk: int = 1 << 20) -> str:
+        """Stream the object at ``rel`` into the file ``dest`` (a temporary file in its folder,
+        renamed over it when complete); returns the sha256 of the bytes written."""
+        import hashlib
+
+        import botocore.exceptions
+
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(8)}.tmp")
+        body = self._body(rel)
+        h = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                for part in body.iter_chunks(chunk):
+                    h.update(part)
+                    out.write(part)
+            os.replace(tmp, dest)
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._fail(exc, "read", rel) from None
+        finally:
+            body.close()
+            if tmp.exists():
+                tmp.unlink()
+        return h.hexdigest()
+
+    def folders(self, rel: str = "") -> list[str]:
+        """The names of the "folders" right under ``rel/`` (common prefixes up to the next ``/``)."""
+        import botocore.exceptions
+
+        base = self.key(rel)
+        start = f"{base}/" if base else ""
+        out: list[str] = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start,
+                                                                              Delimiter="/"):
+                out += [p["Prefix"][len(start):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._fail(exc, "list", rel) from None
+        return sorted(out)
+
+    def exists(self, rel: str = "") -> bool:
+        """Whether any object lies at or under ``rel``."""
+        import botocore.exceptions
+
+        base = self.key(rel)
+        try:
+            r = self.client.list_objects_v2(Bucket=self.bucket, Prefix=base, MaxKeys=1)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._fail(exc, "list", rel) from None
+        return bool(r.get("KeyCount") or r.get("Contents"))
+
+    def list(self, rel: str = "") -> dict[str, int]:  # noqa: A003 - a listing
+        """Every object under ``rel/`` (recursively): key relative to ``rel`` -> size in bytes."""
+        import botocore.exceptions
+
+        base = self.key(rel)
+        start = f"{base}/" if base else ""
+        out: dict[str, int] = {}
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+                for o in page.get("Contents", []):
+                    out[o["Key"][len(start):]] = int(o.get("Size", 0))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._fail(exc, "list", rel) from None
+        return out
+
+    def delete(self, rel: str) -> int:
+        """Delete the object at ``rel`` and every object under ``rel/``, then, on a bucket that keeps
+        versions, the older versions and delete markers under ``rel/`` (:func:`purge_old_versions`).
+        Returns the objects deleted."""
+        import botocore.exceptions
+
+        keys = [self.key(f"{rel.strip('/')}/{k}") for k in self.list(rel)]
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(rel))
+            keys.append(self.key(rel))
+        except botocore.exceptions.ClientError as exc:
+            if self._status(exc) != 404:
+                raise self._fail(exc, "read", rel) from None
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._fail(exc, "read", rel) from None
+        try:
+            for i in range(0, len(keys), 1000):
+                r = self.client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+                if r.get("Errors"):
+                    raise ObjectStoreError(f"{len(r['Errors'])} object(s) under {self.uri_of(rel)} could not be deleted")
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._fail(exc, "delete", rel) from None
+        purge_old_versions(self.uri_of(rel))
+        return len(keys)

@@ -13,7 +13,8 @@ them by the deployer (separation of duties). A deny ends here with the rule name
   once ready (its process id included), so a server that won the port meanwhile is never
   taken for the one started here;
 * ``k8s`` renders a KServe InferenceService from the kserve SDK's typed objects
-  (serving/manifests.py) and validates it.
+  (serving/manifests.py) and validates it. Its ``STORAGE_URI`` names the version's folder: on the
+  models claim, or in the bucket when the registry keeps its versions there (``s3://``).
 
 Either way the deployment is recorded in the registry (status ``deployed``) and audited.
 
@@ -119,7 +120,9 @@ def deploy(ws: Workspace, actor: Actor, ref: ModelRef | str, *, target: Literal[
     if target == "k8s":
         from serving.manifests import validate, write_manifest
 
-        path = write_manifest(card, out_dir or ws.config.workspace_dir / "deploy")
+        # A registry in the bucket: the predictor's storage initializer reads the version from there.
+        where = {"storage_uri": reg.uri(card.ref)} if reg.in_bucket else {}
+        path = write_manifest(card, out_dir or ws.config.workspace_dir / "deploy", **where)
         import yaml
 
         problems = validate(yaml.safe_load(path.read_text()))

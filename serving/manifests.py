@@ -6,7 +6,10 @@ container, Kubernetes ``V1Container``/``V1Probe``/...) and serialized by the SDK
 ``ApiClient``. The predictor image runs ``lakewarden serve --model <name>@<version>`` (KServe's
 Python ``ModelServer``, open inference protocol v2 on port 8080); KServe's storage initializer
 puts the version's registry folder from ``pvc://lakewarden-models/<name>/<version>`` at
-``/mnt/models``. What a reviewer or an operator needs to trace the deployment back to its card
+``/mnt/models`` — or, for a registry kept in a bucket (``storage.root: s3://...``), from the
+version's ``s3://bucket/prefix/models/<name>/<version>`` (``storage_uri``; the storage
+initializer takes the bucket's credentials from the service account's secret, never from the
+manifest). What a reviewer or an operator needs to trace the deployment back to its card
 travels in labels and annotations: model, version, dataset, ε (and δ), what the model's build
 spent of the budget (``epsilon-spent``/``delta-spent``, ``unknown`` on older cards), status, who
 approved and the sha256 of the card — never free text and never personal data (every value is scanned with
@@ -61,6 +64,7 @@ __all__ = [
     "MODEL_DIR",
     "READINESS_PATH",
     "Resources",
+    "STORAGE_SCHEMES",
     "example_card",
     "inference_service_name",
     "render_inference_service",
@@ -239,6 +243,27 @@ def _storage_uri(card: ModelCard, pvc: str) -> str:
     return f"pvc://{pvc}/{card.name}/{card.version}"
 
 
+STORAGE_SCHEMES = ("pvc", "s3", "gs")  # where KServe's storage initializer fetches a registry folder from
+
+
+def _storage_problems(uri: Any) -> list[str]:
+    """Why ``uri`` cannot be the STORAGE_URI of a predictor (empty: it can)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(uri, str) or not uri:
+        return ["STORAGE_URI must be a URI"]
+    u = urlsplit(uri)
+    out = []
+    if u.scheme not in STORAGE_SCHEMES:
+        out.append(f"STORAGE_URI {uri!r} must be one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+    if "@" in u.netloc or u.query or u.fragment:
+        out.append("STORAGE_URI must name a location only (no credentials, query or fragment): "
+                   "credentials come from the service account's secret")
+    if not u.netloc or not u.path.strip("/"):
+        out.append(f"STORAGE_URI {uri!r} must name a bucket or claim and the version's folder in it")
+    return out
+
+
 def _card_sha256(card: ModelCard) -> str:
     return hashlib.sha256(card.to_json().encode()).hexdigest()
 
@@ -307,6 +332,7 @@ def render_inference_service(
     resources: Resources = Resources(),
     service_account: str = "lakewarden-predictor",
     models_pvc: str = "lakewarden-models",
+    storage_uri: str | None = None,
     config_map: str = "lakewarden-config",
     secret: str = "lakewarden-predictor",
 ) -> dict[str, Any]:
@@ -322,6 +348,10 @@ def render_inference_service(
         resources: requests and limits of the predictor container.
         service_account: the pod's service account.
         models_pvc: the claim holding the registry's ``<name>/<version>/`` folders.
+        storage_uri: where the version's folder is instead of the claim: the ``s3://`` URI of a
+            registry kept in a bucket (``Registry(ws).uri(ref)``); it must end in
+            ``/<name>/<version>``. The storage initializer reads it with the credentials of the
+            service account's secret (KServe's ``serving.kserve.io/s3-*`` annotations).
         config_map: the ConfigMap holding ``lakewarden.yaml`` (mounted at ``/etc/lakewarden``).
         secret: the Secret whose keys become environment variables: the KEK the configuration's
             ``keys.kek`` names (``LAKEWARDEN_KEK``) and ``LAKEWARDEN_USER``, the principal the
@@ -346,6 +376,14 @@ def render_inference_service(
         raise ValueError(f"namespace {namespace!r} is not a DNS-1123 label (lowercase a-z, 0-9 and '-', ≤ 63)")
     if not image or any(c.isspace() for c in image):
         raise ValueError(f"image must be a container image reference, got {image!r}")
+    if storage_uri is None:
+        storage_uri = _storage_uri(card, models_pvc)
+    else:
+        bad = _storage_problems(storage_uri)
+        if not bad and not storage_uri.rstrip("/").endswith(f"/{card.name}/{card.version}"):
+            bad = [f"storage_uri {storage_uri!r} is not the folder of {card.ref} (…/{card.name}/{card.version})"]
+        if bad:
+            raise ValueError("; ".join(bad))
 
     labels, annotations = _metadata_maps(card)
     _refuse_personal(labels, "metadata.labels")
@@ -370,7 +408,7 @@ def render_inference_service(
         env=[
             k8s.V1EnvVar(name="LAKEWARDEN_CONFIG", value=f"{CONFIG_DIR}/lakewarden.yaml"),
             k8s.V1EnvVar(name="LAKEWARDEN_MODEL_DIR", value=MODEL_DIR),
-            k8s.V1EnvVar(name="STORAGE_URI", value=_storage_uri(card, models_pvc)),  # KServe mounts it at MODEL_DIR
+            k8s.V1EnvVar(name="STORAGE_URI", value=storage_uri.rstrip("/")),  # KServe puts it at MODEL_DIR
         ],
         env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret))],
         resources=k8s.V1ResourceRequirements(requests=resources.requests(), limits=resources.limits()),
@@ -579,6 +617,8 @@ def _structure(obj: Mapping[str, Any]) -> Iterator[str]:
         yield f"{where}.env has no LAKEWARDEN_CONFIG"
     if not env.get("STORAGE_URI") and not c.get("volumeMounts"):
         yield f"{where} gets no model artifacts (no STORAGE_URI env and no volume mount)"
+    elif env.get("STORAGE_URI"):
+        yield from (f"{where}.env: {p}" for p in _storage_problems(env["STORAGE_URI"]))
 
 
 def _sdk_error(exc: Exception) -> str:
@@ -624,8 +664,8 @@ def validate(obj: Any) -> list[str]:
     values valid, none looking like personal data); a predictor with exactly one container
     that has an image, readiness and liveness probes on ``/v2/health/ready`` and
     ``/v2/health/live``, requests and limits with every limit ≥ its request, LAKEWARDEN_CONFIG,
-    model artifacts; ``minReplicas ≤ maxReplicas``; a service account. Then the SDK round trip:
-    the dict is deserialized into ``V1beta1InferenceService`` by kserve's own deserializer and
+    model artifacts (a ``STORAGE_URI`` on a claim or a bucket, naming no credentials);
+    ``minReplicas ≤ maxReplicas``; a service account. Then the SDK round trip: the dict is deserialized into ``V1beta1InferenceService`` by kserve's own deserializer and
     serialized again; a field the SDK does not know, a value it coerces, or a required field it
     rejects is a problem.
 

@@ -40,7 +40,7 @@ def _held(ws: Workspace, table: str, version: int, tokens: list[str]) -> bool:
 def models_trained_on(ws: Workspace, tokens: list[str]) -> list[dict[str, Any]]:
     """Models whose training data (card ``data_versions``) held any of ``tokens``."""
     reg = Registry(ws)
-    if not reg.root.exists():
+    if not reg.has_models():  # nothing registered, on this machine's folder or in the bucket
         return []
     out = []
     for card in reg.list():

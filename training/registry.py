@@ -8,13 +8,33 @@ version is a folder of artifact files plus its model card::
         card.json             the card, canonical JSON (sorted keys); its sha256 is in the registry table
         card.md               the same card rendered for people (headline, privacy guarantee and cost, metrics)
 
+With ``storage.root: s3://bucket/prefix`` the versions live in the bucket instead, so that every
+machine of a cluster sees, verifies and serves the same models (:class:`_BucketVersions`)::
+
+    s3://bucket/prefix/models/<name>/<version>/
+        .claim                the version number's claim: the first object written, by a conditional put
+        <artifact files>      written after the claim, before the card
+        cards/<sha256>.json   each revision of the card (registered, approved, deployed), named by its sha256
+        cards/<sha256>.md     ... and its rendering for people
+
+A version number is claimed with ``If-None-Match: *`` on its ``.claim`` object (a store answers
+412 to every machine but one; the loser tries the next number); on a local folder a file lock
+serializes registrations instead. A card revision is never overwritten in the bucket: approving
+or deploying writes a new ``cards/<sha256>.*`` and commits its row on the snapshot the card was
+read from, with the version's Delta application transaction, so two machines changing one version
+at once cannot both commit (the second re-reads and retries). Reading a version from the bucket
+downloads its artifacts into ``<workspace>/cache/models/<name>/<version>/`` and checks each
+against the card's sha256 before anything is loaded.
+
 Every event (register, approve, deploy) appends one row to the append-only Delta table
 ``_models/registry`` (``name, version, dataset, status, actor, at, card_sha256``) and one
 audit event; registering also emits lineage from the training data (the Delta versions in the
 card) to ``model:<name>`` at its version. The registry table is the commit point and the
 integrity anchor: a ``card.json`` whose sha256 is not the latest row's (an approval added by
 hand, an ε edited) is refused on every read, and :meth:`Registry.verify` rehashes the
-artifacts, so tampered weights are found before deployment.
+artifacts, so tampered weights are found before deployment. A version is visible only once its
+row is committed, so a reader never sees a version whose files are still being written; a
+registration that dies before its row leaves its number unused (a gap) and its files unlisted.
 
 Who may do what is the gate's: ``register`` (``Stage.REGISTER`` with the dataset), ``approve``
 (``Stage.APPROVE``: a role among the dataset policy's ``deployment.approvers``). The deploy
@@ -65,15 +85,17 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.exceptions import DeltaError
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError
 from pydantic import (
     AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator,
     model_serializer, model_validator,
@@ -161,6 +183,11 @@ CARD_MD = "card.md"
 MODEL_FILE = "model.pt"  # the weights (a torch state dict)
 PROFILE_FILE = "reference.json"  # the drift profile (its historical name; registered cards list it)
 _RESERVED_FILES = frozenset({CARD_JSON, CARD_MD})
+CLAIM = ".claim"  # in a bucket: the object whose conditional put claims a version number
+CARDS = "cards"  # in a bucket: the card's revisions, cards/<sha256>.json and .md
+_REVISION = re.compile(r"^cards/[0-9a-f]{64}\.(json|md)$")
+_CLAIM_ATTEMPTS = 1000  # version numbers tried, one after another, before a registration gives up
+_REVISE_ATTEMPTS = 8  # in a bucket: card revisions retried after another machine changed the version
 _NAME = re.compile(IDENT)
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _FEATURE = re.compile(r"^[a-z][a-z0-9_]*:[a-z][a-z0-9_]*$")
@@ -807,6 +834,335 @@ def _replace(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _md_problems(card: ModelCard, text: str | None) -> list[str]:
+    """Whether the stored card.md (``None``: missing or not a regular file) is the card's rendering."""
+    rendered = {card.to_markdown()} | ({card.to_markdown(legacy=True)} if card.privacy.cost is None else set())
+    return [] if text is not None and text in rendered else [f"{CARD_MD} differs from {CARD_JSON}"]
+
+
+def _tampered(ref: ModelRef, problems: list[str]) -> ArtifactTampered:
+    return ArtifactTampered(f"{ref} failed verification: {'; '.join(problems)}", ref=str(ref), problems=problems)
+
+
+# --------------------------------------------------------------------------- where versions are kept
+
+# ``make(version, artifact digests)`` -> the version's card, its card.json bytes and its card.md bytes
+_MakeCard = Callable[[int, dict[str, str]], tuple["ModelCard", bytes, bytes]]
+
+
+class _Moved(Exception):
+    """Another machine committed an event of the same version since its card was read (internal:
+    the registry re-reads and retries)."""
+
+
+class _Versions(ABC):
+    """Where a registry keeps its versions' files: a local folder (:class:`_LocalVersions`) or a
+    prefix in a bucket (:class:`_BucketVersions`). The registry table is the commit point and the
+    integrity anchor for both; these keep the bytes, number new versions, and read them back."""
+
+    shared: bool  # machines share it: card revisions commit on the snapshot they were read from
+    attempts: int  # how often a card revision is tried (another machine may have moved the version)
+    reserved: frozenset[str] = frozenset()  # artifact names this layout cannot hold
+
+    @property
+    @abstractmethod
+    def root(self) -> Path | str:
+        """The folder, or the ``s3://`` prefix, that holds ``<name>/<version>/``."""
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether anything was ever stored (a cheap check before reading the registry table)."""
+
+    @abstractmethod
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Serializes this machine's writers (registration numbering, card rewrites)."""
+
+    @abstractmethod
+    def uri(self, ref: ModelRef) -> str:
+        """The version's folder, as a path or an ``s3://`` URI."""
+
+    @abstractmethod
+    def folder(self, ref: ModelRef) -> Path:
+        """The version's local folder (a bucket has none: RegistryError)."""
+
+    @abstractmethod
+    def create(self, name: str, known: list[int], blobs: Mapping[str, bytes | Path], make: _MakeCard,
+               at: datetime) -> tuple[ModelCard, bytes]:
+        """Number the next version of ``name`` (above ``known``, the versions in the registry table),
+        store the artifacts and then the card; return the card and its JSON bytes. Nothing is
+        visible to readers until the caller commits the registry row."""
+
+    @abstractmethod
+    def uncommitted(self, ref: ModelRef) -> None:
+        """The version's registry row failed to commit (or its outcome is unknown): tidy up."""
+
+    @abstractmethod
+    def card_json(self, ref: ModelRef, sha256: str) -> bytes:
+        """The stored card.json of the revision with that sha256 (``FileNotFoundError``: none)."""
+
+    @abstractmethod
+    def problems(self, card: ModelCard, sha256: str) -> list[str]:
+        """Why the stored files are not the registered version (empty: they are)."""
+
+    @abstractmethod
+    def holds(self, card: ModelCard, fn: str) -> bool:
+        """Whether the version has the artifact ``fn`` (a file older versions may lack)."""
+
+    @abstractmethod
+    def read(self, card: ModelCard, fn: str) -> bytes:
+        """An artifact's bytes."""
+
+    @abstractmethod
+    def rewrite(self, ref: ModelRef, data: bytes, md: bytes, commit: Callable[[], None]) -> None:
+        """Store a new revision of the card (card.json ``data``, card.md ``md``), then ``commit()``
+        its registry row; a failed commit leaves readers on the previous revision."""
+
+
+class _LocalVersions(_Versions):
+    """``<workspace>/models/<name>/<version>/``: written in a temporary folder then renamed, numbered
+    under a file lock, card files replaced atomically and restored if their row fails."""
+
+    shared = False
+    attempts = 1
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def exists(self) -> bool:
+        return self._root.exists()
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self._root / ".lock")
+
+    def folder(self, ref: ModelRef) -> Path:
+        return self._root / ref.name / str(ref.version)
+
+    def uri(self, ref: ModelRef) -> str:
+        return str(self.folder(ref))
+
+    def create(self, name: str, known: list[int], blobs: Mapping[str, bytes | Path], make: _MakeCard,
+               at: datetime) -> tuple[ModelCard, bytes]:
+        versions = list(known)
+        parent = self._root / name
+        if parent.is_dir():
+            versions += [int(p.name) for p in parent.iterdir() if p.name.isdigit()]
+        version = max(versions, default=0) + 1
+        final = parent / str(version)
+        tmp = parent / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir(parents=True)
+        try:
+            digests = {fn: _write_new(tmp / fn, src) for fn, src in blobs.items()}
+            card, card_bytes, md = make(version, digests)
+            _write_new(tmp / CARD_JSON, card_bytes)
+            _write_new(tmp / CARD_MD, md)
+            _fsync_dir(tmp)
+            os.rename(tmp, final)  # fails if the version folder exists: never overwrites
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(final.parent)
+        return card, card_bytes
+
+    def uncommitted(self, ref: ModelRef) -> None:
+        shutil.rmtree(self.folder(ref), ignore_errors=True)
+
+    def card_json(self, ref: ModelRef, sha256: str) -> bytes:
+        return (self.folder(ref) / CARD_JSON).read_bytes()
+
+    def problems(self, card: ModelCard, sha256: str) -> list[str]:
+        folder = self.folder(card.ref)
+        problems: list[str] = []
+        present = {p.name: p for p in folder.iterdir()}
+        for fn, digest in sorted(card.artifact_sha256.items()):
+            p = present.get(fn)
+            if p is None:
+                problems.append(f"{fn} is missing")
+            elif p.is_symlink() or not p.is_file():
+                problems.append(f"{fn} is not a regular file")
+            elif _sha256_file(p) != digest:
+                problems.append(f"{fn} changed (sha256 differs from the card)")
+        for fn in sorted(set(present) - set(card.artifact_sha256) - _RESERVED_FILES):
+            problems.append(f"{fn} is not part of the registered model")
+        md = present.get(CARD_MD)
+        text = None if md is None or md.is_symlink() else md.read_text(encoding="utf-8")
+        return problems + _md_problems(card, text)
+
+    def holds(self, card: ModelCard, fn: str) -> bool:
+        return (self.folder(card.ref) / fn).exists()
+
+    def read(self, card: ModelCard, fn: str) -> bytes:
+        return (self.folder(card.ref) / fn).read_bytes()
+
+    def rewrite(self, ref: ModelRef, data: bytes, md: bytes, commit: Callable[[], None]) -> None:
+        folder = self.folder(ref)
+        old_json, old_md = (folder / CARD_JSON).read_bytes(), (folder / CARD_MD).read_bytes()
+        try:
+            _replace(folder / CARD_MD, md)
+            _replace(folder / CARD_JSON, data)
+            commit()
+        except BaseException:
+            _replace(folder / CARD_JSON, old_json)
+            _replace(folder / CARD_MD, old_md)
+            raise
+
+
+class _BucketVersions(_Versions):
+    """``s3://bucket/prefix/models/<name>/<version>/`` (see the module docstring): numbered by a
+    conditional put of ``.claim``, artifacts before the card, card revisions never overwritten,
+    artifacts read through a verified cache in ``cache`` (a folder of this machine)."""
+
+    shared = True
+    attempts = _REVISE_ATTEMPTS
+    reserved = frozenset({CARDS})
+
+    def __init__(self, uri: str, cache: Path) -> None:
+        from governance.objectstore import ObjectPrefix
+
+        self.store = ObjectPrefix(uri)
+        self.cache = cache
+
+    @property
+    def root(self) -> str:
+        return self.store.uri
+
+    def exists(self) -> bool:
+        return self.store.exists()
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # machines do not share a lock: claims and snapshots order them
+
+    def folder(self, ref: ModelRef) -> Path:
+        raise RegistryError(f"{ref} is kept in the bucket ({self.uri(ref)}), not in a local folder",
+                            hint="use Registry.uri(ref) for its location, Registry.load(ref) to read it")
+
+    def uri(self, ref: ModelRef) -> str:
+        return self.store.uri_of(f"{ref.name}/{ref.version}")
+
+    def _cached(self, ref: ModelRef, fn: str) -> Path:
+        return self.cache / ref.name / str(ref.version) / fn
+
+    def create(self, name: str, known: list[int], blobs: Mapping[str, bytes | Path], make: _MakeCard,
+               at: datetime) -> tuple[ModelCard, bytes]:
+        claimed = [int(v) for v in self.store.folders(name) if v.isdigit()]
+        version = max([*known, *claimed], default=0) + 1
+        claim = json.dumps({"claim": uuid.uuid4().hex, "claimed_at": _ts(at)}, sort_keys=True).encode()
+        for _ in range(_CLAIM_ATTEMPTS):
+            if self.store.put(f"{name}/{version}/{CLAIM}", claim, if_absent=True):
+                break
+            version += 1  # another machine holds this number: the next one
+        else:
+            raise RegistryError(f"no free version number for '{name}' after {_CLAIM_ATTEMPTS} claims in {self.root}")
+        ref = ModelRef(name, version)
+        base = f"{name}/{version}"
+        try:
+            digests = {}
+            for fn, src in blobs.items():  # the artifacts first: a card never names a file not yet there
+                if isinstance(src, bytes):
+                    self.store.put(f"{base}/{fn}", src)
+                    digests[fn] = _sha256_bytes(src)
+                else:
+                    digests[fn] = self.store.upload(f"{base}/{fn}", src)
+            card, card_bytes, md = make(version, digests)
+            sha = _sha256_bytes(card_bytes)
+            self.store.put(f"{base}/{CARDS}/{sha}.md", md)
+            self.store.put(f"{base}/{CARDS}/{sha}.json", card_bytes)
+        except BaseException:
+            self._discard_quietly(ref)
+            raise
+        return card, card_bytes
+
+    def _discard_quietly(self, ref: ModelRef) -> None:
+        """Before any commit was tried: delete the version's objects, its claim too (the number was
+        never used, another registration may take it)."""
+        try:
+            self.store.delete(f"{ref.name}/{ref.version}")
+        except Exception:  # noqa: BLE001 - the original error matters; an unlisted orphan does not
+            pass
+
+    def uncommitted(self, ref: ModelRef) -> None:
+        # Kept: a commit whose answer was lost may have landed, and its row must find its files.
+        # Without a row the objects are never listed and the claim keeps the number from reuse.
+        pass
+
+    def card_json(self, ref: ModelRef, sha256: str) -> bytes:
+        return self.store.get(f"{ref.name}/{ref.version}/{CARDS}/{sha256}.json")
+
+    def problems(self, card: ModelCard, sha256: str) -> list[str]:
+        ref = card.ref
+        base = f"{ref.name}/{ref.version}"
+        listing = self.store.list(base)
+        problems: list[str] = []
+        for fn, digest in sorted(card.artifact_sha256.items()):
+            if fn not in listing:
+                problems.append(f"{fn} is missing")
+                continue
+            cached = self._cached(ref, fn)  # verified here, so load() finds it ready
+            try:
+                got = self.store.download(f"{base}/{fn}", cached)
+            except FileNotFoundError:  # deleted since the listing
+                problems.append(f"{fn} is missing")
+                continue
+            if got != digest:
+                cached.unlink(missing_ok=True)
+                problems.append(f"{fn} changed (sha256 differs from the card)")
+        for key in sorted(set(listing) - set(card.artifact_sha256) - {CLAIM}):
+            if not _REVISION.match(key):
+                problems.append(f"{key} is not part of the registered model")
+        try:
+            text: str | None = self.store.get(f"{base}/{CARDS}/{sha256}.md").decode("utf-8")
+        except (FileNotFoundError, UnicodeDecodeError):
+            text = None
+        return problems + _md_problems(card, text)
+
+    def holds(self, card: ModelCard, fn: str) -> bool:
+        return fn in card.artifact_sha256
+
+    def read(self, card: ModelCard, fn: str) -> bytes:
+        """The artifact from this machine's cache when it matches the card's sha256, else downloaded
+        (into the cache) and checked: the bytes returned are always the registered ones."""
+        ref = card.ref
+        digest = card.artifact_sha256.get(fn)
+        if digest is None:
+            raise _tampered(ref, [f"{fn} is not part of the registered model"])
+        cached = self._cached(ref, fn)
+        if cached.is_file() and not cached.is_symlink():
+            data = cached.read_bytes()
+            if _sha256_bytes(data) == digest:
+                return data
+        try:
+            self.store.download(f"{ref.name}/{ref.version}/{fn}", cached)
+        except FileNotFoundError:
+            raise _tampered(ref, [f"{fn} is missing"]) from None
+        data = cached.read_bytes()
+        if _sha256_bytes(data) != digest:
+            cached.unlink(missing_ok=True)
+            raise _tampered(ref, [f"{fn} changed (sha256 differs from the card)"])
+        return data
+
+    def rewrite(self, ref: ModelRef, data: bytes, md: bytes, commit: Callable[[], None]) -> None:
+        # A new revision beside the old ones, never over them: a machine whose commit loses leaves
+        # an unreferenced revision (no reader opens it), never a card that differs from its row.
+        base = f"{ref.name}/{ref.version}/{CARDS}/{_sha256_bytes(data)}"
+        self.store.put(f"{base}.md", md)
+        self.store.put(f"{base}.json", data)
+        commit()
+
+
+def _versions(ws: Workspace) -> _Versions:
+    """Where ``ws`` keeps model versions: in the bucket when its storage root is an object store."""
+    uri = ws.config.table_uri("models")
+    if "://" in uri and not uri.startswith("file://"):  # objectstore (and pyarrow) only for a remote root
+        from governance.objectstore import is_remote
+
+        if is_remote(uri):
+            return _BucketVersions(uri, ws.config.workspace_dir / "cache" / "models")
+    return _LocalVersions(ws.config.workspace_dir / "models")
+
+
 def _fairness_problems(card: ModelCard, pol: DatasetPolicy) -> list[str]:
     """Why the card's fairness does not allow an approval (empty: it does)."""
     f = card.fairness
@@ -858,7 +1214,9 @@ class Registry:
 
     def __init__(self, ws: Workspace, *, clock: Callable[[], datetime] | None = None) -> None:
         self.ws = ws
-        self.root = ws.config.workspace_dir / "models"
+        self._files = _versions(ws)
+        self.root: Path | str = self._files.root
+        """Where the versions' files are: ``<workspace>/models``, or ``<storage root>/models`` in the bucket."""
         self.table_uri = ws.config.table_uri(REGISTRY_TABLE)
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._storage_options = dict(ws.config.storage.options) or None
@@ -891,7 +1249,8 @@ class Registry:
                 the registry fills in its runs, ε and δ from the privacy ledger.
 
         Returns:
-            The new version's :class:`ModelRef` (version = highest so far + 1).
+            The new version's :class:`ModelRef` (version = highest so far + 1; in a bucket, the
+            first number above it that no machine has claimed).
 
         Raises:
             AccessDenied: the gate denied ``register``.
@@ -906,6 +1265,8 @@ class Registry:
         blobs = _check_files(files)
         for fn in blobs:
             _refuse_personal(fn, "an artifact file name")
+            if fn.lower() in self._files.reserved:
+                raise ValueError(f"artifact file name {fn!r} is reserved for the card's revisions in {self.root}")
         if not isinstance(card_fields, Mapping):
             raise TypeError(f"card_fields must be a mapping, got {type(card_fields).__name__}")
         owned = sorted(_OWNED & set(card_fields))
@@ -942,28 +1303,18 @@ class Registry:
         _refuse_personal({k: dumped[k] for k in fields if k not in _NOT_SCANNED and k in dumped}, "card field")
         draft = self._judge_fairness(draft, pol)
 
+        def make(version: int, digests: dict[str, str]) -> tuple[ModelCard, bytes, bytes]:
+            card = draft.model_copy(update={"version": version, "artifact_sha256": digests})
+            return card, card.to_json().encode(), card.to_markdown().encode()
+
         with self._locked():
-            version = self._next_version(name)
-            ref = ModelRef(name, version)
-            final = self.root / name / str(version)
-            tmp = self.root / name / f".tmp-{uuid.uuid4().hex}"
-            tmp.mkdir(parents=True)
-            try:
-                digests = {fn: _write_new(tmp / fn, src) for fn, src in blobs.items()}
-                card = draft.model_copy(update={"version": version, "artifact_sha256": digests})
-                card_bytes = card.to_json().encode()
-                _write_new(tmp / CARD_JSON, card_bytes)
-                _write_new(tmp / CARD_MD, card.to_markdown().encode())
-                _fsync_dir(tmp)
-                os.rename(tmp, final)  # fails if the version folder exists: never overwrites
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            _fsync_dir(final.parent)
+            known = [v for (n, v) in self._latest() if n == name]
+            card, card_bytes = self._files.create(name, known, blobs, make, at)
+            version, ref, digests = card.version, card.ref, card.artifact_sha256
             try:
                 self._append(card, actor.name, at, card_bytes)
             except BaseException:
-                shutil.rmtree(final, ignore_errors=True)  # the row is the commit point
+                self._files.uncommitted(ref)  # the row is the commit point
                 raise
 
         from governance.lineage import DatasetRef  # openlineage costs ~0.3 s to import: only where it is used
@@ -1017,36 +1368,42 @@ class Registry:
             override_reason = _line(override_reason.strip())
             _refuse_personal(override_reason, "override_reason")
         with self._locked():
-            card = self.card(ref)
-            ref = card.ref
-            resource = Resource.model(ref.name, ref.version)
-            decision = self.ws.gate.enforce(Stage.APPROVE, actor, resource, {"dataset": card.dataset})
-            pol = self.ws.policies.dataset(card.dataset)
-            # The gate allowed, so one of the actor's roles is an approver of the dataset.
-            role = next((r for r in decision.actor.roles if r in pol.deployment.approvers), "")
-            if any(a.actor == actor.name for a in card.approvals):
-                raise RegistryError(f"{actor.name} has already approved {ref}")
-            failures = _fairness_problems(card, pol)
-            if failures and override_reason is None:
-                self.ws.audit.record(
-                    "registry.approve", actor=actor.name, outcome="refused", stage=Stage.APPROVE.value,
-                    resource=str(resource), details={"dataset": card.dataset, "failures": failures},
+            for _ in self._attempts(f"approving {ref}"):
+                snap = self._table()  # the card is read from this snapshot, and its revision committed on it
+                card = self._card(ref, snap)
+                ref = card.ref
+                resource = Resource.model(ref.name, ref.version)
+                decision = self.ws.gate.enforce(Stage.APPROVE, actor, resource, {"dataset": card.dataset})
+                pol = self.ws.policies.dataset(card.dataset)
+                # The gate allowed, so one of the actor's roles is an approver of the dataset.
+                role = next((r for r in decision.actor.roles if r in pol.deployment.approvers), "")
+                if any(a.actor == actor.name for a in card.approvals):
+                    raise RegistryError(f"{actor.name} has already approved {ref}")
+                failures = _fairness_problems(card, pol)
+                if failures and override_reason is None:
+                    self.ws.audit.record(
+                        "registry.approve", actor=actor.name, outcome="refused", stage=Stage.APPROVE.value,
+                        resource=str(resource), details={"dataset": card.dataset, "failures": failures},
+                    )
+                    self.ws.audit.flush()
+                    raise ApprovalRefused(
+                        f"{ref} failed its fairness evaluation: {'; '.join(failures)}",
+                        failures=failures,
+                        hint="fix the model, or approve with override_reason='...' (recorded in the card and the audit log)",
+                    )
+                at = self._now(ref, snap)
+                new = card.model_copy(
+                    update={
+                        "approvals": [*card.approvals, Approval(actor=actor.name, role=role, at=at, override_reason=override_reason)],
+                        "gate_decisions": [*card.gate_decisions, GateRecord.model_validate(decision)],
+                        "status": "deployed" if card.status == "deployed" else "approved",
+                    }
                 )
-                self.ws.audit.flush()
-                raise ApprovalRefused(
-                    f"{ref} failed its fairness evaluation: {'; '.join(failures)}",
-                    failures=failures,
-                    hint="fix the model, or approve with override_reason='...' (recorded in the card and the audit log)",
-                )
-            at = self._now(ref)
-            new = card.model_copy(
-                update={
-                    "approvals": [*card.approvals, Approval(actor=actor.name, role=role, at=at, override_reason=override_reason)],
-                    "gate_decisions": [*card.gate_decisions, GateRecord.model_validate(decision)],
-                    "status": "deployed" if card.status == "deployed" else "approved",
-                }
-            )
-            card_bytes = self._rewrite(new, actor.name, at)
+                try:
+                    card_bytes = self._rewrite(new, actor.name, at, snap)
+                except _Moved:
+                    continue  # another machine changed this version meanwhile: read it again
+                break
         self.ws.audit.record(
             "registry.approve", actor=actor.name, outcome="ok", stage=Stage.APPROVE.value,
             resource=str(resource), rule_ids=decision.rule_ids,
@@ -1074,32 +1431,38 @@ class Registry:
             raise ValueError("target must name where the model runs (one line, at most 512 characters)")
         _refuse_personal(target, "target")
         with self._locked():
-            card = self.card(ref)
-            ref = card.ref
-            if decision is not None:
-                res = decision.resource
-                if not (
-                    decision.allowed
-                    and decision.stage is Stage.DEPLOY
-                    and res.kind == "model"
-                    and res.name == ref.name
-                    and res.version in (None, ref.version)
-                ):
-                    raise ValueError(f"decision must be an allowed deploy decision on {ref}, got {decision.stage.value} "
-                                     f"on {res} (allowed={decision.allowed})")
-            at = self._now(ref)
-            gates = [*card.gate_decisions] + ([GateRecord.model_validate(decision)] if decision is not None else [])
-            new = card.model_copy(
-                update={
-                    "deployments": [*card.deployments, Deployment(actor=actor.name, target=target, at=at)],
-                    "gate_decisions": gates,
-                    "status": "deployed",
-                }
-            )
-            card_bytes = self._rewrite(new, actor.name, at)
+            for _ in self._attempts(f"recording the deployment of {ref}"):
+                snap = self._table()
+                card = self._card(ref, snap)
+                ref = card.ref
+                if decision is not None:
+                    res = decision.resource
+                    if not (
+                        decision.allowed
+                        and decision.stage is Stage.DEPLOY
+                        and res.kind == "model"
+                        and res.name == ref.name
+                        and res.version in (None, ref.version)
+                    ):
+                        raise ValueError(f"decision must be an allowed deploy decision on {ref}, got {decision.stage.value} "
+                                         f"on {res} (allowed={decision.allowed})")
+                at = self._now(ref, snap)
+                gates = [*card.gate_decisions] + ([GateRecord.model_validate(decision)] if decision is not None else [])
+                new = card.model_copy(
+                    update={
+                        "deployments": [*card.deployments, Deployment(actor=actor.name, target=target, at=at)],
+                        "gate_decisions": gates,
+                        "status": "deployed",
+                    }
+                )
+                try:
+                    card_bytes = self._rewrite(new, actor.name, at, snap)
+                except _Moved:
+                    continue
+                break
         self.ws.audit.record(
             "registry.deploy", actor=actor.name, outcome="ok", stage=Stage.DEPLOY.value,
-            resource=str(Resource.model(ref.name, ref.version)),
+            resource=str(Resource.model(card.ref.name, card.ref.version)),
             rule_ids=decision.rule_ids if decision is not None else (),
             details={"dataset": card.dataset, "target": target, "card_sha256": _sha256_bytes(card_bytes)},
         )
@@ -1130,9 +1493,28 @@ class Registry:
         return self._load(ref, row)
 
     def path(self, ref: ModelRef | str) -> Path:
-        """The folder of a registered version (``<workspace>/models/<name>/<version>``)."""
+        """The folder of a registered version (``<workspace>/models/<name>/<version>``).
+
+        Raises:
+            RegistryError: the registry keeps its versions in a bucket (see :meth:`uri`).
+        """
         resolved, _ = self._resolve(ref, None)
-        return self.root / resolved.name / str(resolved.version)
+        return self._files.folder(resolved)
+
+    def uri(self, ref: ModelRef | str) -> str:
+        """Where a registered version's files are: its local folder, or its ``s3://`` prefix in the
+        bucket (what a KServe ``storageUri`` names)."""
+        resolved, _ = self._resolve(ref, None)
+        return self._files.uri(resolved)
+
+    @property
+    def in_bucket(self) -> bool:
+        """Whether the versions are kept in the storage root's bucket (every machine reads them)."""
+        return self._files.shared
+
+    def has_models(self) -> bool:
+        """Whether any version's files were ever stored here (cheap: no registry table read)."""
+        return self._files.exists()
 
     def verify(self, ref: ModelRef | str) -> ModelCard:
         """Recompute every artifact's sha256 and check card.json and card.md; return the card.
@@ -1142,34 +1524,40 @@ class Registry:
                 the registry table; card.md differs from the card.
             ModelNotFound: unknown name or version.
         """
-        card = self.card(ref)
-        folder = self.root / card.name / str(card.version)
-        problems: list[str] = []
-        present = {p.name: p for p in folder.iterdir()}
-        for fn, digest in sorted(card.artifact_sha256.items()):
-            p = present.get(fn)
-            if p is None:
-                problems.append(f"{fn} is missing")
-            elif p.is_symlink() or not p.is_file():
-                problems.append(f"{fn} is not a regular file")
-            elif _sha256_file(p) != digest:
-                problems.append(f"{fn} changed (sha256 differs from the card)")
-        for fn in sorted(set(present) - set(card.artifact_sha256) - _RESERVED_FILES):
-            problems.append(f"{fn} is not part of the registered model")
-        md = present.get(CARD_MD)
-        rendered = {card.to_markdown()} | ({card.to_markdown(legacy=True)} if card.privacy.cost is None else set())
-        if md is None or md.is_symlink() or md.read_text(encoding="utf-8") not in rendered:
-            problems.append(f"{CARD_MD} differs from {CARD_JSON}")
+        resolved, row = self._resolve(ref, None)
+        card = self._load(resolved, row)
+        problems = self._files.problems(card, row["card_sha256"])
         if problems:
-            raise ArtifactTampered(f"{card.ref} failed verification: {'; '.join(problems)}", ref=str(card.ref), problems=problems)
+            raise _tampered(card.ref, problems)
         return card
+
+    def artifact(self, ref: ModelRef | str, fn: str) -> bytes:
+        """The bytes of one artifact of a version, checked against the card's sha256 (from a bucket,
+        through this machine's cache).
+
+        Raises:
+            ValueError: ``fn`` is not one of the version's artifacts.
+            ArtifactTampered: the stored bytes differ from what was registered.
+            ModelNotFound: unknown name or version.
+        """
+        card = self.card(ref)
+        if fn not in card.artifact_sha256:
+            raise ValueError(f"{fn!r} is not an artifact of {card.ref} (artifacts: {', '.join(sorted(card.artifact_sha256))})")
+        try:
+            data = self._files.read(card, fn)
+        except FileNotFoundError:
+            raise _tampered(card.ref, [f"{fn} is missing"]) from None
+        if _sha256_bytes(data) != card.artifact_sha256[fn]:
+            raise _tampered(card.ref, [f"{fn} changed (sha256 differs from the card)"])
+        return data
 
     def load(self, ref: ModelRef | str, *, verify: bool = True) -> "LoadedModel":
         """A registered version ready to score: card, feature encoder, torch model, threshold, drift profile.
 
         Serving loads models only through this (and :meth:`profile`), never from the training
         modules or the files directly. The artifacts are verified first unless ``verify=False``
-        (for a caller that has just verified them).
+        (for a caller that has just verified them). From a bucket, the artifacts are read through
+        this machine's cache and checked against the card's sha256 either way.
 
         Raises:
             ArtifactTampered: a file differs from what was registered (with ``verify``).
@@ -1190,23 +1578,21 @@ class Registry:
         if missing:
             raise RegistryError(f"{card.ref} cannot be scored: its card's preprocessing lacks {', '.join(missing)}",
                                 hint="re-register it from a trained model (lakewarden train)")
-        folder = self.root / card.name / str(card.version)
-        model = load_model((folder / MODEL_FILE).read_bytes(), pre["n_features"], tuple(pre["hidden"]))
+        model = load_model(self._files.read(card, MODEL_FILE), pre["n_features"], tuple(pre["hidden"]))
         return LoadedModel(card=card, encoder=Encoder.from_dict(pre["encoder"]), model=model,
-                           threshold=float(pre.get("threshold", 0.5)), profile=self._profile(folder))
+                           threshold=float(pre.get("threshold", 0.5)), profile=self._profile(card))
 
     def profile(self, ref: ModelRef | str) -> Profile | None:
         """The drift profile stored with a version (bin shares of its training data); ``None``
         for a model trained before profiles were stored. Needs no torch."""
-        card = self.card(ref)
-        return self._profile(self.root / card.name / str(card.version))
+        return self._profile(self.card(ref))
 
-    @staticmethod
-    def _profile(folder: Path) -> Profile | None:
-        path = folder / PROFILE_FILE
+    def _profile(self, card: ModelCard) -> Profile | None:
         from training.profile import Profile
 
-        return Profile.from_json(path.read_text()) if path.exists() else None
+        if not self._files.holds(card, PROFILE_FILE):
+            return None
+        return Profile.from_json(self._files.read(card, PROFILE_FILE).decode())
 
     def deploy_context(self, ref: ModelRef | str, *, verify: bool = True) -> dict[str, Any]:
         """The exact context ``Stage.DEPLOY`` reads: ``{"dataset", "epsilon", "fairness", "approvals"}``.
@@ -1248,24 +1634,53 @@ class Registry:
         return {**fields, "privacy": {**priv, "cost": cost}}
 
     def _locked(self) -> contextlib.AbstractContextManager[None]:
-        return file_lock(self.root / ".lock")
+        return self._files.locked()
 
-    def _rows(self) -> list[dict[str, Any]]:
+    def _attempts(self, what: str) -> Iterator[int]:
+        """Tries of a card revision: one on a local folder; in a bucket, again (after a short random
+        wait) each time another machine committed an event of the version first."""
+        n = self._files.attempts
+        for attempt in range(n):
+            if attempt:
+                time.sleep(min(0.5, 0.02 * 2 ** attempt) * (0.5 + int.from_bytes(os.urandom(1), "big") / 255))
+            yield attempt
+        raise RegistryError(f"{what}: other machines changed that version {n} times in a row", hint="try again")
+
+    def _table(self) -> DeltaTable | None:
+        """The registry table's current snapshot (``None``: no model was ever registered)."""
         try:
             if not DeltaTable.is_deltatable(self.table_uri, storage_options=self._storage_options):
-                return []
-            return _read_rows(DeltaTable(self.table_uri, storage_options=self._storage_options))
+                return None
+            return DeltaTable(self.table_uri, storage_options=self._storage_options)
         except DeltaError as exc:
             raise RegistryError(f"cannot read the model registry table {self.table_uri}: {exc}") from exc
 
-    def _latest(self) -> dict[tuple[str, int], dict[str, Any]]:
+    def _rows(self, snap: DeltaTable | None = None) -> list[dict[str, Any]]:
+        """The rows of ``snap``, or of the table's current snapshot."""
+        try:
+            if snap is None:
+                snap = self._table()
+            return [] if snap is None else _read_rows(snap)
+        except DeltaError as exc:
+            raise RegistryError(f"cannot read the model registry table {self.table_uri}: {exc}") from exc
+
+    def _latest(self, snap: DeltaTable | None = None) -> dict[tuple[str, int], dict[str, Any]]:
         """The latest row of every (name, version); ``at`` increases strictly per version."""
         latest: dict[tuple[str, int], dict[str, Any]] = {}
-        for r in sorted(self._rows(), key=lambda r: r["at"]):
+        for r in sorted(self._rows(snap), key=lambda r: r["at"]):
             latest[(r["name"], r["version"])] = r
         return latest
 
-    def _append(self, card: ModelCard, actor: str, at: datetime, card_bytes: bytes) -> None:
+    def _card(self, ref: ModelRef | str, snap: DeltaTable | None) -> ModelCard:
+        """:meth:`card` as of the snapshot ``snap``."""
+        resolved, row = self._resolve(ref, None, snap)
+        return self._load(resolved, row)
+
+    def _append(self, card: ModelCard, actor: str, at: datetime, card_bytes: bytes,
+                on: DeltaTable | None = None) -> None:
+        """Commit the event's row; ``on``: on that snapshot, with the version's application
+        transaction, so that a commit of another event of the same version since then wins and
+        this one raises :class:`_Moved` (used where machines share the registry)."""
         row = {
             "name": card.name,
             "version": card.version,
@@ -1277,9 +1692,13 @@ class Registry:
         }
         import pyarrow as pa
 
+        props: dict[str, Any] = {}
+        if on is not None:
+            micros = (at - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(microseconds=1)
+            props["app_transactions"] = [Transaction(app_id=f"lakewarden.registry.{card.ref}", version=micros)]
         try:
             write_deltalake(
-                self.table_uri,
+                self.table_uri if on is None else on,
                 pa.Table.from_pylist([row], schema=_schema()),
                 mode="append",
                 name="lakewarden_model_registry",
@@ -1287,31 +1706,30 @@ class Registry:
                 configuration={"delta.appendOnly": "true"},
                 storage_options=self._storage_options,
                 commit_properties=CommitProperties(
-                    custom_metadata={"lakewarden.operation": f"registry.{card.status}", "lakewarden.model": str(card.ref)}
+                    custom_metadata={"lakewarden.operation": f"registry.{card.status}", "lakewarden.model": str(card.ref)},
+                    **props,
                 ),
             )
+        except CommitFailedError:
+            if on is None:
+                raise
+            raise _Moved(str(card.ref)) from None
         except DeltaError as exc:
             raise RegistryError(f"cannot append to the model registry table {self.table_uri}: {exc}") from exc
 
-    def _now(self, ref: ModelRef | None = None) -> datetime:
+    def _now(self, ref: ModelRef | None = None, snap: DeltaTable | None = None) -> datetime:
         now = self._clock()
         if now.tzinfo is None:
             raise ValueError("the registry clock must return an aware datetime")
         now = now.astimezone(timezone.utc)
         if ref is not None:  # events of one version get strictly increasing times: the last row is the latest
-            row = self._latest().get((ref.name, ref.version))
+            row = self._latest(snap).get((ref.name, ref.version))
             if row is not None and now <= row["at"]:
                 now = row["at"] + timedelta(microseconds=1)
         return now
 
-    def _next_version(self, name: str) -> int:
-        versions = [v for (n, v) in self._latest() if n == name]
-        folder = self.root / name
-        if folder.is_dir():
-            versions += [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
-        return max(versions, default=0) + 1
-
-    def _resolve(self, ref_or_name: ModelRef | str, version: int | None) -> tuple[ModelRef, dict[str, Any]]:
+    def _resolve(self, ref_or_name: ModelRef | str, version: int | None,
+                 snap: DeltaTable | None = None) -> tuple[ModelRef, dict[str, Any]]:
         if isinstance(ref_or_name, ModelRef):
             if version is not None and version != ref_or_name.version:
                 raise ValueError(f"{ref_or_name} names version {ref_or_name.version}, not {version}")
@@ -1321,7 +1739,7 @@ class Registry:
             name, version = parsed.name, parsed.version if version is None else version
         else:
             name = _check_name(ref_or_name, "model name")
-        latest = self._latest()
+        latest = self._latest(snap)
         versions = sorted(v for (n, v) in latest if n == name)
         if not versions:
             known = sorted({n for n, _ in latest})
@@ -1338,9 +1756,8 @@ class Registry:
         return ModelRef(name, version), latest[(name, version)]
 
     def _load(self, ref: ModelRef, row: Mapping[str, Any]) -> ModelCard:
-        path = self.root / ref.name / str(ref.version) / CARD_JSON
         try:
-            data = path.read_bytes()
+            data = self._files.card_json(ref, row["card_sha256"])
         except FileNotFoundError:
             raise ArtifactTampered(f"{ref}: {CARD_JSON} is missing", ref=str(ref), problems=[f"{CARD_JSON} is missing"]) from None
         if _sha256_bytes(data) != row["card_sha256"]:
@@ -1352,19 +1769,14 @@ class Registry:
             raise ArtifactTampered(f"{ref}: {problem}", ref=str(ref), problems=[problem])
         return card
 
-    def _rewrite(self, new: ModelCard, actor: str, at: datetime) -> bytes:
-        """Replace card.md and card.json (each atomically), then commit the row; undo the files if the row fails."""
-        folder = self.root / new.name / str(new.version)
-        old_json, old_md = (folder / CARD_JSON).read_bytes(), (folder / CARD_MD).read_bytes()
+    def _rewrite(self, new: ModelCard, actor: str, at: datetime, snap: DeltaTable | None = None) -> bytes:
+        """Store the card's new revision, then commit its row: locally card.md and card.json are
+        replaced (each atomically) and restored if the row fails; in a bucket the revision is a new
+        object and the row commits on ``snap`` (:class:`_Moved` when another machine was first)."""
         data = new.to_json().encode()
-        try:
-            _replace(folder / CARD_MD, new.to_markdown().encode())
-            _replace(folder / CARD_JSON, data)
-            self._append(new, actor, at, data)
-        except BaseException:
-            _replace(folder / CARD_JSON, old_json)
-            _replace(folder / CARD_MD, old_md)
-            raise
+        on = snap if self._files.shared else None
+        self._files.rewrite(new.ref, data, new.to_markdown().encode(),
+                            lambda: self._append(new, actor, at, data, on=on))
         return data
 
     def _judge_fairness(self, card: ModelCard, pol: DatasetPolicy) -> ModelCard:
