@@ -23,9 +23,15 @@ from the same policies the gate enforces.
   reads the environment back from ``/v1/info`` first (:meth:`TrinoServer.check_owner`); another
   workspace's server is a ``ForeignServer`` error (exit 2), never used.
 
-Identity: without authentication a Trino user name is only a claim. The ``production``
-profile of :func:`render_profile` renders the HTTPS + password (or OAuth 2.0) set-up with
-plain HTTP closed; see docs/trino.md.
+* :func:`render_cluster` renders a coordinator and workers over an object store (HTTPS only,
+  passwords, internal traffic authenticated by a shared secret, the metastore in the bucket):
+  the ``cluster`` profile of :func:`render_profile` with the production values, and the local
+  cluster of :mod:`lakehouse.trino_cluster` with local ports and folders. :func:`sync_tables` is
+  the one sync of the local server and of a cluster's coordinator.
+
+Identity: without authentication a Trino user name is only a claim. The ``production`` and
+``cluster`` profiles of :func:`render_profile` render the HTTPS + password (or OAuth 2.0) set-up
+with plain HTTP closed; see docs/trino.md.
 """
 
 from __future__ import annotations
@@ -95,6 +101,20 @@ def install() -> Path:
     return Path(p.stdout.strip().splitlines()[-1])
 
 
+def launcher_command(home: Path, environ: Mapping[str, str] | None = None) -> tuple[Path, dict[str, str]]:
+    """The launcher of the Trino at ``home`` and the environment it runs in (``environ`` or this
+    process's, with the JDK the install script chose as ``JAVA_HOME``)."""
+    launcher = home / "bin" / "launcher"
+    if not launcher.exists():
+        raise TrinoError(f"Trino is not installed at {home}", hint="run infra/trino/install.sh (make test does)")
+    env = dict(os.environ if environ is None else environ)
+    jh = home / ".java-home"
+    if jh.exists():
+        env["JAVA_HOME"] = jh.read_text().strip()
+        env["PATH"] = f"{env['JAVA_HOME']}/bin:{env.get('PATH', '')}"
+    return launcher, env
+
+
 # -- policy → Trino rules ---------------------------------------------------------------------
 def _table_schema(cat: Catalog, ref: TableRef) -> pa.Schema:
     return cat.open(ref).to_pyarrow_dataset().schema
@@ -107,6 +127,9 @@ def compile_rules(ws: Workspace, tables: dict[tuple[str, str], pa.Schema]) -> di
     table_rules: list[dict[str, Any]] = [
         # Lakewarden's own user registers tables; it may read and own, never write rows.
         {"user": ADMIN_USER, "catalog": CATALOG, "privileges": ["SELECT", "OWNERSHIP"]},
+        # ... and sees which nodes are active and where a query's tasks ran (a cluster's readiness),
+        # never the texts of others' queries (system.runtime.queries).
+        {"user": ADMIN_USER, "catalog": "system", "schema": "runtime", "table": "nodes|tasks", "privileges": ["SELECT"]},
         # The feature store's service user reads silver (the gate decided the purpose before
         # Feast runs) and writes only its scratch tables in the memory catalog.
         {"user": FEATURES_USER, "catalog": CATALOG, "schema": "silver", "privileges": ["SELECT"]},
@@ -285,14 +308,7 @@ class TrinoServer:
 
     # -- process --------------------------------------------------------------------------
     def _launcher(self, *args: str) -> subprocess.CompletedProcess:
-        launcher = self.home / "bin" / "launcher"
-        if not launcher.exists():
-            raise TrinoError(f"Trino is not installed at {self.home}", hint="run infra/trino/install.sh (make test does)")
-        env = dict(os.environ)
-        jh = self.home / ".java-home"
-        if jh.exists():
-            env["JAVA_HOME"] = jh.read_text().strip()
-            env["PATH"] = f"{env['JAVA_HOME']}/bin:{env.get('PATH', '')}"
+        launcher, env = launcher_command(self.home)
         return subprocess.run(
             [str(launcher), *args, f"--etc-dir={self.etc}", f"--data-dir={self.data}"],
             capture_output=True, text=True, env=env, timeout=120,
@@ -433,49 +449,63 @@ class TrinoServer:
 
     def sync(self, actor: Actor) -> SyncReport:
         """Register every governed table, render the rules from policy, flush Trino's caches."""
-        self.ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("trino"))
-        self.check_owner()  # never register this workspace's tables in another workspace's server
-        t0 = time.perf_counter()
-        rep = SyncReport()
-        cat = Catalog(self.ws.config)
-        wanted: dict[tuple[str, str], tuple[str, pa.Schema]] = {}
-        for ref in cat.list():
-            wanted[(ref.layer, ref.dataset)] = (f"{ref.layer}/{ref.dataset}", _table_schema(cat, ref))
-        for schema, table in SYSTEM_TABLES:
-            rel = self.ws.config.audit.table if table == "events" else self.ws.config.audit.checkpoints_table
-            uri = self.ws.config.table_uri(rel)
-            from deltalake import DeltaTable
+        return sync_tables(self.ws, actor, self._admin, self.etc, check=self.check_owner)
 
-            if DeltaTable.is_deltatable(uri):
-                wanted[(schema, table)] = (rel, DeltaTable(uri).to_pyarrow_dataset().schema)
-        existing = {
-            (s, t) for s, t in self._admin(
-                f"SELECT table_schema, table_name FROM {CATALOG}.information_schema.tables "
-                "WHERE table_schema <> 'information_schema'"
-            )
-        }
-        for schema in sorted({s for s, _ in wanted}):
-            self._admin(f"CREATE SCHEMA IF NOT EXISTS {CATALOG}.{quote_ident(schema, 'trino')}")
-        for (schema, table), (rel, _) in sorted(wanted.items()):
-            name = f"{schema}.{table}"
-            if (schema, table) in existing:
-                rep.present.append(name)
-                continue
-            self._admin(
-                f"CALL {CATALOG}.system.register_table(schema_name => '{schema}', table_name => '{table}', "
-                f"table_location => '{_table_location(self.ws, rel)}')"
-            )
-            rep.registered.append(name)
-        rules = compile_rules(self.ws, {k: v[1] for k, v in wanted.items()})
-        rep.rules = len(rules["tables"])
-        _write_atomic(self.etc / "rules.json", json.dumps(rules, indent=2))
-        _write_atomic(self.etc / "group.txt", render_groups(self.ws))
-        self._admin(f"CALL {CATALOG}.system.flush_metadata_cache()")
-        time.sleep(2.5)  # the rules and groups are reloaded every second
-        rep.seconds = time.perf_counter() - t0
-        self.ws.audit.record("trino.sync", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value,
-                             resource="system:trino", details={"registered": rep.registered, "rules": rep.rules})
-        return rep
+
+def sync_tables(ws: Workspace, actor: Actor, admin: Callable[[str], list[list[Any]]], etc: Path, *,
+                check: Callable[[], object] = lambda: None, reload_wait: float = 2.5) -> SyncReport:
+    """Register every governed table on a running Trino and write the rules and groups it reads.
+
+    The one sync of the local server (:class:`TrinoServer`) and of a cluster's coordinator
+    (``lakehouse.trino_cluster``): stage ``maintain`` on ``system:trino`` decides first, then
+    ``check`` (the caller's ownership check: never register this workspace's tables in another
+    workspace's server); ``admin`` runs SQL as Lakewarden's own user; ``rules.json`` and
+    ``group.txt`` are rewritten in ``etc``, which the server reloads every ``security.refresh-period``
+    (``reload_wait`` covers it). Audited as ``trino.sync``.
+    """
+    ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("trino"))
+    check()
+    t0 = time.perf_counter()
+    rep = SyncReport()
+    cat = Catalog(ws.config)
+    wanted: dict[tuple[str, str], tuple[str, pa.Schema]] = {}
+    for ref in cat.list():
+        wanted[(ref.layer, ref.dataset)] = (f"{ref.layer}/{ref.dataset}", _table_schema(cat, ref))
+    for schema, table in SYSTEM_TABLES:
+        rel = ws.config.audit.table if table == "events" else ws.config.audit.checkpoints_table
+        uri = ws.config.table_uri(rel)
+        from deltalake import DeltaTable
+
+        if DeltaTable.is_deltatable(uri):
+            wanted[(schema, table)] = (rel, DeltaTable(uri).to_pyarrow_dataset().schema)
+    existing = {
+        (s, t) for s, t in admin(
+            f"SELECT table_schema, table_name FROM {CATALOG}.information_schema.tables "
+            "WHERE table_schema <> 'information_schema'"
+        )
+    }
+    for schema in sorted({s for s, _ in wanted}):
+        admin(f"CREATE SCHEMA IF NOT EXISTS {CATALOG}.{quote_ident(schema, 'trino')}")
+    for (schema, table), (rel, _) in sorted(wanted.items()):
+        name = f"{schema}.{table}"
+        if (schema, table) in existing:
+            rep.present.append(name)
+            continue
+        admin(
+            f"CALL {CATALOG}.system.register_table(schema_name => '{schema}', table_name => '{table}', "
+            f"table_location => '{_table_location(ws, rel)}')"
+        )
+        rep.registered.append(name)
+    rules = compile_rules(ws, {k: v[1] for k, v in wanted.items()})
+    rep.rules = len(rules["tables"])
+    _write_atomic(etc / "rules.json", json.dumps(rules, indent=2))
+    _write_atomic(etc / "group.txt", render_groups(ws))
+    admin(f"CALL {CATALOG}.system.flush_metadata_cache()")
+    time.sleep(reload_wait)  # the rules and groups are reloaded every second
+    rep.seconds = time.perf_counter() - t0
+    ws.audit.record("trino.sync", actor=actor.name, outcome="ok", stage=Stage.MAINTAIN.value,
+                    resource="system:trino", details={"registered": rep.registered, "rules": rep.rules})
+    return rep
 
 
 # -- rendered profiles (production, cluster) --------------------------------------------------
@@ -528,21 +558,107 @@ beyond 127.0.0.1.
 _CLUSTER_README = """# Trino cluster over object storage (rendered by `lakewarden trino render --profile cluster`)
 
 `coordinator/etc` and `worker/etc` are the two node roles; run one coordinator and as many
-workers as the data needs. Tables live in object storage (S3 or compatible) and are
-registered in a Hive metastore service (thrift://hive-metastore:9083) instead of the local
-file metastore. The coordinator alone holds the access rules and groups (compiled from
-`policies/`); workers need only the catalog.
+workers as the data needs, every worker with the same files (Trino gives each a node id at
+start; add `node.id=` to a worker's node.properties to keep one across restarts). The
+coordinator schedules no tasks (`node-scheduler.include-coordinator=false`) and alone holds the
+access rules, groups and password file, compiled from `policies/`; workers need only the catalog.
 
-Environment on every node: `S3_ENDPOINT`, `S3_REGION`, `AWS_ACCESS_KEY_ID`,
-`AWS_SECRET_ACCESS_KEY` (or an instance role), `TRINO_SHARED_SECRET`. Analysts reach the
-coordinator over HTTPS with a password, as in the production profile. Register tables with
-`lakewarden trino sync` pointed at the coordinator (`trino.host`, `trino.port`,
-`trino.http_scheme: https` in lakewarden.yaml), with `storage.root` set to the bucket.
+Tables live in object storage (S3 or compatible). The `delta_lake` catalog keeps its metastore
+in the bucket beside them (`hive.metastore=file`, `<storage root>/_trino/metastore`), which
+every node reads, so no other service has to run. It holds only the table registrations (the
+Delta logs are the truth; `sync` registers them again), but Trino's maintainers call the file
+metastore one for testing, not for lasting production state: a Hive metastore service
+(`hive.metastore=thrift` with `hive.metastore.uri=thrift://...`) or AWS Glue
+(`hive.metastore=glue`) replaces it in `catalog/delta_lake.properties`; register the tables
+again there.
+
+The same renderer (`lakehouse.trino.render_cluster`) renders the local cluster that
+`tests/test_trino_cluster.py` starts (`lakehouse.trino_cluster.TrinoCluster`: a coordinator and
+workers as local processes over a bucket, HTTPS, passwords, the analysts' masks and row filters).
+
+Before use:
+1. TLS: a PEM with the coordinator's private key and certificate chain at
+   `/etc/trino/tls/trino.pem` (`http-server.https.keystore.path`; what clients verify). Plain
+   HTTP is closed on every node. Node-to-node traffic is HTTPS with certificates Trino derives
+   from the shared secret (`internal-communication.https.required=true`); Trino's documentation
+   asks for the coordinator's IP address in `discovery.uri` for those.
+2. Passwords: `/etc/trino/password.db` on the coordinator (mode 0600), one `user:hash` line per
+   principal of `policies/roles.yaml` and one for `lakewarden` (which registers the tables):
+   bcrypt with cost 8 or more (`htpasswd -B -C 10 password.db <user>`), or PBKDF2 as
+   `lakehouse.trino.password_file` writes it.
+3. Environment of every node: `TRINO_SHARED_SECRET` (a long random value, the same on all
+   nodes), `AWS_REGION`, `AWS_ENDPOINT_URL` (a store other than AWS S3), `AWS_ACCESS_KEY_ID` and
+   `AWS_SECRET_ACCESS_KEY`. On AWS with an instance role, delete the endpoint and key lines of
+   `catalog/delta_lake.properties`. No secret is written into these files.
+4. `hive.metastore.catalog.dir` names the bucket, here `{root}`: render with
+   `storage.root` set to yours, or edit it.
 """
 
+CLUSTER_ROOT_PLACEHOLDER = "s3://lakewarden/lake"  # the rendered production catalog's root when storage.root is local
+PBKDF2_ITERATIONS = 1_300_000  # OWASP's figure for PBKDF2-HMAC-SHA1; Trino verifies once per user and caches
 
-def render_profile(ws: Workspace, profile: str) -> dict[str, str]:
-    """Configuration files for ``production`` (HTTPS + password, one node) or ``cluster``."""
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterNode:
+    """One node of a rendered cluster: its files go to ``<name>/etc/``; it serves HTTPS on ``port``
+    and keeps its state in ``data_dir``. ``node_id`` unset: Trino makes one at each start."""
+
+    name: str
+    port: int = 8443
+    data_dir: str = "/var/trino/data"
+    node_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterSpec:
+    """Where a Trino cluster's nodes, files and secrets are: all :func:`render_cluster` needs besides
+    policy. The production values are :func:`production_cluster`'s; :class:`TrinoCluster
+    <lakehouse.trino_cluster.TrinoCluster>` fills in local ports and folders.
+
+    ``s3_variables`` names the ``AWS_*`` variables the nodes' environment holds (the catalog refers
+    to them as ``${ENV:...}``, never to their values). Secrets never appear here: the shared secret
+    is ``${ENV:TRINO_SHARED_SECRET}``, the keys and password hashes are files the operator makes.
+    """
+
+    discovery_uri: str
+    coordinator: ClusterNode
+    workers: tuple[ClusterNode, ...]
+    storage_root: str
+    environment: str = "lakewarden"
+    tls_pem: str = "/etc/trino/tls/trino.pem"
+    password_file: str = "/etc/trino/password.db"
+    rules_file: str = "/etc/trino/rules.json"
+    groups_file: str = "/etc/trino/group.txt"
+    heap: str = "16G"
+    refresh_period: str = "60s"
+    query_max_memory: str | None = None
+    query_max_memory_per_node: str | None = None
+    s3_variables: frozenset[str] = frozenset({"AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"})
+
+    def __post_init__(self) -> None:
+        if not self.discovery_uri.startswith("https://"):
+            raise ValueError(f"discovery_uri must be https:// (internal traffic is HTTPS): {self.discovery_uri}")
+        if not is_remote(self.storage_root):
+            raise ValueError(f"a cluster's storage root must be an object store every node reaches: {self.storage_root}")
+        names = [self.coordinator.name, *(w.name for w in self.workers)]
+        if not self.workers or len(set(names)) != len(names):
+            raise ValueError(f"a cluster needs at least one worker and distinct node names: {names}")
+
+
+def production_cluster(ws: Workspace) -> ClusterSpec:
+    """The ``cluster`` profile's nodes: one coordinator and one worker template, on port 8443, with the
+    workspace's bucket (or :data:`CLUSTER_ROOT_PLACEHOLDER` when its storage root is local)."""
+    root = _storage_root(ws)
+    return ClusterSpec(
+        discovery_uri="https://trino-coordinator:8443",
+        coordinator=ClusterNode(name="coordinator"),
+        workers=(ClusterNode(name="worker"),),
+        storage_root=root if is_remote(root) else CLUSTER_ROOT_PLACEHOLDER,
+    )
+
+
+def _profile_rules(ws: Workspace) -> str:
+    """The rules for every table policy declares (before any data exists)."""
     names: dict[tuple[str, str], pa.Schema] = {}
     for ds in sorted(ws.policies.datasets):
         for layer in ("bronze", "silver", "quarantine", "vault"):
@@ -555,7 +671,117 @@ def render_profile(ws: Workspace, profile: str) -> dict[str, str]:
     from governance.audit import EVENT_SCHEMA
 
     names[("audit", "events")] = EVENT_SCHEMA
-    rules = json.dumps(compile_rules(ws, names), indent=2) + "\n"
+    return json.dumps(compile_rules(ws, names), indent=2) + "\n"
+
+
+def render_cluster(ws: Workspace, spec: ClusterSpec) -> dict[str, str]:
+    """A Trino cluster's configuration: ``<node name>/etc/<file>`` → content, for the coordinator and
+    every worker of ``spec``.
+
+    Every node: HTTPS only (``http-server.http.enabled=false``), internal traffic over HTTPS
+    authenticated by ``${ENV:TRINO_SHARED_SECRET}``, the same ``node.environment``, the
+    ``delta_lake`` catalog of :func:`delta_catalog` (metastore in the bucket, which all nodes
+    share). The coordinator alone: the client-facing certificate (``spec.tls_pem``), password
+    authentication from ``spec.password_file``, the access rules and groups compiled from policy,
+    and no tasks of its own (``node-scheduler.include-coordinator=false``).
+
+    Raises:
+        ValueError: through :class:`ClusterSpec`, a spec that cannot make a cluster.
+    """
+    catalog = delta_catalog(spec.storage_root, environ=dict.fromkeys(spec.s3_variables, "set"))
+    jvm = JVM_CONFIG.format(heap=spec.heap)
+    memory = "".join(f"{k}={v}\n" for k, v in (("query.max-memory", spec.query_max_memory),
+                                                ("query.max-memory-per-node", spec.query_max_memory_per_node)) if v)
+    internal = (
+        "http-server.http.enabled=false\nhttp-server.https.enabled=true\n"
+        "internal-communication.shared-secret=${ENV:TRINO_SHARED_SECRET}\n"
+        "internal-communication.https.required=true\n"
+    )
+
+    def node_properties(n: ClusterNode) -> str:
+        node_id = f"node.id={n.node_id}\n" if n.node_id else ""
+        return f"node.environment={spec.environment}\n{node_id}node.data-dir={n.data_dir}\n"
+
+    c = spec.coordinator
+    files = {
+        f"{c.name}/etc/config.properties": (
+            "coordinator=true\nnode-scheduler.include-coordinator=false\n"
+            f"discovery.uri={spec.discovery_uri}\n{memory}{internal}http-server.https.port={c.port}\n"
+            f"http-server.https.keystore.path={spec.tls_pem}\nhttp-server.authentication.type=PASSWORD\n"
+        ),
+        f"{c.name}/etc/node.properties": node_properties(c),
+        f"{c.name}/etc/jvm.config": jvm,
+        f"{c.name}/etc/catalog/{CATALOG}.properties": catalog,
+        f"{c.name}/etc/access-control.properties": (
+            f"access-control.name=file\nsecurity.config-file={spec.rules_file}\n"
+            f"security.refresh-period={spec.refresh_period}\n"
+        ),
+        f"{c.name}/etc/group-provider.properties": (
+            f"group-provider.name=file\nfile.group-file={spec.groups_file}\nfile.refresh-period={spec.refresh_period}\n"
+        ),
+        f"{c.name}/etc/password-authenticator.properties": (
+            f"password-authenticator.name=file\nfile.password-file={spec.password_file}\n"
+        ),
+        f"{c.name}/etc/rules.json": _profile_rules(ws),
+        f"{c.name}/etc/group.txt": render_groups(ws),
+    }
+    for w in spec.workers:
+        files |= {
+            f"{w.name}/etc/config.properties": (
+                f"coordinator=false\ndiscovery.uri={spec.discovery_uri}\n{memory}{internal}"
+                f"http-server.https.port={w.port}\n"
+            ),
+            f"{w.name}/etc/node.properties": node_properties(w),
+            f"{w.name}/etc/jvm.config": jvm,
+            f"{w.name}/etc/catalog/{CATALOG}.properties": catalog,
+        }
+    return files
+
+
+def password_hash(password: str, *, iterations: int = PBKDF2_ITERATIONS, salt: bytes | None = None) -> str:
+    """A hash Trino's file password authenticator accepts: PBKDF2 with HMAC-SHA1 (the function Trino
+    verifies with), written ``iterations:salt:hash`` in lower-case hex.
+
+    Raises:
+        ValueError: fewer than the 1000 iterations Trino requires, or an empty password.
+    """
+    import hashlib
+    import secrets as _secrets
+
+    if iterations < 1000:
+        raise ValueError("Trino refuses PBKDF2 hashes of fewer than 1000 iterations")
+    if not password:
+        raise ValueError("an empty password")
+    salt = _secrets.token_bytes(16) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha1", password.encode("utf-8"), salt, iterations, 32)
+    return f"{iterations}:{salt.hex()}:{digest.hex()}"
+
+
+def password_file(ws: Workspace, passwords: Mapping[str, str], *, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """``user:hash`` lines for Trino's ``file.password-file``: each user of ``passwords``, and for a
+    principal of policy also ``user@role`` (to act in one role only, see :func:`render_groups`)
+    with the same password. Hashing runs in parallel (each takes ~0.5 s at the default cost)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    users = sorted(passwords)
+    with ThreadPoolExecutor(max_workers=min(8, len(users) or 1)) as pool:  # hashlib releases the GIL
+        hashes = dict(zip(users, pool.map(lambda u: password_hash(passwords[u], iterations=iterations), users)))
+    lines = []
+    for user in users:
+        if ":" in user or "\n" in user:
+            raise ValueError(f"a Trino user name cannot hold ':' or a newline: {user!r}")
+        lines.append(f"{user}:{hashes[user]}")
+        lines += [f"{user}@{r}:{hashes[user]}" for r in ws.policies.roles.principals.get(user, ())]
+    return "".join(line + "\n" for line in lines)
+
+
+def render_profile(ws: Workspace, profile: str) -> dict[str, str]:
+    """Configuration files for ``production`` (HTTPS + password, one node) or ``cluster``
+    (:func:`render_cluster` with :func:`production_cluster`'s nodes)."""
+    if profile == "cluster":
+        spec = production_cluster(ws)
+        return {"README.md": _CLUSTER_README.replace("{root}", spec.storage_root), **render_cluster(ws, spec)}
+    rules = _profile_rules(ws)
     groups = render_groups(ws)
     secure = (
         "http-server.http.enabled=false\n"
@@ -599,37 +825,6 @@ def render_profile(ws: Workspace, profile: str) -> dict[str, str]:
             "etc/oauth2.properties.example": oauth,
             "etc/rules.json": rules,
             "etc/group.txt": groups,
-        }
-    if profile == "cluster":
-        catalog = (
-            "connector.name=delta_lake\nhive.metastore.uri=thrift://hive-metastore:9083\n"
-            "fs.native-s3.enabled=true\ns3.endpoint=${ENV:S3_ENDPOINT}\ns3.region=${ENV:S3_REGION}\n"
-            "s3.path-style-access=true\ndelta.register-table-procedure.enabled=true\n"
-        )
-        return {
-            "README.md": _CLUSTER_README,
-            "coordinator/etc/config.properties": (
-                "coordinator=true\nnode-scheduler.include-coordinator=false\n"
-                "discovery.uri=https://trino-coordinator:8443\n" + secure
-            ),
-            "coordinator/etc/node.properties": "node.environment=lakewarden\nnode.data-dir=/var/trino/data\n",
-            "coordinator/etc/jvm.config": jvm,
-            f"coordinator/etc/catalog/{CATALOG}.properties": catalog,
-            "coordinator/etc/access-control.properties": access,
-            "coordinator/etc/group-provider.properties": group_provider,
-            "coordinator/etc/password-authenticator.properties": password,
-            "coordinator/etc/rules.json": rules,
-            "coordinator/etc/group.txt": groups,
-            "worker/etc/config.properties": (
-                "coordinator=false\ndiscovery.uri=https://trino-coordinator:8443\n"
-                "http-server.http.enabled=false\nhttp-server.https.enabled=true\nhttp-server.https.port=8443\n"
-                "http-server.https.keystore.path=/etc/trino/tls/trino.pem\n"
-                "internal-communication.shared-secret=${ENV:TRINO_SHARED_SECRET}\n"
-                "internal-communication.https.required=true\n"
-            ),
-            "worker/etc/node.properties": "node.environment=lakewarden\nnode.data-dir=/var/trino/data\n",
-            "worker/etc/jvm.config": jvm,
-            f"worker/etc/catalog/{CATALOG}.properties": catalog,
         }
     raise TrinoError(f"unknown profile {profile!r}: use production or cluster")
 
@@ -742,4 +937,5 @@ def _unique(names: list[str]) -> list[str]:
 
 
 __all__ = ["TrinoServer", "TrinoError", "TrinoDenied", "ForeignServer", "check_server", "compile_rules", "render_groups", "render_local", "install",
-           "run_query", "default_home", "TRINO_VERSION"]
+           "run_query", "default_home", "TRINO_VERSION", "ClusterNode", "ClusterSpec", "render_cluster", "production_cluster",
+           "render_profile", "password_hash", "password_file", "sync_tables", "launcher_command"]

@@ -299,7 +299,9 @@ def test_production_profile_closes_plain_http_and_requires_authentication(projec
     cluster = render_profile(ws, "cluster")
     assert _props(cluster["coordinator/etc/config.properties"])["node-scheduler.include-coordinator"] == "false"
     assert _props(cluster["worker/etc/config.properties"])["coordinator"] == "false"
-    assert "thrift://" in cluster["worker/etc/catalog/delta_lake.properties"]
+    worker_catalog = _props(cluster["worker/etc/catalog/delta_lake.properties"])
+    assert worker_catalog["hive.metastore"] == "file"  # in the bucket, shared by every node: no metastore service
+    assert worker_catalog["hive.metastore.catalog.dir"].startswith("s3://")
     assert "rules.json" not in " ".join(k for k in cluster if k.startswith("worker/"))
     ws.close()
 

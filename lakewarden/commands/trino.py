@@ -58,7 +58,7 @@ def trino_sync(ctx: typer.Context) -> None:
 @trino_app.command("render")
 def trino_render(
     ctx: typer.Context,
-    profile: Annotated[str, typer.Option(help="production (HTTPS + password) or cluster (coordinator + workers, S3, HMS).")],
+    profile: Annotated[str, typer.Option(help="production (HTTPS + password) or cluster (coordinator + workers over S3, metastore in the bucket).")],
     out: Annotated[Path, typer.Option(help="Folder to write the configuration into.")],
 ) -> None:
     """Render Trino configuration for production or a cluster, with rules compiled from policy."""
