@@ -214,13 +214,10 @@ class Features:
         """Feast's Trino store uploads entity rows: a schema in the memory catalog holds them."""
         if self.cfg.offline != "trino":
             return
-        import trino
-
-        from lakehouse.trino import check_server
+        from lakehouse.trino import check_server, connect
 
         check_server(self.ws)  # only this workspace's Trino (another's has other tables and rules)
-        tc = self.ws.config.trino
-        conn = trino.dbapi.connect(host=tc.host, port=tc.port, user=FEATURES_USER, http_scheme=tc.http_scheme)
+        conn = connect(self.ws.config.trino, FEATURES_USER)
         try:
             cur = conn.cursor()
             cur.execute(f"CREATE SCHEMA IF NOT EXISTS {TRINO_SCRATCH_CATALOG}.{TRINO_SCRATCH_SCHEMA}")

@@ -436,10 +436,7 @@ class TrinoServer:
 
     # -- admin ----------------------------------------------------------------------------
     def _admin(self, sql: str) -> list[list[Any]]:
-        import trino
-
-        conn = trino.dbapi.connect(host=self.ws.config.trino.host, port=self.ws.config.trino.port,
-                                   user=ADMIN_USER, catalog=CATALOG, http_scheme=self.ws.config.trino.http_scheme)
+        conn = connect(self.ws.config.trino, ADMIN_USER, catalog=CATALOG)
         try:
             cur = conn.cursor()
             cur.execute(sql)
@@ -885,6 +882,30 @@ def trino_status(ws: Workspace) -> dict[str, Any]:
     return TrinoServer(ws).status()
 
 
+def http_session(verify: bool | str) -> Any:
+    """A requests session for the ``trino`` client that verifies with ``verify`` and nothing else.
+
+    requests lets ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` replace a session's ``verify`` (the
+    variables win over ``session.verify`` when a request passes none), so a configured CA file
+    would silently give way to whatever bundle the environment names. ``trust_env`` off keeps the
+    configured trust (and ignores proxy variables and ``.netrc``: Trino is reached directly).
+    """
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = verify
+    return session
+
+
+def connect(tc: Any, user: str, **kwargs: Any) -> Any:
+    """A ``trino`` DB-API connection to the configured server (``trino:`` of lakewarden.yaml) as ``user``."""
+    import trino
+
+    return trino.dbapi.connect(host=tc.host, port=tc.port, user=user, http_scheme=tc.http_scheme,
+                               http_session=http_session(tc.verify), **kwargs)
+
+
 def run_query(ws: Workspace, actor: Actor, sql: str, *, role: str | None = None, max_rows: int | None = None) -> pa.Table:
     """Run ``sql`` on Trino as the actor (or ``user@role``); Trino applies the compiled rules."""
     import trino
@@ -893,8 +914,7 @@ def run_query(ws: Workspace, actor: Actor, sql: str, *, role: str | None = None,
     tc = ws.config.trino
     user = actor.name if role is None else f"{actor.name}@{role}"
     check_server(ws)
-    conn = trino.dbapi.connect(host=tc.host, port=tc.port, user=user, catalog=CATALOG, schema="silver",
-                               http_scheme=tc.http_scheme, verify=tc.verify)
+    conn = connect(tc, user, catalog=CATALOG, schema="silver")
     outcome, rows_n = "error", 0
     try:
         cur = conn.cursor()

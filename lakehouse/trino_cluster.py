@@ -50,7 +50,8 @@ from governance.tls import LocalCA, write_private
 from governance.workspace import Workspace
 from lakehouse.trino import (
     ADMIN_USER, CATALOG, ENV_PREFIX, PBKDF2_ITERATIONS, ClusterNode, ClusterSpec, SyncReport, TrinoError,
-    _storage_root, _write_atomic, default_home, launcher_command, password_file, render_cluster, sync_tables,
+    _storage_root, _write_atomic, default_home, http_session, launcher_command, password_file, render_cluster,
+    sync_tables,
 )
 
 S3_VARIABLES = ("AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID")
@@ -290,14 +291,11 @@ class TrinoCluster:
         The HTTP session ignores ``REQUESTS_CA_BUNDLE`` and proxy variables: requests lets those
         override a session's ``verify``, which would trust another CA bundle than this cluster's.
         """
-        import requests
         import trino
         from trino.auth import BasicAuthentication
 
         base = user.split("@", 1)[0]
-        session = requests.Session()
-        session.trust_env = False
-        session.verify = str(self.ca_file)
+        session = http_session(str(self.ca_file))
         return trino.dbapi.connect(
             host=self.host, port=self.port, user=user, catalog=CATALOG, schema=schema, http_scheme="https",
             auth=BasicAuthentication(user, password if password is not None else self.password(base)),

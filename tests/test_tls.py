@@ -102,3 +102,19 @@ def test_a_saved_ca_issues_again_and_callers_mistakes_are_value_errors(tmp_path:
         ca.issue_server([])
     with pytest.raises(ValueError):
         LocalCA.create(valid=dt.timedelta(0))
+
+
+def test_a_trino_session_keeps_its_ca_when_the_environment_names_another(monkeypatch: pytest.MonkeyPatch):
+    """requests lets REQUESTS_CA_BUNDLE replace a session's verify; the Trino client's session must not."""
+    import requests
+
+    from lakehouse.trino import http_session
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    plain = requests.Session()
+    plain.verify = "/srv/lakewarden/ca.pem"
+    assert plain.merge_environment_settings("https://127.0.0.1:8443/v1/statement", {}, None, None, None)["verify"] \
+        == "/etc/ssl/certs/ca-certificates.crt"  # the pitfall itself
+    ours = http_session("/srv/lakewarden/ca.pem")
+    assert ours.merge_environment_settings("https://127.0.0.1:8443/v1/statement", {}, None, None, None)["verify"] \
+        == "/srv/lakewarden/ca.pem"
