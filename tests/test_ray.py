@@ -420,6 +420,39 @@ def test_a_point_in_time_training_set_on_ray_equals_feasts(ray_env, tmp_path: Pa
                ["local", "local", "ray", "ray"]
 
 
+def test_train_on_ray_builds_its_set_and_trains_there(ray_env, tmp_path: Path):
+    """``lakewarden train --engine ray --processes 2``, the user's entry point: the training
+    set is joined on the cluster and DP-SGD runs on Ray Train; the model is registered with the
+    ledger's ε and the silver version it read, and the audit says where the set was built."""
+    from features.store import Features
+    from governance.workspace import Workspace
+    from lakehouse.ingest import ingest
+    from lakehouse.silver import build_silver
+    from lakehouse.synth import generate
+
+    proj = _project(tmp_path / "p", kek=_kek(tmp_path / "kek.key"))
+    res = generate(tmp_path / "landing", people=800, transactions_per_person=1, seed=4, bad_rows=0.0)
+    with Workspace.open(proj / "lakewarden.yaml") as ws:
+        ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
+        build_silver(ws, ws.actor("dana"), "customers")
+        Features(ws).apply(ws.actor("dana"))
+    env = {**os.environ, **ray_env, "LAKEWARDEN_USER": "sam"}
+    cmd = [sys.executable, "-m", "lakewarden", "--config", str(proj / "lakewarden.yaml"), "train", "--name", "credit",
+           "--features", "customer_profile:income,customer_profile:income_z", "--label", "defaulted",
+           "--purpose", "credit_scoring", "--epochs", "1", "--processes", "2", "--engine", "ray", "--no-mitigate"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "registered" in run.stdout and "Traceback" not in run.stderr, run.stdout
+    with Workspace.open(proj / "lakewarden.yaml") as ws:
+        from training.registry import Registry
+
+        card = Registry(ws).card("credit", 1)
+        assert card.privacy.epsilon > 0 and card.data_versions
+        ws.audit.flush()
+        sets = ws.audit.query(action="features.training_set")["details"].to_pylist()
+        assert [json.loads(d)["engine"] if isinstance(d, str) else d["engine"] for d in sets] == ["ray"]
+
+
 def test_dp_training_on_ray_train_spends_the_single_process_epsilon(ray_env, tmp_path: Path):
     """DP-SGD over Ray Train's two workers (one per node): the same q, σ and steps as one process,
     so the same ε from one accountant; the model learns."""
