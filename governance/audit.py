@@ -14,6 +14,15 @@ whole table with recomputed hashes (the chain no longer matches a signed
 checkpoint) and truncation (the log ends before the signed head), and names the
 first bad event.
 
+What the log cannot show from inside (a rollback of both the table and the head file, or a log
+rewritten and re-signed by whoever holds the KEK and the key store) it shows against a *witness*
+(:mod:`governance.witness`): with ``witness=`` every flush publishes its signed head there, where
+the writer cannot change it, and ``verify(witness=True)`` compares the log with every witnessed
+head. A publication that fails does not fail the flush (the events are committed and signed): the
+head is recorded as unpublished in ``<state_dir>/WITNESS_PENDING.json``, the next flush's head
+covers it (a head vouches for the whole chain before it), and ``verify(witness=True)`` publishes
+the current head when the log checks out, or reports ``witness-unpublished``.
+
 Canonical encoding (version ``lw1``), one line per event::
 
     lw1|<seq>|<ts µs since epoch>|<actor>|<action>|<stage>|<resource>|<subject_token>|<outcome>|<rule_ids>|<details>
@@ -42,7 +51,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -55,6 +64,9 @@ from governance.errors import AuditError, AuditTampered
 from governance.keys.store import TOKEN_RE
 from governance.locks import file_lock
 from governance.pii import maybe_pii, redact, redact_value
+
+if TYPE_CHECKING:
+    from governance.witness import Witness
 
 GENESIS = "0" * 64
 ENCODING = "lw1"
@@ -142,6 +154,9 @@ class VerifyReport:
     head_seq: int | None = None
     findings: list[Finding] = field(default_factory=list)
     seconds: float = 0.0
+    #: what the comparison with the witness checked and could not (``verify(witness=True)`` only):
+    #: uri, reachable, heads, last_seq, last_stored_at, lock, caught_up, unwitnessed, checked, not_checked
+    witness: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -159,6 +174,7 @@ class VerifyReport:
             "head_seq": self.head_seq,
             "seconds": round(self.seconds, 4),
             "findings": [{"seq": f.seq, "kind": f.kind, "message": f.message} for f in self.findings],
+            **({"witness": self.witness} if self.witness is not None else {}),
         }
 
     def raise_if_bad(self) -> "VerifyReport":
@@ -182,6 +198,8 @@ class AuditLog:
             it (0: only at ``flush_every``, after a deny and at close). It bounds what a SIGKILL
             of a long-running process (a predictor, a notebook) can lose to that many seconds.
         clock: returns "now" as an aware datetime; injectable for tests.
+        witness: where every flush publishes its signed head (:mod:`governance.witness`; None: nowhere).
+            A failed publication never fails the flush: see :attr:`witness_pending`.
     """
 
     def __init__(
@@ -197,6 +215,7 @@ class AuditLog:
         storage_options: Mapping[str, str] | None = None,
         clock: Callable[[], datetime] | None = None,
         flush_interval: float = 0.0,
+        witness: "Witness | None" = None,
     ) -> None:
         self.table_uri = table_uri
         self.checkpoints_uri = checkpoints_uri
@@ -220,6 +239,7 @@ class AuditLog:
         self._oldest: float | None = None  # monotonic time of the oldest buffered event
         self._flusher: tuple[int, threading.Thread, threading.Event] | None = None  # (pid, thread, stop)
         self.redactions = 0
+        self.witness = witness
 
     # -- writing --------------------------------------------------------------------
     def record(
@@ -363,7 +383,8 @@ class AuditLog:
                         cps.append((first + n - 1, hashes[-1]))
                     if cps:
                         self._write_checkpoints(cps)
-                    self._write_head(first + n - 1, hashes[-1])
+                    head = self._write_head(first + n - 1, hashes[-1])
+                    self._publish(head)  # under the writers' lock: heads reach the witness in order
                     self._maybe_compact(self._version + 1)
                     return n
             time.sleep(min(0.5, 0.01 * (2 ** min(attempt, 6))) * (0.5 + int.from_bytes(os.urandom(1), "big") / 255))
@@ -412,8 +433,13 @@ class AuditLog:
         self.close()
 
     # -- verification -----------------------------------------------------------------
-    def verify(self, *, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-        """Recompute the chain and check every signature; return a report (never raises for tampering)."""
+    def verify(self, *, progress: Callable[[int, int], None] | None = None, witness: bool = False) -> VerifyReport:
+        """Recompute the chain and check every signature; return a report (never raises for tampering).
+
+        With ``witness=True`` the log is also compared with every head its witness holds (see
+        :meth:`verify_witness`): a rollback of both the table and the head file, and a log
+        rewritten and re-signed with the real key, are found only this way.
+        """
         t0 = time.perf_counter()
         rep = VerifyReport()
         try:
@@ -502,10 +528,248 @@ class AuditLog:
                         "or by a writer that crashed (the next flush re-signs)",
                     )
                 )
+        if witness:
+            self._check_witness(rep, events)
         # The chain's own finding (most precise) comes first, then signatures, then file-level ones.
         found.sort(key=lambda f: f.kind in ("file-modified", "unreadable"))
         rep.seconds = time.perf_counter() - t0
         return rep
+
+    # -- the witness -----------------------------------------------------------------------
+    def verify_witness(self, report: VerifyReport | None = None) -> VerifyReport:
+        """Compare the log with its witness, adding to ``report`` (a plain :meth:`verify`'s) or a new one.
+
+        Findings (each names the seq):
+
+        * ``rolled-back``: the witness holds a head past the log's end (the table and the head
+          file were rolled back or truncated);
+        * ``witness-mismatch``: an event differs from the head witnessed for its seq (the log was
+          rewritten after it was witnessed: re-signed with the real key if nothing else is found);
+        * ``witness-conflict``: the witness holds two heads for one seq;
+        * ``witness-tampered``: a witnessed head's object was overwritten or deleted (the store
+          kept the locked first version, which is the one compared);
+        * ``witness-forged``: a witnessed head's signature does not verify;
+        * ``witness-unpublished``: the signed head is ahead of the witness and could not be
+          published now (the last failure is named);
+        * ``witness-unreachable`` / ``witness-missing``: nothing could be compared.
+
+        When nothing is wrong and the local head is ahead of the witness (a publication failed or
+        a writer stopped before it), the head is published now (``caught_up``). Events after the
+        last witnessed head are reported in ``report.witness["unwitnessed"]``: the witness cannot
+        vouch for them yet. Never raises for tampering.
+        """
+        rep = report if report is not None else VerifyReport()
+        t0 = time.perf_counter()
+        try:
+            events = self._read(self.table_uri)
+        except AuditError:
+            events = self._read_files_directly(VerifyReport())  # what it finds, the plain verify names
+        events = (events if events is not None else EVENT_SCHEMA.empty_table()).select(["seq", "hash"]).sort_by("seq")
+        self._check_witness(rep, events)
+        rep.seconds += time.perf_counter() - t0
+        return rep
+
+    @property
+    def witness_pending(self) -> dict[str, Any] | None:
+        """The record of heads not yet published to the witness (``since_seq``, ``head``, ``error``,
+        ``failed_at``, ``attempts``), or None when the witness is up to date (or there is none)."""
+        try:
+            return json.loads(self._pending_path().read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise AuditError(f"cannot read {self._pending_path()}: {exc}") from None
+
+    def publish_witness(self) -> int | None:
+        """Publish the current signed head to the witness now (catching up after a failure).
+
+        Returns the seq published (or found already there), or None when there is no witness or no head.
+
+        Raises:
+            WitnessError: the witness refused or could not be reached (the record stays).
+        """
+        head = self._read_head()
+        if self.witness is None or head is None:
+            return None
+        with self._writer_lock():
+            head = self._read_head() or head
+            try:
+                self.witness.publish(head)
+            except Exception as exc:
+                self._mark_unpublished(head, exc)
+                raise
+            self._pending_path().unlink(missing_ok=True)
+        return int(head["seq"])
+
+    def _pending_path(self) -> Path:
+        return self.state_dir / "WITNESS_PENDING.json"
+
+    def _publish(self, head: dict[str, Any]) -> None:
+        """Publish a head just signed; a failure is recorded, logged and left to the next flush."""
+        if self.witness is None:
+            return
+        try:
+            self.witness.publish(head)
+        except Exception as exc:  # noqa: BLE001 - the events are committed: never lose them over the witness
+            import logging
+
+            self._mark_unpublished(head, exc)
+            logging.getLogger(__name__).warning(
+                "audit head seq=%s not published to the witness (the next flush publishes it): %s", head["seq"], exc)
+        else:
+            self._pending_path().unlink(missing_ok=True)  # this head vouches for every earlier one
+
+    def _mark_unpublished(self, head: Mapping[str, Any], exc: BaseException) -> None:
+        try:
+            prev = self.witness_pending or {}
+        except AuditError:
+            prev = {}
+        rec = {
+            "since_seq": min(int(prev.get("since_seq", head["seq"])), int(head["seq"])),
+            "head": dict(head),
+            "error": str(exc)[:500],
+            "failed_at": self._clock().isoformat(),
+            "attempts": int(prev.get("attempts", 0)) + 1,
+        }
+        tmp = self._pending_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, sort_keys=True))
+        os.replace(tmp, self._pending_path())
+
+    def _check_witness(self, rep: VerifyReport, events: pa.Table) -> None:
+        """Compare ``events`` (seq and hash, sorted by seq) with the witness; add findings and ``rep.witness``."""
+        from governance.witness import WitnessError
+
+        w = self.witness
+        info: dict[str, Any] = {"uri": getattr(w, "uri", None), "reachable": False, "heads": 0, "last_seq": None,
+                                "checked": [], "not_checked": []}
+        rep.witness = info
+        found = rep.findings
+        if w is None:
+            found.append(Finding(None, "witness-missing", "no witness is configured for this audit log "
+                                 "(audit.witness in lakewarden.yaml)"))
+            info["not_checked"].append("everything: no witness")
+            return
+        try:
+            state = w.read()
+        except WitnessError as exc:
+            info["error"] = str(exc)
+            found.append(Finding(None, "witness-unreachable", f"the witness could not be read: {exc}"))
+            info["not_checked"].append("rollback and re-signing: the witness was not reachable")
+            return
+        info["reachable"] = True
+        info["heads"] = len(state.heads)
+        n = events.num_rows
+        seqs, hashes = events["seq"], events["hash"]
+        last_table = seqs[-1].as_py() if n else -1
+        dense = bool(n) and pc.all(pc.equal(seqs, pa.array(range(n), pa.int64()))).as_py()
+        by_seq = {} if dense else dict(zip(seqs.to_pylist(), hashes.to_pylist()))  # gaps, duplicates
+
+        def table_hash(s: int) -> str | None:
+            if not dense:
+                return by_seq.get(s)
+            return hashes[s].as_py() if 0 <= s < n else None
+
+        fetches = [0]
+
+        def signed(h: Any) -> tuple[bool, dict[str, Any] | None]:
+            """Whether a witnessed head's body carries a valid signature (a bounded number of fetches)."""
+            if fetches[0] >= 20:
+                return True, None
+            fetches[0] += 1
+            try:
+                body = w.fetch(h)
+            except WitnessError as exc:
+                info["not_checked"].append(f"the signature of {h.key}: {exc}")
+                return True, None
+            ok = (body.get("seq") == h.seq and body.get("hash") == h.hash
+                  and self._signature_ok("head", h.seq, h.hash, str(body.get("signature", ""))))
+            return ok, body
+
+        def when(h: Any) -> str:
+            return f"stored {h.stored_at.isoformat()}" if h.stored_at else "stored at an unknown time"
+
+        forged: set[tuple[int, str]] = set()
+        rolled = mismatched = False
+        for h in state.heads:
+            th = table_hash(h.seq)
+            if th == h.hash or (rolled and th is None) or (mismatched and th is not None):
+                continue
+            ok, _ = signed(h)
+            if not ok:
+                if not forged:
+                    found.append(Finding(h.seq, "witness-forged", f"the witnessed head {h.key} has no valid signature: "
+                                         "someone holding the witness credentials but not the signing key wrote it"))
+                forged.add((h.seq, h.hash))
+                continue
+            if th is None and h.seq > last_table:
+                rolled = True
+                found.append(Finding(last_table + 1, "rolled-back",
+                                     f"the witness holds a signed head at seq={h.seq} ({when(h)}) but the log ends at "
+                                     f"seq={last_table}: the log and its head were rolled back or truncated "
+                                     f"(events seq={last_table + 1}..{h.seq} are gone)"))
+            elif not mismatched:
+                mismatched = True
+                what = "is missing from the log" if th is None else "differs from the head witnessed for it"
+                found.append(Finding(h.seq, "witness-mismatch",
+                                     f"event seq={h.seq} {what} ({when(h)}): the log was rewritten after it was "
+                                     "witnessed (rolled back and extended again, or re-signed with the signing key)"))
+        per_seq: dict[int, set[str]] = {}
+        for h in state.heads:
+            if (h.seq, h.hash) not in forged:
+                per_seq.setdefault(h.seq, set()).add(h.hash)
+        for s, hs in sorted(per_seq.items()):
+            if len(hs) > 1:
+                found.append(Finding(s, "witness-conflict", f"the witness holds {len(hs)} different heads for seq={s}: "
+                                     "a log was rolled back and extended again, or re-signed and published"))
+                break
+        for key in state.overwritten:
+            found.append(Finding(None, "witness-tampered", f"the witnessed head {key} was overwritten (it has several "
+                                 "versions; the locked first one is the one compared)"))
+        for key in state.deleted:
+            found.append(Finding(None, "witness-tampered", f"someone tried to delete the witnessed head {key} (a "
+                                 "delete marker; the locked version is still there and was compared)"))
+        if len(forged) > 1:
+            info["forged"] = len(forged)
+        if state.strays:
+            info["not_checked"].append(f"{len(state.strays)} objects under the witness's heads/ that are not heads")
+        valid = [h for h in state.heads if (h.seq, h.hash) not in forged]
+        last = max(valid, key=lambda h: h.seq) if valid else None
+        last_seq = last.seq if last else -1
+        # Catch up: a head signed here but not witnessed (a failed publication, a writer stopped before it).
+        head = self._read_head()
+        pending = None
+        with contextlib.suppress(AuditError):
+            pending = self.witness_pending
+        if head is not None and head["seq"] > last_seq:
+            clean = (not found and table_hash(head["seq"]) == head["hash"]
+                     and self._signature_ok("head", head["seq"], head["hash"], head["signature"]))
+            err: Any = None
+            if clean:
+                try:
+                    self.publish_witness()
+                    info["caught_up"] = head["seq"]
+                    last_seq = head["seq"]
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    err = exc
+            if last_seq < head["seq"]:
+                why = err or (pending or {}).get("error") or "no failure was recorded (a writer stopped before it)"
+                if not clean:
+                    why = f"{why}; not published now, because the log does not check out"
+                found.append(Finding(last_seq + 1, "witness-unpublished",
+                                     f"events seq={last_seq + 1}..{head['seq']} are signed here but not witnessed: "
+                                     f"{why}. The next flush or `lakewarden audit verify --witness` publishes them"))
+        info["last_seq"] = last_seq if last_seq >= 0 else None
+        if last is not None:
+            info["last_stored_at"] = last.stored_at.isoformat() if last.stored_at else None
+            if info.get("caught_up") is None:
+                ok, body = signed(last)
+                info["lock"] = (body or {}).get("lock")
+        if last_table > last_seq:
+            info["unwitnessed"] = [last_seq + 1, last_table]
+            info["not_checked"].append(f"events seq={last_seq + 1}..{last_table}: not witnessed yet (the unpublished "
+                                       "tail); the witness cannot vouch for them")
+        info["checked"].append(f"witness {w.uri} reachable: {len(state.heads)} heads, last seq {info['last_seq']}; "
+                               f"every witnessed head compared with the log ({fetches[0]} bodies fetched)")
 
     @staticmethod
     def _first_chain_break(events: pa.Table) -> int | None:
@@ -658,7 +922,7 @@ class AuditLog:
         }
         self._write(self.checkpoints_uri, pa.table(rows, schema=CHECKPOINT_SCHEMA))
 
-    def _write_head(self, seq: int, h: str) -> None:
+    def _write_head(self, seq: int, h: str) -> dict[str, Any]:
         head = {
             "seq": seq,
             "hash": h,
@@ -672,6 +936,7 @@ class AuditLog:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self._head_path())
+        return head
 
     def _signature_ok(self, kind: str, seq: int, h: str, sig_hex: str) -> bool:
         if self._pk is None:

@@ -16,24 +16,29 @@ from governance.policy import Stage
 from governance.workspace import Workspace
 
 
-def verify_audit(ws: Workspace, actor: Actor) -> VerifyReport:
-    """Verify the whole log; the outcome (ok, or the first finding) is itself audited."""
+def verify_audit(ws: Workspace, actor: Actor, *, witness: bool = False) -> VerifyReport:
+    """Verify the whole log; the outcome (ok, or the first finding) is itself audited.
+
+    With ``witness`` the log is also compared with every head its witness holds (``audit.witness``
+    in lakewarden.yaml; see :mod:`governance.witness`): a rollback of both the table and the head
+    file, and a log re-signed with a stolen key, are findings. The report's ``witness`` says what
+    was checked and what not; with no witness configured that is itself the finding.
+    """
     ws.gate.enforce(Stage.AUDIT, actor, Resource.system("audit"))
-    ws.audit.flush()  # verify what has been decided so far, including the decision above
-    rep = ws.audit.verify()
+    ws.audit.flush()  # verify what has been decided so far, including the decision above (and publish it)
+    rep = ws.audit.verify(witness=witness)
     first = rep.first
-    ws.audit.record(
-        "audit.verify",
-        actor=actor.name,
-        outcome="ok" if rep.ok else "failed",
-        resource="system:audit",
-        details={
-            "events": rep.events,
-            "checkpoints": rep.checkpoints,
-            "first_bad_seq": first.seq if first else None,
-            "finding": first.kind if first else None,
-        },
-    )
+    details = {
+        "events": rep.events,
+        "checkpoints": rep.checkpoints,
+        "first_bad_seq": first.seq if first else None,
+        "finding": first.kind if first else None,
+    }
+    if witness:
+        w = rep.witness or {}
+        details.update(witness=w.get("uri"), witness_heads=w.get("heads"), witness_last_seq=w.get("last_seq"))
+    ws.audit.record("audit.verify", actor=actor.name, outcome="ok" if rep.ok else "failed", resource="system:audit",
+                    details=details)
     ws.audit.flush()
     return rep
 

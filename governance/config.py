@@ -136,6 +136,24 @@ class AuditConfig(_Strict):
                     "under its first audited decision before its count is written (0: audit each one)",
     )
     public_key: str | None = Field(default=None, description="pinned Ed25519 public key (hex); verify refuses others")
+    witness: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix on a bucket created with S3 Object Lock: every flush publishes its signed "
+                    "head there under COMPLIANCE retention, and `audit verify --witness` compares the log with it "
+                    "(off by default; endpoint and credentials from the AWS_* environment variables, never here)",
+    )
+    witness_retention_days: int = Field(default=365, ge=1, le=36_500,
+                                        description="how long the witness keeps each head beyond anyone's reach")
+
+    @field_validator("witness")
+    @classmethod
+    def _witness_uri(cls, v: str | None) -> str | None:
+        from governance.witness import witness_uri_problem
+
+        problem = witness_uri_problem(v) if v is not None else None
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class LineageConfig(_Strict):
@@ -192,6 +210,33 @@ class StreamingConfig(_Strict):
     )
 
 
+class AuthConfig(_Strict):
+    """Bearer-token authentication (governance/authn.py): an OIDC issuer whose signed tokens name the
+    caller and, in ``groups_claim``, the policy roles it holds. Off by default; nothing secret here."""
+
+    enabled: bool = False
+    issuer: str | None = Field(default=None, description="the OIDC issuer URL (the tokens' iss), e.g. https://idp.example/realms/lakewarden")
+    audience: str = Field(default="lakewarden-predictor", description="the aud a token must carry")
+    groups_claim: str = "groups"
+    username_claim: str = "preferred_username"
+    jwks_url: str | None = Field(default=None, description="default: jwks_uri of the issuer's discovery document")
+    leeway_seconds: int = Field(default=30, ge=0, le=300, description="clock skew tolerated on exp/nbf/iat")
+
+    @model_validator(mode="after")
+    def _issuer(self) -> "AuthConfig":
+        from urllib.parse import urlparse
+
+        if self.enabled and not self.issuer:
+            raise ValueError("auth.enabled needs auth.issuer (the identity provider's issuer URL)")
+        for name, url in (("issuer", self.issuer), ("jwks_url", self.jwks_url)):
+            if url is None:
+                continue
+            u = urlparse(url)
+            if u.scheme != "https" and not (u.scheme == "http" and u.hostname in ("127.0.0.1", "localhost", "::1")):
+                raise ValueError(f"auth.{name} must be https (plain http only on loopback): {url}")
+        return self
+
+
 class ProjectConfig(_Strict):
     version: Literal[1] = 1
     name: str = Field(default="lakewarden", pattern=r"^[a-z][a-z0-9_-]{0,62}$")
@@ -204,6 +249,7 @@ class ProjectConfig(_Strict):
     features: FeaturesConfig = FeaturesConfig()
     requests: RequestsConfig = RequestsConfig()
     streaming: StreamingConfig = StreamingConfig()
+    auth: AuthConfig = AuthConfig()
     policies: list[str] = Field(default_factory=lambda: ["policies/*.yaml"], min_length=1)
 
     # Set by load_config: the file itself, and the folder relative paths are resolved against.

@@ -70,6 +70,7 @@ class Workspace:
 
         from governance.audit import AuditLog
         from governance.objectstore import check_root
+        from governance.witness import witness_for
 
         check_root(self.config.table_uri("x")[:-2])  # a bucket that is not there: named, before any write
         sk = Ed25519PrivateKey.from_private_bytes(self.keyring.system_key(AUDIT_SIGNING_KEY))
@@ -92,6 +93,7 @@ class Workspace:
             flush_interval=self.config.audit.flush_interval,
             storage_options=self.config.storage.options,
             clock=self._clock,
+            witness=witness_for(self.config),  # every flush publishes its head there (None: not configured)
         )
 
     @property

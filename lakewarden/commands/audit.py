@@ -20,19 +20,27 @@ audit_app = typer.Typer(help="Verify and query the tamper-evident audit log.", n
 def audit_verify(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    witness: Annotated[bool, typer.Option(
+        "--witness", help="Also compare the log with the heads its witness holds (audit.witness): finds a rollback "
+                          "of the table and the head, and a log re-signed with a stolen key.")] = False,
 ) -> None:
     """Recompute the hash chain and check every signed checkpoint; exit 4 and name the first bad event."""
     from governance.audit_ops import verify_audit
 
     st = state(ctx)
-    rep = verify_audit(st.workspace(), st.actor())
+    rep = verify_audit(st.workspace(), st.actor(), witness=witness)
     if as_json:
-        console.print_json(json.dumps(rep.to_dict()))
+        console.print_json(json.dumps(rep.to_dict(), default=str))
     elif rep.ok:
         console.print(
             f"[green]audit OK[/]: {rep.events} events, {rep.checkpoints} signed checkpoints, "
             f"head at seq={rep.head_seq}, verified in {rep.seconds:.2f}s"
         )
+    if rep.witness is not None and not as_json:
+        for line in rep.witness.get("checked", []):
+            console.print(f"checked: {line}" + (f", {rep.witness['lock']}" if rep.witness.get("lock") else ""))
+        for line in rep.witness.get("not_checked", []):
+            console.print(f"[yellow]not checked[/]: {line}")
     if not rep.ok:
         rep.raise_if_bad()
 
