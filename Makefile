@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 NATIVE := $(VENV)/.native-$(shell cat native/Cargo.toml native/pyproject.toml native/src/*.rs | sha1sum | cut -c1-12)
 LW     := $(BIN)/lakewarden
 
-.PHONY: install trino kafka objectstore system demo test test-fast bench bench-deps clean-demo
+.PHONY: install trino kafka objectstore keycloak system demo test test-fast bench bench-deps clean-demo
 
 # What CI also runs without the native core, so both paths stay green.
 FALLBACK_TESTS := tests/test_native_core.py tests/test_stream_decode.py tests/test_crypto_vectors.py tests/test_keys.py tests/test_keys_concurrency.py tests/test_pgstore.py \
@@ -40,6 +40,11 @@ trino:
 kafka:
 	bash infra/kafka/install.sh >/dev/null
 
+# A pinned Keycloak from Maven Central (into ~/.cache/lakewarden, outside git), pre-built for loopback and a
+# file database: the identity provider of the bearer-token tests.
+keycloak:
+	bash infra/keycloak/install.sh >/dev/null
+
 # A pinned S3-compatible server (versitygw) built from the Go module proxy (into ~/.cache/lakewarden), for
 # tables on object storage.
 objectstore:
@@ -55,9 +60,9 @@ system:
 demo: install
 	$(BIN)/python -m lakewarden.demo
 
-test: install trino kafka objectstore system
+test: install trino kafka objectstore keycloak system
 	LAKEWARDEN_REQUIRE_RAY=1 LAKEWARDEN_REQUIRE_POSTGRES=1 LAKEWARDEN_REQUIRE_OBJECTSTORE=1 LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 LAKEWARDEN_REQUIRE_CHROMIUM=1 \
-	  LAKEWARDEN_REQUIRE_NATIVE=1 LAKEWARDEN_REQUIRE_KAFKA=1 $(BIN)/python -m pytest -q --durations=25
+	  LAKEWARDEN_REQUIRE_NATIVE=1 LAKEWARDEN_REQUIRE_KAFKA=1 LAKEWARDEN_REQUIRE_KEYCLOAK=1 $(BIN)/python -m pytest -q --durations=25
 	@echo "== the key and ingest tests again on the pure-Python fallback (LAKEWARDEN_NATIVE=0)"
 	LAKEWARDEN_NATIVE=0 $(BIN)/python -m pytest -q $(FALLBACK_TESTS)
 

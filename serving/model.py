@@ -24,6 +24,17 @@ subject has no online features, is a per-instance error — V1: ``null`` in ``pr
 second BYTES output ``error`` ("" where scored) — with HTTP 200 for the others. (Should a
 dataset's subject key itself be named ``subject_id``, values shaped like tokens there are tokens.)
 
+**Who asks.** With ``auth.enabled`` in lakewarden.yaml, every inference request (a POST under
+``/v1/models/`` or ``/v2/models/``) must carry ``Authorization: Bearer <access token>`` of the
+configured issuer and audience (governance/authn.py): without one, or with one that is expired,
+from another issuer or not signed by the issuer's keys, the answer is 401 (``WWW-Authenticate:
+Bearer``) before the body is read. The token's actor — its user name, and its groups that are
+policy roles — is the one the gate decides ``serve`` for, for this model's dataset and purpose
+(403 when it may not), and the one every feature lookup and id resolution is made and audited
+as; each token is recorded once (``serve.authenticated``: issuer, subject, roles, expiry). Model
+metadata and health endpoints stay open. Without ``auth`` the server acts, as before, as the
+identity it was started as.
+
 Subjects the feature store does not know, named by token — never ingested, or erased — get a
 404 naming the tokens; malformed input gets a 400, an oversized body a 413; the server keeps
 serving. Every scored entity is appended to a request log (token, features, score — no
@@ -36,10 +47,12 @@ at most every 10 seconds, in a background thread.
 
 from __future__ import annotations
 
+import contextvars
 import json
+import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -59,6 +72,9 @@ ID_FIELD = "subject_id"  # the field (V1) or input (V2) that names a subject by 
 MAX_ID_CHARS = 1024
 UNKNOWN_ID = "unknown subject: the key store has no such id (never ingested, or erased)"
 NO_FEATURES = "no online features for this subject (not materialized yet, or erased)"
+# The verified caller of the request being handled (set by the bearer middleware; None: no auth).
+_CALLER: contextvars.ContextVar[Actor | None] = contextvars.ContextVar("lakewarden_caller", default=None)
+_log = logging.getLogger(__name__)
 
 
 class SubjectNotFound(Exception):
@@ -96,7 +112,8 @@ def _make_model_class():  # noqa: ANN202
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
     class _Predictor(kserve.Model):
-        def __init__(self, ws: Workspace, ref: ModelRef | str, actor: Actor, *, log_requests: bool = True) -> None:
+        def __init__(self, ws: Workspace, ref: ModelRef | str, actor: Actor, *, log_requests: bool = True,
+                     authenticator: Any = None) -> None:
             reg = Registry(ws)
             card = reg.card(ref)
             reg.verify(card.ref)
@@ -104,6 +121,9 @@ def _make_model_class():  # noqa: ANN202
             self.ws = ws
             self.card = card
             self.actor = actor
+            self.authenticator = authenticator  # governance.authn.Authenticator: callers prove who they are
+            self._seen_tokens: OrderedDict[str, None] = OrderedDict()
+            self._seen_lock = threading.Lock()
             self.columns = [f.split(":", 1)[1] for f in card.features]
             # Fail at start, not on every request — and before anything else of the model is
             # read: the serving identity must be allowed to serve this model's features for the
@@ -156,50 +176,52 @@ def _make_model_class():  # noqa: ANN202
             return self.ready
 
         # -- the work -----------------------------------------------------------------
-        def score_tokens(self, tokens: list[str]) -> np.ndarray:
+        def score_tokens(self, tokens: list[str], *, actor: Actor | None = None) -> np.ndarray:
             """Scores of subjects named by token; SubjectNotFound (404) names those with no features."""
-            scores, missing = self._score(tokens)
+            scores, missing = self._score(tokens, actor or self.actor)
             if missing:
                 raise SubjectNotFound([tokens[i] for i in missing])
             return scores
 
-        def score_subjects(self, ids: list[str]) -> tuple[np.ndarray, dict[int, str]]:
+        def score_subjects(self, ids: list[str], *, actor: Actor | None = None) -> tuple[np.ndarray, dict[int, str]]:
             """Scores of subjects named by their own ids: NaN and ``{position: error}`` for those
             the key store does not know or that have no online features (never the id in it)."""
-            tokens = self.resolve_ids(ids)
+            actor = actor or self.actor
+            tokens = self.resolve_ids(ids, actor=actor)
             found = [i for i, t in enumerate(tokens) if t is not None]
             out = np.full(len(ids), np.nan, dtype=np.float64)
             errors = {i: UNKNOWN_ID for i, t in enumerate(tokens) if t is None}
             if found:
-                scores, missing = self._score([tokens[i] for i in found])  # type: ignore[misc]
+                scores, missing = self._score([tokens[i] for i in found], actor)  # type: ignore[misc]
                 for j, i in enumerate(found):
                     out[i] = scores[j]
                 for j in missing:
                     errors[found[j]] = NO_FEATURES
             return out, dict(sorted(errors.items()))
 
-        def resolve_ids(self, ids: list[str]) -> list[str | None]:
+        def resolve_ids(self, ids: list[str], *, actor: Actor | None = None) -> list[str | None]:
             """Each id's token, looked up by its blind index (never created): gated like the
             feature lookup and audited with counts only. The ids go nowhere but the HMAC."""
             from governance.gate import Resource
             from governance.policy import Stage
 
-            self.ws.gate.enforce(Stage.SERVE, self.actor, Resource.dataset(self.card.dataset),
+            actor = actor or self.actor
+            self.ws.gate.enforce(Stage.SERVE, actor, Resource.dataset(self.card.dataset),
                                  {"purpose": self.card.purpose, "columns": [self.key]})
             tokens = self.ws.keyring.tokens_for(ids, create=False)
             unknown = sum(t is None for t in tokens)
-            self.ws.audit.record("serve.resolve_ids", actor=self.actor.name, outcome="ok", stage=Stage.SERVE.value,
+            self.ws.audit.record("serve.resolve_ids", actor=actor.name, outcome="ok", stage=Stage.SERVE.value,
                                  resource=f"model:{self.card.ref}",
                                  details={"dataset": self.card.dataset, "purpose": self.card.purpose,
                                           "ids": len(ids), "resolved": len(ids) - unknown, "unknown": unknown})
             return tokens
 
-        def _score(self, tokens: list[str]) -> tuple[np.ndarray, list[int]]:
+        def _score(self, tokens: list[str], actor: Actor) -> tuple[np.ndarray, list[int]]:
             """Scores of the tokens that have online features, and the positions of those that have none."""
             import pyarrow as pa
             import torch
 
-            values = self.features.online(self.actor, purpose=self.card.purpose, features=self.card.features,
+            values = self.features.online(actor, purpose=self.card.purpose, features=self.card.features,
                                           tokens=tokens, as_dict=True)
             cols = [values[c] for c in self.columns]
             n = len(tokens)
@@ -346,15 +368,50 @@ def _make_model_class():  # noqa: ANN202
                 raise InvalidInput(f"instance(s) {bad[:5]}: {ID_FIELD} must be non-empty text of at most "
                                    f"{MAX_ID_CHARS} characters")
 
+        def caller(self) -> Actor:
+            """Whom this request is served for: the verified caller when auth is on (the gate decides
+            ``serve`` for it, 403 when it may not), else the identity the server was started as."""
+            if self.authenticator is None:
+                return self.actor
+            caller = _CALLER.get()
+            if caller is None:  # fail closed: a route the bearer middleware did not cover
+                from governance.authn import AuthenticationError
+
+                raise AuthenticationError("missing", "a bearer token is required (Authorization: Bearer <token>)")
+            from governance.gate import Resource
+            from governance.policy import Stage
+
+            self._record_session(caller)  # first: a deny that follows is flushed with it
+            self.ws.gate.enforce_repeated(Stage.SERVE, caller, Resource.dataset(self.card.dataset),
+                                          {"purpose": self.card.purpose, "columns": self.columns})
+            return caller
+
+        def _record_session(self, caller: Any) -> None:
+            """Audit each verified token once: who vouched (issuer), for whom (subject), which roles."""
+            key = f"{caller.issuer}|{caller.subject}|{caller.token_id or caller.expires}"
+            with self._seen_lock:
+                if key in self._seen_tokens:
+                    return
+                self._seen_tokens[key] = None
+                if len(self._seen_tokens) > 10_000:
+                    self._seen_tokens.popitem(last=False)
+            from governance.policy import Stage
+
+            self.ws.audit.record("serve.authenticated", actor=caller.name, outcome="ok", stage=Stage.SERVE.value,
+                                 resource=f"model:{self.card.ref}",
+                                 details={"issuer": caller.issuer, "subject": caller.subject,
+                                          "roles": list(caller.roles), "expires": int(caller.expires)})
+
         async def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+            actor = self.caller()
             if isinstance(payload, InferRequest):
                 kind, values = self._inputs_v2(payload)
                 self._check([(kind, v) for v in values])
                 outputs = []
                 if kind == "token":
-                    scores = self.score_tokens(values).astype(np.float32)
+                    scores = self.score_tokens(values, actor=actor).astype(np.float32)
                 else:
-                    scores_, errors = self.score_subjects(values)
+                    scores_, errors = self.score_subjects(values, actor=actor)
                     scores = scores_.astype(np.float32)
                     err = InferOutput(name="error", shape=[len(values)], datatype="BYTES")
                     err.set_data_from_numpy(np.array([errors.get(i, "") for i in range(len(values))], dtype=np.object_),
@@ -369,13 +426,13 @@ def _make_model_class():  # noqa: ANN202
             tok_pos = [i for i, (k, _) in enumerate(items) if k == "token"]
             id_pos = [i for i, (k, _) in enumerate(items) if k == "id"]
             if not id_pos:
-                scores = self.score_tokens([v for _, v in items])
+                scores = self.score_tokens([v for _, v in items], actor=actor)
                 return {"predictions": [float(s) for s in scores], "model_version": self.card.version}
             preds: list[float | None] = [None] * len(items)
             if tok_pos:  # tokens keep their contract: an unknown token is a 404 naming it
-                for i, sc in zip(tok_pos, self.score_tokens([items[i][1] for i in tok_pos])):
+                for i, sc in zip(tok_pos, self.score_tokens([items[i][1] for i in tok_pos], actor=actor)):
                     preds[i] = float(sc)
-            id_scores, id_errors = self.score_subjects([items[i][1] for i in id_pos])
+            id_scores, id_errors = self.score_subjects([items[i][1] for i in id_pos], actor=actor)
             errors = []
             for j, i in enumerate(id_pos):
                 if j in id_errors:
@@ -466,21 +523,84 @@ def install_http_guards(max_body: int = MAX_BODY_BYTES) -> None:
     app.state.lakewarden_guards = True
 
 
+_INFERENCE_PREFIXES = ("/v1/models/", "/v2/models/")
+
+
+def install_bearer_auth(authenticator: Any) -> None:
+    """Add to KServe's FastAPI app: every inference request (a POST under ``/v1/models/`` or
+    ``/v2/models/``) needs a valid bearer token, else 401 before its body is read; the verified
+    actor is what :meth:`caller` of the predictor decides for."""
+    from fastapi.responses import JSONResponse
+    from kserve.model_server import app
+
+    from governance.authn import AuthenticationError
+
+    if getattr(app.state, "lakewarden_bearer", False):
+        return
+
+    def unauthorized(exc: AuthenticationError) -> JSONResponse:
+        return JSONResponse(status_code=401, content={"error": str(exc)},
+                            headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{exc.reason}"'})
+
+    async def on_error(_request: Any, exc: Exception) -> JSONResponse:
+        return unauthorized(exc)  # type: ignore[arg-type]
+
+    class RequireBearer:
+        """A plain ASGI middleware (no extra task per request, unlike BaseHTTPMiddleware)."""
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http" or scope.get("method") != "POST" or not scope.get("path", "").startswith(
+                    _INFERENCE_PREFIXES):
+                await self.app(scope, receive, send)
+                return
+            header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+            try:
+                caller = authenticator.from_header(header)
+            except AuthenticationError as exc:
+                _log.warning("401 on %s: %s", scope.get("path"), exc.reason)  # never the token
+                await unauthorized(exc)(scope, receive, send)
+                return
+            reset = _CALLER.set(caller)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                _CALLER.reset(reset)
+
+    app.add_exception_handler(AuthenticationError, on_error)
+    app.add_middleware(RequireBearer)
+    app.state.lakewarden_bearer = True
+
+
 def serve(ws: Workspace, ref: ModelRef | str, actor: Actor, *, port: int = 8080) -> None:
-    """Run KServe's ModelServer with the governed predictor in the foreground (the gate decides first)."""
+    """Run KServe's ModelServer with the governed predictor in the foreground (the gate decides first).
+
+    With ``auth.enabled`` the issuer's keys are fetched before the server starts (an identity
+    provider that cannot be reached stops it here, not at the first request), and inference
+    needs a bearer token (see the module docstring)."""
     from governance.gate import Resource
     from governance.policy import Stage
 
     ws.gate.require_stage(Stage.SERVE, actor, Resource.model(model_name(ref)))
     kserve = _kserve()
-    model = GovernedPredictor(ws, ref, actor)
+    authenticator = None
+    if ws.config.auth.enabled:
+        from governance.authn import Authenticator
+
+        authenticator = Authenticator.from_config(ws.config.auth, ws.policies)
+        authenticator.verifier.refresh_keys()
+    model = GovernedPredictor(ws, ref, actor, authenticator=authenticator)
     model.load()
     install_http_guards()
+    if authenticator is not None:
+        install_bearer_auth(authenticator)
     from serving.identity import install_identity_route
 
     install_identity_route(ws, str(model.card.ref))  # deploy checks whose server answers (serving/deploy.py)
     kserve.ModelServer(http_port=port, workers=1, enable_grpc=False).start([model])
 
 
-__all__ = ["GovernedPredictor", "SubjectNotFound", "install_http_guards", "serve", "MAX_INSTANCES", "MAX_BODY_BYTES",
+__all__ = ["GovernedPredictor", "SubjectNotFound", "install_bearer_auth", "install_http_guards", "serve", "MAX_INSTANCES", "MAX_BODY_BYTES",
            "ID_FIELD"]

@@ -214,3 +214,35 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
     if ray.is_initialized():
         ray.shutdown()
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def keycloak(tmp_path_factory: pytest.TempPathFactory):
+    """One local Keycloak (loopback, file database) for the whole session, with the realm
+    ``lakewarden`` provisioned from policies/roles.yaml (test clients with the password grant
+    included) and a second realm ``other`` (the same users: tokens of another issuer). Yields
+    ``(keycloak, realm, other)``; the users' passwords live only in the realms' memory.
+
+    Installed by infra/keycloak/install.sh (make test runs it); skipped when it is not installed,
+    unless LAKEWARDEN_REQUIRE_KEYCLOAK=1."""
+    from governance.idp import IdentityProviderError, LocalKeycloak, installed, provision
+    from governance.policy import load_policies
+
+    required = os.environ.get("LAKEWARDEN_REQUIRE_KEYCLOAK") == "1"
+    if installed() is None:
+        if required:
+            pytest.fail("Keycloak is not installed (make keycloak)")
+        pytest.skip("Keycloak is not installed (make keycloak)")
+    kc = LocalKeycloak(tmp_path_factory.mktemp("keycloak"))
+    try:
+        kc.start()
+        policies = load_policies(sorted((REPO / "policies").glob("*.yaml")))
+        realm = provision(kc, policies, test_client=True)
+        other = provision(kc, policies, realm="other", test_client=True)
+    except IdentityProviderError as exc:
+        kc.stop()
+        if required:
+            pytest.fail(f"Keycloak did not start: {exc}")
+        pytest.skip(f"Keycloak did not start: {exc}")
+    yield kc, realm, other
+    kc.stop()
