@@ -31,13 +31,17 @@ from the same policies the gate enforces.
 
 Identity: without authentication a Trino user name is only a claim. The ``production`` and
 ``cluster`` profiles of :func:`render_profile` render the HTTPS + password (or OAuth 2.0) set-up
-with plain HTTP closed; see docs/trino.md.
+with plain HTTP closed; with ``auth.enabled`` the cluster's coordinator also accepts the identity
+provider's access tokens (:class:`JwtAuth`, ``PASSWORD,JWT``). The compiled rules let a token's
+principal act in one of its own roles (``user@role``, an impersonation in Trino) and as nobody
+else; see docs/trino.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -49,8 +53,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from governance.config import AuthConfig
 from governance.gate import Actor, Gate, Resource
 from governance.identity import ForeignServer, workspace_id
+from governance.idp import TRINO_AUDIENCE
 from governance.objectstore import is_remote
 from governance.pii import redact
 from governance.policy import Stage
@@ -171,6 +177,14 @@ def compile_rules(ws: Workspace, tables: dict[tuple[str, str], pa.Schema]) -> di
                 rule["filter"] = ob["row_filter"]
             table_rules.append(rule)
     readers = "|".join(roles)
+    # A token names its principal (``ana``); acting in one role (``ana@analyst``, see render_groups)
+    # is then an impersonation, allowed for a principal's own roles only. With passwords each
+    # ``user@role`` is a principal of its own, and the local server has none: no check applies.
+    impersonation = [
+        {"original_user": re.escape(user),
+         "new_user": re.escape(user) + "@(" + "|".join(re.escape(r) for r in user_roles) + ")", "allow": True}
+        for user, user_roles in sorted(ws.policies.roles.principals.items()) if user_roles
+    ]
     return {
         "catalogs": [
             {"user": ADMIN_USER, "catalog": f"{CATALOG}|system", "allow": "all"},
@@ -188,6 +202,7 @@ def compile_rules(ws: Workspace, tables: dict[tuple[str, str], pa.Schema]) -> di
             {"user": ADMIN_USER, "catalog": CATALOG, "schema": "system",
              "procedure": "register_table|unregister_table|flush_metadata_cache", "privileges": ["EXECUTE"]},
         ],
+        "impersonation": impersonation,
     }
 
 
@@ -589,6 +604,12 @@ Before use:
    `catalog/delta_lake.properties`. No secret is written into these files.
 4. `hive.metastore.catalog.dir` names the bucket, here `{root}`: render with
    `storage.root` set to yours, or edit it.
+5. Tokens (optional): with `auth.enabled` in lakewarden.yaml the coordinator renders
+   `http-server.authentication.type=PASSWORD,JWT` and accepts the identity provider's access
+   tokens: signed by a key of the issuer's JWKS (`auth.jwks_url`, or the discovery document's
+   `jwks_uri`), `iss` = `auth.issuer`, `aud` holding `lakewarden-trino`, the user named by
+   `auth.username_claim`. Trino takes no groups from a token: `group.txt` (from policy
+   principals) still maps each user to its roles. The password file then only needs `lakewarden`.
 """
 
 CLUSTER_ROOT_PLACEHOLDER = "s3://lakewarden/lake"  # the rendered production catalog's root when storage.root is local
@@ -615,6 +636,9 @@ class ClusterSpec:
     ``s3_variables`` names the ``AWS_*`` variables the nodes' environment holds (the catalog refers
     to them as ``${ENV:...}``, never to their values). Secrets never appear here: the shared secret
     is ``${ENV:TRINO_SHARED_SECRET}``, the keys and password hashes are files the operator makes.
+
+    Clients authenticate with a password (``password_file``), a bearer token of an OIDC issuer
+    (``jwt``, see :class:`JwtAuth`), or either (both set); at least one is required.
     """
 
     discovery_uri: str
@@ -623,7 +647,8 @@ class ClusterSpec:
     storage_root: str
     environment: str = "lakewarden"
     tls_pem: str = "/etc/trino/tls/trino.pem"
-    password_file: str = "/etc/trino/password.db"
+    password_file: str | None = "/etc/trino/password.db"
+    jwt: "JwtAuth | None" = None
     rules_file: str = "/etc/trino/rules.json"
     groups_file: str = "/etc/trino/group.txt"
     heap: str = "16G"
@@ -640,17 +665,101 @@ class ClusterSpec:
         names = [self.coordinator.name, *(w.name for w in self.workers)]
         if not self.workers or len(set(names)) != len(names):
             raise ValueError(f"a cluster needs at least one worker and distinct node names: {names}")
+        if self.password_file is None and self.jwt is None:
+            raise ValueError("a cluster needs an authentication: a password file, JWT, or both")
+
+
+def _https_or_loopback(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    return u.scheme == "https" or (u.scheme == "http" and u.hostname in ("127.0.0.1", "localhost", "::1"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class JwtAuth:
+    """Bearer-token authentication on a coordinator (Trino's ``JWT`` authenticator): a token is
+    accepted when its signature verifies with a key of ``key_file`` (the issuer's JWKS URL, or a
+    PEM public key file on the coordinator), its ``iss`` is ``issuer``, its ``aud`` holds
+    ``audience`` and it has not expired (Trino allows no clock skew). The Trino user is the
+    ``principal_field`` claim. Trino takes no groups from the token: the file group provider
+    (:func:`render_groups`, from policy principals) still maps each user to its roles.
+
+    Raises:
+        ValueError: an issuer or JWKS URL that is neither https nor http on loopback, a relative key
+            file, or a value with a space or line break (it would break the properties file).
+    """
+
+    issuer: str
+    key_file: str
+    audience: str = TRINO_AUDIENCE
+    principal_field: str = "preferred_username"
+
+    def __post_init__(self) -> None:
+        for name in ("issuer", "key_file", "audience", "principal_field"):
+            value = getattr(self, name)
+            if not value or any(ch.isspace() for ch in value):
+                raise ValueError(f"{name} must be non-empty, without spaces or line breaks: {value!r}")
+        if not _https_or_loopback(self.issuer):
+            raise ValueError(f"the issuer must be https (plain http only on loopback): {self.issuer}")
+        if "://" in self.key_file and not _https_or_loopback(self.key_file):
+            raise ValueError(f"the JWKS URL must be https (plain http only on loopback): {self.key_file}")
+        if "://" not in self.key_file and not self.key_file.startswith("/"):
+            raise ValueError(f"key_file must be a JWKS URL or an absolute path on the coordinator: {self.key_file}")
+
+    def properties(self) -> str:
+        """The coordinator's ``http-server.authentication.jwt.*`` lines."""
+        prefix = "http-server.authentication.jwt."
+        return "".join(f"{prefix}{k}={v}\n" for k, v in (
+            ("key-file", self.key_file), ("required-issuer", self.issuer),
+            ("required-audience", self.audience), ("principal-field", self.principal_field)))
+
+
+def _get_json(url: str, timeout: float = 10) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - https or loopback, checked by the caller
+        return json.loads(r.read())
+
+
+def jwt_auth(auth: AuthConfig, *, audience: str = TRINO_AUDIENCE, fetch: Callable[[str], Any] | None = None) -> JwtAuth:
+    """The :class:`JwtAuth` of ``auth:`` in lakewarden.yaml (:class:`governance.config.AuthConfig`):
+    its issuer, its ``jwks_url`` or else the ``jwks_uri`` of the issuer's discovery document
+    (fetched once, here), ``audience`` (Trino's own, not the predictor's ``auth.audience``) and
+    ``auth.username_claim`` as the principal field.
+
+    Raises:
+        TrinoError: auth is off, or the discovery document cannot be read or names another issuer.
+    """
+    if not auth.enabled or not auth.issuer:
+        raise TrinoError("auth is not enabled", hint="set auth.enabled and auth.issuer in lakewarden.yaml")
+    key_file = auth.jwks_url
+    if key_file is None:
+        url = auth.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        try:
+            doc = (fetch or _get_json)(url)
+        except (OSError, ValueError) as exc:
+            raise TrinoError(f"cannot read the issuer's discovery document {url}: {exc}",
+                             hint="set auth.jwks_url in lakewarden.yaml") from None
+        if doc.get("issuer") != auth.issuer or not doc.get("jwks_uri"):
+            raise TrinoError(f"the discovery document at {url} names issuer {doc.get('issuer')!r} "
+                             f"(configured: {auth.issuer!r}) or no jwks_uri", hint="check auth.issuer")
+        key_file = doc["jwks_uri"]
+    return JwtAuth(issuer=auth.issuer, key_file=key_file, audience=audience, principal_field=auth.username_claim)
 
 
 def production_cluster(ws: Workspace) -> ClusterSpec:
     """The ``cluster`` profile's nodes: one coordinator and one worker template, on port 8443, with the
-    workspace's bucket (or :data:`CLUSTER_ROOT_PLACEHOLDER` when its storage root is local)."""
+    workspace's bucket (or :data:`CLUSTER_ROOT_PLACEHOLDER` when its storage root is local).
+
+    With ``auth.enabled`` the coordinator also accepts the issuer's tokens (:func:`jwt_auth`, which
+    reads the discovery document unless ``auth.jwks_url`` is set); the password file stays for
+    Lakewarden's own user, which registers the tables."""
     root = _storage_root(ws)
     return ClusterSpec(
         discovery_uri="https://trino-coordinator:8443",
         coordinator=ClusterNode(name="coordinator"),
         workers=(ClusterNode(name="worker"),),
         storage_root=root if is_remote(root) else CLUSTER_ROOT_PLACEHOLDER,
+        jwt=jwt_auth(ws.config.auth) if ws.config.auth.enabled else None,
     )
 
 
@@ -679,8 +788,9 @@ def render_cluster(ws: Workspace, spec: ClusterSpec) -> dict[str, str]:
     authenticated by ``${ENV:TRINO_SHARED_SECRET}``, the same ``node.environment``, the
     ``delta_lake`` catalog of :func:`delta_catalog` (metastore in the bucket, which all nodes
     share). The coordinator alone: the client-facing certificate (``spec.tls_pem``), password
-    authentication from ``spec.password_file``, the access rules and groups compiled from policy,
-    and no tasks of its own (``node-scheduler.include-coordinator=false``).
+    authentication from ``spec.password_file`` and/or bearer tokens of ``spec.jwt``
+    (``http-server.authentication.type=PASSWORD,JWT``: Trino tries each in turn), the access rules
+    and groups compiled from policy, and no tasks of its own (``node-scheduler.include-coordinator=false``).
 
     Raises:
         ValueError: through :class:`ClusterSpec`, a spec that cannot make a cluster.
@@ -695,6 +805,9 @@ def render_cluster(ws: Workspace, spec: ClusterSpec) -> dict[str, str]:
         "internal-communication.https.required=true\n"
     )
 
+    kinds = [k for k, on in (("PASSWORD", spec.password_file is not None), ("JWT", spec.jwt is not None)) if on]
+    authentication = f"http-server.authentication.type={','.join(kinds)}\n" + (spec.jwt.properties() if spec.jwt else "")
+
     def node_properties(n: ClusterNode) -> str:
         node_id = f"node.id={n.node_id}\n" if n.node_id else ""
         return f"node.environment={spec.environment}\n{node_id}node.data-dir={n.data_dir}\n"
@@ -704,7 +817,7 @@ def render_cluster(ws: Workspace, spec: ClusterSpec) -> dict[str, str]:
         f"{c.name}/etc/config.properties": (
             "coordinator=true\nnode-scheduler.include-coordinator=false\n"
             f"discovery.uri={spec.discovery_uri}\n{memory}{internal}http-server.https.port={c.port}\n"
-            f"http-server.https.keystore.path={spec.tls_pem}\nhttp-server.authentication.type=PASSWORD\n"
+            f"http-server.https.keystore.path={spec.tls_pem}\n{authentication}"
         ),
         f"{c.name}/etc/node.properties": node_properties(c),
         f"{c.name}/etc/jvm.config": jvm,
@@ -716,12 +829,13 @@ def render_cluster(ws: Workspace, spec: ClusterSpec) -> dict[str, str]:
         f"{c.name}/etc/group-provider.properties": (
             f"group-provider.name=file\nfile.group-file={spec.groups_file}\nfile.refresh-period={spec.refresh_period}\n"
         ),
-        f"{c.name}/etc/password-authenticator.properties": (
-            f"password-authenticator.name=file\nfile.password-file={spec.password_file}\n"
-        ),
         f"{c.name}/etc/rules.json": _profile_rules(ws),
         f"{c.name}/etc/group.txt": render_groups(ws),
     }
+    if spec.password_file is not None:
+        files[f"{c.name}/etc/password-authenticator.properties"] = (
+            f"password-authenticator.name=file\nfile.password-file={spec.password_file}\n"
+        )
     for w in spec.workers:
         files |= {
             f"{w.name}/etc/config.properties": (
@@ -958,4 +1072,4 @@ def _unique(names: list[str]) -> list[str]:
 
 __all__ = ["TrinoServer", "TrinoError", "TrinoDenied", "ForeignServer", "check_server", "compile_rules", "render_groups", "render_local", "install",
            "run_query", "default_home", "TRINO_VERSION", "ClusterNode", "ClusterSpec", "render_cluster", "production_cluster",
-           "render_profile", "password_hash", "password_file", "sync_tables", "launcher_command"]
+           "render_profile", "JwtAuth", "jwt_auth", "password_hash", "password_file", "sync_tables", "launcher_command"]

@@ -10,6 +10,10 @@ every node at once and waits until ``system.runtime.nodes`` shows each of them a
   to each other with certificates Trino derives from the shared secret.
 * Passwords: one random password per user (Lakewarden's admin user and, by default, every
   principal of policy), hashed into the coordinator's password file (PBKDF2, 0600).
+* Tokens (``auth=``): the coordinator also accepts the identity provider's access tokens
+  (``PASSWORD,JWT``; :class:`lakehouse.trino.JwtAuth`), fetching the issuer's JWKS from its URL
+  (plain http only on loopback, as the local Keycloak serves it). Then, by default, only the
+  admin user gets a password; analysts connect with ``connect(user, token=...)``.
 * Layout: ``tls/`` (``ca.pem`` public, ``coordinator.pem`` key + chain, 0600), and per node
   ``<node>/etc`` (rendered), ``<node>/data`` (``node.data-dir``) and ``<node>/data/server.log``.
 
@@ -40,18 +44,20 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
+from governance.config import AuthConfig
 from governance.gate import Actor
 from governance.identity import ForeignServer, workspace_id
 from governance.objectstore import free_port
 from governance.tls import LocalCA, write_private
 from governance.workspace import Workspace
 from lakehouse.trino import (
-    ADMIN_USER, CATALOG, ENV_PREFIX, PBKDF2_ITERATIONS, ClusterNode, ClusterSpec, SyncReport, TrinoError,
-    _storage_root, _write_atomic, default_home, http_session, launcher_command, password_file, render_cluster,
-    sync_tables,
+    ADMIN_USER, CATALOG, ENV_PREFIX, PBKDF2_ITERATIONS, ClusterNode, ClusterSpec, JwtAuth, SyncReport, TrinoError,
+    _storage_root, _write_atomic, default_home, http_session, jwt_auth, launcher_command, password_file,
+    render_cluster, sync_tables,
 )
 
 S3_VARIABLES = ("AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID")
@@ -72,6 +78,10 @@ class TrinoCluster:
         iterations: PBKDF2 iterations of the password hashes.
         environ: the nodes' environment (default this process's; it must carry the ``AWS_*``
             variables that reach the bucket).
+        auth: bearer tokens as well as passwords: a :class:`~lakehouse.trino.JwtAuth`, or ``auth:``
+            of lakewarden.yaml (:class:`governance.config.AuthConfig`, resolved by
+            :func:`lakehouse.trino.jwt_auth` at :meth:`render`: the issuer must answer then).
+            With it, ``users`` defaults to none (the admin user keeps its password).
 
     Raises:
         ValueError: no worker, or a storage root that is not an object store.
@@ -79,7 +89,7 @@ class TrinoCluster:
 
     def __init__(self, ws: Workspace, *, workers: int = 1, home: Path | None = None, folder: Path | None = None,
                  heap: str = "1G", users: Iterable[str] | None = None, iterations: int = PBKDF2_ITERATIONS,
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None, auth: JwtAuth | AuthConfig | None = None) -> None:
         if workers < 1:
             raise ValueError("a cluster needs at least one worker (the coordinator runs no tasks)")
         self.ws = ws
@@ -88,7 +98,11 @@ class TrinoCluster:
         self.environment = ENV_PREFIX + workspace_id(ws.config)
         self.iterations = iterations
         self._environ = dict(os.environ if environ is None else environ)
-        names = sorted(ws.policies.roles.principals) if users is None else list(users)
+        if isinstance(auth, AuthConfig) and not auth.enabled:
+            raise ValueError("auth= names an AuthConfig that is not enabled")
+        self._auth = auth
+        default_users = () if auth is not None else sorted(ws.policies.roles.principals)
+        names = default_users if users is None else list(users)
         self._passwords = {u: secrets.token_urlsafe(24) for u in dict.fromkeys([ADMIN_USER, *names])}
         self._secret = secrets.token_urlsafe(64)
         ports: list[int] = []
@@ -116,6 +130,7 @@ class TrinoCluster:
             query_max_memory="512MB",
             query_max_memory_per_node="400MB",
             s3_variables=frozenset(k for k in S3_VARIABLES if self._environ.get(k)),
+            jwt=auth if isinstance(auth, JwtAuth) else None,
         )
         self.procs: dict[str, subprocess.Popen] = {}
         self._logs: list[IO[bytes]] = []
@@ -162,14 +177,20 @@ class TrinoCluster:
 
     # -- files ----------------------------------------------------------------------------
     def render(self) -> None:
-        """Write every node's configuration, the certificate, and the password file."""
+        """Write every node's configuration, the certificate, and the password file.
+
+        Raises:
+            TrinoError: ``auth`` is an :class:`AuthConfig` whose issuer's discovery document cannot be read.
+        """
+        if isinstance(self._auth, AuthConfig):
+            self.spec = replace(self.spec, jwt=jwt_auth(self._auth))
         for rel, text in render_cluster(self.ws, self.spec).items():
             _write_atomic(self.folder / rel, text)
         ca = LocalCA.create(f"Lakewarden cluster CA ({self.environment})")
         ca.write_cert(self.ca_file)
         ca.issue_server(["localhost", "127.0.0.1", "::1"], common_name="localhost").write_pem(Path(self.spec.tls_pem))
         del ca  # the CA key is not kept: a new start makes a new CA
-        write_private(Path(self.spec.password_file),
+        write_private(self.etc / "password.db",
                       password_file(self.ws, self._passwords, iterations=self.iterations).encode())
 
     # -- process --------------------------------------------------------------------------
@@ -284,22 +305,32 @@ class TrinoCluster:
         self.stop()
 
     # -- clients --------------------------------------------------------------------------
-    def connect(self, user: str, *, password: str | None = None, schema: str = "silver", **kwargs: Any):
+    @property
+    def jwt(self) -> JwtAuth | None:
+        """The token settings the coordinator runs with (resolved at :meth:`render`), None without ``auth``."""
+        return self.spec.jwt
+
+    def connect(self, user: str, *, password: str | None = None, token: str | None = None, schema: str = "silver",
+                **kwargs: Any):
         """A ``trino`` DB-API connection to the coordinator as ``user`` (``user@role`` to act in one
-        role), over HTTPS with the CA trusted and the user's password (or ``password``).
+        role), over HTTPS with the CA trusted and the user's password (or ``password``), or with the
+        bearer ``token`` (then ``user`` is the token's principal, or ``principal@role`` for one of
+        its roles: the compiled impersonation rules allow nothing else).
 
         The HTTP session ignores ``REQUESTS_CA_BUNDLE`` and proxy variables: requests lets those
         override a session's ``verify``, which would trust another CA bundle than this cluster's.
         """
         import trino
-        from trino.auth import BasicAuthentication
+        from trino.auth import BasicAuthentication, JWTAuthentication
 
-        base = user.split("@", 1)[0]
+        if token is not None:
+            auth: Any = JWTAuthentication(token)
+        else:
+            auth = BasicAuthentication(user, password if password is not None else self.password(user.split("@", 1)[0]))
         session = http_session(str(self.ca_file))
         return trino.dbapi.connect(
             host=self.host, port=self.port, user=user, catalog=CATALOG, schema=schema, http_scheme="https",
-            auth=BasicAuthentication(user, password if password is not None else self.password(base)),
-            http_session=session, **kwargs,
+            auth=auth, http_session=session, **kwargs,
         )
 
     def query(self, user: str, sql: str) -> list[list[Any]]:
