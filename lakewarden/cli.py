@@ -15,7 +15,7 @@ from rich.text import Text
 
 from governance.errors import LakewardenError
 from lakewarden.commands import State, err
-from lakewarden.commands import audit, features, gate, keys, lakehouse, lineage, models, pipeline, policy, privacy
+from lakewarden.commands import audit, auth, features, gate, keys, lakehouse, lineage, models, pipeline, policy, privacy
 from lakewarden.commands import requests, serving, streams, tables, trino, workspace
 
 app = typer.Typer(
@@ -25,7 +25,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for _top in (workspace.top, lakehouse.top, streams.top, models.top, serving.top):
+for _top in (workspace.top, auth.top, lakehouse.top, streams.top, models.top, serving.top):
     app.registered_commands.extend(_top.registered_commands)
 for _group, _name in (
     (policy.policy_app, "policy"), (gate.gate_app, "gate"), (audit.audit_app, "audit"), (keys.keys_app, "keys"),
@@ -41,9 +41,11 @@ for _group, _name in (
 def _root(
     ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="lakewarden.yaml to use.", envvar="LAKEWARDEN_CONFIG")] = None,
-    user: Annotated[Optional[str], typer.Option("--as", help="Act as this user (roles come from policy).", envvar="LAKEWARDEN_USER")] = None,
+    user: Annotated[Optional[str], typer.Option("--as", help="Act as this user (roles come from policy); refused when auth.enabled (use `lakewarden login`).", envvar="LAKEWARDEN_USER")] = None,
 ) -> None:
-    ctx.obj = State(config, user)
+    # typer ships its own click: its ParameterSource is compared by name
+    from_env = getattr(ctx.get_parameter_source("user"), "name", None) == "ENVIRONMENT"
+    ctx.obj = State(config, user, "LAKEWARDEN_USER" if from_env else "--as")
     ctx.call_on_close(ctx.obj.close)
 
 

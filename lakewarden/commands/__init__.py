@@ -36,6 +36,7 @@ class State:
 
     config: Optional[Path]
     user: Optional[str]
+    user_from: str = "--as"  # where ``user`` came from: "--as" or "LAKEWARDEN_USER" (the environment)
     _ws: Any = None
 
     def workspace(self) -> "Workspace":
@@ -50,7 +51,37 @@ class State:
             self._ws.close()
 
     def actor(self) -> "Actor":
-        return self.workspace().actor(self.user)
+        """The acting user. With ``auth.enabled``: the verified user of ``lakewarden login``'s cached
+        token, and ``--as``/``LAKEWARDEN_USER`` are refused (governance/tokens.py). Without: the
+        claim, ``--as`` else $LAKEWARDEN_USER else the OS user, roles from the policy."""
+        ws = self.workspace()
+        if ws.config.auth.enabled:
+            from governance.tokens import acting_user
+
+            return acting_user(ws.config, ws.policies, claimed=self.user, claimed_by=self.claim_label())
+        return ws.actor(self.user)
+
+    def service_actor(self) -> "Actor":
+        """The principal a long-running server (``lakewarden serve``) starts as. With ``auth.enabled``:
+        the verified login when there is one; else the service principal the environment names
+        (``LAKEWARDEN_USER``, as serving/deploy.py and the k8s manifests set it: a deployed server has
+        no one to log in), never ``--as``. Its callers are verified per request all the same."""
+        ws = self.workspace()
+        if not ws.config.auth.enabled:
+            return ws.actor(self.user)
+        from governance.tokens import LoginRequired, acting_user
+
+        if self.user and self.user_from != "LAKEWARDEN_USER":
+            return acting_user(ws.config, ws.policies, claimed=self.user, claimed_by=self.claim_label())
+        try:
+            return acting_user(ws.config, ws.policies)
+        except LoginRequired:
+            if not self.user:
+                raise
+            return ws.actor(self.user)
+
+    def claim_label(self) -> str:
+        return "LAKEWARDEN_USER" if self.user_from == "LAKEWARDEN_USER" else "--as"
 
 
 def state(ctx: typer.Context) -> State:

@@ -22,11 +22,12 @@ def serve(
     """Serve a model with KServe's ModelServer (V1 and Open Inference Protocol), in the foreground."""
     import warnings
 
+    st = state(ctx)
+    actor = st.service_actor()  # before the heavy imports: a refused --as fails fast
     warnings.filterwarnings("ignore")
     from serving.model import serve as run_server
 
-    st = state(ctx)
-    run_server(st.workspace(), model, st.actor(), port=port)
+    run_server(st.workspace(), model, actor, port=port)
 
 
 @top.command()
