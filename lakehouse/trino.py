@@ -451,13 +451,7 @@ class TrinoServer:
 
     # -- admin ----------------------------------------------------------------------------
     def _admin(self, sql: str) -> list[list[Any]]:
-        conn = connect(self.ws.config.trino, ADMIN_USER, catalog=CATALOG)
-        try:
-            cur = conn.cursor()
-            cur.execute(sql)
-            return cur.fetchall()
-        finally:
-            conn.close()
+        return fetch_all(connect(self.ws.config.trino, ADMIN_USER, catalog=CATALOG), sql)
 
     def sync(self, actor: Actor) -> SyncReport:
         """Register every governed table, render the rules from policy, flush Trino's caches."""
@@ -1018,6 +1012,16 @@ def connect(tc: Any, user: str, **kwargs: Any) -> Any:
 
     return trino.dbapi.connect(host=tc.host, port=tc.port, user=user, http_scheme=tc.http_scheme,
                                http_session=http_session(tc.verify), **kwargs)
+
+
+def fetch_all(conn: Any, sql: str) -> list[list[Any]]:
+    """Every row of ``sql`` on a ``trino`` connection, which is closed afterwards."""
+    try:
+        cur = conn.cursor()
+        cur.execute(sql)
+        return cur.fetchall()
+    finally:
+        conn.close()
 
 
 def run_query(ws: Workspace, actor: Actor, sql: str, *, role: str | None = None, max_rows: int | None = None) -> pa.Table:

@@ -56,7 +56,7 @@ from governance.tls import LocalCA, write_private
 from governance.workspace import Workspace
 from lakehouse.trino import (
     ADMIN_USER, CATALOG, ENV_PREFIX, PBKDF2_ITERATIONS, ClusterNode, ClusterSpec, JwtAuth, SyncReport, TrinoError,
-    _storage_root, _write_atomic, default_home, http_session, jwt_auth, launcher_command, password_file,
+    _storage_root, _write_atomic, default_home, fetch_all, http_session, jwt_auth, launcher_command, password_file,
     render_cluster, sync_tables,
 )
 
@@ -334,13 +334,7 @@ class TrinoCluster:
         )
 
     def query(self, user: str, sql: str) -> list[list[Any]]:
-        conn = self.connect(user)
-        try:
-            cur = conn.cursor()
-            cur.execute(sql)
-            return cur.fetchall()
-        finally:
-            conn.close()
+        return fetch_all(self.connect(user), sql)
 
     def _admin(self, sql: str) -> list[list[Any]]:
         return self.query(ADMIN_USER, sql)
