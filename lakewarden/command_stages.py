@@ -20,6 +20,8 @@ from typing import Any
 # command -> the stages it asks the gate for, in order; () = not gated (reads no governed values).
 COMMAND_STAGES: dict[str, tuple[str, ...]] = {
     "init": (),
+    "login": (),
+    "logout": (),
     "generate": (),
     "ingest": ("ingest",),
     "silver": ("ingest",),
@@ -81,6 +83,8 @@ COMMAND_STAGES: dict[str, tuple[str, ...]] = {
 }
 
 NOTES: dict[str, str] = {
+    "login": "with auth.enabled: the device-code flow; the CLI then acts only as the verified user",
+    "logout": "deletes this workspace's cached login",
     "sql": "the role's columns, masks and row filter; `DESCRIBE` too",
     "gate check": "asks the gate the STAGE you name (and audits the answer)",
     "audit verify": "kernel rule builtin/audit-table: compliance_officer only",

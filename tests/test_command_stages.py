@@ -63,6 +63,7 @@ def _args(t: Path) -> dict[str, list[str]]:
         "features online": ["--features", "customer_profile:income", "--purpose", "credit_scoring", "--tokens", TOKEN],
         "features training-set": ["--features", "customer_profile:income", "--purpose", "credit_scoring"],
         "generate": ["--out", str(t / "landing2"), "--people", "5"],
+        "login": [], "logout": [],
         "ingest": ["customers", str(t / "kept" / "customers.csv")],
         "init": [str(t / "elsewhere")], "keys new-kek": ["--out", str(t / "k2.key")],
         "keys rotate": ["--new-kek-file", str(t / "new.key")], "keys rotate-mask": [], "keys status": [],
