@@ -183,6 +183,16 @@ class VerifyReport:
         return self
 
 
+def _read_state(path: Path, what: str) -> dict[str, Any] | None:
+    """A JSON state file of the log (the head, the witness's pending record); None when absent."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise AuditError(f"cannot read {what}{path}: {exc}") from None
+
+
 class AuditLog:
     """Append, verify and query the audit log.
 
@@ -573,12 +583,7 @@ class AuditLog:
     def witness_pending(self) -> dict[str, Any] | None:
         """The record of heads not yet published to the witness (``since_seq``, ``head``, ``error``,
         ``failed_at``, ``attempts``), or None when the witness is up to date (or there is none)."""
-        try:
-            return json.loads(self._pending_path().read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise AuditError(f"cannot read {self._pending_path()}: {exc}") from None
+        return _read_state(self._pending_path(), "")
 
     def publish_witness(self) -> int | None:
         """Publish the current signed head to the witness now (catching up after a failure).
@@ -868,12 +873,7 @@ class AuditLog:
         return self.state_dir / "HEAD.json"
 
     def _read_head(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self._head_path().read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise AuditError(f"cannot read the audit head {self._head_path()}: {exc}") from None
+        return _read_state(self._head_path(), "the audit head ")
 
     def _tail(self) -> tuple[int, str]:
         """(last seq, last hash), from the signed head; recovers if a writer crashed after its commit."""

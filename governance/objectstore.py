@@ -35,6 +35,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -122,15 +123,16 @@ def check_root(uri: str) -> None:
     _REACHED.add((bucket, endpoint))
 
 
-def s3_client():
+def s3_client(**config: Any):
     """A boto3 S3 client from the environment (the same ``AWS_*`` variables; a plain-HTTP endpoint
-    only with ``AWS_ALLOW_HTTP=true``), for what pyarrow's filesystem cannot do: object versions."""
+    only with ``AWS_ALLOW_HTTP=true``), for what pyarrow's filesystem cannot do: object versions.
+    ``config``: more ``botocore.config.Config`` settings (timeouts, retries)."""
     import boto3
     from botocore.config import Config
 
     endpoint = _endpoint()
     return boto3.client("s3", endpoint_url=endpoint or None, region_name=_region(),
-                        config=Config(s3={"addressing_style": "path"} if endpoint else {}))
+                        config=Config(s3={"addressing_style": "path"} if endpoint else {}, **config))
 
 
 def install() -> Path:

@@ -139,15 +139,9 @@ def _client():  # noqa: ANN202 - a boto3 S3 client
     """A boto3 client from the ``AWS_*`` environment with short timeouts and few retries: a
     witness that does not answer must not hold a flush for minutes (the head is kept and
     published later)."""
-    import boto3
-    from botocore.config import Config
+    from governance.objectstore import s3_client
 
-    from governance.objectstore import _endpoint, _region
-
-    endpoint = _endpoint()
-    cfg = Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"},
-                 s3={"addressing_style": "path"} if endpoint else {})
-    return boto3.client("s3", endpoint_url=endpoint or None, region_name=_region(), config=cfg)
+    return s3_client(connect_timeout=3, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"})
 
 
 def _head_body(head: Mapping[str, Any]) -> bytes:
