@@ -73,6 +73,9 @@ class VerifiedActor(Actor):
     subject: str = ""
     token_id: str | None = field(default=None, compare=False)
     expires: float = field(default=0.0, compare=False)
+    # The token itself, kept in memory only so that a verb can present it onward (Trino's JWT
+    # authentication); never in repr, never compared, never written.
+    bearer: str | None = field(default=None, repr=False, compare=False)
     _proof: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -260,7 +263,7 @@ class Authenticator:
         if not isinstance(name, str) or not name.strip():
             raise AuthenticationError("malformed", "the token names no user")
         return VerifiedActor(name, self.roles(claims), issuer=str(claims["iss"]), subject=str(claims["sub"]),
-                             token_id=claims.get("jti"), expires=float(claims["exp"]), _proof=_PROOF)
+                             token_id=claims.get("jti"), expires=float(claims["exp"]), bearer=token, _proof=_PROOF)
 
     def from_header(self, authorization: str | None) -> VerifiedActor:
         """The actor of an ``Authorization: Bearer <token>`` header value."""

@@ -34,6 +34,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -42,12 +43,30 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from governance.errors import LakewardenError
 
+if TYPE_CHECKING:
+    from governance.config import ProjectConfig
+
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 _Clock = Callable[[], dt.datetime]
 
 
 class TlsError(LakewardenError):
     """A certificate or key file could not be written (or would have been written into git)."""
+
+
+class PlaintextRefused(LakewardenError):
+    """``auth.enabled`` is on and a connection or a server would carry requests without TLS (exit 2:
+    the configuration must change, nothing was sent)."""
+
+    exit_code = 2
+
+
+def refuse_plaintext(config: "ProjectConfig", server: str, where: str, *, hint: str) -> None:
+    """Raise :class:`PlaintextRefused` when authentication is on: tokens, passwords and personal data
+    then never travel in clear. Callers call it only on their plaintext branch, before connecting or
+    listening. With auth off (laptop mode, loopback) plain connections stay allowed."""
+    if config.auth.enabled:
+        raise PlaintextRefused(f"auth is on, and {server} at {where} would be reached without TLS: refused", hint=hint)
 
 
 def _now() -> dt.datetime:
@@ -225,4 +244,4 @@ class LocalCA:
         return ServerCertificate(key, cert, self.cert)
 
 
-__all__ = ["LocalCA", "ServerCertificate", "TlsError", "write_private", "LOOPBACK_HOSTS"]
+__all__ = ["LocalCA", "PlaintextRefused", "ServerCertificate", "TlsError", "refuse_plaintext", "write_private", "LOOPBACK_HOSTS"]

@@ -336,8 +336,16 @@ class TrinoServer:
             _write_atomic(self.etc / "rules.json", json.dumps(compile_rules(self.ws, {}), indent=2))
 
     def info(self) -> dict[str, Any] | None:
+        import ssl
+
+        verify = self.ws.config.trino.verify
+        ctx = None
+        if self.url.startswith("https:"):  # trust what the client trusts: trino.verify (a CA file, or on/off)
+            ctx = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+            if verify is False:
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
         try:
-            with urllib.request.urlopen(self.url + "/v1/info", timeout=2) as r:
+            with urllib.request.urlopen(self.url + "/v1/info", timeout=2, context=ctx) as r:
                 return json.loads(r.read())
         except (urllib.error.URLError, OSError, ValueError):
             return None
@@ -391,7 +399,18 @@ class TrinoServer:
         """Render the configuration, start the server, wait until it runs queries; return seconds taken.
 
         A server already on the port is used only if it is this workspace's (:meth:`check_owner`).
+
+        Raises:
+            PlaintextRefused: ``auth.enabled``: this single-node profile is plain HTTP on loopback and
+                trusts the user name it is sent, so it does not start; the cluster profile (HTTPS,
+                passwords and the identity provider's tokens) serves authenticated mode.
         """
+        from governance.tls import refuse_plaintext
+
+        refuse_plaintext(self.ws.config, "the local single-node Trino", self.url,
+                         hint="it is unauthenticated plain HTTP; run the cluster profile instead "
+                              "(`lakewarden trino render --profile cluster`, HTTPS with passwords and JWT) and point "
+                              "trino.host/port/http_scheme: https/verify at its coordinator")
         t0 = time.perf_counter()
         info = self.info()
         if info is None and self._port_taken():  # a server starting up, or something that is not Trino
@@ -1006,12 +1025,36 @@ def http_session(verify: bool | str) -> Any:
     return session
 
 
-def connect(tc: Any, user: str, **kwargs: Any) -> Any:
-    """A ``trino`` DB-API connection to the configured server (``trino:`` of lakewarden.yaml) as ``user``."""
+def connect(tc: Any, user: str, *, bearer: str | None = None, **kwargs: Any) -> Any:
+    """A ``trino`` DB-API connection to the configured server (``trino:`` of lakewarden.yaml) as ``user``;
+    with ``bearer``, authenticated by that access token (Trino's JWT authenticator: the coordinator
+    checks its signature, issuer, audience and expiry, and takes the user from it)."""
     import trino
 
+    if bearer is not None:
+        from trino.auth import JWTAuthentication
+
+        kwargs["auth"] = JWTAuthentication(bearer)
     return trino.dbapi.connect(host=tc.host, port=tc.port, user=user, http_scheme=tc.http_scheme,
                                http_session=http_session(tc.verify), **kwargs)
+
+
+def _bearer(ws: Workspace, actor: Actor) -> str | None:
+    """The token a query presents to Trino: none in laptop mode; with ``auth.enabled`` the actor's own
+    verified access token, over HTTPS only (plain HTTP would hand the token to anyone on the path)."""
+    if not ws.config.auth.enabled:
+        return None
+    from governance.authn import AuthenticationError, VerifiedActor
+    from governance.tls import refuse_plaintext
+
+    tc = ws.config.trino
+    if tc.http_scheme != "https":
+        refuse_plaintext(ws.config, "Trino", f"{tc.host}:{tc.port}",
+                         hint="set trino.http_scheme: https and trino.verify to the coordinator's CA file")
+    if not isinstance(actor, VerifiedActor) or not actor.bearer:
+        raise AuthenticationError("missing", f"auth is on: a Trino query needs {actor.name}'s verified access token "
+                                             "(run `lakewarden login`), not a name")
+    return actor.bearer
 
 
 def fetch_all(conn: Any, sql: str) -> list[list[Any]]:
@@ -1025,14 +1068,23 @@ def fetch_all(conn: Any, sql: str) -> list[list[Any]]:
 
 
 def run_query(ws: Workspace, actor: Actor, sql: str, *, role: str | None = None, max_rows: int | None = None) -> pa.Table:
-    """Run ``sql`` on Trino as the actor (or ``user@role``); Trino applies the compiled rules."""
+    """Run ``sql`` on Trino as the actor (or ``user@role``); Trino applies the compiled rules.
+
+    With ``auth.enabled`` the actor must be a :class:`~governance.authn.VerifiedActor`: its token goes
+    to Trino (JWT, HTTPS only), so Trino, not this process, decides who is asking.
+
+    Raises:
+        PlaintextRefused: auth is on and ``trino.http_scheme`` is http.
+        AuthenticationError: auth is on and the actor holds no verified token.
+    """
     import trino
     from trino.exceptions import TrinoUserError
 
     tc = ws.config.trino
     user = actor.name if role is None else f"{actor.name}@{role}"
+    bearer = _bearer(ws, actor)
     check_server(ws)
-    conn = connect(tc, user, catalog=CATALOG, schema="silver")
+    conn = connect(tc, user, bearer=bearer, catalog=CATALOG, schema="silver")
     outcome, rows_n = "error", 0
     try:
         cur = conn.cursor()

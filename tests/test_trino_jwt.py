@@ -321,3 +321,34 @@ def test_a_token_acts_in_one_of_its_principals_roles_only(lake):
     with pytest.raises(TrinoUserError) as e:
         cluster.connect("pipeline@analyst", token=token).cursor().execute(sql)  # not pipeline's role
     assert "impersonate" in e.value.message.lower()
+
+
+@pytest.mark.slow
+def test_lakewarden_sql_on_trino_presents_the_verified_callers_token_over_https_only(lake, monkeypatch):
+    """``run_query(engine="trino")`` with auth on: the verified actor's own token goes to the
+    coordinator (which then names the user), never a bare name, and never over plain HTTP."""
+    from governance.authn import AuthenticationError, Authenticator
+    from governance.config import TrinoConfig
+    from governance.tls import PlaintextRefused
+    from lakehouse.sql import run_query
+    from lakehouse.trino import TrinoServer
+
+    ws, cluster, realm, _ = lake
+    https = TrinoConfig(host=cluster.host, port=cluster.port, http_scheme="https", verify=str(cluster.ca_file))
+    monkeypatch.setattr(ws, "config", ws.config.model_copy(update={"trino": https}))
+    ana = Authenticator.from_config(ws.config.auth, ws.policies).actor(realm.password_token("ana"))
+    sql = "SELECT count(*) AS n FROM customers"
+    on_trino = run_query(ws, ana, sql, engine="trino").table.to_pylist()
+    assert on_trino == run_query(ws, ana, sql).table.to_pylist() and on_trino[0]["n"] > 150
+    ws.audit.flush()
+    last = ws.audit.query(action="sql.query", actor="ana").to_pylist()[-2]  # the Trino query, then the embedded one
+    assert last["outcome"] == "ok" and '"engine":"trino"' in last["details"]
+
+    with pytest.raises(AuthenticationError, match="verified access token"):
+        run_query(ws, ws.actor("ana"), sql, engine="trino")  # a name is not a token
+    plain = TrinoConfig(host=cluster.host, port=cluster.port, http_scheme="http")
+    monkeypatch.setattr(ws, "config", ws.config.model_copy(update={"trino": plain}))
+    with pytest.raises(PlaintextRefused, match="Trino at .* without TLS"):
+        run_query(ws, ana, sql, engine="trino")
+    with pytest.raises(PlaintextRefused, match="single-node Trino"):
+        TrinoServer(ws).start()  # the unauthenticated local profile does not start with auth on
