@@ -53,13 +53,17 @@ class Workspace:
 
     @cached_property
     def keyring(self) -> KeyRing:
+        store = self.config.keys.store
+        if is_dsn(store):  # with auth on, a key store reached without verified TLS: refused before the KEK is read
+            from governance.keys.pgstore import refuse_unverified
+
+            refuse_unverified(store, self.config)
         k = self.config.keys.kek
         kek = load_kek(k.provider, var=k.var, path=k.path, factory=k.factory, options=k.options, base_dir=self.config.base_dir)
-        store = self.config.keys.store
         if is_dsn(store):  # a PostgreSQL database a cluster's workers share
             from governance.keys.pgstore import PgKeyStore
 
-            return KeyRing(PgKeyStore(store, kek))
+            return KeyRing(PgKeyStore(store, kek, config=self.config))
         return KeyRing(KeyStore(self.config.path(store), kek))
 
     @cached_property

@@ -7,6 +7,16 @@ default; ``keys.store: postgresql://user@host:port/db`` selects this one. The pa
 sits in the DSN (refused): it comes from ``PGPASSWORD`` or a ``~/.pgpass`` file, as for ``psql``.
 The tables live in their own schema (``lakewarden`` unless the DSN says ``?options=...``).
 
+**In transit** (issue #19). The DSN says how the connection is protected, as for ``psql``:
+``?sslmode=verify-full&sslrootcert=/path/ca.pem`` encrypts and checks that the server's
+certificate is signed by that CA and names the DSN's host (``verify-ca``: the CA only). Any other
+``sslmode`` (none, ``prefer``, even ``require``, which encrypts but does not check whom it talks
+to) is plaintext as far as Lakewarden is concerned: with ``auth.enabled`` on, a store opened with
+the workspace's ``config`` refuses it before connecting (:class:`~governance.tls.PlaintextRefused`,
+exit 2); in laptop mode it stays allowed. A TLS failure (an untrusted CA, a host name the
+certificate does not carry, a server that rejects connections without TLS) is a
+:class:`KeyManagementError` that names the server and the cause.
+
 **When a shred is final.** PostgreSQL does not destroy a deleted row: its bytes stay in the
 table's heap until the page is reused, in the write-ahead log until the segment is recycled and
 overwritten, and in every base backup, WAL archive and replica. So a shred here cannot rely on
@@ -35,7 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 from governance.errors import KeyManagementError
 from governance.keys import hazmat, wire
@@ -44,6 +54,8 @@ from governance.keys.store import _DEK_AAD, BLIND_INDEX_KEY, SCHEMA_VERSION, TOK
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from governance.config import ProjectConfig
 
 SCHEMES = ("postgresql", "postgres")
 _SCHEMA_NAME = "lakewarden"
@@ -90,11 +102,68 @@ def check_dsn(dsn: str) -> str:
 
 
 def redacted(dsn: str) -> str:
+    """The DSN without its query (and never a password): what messages and reports name."""
     u = urlparse(dsn)
     host = u.hostname or ""
     port = f":{u.port}" if u.port else ""
     user = f"{u.username}@" if u.username else ""
     return f"{u.scheme}://{user}{host}{port}{u.path}"
+
+
+VERIFIED_SSLMODES = ("verify-full", "verify-ca")
+
+
+def verifies_server(dsn: str) -> bool:
+    """Whether the DSN asks for TLS that checks the server's certificate (``sslmode=verify-full`` or
+    ``verify-ca``). No ``sslmode``, ``prefer`` or ``require`` (encrypted, but to anyone) count as
+    plaintext; a DSN that names ``sslmode`` more than once must verify in every one."""
+    modes = parse_qs(urlparse(dsn).query).get("sslmode", [])
+    return bool(modes) and all(m in VERIFIED_SSLMODES for m in modes)
+
+
+_TLS_HINT = ("add ?sslmode=verify-full&sslrootcert=/path/to/ca.pem to keys.store (the CA certificate that signed "
+             "the server's; LocalPostgres writes it as ca.pem in its folder)")
+
+
+def refuse_unverified(dsn: str, config: "ProjectConfig") -> None:
+    """With ``auth.enabled`` on, refuse a DSN that does not verify the server (before any connection).
+
+    Raises:
+        PlaintextRefused: auth is on and ``sslmode`` is not ``verify-full`` or ``verify-ca``.
+    """
+    if not verifies_server(dsn):
+        from governance.tls import refuse_plaintext
+
+        refuse_plaintext(config, "the key store's PostgreSQL", redacted(dsn), hint=_TLS_HINT)
+
+
+def _connect_failure(where: str, exc: Exception) -> KeyManagementError:
+    """A connection error as a message naming the server and, for TLS, the cause and what to do."""
+    text = str(exc).strip()
+    low = text.lower()
+    if "certificate verify failed" in low:
+        return KeyManagementError(
+            f"cannot open key store {where}: the server's TLS certificate is not signed by a CA this client trusts",
+            hint="set sslrootcert in keys.store to the CA certificate that signed the server's")
+    if "does not match host name" in low:
+        return KeyManagementError(
+            f"cannot open key store {where}: the server's TLS certificate does not name this host "
+            f"({text.rsplit('failed:', 1)[-1].strip()})",
+            hint="connect by a name or address the certificate carries, or have it reissued for this one")
+    if "root certificate file" in low and ("does not exist" in low or "could not" in low):
+        return KeyManagementError(
+            f"cannot open key store {where}: the CA certificate to verify the server by cannot be read "
+            f"({text.rsplit('failed:', 1)[-1].splitlines()[0].strip()})",
+            hint="set sslrootcert in keys.store to the CA certificate file that signed the server's")
+    if "no encryption" in low and "pg_hba.conf" in low:
+        return KeyManagementError(
+            f"cannot open key store {where}: the server accepts only TLS connections (pg_hba.conf rejects one without)",
+            hint=_TLS_HINT)
+    if "server does not support ssl" in low:
+        return KeyManagementError(
+            f"cannot open key store {where}: the server does not speak TLS, and the DSN requires it",
+            hint="turn ssl on in the server's configuration")
+    return KeyManagementError(f"cannot open key store {where}: {text}")
 
 
 class _Conn:
@@ -117,8 +186,17 @@ class PgKeyStore(KeyStore):
     """Per-subject data keys and system keys, wrapped by a KEK, in a PostgreSQL database.
 
     Args:
-        dsn: ``postgresql://user@host:port/db`` (no password: ``PGPASSWORD`` or ``~/.pgpass``).
+        dsn: ``postgresql://user@host:port/db`` (no password: ``PGPASSWORD`` or ``~/.pgpass``);
+            ``?sslmode=verify-full&sslrootcert=ca.pem`` for TLS that checks the server.
         kek, clock, cache_size: as for :class:`KeyStore`.
+        config: the workspace's configuration. With ``auth.enabled`` on, a DSN that does not verify
+            the server (:func:`verifies_server`) is refused before connecting. None (a library
+            caller, a benchmark): no such check.
+
+    Raises:
+        PlaintextRefused: ``config.auth.enabled`` and a DSN without ``verify-full``/``verify-ca``.
+        KeyManagementError: a password in the DSN; the server cannot be reached or TLS fails (the
+            message names the server and the cause); the store's schema or KEK does not match.
     """
 
     def __init__(
@@ -128,9 +206,12 @@ class PgKeyStore(KeyStore):
         *,
         clock: Callable[[], datetime] | None = None,
         cache_size: int = 262_144,
+        config: "ProjectConfig | None" = None,
     ) -> None:
         self._dsn = check_dsn(dsn)
         self._path = redacted(dsn)  # type: ignore[assignment]  # named in messages; holds no secret
+        if config is not None:
+            refuse_unverified(self._dsn, config)
         self._open(kek, clock, cache_size)
 
     # ------------------------------------------------------------------ plumbing
@@ -143,7 +224,7 @@ class PgKeyStore(KeyStore):
         try:
             conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
-            raise KeyManagementError(f"cannot open key store {self._path}: {str(exc).strip()}") from None
+            raise _connect_failure(self._path, exc) from None  # type: ignore[arg-type]
         return conn
 
     @contextmanager
