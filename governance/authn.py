@@ -37,7 +37,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,8 +102,14 @@ class TokenVerifier:
         min_refresh: at most one key fetch per this many seconds (on ``clock``) for unknown key ids:
             a new key of the issuer is found within that time, and a flood of made-up key ids
             costs the issuer one request per interval.
+        authorized_party: the OAuth client(s) a token must have been issued to (its ``azp``); a
+            token naming another client, or none, is refused with reason ``client``. ``None``
+            (the default, the predictor's) accepts any client: the audience decides there. The
+            CLI's login passes its own client, so that a token minted for another application
+            of the issuer cannot be dropped into its cache.
 
-    Raises (from :meth:`verify`): :class:`AuthenticationError`.
+    Raises (from :meth:`verify`): :class:`AuthenticationError` (reasons as in the module
+    docstring, plus ``client`` for an ``azp`` other than ``authorized_party``).
     """
 
     def __init__(
@@ -116,9 +122,16 @@ class TokenVerifier:
         clock: Callable[[], float] | None = None,
         fetch: Callable[[str], Any] | None = None,
         min_refresh: float = 10.0,
+        authorized_party: str | Collection[str] | None = None,
     ) -> None:
         if not issuer or not audience:
             raise ValueError("an issuer and an audience are required")
+        if isinstance(authorized_party, str):
+            authorized_party = (authorized_party,)
+        self.authorized_party: frozenset[str] | None = (
+            None if authorized_party is None else frozenset(authorized_party))
+        if self.authorized_party is not None and not self.authorized_party:
+            raise ValueError("authorized_party names no client (None accepts any)")
         self.issuer = issuer  # compared exactly with iss (some issuers end with "/")
         self.audience = audience
         self.leeway = float(leeway)
@@ -207,6 +220,12 @@ class TokenVerifier:
             raise AuthenticationError("audience", f"the token is not meant for {self.audience}") from None
         except jwt.PyJWTError as exc:
             raise AuthenticationError("malformed", f"the bearer token is not valid: {exc}") from None
+        # Before the times: a token of another client is refused as such even when expired, so
+        # that its refresh token is never spent on its behalf.
+        azp = claims.get("azp")
+        if self.authorized_party is not None and (not isinstance(azp, str) or azp not in self.authorized_party):
+            raise AuthenticationError("client", f"the token was issued to another client (azp {azp!r}, "
+                                                f"expected {' or '.join(sorted(self.authorized_party))})")
         now = self.clock()
         try:
             exp, nbf, iat = float(claims["exp"]), float(claims.get("nbf", 0)), float(claims.get("iat", 0))

@@ -73,15 +73,22 @@ class KeysConfig(_Strict):
 
 def dsn_problem(dsn: str) -> str | None:
     """What is wrong with a key store URI, or None: a password in it (the config is no place for
-    secrets), no database name, or a scheme other than ``postgresql://``."""
+    secrets; ``sslpassword``, a client key's passphrase, neither), an ``sslmode`` libpq does not
+    know, no database name, or a scheme other than ``postgresql://``. TLS parameters
+    (``sslmode=verify-full&sslrootcert=/path/ca.pem``) are accepted."""
     from urllib.parse import parse_qs, urlparse
 
     u = urlparse(dsn)
     if u.scheme.lower() not in ("postgresql", "postgres"):
         return f"key store {u.scheme}:// is not supported: an SQLite file path or postgresql://"
-    if u.password is not None or "password" in {k.lower() for k in parse_qs(u.query)}:
+    query = parse_qs(u.query)
+    if u.password is not None or {k.lower() for k in query} & {"password", "sslpassword"}:
         return ("the key store DSN holds a password: a config file is not a place for secrets. "
                 "Set PGPASSWORD in the environment or use ~/.pgpass")
+    modes = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+    bad = [m for m in query.get("sslmode", []) if m not in modes]
+    if bad:
+        return f"the key store DSN's sslmode={bad[0]!r} is not one of {', '.join(modes)} (verify-full checks the server)"
     if not u.path.strip("/"):
         return "the key store DSN names no database (postgresql://user@host:port/DBNAME)"
     return None
@@ -171,9 +178,32 @@ class TrinoConfig(_Strict):
 
 
 class OnlineStoreConfig(_Strict):
+    """Feast's online store. Redis: ``connection_string`` in Feast's format (``host:port,db=1,ssl=true,
+    ssl_ca_certs=ca.pem``), never with a password: that comes from $LAKEWARDEN_REDIS_PASSWORD
+    (features/online.py adds it in memory)."""
+
     type: Literal["sqlite", "redis"] = "sqlite"
     path: str = ".lakewarden/feast/online.db"
-    connection_string: str = "127.0.0.1:6379"
+    connection_string: str = Field(
+        default="127.0.0.1:6379",
+        description="Redis as host:port,param=value,... (Feast's format, passed to redis.Redis): ssl=true, "
+                    "ssl_ca_certs=<CA file>, db=N, username=...; the password from $LAKEWARDEN_REDIS_PASSWORD, "
+                    "never here; with auth.enabled only verified TLS is accepted",
+    )
+
+    @field_validator("connection_string")
+    @classmethod
+    def _no_secrets(cls, v: str) -> str:
+        parts = [p.strip() for p in v.split(",")]
+        bad = sorted({p.split("=", 1)[0] for p in parts if "=" in p and "password" in p.split("=", 1)[0].lower()})
+        if any("@" in p for p in parts if "=" not in p):
+            bad.append("user:password@host")
+        if bad:
+            raise ValueError(
+                f"features.online.connection_string holds a secret ({', '.join(bad)}): a config file is not a place "
+                "for secrets. Set LAKEWARDEN_REDIS_PASSWORD in the environment instead (the value is not shown here)"
+            )
+        return v
 
 
 class FeaturesConfig(_Strict):
@@ -210,6 +240,22 @@ class StreamingConfig(_Strict):
     )
 
 
+class ServingConfig(_Strict):
+    """The predictor (``lakewarden serve``): HTTPS when a certificate is given. With ``auth.enabled``
+    it must be: bearer tokens are not sent in clear, so the server refuses to start without one."""
+
+    tls_cert: str | None = Field(default=None, description="PEM certificate chain the predictor serves (leaf first)")
+    tls_key: str | None = Field(default=None, description="its PEM private key (a file readable by its owner only)")
+    tls_ca: str | None = Field(default=None, description="the CA file clients of the predictor trust (deploy's "
+                               "health probe; default: the system's trust store)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "ServingConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("serving.tls_cert and serving.tls_key go together: give both or neither")
+        return self
+
+
 class AuthConfig(_Strict):
     """Bearer-token authentication (governance/authn.py): an OIDC issuer whose signed tokens name the
     caller and, in ``groups_claim``, the policy roles it holds. Off by default; nothing secret here."""
@@ -221,6 +267,11 @@ class AuthConfig(_Strict):
     username_claim: str = "preferred_username"
     jwks_url: str | None = Field(default=None, description="default: jwks_uri of the issuer's discovery document")
     leeway_seconds: int = Field(default=30, ge=0, le=300, description="clock skew tolerated on exp/nbf/iat")
+    cli_client: str = Field(
+        default="lakewarden-cli", min_length=1,
+        description="the OAuth client `lakewarden login` asks for (device flow) and refreshes with; a cached "
+                    "CLI token whose azp names another client is refused. $LAKEWARDEN_AUTH_CLIENT, when set, "
+                    "takes precedence over this field, which takes precedence over the default lakewarden-cli")
 
     @model_validator(mode="after")
     def _issuer(self) -> "AuthConfig":
@@ -250,6 +301,7 @@ class ProjectConfig(_Strict):
     requests: RequestsConfig = RequestsConfig()
     streaming: StreamingConfig = StreamingConfig()
     auth: AuthConfig = AuthConfig()
+    serving: ServingConfig = ServingConfig()
     policies: list[str] = Field(default_factory=lambda: ["policies/*.yaml"], min_length=1)
 
     # Set by load_config: the file itself, and the folder relative paths are resolved against.

@@ -25,7 +25,7 @@ from cli_helpers import lw_in
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from governance.tokens import (DEVICE_GRANT, ClaimRefused, CliIdentity, LoginError, LoginRequired, TokenCache,
-                               TokenSet, device_login)
+                               TokenSet, device_login, token_ref)
 
 REPO = Path(__file__).resolve().parents[1]
 ISSUER = "https://idp.example/realms/lakewarden"
@@ -299,6 +299,24 @@ def _claims(token: str) -> dict:
     return jwt.decode(token, options={"verify_signature": False})
 
 
+def _events(proj: Path, kek: dict[str, str], action: str | None = None) -> list[dict]:
+    """The project's audit events (of ``action`` when given), details parsed."""
+    from governance.workspace import Workspace
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LAKEWARDEN_KEK", kek["LAKEWARDEN_KEK"])
+        with Workspace.open(proj / "lakewarden.yaml") as ws:
+            events = ws.audit.query(action=action).to_pylist()
+    return [{**e, "details": json.loads(e["details"] or "{}")} for e in events]
+
+
+def _secret_free(events: list[dict], *secrets: str) -> None:
+    """No field of any event holds a secret (nor a token's signature part)."""
+    text = json.dumps(events, default=str)
+    for s in secrets:
+        assert s not in text and (s.count(".") != 2 or s.split(".")[2] not in text)
+
+
 @pytest.mark.slow
 def test_login_by_device_code_then_the_cli_acts_as_the_verified_user_only(kc_project):
     from governance.workspace import Workspace
@@ -309,6 +327,7 @@ def test_login_by_device_code_then_the_cli_acts_as_the_verified_user_only(kc_pro
     code, out, err, page = _login(proj, env, realm, "dana")
     assert code == 0, (out, err, page[-2000:])
     assert "To log in, open http://127.0.0.1:" in out and "logged in as dana (data_engineer)" in out
+    user_code = re.search(r"enter the code (\S+)", out).group(1)
     [cache] = (home / ".cache" / "lakewarden" / "tokens").glob("ws*.json")
     assert stat.S_IMODE(cache.stat().st_mode) == 0o600 and stat.S_IMODE(cache.parent.stat().st_mode) == 0o700
     cached = json.loads(cache.read_text())
@@ -330,20 +349,33 @@ def test_login_by_device_code_then_the_cli_acts_as_the_verified_user_only(kc_pro
     decisions = [e for e in events if e["action"] == "gate.decide"]
     assert [e["actor"] for e in decisions] == ["dana"], decisions  # the refused claims decided nothing
     assert cached["access_token"] not in json.dumps(events, default=str)
+    claims = _claims(cached["access_token"])
+    [ev] = [e for e in _events(proj, kek, "auth.login") if e["actor"] == "dana"]
+    assert (ev["outcome"], ev["resource"]) == ("ok", "system:auth")
+    assert ev["details"] == {"issuer": realm.issuer, "subject": claims["sub"], "roles": ["data_engineer"],
+                             "expires": claims["exp"], "client": "lakewarden-cli",
+                             "token_ref": token_ref(cached["access_token"], claims.get("jti"))}
 
     p = lw_in(proj, "logout", env=env)
     assert p.returncode == 0 and "logged out" in p.stdout and not cache.exists()
     p = lw_in(proj, *GATE, env=env)
     assert p.returncode == 2 and "not logged in" in p.stderr
+    [out_ev] = [e for e in _events(proj, kek, "auth.logout") if e["details"].get("token_ref") == ev["details"]["token_ref"]]
+    assert (out_ev["actor"], out_ev["outcome"]) == ("dana", "ok")
+    _secret_free(_events(proj, kek), cached["access_token"], cached["refresh_token"], user_code)
 
 
 @pytest.mark.slow
 def test_a_login_denied_in_the_browser_caches_nothing(kc_project):
     proj, kek, realm, d = kc_project
     home = d / "home-denied"
+    before = len(_events(proj, kek, "auth.login"))
     code, out, err, page = _login(proj, _home_env(kek, home, proj), realm, "ana", accept=False)
     assert code == 2 and "login denied in the browser" in err, (out, err, page[-1500:])
     assert not list((home / ".cache" / "lakewarden").glob("tokens/*.json"))
+    [ev] = _events(proj, kek, "auth.login")[before:]
+    assert (ev["actor"], ev["outcome"], ev["details"]["reason"]) == ("(unverified)", "deny", "denied")
+    _secret_free([ev], re.search(r"enter the code (\S+)", out).group(1))
 
 
 def _password_tokens(realm, user: str, client_id: str) -> dict:
@@ -372,7 +404,7 @@ def test_an_expired_access_token_is_refreshed_and_a_dead_refresh_says_to_log_in(
     refresh token the issuer refuses, it says to log in again."""
     proj, kek, realm, d = kc_project
     home = d / "home-refresh"
-    env = _home_env(kek, home, proj)
+    env = {**_home_env(kek, home, proj), "LAKEWARDEN_AUTH_CLIENT": "lakewarden-test-short"}  # its tokens' azp
     body = _password_tokens(realm, "sam", "lakewarden-test-short")
     old = TokenSet.from_response(realm.issuer, "lakewarden-test-short", body, now=time.time())
     path = _seed(proj, home, old)
@@ -381,12 +413,20 @@ def test_an_expired_access_token_is_refreshed_and_a_dead_refresh_says_to_log_in(
     assert "sam (data_scientist) may not run stage 'ingest'" in p.stderr, p.stderr  # decided for sam, verified
     new = json.loads(path.read_text())
     assert new["access_token"] != old.access_token and stat.S_IMODE(path.stat().st_mode) == 0o600
+    [ev] = [e for e in _events(proj, kek, "auth.refresh")
+            if e["details"]["previous_token_ref"] == token_ref(old.access_token, _claims(old.access_token).get("jti"))]
+    assert (ev["actor"], ev["details"]["client"]) == ("sam", "lakewarden-test-short")
+    assert ev["details"]["token_ref"] == token_ref(new["access_token"], _claims(new["access_token"]).get("jti"))
+    _secret_free([ev], old.access_token, old.refresh_token, new["access_token"], new["refresh_token"])
 
     _seed(proj, home, TokenSet(issuer=realm.issuer, client_id="lakewarden-test-short",
                                access_token=old.access_token, refresh_token="not-a-refresh-token"))
     p = lw_in(proj, *GATE, env=env)
     assert p.returncode == 2 and "your login has expired and cannot be renewed" in p.stderr, p.stderr
     assert "hint: run `lakewarden login`" in p.stderr
+    refused = _events(proj, kek, "auth.refused")[-1]
+    assert (refused["actor"], refused["details"]["reason"], refused["details"]["claimed_user"]) == (
+        "(unverified)", "refresh", "sam")
 
 
 @pytest.mark.slow
@@ -404,7 +444,8 @@ def test_refresh_follows_an_injected_clock(kc_project):
     cfg = load_config(proj / "lakewarden.yaml")
     exp = _claims(old.access_token)["exp"]
     time.sleep(2.1)
-    actor = CliIdentity(cfg.auth, load_policies(cfg.policy_files()), TokenCache(path), clock=lambda: exp + 1).actor()
+    auth = cfg.auth.model_copy(update={"cli_client": "lakewarden-test"})  # auth.cli_client: its tokens' azp
+    actor = CliIdentity(auth, load_policies(cfg.policy_files()), TokenCache(path), clock=lambda: exp + 1).actor()
     assert (actor.name, actor.roles) == ("mel", ("ml_engineer",))
     assert json.loads(path.read_text())["access_token"] != old.access_token
 
@@ -413,7 +454,7 @@ def test_refresh_follows_an_injected_clock(kc_project):
 def test_a_tampered_or_forged_cached_token_is_refused(kc_project):
     proj, kek, realm, d = kc_project
     home = d / "home-forged"
-    env = _home_env(kek, home, proj)
+    env = {**_home_env(kek, home, proj), "LAKEWARDEN_AUTH_CLIENT": "lakewarden-test"}
     body = _password_tokens(realm, "ana", "lakewarden-test")
     tok = body["access_token"]
     head, payload, sig = tok.split(".")
@@ -428,6 +469,18 @@ def test_a_tampered_or_forged_cached_token_is_refused(kc_project):
         p = lw_in(proj, *GATE, env=env)
         assert p.returncode == 2 and "your cached login does not verify" in p.stderr, p.stderr
         assert "carla" not in p.stdout
+        ev = _events(proj, kek, "auth.refused")[-1]
+        assert (ev["actor"], ev["outcome"], ev["details"]["reason"], ev["details"]["claimed_user"]) == (
+            "(unverified)", "deny", "signature", "carla")
+        assert ev["details"]["token_ref"] == token_ref(bad, claims.get("jti"))
+        _secret_free([ev], bad, body["refresh_token"])
+    # A genuine token of another client of the issuer (here the test client) is not the CLI's.
+    _seed(proj, home, TokenSet(issuer=realm.issuer, client_id="lakewarden-cli", access_token=tok,
+                               refresh_token=body["refresh_token"]))
+    p = lw_in(proj, *GATE, env={k: v for k, v in env.items() if k != "LAKEWARDEN_AUTH_CLIENT"})
+    assert p.returncode == 2 and "issued to another client" in p.stderr, p.stderr
+    ev = _events(proj, kek, "auth.refused")[-1]
+    assert (ev["details"]["reason"], ev["details"]["claimed_user"]) == ("client", "ana")
 
 
 def test_claim_refused_is_a_user_error():

@@ -58,7 +58,7 @@ class State:
         if ws.config.auth.enabled:
             from governance.tokens import acting_user
 
-            return acting_user(ws.config, ws.policies, claimed=self.user, claimed_by=self.claim_label())
+            return acting_user(ws, claimed=self.user, claimed_by=self.claim_label())
         return ws.actor(self.user)
 
     def service_actor(self) -> "Actor":
@@ -72,9 +72,9 @@ class State:
         from governance.tokens import LoginRequired, acting_user
 
         if self.user and self.user_from != "LAKEWARDEN_USER":
-            return acting_user(ws.config, ws.policies, claimed=self.user, claimed_by=self.claim_label())
+            return acting_user(ws, claimed=self.user, claimed_by=self.claim_label())
         try:
-            return acting_user(ws.config, ws.policies)
+            return acting_user(ws)
         except LoginRequired:
             if not self.user:
                 raise

@@ -27,13 +27,11 @@ def login(
     timeout: Annotated[int, typer.Option(help="Give up after this many seconds.", min=1)] = 600,
 ) -> None:
     """Log in to the workspace's identity provider (device code: approve in a browser); the token is cached."""
-    from governance.tokens import acting_user, login as device_login
+    from governance.tokens import login as device_login
 
-    st = state(ctx)
-    ws = st.workspace()
-    if st.user and ws.config.auth.enabled:  # refused here as everywhere: the login names the user
-        acting_user(ws.config, ws.policies, claimed=st.user, claimed_by=st.claim_label())
-    actor, path = device_login(ws.config, ws.policies, on_code=_show_code, timeout=timeout)
+    st = state(ctx)  # --as / LAKEWARDEN_USER are passed on to be refused: the login names the user
+    actor, path = device_login(st.workspace(), on_code=_show_code, timeout=timeout, claimed=st.user,
+                               claimed_by=st.claim_label())
     console.print(f"[green]logged in[/] as {actor.name} ({', '.join(actor.roles)}); token cached in {path}",
                   highlight=False, soft_wrap=True)
 
@@ -43,6 +41,6 @@ def logout(ctx: typer.Context) -> None:
     """Forget this workspace's cached login (the token file is deleted)."""
     from governance.tokens import logout as forget
 
-    path = forget(state(ctx).workspace().config)
+    path = forget(state(ctx).workspace())
     console.print(f"logged out: deleted {path}" if path else "not logged in to this workspace", highlight=False,
                   soft_wrap=True)
