@@ -5,7 +5,9 @@ here as Feast objects: one entity per dataset whose join key is the subject key 
 pseudonymous token, never a raw identifier — and one feature view per declaration, reading
 ``silver.<dataset>`` through :class:`features.offline.LakewardenOfflineStore` (Delta via
 deltalake, point-in-time joins by Feast). Online: SQLite (embedded) or Redis, chosen in
-``lakewarden.yaml`` (``features.online``).
+``lakewarden.yaml`` (``features.online``). Feast reaches Redis only as :mod:`features.online`
+says (TLS required with auth on, the password from the environment, in memory only), and after
+the database was checked to be this workspace's; a Redis failure is :class:`features.online.OnlineStoreError`.
 
 Every request states a purpose and goes through the gate first: features derived from
 sensitive attributes are served only for purposes the policy allows; a denial names the
@@ -110,7 +112,10 @@ class Features:
             }
         online = self.cfg.online
         if online.type == "redis":
-            online_cfg: Any = RedisOnlineStoreConfig(connection_string=online.connection_string)
+            from features.online import feast_connection_string
+
+            # Checked (plaintext refused with auth on) and with the password: in memory only, never a file.
+            online_cfg: Any = RedisOnlineStoreConfig(connection_string=feast_connection_string(self.ws))
         else:
             online_cfg = SqliteOnlineStoreConfig(path=str(self.ws.config.path(online.path)))
         return RepoConfig(
@@ -127,12 +132,22 @@ class Features:
     def store(self) -> Any:
         from feast import FeatureStore
 
-        if self.cfg.online.type == "redis":  # only this workspace's Redis database (features/online.py)
+        if self.cfg.online.type == "redis":  # only this workspace's Redis database, reached as features/online.py says
             from features.online import redis_client
 
             redis_client(self.ws).close()
         self.ws.config.path(self.cfg.registry).parent.mkdir(parents=True, exist_ok=True)
         return FeatureStore(config=self.repo_config())
+
+    def _reraise_online(self, exc: Exception) -> None:
+        """Raise a Redis failure of Feast's as :class:`features.online.OnlineStoreError` (one line, the
+        password redacted); return for anything else, which the caller re-raises as it is."""
+        if self.cfg.online.type == "redis":
+            from features.online import online_error
+
+            err = online_error(self.ws, exc)
+            if err is not None:
+                raise err from None
 
     def objects(self) -> list[Any]:
         """Entities and feature views generated from the policies."""
@@ -230,7 +245,11 @@ class Features:
         self.ws.gate.enforce(Stage.MAINTAIN, actor, Resource.system("features"))
         self._trino_scratch()
         objs = self.objects()
-        self.store.apply(objs)
+        try:
+            self.store.apply(objs)
+        except Exception as exc:
+            self._reraise_online(exc)
+            raise
         names = [o.name for o in objs]
         self.ws.audit.record("features.apply", actor=actor.name, outcome="ok", resource="system:features",
                              details={"objects": names})
@@ -244,7 +263,11 @@ class Features:
 
             check_server(self.ws)
         end = end or datetime.now(timezone.utc)
-        self.store.materialize_incremental(end_date=end)
+        try:
+            self.store.materialize_incremental(end_date=end)
+        except Exception as exc:
+            self._reraise_online(exc)
+            raise
         versions = {}
         for obj in self.objects():
             tags = getattr(obj, "tags", None) or {}
@@ -376,7 +399,11 @@ class Features:
         bad = [t for t in tokens if not isinstance(t, str) or not TOKEN_RE.match(t)]
         if bad:
             raise FeatureError(f"{len(bad)} entity value(s) are not subject tokens (raw identifiers are never used)")
-        resp = self.store.get_online_features(features=features, entity_rows=[{pol.subject_key: t} for t in tokens])
+        try:
+            resp = self.store.get_online_features(features=features, entity_rows=[{pol.subject_key: t} for t in tokens])
+        except Exception as exc:
+            self._reraise_online(exc)
+            raise
         values = resp.to_dict()
         if as_dict:
             return values
