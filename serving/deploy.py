@@ -18,6 +18,14 @@ them by the deployer (separation of duties). A deny ends here with the rule name
 
 Either way the deployment is recorded in the registry (status ``deployed``) and audited.
 
+**HTTPS.** With ``serving.tls_cert``/``serving.tls_key`` configured the local predictor serves
+HTTPS: every probe here (readiness, identity, list, stop) goes over https to ``127.0.0.1`` and
+verifies the server's certificate against ``serving.tls_ca`` (the system's trust store when it
+is unset), and the deployment's URL — printed and recorded — is ``https://127.0.0.1:<port>``.
+A certificate that does not verify is an error that says so (``UntrustedPredictor``), never a
+server taken on trust. With ``auth.enabled`` and no certificate, a local deploy is refused before
+anything starts (:class:`governance.tls.PlaintextRefused`, exit 2), and so is a k8s render.
+
 A local predictor is also recorded in ``<workspace>/serving/deployments/<port>.json`` (model,
 port, process id, when it started — nothing personal). :func:`list_deployments` reads those
 records and asks each port whose server answers; :func:`stop_deployments` stops this
@@ -31,21 +39,25 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from governance.errors import LakewardenError
+from governance.config import ProjectConfig
+from governance.errors import ConfigError, LakewardenError
 from governance.gate import Actor, Resource
 from governance.identity import ForeignServer, workspace_id
 from governance.policy import Stage
 from governance.workspace import Workspace
-from serving.identity import read_identity
+from serving.identity import IDENTITY_PATH, read_identity
 from training.registry import ModelRef, Registry, model_name
 
 
@@ -59,13 +71,66 @@ class DeploymentNotFound(DeployError):
     exit_code = 2
 
 
-def wait_ready(url: str, name: str, *, timeout: float = 60, proc: subprocess.Popen | None = None) -> None:
+class UntrustedPredictor(DeployError):
+    """The predictor's certificate does not verify against ``serving.tls_ca`` (or the system's trust
+    store): it is not taken for this workspace's server (exit 2: the configuration must change)."""
+
+    exit_code = 2
+
+
+def _untrusted(url: str, exc: BaseException, config: ProjectConfig | None) -> UntrustedPredictor:
+    ca = config.serving.tls_ca if config is not None else None
+    trust = f"serving.tls_ca ({config.path(ca)})" if config is not None and ca else "the system's trust store"
+    why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+    return UntrustedPredictor(f"the predictor at {url} presents a certificate that does not verify against {trust}: {why}",
+                              hint="set serving.tls_ca to the CA file that signed serving.tls_cert (a certificate "
+                                   "for 127.0.0.1)")
+
+
+def client_tls(config: ProjectConfig) -> ssl.SSLContext:
+    """How deploy trusts the predictor: ``serving.tls_ca``, else the system's trust store (hosts verified).
+
+    Raises:
+        ConfigError: ``serving.tls_ca`` names no file.
+    """
+    ca = config.serving.tls_ca
+    if ca is None:
+        return ssl.create_default_context()
+    path = config.path(ca)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist or is not a file", path=str(config.source or config.base_dir / "lakewarden.yaml"),
+                          field="serving.tls_ca", hint="point it at the CA certificate (PEM) that signed serving.tls_cert")
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{path} holds no PEM CA certificate ({exc.reason or exc})",
+                          path=str(config.source or config.base_dir / "lakewarden.yaml"), field="serving.tls_ca") from None
+
+
+def local_url(config: ProjectConfig, port: int) -> str:
+    """The local predictor's URL: https when ``serving.tls_cert`` is configured."""
+    return f"{'https' if config.serving.tls_cert else 'http'}://127.0.0.1:{port}"
+
+
+def wait_ready(url: str, name: str, *, timeout: float = 60, proc: subprocess.Popen | None = None,
+               context: ssl.SSLContext | None = None, config: ProjectConfig | None = None) -> None:
+    """Poll ``<url>/v2/models/<name>/ready`` until it answers 200 (``context``: the trust for https).
+
+    Raises:
+        UntrustedPredictor: the server's certificate does not verify (at once: waiting changes nothing).
+        DeployError: the process exited first, or the time ran out.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/v2/models/{name}/ready", timeout=1) as r:
+            with urllib.request.urlopen(f"{url}/v2/models/{name}/ready", timeout=1, context=context) as r:
                 if r.status == 200:
                     return
+        except ssl.SSLCertVerificationError as exc:
+            raise _untrusted(url, exc, config) from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ssl.SSLCertVerificationError):
+                raise _untrusted(url, exc.reason, config) from None
         except OSError:
             pass
         if proc is not None and proc.poll() is not None:
@@ -74,9 +139,38 @@ def wait_ready(url: str, name: str, *, timeout: float = 60, proc: subprocess.Pop
     raise DeployError(f"the predictor at {url} did not become ready within {timeout:.0f}s")
 
 
+def predictor_identity(ws: Workspace, port: int, *, https: bool | None = None, timeout: float = 2) -> dict[str, Any] | None:
+    """:func:`serving.identity.read_identity` over https when the predictor serves it (``https``; None:
+    as configured), verified against :func:`client_tls`: None if nothing listens, ``{}`` if what
+    answers is not a Lakewarden predictor.
+
+    Raises:
+        UntrustedPredictor: an https server whose certificate does not verify.
+    """
+    if not (ws.config.serving.tls_cert is not None if https is None else https):
+        return read_identity(port, timeout=timeout)
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=timeout).close()
+    except OSError:
+        return None
+    url = f"https://127.0.0.1:{port}"
+    try:
+        with urllib.request.urlopen(f"{url}{IDENTITY_PATH}", timeout=timeout, context=client_tls(ws.config)) as r:
+            out = json.loads(r.read())
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            raise _untrusted(url, exc.reason, ws.config) from None
+        return {}
+    except ssl.SSLCertVerificationError as exc:
+        raise _untrusted(url, exc, ws.config) from None
+    except (OSError, ValueError):
+        return {}
+    return out if isinstance(out, dict) and isinstance(out.get("workspace_id"), str) else {}
+
+
 def check_predictor(ws: Workspace, port: int, model: str, ident: dict[str, Any] | None = None) -> dict[str, Any]:
     """The identity of the predictor on the port if it is this workspace's server of ``model``; raise otherwise."""
-    ident = read_identity(port) if ident is None else ident
+    ident = predictor_identity(ws, port) if ident is None else ident
     ours, where = workspace_id(ws.config), f"127.0.0.1:{port}"
     if not ident:
         raise ForeignServer("The predictor port", where, None, ours=ours,
@@ -122,7 +216,7 @@ def deploy(ws: Workspace, actor: Actor, ref: ModelRef | str, *, target: Literal[
 
         # A registry in the bucket: the predictor's storage initializer reads the version from there.
         where = {"storage_uri": reg.uri(card.ref)} if reg.in_bucket else {}
-        path = write_manifest(card, out_dir or ws.config.workspace_dir / "deploy", **where)
+        path = write_manifest(card, out_dir or ws.config.workspace_dir / "deploy", config=ws.config, **where)
         import yaml
 
         problems = validate(yaml.safe_load(path.read_text()))
@@ -130,10 +224,22 @@ def deploy(ws: Workspace, actor: Actor, ref: ModelRef | str, *, target: Literal[
             raise DeployError(f"rendered manifest {path} is invalid: {'; '.join(problems)}")
         out["manifest"] = str(path)
     else:
+        url = local_url(ws.config, port)
+        context = None
+        if ws.config.serving.tls_cert is None:
+            from governance.tls import refuse_plaintext
+
+            refuse_plaintext(ws.config, "the predictor", f"127.0.0.1:{port}",
+                             hint="set serving.tls_cert, serving.tls_key and serving.tls_ca in lakewarden.yaml "
+                                  "(docs/configuration.md), or deploy with auth off")
+        else:  # missing files, a key others may read, a missing tls_ca: refused here, before a server starts
+            from serving.model import tls_files
+
+            tls_files(ws.config)
+            context = client_tls(ws.config)
         logs = ws.config.workspace_dir / "serving"
         logs.mkdir(parents=True, exist_ok=True)
-        url = f"http://127.0.0.1:{port}"
-        found = read_identity(port)
+        found = predictor_identity(ws, port)
         if found is not None:  # a server on the port already: used only if it is ours, with this model
             ident = check_predictor(ws, port, str(card.ref), found)
             out.update({"url": url, "pid": ident.get("pid"), "existing": True})
@@ -147,7 +253,9 @@ def deploy(ws: Workspace, actor: Actor, ref: ModelRef | str, *, target: Literal[
                                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 try:
-                    wait_ready(url, card.name, proc=proc)
+                    wait_ready(url, card.name, proc=proc, context=context, config=ws.config)
+                except UntrustedPredictor:
+                    raise
                 except DeployError as exc:
                     if read_identity(port) is None:
                         raise DeployError(f"{exc.message}; see {log_path}") from None
@@ -245,7 +353,10 @@ def _recorded(ws: Workspace) -> list[tuple[Path, Deployment]]:
 
 
 def _status(ws: Workspace, d: Deployment) -> DeploymentStatus:
-    ident = read_identity(d.port)
+    try:
+        ident = predictor_identity(ws, d.port, https=d.url.startswith("https://"))
+    except UntrustedPredictor as exc:  # never signalled: it cannot prove it is ours
+        return DeploymentStatus(d, "replaced", exc.message)
     if ident is None:
         return DeploymentStatus(d, "stopped", "nothing listens on the port")
     if not ident:
@@ -332,5 +443,6 @@ def _terminate(d: Deployment, timeout: float) -> None:
     raise DeployError(f"the predictor {d.model} (process {d.pid}) on port {d.port} did not stop")
 
 
-__all__ = ["deploy", "Deployed", "DeployError", "DeploymentNotFound", "Deployment", "DeploymentStatus", "check_predictor", "list_deployments",
-           "stop_deployments", "wait_ready"]
+__all__ = ["deploy", "Deployed", "DeployError", "DeploymentNotFound", "Deployment", "DeploymentStatus", "UntrustedPredictor",
+           "check_predictor", "client_tls", "list_deployments", "local_url", "predictor_identity", "stop_deployments",
+           "wait_ready"]

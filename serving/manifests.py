@@ -15,6 +15,17 @@ spent of the budget (``epsilon-spent``/``delta-spent``, ``unknown`` on older car
 approved and the sha256 of the card — never free text and never personal data (every value is scanned with
 :func:`governance.pii.find_pii`; a hit refuses the render).
 
+**HTTPS.** With ``tls`` (by default: when the configuration names ``serving.tls_cert``) the
+predictor serves HTTPS from a Kubernetes Secret of type ``kubernetes.io/tls`` — by default
+``<isvc name>-tls``, created by the operator (``kubectl create secret tls``; cert-manager) and
+never by this module: the manifest names the Secret and mounts it read-only at ``/etc/lakewarden-tls``
+(mode 0440, group-readable through the pod's ``fsGroup``: the container runs as non-root), and
+``lakewarden serve`` reads ``tls.crt``/``tls.key`` from there (``--tls-cert``/``--tls-key``). No
+certificate or key is ever written into the manifest (:func:`validate` refuses PEM text). The
+probes use ``scheme: HTTPS``, and the InferenceService asks for KServe's ``RawDeployment`` mode:
+Knative's queue-proxy would speak plain HTTP to the container. With ``auth.enabled`` and no TLS,
+the render is refused (:class:`governance.tls.PlaintextRefused`): bearer tokens never travel in clear.
+
 Rendering is not deploying: the deploy gate (``Stage.DEPLOY`` on
 :meth:`ModelCard.deploy_context`) decides before ``lakewarden deploy --target k8s`` calls
 :func:`write_manifest`. Nothing here talks to a cluster.
@@ -47,13 +58,16 @@ from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from governance.pii import find_pii
 from governance.policy import IDENT
 from training.registry import Approval, FairnessReport, LedgerRunCost, ModelCard, PrivacyCost, PrivacyGuarantee
+
+if TYPE_CHECKING:
+    from governance.config import ProjectConfig
 
 __all__ = [
     "API_VERSION",
@@ -65,9 +79,11 @@ __all__ = [
     "READINESS_PATH",
     "Resources",
     "STORAGE_SCHEMES",
+    "TLS_DIR",
     "example_card",
     "inference_service_name",
     "render_inference_service",
+    "tls_secret_name",
     "to_yaml",
     "validate",
     "write_manifest",
@@ -82,6 +98,10 @@ LIVENESS_PATH = "/v2/health/live"
 METRICS_PATH = "/metrics"
 MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
 CONFIG_DIR = "/etc/lakewarden"
+TLS_DIR = "/etc/lakewarden-tls"  # the kubernetes.io/tls Secret: tls.crt and tls.key
+TLS_FILE_MODE = 0o440  # owner root, group the pod's fsGroup: readable by the non-root server, never by others
+TLS_FS_GROUP = 2000  # the pod's fsGroup: the group the Secret's files belong to (added to the server's groups)
+_PEM = re.compile(r"-----BEGIN [A-Z0-9 ]+-----")
 LABEL_PREFIX = "lakewarden.io/"
 
 _HOST_SUFFIX = "-predictor-"  # KServe's default host label: <isvc>-predictor-<namespace>
@@ -239,6 +259,15 @@ def inference_service_name(name: str, version: int, *, namespace: str = "lakewar
     return f"{base[:keep].rstrip('-')}-{digest}{suffix}"
 
 
+def tls_secret_name(name: str, version: int, *, namespace: str = "lakewarden") -> str:
+    """The Secret a version's predictor reads its certificate from: ``<isvc name>-tls``.
+
+    >>> tls_secret_name("credit", 1)
+    'credit-v1-tls'
+    """
+    return f"{inference_service_name(name, version, namespace=namespace)}-tls"
+
+
 def _storage_uri(card: ModelCard, pvc: str) -> str:
     return f"pvc://{pvc}/{card.name}/{card.version}"
 
@@ -335,6 +364,9 @@ def render_inference_service(
     storage_uri: str | None = None,
     config_map: str = "lakewarden-config",
     secret: str = "lakewarden-predictor",
+    tls: bool | None = None,
+    tls_secret: str | None = None,
+    config: "ProjectConfig | None" = None,
 ) -> dict[str, Any]:
     """The KServe ``InferenceService`` for one model version, as a plain dict.
 
@@ -356,6 +388,11 @@ def render_inference_service(
         secret: the Secret whose keys become environment variables: the KEK the configuration's
             ``keys.kek`` names (``LAKEWARDEN_KEK``) and ``LAKEWARDEN_USER``, the principal the
             serve gate checks. Never written into the manifest.
+        tls: serve HTTPS from a ``kubernetes.io/tls`` Secret (see the module docstring). None: as
+            ``config`` says (``serving.tls_cert`` set), or plain HTTP without a config.
+        tls_secret: that Secret's name (default :func:`tls_secret_name`); giving one implies ``tls``.
+        config: the project configuration: decides ``tls`` when it is None, and with
+            ``auth.enabled`` refuses a plain-HTTP predictor.
 
     Returns:
         The manifest, ready for :func:`to_yaml` / :func:`validate`.
@@ -363,11 +400,29 @@ def render_inference_service(
     Raises:
         ValueError: bad replicas, a namespace or image that cannot be used, or a label or
             annotation value that looks like personal data.
+        PlaintextRefused: ``config`` has ``auth.enabled`` and the predictor would serve plain HTTP.
 
     >>> obj = render_inference_service(example_card())
     >>> obj["metadata"]["name"], obj["spec"]["predictor"]["minReplicas"]
     ('credit-v1', 1)
     """
+    name = inference_service_name(card.name, card.version, namespace=namespace)
+    if tls_secret is not None:
+        if tls is False:
+            raise ValueError("tls_secret names the predictor's TLS Secret: it cannot go with tls=False")
+        if len(tls_secret) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", tls_secret):
+            raise ValueError(f"tls_secret {tls_secret!r} is not a Kubernetes Secret name (DNS-1123 subdomain)")
+        tls = True
+    if tls is None:
+        tls = config is not None and config.serving.tls_cert is not None
+    if not tls and config is not None:
+        from governance.tls import refuse_plaintext
+
+        refuse_plaintext(config, "the predictor", f"InferenceService {namespace}/{name}",
+                         hint="set serving.tls_cert/tls_key (the predictor then reads a kubernetes.io/tls Secret "
+                              f"named {name}-tls), or render with tls=True")
+    if tls and tls_secret is None:
+        tls_secret = f"{name}-tls"
     kserve, k8s = _sdk()
     lo, hi = replicas
     if any(isinstance(r, bool) or not isinstance(r, int) for r in replicas) or lo < 0 or hi < 1 or lo > hi:
@@ -393,7 +448,7 @@ def render_inference_service(
             raise ValueError(f"label {key}={value!r} is not a valid Kubernetes label value")
 
     probe = lambda path, delay: k8s.V1Probe(  # noqa: E731
-        http_get=k8s.V1HTTPGetAction(path=path, port=HTTP_PORT),
+        http_get=k8s.V1HTTPGetAction(path=path, port=HTTP_PORT, scheme="HTTPS" if tls else None),
         initial_delay_seconds=delay,
         period_seconds=10,
         timeout_seconds=5,
@@ -403,7 +458,8 @@ def render_inference_service(
         name=CONTAINER_NAME,
         image=image,
         command=["lakewarden"],
-        args=["serve", "--model", str(card.ref)],
+        args=["serve", "--model", str(card.ref),
+              *(["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"] if tls else [])],
         ports=[k8s.V1ContainerPort(container_port=HTTP_PORT, name="http1", protocol="TCP")],
         env=[
             k8s.V1EnvVar(name="LAKEWARDEN_CONFIG", value=f"{CONFIG_DIR}/lakewarden.yaml"),
@@ -414,28 +470,37 @@ def render_inference_service(
         resources=k8s.V1ResourceRequirements(requests=resources.requests(), limits=resources.limits()),
         readiness_probe=probe(READINESS_PATH, 5),
         liveness_probe=probe(LIVENESS_PATH, 15),
-        volume_mounts=[k8s.V1VolumeMount(name="lakewarden-config", mount_path=CONFIG_DIR, read_only=True)],
+        volume_mounts=[
+            k8s.V1VolumeMount(name="lakewarden-config", mount_path=CONFIG_DIR, read_only=True),
+            *([k8s.V1VolumeMount(name="lakewarden-tls", mount_path=TLS_DIR, read_only=True)] if tls else []),
+        ],
         security_context=k8s.V1SecurityContext(
             allow_privilege_escalation=False,
             run_as_non_root=True,
             capabilities=k8s.V1Capabilities(drop=["ALL"]),
         ),
     )
+    volumes = [k8s.V1Volume(name="lakewarden-config", config_map=k8s.V1ConfigMapVolumeSource(name=config_map))]
+    if tls:  # the Secret by name: its key and certificate never pass through here
+        volumes.append(k8s.V1Volume(name="lakewarden-tls", secret=k8s.V1SecretVolumeSource(
+            secret_name=tls_secret, default_mode=TLS_FILE_MODE,
+            items=[k8s.V1KeyToPath(key="tls.crt", path="tls.crt"), k8s.V1KeyToPath(key="tls.key", path="tls.key")])))
+        annotations = {**annotations, "serving.kserve.io/deploymentMode": "RawDeployment",
+                       f"{LABEL_PREFIX}tls-secret": tls_secret}
     predictor = kserve.V1beta1PredictorSpec(
         min_replicas=lo,
         max_replicas=hi,
         service_account_name=service_account,
         annotations={"prometheus.kserve.io/port": str(HTTP_PORT), "prometheus.kserve.io/path": METRICS_PATH},
         containers=[container],
-        volumes=[
-            k8s.V1Volume(name="lakewarden-config", config_map=k8s.V1ConfigMapVolumeSource(name=config_map)),
-        ],
+        volumes=volumes,
+        security_context=k8s.V1PodSecurityContext(fs_group=TLS_FS_GROUP) if tls else None,
     )
     isvc = kserve.V1beta1InferenceService(
         api_version=API_VERSION,
         kind=KIND,
         metadata=k8s.V1ObjectMeta(
-            name=inference_service_name(card.name, card.version, namespace=namespace),
+            name=name,
             namespace=namespace,
             labels=labels,
             annotations=annotations,
@@ -494,6 +559,7 @@ def write_manifest(card: ModelCard, out_dir: Path | str, **options: Any) -> Path
 
     Raises:
         ValueError: the rendered manifest does not validate (a bug, or options that break it).
+        PlaintextRefused: ``config`` has ``auth.enabled`` and the predictor would serve plain HTTP.
     """
     obj = render_inference_service(card, **options)
     problems = validate(obj)
@@ -619,6 +685,30 @@ def _structure(obj: Mapping[str, Any]) -> Iterator[str]:
         yield f"{where} gets no model artifacts (no STORAGE_URI env and no volume mount)"
     elif env.get("STORAGE_URI"):
         yield from (f"{where}.env: {p}" for p in _storage_problems(env["STORAGE_URI"]))
+    yield from _tls_problems(pred, c, where)
+
+
+def _tls_problems(pred: Mapping[str, Any], c: Mapping[str, Any], where: str) -> Iterator[str]:
+    """Secrets mounted read-only; with ``--tls-cert``: the files from a mounted Secret, HTTPS probes."""
+    volumes = {v.get("name"): v for v in pred.get("volumes") or () if isinstance(v, Mapping)}
+    secret_mounts = {}
+    for i, m in enumerate(c.get("volumeMounts") or ()):
+        if isinstance(m, Mapping) and isinstance(volumes.get(m.get("name")), Mapping) and "secret" in volumes[m.get("name")]:
+            secret_mounts[m.get("mountPath")] = m
+            if m.get("readOnly") is not True:
+                yield f"{where}.volumeMounts[{i}] mounts the Secret volume '{m.get('name')}' writable: mount it readOnly"
+    args = [a for a in c.get("args") or () if isinstance(a, str)]
+    if "--tls-cert" not in args and "--tls-key" not in args:
+        return
+    for flag in ("--tls-cert", "--tls-key"):
+        at = args.index(flag) + 1 if flag in args else None
+        path = args[at] if at is not None and at < len(args) else None
+        if path is None or not any(isinstance(d, str) and path.startswith(d.rstrip("/") + "/") for d in secret_mounts):
+            yield f"{where}.args: {flag} must name a file of a mounted Secret volume (kubernetes.io/tls), got {path!r}"
+    for key in ("readinessProbe", "livenessProbe"):
+        get = (c.get(key) or {}).get("httpGet") if isinstance(c.get(key), Mapping) else None
+        if isinstance(get, Mapping) and get.get("scheme") != "HTTPS":
+            yield f"{where}.{key}.httpGet.scheme must be HTTPS: the predictor serves TLS only"
 
 
 def _sdk_error(exc: Exception) -> str:
@@ -665,7 +755,9 @@ def validate(obj: Any) -> list[str]:
     that has an image, readiness and liveness probes on ``/v2/health/ready`` and
     ``/v2/health/live``, requests and limits with every limit ≥ its request, LAKEWARDEN_CONFIG,
     model artifacts (a ``STORAGE_URI`` on a claim or a bucket, naming no credentials);
-    ``minReplicas ≤ maxReplicas``; a service account. Then the SDK round trip: the dict is deserialized into ``V1beta1InferenceService`` by kserve's own deserializer and
+    ``minReplicas ≤ maxReplicas``; a service account; Secret volumes mounted read-only, and with
+    ``--tls-cert``/``--tls-key`` both naming files of a mounted Secret and HTTPS probes; no PEM
+    text anywhere (a certificate or key belongs in a Secret, never in the manifest). Then the SDK round trip: the dict is deserialized into ``V1beta1InferenceService`` by kserve's own deserializer and
     serialized again; a field the SDK does not know, a value it coerces, or a required field it
     rejects is a problem.
 
@@ -675,6 +767,9 @@ def validate(obj: Any) -> list[str]:
     if not isinstance(obj, Mapping):
         return [f"a manifest is a mapping, got {type(obj).__name__}"]
     problems = list(_structure(obj))
+    if _PEM.search(json.dumps(obj, default=str)):
+        problems.append("the manifest embeds PEM text (a certificate or a key): reference a kubernetes.io/tls "
+                        "Secret by name instead")
     try:
         back = _sanitize(_deserialize(obj))
     except (ValueError, TypeError, AttributeError) as exc:

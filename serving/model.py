@@ -35,6 +35,20 @@ as; each token is recorded once (``serve.authenticated``: issuer, subject, roles
 metadata and health endpoints stay open. Without ``auth`` the server acts, as before, as the
 identity it was started as.
 
+**Failed authentications** are counted by reason code on the server's ``/metrics``
+(``lakewarden_authn_failures_total{reason=...}``, KServe's Prometheus registry) and audited as
+``serve.unauthenticated`` (outcome ``deny``; details: the reason, the number of failures, the
+client addresses — never the token or any part of it) by :class:`AuthnFailures`: at most one
+record per reason per minute, each carrying the count since the previous one, so that a flood of
+bad tokens cannot flood the audit log; what is still counted is recorded when the server stops.
+
+**HTTPS.** With ``serving.tls_cert`` and ``serving.tls_key`` in lakewarden.yaml the server speaks
+HTTPS only (uvicorn, through KServe's ``ssl_certfile``/``ssl_keyfile``; KServe reloads the files
+when they change). Both files must exist and the key must not be readable by others (nor by its
+group when it is this user's file): :func:`tls_files` checks them, and loads them once, before
+anything else starts. With ``auth.enabled`` and no certificate the server refuses to start
+(:class:`governance.tls.PlaintextRefused`, exit 2): bearer tokens never travel in clear.
+
 Subjects the feature store does not know, named by token — never ingested, or erased — get a
 404 naming the tokens; malformed input gets a 400, an oversized body a 413; the server keeps
 serving. Every scored entity is appended to a request log (token, features, score — no
@@ -50,15 +64,17 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, deque
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from governance.errors import ConfigError
 from governance.gate import Actor
 from governance.keys import TOKEN_RE
 from governance.workspace import Workspace
@@ -66,10 +82,21 @@ from features.store import Features
 from serving.requestlog import RequestLogWriter
 from training.registry import ModelRef, Registry, model_name
 
+if TYPE_CHECKING:
+    from governance.audit import AuditLog
+    from governance.config import ProjectConfig
+
 MAX_INSTANCES = 1000
 MAX_BODY_BYTES = 1 << 20
 ID_FIELD = "subject_id"  # the field (V1) or input (V2) that names a subject by its own id
 MAX_ID_CHARS = 1024
+# The reason codes of governance.authn.AuthenticationError: the values the failure counter's label
+# may take (any other code counts as "other": an attacker cannot grow the label set).
+AUTHN_REASONS = ("missing", "malformed", "signature", "unknown-key", "issuer", "audience", "expired",
+                 "not-yet-valid", "token-type", "jwks")
+AUTHN_AUDIT_WINDOW = 60.0  # seconds: at most one serve.unauthenticated record per reason in this time
+MAX_AUDITED_CLIENTS = 10  # client addresses one serve.unauthenticated record names (the rest are counted)
+UNAUTHENTICATED = "(unauthenticated)"  # the audit actor of a request no token vouched for
 UNKNOWN_ID = "unknown subject: the key store has no such id (never ingested, or erased)"
 NO_FEATURES = "no online features for this subject (not materialized yet, or erased)"
 # The verified caller of the request being handled (set by the bearer middleware; None: no auth).
@@ -122,6 +149,7 @@ def _make_model_class():  # noqa: ANN202
             self.card = card
             self.actor = actor
             self.authenticator = authenticator  # governance.authn.Authenticator: callers prove who they are
+            self.authn_failures: AuthnFailures | None = None  # set by serve(): flushed at stop()
             self._seen_tokens: OrderedDict[str, None] = OrderedDict()
             self._seen_lock = threading.Lock()
             self.columns = [f.split(":", 1)[1] for f in card.features]
@@ -294,6 +322,8 @@ def _make_model_class():  # noqa: ANN202
             return report
 
         def stop(self) -> None:
+            if self.authn_failures is not None:
+                self.authn_failures.flush()  # the failures counted since the last record
             if self.log is not None:
                 self.log.close()
 
@@ -524,12 +554,122 @@ def install_http_guards(max_body: int = MAX_BODY_BYTES) -> None:
 
 
 _INFERENCE_PREFIXES = ("/v1/models/", "/v2/models/")
+_AUTHN_FAILURES: Any = None  # the Prometheus counter (one per process: the registry refuses a second)
 
 
-def install_bearer_auth(authenticator: Any) -> None:
+def authn_failure_counter() -> Any:
+    """``lakewarden_authn_failures_total{reason}`` in prometheus_client's default registry, the one
+    KServe's ``/metrics`` exposes; every known reason starts at 0 (a rate needs the series to exist)."""
+    global _AUTHN_FAILURES
+    if _AUTHN_FAILURES is None:
+        from prometheus_client import REGISTRY, Counter
+
+        _AUTHN_FAILURES = Counter("lakewarden_authn_failures", "Inference requests refused with 401, by reason code",
+                                  ["reason"], registry=REGISTRY)
+        for r in (*AUTHN_REASONS, "other"):
+            _AUTHN_FAILURES.labels(r)
+    return _AUTHN_FAILURES
+
+
+class AuthnFailures:
+    """Failed authentications at the predictor, audited without letting a flood through.
+
+    :meth:`note` counts a 401 by its reason code. The first failure of a reason is recorded at once
+    (``serve.unauthenticated``, outcome ``deny``); later ones are counted, and recorded together
+    (``failures``: how many since the previous record of that reason) by the first failure that
+    comes ``window`` seconds or more after that record — so at most one record per reason per
+    window, whatever the rate. :meth:`flush` records every count still open (the server calls it
+    when it stops). A record's details: ``reason``, ``failures``, ``clients`` (the distinct client
+    addresses, at most ``MAX_AUDITED_CLIENTS``; ``clients_omitted``: how many more) and
+    ``window_s``. Never the token, nor any part of it: :meth:`note` is never given one.
+
+    Args:
+        audit: the workspace's audit log (``ws.audit``).
+        resource: what was asked for, e.g. ``model:credit@1``.
+        window: seconds between two records of one reason (at least).
+        clock: monotonic seconds; injectable (tests must not wait a minute).
+
+    >>> class Log:
+    ...     def __init__(self): self.events = []
+    ...     def record(self, action, **kw): self.events.append((action, kw["details"]))
+    >>> now = [0.0]
+    >>> log = Log()
+    >>> f = AuthnFailures(log, resource="model:credit@1", window=60, clock=lambda: now[0])
+    >>> for _ in range(3): f.note("expired", "10.0.0.7")
+    >>> now[0] = 61.0
+    >>> f.note("expired", "10.0.0.8")
+    >>> [(a, d["failures"], d["clients"]) for a, d in log.events]
+    [('serve.unauthenticated', 1, ['10.0.0.7']), ('serve.unauthenticated', 3, ['10.0.0.7', '10.0.0.8'])]
+    >>> f.flush()
+    0
+    """
+
+    def __init__(self, audit: "AuditLog | Any", *, resource: str, window: float = AUTHN_AUDIT_WINDOW,
+                 clock: Any = time.monotonic) -> None:
+        if window <= 0:
+            raise ValueError("window must be a positive number of seconds")
+        self.audit = audit
+        self.resource = resource
+        self.window = float(window)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._open: dict[str, tuple[int, dict[str, None], int]] = {}  # reason -> (failures, clients, omitted)
+        self._recorded_at: dict[str, float] = {}  # reason -> when its last record was made
+
+    def note(self, reason: str, client: str | None) -> None:
+        """Count one failure (``reason``: the AuthenticationError's code; ``client``: its address)."""
+        reason = reason if reason in AUTHN_REASONS else "other"
+        now = self.clock()
+        with self._lock:
+            n, clients, omitted = self._open.get(reason, (0, {}, 0))
+            if client:
+                if client in clients or len(clients) < MAX_AUDITED_CLIENTS:
+                    clients[client] = None
+                else:
+                    omitted += 1
+            self._open[reason] = (n + 1, clients, omitted)
+            due = [r for r in self._open
+                   if r not in self._recorded_at or now - self._recorded_at[r] >= self.window]
+            taken = self._take(due, now)
+        self._record(taken)
+
+    def flush(self) -> int:
+        """Record every open count now (at stop); return how many records were made."""
+        with self._lock:
+            taken = self._take(list(self._open), self.clock())
+        self._record(taken)
+        return len(taken)
+
+    def _take(self, reasons: list[str], now: float) -> list[tuple[str, int, list[str], int]]:
+        out = []
+        for r in reasons:
+            n, clients, omitted = self._open.pop(r)
+            self._recorded_at[r] = now
+            out.append((r, n, list(clients), omitted))
+        return out
+
+    def _record(self, taken: list[tuple[str, int, list[str], int]]) -> None:
+        from governance.policy import Stage
+
+        for reason, n, clients, omitted in taken:
+            details: dict[str, Any] = {"reason": reason, "failures": n, "clients": clients, "window_s": self.window}
+            if omitted:
+                details["clients_omitted"] = omitted
+            self.audit.record("serve.unauthenticated", actor=UNAUTHENTICATED, outcome="deny", stage=Stage.SERVE.value,
+                              resource=self.resource, details=details)
+
+
+def _client(scope: Any) -> str | None:
+    """The peer's address (never a forwarded-for header: a client writes what it likes there)."""
+    peer = scope.get("client")
+    return str(peer[0]) if peer else None
+
+
+def install_bearer_auth(authenticator: Any, failures: AuthnFailures | None = None) -> None:
     """Add to KServe's FastAPI app: every inference request (a POST under ``/v1/models/`` or
     ``/v2/models/``) needs a valid bearer token, else 401 before its body is read; the verified
-    actor is what :meth:`caller` of the predictor decides for."""
+    actor is what :meth:`caller` of the predictor decides for. Each 401 is counted by reason on
+    ``/metrics`` (:func:`authn_failure_counter`) and noted in ``failures`` (the audit, coalesced)."""
     from fastapi.responses import JSONResponse
     from kserve.model_server import app
 
@@ -537,13 +677,18 @@ def install_bearer_auth(authenticator: Any) -> None:
 
     if getattr(app.state, "lakewarden_bearer", False):
         return
+    counter = authn_failure_counter()
 
-    def unauthorized(exc: AuthenticationError) -> JSONResponse:
+    def refused(exc: AuthenticationError, scope: Any) -> JSONResponse:
+        _log.warning("401 on %s: %s", scope.get("path"), exc.reason)  # never the token
+        counter.labels(exc.reason if exc.reason in AUTHN_REASONS else "other").inc()
+        if failures is not None:
+            failures.note(exc.reason, _client(scope))
         return JSONResponse(status_code=401, content={"error": str(exc)},
                             headers={"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{exc.reason}"'})
 
-    async def on_error(_request: Any, exc: Exception) -> JSONResponse:
-        return unauthorized(exc)  # type: ignore[arg-type]
+    async def on_error(request: Any, exc: Exception) -> JSONResponse:
+        return refused(exc, request.scope)  # type: ignore[arg-type]
 
     class RequireBearer:
         """A plain ASGI middleware (no extra task per request, unlike BaseHTTPMiddleware)."""
@@ -560,8 +705,7 @@ def install_bearer_auth(authenticator: Any) -> None:
             try:
                 caller = authenticator.from_header(header)
             except AuthenticationError as exc:
-                _log.warning("401 on %s: %s", scope.get("path"), exc.reason)  # never the token
-                await unauthorized(exc)(scope, receive, send)
+                await refused(exc, scope)(scope, receive, send)
                 return
             reset = _CALLER.set(caller)
             try:
@@ -574,16 +718,102 @@ def install_bearer_auth(authenticator: Any) -> None:
     app.state.lakewarden_bearer = True
 
 
-def serve(ws: Workspace, ref: ModelRef | str, actor: Actor, *, port: int = 8080) -> None:
+def _config_file(config: "ProjectConfig") -> str:
+    return str(config.source or config.base_dir / "lakewarden.yaml")
+
+
+def _tls_path(config: "ProjectConfig", setting: str, value: str | os.PathLike[str]) -> Path:
+    """A configured TLS file, resolved against the configuration's folder; ConfigError when it is missing."""
+    path = config.path(str(value))
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist or is not a file", path=_config_file(config), field=setting,
+                          hint=f"point {setting} at a PEM file, or remove serving.tls_cert and serving.tls_key "
+                               "to serve plain HTTP (only with auth off)")
+    return path
+
+
+def check_private_key_file(path: Path, *, config: "ProjectConfig", setting: str = "serving.tls_key") -> None:
+    """Refuse a private key file that others may read, or that its group may read while it is this
+    user's own file (``chmod 600``).
+
+    A key owned by another user and readable through its group is allowed: that is how a non-root
+    server reads a key at all when root owns it (Debian's ``root:ssl-cert 0640``; a Kubernetes Secret
+    volume mounted with ``fsGroup``, as serving/manifests.py renders it). Others never.
+
+    Raises:
+        ConfigError: naming the setting and the file, and saying how to fix it.
+    """
+    st = path.stat()  # follows links: a Kubernetes Secret's files are links into ..data/
+    mode = st.st_mode & 0o777
+    who = "everyone" if mode & 0o007 else "its group" if mode & 0o070 and st.st_uid == os.geteuid() else None
+    if who:
+        raise ConfigError(f"the private key file {path} is readable by {who} (mode {mode:04o}): refused",
+                          path=_config_file(config), field=setting,
+                          hint=f"chmod 600 {path} (a key readable by others is a key others may have copied)")
+
+
+def tls_files(config: "ProjectConfig", *, cert: str | os.PathLike[str] | None = None,
+              key: str | os.PathLike[str] | None = None) -> tuple[Path, Path] | None:
+    """The predictor's certificate chain and key files, checked; None when it serves plain HTTP.
+
+    ``cert``/``key`` (``lakewarden serve --tls-cert/--tls-key``: the files a Kubernetes Secret is
+    mounted as) take the place of ``serving.tls_cert``/``serving.tls_key``. Both files must exist,
+    the key must pass :func:`check_private_key_file`, and the two must load as a chain and its key.
+
+    Raises:
+        ConfigError: one of the two given without the other, a missing file, a key readable by
+            others, or files that do not load (exit 2, naming the setting and the path).
+    """
+    import ssl
+
+    src = _config_file(config)
+    if (cert is None) != (key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither", path=src, field="serving")
+    if cert is None:
+        cert, key = config.serving.tls_cert, config.serving.tls_key
+        cert_setting, key_setting = "serving.tls_cert", "serving.tls_key"
+    else:
+        cert_setting, key_setting = "--tls-cert", "--tls-key"
+    if cert is None or key is None:
+        return None
+    cert_path = _tls_path(config, cert_setting, cert)
+    key_path = _tls_path(config, key_setting, key)
+    check_private_key_file(key_path, config=config, setting=key_setting)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert_path), str(key_path))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"{cert_path} and {key_path} do not load as a PEM certificate chain and its private key "
+                          f"({getattr(exc, 'reason', None) or exc})", path=src, field=f"{cert_setting}/{key_setting}",
+                          hint="the chain leaf first, and the unencrypted key of that leaf") from None
+    return cert_path, key_path
+
+
+def serve(ws: Workspace, ref: ModelRef | str, actor: Actor, *, port: int = 8080,
+          tls_cert: str | os.PathLike[str] | None = None, tls_key: str | os.PathLike[str] | None = None) -> None:
     """Run KServe's ModelServer with the governed predictor in the foreground (the gate decides first).
 
-    With ``auth.enabled`` the issuer's keys are fetched before the server starts (an identity
-    provider that cannot be reached stops it here, not at the first request), and inference
-    needs a bearer token (see the module docstring)."""
+    HTTPS with ``serving.tls_cert``/``serving.tls_key`` (or ``tls_cert``/``tls_key`` given here),
+    checked by :func:`tls_files` before anything else is loaded; on ``port`` either way. With
+    ``auth.enabled`` a certificate is required, and the issuer's keys are fetched before the server
+    starts (an identity provider that cannot be reached stops it here, not at the first request);
+    inference then needs a bearer token, and failed authentications are counted and audited (see
+    the module docstring).
+
+    Raises:
+        PlaintextRefused: ``auth.enabled`` and no certificate (exit 2), before the model is loaded.
+        ConfigError: TLS files missing, unreadable by design (a key others may read) or not loadable.
+        AccessDenied: the serving identity may not serve this model.
+    """
     from governance.gate import Resource
     from governance.policy import Stage
+    from governance.tls import refuse_plaintext
 
     ws.gate.require_stage(Stage.SERVE, actor, Resource.model(model_name(ref)))
+    tls = tls_files(ws.config, cert=tls_cert, key=tls_key)
+    if tls is None:
+        refuse_plaintext(ws.config, "the predictor", f"port {port}",
+                         hint="set serving.tls_cert and serving.tls_key in lakewarden.yaml (a certificate for this "
+                              "host; docs/configuration.md), or serve with auth off")
     kserve = _kserve()
     authenticator = None
     if ws.config.auth.enabled:
@@ -595,12 +825,21 @@ def serve(ws: Workspace, ref: ModelRef | str, actor: Actor, *, port: int = 8080)
     model.load()
     install_http_guards()
     if authenticator is not None:
-        install_bearer_auth(authenticator)
+        model.authn_failures = AuthnFailures(ws.audit, resource=f"model:{model.card.ref}")
+        install_bearer_auth(authenticator, model.authn_failures)
     from serving.identity import install_identity_route
 
     install_identity_route(ws, str(model.card.ref))  # deploy checks whose server answers (serving/deploy.py)
-    kserve.ModelServer(http_port=port, workers=1, enable_grpc=False).start([model])
+    server = kserve.ModelServer(http_port=port, workers=1, enable_grpc=False,
+                                ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None)
+    server.http_port = port  # KServe moves 8080 to 8443 when TLS is on: the port asked for is the port
+    try:
+        server.start([model])
+    finally:
+        if model.authn_failures is not None:
+            model.authn_failures.flush()
 
 
-__all__ = ["GovernedPredictor", "SubjectNotFound", "install_bearer_auth", "install_http_guards", "serve", "MAX_INSTANCES", "MAX_BODY_BYTES",
-           "ID_FIELD"]
+__all__ = ["AuthnFailures", "GovernedPredictor", "SubjectNotFound", "authn_failure_counter", "check_private_key_file",
+           "install_bearer_auth", "install_http_guards", "serve", "tls_files", "AUTHN_REASONS", "MAX_INSTANCES",
+           "MAX_BODY_BYTES", "ID_FIELD"]

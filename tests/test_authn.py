@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
+import re
 import signal
-import socket
-import subprocess
-import sys
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +18,7 @@ import jwt
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from serving_helpers import approved_copy, free_port, issue_tls, start_predictor, trained_workspace
 
 from governance.authn import NO_ROLE, AuthenticationError, Authenticator, TokenVerifier, VerifiedActor
 from governance.gate import Gate, Resource
@@ -209,23 +211,14 @@ def test_the_realm_has_the_cli_device_client_and_no_secret_in_the_server_argumen
     assert all(pw not in (kc.data_dir / "keycloak.log").read_text(errors="replace") for pw in realm.passwords.values())
 
 
-# -- the predictor behind it -----------------------------------------------------------------
-FEATURES = ["customer_profile:income", "customer_profile:income_log", "customer_profile:region"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def post(url: str, body: dict, token: str | None = None) -> tuple[int, dict, dict]:
+# -- the predictor behind it, over HTTPS ------------------------------------------------------
+def post(url: str, body: dict, token: str | None = None, *, context=None) -> tuple[int, dict, dict]:  # noqa: ANN001
     headers = {"content-type": "application/json"}
     if token is not None:
         headers["authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=30, context=context) as r:
             return r.status, json.loads(r.read()), dict(r.headers)
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}"), dict(e.headers)
@@ -233,62 +226,19 @@ def post(url: str, body: dict, token: str | None = None) -> tuple[int, dict, dic
 
 @pytest.fixture(scope="module")
 def guarded(keycloak, tmp_path_factory: pytest.TempPathFactory):
-    """A model trained for credit scoring, served (as mel) with auth on against the session's Keycloak."""
-    import shutil
-
-    from features.store import Features
-    from governance.keys import generate_kek_b64
-    from governance.workspace import Workspace
+    """A model trained for credit scoring, served (as mel) with auth on against the session's Keycloak,
+    over HTTPS with a certificate of a local CA: (ws, predictor, ref, tokens, realm, other)."""
     from lakehouse.catalog import Catalog, TableRef
-    from lakehouse.ingest import ingest
-    from lakehouse.silver import build_silver
-    from lakehouse.synth import generate
-    from training.flow import train_model
-    from training.trainer import TrainOptions
 
     kc, realm, other = keycloak
     d = tmp_path_factory.mktemp("authserve")
-    shutil.copytree(REPO / "policies", d / "policies")
-    (d / "lakewarden.yaml").write_text(
-        "version: 1\nname: authtest\nstorage: {root: .lakewarden/tables}\n"
-        "keys: {store: .lakewarden/keys/keystore.db, kek: {provider: env, var: AUTHN_TEST_KEK}}\n"
-        f"auth: {{enabled: true, issuer: '{realm.issuer}', audience: {AUD}, leeway_seconds: 0}}\n"
-        "policies: [policies/*.yaml]\n")
-    os.environ["AUTHN_TEST_KEK"] = generate_kek_b64()
-    res = generate(d / "landing", people=300, transactions_per_person=0, seed=4, bias=0.3)
-    ws = Workspace.open(d / "lakewarden.yaml")
-    ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
-    build_silver(ws, ws.actor("dana"), "customers")
-    fs = Features(ws)
-    fs.apply(ws.actor("pipeline"))
-    fs.materialize(ws.actor("pipeline"))
-    out = train_model(ws, ws.actor("sam"), name="credit", features=FEATURES, label="defaulted", purpose="credit_scoring",
-                      options=TrainOptions(epochs=1, target_epsilon=2.0, accountant="rdp"), mitigate=False)
-    ws.audit.flush()
-    port = _free_port()
-    env = {**os.environ, "LAKEWARDEN_CONFIG": str(d / "lakewarden.yaml"), "LAKEWARDEN_USER": "mel"}
-    log = open(d / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "lakewarden", "serve", "--model", str(out.ref), "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/v2/models/credit/ready", timeout=1):
-                break
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("the predictor did not start: " + (d / "server.log").read_text()[-2000:])
-    if proc.poll() is not None:
-        pytest.fail("the predictor exited: " + (d / "server.log").read_text()[-2000:])
+    tls = issue_tls(d / "tls")
+    ws, ref = trained_workspace(d, name="authtest", kek_var="AUTHN_TEST_KEK", people=300, extra_yaml=(
+        f"auth: {{enabled: true, issuer: '{realm.issuer}', audience: {AUD}, leeway_seconds: 0}}\n" + tls.yaml()))
+    server = start_predictor(ws.config.source, ref, tls=tls)
     tokens = Catalog(ws.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"].to_pylist()
-    yield ws, url, out.ref, tokens, realm, other
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
+    yield ws, server, ref, tokens, realm, other
+    server.stop()
     ws.close()
 
 
@@ -296,7 +246,9 @@ def guarded(keycloak, tmp_path_factory: pytest.TempPathFactory):
 def test_the_predictor_answers_only_a_verified_caller_whose_roles_may_serve(guarded):
     from serving.model import GovernedPredictor
 
-    ws, url, ref, tokens, realm, other = guarded
+    ws, server, ref, tokens, realm, other = guarded
+    url, ctx = server.url, server.context
+    assert url.startswith("https://")
     sample = tokens[:10]
     v1 = f"{url}/v1/models/credit:predict"
     v2 = f"{url}/v2/models/credit/infer"
@@ -314,16 +266,16 @@ def test_the_predictor_answers_only_a_verified_caller_whose_roles_may_serve(guar
     }
     for what, (tok, want) in cases.items():
         for endpoint, body in ((v1, body1), (v2, body2)):
-            code, out, headers = post(endpoint, body, tok)
+            code, out, headers = post(endpoint, body, tok, context=ctx)
             assert code == want, (what, endpoint, code, out)
             if want == 401:
                 assert headers.get("www-authenticate", headers.get("WWW-Authenticate", "")).startswith("Bearer")
     direct = GovernedPredictor(ws, ref, ws.actor("mel"), log_requests=False).score_tokens(sample)
-    code, out1, _ = post(v1, body1, mel)
+    code, out1, _ = post(v1, body1, mel, context=ctx)
     assert code == 200 and np.allclose(out1["predictions"], direct, atol=1e-6)
-    code, out2, _ = post(v2, body2, mel)
+    code, out2, _ = post(v2, body2, mel, context=ctx)
     assert code == 200 and np.allclose(out2["outputs"][0]["data"], direct, atol=1e-6)
-    with urllib.request.urlopen(f"{url}/v2/models/credit/ready", timeout=5) as r:  # health stays open
+    with urllib.request.urlopen(f"{url}/v2/models/credit/ready", timeout=5, context=ctx) as r:  # health stays open
         assert r.status == 200
 
     # audited with the verified subject: the analyst's token and the gate's deny for it
@@ -338,3 +290,111 @@ def test_the_predictor_answers_only_a_verified_caller_whose_roles_may_serve(guar
     assert deny and deny[-1]["outcome"] == "deny" and deny[-1]["rule_ids"] == "roles/stages/serve"
     tokens_in_audit = json.dumps(events, default=str)
     assert mel not in tokens_in_audit and mel.split(".")[2] not in tokens_in_audit  # never the token itself
+
+
+def _metric(text: str, reason: str) -> float:
+    m = re.search(r'^lakewarden_authn_failures_total\{reason="%s"\} (\S+)$' % re.escape(reason), text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def _metrics(server) -> str:  # noqa: ANN001
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10, context=server.context) as r:
+        return r.read().decode()
+
+
+def _unauthenticated(ws) -> list[dict]:  # noqa: ANN001
+    out = []
+    for e in ws.audit.query(action="serve.unauthenticated").to_pylist():
+        d = e["details"]
+        out.append({**e, "details": json.loads(d) if isinstance(d, str) else d})
+    return out
+
+
+@pytest.mark.slow
+def test_a_client_that_does_not_trust_the_ca_and_plain_http_are_refused(guarded):
+    ws, server, ref, tokens, realm, other = guarded
+    with pytest.raises(urllib.error.URLError) as e:  # the system's trust store knows nothing of our CA
+        urllib.request.urlopen(f"{server.url}/v2/health/ready", timeout=10, context=ssl.create_default_context())
+    assert isinstance(e.value.reason, ssl.SSLCertVerificationError)
+    mel = realm.password_token("mel")
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)  # plain HTTP to the TLS port
+    with pytest.raises((OSError, http.client.HTTPException)):
+        conn.request("POST", "/v1/models/credit:predict", body=json.dumps({"instances": tokens[:1]}),
+                     headers={"content-type": "application/json", "authorization": f"Bearer {mel}"})
+        conn.getresponse().read()
+    conn.close()
+    assert server.proc.poll() is None  # and it keeps serving
+    code, _, _ = post(f"{server.url}/v1/models/credit:predict", {"instances": tokens[:1]}, mel, context=server.context)
+    assert code == 200
+
+
+@pytest.mark.slow
+def test_failed_authentications_are_counted_by_reason_and_audited_without_the_token(guarded):
+    ws, server, ref, tokens, realm, other = guarded
+    v1 = f"{server.url}/v1/models/credit:predict"
+    before = _metrics(server)
+    forged = forge(realm.password_token("mel"))
+    for tok, n in ((None, 3), ("not.a.jwt", 2), (forged, 2)):
+        for _ in range(n):
+            assert post(v1, {"instances": tokens[:1]}, tok, context=server.context)[0] == 401
+    after = _metrics(server)
+    for reason, n in (("missing", 3), ("malformed", 2), ("signature", 2)):
+        assert _metric(after, reason) - _metric(before, reason) == n, reason
+    assert 'lakewarden_authn_failures_total{reason="audience"} 0.0' in after  # every reason has a series
+    deadline = time.time() + 30  # the server's audit buffer is written within audit.flush_interval (5 s)
+    while time.time() < deadline:
+        events = _unauthenticated(ws)
+        if {"missing", "malformed", "signature"} <= {e["details"]["reason"] for e in events}:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no serve.unauthenticated records for every reason: {events}")
+    for e in events:
+        assert (e["outcome"], e["stage"], e["actor"], e["resource"]) == ("deny", "serve", "(unauthenticated)", f"model:{ref}")
+        assert e["details"]["failures"] >= 1 and e["details"]["clients"] == ["127.0.0.1"], e
+        assert set(e["details"]) <= {"reason", "failures", "clients", "clients_omitted", "window_s"}
+    everything = json.dumps(ws.audit.query().to_pylist(), default=str)
+    for part in (forged, *forged.split(".")):  # the token, its header, claims and signature: none of them
+        assert part not in everything
+
+
+@pytest.mark.slow
+def test_a_local_deploy_serves_https_and_reports_the_https_url(guarded):
+    """deploy --target local with TLS configured: the health probe and the identity check go over https,
+    trusting serving.tls_ca; the URL reported and recorded is https; list and stop reach it the same way."""
+    from serving.deploy import deploy, list_deployments, stop_deployments
+
+    ws, server, ref, tokens, realm, other = guarded
+    fair = approved_copy(ws, ref)
+    port = free_port()
+    res = deploy(ws, ws.actor("mel"), fair, target="local", port=port)
+    try:
+        assert res.url == f"https://127.0.0.1:{port}" and res.where == res.url
+        code, out, _ = post(f"{res.url}/v1/models/credit:predict", {"instances": tokens[:2]}, realm.password_token("mel"),
+                            context=server.context)
+        assert code == 200 and len(out["predictions"]) == 2
+        st = {s.deployment.port: s for s in list_deployments(ws)}[port]
+        assert st.alive and st.deployment.url == res.url
+        assert [s.state for s in stop_deployments(ws, ws.actor("mel"), str(fair))] == ["running"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(res.pid, signal.SIGTERM)
+    ws.audit.flush()
+    ev = [e for e in ws.audit.query(action="deploy").to_pylist() if e["resource"] == f"model:{fair}"]
+    assert ev and json.loads(ev[-1]["details"])["url"] == res.url
+
+
+@pytest.mark.slow
+def test_zz_what_the_predictor_counted_is_audited_when_it_stops(guarded):
+    """Last in the module: it stops the fixture's predictor. Coalesced failures are not lost: the stop
+    records every count still open, and the records add up to the counter on /metrics."""
+    ws, server, ref, tokens, realm, other = guarded
+    assert post(f"{server.url}/v1/models/credit:predict", {"instances": tokens[:1]}, "x.y.z", context=server.context)[0] == 401
+    counted = {r: _metric(_metrics(server), r) for r in ("missing", "malformed", "signature", "expired")}
+    assert counted["malformed"] >= 1
+    server.stop()
+    recorded: dict[str, int] = {}
+    for e in _unauthenticated(ws):
+        recorded[e["details"]["reason"]] = recorded.get(e["details"]["reason"], 0) + e["details"]["failures"]
+    for reason, n in counted.items():
+        assert recorded.get(reason, 0) == n, (reason, recorded, counted, server.log.read_text()[-2000:])

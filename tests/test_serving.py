@@ -17,30 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_helpers import lw_in
+from serving_helpers import FAIR, FEATURES, approved_copy, free_port, start_predictor, trained_workspace
 
 from governance.errors import AccessDenied
 from governance.workspace import Workspace
-from features.store import Features
 from lakehouse.catalog import Catalog, TableRef
-from lakehouse.ingest import ingest
-from lakehouse.silver import build_silver
 from lakehouse.synth import generate
 from serving.model import GovernedPredictor
-from training.flow import train_model
 from training.registry import Registry
-from training.trainer import TrainOptions
 
 # slow: every test here uses ``served`` (train a model, start a predictor process: 24-28 s before the first test)
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
-FEATURES = ["customer_profile:income", "customer_profile:income_log", "customer_profile:region"]
-FAIR = {"sex": {"disparate_impact": 0.95, "equal_opportunity_diff": 0.02, "predictive_parity_diff": 0.03},
-        "ethnicity": {"disparate_impact": 0.9, "equal_opportunity_diff": 0.04, "predictive_parity_diff": 0.05}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: bytes | dict, *, ctype: str = "application/json") -> tuple[int, dict]:
@@ -55,46 +42,12 @@ def post(url: str, body: bytes | dict, *, ctype: str = "application/json") -> tu
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    from governance.keys import generate_kek_b64
-
-    d = tmp_path_factory.mktemp("serve")
-    import shutil
-
-    shutil.copytree(Path(__file__).resolve().parents[1] / "policies", d / "policies")
-    (d / "lakewarden.yaml").write_text(
-        "version: 1\nname: servetest\nstorage: {root: .lakewarden/tables}\n"
-        "keys: {store: .lakewarden/keys/keystore.db, kek: {provider: env, var: SERVE_TEST_KEK}}\npolicies: [policies/*.yaml]\n")
-    os.environ["SERVE_TEST_KEK"] = generate_kek_b64()
-    res = generate(d / "landing", people=800, transactions_per_person=0, seed=4, bias=0.3)
-    ws = Workspace.open(d / "lakewarden.yaml")
-    ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
-    build_silver(ws, ws.actor("dana"), "customers")
-    fs = Features(ws)
-    fs.apply(ws.actor("pipeline"))
-    fs.materialize(ws.actor("pipeline"))
-    out = train_model(ws, ws.actor("sam"), name="credit", features=FEATURES, label="defaulted", purpose="credit_scoring",
-                      options=TrainOptions(epochs=1, target_epsilon=2.0, accountant="rdp"), mitigate=False)
-    ws.audit.flush()
-    port = free_port()
-    env = {**os.environ, "LAKEWARDEN_CONFIG": str(d / "lakewarden.yaml"), "LAKEWARDEN_USER": "mel"}
-    log = open(d / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "lakewarden", "serve", "--model", str(out.ref), "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/v2/models/credit/ready", timeout=1):
-                break
-        except OSError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("the predictor did not start: " + (d / "server.log").read_text()[-2000:])
+    """A model trained for credit scoring, served as mel over plain HTTP (auth off): (ws, url, ref, tokens)."""
+    ws, ref = trained_workspace(tmp_path_factory.mktemp("serve"), name="servetest", kek_var="SERVE_TEST_KEK", people=800)
+    server = start_predictor(ws.config.source, ref, timeout=90)
     tokens = Catalog(ws.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"].to_pylist()
-    yield ws, url, out.ref, tokens
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
+    yield ws, server.url, ref, tokens
+    server.stop()
     ws.close()
 
 
@@ -408,23 +361,12 @@ def test_ids_stay_out_of_logs_and_the_key_store_is_only_read(served, tmp_path: P
 
 
 # -- local deployments: list and stop ----------------------------------------------------------
-def _approved_copy(ws, ref):  # noqa: ANN001, ANN202 - a deployable version of the trained model
-    reg = Registry(ws)
-    trained = reg.card(ref)
-    files = {n: (reg.path(ref) / n).read_bytes() for n in ("model.pt", "encoder.json")}
-    fair = reg.register(ws.actor("sam"), name="credit", dataset="customers", files=files, card_fields={
-        "purpose": "credit_scoring", "features": FEATURES, "label": "defaulted", "fairness": FAIR,
-        "preprocessing": dict(trained.preprocessing), "privacy": {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"}})
-    reg.approve(ws.actor("carla"), fair)
-    return fair
-
-
 def test_deployments_are_listed_and_stopped_only_when_they_are_ours(served):
     from serving.deploy import DeployError, deploy, list_deployments, stop_deployments
     from serving.identity import read_identity
 
     ws, url, ref, tokens = served
-    fair = _approved_copy(ws, ref)
+    fair = approved_copy(ws, ref)
     port = free_port()
     res = deploy(ws, ws.actor("mel"), fair, target="local", port=port)
     try:

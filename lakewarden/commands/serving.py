@@ -17,9 +17,15 @@ deployments_app = typer.Typer(help="Local predictors this workspace started: lis
 def serve(
     ctx: typer.Context,
     model: Annotated[str, typer.Option(help="name@version of a registered model.")],
-    port: Annotated[int, typer.Option(help="HTTP port (loopback).")] = 8080,
+    port: Annotated[int, typer.Option(help="HTTP(S) port.")] = 8080,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="PEM certificate chain: instead of serving.tls_cert "
+                                                          "(a mounted Kubernetes TLS Secret's tls.crt).")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="Its private key (mode 0600 or group-only): instead of "
+                                                         "serving.tls_key.")] = None,
 ) -> None:
-    """Serve a model with KServe's ModelServer (V1 and Open Inference Protocol), in the foreground."""
+    """Serve a model with KServe's ModelServer (V1 and Open Inference Protocol), in the foreground.
+
+    HTTPS when a certificate is configured (serving.tls_cert/tls_key, or --tls-cert/--tls-key); with auth on, required."""
     import warnings
 
     st = state(ctx)
@@ -27,7 +33,7 @@ def serve(
     warnings.filterwarnings("ignore")
     from serving.model import serve as run_server
 
-    run_server(st.workspace(), model, actor, port=port)
+    run_server(st.workspace(), model, actor, port=port, tls_cert=tls_cert, tls_key=tls_key)
 
 
 @top.command()
