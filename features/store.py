@@ -104,6 +104,10 @@ class Features:
         home.mkdir(parents=True, exist_ok=True)
         offline: dict[str, Any] = {"type": "features.offline.LakewardenOfflineStore"}
         if self.cfg.offline == "trino":
+            if self.ws.config.auth.enabled:  # Feast's Trino store sends a fixed user name and no token
+                raise FeatureError(
+                    "auth is on, and Feast's Trino offline store connects as a fixed user without a token: refused",
+                    hint="set features.offline: delta (the same point-in-time reads, in process, through the gate)")
             tc = self.ws.config.trino
             offline = {
                 "type": "trino", "host": tc.host, "port": tc.port, "catalog": TRINO_SCRATCH_CATALOG,

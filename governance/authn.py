@@ -21,7 +21,8 @@ Errors::
     LakewardenError
     └── AuthenticationError   no token, or one that is not valid (HTTP 401); ``reason`` is a
                               short code (missing, malformed, signature, unknown-key, issuer,
-                              audience, expired, not-yet-valid, token-type, jwks)
+                              audience, expired, not-yet-valid, token-type, jwks; client: an
+                              ``azp`` other than the one a verifier was told to accept)
 
 Example::
 

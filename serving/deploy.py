@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -57,7 +56,7 @@ from governance.gate import Actor, Resource
 from governance.identity import ForeignServer, workspace_id
 from governance.policy import Stage
 from governance.workspace import Workspace
-from serving.identity import IDENTITY_PATH, read_identity
+from serving.identity import read_identity
 from training.registry import ModelRef, Registry, model_name
 
 
@@ -150,22 +149,9 @@ def predictor_identity(ws: Workspace, port: int, *, https: bool | None = None, t
     if not (ws.config.serving.tls_cert is not None if https is None else https):
         return read_identity(port, timeout=timeout)
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=timeout).close()
-    except OSError:
-        return None
-    url = f"https://127.0.0.1:{port}"
-    try:
-        with urllib.request.urlopen(f"{url}{IDENTITY_PATH}", timeout=timeout, context=client_tls(ws.config)) as r:
-            out = json.loads(r.read())
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, ssl.SSLCertVerificationError):
-            raise _untrusted(url, exc.reason, ws.config) from None
-        return {}
+        return read_identity(port, timeout=timeout, tls=client_tls(ws.config))
     except ssl.SSLCertVerificationError as exc:
-        raise _untrusted(url, exc, ws.config) from None
-    except (OSError, ValueError):
-        return {}
-    return out if isinstance(out, dict) and isinstance(out.get("workspace_id"), str) else {}
+        raise _untrusted(f"https://127.0.0.1:{port}", exc, ws.config) from None
 
 
 def check_predictor(ws: Workspace, port: int, model: str, ident: dict[str, Any] | None = None) -> dict[str, Any]:

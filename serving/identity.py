@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import urllib.error
 import urllib.request
 from typing import Any
@@ -35,16 +36,30 @@ def install_identity_route(ws: Workspace, model: str) -> dict[str, Any]:
     return ident
 
 
-def read_identity(port: int, host: str = "127.0.0.1", *, timeout: float = 2) -> dict[str, Any] | None:
-    """What answers on the port: None if nothing listens, ``{}`` if it is not a Lakewarden predictor."""
+def read_identity(port: int, host: str = "127.0.0.1", *, timeout: float = 2,
+                  tls: "ssl.SSLContext | None" = None) -> dict[str, Any] | None:
+    """What answers on the port: None if nothing listens, ``{}`` if it is not a Lakewarden predictor.
+
+    With ``tls`` (the client context that says whom to trust) the route is read over https.
+
+    Raises:
+        ssl.SSLCertVerificationError: over https, the server's certificate does not verify.
+    """
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError:
         return None
+    scheme = "http" if tls is None else "https"
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}{IDENTITY_PATH}", timeout=timeout) as r:
+        with urllib.request.urlopen(f"{scheme}://{host}:{port}{IDENTITY_PATH}", timeout=timeout, context=tls) as r:
             out = json.loads(r.read())
-    except (urllib.error.URLError, OSError, ValueError):
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLCertVerificationError):
+            raise exc.reason from None
+        return {}
+    except ssl.SSLCertVerificationError:
+        raise
+    except (OSError, ValueError):
         return {}
     return out if isinstance(out, dict) and isinstance(out.get("workspace_id"), str) else {}
 

@@ -325,3 +325,20 @@ def test_the_error_reaches_the_cli_as_one_line(project: Path, tls_redis: TlsRedi
     assert p.returncode == 1, p.stderr
     assert p.stderr.startswith(f"error: the TLS certificate of Redis at 127.0.0.1:{tls_redis.port} db 6 is not trusted")
     assert "\nhint: point ssl_ca_certs" in p.stderr and redis_password not in p.stderr + p.stdout
+
+
+def test_feasts_trino_offline_store_is_refused_with_auth_on(project: Path):
+    """Feast's Trino store would connect as one fixed user with no token: with auth on it is refused
+    before Feast is configured (the embedded Delta reader serves instead)."""
+    from features.store import FeatureError
+
+    path = project / "lakewarden-trino-offline.yaml"
+    path.write_text((project / "lakewarden.yaml").read_text() + "features: {offline: trino}\n"
+                    f"auth: {{enabled: true, issuer: '{ISSUER}'}}\n")
+    ws = Workspace.open(path)
+    try:
+        with pytest.raises(FeatureError, match="fixed user without a token") as e:
+            Features(ws).repo_config()
+        assert e.value.exit_code == 2 and "features.offline: delta" in str(e.value)
+    finally:
+        ws.close()
