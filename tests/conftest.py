@@ -1,4 +1,7 @@
-"""Shared fixtures: a project folder with the example policies and an env-var KEK; a throw-away Redis."""
+"""Shared fixtures: a project folder with the example policies and an env-var KEK; a throw-away Redis;
+the session's servers; and the secrets scan of issue #19 (see tests/secrets_scan.py): every secret
+the session sees is registered, process arguments are scanned before each server stops and at the
+end, and pytest's basetemp at the end; a finding fails the session."""
 
 from __future__ import annotations
 
@@ -7,9 +10,12 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+import secrets_scan
 from cli_helpers import server_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +30,71 @@ keys:
 audit: {checkpoint_every: 5}
 policies: [policies/*.yaml]
 """
+
+
+# -- secrets scan (issue #19) -------------------------------------------------------------------
+# What the session-end scan needs: basetemp, findings made while servers still ran, the report.
+_SECRETS: dict[str, Any] = {"findings": [], "reports": []}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _secrets_watch(tmp_path_factory: pytest.TempPathFactory):
+    """Registers every secret the session's library calls make or see (tokens, passwords, KEKs,
+    shared secrets; secrets_scan.watch_sources wraps those points and puts them back after), and
+    keeps basetemp for the session-end scan (pytest_sessionfinish)."""
+    _SECRETS["basetemp"] = tmp_path_factory.getbasetemp()
+    restore = secrets_scan.watch_sources()
+    try:
+        yield secrets_scan.REGISTRY
+    finally:
+        restore()
+
+
+def _check_processes(when: str) -> None:
+    """Scan every process's arguments for the session's secrets now (a server's, before it stops)."""
+    for f in secrets_scan.scan_processes():
+        _SECRETS["findings"].append(replace(f, where=f"{f.where}, {when}"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The secrets scan: process arguments, then every file under basetemp (allowed places left out,
+    see secrets_scan.ALLOWED); the report goes to basetemp/secrets-scan.txt and the terminal, and a
+    finding fails the session. LAKEWARDEN_SECRETS_SCAN=0 turns it off (reported as such)."""
+    base = _SECRETS.get("basetemp")
+    if base is None:  # no test ran (collection only, or a session that stopped before any)
+        return
+    if os.environ.get("LAKEWARDEN_SECRETS_SCAN") == "0":
+        _SECRETS["text"] = "secrets scan: OFF (LAKEWARDEN_SECRETS_SCAN=0)"
+        return
+    t0 = time.monotonic()
+    secrets_scan.harvest(base)
+    _check_processes("at session end")
+    report = secrets_scan.scan_files(base)
+    for early in _SECRETS["reports"]:
+        report.merge(early)
+    report.findings[:0] = _SECRETS["findings"]
+    report.seconds = time.monotonic() - t0
+    _SECRETS["report"] = report
+    _SECRETS["text"] = report.format()
+    try:
+        (Path(base) / "secrets-scan.txt").write_text(_SECRETS["text"] + "\n")
+    except OSError:
+        pass
+    if report.findings and session.exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    text = _SECRETS.get("text")
+    if not text:
+        return
+    report = _SECRETS.get("report")
+    terminalreporter.section("secrets scan (issue #19)", red=bool(report and report.findings), bold=True)
+    for line in text.splitlines():
+        terminalreporter.line(line)
+    if report and report.findings:
+        terminalreporter.line(f"FAILED: {len(report.findings)} secret(s) where they must not be "
+                              f"(report: {Path(_SECRETS['basetemp']) / 'secrets-scan.txt'})", red=True)
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +194,8 @@ def kafka(tmp_path_factory: pytest.TempPathFactory):
         if os.environ.get("LAKEWARDEN_REQUIRE_KAFKA") == "1":
             pytest.fail(f"the Kafka broker did not start: {exc}")
         pytest.skip(f"the Kafka broker did not start: {exc}")
-    yield broker
+    yield broker  # no credentials: a plaintext loopback listener, nothing to register
+    _check_processes("before Kafka stops")
     broker.stop()
 
 
@@ -145,7 +217,9 @@ def objectstore(tmp_path_factory: pytest.TempPathFactory):
         if os.environ.get("LAKEWARDEN_REQUIRE_OBJECTSTORE") == "1":
             pytest.fail(f"the object store did not start: {exc}")
         pytest.skip(f"the object store did not start: {exc}")
+    secrets_scan.register(store.secret_key, "S3 secret key of the local object store")
     yield store
+    _check_processes("before the object store stops")
     store.stop()
 
 
@@ -162,7 +236,15 @@ def postgres(tmp_path_factory: pytest.TempPathFactory):
         if os.environ.get("LAKEWARDEN_REQUIRE_POSTGRES") == "1":
             pytest.fail(f"PostgreSQL did not start: {exc}")
         pytest.skip(f"PostgreSQL did not start: {exc}")
+    secrets_scan.register(pg.password, "PostgreSQL password")
     yield pg
+    _check_processes("before PostgreSQL stops")
+    pg.stop()
+    # its folder is deleted now (and may lie outside basetemp when run as root): scan it first,
+    # the data folder left out (secrets_scan.ALLOWED), the server's log included
+    early = secrets_scan.scan_files(pg.base)
+    early.findings = [replace(f, where=f"{pg.base}/{f.where}") for f in early.findings]
+    _SECRETS["reports"].append(early)
     pg.remove()
 
 
@@ -208,7 +290,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtur
         if os.environ.get("LAKEWARDEN_REQUIRE_RAY") == "1":
             pytest.fail(f"the Ray cluster did not start: {exc}")
         pytest.skip(f"the Ray cluster did not start: {exc}")
+    secrets_scan.register(cluster.token, "Ray cluster auth token")
     yield cluster
+    _check_processes("before the Ray cluster stops")
     import ray
 
     if ray.is_initialized():
@@ -244,5 +328,10 @@ def keycloak(tmp_path_factory: pytest.TempPathFactory):
         if required:
             pytest.fail(f"Keycloak did not start: {exc}")
         pytest.skip(f"Keycloak did not start: {exc}")
+    secrets_scan.register(kc._admin_password, "Keycloak bootstrap admin password")
+    for r in (realm, other):
+        for user, pw in r.passwords.items():
+            secrets_scan.register(pw, f"Keycloak password of {user} (realm {r.name})")
     yield kc, realm, other
+    _check_processes("before Keycloak stops")
     kc.stop()
