@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 NATIVE := $(VENV)/.native-$(shell cat native/Cargo.toml native/pyproject.toml native/src/*.rs | sha1sum | cut -c1-12)
 LW     := $(BIN)/lakewarden
 
-.PHONY: install trino kafka objectstore keycloak system demo test test-fast bench bench-deps clean-demo
+.PHONY: install trino kafka objectstore keycloak system oracle demo test test-fast bench bench-deps clean-demo
 
 # What CI also runs without the native core, so both paths stay green.
 FALLBACK_TESTS := tests/test_native_core.py tests/test_stream_decode.py tests/test_crypto_vectors.py tests/test_keys.py tests/test_keys_concurrency.py tests/test_pgstore.py \
@@ -50,6 +50,12 @@ keycloak:
 objectstore:
 	bash infra/objectstore/install.sh >/dev/null
 
+# pycanon in its own virtualenv (it pins numpy/pandas versions this project does not use): the test
+# oracle for k-anonymity and l-diversity (tests/test_anonymity.py runs it out of process).
+oracle:
+	test -x .venv-oracle/bin/python || $(PYTHON) -m venv .venv-oracle
+	.venv-oracle/bin/python -c 'import pycanon' 2>/dev/null || .venv-oracle/bin/pip install -q pycanon==1.3.6
+
 # Debian packages the tests need (the tests start the servers themselves; chromium renders the HTML report;
 # postgresql: the shared key store's tests start a throw-away cluster).
 system:
@@ -60,8 +66,8 @@ system:
 demo: install
 	$(BIN)/python -m lakewarden.demo
 
-test: install trino kafka objectstore keycloak system
-	LAKEWARDEN_REQUIRE_RAY=1 LAKEWARDEN_REQUIRE_POSTGRES=1 LAKEWARDEN_REQUIRE_OBJECTSTORE=1 LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 LAKEWARDEN_REQUIRE_CHROMIUM=1 \
+test: install trino kafka objectstore keycloak system oracle
+	LAKEWARDEN_REQUIRE_ORACLE=1 LAKEWARDEN_REQUIRE_RAY=1 LAKEWARDEN_REQUIRE_POSTGRES=1 LAKEWARDEN_REQUIRE_OBJECTSTORE=1 LAKEWARDEN_REQUIRE_TRINO=1 LAKEWARDEN_REQUIRE_REDIS=1 LAKEWARDEN_REQUIRE_PROMTOOL=1 LAKEWARDEN_REQUIRE_CHROMIUM=1 \
 	  LAKEWARDEN_REQUIRE_NATIVE=1 LAKEWARDEN_REQUIRE_KAFKA=1 LAKEWARDEN_REQUIRE_KEYCLOAK=1 $(BIN)/python -m pytest -q --durations=25
 	@echo "== the key and ingest tests again on the pure-Python fallback (LAKEWARDEN_NATIVE=0)"
 	LAKEWARDEN_NATIVE=0 $(BIN)/python -m pytest -q $(FALLBACK_TESTS)

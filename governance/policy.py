@@ -109,6 +109,12 @@ class ColumnPolicy(_Strict):
     type: ColumnType = "string"
     protection: Protection | None = None
     generalize: str | None = Field(default=None, description="year | month | prefix:N | bucket:W")
+    hierarchy: list[str] | None = Field(
+        default=None, min_length=2,
+        description="generalization levels for anonymity.on_violation: generalize, finest first; the first is "
+                    "generalize, each next one coarser: year -> decade | bucket:W; month -> year -> decade; "
+                    "prefix:N -> prefix:M (M < N); bucket:W -> bucket:V (V a multiple of W)",
+    )
     description: str = ""
     # -- data contract ----------------------------------------------------------------
     required: bool = Field(default=False, description="the column must be in every file and never empty")
@@ -147,6 +153,12 @@ class ColumnPolicy(_Strict):
                 raise ValueError("protection 'generalize' needs 'generalize: year | month | prefix:N | bucket:W'")
             if not _GENERALIZE.match(self.generalize):
                 raise ValueError(f"generalize must be year, month, prefix:N or bucket:W (got {self.generalize!r})")
+        if self.hierarchy is not None:
+            if prot is not Protection.GENERALIZE:
+                raise FieldError(("hierarchy",), f"hierarchy needs protection 'generalize' (this column's is '{prot.value}')")
+            problem = hierarchy_problem(self.generalize or "", self.hierarchy)
+            if problem:
+                raise FieldError(("hierarchy",), problem)
         object.__setattr__(self, "protection", prot)
         for bound in ("min", "max"):
             b = getattr(self, bound)
@@ -161,6 +173,77 @@ class ColumnPolicy(_Strict):
         if self.pattern and self.type != "string":
             raise ValueError(f"pattern applies to string columns, not {self.type}")
         return self
+
+
+def level_width(base: str, level: str) -> float | None:
+    """How coarse a generalization level is, in the base's unit (None: not a level of that base).
+
+    The bases are the ingest's ``generalize`` forms: ``year`` (an integer year; levels ``decade`` and
+    ``bucket:W`` of W years), ``month`` (``YYYY-MM``; levels ``year`` and ``decade``), ``prefix:N``
+    (levels ``prefix:M``; the width is the characters dropped) and ``bucket:W`` (levels ``bucket:V``)."""
+    kind, _, arg = base.partition(":")
+    lk, _, la = level.partition(":")
+    if kind == "year":
+        if level == "year":
+            return 1.0
+        if level == "decade":
+            return 10.0
+        if lk == "bucket" and la.isdigit() and int(la) >= 1:
+            return float(int(la))
+        return None
+    if kind == "month":
+        return {"month": 1.0, "year": 12.0, "decade": 120.0}.get(level)
+    if kind == "prefix":
+        if lk == "prefix" and la.isdigit() and 1 <= int(la) <= int(arg):
+            return float(int(arg) - int(la) + 1)
+        return None
+    if kind == "bucket":
+        if lk == "bucket":
+            try:
+                v = float(la)
+            except ValueError:
+                return None
+            return v if v > 0 else None
+    return None
+
+
+def hierarchy_problem(base: str, levels: list[str]) -> str | None:
+    """Why ``levels`` is not a generalization hierarchy above ``base`` (None if it is): the first level
+    is ``base`` itself, and each next level is coarser and nests (its classes are unions of the previous
+    level's), so climbing a level only ever merges equivalence classes."""
+    if levels[0] != base:
+        return f"hierarchy must start with the column's generalize ({base!r}), not {levels[0]!r}"
+    prev = 1.0 if base.partition(":")[0] != "bucket" else float(base.partition(":")[2])
+    if base.startswith("prefix:"):
+        prev = 1.0
+    for lv in levels[1:]:
+        w = level_width(base, lv)
+        if w is None:
+            kind = base.partition(":")[0]
+            shapes = {"year": "decade or bucket:W (whole years)", "month": "year or decade",
+                      "prefix": "prefix:M", "bucket": "bucket:V"}[kind]
+            return f"hierarchy level {lv!r} does not apply to generalize {base!r} (levels of it: {shapes})"
+        ratio = w / prev
+        if w <= prev or abs(ratio - round(ratio)) > 1e-9 and not base.startswith("prefix:"):
+            return (f"hierarchy level {lv!r} is not coarser than the level before it and nested in it "
+                    "(each level must merge whole classes of the previous one)")
+        prev = w
+    return None
+
+
+class Anonymity(_Strict):
+    """k-anonymity and l-diversity of the silver table over the quasi-identifiers (and of query exports)."""
+
+    k_min: int = Field(ge=2, le=1_000_000, description="every equivalence class over the quasi-identifiers holds "
+                                                       "at least this many rows")
+    l_min: int | None = Field(default=None, ge=2, le=1000,
+                              description="every class holds at least this many distinct values of each "
+                                          "encrypted sensitive column (distinct l-diversity)")
+    on_violation: Literal["stop", "generalize"] = Field(
+        default="stop",
+        description="stop: the silver build fails naming the small classes' sizes (never values); generalize: "
+                    "climb the quasi-identifiers' hierarchy levels until k_min (and l_min) hold, else stop",
+    )
 
 
 def _is_iso_date(v: Any) -> bool:
@@ -422,6 +505,7 @@ class DatasetPolicy(_Strict):
     layout: Layout = Layout()
     preprocess: Preprocess = Preprocess()
     features: dict[str, FeatureViewSpec] = Field(default_factory=dict)
+    anonymity: Anonymity | None = None
 
     @field_validator("columns")
     @classmethod
@@ -506,7 +590,30 @@ class DatasetPolicy(_Strict):
                     )
         for c, lab in self.labels.items():
             _check_label(c, lab, cols.get(c))
+        if self.anonymity is not None:
+            a = self.anonymity
+            if not self.quasi_identifiers():
+                raise FieldError(("anonymity", "k_min"),
+                                 "anonymity needs at least one quasi_identifier column with protection 'generalize'")
+            if a.l_min is not None and not self.l_columns():
+                raise FieldError(("anonymity", "l_min"),
+                                 "anonymity.l_min needs at least one sensitive column with protection 'encrypt'")
+            if a.on_violation == "generalize" and not any(cols[c].hierarchy for c in self.quasi_identifiers()):
+                raise FieldError(("anonymity", "on_violation"),
+                                 "on_violation: generalize needs a hierarchy on at least one quasi-identifier, "
+                                 "e.g. hierarchy: [year, decade]")
         return self
+
+    def quasi_identifiers(self) -> list[str]:
+        """The quasi-identifiers k is measured over: those stored in plaintext, generalized (an encrypted or
+        vaulted one is not readable in silver)."""
+        return [n for n, c in self.columns.items()
+                if c.class_ is ColumnClass.QUASI_IDENTIFIER and c.protection is Protection.GENERALIZE]
+
+    def l_columns(self) -> list[str]:
+        """The sensitive columns l is measured over: those kept, encrypted, in the table itself."""
+        return [n for n, c in self.columns.items()
+                if c.class_ is ColumnClass.SENSITIVE and c.protection is Protection.ENCRYPT]
 
     # -- queries the enforcers use -------------------------------------------------
     def derived_columns(self) -> list[str]:

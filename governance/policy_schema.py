@@ -66,6 +66,8 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "preprocess": "silver-stage preprocessing: imputation, standardization, derived columns",
         "features": "feature view name -> a Feast feature view over the silver table",
         "labels": "column -> its favourable value: the labels a model may be trained on",
+        "anonymity": "k-anonymity (k_min) and l-diversity (l_min) of silver over the quasi-identifiers, and what "
+                     "a build does when they do not hold (stop, or generalize by each column's hierarchy)",
         "stream": "streaming ingest (lakewarden stream): whether records must be sealed per subject, "
                   "the largest message, and the longest retention a topic may have",
     },

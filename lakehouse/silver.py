@@ -36,6 +36,7 @@ from governance.gate import Actor, Gate, Resource
 from governance.lineage import DatasetRef
 from governance.policy import DatasetPolicy, Mask, MaskKind, PolicySet, Stage
 from governance.workspace import Workspace
+from lakehouse.anonymity import META_ANONYMITY, AnonymityError, Enforced, confirm, enforce, replace_sql
 from lakehouse.catalog import Catalog, TableRef, table_buckets, table_configuration, table_description
 from lakehouse.errors import LakehouseError
 from lakehouse.masks import hash_column
@@ -210,11 +211,17 @@ def _build(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_0
     con.execute("SET TimeZone='UTC'")
     con.register("bronze", bronze.to_pyarrow_dataset())
     business = [f.name for f in bronze.schema().fields if not f.name.startswith("_")]
-    con.execute(f"CREATE TEMP VIEW base AS {base_sql(policy)}")
+    con.execute(f"CREATE TEMP VIEW base_raw AS {base_sql(policy)}")
+    con.execute("CREATE TEMP VIEW base AS SELECT * FROM base_raw")
     stats = _fit(con, policy)
     columns = [*business, "_subject_bucket", "_ingested_at"]
+    anonymity = _anonymity(ws, actor, con, policy, stats, columns, engine) if policy.anonymity is not None else None
+    if anonymity is not None and any(anonymity.levels.values()):
+        stats = _fit(con, policy)  # on the generalized rows (a quasi-identifier may be imputed)
     meta = {_META_BRONZE: str(bv), _META_POLICY: ws.policies.digest, _META_STATS: json.dumps(stats, sort_keys=True),
             _META_HASH: hash_meta}
+    if anonymity is not None:
+        meta[META_ANONYMITY] = json.dumps(anonymity.meta(policy), sort_keys=True)
     uri = cat.uri(silver_ref)
     if engine == "ray":
         from lakehouse.distributed import silver_on_ray
@@ -249,10 +256,48 @@ def _build(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_0
     )
     ws.lineage.emit(f"silver.{dataset}", inputs=[DatasetRef(str(bronze_ref), version=bv)],
                     outputs=[DatasetRef(str(silver_ref), version=sv)])
+    details: dict[str, Any] = {"bronze_version": bv, "silver_version": sv, "rows": rows}
+    if anonymity is not None:
+        details["anonymity"] = anonymity.meta(policy)
     ws.audit.record("silver.build", actor=actor.name, outcome="ok", stage=Stage.INGEST.value,
-                    resource=f"table:silver.{dataset}", details={"bronze_version": bv, "silver_version": sv, "rows": rows})
+                    resource=f"table:silver.{dataset}", details=details)
     con.close()
     return SilverReport(dataset, bv, sv, rows, stats)
+
+
+def _anonymity(ws: Workspace, actor: Actor, con: duckdb.DuckDBPyConnection, policy: DatasetPolicy,
+               stats: dict[str, Any], columns: list[str], engine: str) -> Enforced:
+    """k-anonymity / l-diversity of the rows silver is about to hold (``lakehouse.anonymity``): met as
+    ingested, met after climbing the hierarchy (``base`` is then redefined over ``base_raw`` with the
+    quasi-identifiers at the chosen levels), or an :class:`AnonymityError` naming sizes, never values.
+    The outcome is audited (``silver.anonymity``, counts and levels only)."""
+    a = policy.anonymity
+    assert a is not None
+    qi = policy.quasi_identifiers()
+    sens = policy.l_columns() if a.l_min is not None else []
+    read = list(dict.fromkeys([*qi, *sens, *([policy.subject_key] if sens else [])]))
+
+    def rows() -> pa.Table:
+        return con.sql(f"SELECT {', '.join(q(c) for c in read)} FROM ({transform_sql(policy, stats, columns)})").to_arrow_table()
+
+    resource = f"table:silver.{policy.dataset}"
+    try:
+        enforced = enforce(ws, policy, rows())
+        if any(enforced.levels.values()):
+            if engine == "ray":
+                raise AnonymityError(
+                    f"silver.{policy.dataset}: k_min needs generalization ({enforced.meta(policy)['levels']}), "
+                    "which the ray engine does not apply yet", hint="build this dataset's silver with --engine local")
+            con.execute(f"CREATE OR REPLACE TEMP VIEW base AS SELECT * {replace_sql(policy, enforced.levels)} FROM base_raw")
+            enforced = confirm(ws, policy, rows(), enforced.levels)
+    except AnonymityError as exc:
+        ws.audit.record("silver.anonymity", actor=actor.name, outcome="error", stage=Stage.INGEST.value,
+                        resource=resource, details={"error": exc.message, "k_min": a.k_min, "l_min": a.l_min,
+                                                    "on_violation": a.on_violation})
+        raise
+    ws.audit.record("silver.anonymity", actor=actor.name, outcome="ok", stage=Stage.INGEST.value,
+                    resource=resource, details=enforced.meta(policy))
+    return enforced
 
 
 def transformed(con: duckdb.DuckDBPyConnection, policy: DatasetPolicy, stats: dict[str, Any], columns: list[str],

@@ -26,6 +26,9 @@ How a query is checked, before any data is touched:
 4. The policy gate decides ``query`` for each table (``AccessDenied`` propagates).
 5. The query runs with ``enable_external_access=false`` and a locked configuration
    (no files, no extensions, no ``SET``).
+6. A dataset whose policy sets ``anonymity.k_min``: a result carrying its quasi-identifier
+   columns is refused when they form a class smaller than k_min
+   (``lakehouse.anonymity.check_result``, rule ``<dataset>/anonymity/k_min``; audited as an error).
 
 ``DESCRIBE <table>`` (or ``DESC``, ``SHOW COLUMNS FROM|IN <table>``) of one governed table is
 answered too: the columns of the role's view (hidden ones absent) with their type, policy class
@@ -176,6 +179,10 @@ def run_query(
             uses = _checked(sql, ws)
             used = [str(u.ref) for u in uses]
             result = _execute(ws, actor, sql, uses, version=version, as_of=as_of, max_rows=max_rows)
+            if any(ws.policies.datasets[u.ref.dataset].anonymity for u in uses):
+                from lakehouse.anonymity import check_result  # k_min holds for results too (issue #20)
+
+                check_result(ws, sql, [u.ref.dataset for u in uses], result.table)
     except LakewardenError as exc:
         _audit(ws, actor, sql, used, outcome="error", error=exc)
         raise

@@ -61,6 +61,7 @@ COMMAND_STAGES: dict[str, tuple[str, ...]] = {
     "features online": ("serve",),
     "train": ("features", "train", "evaluate", "register"),
     "privacy status": (),
+    "privacy risk": ("query",),
     "models list": (),
     "models show": (),
     "models approve": ("approve",),
@@ -83,9 +84,10 @@ COMMAND_STAGES: dict[str, tuple[str, ...]] = {
 }
 
 NOTES: dict[str, str] = {
-    "login": "with auth.enabled: the device-code flow; the CLI then acts only as the verified user",
-    "logout": "deletes this workspace's cached login",
+    "login": "with auth.enabled: the device-code flow (audited: auth.login); the CLI then acts only as the verified user",
+    "logout": "deletes this workspace's cached login (audited: auth.logout)",
     "sql": "the role's columns, masks and row filter; `DESCRIBE` too",
+    "privacy risk": "sees the quasi-identifiers; l only where `evaluate` may open a sensitive column",
     "gate check": "asks the gate the STAGE you name (and audits the answer)",
     "audit verify": "kernel rule builtin/audit-table: compliance_officer only",
     "audit query": "kernel rule builtin/audit-table: compliance_officer only",

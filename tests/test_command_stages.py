@@ -70,7 +70,7 @@ def _args(t: Path) -> dict[str, list[str]]:
         "lineage show": ["silver.customers"], "models approve": ["credit@1"], "models list": [],
         "models show": ["credit@1"], "monitor": ["--model", "credit@1"],
         "policy check": [], "policy schema": ["--out", str(t / "schema.json")], "policy show": ["customers"],
-        "policy suggest": [str(t / "kept" / "customers.csv"), "--out", "-"], "privacy status": [],
+        "policy suggest": [str(t / "kept" / "customers.csv"), "--out", "-"], "privacy status": [], "privacy risk": ["customers"],
         "requests access": ["--subject", "C-000000001", "--out", str(t / "export")],
         "requests erase": ["--subject", "C-000000001"], "requests certificate": [REQ], "requests list": [],
         "requests status": [REQ], "requests run": [REQ], "trino sync": [], "pipeline summary": [],

@@ -31,3 +31,63 @@ def privacy_status(
     console.print(t)
 
 
+
+
+@privacy_app.command("risk")
+def privacy_risk(
+    ctx: typer.Context,
+    dataset: Annotated[str, typer.Argument(help="Dataset whose table to measure.")],
+    layer: Annotated[str, typer.Option(help="Layer: silver (default) or bronze.")] = "silver",
+    k_min: Annotated[Optional[int], typer.Option("--k-min", help="Threshold k (default: the policy's anonymity.k_min).")] = None,
+    l_min: Annotated[Optional[int], typer.Option("--l-min", help="Threshold l (default: the policy's anonymity.l_min).")] = None,
+    purpose: Annotated[Optional[str], typer.Option(help="Purpose stated to open sensitive columns for l.")] = None,
+    smallest: Annotated[int, typer.Option(help="How many of the smallest classes to list.", min=0)] = 5,
+) -> None:
+    """k-anonymity and l-diversity over the policy's quasi-identifiers: sizes and ranks, never values."""
+    from lakehouse.anonymity import privacy_risk as verb
+
+    st = state(ctx)
+    rep = verb(st.workspace(), st.actor(), dataset, layer=layer, k_min=k_min, l_min=l_min, purpose=purpose,
+               smallest=smallest)
+    m = rep.measure
+    t = Table(title=f"{rep.layer}.{rep.dataset}@{rep.version}: k-anonymity over ({', '.join(m.quasi_identifiers)})")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_row("rows", f"{m.rows:,}")
+    t.add_row("equivalence classes", f"{m.classes:,}")
+    t.add_row("k (smallest class)", "-" if m.k is None else str(m.k))
+    if m.k_min is not None:
+        t.add_row("k_min", str(m.k_min))
+        t.add_row("classes below k_min", f"{m.classes_below:,}")
+        t.add_row("rows in them", f"{m.rows_below:,}")
+        t.add_row("k met", "yes" if m.k_ok else "[red]no[/]")
+    for s, v in m.l.items():
+        t.add_row(f"l({s})", "-" if v is None else str(v))
+    if m.l_min is not None:
+        t.add_row("l_min", str(m.l_min))
+        if m.l:
+            t.add_row("l met", "yes" if m.l_ok else "[red]no[/]")
+    for s, why in rep.sensitive_unmeasured.items():
+        t.add_row(f"l({s})", why)
+    if rep.row_filter:
+        t.add_row("rows measured", "only those your role's row filter shows")
+    if rep.applied and rep.applied.get("levels"):
+        t.add_row("levels (silver build)", ", ".join(f"{c}: {lv}" for c, lv in rep.applied["levels"].items()))
+    console.print(t)
+    d = Table(title="class sizes")
+    d.add_column("size", justify="right")
+    d.add_column("classes", justify="right")
+    for size, n in m.sizes[:10]:
+        d.add_row(str(size), f"{n:,}")
+    if len(m.sizes) > 10:
+        d.add_row("…", f"{sum(n for _, n in m.sizes[10:]):,} more")
+    console.print(d)
+    if m.smallest:
+        c = Table(title="smallest classes (by rank; values are not shown)")
+        c.add_column("class")
+        c.add_column("size", justify="right")
+        for s in m.l:
+            c.add_column(f"l({s})", justify="right")
+        for ci in m.smallest:
+            c.add_row(ci.id, str(ci.size), *(str(ci.l.get(s, "-")) for s in m.l))
+        console.print(c)

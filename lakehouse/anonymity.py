@@ -1,0 +1,542 @@
+"""k-anonymity and l-diversity: measured over the policy's quasi-identifiers, enforced at silver and
+on query results (issue #20).
+
+An *equivalence class* is the set of rows that share one combination of quasi-identifier values
+(NULL is a value of its own). ``k`` is the size of the smallest class; a class of size 1 is a row
+that the quasi-identifiers alone single out. Distinct ``l`` of a sensitive column is the smallest
+number of distinct values (NULL counting as one) that column takes within a class: ``l = 1`` means
+that knowing someone's class tells their value.
+
+:func:`measure` computes both over an Arrow table in one DuckDB ``GROUP BY`` (NULLs group
+together, as above). It names the smallest classes by rank only (``c1``, ``c2``, … in order of
+size): a report never carries the values that make a class small.
+
+Used by:
+
+* :func:`privacy_risk` — the verb of ``lakewarden privacy risk DATASET``, gated ``query`` on the
+  table (the actor must see the quasi-identifiers; a role's row filter limits the rows measured)
+  and audited as ``privacy.risk`` (counts only). Sensitive columns are sealed per subject; ``l`` is
+  measured only where the gate lets the actor open them (stage ``evaluate`` with a purpose that
+  allows sensitive attributes, as fairness evaluation does); otherwise the report says why not.
+* :func:`enforce` — the silver build: with ``anonymity.k_min`` set, a build that does not meet it
+  stops (``on_violation: stop``) or climbs the quasi-identifiers' ``hierarchy`` one level of one
+  column at a time (``generalize``; see :func:`choose_levels`).
+* :func:`check_result` — the embedded SQL engine: a result that carries quasi-identifier columns
+  of a dataset with ``k_min`` is refused when its own classes are smaller.
+
+Nothing here prints or logs values; errors carry sizes and counts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from governance.gate import Actor, Resource
+from governance.policy import ColumnPolicy, DatasetPolicy, Stage
+from lakehouse.errors import LakehouseError, SqlError
+
+if TYPE_CHECKING:
+    from governance.workspace import Workspace
+
+__all__ = [
+    "AnonymityError", "AnonymityMeasure", "ClassInfo", "RiskReport", "check_result", "choose_levels",
+    "enforce", "level_sql", "measure", "privacy_risk",
+]
+
+META_ANONYMITY = "lakewarden.anonymity"  # silver commit metadata: levels applied, k and l achieved
+
+
+class AnonymityError(LakehouseError):
+    """k_min or l_min does not hold and cannot be reached: the message names sizes, never values."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClassInfo:
+    """One equivalence class, named by its rank (``c1`` is the smallest), never by its values."""
+
+    id: str
+    size: int
+    l: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class AnonymityMeasure:
+    """k, the class-size distribution and l per sensitive column, with what falls below the thresholds.
+
+    ``sizes``: ``(class size, number of classes of that size)``, smallest first.
+    ``classes_below`` / ``rows_below``: classes smaller than ``k_min``, and the rows in them.
+    ``l``: column -> distinct l (None when the table is empty). ``l_below``: column -> classes below ``l_min``.
+    """
+
+    rows: int
+    classes: int
+    k: int | None
+    quasi_identifiers: tuple[str, ...]
+    sizes: tuple[tuple[int, int], ...]
+    smallest: tuple[ClassInfo, ...]
+    k_min: int | None = None
+    classes_below: int = 0
+    rows_below: int = 0
+    l: Mapping[str, int | None] = field(default_factory=dict)
+    l_min: int | None = None
+    l_below: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def k_ok(self) -> bool:
+        return self.k_min is None or self.rows == 0 or (self.k or 0) >= self.k_min
+
+    @property
+    def l_ok(self) -> bool:
+        return self.l_min is None or all(v is None or v >= self.l_min for v in self.l.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.k_ok and self.l_ok
+
+    def sizes_text(self, below: int | None = None, most: int = 8) -> str:
+        """``'1×12, 2×5'``: class sizes (and how many classes have each), those below ``below`` only."""
+        items = [(s, n) for s, n in self.sizes if below is None or s < below]
+        text = ", ".join(f"{s}×{n}" for s, n in items[:most])
+        return text + (", …" if len(items) > most else "")
+
+    def summary(self) -> dict[str, Any]:
+        """Counts only: for audit details and commit metadata."""
+        return {"rows": self.rows, "classes": self.classes, "k": self.k, "k_min": self.k_min,
+                "classes_below": self.classes_below, "rows_below": self.rows_below,
+                "l": dict(self.l), "l_min": self.l_min, "l_below": dict(self.l_below)}
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def measure(
+    table: pa.Table,
+    quasi_identifiers: Sequence[str],
+    sensitive: Sequence[str] = (),
+    *,
+    k_min: int | None = None,
+    l_min: int | None = None,
+    smallest: int = 5,
+    con: duckdb.DuckDBPyConnection | None = None,
+) -> AnonymityMeasure:
+    """k (and distinct l per ``sensitive`` column) of ``table`` over ``quasi_identifiers``.
+
+    Example::
+
+        >>> t = pa.table({"y": [1980, 1980, 1990, 1990, 1990], "s": ["a", "b", "a", "a", "a"]})
+        >>> m = measure(t, ["y"], ["s"], k_min=3)
+        >>> (m.k, m.classes, m.classes_below, m.rows_below, m.l["s"], m.smallest[0].size)
+        (2, 2, 1, 2, 1, 2)
+    """
+    qi = list(quasi_identifiers)
+    for c in [*qi, *sensitive]:
+        if c not in table.column_names:
+            raise LakehouseError(f"column '{c}' is not in the table measured (columns: {', '.join(table.column_names)})")
+    own = con is None
+    con = con or duckdb.connect(":memory:")
+    try:
+        con.register("_anon_t", table.select([*dict.fromkeys([*qi, *sensitive])]) if qi or sensitive else table)
+        group = f"GROUP BY {', '.join(_q(c) for c in qi)}" if qi else ""
+        ls = "".join(
+            f", count(DISTINCT {_q(s)}) + CAST(count(*) > count({_q(s)}) AS INTEGER) AS {_q('l_' + s)}"
+            for s in sensitive
+        )
+        order = f"hash({', '.join(_q(c) for c in qi)})" if qi else "1"
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _anon_c AS SELECT count(*) AS n{ls}, {order} AS h "
+                    f"FROM _anon_t {group}")
+        rows, classes, k = con.execute("SELECT coalesce(sum(n), 0), count(*), min(n) FROM _anon_c").fetchone()
+        if rows == 0:
+            classes, k = 0, None
+        sizes = tuple((int(s), int(n)) for s, n in con.execute(
+            "SELECT n, count(*) FROM _anon_c GROUP BY n ORDER BY n").fetchall())
+        below = rows_below = 0
+        if k_min is not None:
+            below, rows_below = con.execute(
+                f"SELECT count(*), coalesce(sum(n), 0) FROM _anon_c WHERE n < {int(k_min)}").fetchone()
+        l: dict[str, int | None] = {}
+        l_below: dict[str, int] = {}
+        for s in sensitive:
+            l[s] = con.execute(f"SELECT min({_q('l_' + s)}) FROM _anon_c").fetchone()[0]
+            if l_min is not None:
+                l_below[s] = con.execute(f"SELECT count(*) FROM _anon_c WHERE {_q('l_' + s)} < {int(l_min)}").fetchone()[0]
+        lcols = "".join(f", {_q('l_' + s)}" for s in sensitive)
+        least = con.execute(
+            f"SELECT n{lcols} FROM _anon_c ORDER BY n{lcols}, h LIMIT {max(0, int(smallest))}").fetchall()
+        small = tuple(ClassInfo(f"c{i + 1}", int(r[0]), {s: int(v) for s, v in zip(sensitive, r[1:])})
+                      for i, r in enumerate(least))
+        con.execute("DROP TABLE _anon_c")
+        con.unregister("_anon_t")
+    finally:
+        if own:
+            con.close()
+    return AnonymityMeasure(
+        rows=int(rows), classes=int(classes), k=None if k is None else int(k), quasi_identifiers=tuple(qi),
+        sizes=sizes, smallest=small, k_min=k_min, classes_below=int(below), rows_below=int(rows_below),
+        l=l, l_min=l_min, l_below=l_below,
+    )
+
+
+# -- generalization hierarchy ---------------------------------------------------------------
+def level_sql(col: ColumnPolicy, level: str, expr: str) -> str:
+    """SQL that takes a value stored at the column's ingest level (``generalize``) to ``level``
+    (one of its ``hierarchy``), keeping the stored type (int years, text, double buckets)."""
+    base = col.generalize or ""
+    if level == base:
+        return expr
+    kind = base.partition(":")[0]
+    lk, _, la = level.partition(":")
+    if kind == "year":
+        width = 10 if level == "decade" else int(la)
+        return f"CAST(floor({expr} / {width}) * {width} AS INTEGER)"
+    if kind == "month":
+        return f"left({expr}, 4)" if level == "year" else f"left({expr}, 3) || '0'"
+    if kind == "prefix":
+        return f"left({expr}, {int(la)})"
+    if kind == "bucket":
+        v = float(la)
+        return f"floor({expr} / {v!r}) * {v!r}"
+    raise LakehouseError(f"unsupported generalization level {level!r} for generalize {base!r}")
+
+
+def _apply(policy: DatasetPolicy, table: pa.Table, levels: Mapping[str, int],
+           con: duckdb.DuckDBPyConnection) -> pa.Table:
+    """``table`` with each quasi-identifier taken to its chosen hierarchy level."""
+    moved = {c: i for c, i in levels.items() if i > 0}
+    if not moved:
+        return table
+    con.register("_anon_src", table)
+    sel = []
+    for name in table.column_names:
+        if name in moved:
+            col = policy.columns[name]
+            sel.append(f"{level_sql(col, (col.hierarchy or [])[moved[name]], _q(name))} AS {_q(name)}")
+        else:
+            sel.append(_q(name))
+    out = con.sql(f"SELECT {', '.join(sel)} FROM _anon_src").to_arrow_table()
+    con.unregister("_anon_src")
+    return out
+
+
+def replace_sql(policy: DatasetPolicy, levels: Mapping[str, int]) -> str:
+    """``* REPLACE (…)`` list for a view that shows the quasi-identifiers at ``levels`` ("" if none moved)."""
+    parts = []
+    for name, i in levels.items():
+        if i > 0:
+            col = policy.columns[name]
+            parts.append(f"{level_sql(col, (col.hierarchy or [])[i], _q(name))} AS {_q(name)}")
+    return f"REPLACE ({', '.join(parts)})" if parts else ""
+
+
+def choose_levels(
+    policy: DatasetPolicy, table: pa.Table, sensitive: Sequence[str] = (), *, k_min: int, l_min: int | None = None,
+) -> tuple[dict[str, int], AnonymityMeasure]:
+    """The hierarchy levels (quasi-identifier -> index into its ``hierarchy``; 0 = the ingest's level) at
+    which ``table`` meets ``k_min`` (and ``l_min``), and the measure there.
+
+    Greedy, one level of one column per step: each column that has a next level is tried one level
+    up, and the step taken is the one that leaves the fewest rows in classes below ``k_min`` (plus,
+    with ``l_min``, the number of classes below it per sensitive column) — the move that merges most small classes — ties going to
+    the column listed first in the policy. Levels nest (the policy checks it), so a step only merges
+    classes and k never falls. Raises :class:`AnonymityError` when every column is at its top
+    level and the thresholds still fail.
+    """
+    qi = policy.quasi_identifiers()
+    levels = {c: 0 for c in qi}
+    con = duckdb.connect(":memory:")
+    try:
+        cur = measure(table, qi, sensitive, k_min=k_min, l_min=l_min, con=con)
+        while not cur.ok:
+            best: tuple[int, int, str, AnonymityMeasure] | None = None
+            for order, c in enumerate(qi):
+                top = len(policy.columns[c].hierarchy or [policy.columns[c].generalize])
+                if levels[c] + 1 >= top:
+                    continue
+                levels[c] += 1
+                m = measure(_apply(policy, table, levels, con), qi, sensitive, k_min=k_min, l_min=l_min, con=con)
+                score = m.rows_below + (sum(m.l_below.values()) if l_min else 0)
+                levels[c] -= 1
+                if best is None or (score, order) < (best[0], best[1]):
+                    best = (score, order, c, m)
+            if best is None:
+                raise AnonymityError(
+                    f"{_what(policy.dataset, cur)} even at the top level of every quasi-identifier's hierarchy "
+                    f"({_levels_text(policy, levels)})",
+                    hint=f"add coarser levels to the hierarchies in the policy of '{policy.dataset}', or lower k_min",
+                )
+            levels[best[2]] += 1
+            cur = best[3]
+    finally:
+        con.close()
+    return levels, cur
+
+
+def _levels_text(policy: DatasetPolicy, levels: Mapping[str, int]) -> str:
+    return ", ".join(f"{c}: {(policy.columns[c].hierarchy or [policy.columns[c].generalize])[i]}"
+                     for c, i in levels.items())
+
+
+def _what(dataset: str, m: AnonymityMeasure) -> str:
+    """The violation in counts and sizes only."""
+    parts = []
+    if not m.k_ok:
+        parts.append(f"k={m.k} < k_min={m.k_min}: {m.classes_below} equivalence class(es) below k_min "
+                     f"(sizes {m.sizes_text(below=m.k_min)}; {m.rows_below} row(s)); smallest: "
+                     + ", ".join(f"{c.id} ({c.size} row{'s' if c.size != 1 else ''})" for c in m.smallest[:3]))
+    if not m.l_ok:
+        for s, v in m.l.items():
+            if v is not None and m.l_min is not None and v < m.l_min:
+                parts.append(f"l({s})={v} < l_min={m.l_min}: {m.l_below.get(s, 0)} class(es) below l_min")
+    return f"silver.{dataset}: anonymity not met over ({', '.join(m.quasi_identifiers)}): " + "; ".join(parts)
+
+
+# -- reading the sensitive columns -----------------------------------------------------------
+def open_sensitive(ws: "Workspace", policy: DatasetPolicy, table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    """``table`` with each sealed column in ``columns`` replaced by its plaintext (in memory only)."""
+    tokens = table[policy.subject_key].combine_chunks()
+    out = table
+    for c in columns:
+        opened = ws.keyring.open_arrow(table[c].combine_chunks(), tokens, dataset=policy.dataset, column=c)
+        out = out.set_column(out.column_names.index(c), c, pc.cast(opened, pa.string()))
+    return out
+
+
+# -- the silver build ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Enforced:
+    levels: dict[str, int]
+    measure: AnonymityMeasure
+
+    def meta(self, policy: DatasetPolicy) -> dict[str, Any]:
+        return {"levels": {c: (policy.columns[c].hierarchy or [policy.columns[c].generalize])[i]
+                           for c, i in self.levels.items()},
+                "on_violation": policy.anonymity.on_violation if policy.anonymity else None,
+                **self.measure.summary()}
+
+
+def _policy_measure(ws: "Workspace", policy: DatasetPolicy, table: pa.Table) -> tuple[pa.Table, AnonymityMeasure]:
+    a = policy.anonymity
+    assert a is not None
+    qi = policy.quasi_identifiers()
+    sens = policy.l_columns() if a.l_min is not None else []
+    data = open_sensitive(ws, policy, table, sens) if sens else table
+    data = data.select([*qi, *sens])
+    return data, measure(data, qi, sens, k_min=a.k_min, l_min=a.l_min)
+
+
+def enforce(ws: "Workspace", policy: DatasetPolicy, table: pa.Table) -> Enforced:
+    """Check silver's rows (``table``: the quasi-identifiers, the encrypted sensitive columns if
+    ``l_min`` is set, and the subject key) against the policy's ``anonymity``; return the hierarchy
+    levels to apply (all 0 when the thresholds hold as ingested).
+
+    The build opens the sensitive values in memory to count them per class, as the enforcer the
+    policy asks for; only counts leave this function. Raises :class:`AnonymityError` (stop, or
+    generalize that cannot reach the thresholds)."""
+    a = policy.anonymity
+    assert a is not None
+    data, m = _policy_measure(ws, policy, table)
+    if m.ok:
+        return Enforced({c: 0 for c in policy.quasi_identifiers()}, m)
+    if a.on_violation == "stop":
+        raise AnonymityError(
+            _what(policy.dataset, m),
+            hint=f"coarsen the quasi-identifiers or set anonymity.on_violation: generalize with a hierarchy "
+                 f"in the policy of '{policy.dataset}'",
+        )
+    sens = [c for c in data.column_names if c not in policy.quasi_identifiers()]
+    levels, m = choose_levels(policy, data, sens, k_min=a.k_min, l_min=a.l_min)
+    return Enforced(levels, m)
+
+
+def confirm(ws: "Workspace", policy: DatasetPolicy, table: pa.Table, levels: Mapping[str, int]) -> Enforced:
+    """Measure the rows silver will hold once generalized (``table`` read through the new levels) and
+    raise :class:`AnonymityError` if they miss the thresholds after all."""
+    _, m = _policy_measure(ws, policy, table)
+    if not m.ok:
+        raise AnonymityError(_what(policy.dataset, m) + f" (at {_levels_text(policy, levels)})")
+    return Enforced(dict(levels), m)
+
+
+# -- the verb: lakewarden privacy risk -------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RiskReport:
+    """What ``privacy risk`` found: the measure, and what it could not measure and why."""
+
+    dataset: str
+    layer: str
+    version: int
+    measure: AnonymityMeasure
+    sensitive_unmeasured: Mapping[str, str]
+    row_filter: str | None = None
+    applied: Mapping[str, Any] | None = None  # silver's commit metadata: levels the build applied
+
+
+def _purpose_for_sensitive(ws: "Workspace", actor: Actor, policy: DatasetPolicy) -> str | None:
+    roles = actor.roles or ws.policies.roles_of(actor.name)
+    for role in roles:
+        acc = policy.access.get(role)
+        for p in acc.purposes if acc else ():
+            spec = policy.purposes.get(p)
+            if spec is not None and spec.sensitive:
+                return p
+    return None
+
+
+def privacy_risk(
+    ws: "Workspace",
+    actor: Actor,
+    dataset: str,
+    *,
+    layer: str = "silver",
+    k_min: int | None = None,
+    l_min: int | None = None,
+    purpose: str | None = None,
+    smallest: int = 5,
+) -> RiskReport:
+    """k and l of ``layer.dataset`` over the policy's quasi-identifiers, as ``actor``.
+
+    Gated ``query`` on the table, with the quasi-identifiers as the columns asked for (a role that
+    may not see them is refused; a role's row filter limits the rows measured, and the report says
+    so). l is measured per encrypted sensitive column only where the gate allows ``actor`` to open
+    it (stage ``evaluate``, ``purpose`` or else the first purpose of the actor's access that allows
+    sensitive attributes); otherwise ``sensitive_unmeasured`` names the reason. ``k_min``/``l_min``
+    default to the policy's ``anonymity``. Audited as ``privacy.risk`` with counts only.
+
+    Raises:
+        AccessDenied: the gate refused.
+        TableError / LakehouseError: no such table, or a bad argument.
+    """
+    from lakehouse.catalog import Catalog, TableRef
+    from lakehouse.errors import TableError
+
+    if layer not in ("bronze", "silver"):
+        raise LakehouseError(f"privacy risk measures the bronze or silver layer (got {layer!r})")
+    if k_min is not None and k_min < 1:
+        raise LakehouseError(f"--k-min must be 1 or more (got {k_min})")
+    if l_min is not None and l_min < 1:
+        raise LakehouseError(f"--l-min must be 1 or more (got {l_min})")
+    policy = ws.policies.datasets.get(dataset)
+    qi = policy.quasi_identifiers() if policy else []
+    decision = ws.gate.enforce(Stage.QUERY, actor, Resource.table(dataset, layer), {"layer": layer, "columns": qi})
+    assert policy is not None  # the gate denies an unknown dataset
+    a = policy.anonymity
+    k_min = k_min if k_min is not None else (a.k_min if a else None)
+    l_min = l_min if l_min is not None else (a.l_min if a else None)
+    cat = Catalog(ws.config)
+    ref = TableRef(layer, dataset)
+    if not cat.exists(ref):
+        raise TableError(f"table {ref} does not exist", hint=f"ingest '{dataset}' (and build silver) first")
+    dt = cat.open(ref)
+    version = dt.version()
+    names = {f.name for f in dt.schema().fields}
+    unmeasured: dict[str, str] = {}
+    sens: list[str] = []
+    for c in policy.l_columns():
+        if c not in names:
+            unmeasured[c] = f"not in {ref}"
+            continue
+        p = purpose or _purpose_for_sensitive(ws, actor, policy)
+        if p is None:
+            unmeasured[c] = "not opened: none of your roles' purposes allows sensitive attributes"
+            continue
+        d = ws.gate.decide(Stage.EVALUATE, actor, Resource.dataset(dataset), {"purpose": p, "columns": [c]})
+        if not d.allowed:
+            unmeasured[c] = f"not opened: denied by {d.rule_ids[-1] if d.rule_ids else 'the gate'}"
+            continue
+        sens.append(c)
+    for c in policy.columns:
+        col = policy.columns[c]
+        if col.class_.value == "sensitive" and c not in policy.l_columns():
+            unmeasured[c] = f"protection '{col.protection.value if col.protection else ''}': not in {ref}"
+    missing = [c for c in qi if c not in names]
+    if missing:
+        raise TableError(f"{ref} has no column(s) {', '.join(missing)}", hint="rebuild it under the current policy")
+    read = list(dict.fromkeys([*qi, *sens, *([policy.subject_key] if sens else [])]))
+    row_filter = decision.obligations.get("row_filter") if decision.obligations else None
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET TimeZone='UTC'")
+        con.register("_t", dt.to_pyarrow_dataset())
+        where = f" WHERE ({row_filter})" if row_filter else ""
+        table = con.sql(f"SELECT {', '.join(_q(c) for c in read)} FROM _t{where}").to_arrow_table() if read else \
+            con.sql(f"SELECT count(*) AS n FROM _t{where}").to_arrow_table()
+        if sens:
+            table = open_sensitive(ws, policy, table, sens)
+        if not read:  # no quasi-identifier: the whole table is one class
+            n = table["n"][0].as_py()
+            table = pa.table({"_all": pa.repeat(pa.scalar(0), n)})
+        m = measure(table, qi, sens, k_min=k_min, l_min=l_min, smallest=smallest, con=con)
+    finally:
+        con.close()
+    applied = None
+    if layer == "silver":
+        last = dt.history(1)[0] if version is not None else {}
+        if last.get(META_ANONYMITY):
+            applied = json.loads(last[META_ANONYMITY])
+    ws.audit.record(
+        "privacy.risk", actor=actor.name, outcome="ok", stage=Stage.QUERY.value, resource=f"table:{ref}",
+        details={"version": version, **m.summary(), "quasi_identifiers": qi,
+                 "unmeasured": sorted(unmeasured), "row_filter": bool(row_filter)},
+    )
+    return RiskReport(dataset, layer, version, m, unmeasured, row_filter, applied)
+
+
+# -- query results (exports) -----------------------------------------------------------------
+def _qi_outputs(sql: str, result_columns: Sequence[str], qi_names: set[str]) -> list[str]:
+    """Result columns that carry a quasi-identifier: named like one, an alias of an expression over one
+    (through any depth of subqueries and CTEs), or an unnamed expression that mentions one."""
+    import sqlglot
+    from sqlglot import exp
+
+    carriers = {n.lower() for n in qi_names}
+    try:
+        tree = sqlglot.parse_one(sql, read="duckdb")
+    except sqlglot.errors.ParseError:
+        tree = None
+    if tree is not None:
+        changed = True
+        while changed:
+            changed = False
+            for al in tree.find_all(exp.Alias):
+                name = al.alias.lower()
+                if name and name not in carriers and any(
+                        c.name.lower() in carriers for c in al.this.find_all(exp.Column)):
+                    carriers.add(name)
+                    changed = True
+    out = []
+    for col in result_columns:
+        low = col.lower()
+        if low in carriers or any(re.search(rf"\b{re.escape(c)}\b", low) for c in carriers):
+            out.append(col)
+    return out
+
+
+def check_result(ws: "Workspace", sql: str, datasets: Sequence[str], table: pa.Table) -> None:
+    """Refuse a query result whose quasi-identifier columns, of a dataset with ``anonymity.k_min``, form
+    a class smaller than k_min (rule ``<dataset>/anonymity/k_min``). Results without such columns,
+    and datasets without ``anonymity``, pass untouched."""
+    for ds in dict.fromkeys(datasets):
+        policy = ws.policies.datasets.get(ds)
+        if policy is None or policy.anonymity is None or table.num_rows == 0:
+            continue
+        cols = _qi_outputs(sql, table.column_names, set(policy.quasi_identifiers()))
+        if not cols:
+            continue
+        k_min = policy.anonymity.k_min
+        m = measure(table, cols, k_min=k_min, smallest=0)
+        if not m.k_ok:
+            raise SqlError(
+                f"refused by {ds}/anonymity/k_min: the result's quasi-identifier column(s) {', '.join(cols)} form "
+                f"{m.classes_below} class(es) smaller than k_min={k_min} (k={m.k}; sizes {m.sizes_text(below=k_min)}; "
+                f"{m.rows_below} of {m.rows} rows)",
+                hint="select coarser values (e.g. a decade, a shorter prefix) or aggregate; "
+                     "`lakewarden privacy risk` measures the table",
+            )
