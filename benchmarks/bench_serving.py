@@ -106,11 +106,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait(url: str, timeout: float = 120) -> None:
+def wait(url: str, timeout: float = 120, context=None) -> None:  # noqa: ANN001 (an ssl.SSLContext for https)
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            urllib.request.urlopen(url, timeout=1)
+            urllib.request.urlopen(url, timeout=1, context=context)
             return
         except OSError:
             time.sleep(0.3)
@@ -156,14 +156,10 @@ def wrk_cpu_share(url: str, script: Path, conc: int, seconds: float) -> float:
     return (ru.ru_utime + ru.ru_stime) / (wall * (os.cpu_count() or 1))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=8)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serving.json")
-    args = ap.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed: run `make bench-deps` (Debian's wrk package)")
+def prepare(root: Path, extra_yaml: str = "") -> tuple[Path, object, str]:
+    """A project under ``root`` (policies of this repository, an env-var KEK) with synthetic customers,
+    materialized features and ``credit`` trained for credit scoring: (config path, the model's
+    training output, one subject token). ``extra_yaml`` is appended to lakewarden.yaml."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -177,30 +173,42 @@ def main() -> None:
     from training.flow import train_model
     from training.trainer import TrainOptions
 
-    root = Path(tempfile.mkdtemp(prefix="lw-bench-serving-"))
     os.environ["LAKEWARDEN_KEK"] = generate_kek_b64()
     config = root / "lakewarden.yaml"
     config.write_text(
         f"version: 1\nname: bench\nstorage: {{root: {root}/tables}}\nworkspace: {root}/ws\n"
         f"keys: {{store: {root}/keys/ks.db, kek: {{provider: env, var: LAKEWARDEN_KEK}}}}\n"
-        f"policies: [{REPO}/policies/*.yaml]\n")
+        f"{extra_yaml}policies: [{REPO}/policies/*.yaml]\n")
+    with console.status("preparing data, features and a model"):
+        res = generate(root / "landing", people=2000, transactions_per_person=0, seed=2)
+        ws = Workspace.open(config)
+        ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
+        build_silver(ws, ws.actor("dana"), "customers")
+        fs = Features(ws)
+        fs.apply(ws.actor("pipeline"))
+        fs.materialize(ws.actor("pipeline"))
+        out = train_model(ws, ws.actor("sam"), name="credit", label="defaulted", purpose="credit_scoring",
+                          features=["customer_profile:income", "customer_profile:income_log", "customer_profile:region"],
+                          options=TrainOptions(epochs=1, target_epsilon=3.0, accountant="rdp"), mitigate=False)
+        token = Catalog(ws.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"][0].as_py()
+        ws.close()
+    return config, out, token
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "serving.json")
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: run `make bench-deps` (Debian's wrk package)")
+    root = Path(tempfile.mkdtemp(prefix="lw-bench-serving-"))
     procs: dict[str, subprocess.Popen] = {}
     rounds: list[list[dict]] = []
     wrk_share: dict[int, float] = {}
     try:
-        with console.status("preparing data, features and a model"):
-            res = generate(root / "landing", people=2000, transactions_per_person=0, seed=2)
-            ws = Workspace.open(config)
-            ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
-            build_silver(ws, ws.actor("dana"), "customers")
-            fs = Features(ws)
-            fs.apply(ws.actor("pipeline"))
-            fs.materialize(ws.actor("pipeline"))
-            out = train_model(ws, ws.actor("sam"), name="credit", label="defaulted", purpose="credit_scoring",
-                              features=["customer_profile:income", "customer_profile:income_log", "customer_profile:region"],
-                              options=TrainOptions(epochs=1, target_epsilon=3.0, accountant="rdp"), mitigate=False)
-            token = Catalog(ws.config).open(TableRef("silver", "customers")).to_pyarrow_table(columns=["customer_id"])["customer_id"][0].as_py()
-            ws.close()
+        config, out, token = prepare(root)
         ports = {name: free_port() for name in ("governed", "fair", "constant")}
         env = {**os.environ, "LAKEWARDEN_CONFIG": str(config), "LAKEWARDEN_USER": "mel", "PYTHONPATH": str(REPO)}
         cmds = {
