@@ -265,13 +265,7 @@ def test_deploy_never_adopts_a_predictor_of_another_workspace(served, tmp_path: 
     port = int(url.rsplit(":", 1)[1])
     assert read_identity(port) == {"workspace_id": workspace_id(ws.config), "model": str(ref),
                                    "pid": read_identity(port)["pid"]}
-    reg = Registry(ws)
-    trained = reg.card(ref)
-    files = {n: (reg.path(ref) / n).read_bytes() for n in ("model.pt", "encoder.json")}
-    fair = reg.register(ws.actor("sam"), name="credit", dataset="customers", files=files, card_fields={
-        "purpose": "credit_scoring", "features": FEATURES, "label": "defaulted", "fairness": FAIR,
-        "preprocessing": dict(trained.preprocessing), "privacy": {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"}})
-    reg.approve(ws.actor("carla"), fair)
+    fair = approved_copy(ws, ref)
     with pytest.raises(DeployError, match=f"already serves {ref} for this workspace, not {fair}"):
         deploy(ws, ws.actor("mel"), fair, target="local", port=port)
     ws.audit.flush()
@@ -283,7 +277,7 @@ def test_deploy_never_adopts_a_predictor_of_another_workspace(served, tmp_path: 
     msg = str(e.value)
     assert e.value.exit_code == 2 and f"127.0.0.1:{port}" in msg and workspace_id(ws.config) in msg, msg
     assert str(ws.config.workspace_dir.resolve()) in msg and workspace_id(copy.config) in msg, msg
-    assert Registry(copy).card(fair).status != "deployed" and reg.card(fair).status != "deployed"
+    assert Registry(copy).card(fair).status != "deployed" and Registry(ws).card(fair).status != "deployed"
     copy.close()
 
 
