@@ -21,8 +21,11 @@ hash of the value, never the value itself::
     assert not report.findings, report.format()
 
 Byte secrets (a KEK) are also looked for as base64 (standard and urlsafe, with and without
-padding) and hex. Values shorter than :data:`MIN_LENGTH` bytes, or made of fewer than
-:data:`MIN_DISTINCT` distinct bytes, are ignored: they match by chance.
+padding) and hex. Values shorter than :data:`MIN_LENGTH` bytes, made of fewer than
+:data:`MIN_DISTINCT` distinct bytes, or counting up or down in steady steps (``bytes(range(32))``,
+a test's fixed KEK) are ignored: they match by chance (Parquet's bit-packed runs hold such
+sequences). So are values committed to the repository (the tests' fixed tokens, the crypto test
+vectors' KEKs): a value in git is public, not a secret the run made.
 
 Matching is many needles at once: every 8-byte window of every needle is indexed, and the data is
 probed every ``min(len) - 7`` bytes (any occurrence covers such a probe), only inside runs of
@@ -75,6 +78,42 @@ class Secret:
     fingerprint: str
 
 
+def _steady(raw: bytes) -> bool:
+    """Whether ``raw`` counts up or down by one fixed step (mod 256): a pattern, not a random key."""
+    return len({(b - a) % 256 for a, b in zip(raw, raw[1:])}) == 1
+
+
+@functools.lru_cache(maxsize=1)
+def _committed() -> bytes:
+    """Every file git tracks in this repository, joined: what is public by being committed."""
+    import subprocess
+
+    top = Path(__file__).resolve().parents[1]
+    try:
+        names = subprocess.run(["git", "ls-files", "-z"], cwd=top, capture_output=True, check=True,
+                               timeout=30).stdout.split(b"\0")
+    except (OSError, subprocess.SubprocessError):
+        return b""
+    parts = []
+    for n in filter(None, names):
+        try:
+            parts.append((top / os.fsdecode(n)).read_bytes())
+        except OSError:
+            continue
+    return b"\0".join(parts)
+
+
+def _public(raw: bytes) -> bool:
+    """Whether ``raw`` (or, for bytes that are not text, its hex or base64) is committed to git."""
+    blob = _committed()
+    if raw in blob:
+        return True
+    if _TOKEN_BYTE.match(raw):
+        return False
+    return any(enc in blob for enc in (raw.hex().encode(), base64.b64encode(raw).rstrip(b"="),
+                                       base64.urlsafe_b64encode(raw).rstrip(b"=")))
+
+
 class Registry:
     """Secret values and what each is. Thread-safe; the first description of a value wins."""
 
@@ -92,11 +131,11 @@ class Registry:
     def register(self, value: str | bytes | bytearray | None, what: str) -> bool:
         """Remember ``value`` as a secret described by ``what``; ``True`` when it was taken (values
         shorter than :data:`MIN_LENGTH` bytes or of fewer than :data:`MIN_DISTINCT` distinct bytes,
-        and ``None``, are not)."""
+        steady sequences, values committed to git, and ``None``, are not)."""
         if value is None:
             return False
         raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-        if len(raw) < MIN_LENGTH or len(set(raw)) < MIN_DISTINCT:
+        if len(raw) < MIN_LENGTH or len(set(raw)) < MIN_DISTINCT or _steady(raw) or _public(raw):
             return False
         with self._lock:
             if raw in self._values:

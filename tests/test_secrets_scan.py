@@ -11,6 +11,7 @@ import base64
 import gzip
 import json
 import os
+import secrets
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import pytest
 import secrets_scan
 from secrets_scan import Registry, scan_files, scan_processes
 
-SECRET = "pw-Zq81xYk2LmN0rTa7VbC3"  # a made-up password of token characters, as secrets.token_urlsafe makes
+SECRET = "pw-" + secrets.token_urlsafe(18)  # made at run time: a value committed to git is public, not a secret
 WHAT = "Keycloak password of carla"
 
 
@@ -94,7 +95,7 @@ def test_secrets_inside_gzip_zstd_and_sqlite_files_are_found(planted: Path, reg:
 
 
 def test_a_kek_is_found_as_base64_hex_and_raw_bytes(planted: Path) -> None:
-    kek = bytes([251, 255, 254]) + bytes(range(7, 36))  # base64 and base64url differ
+    kek = bytes([251, 255, 254]) + os.urandom(29)  # base64 and base64url differ
     reg = Registry()
     reg.register(kek, "KEK kek-0123 (env)")
     (planted / "manifest.json").write_text(json.dumps({"kek": base64.urlsafe_b64encode(kek).decode()}))
@@ -148,6 +149,8 @@ def test_harvest_registers_what_the_allowed_files_hold(planted: Path) -> None:
 def test_short_values_are_not_registered_and_large_files_are_skipped(planted: Path, reg: Registry) -> None:
     assert not reg.register("short", "a short password") and not reg.register(None, "none")
     assert not reg.register("A" * 40, "a placeholder, not a secret")
+    assert not reg.register(bytes(range(32)), "a test's fixed KEK") and not reg.register(bytes(range(131, 99, -1)), "")
+    assert not reg.register("pw-committed-to-git-Q7xk2Lm9", "a fixed password of a test: public once committed")
     (planted / "big.log").write_text(SECRET * 100)
     report = scan_files(planted, reg, max_bytes=1000)
     assert report.findings == [] and report.too_large == [("big.log", len(SECRET) * 100)]
