@@ -1,6 +1,10 @@
 """The rendered Trino cluster profile, run (issue #17): a coordinator and a worker as local processes
 over the governed lake on the session's S3-compatible server, HTTPS with a CA of the test's own,
-passwords from Trino's file authenticator, the shared secret in the nodes' environment only.
+passwords from Trino's file authenticator, the shared secret in the nodes' environment only; and
+the same cluster accepting the session Keycloak realm's access tokens (JWT, issue #19). Who a token
+names is decided by Trino (signature, issuer, audience, expiry); what that user may see is still
+decided by the rules compiled from policy, with roles from the policy principals' group file
+(Trino reads no groups from a token). No password or token is written in this file.
 
 The configuration comes from ``render_cluster``, the renderer of the committed
 ``infra/trino/cluster/`` files (the first tests check the two stay one). Subject values come
@@ -101,22 +105,25 @@ def test_the_password_hash_is_pbkdf2_hmac_sha1_in_trinos_format():
 
 
 # -- the cluster, run -----------------------------------------------------------------------------
-def _project(base: Path, root: str) -> Path:
+def _project(base: Path, root: str, issuer: str) -> Path:
     proj = base / "proj"
     shutil.copytree(REPO / "policies", proj / "policies")
     (proj / "lakewarden.yaml").write_text(
         "version: 1\nname: cluster\n"
         f"storage: {{root: '{root}'}}\n"
         "keys: {store: .lakewarden/keys/keystore.db, kek: {provider: env, var: LAKEWARDEN_KEK}}\n"
+        f"auth: {{enabled: true, issuer: '{issuer}'}}\n"
         "policies: [policies/*.yaml]\n"
     )
     return proj
 
 
 @pytest.fixture(scope="module")
-def lake(objectstore, tmp_path_factory: pytest.TempPathFactory):
+def cluster_lake(objectstore, keycloak, tmp_path_factory: pytest.TempPathFactory):
     """A governed lake on the object store and a running cluster (coordinator + 1 worker) over it,
-    the tables registered. The nodes start while the lake is being built."""
+    the tables registered. The nodes start while the lake is being built. The coordinator takes
+    passwords (ana, dana and Lakewarden's admin have one) and the session Keycloak's ``lakewarden``
+    realm's tokens (JWT): one cluster serves both kinds of tests (a start costs about 40 s)."""
     from governance.workspace import Workspace
     from lakehouse.ingest import ingest
     from lakehouse.silver import build_silver
@@ -136,9 +143,10 @@ def lake(objectstore, tmp_path_factory: pytest.TempPathFactory):
         mp.setenv("LAKEWARDEN_KEK", generate_kek_b64())
         mp.delenv("LAKEWARDEN_CONFIG", raising=False)
         mp.delenv("LAKEWARDEN_USER", raising=False)
-        proj = _project(base, f"s3://lakewarden/t{uuid.uuid4().hex[:12]}")
+        _, realm, other = keycloak
+        proj = _project(base, f"s3://lakewarden/t{uuid.uuid4().hex[:12]}", realm.issuer)
         ws = Workspace.open(proj / "lakewarden.yaml")
-        cluster = TrinoCluster(ws, workers=1, home=home, users=["ana", "dana"])
+        cluster = TrinoCluster(ws, workers=1, home=home, users=["ana", "dana"], auth=ws.config.auth)
         t0 = time.perf_counter()
         try:
             with ThreadPoolExecutor(1) as pool:  # leaving the block waits for the start, whatever happened
@@ -157,10 +165,22 @@ def lake(objectstore, tmp_path_factory: pytest.TempPathFactory):
             raise
         print(f"\nlake built in {built:.1f}s; cluster active at {up:.1f}s; synced at {time.perf_counter() - t0:.1f}s")
         try:
-            yield ws, cluster
+            yield ws, cluster, realm, other
         finally:
             cluster.stop()
             ws.close()
+
+
+@pytest.fixture(scope="module")
+def lake(cluster_lake):
+    """The workspace and the cluster (the password tests)."""
+    return cluster_lake[:2]
+
+
+@pytest.fixture(scope="module")
+def jwt_lake(cluster_lake):
+    """The workspace, the cluster, the realm whose tokens it accepts, and another realm (the token tests)."""
+    return cluster_lake
 
 
 @pytest.fixture
@@ -264,6 +284,154 @@ def test_no_secret_is_in_a_file_a_log_or_a_process_argument(lake, objectstore):
     ps = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, check=True).stdout
     assert all(str(cluster.folder / n.name / "etc") in ps.decode() for n in cluster.nodes)  # the nodes are listed
     assert not any(s in ps for s in secrets)
+
+
+# -- the identity provider's tokens (issue #19) --------------------------------------------------
+def _statement(cluster, token: str | None):
+    """POST a query to the coordinator with ``token`` as bearer (or none); the response."""
+    from lakehouse.trino import http_session
+
+    headers = {"X-Trino-User": "ana"} | ({"Authorization": f"Bearer {token}"} if token is not None else {})
+    return http_session(str(cluster.ca_file)).post(cluster.url + "/v1/statement", data="SELECT 1", headers=headers,
+                                                    timeout=30)
+
+
+@pytest.mark.slow
+def test_the_coordinator_runs_with_the_realms_jwks_and_passwords_only_for_those_given_one(jwt_lake):
+    _, cluster, realm, _ = jwt_lake
+    assert cluster.jwt.key_file == f"{realm.issuer}/protocol/openid-connect/certs"  # from discovery, plain http on loopback
+    props = _props((cluster.etc / "config.properties").read_text())
+    assert props["http-server.authentication.type"] == "PASSWORD,JWT"
+    users = [line.split(":", 1)[0] for line in (cluster.etc / "password.db").read_text().splitlines()]
+    assert {u.split("@")[0] for u in users} == {"ana", "dana", "lakewarden"}  # (as user@role too) mel, pipeline: tokens only
+
+
+@pytest.mark.slow
+def test_an_analysts_token_sees_the_embedded_engines_masked_rows(jwt_lake):
+    import trino
+    from trino.auth import JWTAuthentication
+
+    from lakehouse.sql import run_query as run_embedded
+    from lakehouse.trino import http_session
+
+    ws, cluster, realm, _ = jwt_lake
+    token = realm.password_token("ana")
+    sql = "SELECT customer_id, birth_date, zip_code, income, region FROM customers"
+    conn = trino.dbapi.connect(host=cluster.host, port=cluster.port, user="ana", http_scheme="https",
+                               auth=JWTAuthentication(token), http_session=http_session(str(cluster.ca_file)),
+                               catalog="delta_lake", schema="silver")
+    cur = conn.cursor()
+    cur.execute("SELECT current_user")
+    assert cur.fetchall() == [["ana"]]  # preferred_username is the principal
+    cur.execute(sql)
+    names = [d[0] for d in cur.description]
+    on_cluster = _rows(pa.Table.from_pylist([dict(zip(names, r)) for r in cur.fetchall()]))
+    embedded = _rows(run_embedded(ws, ws.actor("ana"), sql).table)
+    assert on_cluster == embedded and len(on_cluster) > 150
+    assert all(r[-1] != "restricted" for r in on_cluster)  # the analyst's row filter holds too
+
+
+@pytest.mark.slow
+def test_no_token_an_expired_one_another_realms_and_a_forged_one_get_401(jwt_lake):
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from governance.idp import SHORT_TEST_CLIENT
+
+    _, cluster, realm, other = jwt_lake
+    good = realm.password_token("ana")
+    assert _statement(cluster, good).status_code == 200  # the control: the same request with a valid token
+    short = realm.password_token("ana", client_id=SHORT_TEST_CLIENT)
+    claims = pyjwt.decode(good, options={"verify_signature": False})
+    header = pyjwt.get_unverified_header(good)
+    forged = pyjwt.encode(claims, rsa.generate_private_key(public_exponent=65537, key_size=2048), algorithm="RS256",
+                          headers={"kid": header["kid"]})
+    foreign = other.password_token("ana")
+    assert pyjwt.decode(foreign, options={"verify_signature": False})["preferred_username"] == "ana"
+    wait = pyjwt.decode(short, options={"verify_signature": False})["exp"] + 1 - time.time()
+    assert wait < 5, "the short-lived client's tokens should last about a second"
+    time.sleep(max(0.0, wait))
+    for name, token in (("none", None), ("expired", short), ("other realm", foreign), ("forged", forged),
+                        ("garbage", "not.a.jwt")):
+        r = _statement(cluster, token)
+        assert r.status_code == 401, name
+        assert "Bearer" in r.headers.get("WWW-Authenticate", ""), name
+
+
+@pytest.mark.slow
+def test_a_valid_token_of_a_role_that_may_not_read_is_denied_by_the_rules(jwt_lake):
+    from trino.exceptions import TrinoUserError
+
+    _, cluster, realm, _ = jwt_lake
+    token = realm.password_token("mel")  # ml_engineer: no query stage, so no table rule
+    conn = cluster.connect("mel", token=token)
+    cur = conn.cursor()
+    cur.execute("SELECT current_user")
+    assert cur.fetchall() == [["mel"]]  # authenticated ...
+    with pytest.raises(TrinoUserError) as e:
+        cur.execute("SELECT count(*) FROM customers")  # ... and denied by policy
+    assert e.value.error_name == "PERMISSION_DENIED"
+    assert "Cannot select from table delta_lake.silver.customers" in e.value.message
+
+
+@pytest.mark.slow
+def test_a_token_cannot_name_another_user(jwt_lake):
+    """The token's principal is the user: asking for another (here dana's rows) is refused."""
+    from trino.exceptions import TrinoUserError
+
+    _, cluster, realm, _ = jwt_lake
+    conn = cluster.connect("dana", token=realm.password_token("ana"))
+    with pytest.raises(TrinoUserError) as e:
+        conn.cursor().execute("SELECT count(*) FROM customers")
+    assert e.value.error_name == "PERMISSION_DENIED"
+    assert "impersonate" in e.value.message.lower()
+
+
+@pytest.mark.slow
+def test_a_token_acts_in_one_of_its_principals_roles_only(jwt_lake):
+    from trino.exceptions import TrinoUserError
+
+    _, cluster, realm, _ = jwt_lake
+    token = realm.password_token("pipeline")  # data_engineer, data_scientist, ml_engineer
+    sql = "SELECT count(*) FROM customers"
+    assert cluster.connect("pipeline@data_engineer", token=token).cursor().execute(sql).fetchall()[0][0] > 150
+    with pytest.raises(TrinoUserError) as e:
+        cluster.connect("pipeline@ml_engineer", token=token).cursor().execute(sql)  # a role that may not query
+    assert "Cannot select from table" in e.value.message
+    with pytest.raises(TrinoUserError) as e:
+        cluster.connect("pipeline@analyst", token=token).cursor().execute(sql)  # not pipeline's role
+    assert "impersonate" in e.value.message.lower()
+
+
+@pytest.mark.slow
+def test_lakewarden_sql_on_trino_presents_the_verified_callers_token_over_https_only(jwt_lake, monkeypatch):
+    """``run_query(engine="trino")`` with auth on: the verified actor's own token goes to the
+    coordinator (which then names the user), never a bare name, and never over plain HTTP."""
+    from governance.authn import AuthenticationError, Authenticator
+    from governance.config import TrinoConfig
+    from governance.tls import PlaintextRefused
+    from lakehouse.sql import run_query
+    from lakehouse.trino import TrinoServer
+
+    ws, cluster, realm, _ = jwt_lake
+    https = TrinoConfig(host=cluster.host, port=cluster.port, http_scheme="https", verify=str(cluster.ca_file))
+    monkeypatch.setattr(ws, "config", ws.config.model_copy(update={"trino": https}))
+    ana = Authenticator.from_config(ws.config.auth, ws.policies).actor(realm.password_token("ana"))
+    sql = "SELECT count(*) AS n FROM customers"
+    on_trino = run_query(ws, ana, sql, engine="trino").table.to_pylist()
+    assert on_trino == run_query(ws, ana, sql).table.to_pylist() and on_trino[0]["n"] > 150
+    ws.audit.flush()
+    last = ws.audit.query(action="sql.query", actor="ana").to_pylist()[-2]  # the Trino query, then the embedded one
+    assert last["outcome"] == "ok" and '"engine":"trino"' in last["details"]
+
+    with pytest.raises(AuthenticationError, match="verified access token"):
+        run_query(ws, ws.actor("ana"), sql, engine="trino")  # a name is not a token
+    plain = TrinoConfig(host=cluster.host, port=cluster.port, http_scheme="http")
+    monkeypatch.setattr(ws, "config", ws.config.model_copy(update={"trino": plain}))
+    with pytest.raises(PlaintextRefused, match="Trino at .* without TLS"):
+        run_query(ws, ana, sql, engine="trino")
+    with pytest.raises(PlaintextRefused, match="single-node Trino"):
+        TrinoServer(ws).start()  # the unauthenticated local profile does not start with auth on
 
 
 @pytest.mark.slow
