@@ -84,6 +84,26 @@ class VerifiedActor(Actor):
             raise TypeError("a VerifiedActor is made only from a verified token (Authenticator.actor)")
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceActor(Actor):
+    """With ``auth.enabled``: the identity a process was started with by its operator (a deployed
+    predictor, a pipeline runner: ``LAKEWARDEN_USER`` in its environment, set by a Kubernetes
+    manifest or ``deploy``), where nobody logs in. Its roles come from ``principals:``. Made only by
+    :meth:`governance.workspace.Workspace.service_actor`; whoever controls the process's environment
+    vouches for it, so in production it names a service principal (people log in)."""
+
+    _proof: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._proof is not _PROOF:
+            raise TypeError("a ServiceActor is made only by Workspace.service_actor")
+
+
+def service_actor(name: str, roles: tuple[str, ...]) -> ServiceActor:
+    """A :class:`ServiceActor` (for :meth:`Workspace.service_actor`, which decides when one may be made)."""
+    return ServiceActor(name, roles, _proof=_PROOF)
+
+
 def _fetch_json(url: str, timeout: float = 5.0) -> Any:
     req = urllib.request.Request(url, headers={"accept": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - https, or http on loopback (config)
@@ -295,4 +315,5 @@ class Authenticator:
         return self.actor(token.strip())
 
 
-__all__ = ["ALGORITHMS", "NO_ROLE", "AuthenticationError", "Authenticator", "TokenVerifier", "VerifiedActor"]
+__all__ = ["ALGORITHMS", "NO_ROLE", "AuthenticationError", "Authenticator", "ServiceActor", "TokenVerifier", "VerifiedActor",
+           "service_actor"]

@@ -121,9 +121,44 @@ class Workspace:
         )
 
     def actor(self, name: str | None = None) -> Actor:
-        """The acting user: ``name``, else $LAKEWARDEN_USER, else the OS user; roles from the policy."""
+        """The acting user in laptop mode: ``name``, else $LAKEWARDEN_USER, else the OS user; roles from
+        the policy. A name is a claim, so with ``auth.enabled`` there is none to make: the actor is a
+        :class:`~governance.authn.VerifiedActor` from a token (``Authenticator.actor``, ``lakewarden
+        login``), or a process's own :meth:`service_actor`.
+
+        Raises:
+            ClaimRefused: ``auth.enabled`` is on.
+        """
+        if self.config.auth.enabled:
+            from governance.tokens import ClaimRefused
+
+            raise ClaimRefused(
+                f"auth is on: an actor is not made from a name ({name or 'the environment'}); it comes from a "
+                "verified token (lakewarden login; Authenticator.actor), or is the process's own service identity "
+                "(Workspace.service_actor)")
         user = name or os.environ.get(USER_ENV) or getpass.getuser()
         return Actor(user, self.policies.roles_of(user))
+
+    def service_actor(self, name: str | None = None) -> Actor:
+        """The identity of a process nobody logs in to (a deployed predictor, a pipeline runner):
+        ``name``, else $LAKEWARDEN_USER. With ``auth.enabled`` it is a
+        :class:`~governance.authn.ServiceActor` (the operator who set the process's environment
+        vouches for it; its roles from ``principals:``), and a name must be given one way or the
+        other (never the OS user); without auth it is :meth:`actor`'s claim.
+
+        Raises:
+            ClaimRefused: auth is on and no name is given.
+        """
+        if not self.config.auth.enabled:
+            return self.actor(name)
+        user = name or os.environ.get(USER_ENV)
+        if not user:
+            from governance.tokens import ClaimRefused
+
+            raise ClaimRefused(f"auth is on: a service identity needs a name (set {USER_ENV} to the service principal)")
+        from governance.authn import service_actor
+
+        return service_actor(user, self.policies.roles_of(user))
 
     # -- lifecycle --------------------------------------------------------------------
     def close(self) -> None:

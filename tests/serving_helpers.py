@@ -69,7 +69,9 @@ def issue_tls(folder: Path) -> TlsFiles:
 
 
 def trained_workspace(d: Path, *, name: str, kek_var: str, people: int, extra_yaml: str = "") -> tuple[Any, Any]:
-    """A project in ``d`` with ``credit`` trained on ``people`` synthetic customers: ``(workspace, ref)``."""
+    """A project in ``d`` with ``credit`` trained on ``people`` synthetic customers: ``(workspace, ref)``.
+    Its actors are service identities (the principals' names; :meth:`Workspace.service_actor`), which
+    are the names' claims in laptop mode and what the library makes without a token when auth is on."""
     from features.store import Features
     from governance.keys import generate_kek_b64
     from governance.workspace import Workspace
@@ -87,12 +89,12 @@ def trained_workspace(d: Path, *, name: str, kek_var: str, people: int, extra_ya
     os.environ[kek_var] = generate_kek_b64()
     res = generate(d / "landing", people=people, transactions_per_person=0, seed=4, bias=0.3)
     ws = Workspace.open(d / "lakewarden.yaml")
-    ingest(ws, ws.actor("dana"), "customers", [res.files["customers"]])
-    build_silver(ws, ws.actor("dana"), "customers")
+    ingest(ws, ws.service_actor("dana"), "customers", [res.files["customers"]])
+    build_silver(ws, ws.service_actor("dana"), "customers")
     fs = Features(ws)
-    fs.apply(ws.actor("pipeline"))
-    fs.materialize(ws.actor("pipeline"))
-    out = train_model(ws, ws.actor("sam"), name="credit", features=FEATURES, label="defaulted", purpose="credit_scoring",
+    fs.apply(ws.service_actor("pipeline"))
+    fs.materialize(ws.service_actor("pipeline"))
+    out = train_model(ws, ws.service_actor("sam"), name="credit", features=FEATURES, label="defaulted", purpose="credit_scoring",
                       options=TrainOptions(epochs=1, target_epsilon=2.0, accountant="rdp"), mitigate=False)
     ws.audit.flush()
     return ws, out.ref
@@ -109,10 +111,10 @@ def approved_copy(ws: Any, ref: Any) -> Any:
     reg = Registry(ws)
     trained = reg.card(ref)
     files = {n: (reg.path(ref) / n).read_bytes() for n in ("model.pt", "encoder.json")}
-    fair = reg.register(ws.actor("sam"), name="credit", dataset="customers", files=files, card_fields={
+    fair = reg.register(ws.service_actor("sam"), name="credit", dataset="customers", files=files, card_fields={
         "purpose": "credit_scoring", "features": FEATURES, "label": "defaulted", "fairness": FAIR,
         "preprocessing": dict(trained.preprocessing), "privacy": {"epsilon": 3.0, "delta": 1e-5, "accountant": "rdp"}})
-    reg.approve(ws.actor("carla"), fair)
+    reg.approve(ws.service_actor("carla"), fair)
     return fair
 
 

@@ -270,7 +270,7 @@ def test_the_predictor_answers_only_a_verified_caller_whose_roles_may_serve(guar
             assert code == want, (what, endpoint, code, out)
             if want == 401:
                 assert headers.get("www-authenticate", headers.get("WWW-Authenticate", "")).startswith("Bearer")
-    direct = GovernedPredictor(ws, ref, ws.actor("mel"), log_requests=False).score_tokens(sample)
+    direct = GovernedPredictor(ws, ref, ws.service_actor("mel"), log_requests=False).score_tokens(sample)
     code, out1, _ = post(v1, body1, mel, context=ctx)
     assert code == 200 and np.allclose(out1["predictions"], direct, atol=1e-6)
     code, out2, _ = post(v2, body2, mel, context=ctx)
@@ -367,7 +367,7 @@ def test_a_local_deploy_serves_https_and_reports_the_https_url(guarded):
     ws, server, ref, tokens, realm, other = guarded
     fair = approved_copy(ws, ref)
     port = free_port()
-    res = deploy(ws, ws.actor("mel"), fair, target="local", port=port)
+    res = deploy(ws, ws.service_actor("mel"), fair, target="local", port=port)
     try:
         assert res.url == f"https://127.0.0.1:{port}" and res.where == res.url
         code, out, _ = post(f"{res.url}/v1/models/credit:predict", {"instances": tokens[:2]}, realm.password_token("mel"),
@@ -375,7 +375,7 @@ def test_a_local_deploy_serves_https_and_reports_the_https_url(guarded):
         assert code == 200 and len(out["predictions"]) == 2
         st = {s.deployment.port: s for s in list_deployments(ws)}[port]
         assert st.alive and st.deployment.url == res.url
-        assert [s.state for s in stop_deployments(ws, ws.actor("mel"), str(fair))] == ["running"]
+        assert [s.state for s in stop_deployments(ws, ws.service_actor("mel"), str(fair))] == ["running"]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(res.pid, signal.SIGTERM)

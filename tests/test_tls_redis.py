@@ -147,9 +147,9 @@ def test_features_over_tls_with_auth_on_match_sqlite_and_the_password_stays_secr
     try:
         assert ws.config.auth.enabled
         fs = Features(ws)
-        fs.apply(ws.actor("pipeline"))
-        fs.materialize(ws.actor("pipeline"))
-        got = fs.online(ws.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=tokens)
+        fs.apply(ws.service_actor("pipeline"))
+        fs.materialize(ws.service_actor("pipeline"))
+        got = fs.online(ws.service_actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=tokens)
         assert got.to_pylist() == want.to_pylist()
         # Feast's own client: TLS, the CA verified, the host name checked (redis-py's defaults, kept).
         feast_client = fs.store._get_provider().online_store._client
@@ -160,7 +160,7 @@ def test_features_over_tls_with_auth_on_match_sqlite_and_the_password_stays_secr
             assert (conn.cert_reqs, conn.check_hostname, conn.ca_certs) == (ssl.CERT_REQUIRED, True, str(tls_redis.ca_file))
         # The erasure handler reaches the same database through features/online.py.
         assert _erase(ws, tokens[0], layers=("features",))["online:customer_profile"] == 1
-        again = fs.online(ws.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=[tokens[0]])
+        again = fs.online(ws.service_actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=[tokens[0]])
         assert again["income"][0].as_py() is None
         # A failure inside Feast (here: its client made to distrust the server) is one clear error too.
         from redis.backoff import NoBackoff
@@ -172,7 +172,7 @@ def test_features_over_tls_with_auth_on_match_sqlite_and_the_password_stays_secr
             retry=Retry(NoBackoff(), 0))
         with pytest.raises(OnlineStoreError, match=f"TLS certificate of Redis at 127.0.0.1:{tls_redis.port} db 1 is not "
                                                    "trusted") as e:
-            fs.online(ws.actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=tokens[:1])
+            fs.online(ws.service_actor("mel"), purpose="credit_scoring", features=PROFILE, tokens=tokens[:1])
         assert e.value.__suppress_context__ and redis_password not in str(e.value)
         ws.audit.flush()
         events = str(ws.audit.query().to_pylist()) + str(ws.lineage.events())
@@ -204,7 +204,7 @@ def test_a_client_that_does_not_trust_the_ca_is_refused_with_one_clear_error(pro
                                                                              redis_password: str):
     other_ca = LocalCA.create("another CA").write_cert(project / "other-ca.pem")
     ws = Workspace.open(redis_config(project, tls_string(tls_redis, db=3, ca=other_ca), name="untrusted"))
-    for call in (lambda: redis_client(ws), lambda: Features(ws).apply(ws.actor("pipeline"))):
+    for call in (lambda: redis_client(ws), lambda: Features(ws).apply(ws.service_actor("pipeline"))):
         with pytest.raises(OnlineStoreError) as e:
             call()
         msg = str(e.value)
@@ -252,7 +252,7 @@ def test_auth_on_refuses_plaintext_before_any_connection(project: Path, extra: s
     port = listener.getsockname()[1]
     ws = Workspace.open(redis_config(project, f"127.0.0.1:{port},db=1{extra}", name="auth", auth=True))
     try:
-        for call in (lambda: redis_client(ws), lambda: Features(ws).apply(ws.actor("pipeline")),
+        for call in (lambda: redis_client(ws), lambda: Features(ws).apply(ws.service_actor("pipeline")),
                      lambda: Features(ws).repo_config(), lambda: _erase(ws, tok(0), layers=("features",))):
             with pytest.raises(PlaintextRefused) as e:
                 call()
@@ -270,7 +270,7 @@ def test_auth_off_accepts_a_plain_redis(project: Path, redis_port: int, monkeypa
     ws = Workspace.open(redis_config(project, f"127.0.0.1:{redis_port}", name="laptop"))
     assert not ws.config.auth.enabled
     redis_client(ws).close()
-    Features(ws).apply(ws.actor("pipeline"))
+    Features(ws).apply(ws.service_actor("pipeline"))
     ws.close()
 
 

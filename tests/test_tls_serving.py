@@ -90,7 +90,7 @@ def test_with_auth_on_and_no_certificate_the_server_refuses_before_loading_or_li
     from governance.workspace import Workspace
 
     with Workspace.open(cfg) as ws, pytest.raises(PlaintextRefused) as e:
-        model.serve(ws, "credit@1", ws.actor("mel"), port=8123)
+        model.serve(ws, "credit@1", ws.service_actor("mel"), port=8123)
     assert e.value.exit_code == 2 and "serving.tls_cert" in str(e.value)
     p = lw_in(project, "serve", "--model", "credit@1", "--port", "8123", user="mel",  # the command: one line, exit 2
               env={"LAKEWARDEN_KEK": os.environ["LAKEWARDEN_KEK"]})

@@ -152,7 +152,7 @@ def cluster_lake(objectstore, keycloak, tmp_path_factory: pytest.TempPathFactory
             with ThreadPoolExecutor(1) as pool:  # leaving the block waits for the start, whatever happened
                 starting = pool.submit(cluster.start)
                 res = generate(base / "landing", people=200, transactions_per_person=1, seed=13)
-                dana = ws.actor("dana")
+                dana = _verified(ws, realm, "dana")  # auth is on: an actor comes from a token
                 ingest(ws, dana, "customers", [res.files["customers"]])
                 build_silver(ws, dana, "customers")
                 built = time.perf_counter() - t0
@@ -169,6 +169,13 @@ def cluster_lake(objectstore, keycloak, tmp_path_factory: pytest.TempPathFactory
         finally:
             cluster.stop()
             ws.close()
+
+
+def _verified(ws, realm, user: str):
+    """``user``'s actor from a token of the realm (the only kind the library makes with auth on)."""
+    from governance.authn import Authenticator
+
+    return Authenticator.from_config(ws.config.auth, ws.policies).actor(realm.password_token(user))
 
 
 @pytest.fixture(scope="module")
@@ -209,13 +216,13 @@ def test_every_node_is_active_and_only_the_worker_runs_tasks(lake):
 
 
 @pytest.mark.slow
-def test_an_analyst_over_https_with_a_password_sees_the_embedded_engines_masked_rows(lake, no_ca_bundle_override):
+def test_an_analyst_over_https_with_a_password_sees_the_embedded_engines_masked_rows(jwt_lake, no_ca_bundle_override):
     import trino
     from trino.auth import BasicAuthentication
 
     from lakehouse.sql import run_query as run_embedded
 
-    ws, cluster = lake
+    ws, cluster, realm, _ = jwt_lake
     sql = "SELECT customer_id, birth_date, zip_code, income, region FROM customers"
     conn = trino.dbapi.connect(host=cluster.host, port=cluster.port, user="ana", http_scheme="https",
                                auth=BasicAuthentication("ana", cluster.password("ana")), verify=str(cluster.ca_file),
@@ -224,7 +231,7 @@ def test_an_analyst_over_https_with_a_password_sees_the_embedded_engines_masked_
     cur.execute(sql)
     names = [d[0] for d in cur.description]
     on_cluster = _rows(pa.Table.from_pylist([dict(zip(names, r)) for r in cur.fetchall()]))
-    embedded = _rows(run_embedded(ws, ws.actor("ana"), sql).table)
+    embedded = _rows(run_embedded(ws, _verified(ws, realm, "ana"), sql).table)
     assert on_cluster == embedded and len(on_cluster) > 150
     tokens = {r[0] for r in cluster.query("dana", "SELECT customer_id FROM customers")}  # no mask for dana
     assert not tokens & {r[0] for r in on_cluster}  # the analyst's customer_id is masked on both engines
@@ -326,7 +333,7 @@ def test_an_analysts_token_sees_the_embedded_engines_masked_rows(jwt_lake):
     cur.execute(sql)
     names = [d[0] for d in cur.description]
     on_cluster = _rows(pa.Table.from_pylist([dict(zip(names, r)) for r in cur.fetchall()]))
-    embedded = _rows(run_embedded(ws, ws.actor("ana"), sql).table)
+    embedded = _rows(run_embedded(ws, _verified(ws, realm, "ana"), sql).table)
     assert on_cluster == embedded and len(on_cluster) > 150
     assert all(r[-1] != "restricted" for r in on_cluster)  # the analyst's row filter holds too
 
@@ -409,7 +416,9 @@ def test_lakewarden_sql_on_trino_presents_the_verified_callers_token_over_https_
     coordinator (which then names the user), never a bare name, and never over plain HTTP."""
     from governance.authn import AuthenticationError, Authenticator
     from governance.config import TrinoConfig
+    from governance.gate import Actor
     from governance.tls import PlaintextRefused
+    from governance.tokens import ClaimRefused
     from lakehouse.sql import run_query
     from lakehouse.trino import TrinoServer
 
@@ -424,8 +433,10 @@ def test_lakewarden_sql_on_trino_presents_the_verified_callers_token_over_https_
     last = ws.audit.query(action="sql.query", actor="ana").to_pylist()[-2]  # the Trino query, then the embedded one
     assert last["outcome"] == "ok" and '"engine":"trino"' in last["details"]
 
+    with pytest.raises(ClaimRefused, match="not made from a name"):
+        ws.actor("ana")  # the library makes no actor from a name when auth is on
     with pytest.raises(AuthenticationError, match="verified access token"):
-        run_query(ws, ws.actor("ana"), sql, engine="trino")  # a name is not a token
+        run_query(ws, Actor("ana", ("analyst",)), sql, engine="trino")  # code that builds one anyway: a name is not a token
     plain = TrinoConfig(host=cluster.host, port=cluster.port, http_scheme="http")
     monkeypatch.setattr(ws, "config", ws.config.model_copy(update={"trino": plain}))
     with pytest.raises(PlaintextRefused, match="Trino at .* without TLS"):

@@ -78,7 +78,7 @@ class State:
         except LoginRequired:
             if not self.user:
                 raise
-            return ws.actor(self.user)
+            return ws.service_actor(self.user)
 
     def claim_label(self) -> str:
         return "LAKEWARDEN_USER" if self.user_from == "LAKEWARDEN_USER" else "--as"
