@@ -20,6 +20,23 @@ metrics at all fail (``<ds>/fairness``), and a metric that is missing, not a num
 fails its rule. A metric whose threshold is not given (a thresholds mapping without that key)
 is not judged.
 
+Small groups. The policy's ``min_group_size`` (default 1: every group counts, as before it
+existed) is the fewest rows a group needs in the subset a metric conditions on: all its holdout
+rows for ``disparate_impact``, its actual positives for ``equal_opportunity_diff`` (the true
+positive rate's denominator), its predicted positives for ``predictive_parity_diff`` (the
+precision's). ``training.fairness.fairness_metrics`` leaves smaller groups out of that metric
+and, when ``min_group_size`` is above 1, records in the attribute's metrics
+``min_group_size`` and ``group_sizes`` (``{metric: {group: n}}``, every group's subset size).
+The judge reads them (see :func:`left_out`):
+
+* a group below the size is *left out*: the metric is over the other groups, and the
+  verdict's :attr:`FairnessVerdict.notes` name the group and its size;
+* a metric with fewer than two groups at the size has no value and is *not measured*: its
+  check neither passes nor fails (``Finding.measured`` is False, ``ok`` True), and its message
+  says why; the verdict passes or fails on what was measured;
+* when nothing at all could be measured the verdict fails (``<ds>/fairness``): a claim of
+  fairness must rest on at least one measurement.
+
 Example:
 
 >>> from governance.policy import Fairness
@@ -37,12 +54,12 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from governance.policy import DatasetPolicy, Fairness
 
-__all__ = ["METRICS", "FairnessVerdict", "Finding", "MetricRule", "judge", "thresholds"]
+__all__ = ["METRICS", "FairnessVerdict", "Finding", "MetricRule", "judge", "left_out", "thresholds"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +98,8 @@ class Finding:
 
     ``metric`` (and ``value``, ``limit``) are ``None`` for a finding about an attribute as a
     whole (no metrics for it) or about the evaluation as a whole (no metrics at all).
+    ``measured`` is False for a metric that had fewer than two groups of ``min_group_size``:
+    such a check is ``ok`` (it fails nothing) and its message says it was not measured.
     """
 
     rule_id: str
@@ -90,14 +109,20 @@ class Finding:
     limit: float | None
     ok: bool
     message: str
+    measured: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class FairnessVerdict:
-    """The judge's answer: ``passed``, and every check it made (``checks``) in judging order."""
+    """The judge's answer: ``passed``, and every check it made (``checks``) in judging order.
+
+    ``unmeasured``: ``{attribute: {metric: {group: n}}}``, the groups left out of a metric for
+    having fewer than ``min_group_size`` rows in its subset (``n``: how many they had).
+    """
 
     passed: bool
     checks: tuple[Finding, ...] = ()
+    unmeasured: Mapping[str, Mapping[str, Mapping[str, int]]] = field(default_factory=dict)
 
     @property
     def findings(self) -> tuple[Finding, ...]:
@@ -113,6 +138,24 @@ class FairnessVerdict:
     def rule_ids(self) -> tuple[str, ...]:
         """The failed checks' rule ids."""
         return tuple(f.rule_id for f in self.findings)
+
+    @property
+    def not_measured(self) -> tuple[Finding, ...]:
+        """The checks of metrics that could not be measured (fewer than two groups large enough)."""
+        return tuple(c for c in self.checks if not c.measured)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the verdict does not cover, in plain words: the metrics not measured, then the
+        groups left out of a metric that was measured. Empty when every group counted."""
+        out = [c.message for c in self.not_measured]
+        done = {(c.attribute, c.metric) for c in self.not_measured}
+        for attr, by_metric in self.unmeasured.items():
+            for r in METRICS:
+                groups = by_metric.get(r.metric)
+                if groups and (attr, r.metric) not in done:
+                    out.append(f"{r.label} on '{attr}' leaves out {_groups(groups, r)}")
+        return out
 
     def check(self, attribute: str, metric: str) -> Finding | None:
         """The check of ``metric`` on ``attribute``; ``None`` when it was not judged."""
@@ -137,6 +180,43 @@ def thresholds(policy: DatasetPolicy | Fairness | Mapping[str, Any] | None) -> d
     if isinstance(policy, Mapping):
         return {r.threshold: float(policy[r.threshold]) for r in METRICS if policy.get(r.threshold) is not None}
     raise TypeError(f"thresholds come from a DatasetPolicy, a Fairness or a mapping, not {type(policy).__name__}")
+
+
+def left_out(metrics: Mapping[str, Any]) -> tuple[int, dict[str, dict[str, int]], dict[str, int]]:
+    """One attribute's group-size record: ``(min_group_size, left out, measured)``.
+
+    ``left out`` is ``{metric: {group: n}}`` for groups below ``min_group_size`` in the metric's
+    subset, ``measured`` is ``{metric: groups at the size}``. Metrics without a record (computed
+    with ``min_group_size`` 1, or a card from before it existed) have neither: every group counted.
+    """
+    size = _number(metrics.get("min_group_size"))
+    sizes = metrics.get("group_sizes")
+    if size is None or not isinstance(sizes, Mapping):
+        return 1, {}, {}
+    size_i = max(1, int(size))
+    out: dict[str, dict[str, int]] = {}
+    kept: dict[str, int] = {}
+    for r in METRICS:
+        groups = sizes.get(r.metric)
+        if not isinstance(groups, Mapping):
+            continue
+        counts = {str(g): int(n) for g, n in groups.items() if _number(n) is not None}
+        small = {g: n for g, n in sorted(counts.items()) if n < size_i}
+        if small:
+            out[r.metric] = small
+        kept[r.metric] = sum(1 for n in counts.values() if n >= size_i)
+    return size_i, out, kept
+
+
+_COUNTED = {"disparate_impact": "rows", "equal_opportunity_diff": "actual positives",
+            "predictive_parity_diff": "predicted positives"}
+"""What a group's size counts, per metric (the subset the metric's rate is taken over)."""
+
+
+def _groups(groups: Mapping[str, int], r: MetricRule) -> str:
+    """``groups too small to measure (rows): 'X' (5), 'Y' (2)``."""
+    listed = ", ".join(f"'{g}' ({n})" for g, n in groups.items())
+    return f"groups too small to measure ({_COUNTED[r.metric]}): {listed}"
 
 
 def judge(
@@ -178,16 +258,27 @@ def judge(
         return FairnessVerdict(False, (Finding(base, None, None, None, None, False,
                                                "no fairness evaluation, which the policy requires"),))
     checks: list[Finding] = []
+    unmeasured: dict[str, dict[str, dict[str, int]]] = {}
     for attr in required + sorted(a for a in metrics if a not in required):
         m = metrics.get(attr)
         if m is None:
             checks.append(Finding(f"{base}/{attr}", attr, None, None, None, False, f"no fairness metrics for '{attr}'"))
             continue
+        size, small, kept = left_out(m)
+        if small:
+            unmeasured[attr] = small
         for r in METRICS:
             limit = limits.get(r.threshold)
             if limit is None:
                 continue
             value = _number(m.get(r.metric))
+            if value is None and kept.get(r.metric, 2) < 2:
+                checks.append(Finding(
+                    f"{base}/{r.rule}", attr, r.metric, None, limit, True,
+                    f"{r.label} on '{attr}' not measured: {kept.get(r.metric, 0)} group(s) with at least {size} "
+                    f"{_COUNTED[r.metric]}, two are needed"
+                    + (f"; {_groups(small[r.metric], r)}" if small.get(r.metric) else ""), measured=False))
+                continue
             if value is None:
                 ok, message = False, f"{r.label} on '{attr}' is missing, so {r.op} {limit:g} cannot be met"
             else:
@@ -195,7 +286,12 @@ def judge(
                 cmp = ("≥" if ok else "<") if r.higher_is_better else ("≤" if ok else ">")
                 message = f"{r.label} on '{attr}' is {value:.3f} {cmp} {limit:g}"
             checks.append(Finding(f"{base}/{r.rule}", attr, r.metric, value, limit, ok, message))
-    return FairnessVerdict(all(c.ok for c in checks), tuple(checks))
+    if checks and not any(c.measured for c in checks):  # fail closed: no measurement, no claim
+        checks.append(Finding(base, None, None, None, None, False,
+                              "no fairness metric could be measured: every attribute has fewer than two groups "
+                              "of min_group_size (see the notes); a larger holdout or a smaller min_group_size "
+                              "is needed"))
+    return FairnessVerdict(all(c.ok for c in checks), tuple(checks), unmeasured)
 
 
 def _number(value: Any) -> float | None:

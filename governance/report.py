@@ -85,6 +85,8 @@ class FairnessCheck:
     value: float | None
     threshold: str  # e.g. "≥ 0.8", "|x| ≤ 0.1"; "" when the policy sets none
     ok: bool | None  # None: no threshold applies
+    measured: bool = True  # False: fewer than two groups of the policy's min_group_size
+    note: str = ""  # the groups left out of this metric (too small), or why it was not measured
 
 
 def fairness_checks(
@@ -92,21 +94,29 @@ def fairness_checks(
 ) -> tuple[FairnessCheck, ...]:
     """Each attribute's metrics against ``thresholds``, judged by :func:`governance.fairness.judge`.
 
-    One row per attribute (sorted) and metric of :data:`governance.fairness.METRICS`.
+    One row per attribute (sorted) and metric of :data:`governance.fairness.METRICS`. A metric
+    with groups below the policy's ``min_group_size`` says so in ``note``; one that could not be
+    measured at all has ``measured`` False.
     """
     judged = judge_fairness(thresholds, attributes)
     out: list[FairnessCheck] = []
     for attr in sorted(attributes):
+        small = judged.unmeasured.get(attr, {})
         for r in FAIRNESS_METRICS:
             value = attributes[attr].get(r.metric)
             limit = thresholds.get(r.threshold)
             check = judged.check(attr, r.metric)
+            measured = check is None or check.measured
+            left = ", ".join(f"{g} ({n})" for g, n in small.get(r.metric, {}).items())
             out.append(FairnessCheck(
                 attribute=attr,
                 metric=r.metric,
                 value=float(value) if isinstance(value, (int, float)) else None,
                 threshold="" if limit is None else f"{r.op} {limit:g}",
                 ok=None if check is None else check.ok,
+                measured=measured,
+                note=(check.message if check is not None and not check.measured
+                      else f"too small to measure, left out: {left}" if left else ""),
             ))
     return tuple(out)
 
@@ -463,7 +473,9 @@ def _section_models(rep: AuditReport) -> str:
         )
         fair_rows = [
             (_safe(c.attribute), _safe(c.metric), _num(c.value), _safe(c.threshold or "—"),
-             {True: _badge("pass", "ok"), False: _badge("FAIL", "bad"), None: "—"}[c.ok])
+             (_badge("not measured", "warn") if not c.measured else
+              {True: _badge("pass", "ok"), False: _badge("FAIL", "bad"), None: "—"}[c.ok])
+             + (f" {_safe(c.note)}" if c.note else ""))
             for c in m.fairness
         ]
         fair = _table(("attribute", "metric", "value", "threshold", "result"), fair_rows, cls="narrow",

@@ -478,3 +478,150 @@ def test_uncertainty_pass_rate_tells_clear_verdicts_from_close_ones():
     assert lo < 0.1 < hi  # the interval straddles the limit
     with pytest.raises(ValueError, match="level"):
         fairness_uncertainty([1, 0], [1, 0], {"sex": ["F", "M"]}, pol, level=1.0)
+
+
+# ----------------------------------------------------------------------------- small groups (min_group_size)
+
+# F and M: 10 rows each, 5 actual positives each; X: 3 rows, 1 actual positive, nobody selected.
+SMALL_Y_TRUE = [1] * 5 + [0] * 5 + [1] * 5 + [0] * 5 + [1, 0, 0]
+SMALL_Y_PRED = [1, 1, 1, 1, 0] + [1, 0, 0, 0, 0] + [1, 1, 1, 0, 0] + [1, 0, 0, 0, 0] + [0, 0, 0]
+SMALL_SEX = ["F"] * 10 + ["M"] * 10 + ["X"] * 3
+#   F: selected 5/10, TPR 4/5, precision 4/5;  M: selected 4/10, TPR 3/5, precision 3/4;  X: selected 0/3
+
+
+def _without_x(metric_of):
+    keep = [i for i, s in enumerate(SMALL_SEX) if s != "X"]
+    return metric_of([SMALL_Y_TRUE[i] for i in keep], [SMALL_Y_PRED[i] for i in keep],
+                     {"sex": [SMALL_SEX[i] for i in keep]})
+
+
+def test_min_group_size_defaults_to_every_group_counting():
+    assert Fairness(sensitive_attributes=["sex"]).min_group_size == 1
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="min_group_size"):
+            Fairness(sensitive_attributes=["sex"], min_group_size=bad)
+    with pytest.raises(ValueError, match="min_group_size"):
+        fairness_metrics([1, 0], [1, 0], {"sex": ["F", "M"]}, min_group_size=0)
+    plain = fairness_metrics(SMALL_Y_TRUE, SMALL_Y_PRED, {"sex": SMALL_SEX})
+    assert fairness_metrics(SMALL_Y_TRUE, SMALL_Y_PRED, {"sex": SMALL_SEX}, min_group_size=1) == plain
+    assert "group_sizes" not in plain["sex"] and "group_sizes" not in gate_context(plain)["sex"]
+    assert plain["sex"]["disparate_impact"] == 0.0  # the tiny group decides, as before
+    v = check_fairness(plain, POLICY)
+    assert v.failures[0] == "disparate impact on 'sex' is 0.000 < 0.8" and v.notes == [] and v.unmeasured == {}
+
+
+def test_a_tiny_group_is_left_out_and_the_metric_is_the_other_groups():
+    m = fairness_metrics(SMALL_Y_TRUE, SMALL_Y_PRED, {"sex": SMALL_SEX}, min_group_size=4)["sex"]
+    others = _without_x(fairness_metrics)["sex"]
+    assert m["disparate_impact"] == pytest.approx(0.4 / 0.5) == pytest.approx(others["disparate_impact"])
+    assert m["equal_opportunity_diff"] == pytest.approx(0.8 - 0.6) == pytest.approx(others["equal_opportunity_diff"])
+    assert m["predictive_parity_diff"] == pytest.approx(0.8 - 0.75) == pytest.approx(others["predictive_parity_diff"])
+    assert m["by_group"]["X"]["count"] == 3  # still reported, just not used
+    assert m["min_group_size"] == 4
+    assert m["group_sizes"] == {"disparate_impact": {"F": 10, "M": 10, "X": 3},
+                                "equal_opportunity_diff": {"F": 5, "M": 5, "X": 1},
+                                "predictive_parity_diff": {"F": 5, "M": 4, "X": 0}}
+    assert "group(s) 'X' have fewer than 4 rows and are left out of disparate_impact" in m["notes"]
+
+    pol = Fairness(sensitive_attributes=["sex"], equal_opportunity_max_diff=0.25)
+    v = check_fairness({"sex": m}, pol)
+    assert v.passed and v.failures == [] and v.not_measured == ()
+    assert v.unmeasured == {"sex": {"disparate_impact": {"X": 3}, "equal_opportunity_diff": {"X": 1},
+                                    "predictive_parity_diff": {"X": 0}}}
+    assert v.notes == [
+        "disparate impact on 'sex' leaves out groups too small to measure (rows): 'X' (3)",
+        "equal opportunity difference on 'sex' leaves out groups too small to measure (actual positives): 'X' (1)",
+        "predictive parity difference on 'sex' leaves out groups too small to measure (predicted positives): 'X' (0)",
+    ]
+    # the gate context (and so the card) carries the record, and the judge reads the same from it
+    assert check_fairness(gate_context({"sex": m}), pol).notes == v.notes
+
+
+def test_a_metric_with_fewer_than_two_groups_at_the_size_is_not_measured():
+    m = fairness_metrics(SMALL_Y_TRUE, SMALL_Y_PRED, {"sex": SMALL_SEX}, min_group_size=6)
+    assert m["sex"]["disparate_impact"] == pytest.approx(0.8)  # F and M have 10 rows each
+    assert m["sex"]["equal_opportunity_diff"] is None and m["sex"]["predictive_parity_diff"] is None
+    v = check_fairness(m, POLICY)
+    assert v.passed  # on what was measured: disparate impact 0.800 >= 0.8
+    assert [(c.metric, c.ok, c.measured) for c in v.checks] == [
+        ("disparate_impact", True, True), ("equal_opportunity_diff", True, False), ("predictive_parity_diff", True, False)]
+    assert v.notes == [
+        "equal opportunity difference on 'sex' not measured: 0 group(s) with at least 6 actual positives, two are "
+        "needed; groups too small to measure (actual positives): 'F' (5), 'M' (5), 'X' (1)",
+        "predictive parity difference on 'sex' not measured: 0 group(s) with at least 6 predicted positives, two are "
+        "needed; groups too small to measure (predicted positives): 'F' (5), 'M' (4), 'X' (0)",
+        "disparate impact on 'sex' leaves out groups too small to measure (rows): 'X' (3)",
+    ]
+    # a metric that is undefined although two groups are large enough still fails (nobody selected)
+    none_selected = fairness_metrics(SMALL_Y_TRUE, [0] * len(SMALL_Y_TRUE), {"sex": SMALL_SEX}, min_group_size=4)
+    assert check_fairness(none_selected, POLICY).failures[0] == (
+        "disparate impact on 'sex' is missing, so ≥ 0.8 cannot be met")
+
+
+def test_nothing_measurable_fails_closed():
+    m = fairness_metrics(SMALL_Y_TRUE, SMALL_Y_PRED, {"sex": SMALL_SEX}, min_group_size=11)
+    v = check_fairness(m, POLICY, dataset="customers")
+    assert not v.passed and v.rule_ids == ("customers/fairness",)
+    assert v.failures == ["no fairness metric could be measured: every attribute has fewer than two groups of "
+                          "min_group_size (see the notes); a larger holdout or a smaller min_group_size is needed"]
+    assert len(v.not_measured) == 3 and len(v.notes) == 3
+
+
+def test_the_deploy_gate_judges_what_was_measured(workspace: Workspace):
+    # the CI flake: every member of a tiny group gets the same prediction, disparate impact 0.000
+    y = np.array([1, 0] * 50 + [1, 0, 1])
+    pred = y.copy()
+    pred[-3:] = 0
+    sex = ["F", "F", "M", "M"] * 25 + ["X"] * 3
+    eth = ["a"] * 50 + ["b"] * 50 + ["a", "b", "a"]
+    ctx = {"epsilon": 3.0, "approvals": [{"actor": "carla"}]}
+    mel, res = workspace.actor("mel"), Resource.dataset("customers")
+
+    def decide(size: int):
+        fair = gate_context(fairness_metrics(y, pred, {"sex": sex, "ethnicity": eth}, min_group_size=size))
+        return workspace.gate.decide("deploy", mel, res, {**ctx, "fairness": fair})
+
+    d = decide(1)
+    assert not d.allowed and d.rule_ids == ("customers/fairness/disparate_impact",)
+    assert decide(20).allowed
+    d = decide(200)  # nothing measurable: fail closed
+    assert not d.allowed and d.rule_ids == ("customers/fairness",)
+
+
+def test_card_and_report_name_the_groups_not_measured():
+    from datetime import datetime, timezone
+
+    from governance.report import fairness_checks
+    from training.registry import ModelCard, PrivacyGuarantee
+
+    m = gate_context(fairness_metrics(SMALL_Y_TRUE, SMALL_Y_PRED, {"sex": SMALL_SEX}, min_group_size=6))
+    thresholds = {"disparate_impact_min": 0.8, "equal_opportunity_max_diff": 0.1, "predictive_parity_max_diff": 0.1}
+    card = ModelCard(name="credit", version=1, dataset="customers", purpose="credit_scoring",
+                     created_at=datetime(2025, 5, 1, tzinfo=timezone.utc), created_by="sam",
+                     privacy=PrivacyGuarantee(epsilon=2.0, delta=1e-5, accountant="prv"),
+                     fairness={**m, "passed": True, "failures": [], "thresholds": thresholds})
+    assert ModelCard.from_json(card.to_json()) == card  # the record survives the card's JSON
+    md = card.to_markdown()
+    assert "| sex | 0.8 (pass) | — (not measured) | — (not measured) | pass |" in md
+    assert "Not measured (the verdict covers only what was measured):" in md
+    assert ("- equal opportunity difference on 'sex' not measured: 0 group(s) with at least 6 actual positives, "
+            "two are needed; groups too small to measure (actual positives): 'F' (5), 'M' (5), 'X' (1)") in md
+    assert "- disparate impact on 'sex' leaves out groups too small to measure (rows): 'X' (3)" in md
+
+    rows = {c.metric: c for c in fairness_checks(card.fairness.attributes, thresholds)}
+    assert rows["disparate_impact"].measured and rows["disparate_impact"].ok
+    assert rows["disparate_impact"].note == "too small to measure, left out: X (3)"
+    assert not rows["equal_opportunity_diff"].measured
+    assert rows["equal_opportunity_diff"].note.startswith("equal opportunity difference on 'sex' not measured")
+
+
+def test_uncertainty_applies_the_minimum_to_each_resample():
+    from training.fairness import fairness_uncertainty
+
+    y, pred, sex = [1, 0] * 50 + [1, 0, 1], [1, 0] * 50 + [0, 0, 0], ["F", "F", "M", "M"] * 25 + ["X"] * 3
+    pol = Fairness(sensitive_attributes=["sex"], disparate_impact_min=0.5)
+    every = fairness_uncertainty(y, pred, {"sex": sex}, pol, resamples=200)
+    sized = fairness_uncertainty(y, pred, {"sex": sex}, pol.model_copy(update={"min_group_size": 20}), resamples=200)
+    assert every["pass_rate"] < 0.1 < 0.9 < sized["pass_rate"]
+    nothing = fairness_uncertainty(y, pred, {"sex": sex}, pol.model_copy(update={"min_group_size": 500}), resamples=50)
+    assert nothing["pass_rate"] == 0.0 and nothing["intervals"]["sex"]["disparate_impact"] is None

@@ -35,6 +35,15 @@ computed at all (fewer than one defined group, or nobody selected) is ``None``:
 :func:`check_fairness` fails it and :func:`gate_context` leaves it out, so the gate's
 own fail-closed defaults deny the deployment.
 
+Small groups (the policy's ``fairness.min_group_size``, passed as ``min_group_size``): a
+group with fewer rows than that in a metric's subset (its rows for disparate impact, its
+actual positives for equal opportunity, its predicted positives for predictive parity) is
+left out of that metric; a metric with fewer than two groups left is ``None`` and *not
+measured*. The attribute's metrics then also hold ``min_group_size`` and ``group_sizes``
+(``{metric: {group: n}}``), which travel into the card and the gate's context, so the judge
+(:func:`governance.fairness.judge`) reports a not-measured metric as such, not as a failure,
+and names the groups left out. The default, 1, counts every group, as before.
+
 Mitigation: reweighing (Kamiran & Calders, 2012). Each training row of group ``g`` and
 label ``y`` gets the weight::
 
@@ -277,6 +286,7 @@ def fairness_metrics(
     groups: Mapping[str, Sequence[Any]],
     *,
     pos_label: int = 1,
+    min_group_size: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """Group fairness metrics per sensitive attribute (see the module docstring).
 
@@ -288,15 +298,19 @@ def fairness_metrics(
         pos_label: the label that counts as "selected" and "positive" (1 by default).
             For a label where 1 is the unfavourable outcome (``defaulted``), pass 0 to
             measure the favourable one.
+        min_group_size: the fewest rows a group needs in a metric's subset to count in it
+            (the policy's ``fairness.min_group_size``); 1 counts every group.
 
     Returns:
         ``{attribute: {"disparate_impact", "equal_opportunity_diff",
         "predictive_parity_diff", "by_group", "excluded", "notes"}}``; ``by_group`` maps
         each group to ``count``, ``selection_rate``, ``true_positive_rate`` and
-        ``precision`` (``None`` where undefined).
+        ``precision`` (``None`` where undefined). With ``min_group_size`` above 1, also
+        ``min_group_size`` and ``group_sizes`` (``{metric: {group: n}}``).
 
     Raises:
-        ValueError: lengths differ, labels are not binary, ``pos_label`` is not 0 or 1.
+        ValueError: lengths differ, labels are not binary, ``pos_label`` is not 0 or 1,
+            ``min_group_size`` is below 1.
 
     Example:
 
@@ -308,6 +322,8 @@ def fairness_metrics(
 
     if pos_label not in (0, 1):
         raise ValueError(f"pos_label must be 0 or 1 (got {pos_label!r})")
+    if isinstance(min_group_size, bool) or not isinstance(min_group_size, int) or min_group_size < 1:
+        raise ValueError(f"min_group_size must be a whole number of at least 1 (got {min_group_size!r})")
     yt = _binary(y_true, "y_true", pos_label)
     yp = _binary(y_pred, "y_pred", pos_label)
     if len(yt) != len(yp):
@@ -327,6 +343,7 @@ def fairness_metrics(
         labels = np.array([str(v) for v, k in zip(g, known) if k], dtype=object)
         t, p = yt[known], yp[known]
         by_group: dict[str, dict[str, Any]] = {}
+        subsets: dict[str, dict[str, int]] = {r.metric: {} for r in METRICS}  # each metric's denominators
         if len(labels):
             # fairlearn gives per-group counts and selection rates; TPR and precision are computed
             # from the confusion counts so that an undefined rate is None, not fairlearn's silent 0.
@@ -343,6 +360,9 @@ def fairness_metrics(
                     "true_positive_rate": _rate(tp, pos),
                     "precision": _rate(tp, sel),
                 }
+                subsets["disparate_impact"][str(grp)] = n
+                subsets["equal_opportunity_diff"][str(grp)] = pos
+                subsets["predictive_parity_diff"][str(grp)] = sel
         tpr = {k: v["true_positive_rate"] for k, v in by_group.items()}
         prec = {k: v["precision"] for k, v in by_group.items()}
         sel_rates = [v["selection_rate"] for v in by_group.values()]
@@ -356,12 +376,30 @@ def fairness_metrics(
                              "and left out of predictive_parity_diff")
         if len(by_group) < 2:
             notes.append(f"only {len(by_group)} group(s) of {attr} with known values: nothing to compare")
+        unmeasured: set[str] = set()
+        if min_group_size > 1:
+            keep = {m: {g for g, n in sizes.items() if n >= min_group_size} for m, sizes in subsets.items()}
+            for r in METRICS:
+                small = sorted(g for g in subsets[r.metric] if g not in keep[r.metric])
+                if small:
+                    notes.append(f"group(s) {', '.join(map(repr, small))} have fewer than {min_group_size} "
+                                 f"{_COUNTED[r.metric]} and are left out of {r.metric}")
+                if len(keep[r.metric]) < 2:
+                    unmeasured.add(r.metric)
+                    notes.append(f"{r.metric} is not measured: fewer than two groups of {attr} have "
+                                 f"{min_group_size} or more {_COUNTED[r.metric]}")
+            sel_rates = [v["selection_rate"] for g, v in by_group.items() if g in keep["disparate_impact"]]
+            tpr = {g: v for g, v in tpr.items() if g in keep["equal_opportunity_diff"]}
+            prec = {g: v for g, v in prec.items() if g in keep["predictive_parity_diff"]}
         di: float | None = None
-        if sel_rates and max(sel_rates) > 0:
+        if "disparate_impact" in unmeasured:
+            pass
+        elif sel_rates and max(sel_rates) > 0:
             di = min(sel_rates) / max(sel_rates)
         elif sel_rates:
             notes.append("no row is selected in any group: disparate impact is undefined")
-        eo, pp = _spread(tpr), _spread(prec)
+        eo = None if "equal_opportunity_diff" in unmeasured else _spread(tpr)
+        pp = None if "predictive_parity_diff" in unmeasured else _spread(prec)
         out[attr] = {
             "disparate_impact": di,
             "equal_opportunity_diff": eo,
@@ -370,7 +408,14 @@ def fairness_metrics(
             "excluded": excluded,
             "notes": notes,
         }
+        if min_group_size > 1:
+            out[attr]["min_group_size"] = min_group_size
+            out[attr]["group_sizes"] = subsets
     return out
+
+
+_COUNTED = {"disparate_impact": "rows", "equal_opportunity_diff": "actual positives",
+            "predictive_parity_diff": "predicted positives"}
 
 
 def _tp(y_true: np.ndarray, y_pred: np.ndarray) -> int:
@@ -432,6 +477,11 @@ def fairness_uncertainty(
     another holdout of the same size. The gate itself still judges the point estimate;
     this is evidence for the people who approve.
 
+    The policy's ``min_group_size`` applies to each resample as to the holdout: a group below it
+    in a resample is left out of that metric there, a metric with fewer than two groups left is
+    not measured there (it neither passes nor fails, and is no part of its interval), and a
+    resample in which nothing is measured fails.
+
     Example:
 
     >>> from governance.policy import Fairness
@@ -451,7 +501,9 @@ def fairness_uncertainty(
     if f is None:
         raise FairnessError(f"dataset '{policy.dataset}' declares no fairness section")
     limits = thresholds(f)
+    size = f.min_group_size
     passed = np.ones(resamples, dtype=bool)
+    measured_any = np.zeros(resamples, dtype=bool)
     out: dict[str, Any] = {"resamples": resamples, "level": level, "seed": seed, "intervals": {}}
     lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     for attr in f.sensitive_attributes:
@@ -473,9 +525,10 @@ def fairness_uncertainty(
         pos = weights @ (onehot * yt[:, None])
         tp = weights @ (onehot * (yt * yp)[:, None])
         with np.errstate(invalid="ignore", divide="ignore"):
-            sel_rate = np.where(count > 0, sel / count, np.nan)  # NaN: the group is absent, or the rate undefined
-            tpr = np.where(pos > 0, tp / pos, np.nan)
-            prec = np.where(sel > 0, tp / sel, np.nan)
+            # NaN: the group is absent, the rate undefined, or the group under min_group_size (1: any row counts)
+            sel_rate = np.where(count >= size, sel / count, np.nan)
+            tpr = np.where(pos >= size, tp / pos, np.nan)
+            prec = np.where(sel >= size, tp / sel, np.nan)
             (sel_hi, sel_lo), (tpr_hi, tpr_lo), (prec_hi, prec_lo) = map(_extremes, (sel_rate, tpr, prec))
             metrics = {
                 "disparate_impact": np.where(sel_hi > 0, sel_lo / sel_hi, np.nan),
@@ -483,12 +536,21 @@ def fairness_uncertainty(
                 "predictive_parity_diff": np.where(np.isfinite(prec_hi), prec_hi - prec_lo, np.nan),
             }
         out["intervals"][attr] = {}
+        groups_at_size = {"disparate_impact": sel_rate, "equal_opportunity_diff": tpr, "predictive_parity_diff": prec}
         for r in METRICS:  # judged as governance.fairness.judge judges: NaN (undefined) never meets a limit
             m, v = r.metric, metrics[r.metric]
-            passed &= ~np.isnan(v) & r.meets(v, limits[r.threshold])
+            if size > 1:  # fewer than two groups at the size: not measured in that resample
+                unmeasured = (~np.isnan(groups_at_size[m])).sum(axis=1) < 2
+                v = np.where(unmeasured, np.nan, v)
+                passed &= unmeasured | (~np.isnan(v) & r.meets(v, limits[r.threshold]))
+                measured_any |= ~unmeasured
+            else:
+                passed &= ~np.isnan(v) & r.meets(v, limits[r.threshold])
             finite = v[~np.isnan(v)]
             out["intervals"][attr][m] = (
                 [float(np.percentile(finite, lo_q)), float(np.percentile(finite, hi_q))] if len(finite) else None)
+    if size > 1:
+        passed &= measured_any  # as the judge: no measurement, no pass
     out["pass_rate"] = float(passed.mean())
     return out
 
@@ -504,15 +566,20 @@ def pass_rate_note(pass_rate: float) -> str:
     return f"passes in {100 * pass_rate:.0f} % of bootstrap resamples of the holdout"
 
 
-def gate_context(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+def gate_context(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """The ``fairness`` entry of the deployment context: ``{attr: {metric: float}}``.
 
-    Undefined metrics are left out, so the gate applies its fail-closed defaults to them.
+    Undefined metrics are left out, so the gate applies its fail-closed defaults to them. Metrics
+    computed with a ``min_group_size`` above 1 keep it and their ``group_sizes`` (group names and
+    counts, never rows), from which the judge tells a metric not measured from a missing one.
     """
-    return {
-        attr: {r.metric: float(m[r.metric]) for r in METRICS if m.get(r.metric) is not None}
-        for attr, m in metrics.items()
-    }
+    out: dict[str, dict[str, Any]] = {}
+    for attr, m in metrics.items():
+        out[attr] = {r.metric: float(m[r.metric]) for r in METRICS if m.get(r.metric) is not None}
+        if m.get("group_sizes") is not None and m.get("min_group_size") is not None:
+            out[attr]["min_group_size"] = int(m["min_group_size"])
+            out[attr]["group_sizes"] = {k: {str(g): int(n) for g, n in v.items()} for k, v in m["group_sizes"].items()}
+    return out
 
 
 # ----------------------------------------------------------------------------- mitigation

@@ -290,7 +290,8 @@ def _evaluate(pol: DatasetPolicy, y_te: np.ndarray, p_te: np.ndarray, threshold:
     ``sens``: the holdout's sensitive attributes, from :func:`decrypt_sensitive`.
     """
     pred = (p_te > threshold).astype(int)
-    metrics = fairness_metrics(y_te.astype(int), pred, sens, pos_label=FAVOURABLE_LABEL)
+    metrics = fairness_metrics(y_te.astype(int), pred, sens, pos_label=FAVOURABLE_LABEL,
+                               min_group_size=pol.fairness.min_group_size if pol.fairness else 1)
     return _Evaluation(metrics, check_fairness(metrics, pol), pred)
 
 
@@ -298,6 +299,7 @@ def _fairness_fields(pol: DatasetPolicy, y_te: np.ndarray, ev: _Evaluation, sens
                      seed: int) -> dict[str, Any]:
     """What the card and ``fairness.json`` hold of an evaluation: metrics, verdict, bootstrap."""
     return {"metrics": gate_context(ev.metrics), "passed": ev.verdict.passed, "failures": list(ev.verdict.failures),
+            **({"not_measured": ev.verdict.notes} if ev.verdict.notes else {}),  # what the verdict does not cover
             "uncertainty": fairness_uncertainty(y_te.astype(int), ev.pred, sens, pol,
                                                 pos_label=FAVOURABLE_LABEL, seed=seed)}
 

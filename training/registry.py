@@ -401,9 +401,13 @@ class FairnessReport(_Frozen):
 
     A flat input ``{"sex": {...}, "ethnicity": {...}, "passed": True, "failures": []}`` is
     accepted too: every key other than ``passed``/``failures``/``thresholds`` is an attribute.
+
+    An attribute evaluated with the policy's ``min_group_size`` above 1 also holds
+    ``min_group_size`` and ``group_sizes`` (``{metric: {group: n}}``): the judge reads them to
+    name the groups too small to measure, and the metrics that could not be measured at all.
     """
 
-    attributes: dict[str, dict[str, float | dict[str, float]]]
+    attributes: dict[str, dict[str, float | dict[str, float] | dict[str, dict[str, float]]]]
     passed: bool | None = None
     failures: list[str] = Field(default_factory=list)
     thresholds: dict[str, float] = Field(default_factory=dict)
@@ -648,6 +652,9 @@ class ModelCard(_Frozen):
                     ok = None if check is None else check.ok
                     ok_all = ok_all and ok is not False
                     shown = _num(value) if isinstance(value, (int, float)) else "—"
+                    if check is not None and not check.measured:
+                        cells.append(f"{shown} (not measured)")
+                        continue
                     cells.append(shown if ok is None else f"{shown} ({'pass' if ok else 'FAIL'})")
                 cells.append("pass" if ok_all else "FAIL")
                 rows.append(tuple(cells))
@@ -664,6 +671,9 @@ class ModelCard(_Frozen):
                 ]
             if f.failures:
                 out += ["", "Failures:", ""] + [f"- {_line(x)}" for x in f.failures]
+            if judged.notes:  # what the verdict does not cover: groups below the policy's min_group_size
+                out += ["", "Not measured (the verdict covers only what was measured):", ""]
+                out += [f"- {_line(x)}" for x in judged.notes]
             u = f.uncertainty
             if u:
                 pct = round(100 * float(u.get("level", 0.95)))

@@ -85,13 +85,25 @@ def pipeline_summary(ctx: typer.Context) -> None:
     if fl:  # what "selected" means in the metrics: the policy's declared favourable outcome
         t.add_row("  favourable outcome", f"{fl['column']} = {json.dumps(fl['favourable'])}")
     for k in sorted(k for k in f if "." in k):
-        t.add_row(f"  {k}", f"{f[k]:.3f}")
+        t.add_row(f"  {k}", _metric(f[k]))
     t.add_row("registered", s["registered"] or "—")
     t.add_row("deployed", s["deploy_status"])
     t.add_row("audit verify", ("[green]OK[/]" if s["audit_ok"] else "[red]FAILED[/]") + f" ({s['audit_events']:,} events)")
     console.print(t)
     if not s["audit_ok"]:
         raise typer.Exit(4)
+
+
+def _metric(v: object) -> str:
+    """A fairness figure as the summary shows it: a rate to 3 places, a count, group sizes, or why not."""
+    if v is None:
+        return "not measured"
+    if isinstance(v, dict):  # group sizes (with fairness.min_group_size): {metric: {group: rows}}
+        sep = "; " if any(isinstance(n, dict) for n in v.values()) else ", "
+        return sep.join(f"{k}: {_metric(n)}" if isinstance(n, dict) else f"{k} {_metric(n)}" for k, n in v.items())
+    if isinstance(v, bool) or isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 @pipeline_app.command("trace")
