@@ -19,6 +19,14 @@ A run may name the model **build** it belongs to (``reserve(..., model=, build=)
 one pipeline candidate. :meth:`PrivacyLedger.build_cost` sums a build's runs, so the model card
 states what producing the model cost of the dataset's budget, not only the released run's ε.
 
+**Private SQL queries** (``lakehouse.private_sql``) are runs too, with purpose ``query`` and
+accountant ``opendp``: :meth:`PrivacyLedger.reserve_query` checks, under the same lock, the
+dataset's ``epsilon_total`` (so queries and training compose in one budget), the policy's
+``private_queries.epsilon_per_query`` and the analyst's own ``epsilon_per_analyst``
+(``<dataset>/privacy/epsilon_per_analyst``: the runs the analyst reserved, whoever committed
+them). A refusal is a gate decision (``gate.decide``, deny, the rule named) raised as
+:class:`~governance.errors.AccessDenied` before the query touches data.
+
 Example::
 
     ledger = PrivacyLedger(ws)
@@ -44,7 +52,8 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 
 from governance.errors import LakewardenError
-from governance.gate import Actor, Resource
+from governance.errors import AccessDenied
+from governance.gate import Actor, Decision, Resource
 from governance.locks import file_lock
 from governance.policy import Stage
 from governance.workspace import Workspace
@@ -136,6 +145,24 @@ class BudgetStatus:
         return max(self.epsilon_total - self.epsilon_spent - self.epsilon_reserved, 0.0)
 
 
+QUERY_PURPOSE = "query"  # the purpose recorded for a private SQL query's run
+
+
+@dataclass(frozen=True)
+class AnalystStatus:
+    """What one analyst's private queries have spent of a dataset (reservations count, as in ``status``)."""
+
+    dataset: str
+    analyst: str
+    epsilon_limit: float
+    epsilon_spent: float
+    queries: int
+
+    @property
+    def epsilon_left(self) -> float:
+        return max(self.epsilon_limit - self.epsilon_spent, 0.0)
+
+
 class PrivacyLedger:
     """Per-dataset privacy budgets, recorded in an append-only Delta table."""
 
@@ -182,6 +209,87 @@ class PrivacyLedger:
                 dspent += r["delta"]
                 runs += 1
         return BudgetStatus(dataset, pol.privacy.epsilon_total, pol.privacy.delta, spent, reserved, dspent, runs)
+
+    def analyst_status(self, dataset: str, analyst: str) -> AnalystStatus:
+        """ε the analyst's private queries on ``dataset`` spent or hold reserved (released ones left out).
+
+        A query run belongs to whoever reserved it (its first row), not to whoever committed it.
+        """
+        pol = self.ws.policies.dataset(dataset)
+        if pol.privacy is None:
+            raise LedgerError(f"'{dataset}' declares no privacy budget")
+        limit = pol.private_queries.epsilon_per_analyst or pol.privacy.epsilon_total
+        rows = self._rows()
+        rows = rows.filter(pc.equal(rows["dataset"], dataset)) if rows.num_rows else rows
+        owner: dict[str, tuple[str, str | None]] = {}
+        for r in rows.sort_by("recorded_at").to_pylist():
+            owner.setdefault(r["run_id"], (r["actor"], r["purpose"]))
+        spent, n = 0.0, 0
+        for run_id, r in self._latest(rows).items():
+            who, purpose = owner[run_id]
+            if who == analyst and purpose == QUERY_PURPOSE and r["state"] in ("spent", "reserved"):
+                spent += r["epsilon"]
+                n += 1
+        return AnalystStatus(dataset, analyst, limit, spent, n)
+
+    def reserve_query(self, actor: Actor, dataset: str, *, epsilon: float, layer: str = "silver",
+                      mechanism: str = "opendp") -> Reservation:
+        """Reserve one private query's ε (δ = 0) on ``dataset``, or refuse it before it runs.
+
+        Checked in this order, under the ledger's lock, each a rule the refusal names:
+        ``<dataset>/privacy/epsilon_per_query`` (the policy's cap), ``<dataset>/privacy/epsilon_total``
+        (everything spent on the dataset, training included) and
+        ``<dataset>/privacy/epsilon_per_analyst`` (this analyst's queries). The decision is audited as
+        ``gate.decide`` (stage ``query``); an allowed one also as ``privacy.reserve``.
+
+        Raises:
+            LedgerError: ``epsilon`` is not positive, or the dataset has no privacy budget.
+            AccessDenied: over a budget (the decision names the rule and what is left).
+        """
+        if not epsilon > 0:
+            raise LedgerError(f"epsilon must be > 0 (got {epsilon!r})")
+        pol = self.ws.policies.dataset(dataset)
+        if pol.privacy is None:
+            raise LedgerError(f"'{dataset}' declares no privacy budget: private queries need privacy.epsilon_total")
+        pq, total = pol.private_queries, pol.privacy.epsilon_total
+        resource = Resource.table(dataset, layer)
+        with self._locked():
+            st = self.status(dataset)
+            mine = self.analyst_status(dataset, actor.name)
+            used = st.epsilon_spent + st.epsilon_reserved
+            rule, reason = f"{dataset}/privacy/budget", "allowed"
+            denied = True
+            if epsilon > pq.epsilon_per_query + 1e-12:
+                rule, reason = (f"{dataset}/privacy/epsilon_per_query",
+                                f"a query may spend at most ε={pq.epsilon_per_query:g} of '{dataset}' "
+                                f"(asked {epsilon:g})")
+            elif used + epsilon > total + 1e-12:
+                rule, reason = (f"{dataset}/privacy/epsilon_total",
+                                f"epsilon {epsilon:g} would exceed the total budget {total:g} of '{dataset}' "
+                                f"({used:g} spent by queries and training, {max(total - used, 0.0):g} left)")
+            elif mine.epsilon_spent + epsilon > mine.epsilon_limit + 1e-12:
+                rule, reason = (f"{dataset}/privacy/epsilon_per_analyst",
+                                f"epsilon {epsilon:g} would exceed {actor.name}'s budget {mine.epsilon_limit:g} on "
+                                f"'{dataset}' ({mine.epsilon_spent:g} spent, {mine.epsilon_left:g} left)")
+            else:
+                denied = False
+            roles = actor.roles or self.ws.policies.roles_of(actor.name)
+            decision = Decision(not denied, (reason,), (rule,), Stage.QUERY, Actor(actor.name, tuple(roles)), resource)
+            self.ws.audit.record("gate.decide", actor=actor.name, outcome="deny" if denied else "allow",
+                                 stage=Stage.QUERY.value, resource=str(resource), rule_ids=decision.rule_ids,
+                                 details={"reasons": [reason], "roles": list(roles), "epsilon": epsilon, "delta": 0.0,
+                                          "epsilon_spent": used, "purpose": QUERY_PURPOSE})
+            if denied:
+                self.ws.audit.flush()
+                raise AccessDenied(decision)
+            run_id = uuid.uuid4().hex
+            self._append({"run_id": run_id, "dataset": dataset, "state": "reserved", "epsilon": float(epsilon),
+                          "delta": 0.0, "purpose": QUERY_PURPOSE, "accountant": mechanism, "actor": actor.name,
+                          "recorded_at": datetime.now(timezone.utc), "model": None, "build": None})
+        self.ws.audit.record("privacy.reserve", actor=actor.name, outcome="ok", stage=Stage.QUERY.value,
+                             resource=f"dataset:{dataset}",
+                             details={"run_id": run_id, "epsilon": epsilon, "delta": 0.0, "purpose": QUERY_PURPOSE})
+        return Reservation(run_id, dataset, float(epsilon), 0.0, decision)
 
     def reserve(self, actor: Actor, dataset: str, *, purpose: str, epsilon: float, delta: float,
                 accountant: str = "prv", columns: list[str] | None = None, model: str | None = None,
@@ -265,5 +373,6 @@ class PrivacyLedger:
         )
 
 
-__all__ = ["PrivacyLedger", "Reservation", "BudgetStatus", "BuildCost", "LedgerRun", "LedgerError", "LEDGER_TABLE",
+__all__ = ["PrivacyLedger", "Reservation", "AnalystStatus", "QUERY_PURPOSE",
+           "BudgetStatus", "BuildCost", "LedgerRun", "LedgerError", "LEDGER_TABLE",
            "new_build_id"]

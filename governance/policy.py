@@ -387,6 +387,12 @@ class RoleAccess(_Strict):
     masks: dict[str, Mask] = Field(default_factory=dict)
     row_filter: str | None = None
     purposes: list[str] = Field(default_factory=list)
+    query: Literal["exact", "private"] | None = Field(
+        default=None,
+        description="exact: the role's SQL answers are exact; private: only aggregates (count, sum, mean, by "
+                    "public group keys), answered with differential privacy and charged to the privacy budget; "
+                    "default: the dataset's query",
+    )
 
     @field_validator("row_filter")
     @classmethod
@@ -429,11 +435,34 @@ class PrivacyBudget(_Strict):
         return self
 
 
+class PrivateQueries(_Strict):
+    """Differentially private SQL (``lakehouse.private_sql``) for roles whose queries are ``private``.
+
+    Each query spends ``epsilon`` (at most ``epsilon_per_query``) of the dataset's ``privacy.epsilon_total``,
+    which training spends too (basic composition in the privacy ledger), and of the analyst's own
+    ``epsilon_per_analyst``. The mechanisms are pure ε-DP (δ = 0): group keys must be public.
+    """
+
+    epsilon_per_query: float = Field(default=1.0, gt=0, le=100,
+                                      description="the ε a query spends unless it asks for less; the most it may ask")
+    epsilon_per_analyst: float | None = Field(
+        default=None, gt=0, le=1000,
+        description="the most ε one analyst's queries on this dataset may spend together (default: epsilon_total)",
+    )
+    contributions: int = Field(
+        default=1, ge=1, le=10_000,
+        description="rows one subject may add to a query; a subject's rows beyond this are dropped before aggregating",
+    )
+
+
 class Fairness(_Strict):
     sensitive_attributes: list[str] = Field(min_length=1)
     disparate_impact_min: float = Field(default=0.8, gt=0, le=1)
     equal_opportunity_max_diff: float = Field(default=0.1, ge=0, le=1)
     predictive_parity_max_diff: float = Field(default=0.1, ge=0, le=1)
+    # Groups with fewer holdout rows than this (for equal opportunity: actual positives; for predictive
+    # parity: predicted positives) are left out of that metric and listed as not measured. 1: every group counts.
+    min_group_size: int = Field(default=1, ge=1)
 
 
 def _label_value(v: Any) -> Any:
@@ -506,6 +535,10 @@ class DatasetPolicy(_Strict):
     preprocess: Preprocess = Preprocess()
     features: dict[str, FeatureViewSpec] = Field(default_factory=dict)
     anonymity: Anonymity | None = None
+    query: Literal["exact", "private"] = Field(
+        default="exact", description="how every role's SQL is answered unless its access says otherwise (query:)"
+    )
+    private_queries: PrivateQueries = PrivateQueries()
 
     @field_validator("columns")
     @classmethod
@@ -602,7 +635,33 @@ class DatasetPolicy(_Strict):
                 raise FieldError(("anonymity", "on_violation"),
                                  "on_violation: generalize needs a hierarchy on at least one quasi-identifier, "
                                  "e.g. hierarchy: [year, decade]")
+        self._check_private_queries()
         return self
+
+    def _check_private_queries(self) -> None:
+        private = [r for r in self.access if self.query_mode(r) == "private"]
+        if not private and self.query != "private":
+            return
+        where = ("query",) if self.query == "private" else ("access", private[0], "query")
+        if self.privacy is None:
+            raise FieldError(where, "query: private needs a privacy budget (privacy.epsilon_total): private queries "
+                                    "spend it, together with training")
+        pq, total = self.private_queries, self.privacy.epsilon_total
+        if pq.epsilon_per_query > total:
+            raise FieldError(("private_queries", "epsilon_per_query"),
+                             f"epsilon_per_query ({pq.epsilon_per_query:g}) exceeds privacy.epsilon_total ({total:g})")
+        if pq.epsilon_per_analyst is not None and pq.epsilon_per_analyst > total:
+            raise FieldError(("private_queries", "epsilon_per_analyst"),
+                             f"epsilon_per_analyst ({pq.epsilon_per_analyst:g}) exceeds privacy.epsilon_total ({total:g})")
+        if pq.epsilon_per_analyst is not None and pq.epsilon_per_query > pq.epsilon_per_analyst:
+            raise FieldError(("private_queries", "epsilon_per_query"),
+                             f"epsilon_per_query ({pq.epsilon_per_query:g}) exceeds epsilon_per_analyst "
+                             f"({pq.epsilon_per_analyst:g})")
+
+    def query_mode(self, role: str) -> Literal["exact", "private"]:
+        """How ``role``'s SQL over this dataset is answered: its access's ``query``, else the dataset's."""
+        acc = self.access.get(role)
+        return (acc.query if acc is not None and acc.query else None) or self.query
 
     def quasi_identifiers(self) -> list[str]:
         """The quasi-identifiers k is measured over: those stored in plaintext, generalized (an encrypted or

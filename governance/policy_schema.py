@@ -68,6 +68,10 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "labels": "column -> its favourable value: the labels a model may be trained on",
         "anonymity": "k-anonymity (k_min) and l-diversity (l_min) of silver over the quasi-identifiers, and what "
                      "a build does when they do not hold (stop, or generalize by each column's hierarchy)",
+        "query": "how the roles' SQL is answered: exact (default) or private (differentially private aggregates "
+                 "only); a role's access.<role>.query overrides it",
+        "private_queries": "differentially private SQL: the ε a query spends, the ε one analyst may spend, "
+                           "the rows one subject may contribute",
         "stream": "streaming ingest (lakewarden stream): whether records must be sealed per subject, "
                   "the largest message, and the longest retention a topic may have",
     },
@@ -117,6 +121,9 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "disparate_impact_min": "lowest ratio of favourable-outcome rates between groups (0-1)",
         "equal_opportunity_max_diff": "largest gap in true-positive rates between groups",
         "predictive_parity_max_diff": "largest gap in precision between groups",
+        "min_group_size": "fewest holdout rows a group needs to count in a metric (for equal opportunity: actual "
+                          "positives; for predictive parity: predicted positives); smaller groups are listed as "
+                          "not measured. 1 (default): every group counts",
     },
     "Label": {
         "favourable": "the label value that is good for the person (e.g. false for 'defaulted')",

@@ -26,7 +26,10 @@ How a query is checked, before any data is touched:
 4. The policy gate decides ``query`` for each table (``AccessDenied`` propagates).
 5. The query runs with ``enable_external_access=false`` and a locked configuration
    (no files, no extensions, no ``SET``).
-6. A dataset whose policy sets ``anonymity.k_min``: a result carrying its quasi-identifier
+6. A table the role queries privately (``query: private`` in the policy) is answered by
+   ``lakehouse.private_sql``: aggregates only, with differential privacy, the query's ε reserved in
+   the privacy ledger first (``QueryResult.private`` says so; on both engines).
+7. A dataset whose policy sets ``anonymity.k_min``: a result carrying its quasi-identifier
    columns is refused when they form a class smaller than k_min
    (``lakehouse.anonymity.check_result``, rule ``<dataset>/anonymity/k_min``; audited as an error).
 
@@ -73,6 +76,7 @@ from lakehouse.masks import compile_mask, hash_column, quote_ident
 
 if TYPE_CHECKING:
     from governance.workspace import Workspace
+    from lakehouse.private_sql import PrivateRelease
 
 __all__ = ["QueryResult", "SqlError", "run_query"]
 
@@ -91,7 +95,8 @@ class QueryResult:
     ``tables`` are the governed tables used (``layer.dataset``); ``masked`` maps each to
     ``{column: mask}`` as applied; ``row_filters`` each table's row filter (where it has
     one). ``truncated`` is True when ``max_rows`` cut the result. ``warnings`` lists masks
-    that did not fit their column's type and showed NULL instead (fail closed).
+    that did not fit their column's type and showed NULL instead (fail closed). ``private`` is set
+    when the result is differentially private (noisy): its ε, δ, mechanism and confidence level.
     """
 
     table: pa.Table
@@ -100,6 +105,7 @@ class QueryResult:
     row_filters: dict[str, str]
     truncated: bool = False
     warnings: tuple[str, ...] = field(default=())
+    private: "PrivateRelease | None" = None
 
 
 @dataclass(slots=True)
@@ -122,6 +128,7 @@ def run_query(
     max_rows: int | None = None,
     role: str | None = None,
     engine: str = "embedded",
+    epsilon: float | None = None,
 ) -> QueryResult:
     """Run one read-only query as ``actor``, through the policy's masks and row filters.
 
@@ -136,6 +143,8 @@ def run_query(
             ``builtin/role-not-held``, audited).
         engine: ``embedded`` (DuckDB in this process) or ``trino`` (the local Trino server,
             which applies the same policy compiled to its access rules; no time travel).
+        epsilon: for a role whose queries are private, the ε this query spends (default and
+            most: the policy's ``private_queries.epsilon_per_query``); refused for exact queries.
 
     Returns:
         A :class:`QueryResult`.
@@ -143,7 +152,8 @@ def run_query(
     Raises:
         SqlError: the query is malformed, not read-only, names a table function, a file
             or an ungoverned table, or fails in DuckDB.
-        AccessDenied: the gate denied a table (the decision names the rule).
+        AccessDenied: the gate denied a table, or a private query would exceed a privacy budget
+            (the decision names the rule).
         TableError: a governed table does not exist (yet) or the version cannot be read.
 
     Example::
@@ -165,6 +175,11 @@ def run_query(
 
         if version is not None or as_of is not None:
             raise SqlError("time travel (--version/--as-of) is available on the embedded engine")
+        private = _trino_private(ws, in_role, sql, role=role, epsilon=epsilon, max_rows=max_rows, caller=actor)
+        if private is not None:
+            return private
+        if epsilon is not None:
+            raise SqlError("epsilon applies to differentially private queries only (this role's are exact)")
         return QueryResult(run_trino(ws, actor, sql, role=role, max_rows=max_rows), (), {}, {})  # Trino narrows user@role
     actor = in_role
     used: list[str] = []
@@ -178,7 +193,15 @@ def run_query(
         else:
             uses = _checked(sql, ws)
             used = [str(u.ref) for u in uses]
-            result = _execute(ws, actor, sql, uses, version=version, as_of=as_of, max_rows=max_rows)
+            decided = _decide(ws, actor, uses, version=version, as_of=as_of)  # the gate, every query
+            if _is_private(ws, uses, [d.decision for d in decided]):
+                result = _private(ws, actor, sql, uses, [d.decision for d in decided], decided=decided,
+                                  epsilon=epsilon, max_rows=max_rows, version=version, as_of=as_of)
+                _audit(ws, actor, sql, used, outcome="ok", rows=result.table.num_rows, private=result.private)
+                return result
+            if epsilon is not None:
+                raise SqlError("epsilon applies to differentially private queries only (this role's are exact)")
+            result = _execute(ws, actor, sql, uses, version=version, as_of=as_of, max_rows=max_rows, decided=decided)
             if any(ws.policies.datasets[u.ref.dataset].anonymity for u in uses):
                 from lakehouse.anonymity import check_result  # k_min holds for results too (issue #20)
 
@@ -187,6 +210,113 @@ def run_query(
         _audit(ws, actor, sql, used, outcome="error", error=exc)
         raise
     _audit(ws, actor, sql, used, outcome="ok", rows=result.table.num_rows, warnings=result.warnings)
+    return result
+
+
+# -- differentially private queries (lakehouse.private_sql) -----------------------------------
+def _is_private(ws: "Workspace", uses: list[_Use], decisions: list[Any]) -> bool:
+    from lakehouse.private_sql import may_be_private, private_role
+
+    if not may_be_private(ws, [u.ref.dataset for u in uses]):
+        return False
+    return any(private_role(ws, d) is not None for d in decisions)
+
+
+def _private(
+    ws: "Workspace",
+    actor: Actor,
+    sql: str,
+    uses: list[_Use],
+    decisions: list[Any],
+    *,
+    decided: list["_Decided"] | None = None,
+    role: str | None = None,
+    epsilon: float | None,
+    max_rows: int | None,
+    version: int | None = None,
+    as_of: datetime | str | None = None,
+    trino_actor: Actor | None = None,
+) -> QueryResult:
+    """Answer a private role's query: compile (refusals first), reserve ε, read the role's rows (the
+    embedded views, or Trino when ``decided`` is None), release with OpenDP, commit ε."""
+    from governance.ledger import PrivacyLedger
+    from lakehouse.private_sql import ALPHA, MECHANISM, PrivateRelease, compile_plan, metadata
+
+    if len(uses) != 1:
+        raise SqlError(
+            f"refused for a private role: a query over {len(uses)} tables — a private role's queries read one "
+            "table (joins and unions can multiply one subject's rows)",
+            hint="query one table: SELECT [group columns,] COUNT(*) | SUM(c) | AVG(c) FROM <table> ...",
+        )
+    ref = uses[0].ref
+    plan = compile_plan(sql, ws, ref, decisions[0], epsilon=epsilon)
+    ledger = PrivacyLedger(ws)
+    reservation = ledger.reserve_query(actor, plan.dataset, epsilon=plan.epsilon, layer=ref.layer)
+    drawn = False
+    try:
+        if decided is not None:
+            fetched = _execute(ws, actor, plan.fetch_sql("duckdb"), uses, version=version, as_of=as_of, max_rows=None,
+                               decided=decided)
+            rows, masked, row_filters = fetched.table, fetched.masked, fetched.row_filters
+        else:
+            from lakehouse.trino import run_query as run_trino
+
+            rows = run_trino(ws, trino_actor or actor, plan.fetch_sql("trino"), role=role)
+            ob = decisions[0].obligations
+            masked = {str(ref): dict(ob.get("masks") or {})}
+            row_filters = {str(ref): ob["row_filter"]} if ob.get("row_filter") else {}
+        plan.measurement(rows.schema)  # built before anything is drawn: a failure here spends nothing
+        drawn = True
+        table, scales = plan.release(rows)
+    except BaseException:
+        if drawn:  # noise was drawn on the data: it counts, whatever happened next
+            ledger.commit(reservation.run_id, epsilon=plan.epsilon, actor=actor.name)
+        else:
+            ledger.release(reservation.run_id, actor=actor.name)
+        raise
+    ledger.commit(reservation.run_id, epsilon=plan.epsilon, actor=actor.name)
+    release = PrivateRelease(
+        epsilon=plan.epsilon, delta=0.0, mechanism=MECHANISM, alpha=ALPHA,
+        rule_ids=(*decisions[0].rule_ids, *reservation.decision.rule_ids), run_id=reservation.run_id, scales=scales,
+    )
+    truncated = max_rows is not None and table.num_rows > max_rows
+    if truncated:
+        table = table.slice(0, max_rows)
+    return QueryResult(table=table.replace_schema_metadata(metadata(release)), tables=(str(ref),), masked=masked,
+                       row_filters=row_filters, truncated=truncated, private=release)
+
+
+def _trino_private(ws: "Workspace", actor: Actor, sql: str, *, role: str | None, epsilon: float | None,
+                   max_rows: int | None, caller: Actor) -> QueryResult | None:
+    """On the Trino engine: a query some of whose tables the actor's role reads privately is answered by
+    the private layer, reading the role's rows through Trino (None: an ordinary Trino query). ``actor`` is
+    the caller narrowed to ``role`` (for the gate); ``caller`` as given (Trino verifies its token)."""
+    from lakehouse.private_sql import may_be_private
+
+    if not may_be_private(ws, list(ws.policies.datasets)):
+        return None
+    try:
+        uses = _checked(sql, ws)
+    except SqlError:
+        # Not DuckDB-readable: Trino answers it, unless a private role could be reading a table.
+        roles = actor.roles or ws.policies.roles_of(actor.name)
+        if any(ds.query_mode(r) == "private" for ds in ws.policies.datasets.values() for r in roles if r in ds.access):
+            raise
+        return None
+    if not may_be_private(ws, [u.ref.dataset for u in uses]):
+        return None
+    decisions = [ws.gate.enforce(Stage.QUERY, actor, Resource.table(u.ref.dataset, u.ref.layer), {"layer": u.ref.layer})
+                 for u in uses]
+    if not _is_private(ws, uses, decisions):
+        return None
+    used = [str(u.ref) for u in uses]
+    try:
+        result = _private(ws, actor, sql, uses, decisions, role=role, epsilon=epsilon, max_rows=max_rows,
+                          trino_actor=caller)
+    except LakewardenError as exc:
+        _audit(ws, actor, sql, used, outcome="error", error=exc)
+        raise
+    _audit(ws, actor, sql, used, outcome="ok", rows=result.table.num_rows, private=result.private)
     return result
 
 
@@ -463,8 +593,10 @@ def _execute(
     version: int | None,
     as_of: datetime | str | None,
     max_rows: int | None,
+    decided: list["_Decided"] | None = None,
 ) -> QueryResult:
-    decided = _decide(ws, actor, uses, version=version, as_of=as_of)  # the gate, every query
+    if decided is None:
+        decided = _decide(ws, actor, uses, version=version, as_of=as_of)  # the gate, every query
     lowered = sql.lower()
     prepared = None
     if version is None and as_of is None:  # the latest versions: views may come from the cache
@@ -871,6 +1003,7 @@ def _audit(
     rows: int | None = None,
     error: BaseException | None = None,
     warnings: tuple[str, ...] = (),
+    private: "PrivateRelease | None" = None,
 ) -> None:
     text, _ = redact(sql or "")
     details: dict[str, Any] = {
@@ -882,6 +1015,9 @@ def _audit(
         details["rows"] = rows
     if warnings:
         details["mask_fallbacks"] = list(warnings)
+    if private is not None:  # what the release spent and under which rules; never a value
+        details.update({"private": True, "epsilon": private.epsilon, "delta": private.delta,
+                        "mechanism": private.mechanism, "rule_ids": list(private.rule_ids), "run_id": private.run_id})
     if error is not None:
         details["error"] = "AccessDenied" if isinstance(error, AccessDenied) else type(error).__name__
         if not isinstance(error, AccessDenied):  # a deny is already audited, with its rule, by the gate

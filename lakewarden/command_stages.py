@@ -86,7 +86,7 @@ COMMAND_STAGES: dict[str, tuple[str, ...]] = {
 NOTES: dict[str, str] = {
     "login": "with auth.enabled: the device-code flow (audited: auth.login); the CLI then acts only as the verified user",
     "logout": "deletes this workspace's cached login (audited: auth.logout)",
-    "sql": "the role's columns, masks and row filter; `DESCRIBE` too",
+    "sql": "the role's columns, masks and row filter; `DESCRIBE` too; a `query: private` role: DP aggregates, ε from the privacy ledger",
     "privacy risk": "sees the quasi-identifiers; l only where `evaluate` may open a sensitive column",
     "gate check": "asks the gate the STAGE you name (and audits the answer)",
     "audit verify": "kernel rule builtin/audit-table: compliance_officer only",

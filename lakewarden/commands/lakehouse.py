@@ -119,6 +119,8 @@ def sql(
     res = run_query(st.workspace(), st.actor(), query, role=role, engine=engine, version=version,
                     as_of=parse_time(as_of, "--as-of") if as_of else None, max_rows=max_rows)
     write_result(res, fmt.value, out, console)  # type: ignore[arg-type]
+    if res.private is not None:  # a noisy result says so (on stderr when stdout carries csv/json)
+        (console if fmt.value == "table" else err).print(f"[yellow]{res.private.describe()}[/]", highlight=False)
 
 
 @top.command()
