@@ -175,7 +175,7 @@ def run_query(
 
         if version is not None or as_of is not None:
             raise SqlError("time travel (--version/--as-of) is available on the embedded engine")
-        private = _trino_private(ws, in_role, sql, role=role, epsilon=epsilon, max_rows=max_rows, caller=actor)
+        private = _trino_private(ws, in_role, sql, epsilon=epsilon, max_rows=max_rows)
         if private is not None:
             return private
         if epsilon is not None:
@@ -229,16 +229,14 @@ def _private(
     uses: list[_Use],
     decisions: list[Any],
     *,
-    decided: list["_Decided"] | None = None,
-    role: str | None = None,
+    decided: list["_Decided"],
     epsilon: float | None,
     max_rows: int | None,
     version: int | None = None,
     as_of: datetime | str | None = None,
-    trino_actor: Actor | None = None,
 ) -> QueryResult:
-    """Answer a private role's query: compile (refusals first), reserve ε, read the role's rows (the
-    embedded views, or Trino when ``decided`` is None), release with OpenDP, commit ε."""
+    """Answer a private role's query: compile (refusals first), reserve ε, read the role's rows (its
+    governed view on the embedded engine, whichever engine was asked), release with OpenDP, commit ε."""
     from governance.ledger import PrivacyLedger
     from lakehouse.private_sql import ALPHA, MECHANISM, PrivateRelease, compile_plan, metadata
 
@@ -254,17 +252,9 @@ def _private(
     reservation = ledger.reserve_query(actor, plan.dataset, epsilon=plan.epsilon, layer=ref.layer)
     drawn = False
     try:
-        if decided is not None:
-            fetched = _execute(ws, actor, plan.fetch_sql("duckdb"), uses, version=version, as_of=as_of, max_rows=None,
-                               decided=decided)
-            rows, masked, row_filters = fetched.table, fetched.masked, fetched.row_filters
-        else:
-            from lakehouse.trino import run_query as run_trino
-
-            rows = run_trino(ws, trino_actor or actor, plan.fetch_sql("trino"), role=role)
-            ob = decisions[0].obligations
-            masked = {str(ref): dict(ob.get("masks") or {})}
-            row_filters = {str(ref): ob["row_filter"]} if ob.get("row_filter") else {}
+        fetched = _execute(ws, actor, plan.fetch_sql("duckdb"), uses, version=version, as_of=as_of, max_rows=None,
+                           decided=decided)
+        rows, masked, row_filters = fetched.table, fetched.masked, fetched.row_filters
         plan.measurement(rows.schema)  # built before anything is drawn: a failure here spends nothing
         drawn = True
         table, scales = plan.release(rows)
@@ -286,11 +276,13 @@ def _private(
                        row_filters=row_filters, truncated=truncated, private=release)
 
 
-def _trino_private(ws: "Workspace", actor: Actor, sql: str, *, role: str | None, epsilon: float | None,
-                   max_rows: int | None, caller: Actor) -> QueryResult | None:
+def _trino_private(ws: "Workspace", actor: Actor, sql: str, *, epsilon: float | None,
+                   max_rows: int | None) -> QueryResult | None:
     """On the Trino engine: a query some of whose tables the actor's role reads privately is answered by
-    the private layer, reading the role's rows through Trino (None: an ordinary Trino query). ``actor`` is
-    the caller narrowed to ``role`` (for the gate); ``caller`` as given (Trino verifies its token)."""
+    the private layer (None: an ordinary Trino query). ``actor`` is the caller narrowed to its role. Trino
+    itself gives a private role no rows (its compiled rules deny the table, so a direct connection gets no
+    exact answer); the private layer reads the role's governed view on the embedded engine, the same
+    rows under the same masks and row filter, and releases only the noisy aggregates."""
     from lakehouse.private_sql import may_be_private
 
     if not may_be_private(ws, list(ws.policies.datasets)):
@@ -305,14 +297,13 @@ def _trino_private(ws: "Workspace", actor: Actor, sql: str, *, role: str | None,
         return None
     if not may_be_private(ws, [u.ref.dataset for u in uses]):
         return None
-    decisions = [ws.gate.enforce(Stage.QUERY, actor, Resource.table(u.ref.dataset, u.ref.layer), {"layer": u.ref.layer})
-                 for u in uses]
+    decided = _decide(ws, actor, uses, version=None, as_of=None)
+    decisions = [d.decision for d in decided]
     if not _is_private(ws, uses, decisions):
         return None
     used = [str(u.ref) for u in uses]
-    try:
-        result = _private(ws, actor, sql, uses, decisions, role=role, epsilon=epsilon, max_rows=max_rows,
-                          trino_actor=caller)
+    try:  # Trino's rules deny a private role its rows (compile_rules): they are read from the governed views
+        result = _private(ws, actor, sql, uses, decisions, decided=decided, epsilon=epsilon, max_rows=max_rows)
     except LakewardenError as exc:
         _audit(ws, actor, sql, used, outcome="error", error=exc)
         raise

@@ -148,6 +148,9 @@ def compile_rules(ws: Workspace, tables: dict[tuple[str, str], pa.Schema]) -> di
             )
             continue
         for role in roles:
+            policy = ws.policies.datasets.get(table)
+            if policy is not None and policy.query_mode(role) == "private":
+                continue  # differentially private aggregates only (lakehouse.private_sql): no rows through Trino
             d = gate.decide(Stage.QUERY, Actor(f"role:{role}", (role,)), Resource.table(table, schema), {"layer": schema})
             if not d.allowed:
                 continue

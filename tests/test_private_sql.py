@@ -352,44 +352,49 @@ def test_the_cli_says_a_result_is_noisy_and_refuses_in_one_line(lake, project):
     assert p.returncode == 2 and "refused for a private role: SELECT *" in p.stdout + p.stderr
 
 
-def test_the_trino_engine_reads_the_role_rows_through_trino_and_releases_them_here(lake, monkeypatch):
+def test_the_trino_engine_answers_a_private_role_here_and_trino_gives_it_no_rows(lake, monkeypatch):
+    """``--engine trino`` for a private role: nothing is sent to Trino (whose compiled rules deny the
+    role the table, so a direct connection gets no exact answer); the role's governed view is read on
+    the embedded engine and only the noisy aggregates leave. An exact role's query goes to Trino."""
     import lakehouse.trino as trino_mod
-    from lakehouse.sql import _checked, _execute
+    from lakehouse.trino import compile_rules
 
     sent: list[tuple[str, str, str | None]] = []
 
-    def fake_trino(ws, actor, sql, *, role=None, max_rows=None):  # Trino applies the role's rules: so do we
+    def fake_trino(ws, actor, sql, *, role=None, max_rows=None):
         sent.append((actor.name, sql, role))
-        as_ana = ws.actor(actor.name)
-        return _execute(ws, as_ana, sql, _checked(sql, ws), version=None, as_of=None, max_rows=max_rows).table
+        return pa.table({"n": [0]})
 
     monkeypatch.setattr(trino_mod, "run_query", fake_trino)
     res = run_query(lake, lake.actor("ana"), "SELECT region, COUNT(*) AS n FROM customers GROUP BY region",
                     engine="trino")
     assert res.private is not None and res.private.epsilon == 1.0
     assert sorted(res.table["region"].to_pylist()) == sorted(REGIONS)
-    (who, fetch, role), = sent
-    assert who == "ana" and '"customer_id" AS "__lw_dp_id"' in fetch and "COUNT" not in fetch.upper()
+    assert sent == []
     assert PrivacyLedger(lake).status("customers").epsilon_spent == pytest.approx(1.0)
-    with pytest.raises(SqlError, match="JOIN"):  # refused before Trino is asked
+    with pytest.raises(SqlError, match="JOIN"):  # refused before anything is read
         run_query(lake, lake.actor("ana"), "SELECT COUNT(*) FROM customers a JOIN customers b USING (zip_code)",
                   engine="trino")
-    assert len(sent) == 1
     # an exact role's query goes to Trino as written
     run_query(lake, lake.actor("dana"), "SELECT COUNT(*) FROM customers", engine="trino")
-    assert sent[-1] == ("dana", "SELECT COUNT(*) FROM customers", None)
+    assert sent == [("dana", "SELECT COUNT(*) FROM customers", None)]
+    rules = compile_rules(lake, {("silver", "customers"): pa.schema([("customer_id", pa.string())])})["tables"]
+    groups = {r.get("group") for r in rules if r.get("table") == "customers"}
+    assert "analyst" not in groups and "data_engineer" in groups  # the private role gets no rows from Trino
 
 
 def test_private_queries_on_a_real_trino(tmp_path, monkeypatch):
-    """Against a real Trino server (skipped when Trino is not installed, as tests/test_trino.py does): the
-    role's rows come through Trino's compiled rules, the release happens here, the answers match."""
+    """Against a real Trino server (skipped when Trino is not installed, as tests/test_trino.py does): a
+    private role's query on the Trino engine is released here and matches the truth within the noise,
+    while Trino itself refuses the role the table (no exact answer through a direct connection)."""
     import os
     import shutil
     import socket
 
     from governance.keys import generate_kek_b64
     from governance.workspace import Workspace
-    from lakehouse.trino import TrinoServer, default_home, install
+    from lakehouse.trino import TrinoDenied, TrinoServer, default_home, install
+    from lakehouse.trino import run_query as run_trino
 
     home = default_home()
     if not (home / "bin" / "launcher").exists():
@@ -423,6 +428,9 @@ def test_private_queries_on_a_real_trino(tmp_path, monkeypatch):
         for r in res.table.to_pylist():  # within 20 scales of the truth (P(miss) < 1e-8 per key)
             assert abs(r["n"] - exact.get(r["region"], 0)) <= 20, (r, exact)
         assert PrivacyLedger(ws).status("customers").epsilon_spent == pytest.approx(2.0)
+        with pytest.raises(TrinoDenied, match="Cannot select from table"):  # straight to Trino: no exact rows
+            run_trino(ws, ws.actor("ana"), "SELECT count(*) FROM customers")
+        assert run_trino(ws, ws.actor("dana"), "SELECT count(*) AS n FROM customers").num_rows == 1
     finally:
         srv.stop()
         ws.close()
