@@ -279,9 +279,9 @@ def test_fairness_selects_the_declared_favourable_outcome(lake: Workspace, monke
     calls = []
     real = tp.fairness_metrics
 
-    def spy(y_true, y_pred, groups, *, pos_label=1):
+    def spy(y_true, y_pred, groups, *, pos_label=1, **kw):
         calls.append(pos_label)
-        return real(y_true, y_pred, groups, pos_label=pos_label)
+        return real(y_true, y_pred, groups, pos_label=pos_label, **kw)
 
     monkeypatch.setattr(tp, "fairness_metrics", spy)
     tp.train_model(lake, lake.actor("sam"), name="risk_model", features=FEATURES, label="risk", purpose="lending",
