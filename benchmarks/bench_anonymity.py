@@ -44,17 +44,9 @@ from lakehouse.ingest import ingest  # noqa: E402
 from lakehouse.silver import build_silver  # noqa: E402
 from lakehouse.synth import generate  # noqa: E402
 
+from bench_sql import CONFIG  # noqa: E402  (the benchmarks' project: the same file bench_private_sql writes)
+
 console = Console()
-CONFIG = """\
-version: 1
-name: bench
-storage: {root: .lakewarden/tables}
-keys:
-  store: .lakewarden/keys/keystore.db
-  kek: {provider: env, var: LAKEWARDEN_KEK}
-audit: {checkpoint_every: 1000}
-policies: [policies/*.yaml]
-"""
 
 
 def _timed(fn, repeats: int) -> tuple[float, list[float], object]:
