@@ -337,6 +337,17 @@ class Features:
         else:
             out = self._joined_by_feast(features, entities)
         assert out.num_rows == n_in
+        if pol.anonymity is not None:  # a training set is an export: k_min holds for it too (issue #20)
+            from lakehouse.anonymity import ResultRefused, check_training_set
+
+            try:
+                check_training_set(self.ws, actor, pol, out)
+            except ResultRefused as exc:
+                self.ws.audit.record("features.training_set", actor=actor.name, outcome="deny", stage=Stage.FEATURES.value,
+                                     resource=f"dataset:{pol.dataset}", rule_ids=tuple(exc.decision.rule_ids),
+                                     details={"purpose": purpose, "features": features, "rows": n_in, "engine": engine,
+                                              "reasons": list(exc.decision.reasons)})
+                raise
         run_id = self.ws.lineage.emit(
             "features.training_set",
             inputs=[DatasetRef(str(silver_ref), version=silver_version)],

@@ -21,8 +21,16 @@ Used by:
 * :func:`enforce` — the silver build: with ``anonymity.k_min`` set, a build that does not meet it
   stops (``on_violation: stop``) or climbs the quasi-identifiers' ``hierarchy`` one level of one
   column at a time (``generalize``; see :func:`choose_levels`).
-* :func:`check_result` — the embedded SQL engine: a result that carries quasi-identifier columns
-  of a dataset with ``k_min`` is refused when its own classes are smaller.
+* :func:`check_result` — SQL results on either engine (``lakehouse.sql.run_query``,
+  ``lakehouse.trino.run_query``): a result that carries quasi-identifier columns of a dataset with
+  ``k_min`` is refused when its classes are smaller (a row-level result: its own rows; an aggregate:
+  the rows behind each group). A connection straight to Trino, past Lakewarden, is not checked:
+  Trino's compiled rules cannot count classes.
+* :func:`check_training_set` — training sets (``features.store.Features.training_set``): classes
+  of distinct subjects over the quasi-identifier features.
+
+A refusal is :class:`ResultRefused` (an ``AccessDenied``, exit 3, rule ``<dataset>/anonymity/k_min``),
+audited as a deny by the verb that refused.
 
 Nothing here prints or logs values; errors carry sizes and counts.
 """
@@ -39,6 +47,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from governance.errors import AccessDenied
 from governance.gate import Actor, Resource
 from governance.policy import ColumnPolicy, DatasetPolicy, Stage
 from lakehouse.errors import LakehouseError, SqlError
@@ -47,8 +56,9 @@ if TYPE_CHECKING:
     from governance.workspace import Workspace
 
 __all__ = [
-    "AnonymityError", "AnonymityMeasure", "ClassInfo", "RiskReport", "check_result", "choose_levels",
-    "enforce", "level_sql", "measure", "privacy_risk",
+    "AnonymityError", "AnonymityMeasure", "ClassInfo", "ResultRefused", "RiskReport", "check_result",
+    "check_training_set", "choose_levels", "enforce", "group_sizes_sql", "level_sql", "measure", "measure_sizes",
+    "privacy_risk",
 ]
 
 META_ANONYMITY = "lakewarden.anonymity"  # silver commit metadata: levels applied, k and l achieved
@@ -490,7 +500,7 @@ def privacy_risk(
 
 
 # -- query results (exports) -----------------------------------------------------------------
-def _qi_outputs(sql: str, result_columns: Sequence[str], qi_names: set[str]) -> list[str]:
+def _qi_outputs(sql: str, result_columns: Sequence[str], qi_names: set[str], *, dialect: str = "duckdb") -> list[str]:
     """Result columns that carry a quasi-identifier: named like one, an alias of an expression over one
     (through any depth of subqueries and CTEs), or an unnamed expression that mentions one."""
     import sqlglot
@@ -498,7 +508,7 @@ def _qi_outputs(sql: str, result_columns: Sequence[str], qi_names: set[str]) -> 
 
     carriers = {n.lower() for n in qi_names}
     try:
-        tree = sqlglot.parse_one(sql, read="duckdb")
+        tree = sqlglot.parse_one(sql, read=dialect)
     except sqlglot.errors.ParseError:
         tree = None
     if tree is not None:
@@ -519,24 +529,130 @@ def _qi_outputs(sql: str, result_columns: Sequence[str], qi_names: set[str]) -> 
     return out
 
 
-def check_result(ws: "Workspace", sql: str, datasets: Sequence[str], table: pa.Table) -> None:
+class ResultRefused(AccessDenied):
+    """A result (a query's, a training set's) that would break the policy's ``k_min``: a policy refusal
+    (exit 3) under the rule ``<dataset>/anonymity/k_min``, audited as a deny by the verb that refused it.
+    The message carries sizes and counts, never values."""
+
+    def __init__(self, decision: Any, *, hint: str | None = None) -> None:
+        super().__init__(decision)
+        self.hint = hint
+
+
+def _refused(actor: Actor, dataset: str, what: str, m: AnonymityMeasure, *, layer: str = "silver",
+             hint: str) -> ResultRefused:
+    from governance.gate import Decision
+
+    k_min = m.k_min or 0
+    reason = (f"{what} form(s) {m.classes_below} class(es) smaller than k_min={k_min} (k={m.k}; sizes "
+              f"{m.sizes_text(below=k_min)}; {m.rows_below} of {m.rows} rows)")
+    decision = Decision(False, (reason,), (f"{dataset}/anonymity/k_min",), Stage.QUERY, actor,
+                        Resource.table(dataset, layer))
+    return ResultRefused(decision, hint=hint)
+
+
+def measure_sizes(sizes: Sequence[int], quasi_identifiers: Sequence[str], *, k_min: int | None) -> AnonymityMeasure:
+    """A measure from class sizes already counted (an aggregate's groups: each group is a class)."""
+    counted: dict[int, int] = {}
+    for n in sizes:
+        counted[int(n)] = counted.get(int(n), 0) + 1
+    below = [n for n in sizes if k_min is not None and n < k_min]
+    return AnonymityMeasure(
+        rows=int(sum(sizes)), classes=len(sizes), k=min(sizes) if sizes else None,
+        quasi_identifiers=tuple(quasi_identifiers), sizes=tuple(sorted(counted.items())), smallest=(),
+        k_min=k_min, classes_below=len(below), rows_below=int(sum(below)),
+    )
+
+
+SIZE_COLUMN = "__lw_class_size"
+
+
+def group_sizes_sql(sql: str, dialect: str = "duckdb") -> str | None:
+    """For a query whose top level aggregates (GROUP BY, DISTINCT, or aggregates without GROUP BY): the
+    query that counts the rows behind each of its result rows (one column, ``__lw_class_size``), over
+    the same FROM, joins, WHERE, GROUP BY and HAVING. None for a row-level query (each result row is
+    then one row of a class) or one whose shape is not recognised (measured row-level: stricter)."""
+    import sqlglot
+    from sqlglot import exp
+
+    try:
+        tree = sqlglot.parse_one(sql, read=dialect)
+    except sqlglot.errors.ParseError:
+        return None
+    if not isinstance(tree, exp.Select) or tree.args.get("with") is not None:
+        return None
+    group = tree.args.get("group")
+    distinct = tree.args.get("distinct") is not None
+    aggregated = any(isinstance(e.unalias() if isinstance(e, exp.Alias) else e, exp.AggFunc)
+                     or any(True for _ in e.find_all(exp.AggFunc)) for e in tree.expressions)
+    if any(True for _ in tree.find_all(exp.Window)):
+        return None  # a window keeps one output row per input row: row-level
+    if group is None and not distinct and not aggregated:
+        return None
+    q = tree.copy()
+    for arg in ("order", "limit", "offset", "distinct"):
+        q.set(arg, None)
+    if distinct and group is None:  # SELECT DISTINCT a, b: the classes are the distinct rows
+        keys = [e.unalias() if isinstance(e, exp.Alias) else e for e in tree.expressions]
+        q.set("group", exp.Group(expressions=[k.copy() for k in keys]))
+    q.set("expressions", [exp.alias_(exp.Count(this=exp.Star()), SIZE_COLUMN, quoted=True)])
+    return q.sql(dialect=dialect)
+
+
+def check_result(ws: "Workspace", actor: Actor, sql: str, datasets: Sequence[str], table: pa.Table, *,
+                 sizes: Any = None, dialect: str = "duckdb") -> None:
     """Refuse a query result whose quasi-identifier columns, of a dataset with ``anonymity.k_min``, form
-    a class smaller than k_min (rule ``<dataset>/anonymity/k_min``). Results without such columns,
-    and datasets without ``anonymity``, pass untouched."""
+    a class smaller than k_min (:class:`ResultRefused`, rule ``<dataset>/anonymity/k_min``).
+
+    A row-level result is measured over its quasi-identifier columns (each row one member of its class).
+    An aggregate result (GROUP BY, DISTINCT) is measured by the rows behind each result row: ``sizes``
+    runs :func:`group_sizes_sql` through the same governed views and engine, and every group must hold
+    at least k_min rows (the minimum cell size of statistical disclosure control). Results without
+    such columns, and datasets without ``anonymity``, pass untouched.
+    """
+    counted: list[int] | None = None
     for ds in dict.fromkeys(datasets):
         policy = ws.policies.datasets.get(ds)
         if policy is None or policy.anonymity is None or table.num_rows == 0:
             continue
-        cols = _qi_outputs(sql, table.column_names, set(policy.quasi_identifiers()))
+        cols = _qi_outputs(sql, table.column_names, set(policy.quasi_identifiers()), dialect=dialect)
         if not cols:
             continue
         k_min = policy.anonymity.k_min
-        m = measure(table, cols, k_min=k_min, smallest=0)
+        sizing = group_sizes_sql(sql, dialect) if sizes is not None else None
+        if sizing is not None:
+            if counted is None:
+                got = sizes(sizing)
+                counted = [int(v) for v in got.column(SIZE_COLUMN).to_pylist() if v is not None]
+            m = measure_sizes(counted, cols, k_min=k_min)
+            what = f"the result's groups (by {', '.join(cols)})"
+        else:
+            m = measure(table, cols, k_min=k_min, smallest=0)
+            what = f"the result's quasi-identifier column(s) {', '.join(cols)}"
         if not m.k_ok:
-            raise SqlError(
-                f"refused by {ds}/anonymity/k_min: the result's quasi-identifier column(s) {', '.join(cols)} form "
-                f"{m.classes_below} class(es) smaller than k_min={k_min} (k={m.k}; sizes {m.sizes_text(below=k_min)}; "
-                f"{m.rows_below} of {m.rows} rows)",
-                hint="select coarser values (e.g. a decade, a shorter prefix) or aggregate; "
-                     "`lakewarden privacy risk` measures the table",
-            )
+            raise _refused(actor, ds, what, m, hint="select coarser values (e.g. a decade, a shorter prefix) or "
+                           "larger groups; `lakewarden privacy risk` measures the table")
+
+
+def check_training_set(ws: "Workspace", actor: Actor, policy: DatasetPolicy, table: pa.Table) -> None:
+    """Refuse a training set (an export) whose quasi-identifier columns form a class of fewer than
+    ``anonymity.k_min`` distinct subjects (:class:`ResultRefused`). A subject with rows at several times
+    counts once per class it is in, so repeated entity rows cannot make a class look larger."""
+    if policy.anonymity is None or table.num_rows == 0:
+        return
+    qi = [c for c in policy.quasi_identifiers() if c in table.column_names]
+    if not qi:
+        return
+    key = policy.subject_key
+    cols = [key, *qi] if key in table.column_names else qi
+    con = duckdb.connect(":memory:")
+    try:
+        con.register("_ts", table.select(cols))
+        distinct = con.execute(f"SELECT DISTINCT {', '.join(_q(c) for c in cols)} FROM _ts").to_arrow_table()
+    finally:
+        con.close()
+    m = measure(distinct, qi, k_min=policy.anonymity.k_min, smallest=0)
+    if not m.k_ok:
+        raise _refused(actor, policy.dataset, f"the training set's quasi-identifier column(s) {', '.join(qi)}",
+                       m, hint="select coarser features, or more entities; `lakewarden privacy risk` measures "
+                       "silver")

@@ -30,8 +30,9 @@ How a query is checked, before any data is touched:
    ``lakehouse.private_sql``: aggregates only, with differential privacy, the query's ε reserved in
    the privacy ledger first (``QueryResult.private`` says so; on both engines).
 7. A dataset whose policy sets ``anonymity.k_min``: a result carrying its quasi-identifier
-   columns is refused when they form a class smaller than k_min
-   (``lakehouse.anonymity.check_result``, rule ``<dataset>/anonymity/k_min``; audited as an error).
+   columns is refused when they form a class smaller than k_min — its own rows for a row-level
+   query, the rows behind each group for an aggregate (``lakehouse.anonymity.check_result``:
+   ``ResultRefused``, exit 3, rule ``<dataset>/anonymity/k_min``, audited as a deny).
 
 ``DESCRIBE <table>`` (or ``DESC``, ``SHOW COLUMNS FROM|IN <table>``) of one governed table is
 answered too: the columns of the role's view (hidden ones absent) with their type, policy class
@@ -205,9 +206,13 @@ def run_query(
             if any(ws.policies.datasets[u.ref.dataset].anonymity for u in uses):
                 from lakehouse.anonymity import check_result  # k_min holds for results too (issue #20)
 
-                check_result(ws, sql, [u.ref.dataset for u in uses], result.table)
+                def sizes(q: str) -> pa.Table:  # the rows behind each group, through the same views
+                    return _execute(ws, actor, q, uses, version=version, as_of=as_of, max_rows=None,
+                                    decided=decided).table
+
+                check_result(ws, actor, sql, [u.ref.dataset for u in uses], result.table, sizes=sizes)
     except LakewardenError as exc:
-        _audit(ws, actor, sql, used, outcome="error", error=exc)
+        _audit(ws, actor, sql, used, outcome="deny" if _refused_here(exc) else "error", error=exc)
         raise
     _audit(ws, actor, sql, used, outcome="ok", rows=result.table.num_rows, warnings=result.warnings)
     return result
@@ -990,7 +995,7 @@ def _audit(
     sql: str,
     tables: list[str],
     *,
-    outcome: Literal["ok", "error"],
+    outcome: Literal["ok", "error", "deny"],
     rows: int | None = None,
     error: BaseException | None = None,
     warnings: tuple[str, ...] = (),
@@ -1009,8 +1014,21 @@ def _audit(
     if private is not None:  # what the release spent and under which rules; never a value
         details.update({"private": True, "epsilon": private.epsilon, "delta": private.delta,
                         "mechanism": private.mechanism, "rule_ids": list(private.rule_ids), "run_id": private.run_id})
+    rule_ids: tuple[str, ...] = ()
     if error is not None:
         details["error"] = "AccessDenied" if isinstance(error, AccessDenied) else type(error).__name__
-        if not isinstance(error, AccessDenied):  # a deny is already audited, with its rule, by the gate
+        if _refused_here(error):  # refused by a rule checked here, not by the gate: the deny is recorded here
+            assert isinstance(error, AccessDenied)
+            rule_ids = tuple(error.decision.rule_ids)
+            details["reasons"] = list(error.decision.reasons)
+        elif not isinstance(error, AccessDenied):  # a deny is already audited, with its rule, by the gate
             details["message"] = str(error.message if isinstance(error, LakewardenError) else error)[:300]
-    ws.audit.record("sql.query", actor=actor.name, outcome=outcome, stage="query", resource="sql", details=details)
+    ws.audit.record("sql.query", actor=actor.name, outcome=outcome, stage="query", resource="sql", rule_ids=rule_ids,
+                    details=details)
+
+
+def _refused_here(exc: BaseException) -> bool:
+    """A result refused after it ran (k_min): a deny the gate did not record."""
+    from lakehouse.anonymity import ResultRefused
+
+    return isinstance(exc, ResultRefused)

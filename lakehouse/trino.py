@@ -1089,6 +1089,8 @@ def run_query(ws: Workspace, actor: Actor, sql: str, *, role: str | None = None,
     check_server(ws)
     conn = connect(tc, user, bearer=bearer, catalog=CATALOG, schema="silver")
     outcome, rows_n = "error", 0
+    rule_ids: tuple[str, ...] = ()
+    refused: list[str] = []
     try:
         cur = conn.cursor()
         try:
@@ -1103,15 +1105,50 @@ def run_query(ws: Workspace, actor: Actor, sql: str, *, role: str | None = None,
         except (OSError, trino.exceptions.HttpError, trino.exceptions.TrinoConnectionError) as exc:
             raise TrinoError(f"Trino is not reachable at {tc.host}:{tc.port} ({str(exc).splitlines()[0][:120]})",
                              hint="start it with `lakewarden trino up`") from None
-        names = [d[0] for d in cur.description or []]
-        cols = list(zip(*rows)) if rows else [() for _ in names]
-        table = pa.table({n: pa.array(list(c)) for n, c in zip(_unique(names), cols)})
+        table = _arrow(cur, rows)
+        anonymous = [d for d in _datasets_named(ws, sql) if ws.policies.datasets[d].anonymity is not None]
+        if anonymous:  # k_min holds for results on this engine too (issue #20)
+            from lakehouse.anonymity import ResultRefused, check_result
+
+            def sizes(q: str) -> pa.Table:  # the rows behind each group, under the same user and rules
+                c = conn.cursor()
+                c.execute(q)
+                return _arrow(c, c.fetchall())
+
+            try:
+                check_result(ws, actor, sql, anonymous, table, sizes=sizes, dialect="trino")
+            except ResultRefused as exc:
+                outcome, rule_ids, refused = "deny", tuple(exc.decision.rule_ids), list(exc.decision.reasons)
+                raise
         outcome, rows_n = "ok", table.num_rows
         return table
     finally:
         conn.close()
-        ws.audit.record("sql.query", actor=actor.name, outcome=outcome, resource="sql",
-                        details={"engine": "trino", "trino_user": user, "rows": rows_n, "sql": redact(sql)[0][:500]})
+        details: dict[str, Any] = {"engine": "trino", "trino_user": user, "rows": rows_n, "sql": redact(sql)[0][:500]}
+        if refused:
+            details["reasons"] = refused
+        ws.audit.record("sql.query", actor=actor.name, outcome=outcome, resource="sql", rule_ids=rule_ids,
+                        details=details)
+
+
+def _arrow(cur: Any, rows: list[Any]) -> pa.Table:
+    names = [d[0] for d in cur.description or []]
+    cols = list(zip(*rows)) if rows else [() for _ in names]
+    return pa.table({n: pa.array(list(c)) for n, c in zip(_unique(names), cols)})
+
+
+def _datasets_named(ws: Workspace, sql: str) -> list[str]:
+    """The governed datasets a Trino query names (``t``, ``layer.t``, ``lakewarden.layer.t``); unparsable
+    SQL names every dataset whose name it mentions (the check is then the stricter one)."""
+    import sqlglot
+    from sqlglot import exp
+
+    try:
+        tree = sqlglot.parse_one(sql, read="trino")
+        names = [t.name.lower() for t in tree.find_all(exp.Table)]
+    except sqlglot.errors.ParseError:
+        names = [d for d in ws.policies.datasets if re.search(rf"\b{re.escape(d)}\b", sql, re.IGNORECASE)]
+    return [d for d in dict.fromkeys(names) if d in ws.policies.datasets]
 
 
 def check_server(ws: Workspace) -> None:

@@ -20,7 +20,7 @@ from cli_helpers import lw_in
 from governance.errors import PolicyError
 from governance.policy import load_policies
 from governance.workspace import Workspace
-from lakehouse.anonymity import META_ANONYMITY, AnonymityError, measure, privacy_risk
+from lakehouse.anonymity import META_ANONYMITY, AnonymityError, ResultRefused, measure, privacy_risk
 from lakehouse.catalog import Catalog, TableRef
 from lakehouse.errors import SqlError
 from lakehouse.ingest import ingest
@@ -293,11 +293,38 @@ def test_a_query_result_below_k_min_is_refused_and_a_coarse_one_is_not(tmp_path:
     for sql in ("SELECT age, postcode, ward FROM patients WHERE ward = 'north' LIMIT 3",
                 "SELECT p AS area FROM (SELECT postcode AS p FROM patients) LIMIT 5",
                 "SELECT age + 1, postcode FROM patients LIMIT 2"):
-        with pytest.raises(SqlError) as ei:
+        with pytest.raises(ResultRefused) as ei:
             run_query(ws, ana, sql)
         msg = str(ei.value)
-        assert "refused by patients/anonymity/k_min" in msg and "smaller than k_min=4" in msg, sql
+        assert "denied by policy rule patients/anonymity/k_min" in msg and "smaller than k_min=4" in msg, sql
         assert not any(v in msg for v in _qi_values(ws) | set(AREAS)), msg
+    ws.audit.flush()
+    last = [e for e in _audit(ws) if e["action"] == "sql.query"][-1]
+    assert last["outcome"] == "deny" and "patients/anonymity/k_min" in last["rule_ids"], last
+    ws.close()
+
+
+def test_an_aggregate_is_measured_by_the_rows_behind_each_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """GROUP BY and DISTINCT results: each result row is one group; it must stand for k_min rows or more
+    (a row-level measure would refuse every grouped answer, one row per group)."""
+    ws = _patients_ws(tmp_path, monkeypatch, "anonymity: {k_min: 4, on_violation: generalize}")
+    build_silver(ws, ws.actor("dana"), "patients")
+    ana = ws.actor("ana")
+    silver = Catalog(ws.config).open(TableRef("silver", "patients")).to_pyarrow_table()
+    by_age = Counter(silver["age"].to_pylist())
+    got = run_query(ws, ana, "SELECT age, count(*) AS n FROM patients GROUP BY age ORDER BY age").table
+    assert dict(zip(got["age"].to_pylist(), got["n"].to_pylist())) == dict(by_age) and min(by_age.values()) >= 4
+    assert run_query(ws, ana, "SELECT DISTINCT postcode FROM patients").table.num_rows == len(
+        set(silver["postcode"].to_pylist()))
+    assert run_query(ws, ana, "SELECT max(age) AS oldest, count(*) AS n FROM patients").table.num_rows == 1
+    assert run_query(ws, ana, "SELECT age, count(*) AS n FROM patients GROUP BY age HAVING count(*) >= 1000"
+                     ).table.num_rows == 0
+    for sql in ("SELECT age, patient_ref, count(*) AS n FROM patients GROUP BY age, patient_ref",
+                "SELECT DISTINCT age, patient_ref FROM patients"):
+        with pytest.raises(ResultRefused) as ei:
+            run_query(ws, ana, sql)
+        msg = str(ei.value)
+        assert "the result's groups (by age)" in msg and "1×120" in msg, msg
     ws.close()
 
 

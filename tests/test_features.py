@@ -18,6 +18,7 @@ from deltalake import DeltaTable, write_deltalake
 from governance.errors import AccessDenied
 from governance.workspace import Workspace
 from features.store import FeatureError, Features
+from lakehouse.anonymity import ResultRefused
 from lakehouse.catalog import Catalog, TableRef
 from lakehouse.ingest import ingest
 from lakehouse.silver import build_silver
@@ -36,7 +37,7 @@ def silver_rows(rows: list[dict]) -> pa.Table:
     n = len(rows)
     base = {
         "customer_id": [r["customer_id"] for r in rows], "birth_date": pa.array([1980] * n, pa.int32()),
-        "zip_code": ["941"] * n, "sex": pa.array([b"x"] * n, pa.binary()), "ethnicity": pa.array([b"y"] * n, pa.binary()),
+        "zip_code": [r.get("zip_code", "941") for r in rows], "sex": pa.array([b"x"] * n, pa.binary()), "ethnicity": pa.array([b"y"] * n, pa.binary()),
         "income": [float(r["income"]) for r in rows], "region": [r.get("region", "north") for r in rows],
         "defaulted": [False] * n, "_subject_bucket": pa.array([0] * n, pa.int32()),
         "_ingested_at": pa.array([r["t"] for r in rows], pa.timestamp("us", tz="UTC")),
@@ -71,6 +72,36 @@ def shared_lake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]
         ws = Workspace.open(make_project(root / "proj", mp) / "lakewarden.yaml")
         yield fill(ws, root / "landing")
         ws.close()
+
+
+def test_a_training_set_below_k_min_is_refused_counting_each_subject_once(workspace: Workspace):
+    """A training set is an export: with ``anonymity.k_min`` its quasi-identifier features must form
+    classes of k_min distinct subjects. One subject at several label times counts once."""
+    pol = workspace.config.base_dir / "policies" / "customers.yaml"
+    pol.write_text(pol.read_text() + "anonymity: {k_min: 3}\n")
+    ws = Workspace.open(workspace.config.source)
+    a, b, c = tok(0), tok(1), tok(2)
+    write_deltalake(Catalog(ws.config).uri(TableRef("silver", "customers")), silver_rows(
+        [{"customer_id": s, "income": 10, "t": T0} for s in (a, b, c)]))
+    fs = Features(ws)
+    fs.apply(ws.actor("pipeline"))
+
+    def entities(*subjects: str) -> pa.Table:
+        return pa.table({"customer_id": list(subjects), "event_timestamp": pa.array(
+            [T0 + timedelta(days=i + 1) for i in range(len(subjects))], pa.timestamp("us", tz="UTC"))})
+
+    zips = [*PROFILE, "customer_profile:zip_code"]
+    sam = ws.actor("sam")
+    assert fs.training_set(sam, purpose="credit_scoring", features=zips, entities=entities(a, a, a, b, c)).table.num_rows == 5
+    assert fs.training_set(sam, purpose="credit_scoring", features=PROFILE, entities=entities(a, a, a, b)).table.num_rows == 4
+    with pytest.raises(ResultRefused) as ei:  # four rows, but two people share the zip code
+        fs.training_set(sam, purpose="credit_scoring", features=zips, entities=entities(a, a, a, b))
+    assert "customers/anonymity/k_min" in str(ei.value) and "zip_code" in str(ei.value) and "941" not in str(ei.value)
+    ws.audit.flush()
+    ev = [e for e in DeltaTable(ws.audit.table_uri).to_pyarrow_table().sort_by("seq").to_pylist()
+          if e["action"] == "features.training_set"]
+    assert [e["outcome"] for e in ev] == ["ok", "ok", "deny"] and "customers/anonymity/k_min" in ev[-1]["rule_ids"]
+    ws.close()
 
 
 def test_point_in_time_correct_no_label_leakage(workspace: Workspace):

@@ -350,6 +350,17 @@ def test_the_cli_says_a_result_is_noisy_and_refuses_in_one_line(lake, project):
     assert "differentially private" in p.stderr
     p = lw_in(project, "sql", "SELECT * FROM customers", user="ana", env=env)
     assert p.returncode == 2 and "refused for a private role: SELECT *" in p.stdout + p.stderr
+    p = lw_in(project, "sql", "SELECT COUNT(*) AS n FROM customers", "--epsilon", "0.25", user="ana", env=env)
+    assert p.returncode == 0 and "differentially private: ε=0.25" in p.stdout, p.stderr
+    p = lw_in(project, "sql", "SELECT COUNT(*) AS n FROM customers", "--epsilon", "5", user="ana", env=env)
+    assert p.returncode == 3 and "customers/privacy/epsilon_per_query" in p.stdout + p.stderr
+    p = lw_in(project, "sql", "SELECT COUNT(*) AS n FROM customers", "--epsilon", "0.5", user="dana", env=env)
+    assert p.returncode == 2 and "epsilon applies to differentially private queries only" in p.stdout + p.stderr
+    from governance.ledger import PrivacyLedger
+    from governance.workspace import Workspace
+
+    with Workspace.open(project / "lakewarden.yaml") as ws:  # 1 + 1 + 0.25: what the three releases spent
+        assert PrivacyLedger(ws).analyst_status("customers", "ana").epsilon_spent == pytest.approx(2.25)
 
 
 def test_the_trino_engine_answers_a_private_role_here_and_trino_gives_it_no_rows(lake, monkeypatch):

@@ -11,6 +11,7 @@ Without Trino installed these tests skip, unless LAKEWARDEN_REQUIRE_TRINO=1 (CI 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -424,4 +425,49 @@ def test_something_else_on_the_port_is_refused_without_starting_trino(tmp_path: 
         assert not (ws.config.workspace_dir / "trino" / "etc").exists()
     finally:
         listener.close()
+        ws.close()
+
+
+def test_k_min_holds_for_results_on_trino_too(lake):
+    """A dataset with ``anonymity.k_min`` queried through ``lakehouse.trino.run_query``: a grouped answer
+    whose groups hold k_min rows passes, a row-level cut and groups of one are refused (exit 3, the
+    rule named, audited as a deny), exactly as on the embedded engine. Runs last in this module: it adds
+    a dataset to the lake's policies."""
+    import csv
+
+    from lakehouse.anonymity import ResultRefused
+    from test_anonymity import AGE_H, PATIENTS, PC_H, _patients_rows
+
+    ws0, srv = lake
+    (ws0.config.base_dir / "policies" / "patients.yaml").write_text(
+        PATIENTS.replace("{age_h}", AGE_H).replace("{pc_h}", PC_H)
+        .replace("{anonymity}", "anonymity: {k_min: 4, on_violation: generalize}"))
+    src = ws0.config.base_dir / "patients.csv"
+    rows = _patients_rows()
+    with open(src, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    ws = Workspace.open(ws0.config.source)
+    try:
+        dana = ws.actor("dana")
+        ingest(ws, dana, "patients", [str(src)])
+        build_silver(ws, dana, "patients")
+        TrinoServer(ws, home=srv.home).sync(dana)
+        ana = ws.actor("ana")
+        got = run_trino(ws, ana, "SELECT age, count(*) AS n FROM patients GROUP BY age")
+        assert sum(got["n"].to_pylist()) == 120 and min(got["n"].to_pylist()) >= 4
+        for sql in ("SELECT age, postcode FROM patients LIMIT 3",
+                    "SELECT age, patient_ref, count(*) AS n FROM patients GROUP BY age, patient_ref"):
+            with pytest.raises(ResultRefused, match="patients/anonymity/k_min"):
+                run_trino(ws, ana, sql)
+        ws.audit.flush()
+        from deltalake import DeltaTable
+
+        ev = sorted((e for e in DeltaTable(ws.audit.table_uri).to_pyarrow_table().to_pylist()
+                     if e["action"] == "sql.query" and e["actor"] == "ana"), key=lambda e: e["seq"])
+        assert [e["outcome"] for e in ev[-3:]] == ["ok", "deny", "deny"], ev[-3:]
+        assert all("patients/anonymity/k_min" in e["rule_ids"] and json.loads(e["details"])["engine"] == "trino"
+                   for e in ev[-2:]), ev[-2:]
+    finally:
         ws.close()

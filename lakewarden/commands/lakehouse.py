@@ -110,6 +110,9 @@ def sql(
     version: Annotated[Optional[int], typer.Option(help="Time travel: read every table as of this version.")] = None,
     as_of: Annotated[Optional[str], typer.Option(help="Time travel: read every table as of this ISO time.")] = None,
     max_rows: Annotated[Optional[int], typer.Option(help="Stop after this many rows.")] = None,
+    epsilon: Annotated[Optional[float], typer.Option(
+        help="A private role's query: the ε to spend (default and cap: the policy's private_queries.epsilon_per_query).",
+    )] = None,
 ) -> None:
     """Query governed tables with your role's column masks and row filters applied."""
     from lakehouse.sql import run_query
@@ -117,7 +120,8 @@ def sql(
 
     st = state(ctx)
     res = run_query(st.workspace(), st.actor(), query, role=role, engine=engine, version=version,
-                    as_of=parse_time(as_of, "--as-of") if as_of else None, max_rows=max_rows)
+                    as_of=parse_time(as_of, "--as-of") if as_of else None, max_rows=max_rows,
+                    epsilon=epsilon)
     write_result(res, fmt.value, out, console)  # type: ignore[arg-type]
     if res.private is not None:  # a noisy result says so (on stderr when stdout carries csv/json)
         (console if fmt.value == "table" else err).print(f"[yellow]{res.private.describe()}[/]", highlight=False)
