@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 from governance.errors import AccessDenied
 from governance.gate import Actor, Resource
 from governance.policy import ColumnPolicy, DatasetPolicy, Stage
-from lakehouse.errors import LakehouseError, SqlError
+from lakehouse.errors import LakehouseError
 
 if TYPE_CHECKING:
     from governance.workspace import Workspace

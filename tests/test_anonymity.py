@@ -22,7 +22,6 @@ from governance.policy import load_policies
 from governance.workspace import Workspace
 from lakehouse.anonymity import META_ANONYMITY, AnonymityError, ResultRefused, measure, privacy_risk
 from lakehouse.catalog import Catalog, TableRef
-from lakehouse.errors import SqlError
 from lakehouse.ingest import ingest
 from lakehouse.silver import build_silver
 from lakehouse.sql import run_query
