@@ -157,10 +157,16 @@ class AnalystStatus:
     epsilon_limit: float
     epsilon_spent: float
     queries: int
+    delta_limit: float = 0.0
+    delta_spent: float = 0.0
 
     @property
     def epsilon_left(self) -> float:
         return max(self.epsilon_limit - self.epsilon_spent, 0.0)
+
+    @property
+    def delta_left(self) -> float:
+        return max(self.delta_limit - self.delta_spent, 0.0)
 
 
 class PrivacyLedger:
@@ -219,35 +225,42 @@ class PrivacyLedger:
         if pol.privacy is None:
             raise LedgerError(f"'{dataset}' declares no privacy budget")
         limit = pol.private_queries.epsilon_per_analyst or pol.privacy.epsilon_total
+        d_limit = pol.private_queries.delta_per_analyst or pol.privacy.delta
         rows = self._rows()
         rows = rows.filter(pc.equal(rows["dataset"], dataset)) if rows.num_rows else rows
         owner: dict[str, tuple[str, str | None]] = {}
         for r in rows.sort_by("recorded_at").to_pylist():
             owner.setdefault(r["run_id"], (r["actor"], r["purpose"]))
-        spent, n = 0.0, 0
+        spent, dspent, n = 0.0, 0.0, 0
         for run_id, r in self._latest(rows).items():
             who, purpose = owner[run_id]
             if who == analyst and purpose == QUERY_PURPOSE and r["state"] in ("spent", "reserved"):
                 spent += r["epsilon"]
+                dspent += r["delta"]
                 n += 1
-        return AnalystStatus(dataset, analyst, limit, spent, n)
+        return AnalystStatus(dataset, analyst, limit, spent, n, d_limit, dspent)
 
-    def reserve_query(self, actor: Actor, dataset: str, *, epsilon: float, layer: str = "silver",
-                      mechanism: str = "opendp") -> Reservation:
-        """Reserve one private query's ε (δ = 0) on ``dataset``, or refuse it before it runs.
+    def reserve_query(self, actor: Actor, dataset: str, *, epsilon: float, delta: float = 0.0,
+                      layer: str = "silver", mechanism: str = "opendp") -> Reservation:
+        """Reserve one private query's ε (and δ: a thresholded key release) on ``dataset``, or refuse it
+        before it runs.
 
         Checked in this order, under the ledger's lock, each a rule the refusal names:
-        ``<dataset>/privacy/epsilon_per_query`` (the policy's cap), ``<dataset>/privacy/epsilon_total``
-        (everything spent on the dataset, training included) and
-        ``<dataset>/privacy/epsilon_per_analyst`` (this analyst's queries). The decision is audited as
-        ``gate.decide`` (stage ``query``); an allowed one also as ``privacy.reserve``.
+        ``<dataset>/privacy/epsilon_per_query`` (the policy's cap), ``<dataset>/privacy/delta_per_query``,
+        ``<dataset>/privacy/epsilon_total`` (everything spent on the dataset, training included),
+        ``<dataset>/privacy/epsilon_per_analyst`` and ``<dataset>/privacy/delta_per_analyst`` (this
+        analyst's queries). The decision is audited as ``gate.decide`` (stage ``query``); an allowed one
+        also as ``privacy.reserve``.
 
         Raises:
-            LedgerError: ``epsilon`` is not positive, or the dataset has no privacy budget.
+            LedgerError: ``epsilon`` is not positive, ``delta`` not in [0, 1), or the dataset has no
+                privacy budget.
             AccessDenied: over a budget (the decision names the rule and what is left).
         """
         if not epsilon > 0:
             raise LedgerError(f"epsilon must be > 0 (got {epsilon!r})")
+        if not 0 <= delta < 1:
+            raise LedgerError(f"delta must be in [0, 1) (got {delta!r})")
         pol = self.ws.policies.dataset(dataset)
         if pol.privacy is None:
             raise LedgerError(f"'{dataset}' declares no privacy budget: private queries need privacy.epsilon_total")
@@ -263,6 +276,11 @@ class PrivacyLedger:
                 rule, reason = (f"{dataset}/privacy/epsilon_per_query",
                                 f"a query may spend at most ε={pq.epsilon_per_query:g} of '{dataset}' "
                                 f"(asked {epsilon:g})")
+            elif delta > 0 and (pq.delta_per_query is None or delta > pq.delta_per_query * (1 + 1e-9)):
+                cap = "none: its private queries release public group keys only (δ = 0)" \
+                    if pq.delta_per_query is None else f"δ={pq.delta_per_query:g}"
+                rule, reason = (f"{dataset}/privacy/delta_per_query",
+                                f"a query may spend at most {cap} of '{dataset}' (asked δ={delta:g})")
             elif used + epsilon > total + 1e-12:
                 rule, reason = (f"{dataset}/privacy/epsilon_total",
                                 f"epsilon {epsilon:g} would exceed the total budget {total:g} of '{dataset}' "
@@ -271,25 +289,29 @@ class PrivacyLedger:
                 rule, reason = (f"{dataset}/privacy/epsilon_per_analyst",
                                 f"epsilon {epsilon:g} would exceed {actor.name}'s budget {mine.epsilon_limit:g} on "
                                 f"'{dataset}' ({mine.epsilon_spent:g} spent, {mine.epsilon_left:g} left)")
+            elif delta > 0 and mine.delta_spent + delta > mine.delta_limit * (1 + 1e-9):
+                rule, reason = (f"{dataset}/privacy/delta_per_analyst",
+                                f"delta {delta:g} would exceed {actor.name}'s δ budget {mine.delta_limit:g} on "
+                                f"'{dataset}' ({mine.delta_spent:g} spent, {mine.delta_left:g} left)")
             else:
                 denied = False
             roles = actor.roles or self.ws.policies.roles_of(actor.name)
             decision = Decision(not denied, (reason,), (rule,), Stage.QUERY, Actor(actor.name, tuple(roles)), resource)
             self.ws.audit.record("gate.decide", actor=actor.name, outcome="deny" if denied else "allow",
                                  stage=Stage.QUERY.value, resource=str(resource), rule_ids=decision.rule_ids,
-                                 details={"reasons": [reason], "roles": list(roles), "epsilon": epsilon, "delta": 0.0,
+                                 details={"reasons": [reason], "roles": list(roles), "epsilon": epsilon, "delta": delta,
                                           "epsilon_spent": used, "purpose": QUERY_PURPOSE})
             if denied:
                 self.ws.audit.flush()
                 raise AccessDenied(decision)
             run_id = uuid.uuid4().hex
             self._append({"run_id": run_id, "dataset": dataset, "state": "reserved", "epsilon": float(epsilon),
-                          "delta": 0.0, "purpose": QUERY_PURPOSE, "accountant": mechanism, "actor": actor.name,
+                          "delta": float(delta), "purpose": QUERY_PURPOSE, "accountant": mechanism, "actor": actor.name,
                           "recorded_at": datetime.now(timezone.utc), "model": None, "build": None})
         self.ws.audit.record("privacy.reserve", actor=actor.name, outcome="ok", stage=Stage.QUERY.value,
                              resource=f"dataset:{dataset}",
-                             details={"run_id": run_id, "epsilon": epsilon, "delta": 0.0, "purpose": QUERY_PURPOSE})
-        return Reservation(run_id, dataset, float(epsilon), 0.0, decision)
+                             details={"run_id": run_id, "epsilon": epsilon, "delta": delta, "purpose": QUERY_PURPOSE})
+        return Reservation(run_id, dataset, float(epsilon), float(delta), decision)
 
     def reserve(self, actor: Actor, dataset: str, *, purpose: str, epsilon: float, delta: float,
                 accountant: str = "prv", columns: list[str] | None = None, model: str | None = None,

@@ -440,7 +440,10 @@ class PrivateQueries(_Strict):
 
     Each query spends ``epsilon`` (at most ``epsilon_per_query``) of the dataset's ``privacy.epsilon_total``,
     which training spends too (basic composition in the privacy ledger), and of the analyst's own
-    ``epsilon_per_analyst``. The mechanisms are pure ε-DP (δ = 0): group keys must be public.
+    ``epsilon_per_analyst``. Grouping by public keys (``allowed`` values, bools) is pure ε-DP (δ = 0).
+    With ``delta_per_query`` set, a query may also group by keys found in the data: OpenDP releases a
+    key only when its noisy count clears a threshold calibrated to δ, and the analyst's δ adds up
+    (basic composition) under ``delta_per_analyst``.
     """
 
     epsilon_per_query: float = Field(default=1.0, gt=0, le=100,
@@ -452,6 +455,16 @@ class PrivateQueries(_Strict):
     contributions: int = Field(
         default=1, ge=1, le=10_000,
         description="rows one subject may add to a query; a subject's rows beyond this are dropped before aggregating",
+    )
+    delta_per_query: float | None = Field(
+        default=None, gt=0, lt=1e-3,
+        description="the δ of a query grouped by a column without public keys: the keys found in the data are "
+                    "released only where their noisy count clears OpenDP's threshold (unset: such queries are refused)",
+    )
+    delta_per_analyst: float | None = Field(
+        default=None, gt=0, lt=1e-2,
+        description="the most δ one analyst's thresholded queries on this dataset may spend together "
+                    "(default: privacy.delta)",
     )
 
 
@@ -653,6 +666,11 @@ class DatasetPolicy(_Strict):
         if pq.epsilon_per_analyst is not None and pq.epsilon_per_analyst > total:
             raise FieldError(("private_queries", "epsilon_per_analyst"),
                              f"epsilon_per_analyst ({pq.epsilon_per_analyst:g}) exceeds privacy.epsilon_total ({total:g})")
+        d_limit = pq.delta_per_analyst if pq.delta_per_analyst is not None else self.privacy.delta
+        if pq.delta_per_query is not None and pq.delta_per_query > d_limit:
+            which = "delta_per_analyst" if pq.delta_per_analyst is not None else "privacy.delta"
+            raise FieldError(("private_queries", "delta_per_query"),
+                             f"delta_per_query ({pq.delta_per_query:g}) exceeds {which} ({d_limit:g})")
         if pq.epsilon_per_analyst is not None and pq.epsilon_per_query > pq.epsilon_per_analyst:
             raise FieldError(("private_queries", "epsilon_per_query"),
                              f"epsilon_per_query ({pq.epsilon_per_query:g}) exceeds epsilon_per_analyst "

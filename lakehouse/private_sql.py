@@ -18,10 +18,16 @@ What a private query may be (:func:`compile_plan` refuses the rest, saying what 
 * ``SUM``/``AVG`` clamp ``c`` to the policy's ``min``/``max`` of the column (a column without
   both numeric bounds is refused: its sensitivity would be unbounded); values are rounded to whole
   units and summed exactly (integer sums: the noise is calibrated to ``max - min``, no float error).
-* ``GROUP BY`` keys are public: a column whose policy lists ``allowed`` values, or a bool column.
-  Every key gets a row (an empty group is noise around 0); a row whose key is NULL or outside the
-  list is not counted. Keys found in the data would need a thresholded key release (δ > 0),
-  which is not offered: such a query is refused.
+* ``GROUP BY`` keys are public — a column whose policy lists ``allowed`` values, or a bool column:
+  every key gets a row (an empty group is noise around 0); a row whose key is NULL or outside the
+  list is not counted; the release is pure ε-DP (δ = 0).
+* Or, when the policy sets ``private_queries.delta_per_query``, keys found in the data (any other
+  column the role sees, masked values included; never the subject key or a direct identifier):
+  OpenDP's thresholded key release shows a group only where its noisy count clears a threshold
+  calibrated to ε and δ (``PrivateRelease.threshold``), so a group of one person stays out except
+  with probability δ. A query without ``COUNT(*)`` gets a hidden one to threshold on (it shares the
+  query's ε). The query's δ is reserved in the ledger with its ε (``delta_per_query``,
+  ``delta_per_analyst``). Without ``delta_per_query`` such a query is refused.
 * ``WHERE`` is a row-wise predicate (comparisons, IN, BETWEEN, IS NULL, AND/OR/NOT of literals and
   columns) over public and quasi-identifier columns: no subquery, no function, never the subject key.
 * Each subject contributes at most ``private_queries.contributions`` rows (the rest are dropped,
@@ -67,6 +73,7 @@ __all__ = ["Aggregate", "PrivatePlan", "PrivateRelease", "compile_plan", "privat
 ALPHA = 0.05  # the confidence intervals are 1 - ALPHA
 MECHANISM = "OpenDP 0.16 Polars: discrete Laplace (counts and integer sums), per-subject truncation"
 ID = "__lw_dp_id"  # the subject column of the fetched rows; never leaves this process
+_LEN = "__lw_dp_len"  # the hidden count a thresholded key release needs when the query has no COUNT(*)
 _MAX_ROWS = 2**30  # the public bound OpenDP needs on a table's length (overflow of integer sums)
 _HINT = ("a private role's queries are aggregates: SELECT [group columns,] COUNT(*) | COUNT(c) | SUM(c) | AVG(c) "
          "FROM <table> [WHERE ...] [GROUP BY group columns]")
@@ -101,11 +108,14 @@ class PrivateRelease:
     rule_ids: tuple[str, ...]
     run_id: str | None = None
     scales: dict[str, float] = field(default_factory=dict)
+    threshold: int | None = None  # group keys found in the data: shown only where the noisy count reached this
 
     def describe(self) -> str:
         """One line for people: ``differentially private: ε=1, δ=0, 95% CI in <col>_ci_low/_ci_high``."""
+        keys = (f"; groups found in the data are shown only where their noisy count reached {self.threshold} "
+                "(smaller groups are left out, not zero)") if self.threshold is not None else ""
         return (f"differentially private: ε={self.epsilon:g}, δ={self.delta:g} ({self.mechanism}); "
-                f"{100 * (1 - self.alpha):g}% confidence intervals in <column>_ci_low / <column>_ci_high")
+                f"{100 * (1 - self.alpha):g}% confidence intervals in <column>_ci_low / <column>_ci_high{keys}")
 
 
 @dataclass(frozen=True)
@@ -127,6 +137,7 @@ class PrivatePlan:
     epsilon: float
     contributions: int
     id_column: str | None  # the subject key as the role's view shows it; None: one row per subject
+    delta: float = 0.0  # > 0: the group keys come from the data, released above OpenDP's threshold
 
     # -- reading ------------------------------------------------------------------------
     def fetch_sql(self, dialect: str = "duckdb") -> str:
@@ -164,7 +175,13 @@ class PrivatePlan:
             if hit is not None:
                 _MEASUREMENTS.move_to_end(key)
                 return hit
-        m = self._query(empty.lazy()).resolve()
+        try:
+            m = self._query(empty.lazy()).resolve()
+        except Exception as exc:  # OpenDP cannot calibrate this release (e.g. a threshold search at a large ε)
+            first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+            raise SqlError(f"OpenDP cannot build the private release of this query at ε={self.epsilon:g}"
+                           f"{f', δ={self.delta:g}' if self.thresholded else ''}: {first[:200]}",
+                           hint="ask a smaller ε (--epsilon), or group by columns with public keys") from None
         with _CACHE_LOCK:
             _MEASUREMENTS[key] = m
             while len(_MEASUREMENTS) > 64:
@@ -221,9 +238,26 @@ class PrivatePlan:
                 data[f"{a.name}_ci_high"] = pa.array([None if x is None else float(x + half) for x in v], pa.float64())
         return pa.table(data), scales
 
+    @property
+    def thresholded(self) -> bool:
+        """Whether the group keys are found in the data (a thresholded key release, δ > 0)."""
+        return self.delta > 0
+
+    def threshold(self, schema: pa.Schema) -> int | None:
+        """The noisy count a group found in the data needs to be released (None: public keys)."""
+        if not self.thresholded:
+            return None
+        import opendp.prelude as dp
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = dp.summarize_polars_measurement(self.measurement(schema), ALPHA)
+        found = [t for t in s["threshold"].to_list() if t is not None] if "threshold" in s.columns else []
+        return int(found[0]) if found else None
+
     def _signature(self) -> tuple[Any, ...]:
         return (self.group_by, tuple(sorted((k, v) for k, v in self.keys.items())), self.aggregates,
-                self.epsilon, self.contributions, self.id_column is not None)
+                self.epsilon, self.contributions, self.id_column is not None, self.delta)
 
     def _query(self, data: Any) -> Any:
         import opendp.prelude as dp
@@ -236,7 +270,8 @@ class PrivatePlan:
         level = log.level
         log.setLevel(logging.ERROR)
         try:
-            loss = dp.loss_of(epsilon=self.epsilon)
+            loss = dp.loss_of(epsilon=self.epsilon, delta=self.delta) if self.thresholded \
+                else dp.loss_of(epsilon=self.epsilon)
         finally:
             log.setLevel(level)
         ctx = dp.Context.compositor(
@@ -266,6 +301,10 @@ class PrivatePlan:
                     exprs.append(n.dp.sum((0, 1)).alias(f"__a{i}_n"))  # type: ignore[attr-defined]
         if not self.group_by:
             return q.select(*exprs)
+        if self.thresholded:  # keys found in the data: released where the noisy count clears the threshold
+            if not any(a.kind == "count" for a in self.aggregates):
+                exprs.append(dp.len(signed=True).alias(_LEN))  # the count OpenDP thresholds on (not shown)
+            return q.group_by(list(self.group_by)).agg(*exprs)
         keys = pl.DataFrame(_key_product(self.keys, self.group_by))
         types = dict(data.collect_schema())
         keys = keys.with_columns(*(pl.col(g).cast(types[g]) for g in self.group_by))
@@ -399,6 +438,7 @@ def compile_plan(sql: str, ws: "Workspace", ref: TableRef, decision: "Decision",
     # GROUP BY: plain columns with public keys.
     group: list[str] = []
     keys: dict[str, tuple[Any, ...]] = {}
+    derived: list[str] = []  # group columns whose keys come from the data (thresholded, δ > 0)
     g = tree.args.get("group")
     if g is not None:
         if any(g.args.get(k) for k in ("rollup", "cube", "grouping_sets")):
@@ -407,7 +447,11 @@ def compile_plan(sql: str, ws: "Workspace", ref: TableRef, decision: "Decision",
             if not isinstance(e, exp.Column):
                 raise _refuse(f"GROUP BY {e.sql(dialect='duckdb')}", "group by plain columns only (by name)")
             name = column_name(e, "GROUP BY")
-            keys[name] = _public_keys(ds, name, masks)
+            public = _public_keys(ds, name, masks, derived_ok=pq.delta_per_query is not None)
+            if public is None:
+                derived.append(name)
+            else:
+                keys[name] = public
             if name not in group:
                 group.append(name)
     # SELECT list: group columns and aggregates.
@@ -471,23 +515,35 @@ def compile_plan(sql: str, ws: "Workspace", ref: TableRef, decision: "Decision",
     return PrivatePlan(
         dataset=ds.dataset, ref=ref, table_sql=table_sql.sql(dialect="duckdb"), group_by=tuple(group), keys=keys,
         aggregates=tuple(aggs), where=where_sql, order=tuple(order), epsilon=eps, contributions=pq.contributions,
-        id_column=id_col,
+        id_column=id_col, delta=float(pq.delta_per_query) if derived and pq.delta_per_query else 0.0,
     )
 
 
-def _public_keys(ds: DatasetPolicy, name: str, masks: dict[str, str]) -> tuple[Any, ...]:
+def _public_keys(ds: DatasetPolicy, name: str, masks: dict[str, str], *,
+                 derived_ok: bool = False) -> tuple[Any, ...] | None:
+    """The column's public keys (the policy's ``allowed`` values, or a bool's two); None: its keys are
+    to be found in the data by a thresholded release (only with ``private_queries.delta_per_query``)."""
     col = ds.columns.get(name)
+    if name not in masks:
+        if col is not None and col.allowed:
+            return tuple(col.allowed)
+        if col is not None and col.type == "bool":
+            return (True, False)
+    if col is not None and (name == ds.subject_key or col.class_ == ColumnClass.DIRECT_IDENTIFIER):
+        raise _refuse(f"GROUP BY {name}", f"it is a {'subject key' if name == ds.subject_key else col.class_.value} "
+                      "column: each value is one person's, so every group would be one person")
+    if derived_ok:
+        return None
     if name in masks:
         raise _refuse(f"GROUP BY {name}", f"the column is masked ({masks[name]}) for this role: its keys are not "
-                      "the policy's")
-    if col is not None and col.allowed:
-        return tuple(col.allowed)
-    if col is not None and col.type == "bool":
-        return (True, False)
+                      "the policy's, and releasing keys found in the data needs private_queries.delta_per_query",
+                      hint=f"set private_queries.delta_per_query in the policy of '{ds.dataset}' (a thresholded "
+                           "key release), or drop the GROUP BY")
     raise _refuse(f"GROUP BY {name}",
                   f"its keys are not public: the policy of '{ds.dataset}' lists no allowed values for {name}, and "
-                  "releasing keys found in the data would need a thresholded key release (δ > 0), which is not "
-                  "offered", hint=f"declare columns.{name}.allowed in the policy, or drop the GROUP BY")
+                  "releasing keys found in the data needs a thresholded key release (δ > 0), which this policy does "
+                  "not allow", hint=f"declare columns.{name}.allowed, or set private_queries.delta_per_query, in the "
+                                    f"policy of '{ds.dataset}'")
 
 
 _AGG_NAMES = {exp.Count: "count", exp.Sum: "sum", exp.Avg: "avg"}
@@ -532,5 +588,5 @@ def metadata(release: PrivateRelease) -> dict[bytes, bytes]:
     return {b"lakewarden.private": json.dumps({
         "epsilon": release.epsilon, "delta": release.delta, "mechanism": release.mechanism,
         "confidence": 1 - release.alpha, "rule_ids": list(release.rule_ids), "run_id": release.run_id,
-        "noisy": True,
+        "noisy": True, "key_threshold": release.threshold,
     }).encode()}

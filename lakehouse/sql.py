@@ -254,7 +254,7 @@ def _private(
     ref = uses[0].ref
     plan = compile_plan(sql, ws, ref, decisions[0], epsilon=epsilon)
     ledger = PrivacyLedger(ws)
-    reservation = ledger.reserve_query(actor, plan.dataset, epsilon=plan.epsilon, layer=ref.layer)
+    reservation = ledger.reserve_query(actor, plan.dataset, epsilon=plan.epsilon, delta=plan.delta, layer=ref.layer)
     drawn = False
     try:
         fetched = _execute(ws, actor, plan.fetch_sql("duckdb"), uses, version=version, as_of=as_of, max_rows=None,
@@ -271,8 +271,9 @@ def _private(
         raise
     ledger.commit(reservation.run_id, epsilon=plan.epsilon, actor=actor.name)
     release = PrivateRelease(
-        epsilon=plan.epsilon, delta=0.0, mechanism=MECHANISM, alpha=ALPHA,
+        epsilon=plan.epsilon, delta=plan.delta, mechanism=MECHANISM, alpha=ALPHA,
         rule_ids=(*decisions[0].rule_ids, *reservation.decision.rule_ids), run_id=reservation.run_id, scales=scales,
+        threshold=plan.threshold(rows.schema),
     )
     truncated = max_rows is not None and table.num_rows > max_rows
     if truncated:

@@ -57,7 +57,8 @@ def put(ws, table: pa.Table, mode: str = "error") -> None:
     write_deltalake(Catalog(ws.config).uri(TableRef("silver", "customers")), table, mode=mode)
 
 
-def private_policy(project, *, per_query: float = 1.0, per_analyst: float | None = 3.0, total: float = 20.0) -> None:
+def private_policy(project, *, per_query: float = 1.0, per_analyst: float | None = 3.0, total: float = 20.0,
+                   delta_per_query: float | None = None, delta_per_analyst: float | None = None) -> None:
     path = project / "policies" / "customers.yaml"
     pol = yaml.safe_load(path.read_text())
     pol["access"]["analyst"]["query"] = "private"
@@ -65,7 +66,9 @@ def private_policy(project, *, per_query: float = 1.0, per_analyst: float | None
     pol["privacy"]["epsilon_total"] = total
     pol["privacy"]["epsilon_per_run"] = min(8.0, total)
     pol["private_queries"] = {"epsilon_per_query": per_query, "contributions": 1,
-                              **({"epsilon_per_analyst": per_analyst} if per_analyst else {})}
+                              **({"epsilon_per_analyst": per_analyst} if per_analyst else {}),
+                              **({"delta_per_query": delta_per_query} if delta_per_query else {}),
+                              **({"delta_per_analyst": delta_per_analyst} if delta_per_analyst else {})}
     path.write_text(yaml.safe_dump(pol, sort_keys=False))
     roles = project / "policies" / "roles.yaml"
     cat = yaml.safe_load(roles.read_text())
@@ -268,6 +271,75 @@ def test_a_refused_query_spends_nothing(lake):
     assert [e["details"]["epsilon"] for e in events(lake, "privacy.released")] == [1.0]
 
 
+# -- group keys found in the data (a thresholded key release, δ > 0) ---------------------------
+@pytest.fixture
+def keyed_lake(project):
+    from governance.workspace import Workspace
+
+    private_policy(project, delta_per_query=1e-6, delta_per_analyst=2e-6)
+    ws = Workspace.open(project / "lakewarden.yaml")
+    put(ws, customers())
+    yield ws
+    ws.close()
+
+
+def test_keys_found_in_the_data_are_released_above_the_threshold_and_spend_delta(keyed_lake):
+    ws = keyed_lake
+    res = run_query(ws, ws.actor("ana"), "SELECT zip_code, COUNT(*) AS n FROM customers GROUP BY zip_code")
+    rel = res.private
+    assert rel is not None and rel.delta == pytest.approx(1e-6) and rel.threshold is not None and rel.threshold > 1
+    assert "groups found in the data are shown only where their noisy count reached" in rel.describe()
+    assert json.loads(res.table.schema.metadata[b"lakewarden.private"])["key_threshold"] == rel.threshold
+    truth = run_query(ws, ws.actor("dana"), "SELECT zip_code, COUNT(*) AS n FROM customers "
+                                            "WHERE region <> 'restricted' GROUP BY zip_code").table.to_pylist()
+    exact = {r["zip_code"]: r["n"] for r in truth}
+    assert min(exact.values()) > rel.threshold + 20  # every zip is far above it: all nine come back
+    got = {r["zip_code"]: r["n"] for r in res.table.to_pylist()}
+    assert got.keys() == exact.keys() and all(abs(got[z] - exact[z]) <= 20 for z in exact)
+    sums = run_query(ws, ws.actor("ana"), "SELECT zip_code, SUM(income) AS s FROM customers GROUP BY zip_code",
+                     epsilon=0.5)
+    assert sums.table.column_names == ["zip_code", "s", "s_ci_low", "s_ci_high"]  # the count it needs stays hidden
+    mine = PrivacyLedger(ws).analyst_status("customers", "ana")
+    assert mine.delta_spent == pytest.approx(2e-6) and mine.epsilon_spent == pytest.approx(1.5)
+    with pytest.raises(AccessDenied) as e:  # a third would pass ε (2.0 of 3) but not the analyst's δ
+        run_query(ws, ws.actor("ana"), "SELECT zip_code, COUNT(*) AS n FROM customers GROUP BY zip_code",
+                  epsilon=0.5)
+    assert e.value.decision.rule_ids == ("customers/privacy/delta_per_analyst",)
+    # a public-key query spends no δ and is still answered
+    assert run_query(ws, ws.actor("ana"), "SELECT region, COUNT(*) AS n FROM customers GROUP BY region",
+                     epsilon=0.5).private.delta == 0.0
+
+
+def test_a_group_of_one_person_is_not_released(keyed_lake):
+    """The target is the only person born in 1950. Grouped by birth year (keys from the data), that
+    group stays out of every release; the other years, about eight people each, are near the threshold."""
+    plan = plan_for(keyed_lake, "SELECT birth_date, COUNT(*) AS n FROM customers GROUP BY birth_date")
+    assert plan.thresholded and plan.delta == pytest.approx(1e-6)
+    rows = rows_for(keyed_lake, plan, version=0)
+    assert 1950 in rows["birth_date"].to_pylist()
+    seen = set()
+    for _ in range(200):  # P(a count of 1 clears the threshold) <= δ = 1e-6 per release
+        seen |= set(plan.release(rows)[0]["birth_date"].to_pylist())
+    assert 1950 not in seen
+    assert PrivacyLedger(keyed_lake).status("customers").epsilon_spent == 0.0  # plans alone spend nothing
+
+
+@pytest.mark.parametrize("sql, words", [
+    ("SELECT customer_id, COUNT(*) FROM customers GROUP BY customer_id", "subject key column"),
+])
+def test_keys_from_the_data_never_group_by_one_persons_values(keyed_lake, sql, words):
+    with pytest.raises(SqlError, match=words):
+        run_query(keyed_lake, keyed_lake.actor("ana"), sql)
+
+
+def test_delta_per_query_above_the_analysts_delta_is_a_policy_error(project):
+    from governance.workspace import Workspace
+
+    private_policy(project, delta_per_query=5e-5)  # privacy.delta of customers is 1e-5
+    with pytest.raises(PolicyError, match=r"private_queries.delta_per_query.*exceeds privacy.delta"):
+        Workspace.open(project / "lakewarden.yaml").policies
+
+
 # -- refusals -----------------------------------------------------------------------------
 @pytest.mark.parametrize("sql, words", [
     ("SELECT * FROM customers", "SELECT * — it returns rows"),
@@ -283,6 +355,7 @@ def test_a_refused_query_spends_nothing(lake):
     ("SELECT SUM(income_z) FROM customers", "hidden from role analyst"),
     ("SELECT SUM(birth_date) FROM customers", "SUM(birth_date) — it has no numeric min and max"),
     ("SELECT zip_code, COUNT(*) FROM customers GROUP BY zip_code", "its keys are not public"),
+    ("SELECT zip_code, COUNT(*) FROM customers GROUP BY zip_code", "needs a thresholded key release (δ > 0)"),
     ("SELECT COUNT(*) FROM customers WHERE customer_id = 'x'", "WHERE on customer_id"),
     ("SELECT COUNT(*) FROM customers WHERE length(zip_code) > 2", "in WHERE"),
     ("SELECT COUNT(*) FROM (SELECT * FROM customers)", "subquery"),
@@ -445,3 +518,17 @@ def test_private_queries_on_a_real_trino(tmp_path, monkeypatch):
     finally:
         srv.stop()
         ws.close()
+
+
+def test_a_release_opendp_cannot_calibrate_is_a_clear_error_that_spends_nothing(project):
+    """At ε = 10 with keys from the data, OpenDP's threshold search fails (its threshold would be 1):
+    one line naming ε and δ, no traceback, and the reservation released."""
+    from governance.workspace import Workspace
+
+    private_policy(project, per_query=10.0, per_analyst=None, delta_per_query=1e-6)
+    with Workspace.open(project / "lakewarden.yaml") as ws:
+        put(ws, customers())
+        with pytest.raises(SqlError, match=r"OpenDP cannot build the private release of this query at ε=10, δ=1e-06"):
+            run_query(ws, ws.actor("ana"), "SELECT zip_code, COUNT(*) AS n FROM customers GROUP BY zip_code")
+        st = PrivacyLedger(ws).status("customers")
+        assert st.epsilon_spent == 0.0 and st.epsilon_reserved == 0.0
