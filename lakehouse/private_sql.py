@@ -32,7 +32,9 @@ What a private query may be (:func:`compile_plan` refuses the rest, saying what 
   columns) over public and quasi-identifier columns: no subquery, no function, never the subject key.
 * Each subject contributes at most ``private_queries.contributions`` rows (the rest are dropped,
   by OpenDP's truncation on the subject key; a role that cannot see the key is answered only when
-  the key is ``unique``, one row per subject).
+  the key is ``unique``, one row per subject). Silver of a dataset whose key is ``unique`` holds one
+  row per subject by construction (``build_silver`` keeps each subject's latest row), so there a row
+  is a subject and no truncation runs: the privacy unit is the same, one person.
 
 How it runs (:func:`lakehouse.sql.run_query`): the gate decides ``query`` for the table; the plan is
 compiled (refusals happen here, before any budget or data); the query's ε is reserved in the
@@ -504,8 +506,13 @@ def compile_plan(sql: str, ws: "Workspace", ref: TableRef, decision: "Decision",
                               "order by group columns only (ordering by a noisy value adds nothing)")
             order.append((c.name.lower(), bool(e.args.get("desc"))))
     key = ds.subject_key
-    if key in visible and key not in masks or key in visible and masks.get(key) == "hash":
-        id_col: str | None = key  # the token, or its keyed hash: one value per subject either way
+    if ds.columns[key].unique and ref.layer == "silver":
+        # Silver holds one row per subject when the key is unique (build_silver keeps each subject's latest
+        # row): a row is a subject, so no per-subject truncation is needed — the same release, without
+        # reading, passing and windowing a million subject keys.
+        id_col: str | None = None
+    elif key in visible and key not in masks or key in visible and masks.get(key) == "hash":
+        id_col = key  # the token, or its keyed hash: one value per subject either way
     elif ds.columns[key].unique and pq.contributions == 1:
         id_col = None  # one row per subject (the contract says so): a row is a subject
     else:

@@ -532,3 +532,43 @@ def test_a_release_opendp_cannot_calibrate_is_a_clear_error_that_spends_nothing(
             run_query(ws, ws.actor("ana"), "SELECT zip_code, COUNT(*) AS n FROM customers GROUP BY zip_code")
         st = PrivacyLedger(ws).status("customers")
         assert st.epsilon_spent == 0.0 and st.epsilon_reserved == 0.0
+
+
+def test_a_subject_with_many_rows_adds_at_most_contributions(project):
+    """Transactions: many rows per person (the key is not unique). OpenDP truncates each subject to
+    ``contributions`` rows on the subject key before counting; a unique key in silver needs no cut."""
+    from datetime import datetime, timezone
+
+    from governance.workspace import Workspace
+
+    path = project / "policies" / "transactions.yaml"
+    pol = yaml.safe_load(path.read_text())
+    pol["access"]["analyst"]["query"] = "private"
+    pol["private_queries"] = {"epsilon_per_query": 1.0, "contributions": 2}
+    path.write_text(yaml.safe_dump(pol, sort_keys=False))
+    private_policy(project)
+    with Workspace.open(project / "lakewarden.yaml") as ws:
+        people, each = 100, 5
+        n = people * each
+        t = pa.table({
+            "transaction_id": pa.array([f"T-{i:012d}" for i in range(n)]),
+            "customer_id": pa.array([token(i // each) for i in range(n)]),
+            "ts": pa.array([datetime(2026, 1, 1, tzinfo=timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
+            "amount": pa.array([10.0] * n), "merchant_category": pa.array(["food"] * n),
+            "channel": pa.array(["card", "online", "transfer", "card", "online"] * people),
+        })
+        for c in hashed_columns(ws.policies, "transactions"):
+            t = t.append_column(hash_column(c), keyed_hashes(ws.keyring.system_key(MASK_HASH_KEY), t[c]))
+        write_deltalake(Catalog(ws.config).uri(TableRef("silver", "transactions")), t)
+        from governance.gate import Resource
+        from governance.policy import Stage
+
+        d = ws.gate.enforce(Stage.QUERY, ws.actor("ana"), Resource.table("transactions"), {"layer": "silver"})
+        sql = "SELECT channel, COUNT(*) AS n FROM transactions GROUP BY channel"
+        assert compile_plan(sql, ws, TableRef("silver", "transactions"), d).id_column == "customer_id"
+        assert compile_plan("SELECT COUNT(*) AS n FROM customers", ws, TableRef("silver", "customers"),
+                            ws.gate.enforce(Stage.QUERY, ws.actor("ana"), Resource.table("customers"),
+                                            {"layer": "silver"})).id_column is None  # unique key: no cut
+        got = run_query(ws, ws.actor("ana"), sql).table.to_pylist()
+        total = sum(r["n"] for r in got)  # 2 of each person's 5 rows: 200, noise of scale 2 on each of 3 keys
+        assert abs(total - people * 2) <= 60, got
