@@ -189,6 +189,27 @@ def test_seal_many_open_many(ring: KeyRing):
     assert ring.seal_many([None], [None], dataset="d", column="c") == [None]
 
 
+def test_open_arrow_columns_opens_several_columns_with_one_key_lookup(ring: KeyRing, monkeypatch):
+    import pyarrow as pa
+
+    ids = [f"user{i}" for i in range(40)]
+    tokens = ring.tokens_for(ids)
+    a = ring.seal_many([f"a{i}" if i % 5 else None for i in range(40)], tokens, dataset="d", column="a")
+    b = ring.seal_many([f"b{i}" if i % 3 else None for i in range(40)], tokens, dataset="d", column="b")
+    toks = pa.array(tokens)
+    calls = []
+    real = ring._store.deks
+    monkeypatch.setattr(ring._store, "deks", lambda ts: calls.append(len(ts)) or real(ts))
+    got = ring.open_arrow_columns({"a": pa.array(a, pa.binary()), "b": pa.array(b, pa.binary())}, toks, dataset="d")
+    assert calls == [37]  # one lookup for both columns: the subjects with a value in either (not i % 15 == 0)
+    assert got["a"].to_pylist() == ring.open_many(a, tokens, dataset="d", column="a")
+    assert got["b"].to_pylist() == ring.open_many(b, tokens, dataset="d", column="b")
+    with pytest.raises(DecryptionError):  # each column is opened under its own name
+        ring.open_arrow_columns({"b": pa.array(a, pa.binary())}, toks, dataset="d")
+    with pytest.raises(ValueError, match="column a has 2 blobs but there are 40 tokens"):
+        ring.open_arrow_columns({"a": pa.array(a[:2], pa.binary())}, toks, dataset="d")
+
+
 def test_unknown_token(ring: KeyRing):
     with pytest.raises(KeyManagementError, match="unknown subject token 'sub_nope'") as info:
         ring.open(b"\x01" + bytes(40), token="sub_nope", dataset="d", column="c")
