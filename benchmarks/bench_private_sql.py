@@ -74,7 +74,7 @@ def _project(tmp: Path, income_max: float) -> Path:
     pol["access"]["analyst"]["query"] = "private"
     pol["columns"]["income"]["max"] = income_max
     pol["privacy"]["epsilon_total"] = 1000.0
-    pol["private_queries"] = {"epsilon_per_query": 10.0}
+    pol["private_queries"] = {"epsilon_per_query": 10.0, "delta_per_query": 1e-6}
     path.write_text(yaml.safe_dump(pol, sort_keys=False))
     roles = tmp / "policies" / "roles.yaml"
     cat = yaml.safe_load(roles.read_text())
@@ -96,6 +96,36 @@ def _exact(rows: pa.Table, group: bool, kind: str) -> dict[str, float]:
             out[k] = float(sub.num_rows) if kind == "count" else pc.mean(sub[val[0]]).as_py()
         return out
     return {"": float(rows.num_rows) if kind == "count" else pc.mean(rows[val[0]]).as_py()}
+
+
+KEYED_SQL = "SELECT zip_code, COUNT(*) AS v FROM customers GROUP BY zip_code"
+
+
+def keyed(ws: Workspace, trials: int) -> dict[str, dict]:
+    """GROUP BY a column without public keys (zip_code): OpenDP's thresholded key release at δ = 1e-6.
+    Which keys come back, what the suppressed ones held, and the released counts' error."""
+    ana = ws.actor("ana")
+    decision = ws.gate.enforce(Stage.QUERY, ana, Resource.table("customers"), {"layer": "silver"})
+    out: dict[str, dict] = {}
+    for eps in (0.1, 1.0):
+        plan = compile_plan(KEYED_SQL, ws, TableRef("silver", "customers"), decision, epsilon=eps)
+        fetch = plan.fetch_sql()
+        rows = _execute(ws, ana, fetch, _checked(fetch, ws), version=None, as_of=None, max_rows=None).table
+        counts = rows.group_by("zip_code").aggregate([("zip_code", "count")])
+        exact = dict(zip(counts["zip_code"].to_pylist(), counts["zip_code_count"].to_pylist()))
+        threshold = plan.threshold(rows.schema)
+        released, errs = [], []
+        for _ in range(trials):
+            t, _ = plan.release(rows)
+            got = dict(zip(t["zip_code"].to_pylist(), t["v"].to_pylist()))
+            released.append(len(got))
+            errs += [abs(v - exact[k]) / exact[k] for k, v in got.items()]
+        small = [n for n in exact.values() if n < (threshold or 0)]
+        out[str(eps)] = {"keys_in_data": len(exact), "keys_released_median": statistics.median(released),
+                         "threshold": threshold, "keys_below_threshold": len(small), "rows_in_them": sum(small),
+                         "smallest_group": min(exact.values()),
+                         "median_relative_error": statistics.median(errs) if errs else None}
+    return out
 
 
 def utility(ws: Workspace, trials: int) -> dict[str, dict]:
@@ -143,6 +173,7 @@ def main() -> None:
         table = silver_customers(args.rows)
     results: dict[str, dict] = {}
     overhead: dict[str, float] = {}
+    keyed_results: dict[str, dict] = {}
     for range_label, income_max in (("policy range 0-100,000,000", 100_000_000), ("tightened 0-500,000", 500_000)):
         tmp = Path(tempfile.mkdtemp(prefix="lw-bench-dp-"))
         try:
@@ -163,9 +194,15 @@ def main() -> None:
                 with console.status("overhead: exact and private, warm"):
                     exact_s, exact_all = timed(lambda: run_query(ws, exa, OVERHEAD_SQL), args.repeat)
                     priv_s, priv_all = timed(lambda: run_query(ws, ana, OVERHEAD_SQL, epsilon=1.0), args.repeat)
+                    keyed_exact_s, _ = timed(lambda: run_query(ws, exa, KEYED_SQL), args.repeat)
+                    keyed_s, _ = timed(lambda: run_query(ws, ana, KEYED_SQL, epsilon=1.0), args.repeat)
                 overhead = {"sql": OVERHEAD_SQL, "exact_median_s": exact_s, "private_median_s": priv_s,
                             "ratio": priv_s / exact_s, "private_first_s": first,
-                            "exact_samples_s": exact_all, "private_samples_s": priv_all}
+                            "exact_samples_s": exact_all, "private_samples_s": priv_all,
+                            "keyed_sql": KEYED_SQL, "keyed_exact_median_s": keyed_exact_s,
+                            "keyed_private_median_s": keyed_s, "keyed_ratio": keyed_s / keyed_exact_s}
+                with console.status("keys found in the data (thresholded)"):
+                    keyed_results = keyed(ws, args.trials)
             with console.status(f"utility, {range_label}"):
                 results[range_label] = utility(ws, args.trials)
             ws.close()
@@ -180,6 +217,7 @@ def main() -> None:
         "note": "relative error = |DP - exact| / exact over the analyst's view (row filter applied, income "
                 "bucketed to 10,000); median (and 95th percentile) over trials x groups",
         "utility": results,
+        "keys_from_data": {"sql": KEYED_SQL, "delta": 1e-6, "by_epsilon": keyed_results},
         "overhead": overhead,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +232,17 @@ def main() -> None:
             tab.add_row(label, *(f"{r['by_epsilon'][str(e)]['median_relative_error']:.2e} "
                                  f"({r['by_epsilon'][str(e)]['median_ci_halfwidth_relative']:.1e})" for e in EPSILONS))
         console.print(tab)
+    tab = Table(title=f"keys found in the data: {KEYED_SQL} (δ = 1e-6)")
+    for col in ("ε", "keys in data", "released (median)", "threshold", "keys below it", "smallest group",
+                "median rel. error"):
+        tab.add_column(col)
+    for eps, r in keyed_results.items():
+        tab.add_row(eps, str(r["keys_in_data"]), f"{r['keys_released_median']:g}", str(r["threshold"]),
+                    str(r["keys_below_threshold"]), str(r["smallest_group"]),
+                    f"{r['median_relative_error']:.2e}" if r["median_relative_error"] is not None else "—")
+    console.print(tab)
+    console.print(f"thresholded query: exact {overhead['keyed_exact_median_s'] * 1e3:.0f} ms, private "
+                  f"{overhead['keyed_private_median_s'] * 1e3:.0f} ms ({overhead['keyed_ratio']:.2f}×)")
     console.print(f"overhead: exact {overhead['exact_median_s'] * 1e3:.0f} ms, private "
                   f"{overhead['private_median_s'] * 1e3:.0f} ms ({overhead['ratio']:.2f}×), first private query "
                   f"{overhead['private_first_s'] * 1e3:.0f} ms")

@@ -387,6 +387,7 @@ class RiskReport:
     sensitive_unmeasured: Mapping[str, str]
     row_filter: str | None = None
     applied: Mapping[str, Any] | None = None  # silver's commit metadata: levels the build applied
+    query: str | None = None  # measured: this query's result (an export), not the table
 
 
 def _purpose_for_sensitive(ws: "Workspace", actor: Actor, policy: DatasetPolicy) -> str | None:
@@ -410,8 +411,10 @@ def privacy_risk(
     l_min: int | None = None,
     purpose: str | None = None,
     smallest: int = 5,
+    query: str | None = None,
 ) -> RiskReport:
-    """k and l of ``layer.dataset`` over the policy's quasi-identifiers, as ``actor``.
+    """k and l of ``layer.dataset`` over the policy's quasi-identifiers, as ``actor``; with ``query``,
+    k of what that query would export instead (:func:`query_risk`).
 
     Gated ``query`` on the table, with the quasi-identifiers as the columns asked for (a role that
     may not see them is refused; a role's row filter limits the rows measured, and the report says
@@ -427,6 +430,8 @@ def privacy_risk(
     from lakehouse.catalog import Catalog, TableRef
     from lakehouse.errors import TableError
 
+    if query is not None:
+        return query_risk(ws, actor, dataset, query, k_min=k_min, smallest=smallest)
     if layer not in ("bronze", "silver"):
         raise LakehouseError(f"privacy risk measures the bronze or silver layer (got {layer!r})")
     if k_min is not None and k_min < 1:
@@ -497,6 +502,59 @@ def privacy_risk(
                  "unmeasured": sorted(unmeasured), "row_filter": bool(row_filter)},
     )
     return RiskReport(dataset, layer, version, m, unmeasured, row_filter, applied)
+
+
+def query_risk(ws: "Workspace", actor: Actor, dataset: str, query: str, *, k_min: int | None = None,
+               smallest: int = 5) -> RiskReport:
+    """k of the export ``query`` would make, over ``dataset``'s quasi-identifiers, as ``actor`` (the
+    same gate, masks and row filter as ``lakewarden sql``): measured, not refused, so that an analyst
+    can see why an export would be refused and how far it is from k_min. Sizes only, never values.
+    A result without quasi-identifier columns is one class. l is not measured on query results.
+
+    Raises:
+        SqlError: the query is not one the SQL layer accepts, does not read ``dataset``, or the role's
+            queries over it are private (their exports are noisy aggregates: k does not apply).
+        AccessDenied: the gate refused a table.
+    """
+    import hashlib
+
+    from governance.pii import redact
+    from lakehouse.catalog import Catalog
+    from lakehouse.errors import SqlError
+    from lakehouse.sql import _checked, _decide, _execute, _is_private
+
+    policy = ws.policies.datasets.get(dataset)
+    if policy is None:
+        raise SqlError(f"no dataset '{dataset}' in the policies")
+    if k_min is not None and k_min < 1:
+        raise LakehouseError(f"--k-min must be 1 or more (got {k_min})")
+    uses = _checked(query, ws)
+    mine = [u for u in uses if u.ref.dataset == dataset]
+    if not mine:
+        raise SqlError(f"the query does not read '{dataset}' (it reads {', '.join(str(u.ref) for u in uses)})")
+    decided = _decide(ws, actor, uses, version=None, as_of=None)
+    if _is_private(ws, uses, [d.decision for d in decided]):
+        raise SqlError(f"your role's queries over '{dataset}' are private: they export noisy aggregates, to which "
+                       "k-anonymity does not apply")
+    table = _execute(ws, actor, query, uses, version=None, as_of=None, max_rows=None, decided=decided).table
+    k_min = k_min if k_min is not None else (policy.anonymity.k_min if policy.anonymity else None)
+
+    def sizes(q: str) -> pa.Table:
+        return _execute(ws, actor, q, uses, version=None, as_of=None, max_rows=None, decided=decided).table
+
+    found = result_measure(policy, query, table, k_min=k_min, sizes=sizes)
+    m = found[1] if found is not None else measure(table, [], k_min=k_min, smallest=0)
+    if found is not None and found[3] is None:  # row-level: list the smallest classes, by rank
+        m = measure(table, found[0], k_min=k_min, smallest=smallest)
+    ref = mine[0].ref
+    version = Catalog(ws.config).open(ref).version()
+    ws.audit.record(
+        "privacy.risk", actor=actor.name, outcome="ok", stage=Stage.QUERY.value, resource=f"table:{ref}",
+        details={"version": version, **m.summary(), "quasi_identifiers": list(m.quasi_identifiers),
+                 "query_sha256": hashlib.sha256(query.encode("utf-8")).hexdigest(), "query": redact(query)[0][:500]},
+    )
+    return RiskReport(dataset, ref.layer, version, m, {c: "not measured on query results"
+                                                       for c in policy.l_columns()}, None, None, query)
 
 
 # -- query results (exports) -----------------------------------------------------------------
@@ -599,6 +657,26 @@ def group_sizes_sql(sql: str, dialect: str = "duckdb") -> str | None:
     return q.sql(dialect=dialect)
 
 
+def result_measure(policy: DatasetPolicy, sql: str, table: pa.Table, *, k_min: int | None, sizes: Any = None,
+                   dialect: str = "duckdb", counted: list[int] | None = None,
+                   ) -> tuple[list[str], AnonymityMeasure, str, list[int] | None] | None:
+    """The classes of a query result over ``policy``'s quasi-identifiers: ``(columns, measure, what,
+    group sizes)``, or None when the result carries none of them. A row-level result is measured on
+    its own rows; an aggregate (GROUP BY, DISTINCT) by the rows behind each result row, counted by
+    ``sizes(group_sizes_sql(sql))`` (``counted``: sizes already counted for this query)."""
+    cols = _qi_outputs(sql, table.column_names, set(policy.quasi_identifiers()), dialect=dialect)
+    if not cols:
+        return None
+    sizing = group_sizes_sql(sql, dialect) if sizes is not None or counted is not None else None
+    if sizing is not None:
+        if counted is None:
+            got = sizes(sizing)
+            counted = [int(v) for v in got.column(SIZE_COLUMN).to_pylist() if v is not None]
+        return cols, measure_sizes(counted, cols, k_min=k_min), f"the result's groups (by {', '.join(cols)})", counted
+    return (cols, measure(table, cols, k_min=k_min, smallest=0),
+            f"the result's quasi-identifier column(s) {', '.join(cols)}", None)
+
+
 def check_result(ws: "Workspace", actor: Actor, sql: str, datasets: Sequence[str], table: pa.Table, *,
                  sizes: Any = None, dialect: str = "duckdb") -> None:
     """Refuse a query result whose quasi-identifier columns, of a dataset with ``anonymity.k_min``, form
@@ -615,20 +693,11 @@ def check_result(ws: "Workspace", actor: Actor, sql: str, datasets: Sequence[str
         policy = ws.policies.datasets.get(ds)
         if policy is None or policy.anonymity is None or table.num_rows == 0:
             continue
-        cols = _qi_outputs(sql, table.column_names, set(policy.quasi_identifiers()), dialect=dialect)
-        if not cols:
+        found = result_measure(policy, sql, table, k_min=policy.anonymity.k_min, sizes=sizes, dialect=dialect,
+                               counted=counted)
+        if found is None:
             continue
-        k_min = policy.anonymity.k_min
-        sizing = group_sizes_sql(sql, dialect) if sizes is not None else None
-        if sizing is not None:
-            if counted is None:
-                got = sizes(sizing)
-                counted = [int(v) for v in got.column(SIZE_COLUMN).to_pylist() if v is not None]
-            m = measure_sizes(counted, cols, k_min=k_min)
-            what = f"the result's groups (by {', '.join(cols)})"
-        else:
-            m = measure(table, cols, k_min=k_min, smallest=0)
-            what = f"the result's quasi-identifier column(s) {', '.join(cols)}"
+        _, m, what, counted = found
         if not m.k_ok:
             raise _refused(actor, ds, what, m, hint="select coarser values (e.g. a decade, a shorter prefix) or "
                            "larger groups; `lakewarden privacy risk` measures the table")

@@ -382,3 +382,30 @@ def test_the_published_schema_knows_anonymity_and_hierarchy():
     schema = json.loads(text)
     assert "anonymity" in schema["$defs"]["DatasetPolicy"]["properties"]
     assert "hierarchy" in schema["$defs"]["ColumnPolicy"]["properties"]
+
+
+def test_privacy_risk_of_a_query_measures_the_export_without_refusing_it(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch):
+    """``privacy risk DATASET --query SQL``: k of what the query would export (the classes ``sql`` would
+    refuse), sizes only; an aggregate is measured by its groups; a result without quasi-identifiers is
+    one class."""
+    ws = _patients_ws(tmp_path, monkeypatch, "anonymity: {k_min: 4, on_violation: generalize}")
+    build_silver(ws, ws.actor("dana"), "patients")
+    ana = ws.actor("ana")
+    rep = privacy_risk(ws, ana, "patients", query="SELECT age, postcode FROM patients LIMIT 3")
+    assert rep.query and rep.measure.rows == 3 and rep.measure.k_min == 4 and not rep.measure.k_ok
+    grouped = privacy_risk(ws, ana, "patients", query="SELECT age, count(*) AS n FROM patients GROUP BY age")
+    assert grouped.measure.rows == 120 and grouped.measure.k >= 4 and grouped.measure.k_ok
+    whole = privacy_risk(ws, ana, "patients", query="SELECT ward, count(*) AS n FROM patients GROUP BY ward")
+    assert whole.measure.quasi_identifiers == () and whole.measure.classes == 1
+    with pytest.raises(Exception, match="does not read 'customers'"):
+        privacy_risk(ws, ana, "customers", query="SELECT age FROM patients")
+    ws.audit.flush()
+    ev = [e for e in _audit(ws) if e["action"] == "privacy.risk"]
+    assert len(ev) == 3 and all("query_sha256" in e["details"] for e in ev)
+    p = lw_in(tmp_path, "--as", "ana", "privacy", "risk", "patients", "--query",
+              "SELECT age, postcode FROM patients LIMIT 3", env={"LAKEWARDEN_KEK": os.environ["LAKEWARDEN_KEK"]})
+    assert p.returncode == 0, p.stderr
+    assert "the query's result" in p.stdout and "k met" in p.stdout
+    assert not any(v in p.stdout for v in _qi_values(ws) | set(AREAS))
+    ws.close()

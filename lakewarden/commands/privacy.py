@@ -42,15 +42,20 @@ def privacy_risk(
     l_min: Annotated[Optional[int], typer.Option("--l-min", help="Threshold l (default: the policy's anonymity.l_min).")] = None,
     purpose: Annotated[Optional[str], typer.Option(help="Purpose stated to open sensitive columns for l.")] = None,
     smallest: Annotated[int, typer.Option(help="How many of the smallest classes to list.", min=0)] = 5,
+    query: Annotated[Optional[str], typer.Option(
+        "--query", help="Measure what this SQL query would export (as `lakewarden sql` runs it), not the table.",
+    )] = None,
 ) -> None:
     """k-anonymity and l-diversity over the policy's quasi-identifiers: sizes and ranks, never values."""
     from lakehouse.anonymity import privacy_risk as verb
 
     st = state(ctx)
     rep = verb(st.workspace(), st.actor(), dataset, layer=layer, k_min=k_min, l_min=l_min, purpose=purpose,
-               smallest=smallest)
+               smallest=smallest, query=query)
     m = rep.measure
-    t = Table(title=f"{rep.layer}.{rep.dataset}@{rep.version}: k-anonymity over ({', '.join(m.quasi_identifiers)})")
+    what = "the query's result" if rep.query else f"{rep.layer}.{rep.dataset}@{rep.version}"
+    over = ", ".join(m.quasi_identifiers) or "no quasi-identifier column: one class"
+    t = Table(title=f"{what}: k-anonymity over ({over})")
     t.add_column("measure")
     t.add_column("value", justify="right")
     t.add_row("rows", f"{m.rows:,}")
