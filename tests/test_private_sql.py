@@ -434,6 +434,12 @@ def test_the_cli_says_a_result_is_noisy_and_refuses_in_one_line(lake, project):
 
     with Workspace.open(project / "lakewarden.yaml") as ws:  # 1 + 1 + 0.25: what the three releases spent
         assert PrivacyLedger(ws).analyst_status("customers", "ana").epsilon_spent == pytest.approx(2.25)
+    p = lw_in(project, "privacy", "status", "customers", user="ana", env=env)
+    assert p.returncode == 0 and "ana's private queries" in p.stdout, p.stdout + p.stderr
+    row = [ln for ln in p.stdout.splitlines() if "customers" in ln and "2.25" in ln][-1]  # the second table
+    assert [c.strip() for c in row.split("│")[1:-1]][1:4] == ["3", "2.25", "0.75"], row  # queries, ε spent, ε left
+    p = lw_in(project, "privacy", "status", "customers", user="dana", env=env)
+    assert p.returncode == 0 and "private queries" not in p.stdout
 
 
 def test_the_trino_engine_answers_a_private_role_here_and_trino_gives_it_no_rows(lake, monkeypatch):

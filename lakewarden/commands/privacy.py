@@ -29,6 +29,20 @@ def privacy_status(
         t.add_row(n, f"{s_.epsilon_total:g}", f"{s_.epsilon_spent:.3g}", f"{s_.epsilon_reserved:.3g}",
                   f"{s_.epsilon_left:.3g}", f"{s_.delta_spent:.2g}", f"{s_.delta_max:.2g}", str(s_.runs))
     console.print(t)
+    st = state(ctx)
+    me = st.actor()
+    roles = me.roles or ws.policies.roles_of(me.name)
+    mine = [n for n in names if any(ws.policies.datasets[n].query_mode(r) == "private"
+                                    for r in roles if r in ws.policies.datasets[n].access)]
+    if mine:  # the caller's own private queries: what is left to them
+        a = Table(title=f"{me.name}'s private queries")
+        for c in ("dataset", "queries", "ε spent", "ε left (yours)", "δ spent", "δ left (yours)"):
+            a.add_column(c, justify="left" if c == "dataset" else "right")
+        for n in mine:
+            s_ = led.analyst_status(n, me.name)
+            a.add_row(n, str(s_.queries), f"{s_.epsilon_spent:.3g}", f"{s_.epsilon_left:.3g}", f"{s_.delta_spent:.2g}",
+                      f"{s_.delta_left:.2g}")
+        console.print(a)
 
 
 
