@@ -308,13 +308,18 @@ class BatchWork:
         if out is not None and out.num_rows:
             tokens, buckets, subjects, key_index = resolved  # type: ignore[misc]
             ok = pc.is_null(reasons)
-            acc = out.filter(ok)
-            rej = out.filter(pc.invert(ok))
-            rej_tokens = tokens.filter(pc.invert(ok))
-            rej_reasons = reasons.filter(pc.invert(ok))  # type: ignore[union-attr]
+            if reasons.null_count == len(reasons):  # every row accepted (the common case): nothing to cut out
+                acc, acc_tokens, acc_buckets, acc_index = out, tokens, buckets, key_index
+                rej = out.slice(0, 0)
+                rej_tokens, rej_reasons = tokens.slice(0, 0), reasons.slice(0, 0)  # type: ignore[union-attr]
+            else:
+                acc = out.filter(ok)
+                acc_tokens, acc_buckets, acc_index = tokens.filter(ok), buckets.filter(ok), key_index.filter(ok)
+                rej = out.filter(pc.invert(ok))
+                rej_tokens = tokens.filter(pc.invert(ok))
+                rej_reasons = reasons.filter(pc.invert(ok))  # type: ignore[union-attr]
             n_acc = acc.num_rows
-            result = submit(self._protected_tables, acc, tokens.filter(ok), buckets.filter(ok), subjects,
-                            key_index.filter(ok), batch_id, now)
+            result = submit(self._protected_tables, acc, acc_tokens, acc_buckets, subjects, acc_index, batch_id, now)
             # Quarantine: the original row, encrypted; the reason in plaintext (it names no value).
             raw_cols = [n for n in pol.columns]
             originals = rej.select([f"_v_{n}" for n in raw_cols]).rename_columns(raw_cols).to_pylist()
@@ -420,6 +425,7 @@ class Ingestor(BatchWork):
         self.batch_rows = batch_rows
         self.progress = progress
         self.existing_tokens: pa.Array | None = None
+        self._seen_chunks: list[pa.Array] = []  # tokens accepted by this ingest's batches, not yet joined
         self.done = self._done_batches()
         self.versions: dict[str, int] = {}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lakewarden-ingest-writer")
@@ -512,7 +518,8 @@ class Ingestor(BatchWork):
         out, subjects = (None, None) if checked_out is None else checked_out
         if out is not None:
             out = self.validator.dedupe(out)
-        reasons = self._final_reasons(out, None if subjects is None else subjects[0])
+        fresh = subjects is not None and subjects[2] is not None and subjects[2].created == len(subjects[2].tokens)
+        reasons = self._final_reasons(out, None if subjects is None else subjects[0], fresh=fresh)
         now = datetime.now(timezone.utc)
         accepted, n_acc, quarantine = self._sort(out, subjects, reasons, raw, batch_id, rep.source, now,
                                                  self._pool.submit)
@@ -527,21 +534,30 @@ class Ingestor(BatchWork):
         if self.progress:
             self.progress(rep.source, raw.rows_read)
 
-    def _final_reasons(self, out: pa.Table | None, tokens: pa.Array | None) -> pa.Array | None:
+    def _final_reasons(self, out: pa.Table | None, tokens: pa.Array | None, *, fresh: bool = False) -> pa.Array | None:
         """A batch's reasons after the rules that need every earlier batch, in file order: ``out``
         has been through :meth:`Validator.dedupe`; a unique subject key already in the table (an
         earlier ingest or batch) is a duplicate too. Only ``_row``, ``_reason`` and the unique
-        columns of ``out`` are read, so a Ray driver runs this on a small slice of the batch."""
+        columns of ``out`` are read, so a Ray driver runs this on a small slice of the batch.
+
+        ``fresh``: the key store created every subject of this batch just now, so none of them can be
+        in the table or an earlier batch, and the lookup is skipped (a file of new people: without
+        this, each batch would hash every token seen before, quadratic in the file's size). The
+        tokens seen are kept as chunks, joined only when a batch needs the lookup."""
         if out is None or not out.num_rows:
             return None
         key = self.policy.subject_key
         reasons = out["_reason"].combine_chunks()
         if self.existing_tokens is not None:
-            if len(self.existing_tokens):
-                dup = pc.and_(pc.is_null(reasons), pc.is_in(tokens, value_set=self.existing_tokens))
+            seen = self.existing_tokens
+            if not fresh and (len(seen) or self._seen_chunks):
+                if self._seen_chunks:  # join what earlier batches added, once, when a lookup needs it
+                    seen = self.existing_tokens = pa.concat_arrays([seen, *self._seen_chunks])
+                    self._seen_chunks = []
+                dup = pc.and_(pc.is_null(reasons), pc.is_in(tokens, value_set=seen))
                 reasons = pc.if_else(dup, f"{key}: duplicate of a subject already ingested", reasons)
             if self.policy.columns[key].unique:
-                self.existing_tokens = pa.concat_arrays([self.existing_tokens, tokens.filter(pc.is_null(reasons))])
+                self._seen_chunks.append(tokens.filter(pc.is_null(reasons)))
         return reasons
 
     def _commit(self, batch_id: str, protected: Future | None, quarantine: pa.Table, source: str,

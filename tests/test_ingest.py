@@ -176,6 +176,17 @@ def test_duplicate_keys_within_a_file_and_across_ingests(workspace: Workspace, t
     assert table(workspace, "bronze").num_rows == 3
 
 
+def test_duplicates_across_batches_of_a_later_ingest(workspace: Workspace, tmp_path: Path):
+    """A second ingest in batches of two: new people only (the lookup is skipped), then a batch that
+    repeats someone from the first ingest and someone from an earlier batch of this one."""
+    run(workspace, write_csv(tmp_path / "a.csv", [person(1), person(2)]))
+    rows = [person(3), person(4), person(5), person(1, name="Again"), person(6), person(3, name="Twice")]
+    rep = run(workspace, write_csv(tmp_path / "b.csv", rows), batch_rows=2)
+    assert rep.rows_accepted == 4 and rep.rows_quarantined == 2, dict(rep.reasons)
+    assert sum(rep.reasons.values()) == 2 and all("customer_id: duplicate" in r for r in rep.reasons)
+    assert table(workspace, "bronze").num_rows == 6
+
+
 def test_bad_utf8_is_quarantined(workspace: Workspace, tmp_path: Path):
     f = write_csv(tmp_path / "u.csv", [person(1), person(2)])
     f.write_bytes(f.read_bytes().replace(b"Person2 Example", b"Person2 \xff\xfe"))

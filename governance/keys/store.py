@@ -107,6 +107,7 @@ class SubjectKeys(NamedTuple):
 
     tokens: pa.Array
     keys: bytes | None
+    created: int | None = None  # how many of the ids were new subjects, created by this call (None: not counted)
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
@@ -522,13 +523,13 @@ class KeyStore:
             material = self._kek._native_material  # type: ignore[attr-defined]
             with self._lock:
                 try:
-                    tokens, key_bytes, _ = native.resolve_subjects(
+                    tokens, key_bytes, created = native.resolve_subjects(
                         str(self._path), key, material(), self._kek.key_id, ids, create=create, keys=keys, now=self._now(),
                         token_key=self._token_key(),
                     )
                 except RuntimeError as exc:
                     raise self._native_error(str(exc)) from None
-            return SubjectKeys(tokens, key_bytes)
+            return SubjectKeys(tokens, key_bytes, created)
         found = self._resolve(key, ids, create=create, keys=keys)
         tokens = pa.array([None if t is None else t[0] for t in found], pa.string())
         if not keys:
