@@ -127,6 +127,30 @@ def test_an_unknown_key_id_fetches_the_keys_again_at_most_once_per_interval():
     assert reason(v, mint(OTHER_KEY, "k3")) == "unknown-key" and len(idp.fetches) == n + 1
 
 
+def test_a_verified_token_is_remembered_but_its_times_and_key_are_checked_every_time(monkeypatch):
+    """The second use of a token skips the decoding and signature (PyJWT is not called), yet it still
+    expires with the clock, and a key the issuer withdrew (seen at the next key refresh) ends it."""
+    idp = FakeIdP((KEY, "k1"))
+    now = [NOW]
+    v = TokenVerifier(ISSUER, audience=AUD, leeway=30, clock=lambda: now[0], fetch=idp, min_refresh=10)
+    tok = mint()
+    assert v.verify(tok)["sub"] == "uuid-mel"
+    calls = []
+    real = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert v.verify(tok)["sub"] == "uuid-mel" and calls == []  # remembered
+    claims = v.verify(tok)
+    claims["sub"] = "someone-else"  # a caller changing its copy changes nothing remembered
+    assert v.verify(tok)["sub"] == "uuid-mel"
+    assert reason(v, mint(OTHER_KEY)) == "signature" and len(calls) == 1  # a new token is verified in full
+    now[0] = NOW + 300 + 31
+    assert reason(v, tok) == "expired"  # the clock, on every call
+    now[0] = NOW + 20
+    idp.keys = [(OTHER_KEY, "k2")]  # the issuer withdraws k1; a token of k2 makes the verifier refresh
+    assert v.verify(mint(OTHER_KEY, "k2"))["sub"] == "uuid-mel"
+    assert reason(v, tok) == "unknown-key"  # the remembered token of the withdrawn key is refused
+
+
 def test_a_discovery_document_naming_another_issuer_is_refused():
     assert reason(verifier(FakeIdP((KEY, "k1"), issuer="https://evil.example")), mint()) == "jwks"
 
