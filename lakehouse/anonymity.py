@@ -625,7 +625,7 @@ def measure_sizes(sizes: Sequence[int], quasi_identifiers: Sequence[str], *, k_m
 SIZE_COLUMN = "__lw_class_size"
 
 
-def group_sizes_sql(sql: str, dialect: str = "duckdb") -> str | None:
+def group_sizes_sql(sql: str, dialect: str = "duckdb", *, having: bool = True) -> str | None:
     """For a query whose top level aggregates (GROUP BY, DISTINCT, or aggregates without GROUP BY): the
     query that counts the rows behind each of its result rows (one column, ``__lw_class_size``), over
     the same FROM, joins, WHERE, GROUP BY and HAVING. None for a row-level query (each result row is
@@ -647,12 +647,35 @@ def group_sizes_sql(sql: str, dialect: str = "duckdb") -> str | None:
         return None  # a window keeps one output row per input row: row-level
     if group is None and not distinct and not aggregated:
         return None
+    items = [e.unalias() if isinstance(e, exp.Alias) else e for e in tree.expressions]
+    aliases = {e.alias.lower(): e.unalias() for e in tree.expressions if isinstance(e, exp.Alias) and e.alias}
+    keys: list[Any] = []
+    if group is not None:
+        if group.args.get("all"):  # GROUP BY ALL: the select items that aggregate nothing
+            keys = [i for i in items if not any(True for _ in i.find_all(exp.AggFunc))]
+        else:
+            for g in group.expressions:
+                if isinstance(g, (exp.Rollup, exp.Cube, exp.GroupingSets)) or any(
+                        group.args.get(k) for k in ("rollup", "cube", "grouping_sets")):
+                    return None  # several groupings in one result: measured row-level (stricter)
+                if isinstance(g, exp.Literal) and not g.is_string:  # GROUP BY 1: the first select item
+                    n = int(g.this)
+                    if not 1 <= n <= len(items):
+                        return None
+                    keys.append(items[n - 1])
+                elif isinstance(g, exp.Column) and not g.table and g.name.lower() in aliases:
+                    target = aliases[g.name.lower()]  # GROUP BY an alias of the select list
+                    if not (isinstance(target, exp.Column) and target.name.lower() == g.name.lower()):
+                        return None  # an alias that may also name a column: ambiguous, measured row-level
+                    keys.append(target)
+                else:
+                    keys.append(g)
+    elif distinct:  # SELECT DISTINCT a, b: the classes are the distinct rows
+        keys = items
     q = tree.copy()
-    for arg in ("order", "limit", "offset", "distinct"):
+    for arg in ("order", "limit", "offset", "distinct", *(() if having else ("having",))):
         q.set(arg, None)
-    if distinct and group is None:  # SELECT DISTINCT a, b: the classes are the distinct rows
-        keys = [e.unalias() if isinstance(e, exp.Alias) else e for e in tree.expressions]
-        q.set("group", exp.Group(expressions=[k.copy() for k in keys]))
+    q.set("group", exp.Group(expressions=[k.copy() for k in keys]) if keys else None)
     q.set("expressions", [exp.alias_(exp.Count(this=exp.Star()), SIZE_COLUMN, quoted=True)])
     return q.sql(dialect=dialect)
 
@@ -668,10 +691,19 @@ def result_measure(policy: DatasetPolicy, sql: str, table: pa.Table, *, k_min: i
     if not cols:
         return None
     sizing = group_sizes_sql(sql, dialect) if sizes is not None or counted is not None else None
-    if sizing is not None:
-        if counted is None:
-            got = sizes(sizing)
+    if sizing is not None and counted is None:
+        # HAVING may name the select list's aliases, which the counting query no longer has: without
+        # it, every group is counted (stricter); a query that cannot be counted is measured row-level.
+        for attempt in dict.fromkeys([sizing, group_sizes_sql(sql, dialect, having=False)]):
+            if attempt is None:
+                continue
+            try:
+                got = sizes(attempt)
+            except LakehouseError:
+                continue
             counted = [int(v) for v in got.column(SIZE_COLUMN).to_pylist() if v is not None]
+            break
+    if sizing is not None and counted is not None:
         return cols, measure_sizes(counted, cols, k_min=k_min), f"the result's groups (by {', '.join(cols)})", counted
     return (cols, measure(table, cols, k_min=k_min, smallest=0),
             f"the result's quasi-identifier column(s) {', '.join(cols)}", None)

@@ -1112,8 +1112,11 @@ def run_query(ws: Workspace, actor: Actor, sql: str, *, role: str | None = None,
 
             def sizes(q: str) -> pa.Table:  # the rows behind each group, under the same user and rules
                 c = conn.cursor()
-                c.execute(q)
-                return _arrow(c, c.fetchall())
+                try:
+                    c.execute(q)
+                    return _arrow(c, c.fetchall())
+                except TrinoUserError as exc:
+                    raise SqlError(f"Trino: {(exc.message or str(exc)).splitlines()[0]}") from None
 
             try:
                 check_result(ws, actor, sql, anonymous, table, sizes=sizes, dialect="trino")

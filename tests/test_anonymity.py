@@ -318,6 +318,14 @@ def test_an_aggregate_is_measured_by_the_rows_behind_each_group(tmp_path: Path, 
     assert run_query(ws, ana, "SELECT max(age) AS oldest, count(*) AS n FROM patients").table.num_rows == 1
     assert run_query(ws, ana, "SELECT age, count(*) AS n FROM patients GROUP BY age HAVING count(*) >= 1000"
                      ).table.num_rows == 0
+    for sql in ("SELECT age, count(*) AS n FROM patients GROUP BY 1",       # an ordinal
+                "SELECT age, count(*) AS n FROM patients GROUP BY ALL",     # DuckDB's GROUP BY ALL
+                "SELECT age, count(*) AS n FROM patients GROUP BY age HAVING n >= 1"):  # HAVING an alias
+        assert run_query(ws, ana, sql).table.num_rows == len(by_age), sql
+    with pytest.raises(ResultRefused):  # GROUP BY ALL over one person's values: groups of one
+        run_query(ws, ana, "SELECT age, patient_ref, count(*) AS n FROM patients GROUP BY ALL")
+    with pytest.raises(ResultRefused):  # a ROLLUP is measured row-level: stricter
+        run_query(ws, ana, "SELECT age, count(*) AS n FROM patients GROUP BY ROLLUP (age)")
     for sql in ("SELECT age, patient_ref, count(*) AS n FROM patients GROUP BY age, patient_ref",
                 "SELECT DISTINCT age, patient_ref FROM patients"):
         with pytest.raises(ResultRefused) as ei:
