@@ -561,6 +561,32 @@ def query_risk(ws: "Workspace", actor: Actor, dataset: str, query: str, *, k_min
 def _qi_outputs(sql: str, result_columns: Sequence[str], qi_names: set[str], *, dialect: str = "duckdb") -> list[str]:
     """Result columns that carry a quasi-identifier: named like one, an alias of an expression over one
     (through any depth of subqueries and CTEs), or an unnamed expression that mentions one."""
+    carriers = _carriers(sql, qi_names, dialect)
+    out = []
+    for col in result_columns:
+        low = col.lower()
+        if low in carriers or (not re.match(r"count(_star)?\s*\(", low)  # a count hands out no value
+                               and any(re.search(rf"\b{re.escape(c)}\b", low) for c in carriers)):
+            out.append(col)
+    return out
+
+
+def _counted(node: Any) -> bool:
+    """Whether a column reference sits inside a COUNT (which hands out how many, not a value)."""
+    from sqlglot import exp
+
+    parent = node.parent
+    while parent is not None:
+        if isinstance(parent, exp.Count):
+            return True
+        if isinstance(parent, (exp.Select, exp.Alias)):
+            return False
+        parent = parent.parent
+    return False
+
+
+def _carriers(sql: str, qi_names: set[str], dialect: str) -> set[str]:
+    """The quasi-identifiers' names, lower case, and every alias of an expression over one of them."""
     import sqlglot
     from sqlglot import exp
 
@@ -576,15 +602,10 @@ def _qi_outputs(sql: str, result_columns: Sequence[str], qi_names: set[str], *, 
             for al in tree.find_all(exp.Alias):
                 name = al.alias.lower()
                 if name and name not in carriers and any(
-                        c.name.lower() in carriers for c in al.this.find_all(exp.Column)):
+                        c.name.lower() in carriers and not _counted(c) for c in al.this.find_all(exp.Column)):
                     carriers.add(name)
                     changed = True
-    out = []
-    for col in result_columns:
-        low = col.lower()
-        if low in carriers or any(re.search(rf"\b{re.escape(c)}\b", low) for c in carriers):
-            out.append(col)
-    return out
+    return carriers
 
 
 class ResultRefused(AccessDenied):
@@ -625,7 +646,8 @@ def measure_sizes(sizes: Sequence[int], quasi_identifiers: Sequence[str], *, k_m
 SIZE_COLUMN = "__lw_class_size"
 
 
-def group_sizes_sql(sql: str, dialect: str = "duckdb", *, having: bool = True) -> str | None:
+def group_sizes_sql(sql: str, dialect: str = "duckdb", *, having: bool = True,
+                    qi_names: set[str] | None = None) -> str | None:
     """For a query whose top level aggregates (GROUP BY, DISTINCT, or aggregates without GROUP BY): the
     query that counts the rows behind each of its result rows (one column, ``__lw_class_size``), over
     the same FROM, joins, WHERE, GROUP BY and HAVING. None for a row-level query (each result row is
@@ -672,6 +694,20 @@ def group_sizes_sql(sql: str, dialect: str = "duckdb", *, having: bool = True) -
                     keys.append(g)
     elif distinct:  # SELECT DISTINCT a, b: the classes are the distinct rows
         keys = items
+    if qi_names:
+        # An aggregate other than COUNT over a quasi-identifier hands out row values (list, string_agg,
+        # histogram, min, max, any_value) or what few rows decide (avg, sum): its values are counted as
+        # classes of their own within each group, as if its rows were released.
+        carriers = _carriers(sql, qi_names, dialect)
+        seen = {k.sql(dialect=dialect) for k in keys}
+        for item in items:
+            for agg in item.find_all(exp.AggFunc):
+                if isinstance(agg, exp.Count):
+                    continue
+                for c in agg.find_all(exp.Column):
+                    if c.name.lower() in carriers and c.sql(dialect=dialect) not in seen:
+                        seen.add(c.sql(dialect=dialect))
+                        keys.append(c)
     q = tree.copy()
     for arg in ("order", "limit", "offset", "distinct", *(() if having else ("having",))):
         q.set(arg, None)
@@ -690,11 +726,12 @@ def result_measure(policy: DatasetPolicy, sql: str, table: pa.Table, *, k_min: i
     cols = _qi_outputs(sql, table.column_names, set(policy.quasi_identifiers()), dialect=dialect)
     if not cols:
         return None
-    sizing = group_sizes_sql(sql, dialect) if sizes is not None or counted is not None else None
+    qi = set(policy.quasi_identifiers())
+    sizing = group_sizes_sql(sql, dialect, qi_names=qi) if sizes is not None or counted is not None else None
     if sizing is not None and counted is None:
         # HAVING may name the select list's aliases, which the counting query no longer has: without
         # it, every group is counted (stricter); a query that cannot be counted is measured row-level.
-        for attempt in dict.fromkeys([sizing, group_sizes_sql(sql, dialect, having=False)]):
+        for attempt in dict.fromkeys([sizing, group_sizes_sql(sql, dialect, having=False, qi_names=qi)]):
             if attempt is None:
                 continue
             try:

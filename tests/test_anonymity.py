@@ -324,6 +324,14 @@ def test_an_aggregate_is_measured_by_the_rows_behind_each_group(tmp_path: Path, 
         assert run_query(ws, ana, sql).table.num_rows == len(by_age), sql
     with pytest.raises(ResultRefused):  # GROUP BY ALL over one person's values: groups of one
         run_query(ws, ana, "SELECT age, patient_ref, count(*) AS n FROM patients GROUP BY ALL")
+    # aggregates that hand out row values are measured as if those rows were released
+    assert run_query(ws, ana, "SELECT list(age) AS ages FROM patients").table.num_rows == 1
+    for sql in ("SELECT list(age) AS ages FROM (SELECT age FROM patients LIMIT 3)",
+                "SELECT ward, string_agg(postcode, ',') AS pcs FROM (SELECT * FROM patients LIMIT 3) GROUP BY ward",
+                "SELECT max(age) AS oldest FROM (SELECT age FROM patients LIMIT 3)"):
+        with pytest.raises(ResultRefused):
+            run_query(ws, ana, sql)
+    assert run_query(ws, ana, "SELECT count(age) AS n FROM (SELECT age FROM patients LIMIT 3)").table.num_rows == 1
     with pytest.raises(ResultRefused):  # a ROLLUP is measured row-level: stricter
         run_query(ws, ana, "SELECT age, count(*) AS n FROM patients GROUP BY ROLLUP (age)")
     for sql in ("SELECT age, patient_ref, count(*) AS n FROM patients GROUP BY age, patient_ref",
