@@ -586,7 +586,9 @@ def _counted(node: Any) -> bool:
 
 
 def _carriers(sql: str, qi_names: set[str], dialect: str) -> set[str]:
-    """The quasi-identifiers' names, lower case, and every alias of an expression over one of them."""
+    """The quasi-identifiers' names, lower case, and every alias of an expression over one of them.
+    A table's name or alias used as a value (DuckDB's ``SELECT t FROM t``: the whole row as a struct;
+    ``to_json(t)``) carries every column of it, so those names are carriers too."""
     import sqlglot
     from sqlglot import exp
 
@@ -596,6 +598,10 @@ def _carriers(sql: str, qi_names: set[str], dialect: str) -> set[str]:
     except sqlglot.errors.ParseError:
         tree = None
     if tree is not None:
+        rows = {t.alias_or_name.lower() for t in tree.find_all(exp.Table)}
+        rows |= {q.alias.lower() for q in tree.find_all(exp.Subquery) if q.alias}
+        rows |= {c.alias.lower() for c in tree.find_all(exp.CTE) if c.alias}
+        carriers |= {c.name.lower() for c in tree.find_all(exp.Column) if not c.table and c.name.lower() in rows}
         changed = True
         while changed:
             changed = False

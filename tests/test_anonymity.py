@@ -291,7 +291,10 @@ def test_a_query_result_below_k_min_is_refused_and_a_coarse_one_is_not(tmp_path:
     assert run_query(ws, ana, "SELECT age, postcode FROM patients").table.num_rows == 120  # silver meets k_min
     for sql in ("SELECT age, postcode, ward FROM patients WHERE ward = 'north' LIMIT 3",
                 "SELECT p AS area FROM (SELECT postcode AS p FROM patients) LIMIT 5",
-                "SELECT age + 1, postcode FROM patients LIMIT 2"):
+                "SELECT age + 1, postcode FROM patients LIMIT 2",
+                "SELECT patients FROM patients LIMIT 3",            # the whole row, as a struct
+                "SELECT to_json(p) AS j FROM patients p LIMIT 3",   # the whole row, as JSON text
+                "SELECT x FROM (SELECT p AS x FROM patients p) LIMIT 3"):
         with pytest.raises(ResultRefused) as ei:
             run_query(ws, ana, sql)
         msg = str(ei.value)
