@@ -99,7 +99,8 @@ class Aggregate:
 class PrivateRelease:
     """What a private result is: noisy, at which ε and δ, by which mechanism, with which intervals.
 
-    ``scales`` maps each released statistic to the scale of its noise; ``rule_ids`` are the rules
+    ``scales`` maps each released statistic (by its result name; an average as ``<name> (sum)`` and
+    ``<name> (count)``) to the scale of its noise; ``rule_ids`` are the rules
     that allowed it (the gate's and the ledger's); ``run_id`` is its ledger run.
     """
 
@@ -238,7 +239,25 @@ class PrivatePlan:
                                         typ)
                 data[f"{a.name}_ci_low"] = pa.array([None if x is None else float(x - half) for x in v], pa.float64())
                 data[f"{a.name}_ci_high"] = pa.array([None if x is None else float(x + half) for x in v], pa.float64())
-        return pa.table(data), scales
+        return pa.table(data), self._named(scales)
+
+    def _named(self, scales: dict[str, float]) -> dict[str, float]:
+        """The noise scales by the statistic's name as the result shows it (an average: its noisy sum
+        and count; the hidden count a thresholded release needs: ``(rows, for the threshold)``)."""
+        out: dict[str, float] = {}
+        for col, scale in scales.items():
+            name = col
+            for i, a in enumerate(self.aggregates):
+                if col == f"__a{i}":
+                    name = a.name
+                elif col == f"__a{i}_sum":
+                    name = f"{a.name} (sum)"
+                elif col == f"__a{i}_n":
+                    name = f"{a.name} (count)"
+            if col == _LEN:
+                name = "(rows, for the threshold)"
+            out[name] = scale
+        return out
 
     @property
     def thresholded(self) -> bool:

@@ -197,7 +197,7 @@ def test_count_noise_follows_the_mechanism(lake):
     true = run_query(lake, lake.actor("dana"), "SELECT COUNT(*) AS n FROM customers WHERE region <> 'restricted'",
                      version=1).table["n"][0].as_py()
     _, scales = plan.release(rows)
-    s = scales["__a0"]
+    s = scales["n"]
     assert s == pytest.approx(1 / eps)
     draws = 3000
     noise = [plan.release(rows)[0]["n"][0].as_py() - true for _ in range(draws)]
@@ -578,3 +578,66 @@ def test_a_subject_with_many_rows_adds_at_most_contributions(project):
         got = run_query(ws, ws.actor("ana"), sql).table.to_pylist()
         total = sum(r["n"] for r in got)  # 2 of each person's 5 rows: 200, noise of scale 2 on each of 3 keys
         assert abs(total - people * 2) <= 60, got
+
+
+METERS = """\
+kind: dataset
+dataset: meters
+description: Smart-meter readings, many per household (a dataset the demo did not design).
+owner: data_engineer
+subject_key: household
+columns:
+  household: {class: subject_key, type: string, required: true}
+  town:      {class: public, type: string, required: true}
+  tariff:    {class: public, type: string, allowed: [flat, peak, green]}
+  kwh:       {class: public, type: double, required: true, min: 0, max: 50}
+purposes:
+  planning: {description: Grid planning.}
+access:
+  data_engineer: {layers: [bronze, silver, quarantine], purposes: [planning]}
+  analyst: {layers: [silver], purposes: [planning], query: private, masks: {household: hash}}
+privacy: {epsilon_per_run: 5.0, epsilon_total: 20.0, delta: 1.0e-5}
+private_queries: {epsilon_per_query: 2.0, contributions: 3, delta_per_query: 1.0e-6}
+"""
+
+
+def test_private_queries_over_a_dataset_with_other_names_and_many_rows_per_subject(project):
+    """Ingested and built for real: households with six readings each (truncated to three), towns found
+    in the data (thresholded: the town of one household never shows), tariffs listed in the policy."""
+    import csv
+
+    from governance.gate import Resource
+    from governance.policy import Stage
+    from governance.workspace import Workspace
+    from lakehouse.ingest import ingest
+    from lakehouse.silver import build_silver
+
+    (project / "policies" / "meters.yaml").write_text(METERS)
+    towns = ["Ashby"] * 60 + ["Brill"] * 45 + ["Crail"]
+    src = project / "meters.csv"
+    with open(src, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["household", "town", "tariff", "kwh"])
+        for h, town in enumerate(towns):
+            for r in range(6):
+                w.writerow([f"HH-{h:04d}", town, ["flat", "peak", "green"][(h + r) % 3], f"{(h * 7 + r) % 50}.5"])
+    with Workspace.open(project / "lakewarden.yaml") as ws:
+        assert ingest(ws, ws.actor("dana"), "meters", [str(src)]).rows_accepted == 636
+        build_silver(ws, ws.actor("dana"), "meters")
+        ana = ws.actor("ana")
+        d = ws.gate.enforce(Stage.QUERY, ana, Resource.table("meters"), {"layer": "silver"})
+        plan = compile_plan("SELECT town, COUNT(*) AS n FROM meters GROUP BY town", ws, TableRef("silver", "meters"), d)
+        assert plan.id_column == "household" and plan.thresholded  # truncation on the key; keys from the data
+        res = run_query(ws, ana, "SELECT town, COUNT(*) AS n FROM meters GROUP BY town")
+        # a household moves a count by up to 3 rows in up to 3 towns: noise scale 9/ε = 4.5, threshold 78
+        assert res.private.threshold == 78 and res.private.scales == {"n": pytest.approx(4.5)}
+        got = {r["town"]: r["n"] for r in res.table.to_pylist()}
+        assert set(got) == {"Ashby", "Brill"}, got  # Crail: one household (3 rows), far below the threshold
+        assert abs(got["Ashby"] - 180) <= 90 and abs(got["Brill"] - 135) <= 90  # three readings per household
+        by_tariff = run_query(ws, ana, "SELECT tariff, AVG(kwh) AS mean_kwh FROM meters GROUP BY tariff ORDER BY tariff")
+        assert by_tariff.table["tariff"].to_pylist() == ["flat", "green", "peak"]  # the policy's keys, all of them
+        assert all(0 <= v <= 50 for v in by_tariff.table["mean_kwh"].to_pylist())
+        with pytest.raises(SqlError, match="subject key column"):
+            run_query(ws, ana, "SELECT household, COUNT(*) FROM meters GROUP BY household")
+        mine = PrivacyLedger(ws).analyst_status("meters", "ana")
+        assert mine.epsilon_spent == pytest.approx(4.0) and mine.delta_spent == pytest.approx(1e-6)
