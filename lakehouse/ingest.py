@@ -433,6 +433,7 @@ class Ingestor(BatchWork):
         # to the cores, while this thread resolves tokens and seals (the native core releases it
         # too) and the writer commits: all cores work, and at most workers + 2 batches are held.
         self.workers = max(1, min(os.cpu_count() or 1, 4)) if workers is None else workers
+        self._recent: deque[pa.Array] = deque(maxlen=self.workers)  # the last batches' accepted tokens
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="lakewarden-ingest-check")
         self._pending: Future | None = None
         self._preload_unique()
@@ -540,24 +541,31 @@ class Ingestor(BatchWork):
         earlier ingest or batch) is a duplicate too. Only ``_row``, ``_reason`` and the unique
         columns of ``out`` are read, so a Ray driver runs this on a small slice of the batch.
 
-        ``fresh``: the key store created every subject of this batch just now, so none of them can be
-        in the table or an earlier batch, and the lookup is skipped (a file of new people: without
-        this, each batch would hash every token seen before, quadratic in the file's size). The
-        tokens seen are kept as chunks, joined only when a batch needs the lookup."""
+        ``fresh``: the key store created every subject of this batch just now. None of them can be in
+        the table, nor in an earlier batch whose subjects were resolved before this batch's were: that
+        is every batch but the ``workers`` before it (a batch is submitted only once the batch
+        ``workers`` places back has been resolved; batches in flight together may be resolved in
+        either order). So a fresh batch is looked up in those few batches' tokens only, not in every
+        token seen before (a file of new people: that was quadratic in the file's size). The tokens
+        seen are kept as chunks, joined only when a batch needs the full lookup."""
         if out is None or not out.num_rows:
             return None
         key = self.policy.subject_key
         reasons = out["_reason"].combine_chunks()
         if self.existing_tokens is not None:
-            seen = self.existing_tokens
-            if not fresh and (len(seen) or self._seen_chunks):
-                if self._seen_chunks:  # join what earlier batches added, once, when a lookup needs it
-                    seen = self.existing_tokens = pa.concat_arrays([seen, *self._seen_chunks])
-                    self._seen_chunks = []
+            seen: pa.Array | None = self.existing_tokens
+            if fresh:
+                seen = pa.concat_arrays(list(self._recent)) if self._recent else None
+            elif self._seen_chunks:  # join what earlier batches added, once, when a full lookup needs it
+                seen = self.existing_tokens = pa.concat_arrays([self.existing_tokens, *self._seen_chunks])
+                self._seen_chunks = []
+            if seen is not None and len(seen):
                 dup = pc.and_(pc.is_null(reasons), pc.is_in(tokens, value_set=seen))
                 reasons = pc.if_else(dup, f"{key}: duplicate of a subject already ingested", reasons)
             if self.policy.columns[key].unique:
-                self._seen_chunks.append(tokens.filter(pc.is_null(reasons)))
+                accepted = tokens.filter(pc.is_null(reasons))
+                self._seen_chunks.append(accepted)
+                self._recent.append(accepted)
         return reasons
 
     def _commit(self, batch_id: str, protected: Future | None, quarantine: pa.Table, source: str,

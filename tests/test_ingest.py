@@ -187,6 +187,25 @@ def test_duplicates_across_batches_of_a_later_ingest(workspace: Workspace, tmp_p
     assert table(workspace, "bronze").num_rows == 6
 
 
+def test_a_fresh_batch_is_still_checked_against_the_batches_in_flight_with_it(workspace: Workspace, tmp_path: Path):
+    """Batches in flight together may reach the key store in either order: a subject created by a later
+    batch can be in the earlier one, which then found it known. A batch whose subjects were all just
+    created skips the lookup in the table, never in those batches."""
+    from lakehouse.ingest import Ingestor
+
+    run(workspace, write_csv(tmp_path / "a.csv", [person(1)]))  # the table exists: duplicates are looked up
+    ing = Ingestor(workspace, workspace.actor("dana"), "customers", batch_rows=None, progress=None, workers=2)
+    try:
+        out = pa.table({"_row": [1], "_reason": pa.nulls(1, pa.string())})
+        assert ing._final_reasons(out, pa.array(["sub_x"]), fresh=False).null_count == 1   # earlier batch: accepted
+        again = ing._final_reasons(out, pa.array(["sub_x"]), fresh=True)                    # the later, "fresh" one
+        assert again.to_pylist() == ["customer_id: duplicate of a subject already ingested"]
+        old = table(workspace, "bronze")["customer_id"][0].as_py()
+        assert ing._final_reasons(out, pa.array([old]), fresh=False).null_count == 0        # in the table
+    finally:
+        ing.close()
+
+
 def test_bad_utf8_is_quarantined(workspace: Workspace, tmp_path: Path):
     f = write_csv(tmp_path / "u.csv", [person(1), person(2)])
     f.write_bytes(f.read_bytes().replace(b"Person2 Example", b"Person2 \xff\xfe"))
