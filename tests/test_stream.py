@@ -363,7 +363,9 @@ def test_sigkill_at_random_points_twenty_times_never_duplicates_or_loses_a_recor
     dana = ws.actor("dana")
     ledger_uri = ws.config.table_uri(LEDGER)
     topic = _topic(kafka, partitions=3)
-    tx = _records(tmp_path, 300, "transactions")  # 900 records: 30 batches of 30
+    # 1,800 records: 60 batches of 30. A trial commits a few batches before its kill, so the topic must
+    # outlast 20 trials on a fast machine too (with 900, a CI run once drained it after 7 cut trials).
+    tx = _records(tmp_path, 600, "transactions")
     with SealedProducer(ws, dana, "transactions", topic, bootstrap=kafka.bootstrap) as prod:
         prod.send(tx)
     p = _producer(kafka)
