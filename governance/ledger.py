@@ -304,10 +304,7 @@ class PrivacyLedger:
             if denied:
                 self.ws.audit.flush()
                 raise AccessDenied(decision)
-            run_id = uuid.uuid4().hex
-            self._append({"run_id": run_id, "dataset": dataset, "state": "reserved", "epsilon": float(epsilon),
-                          "delta": float(delta), "purpose": QUERY_PURPOSE, "accountant": mechanism, "actor": actor.name,
-                          "recorded_at": datetime.now(timezone.utc), "model": None, "build": None})
+            run_id = self._new_run(dataset, epsilon, delta, QUERY_PURPOSE, mechanism, actor.name)
         self.ws.audit.record("privacy.reserve", actor=actor.name, outcome="ok", stage=Stage.QUERY.value,
                              resource=f"dataset:{dataset}",
                              details={"run_id": run_id, "epsilon": epsilon, "delta": delta, "purpose": QUERY_PURPOSE})
@@ -331,15 +328,21 @@ class PrivacyLedger:
                 {"purpose": purpose, "epsilon": epsilon, "delta": delta, "columns": columns or [],
                  "epsilon_spent": st.epsilon_spent + st.epsilon_reserved},
             )
-            run_id = uuid.uuid4().hex
-            self._append({"run_id": run_id, "dataset": dataset, "state": "reserved", "epsilon": float(epsilon),
-                          "delta": float(delta), "purpose": purpose, "accountant": accountant, "actor": actor.name,
-                          "recorded_at": datetime.now(timezone.utc), "model": model, "build": build})
+            run_id = self._new_run(dataset, epsilon, delta, purpose, accountant, actor.name, model=model, build=build)
         self.ws.audit.record("privacy.reserve", actor=actor.name, outcome="ok", stage=Stage.TRAIN.value,
                              resource=f"dataset:{dataset}",
                              details={"run_id": run_id, "epsilon": epsilon, "delta": delta,
                                       **({"model": model, "build": build} if build else {})})
         return Reservation(run_id, dataset, float(epsilon), float(delta), decision)
+
+    def _new_run(self, dataset: str, epsilon: float, delta: float, purpose: str, accountant: str, actor: str, *,
+                 model: str | None = None, build: str | None = None) -> str:
+        """Append a new run in state ``reserved`` (under the ledger's lock, held by the caller); its id."""
+        run_id = uuid.uuid4().hex
+        self._append({"run_id": run_id, "dataset": dataset, "state": "reserved", "epsilon": float(epsilon),
+                      "delta": float(delta), "purpose": purpose, "accountant": accountant, "actor": actor,
+                      "recorded_at": datetime.now(timezone.utc), "model": model, "build": build})
+        return run_id
 
     def _transition(self, run_id: str, state: str, epsilon: float | None, actor: str) -> dict[str, Any]:
         with self._locked():

@@ -542,10 +542,8 @@ def query_risk(ws: "Workspace", actor: Actor, dataset: str, query: str, *, k_min
     def sizes(q: str) -> pa.Table:
         return _execute(ws, actor, q, uses, version=None, as_of=None, max_rows=None, decided=decided).table
 
-    found = result_measure(policy, query, table, k_min=k_min, sizes=sizes)
+    found = result_measure(policy, query, table, k_min=k_min, sizes=sizes, smallest=smallest)
     m = found[1] if found is not None else measure(table, [], k_min=k_min, smallest=0)
-    if found is not None and found[3] is None:  # row-level: list the smallest classes, by rank
-        m = measure(table, found[0], k_min=k_min, smallest=smallest)
     ref = mine[0].ref
     version = Catalog(ws.config).open(ref).version()
     ws.audit.record(
@@ -723,22 +721,24 @@ def group_sizes_sql(sql: str, dialect: str = "duckdb", *, having: bool = True,
 
 
 def result_measure(policy: DatasetPolicy, sql: str, table: pa.Table, *, k_min: int | None, sizes: Any = None,
-                   dialect: str = "duckdb", counted: list[int] | None = None,
+                   dialect: str = "duckdb", counted: list[int] | None = None, smallest: int = 0,
                    ) -> tuple[list[str], AnonymityMeasure, str, list[int] | None] | None:
     """The classes of a query result over ``policy``'s quasi-identifiers: ``(columns, measure, what,
     group sizes)``, or None when the result carries none of them. A row-level result is measured on
-    its own rows; an aggregate (GROUP BY, DISTINCT) by the rows behind each result row, counted by
-    ``sizes(group_sizes_sql(sql))`` (``counted``: sizes already counted for this query)."""
-    cols = _qi_outputs(sql, table.column_names, set(policy.quasi_identifiers()), dialect=dialect)
+    its own rows (listing its ``smallest`` classes by rank); an aggregate (GROUP BY, DISTINCT) by the
+    rows behind each result row, counted by ``sizes(group_sizes_sql(sql))`` (``counted``: sizes
+    already counted for this query)."""
+    qi = set(policy.quasi_identifiers())
+    cols = _qi_outputs(sql, table.column_names, qi, dialect=dialect)
     if not cols:
         return None
-    qi = set(policy.quasi_identifiers())
     sizing = group_sizes_sql(sql, dialect, qi_names=qi) if sizes is not None or counted is not None else None
     if sizing is not None and counted is None:
         # HAVING may name the select list's aliases, which the counting query no longer has: without
         # it, every group is counted (stricter); a query that cannot be counted is measured row-level.
-        for attempt in dict.fromkeys([sizing, group_sizes_sql(sql, dialect, having=False, qi_names=qi)]):
-            if attempt is None:
+        for having in (True, False):
+            attempt = sizing if having else group_sizes_sql(sql, dialect, having=False, qi_names=qi)
+            if attempt is None or (not having and attempt == sizing):
                 continue
             try:
                 got = sizes(attempt)
@@ -748,7 +748,7 @@ def result_measure(policy: DatasetPolicy, sql: str, table: pa.Table, *, k_min: i
             break
     if sizing is not None and counted is not None:
         return cols, measure_sizes(counted, cols, k_min=k_min), f"the result's groups (by {', '.join(cols)})", counted
-    return (cols, measure(table, cols, k_min=k_min, smallest=0),
+    return (cols, measure(table, cols, k_min=k_min, smallest=smallest),
             f"the result's quasi-identifier column(s) {', '.join(cols)}", None)
 
 

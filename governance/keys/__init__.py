@@ -260,31 +260,16 @@ class KeyRing:
             SubjectShredded / KeyManagementError: as :meth:`open`, for the first such subject.
             DecryptionError: a value does not open for its dataset, column and subject.
         """
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        from governance.keys import native
-
-        if len(blobs) != len(tokens):
-            raise ValueError(f"open_arrow: {len(blobs)} blobs but {len(tokens)} tokens")
-        if isinstance(tokens, pa.ChunkedArray):
-            tokens = tokens.combine_chunks()
-        if isinstance(blobs, pa.ChunkedArray):
-            blobs = blobs.combine_chunks()
-        needed = pc.unique(tokens.filter(pc.is_valid(blobs)).drop_null())
-        orphan = pc.and_(pc.is_valid(blobs), pc.is_null(tokens))
-        if pc.any(orphan).as_py():
-            raise ValueError(f"value at position {pc.index(orphan, True).as_py()} has no subject token")
-        uniq = needed.to_pylist()
-        deks = self._store.deks(uniq)
-        keys = b"".join(deks[t] for t in uniq)
-        idx = pc.index_in(tokens, value_set=needed)
-        return native.open_column(keys, idx, needed, _aad_prefix(dataset, column), blobs)
+        return self._open_columns({column: blobs}, tokens, dataset=dataset, single=True)[column]
 
     def open_arrow_columns(self, columns: "Mapping[str, pa.Array]", tokens: pa.Array, *,
                            dataset: str) -> "dict[str, pa.Array]":
         """:meth:`open_arrow` of several sealed columns of the same rows: each subject's data key is
         looked up and unwrapped once for all of them, not once per column (same errors)."""
+        return self._open_columns(columns, tokens, dataset=dataset, single=False)
+
+    def _open_columns(self, columns: "Mapping[str, pa.Array]", tokens: pa.Array, *, dataset: str,
+                      single: bool) -> "dict[str, pa.Array]":
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -298,10 +283,12 @@ class KeyRing:
         valid = None
         for c, b in cols.items():
             if len(b) != len(tokens):
-                raise ValueError(f"open_arrow_columns: column {c} has {len(b)} blobs but there are {len(tokens)} tokens")
+                raise ValueError(f"open_arrow: {len(b)} blobs but {len(tokens)} tokens" if single else
+                                 f"open_arrow_columns: column {c} has {len(b)} blobs but there are {len(tokens)} tokens")
             orphan = pc.and_(pc.is_valid(b), pc.is_null(tokens))
             if pc.any(orphan).as_py():
-                raise ValueError(f"value at position {pc.index(orphan, True).as_py()} of {c} has no subject token")
+                where = "" if single else f" of {c}"
+                raise ValueError(f"value at position {pc.index(orphan, True).as_py()}{where} has no subject token")
             valid = pc.is_valid(b) if valid is None else pc.or_(valid, pc.is_valid(b))
         needed = pc.unique(tokens.filter(valid).drop_null())
         uniq = needed.to_pylist()
