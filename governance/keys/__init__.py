@@ -246,12 +246,10 @@ class KeyRing:
 
         if subjects.keys is None:
             raise ValueError("seal_arrow needs the subjects' data keys: KeyStore.subject_keys(..., keys=True)")
-        out = {}
-        for name, values in columns.items():
-            out[name] = native.seal_column(
-                subjects.keys, key_index, subjects.tokens, _aad_prefix(dataset, name), values
-            )
-        return out
+        return native.seal_columns(
+            subjects.keys, key_index, subjects.tokens,
+            {name: (_aad_prefix(dataset, name), values) for name, values in columns.items()},
+        )
 
     def open_arrow(self, blobs: pa.Array, tokens: pa.Array, *, dataset: str, column: str) -> pa.Array:
         """Open a whole column of sealed values (binary out); ``tokens[i]`` is row ``i``'s subject.

@@ -589,34 +589,162 @@ fn seal_column(
     values: ColArg,
     nonces: Option<PyBuffer<u8>>,
 ) -> PyResult<PyCol> {
+    let nonces = nonces.map(|b| vec![b]);
+    let mut out = seal_columns(py, keys, key_index, tokens, vec![aad_prefix.to_vec()], vec![values], nonces)?;
+    Ok(out.pop().expect("one column in, one out"))
+}
+
+/// [`seal_column`] of several columns of the same rows at once (column `c` with associated data
+/// `aad_prefixes[c] || token`): each run of rows of one subject builds its cipher once for all the
+/// columns, and each column is written straight into one buffer of its final size (a sealed value
+/// is its plaintext plus a fixed overhead, so every offset is known before anything is sealed).
+/// `nonces`: one `n * 12`-byte buffer per column, for known-answer tests only.
+#[pyfunction]
+#[pyo3(signature = (keys, key_index, tokens, aad_prefixes, columns, nonces=None))]
+fn seal_columns(
+    py: Python<'_>,
+    keys: PyBuffer<u8>,
+    key_index: PyBuffer<u8>,
+    tokens: ColArg,
+    aad_prefixes: Vec<Vec<u8>>,
+    columns: Vec<ColArg>,
+    nonces: Option<Vec<PyBuffer<u8>>>,
+) -> PyResult<Vec<PyCol>> {
     let keys = slice(&keys)?;
     let tokens = Col::new(&tokens)?;
     check_keys(keys, &tokens)?;
-    let values = Col::new(&values)?;
-    let n = values.len;
+    if aad_prefixes.len() != columns.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} columns but {} associated-data prefixes",
+            columns.len(),
+            aad_prefixes.len()
+        )));
+    }
+    let cols = columns.iter().map(Col::new).collect::<PyResult<Vec<_>>>()?;
+    let n = cols.first().map(|c| c.len).unwrap_or(0);
+    if cols.iter().any(|c| c.len != n) {
+        return Err(PyValueError::new_err("the columns to seal differ in length"));
+    }
     let idx = read_index(slice(&key_index)?, n)?;
-    let nonces = match opt_slice(&nonces)? {
-        Some(s) if s.len() == n * NONCE => s.to_vec(),
-        Some(_) => return Err(PyValueError::new_err("nonces must be 12 bytes per row")),
-        None => random(n * NONCE)?,
+    let nonces = match &nonces {
+        Some(bufs) => {
+            let s = bufs.iter().map(slice).collect::<PyResult<Vec<_>>>()?;
+            if s.len() != cols.len() || s.iter().any(|b| b.len() != n * NONCE) {
+                return Err(PyValueError::new_err("nonces must be 12 bytes per row, one buffer per column"));
+            }
+            Some(s)
+        }
+        None => None,
     };
-    let parts = py
-        .allow_threads(|| {
-            map_column(
-                keys,
-                &idx,
-                &tokens,
-                aad_prefix,
-                &values,
-                |c, aad, v, i, out| {
-                    out.push(VERSION);
-                    seal_into(c, &nonces[i * NONCE..(i + 1) * NONCE], v, aad, out);
-                    Ok(())
-                },
-            )
-        })
+    let prefixes: Vec<&[u8]> = aad_prefixes.iter().map(|p| p.as_slice()).collect();
+    let outs = py
+        .allow_threads(|| seal_many(keys, &idx, &tokens, &prefixes, &cols, nonces.as_deref()))
         .map_err(PyValueError::new_err)?;
-    Ok(OutCol::from_parts(parts, n)?.into_py(py))
+    Ok(outs.into_iter().map(|o| o.into_py(py)).collect())
+}
+
+fn seal_many(
+    keys: &[u8],
+    idx: &[i32],
+    tokens: &Col,
+    prefixes: &[&[u8]],
+    cols: &[Col],
+    nonces: Option<&[&[u8]]>,
+) -> Result<Vec<OutCol>, String> {
+    let n = idx.len().min(cols.first().map(|c| c.len).unwrap_or(0));
+    let (k, m) = (tokens.len, cols.len());
+    // Offsets and validity first: each value's sealed length is its length plus the overhead.
+    let mut outs = Vec::with_capacity(m);
+    for col in cols {
+        let mut offsets = Vec::with_capacity((n + 1) * 4);
+        let mut valid = vec![0u8; n.div_ceil(8)];
+        let (mut pos, mut nulls) = (0usize, 0usize);
+        offsets.extend_from_slice(&0i32.to_le_bytes());
+        for i in 0..n {
+            match col.get(i) {
+                Some(v) => {
+                    pos += v.len() + SEAL_OVERHEAD;
+                    valid[i >> 3] |= 1 << (i & 7);
+                }
+                None => nulls += 1,
+            }
+            if pos > i32::MAX as usize {
+                return Err("column too large for 32-bit offsets; use smaller batches".into());
+            }
+            offsets.extend_from_slice(&(pos as i32).to_le_bytes());
+        }
+        outs.push(OutCol { offsets, data: vec![0u8; pos], validity: (nulls > 0).then_some(valid), nulls });
+    }
+    // Each chunk of rows gets its own slice of every column's buffer.
+    let chunks = n.div_ceil(CHUNK);
+    let mut parts: Vec<Vec<&mut [u8]>> = (0..chunks).map(|_| Vec::with_capacity(m)).collect();
+    for out in outs.iter_mut() {
+        let OutCol { offsets, data, .. } = out;
+        let at = |i: usize| i32::from_le_bytes(offsets[i * 4..i * 4 + 4].try_into().expect("4 bytes")) as usize;
+        let mut rest: &mut [u8] = data.as_mut_slice();
+        for (c, part) in parts.iter_mut().enumerate() {
+            let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(at(hi) - at(lo));
+            part.push(head);
+            rest = tail;
+        }
+    }
+    parts
+        .into_par_iter()
+        .enumerate()
+        .try_for_each(|(c, mut bufs)| -> Result<(), String> {
+            let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+            let fresh = match nonces {
+                Some(_) => Vec::new(),
+                None => os_random((hi - lo) * m * NONCE)?,
+            };
+            let mut pos = vec![0usize; m];
+            let mut aads: Vec<Vec<u8>> = prefixes.iter().map(|p| p.to_vec()).collect();
+            let mut current: Option<(i32, Aes256Gcm)> = None;
+            for i in lo..hi {
+                if cols.iter().all(|col| col.get(i).is_none()) {
+                    continue;
+                }
+                let j = idx[i];
+                if j < 0 || j as usize >= k {
+                    return Err(format!("value at position {i} has no subject key"));
+                }
+                if current.as_ref().map(|c| c.0) != Some(j) {
+                    let ju = j as usize;
+                    let token = tokens.get(ju).ok_or_else(|| format!("token {ju} is null"))?;
+                    current = Some((j, Aes256Gcm::new(GenericArray::from_slice(&keys[ju * KEY..(ju + 1) * KEY]))));
+                    for (aad, prefix) in aads.iter_mut().zip(prefixes) {
+                        aad.clear();
+                        aad.extend_from_slice(prefix);
+                        aad.extend_from_slice(token);
+                    }
+                }
+                let cipher = &current.as_ref().expect("set above").1;
+                for (ci, col) in cols.iter().enumerate() {
+                    let Some(v) = col.get(i) else { continue };
+                    let nonce = match nonces {
+                        Some(ns) => &ns[ci][i * NONCE..(i + 1) * NONCE],
+                        None => {
+                            let r = ((i - lo) * m + ci) * NONCE;
+                            &fresh[r..r + NONCE]
+                        }
+                    };
+                    let len = v.len() + SEAL_OVERHEAD;
+                    let out = &mut bufs[ci][pos[ci]..pos[ci] + len];
+                    pos[ci] += len;
+                    out[0] = VERSION;
+                    out[1..1 + NONCE].copy_from_slice(nonce);
+                    let (ct, tag_out) = out[1 + NONCE..].split_at_mut(v.len());
+                    ct.copy_from_slice(v);
+                    let tag = cipher
+                        .encrypt_in_place_detached(GenericArray::from_slice(nonce), &aads[ci], ct)
+                        .map_err(|_| format!("AES-GCM encryption failed at position {i}"))?;
+                    tag_out.copy_from_slice(&tag);
+                }
+            }
+            Ok(())
+        })?;
+    Ok(outs)
 }
 
 /// Open a column sealed by [`seal_column`] (same keys, index, tokens and prefix). Null stays null.
@@ -722,6 +850,7 @@ fn lakewarden_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(wrap_keys, m)?)?;
     m.add_function(wrap_pyfunction!(unwrap_keys, m)?)?;
     m.add_function(wrap_pyfunction!(seal_column, m)?)?;
+    m.add_function(wrap_pyfunction!(seal_columns, m)?)?;
     m.add_function(wrap_pyfunction!(open_column, m)?)?;
     m.add_function(wrap_pyfunction!(records::json_records, m)?)?;
     m.add_class::<Hasher>()?;
