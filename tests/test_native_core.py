@@ -240,6 +240,38 @@ def test_the_native_path_writes_what_the_python_path_writes(store: KeyStore):
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_batches_from_many_threads_get_one_key_per_subject_and_a_rotation_elsewhere_is_seen(store: KeyStore):
+    """The native path holds no Python lock: its transactions serialize among themselves (threads
+    here) and with SQLite's lock (other processes). Overlapping batches from 6 threads yield one
+    token and key per subject. A KEK rotation committed through another handle (as another process
+    would) is seen inside the next write transaction: nothing is wrapped under the old KEK."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = [f"p-{i:05d}" for i in range(6_000)]
+    batches = [ids[i * 1_000 : i * 1_000 + 3_000] for i in range(4)] + [ids[::2], ids[::3]]  # overlapping
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda b: store.subject_keys(pa.array(b), keys=True), batches))
+    seen: dict[str, tuple[str, bytes]] = {}
+    for batch, got in zip(batches, results):
+        for j, i in enumerate(batch):
+            pair = (got.tokens[j].as_py(), got.keys[j * 32 : (j + 1) * 32])
+            assert seen.setdefault(i, pair) == pair, i
+    assert len(seen) == 6_000 and store.stats()["subjects"] == 6_000
+    assert sum(r.created for r in results) == 6_000
+
+    other = KeyStore(store.path, store._kek)  # another process's handle on the same file
+    try:
+        other.rotate_kek(LocalKek(os.urandom(32), source="rotated"))
+    finally:
+        other.close()
+    with pytest.raises(KeyManagementError, match="rotated meanwhile"):
+        store.subject_keys(pa.array(["someone-new"]), keys=True)
+    con = sqlite3.connect(store.path)
+    assert con.execute("SELECT count(*), count(DISTINCT kek_id) FROM subjects").fetchone() == (6_000, 1)
+    con.close()
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
 def test_the_native_path_names_a_tampered_key_and_a_foreign_kek(store: KeyStore, tmp_path: Path):
     tok = store.tokens_for(["frank"])[0]
     con = sqlite3.connect(store.path)

@@ -520,15 +520,16 @@ class KeyStore:
         if key is None:
             return SubjectKeys(pa.nulls(len(ids), pa.string()), bytes(hazmat.KEY_SIZE * len(ids)) if keys else None)
         if self._native_bulk():
-            material = self._kek._native_material  # type: ignore[attr-defined]
-            with self._lock:
-                try:
-                    tokens, key_bytes, created = native.resolve_subjects(
-                        str(self._path), key, material(), self._kek.key_id, ids, create=create, keys=keys, now=self._now(),
-                        token_key=self._token_key(),
-                    )
-                except RuntimeError as exc:
-                    raise self._native_error(str(exc)) from None
+            # Not under self._lock: the native core serializes its own transactions and checks, inside
+            # each, that the store's KEK is still the one it wraps with (a rotation is seen).
+            kek = self._kek
+            try:
+                tokens, key_bytes, created = native.resolve_subjects(
+                    str(self._path), key, kek._native_material(), kek.key_id, ids,  # type: ignore[attr-defined]
+                    create=create, keys=keys, now=self._now(), token_key=self._token_key(),
+                )
+            except RuntimeError as exc:
+                raise self._native_error(str(exc)) from None
             return SubjectKeys(tokens, key_bytes, created)
         found = self._resolve(key, ids, create=create, keys=keys)
         tokens = pa.array([None if t is None else t[0] for t in found], pa.string())
@@ -549,6 +550,14 @@ class KeyStore:
         if kind == "foreign-kek":
             tok, _, kid = rest.partition("\t")
             return self._foreign_kek_error(f"data key of subject {tok}", kid)
+        if kind == "rotated-kek":
+            return KeyManagementError(
+                f"key store {self._path} is now wrapped by KEK {rest}, not by KEK {self._kek.key_id} that this "
+                "process loaded (it was rotated meanwhile); nothing was created",
+                hint="open the store again with the current KEK",
+                store_kek_ids=[rest],
+                kek_id=self._kek.key_id,
+            )
         if kind == "unwrap":
             return DecryptionError(
                 f"data key of subject {rest} in key store {self._path} does not unwrap with KEK {self._kek.key_id} "

@@ -16,7 +16,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use rayon::prelude::*;
 use aes::cipher::{generic_array::GenericArray, BlockEncrypt, KeyInit};
-use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::time::Duration;
 use zeroize::Zeroizing;
 
@@ -25,7 +25,11 @@ enum Failure {
     Sqlite(String),
     ForeignKek(String, String),
     Unwrap(String),
+    RotatedKek(String),
 }
+
+/// One key-store transaction at a time in this process (see `resolve_subjects`).
+static WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl From<rusqlite::Error> for Failure {
     fn from(e: rusqlite::Error) -> Self {
@@ -40,6 +44,7 @@ impl Failure {
             Failure::Sqlite(m) => PyRuntimeError::new_err(format!("sqlite\t{m}")),
             Failure::ForeignKek(t, k) => PyRuntimeError::new_err(format!("foreign-kek\t{t}\t{k}")),
             Failure::Unwrap(t) => PyRuntimeError::new_err(format!("unwrap\t{t}")),
+            Failure::RotatedKek(k) => PyRuntimeError::new_err(format!("rotated-kek\t{k}")),
         }
     }
 }
@@ -147,8 +152,23 @@ fn resolve_subjects(
             slot_of[i] = uniq.len() - 1;
         }
         let m = uniq.len();
+        // Only the transaction is serialized: the blind indexes above and the data keys' assembly
+        // below run beside another batch's transaction (one writer at a time in this process; other
+        // processes wait on SQLite's own lock).
+        let writer = WRITER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut conn = open(&db, timeout_ms)?;
         let tx = conn.transaction_with_behavior(if create { TransactionBehavior::Immediate } else { TransactionBehavior::Deferred })?;
+        if create {
+            // The store's KEK, read inside the write transaction: a rotation that committed since this
+            // process loaded its KEK (here or in another process) is seen, and nothing is wrapped
+            // under a KEK the store no longer uses.
+            let current: Option<String> = tx
+                .query_row("SELECT kek_id FROM meta WHERE kek_id <> ?1 LIMIT 1", params![kek_id], |r| r.get(0))
+                .optional()?;
+            if let Some(other) = current {
+                return Err(Failure::RotatedKek(other));
+            }
+        }
         // 1. Look the distinct ids up, in blind-index order (in-order index probes), one
         //    statement for all of them (`lookup`). A batch of new people (a customers file) skips
         //    most of that: when a sample of its ids is (nearly) all unknown, every id goes
@@ -226,8 +246,10 @@ fn resolve_subjects(
             } else {
                 tx.execute(sql, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64])?
             };
-            let mut is_new = vec![!insert_first; k];
-            if insert_first {
+            // Every row went in (the usual case for a file of new people): they are ours, with the
+            // ids chosen above, and nothing needs reading back.
+            let mut is_new = vec![!insert_first || inserted == k; k];
+            if insert_first && inserted != k {
                 // Which rows went in: ours are the ids first_id .. first_id + k with our blind
                 // index; an id whose row holds another blind index would be a broken sequence.
                 let mut sel = tx.prepare("SELECT id, blind_index FROM subjects WHERE id >= ?1 AND id < ?2")?;
@@ -267,6 +289,8 @@ fn resolve_subjects(
             new_key_of[s] = j;
         }
         tx.commit()?;
+        drop(conn);
+        drop(writer);
         // The data key of each slot: created here (keys[s]) or unwrapped from the store.
         let mut out_keys = Zeroizing::new(Vec::new());
         if want_keys {
