@@ -12,6 +12,7 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -663,15 +664,17 @@ def test_schema_2_tokens_are_row_ids_under_the_token_key_and_never_come_back(sto
     from governance.keys import wire
 
     with KeyStore(store_path, kek, clock=clock) as ks:
-        assert ks._version == 2
+        assert ks._version == 3  # schema 2's tokens; 3 moved the blind indexes apart (below)
         toks = ks.tokens_for(["alice", "bob", " alice", "carol"])
         assert toks[0] == toks[2] and len(set(toks)) == 3 and all(TOKEN_RE.match(t) for t in toks)
         ids = wire.token_ids(ks._tkey, toks)
         assert sorted(set(ids)) == [1, 2, 3]  # new subjects take the next ids, in blind-index order
         assert wire.derived_tokens(ks._tkey, ids) == toks  # the same on both paths
-        # no index on tokens: the blind index is the only random-keyed B-tree
-        indexes = raw_rows(store_path, "SELECT name FROM pragma_index_list('subjects')")
-        assert len(indexes) == 1
+        # no index on the rows but their id: the blind indexes are in their own two indexes, new
+        # ones in the small recent index until a merge
+        assert raw_rows(store_path, "SELECT name FROM pragma_index_list('subjects')") == []
+        assert raw_rows(store_path, "SELECT count(*) FROM bi_recent") == [(3,)]
+        assert raw_rows(store_path, "SELECT count(*) FROM bi_main") == [(0,)]
         bob = toks[1]
         assert ks.shred(bob) and ks.subject_state(bob) == "shredded"
         again = ks.token_for("bob")
@@ -679,6 +682,97 @@ def test_schema_2_tokens_are_row_ids_under_the_token_key_and_never_come_back(sto
         with pytest.raises(SubjectShredded):
             ks.dek(bob)
         assert len(ks.deks([toks[0], toks[3], again])) == 3
+
+
+def _split_state(path: Path) -> tuple[int, int, int, int]:
+    """(rows, blind indexes in bi_main, in bi_recent, blind indexes in both)."""
+    return raw_rows(path, "SELECT (SELECT count(*) FROM subjects), (SELECT count(*) FROM bi_main), "
+                          "(SELECT count(*) FROM bi_recent), "
+                          "(SELECT count(*) FROM bi_main m JOIN bi_recent r USING (blind_index))")[0]
+
+
+def test_schema_3_merges_recent_blind_indexes_and_every_verb_sees_both_indexes(store_path, kek, backend, monkeypatch):
+    """Merges at a small scale (MERGE_MIN 100): batches of new people enter bi_recent and are merged
+    into bi_main by the rule (at least 100, or a quarter of the main index). After each batch every
+    subject made before resolves to the same token and key on both paths; a row's blind index is in
+    exactly one index; shred removes it from whichever holds it; a rotation covers every row."""
+    from governance.keys import native, store as store_mod
+
+    monkeypatch.setattr(store_mod, "MERGE_MIN", 100)
+    monkeypatch.setattr(store_mod, "MERGE_FRACTION", 4)
+    ids = [f"person-{i:04d}" for i in range(1_050)]
+    made: dict[str, tuple[str, bytes]] = {}
+    merged_at = []
+    with KeyStore(store_path, kek, clock=clock) as ks:
+        for start in [*range(0, 1_000, 150), 1_000]:
+            batch = ids[start : min(start + 150, 1_000 if start < 1_000 else 1_050)] + ids[: min(start, 40)]  # new and known
+            got = ks.subject_keys(pa.array(batch), keys=True)
+            for j, i in enumerate(batch):
+                pair = (got.tokens[j].as_py(), got.keys[j * 32 : (j + 1) * 32])
+                assert made.setdefault(i, pair) == pair, i
+            rows, main, recent, both = _split_state(store_path)
+            assert (rows, main + recent, both) == (len(made), len(made), 0)
+            merged_at.append(main)
+        # merged when what is recent reached max(100, a quarter of the main index); the last 50 wait
+        assert merged_at == [150, 300, 450, 600, 750, 750, 1_000, 1_000]
+        everyone = ks.subject_keys(pa.array(ids), keys=True, create=False)
+        assert everyone.tokens.to_pylist() == [made[i][0] for i in ids]
+        assert everyone.keys == b"".join(made[i][1] for i in ids)
+        with monkeypatch.context() as m:  # the other path reads the same
+            if backend == "native":
+                m.setattr(native, "_native", None)
+                m.setattr(native, "_SHARED_SQLITE", False)
+            assert ks.subject_keys(pa.array(ids), create=False).tokens.equals(everyone.tokens)
+        # shred one subject from each index: its row and its blind index go, and its id comes back new
+        in_main, in_recent = ids[10], ids[1_020]
+        assert ks.shred_many([made[in_main][0], made[in_recent][0]]) == 2
+        assert _split_state(store_path) == (1_048, 999, 49, 0)
+        assert ks.subject_keys(pa.array([in_main, in_recent]), create=False).tokens.to_pylist() == [None, None]
+        again = ks.tokens_for([in_main, in_recent])
+        assert set(again).isdisjoint({made[in_main][0], made[in_recent][0]})
+        system = raw_rows(store_path, "SELECT count(*) FROM meta")[0][0]
+        assert ks.rotate_kek(LocalKek(os.urandom(32), source="test:rotated")) == 1_050 + system
+        assert ks.subject_keys(pa.array(ids[:5]), keys=True).keys == b"".join(made[i][1] for i in ids[:5])
+
+
+def test_a_schema_2_store_is_split_on_open_keeping_tokens_keys_and_the_id_sequence(store_path, kek, backend):
+    with KeyStore(store_path, kek, clock=clock) as ks:
+        got = ks.subject_keys(pa.array([f"p{i}" for i in range(50)]), keys=True)
+        last = got.tokens.to_pylist()[-1]  # p49's, the highest id: shredded, its id must not come back
+        assert ks.shred(last)
+        tokens = ks.tokens_for([f"p{i}" for i in range(49)])
+    top = raw_rows(store_path, "SELECT seq FROM sqlite_sequence WHERE name='subjects'")[0][0]
+    # the same store as schema 2 wrote it: the blind index on the rows (UNIQUE), no split indexes
+    conn = sqlite3.connect(store_path)
+    conn.executescript(
+        """
+        BEGIN;
+        CREATE TABLE s2(id INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL, blind_index BLOB NOT NULL UNIQUE,
+                        wrapped_dek BLOB NOT NULL, kek_id TEXT NOT NULL, created_at TEXT NOT NULL);
+        INSERT INTO s2 SELECT * FROM subjects;
+        DROP TABLE subjects; DROP TABLE bi_main; DROP TABLE bi_recent; DROP TABLE lsm;
+        ALTER TABLE s2 RENAME TO subjects;
+        DELETE FROM sqlite_sequence;
+        PRAGMA user_version=2;
+        COMMIT;
+        """
+    )
+    conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('subjects', ?)", (top,))
+    conn.commit()
+    conn.close()
+    assert raw_rows(store_path, "PRAGMA user_version") == [(2,)]
+    with KeyStore(store_path, kek, clock=clock) as ks:
+        assert ks._version == 3
+        assert _split_state(store_path) == (49, 49, 0, 0)
+        assert raw_rows(store_path, "SELECT seq FROM sqlite_sequence WHERE name='subjects'") == [(top,)]
+        assert ks.tokens_for([f"p{i}" for i in range(49)]) == tokens
+        back = ks.subject_keys(pa.array([f"p{i}" for i in range(49)]), keys=True, create=False)
+        assert back.keys == got.keys[: 49 * 32]
+        new = ks.token_for("p49")  # shredded before: a new token, never the old one's id
+        assert new != last and new not in tokens
+        from governance.keys import wire
+
+        assert wire.token_ids(ks._tkey, [new]) == [top + 1]
 
 
 def test_schema_2_refuses_tokens_it_did_not_make(store_path, kek, tmp_path, backend):

@@ -199,19 +199,22 @@ def sqlite_shared() -> bool:
 
 
 def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Array, *, create: bool,
-                     keys: bool, now: str, token_key: bytes | None = None) -> tuple[pa.Array, bytes | None, int]:
+                     keys: bool, now: str, token_key: bytes | None = None, merge_min: int = 1_000_000,
+                     merge_fraction: int = 4) -> tuple[pa.Array, bytes | None, int]:
     """The native key store's bulk lookup-and-create (see ``native/src/keystore.rs``):
     ``(tokens, keys or None, subjects created)``. Only when :func:`sqlite_shared`. ``token_key``
-    (a version-2 store): new subjects' tokens are the keyed permutation of their row ids.
+    (a version-2 or 3 store): new subjects' tokens are the keyed permutation of their row ids.
+    ``merge_min``, ``merge_fraction``: when a schema-3 store merges its recent blind indexes.
 
     Raises:
         ValueError: a null or blank id (names its position).
-        RuntimeError: ``"sqlite\t…"``, ``"foreign-kek\t<token>\t<kek id>"`` or
-            ``"unwrap\t<token>"``; the key store turns them into its own errors.
+        RuntimeError: ``"sqlite\t…"``, ``"foreign-kek\t<token>\t<kek id>"``, ``"unwrap\t<token>"``
+            or ``"rotated-kek\t<kek id>"``; the key store turns them into its own errors.
     """
     arr = _binary(ids)
     parts, key_bytes, created = _native.resolve_subjects(db, _mv(bi_key), _mv(kek), kek_id, _col(arr), create, keys, now,
-                                                         token_key=_mv(token_key))
+                                                         token_key=_mv(token_key), merge_min=merge_min,
+                                                         merge_fraction=merge_fraction)
     return _from_parts(pa.string(), len(arr), parts), key_bytes, created
 
 

@@ -21,18 +21,29 @@ Copies outside this file (filesystem snapshots, backups of the file, SSD
 remapping) are outside its reach: back the key store up only with a retention
 shorter than the erasure deadline.
 
-Tables (schema version 2; a version-1 store keeps its own ``subjects`` and works as before)::
+Tables (schema version 3; a version-2 store is converted when opened, a version-1 store keeps its
+own ``subjects`` and works as before)::
 
     meta(name, wrapped, kek_id, created_at)           system keys
     subjects(id, token, blind_index, wrapped_dek, kek_id, created_at)
+    bi_main(blind_index, id), bi_recent(blind_index, id)   the blind indexes (WITHOUT ROWID)
+    lsm(name, value)                                  ``merged_through``: the id sequence at the last merge
     shredded(token, shredded_at)                      tombstones
 
-In version 2 a token is a keyed permutation of its row id (:func:`wire.derived_tokens`, under
+Since version 2 a token is a keyed permutation of its row id (:func:`wire.derived_tokens`, under
 the ``subject-token`` system key; ``id`` is ``AUTOINCREMENT``, never reused, so a shredded
 subject's token never comes back), and ``token`` has no index: a lookup by token decrypts it to
-the id and checks the stored token. The only random-keyed B-tree left is the blind index, which
-new subjects enter in sorted order; version 1 (random tokens, a token index) rewrote two such
-trees per batch of new subjects, which made creating subjects slower the larger the store.
+the id and checks the stored token. Version 1 (random tokens, a token index) rewrote two
+random-keyed B-trees per batch of new subjects.
+
+Version 3 takes the last one, the blind index, off the rows: a batch of random blind indexes
+touches nearly every page of the index it enters, so with one index a store of 10M subjects
+rewrote (and journaled) its whole 450 MB index for every batch, and creating a subject cost 4x
+more at 10M than at 1M. Now rows are appended (no index but the id), and new blind indexes enter
+``bi_recent``, which is merged into ``bi_main`` in one ordered pass once it holds ``MERGE_MIN``
+or a ``MERGE_FRACTION``-th of the main index: each subject's share of the merges stays bounded as
+the store grows. A blind index is in exactly one of the two (a merge that found it in both
+would fail the primary key); lookups probe both; shred deletes the row and its blind index.
 
 Each wrapped key is bound to its row by the wrapping AAD
 (``b"lakewarden:dek\\x00" + token``, ``b"lakewarden:meta\\x00" + name``), so a
@@ -68,12 +79,16 @@ if TYPE_CHECKING:
 
 __all__ = ["KeyStore", "SubjectKeys", "BLIND_INDEX_KEY", "TOKEN_KEY", "TOKEN_PREFIX", "TOKEN_RE"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Schema 3: new subjects' blind indexes enter a small index that is merged into the main one once it
+# holds MERGE_MIN of them or a MERGE_FRACTION-th of the main index (native/src/keystore.rs: merge_recent).
+MERGE_MIN = 1_000_000
+MERGE_FRACTION = 4
 TOKEN_PREFIX = "sub_"
 # The one definition of what a subject token looks like: "sub_" + 26 lowercase base32 characters.
 TOKEN_RE = re.compile(r"^sub_[a-z2-7]{26}$")
 BLIND_INDEX_KEY = "blind-index"
-TOKEN_KEY = "subject-token"  # version 2: tokens are a keyed permutation of row ids
+TOKEN_KEY = "subject-token"  # version 2 and later: tokens are a keyed permutation of row ids
 _DEK_AAD = wire.DEK_AAD_PREFIX  # the wire formats: governance/keys/wire.py
 _META_AAD = wire.META_AAD_PREFIX
 _PAGE_SIZE = 16384  # new stores only; an existing store keeps its page size
@@ -89,16 +104,41 @@ CREATE TABLE IF NOT EXISTS meta(
 CREATE TABLE IF NOT EXISTS subjects(
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     token       TEXT NOT NULL,
-    blind_index BLOB NOT NULL UNIQUE,
+    blind_index BLOB NOT NULL,
     wrapped_dek BLOB NOT NULL,
     kek_id      TEXT NOT NULL,
     created_at  TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS bi_main(blind_index BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bi_recent(blind_index BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS lsm(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS shredded(
     token       TEXT PRIMARY KEY,
     shredded_at TEXT NOT NULL
 );
 """
+
+
+def _split_blind_indexes(c: sqlite3.Connection) -> None:
+    """Schema 2 to 3, in the caller's transaction: the rows move to a ``subjects`` table without
+    the blind-index index (in id order), their blind indexes to ``bi_main`` (in blind-index order),
+    and the row-id sequence is kept, so no token is ever issued twice."""
+    seq = c.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)").fetchone()[0]
+    table = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS subjects(") :]
+    table = table[: table.index(";")].replace("IF NOT EXISTS subjects(", "subjects_v3(")
+    c.execute(table)
+    c.execute("INSERT INTO subjects_v3(id, token, blind_index, wrapped_dek, kek_id, created_at) "
+              "SELECT id, token, blind_index, wrapped_dek, kek_id, created_at FROM subjects ORDER BY id")
+    for stmt in _SCHEMA.split(";"):
+        if "bi_main(" in stmt or "bi_recent(" in stmt or "lsm(" in stmt:
+            c.execute(stmt)
+    c.execute("INSERT INTO bi_main(blind_index, id) SELECT blind_index, id FROM subjects ORDER BY blind_index")
+    c.execute("DROP TABLE subjects")
+    c.execute("ALTER TABLE subjects_v3 RENAME TO subjects")
+    c.execute("DELETE FROM sqlite_sequence WHERE name IN ('subjects', 'subjects_v3')")
+    c.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('subjects', ?)", (seq,))
+    c.execute("INSERT OR REPLACE INTO lsm(name, value) VALUES ('merged_through', ?)", (seq,))
+    c.execute("PRAGMA user_version=3")
 
 
 class SubjectKeys(NamedTuple):
@@ -108,6 +148,15 @@ class SubjectKeys(NamedTuple):
     tokens: pa.Array
     keys: bytes | None
     created: int | None = None  # how many of the ids were new subjects, created by this call (None: not counted)
+
+
+def _split_lookup(columns: str) -> str:
+    """Schema 3: ``(blind_index, <columns of subjects s>)`` for the blind indexes in ``IN ({})``,
+    through both blind-index indexes."""
+    return " UNION ALL ".join(
+        f"SELECT b.blind_index, {columns} FROM {index} b JOIN subjects s ON s.id = b.id WHERE b.blind_index IN ({{0}})"
+        for index in ("bi_main", "bi_recent")
+    )
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
@@ -176,7 +225,7 @@ class KeyStore:
         try:
             self._init_schema()
             self._check_kek()
-            # version 2: the token permutation key, loaded once (lookups by token run inside transactions)
+            # version 2 and later: the token permutation key, loaded once (lookups by token run inside transactions)
             self._tkey = self._system_key(TOKEN_KEY, create=True) if self._version >= 2 else None
         except BaseException:
             self.close()
@@ -281,6 +330,9 @@ class KeyStore:
                         c.execute(stmt)
                 c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 version = SCHEMA_VERSION
+            elif version == 2:
+                _split_blind_indexes(c)
+                version = 3
         self._version = version
 
     def _check_kek(self) -> None:
@@ -435,7 +487,7 @@ class KeyStore:
     # ------------------------------------------------------------------ subjects
 
     def _token_key(self) -> bytes | None:
-        """The token permutation key (version 2), None for a version-1 store."""
+        """The token permutation key (version 2 and later), None for a version-1 store."""
         return self._tkey
 
     def _by_tokens(self, c: sqlite3.Connection, columns: str, tokens: Sequence[str]) -> list[tuple[Any, ...]]:
@@ -527,6 +579,7 @@ class KeyStore:
                 tokens, key_bytes, created = native.resolve_subjects(
                     str(self._path), key, kek._native_material(), kek.key_id, ids,  # type: ignore[attr-defined]
                     create=create, keys=keys, now=self._now(), token_key=self._token_key(),
+                    merge_min=MERGE_MIN, merge_fraction=MERGE_FRACTION,
                 )
             except RuntimeError as exc:
                 raise self._native_error(str(exc)) from None
@@ -537,6 +590,17 @@ class KeyStore:
             return SubjectKeys(tokens, None)
         zero = bytes(hazmat.KEY_SIZE)
         return SubjectKeys(tokens, b"".join(zero if t is None else t[1] for t in found))
+
+    def _merge_recent(self, c: sqlite3.Connection) -> bool:
+        """The pure-Python twin of the native core's ``merge_recent`` (same rule, same statements)."""
+        seq = c.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)").fetchone()[0]
+        merged = c.execute("SELECT coalesce((SELECT value FROM lsm WHERE name='merged_through'), 0)").fetchone()[0]
+        if seq - merged < max(MERGE_MIN, merged // max(1, MERGE_FRACTION)):
+            return False
+        c.execute("INSERT INTO bi_main(blind_index, id) SELECT blind_index, id FROM bi_recent ORDER BY blind_index")
+        c.execute("DELETE FROM bi_recent")
+        c.execute("INSERT OR REPLACE INTO lsm(name, value) VALUES ('merged_through', ?)", (seq,))
+        return True
 
     def _native_bulk(self) -> bool:
         """Whether the native core can run the bulk path on this store (a local KEK, and the same
@@ -580,21 +644,26 @@ class KeyStore:
         unique = sorted(set(bis))  # sorted: index probes and inserts walk the b-tree in order
         found: dict[bytes, tuple[str, bytes]] = {}
         with self._lock, self._tx(write=create) as c:
+            split = self._version >= 3
             if keys:
                 template = "SELECT blind_index, token, wrapped_dek, kek_id FROM subjects WHERE blind_index IN ({})"
+                if split:
+                    template = _split_lookup("s.token, s.wrapped_dek, s.kek_id")
                 rows = []
                 for chunk in _chunks(unique):
-                    rows.extend(c.execute(_in_query(template, len(chunk)), chunk).fetchall())
+                    rows.extend(c.execute(_in_query(template, len(chunk)), list(chunk) * (1 + split)).fetchall())
                 deks = self._unwrap_deks([r[1:] for r in rows])
                 found.update((r[0], (r[1], d)) for r, d in zip(rows, deks))
             else:
                 template = "SELECT blind_index, token FROM subjects WHERE blind_index IN ({})"
+                if split:
+                    template = _split_lookup("s.token")
                 for chunk in _chunks(unique):
-                    found.update((b, (t, b"")) for b, t in c.execute(_in_query(template, len(chunk)), chunk))
+                    found.update((b, (t, b"")) for b, t in c.execute(_in_query(template, len(chunk)), list(chunk) * (1 + split)))
             if create and len(found) < len(unique):
                 missing = [b for b in unique if b not in found]
                 token_key = self._token_key()
-                if token_key is not None:  # version 2: the next row ids, in blind-index order
+                if token_key is not None:  # version 2 and later: the next row ids, in blind-index order
                     seq = c.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)").fetchone()[0]
                     row_ids = list(range(seq + 1, seq + 1 + len(missing)))
                     tokens = wire.derived_tokens(token_key, row_ids)
@@ -610,6 +679,9 @@ class KeyStore:
                         "INSERT INTO subjects(id, token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?,?,?,?,?,?)",
                         zip(row_ids, tokens, missing, wrapped, repeat(self._kek.key_id), repeat(self._now())),
                     )
+                    if split:
+                        c.executemany("INSERT INTO bi_recent(blind_index, id) VALUES (?,?)", zip(missing, row_ids))
+                        self._merge_recent(c)
                 else:
                     c.executemany(
                         "INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?,?,?,?,?)",
@@ -709,9 +781,12 @@ class KeyStore:
             deleted: list[str] = []
             try:
                 with self._tx(write=True) as c:
-                    for t, rowid in self._by_tokens(c, "rowid", todo):
+                    for t, rowid, bi in self._by_tokens(c, "rowid, blind_index", todo):
                         if c.execute("DELETE FROM subjects WHERE rowid=?", (rowid,)).rowcount:
                             deleted.append(t)
+                            if self._version >= 3:  # the blind index is in one of the two indexes
+                                c.execute("DELETE FROM bi_main WHERE blind_index=?", (bi,))
+                                c.execute("DELETE FROM bi_recent WHERE blind_index=?", (bi,))
                     now = self._now()
                     c.executemany(
                         "INSERT OR IGNORE INTO shredded(token, shredded_at) VALUES (?,?)",

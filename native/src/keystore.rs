@@ -106,7 +106,7 @@ fn open(db: &str, timeout_ms: u64) -> Result<Connection, Failure> {
 ///
 /// Each step is one statement for the whole batch (see `LOOKUP` and `INSERT` below).
 #[pyfunction]
-#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, timeout_ms=30_000, token_key=None))]
+#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, timeout_ms=30_000, token_key=None, merge_min=1_000_000, merge_fraction=4))]
 #[allow(clippy::too_many_arguments)]
 fn resolve_subjects(
     py: Python<'_>,
@@ -120,6 +120,8 @@ fn resolve_subjects(
     now: &str,
     timeout_ms: u64,
     token_key: Option<PyBuffer<u8>>,
+    merge_min: i64,
+    merge_fraction: i64,
 ) -> PyResult<(crate::PyCol, Option<Py<PyBytes>>, usize)> {
     let token_cipher = match &token_key {
         Some(k) => {
@@ -174,23 +176,29 @@ fn resolve_subjects(
         //    most of that: when a sample of its ids is (nearly) all unknown, every id goes
         //    straight to `INSERT OR IGNORE` and what was not inserted is looked up afterwards
         //    (schema 2 only: new rows' ids are chosen before the insert, so they can be read back).
+        // Schema 3 keeps the blind indexes apart from the rows, in two indexes (`bi_main`, large,
+        // and `bi_recent`, the subjects created since the last merge): see `merge_recent`.
+        let split = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? >= 3;
+        if split && token_cipher.is_none() {
+            return Err(Failure::Sqlite("a schema-3 store without its token key".into()));
+        }
         let mut slots: Vec<Slot> = (0..m)
             .map(|_| Slot { token: [0; TOKEN_LEN], wrapped: None, known: false, created: false })
             .collect();
         let mut insert_first = false;
-        if create && token_cipher.is_some() && m >= 4 * SAMPLE {
+        if create && token_cipher.is_some() && !split && m >= 4 * SAMPLE {
             let sample: Vec<usize> = (0..SAMPLE).map(|j| j * m / SAMPLE).collect();
-            let hits = lookup(&tx, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &sample, &mut slots)?;
+            let hits = lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &sample, &mut slots)?;
             insert_first = hits * 20 <= SAMPLE; // at most 5% known
             if !insert_first {
                 let mut sampled = vec![false; m];
                 sample.iter().for_each(|&s| sampled[s] = true);
                 let rest: Vec<usize> = (0..m).filter(|&s| !sampled[s]).collect();
-                lookup(&tx, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &rest, &mut slots)?;
+                lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &rest, &mut slots)?;
             }
         } else if m > 0 {
             let all: Vec<usize> = (0..m).collect();
-            lookup(&tx, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &all, &mut slots)?;
+            lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &all, &mut slots)?;
         }
         // 2. Create the missing ones: random tokens (sorted, so the token index is appended to in
         //    order too), random data keys, wrapped under the KEK with the token as associated data.
@@ -241,7 +249,17 @@ fn resolve_subjects(
                 (true, false) => INSERT_WITH_IDS,
                 _ => INSERT,
             };
-            let inserted = if token_cipher.is_some() {
+            let inserted = if split {
+                // The rows are appended (ids ascending, no index on them but the row id), and
+                // their blind indexes go into the small recent index.
+                let rows = tx.execute(INSERT_ROWS_SPLIT, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64, first_id])?;
+                let indexed = tx.execute(INSERT_RECENT, params![&bi_packed[..], k as i64, first_id])?;
+                if indexed != rows {
+                    return Err(Failure::Sqlite(format!("{rows} subjects inserted but {indexed} blind indexes")));
+                }
+                merge_recent(&tx, merge_min, merge_fraction)?;
+                rows
+            } else if token_cipher.is_some() {
                 tx.execute(sql, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64, first_id])?
             } else {
                 tx.execute(sql, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64])?
@@ -269,7 +287,7 @@ fn resolve_subjects(
                 // The ones already there (a repeat, or a subject another writer created): look up.
                 let known: Vec<usize> = (0..k).filter(|&j| !is_new[j]).map(|j| missing[j]).collect();
                 if !known.is_empty() {
-                    lookup(&tx, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &known, &mut slots)?;
+                    lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &known, &mut slots)?;
                     if let Some(&s) = known.iter().find(|&&s| !slots[s].known) {
                         return Err(Failure::Sqlite(format!("subject {s} was neither inserted nor found")));
                     }
@@ -390,6 +408,50 @@ macro_rules! insert {
 const INSERT: &str = insert!("INSERT", "", "");
 const INSERT_WITH_IDS: &str = insert!("INSERT", ", id", ", ?7 + n");
 const INSERT_OR_IGNORE_WITH_IDS: &str = insert!("INSERT OR IGNORE", ", id", ", ?7 + n");
+/// Schema 3: a new subject's row (`?1`..`?7` as `INSERT_WITH_IDS`; `subjects` has no blind-index
+/// index) and its blind index in `bi_recent` (`?1` blind indexes, `?2` how many, `?3` first id).
+const INSERT_ROWS_SPLIT: &str = insert!("INSERT", ", id", ", ?7 + n");
+const INSERT_RECENT: &str = concat!(numbered!(2), "INSERT INTO bi_recent(blind_index, id) SELECT substr(?1, n * 32 + 1, 32), ?3 + n FROM i");
+/// Schema 3 lookups: each index probed in order, joined to the row by id (`LOOKUP_IDS_SPLIT`: the
+/// index alone, tokens derive from the id).
+macro_rules! probe_split {
+    ($columns:literal, $index:literal) => {
+        concat!("SELECT i.n, ", $columns, " FROM i CROSS JOIN ", $index,
+                " b ON b.blind_index = substr(?1, i.n * 32 + 1, 32) JOIN subjects s ON s.id = b.id")
+    };
+}
+macro_rules! lookup_split {
+    ($columns:literal) => {
+        concat!(numbered!(2), probe_split!($columns, "bi_main"), " UNION ALL ", probe_split!($columns, "bi_recent"))
+    };
+}
+const LOOKUP_SPLIT: &str = lookup_split!("s.token, NULL, s.kek_id");
+const LOOKUP_KEYS_SPLIT: &str = lookup_split!("s.token, s.wrapped_dek, s.kek_id");
+const LOOKUP_IDS_SPLIT: &str = concat!(numbered!(2),
+    "SELECT i.n, b.id FROM i CROSS JOIN bi_main b ON b.blind_index = substr(?1, i.n * 32 + 1, 32) UNION ALL ",
+    "SELECT i.n, b.id FROM i CROSS JOIN bi_recent b ON b.blind_index = substr(?1, i.n * 32 + 1, 32)");
+
+/// Schema 3: move the recent blind indexes into the main index once they are many, `merge_min`
+/// or a `merge_fraction`-th of the main index (whichever is more). A batch of random blind
+/// indexes touches nearly every page of the index it enters, so new subjects enter the small
+/// recent index, and the large one is rewritten (in one ordered pass) once per merge rather than
+/// once per batch: a geometric merge, so each subject's share of that rewrite stays bounded as
+/// the store grows. Counts come from the row-id sequence (`lsm.merged_through`: the sequence at
+/// the last merge), never from a scan.
+fn merge_recent(tx: &rusqlite::Transaction<'_>, merge_min: i64, merge_fraction: i64) -> Result<bool, Failure> {
+    let seq: i64 = tx.query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)", [], |r| r.get(0))?;
+    let merged: i64 = tx.query_row("SELECT coalesce((SELECT value FROM lsm WHERE name='merged_through'), 0)", [], |r| r.get(0))?;
+    if seq - merged < merge_min.max(merged / merge_fraction.max(1)) {
+        return Ok(false);
+    }
+    tx.execute_batch(MERGE)?;
+    tx.execute("INSERT OR REPLACE INTO lsm(name, value) VALUES ('merged_through', ?1)", params![seq])?;
+    Ok(true)
+}
+/// The merge itself (also `governance/keys/store.py`'s): `bi_recent` is ordered by blind index, so
+/// the main index is entered in order; a blind index in both would fail its primary key.
+const MERGE: &str = "INSERT INTO bi_main(blind_index, id) SELECT blind_index, id FROM bi_recent ORDER BY blind_index; DELETE FROM bi_recent;";
+
 /// Ids sampled to decide whether a batch is new people (see `resolve_subjects`).
 const SAMPLE: usize = 256;
 
@@ -398,6 +460,7 @@ const SAMPLE: usize = 256;
 #[allow(clippy::too_many_arguments)]
 fn lookup(
     tx: &rusqlite::Transaction<'_>,
+    split: bool,
     token_cipher: Option<&aes::Aes256>,
     want_keys: bool,
     kek_id: &str,
@@ -416,7 +479,14 @@ fn lookup(
     // Tokens only, in a schema-2 store: the blind-index index alone (it holds the row id) and
     // the token derived from the id, without reading the table's rows.
     let ids_only = !want_keys && token_cipher.is_some();
-    let sql = if ids_only { LOOKUP_IDS } else if want_keys { LOOKUP_KEYS } else { LOOKUP };
+    let sql = match (split, ids_only, want_keys) {
+        (false, true, _) => LOOKUP_IDS,
+        (false, false, true) => LOOKUP_KEYS,
+        (false, false, false) => LOOKUP,
+        (true, true, _) => LOOKUP_IDS_SPLIT,
+        (true, false, true) => LOOKUP_KEYS_SPLIT,
+        (true, false, false) => LOOKUP_SPLIT,
+    };
     let mut sel = tx.prepare_cached(sql)?;
     let mut rows = sel.query(params![&packed[..], subset.len() as i64])?;
     let mut found = 0usize;
