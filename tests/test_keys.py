@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hmac
 import os
+import random
 import re
 import sqlite3
 import stat
@@ -730,9 +731,25 @@ def test_schema_3_merges_recent_blind_indexes_and_every_verb_sees_both_indexes(s
         assert ks.subject_keys(pa.array([in_main, in_recent]), create=False).tokens.to_pylist() == [None, None]
         again = ks.tokens_for([in_main, in_recent])
         assert set(again).isdisjoint({made[in_main][0], made[in_recent][0]})
+        # a large batch of mostly new people (the sampled "new people first" path: the main index
+        # probed, the recent one checked by its key as they go in) with known ones from both
+        made[in_main], made[in_recent] = (again[0], made[in_main][1]), (again[1], made[in_recent][1])
+        before = _split_state(store_path)
+        known = ids[100:120] + ids[1_030:1_040]  # in bi_main, in bi_recent
+        fresh = [f"new-{i:04d}" for i in range(2_000)]
+        batch = fresh + known + fresh[:7]
+        random.Random(3).shuffle(batch)
+        got = ks.subject_keys(pa.array(batch), keys=True)
+        tok = dict(zip(batch, got.tokens.to_pylist()))
+        key = {i: got.keys[j * 32 : (j + 1) * 32] for j, i in enumerate(batch)}
+        assert all((tok[i], key[i]) == made[i] for i in known)
+        assert len(set(tok.values())) == 2_030 and got.created in (2_000, None)  # the Python path does not count
+        rows, main, recent, both = _split_state(store_path)
+        assert (rows, main + recent, both) == (before[0] + 2_000, before[0] + 2_000, 0)
         system = raw_rows(store_path, "SELECT count(*) FROM meta")[0][0]
-        assert ks.rotate_kek(LocalKek(os.urandom(32), source="test:rotated")) == 1_050 + system
+        assert ks.rotate_kek(LocalKek(os.urandom(32), source="test:rotated")) == 3_050 + system
         assert ks.subject_keys(pa.array(ids[:5]), keys=True).keys == b"".join(made[i][1] for i in ids[:5])
+        assert ks.subject_keys(pa.array(fresh[:5]), keys=True, create=False).keys == b"".join(key[i] for i in fresh[:5])
 
 
 def test_a_schema_2_store_is_split_on_open_keeping_tokens_keys_and_the_id_sequence(store_path, kek, backend):

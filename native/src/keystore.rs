@@ -186,15 +186,22 @@ fn resolve_subjects(
             .map(|_| Slot { token: [0; TOKEN_LEN], wrapped: None, known: false, created: false })
             .collect();
         let mut insert_first = false;
-        if create && token_cipher.is_some() && !split && m >= 4 * SAMPLE {
+        if create && token_cipher.is_some() && m >= 4 * SAMPLE {
             let sample: Vec<usize> = (0..SAMPLE).map(|j| j * m / SAMPLE).collect();
             let hits = lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &sample, &mut slots)?;
             insert_first = hits * 20 <= SAMPLE; // at most 5% known
+            let mut sampled = vec![false; m];
+            sample.iter().for_each(|&s| sampled[s] = true);
+            let rest: Vec<usize> = (0..m).filter(|&s| !sampled[s]).collect();
             if !insert_first {
-                let mut sampled = vec![false; m];
-                sample.iter().for_each(|&s| sampled[s] = true);
-                let rest: Vec<usize> = (0..m).filter(|&s| !sampled[s]).collect();
                 lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &rest, &mut slots)?;
+            } else if split {
+                // Schema 3: the recent index's key checks the recent subjects as they are inserted;
+                // the main index is probed here (index only), and the few found are looked up.
+                let found = probe_main(&tx, &bis, &uniq, &rest)?;
+                if !found.is_empty() {
+                    lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &found, &mut slots)?;
+                }
             }
         } else if m > 0 {
             let all: Vec<usize> = (0..m).collect();
@@ -250,14 +257,16 @@ fn resolve_subjects(
                 _ => INSERT,
             };
             let inserted = if split {
-                // The rows are appended (ids ascending, no index on them but the row id), and
-                // their blind indexes go into the small recent index.
-                let rows = tx.execute(INSERT_ROWS_SPLIT, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64, first_id])?;
-                let indexed = tx.execute(INSERT_RECENT, params![&bi_packed[..], k as i64, first_id])?;
+                // The blind indexes go into the small recent index (new people first: OR IGNORE, a
+                // subject already there keeps its entry), and the rows whose blind index went in are
+                // appended (ids ascending; no index on the rows but the id).
+                let indexed = tx.execute(if insert_first { INSERT_RECENT_OR_IGNORE } else { INSERT_RECENT },
+                                         params![&bi_packed[..], k as i64, first_id])?;
+                let rows = tx.execute(if indexed == k { INSERT_ROWS_SPLIT } else { INSERT_ROWS_SPLIT_INDEXED },
+                                      params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64, first_id])?;
                 if indexed != rows {
                     return Err(Failure::Sqlite(format!("{rows} subjects inserted but {indexed} blind indexes")));
                 }
-                merge_recent(&tx, merge_min, merge_fraction)?;
                 rows
             } else if token_cipher.is_some() {
                 tx.execute(sql, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64, first_id])?
@@ -270,7 +279,11 @@ fn resolve_subjects(
             if insert_first && inserted != k {
                 // Which rows went in: ours are the ids first_id .. first_id + k with our blind
                 // index; an id whose row holds another blind index would be a broken sequence.
-                let mut sel = tx.prepare("SELECT id, blind_index FROM subjects WHERE id >= ?1 AND id < ?2")?;
+                let mut sel = tx.prepare(if split {
+                    "SELECT id, blind_index FROM bi_recent WHERE id >= ?1 AND id < ?2" // not sorted by id: a scan of the recent index
+                } else {
+                    "SELECT id, blind_index FROM subjects WHERE id >= ?1 AND id < ?2"
+                })?;
                 let mut rows = sel.query(params![first_id, first_id + k as i64])?;
                 let mut seen = 0usize;
                 while let Some(r) = rows.next()? {
@@ -301,6 +314,9 @@ fn resolve_subjects(
                     created += 1;
                 }
             }
+        }
+        if split && created > 0 {
+            merge_recent(&tx, merge_min, merge_fraction)?; // last: the steps above read bi_recent
         }
         let mut new_key_of = vec![usize::MAX; m];
         for (j, &s) in missing.iter().enumerate() {
@@ -412,6 +428,31 @@ const INSERT_OR_IGNORE_WITH_IDS: &str = insert!("INSERT OR IGNORE", ", id", ", ?
 /// index) and its blind index in `bi_recent` (`?1` blind indexes, `?2` how many, `?3` first id).
 const INSERT_ROWS_SPLIT: &str = insert!("INSERT", ", id", ", ?7 + n");
 const INSERT_RECENT: &str = concat!(numbered!(2), "INSERT INTO bi_recent(blind_index, id) SELECT substr(?1, n * 32 + 1, 32), ?3 + n FROM i");
+const INSERT_RECENT_OR_IGNORE: &str = concat!(numbered!(2), "INSERT OR IGNORE INTO bi_recent(blind_index, id) SELECT substr(?1, n * 32 + 1, 32), ?3 + n FROM i");
+/// The rows of those whose blind index went in (the ids `?7 ..` are this batch's: no one else's).
+const INSERT_ROWS_SPLIT_INDEXED: &str = concat!(numbered!(6),
+    "INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at, id) ",
+    "SELECT CAST(substr(?1, n * 30 + 1, 30) AS TEXT), substr(?2, n * 32 + 1, 32), substr(?3, n * 60 + 1, 60), ?4, ?5, ?7 + n ",
+    "FROM i WHERE EXISTS (SELECT 1 FROM bi_recent r WHERE r.blind_index = substr(?2, n * 32 + 1, 32) AND r.id = ?7 + n)");
+/// Schema 3, new people first: which of the ids at `subset` the main index holds (index only).
+fn probe_main(tx: &rusqlite::Transaction<'_>, bis: &[[u8; 32]], uniq: &[usize], subset: &[usize]) -> Result<Vec<usize>, Failure> {
+    if subset.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut packed = Vec::with_capacity(subset.len() * BI_LEN);
+    for &s in subset {
+        packed.extend_from_slice(&bis[uniq[s]]);
+    }
+    let mut sel = tx.prepare_cached(PROBE_MAIN)?;
+    let mut rows = sel.query(params![&packed[..], subset.len() as i64])?;
+    let mut found = Vec::new();
+    while let Some(r) = rows.next()? {
+        let n = usize::try_from(r.get::<_, i64>(0)?).map_err(|e| Failure::Sqlite(e.to_string()))?;
+        found.push(*subset.get(n).ok_or_else(|| Failure::Sqlite(format!("probe returned position {n} of {}", subset.len())))?);
+    }
+    Ok(found)
+}
+const PROBE_MAIN: &str = concat!(numbered!(2), "SELECT i.n FROM i CROSS JOIN bi_main b ON b.blind_index = substr(?1, i.n * 32 + 1, 32)");
 /// Schema 3 lookups: each index probed in order, joined to the row by id (`LOOKUP_IDS_SPLIT`: the
 /// index alone, tokens derive from the id).
 macro_rules! probe_split {
