@@ -7,6 +7,13 @@ KEK (retiring its generation). The PostgreSQL server is a throw-away cluster fro
 package on loopback (``governance/keys/pgserver.py``), with ``fsync`` on, as a deployment runs.
 
     .venv/bin/python benchmarks/bench_keystore.py --subjects 1000000
+
+``--growth`` measures instead how creating subjects costs as the SQLite store grows (issue #15):
+``--subjects`` new subjects in batches of ``--batch`` (ingest's batch for customers is 166k), the
+cost of each batch per subject, written to ``results/keystore-growth.json``. The blind indexes'
+split into a recent and a main index (schema 3) is what keeps that cost flat.
+
+    .venv/bin/python benchmarks/bench_keystore.py --growth --subjects 10000000 --batch 166000
 """
 
 from __future__ import annotations
@@ -54,12 +61,51 @@ def _run(store, batches: list[pa.Array], rotate_to: LocalKek) -> dict[str, float
     return out
 
 
+def growth(subjects: int, batch: int, out: Path) -> None:
+    """Per batch of new subjects: its creation time per subject, as the store grows."""
+    from rich.progress import Progress
+
+    from governance.keys import store as store_mod
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d, Progress(console=console, transient=True) as bar:
+        task = bar.add_task("creating subjects", total=subjects)
+        with KeyStore(Path(d) / "keystore.db", LocalKek(os.urandom(32), source="bench")) as st:
+            t0 = time.perf_counter()
+            for lo in range(0, subjects, batch):
+                ids = pa.array([f"C{i:010d}" for i in range(lo, min(subjects, lo + batch))])
+                t = time.perf_counter()
+                st.subject_keys(ids, keys=True)
+                rows.append({"subjects_after": lo + len(ids), "us_per_subject": 1e6 * (time.perf_counter() - t) / len(ids)})
+                bar.advance(task, len(ids))
+            total = time.perf_counter() - t0
+        size_mb = os.path.getsize(Path(d) / "keystore.db") / 1e6
+    t = Table(title=f"creating {subjects:,} subjects in batches of {batch:,}: {total:.1f} s, store {size_mb:,.0f} MB")
+    for c in ("subjects after the batch", "µs per subject"):
+        t.add_column(c, justify="right")
+    step = max(1, len(rows) // 20)
+    for r in rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else []):
+        t.add_row(f"{r['subjects_after']:,}", f"{r['us_per_subject']:.2f}")
+    console.print(t)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"subjects": subjects, "batch": batch, "cpus": os.cpu_count(), "native": native.backend(),
+                               "schema": store_mod.SCHEMA_VERSION, "merge_min": store_mod.MERGE_MIN,
+                               "merge_fraction": store_mod.MERGE_FRACTION, "seconds": total, "store_mb": size_mb,
+                               "batches": rows}, indent=2) + "\n")
+    console.print(f"written to {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--subjects", type=int, default=1_000_000)
     ap.add_argument("--batch", type=int, default=100_000)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "keystore.json")
+    ap.add_argument("--growth", action="store_true", help="the SQLite store's creation cost per batch as it grows")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.growth:
+        growth(args.subjects, args.batch, args.out or REPO / "benchmarks" / "results" / "keystore-growth.json")
+        return
+    args.out = args.out or REPO / "benchmarks" / "results" / "keystore.json"
     from governance.keys.pgserver import LocalPostgres
     from governance.keys.pgstore import PgKeyStore
 
