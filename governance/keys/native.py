@@ -199,7 +199,7 @@ def sqlite_shared() -> bool:
 
 
 def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Array, *, create: bool,
-                     keys: bool, now: str, token_key: bytes | None = None, merge_min: int = 1_000_000,
+                     keys: bool, now: str, token_key: bytes | None = None, merge_min: int = 2_000_000,
                      merge_fraction: int = 4) -> tuple[pa.Array, bytes | None, int]:
     """The native key store's bulk lookup-and-create (see ``native/src/keystore.rs``):
     ``(tokens, keys or None, subjects created)``. Only when :func:`sqlite_shared`. ``token_key``

@@ -82,7 +82,7 @@ __all__ = ["KeyStore", "SubjectKeys", "BLIND_INDEX_KEY", "TOKEN_KEY", "TOKEN_PRE
 SCHEMA_VERSION = 3
 # Schema 3: new subjects' blind indexes enter a small index that is merged into the main one once it
 # holds MERGE_MIN of them or a MERGE_FRACTION-th of the main index (native/src/keystore.rs: merge_recent).
-MERGE_MIN = 1_000_000
+MERGE_MIN = 2_000_000
 MERGE_FRACTION = 4
 TOKEN_PREFIX = "sub_"
 # The one definition of what a subject token looks like: "sub_" + 26 lowercase base32 characters.

@@ -106,7 +106,7 @@ fn open(db: &str, timeout_ms: u64) -> Result<Connection, Failure> {
 ///
 /// Each step is one statement for the whole batch (see `LOOKUP` and `INSERT` below).
 #[pyfunction]
-#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, timeout_ms=30_000, token_key=None, merge_min=1_000_000, merge_fraction=4))]
+#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, timeout_ms=30_000, token_key=None, merge_min=2_000_000, merge_fraction=4))]
 #[allow(clippy::too_many_arguments)]
 fn resolve_subjects(
     py: Python<'_>,
@@ -260,14 +260,18 @@ fn resolve_subjects(
                 // The blind indexes go into the small recent index (new people first: OR IGNORE, a
                 // subject already there keeps its entry), and the rows whose blind index went in are
                 // appended (ids ascending; no index on the rows but the id).
-                let indexed = tx.execute(if insert_first { INSERT_RECENT_OR_IGNORE } else { INSERT_RECENT },
-                                         params![&bi_packed[..], k as i64, first_id])?;
-                let rows = tx.execute(if indexed == k { INSERT_ROWS_SPLIT } else { INSERT_ROWS_SPLIT_INDEXED },
-                                      params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64, first_id])?;
-                if indexed != rows {
-                    return Err(Failure::Sqlite(format!("{rows} subjects inserted but {indexed} blind indexes")));
+                let end = first_id + k as i64;
+                let rows = tx.execute(INSERT_ROWS_SPLIT, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64, first_id])?;
+                let indexed = tx.execute(if insert_first { INDEX_RECENT_OR_IGNORE } else { INDEX_RECENT }, params![first_id, end])?;
+                if indexed != k {
+                    // Some were recent subjects already (new people first): their rows, made here a
+                    // moment ago and never handed out, go again (secure_delete zeroes them).
+                    tx.execute(DROP_UNINDEXED, params![first_id, end])?;
                 }
-                rows
+                if rows != k {
+                    return Err(Failure::Sqlite(format!("{rows} of {k} new subjects were inserted")));
+                }
+                indexed
             } else if token_cipher.is_some() {
                 tx.execute(sql, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64, first_id])?
             } else {
@@ -279,11 +283,8 @@ fn resolve_subjects(
             if insert_first && inserted != k {
                 // Which rows went in: ours are the ids first_id .. first_id + k with our blind
                 // index; an id whose row holds another blind index would be a broken sequence.
-                let mut sel = tx.prepare(if split {
-                    "SELECT id, blind_index FROM bi_recent WHERE id >= ?1 AND id < ?2" // not sorted by id: a scan of the recent index
-                } else {
-                    "SELECT id, blind_index FROM subjects WHERE id >= ?1 AND id < ?2"
-                })?;
+                // (Schema 3: the rows left are those whose blind index went into the recent index.)
+                let mut sel = tx.prepare("SELECT id, blind_index FROM subjects WHERE id >= ?1 AND id < ?2")?;
                 let mut rows = sel.query(params![first_id, first_id + k as i64])?;
                 let mut seen = 0usize;
                 while let Some(r) = rows.next()? {
@@ -424,16 +425,17 @@ macro_rules! insert {
 const INSERT: &str = insert!("INSERT", "", "");
 const INSERT_WITH_IDS: &str = insert!("INSERT", ", id", ", ?7 + n");
 const INSERT_OR_IGNORE_WITH_IDS: &str = insert!("INSERT OR IGNORE", ", id", ", ?7 + n");
-/// Schema 3: a new subject's row (`?1`..`?7` as `INSERT_WITH_IDS`; `subjects` has no blind-index
-/// index) and its blind index in `bi_recent` (`?1` blind indexes, `?2` how many, `?3` first id).
+/// Schema 3: new subjects' rows (`?1`..`?7` as `INSERT_WITH_IDS`; `subjects` has no blind-index
+/// index, so this is an append).
 const INSERT_ROWS_SPLIT: &str = insert!("INSERT", ", id", ", ?7 + n");
-const INSERT_RECENT: &str = concat!(numbered!(2), "INSERT INTO bi_recent(blind_index, id) SELECT substr(?1, n * 32 + 1, 32), ?3 + n FROM i");
-const INSERT_RECENT_OR_IGNORE: &str = concat!(numbered!(2), "INSERT OR IGNORE INTO bi_recent(blind_index, id) SELECT substr(?1, n * 32 + 1, 32), ?3 + n FROM i");
-/// The rows of those whose blind index went in (the ids `?7 ..` are this batch's: no one else's).
-const INSERT_ROWS_SPLIT_INDEXED: &str = concat!(numbered!(6),
-    "INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at, id) ",
-    "SELECT CAST(substr(?1, n * 30 + 1, 30) AS TEXT), substr(?2, n * 32 + 1, 32), substr(?3, n * 60 + 1, 60), ?4, ?5, ?7 + n ",
-    "FROM i WHERE EXISTS (SELECT 1 FROM bi_recent r WHERE r.blind_index = substr(?2, n * 32 + 1, 32) AND r.id = ?7 + n)");
+/// The blind indexes of the rows just appended (ids `?1` to `?2`, this batch's alone: a range
+/// scan of the rows, in blind-index order as they were inserted), into the recent index.
+const INDEX_RECENT: &str = "INSERT INTO bi_recent(blind_index, id) SELECT blind_index, id FROM subjects WHERE id >= ?1 AND id < ?2";
+const INDEX_RECENT_OR_IGNORE: &str =
+    "INSERT OR IGNORE INTO bi_recent(blind_index, id) SELECT blind_index, id FROM subjects WHERE id >= ?1 AND id < ?2";
+/// Rows of this batch whose blind index the recent index already held for another id.
+const DROP_UNINDEXED: &str = "DELETE FROM subjects WHERE id >= ?1 AND id < ?2 AND NOT EXISTS \
+    (SELECT 1 FROM bi_recent r WHERE r.blind_index = subjects.blind_index AND r.id = subjects.id)";
 /// Schema 3, new people first: which of the ids at `subset` the main index holds (index only).
 fn probe_main(tx: &rusqlite::Transaction<'_>, bis: &[[u8; 32]], uniq: &[usize], subset: &[usize]) -> Result<Vec<usize>, Failure> {
     if subset.is_empty() {
