@@ -119,11 +119,16 @@ CREATE TABLE IF NOT EXISTS shredded(
 """
 
 
+def _sequence(c: sqlite3.Connection) -> int:
+    """The last row id ever given to a subject (``AUTOINCREMENT``'s sequence; 0 in a new store)."""
+    return c.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)").fetchone()[0]
+
+
 def _split_blind_indexes(c: sqlite3.Connection) -> None:
     """Schema 2 to 3, in the caller's transaction: the rows move to a ``subjects`` table without
     the blind-index index (in id order), their blind indexes to ``bi_main`` (in blind-index order),
     and the row-id sequence is kept, so no token is ever issued twice."""
-    seq = c.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)").fetchone()[0]
+    seq = _sequence(c)
     table = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS subjects(") :]
     table = table[: table.index(";")].replace("IF NOT EXISTS subjects(", "subjects_v3(")
     c.execute(table)
@@ -593,7 +598,7 @@ class KeyStore:
 
     def _merge_recent(self, c: sqlite3.Connection) -> bool:
         """The pure-Python twin of the native core's ``merge_recent`` (same rule, same statements)."""
-        seq = c.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)").fetchone()[0]
+        seq = _sequence(c)
         merged = c.execute("SELECT coalesce((SELECT value FROM lsm WHERE name='merged_through'), 0)").fetchone()[0]
         if seq - merged < max(MERGE_MIN, merged // max(1, MERGE_FRACTION)):
             return False
@@ -664,7 +669,7 @@ class KeyStore:
                 missing = [b for b in unique if b not in found]
                 token_key = self._token_key()
                 if token_key is not None:  # version 2 and later: the next row ids, in blind-index order
-                    seq = c.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)").fetchone()[0]
+                    seq = _sequence(c)
                     row_ids = list(range(seq + 1, seq + 1 + len(missing)))
                     tokens = wire.derived_tokens(token_key, row_ids)
                 else:

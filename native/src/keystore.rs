@@ -257,9 +257,9 @@ fn resolve_subjects(
                 _ => INSERT,
             };
             let inserted = if split {
-                // The blind indexes go into the small recent index (new people first: OR IGNORE, a
-                // subject already there keeps its entry), and the rows whose blind index went in are
-                // appended (ids ascending; no index on the rows but the id).
+                // The rows are appended (ids ascending; no index on them but the id), then their
+                // blind indexes enter the small recent index (new people first: OR IGNORE, a subject
+                // already there keeps its entry, and the row made for it here goes again).
                 let end = first_id + k as i64;
                 let rows = tx.execute(INSERT_ROWS_SPLIT, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, k as i64, first_id])?;
                 let indexed = tx.execute(if insert_first { INDEX_RECENT_OR_IGNORE } else { INDEX_RECENT }, params![first_id, end])?;

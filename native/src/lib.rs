@@ -514,6 +514,42 @@ fn unwrap_keys(
     }
 }
 
+/// The cipher of row `i`'s subject (key `key_index[i]`) and, for each prefix, the associated data
+/// `prefix || tokens[key_index[i]]`: built again only when the subject changes from one row to the
+/// next (runs of one subject's rows share them).
+struct RowCipher<'a> {
+    keys: &'a [u8],
+    idx: &'a [i32],
+    tokens: Col<'a>,
+    prefixes: &'a [&'a [u8]],
+    current: Option<(i32, Aes256Gcm)>,
+    aads: Vec<Vec<u8>>,
+}
+
+impl<'a> RowCipher<'a> {
+    fn new(keys: &'a [u8], idx: &'a [i32], tokens: Col<'a>, prefixes: &'a [&'a [u8]]) -> Self {
+        RowCipher { keys, idx, tokens, prefixes, current: None, aads: prefixes.iter().map(|p| p.to_vec()).collect() }
+    }
+
+    fn at(&mut self, i: usize) -> Result<(&Aes256Gcm, &[Vec<u8>]), String> {
+        let j = self.idx[i];
+        if j < 0 || j as usize >= self.tokens.len {
+            return Err(format!("value at position {i} has no subject key"));
+        }
+        if self.current.as_ref().map(|c| c.0) != Some(j) {
+            let ju = j as usize;
+            let token = self.tokens.get(ju).ok_or_else(|| format!("token {ju} is null"))?;
+            self.current = Some((j, Aes256Gcm::new(GenericArray::from_slice(&self.keys[ju * KEY..(ju + 1) * KEY]))));
+            for (aad, prefix) in self.aads.iter_mut().zip(self.prefixes) {
+                aad.clear();
+                aad.extend_from_slice(prefix);
+                aad.extend_from_slice(token);
+            }
+        }
+        Ok((&self.current.as_ref().expect("set above").1, &self.aads))
+    }
+}
+
 /// Row by row over a column, in parallel chunks: `f(cipher, aad, value, row, out)` appends row
 /// `i`'s output to `out`, under the cipher of subject `key_index[i]` (built once per run of rows
 /// with the same subject) and associated data `aad_prefix || tokens[key_index[i]]`. Null stays null.
@@ -528,46 +564,23 @@ fn map_column<F>(
 where
     F: Fn(&Aes256Gcm, &[u8], &[u8], usize, &mut Vec<u8>) -> Result<(), String> + Sync,
 {
-    let (n, k) = (values.len, tokens.len);
+    let n = values.len;
+    let prefixes = [aad_prefix];
     (0..n.div_ceil(CHUNK))
         .into_par_iter()
         .map(|c| {
             let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
             let mut lens = Vec::with_capacity(hi - lo);
             let mut out = Vec::new();
-            let mut aad = Vec::new();
-            let mut current: Option<(i32, Aes256Gcm)> = None;
+            let mut rows = RowCipher::new(keys, idx, *tokens, &prefixes);
             for i in lo..hi {
                 let Some(v) = values.get(i) else {
                     lens.push(None);
                     continue;
                 };
-                let j = idx[i];
-                if j < 0 || j as usize >= k {
-                    return Err(format!("value at position {i} has no subject key"));
-                }
-                if current.as_ref().map(|c| c.0) != Some(j) {
-                    let ju = j as usize;
-                    current = Some((
-                        j,
-                        Aes256Gcm::new(GenericArray::from_slice(&keys[ju * KEY..(ju + 1) * KEY])),
-                    ));
-                    aad.clear();
-                    aad.extend_from_slice(aad_prefix);
-                    aad.extend_from_slice(
-                        tokens
-                            .get(ju)
-                            .ok_or_else(|| format!("token {ju} is null"))?,
-                    );
-                }
+                let (cipher, aads) = rows.at(i)?;
                 let before = out.len();
-                f(
-                    &current.as_ref().expect("set above").1,
-                    &aad,
-                    v,
-                    i,
-                    &mut out,
-                )?;
+                f(cipher, &aads[0], v, i, &mut out)?;
                 lens.push(Some(out.len() - before));
             }
             Ok((lens, out))
@@ -652,7 +665,7 @@ fn seal_many(
     nonces: Option<&[&[u8]]>,
 ) -> Result<Vec<OutCol>, String> {
     let n = idx.len().min(cols.first().map(|c| c.len).unwrap_or(0));
-    let (k, m) = (tokens.len, cols.len());
+    let m = cols.len();
     // Offsets and validity first: each value's sealed length is its length plus the overhead.
     let mut outs = Vec::with_capacity(m);
     for col in cols {
@@ -699,27 +712,12 @@ fn seal_many(
                 None => os_random((hi - lo) * m * NONCE)?,
             };
             let mut pos = vec![0usize; m];
-            let mut aads: Vec<Vec<u8>> = prefixes.iter().map(|p| p.to_vec()).collect();
-            let mut current: Option<(i32, Aes256Gcm)> = None;
+            let mut rows = RowCipher::new(keys, idx, *tokens, prefixes);
             for i in lo..hi {
                 if cols.iter().all(|col| col.get(i).is_none()) {
                     continue;
                 }
-                let j = idx[i];
-                if j < 0 || j as usize >= k {
-                    return Err(format!("value at position {i} has no subject key"));
-                }
-                if current.as_ref().map(|c| c.0) != Some(j) {
-                    let ju = j as usize;
-                    let token = tokens.get(ju).ok_or_else(|| format!("token {ju} is null"))?;
-                    current = Some((j, Aes256Gcm::new(GenericArray::from_slice(&keys[ju * KEY..(ju + 1) * KEY]))));
-                    for (aad, prefix) in aads.iter_mut().zip(prefixes) {
-                        aad.clear();
-                        aad.extend_from_slice(prefix);
-                        aad.extend_from_slice(token);
-                    }
-                }
-                let cipher = &current.as_ref().expect("set above").1;
+                let (cipher, aads) = rows.at(i)?;
                 for (ci, col) in cols.iter().enumerate() {
                     let Some(v) = col.get(i) else { continue };
                     let nonce = match nonces {
