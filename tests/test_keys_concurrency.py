@@ -38,13 +38,13 @@ def _worker(path: str, reverse: bool, barrier, out) -> None:  # noqa: ANN001 - m
     out.put((got, deks))
 
 
-def _two_writers(worker, path: Path) -> list:  # noqa: ANN001 - a worker function
+def _two_writers(worker, path: Path, *extra) -> list:  # noqa: ANN001 - a worker function
     """Run ``worker`` in two processes on one new store (created once, as the workspace does),
     the second asking in reverse order; their results."""
     KeyStore(path, kek_from_env(VAR)).close()
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(str(path), rev, barrier, out)) for rev in (False, True)]
+    procs = [ctx.Process(target=worker, args=(str(path), rev, barrier, out, *extra)) for rev in (False, True)]
     for p in procs:
         p.start()
     results = [out.get(timeout=180) for _ in procs]
@@ -71,9 +71,13 @@ def test_two_writers_creating_the_same_new_subjects_yield_one_key_each(tmp_path:
 BULK = 3000  # ids per bulk call: enough for the native path's sampled "new people" insert
 
 
-def _bulk_worker(path: str, reverse: bool, barrier, out) -> None:  # noqa: ANN001 - multiprocessing objects
+def _bulk_worker(path: str, reverse: bool, barrier, out, merge_min: int | None = None) -> None:  # noqa: ANN001
     import pyarrow as pa
 
+    if merge_min is not None:  # this process merges the recent blind indexes that often (schema 3)
+        from governance.keys import store as store_mod
+
+        store_mod.MERGE_MIN = merge_min
     got: dict[str, str] = {}
     keys: dict[str, str] = {}
     with KeyStore(path, kek_from_env(VAR)) as store:
@@ -89,13 +93,22 @@ def _bulk_worker(path: str, reverse: bool, barrier, out) -> None:  # noqa: ANN00
     out.put((got, keys))
 
 
-def test_two_bulk_writers_creating_the_same_new_subjects_yield_one_key_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The bulk path (ingest's): same ids at once from two processes, whole batches new."""
+@pytest.mark.parametrize("merge_min", [None, 1_000], ids=["default", "merging"])
+def test_two_bulk_writers_creating_the_same_new_subjects_yield_one_key_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                           merge_min: int | None):
+    """The bulk path (ingest's): same ids at once from two processes, whole batches new. "merging":
+    both merge the recent blind indexes into the main index every 1,000 new subjects, so merges run
+    between (and after) the other writer's batches; a blind index still ends in exactly one index."""
     monkeypatch.setenv(VAR, generate_kek_b64())
     path = tmp_path / "keys.db"
-    (a, ka), (b, kb) = _two_writers(_bulk_worker, path)
+    (a, ka), (b, kb) = _two_writers(_bulk_worker, path, merge_min)
     assert a == b and ka == kb, "the two writers got different tokens or keys for the same subject"
     every = BULK * 2 + BULK // 2
     assert len(a) == len(set(a.values())) == every
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT count(*), count(DISTINCT blind_index) FROM subjects").fetchone() == (every, every)
+        main, recent, both = db.execute(
+            "SELECT (SELECT count(*) FROM bi_main), (SELECT count(*) FROM bi_recent), "
+            "(SELECT count(*) FROM bi_main JOIN bi_recent USING (blind_index))").fetchone()
+        assert (main + recent, both) == (every, 0)
+        assert (main > 0) == (merge_min is not None)
