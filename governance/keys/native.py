@@ -199,12 +199,13 @@ def sqlite_shared() -> bool:
 
 
 def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Array, *, create: bool,
-                     keys: bool, now: str, token_key: bytes | None = None, merge_min: int = 2_000_000,
-                     merge_fraction: int = 4) -> tuple[pa.Array, bytes | None, int]:
+                     keys: bool, now: str, merge_min: int, merge_fraction: int,
+                     token_key: bytes | None = None) -> tuple[pa.Array, bytes | None, int]:
     """The native key store's bulk lookup-and-create (see ``native/src/keystore.rs``):
     ``(tokens, keys or None, subjects created)``. Only when :func:`sqlite_shared`. ``token_key``
     (a version-2 or 3 store): new subjects' tokens are the keyed permutation of their row ids.
-    ``merge_min``, ``merge_fraction``: when a schema-3 store merges its recent blind indexes.
+    ``merge_min``, ``merge_fraction``: when a schema-3 store merges its recent blind indexes (the
+    key store's ``MERGE_MIN`` and ``MERGE_FRACTION``, the one place the rule's figures live).
 
     Raises:
         ValueError: a null or blank id (names its position).

@@ -106,7 +106,7 @@ fn open(db: &str, timeout_ms: u64) -> Result<Connection, Failure> {
 ///
 /// Each step is one statement for the whole batch (see `LOOKUP` and `INSERT` below).
 #[pyfunction]
-#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, timeout_ms=30_000, token_key=None, merge_min=2_000_000, merge_fraction=4))]
+#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, *, merge_min, merge_fraction, timeout_ms=30_000, token_key=None))]
 #[allow(clippy::too_many_arguments)]
 fn resolve_subjects(
     py: Python<'_>,
@@ -118,10 +118,10 @@ fn resolve_subjects(
     create: bool,
     want_keys: bool,
     now: &str,
-    timeout_ms: u64,
-    token_key: Option<PyBuffer<u8>>,
     merge_min: i64,
     merge_fraction: i64,
+    timeout_ms: u64,
+    token_key: Option<PyBuffer<u8>>,
 ) -> PyResult<(crate::PyCol, Option<Py<PyBytes>>, usize)> {
     let token_cipher = match &token_key {
         Some(k) => {
