@@ -206,6 +206,7 @@ class BatchWork:
         self.bronze_cols = [n for n in pol.columns if n not in self.vault_cols and n not in self.restricted_cols]
         self.sealed_cols = sealed_columns(pol)
         self.partition_by = [*pol.layout.partition_by, "_subject_bucket"]
+        self._token_cache = native.token_cache()  # None without the native core: Arrow arrays below
         self._cache_keys: pa.Array | None = None
         self._cache_tokens: pa.Array | None = None
         self._cache_lock = threading.Lock()
@@ -271,8 +272,25 @@ class BatchWork:
         return pc.take(tok_u, idx), pc.take(bk_u, idx), subjects, idx
 
     def _cached_tokens(self, uniq: pa.Array) -> pa.Array:
-        with self._cache_lock:
-            return self._cached_tokens_locked(uniq)
+        cache = self._token_cache
+        if cache is None:
+            with self._cache_lock:
+                return self._cached_tokens_locked(uniq)
+        # No lock: two batches that miss the same subject both ask the key store, which gives
+        # both the same token; the cache keeps the first.
+        tokens = cache.lookup(uniq)
+        if not tokens.null_count:
+            return tokens
+        missing_mask = pc.is_null(tokens)
+        missing = uniq.filter(missing_mask)
+        new = self.ring.store.subject_keys(missing).tokens
+        tokens = pc.replace_with_mask(tokens, missing_mask, new)
+        if len(cache) + len(missing) > self.TOKEN_CACHE_MAX:
+            cache.clear()  # start again from this batch's subjects
+            cache.insert(uniq, tokens)
+        else:
+            cache.insert(missing, new)
+        return tokens
 
     def _cached_tokens_locked(self, uniq: pa.Array) -> pa.Array:
         if self._cache_keys is not None:

@@ -301,3 +301,104 @@ def test_a_shredded_subject_comes_back_with_a_new_token_on_both_paths(store: Key
     _python_path(monkeypatch)
     third = store.tokens_for(["hana"])[0]
     assert third not in (first, second) and store.subject_state(third) == "active"
+
+
+# ---------------------------------------------------------------------- per-ingest sets (native only)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_the_unique_set_marks_repeats_by_row_order_and_takes_back_rows_not_kept():
+    s = native.UniqueSet()
+    s.add(pa.array(["old", None]))
+    vals = pa.array(["a", "b", "a", "c", "a", None, "old", "old", "d"])
+    rows = pa.array([5, 1, 2, 3, 0, 4, 8, 7, 6], pa.int64())  # not in order: the lowest row is the first
+    cand = pa.array([True, True, True, True, True, True, True, True, False])
+    kinds = s.check(vals, rows, cand).tolist()
+    # a: rows 5, 2, 0 -> row 0 (index 4) is first; old: was added before, row 7 first, row 8 a repeat;
+    # null and not-a-candidate rows are never marked.
+    assert kinds == [1, 0, 1, 0, 0, 0, 1, 2, 0]
+    assert len(s) == 1 + 3  # "old", then a, b, c added by the check
+    s.commit(pa.array([False, True, False, False, True, True, False, False, True]))  # c is not kept
+    assert len(s) == 3
+    again = s.check(pa.array(["c", "b", "a", "d"]), pa.array([10, 11, 12, 13], pa.int64()), pa.array([True] * 4))
+    assert again.tolist() == [0, 2, 2, 0]  # c was taken back; d was never a candidate
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_the_unique_set_compares_other_types_by_value():
+    s = native.UniqueSet()
+    s.add(pa.array([0.0, 2.5]))
+    k = s.check(pa.array([-0.0, 2.5, 3.0, 3.0]), pa.array([1, 2, 3, 4], pa.int64()), pa.array([True] * 4))
+    assert k.tolist() == [2, 2, 0, 1]
+    d = native.UniqueSet()
+    d.add(pa.array([20240101], pa.int64()))
+    assert d.check(pa.array([20240101, 7], pa.int64()), pa.array([0, 1], pa.int64()), pa.array([True, True])).tolist() == [2, 0]
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_the_token_cache_answers_only_for_what_it_holds():
+    c = native.TokenCache()
+    c.insert(pa.array(["alice", "bob", None, "carol"]), pa.array(["sub_a", "sub_b", "sub_x", None]))
+    assert len(c) == 2  # pairs with a null side are not cached
+    c.insert(pa.array(["alice"]), pa.array(["sub_other"]))  # an id already cached keeps its token
+    got = c.lookup(pa.array(["bob", None, "alice", "dave", "carol", "ålice"]).slice(0, 6))
+    assert got.type == pa.string()
+    assert got.to_pylist() == ["sub_b", None, "sub_a", None, None, None]
+    assert c.lookup(pa.array(["x", "alice", "bob"]).slice(1)).to_pylist() == ["sub_a", "sub_b"]
+    c.clear()
+    assert len(c) == 0 and c.lookup(pa.array(["alice"])).to_pylist() == [None]
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_unique_columns_get_the_same_reasons_from_the_native_set_as_from_duckdb(monkeypatch: pytest.MonkeyPatch):
+    """The validator's uniqueness on the native set and on DuckDB's hashes: the same rows, the
+    same reasons, over batches with repeats within a batch, across batches and of a preloaded
+    table, nulls, rows rejected by other rules, and a row that repeats one unique column but not
+    another (its other value must not be remembered)."""
+    import yaml
+
+    from governance.policy import DatasetPolicy
+    from lakehouse.validate import Validator
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "policies" / "transactions.yaml").read_text(encoding="utf-8"))
+    doc["columns"]["merchant_category"]["unique"] = True  # a second unique text column, often null
+    doc["columns"]["seq"] = {"class": "public", "type": "int", "unique": True}  # and a numeric one
+    pol = DatasetPolicy.model_validate(doc)
+    rng = random.Random(11)
+
+    def batch(n: int) -> pa.Table:
+        rows = {k: [] for k in ["transaction_id", "customer_id", "ts", "amount", "merchant_category", "channel", "seq"]}
+        for _ in range(n):
+            rows["transaction_id"].append(f"T-{rng.randrange(900):012d}")
+            rows["customer_id"].append(f"C{rng.randrange(50)}")
+            rows["ts"].append("2024-03-01T10:00:00Z")
+            rows["amount"].append(rng.choice(["12.5", "3", "-1", "oops"]) if rng.random() < 0.1 else "7.25")
+            rows["merchant_category"].append(None if rng.random() < 0.3 else f"m{rng.randrange(1500)}")
+            rows["channel"].append("card")
+            rows["seq"].append(str(rng.randrange(2000)) if rng.random() < 0.9 else " ")
+        return pa.table({k: pa.array(v, pa.string()) for k, v in rows.items()})
+
+    batches = [batch(400) for _ in range(5)]
+    preload = pa.chunked_array([pa.array([f"T-{i:012d}" for i in range(0, 900, 37)]), pa.array([None], pa.string())])
+
+    def reasons(use_native: bool) -> list[tuple[int, str | None]]:
+        if not use_native:
+            monkeypatch.setattr(native, "unique_set", lambda: None)
+        v = Validator(pol)
+        assert (v._sets is not None) is use_native
+        v.preload_unique("transaction_id", preload)
+        got = []
+        for i, b in enumerate(batches):
+            out = v.validate(b, i * 400, None)
+            got += zip(out["_row"].to_pylist(), out["_reason"].to_pylist())
+        v.close()
+        monkeypatch.undo()
+        return sorted(got, key=lambda r: r[0])
+
+    fast, reference = reasons(True), reasons(False)
+    assert fast == reference
+    said = {r for _, r in fast if r}
+    for expected in ("transaction_id: duplicate value within the file", "transaction_id: duplicate of a value already ingested",
+                     "merchant_category: duplicate value within the file", "merchant_category: duplicate of a value already ingested",
+                     "seq: duplicate of a value already ingested", "amount: below the minimum 0"):
+        assert expected in said

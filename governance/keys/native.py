@@ -429,4 +429,98 @@ class Hasher:
         return self._n.hexdigest() if self._n is not None else self._h.hexdigest()  # type: ignore[union-attr]
 
 
-__all__ = ["Hasher", "backend", "blind_indexes", "json_records", "new_tokens", "open_column", "seal_column", "seal_columns", "unwrap_keys", "wrap_keys"]
+# ---------------------------------------------------------------------- per-ingest lookups
+
+
+def _keyable(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A column's values as bytes to hash: strings and binaries as they are; other types as their
+    text (one spelling per value; -0.0 is folded into 0.0, which compares equal to it)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    t = arr.type
+    if pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_large_string(t) \
+            or pa.types.is_large_binary(t) or pa.types.is_null(t):
+        return _binary(arr)
+    if pa.types.is_floating(t):
+        arr = pc.add(arr, pa.scalar(0.0, t))
+    return _binary(pc.cast(arr, pa.string()))
+
+
+def _flags(mask: pa.Array | pa.ChunkedArray | None) -> memoryview | None:
+    """A boolean column as one byte per value (null counts as false)."""
+    if mask is None:
+        return None
+    if isinstance(mask, pa.ChunkedArray):
+        mask = mask.combine_chunks()
+    return memoryview(np.ascontiguousarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=np.uint8))
+
+
+class UniqueSet:
+    """The hashes of one unique column's values accepted so far in an ingest (native core only;
+    :func:`unique_set` says None without it, and :class:`lakehouse.validate.Validator` then keeps
+    its hashes in DuckDB). A batch costs one pass over the batch, whatever was seen before."""
+
+    WITHIN, BEFORE = 1, 2
+
+    def __init__(self) -> None:
+        self._s = _native.UniqueSet()  # type: ignore[union-attr]
+
+    def __len__(self) -> int:
+        return len(self._s)
+
+    def check(self, values: pa.Array | pa.ChunkedArray, rows: pa.Array | pa.ChunkedArray,
+              candidate: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        """Per row: 0, :attr:`WITHIN` (its value is on an earlier row of the batch, by ``rows``) or
+        :attr:`BEFORE` (its value was added before). Rows not ``candidate``, or null, are 0. The
+        values new to the set are added now; :meth:`commit` keeps or takes them back."""
+        vals = _keyable(values)
+        if isinstance(rows, pa.ChunkedArray):
+            rows = rows.combine_chunks()
+        nums = np.ascontiguousarray(rows.to_numpy(zero_copy_only=False), dtype="<i8")
+        if len(nums) != len(vals):
+            raise ValueError("rows and values differ in length")
+        return np.frombuffer(self._s.check(_col(vals), memoryview(nums).cast("B"), _flags(candidate)), dtype=np.uint8)
+
+    def commit(self, keep: pa.Array | pa.ChunkedArray) -> None:
+        """After :meth:`check`: keep the values it added on rows whose ``keep`` is true (the rows
+        accepted in the end), take back the others."""
+        self._s.commit(_flags(keep))
+
+    def add(self, values: pa.Array | pa.ChunkedArray) -> None:
+        """Add values (nulls skipped): those already in a table."""
+        self._s.add(_col(_keyable(values)))
+
+
+class TokenCache:
+    """Subject id to token for the subjects an ingest has resolved (native core only: see
+    :func:`token_cache`). Thread-safe: lookups from several batches run at once."""
+
+    def __init__(self) -> None:
+        self._c = _native.TokenCache()  # type: ignore[union-attr]
+
+    def __len__(self) -> int:
+        return len(self._c)
+
+    def clear(self) -> None:
+        self._c.clear()
+
+    def lookup(self, ids: pa.Array) -> pa.Array:
+        """Each id's token (string), null where the id is null or not cached."""
+        ids = _binary(ids)
+        return _from_parts(pa.string(), len(ids), self._c.lookup(_col(ids)))
+
+    def insert(self, ids: pa.Array, tokens: pa.Array) -> None:
+        self._c.insert(_col(_binary(ids)), _col(_binary(tokens)))
+
+
+def unique_set() -> UniqueSet | None:
+    """A :class:`UniqueSet`, or None when the native core is not loaded."""
+    return UniqueSet() if _native is not None else None
+
+
+def token_cache() -> TokenCache | None:
+    """A :class:`TokenCache`, or None when the native core is not loaded."""
+    return TokenCache() if _native is not None else None
+
+
+__all__ = ["Hasher", "TokenCache", "UniqueSet", "backend", "blind_indexes", "json_records", "new_tokens", "open_column", "seal_column", "seal_columns", "token_cache", "unique_set", "unwrap_keys", "wrap_keys"]

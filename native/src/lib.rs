@@ -24,6 +24,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 mod keystore;
 mod records;
+mod sets;
 
 pub(crate) const KEY: usize = 32;
 pub(crate) const NONCE: usize = 12;
@@ -853,5 +854,6 @@ fn lakewarden_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(records::json_records, m)?)?;
     m.add_class::<Hasher>()?;
     keystore::register(m)?;
+    sets::register(m)?;
     Ok(())
 }
