@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime, timezone
+from typing import NamedTuple
+
+import numpy as np
 
 import duckdb
 import pyarrow as pa
@@ -131,6 +134,26 @@ def _show(b: float | str) -> str:
     return f"{b:g}" if isinstance(b, float) else str(b)
 
 
+# Rule codes in the order a column's rules are tried (the native core's codes, see native/src/validate.rs).
+MISSING, INVALID, TOO_LONG, FORMULA, PATTERN, NOT_ALLOWED, BELOW, ABOVE = range(1, 9)
+
+
+def reason_texts(name: str, col: ColumnPolicy) -> dict[int, str]:
+    """What a rejected row's reason says for each rule of a column: the column and the rule, never
+    the value."""
+    label = col.pattern if col.pattern in ("email", "phone", "zip5") else "declared"
+    return {
+        MISSING: f"{name}: missing (required)",
+        INVALID: f"{name}: not a valid {col.type}",
+        TOO_LONG: f"{name}: longer than {col.max_length} characters",
+        FORMULA: f"{name}: starts like a spreadsheet formula (CSV injection)",
+        PATTERN: f"{name}: does not match the {label} pattern",
+        NOT_ALLOWED: f"{name}: not one of the allowed values",
+        BELOW: f"{name}: below the minimum {_show(col.min)}" if col.min is not None else "",
+        ABOVE: f"{name}: above the maximum {_show(col.max)}" if col.max is not None else "",
+    }
+
+
 def generalize_sql(col: ColumnPolicy, typed: str) -> tuple[str, pa.DataType]:
     """SQL for a generalized quasi-identifier and its Arrow type."""
     g = col.generalize or ""
@@ -144,6 +167,37 @@ def generalize_sql(col: ColumnPolicy, typed: str) -> tuple[str, pa.DataType]:
     if kind == "bucket":
         return f"floor(CAST({typed} AS DOUBLE) / {float(n)!r}) * {float(n)!r}", pa.float64()
     raise IngestError(f"unsupported generalization {g!r}")
+
+
+class NativeSpec(NamedTuple):
+    """One column's rules as the native core reads them (``native/src/validate.rs``'s ``Spec``)."""
+
+    kind: int
+    required: bool
+    max_length: int | None
+    formula: bool
+    allowed: list[bytes] | None
+    lo: float | None
+    hi: float | None
+    lo_i: int | None
+    hi_i: int | None
+    generalize: int
+    param: float
+
+
+_KIND = {"string": 0, "int": 1, "double": 2, "bool": 3, "date": 4, "timestamp": 5}  # the native core's type codes
+
+
+def _instant(typ: str, b: float | str, now: datetime) -> int:
+    """A date or timestamp bound as the core compares it: days, or µs since the epoch (UTC);
+    "today" is the current date for a date and the current instant for a timestamp (DuckDB's
+    ``current_date`` and ``now()``)."""
+    if typ == "date":
+        d = now.date() if b == "today" else date.fromisoformat(str(b))
+        return (d - date(1970, 1, 1)).days
+    if b == "today":
+        return int(now.timestamp()) * 1_000_000 + now.microsecond
+    return (date.fromisoformat(str(b)) - date(1970, 1, 1)).days * 86_400_000_000
 
 
 ARROW_TYPE = {
@@ -195,7 +249,16 @@ class Validator:
         """Every rule but uniqueness across batches; safe to run for several batches at once
         (each thread has its own DuckDB cursor). Follow with :meth:`dedupe`, in file order."""
         n = batch.num_rows
-        b = batch.append_column("_row", pa.array(range(first_row, first_row + n), pa.int64()))
+        rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
+        specs = self._native_specs(batch.schema, datetime.now(timezone.utc)) if n else None
+        if specs is not None:
+            return self._check_native(batch, rows, pre_reason, specs)
+        return self._check_sql(batch, rows, pre_reason)
+
+    def _check_sql(self, batch: pa.Table, rows: pa.Array, pre_reason: pa.Array | None) -> pa.Table:
+        """The rules as one DuckDB query: the reference, and the path for what the core leaves."""
+        n = batch.num_rows
+        b = batch.append_column("_row", rows)
         b = b.append_column("_pre", pre_reason if pre_reason is not None else pa.nulls(n, pa.string()))
         con = self._cursor()
         con.register("batch", b)
@@ -279,33 +342,27 @@ class Validator:
             vq = f"_v_{name}"
             typed_cols.append(f"{v} AS {q(vq)}")
             vv = q(vq)
+            say = {k: lit(r) for k, r in reason_texts(name, col).items()}
             if col.required or name == pol.subject_key:
-                checks.append(f"WHEN {vv} IS NULL THEN {lit(name + ': missing (required)')}")
-            checks.append(f"WHEN {vv} IS NOT NULL AND {tq} IS NULL THEN {lit(f'{name}: not a valid {col.type}')}")
+                checks.append(f"WHEN {vv} IS NULL THEN {say[MISSING]}")
+            checks.append(f"WHEN {vv} IS NOT NULL AND {tq} IS NULL THEN {say[INVALID]}")
             if col.type == "string":
-                checks.append(
-                    f"WHEN length({vv}) > {col.max_length} THEN {lit(f'{name}: longer than {col.max_length} characters')}"
-                )
+                checks.append(f"WHEN length({vv}) > {col.max_length} THEN {say[TOO_LONG]}")
                 if not col.allowed:  # a list of allowed values already excludes formulas
                     first = f"left({vv}, 1)"
                     checks.append(
                         f"WHEN {first} IN ('=', '@', chr(9), chr(13)) OR ({first} IN ('+', '-') AND "
-                        f"regexp_matches({vv}, {lit(FORMULA_RE)})) THEN "
-                        f"{lit(name + ': starts like a spreadsheet formula (CSV injection)')}"
+                        f"regexp_matches({vv}, {lit(FORMULA_RE)})) THEN {say[FORMULA]}"
                     )
                 if col.regex:
-                    label = col.pattern if col.pattern in ("email", "phone", "zip5") else "declared"
-                    checks.append(
-                        f"WHEN NOT regexp_full_match({vv}, {lit(col.regex)}) THEN "
-                        f"{lit(f'{name}: does not match the {label} pattern')}"
-                    )
+                    checks.append(f"WHEN NOT regexp_full_match({vv}, {lit(col.regex)}) THEN {say[PATTERN]}")
             if col.allowed:
                 vals = ", ".join(lit(a) for a in col.allowed)
-                checks.append(f"WHEN {tq} NOT IN ({vals}) THEN {lit(name + ': not one of the allowed values')}")
+                checks.append(f"WHEN {tq} NOT IN ({vals}) THEN {say[NOT_ALLOWED]}")
             if col.min is not None:
-                checks.append(f"WHEN {tq} < {_bound(col, col.min)} THEN {lit(f'{name}: below the minimum {_show(col.min)}')}")
+                checks.append(f"WHEN {tq} < {_bound(col, col.min)} THEN {say[BELOW]}")
             if col.max is not None:
-                checks.append(f"WHEN {tq} > {_bound(col, col.max)} THEN {lit(f'{name}: above the maximum {_show(col.max)}')}")
+                checks.append(f"WHEN {tq} > {_bound(col, col.max)} THEN {say[ABOVE]}")
             if col.protection is Protection.GENERALIZE:
                 g, _ = generalize_sql(col, tq)
                 out_cols.append(f"CASE WHEN _reason IS NULL THEN {g} END AS {q(name)}")
@@ -320,6 +377,106 @@ class Validator:
         raw = ", ".join(f"CASE WHEN _reason IS NOT NULL THEN {q(f'_v_{n}')} END AS {q(f'_v_{n}')}" for n in pol.columns)
         typed = ", ".join(q("_t_" + n) for n in pol.columns)
         return f"SELECT _row, _reason, {''.join(c + ', ' for c in out_cols)}{typed}, {raw} FROM ({mid})"
+
+    # -- the native fast path -------------------------------------------------------
+    def _native_specs(self, schema: pa.Schema, now: datetime) -> list[NativeSpec] | None:
+        """The native core's spec of each policy column, or None when a column's source is not text
+        or it uses a rule the core does not run (then the whole batch goes to DuckDB)."""
+        if not native.backend() == "native":
+            return None
+        specs = []
+        for name, col in self.policy.columns.items():
+            t = schema.field(name).type
+            if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+                return None
+            g = (col.generalize or "") if col.protection is Protection.GENERALIZE else ""
+            kind, _, param = g.partition(":")
+            gen = {"": 0, "year": 1, "month": 2, "prefix": 3, "bucket": 4}.get(kind)
+            fits = {0: True, 1: col.type in ("date", "timestamp"), 2: col.type in ("date", "timestamp"),
+                    3: col.type == "string", 4: col.type in ("int", "double")}
+            if gen is None or not fits[gen]:
+                return None
+            if col.allowed and col.type != "string":
+                return None
+            if (col.min is not None or col.max is not None) and col.type not in ("int", "double", "date", "timestamp"):
+                return None
+            lo = hi = lo_i = hi_i = None
+            if col.type in ("int", "double"):
+                lo = None if col.min is None else float(col.min)
+                hi = None if col.max is None else float(col.max)
+            elif col.type in ("date", "timestamp"):
+                lo_i = None if col.min is None else _instant(col.type, col.min, now)
+                hi_i = None if col.max is None else _instant(col.type, col.max, now)
+            specs.append(NativeSpec(
+                kind=_KIND[col.type], required=bool(col.required or name == self.policy.subject_key),
+                max_length=col.max_length if col.type == "string" else None,
+                formula=col.type == "string" and not col.allowed,
+                allowed=[a.encode() for a in col.allowed] if col.allowed else None,
+                lo=lo, hi=hi, lo_i=lo_i, hi_i=hi_i, generalize=gen, param=float(param) if param else 0.0,
+            ))
+        return specs
+
+    def _check_native(self, batch: pa.Table, rows: pa.Array, pre: pa.Array | None, specs: list[NativeSpec]) -> pa.Table:
+        pol = self.policy
+        names = list(pol.columns)
+        types = [(ARROW_TYPE[c.type], generalize_sql(c, "x")[1] if c.protection is Protection.GENERALIZE else None)
+                 for c in pol.columns.values()]
+        undecided, cols = native.check_text([batch[n] for n in names], specs, types)
+        n = batch.num_rows
+        # Patterns: DuckDB's own regular expressions, on the trimmed text; only failures come back.
+        codes = [c for c, _, _ in cols]
+        for j, (name, col) in enumerate(pol.columns.items()):
+            if col.type == "string" and col.regex:
+                typed = cols[j][1]
+                con = self._cursor()
+                con.register("_pat", pa.table({"i": pa.array(np.arange(n, dtype=np.int32)), "v": typed}))
+                try:
+                    bad = con.sql(f"SELECT i FROM _pat WHERE NOT regexp_full_match(v, {lit(col.regex)})").fetchnumpy()["i"]
+                finally:
+                    con.unregister("_pat")
+                if len(bad):
+                    c = codes[j].copy()
+                    later = (c[bad] == 0) | (c[bad] > PATTERN)
+                    c[bad[later]] = PATTERN
+                    codes[j] = c
+        # The first rule broken, columns in policy order: its reason.
+        labels: list[str | None] = [None]
+        for name, col in pol.columns.items():
+            texts = reason_texts(name, col)
+            labels += [texts[k] for k in range(1, 9)]
+        idx = np.zeros(n, dtype=np.int32)
+        for j in reversed(range(len(names))):
+            c = codes[j]
+            hit = c != 0
+            if hit.any():
+                idx[hit] = 1 + 8 * j + c[hit].astype(np.int32) - 1
+        reason = pc.take(pa.array(labels, pa.string()), pa.array(idx))
+        if pre is not None and pre.null_count < len(pre):
+            reason = pc.coalesce(pre, reason)
+        ok = pc.is_null(reason)
+        out: dict[str, pa.Array] = {"_row": rows, "_reason": reason}
+        for (name, col), (_, _, general) in zip(pol.columns.items(), cols):
+            if general is not None:
+                out[name] = pc.if_else(ok, general, pa.nulls(n, general.type))
+        for name, (_, typed, _) in zip(names, cols):
+            out["_t_" + name] = typed
+        rejected = np.flatnonzero(~ok.to_numpy(zero_copy_only=False))
+        for name, col, (_, typed, _) in zip(names, pol.columns.values(), cols):
+            if not len(rejected):
+                out["_v_" + name] = pa.nulls(n, pa.string())
+            elif col.type == "string":
+                out["_v_" + name] = pc.if_else(ok, pa.nulls(n, pa.string()), typed)
+            else:  # the trimmed text of rejected rows only
+                at = np.full(n, -1, dtype=np.int64)
+                at[rejected] = np.arange(len(rejected))
+                text = native.trim_text(batch[name].take(pa.array(rejected)))
+                out["_v_" + name] = text.take(pa.array(at, mask=at < 0))
+        table = pa.table(out)
+        if undecided.any():  # values in forms the core leaves to DuckDB: those rows, decided there
+            odd = pa.array(undecided.astype(bool))
+            slow = self._check_sql(batch.filter(odd), rows.filter(odd), None if pre is None else pre.filter(odd))
+            table = pa.concat_tables([table.filter(pc.invert(odd)), slow.select(table.column_names).cast(table.schema)])
+        return table
 
     def close(self) -> None:
         for cur in self._cursors:

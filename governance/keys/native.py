@@ -513,6 +513,38 @@ class TokenCache:
         self._c.insert(_col(_binary(ids)), _col(_binary(tokens)))
 
 
+def _fixed(typ: pa.DataType, n: int, parts: tuple) -> pa.Array:
+    data, validity, nulls = parts
+    bits = pa.py_buffer(validity) if validity is not None else None
+    if pa.types.is_boolean(typ):  # one byte per value from the core; Arrow packs bits
+        packed = pa.array(np.frombuffer(data, dtype=np.uint8).astype(bool)).buffers()[1]
+        return pa.Array.from_buffers(typ, n, [bits, packed], null_count=nulls)
+    return pa.Array.from_buffers(typ, n, [bits, pa.py_buffer(data)], null_count=nulls)
+
+
+def check_text(columns: Sequence[pa.Array | pa.ChunkedArray], specs: Sequence[tuple],
+               types: Sequence[tuple[pa.DataType, pa.DataType | None]]) -> tuple[np.ndarray, list[tuple]]:
+    """The contract's per-value rules on text columns (native core only; the spec tuples are
+    :mod:`lakehouse.validate`'s). Returns the undecided rows (uint8 per row) and, per column,
+    ``(rule codes, typed array, generalized array or None)``, the arrays of ``types``."""
+    arrs = [_binary(c) for c in columns]
+    n = len(arrs[0]) if arrs else 0
+    undecided, outs = _native.check_text([_col(a) for a in arrs], list(specs))  # type: ignore[union-attr]
+    result = []
+    for (codes, typed, general), (t_type, g_type) in zip(outs, types):
+        def arr(parts: tuple, typ: pa.DataType) -> pa.Array:
+            return _from_parts(typ, n, parts) if len(parts) == 4 else _fixed(typ, n, parts)
+        result.append((np.frombuffer(codes, dtype=np.uint8), arr(typed, t_type),
+                       None if general is None else arr(general, g_type)))  # type: ignore[arg-type]
+    return np.frombuffer(undecided, dtype=np.uint8), result
+
+
+def trim_text(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``NULLIF(trim(v), '')`` of a text column, as DuckDB trims (native core only)."""
+    arr = _binary(values)
+    return _from_parts(pa.string(), len(arr), _native.trim_text(_col(arr)))  # type: ignore[union-attr]
+
+
 def unique_set() -> UniqueSet | None:
     """A :class:`UniqueSet`, or None when the native core is not loaded."""
     return UniqueSet() if _native is not None else None
@@ -523,4 +555,4 @@ def token_cache() -> TokenCache | None:
     return TokenCache() if _native is not None else None
 
 
-__all__ = ["Hasher", "TokenCache", "UniqueSet", "backend", "blind_indexes", "json_records", "new_tokens", "open_column", "seal_column", "seal_columns", "token_cache", "unique_set", "unwrap_keys", "wrap_keys"]
+__all__ = ["Hasher", "TokenCache", "UniqueSet", "backend", "blind_indexes", "check_text", "json_records", "new_tokens", "open_column", "seal_column", "seal_columns", "token_cache", "trim_text", "unique_set", "unwrap_keys", "wrap_keys"]

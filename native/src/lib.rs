@@ -25,6 +25,7 @@ use zeroize::{Zeroize, Zeroizing};
 mod keystore;
 mod records;
 mod sets;
+mod validate;
 
 pub(crate) const KEY: usize = 32;
 pub(crate) const NONCE: usize = 12;
@@ -855,5 +856,6 @@ fn lakewarden_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Hasher>()?;
     keystore::register(m)?;
     sets::register(m)?;
+    validate::register(m)?;
     Ok(())
 }
