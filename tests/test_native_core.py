@@ -516,3 +516,35 @@ def test_the_native_contract_rules_give_duckdbs_answer_on_every_value():
                  "born: above the maximum today", "seen: below the minimum 2000-01-01", "seen: not a valid timestamp",
                  "sid: starts like a spreadsheet formula (CSV injection)", "sid: not valid UTF-8 text"):
         assert rule in said, rule
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_the_per_ingest_sets_serve_many_threads_at_once():
+    """Lookups and inserts from several threads, as an ingest's check threads make them: every
+    thread finishes (the sets take their locks without the GIL) and every answer is right."""
+    import threading
+
+    cache, seen = native.TokenCache(), native.UniqueSet()
+    ids = [f"id{i}" for i in range(20_000)]
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            rng = random.Random(k)
+            for _ in range(30):
+                pick = pa.array(rng.sample(ids, 2_000))
+                got = cache.lookup(pick).to_pylist()
+                assert all(t is None or t == "t_" + i for t, i in zip(got, pick.to_pylist()))
+                cache.insert(pick, pa.array(["t_" + i for i in pick.to_pylist()]))
+                seen.add(pick)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads) and not errors
+    assert cache.lookup(pa.array(ids)).null_count == 20_000 - len(cache)
+    assert len(seen) == len(cache)

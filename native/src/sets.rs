@@ -135,9 +135,11 @@ impl UniqueSet {
             return Err(PyValueError::new_err("row numbers are shorter than the column"));
         }
         let cand = flags(&candidate, n, "the candidate flags")?;
-        let mut guard = self.lock()?;
-        let sh: &mut Shards = &mut guard;
+        // The lock is taken and dropped without the GIL: a thread that holds it never waits for
+        // the GIL, so threads that hold the GIL and wait for the lock cannot deadlock with it.
         let out = py.allow_threads(|| {
+            let mut guard = self.lock()?;
+            let sh: &mut Shards = &mut guard;
             let row = |i: usize| i64::from_le_bytes(rows[i * 8..i * 8 + 8].try_into().unwrap());
             // Bucket the batch's hashes by their top 16 bits (a counting sort: two passes; the
             // buckets come in shard order), then sort each bucket's few by hash and row, so a
@@ -189,14 +191,15 @@ impl UniqueSet {
                 }
             }
             sh.len += sh.pending.len();
-            kinds
-        });
+            Ok::<_, PyErr>(kinds)
+        })?;
         Ok(PyBytes::new(py, &out).unbind())
     }
 
     /// After [`UniqueSet::check`]: keep the values it added whose row's `keep` byte is 1, and
     /// take back the others (rows quarantined for another reason since).
     fn commit(&self, keep: PyBuffer<u8>) -> PyResult<()> {
+        // Under the GIL: safe, since no holder of the lock ever waits for the GIL.
         let keep = slice(&keep)?;
         let mut guard = self.lock()?;
         let sh: &mut Shards = &mut guard;
@@ -213,9 +216,9 @@ impl UniqueSet {
     /// Add the column's values (nulls skipped): the values already in a table.
     fn add(&self, py: Python<'_>, values: ColArg) -> PyResult<()> {
         let col = Col::new(&values)?;
-        let mut guard = self.lock()?;
-        let sh: &mut Shards = &mut guard;
         py.allow_threads(|| {
+            let mut guard = self.lock()?;
+            let sh: &mut Shards = &mut guard;
             let mut hashes: Vec<u64> = (0..col.len).filter_map(|i| col.get(i)).map(|v| self.state.hash_one(v)).collect();
             hashes.sort_unstable();
             for h in hashes {
@@ -223,8 +226,8 @@ impl UniqueSet {
                     sh.len += 1;
                 }
             }
-        });
-        Ok(())
+            Ok(())
+        })
     }
 }
 
@@ -275,9 +278,9 @@ impl TokenCache {
     /// Each id's token, or null where the id is null or not cached.
     fn lookup(&self, py: Python<'_>, ids: ColArg) -> PyResult<PyCol> {
         let col = Col::new(&ids)?;
-        let guard = self.entries.read().map_err(|_| PyValueError::new_err("token cache poisoned"))?;
-        let e: &Entries = &guard;
-        let out = py.allow_threads(|| {
+        let out = py.allow_threads(|| {  // the lock without the GIL: see UniqueSet::check
+            let guard = self.entries.read().map_err(|_| PyValueError::new_err("token cache poisoned"))?;
+            let e: &Entries = &guard;
             let mut lens = Vec::with_capacity(col.len);
             let mut data = Vec::with_capacity(col.len * crate::TOKEN_LEN);
             for i in 0..col.len {
@@ -299,9 +302,9 @@ impl TokenCache {
         if col.len != toks.len {
             return Err(PyValueError::new_err("ids and tokens differ in length"));
         }
-        let mut guard = self.entries.write().map_err(|_| PyValueError::new_err("token cache poisoned"))?;
-        let e: &mut Entries = &mut guard;
-        py.allow_threads(|| {
+        py.allow_threads(|| {  // the lock without the GIL: see UniqueSet::check
+            let mut guard = self.entries.write().map_err(|_| PyValueError::new_err("token cache poisoned"))?;
+            let e: &mut Entries = &mut guard;
             for i in 0..col.len {
                 let (Some(id), Some(tok)) = (col.get(i), toks.get(i)) else { continue };
                 let h = self.state.hash_one(id);
@@ -315,8 +318,8 @@ impl TokenCache {
                 e.spans.push(span);
                 e.index.insert(h, at);
             }
-        });
-        Ok(())
+            Ok(())
+        })
     }
 }
 
