@@ -446,6 +446,7 @@ class Ingestor(BatchWork):
         self._seen_chunks: list[pa.Array] = []  # tokens accepted by this ingest's batches, not yet joined
         self.done = self._done_batches()
         self.versions: dict[str, int] = {}
+        self._handles: dict[str, DeltaTable] = {}  # open tables, the writer thread's own
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lakewarden-ingest-writer")
         # Batches are checked (text, shape, rules: DuckDB, which releases the GIL) in a pool sized
         # to the cores, while this thread resolves tokens and seals (the native core releases it
@@ -639,13 +640,27 @@ class Ingestor(BatchWork):
                 if tbl is not None and tbl.num_rows:
                     self._append(TableRef(layer, self.dataset), tbl, txn, self.partitions(tbl.column_names))
 
+    def _handle(self, uri: str) -> DeltaTable | None:
+        """The table at ``uri`` brought up to date (None while it does not exist). Handles are
+        kept from batch to batch: bringing one up to date reads only the commits made since,
+        where opening a table replays its log (three opens a batch before)."""
+        so = self.catalog.storage_options
+        dt = self._handles.get(uri)
+        if dt is not None:
+            dt.update_incremental()  # another writer's commits, if any: the transaction check sees them
+            return dt
+        if not DeltaTable.is_deltatable(uri, storage_options=so):
+            return None
+        dt = self._handles[uri] = DeltaTable(uri, storage_options=so)
+        return dt
+
     def _append(self, ref: TableRef, tbl: pa.Table, txn: Transaction, partition_by: list[str]) -> None:
         uri = self.catalog.uri(ref)
         so = self.catalog.storage_options
         evolve = self.policy.contract.schema_evolution == "merge"
         for attempt in range(_COMMIT_RETRIES):
-            if DeltaTable.is_deltatable(uri, storage_options=so):
-                dt = DeltaTable(uri, storage_options=so)
+            dt = self._handle(uri)
+            if dt is not None:
                 done = dt.transaction_version(txn.app_id)
                 if done is not None and done >= txn.version:
                     self.versions[str(ref)] = dt.version()
@@ -659,15 +674,15 @@ class Ingestor(BatchWork):
                     )
             try:
                 write_deltalake(
-                    uri, tbl, mode="append", partition_by=partition_by or None,
+                    dt if dt is not None else uri, tbl, mode="append", partition_by=partition_by or None,
                     schema_mode="merge" if evolve else None,
                     configuration=table_configuration(tbl.column_names, self.policy.subject_key),
                     description=table_description(self.buckets if "_subject_bucket" in tbl.column_names else None),
-                    storage_options=so,
+                    storage_options=so if dt is None else None,
                     writer_properties=self._writer_properties(tbl.column_names),
                     commit_properties=CommitProperties(app_transactions=[txn]),
                 )
-                self.versions[str(ref)] = DeltaTable(uri, storage_options=so).version()
+                self.versions[str(ref)] = (dt or self._handle(uri)).version()  # type: ignore[union-attr]
                 return
             except CommitFailedError:
                 time.sleep(0.05 * (2**attempt))
@@ -699,12 +714,13 @@ class Ingestor(BatchWork):
         uri = self.ws.config.table_uri(LEDGER)
         for attempt in range(_COMMIT_RETRIES):
             try:
-                so = self.catalog.storage_options
-                if txn is not None and DeltaTable.is_deltatable(uri, storage_options=so):
-                    done = DeltaTable(uri, storage_options=so).transaction_version(txn.app_id)
+                dt = self._handle(uri)
+                if txn is not None and dt is not None:
+                    done = dt.transaction_version(txn.app_id)
                     if done is not None and done >= txn.version:
                         return
-                write_deltalake(uri, row, mode="append", storage_options=so,
+                write_deltalake(dt if dt is not None else uri, row, mode="append",
+                                storage_options=self.catalog.storage_options if dt is None else None,
                                 commit_properties=CommitProperties(app_transactions=[txn]) if txn else None)
                 return
             except CommitFailedError:

@@ -1,7 +1,10 @@
 """Data contracts: type every cell, check every rule, give every rejected row a reason.
 
-Validation runs as one DuckDB query per batch over the Arrow data (no copies
-into Python): each column is typed with ``TRY_CAST``; a ``CASE`` expression
+The rules are defined by one DuckDB query per batch over the Arrow data (no copies
+into Python). With the native core they run in Rust, one pass per column, and the
+query decides only the rows whose values the core leaves to it (forms outside its
+strict grammars): see ``native/src/validate.rs`` and :meth:`Validator._check_native`.
+In the query each column is typed with ``TRY_CAST``; a ``CASE`` expression
 yields the first rule a row breaks — missing required value, not a valid type,
 too long, a spreadsheet formula (CSV injection), pattern, allowed values,
 range, or a duplicate of a unique column (within the batch, earlier batches of
