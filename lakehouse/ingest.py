@@ -416,15 +416,36 @@ class BatchWork:
         vault and restricted tables hold no public column, so they are partitioned by bucket only)."""
         return [c for c in self.partition_by if c in columns]
 
-    def _writer_properties(self, columns: list[str]) -> WriterProperties:
-        """The storage's compression; sealed columns (random bytes) skip the dictionary and the
-        min/max statistics, which cost CPU and buy nothing on ciphertext."""
-        sealed = {c: ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE")
-                  for c in columns if c in self.sealed_cols}
+    def _writer_properties(self, tbl: pa.Table) -> WriterProperties:
+        """The storage's compression, and per column what its values call for:
+
+        * sealed columns (random bytes): no dictionary and no min/max statistics, which cost CPU
+          and buy nothing on ciphertext;
+        * the subject token: no statistics (the Delta log keeps none for it either, see
+          :func:`table_configuration`; a token's order means nothing), and no dictionary when
+          most rows of the batch are distinct subjects (a dictionary would be built, found too
+          large and dropped: 15% of a transactions write's CPU);
+        * unique columns: no dictionary (every value differs), statistics kept for data skipping.
+        """
+        key = self.policy.subject_key
+        props: dict[str, ColumnProperties] = {}
+        for c in tbl.column_names:
+            if c in self.sealed_cols:
+                props[c] = ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE")
+            elif c == key:
+                props[c] = ColumnProperties(dictionary_enabled=not _mostly_distinct(tbl[c]), statistics_enabled="NONE")
+            elif c in self.policy.columns and self.policy.columns[c].unique:
+                props[c] = ColumnProperties(dictionary_enabled=False)
         return WriterProperties(
             compression=self.compression.upper() if self.compression != "none" else "UNCOMPRESSED",
-            column_properties=sealed or None,
+            column_properties=props or None,
         )
+
+
+def _mostly_distinct(col: pa.ChunkedArray | pa.Array, sample: int = 4096) -> bool:
+    """Whether more than half of a sample of the column's first values are distinct."""
+    head = col.slice(0, sample)
+    return len(head) > 0 and pc.count_distinct(head).as_py() * 2 > len(head)
 
 
 class Ingestor(BatchWork):
@@ -679,7 +700,7 @@ class Ingestor(BatchWork):
                     configuration=table_configuration(tbl.column_names, self.policy.subject_key),
                     description=table_description(self.buckets if "_subject_bucket" in tbl.column_names else None),
                     storage_options=so if dt is None else None,
-                    writer_properties=self._writer_properties(tbl.column_names),
+                    writer_properties=self._writer_properties(tbl),
                     commit_properties=CommitProperties(app_transactions=[txn]),
                 )
                 self.versions[str(ref)] = (dt or self._handle(uri)).version()  # type: ignore[union-attr]

@@ -506,3 +506,32 @@ def test_subject_buckets_spread_evenly_over_all_buckets():
     col = pa.array([*toks[:500], None, *toks[500:1000]])
     for n in (1, 7, 16, 4096):
         assert subject_buckets(col, n).to_pylist() == [None if t is None else subject_bucket(t, n) for t in col.to_pylist()]
+
+
+def test_parquet_files_skip_dictionaries_and_statistics_where_they_buy_nothing(workspace: Workspace, tmp_path: Path):
+    """Sealed columns: neither; the subject token: no statistics, and no dictionary when the rows
+    are mostly distinct subjects; a unique column keeps its statistics (data skipping) but no
+    dictionary; other columns keep both."""
+    run(workspace, write_csv(tmp_path / "c.csv", [person(i) for i in range(300)]))
+    dt = Catalog(workspace.config).open(TableRef("bronze", "customers"))
+    uri = dt.file_uris()[0]
+    meta = pq.ParquetFile(uri.removeprefix("file://")).metadata
+    cols = {meta.row_group(0).column(j).path_in_schema: meta.row_group(0).column(j) for j in range(meta.num_columns)}
+
+    def dictionary(c: str) -> bool:
+        return any("DICTIONARY" in e for e in cols[c].encodings)
+
+    assert not cols["customer_id"].is_stats_set and not dictionary("customer_id")
+    assert not cols["sex"].is_stats_set and not dictionary("sex")  # sealed in place
+    assert cols["income"].is_stats_set and cols["region"].is_stats_set and dictionary("region")
+
+    from lakehouse.synth import generate
+
+    res = generate(tmp_path / "landing", people=50, transactions_per_person=40, seed=3)
+    run(workspace, res.files["customers"])
+    run(workspace, res.files["transactions"], dataset="transactions")
+    tx = Catalog(workspace.config).open(TableRef("bronze", "transactions"))
+    meta = pq.ParquetFile(tx.file_uris()[0].removeprefix("file://")).metadata
+    cols = {meta.row_group(0).column(j).path_in_schema: meta.row_group(0).column(j) for j in range(meta.num_columns)}
+    assert cols["transaction_id"].is_stats_set and not dictionary("transaction_id")  # unique
+    assert not cols["customer_id"].is_stats_set and dictionary("customer_id")  # 40 rows a subject
