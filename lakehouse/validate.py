@@ -14,9 +14,10 @@ the same query (year, month, prefix:N, bucket:W).
 
 Uniqueness across batches keeps 64-bit hashes of accepted values: in the native
 core's hash set when it is built (a batch is checked in one pass over the batch,
-whatever came before; about 14 bytes a value), else in DuckDB (8 bytes a value,
-but each batch is joined against every earlier hash). A hash collision (odds about
-n²/2⁶⁵) would quarantine a row as a duplicate, never accept a duplicate.
+whatever came before; in memory, 24 bytes a value measured at 10M), else in DuckDB
+(8 bytes a value, spilled to disk past 1 GB, but each batch is joined against every
+earlier hash). A hash collision (odds about n²/2⁶⁵) would quarantine a row as a
+duplicate, never accept a duplicate.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
 //!   per subject), so a subject seen in an earlier batch is not asked of the key store again. The
 //!   Arrow cache it replaces was rebuilt into a hash table, and copied, on every batch.
 //!
-//! Hashes are SipHash-1-3 under keys drawn at random for each object, so values chosen to collide
+//! Hashes are `ahash` under keys drawn at random for each object, so values chosen to collide
 //! cannot be prepared in advance. A collision in a `UniqueSet` could only quarantine a row as a
 //! duplicate (odds about n²/2⁶⁵), never accept one; a `TokenCache` compares the whole id before it
 //! answers, and an id whose hash is taken by another is simply not cached.
