@@ -386,7 +386,7 @@ class Validator:
     def _native_specs(self, schema: pa.Schema, now: datetime) -> list[NativeSpec] | None:
         """The native core's spec of each policy column, or None when a column's source is not text
         or it uses a rule the core does not run (then the whole batch goes to DuckDB)."""
-        if not native.backend() == "native":
+        if native.backend() != "native":
             return None
         specs = []
         for name, col in self.policy.columns.items():

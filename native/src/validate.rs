@@ -336,22 +336,18 @@ fn check_column(col: &Col, s: &Spec) -> ColResult {
                 typed.push_text(Some(v));
                 true
             }
-            INT => match parse_int(v) {
-                Some(x) => {
+            INT => parse_int(v)
+                .map(|x| {
                     typed.push_fixed(Some(&x.to_le_bytes()));
                     num = Some(x as f64);
-                    true
-                }
-                None => false,
-            },
-            DOUBLE => match parse_double(v) {
-                Some(x) => {
+                })
+                .is_some(),
+            DOUBLE => parse_double(v)
+                .map(|x| {
                     typed.push_fixed(Some(&x.to_le_bytes()));
                     num = Some(x);
-                    true
-                }
-                None => false,
-            },
+                })
+                .is_some(),
             BOOL => {
                 if !v.is_ascii() {
                     false
@@ -371,22 +367,18 @@ fn check_column(col: &Col, s: &Spec) -> ColResult {
                     true
                 }
             }
-            DATE => match parse_date(v) {
-                Some(d) => {
+            DATE => parse_date(v)
+                .map(|d| {
                     typed.push_fixed(Some(&(d as i32).to_le_bytes()));
                     at = Some(d);
-                    true
-                }
-                None => false,
-            },
-            TIMESTAMP => match parse_timestamp(v) {
-                Some(t) => {
+                })
+                .is_some(),
+            TIMESTAMP => parse_timestamp(v)
+                .map(|t| {
                     typed.push_fixed(Some(&t.to_le_bytes()));
                     at = Some(t);
-                    true
-                }
-                None => false,
-            },
+                })
+                .is_some(),
             _ => false,
         };
         if !ok {
