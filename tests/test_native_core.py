@@ -240,6 +240,39 @@ def test_the_native_path_writes_what_the_python_path_writes(store: KeyStore):
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_the_kept_connection_follows_the_file_and_sees_other_writers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The native core keeps its connection between calls (for SQLite's page cache). A store
+    deleted and made again at the same path, without a close in between, is another file: its
+    subjects go there, not into the deleted one. A subject that another connection (the Python
+    path) shred or created between two native calls is seen by the next one."""
+    path = tmp_path / "keystore.db"
+    first = KeyStore(path, LocalKek(os.urandom(32), source="test"))
+    assert first.subject_keys(pa.array(["ann", "ben"])).created == 2
+    for f in tmp_path.iterdir():  # gone, with the store still open and the native connection kept
+        f.unlink()
+    second = KeyStore(path, LocalKek(os.urandom(32), source="test"))
+    made = second.subject_keys(pa.array(["ann", "cal"]), keys=True)
+    assert made.created == 2 and second.stats()["subjects"] == 2
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT count(*) FROM subjects").fetchone()[0] == 2
+    con.close()
+    ann = made.tokens[0].as_py()
+    second.shred(ann)  # the Python connection writes between two native calls
+    with monkeypatch.context() as m:
+        _python_path(m)
+        dan = second.subject_keys(pa.array(["dan"])).tokens[0].as_py()
+    again = second.subject_keys(pa.array(["ann", "dan", "cal"]), keys=True)
+    assert again.created == 1 and again.tokens[0].as_py() != ann  # shredded: a new subject, new token
+    assert again.tokens[1].as_py() == dan and again.tokens[2].as_py() == made.tokens[1].as_py()
+    assert again.keys[64:] == made.keys[32:]
+    second.close()
+    first.close()
+    # closed: a store opened again finds what the kept connection wrote
+    with KeyStore(path, second._kek) as third:
+        assert third.subject_keys(pa.array(["cal"]), create=False).tokens.to_pylist() == [made.tokens[1].as_py()]
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
 def test_batches_from_many_threads_get_one_key_per_subject_and_a_rotation_elsewhere_is_seen(store: KeyStore):
     """The native path holds no Python lock: its transactions serialize among themselves (threads
     here) and with SQLite's lock (other processes). Overlapping batches from 6 threads yield one

@@ -28,8 +28,58 @@ enum Failure {
     RotatedKek(String),
 }
 
-/// One key-store transaction at a time in this process (see `resolve_subjects`).
-static WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// One key-store transaction at a time in this process (see `resolve_subjects`), on the
+/// connection kept from the last one (see `Kept`).
+static WRITER: std::sync::Mutex<Option<Kept>> = std::sync::Mutex::new(None);
+
+/// The last call's connection, kept open so SQLite's page cache (the blind indexes' upper pages,
+/// the recent index) survives from one batch to the next: a fresh connection per batch read every
+/// page it touched again. SQLite empties that cache itself when another connection has written
+/// the file since. It is used again only for the same path, the same file (device and inode: a
+/// store deleted and made again at that path is another file), the same timeout, and in the
+/// process that opened it (a forked child opens its own).
+struct Kept {
+    path: String,
+    file: (u64, u64),
+    timeout_ms: u64,
+    pid: u32,
+    conn: Connection,
+}
+
+fn file_id(path: &str) -> Result<(u64, u64), Failure> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(|e| Failure::Sqlite(format!("{path}: {e}")))?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// The kept connection to `db` (opened now if there is none for it).
+fn connection<'a>(kept: &'a mut Option<Kept>, db: &str, timeout_ms: u64) -> Result<&'a mut Connection, Failure> {
+    let file = file_id(db)?;
+    let pid = std::process::id();
+    let reuse = matches!(kept, Some(k) if k.path == db && k.file == file && k.timeout_ms == timeout_ms && k.pid == pid);
+    if !reuse {
+        discard(kept);
+        let conn = open(db, timeout_ms)?;
+        *kept = Some(Kept { path: db.to_string(), file, timeout_ms, pid, conn });
+    }
+    Ok(&mut kept.as_mut().expect("set above").conn)
+}
+
+/// Close the kept connection; one a forked child inherited is forgotten, not closed (closing the
+/// parent's file descriptor here could drop the parent's POSIX locks on it).
+fn discard(kept: &mut Option<Kept>) {
+    if let Some(old) = kept.take() {
+        if old.pid != std::process::id() {
+            std::mem::forget(old);
+        }
+    }
+}
+
+/// Close the kept connection (a key store's `close`).
+#[pyfunction]
+fn release_connection(py: Python<'_>) {
+    py.allow_threads(|| discard(&mut WRITER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())))
+}
 
 impl From<rusqlite::Error> for Failure {
     fn from(e: rusqlite::Error) -> Self {
@@ -157,8 +207,8 @@ fn resolve_subjects(
         // Only the transaction is serialized: the blind indexes above and the data keys' assembly
         // below run beside another batch's transaction (one writer at a time in this process; other
         // processes wait on SQLite's own lock).
-        let writer = WRITER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut conn = open(&db, timeout_ms)?;
+        let mut writer = WRITER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let conn = connection(&mut writer, &db, timeout_ms)?;
         let tx = conn.transaction_with_behavior(if create { TransactionBehavior::Immediate } else { TransactionBehavior::Deferred })?;
         if create {
             // The store's KEK, read inside the write transaction: a rotation that committed since this
@@ -324,7 +374,6 @@ fn resolve_subjects(
             new_key_of[s] = j;
         }
         tx.commit()?;
-        drop(conn);
         drop(writer);
         // The data key of each slot: created here (keys[s]) or unwrapped from the store.
         let mut out_keys = Zeroizing::new(Vec::new());
@@ -358,6 +407,11 @@ fn resolve_subjects(
         keys.iter_mut().for_each(|b| *b = 0);
         Ok((slot_of, slots, out_keys, created))
     });
+    if res.is_err() {
+        // Whatever failed (a lock timeout, an I/O error, a foreign KEK), the next call starts on a
+        // fresh connection.
+        py.allow_threads(|| discard(&mut WRITER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())));
+    }
     let (slot_of, slots, keys, created) = res.map_err(Failure::into_py)?;
     let mut lens = Vec::with_capacity(n);
     let mut data = Vec::with_capacity(n * TOKEN_LEN);
@@ -568,5 +622,6 @@ const TOKEN_MAGIC: &[u8; 8] = b"lw-subj\x02";
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sqlite_library, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_subjects, m)?)?;
+    m.add_function(wrap_pyfunction!(release_connection, m)?)?;
     Ok(())
 }
