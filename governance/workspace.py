@@ -15,7 +15,7 @@ from __future__ import annotations
 import getpass
 import os
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +41,10 @@ class Workspace:
     def __init__(self, config: ProjectConfig, *, clock: Callable[[], datetime] | None = None) -> None:
         self.config = config
         self._clock = clock
+
+    def now(self) -> datetime:
+        """The workspace's clock (injected by tests), in UTC; the real time when none was given."""
+        return (self._clock() if self._clock else datetime.now(timezone.utc)).astimezone(timezone.utc)
 
     @classmethod
     def open(cls, config_path: str | Path | None = None, **kwargs: object) -> "Workspace":

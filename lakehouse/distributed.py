@@ -181,7 +181,8 @@ class IngestWorker:
     def __init__(self, config: ProjectConfig, policy: DatasetPolicy, dataset: str, buckets: int, ingest_id: str) -> None:
         self.ws = Workspace(config)
         self.config = config
-        self.work = BatchWork(policy, self.ws.keyring, dataset, buckets=buckets, compression=config.storage.compression)
+        self.work = BatchWork(policy, self.ws.keyring, dataset, buckets=buckets, compression=config.storage.compression,
+                              clock=self.ws.now)
         self.transit = Transit(self.ws.keyring.system_key(TRANSIT_KEY), ingest_id)
         self.dataset = dataset
         self.held: dict[str, tuple[RawBatch, Any]] = {}
@@ -335,7 +336,7 @@ class RayIngestor(Ingestor):
             small = self.validator.dedupe(small)
             tokens = small["_token"].combine_chunks() if "_token" in small.column_names else None
             reasons = self._final_reasons(small, tokens)
-        now = datetime.now(timezone.utc)
+        now = self.ws.now()
         return _Pending(p.batch_id, p.first_row, p.rows_read, p.worker,
                         p.worker.protect.remote(p.batch_id, reasons, source, now))
 
@@ -362,7 +363,7 @@ class RayIngestor(Ingestor):
             entries = [(p.batch_id, res["files"][layer]) for p, res in group if layer in res["files"]]
             if entries:
                 self._commit_files(TableRef(layer, self.dataset), entries)
-        now = datetime.now(timezone.utc)
+        now = self.ws.now()
         self._ledger_rows([(p.batch_id, source, p.first_row, p.rows_read, res["accepted"], res["quarantined"], now)
                            for p, res in group])
         for p, res in group:

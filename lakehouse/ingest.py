@@ -33,7 +33,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -192,13 +192,14 @@ class BatchWork:
 
     TOKEN_CACHE_MAX = 2_000_000  # subjects whose tokens an ingest keeps (datasets that seal nothing)
 
-    def __init__(self, policy: DatasetPolicy, ring: KeyRing, dataset: str, *, buckets: int, compression: str) -> None:
+    def __init__(self, policy: DatasetPolicy, ring: KeyRing, dataset: str, *, buckets: int, compression: str,
+                 clock: Callable[[], datetime] | None = None) -> None:
         self.policy = policy
         self.ring = ring
         self.dataset = dataset
         self.buckets = buckets
         self.compression = compression
-        self.validator = Validator(policy)
+        self.validator = Validator(policy, clock=clock)  # "today" in the contract's bounds
         self.reasons: Counter = Counter()
         pol = policy
         self.vault_cols = [n for n, c in pol.columns.items() if c.protection is Protection.VAULT]
@@ -460,7 +461,7 @@ class Ingestor(BatchWork):
         self.policy: DatasetPolicy = ws.policies.dataset(dataset)
         self.catalog = Catalog(ws.config)
         super().__init__(self.policy, ws.keyring, dataset, buckets=self._bucket_count(),
-                         compression=ws.config.storage.compression)
+                         compression=ws.config.storage.compression, clock=ws.now)
         self.batch_rows = batch_rows
         self.progress = progress
         self.existing_tokens: pa.Array | None = None
@@ -561,7 +562,7 @@ class Ingestor(BatchWork):
             out = self.validator.dedupe(out)
         fresh = subjects is not None and subjects[2] is not None and subjects[2].created == len(subjects[2].tokens)
         reasons = self._final_reasons(out, None if subjects is None else subjects[0], fresh=fresh)
-        now = datetime.now(timezone.utc)
+        now = self.ws.now()
         accepted, n_acc, quarantine = self._sort(out, subjects, reasons, raw, batch_id, rep.source, now,
                                                  self._pool.submit)
         n_q = quarantine.num_rows

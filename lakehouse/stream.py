@@ -50,7 +50,7 @@ from collections import Counter
 from concurrent.futures import Future
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -671,7 +671,7 @@ class StreamIngest:
             acc, first_a = _count(self.catalog, TableRef("bronze", self.dataset), bid, "_row")
             quar, first_q = _count(self.catalog, TableRef("quarantine", self.dataset), bid, "row_number")
             first = min(x for x in (first_a, first_q) if x is not None) if (first_a, first_q) != (None, None) else bronze
-            self.ing._ledger(bid, self._source(p), first, acc + quar, acc, quar, datetime.now(timezone.utc),
+            self.ing._ledger(bid, self._source(p), first, acc + quar, acc, quar, self.ing.ws.now(),
                              Transaction(app_id(self.dataset, self.topic, p), bronze))
             self.ws.audit.record("ingest.batch", actor=self.actor.name, outcome="ok", stage=Stage.INGEST.value,
                                  resource=f"dataset:{self.dataset}",

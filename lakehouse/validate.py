@@ -25,7 +25,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -128,10 +129,20 @@ def _typed(col: ColumnPolicy, v: str, src_type: pa.DataType) -> str:
 
 
 def _bound(col: ColumnPolicy, b: float | str) -> str:
+    """A bound in SQL; "today" is the query's ``$today`` (a date) or ``$now`` (an instant), bound
+    from the validator's clock when the query runs."""
     if col.type in ("date", "timestamp"):
-        d = "current_date" if b == "today" else f"DATE {lit(str(date.fromisoformat(str(b))))}"
-        return d if col.type == "date" else f"CAST({d} AS TIMESTAMPTZ)" if b != "today" else "now()"
+        if b == "today":
+            return "CAST($today AS DATE)" if col.type == "date" else "CAST($now AS TIMESTAMPTZ)"
+        d = f"DATE {lit(str(date.fromisoformat(str(b))))}"
+        return d if col.type == "date" else f"CAST({d} AS TIMESTAMPTZ)"
     return repr(float(b))
+
+
+def _with_today(sql: str, now: datetime) -> tuple[str, dict[str, Any] | None]:
+    """A query and the values of the ``$today`` and ``$now`` it names (see :func:`_bound`)."""
+    params = {k: v for k, v in (("today", now.date()), ("now", now)) if f"${k}" in sql}
+    return sql, params or None
 
 
 def _show(b: float | str) -> str:
@@ -194,8 +205,8 @@ _KIND = {"string": 0, "int": 1, "double": 2, "bool": 3, "date": 4, "timestamp": 
 
 def _instant(typ: str, b: float | str, now: datetime) -> int:
     """A date or timestamp bound as the core compares it: days, or µs since the epoch (UTC);
-    "today" is the current date for a date and the current instant for a timestamp (DuckDB's
-    ``current_date`` and ``now()``)."""
+    "today" is the clock's date (UTC) for a date and its instant for a timestamp (the SQL's
+    ``$today`` and ``$now``)."""
     if typ == "date":
         d = now.date() if b == "today" else date.fromisoformat(str(b))
         return (d - date(1970, 1, 1)).days
@@ -215,10 +226,15 @@ ARROW_TYPE = {
 
 
 class Validator:
-    """Validates batches of one ingest; keeps the hashes of unique values seen so far."""
+    """Validates batches of one ingest; keeps the hashes of unique values seen so far.
 
-    def __init__(self, policy: DatasetPolicy) -> None:
+    ``clock`` (the workspace's; UTC now when not given) says what "today" is for a ``min`` or
+    ``max`` of ``today``: read once per batch, the same instant for the native core and DuckDB.
+    """
+
+    def __init__(self, policy: DatasetPolicy, *, clock: Callable[[], datetime] | None = None) -> None:
         self.policy = policy
+        self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.con = duckdb.connect(":memory:")
         self.con.execute("SET TimeZone='UTC'")
         self.con.execute("SET threads TO 2")
@@ -254,12 +270,13 @@ class Validator:
         (each thread has its own DuckDB cursor). Follow with :meth:`dedupe`, in file order."""
         n = batch.num_rows
         rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
-        specs = self._native_specs(batch.schema, datetime.now(timezone.utc)) if n else None
+        now = self.clock().astimezone(timezone.utc)
+        specs = self._native_specs(batch.schema, now) if n else None
         if specs is not None:
-            return self._check_native(batch, rows, pre_reason, specs)
-        return self._check_sql(batch, rows, pre_reason)
+            return self._check_native(batch, rows, pre_reason, specs, now)
+        return self._check_sql(batch, rows, pre_reason, now)
 
-    def _check_sql(self, batch: pa.Table, rows: pa.Array, pre_reason: pa.Array | None) -> pa.Table:
+    def _check_sql(self, batch: pa.Table, rows: pa.Array, pre_reason: pa.Array | None, now: datetime) -> pa.Table:
         """The rules as one DuckDB query: the reference, and the path for what the core leaves."""
         n = batch.num_rows
         b = batch.append_column("_row", rows)
@@ -267,7 +284,8 @@ class Validator:
         con = self._cursor()
         con.register("batch", b)
         try:
-            return con.sql(self._sql(b.schema)).to_arrow_table()
+            sql, params = _with_today(self._sql(b.schema), now)
+            return con.sql(sql, params=params).to_arrow_table()
         finally:
             con.unregister("batch")
 
@@ -420,7 +438,8 @@ class Validator:
             ))
         return specs
 
-    def _check_native(self, batch: pa.Table, rows: pa.Array, pre: pa.Array | None, specs: list[NativeSpec]) -> pa.Table:
+    def _check_native(self, batch: pa.Table, rows: pa.Array, pre: pa.Array | None, specs: list[NativeSpec],
+                      now: datetime) -> pa.Table:
         pol = self.policy
         names = list(pol.columns)
         types = [(ARROW_TYPE[c.type], generalize_sql(c, "x")[1] if c.protection is Protection.GENERALIZE else None)
@@ -478,7 +497,7 @@ class Validator:
         table = pa.table(out)
         if undecided.any():  # values in forms the core leaves to DuckDB: those rows, decided there
             odd = pa.array(undecided.astype(bool))
-            slow = self._check_sql(batch.filter(odd), rows.filter(odd), None if pre is None else pre.filter(odd))
+            slow = self._check_sql(batch.filter(odd), rows.filter(odd), None if pre is None else pre.filter(odd), now)
             table = pa.concat_tables([table.filter(pc.invert(odd)), slow.select(table.column_names).cast(table.schema)])
         return table
 

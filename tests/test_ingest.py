@@ -159,6 +159,37 @@ def test_bad_rows_are_quarantined_with_a_reason(workspace: Workspace, tmp_path: 
     assert q["reason"].to_pylist() == [reason] and q["row_number"].to_pylist() == [2]
 
 
+@pytest.mark.parametrize("backend", ["native", "python"])
+def test_today_in_the_contract_is_the_workspace_clocks_day(project: Path, tmp_path: Path, backend: str,
+                                                           monkeypatch: pytest.MonkeyPatch):
+    """``max: today`` and the rows' ingest time come from the workspace's clock, not the machine's:
+    on a clock set to 2031-03-31 a birth date of that day is accepted (the real date would call it
+    the future) and the next day's is not, on the native core and on DuckDB alike."""
+    from datetime import datetime, timezone
+
+    from governance.keys import native
+
+    if backend == "python":
+        monkeypatch.setattr(native, "_native", None)
+        monkeypatch.setattr(native, "_SHARED_SQLITE", False)
+    elif native.backend() != "native":
+        pytest.skip("native core not built")
+    now = datetime(2031, 3, 31, 23, 59, 59, tzinfo=timezone.utc)
+    ws = Workspace.open(project / "lakewarden.yaml", clock=lambda: now)
+    try:
+        f = write_csv(tmp_path / "x.csv", [person(1, birth_date="2031-03-31"), person(2, birth_date="2031-04-01"),
+                                           person(3, birth_date="2031-02-28")])
+        rep = run(ws, f)
+        assert (rep.rows_accepted, rep.rows_quarantined) == (2, 1)
+        assert dict(rep.reasons) == {"birth_date: above the maximum today": 1}
+        assert table(ws, "quarantine")["row_number"].to_pylist() == [2]
+        bronze = table(ws, "bronze")
+        assert sorted(bronze["birth_date"].to_pylist()) == [2031, 2031]  # generalized to the year
+        assert set(bronze["_ingested_at"].to_pylist()) == {now}
+    finally:
+        ws.close()
+
+
 def test_quarantined_row_keeps_the_original_only_encrypted(workspace: Workspace, tmp_path: Path):
     run(workspace, write_csv(tmp_path / "x.csv", [person(7, email="bad@@example.org")]))
     q = table(workspace, "quarantine").to_pylist()[0]

@@ -448,7 +448,8 @@ _BY_TYPE = {
                "123456789012345678901234567890", "1,5", "+.5", "-.5", "00.10", "1000000", "0.1", "2.5e-3", "."],
     "bool": ["true", "T", "YES", "y", "1", "0", "no", "maybe", "TRUE ", "ｔrue", "İ", "False", "N", "f"],
     "date": ["2024-02-29", "2023-02-29", "1899-12-31", "1900-01-01", "2024-1-5", "2024/01/05", "2999-01-01",
-             "0001-01-01", "2024-01-05T00:00:00", "20240105", "2024-13-01", "2024-04-31", "1970-01-01", "0999-03-01"],
+             "0001-01-01", "2024-01-05T00:00:00", "20240105", "2024-13-01", "2024-04-31", "1970-01-01", "0999-03-01",
+             "2024-06-29", "2024-06-30"],  # "today" (the test's clock) and the day after
     "timestamp": ["2024-06-29T20:11:43.373338Z", "2024-06-29 20:11:43", "2024-06-29T20:11:43+02:00",
                   "2024-06-29T20:11:43-05:30", "2024-06-29", "2024-06-29T24:00:00Z", "2024-06-29T20:11:43.1234567Z",
                   "1999-12-31T23:59:59Z", "2000-01-01T00:30:00+01:00", "2000-01-01T00:00:00Z", "2999-01-01T00:00:00",
@@ -510,10 +511,14 @@ def test_the_native_contract_rules_give_duckdbs_answer_on_every_value():
         cols[name] = pa.array([value(doc["columns"][name]["type"]) if rng.random() < 0.3 else None for _ in range(n)])
     batch = pa.table(cols)
     pre = pa.array([("sid: not valid UTF-8 text" if i % 97 == 0 else None) for i in range(n)], pa.string())
-    v = Validator(pol)
-    rows = pa.array(range(100, 100 + n), pa.int64())
     from datetime import datetime, timezone
-    specs = v._native_specs(batch.schema, datetime.now(timezone.utc))
+
+    # The clock stands on values of the pools: "today" is 2024-06-29, and the instant is the
+    # second of "2024-06-29 20:11:43" (equal: not above), 0.37 s before "…43.373338Z" (above).
+    now = datetime(2024, 6, 29, 20, 11, 43, tzinfo=timezone.utc)
+    v = Validator(pol, clock=lambda: now)
+    rows = pa.array(range(100, 100 + n), pa.int64())
+    specs = v._native_specs(batch.schema, now)
     assert specs is not None
     seen_undecided = []
     check_text = native.check_text
@@ -525,11 +530,11 @@ def test_the_native_contract_rules_give_duckdbs_answer_on_every_value():
 
     native.check_text = recording  # type: ignore[assignment]
     try:
-        fast = v._check_native(batch, rows, pre, specs)
+        fast = v._check_native(batch, rows, pre, specs, now)
     finally:
         native.check_text = check_text  # type: ignore[assignment]
     assert 0 < seen_undecided[0] < n  # both paths are exercised
-    reference = v._check_sql(batch, rows, pre)
+    reference = v._check_sql(batch, rows, pre, now)
     v.close()
     assert fast.schema == reference.schema
 
