@@ -273,6 +273,63 @@ def test_the_kept_connection_follows_the_file_and_sees_other_writers(tmp_path: P
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
+@pytest.mark.parametrize("between", ["merge", "shred"])
+def test_a_batch_probed_before_another_writers_merge_or_shred_still_gets_one_row_per_subject(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, between: str):
+    """A batch of new people has the main blind-index index probed in a read before its write turn.
+    Another writer's turn may come in between. "merge": it creates the same people and merges them
+    into the main index, so the write finds them there (the probe is made again) instead of making
+    a second row each. "shred": it shreds one the probe found, so the write makes that one again,
+    with a new token."""
+    from governance.keys import store as store_mod
+
+    monkeypatch.setattr(store_mod, "MERGE_MIN", 10)
+    path = tmp_path / "keystore.db"
+    kek = LocalKek(os.urandom(32), source="test")
+    known = [f"known-{i:03d}" for i in range(40)]
+    batch = [f"new-{i:05d}" for i in range(1_960)] + known  # 2% known: "new people"
+    with KeyStore(path, kek) as mine, KeyStore(path, kek) as other:
+        before = mine.subject_keys(pa.array(known), keys=True) if between == "shred" else None
+        if before is not None:
+            assert _split_state(path)[1:] == (40, 0, 0)  # merged: in the main index
+        theirs: list = []
+
+        def other_writer() -> None:
+            with monkeypatch.context() as m:
+                _python_path(m)
+                if between == "merge":
+                    theirs.append(other.subject_keys(pa.array(batch), keys=True))
+                else:
+                    assert other.shred(before.tokens[0].as_py())
+
+        resolve = native.resolve_subjects
+        monkeypatch.setattr(native, "resolve_subjects", lambda *a, **k: resolve(*a, after_probe=other_writer, **k))
+        got = mine.subject_keys(pa.array(batch), keys=True)
+        monkeypatch.setattr(native, "resolve_subjects", resolve)
+        rows, main, recent, both = _split_state(path)
+        assert rows == main + recent == len(batch) and both == 0
+        assert len(set(got.tokens.to_pylist())) == len(batch)
+        if between == "merge":
+            assert got.created == 0 and main == len(batch)
+            assert got.tokens.equals(theirs[0].tokens) and got.keys == theirs[0].keys
+        else:
+            assert got.created == len(batch) - 39
+            old, new = before.tokens[0].as_py(), got.tokens[len(batch) - 40].as_py()
+            assert new != old and mine.subject_state(old) == "shredded"
+            assert got.tokens[-39:].equals(before.tokens[1:]) and got.keys[-39 * 32 :] == before.keys[32:]
+        toks = got.tokens.to_pylist()
+        assert all(mine.dek(toks[j]) == got.keys[j * 32 : (j + 1) * 32] for j in range(len(batch) - 45, len(batch)))
+
+
+def _split_state(path: Path) -> tuple[int, int, int, int]:
+    """Rows, entries of the main and the recent blind-index index, and blind indexes in both."""
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT (SELECT count(*) FROM subjects), (SELECT count(*) FROM bi_main), "
+                          "(SELECT count(*) FROM bi_recent), "
+                          "(SELECT count(*) FROM bi_main JOIN bi_recent USING (blind_index))").fetchone()
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
 def test_batches_from_many_threads_get_one_key_per_subject_and_a_rotation_elsewhere_is_seen(store: KeyStore):
     """The native path holds no Python lock: its transactions serialize among themselves (threads
     here) and with SQLite's lock (other processes). Overlapping batches from 6 threads yield one

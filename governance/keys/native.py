@@ -200,12 +200,15 @@ def sqlite_shared() -> bool:
 
 def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Array, *, create: bool,
                      keys: bool, now: str, merge_min: int, merge_fraction: int,
-                     token_key: bytes | None = None) -> tuple[pa.Array, bytes | None, int]:
+                     token_key: bytes | None = None,
+                     after_probe: Callable[[], object] | None = None) -> tuple[pa.Array, bytes | None, int]:
     """The native key store's bulk lookup-and-create (see ``native/src/keystore.rs``):
     ``(tokens, keys or None, subjects created)``. Only when :func:`sqlite_shared`. ``token_key``
     (a version-2 or 3 store): new subjects' tokens are the keyed permutation of their row ids.
     ``merge_min``, ``merge_fraction``: when a schema-3 store merges its recent blind indexes (the
     key store's ``MERGE_MIN`` and ``MERGE_FRACTION``, the one place the rule's figures live).
+    ``after_probe`` (tests): called between the read that probes a batch of new people and the
+    write, where another writer may merge or shred.
 
     Raises:
         ValueError: a null or blank id (names its position).
@@ -215,7 +218,8 @@ def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Ar
     arr = _binary(ids)
     parts, key_bytes, created = _native.resolve_subjects(db, _mv(bi_key), _mv(kek), kek_id, _col(arr), create, keys, now,
                                                          token_key=_mv(token_key), merge_min=merge_min,
-                                                         merge_fraction=merge_fraction)
+                                                         merge_fraction=merge_fraction,
+                                                         **({"after_probe": after_probe} if after_probe else {}))
     return _from_parts(pa.string(), len(arr), parts), key_bytes, created
 
 

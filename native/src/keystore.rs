@@ -31,6 +31,9 @@ enum Failure {
 /// One key-store transaction at a time in this process (see `resolve_subjects`), on the
 /// connection kept from the last one (see `Kept`).
 static WRITER: std::sync::Mutex<Option<Kept>> = std::sync::Mutex::new(None);
+/// The connection of the read transactions that run before the writer's turn (see `pre_probe`),
+/// kept the same way.
+static READER: std::sync::Mutex<Option<Kept>> = std::sync::Mutex::new(None);
 
 /// The last call's connection, kept open so SQLite's page cache (the blind indexes' upper pages,
 /// the recent index) survives from one batch to the next: a fresh connection per batch read every
@@ -75,10 +78,16 @@ fn discard(kept: &mut Option<Kept>) {
     }
 }
 
-/// Close the kept connection (a key store's `close`).
+/// Close the kept connections (a key store's `close`).
 #[pyfunction]
 fn release_connection(py: Python<'_>) {
-    py.allow_threads(|| discard(&mut WRITER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())))
+    py.allow_threads(release)
+}
+
+fn release() {
+    for kept in [&WRITER, &READER] {
+        discard(&mut kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+    }
 }
 
 impl From<rusqlite::Error> for Failure {
@@ -156,7 +165,7 @@ fn open(db: &str, timeout_ms: u64) -> Result<Connection, Failure> {
 ///
 /// Each step is one statement for the whole batch (see `LOOKUP` and `INSERT` below).
 #[pyfunction]
-#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, *, merge_min, merge_fraction, timeout_ms=30_000, token_key=None))]
+#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, *, merge_min, merge_fraction, timeout_ms=30_000, token_key=None, after_probe=None))]
 #[allow(clippy::too_many_arguments)]
 fn resolve_subjects(
     py: Python<'_>,
@@ -172,6 +181,7 @@ fn resolve_subjects(
     merge_fraction: i64,
     timeout_ms: u64,
     token_key: Option<PyBuffer<u8>>,
+    after_probe: Option<Py<PyAny>>,
 ) -> PyResult<(crate::PyCol, Option<Py<PyBytes>>, usize)> {
     let token_cipher = match &token_key {
         Some(k) => {
@@ -204,6 +214,18 @@ fn resolve_subjects(
             slot_of[i] = uniq.len() - 1;
         }
         let m = uniq.len();
+        // A batch large enough to sample, in a store that makes tokens from row ids: is it new
+        // people, and which of them does the main index hold? Asked before the writer's turn, in a
+        // read transaction, while another batch writes (see `pre_probe`).
+        let pre = if create && token_cipher.is_some() && m >= 4 * SAMPLE {
+            pre_probe(&db, timeout_ms, &bis, &uniq)?
+        } else {
+            None
+        };
+        if let Some(hook) = &after_probe {
+            // Tests: another writer's turn between the read and the write (a merge, a shred).
+            Python::with_gil(|py| hook.call0(py).map(drop)).map_err(|e| Failure::Value(format!("after_probe: {e}")))?;
+        }
         // Only the transaction is serialized: the blind indexes above and the data keys' assembly
         // below run beside another batch's transaction (one writer at a time in this process; other
         // processes wait on SQLite's own lock).
@@ -237,18 +259,27 @@ fn resolve_subjects(
             .collect();
         let mut insert_first = false;
         if create && token_cipher.is_some() && m >= 4 * SAMPLE {
-            let sample: Vec<usize> = (0..SAMPLE).map(|j| j * m / SAMPLE).collect();
+            let sample = sample_of(m);
             let hits = lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &sample, &mut slots)?;
-            insert_first = hits * 20 <= SAMPLE; // at most 5% known
-            let mut sampled = vec![false; m];
-            sample.iter().for_each(|&s| sampled[s] = true);
-            let rest: Vec<usize> = (0..m).filter(|&s| !sampled[s]).collect();
+            // At most 5% known; a schema-3 store asked before the writer's turn (the answer only
+            // chooses the way: both give the same result).
+            insert_first = match (&pre, split) {
+                (Some(_), true) => true,
+                _ => hits * 20 <= SAMPLE,
+            };
+            let rest = rest_of(m, &sample);
             if !insert_first {
                 lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &rest, &mut slots)?;
             } else if split {
                 // Schema 3: the recent index's key checks the recent subjects as they are inserted;
-                // the main index is probed here (index only), and the few found are looked up.
-                let found = probe_main(&tx, &bis, &uniq, &rest)?;
+                // the main index is probed (index only), and the few found are looked up. The probe
+                // made before the writer's turn stands unless a merge has moved recent subjects
+                // into the main index since (a subject shredded since is simply not found below,
+                // and is created again).
+                let found = match pre {
+                    Some(Pre { merged, found }) if merged == merged_through(&tx)? => found,
+                    _ => probe_main(&tx, &bis, &uniq, &rest)?,
+                };
                 if !found.is_empty() {
                     lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &found, &mut slots)?;
                 }
@@ -408,9 +439,9 @@ fn resolve_subjects(
         Ok((slot_of, slots, out_keys, created))
     });
     if res.is_err() {
-        // Whatever failed (a lock timeout, an I/O error, a foreign KEK), the next call starts on a
-        // fresh connection.
-        py.allow_threads(|| discard(&mut WRITER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())));
+        // Whatever failed (a lock timeout, an I/O error, a foreign KEK), the next call starts on
+        // fresh connections.
+        py.allow_threads(release);
     }
     let (slot_of, slots, keys, created) = res.map_err(Failure::into_py)?;
     let mut lens = Vec::with_capacity(n);
@@ -509,6 +540,57 @@ fn probe_main(tx: &rusqlite::Transaction<'_>, bis: &[[u8; 32]], uniq: &[usize], 
     Ok(found)
 }
 const PROBE_MAIN: &str = concat!(numbered!(2), "SELECT i.n FROM i CROSS JOIN bi_main b ON b.blind_index = substr(?1, i.n * 32 + 1, 32)");
+/// Schema 3: how many of the ids at `subset` either index holds.
+const PROBE_BOTH: &str = concat!(numbered!(2),
+    "SELECT count(*) FROM i WHERE EXISTS (SELECT 1 FROM bi_main b WHERE b.blind_index = substr(?1, i.n * 32 + 1, 32)) ",
+    "OR EXISTS (SELECT 1 FROM bi_recent r WHERE r.blind_index = substr(?1, i.n * 32 + 1, 32))");
+
+/// The ids sampled to tell a batch of new people (positions in `uniq`), and the others.
+fn sample_of(m: usize) -> Vec<usize> {
+    (0..SAMPLE).map(|j| j * m / SAMPLE).collect()
+}
+fn rest_of(m: usize, sample: &[usize]) -> Vec<usize> {
+    let mut sampled = vec![false; m];
+    sample.iter().for_each(|&s| sampled[s] = true);
+    (0..m).filter(|&s| !sampled[s]).collect()
+}
+
+fn merged_through(tx: &rusqlite::Transaction<'_>) -> Result<i64, Failure> {
+    Ok(tx.query_row("SELECT coalesce((SELECT value FROM lsm WHERE name='merged_through'), 0)", [], |r| r.get(0))?)
+}
+
+/// What a read transaction found before the writer's turn: the main index's merge mark then, and
+/// which of the batch's ids (outside the sample) the main index held.
+struct Pre {
+    merged: i64,
+    found: Vec<usize>,
+}
+
+/// Before the writer's turn, on the kept reader connection (a read transaction, which waits for no
+/// writer in this process and takes no write lock): sample the batch; when (nearly) none of the
+/// sample is known, probe the main index for the rest, the largest lookup of a batch of new people.
+/// `None`: not a schema-3 store, or not new people (the writer looks everything up itself).
+fn pre_probe(db: &str, timeout_ms: u64, bis: &[[u8; 32]], uniq: &[usize]) -> Result<Option<Pre>, Failure> {
+    let mut reader = READER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let conn = connection(&mut reader, db, timeout_ms)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+    if tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? < 3 {
+        return Ok(None);
+    }
+    let m = uniq.len();
+    let sample = sample_of(m);
+    let mut packed = Vec::with_capacity(SAMPLE * BI_LEN);
+    for &s in &sample {
+        packed.extend_from_slice(&bis[uniq[s]]);
+    }
+    let hits: i64 = tx.prepare_cached(PROBE_BOTH)?.query_row(params![&packed[..], SAMPLE as i64], |r| r.get(0))?;
+    if hits * 20 > SAMPLE as i64 {
+        return Ok(None);
+    }
+    let merged = merged_through(&tx)?;
+    let found = probe_main(&tx, bis, uniq, &rest_of(m, &sample))?;
+    Ok(Some(Pre { merged, found }))
+}
 /// Schema 3 lookups: each index probed in order, joined to the row by id (`LOOKUP_IDS_SPLIT`: the
 /// index alone, tokens derive from the id).
 macro_rules! probe_split {
@@ -537,7 +619,7 @@ const LOOKUP_IDS_SPLIT: &str = concat!(numbered!(2),
 /// the last merge), never from a scan.
 fn merge_recent(tx: &rusqlite::Transaction<'_>, merge_min: i64, merge_fraction: i64) -> Result<bool, Failure> {
     let seq: i64 = tx.query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)", [], |r| r.get(0))?;
-    let merged: i64 = tx.query_row("SELECT coalesce((SELECT value FROM lsm WHERE name='merged_through'), 0)", [], |r| r.get(0))?;
+    let merged = merged_through(tx)?;
     if seq - merged < merge_min.max(merged / merge_fraction.max(1)) {
         return Ok(false);
     }
