@@ -267,6 +267,12 @@ def test_the_kept_connection_follows_the_file_and_sees_other_writers(tmp_path: P
     assert again.keys[64:] == made.keys[32:]
     second.close()
     first.close()
+
+    def open_here() -> list[str]:  # this process's open descriptors of the store file
+        fds = Path("/proc/self/fd")
+        return [str(f) for f in fds.iterdir() if os.path.realpath(f) == os.path.realpath(path)] if fds.is_dir() else []
+
+    assert open_here() == []  # close released the native core's kept connections too
     # closed: a store opened again finds what the kept connection wrote
     with KeyStore(path, second._kek) as third:
         assert third.subject_keys(pa.array(["cal"]), create=False).tokens.to_pylist() == [made.tokens[1].as_py()]

@@ -223,12 +223,12 @@ def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Ar
     return _from_parts(pa.string(), len(arr), parts), key_bytes, created
 
 
-def release_connection() -> None:
-    """Close the native key store's kept connection (it keeps one across calls, for SQLite's page
-    cache; see ``native/src/keystore.rs: Kept``). A key store's ``close`` calls it; the next bulk
-    call opens the file again."""
-    if _native is not None and hasattr(_native, "release_connection"):
-        _native.release_connection()
+def release_connections() -> None:
+    """Close the native key store's kept connections (a writer's and a reader's, kept across calls
+    for SQLite's page cache; see ``native/src/keystore.rs: Kept``). A key store's ``close`` calls
+    it; the next bulk call opens the file again."""
+    if _native is not None and hasattr(_native, "release_connections"):
+        _native.release_connections()
 
 
 # ---------------------------------------------------------------------- key wrapping

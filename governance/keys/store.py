@@ -916,7 +916,7 @@ class KeyStore:
                 if self._native_bulk_used:
                     from governance.keys import native
 
-                    native.release_connection()  # the native core's kept connection to this file
+                    native.release_connections()  # the native core's kept connections to this file
 
     def __enter__(self) -> KeyStore:
         return self

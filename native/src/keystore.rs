@@ -80,7 +80,7 @@ fn discard(kept: &mut Option<Kept>) {
 
 /// Close the kept connections (a key store's `close`).
 #[pyfunction]
-fn release_connection(py: Python<'_>) {
+fn release_connections(py: Python<'_>) {
     py.allow_threads(release)
 }
 
@@ -521,15 +521,21 @@ const INDEX_RECENT_OR_IGNORE: &str =
 /// Rows of this batch whose blind index the recent index already held for another id.
 const DROP_UNINDEXED: &str = "DELETE FROM subjects WHERE id >= ?1 AND id < ?2 AND NOT EXISTS \
     (SELECT 1 FROM bi_recent r WHERE r.blind_index = subjects.blind_index AND r.id = subjects.id)";
+/// The blind indexes of the ids at `subset` (positions in `uniq`), packed for the statements above.
+fn packed(bis: &[[u8; 32]], uniq: &[usize], subset: &[usize]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(subset.len() * BI_LEN);
+    for &s in subset {
+        out.extend_from_slice(&bis[uniq[s]]);
+    }
+    out
+}
+
 /// Schema 3, new people first: which of the ids at `subset` the main index holds (index only).
 fn probe_main(tx: &rusqlite::Transaction<'_>, bis: &[[u8; 32]], uniq: &[usize], subset: &[usize]) -> Result<Vec<usize>, Failure> {
     if subset.is_empty() {
         return Ok(Vec::new());
     }
-    let mut packed = Vec::with_capacity(subset.len() * BI_LEN);
-    for &s in subset {
-        packed.extend_from_slice(&bis[uniq[s]]);
-    }
+    let packed = packed(bis, uniq, subset);
     let mut sel = tx.prepare_cached(PROBE_MAIN)?;
     let mut rows = sel.query(params![&packed[..], subset.len() as i64])?;
     let mut found = Vec::new();
@@ -579,10 +585,7 @@ fn pre_probe(db: &str, timeout_ms: u64, bis: &[[u8; 32]], uniq: &[usize]) -> Res
     }
     let m = uniq.len();
     let sample = sample_of(m);
-    let mut packed = Vec::with_capacity(SAMPLE * BI_LEN);
-    for &s in &sample {
-        packed.extend_from_slice(&bis[uniq[s]]);
-    }
+    let packed = packed(bis, uniq, &sample);
     let hits: i64 = tx.prepare_cached(PROBE_BOTH)?.query_row(params![&packed[..], SAMPLE as i64], |r| r.get(0))?;
     if hits * 20 > SAMPLE as i64 {
         return Ok(None);
@@ -651,10 +654,7 @@ fn lookup(
     if subset.is_empty() {
         return Ok(0);
     }
-    let mut packed = Vec::with_capacity(subset.len() * BI_LEN);
-    for &s in subset {
-        packed.extend_from_slice(&bis[uniq[s]]);
-    }
+    let packed = packed(bis, uniq, subset);
     // Tokens only, in a schema-2 store: the blind-index index alone (it holds the row id) and
     // the token derived from the id, without reading the table's rows.
     let ids_only = !want_keys && token_cipher.is_some();
@@ -704,6 +704,6 @@ const TOKEN_MAGIC: &[u8; 8] = b"lw-subj\x02";
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sqlite_library, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_subjects, m)?)?;
-    m.add_function(wrap_pyfunction!(release_connection, m)?)?;
+    m.add_function(wrap_pyfunction!(release_connections, m)?)?;
     Ok(())
 }
