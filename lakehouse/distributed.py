@@ -181,8 +181,7 @@ class IngestWorker:
     def __init__(self, config: ProjectConfig, policy: DatasetPolicy, dataset: str, buckets: int, ingest_id: str) -> None:
         self.ws = Workspace(config)
         self.config = config
-        self.work = BatchWork(policy, self.ws.keyring, dataset, buckets=buckets, compression=config.storage.compression,
-                              clock=self.ws.now)
+        self.work = BatchWork(policy, self.ws.keyring, dataset, buckets=buckets, compression=config.storage.compression)
         self.transit = Transit(self.ws.keyring.system_key(TRANSIT_KEY), ingest_id)
         self.dataset = dataset
         self.held: dict[str, tuple[RawBatch, Any]] = {}
@@ -195,10 +194,11 @@ class IngestWorker:
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    def check(self, batch_id: str, sealed_raw: bytes, plan: ShapePlan) -> bytes | None:
-        """The batch's rules, tokens and keys; what goes back (sealed) is its unique columns and tokens."""
+    def check(self, batch_id: str, sealed_raw: bytes, plan: ShapePlan, now: datetime) -> bytes | None:
+        """The batch's rules, tokens and keys; what goes back (sealed) is its unique columns and tokens.
+        ``now``: the driver's clock, for "today" in the contract's bounds."""
         raw: RawBatch = self.transit.open(sealed_raw, batch_id, "raw")
-        checked = self.work._check(raw, plan)
+        checked = self.work._check(raw, plan, now)
         self.held[batch_id] = (raw, checked)
         if checked is None:
             return None
@@ -287,7 +287,8 @@ class RayIngestor(Ingestor):
             worker = self.actors[turn % n]
             turn += 1
             checking.append(_Pending(batch_id, raw.first_row, raw.rows_read, worker,
-                                     worker.check.remote(batch_id, self.transit.seal(raw, batch_id, "raw"), plan)))
+                                     worker.check.remote(batch_id, self.transit.seal(raw, batch_id, "raw"), plan,
+                                                         self.ws.now())))
             del raw
             if len(checking) >= n:
                 protecting.append(self._decide(checking.popleft(), source))

@@ -212,9 +212,10 @@ class BatchWork:
         self._cache_tokens: pa.Array | None = None
         self._cache_lock = threading.Lock()
 
-    def _check(self, raw: RawBatch, plan: ShapePlan) -> tuple[pa.Table, tuple | None] | None:
+    def _check(self, raw: RawBatch, plan: ShapePlan, now: datetime | None = None) -> tuple[pa.Table, tuple | None] | None:
         """The part of a batch that runs in the pool, several batches at once: text, shape, every
-        rule but uniqueness across batches, and the rows' subjects."""
+        rule but uniqueness across batches, and the rows' subjects. ``now``: see
+        :meth:`Validator.check`."""
         text, bad_utf8 = to_text(raw.table)
         text = self._conform(text, plan)
         pre = None
@@ -228,7 +229,7 @@ class BatchWork:
             pre = pa.array(pre_vals, pa.string())
         if not text.num_rows:
             return None
-        out = self.validator.check(text, raw.first_row, pre)
+        out = self.validator.check(text, raw.first_row, pre, now=now)
         if raw.offsets is not None and out.num_rows:  # a stream's batch: a row's number is its offset
             i = out.schema.get_field_index("_row")
             out = out.set_column(i, "_row", pc.take(raw.offsets, pc.subtract(out["_row"], raw.first_row)))

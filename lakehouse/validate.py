@@ -265,12 +265,15 @@ class Validator:
         """Return ``_row``, ``_reason`` (NULL = accepted) and one typed (or generalized) column per policy column."""
         return self.dedupe(self.check(batch, first_row, pre_reason))
 
-    def check(self, batch: pa.Table, first_row: int, pre_reason: pa.Array | None) -> pa.Table:
+    def check(self, batch: pa.Table, first_row: int, pre_reason: pa.Array | None, *,
+              now: datetime | None = None) -> pa.Table:
         """Every rule but uniqueness across batches; safe to run for several batches at once
-        (each thread has its own DuckDB cursor). Follow with :meth:`dedupe`, in file order."""
+        (each thread has its own DuckDB cursor). Follow with :meth:`dedupe`, in file order.
+        ``now``: the instant "today" stands for (the clock's when not given; a Ray worker gets
+        the driver's)."""
         n = batch.num_rows
         rows = pa.array(np.arange(first_row, first_row + n, dtype=np.int64))
-        now = self.clock().astimezone(timezone.utc)
+        now = (now or self.clock()).astimezone(timezone.utc)
         specs = self._native_specs(batch.schema, now) if n else None
         if specs is not None:
             return self._check_native(batch, rows, pre_reason, specs, now)

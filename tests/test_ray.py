@@ -209,6 +209,31 @@ def _lettings_csv(path: Path, n: int) -> Path:
     return path
 
 
+def test_ray_workers_take_today_from_the_drivers_clock(ray_env, tmp_path: Path):
+    """The workers check a contract's ``max: today`` at the driver's clock (sent with each batch),
+    not their own machine's: with the workspace's clock at 2031-03-31, a birth date of that day is
+    accepted and the next day's is quarantined; the rows carry the clock's ingest time."""
+    from datetime import datetime, timezone
+
+    from governance.workspace import Workspace
+    from lakehouse.catalog import Catalog, TableRef
+    from lakehouse.ingest import ingest
+
+    now = datetime(2031, 3, 31, 23, 59, 59, tzinfo=timezone.utc)
+    proj = _project(tmp_path / "p", kek=_kek(tmp_path / "kek.key"))
+    born = ["2031-03-31", "2031-04-01", "1990-05-06"] * 200
+    src = proj / "customers.csv"
+    src.write_text("customer_id,name,email,phone,birth_date,zip_code,sex,ethnicity,income,region,defaulted\n" + "".join(
+        f"C-{i:06d},Person {i},p{i}@example.org,+1 555-0100-{i:04d},{b},{10000 + i:05d},F,group_a,1000.5,north,false\n"
+        for i, b in enumerate(born)))
+    with Workspace.open(proj / "lakewarden.yaml", clock=lambda: now) as ws:
+        rep = ingest(ws, ws.actor("dana"), "customers", [src], engine="ray", batch_rows=150)
+        stamped = Catalog(ws.config).open(TableRef("bronze", "customers")).to_pyarrow_table(columns=["_ingested_at"])
+    assert (rep.rows_accepted, rep.rows_quarantined) == (400, 200)
+    assert dict(rep.reasons) == {"birth_date: above the maximum today": 200}
+    assert set(stamped["_ingested_at"].to_pylist()) == {now}
+
+
 def test_another_policy_partitioned_by_text_with_odd_characters(ray_env, tmp_path: Path):
     """A dataset the engines were not written for: other column names, a date, a restricted column,
     and partitions by a text column whose values hold a space, a slash, a percent sign and
