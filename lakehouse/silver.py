@@ -24,7 +24,6 @@ import hmac
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import duckdb
@@ -242,7 +241,7 @@ def _build(ws: Workspace, actor: Actor, dataset: str, *, batch_rows: int = 250_0
     silver = DeltaTable(uri, storage_options=cat.storage_options)
     sv = silver.version()
     rows = silver.count()
-    now = datetime.now(timezone.utc)
+    now = ws.now()
     write_deltalake(
         cat.config.table_uri(f"{STATS}/{dataset}"),
         pa.table(

@@ -162,7 +162,7 @@ def test_bad_rows_are_quarantined_with_a_reason(workspace: Workspace, tmp_path: 
 @pytest.mark.parametrize("backend", ["native", "python"])
 def test_today_in_the_contract_is_the_workspace_clocks_day(project: Path, tmp_path: Path, backend: str,
                                                            monkeypatch: pytest.MonkeyPatch):
-    """``max: today`` and the rows' ingest time come from the workspace's clock, not the machine's:
+    """``max: today``, the rows' ingest time and silver's statistics' time come from the workspace's clock:
     on a clock set to 2031-03-31 a birth date of that day is accepted (the real date would call it
     the future) and the next day's is not, on the native core and on DuckDB alike."""
     from datetime import datetime, timezone
@@ -186,6 +186,14 @@ def test_today_in_the_contract_is_the_workspace_clocks_day(project: Path, tmp_pa
         bronze = table(ws, "bronze")
         assert sorted(bronze["birth_date"].to_pylist()) == [2031, 2031]  # generalized to the year
         assert set(bronze["_ingested_at"].to_pylist()) == {now}
+        if backend == "native":  # silver's statistics carry the same clock
+            from deltalake import DeltaTable
+
+            from lakehouse.silver import STATS
+
+            build_silver(ws, ws.actor("dana"), "customers")
+            fitted = DeltaTable(ws.config.table_uri(f"{STATS}/customers")).to_pyarrow_table()["fitted_at"]
+            assert fitted.to_pylist() == [now]
     finally:
         ws.close()
 
