@@ -139,10 +139,10 @@ def _bound(col: ColumnPolicy, b: float | str) -> str:
     return repr(float(b))
 
 
-def _with_today(sql: str, now: datetime) -> tuple[str, dict[str, Any] | None]:
-    """A query and the values of the ``$today`` and ``$now`` it names (see :func:`_bound`)."""
+def _today_params(sql: str, now: datetime) -> dict[str, Any] | None:
+    """The values of the ``$today`` and ``$now`` a query names (see :func:`_bound`)."""
     params = {k: v for k, v in (("today", now.date()), ("now", now)) if f"${k}" in sql}
-    return sql, params or None
+    return params or None
 
 
 def _show(b: float | str) -> str:
@@ -287,8 +287,8 @@ class Validator:
         con = self._cursor()
         con.register("batch", b)
         try:
-            sql, params = _with_today(self._sql(b.schema), now)
-            return con.sql(sql, params=params).to_arrow_table()
+            sql = self._sql(b.schema)
+            return con.sql(sql, params=_today_params(sql, now)).to_arrow_table()
         finally:
             con.unregister("batch")
 

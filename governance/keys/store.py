@@ -226,7 +226,6 @@ class KeyStore:
         self._system: dict[str, bytes] = {}
         self._conn: Any = None
         self._tkey: bytes | None = None
-        self._native_bulk_used = False  # the native core keeps a connection to this file (see close)
         self._conn = self._connect()
         try:
             self._init_schema()
@@ -581,7 +580,6 @@ class KeyStore:
             # Not under self._lock: the native core serializes its own transactions and checks, inside
             # each, that the store's KEK is still the one it wraps with (a rotation is seen).
             kek = self._kek
-            self._native_bulk_used = True
             try:
                 tokens, key_bytes, created = native.resolve_subjects(
                     str(self._path), key, kek._native_material(), kek.key_id, ids,  # type: ignore[attr-defined]
@@ -913,10 +911,9 @@ class KeyStore:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-                if self._native_bulk_used:
-                    from governance.keys import native
+                from governance.keys import native
 
-                    native.release_connections()  # the native core's kept connections to this file
+                native.release_connections()  # the native core's kept connections (a no-op when none)
 
     def __enter__(self) -> KeyStore:
         return self
