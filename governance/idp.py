@@ -17,7 +17,8 @@ bootstrap administrator's password is made at start and passed through the serve
 * on every client that gets tokens, a ``groups`` claim (group names, not paths) and the two
   audiences in ``aud``;
 * with ``test_client=True`` only, ``lakewarden-test``: public, direct password grant (tests fetch
-  tokens without a browser), and ``lakewarden-test-short``: the same with 1-second tokens.
+  tokens without a browser), and ``lakewarden-test-short``: the same with 5-second tokens (long
+  enough that a renewed one still verifies on a loaded machine, short enough to wait out in a test).
 
     kc = LocalKeycloak(Path(".lakewarden/idp")).start()      # returns when the realm endpoint answers
     realm = provision(kc, ws.policies)                        # realm.issuer, realm.passwords (in memory)
@@ -283,7 +284,7 @@ def provision(kc: LocalKeycloak, policies: "PolicySet", *, realm: str = "lakewar
         clients.append({"clientId": TEST_CLIENT, "publicClient": True, **no_flows, "directAccessGrantsEnabled": True,
                         "protocolMappers": _mappers()})
         clients.append({"clientId": SHORT_TEST_CLIENT, "publicClient": True, **no_flows,
-                        "directAccessGrantsEnabled": True, "attributes": {"access.token.lifespan": "1"},
+                        "directAccessGrantsEnabled": True, "attributes": {"access.token.lifespan": "5"},
                         "protocolMappers": _mappers()})
     for c in clients:
         kc.admin("POST", f"{base}/clients", c, token=tok)

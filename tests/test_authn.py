@@ -278,7 +278,7 @@ def test_the_predictor_answers_only_a_verified_caller_whose_roles_may_serve(guar
     v2 = f"{url}/v2/models/credit/infer"
     body1 = {"instances": sample}
     body2 = {"inputs": [{"name": "customer_id", "shape": [len(sample)], "datatype": "BYTES", "data": sample}]}
-    short = realm.password_token("mel", client_id="lakewarden-test-short")  # a 1-second token
+    short = realm.password_token("mel", client_id="lakewarden-test-short")  # a 5-second token
     mel = realm.password_token("mel")
     time.sleep(max(0.0, _claims(short)["exp"] + 1.1 - time.time()))
     cases = {

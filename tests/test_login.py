@@ -399,7 +399,7 @@ def _seed(proj: Path, home: Path, tokens: TokenSet) -> Path:
 
 @pytest.mark.slow
 def test_an_expired_access_token_is_refreshed_and_a_dead_refresh_says_to_log_in(kc_project):
-    """Tokens of the 1-second test client (password grant: no browser) in the cache: the CLI finds
+    """Tokens of the 5-second test client (password grant: no browser) in the cache: the CLI finds
     the access token expired, renews it with the refresh token and rewrites the cache; with a
     refresh token the issuer refuses, it says to log in again."""
     proj, kek, realm, d = kc_project

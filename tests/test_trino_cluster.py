@@ -356,7 +356,7 @@ def test_no_token_an_expired_one_another_realms_and_a_forged_one_get_401(jwt_lak
     foreign = other.password_token("ana")
     assert pyjwt.decode(foreign, options={"verify_signature": False})["preferred_username"] == "ana"
     wait = pyjwt.decode(short, options={"verify_signature": False})["exp"] + 1 - time.time()
-    assert wait < 5, "the short-lived client's tokens should last about a second"
+    assert wait < 8, "the short-lived client's tokens should last about five seconds"
     time.sleep(max(0.0, wait))
     for name, token in (("none", None), ("expired", short), ("other realm", foreign), ("forged", forged),
                         ("garbage", "not.a.jwt")):
