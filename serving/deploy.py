@@ -111,7 +111,7 @@ def local_url(config: ProjectConfig, port: int) -> str:
     return f"{'https' if config.serving.tls_cert else 'http'}://127.0.0.1:{port}"
 
 
-def wait_ready(url: str, name: str, *, timeout: float = 60, proc: subprocess.Popen | None = None,
+def wait_ready(url: str, name: str, *, timeout: float = 120, proc: subprocess.Popen | None = None,
                context: ssl.SSLContext | None = None, config: ProjectConfig | None = None) -> None:
     """Poll ``<url>/v2/models/<name>/ready`` until it answers 200 (``context``: the trust for https).
 
@@ -138,7 +138,7 @@ def wait_ready(url: str, name: str, *, timeout: float = 60, proc: subprocess.Pop
     raise DeployError(f"the predictor at {url} did not become ready within {timeout:.0f}s")
 
 
-def predictor_identity(ws: Workspace, port: int, *, https: bool | None = None, timeout: float = 2) -> dict[str, Any] | None:
+def predictor_identity(ws: Workspace, port: int, *, https: bool | None = None, timeout: float = 10) -> dict[str, Any] | None:
     """:func:`serving.identity.read_identity` over https when the predictor serves it (``https``; None:
     as configured), verified against :func:`client_tls`: None if nothing listens, ``{}`` if what
     answers is not a Lakewarden predictor.

@@ -36,7 +36,7 @@ def install_identity_route(ws: Workspace, model: str) -> dict[str, Any]:
     return ident
 
 
-def read_identity(port: int, host: str = "127.0.0.1", *, timeout: float = 2,
+def read_identity(port: int, host: str = "127.0.0.1", *, timeout: float = 10,
                   tls: "ssl.SSLContext | None" = None) -> dict[str, Any] | None:
     """What answers on the port: None if nothing listens, ``{}`` if it is not a Lakewarden predictor.
 

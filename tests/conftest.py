@@ -170,6 +170,9 @@ def redis_port():
             break
         except OSError:
             time.sleep(0.1)
+    else:
+        p.terminate()
+        pytest.fail("redis-server did not accept connections in 20 s")
     yield port
     p.terminate()
     p.wait(10)

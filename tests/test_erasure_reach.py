@@ -344,6 +344,8 @@ def test_a_running_predictor_keeps_no_trace_of_an_erased_subject(tmp_path: Path,
             except OSError:
                 assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
                 time.sleep(0.2)
+        else:
+            pytest.fail("the predictor was not ready in 600 tries")
         predict = f"{url}/v1/models/credit:predict"
         assert _post(predict, {"instances": [tok, *others[:2]]})[0] == 200
         assert tok.encode() in log.read_bytes()

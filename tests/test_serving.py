@@ -344,7 +344,8 @@ def test_ids_stay_out_of_logs_and_the_key_store_is_only_read(served, tmp_path: P
     scores, errors = pred.score_subjects([ids[0], "X-2"])
     assert not np.isnan(scores[0]) and np.isnan(scores[1]) and set(errors) == {1}
     ws.audit.flush()
-    ev = ws.audit.query(action="serve.resolve_ids").to_pylist()[-1]
+    # the running predictor flushes its own events (its 3-id request) on its interval: take this call's
+    ev = [e for e in ws.audit.query(action="serve.resolve_ids").to_pylist() if json.loads(e["details"])["ids"] == 2][-1]
     assert ev["outcome"] == "ok" and ev["stage"] == "serve" and ev["resource"] == f"model:{ref}"
     d = json.loads(ev["details"])
     assert (d["ids"], d["resolved"], d["unknown"]) == (2, 1, 1)
@@ -404,6 +405,8 @@ def test_a_port_taken_by_something_else_is_never_signalled(served):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
                 break
             time.sleep(0.2)
+        else:
+            pytest.fail("the stand-in http.server did not start in 30 s")
         _record(ws, Deployment(model=f"{ref}", port=port, pid=other.pid, url=f"http://127.0.0.1:{port}",
                                started_at="2026-01-01T00:00:00+00:00"))
         st = {s.deployment.port: s for s in list_deployments(ws)}[port]
