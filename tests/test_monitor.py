@@ -372,7 +372,7 @@ def test_monitor_posts_the_report_to_the_webhook(workspace, profile: Profile):
     _write_log(workspace, _traffic(300, income_shift=1.0, north=0.5))
     with _Hook() as hook:
         rep = monitor(workspace, workspace.actor("mel"), model="credit", profile=profile,
-                      webhook=hook.url, timeout=2, now=T0)
+                      webhook=hook.url, timeout=30, now=T0)
     (body,) = hook.bodies
     assert json.loads(body) == rep.to_dict()
     assert hook.headers[0]["Content-Type"] == "application/json"
@@ -401,10 +401,10 @@ def test_a_failing_webhook_is_audited_not_raised(workspace, profile: Profile, ki
         hook = _Hook(500) if kind == "500" else _Hook(302, location="http://127.0.0.1:9/elsewhere")
         with hook:
             url = hook.url
-            rep = monitor(workspace, workspace.actor("mel"), model="credit", profile=profile, webhook=url, timeout=2)
+            rep = monitor(workspace, workspace.actor("mel"), model="credit", profile=profile, webhook=url, timeout=30)
         assert len(hook.bodies) == 1  # the redirect was not followed
     if kind == "refused":
-        rep = monitor(workspace, workspace.actor("mel"), model="credit", profile=profile, webhook=url, timeout=2)
+        rep = monitor(workspace, workspace.actor("mel"), model="credit", profile=profile, webhook=url, timeout=30)
     assert rep.records == 100
     (ev,) = _events(workspace, "monitor.webhook")
     assert ev["outcome"] == "error"

@@ -36,12 +36,15 @@ def test_buffered_output_atexit_handlers_and_worker_threads_finish_before_exit(t
         "import atexit, threading, time\n"
         "from lakewarden.process import run_and_exit\n"
         f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+        "printed = threading.Event()\n"
         "def work():\n"
+        "    printed.wait(60)\n"  # still running when f returns: run_and_exit must wait for it
         "    time.sleep(0.3)\n"
         "    print('worker done')\n"
         "def f():\n"
         "    threading.Thread(target=work).start()\n"
         "    print('x' * 100000)\n"  # a piped stdout is block-buffered: it must still arrive whole
+        "    printed.set()\n"
         "run_and_exit(f)\n")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
