@@ -303,7 +303,7 @@ def test_events_never_hold_raw_identifiers(tmp_path: Path):
 
 
 # -- the time-bounded flush: what a SIGKILL of a long-running process can lose ----------------------
-def _wait_for_events(log: AuditLog, n: int, timeout: float = 20.0) -> int:
+def _wait_for_events(log: AuditLog, n: int, timeout: float = 60.0) -> int:
     """Poll (bounded in time) until the table holds ``n`` events; returns how many it holds."""
     import time
 
@@ -320,7 +320,7 @@ def _wait_for_events(log: AuditLog, n: int, timeout: float = 20.0) -> int:
     return have
 
 
-def _wait_for_head(log: AuditLog, seq: int, timeout: float = 20.0) -> int | None:
+def _wait_for_head(log: AuditLog, seq: int, timeout: float = 60.0) -> int | None:
     """Poll (bounded in time) until the signed head records ``seq``. A flush commits the events
     first and signs the head after, so events in the table alone do not mean the flush is done."""
     import time

@@ -316,7 +316,7 @@ def test_the_cache_lock_is_0600_beside_the_cache_and_bounded(tmp_path: Path):
         t0 = time.monotonic()
         with pytest.raises(TokenCacheBusy, match="renewing your login") as e, cache.lock(timeout=0.3):
             pass
-        assert 0.3 <= time.monotonic() - t0 < 5 and e.value.path == cache.lock_path
+        assert 0.3 <= time.monotonic() - t0 < 30 and e.value.path == cache.lock_path  # gave up; did not hang
     with cache.lock(timeout=0.1):  # released
         pass
 
