@@ -350,15 +350,6 @@ def _exactly_once(ws, topic: str, produced: list[dict], bad: int, partitions: in
         assert w is not None
 
 
-def _rows_read(ledger_uri: str, topic: str) -> int:
-    """Records of ``topic`` the ledger shows as read (committed batches only)."""
-    if not DeltaTable.is_deltatable(ledger_uri):
-        return 0
-    t = DeltaTable(ledger_uri).to_pyarrow_dataset().to_table(
-        columns=["rows_read"], filter=pc.starts_with(pc.field("source"), f"kafka:{topic}/"))
-    return pc.sum(t["rows_read"]).as_py() or 0
-
-
 @pytest.mark.slow
 def test_sigkill_at_random_points_twenty_times_never_duplicates_or_loses_a_record(kafka, project, tmp_path):
     """At least 20 consumers SIGKILLed at random moments, then one that finishes: every record once,
@@ -378,16 +369,17 @@ def test_sigkill_at_random_points_twenty_times_never_duplicates_or_loses_a_recor
     topic = _topic(kafka, partitions=3)
     pool = _records(tmp_path, 2400, "transactions")  # 7,200 records, sent 600 at a time as needed
     sent: list[dict] = []
+    bad = [b"{broken", b"42", json.dumps({"transaction_id": "T-1"}).encode()] * 3
 
     def top_up() -> None:
-        if len(sent) + len(bad) - _rows_read(ledger_uri, topic) >= 900 or len(sent) == len(pool):
+        read = sum(r["rows_read"] for r in status(ws, "transactions", topic))
+        if len(sent) + len(bad) - read >= 900 or len(sent) == len(pool):
             return
         chunk = pool[len(sent):len(sent) + 600]
         with SealedProducer(ws, dana, "transactions", topic, bootstrap=kafka.bootstrap) as prod:
             prod.send(chunk)
         sent.extend(chunk)
 
-    bad = [b"{broken", b"42", json.dumps({"transaction_id": "T-1"}).encode()] * 3
     p = _producer(kafka)
     for i, v in enumerate(bad):
         p.produce(topic, value=v, partition=i % 3)
