@@ -15,6 +15,7 @@ import random
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -418,6 +419,32 @@ def test_the_unique_set_marks_repeats_by_row_order_and_takes_back_rows_not_kept(
     assert len(s) == 3
     again = s.check(pa.array(["c", "b", "a", "d"]), pa.array([10, 11, 12, 13], pa.int64()), pa.array([True] * 4))
     assert again.tolist() == [0, 2, 2, 0]  # c was taken back; d was never a candidate
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_the_unique_set_finds_values_across_its_merges_and_undoes_only_the_last_check():
+    """Enough values that every shard folds its recent hashes into its sorted array many times
+    (4,096 shards, a fold at 64 recent hashes or a sixteenth): what was added before or kept by a
+    commit is found whichever side of a fold it is on; what a commit takes back is gone."""
+    s = native.UniqueSet()
+    s.add(pa.array([f"old-{i}" for i in range(300_000)]))  # about 73 a shard: one fold each
+    assert len(s) == 300_000
+    kept = 0
+    for b in range(8):  # 8 batches of 120,000 new values, with one repeat of an old value each
+        vals = pa.array([f"b{b}-{i}" for i in range(120_000)] + [f"old-{b}"])
+        rows = pa.array(range(b * 200_000, b * 200_000 + len(vals)), pa.int64())
+        kinds = s.check(vals, rows, pa.array([True] * len(vals)))
+        assert kinds[-1] == native.UniqueSet.BEFORE and not kinds[:-1].any()
+        keep = np.ones(len(vals), dtype=bool)
+        keep[::7] = False  # quarantined for another reason: taken back
+        keep[-1] = False
+        s.commit(pa.array(keep))
+        kept += int(keep.sum())
+    assert len(s) == 300_000 + kept
+    probe = pa.array(["old-299999", "b0-1", "b7-119999", "b0-0", "b3-7", "b5-14", "never"])
+    kinds = s.check(probe, pa.array(range(len(probe)), pa.int64()), pa.array([True] * len(probe)))
+    # b0-0, b3-7 and b5-14 were taken back (every 7th row), so they are new again
+    assert kinds.tolist() == [2, 2, 2, 0, 0, 0, 0]
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
