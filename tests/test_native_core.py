@@ -448,6 +448,18 @@ def test_the_unique_set_finds_values_across_its_merges_and_undoes_only_the_last_
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_a_commit_takes_back_a_checked_value_even_after_an_add_folded_it():
+    s = native.UniqueSet()
+    kinds = s.check(pa.array(["x", "y"]), pa.array([0, 1], pa.int64()), pa.array([True, True]))
+    assert kinds.tolist() == [0, 0]
+    s.add(pa.array([f"v{i}" for i in range(600_000)]))  # every shard folds, "x" and "y" with it
+    s.commit(pa.array([True, False]))  # y's row was quarantined for another reason
+    assert len(s) == 600_001
+    again = s.check(pa.array(["x", "y"]), pa.array([2, 3], pa.int64()), pa.array([True, True]))
+    assert again.tolist() == [2, 0]
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
 def test_the_unique_set_compares_other_types_by_value():
     s = native.UniqueSet()
     s.add(pa.array([0.0, 2.5]))

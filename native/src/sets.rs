@@ -87,7 +87,7 @@ struct Shards {
 /// ingest's memory. A hash set of 64-bit hashes takes 10 to 21 bytes a value (its control bytes,
 /// and half empty after it doubles: all shards double together, since the hashes are uniform);
 /// the sorted array takes 8 (and at most an eighth spare), and the recent set stays under a
-/// sixteenth of it: about 9 to 10.
+/// sixteenth of it: about 8 to 10.
 /// A lookup is a binary search in the shard's few thousand sorted hashes, in cache.
 #[derive(Default)]
 struct Shard {
@@ -107,9 +107,15 @@ impl Shard {
         !self.contains(h) && self.recent.insert(h)
     }
 
-    /// Take back a hash added since the last merge (what a check added and its commit undoes).
-    fn undo(&mut self, h: u64) -> bool {
-        self.recent.remove(&h)
+    /// Take back a hash (what a check added and its commit undoes): from the recent set, where a
+    /// check's additions stay until its commit; from the sorted array should a fold have come
+    /// in between (an `add` before the commit).
+    fn undo(&mut self, h: u64) {
+        if !self.recent.remove(&h) {
+            if let Ok(p) = self.merged.binary_search(&h) {
+                self.merged.remove(p);
+            }
+        }
     }
 
     /// Fold the recent hashes into the sorted array once they are many enough.
