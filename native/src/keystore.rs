@@ -217,7 +217,8 @@ fn resolve_subjects(
         // A batch large enough to sample, in a store that makes tokens from row ids: is it new
         // people, and which of them does the main index hold? Asked before the writer's turn, in a
         // read transaction, while another batch writes (see `pre_probe`).
-        let pre = if create && token_cipher.is_some() && m >= 4 * SAMPLE {
+        let sampled = create && token_cipher.is_some() && m >= 4 * SAMPLE;
+        let pre = if sampled {
             pre_probe(&db, timeout_ms, &bis, &uniq)?
         } else {
             None
@@ -258,14 +259,14 @@ fn resolve_subjects(
             .map(|_| Slot { token: [0; TOKEN_LEN], wrapped: None, known: false, created: false })
             .collect();
         let mut insert_first = false;
-        if create && token_cipher.is_some() && m >= 4 * SAMPLE {
+        if sampled {
             let sample = sample_of(m);
             let hits = lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &sample, &mut slots)?;
             // At most 5% known; a schema-3 store asked before the writer's turn (the answer only
             // chooses the way: both give the same result).
             insert_first = match (&pre, split) {
                 (Some(_), true) => true,
-                _ => hits * 20 <= SAMPLE,
+                _ => mostly_new(hits),
             };
             let rest = rest_of(m, &sample);
             if !insert_first {
@@ -551,6 +552,11 @@ const PROBE_BOTH: &str = concat!(numbered!(2),
     "SELECT count(*) FROM i WHERE EXISTS (SELECT 1 FROM bi_main b WHERE b.blind_index = substr(?1, i.n * 32 + 1, 32)) ",
     "OR EXISTS (SELECT 1 FROM bi_recent r WHERE r.blind_index = substr(?1, i.n * 32 + 1, 32))");
 
+/// A sample of a batch with at most 5% known subjects: a batch of new people.
+fn mostly_new(hits: usize) -> bool {
+    hits * 20 <= SAMPLE
+}
+
 /// The ids sampled to tell a batch of new people (positions in `uniq`), and the others.
 fn sample_of(m: usize) -> Vec<usize> {
     (0..SAMPLE).map(|j| j * m / SAMPLE).collect()
@@ -587,7 +593,7 @@ fn pre_probe(db: &str, timeout_ms: u64, bis: &[[u8; 32]], uniq: &[usize]) -> Res
     let sample = sample_of(m);
     let packed = packed(bis, uniq, &sample);
     let hits: i64 = tx.prepare_cached(PROBE_BOTH)?.query_row(params![&packed[..], SAMPLE as i64], |r| r.get(0))?;
-    if hits * 20 > SAMPLE as i64 {
+    if !mostly_new(hits as usize) {
         return Ok(None);
     }
     let merged = merged_through(&tx)?;
