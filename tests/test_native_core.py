@@ -285,8 +285,8 @@ def test_a_batch_probed_before_another_writers_merge_or_shred_still_gets_one_row
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, between: str):
     """A batch of new people has the main blind-index index probed in a read before its write turn.
     Another writer's turn may come in between. "merge": it creates the same people and merges them
-    into the main index, so the write finds them there (the probe is made again) instead of making
-    a second row each. "shred": it shreds one the probe found, so the write makes that one again,
+    into the main index, so the write finds them there (the probe is made again: the read found
+    the main index empty and skipped it) instead of making a second row each. "shred": it shreds one the probe found, so the write makes that one again,
     with a new token."""
     from governance.keys import store as store_mod
 
