@@ -552,21 +552,42 @@ def test_subject_buckets_spread_evenly_over_all_buckets():
 
 
 def test_parquet_files_skip_dictionaries_and_statistics_where_they_buy_nothing(workspace: Workspace, tmp_path: Path):
-    """Sealed columns: neither; the subject token: no statistics, and no dictionary when the rows
-    are mostly distinct subjects; a unique column keeps its statistics (data skipping) but no
-    dictionary; other columns keep both."""
-    run(workspace, write_csv(tmp_path / "c.csv", [person(i) for i in range(300)]))
-    dt = Catalog(workspace.config).open(TableRef("bronze", "customers"))
-    uri = dt.file_uris()[0]
-    meta = pq.ParquetFile(uri.removeprefix("file://")).metadata
-    cols = {meta.row_group(0).column(j).path_in_schema: meta.row_group(0).column(j) for j in range(meta.num_columns)}
+    """Sealed columns: neither, and their lengths delta-encoded; the subject token: no statistics,
+    and no dictionary when the rows are mostly distinct subjects (delta-encoded lengths then); row
+    numbers delta-encoded; a unique column keeps its statistics (data skipping) but no
+    dictionary; other columns keep both. The storage's compression applies to a table with
+    anything but ciphertext and tokens in it (bronze); the vault, nothing but those, is written
+    uncompressed. Every table reads back the same."""
+    people = [person(i) for i in range(300)]
+    run(workspace, write_csv(tmp_path / "c.csv", people))
+    assert workspace.config.storage.compression == "zstd"
+
+    def columns(ref: TableRef) -> dict:
+        dt = Catalog(workspace.config).open(ref)
+        meta = pq.ParquetFile(dt.file_uris()[0].removeprefix("file://")).metadata
+        return {meta.row_group(0).column(j).path_in_schema: meta.row_group(0).column(j) for j in range(meta.num_columns)}
+
+    cols = columns(TableRef("bronze", "customers"))
 
     def dictionary(c: str) -> bool:
         return any("DICTIONARY" in e for e in cols[c].encodings)
 
     assert not cols["customer_id"].is_stats_set and not dictionary("customer_id")
+    assert "DELTA_LENGTH_BYTE_ARRAY" in cols["customer_id"].encodings
     assert not cols["sex"].is_stats_set and not dictionary("sex")  # sealed in place
+    assert "DELTA_LENGTH_BYTE_ARRAY" in cols["sex"].encodings
+    assert "DELTA_BINARY_PACKED" in cols["_row"].encodings
     assert cols["income"].is_stats_set and cols["region"].is_stats_set and dictionary("region")
+    assert {c.compression for c in cols.values()} == {"ZSTD"}
+    vault = columns(TableRef("vault", "customers"))
+    assert {c.compression for c in vault.values()} == {"UNCOMPRESSED"}
+    assert all("DELTA_LENGTH_BYTE_ARRAY" in vault[c].encodings for c in ("customer_id", "name", "email", "phone"))
+    rows = table(workspace, "vault").sort_by("_row")
+    emails = workspace.keyring.open_arrow(rows["email"], rows["customer_id"], dataset="customers", column="email")
+    assert emails.to_pylist() == [p["email"].encode() for p in people]
+    bronze = table(workspace, "bronze").sort_by("_row")
+    sexes = workspace.keyring.open_arrow(bronze["sex"], bronze["customer_id"], dataset="customers", column="sex")
+    assert sexes.to_pylist() == [p["sex"].encode() for p in people]
 
     from lakehouse.synth import generate
 
