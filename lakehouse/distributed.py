@@ -64,7 +64,7 @@ from governance.policy import DatasetPolicy
 from governance.workspace import Workspace
 from lakehouse.catalog import TableRef, stats_columns, table_configuration, table_description
 from lakehouse.errors import IngestError
-from lakehouse.ingest import _COMMIT_RETRIES, BatchWork, FileReport, Ingestor, Progress
+from lakehouse.ingest import _COMMIT_RETRIES, BatchWork, FileReport, Ingestor, Progress, ciphertext_only
 from lakehouse.readers import RawBatch, header
 from lakehouse.validate import ShapePlan, plan_shape
 
@@ -149,9 +149,12 @@ def _partition_slices(tbl: pa.Table, partition_by: list[str]) -> list[tuple[dict
 def write_files(uri: str, tbl: pa.Table, *, partition_by: list[str], subject_key: str, sealed: list[str],
                 compression: str) -> list[WrittenFile]:
     """Write ``tbl`` as Parquet files under a Delta table's root, one per partition, and return
-    what the driver needs to commit them. Sealed columns get no dictionary and no statistics, as
-    in the embedded writer."""
+    what the driver needs to commit them. As in the embedded writer: sealed columns get no
+    dictionary and no statistics, their lengths delta-encoded, and so are the row numbers; a
+    table of nothing but ciphertext and tokens is written without block compression."""
     fs, root = filesystem(uri)
+    if ciphertext_only(tbl.column_names, sealed, subject_key):
+        compression = "none"
     codec = "NONE" if compression == "none" else compression.upper()
     suffix = "" if codec == "NONE" else f".{compression}"
     local = isinstance(fs, pafs.LocalFileSystem)
@@ -164,7 +167,11 @@ def write_files(uri: str, tbl: pa.Table, *, partition_by: list[str], subject_key
         if local:  # an object store has no folders to make
             fs.create_dir(f"{root}/{folder}" if folder else root, recursive=True)
         plain = [c for c in part.column_names if c not in sealed]
-        pq.write_table(part, path, filesystem=fs, compression=codec, use_dictionary=plain, write_statistics=plain)
+        encoding = {c: "DELTA_LENGTH_BYTE_ARRAY" for c in sealed if c in part.column_names}
+        if "_row" in part.column_names:
+            encoding["_row"] = "DELTA_BINARY_PACKED"
+        pq.write_table(part, path, filesystem=fs, compression=codec, write_statistics=plain,
+                       use_dictionary=[c for c in plain if c not in encoding], column_encoding=encoding or None)
         size = fs.get_file_info(path).size
         stats_cols = [c for c in stats_columns(part.column_names, subject_key) if c not in sealed]
         written.append(WrittenFile(rel, size, values, file_stats(part, stats_cols)))

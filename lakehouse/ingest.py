@@ -454,12 +454,19 @@ class BatchWork:
                 props[c] = ColumnProperties(dictionary_enabled=False, encoding="DELTA_BINARY_PACKED")
             elif c in self.policy.columns and self.policy.columns[c].unique:
                 props[c] = ColumnProperties(dictionary_enabled=False)
-        ciphertext_only = all(c in self.sealed_cols or c == key or c in _INGEST_COLUMNS for c in tbl.column_names)
-        compress = self.compression != "none" and not ciphertext_only
+        compress = self.compression != "none" and not ciphertext_only(tbl.column_names, self.sealed_cols, key)
         return WriterProperties(
             compression=self.compression.upper() if compress else "UNCOMPRESSED",
             column_properties=props or None,
         )
+
+
+def ciphertext_only(columns: list[str], sealed: list[str], subject_key: str) -> bool:
+    """Whether a table holds sealed values and nothing else but subject tokens and ingest's own
+    columns (the vault, the restricted table): block compression finds nothing there that the
+    encodings of :meth:`BatchWork._writer_properties` leave (both writers skip it then)."""
+    return any(c in sealed for c in columns) and all(
+        c in sealed or c == subject_key or c in _INGEST_COLUMNS for c in columns)
 
 
 def _mostly_distinct(col: pa.ChunkedArray | pa.Array, sample: int = 4096) -> bool:

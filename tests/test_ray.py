@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
@@ -115,6 +116,13 @@ def test_ray_and_the_embedded_engine_give_the_same_tables_and_counts(ray_env, tm
                 shutil.copy(res.files[ds], f)
                 reports[name][ds] = ingest(ws, ws.actor("dana"), ds, [f], engine=engine, batch_rows=500)
             cat = Catalog(ws.config)
+            # Both writers: the vault (nothing but ciphertext and tokens) uncompressed, its sealed
+            # values' lengths delta-encoded.
+            vault = cat.open(TableRef("vault", "customers"))
+            meta = pq.ParquetFile(vault.file_uris()[0].removeprefix("file://")).metadata.row_group(0)
+            cols = {meta.column(j).path_in_schema: meta.column(j) for j in range(meta.num_columns)}
+            assert {c.compression for c in cols.values()} == {"UNCOMPRESSED"}, engine
+            assert "DELTA_LENGTH_BYTE_ARRAY" in cols["email"].encodings, engine
             tables[name] = {(layer, ds): _opened(ws, layer, ds) for ds in ("customers", "transactions")
                             for layer in ("bronze", "vault", "quarantine") if cat.exists(TableRef(layer, ds))}
             for ds in ("customers", "transactions"):  # silver too: fitted here, applied per bucket on Ray
