@@ -19,6 +19,8 @@ loopback (versitygw, started here over a temporary folder; issue #17): the same 
 every object going through the S3 API.
 
 Goals (issue #15): transactions ≥ 0.6× plain, customers ≥ 0.5×, peak memory flat from 1M to 10M.
+``--repeat 3`` runs three alternating plain/governed pairs and reports the medians: on a shared
+machine the plain side alone varied from 1.05 to 1.73 s between runs of the same 1M-row CSV.
 With ``--tpp 1`` both files have ``size`` rows (customers: every row a new subject). The
 pure-Python fallback (``LAKEWARDEN_NATIVE=0``) is measured too at sizes up to ``--python-up-to``.
 """
@@ -29,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,6 +132,9 @@ def main() -> None:
                     help="where both tables go: a local folder, or an S3 server on loopback (versitygw)")
     ap.add_argument("--keystore", choices=["sqlite", "postgresql"], default="sqlite",
                     help="the governed run's key store: the SQLite file, or a PostgreSQL server on loopback")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="plain/governed pairs per dataset and size, alternating; the medians are reported "
+                         "(the ratio: the median of the pairs' ratios), every run kept in the results file")
     ap.add_argument("--out", type=Path, default=None, help="results file (default results/ingest.json, ingest-s3.json)")
     args = ap.parse_args()
     if args.out is None:
@@ -172,53 +178,71 @@ def _run(args: argparse.Namespace, env: dict[str, str]) -> list[dict]:
         files = landing(people, args.tpp)
         for dataset in args.datasets:
             src = files[dataset]
-            root = Path(tempfile.mkdtemp(prefix="lw-bench-ingest-"))
-            try:
-                cfg = root / "lakewarden.yaml"
-                where = f"s3://lakewarden/{root.name}" if args.store == "s3" else str(root)
-                keystore = f"{root}/keys/keystore.db"
-                if args.keystore == "postgresql":  # a database of its own for each run
-                    import psycopg
-
-                    db = "b" + root.name.replace("-", "_").lower()[-20:]
-                    with psycopg.connect(args.pg.dsn, autocommit=True, password=args.pg.password) as conn:
-                        conn.execute(f"CREATE DATABASE {db}")
-                    keystore = args.pg.dsn.rsplit("/", 1)[0] + "/" + db
-                cfg.write_text(CONFIG.format(root=root, tables=f"{where}/tables", keystore=keystore, repo=REPO))
-                if dataset == "transactions":  # tokens for these customers exist, as in the pipeline
-                    run_py(GOVERNED, str(cfg), "customers", str(_copy(files["customers"], root)), str(args.batch), env=env)
-                with console.status(f"plain {dataset} ({src.stat().st_size / 1e6:.0f} MB)"):
-                    plain = run_py(PLAIN, str(src), f"{where}/plain", str(args.batch or 250_000), env=env)
-                with console.status(f"governed {dataset}"):
-                    gov = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), str(args.batch), env=env)
-                fallback = None
-                if size <= args.python_up_to and args.store == "local" and args.keystore == "sqlite":
-                    shutil.rmtree(root / "tables", ignore_errors=True)
-                    shutil.rmtree(root / "ws", ignore_errors=True)
-                    shutil.rmtree(root / "keys", ignore_errors=True)
-                    penv = {**env, "LAKEWARDEN_NATIVE": "0"}
-                    if dataset == "transactions":
-                        run_py(GOVERNED, str(cfg), "customers", str(_copy(files["customers"], root)), str(args.batch), env=penv)
-                    with console.status(f"governed {dataset}, pure-Python fallback"):
-                        fallback = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), str(args.batch), env=penv)
-            finally:
-                shutil.rmtree(root, ignore_errors=True)
+            # Each pair (plain, then governed on a fresh workspace) is one same-run comparison; with
+            # --repeat the pairs alternate and the medians are reported, every run kept.
+            pairs = [_pair(args, env, files, dataset, fallback=(i == 0 and size <= args.python_up_to))
+                     for i in range(args.repeat)]
+            plain_s = [p["seconds"] for p, _, _ in pairs]
+            gov_s = [g["seconds"] for _, g, _ in pairs]
+            ratios = [(g["rows"] / g["seconds"]) / (p["rows"] / p["seconds"]) for p, g, _ in pairs]
+            plain, gov, fallback = pairs[0]
+            pm, gm = statistics.median(plain_s), statistics.median(gov_s)
             results.append({
                 "store": args.store, "keystore": args.keystore,
                 "backend": gov.get("backend"),
                 "python_rows_per_s": fallback["rows"] / fallback["seconds"] if fallback else None,
-                "python_ratio": (fallback["rows"] / fallback["seconds"]) / (plain["rows"] / plain["seconds"]) if fallback else None,
+                "python_ratio": (fallback["rows"] / fallback["seconds"]) / (plain["rows"] / pm) if fallback else None,
                 "python_peak_rss_mb": fallback["peak_rss_mb"] if fallback else None,
                 "dataset": dataset, "rows": plain["rows"], "size_mb": round(src.stat().st_size / 1e6, 1),
-                "plain_rows_per_s": plain["rows"] / plain["seconds"], "plain_peak_rss_mb": plain["peak_rss_mb"],
-                "governed_rows_per_s": gov["rows"] / gov["seconds"], "governed_peak_rss_mb": gov["peak_rss_mb"],
-                "ratio": (gov["rows"] / gov["seconds"]) / (plain["rows"] / plain["seconds"]),
-                "plain_seconds": plain["seconds"], "governed_seconds": gov["seconds"],
+                "plain_rows_per_s": plain["rows"] / pm, "plain_peak_rss_mb": max(p["peak_rss_mb"] for p, _, _ in pairs),
+                "governed_rows_per_s": gov["rows"] / gm, "governed_peak_rss_mb": max(g["peak_rss_mb"] for _, g, _ in pairs),
+                "ratio": statistics.median(ratios),
+                "plain_seconds": pm, "governed_seconds": gm,
+                "runs": {"plain_seconds": plain_s, "governed_seconds": gov_s, "ratios": ratios},
                 "governed_start_seconds": gov.get("start_seconds"),
                 "accepted": gov["accepted"], "quarantined": gov["quarantined"],
             })
             _print(results)
     return results
+
+
+def _pair(args: argparse.Namespace, env: dict[str, str], files: dict[str, Path], dataset: str, *,
+          fallback: bool) -> tuple[dict, dict, dict | None]:
+    """One plain run and one governed run of ``dataset`` in a fresh folder (and, with ``fallback``,
+    the pure-Python fallback's on a local SQLite store): ``(plain, governed, fallback or None)``."""
+    src = files[dataset]
+    root = Path(tempfile.mkdtemp(prefix="lw-bench-ingest-"))
+    try:
+        cfg = root / "lakewarden.yaml"
+        where = f"s3://lakewarden/{root.name}" if args.store == "s3" else str(root)
+        keystore = f"{root}/keys/keystore.db"
+        if args.keystore == "postgresql":  # a database of its own for each run
+            import psycopg
+
+            db = "b" + root.name.replace("-", "_").lower()[-20:]
+            with psycopg.connect(args.pg.dsn, autocommit=True, password=args.pg.password) as conn:
+                conn.execute(f"CREATE DATABASE {db}")
+            keystore = args.pg.dsn.rsplit("/", 1)[0] + "/" + db
+        cfg.write_text(CONFIG.format(root=root, tables=f"{where}/tables", keystore=keystore, repo=REPO))
+        if dataset == "transactions":  # tokens for these customers exist, as in the pipeline
+            run_py(GOVERNED, str(cfg), "customers", str(_copy(files["customers"], root)), str(args.batch), env=env)
+        with console.status(f"plain {dataset} ({src.stat().st_size / 1e6:.0f} MB)"):
+            plain = run_py(PLAIN, str(src), f"{where}/plain", str(args.batch or 250_000), env=env)
+        with console.status(f"governed {dataset}"):
+            gov = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), str(args.batch), env=env)
+        python = None
+        if fallback and args.store == "local" and args.keystore == "sqlite":
+            shutil.rmtree(root / "tables", ignore_errors=True)
+            shutil.rmtree(root / "ws", ignore_errors=True)
+            shutil.rmtree(root / "keys", ignore_errors=True)
+            penv = {**env, "LAKEWARDEN_NATIVE": "0"}
+            if dataset == "transactions":
+                run_py(GOVERNED, str(cfg), "customers", str(_copy(files["customers"], root)), str(args.batch), env=penv)
+            with console.status(f"governed {dataset}, pure-Python fallback"):
+                python = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), str(args.batch), env=penv)
+        return plain, gov, python
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _copy(src: Path, root: Path) -> Path:
