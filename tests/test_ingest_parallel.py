@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from test_ingest import person, run, table, write_csv
 
 from governance.keys import native
 from governance.workspace import Workspace
+from lakehouse.catalog import Catalog, TableRef
 from lakehouse.ingest import LEDGER
 
 
@@ -171,6 +173,16 @@ def test_a_policy_we_did_not_design_ingests_the_same_on_both_backends_and_any_po
             opened[col] = dict(zip(t["_row"].to_pylist(), vals.cast(pa.string()).to_pylist()))
         opened["postcode"] = dict(zip(bronze["_row"].to_pylist(), bronze["postcode"].to_pylist()))
         outcomes.append(opened)
+        # Compression where something compresses: bronze (public and generalized columns beside the
+        # ciphertext) keeps the storage's codec; the vault and the restricted table, nothing but
+        # ciphertext and tokens, are written without one.
+        for layer in ("bronze", "vault", "restricted"):
+            codecs = set()
+            for uri in Catalog(ws.config).open(TableRef(layer, "visits")).file_uris():
+                md = pq.ParquetFile(uri.removeprefix("file://")).metadata
+                codecs |= {md.row_group(g).column(j).compression
+                           for g in range(md.num_row_groups) for j in range(md.num_columns)}
+            assert codecs == ({"ZSTD"} if layer == "bronze" else {"UNCOMPRESSED"}), (label, layer, codecs)
         ws.close()
     assert all(o == outcomes[0] for o in outcomes)
     first = outcomes[0]
