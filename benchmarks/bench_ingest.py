@@ -20,7 +20,8 @@ every object going through the S3 API.
 
 Goals (issue #15): transactions ≥ 0.6× plain, customers ≥ 0.5×, peak memory flat from 1M to 10M.
 ``--repeat 3`` runs three alternating plain/governed pairs and reports the medians: on a shared
-machine the plain side alone varied from 1.05 to 1.73 s between runs of the same 1M-row CSV.
+machine the plain side alone varied from 1.05 to 1.96 s between runs of the same 1M-row CSV (the
+slowest first, its CSV not yet cached; each pair now reads it once before the plain run).
 With ``--tpp 1`` both files have ``size`` rows (customers: every row a new subject). The
 pure-Python fallback (``LAKEWARDEN_NATIVE=0``) is measured too at sizes up to ``--python-up-to``.
 """
