@@ -665,7 +665,7 @@ def test_schema_2_tokens_are_row_ids_under_the_token_key_and_never_come_back(sto
     from governance.keys import wire
 
     with KeyStore(store_path, kek, clock=clock) as ks:
-        assert ks._version == 3  # schema 2's tokens; 3 moved the blind indexes apart (below)
+        assert ks._version == 4  # schema 2's tokens; 3 moved the blind indexes apart, 4 the recent ones into runs (below)
         toks = ks.tokens_for(["alice", "bob", " alice", "carol"])
         assert toks[0] == toks[2] and len(set(toks)) == 3 and all(TOKEN_RE.match(t) for t in toks)
         ids = wire.token_ids(ks._tkey, toks)
@@ -692,7 +692,7 @@ def _split_state(path: Path) -> tuple[int, int, int, int]:
                           "(SELECT count(*) FROM bi_main m JOIN bi_recent r USING (blind_index))")[0]
 
 
-def test_schema_3_merges_recent_blind_indexes_and_every_verb_sees_both_indexes(store_path, kek, backend, monkeypatch):
+def test_schema_4_merges_recent_blind_indexes_and_every_verb_sees_both_levels(store_path, kek, backend, monkeypatch):
     """Merges at a small scale (MERGE_MIN 100): batches of new people enter bi_recent and are merged
     into bi_main by the rule (at least 100, or a quarter of the main index). After each batch every
     subject made before resolves to the same token and key on both paths; a row's blind index is in
@@ -779,7 +779,7 @@ def test_a_schema_2_store_is_split_on_open_keeping_tokens_keys_and_the_id_sequen
     conn.close()
     assert raw_rows(store_path, "PRAGMA user_version") == [(2,)]
     with KeyStore(store_path, kek, clock=clock) as ks:
-        assert ks._version == 3
+        assert ks._version == 4
         assert _split_state(store_path) == (49, 49, 0, 0)
         assert raw_rows(store_path, "SELECT seq FROM sqlite_sequence WHERE name='subjects'") == [(top,)]
         assert ks.tokens_for([f"p{i}" for i in range(49)]) == tokens
@@ -790,6 +790,46 @@ def test_a_schema_2_store_is_split_on_open_keeping_tokens_keys_and_the_id_sequen
         from governance.keys import wire
 
         assert wire.token_ids(ks._tkey, [new]) == [top + 1]
+
+
+def test_a_schema_3_store_gets_its_recent_blind_indexes_in_runs_on_open(store_path, kek, backend, monkeypatch):
+    """Schema 3 kept one recent index keyed by blind index; 4 keys it by (run, blind index). Opening a
+    schema-3 store makes its recent entries run 0; every subject keeps its token and key, new
+    batches are appended as runs after it, and a merge moves them all into the main index."""
+    from governance.keys import store as store_mod
+
+    with KeyStore(store_path, kek, clock=clock) as ks:
+        first = ks.subject_keys(pa.array([f"p{i}" for i in range(60)]), keys=True)
+    # the same store as schema 3 wrote it
+    conn = sqlite3.connect(store_path)
+    conn.executescript(
+        """
+        BEGIN;
+        CREATE TABLE r3(blind_index BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
+        INSERT INTO r3 SELECT blind_index, id FROM bi_recent;
+        DROP TABLE bi_recent;
+        ALTER TABLE r3 RENAME TO bi_recent;
+        PRAGMA user_version=3;
+        COMMIT;
+        """
+    )
+    conn.close()
+    assert raw_rows(store_path, "SELECT count(*) FROM bi_recent") == [(60,)]
+    monkeypatch.setattr(store_mod, "MERGE_MIN", 100)
+    with KeyStore(store_path, kek, clock=clock) as ks:
+        assert ks._version == 4 and raw_rows(store_path, "PRAGMA user_version") == [(4,)]
+        assert raw_rows(store_path, "SELECT run, count(*) FROM bi_recent GROUP BY run") == [(0, 60)]
+        back = ks.subject_keys(pa.array([f"p{i}" for i in range(60)]), keys=True, create=False)
+        assert back.tokens.equals(first.tokens) and back.keys == first.keys
+        more = ks.subject_keys(pa.array([f"q{i}" for i in range(30)] + ["p3"]), keys=True)
+        assert more.tokens[30].as_py() == first.tokens[3].as_py() and more.keys[30 * 32 :] == first.keys[3 * 32 : 4 * 32]
+        assert raw_rows(store_path, "SELECT run, count(*) FROM bi_recent GROUP BY run") == [(0, 60), (61, 30)]
+        assert ks.shred(first.tokens[0].as_py())  # from run 0
+        assert _split_state(store_path) == (89, 0, 89, 0)
+        ks.tokens_for([f"r{i}" for i in range(20)])  # 109 recent: merged (at least 100)
+        assert _split_state(store_path) == (109, 109, 0, 0)
+        assert ks.subject_keys(pa.array(["p1", "q1"]), create=False).tokens.to_pylist() == [
+            first.tokens[1].as_py(), more.tokens[1].as_py()]
 
 
 def test_schema_2_refuses_tokens_it_did_not_make(store_path, kek, tmp_path, backend):

@@ -206,8 +206,9 @@ def test_subjects_made_by_one_path_are_found_by_the_other(store: KeyStore, creat
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
 def test_a_batch_of_mostly_new_people_keeps_the_few_it_already_knows(store: KeyStore, monkeypatch: pytest.MonkeyPatch):
-    # 3,000 ids of which 60 (2%) exist: the native path samples the batch, inserts first (OR
-    # IGNORE) and looks up what was not inserted; the known 60 keep their tokens and keys.
+    # 3,000 ids of which 60 (2%) exist: the native path samples the batch and looks up only the
+    # ids the recent level's cached keys (or the main index's probe) name; the known 60 keep their
+    # tokens and keys.
     known = [f"k-{i:04d}" for i in range(60)]
     before = store.subject_keys(pa.array(known), keys=True)
     ids = known + [f"n-{i:05d}" for i in range(2940)] + known[:5]  # and a repeat within the batch
@@ -334,6 +335,77 @@ def _split_state(path: Path) -> tuple[int, int, int, int]:
         return db.execute("SELECT (SELECT count(*) FROM subjects), (SELECT count(*) FROM bi_main), "
                           "(SELECT count(*) FROM bi_recent), "
                           "(SELECT count(*) FROM bi_main JOIN bi_recent USING (blind_index))").fetchone()
+
+
+def _recent_twice(path: Path) -> int:
+    """Blind indexes held twice in the recent level (in two runs): never, in a sound store."""
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT count(*) FROM (SELECT blind_index FROM bi_recent GROUP BY blind_index HAVING count(*) > 1)").fetchone()[0]
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_the_recent_levels_cached_keys_follow_other_writers_runs_shreds_and_merges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Schema 4: the native core keeps the recent level's keys in memory and reads only the runs it
+    lacks. Another writer (the Python path, as another process) adds a run: the next native batch
+    finds its subjects instead of making them again. It shreds one that the cache still names: that
+    id is made again, once. It merges every run into the main index: the cache starts again, and
+    the subjects are found there. After each step each subject has one row and one blind index."""
+    from governance.keys import store as store_mod
+
+    path = tmp_path / "keystore.db"
+    with KeyStore(path, LocalKek(os.urandom(32), source="test")) as ks:
+        ours = [f"ours-{i:05d}" for i in range(1_500)]  # large enough to be sampled: "new people"
+        theirs = [f"theirs-{i:05d}" for i in range(1_200)]
+        made = ks.subject_keys(pa.array(ours), keys=True)
+        assert made.created == 1_500
+        with monkeypatch.context() as m:
+            _python_path(m)
+            their = ks.subject_keys(pa.array(theirs), keys=True)  # a run the native cache lacks
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT count(DISTINCT run) FROM bi_recent").fetchone()[0] == 2
+        fresh = [f"fresh-{i:05d}" for i in range(1_000)]
+        batch = fresh + theirs[::3] + ours[::50]
+        random.Random(5).shuffle(batch)
+        got = ks.subject_keys(pa.array(batch), keys=True)
+        assert got.created == 1_000
+        tok = dict(zip(batch, got.tokens.to_pylist()))
+        key = {i: got.keys[j * 32 : (j + 1) * 32] for j, i in enumerate(batch)}
+        assert [tok[i] for i in theirs[::3]] == their.tokens.to_pylist()[::3]
+        assert b"".join(key[i] for i in theirs[::3]) == b"".join(their.keys[j * 32 : (j + 1) * 32] for j in range(0, 1_200, 3))
+        assert [tok[i] for i in ours[::50]] == made.tokens.to_pylist()[::50]
+        assert _split_state(path) == (3_700, 0, 3_700, 0) and _recent_twice(path) == 0
+        # a shred through the other path: the cache still names the subject; the next batch makes it again, once
+        gone = made.tokens[7].as_py()
+        with monkeypatch.context() as m:
+            _python_path(m)
+            assert ks.shred(gone)
+        again = ks.subject_keys(pa.array([ours[7]] + [f"more-{i:05d}" for i in range(1_100)] + ours[:5]), keys=True)
+        assert again.created == 1_101 and again.tokens[0].as_py() != gone
+        assert again.tokens[-5:].to_pylist()[:7] == made.tokens.to_pylist()[:5]
+        assert _split_state(path) == (4_800, 0, 4_800, 0) and _recent_twice(path) == 0
+        # the other path merges every run into the main index: the native cache starts again
+        monkeypatch.setattr(store_mod, "MERGE_MIN", 10)
+        with monkeypatch.context() as m:
+            _python_path(m)
+            ks.tokens_for(["merger"])
+        assert _split_state(path) == (4_801, 4_801, 0, 0)
+        everyone = ours + theirs + fresh
+        back = ks.subject_keys(pa.array(everyone), create=False)
+        assert back.tokens.null_count == 0 and len(set(back.tokens.to_pylist())) == 3_700
+        assert back.tokens[8:1_500].equals(made.tokens[8:1_500]) and back.tokens[1_500:2_700].equals(their.tokens)
+        # and new runs are made after it, merged by the rule (at least 10, or a quarter of the main index)
+        lasts = [f"last-{i:05d}" for i in range(1_300)]
+        last = ks.subject_keys(pa.array(lasts[:1_100] + theirs[:3]))
+        assert last.created == 1_100 and last.tokens[-3:].equals(their.tokens[:3])
+        assert _split_state(path) == (5_901, 4_801, 1_100, 0)
+        # the native path merges (1,300 recent: a quarter of the main index is 1,200), and its cache
+        # starts again from the empty level
+        more = ks.subject_keys(pa.array(lasts[1_000:]))
+        assert more.created == 200 and more.tokens[:100].equals(last.tokens[1_000:1_100])
+        assert _split_state(path) == (6_101, 6_101, 0, 0)
+        assert ks.subject_keys(pa.array(lasts + everyone), create=False).tokens.equals(
+            pa.concat_arrays([last.tokens[:1_000], more.tokens, back.tokens]))
+        assert ks.subject_keys(pa.array(["after-merge"] + lasts[:2])).created == 1 and _split_state(path)[2] == 1
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")

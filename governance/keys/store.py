@@ -21,12 +21,13 @@ Copies outside this file (filesystem snapshots, backups of the file, SSD
 remapping) are outside its reach: back the key store up only with a retention
 shorter than the erasure deadline.
 
-Tables (schema version 3; a version-2 store is converted when opened, a version-1 store keeps its
-own ``subjects`` and works as before)::
+Tables (schema version 4; a version-2 or -3 store is converted when opened, a version-1 store keeps
+its own ``subjects`` and works as before)::
 
     meta(name, wrapped, kek_id, created_at)           system keys
     subjects(id, token, blind_index, wrapped_dek, kek_id, created_at)
-    bi_main(blind_index, id), bi_recent(blind_index, id)   the blind indexes (WITHOUT ROWID)
+    bi_main(blind_index, id)                          the blind indexes (WITHOUT ROWID) ...
+    bi_recent(run, blind_index, id)                   ... of the subjects created since the last merge
     lsm(name, value)                                  ``merged_through``: the id sequence at the last merge
     shredded(token, shredded_at)                      tombstones
 
@@ -44,6 +45,15 @@ more at 10M than at 1M. Now rows are appended (no index but the id), and new bli
 or a ``MERGE_FRACTION``-th of the main index: each subject's share of the merges stays bounded as
 the store grows. A blind index is in exactly one of the two (a merge that found it in both
 would fail the primary key); lookups probe both; shred deletes the row and its blind index.
+
+Version 4 keys ``bi_recent`` by ``(run, blind_index)``: a run is one batch's new subjects, numbered
+by its first row id, so a batch's blind indexes are appended after every earlier run's instead of
+spread over the pages of one index that grows to ``MERGE_MIN`` (at 1M recent subjects, entering a
+batch of 143k rewrote and journaled the whole 40 MB index; 2.7x faster with runs, with the commit).
+Uniqueness is the writer's: inside its write transaction it looks every id up in both levels
+before it inserts. A lookup probes each run (``_RUNS`` lists them, a seek each); the native core
+probes only the runs its in-memory copy of the runs' keys names (``native/src/keystore.rs``:
+``RecentIndex``).
 
 Each wrapped key is bound to its row by the wrapping AAD
 (``b"lakewarden:dek\\x00" + token``, ``b"lakewarden:meta\\x00" + name``), so a
@@ -79,8 +89,8 @@ if TYPE_CHECKING:
 
 __all__ = ["KeyStore", "SubjectKeys", "BLIND_INDEX_KEY", "TOKEN_KEY", "TOKEN_PREFIX", "TOKEN_RE"]
 
-SCHEMA_VERSION = 3
-# Schema 3: new subjects' blind indexes enter a small index that is merged into the main one once it
+SCHEMA_VERSION = 4
+# Schema 3 and later: new subjects' blind indexes enter a small index that is merged into the main one once it
 # holds MERGE_MIN of them or a MERGE_FRACTION-th of the main index (native/src/keystore.rs: merge_recent).
 MERGE_MIN = 2_000_000
 MERGE_FRACTION = 4
@@ -110,7 +120,12 @@ CREATE TABLE IF NOT EXISTS subjects(
     created_at  TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS bi_main(blind_index BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS bi_recent(blind_index BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bi_recent(
+    run         INTEGER NOT NULL,
+    blind_index BLOB NOT NULL,
+    id          INTEGER NOT NULL,
+    PRIMARY KEY (run, blind_index)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS lsm(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS shredded(
     token       TEXT PRIMARY KEY,
@@ -143,7 +158,23 @@ def _split_blind_indexes(c: sqlite3.Connection) -> None:
     c.execute("DELETE FROM sqlite_sequence WHERE name IN ('subjects', 'subjects_v3')")
     c.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('subjects', ?)", (seq,))
     c.execute("INSERT OR REPLACE INTO lsm(name, value) VALUES ('merged_through', ?)", (seq,))
-    c.execute("PRAGMA user_version=3")
+    c.execute("PRAGMA user_version=4")  # the recent level is made in schema 4's form, empty
+
+
+def _recent_in_runs(c: sqlite3.Connection) -> None:
+    """Schema 3 to 4, in the caller's transaction: the recent blind indexes become run 0 (below
+    every row id, so every later run is appended after it)."""
+    c.execute("ALTER TABLE bi_recent RENAME TO bi_recent_v3")
+    stmt = next(t for t in _SCHEMA.split(";") if "bi_recent(" in t)
+    c.execute(stmt)
+    c.execute("INSERT INTO bi_recent(run, blind_index, id) SELECT 0, blind_index, id FROM bi_recent_v3 ORDER BY blind_index")
+    c.execute("DROP TABLE bi_recent_v3")
+    c.execute("PRAGMA user_version=4")
+
+
+# Schema 4: the runs of the recent level, ascending, one seek each (native/src/keystore.rs: RUNS).
+_RUNS = ("runs(run) AS (SELECT (SELECT min(run) FROM bi_recent) UNION ALL "
+         "SELECT (SELECT min(run) FROM bi_recent WHERE run > runs.run) FROM runs WHERE runs.run IS NOT NULL)")
 
 
 class SubjectKeys(NamedTuple):
@@ -156,11 +187,13 @@ class SubjectKeys(NamedTuple):
 
 
 def _split_lookup(columns: str) -> str:
-    """Schema 3: ``(blind_index, <columns of subjects s>)`` for the blind indexes in ``IN ({})``,
-    through both blind-index indexes."""
-    return " UNION ALL ".join(
-        f"SELECT b.blind_index, {columns} FROM {index} b JOIN subjects s ON s.id = b.id WHERE b.blind_index IN ({{0}})"
-        for index in ("bi_main", "bi_recent")
+    """Schema 4: ``(blind_index, <columns of subjects s>)`` for the blind indexes in ``IN ({})``,
+    through both levels (the recent one run by run)."""
+    return (
+        f"WITH RECURSIVE {_RUNS} "
+        f"SELECT b.blind_index, {columns} FROM bi_main b JOIN subjects s ON s.id = b.id WHERE b.blind_index IN ({{0}}) "
+        f"UNION ALL SELECT b.blind_index, {columns} FROM runs r CROSS JOIN bi_recent b ON b.run = r.run "
+        f"JOIN subjects s ON s.id = b.id WHERE b.blind_index IN ({{0}})"
     )
 
 
@@ -337,7 +370,10 @@ class KeyStore:
                 version = SCHEMA_VERSION
             elif version == 2:
                 _split_blind_indexes(c)
-                version = 3
+                version = 4
+            elif version == 3:
+                _recent_in_runs(c)
+                version = 4
         self._version = version
 
     def _check_kek(self) -> None:
@@ -685,7 +721,9 @@ class KeyStore:
                         zip(row_ids, tokens, missing, wrapped, repeat(self._kek.key_id), repeat(self._now())),
                     )
                     if split:
-                        c.executemany("INSERT INTO bi_recent(blind_index, id) VALUES (?,?)", zip(missing, row_ids))
+                        # one run, numbered by its first row id: appended after every earlier run
+                        c.executemany("INSERT INTO bi_recent(run, blind_index, id) VALUES (?,?,?)",
+                                      zip(repeat(row_ids[0]), missing, row_ids))
                         self._merge_recent(c)
                 else:
                     c.executemany(
@@ -791,7 +829,8 @@ class KeyStore:
                             deleted.append(t)
                             if self._version >= 3:  # the blind index is in one of the two indexes
                                 c.execute("DELETE FROM bi_main WHERE blind_index=?", (bi,))
-                                c.execute("DELETE FROM bi_recent WHERE blind_index=?", (bi,))
+                                c.execute(f"WITH RECURSIVE {_RUNS} DELETE FROM bi_recent "
+                                          "WHERE run IN (SELECT run FROM runs) AND blind_index=?", (bi,))
                     now = self._now()
                     c.executemany(
                         "INSERT OR IGNORE INTO shredded(token, shredded_at) VALUES (?,?)",

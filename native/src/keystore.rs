@@ -17,6 +17,7 @@ use pyo3::types::PyBytes;
 use rayon::prelude::*;
 use aes::cipher::{generic_array::GenericArray, BlockEncrypt, KeyInit};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
@@ -257,45 +258,58 @@ fn resolve_subjects(
         //    most of that: when a sample of its ids is (nearly) all unknown, every id goes
         //    straight to `INSERT OR IGNORE` and what was not inserted is looked up afterwards
         //    (schema 2 only: new rows' ids are chosen before the insert, so they can be read back).
-        // Schema 3 keeps the blind indexes apart from the rows, in two indexes (`bi_main`, large,
-        // and `bi_recent`, the subjects created since the last merge): see `merge_recent`.
-        let split = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? >= 3;
+        // Schema 4 keeps the blind indexes apart from the rows, in two levels: `bi_main`, large, and
+        // `bi_recent`, the subjects created since the last merge, in runs (one a batch): see
+        // `merge_recent` and `RecentIndex`. There every id is looked up exactly before the insert.
+        let version = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?;
+        let split = version >= 3;
         if split && token_cipher.is_none() {
             return Err(Failure::Sqlite("a schema-3 store without its token key".into()));
         }
+        if version == 3 {
+            return Err(Failure::Sqlite("a schema-3 store; open it with KeyStore, which converts it to schema 4".into()));
+        }
+        // Schema 4: the recent level's keys, cached in this process and brought up to date with
+        // the runs this transaction sees (see `recent_index`).
+        let recent = if split { Some(recent_index(&tx, &db)?) } else { None };
+        let recent_ref = recent.as_deref();
         let mut slots: Vec<Slot> = (0..m)
             .map(|_| Slot { token: [0; TOKEN_LEN], wrapped: None, known: false, created: false })
             .collect();
         let mut insert_first = false;
         if sampled {
             let sample = sample_of(m);
-            let hits = lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &sample, &mut slots)?;
-            // At most 5% known; a schema-3 store asked before the writer's turn (the answer only
+            let hits = lookup(&tx, recent_ref, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &sample, &mut slots)?;
+            // At most 5% known; a schema-4 store asked before the writer's turn (the answer only
             // chooses the way: both give the same result).
-            insert_first = match (&pre, split) {
-                (Some(_), true) => true,
+            insert_first = match (&pre, recent_ref) {
+                (Some(_), Some(_)) => true,
                 _ => mostly_new(hits),
             };
             let rest = rest_of(m, &sample);
             if !insert_first {
-                lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &rest, &mut slots)?;
-            } else if split {
-                // Schema 3: the recent index's key checks the recent subjects as they are inserted;
-                // the main index is probed (index only), and the few found are looked up. The probe
-                // made before the writer's turn stands unless a merge has moved recent subjects
-                // into the main index since (a subject shredded since is simply not found below,
-                // and is created again).
+                lookup(&tx, recent_ref, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &rest, &mut slots)?;
+            } else if let Some(ix) = recent_ref {
+                // Schema 4: only the ids that may be known are looked up. Those the main index held
+                // when probed before the writer's turn (that probe stands unless a merge has moved
+                // recent subjects into the main index since; a subject shredded since is simply not
+                // found below, and is created again), and those whose blind index's first 8 bytes
+                // the recent level's cached keys hold (exact probes of their runs below).
                 let found = match pre {
                     Some(Pre { merged, found }) if merged == merged_through(&tx)? => found,
-                    _ => probe_main(&tx, &bis, &uniq, &rest)?,
+                    _ => probe(&tx, PROBE_MAIN, None, &bis, &uniq, &rest)?,
                 };
-                if !found.is_empty() {
-                    lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &found, &mut slots)?;
+                let mut maybe: Vec<usize> = ix.route(&bis, &uniq, &rest).into_iter().flat_map(|(_, members)| members).collect();
+                maybe.extend(found);
+                maybe.sort_unstable();
+                maybe.dedup();
+                if !maybe.is_empty() {
+                    lookup(&tx, recent_ref, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &maybe, &mut slots)?;
                 }
             }
         } else if m > 0 {
             let all: Vec<usize> = (0..m).collect();
-            lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &all, &mut slots)?;
+            lookup(&tx, recent_ref, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &all, &mut slots)?;
         }
         // 2. Create the missing ones: random tokens (sorted, so the token index is appended to in
         //    order too), random data keys, wrapped under the KEK with the token as associated data.
@@ -307,6 +321,7 @@ fn resolve_subjects(
         };
         let (keys, nonces) = drawn.split_at(k * KEY);
         let mut created = 0usize;
+        let mut run = 0i64; // schema 4: the run this batch's blind indexes enter (its first row id)
         if k > 0 {
             let first_id: i64 = match &token_cipher {
                 Some(_) => tx.query_row(
@@ -316,6 +331,7 @@ fn resolve_subjects(
                 )? + 1,
                 None => 0,
             };
+            run = first_id;
             let tokens = match &token_cipher {
                 Some(c) => (0..k).into_par_iter().map(|j| derived_token(c, first_id + j as i64)).collect::<Vec<_>>(),
                 None => make_tokens(&Zeroizing::new(random(k * 16)?), true),
@@ -350,21 +366,17 @@ fn resolve_subjects(
                 _ => INSERT,
             };
             let inserted = if split {
-                // The rows are appended (ids ascending; no index on them but the id), then their
-                // blind indexes enter the small recent index (new people first: OR IGNORE, a subject
-                // already there keeps its entry, and the row made for it here goes again).
+                // Schema 4: every id was looked up exactly above, inside this write transaction, so
+                // these are new. The rows are appended (ids ascending; no index on them but the
+                // id), then their blind indexes, as the run numbered by the first id, at the end
+                // of the recent level (ascending within the run, as the rows were inserted).
                 let end = first_id + k as i64;
                 let rows = tx.execute(INSERT_ROWS_SPLIT, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, numbers(k), first_id])?;
-                let indexed = tx.execute(if insert_first { INDEX_RECENT_OR_IGNORE } else { INDEX_RECENT }, params![first_id, end])?;
-                if indexed != k {
-                    // Some were recent subjects already (new people first): their rows, made here a
-                    // moment ago and never handed out, go again (secure_delete zeroes them).
-                    tx.execute(DROP_UNINDEXED, params![first_id, end])?;
+                let indexed = tx.execute(INDEX_RECENT, params![first_id, end])?;
+                if rows != k || indexed != k {
+                    return Err(Failure::Sqlite(format!("{rows} rows and {indexed} blind indexes for {k} new subjects")));
                 }
-                if rows != k {
-                    return Err(Failure::Sqlite(format!("{rows} of {k} new subjects were inserted")));
-                }
-                indexed
+                k
             } else if token_cipher.is_some() {
                 tx.execute(sql, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, numbers(k), first_id])?
             } else {
@@ -376,7 +388,7 @@ fn resolve_subjects(
             if insert_first && inserted != k {
                 // Which rows went in: ours are the ids first_id .. first_id + k with our blind
                 // index; an id whose row holds another blind index would be a broken sequence.
-                // (Schema 3: the rows left are those whose blind index went into the recent index.)
+                // (Schema 2 only: schema 4 looked every id up first.)
                 let mut sel = tx.prepare("SELECT id, blind_index FROM subjects WHERE id >= ?1 AND id < ?2")?;
                 let mut rows = sel.query(params![first_id, first_id + k as i64])?;
                 let mut seen = 0usize;
@@ -394,7 +406,7 @@ fn resolve_subjects(
                 // The ones already there (a repeat, or a subject another writer created): look up.
                 let known: Vec<usize> = (0..k).filter(|&j| !is_new[j]).map(|j| missing[j]).collect();
                 if !known.is_empty() {
-                    lookup(&tx, split, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &known, &mut slots)?;
+                    lookup(&tx, recent_ref, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &known, &mut slots)?;
                     if let Some(&s) = known.iter().find(|&&s| !slots[s].known) {
                         return Err(Failure::Sqlite(format!("subject {s} was neither inserted nor found")));
                     }
@@ -409,14 +421,22 @@ fn resolve_subjects(
                 }
             }
         }
-        if split && created > 0 {
-            merge_recent(&tx, merge_min, merge_fraction)?; // last: the steps above read bi_recent
-        }
+        let merged = split && created > 0 && merge_recent(&tx, merge_min, merge_fraction)?; // last: the steps above read bi_recent
         let mut new_key_of = vec![usize::MAX; m];
         for (j, &s) in missing.iter().enumerate() {
             new_key_of[s] = j;
         }
         tx.commit()?;
+        if let Some(ix) = &recent {
+            // Committed: the cache takes this batch's run (or, after a merge, an empty level).
+            if merged {
+                keep_recent(&db, Arc::new(RecentIndex::default()))?;
+            } else if created > 0 {
+                let mut added: Vec<(u64, i64)> = missing.iter().map(|&s| (prefix(&bis[uniq[s]]), run)).collect();
+                added.sort_unstable();
+                keep_recent(&db, Arc::new(ix.merged(&added)))?;
+            }
+        }
         drop(writer);
         // The data key of each slot: created here (keys[s]) or unwrapped from the store.
         let mut out_keys = Zeroizing::new(Vec::new());
@@ -527,17 +547,15 @@ macro_rules! insert {
 const INSERT: &str = insert!("INSERT", "", "");
 const INSERT_WITH_IDS: &str = insert!("INSERT", ", id", ", ?7 + n");
 const INSERT_OR_IGNORE_WITH_IDS: &str = insert!("INSERT OR IGNORE", ", id", ", ?7 + n");
-/// Schema 3: new subjects' rows (`?1`..`?7` as `INSERT_WITH_IDS`; `subjects` has no blind-index
+/// Schema 4: new subjects' rows (`?1`..`?7` as `INSERT_WITH_IDS`; `subjects` has no blind-index
 /// index, so this is an append).
 const INSERT_ROWS_SPLIT: &str = insert!("INSERT", ", id", ", ?7 + n");
 /// The blind indexes of the rows just appended (ids `?1` to `?2`, this batch's alone: a range
-/// scan of the rows, in blind-index order as they were inserted), into the recent index.
-const INDEX_RECENT: &str = "INSERT INTO bi_recent(blind_index, id) SELECT blind_index, id FROM subjects WHERE id >= ?1 AND id < ?2";
-const INDEX_RECENT_OR_IGNORE: &str =
-    "INSERT OR IGNORE INTO bi_recent(blind_index, id) SELECT blind_index, id FROM subjects WHERE id >= ?1 AND id < ?2";
-/// Rows of this batch whose blind index the recent index already held for another id.
-const DROP_UNINDEXED: &str = "DELETE FROM subjects WHERE id >= ?1 AND id < ?2 AND NOT EXISTS \
-    (SELECT 1 FROM bi_recent r WHERE r.blind_index = subjects.blind_index AND r.id = subjects.id)";
+/// scan of the rows, in blind-index order as they were inserted), into the recent level as run
+/// `?1`: the largest run yet (row ids only grow), so the entries are appended at the end of
+/// `bi_recent`'s key `(run, blind_index)`, and no page of an earlier run is touched or journaled.
+const INDEX_RECENT: &str =
+    "INSERT INTO bi_recent(run, blind_index, id) SELECT ?1, blind_index, id FROM subjects WHERE id >= ?1 AND id < ?2";
 /// The blind indexes of the ids at `subset` (positions in `uniq`), packed for the statements above.
 fn packed(bis: &[[u8; 32]], uniq: &[usize], subset: &[usize]) -> Vec<u8> {
     let mut out = Vec::with_capacity(subset.len() * BI_LEN);
@@ -547,14 +565,18 @@ fn packed(bis: &[[u8; 32]], uniq: &[usize], subset: &[usize]) -> Vec<u8> {
     out
 }
 
-/// Schema 3, new people first: which of the ids at `subset` the main index holds (index only).
-fn probe_main(tx: &rusqlite::Transaction<'_>, bis: &[[u8; 32]], uniq: &[usize], subset: &[usize]) -> Result<Vec<usize>, Failure> {
+/// Which of the ids at `subset` (positions in `uniq`) an index holds (index only): `PROBE_MAIN`,
+/// or `PROBE_RECENT` in run `run`.
+fn probe(tx: &rusqlite::Transaction<'_>, sql: &str, run: Option<i64>, bis: &[[u8; 32]], uniq: &[usize], subset: &[usize]) -> Result<Vec<usize>, Failure> {
     if subset.is_empty() {
         return Ok(Vec::new());
     }
     let packed = packed(bis, uniq, subset);
-    let mut sel = tx.prepare_cached(PROBE_MAIN)?;
-    let mut rows = sel.query(params![&packed[..], numbers(subset.len())])?;
+    let mut sel = tx.prepare_cached(sql)?;
+    let mut rows = match run {
+        Some(run) => sel.query(params![&packed[..], numbers(subset.len()), run])?,
+        None => sel.query(params![&packed[..], numbers(subset.len())])?,
+    };
     let mut found = Vec::new();
     while let Some(r) = rows.next()? {
         let n = usize::try_from(r.get::<_, i64>(0)?).map_err(|e| Failure::Sqlite(e.to_string()))?;
@@ -563,10 +585,8 @@ fn probe_main(tx: &rusqlite::Transaction<'_>, bis: &[[u8; 32]], uniq: &[usize], 
     Ok(found)
 }
 const PROBE_MAIN: &str = concat!(numbered!(2), "SELECT i.n FROM i CROSS JOIN bi_main b ON b.blind_index = substr(?1, i.n * 32 + 1, 32)");
-/// Schema 3: how many of the ids at `subset` either index holds.
-const PROBE_BOTH: &str = concat!(numbered!(2),
-    "SELECT count(*) FROM i WHERE EXISTS (SELECT 1 FROM bi_main b WHERE b.blind_index = substr(?1, i.n * 32 + 1, 32)) ",
-    "OR EXISTS (SELECT 1 FROM bi_recent r WHERE r.blind_index = substr(?1, i.n * 32 + 1, 32))");
+const PROBE_RECENT: &str =
+    concat!(numbered!(2), "SELECT i.n FROM i CROSS JOIN bi_recent b ON b.run = ?3 AND b.blind_index = substr(?1, i.n * 32 + 1, 32)");
 
 /// A sample of a batch with at most 5% known subjects: a batch of new people.
 fn mostly_new(hits: usize) -> bool {
@@ -597,53 +617,191 @@ struct Pre {
 /// Before the writer's turn, on the kept reader connection (a read transaction, which waits for no
 /// writer in this process and takes no write lock): sample the batch; when (nearly) none of the
 /// sample is known, probe the main index for the rest, the largest lookup of a batch of new people.
-/// `None`: not a schema-3 store, or not new people (the writer looks everything up itself).
+/// `None`: not a schema-4 store, or not new people (the writer looks everything up itself).
 fn pre_probe(db: &str, timeout_ms: u64, bis: &[[u8; 32]], uniq: &[usize]) -> Result<Option<Pre>, Failure> {
     let mut reader = READER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let conn = connection(&mut reader, db, timeout_ms)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-    if tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? < 3 {
+    if tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? < 4 {
         return Ok(None);
     }
     let m = uniq.len();
     let sample = sample_of(m);
-    let packed = packed(bis, uniq, &sample);
-    let hits: i64 = tx.prepare_cached(PROBE_BOTH)?.query_row(params![&packed[..], numbers(SAMPLE)], |r| r.get(0))?;
-    if !mostly_new(hits as usize) {
+    // The sample's known ids: those in a run of the recent level that its cached keys name, and
+    // the rest in the main index.
+    let ix = recent_index(&tx, db)?;
+    let mut hits = 0usize;
+    let mut in_recent = vec![false; m];
+    for (run, members) in ix.route(bis, uniq, &sample) {
+        for s in probe(&tx, PROBE_RECENT, Some(run), bis, uniq, &members)? {
+            hits += usize::from(!std::mem::replace(&mut in_recent[s], true));
+        }
+    }
+    let others: Vec<usize> = sample.iter().copied().filter(|&s| !in_recent[s]).collect();
+    hits += probe(&tx, PROBE_MAIN, None, bis, uniq, &others)?.len();
+    if !mostly_new(hits) {
         return Ok(None);
     }
     let merged = merged_through(&tx)?;
     // A store that has never merged has an empty main index: nothing there to probe.
     let main_empty = !tx.query_row("SELECT EXISTS (SELECT 1 FROM bi_main)", [], |r| r.get::<_, bool>(0))?;
-    let found = if main_empty { Vec::new() } else { probe_main(&tx, bis, uniq, &rest_of(m, &sample))? };
+    let found = if main_empty { Vec::new() } else { probe(&tx, PROBE_MAIN, None, bis, uniq, &rest_of(m, &sample))? };
     Ok(Some(Pre { merged, found }))
 }
-/// Schema 3 lookups: each index probed in order, joined to the row by id (`LOOKUP_IDS_SPLIT`: the
-/// index alone, tokens derive from the id).
-macro_rules! probe_split {
-    ($columns:literal, $index:literal) => {
-        concat!("SELECT i.n, ", $columns, " FROM i CROSS JOIN ", $index,
-                " b ON b.blind_index = substr(?1, i.n * 32 + 1, 32) JOIN subjects s ON s.id = b.id")
-    };
-}
-macro_rules! lookup_split {
-    ($columns:literal) => {
-        concat!(numbered!(2), probe_split!($columns, "bi_main"), " UNION ALL ", probe_split!($columns, "bi_recent"))
-    };
-}
-const LOOKUP_SPLIT: &str = lookup_split!("s.token, NULL, s.kek_id");
-const LOOKUP_KEYS_SPLIT: &str = lookup_split!("s.token, s.wrapped_dek, s.kek_id");
-const LOOKUP_IDS_SPLIT: &str = concat!(numbered!(2),
-    "SELECT i.n, b.id FROM i CROSS JOIN bi_main b ON b.blind_index = substr(?1, i.n * 32 + 1, 32) UNION ALL ",
-    "SELECT i.n, b.id FROM i CROSS JOIN bi_recent b ON b.blind_index = substr(?1, i.n * 32 + 1, 32)");
 
-/// Schema 3: move the recent blind indexes into the main index once they are many, `merge_min`
+/// Schema 4's recent level, as this process knows it: the first 8 bytes (big endian, so in the
+/// blind indexes' order) of every blind index in the runs `runs`, sorted, each with its run.
+///
+/// A run is one batch's new subjects (numbered by its first row id, which `AUTOINCREMENT` never
+/// gives again) and never gains an entry after its transaction commits: it only loses those a
+/// shred deletes, or goes whole in a merge. So keys read once stay a superset of the run's for as
+/// long as the run exists, and a cached level is brought up to date by reading only the runs it
+/// lacks. A key left by a shred only costs an exact probe that finds nothing. Memory: 12 bytes a
+/// recent subject (the level holds at most `max(merge_min, main / merge_fraction)` of them).
+#[derive(Default)]
+struct RecentIndex {
+    runs: Vec<i64>,   // ascending
+    keys: Vec<u64>,   // ascending
+    run_of: Vec<u32>, // keys[i]'s run, as a position in `runs`
+}
+
+/// The cached level, for one store file in one process (as `Kept`).
+struct RecentCache {
+    path: String,
+    file: (u64, u64),
+    pid: u32,
+    index: Arc<RecentIndex>,
+}
+static RECENT: std::sync::Mutex<Option<RecentCache>> = std::sync::Mutex::new(None);
+
+fn prefix(bi: &[u8; 32]) -> u64 {
+    u64::from_be_bytes(bi[..8].try_into().expect("8 bytes"))
+}
+
+/// The runs of the recent level, ascending: one seek each (a skip scan of `bi_recent`'s key).
+const RUNS: &str = "WITH RECURSIVE r(run) AS (SELECT (SELECT min(run) FROM bi_recent) \
+    UNION ALL SELECT (SELECT min(run) FROM bi_recent WHERE run > r.run) FROM r WHERE r.run IS NOT NULL) \
+    SELECT run FROM r WHERE run IS NOT NULL";
+
+/// The recent level's keys for the runs `tx` sees: the cached ones when they are the same runs;
+/// the cached ones and the runs they lack, read now, when the cache's runs all still exist;
+/// otherwise (a merge, or a run shredded whole) all of them, read now.
+fn recent_index(tx: &rusqlite::Transaction<'_>, db: &str) -> Result<Arc<RecentIndex>, Failure> {
+    let current: Vec<i64> = tx.prepare_cached(RUNS)?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let file = file_id(db)?;
+    let pid = std::process::id();
+    let cached = match &*RECENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+        Some(c) if c.path == db && c.file == file && c.pid == pid => Some(c.index.clone()),
+        _ => None,
+    };
+    let base = match cached {
+        Some(ix) if ix.runs.iter().all(|r| current.binary_search(r).is_ok()) => ix,
+        _ => Arc::new(RecentIndex::default()),
+    };
+    if base.runs.len() == current.len() {
+        return Ok(base); // the same runs
+    }
+    let mut added: Vec<(u64, i64)> = Vec::new();
+    let mut sel = tx.prepare_cached("SELECT blind_index FROM bi_recent WHERE run = ?1")?;
+    for &run in current.iter().filter(|r| base.runs.binary_search(r).is_err()) {
+        let mut rows = sel.query(params![run])?;
+        while let Some(r) = rows.next()? {
+            let bi = r.get_ref(0)?.as_blob().map_err(|e| Failure::Sqlite(e.to_string()))?;
+            let bi: &[u8; 32] = bi.try_into().map_err(|_| Failure::Sqlite(format!("a blind index of {} bytes in run {run}", bi.len())))?;
+            added.push((prefix(bi), run));
+        }
+    }
+    added.sort_unstable();
+    let ix = Arc::new(base.merged(&added));
+    keep_recent(db, ix.clone())?;
+    Ok(ix)
+}
+
+/// Cache `ix` as the recent level of `db` (for this process).
+fn keep_recent(db: &str, ix: Arc<RecentIndex>) -> Result<(), Failure> {
+    let file = file_id(db)?;
+    *RECENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+        Some(RecentCache { path: db.to_string(), file, pid: std::process::id(), index: ix });
+    Ok(())
+}
+
+impl RecentIndex {
+    /// This level with the keys `added` (sorted `(key, run)`, of runs it does not hold) merged in.
+    fn merged(&self, added: &[(u64, i64)]) -> RecentIndex {
+        let mut runs = self.runs.clone();
+        runs.extend(added.iter().map(|&(_, r)| r));
+        runs.sort_unstable();
+        runs.dedup();
+        let at = |r: i64| runs.binary_search(&r).expect("a run listed above") as u32;
+        let remap: Vec<u32> = self.runs.iter().map(|&r| at(r)).collect();
+        let n = self.keys.len() + added.len();
+        let (mut keys, mut run_of) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut i, mut j) = (0, 0);
+        while i < self.keys.len() || j < added.len() {
+            if j == added.len() || (i < self.keys.len() && self.keys[i] <= added[j].0) {
+                keys.push(self.keys[i]);
+                run_of.push(remap[self.run_of[i] as usize]);
+                i += 1;
+            } else {
+                keys.push(added[j].0);
+                run_of.push(at(added[j].1));
+                j += 1;
+            }
+        }
+        RecentIndex { runs, keys, run_of }
+    }
+
+    /// The ids at `subset` (positions in `uniq`) whose key this level holds, by run: `(run, ids)`,
+    /// each list ascending. One pass over both sorted lists, galloping over the keys between ids.
+    fn route(&self, bis: &[[u8; 32]], uniq: &[usize], subset: &[usize]) -> Vec<(i64, Vec<usize>)> {
+        let mut by_run: Vec<Vec<usize>> = vec![Vec::new(); self.runs.len()];
+        let mut sorted: Vec<(u64, usize)> = subset.iter().map(|&s| (prefix(&bis[uniq[s]]), s)).collect();
+        if !sorted.windows(2).all(|w| w[0] <= w[1]) {
+            sorted.sort_unstable();
+        }
+        let keys = &self.keys;
+        let mut j = 0usize;
+        for (p, s) in sorted {
+            // the first key >= p, from j: double the step, then bisect
+            let mut step = 1usize;
+            while j + step < keys.len() && keys[j + step] < p {
+                step *= 2;
+            }
+            let hi = (j + step + 1).min(keys.len());
+            j += keys[j..hi].partition_point(|&k| k < p);
+            let mut t = j;
+            while t < keys.len() && keys[t] == p {
+                by_run[self.run_of[t] as usize].push(s);
+                t += 1;
+            }
+        }
+        self.runs.iter().zip(by_run).filter(|(_, m)| !m.is_empty()).map(|(&r, m)| (r, m)).collect()
+    }
+}
+
+/// Schema 4 lookups: each level probed in order (`bi_recent` in one run), joined to the row by id
+/// (`*_IDS_*`: the index alone, tokens derive from the id).
+macro_rules! probe_level {
+    ($columns:literal, $on:literal) => {
+        concat!(numbered!(2), "SELECT i.n, ", $columns, " FROM i CROSS JOIN ", $on,
+                " b.blind_index = substr(?1, i.n * 32 + 1, 32) JOIN subjects s ON s.id = b.id")
+    };
+}
+const LOOKUP_MAIN: &str = probe_level!("s.token, NULL, s.kek_id", "bi_main b ON");
+const LOOKUP_KEYS_MAIN: &str = probe_level!("s.token, s.wrapped_dek, s.kek_id", "bi_main b ON");
+const LOOKUP_IDS_MAIN: &str = concat!(numbered!(2), "SELECT i.n, b.id FROM i CROSS JOIN bi_main b ON b.blind_index = substr(?1, i.n * 32 + 1, 32)");
+const LOOKUP_RECENT: &str = probe_level!("s.token, NULL, s.kek_id", "bi_recent b ON b.run = ?3 AND");
+const LOOKUP_KEYS_RECENT: &str = probe_level!("s.token, s.wrapped_dek, s.kek_id", "bi_recent b ON b.run = ?3 AND");
+const LOOKUP_IDS_RECENT: &str =
+    concat!(numbered!(2), "SELECT i.n, b.id FROM i CROSS JOIN bi_recent b ON b.run = ?3 AND b.blind_index = substr(?1, i.n * 32 + 1, 32)");
+
+/// Schema 4: move the recent blind indexes into the main index once they are many, `merge_min`
 /// or a `merge_fraction`-th of the main index (whichever is more). A batch of random blind
-/// indexes touches nearly every page of the index it enters, so new subjects enter the small
-/// recent index, and the large one is rewritten (in one ordered pass) once per merge rather than
-/// once per batch: a geometric merge, so each subject's share of that rewrite stays bounded as
-/// the store grows. Counts come from the row-id sequence (`lsm.merged_through`: the sequence at
-/// the last merge), never from a scan.
+/// indexes touches nearly every page of the index it enters, so new subjects enter the recent
+/// level (appended, in runs), and the large index is rewritten (in one ordered pass) once per merge
+/// rather than once per batch: a geometric merge, so each subject's share of that rewrite stays
+/// bounded as the store grows. Counts come from the row-id sequence (`lsm.merged_through`: the
+/// sequence at the last merge), never from a scan.
 fn merge_recent(tx: &rusqlite::Transaction<'_>, merge_min: i64, merge_fraction: i64) -> Result<bool, Failure> {
     let seq: i64 = tx.query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)", [], |r| r.get(0))?;
     let merged = merged_through(tx)?;
@@ -654,19 +812,68 @@ fn merge_recent(tx: &rusqlite::Transaction<'_>, merge_min: i64, merge_fraction: 
     tx.execute("INSERT OR REPLACE INTO lsm(name, value) VALUES ('merged_through', ?1)", params![seq])?;
     Ok(true)
 }
-/// The merge itself (also `governance/keys/store.py`'s): `bi_recent` is ordered by blind index, so
-/// the main index is entered in order; a blind index in both would fail its primary key.
+/// The merge itself (also `governance/keys/store.py`'s): the runs' entries sorted by blind index,
+/// so the main index is entered in order; a blind index in both would fail its primary key.
 const MERGE: &str = "INSERT INTO bi_main(blind_index, id) SELECT blind_index, id FROM bi_recent ORDER BY blind_index; DELETE FROM bi_recent;";
 
 /// Ids sampled to decide whether a batch is new people (see `resolve_subjects`).
 const SAMPLE: usize = 256;
 
-/// Look up the distinct ids at `subset` (positions in `uniq`, ascending) in one statement and
-/// fill their slots; the number found.
+/// Look up the distinct ids at `subset` (positions in `uniq`, none known yet) and fill their
+/// slots; the number found. Schema 2: one statement. Schema 4 (`recent`): one statement for each
+/// run of the recent level that its keys name for some of the ids, then one in the main index
+/// for the ids not found there.
 #[allow(clippy::too_many_arguments)]
 fn lookup(
     tx: &rusqlite::Transaction<'_>,
-    split: bool,
+    recent: Option<&RecentIndex>,
+    token_cipher: Option<&aes::Aes256>,
+    want_keys: bool,
+    kek_id: &str,
+    bis: &[[u8; 32]],
+    uniq: &[usize],
+    subset: &[usize],
+    slots: &mut [Slot],
+) -> Result<usize, Failure> {
+    if subset.is_empty() {
+        return Ok(0);
+    }
+    // Tokens only, with tokens made from row ids: the blind-index index alone (it holds the row id)
+    // and the token derived from the id, without reading the table's rows.
+    let ids_only = !want_keys && token_cipher.is_some();
+    let Some(ix) = recent else {
+        let sql = match (ids_only, want_keys) {
+            (true, _) => LOOKUP_IDS,
+            (false, true) => LOOKUP_KEYS,
+            (false, false) => LOOKUP,
+        };
+        return lookup_in(tx, sql, None, ids_only, token_cipher, want_keys, kek_id, bis, uniq, subset, slots);
+    };
+    let mut found = 0usize;
+    let in_run = match (ids_only, want_keys) {
+        (true, _) => LOOKUP_IDS_RECENT,
+        (false, true) => LOOKUP_KEYS_RECENT,
+        (false, false) => LOOKUP_RECENT,
+    };
+    for (run, members) in ix.route(bis, uniq, subset) {
+        found += lookup_in(tx, in_run, Some(run), ids_only, token_cipher, want_keys, kek_id, bis, uniq, &members, slots)?;
+    }
+    let rest: Vec<usize> = subset.iter().copied().filter(|&s| !slots[s].known).collect();
+    let in_main = match (ids_only, want_keys) {
+        (true, _) => LOOKUP_IDS_MAIN,
+        (false, true) => LOOKUP_KEYS_MAIN,
+        (false, false) => LOOKUP_MAIN,
+    };
+    Ok(found + lookup_in(tx, in_main, None, ids_only, token_cipher, want_keys, kek_id, bis, uniq, &rest, slots)?)
+}
+
+/// One lookup statement (`run`: its `?3`) for the ids at `subset`.
+#[allow(clippy::too_many_arguments)]
+fn lookup_in(
+    tx: &rusqlite::Transaction<'_>,
+    sql: &str,
+    run: Option<i64>,
+    ids_only: bool,
     token_cipher: Option<&aes::Aes256>,
     want_keys: bool,
     kek_id: &str,
@@ -679,19 +886,11 @@ fn lookup(
         return Ok(0);
     }
     let packed = packed(bis, uniq, subset);
-    // Tokens only, in a schema-2 store: the blind-index index alone (it holds the row id) and
-    // the token derived from the id, without reading the table's rows.
-    let ids_only = !want_keys && token_cipher.is_some();
-    let sql = match (split, ids_only, want_keys) {
-        (false, true, _) => LOOKUP_IDS,
-        (false, false, true) => LOOKUP_KEYS,
-        (false, false, false) => LOOKUP,
-        (true, true, _) => LOOKUP_IDS_SPLIT,
-        (true, false, true) => LOOKUP_KEYS_SPLIT,
-        (true, false, false) => LOOKUP_SPLIT,
-    };
     let mut sel = tx.prepare_cached(sql)?;
-    let mut rows = sel.query(params![&packed[..], numbers(subset.len())])?;
+    let mut rows = match run {
+        Some(run) => sel.query(params![&packed[..], numbers(subset.len()), run])?,
+        None => sel.query(params![&packed[..], numbers(subset.len())])?,
+    };
     let mut found = 0usize;
     while let Some(r) = rows.next()? {
         let n = usize::try_from(r.get::<_, i64>(0)?).map_err(|e| Failure::Sqlite(e.to_string()))?;
