@@ -129,6 +129,12 @@ def test_sealing_several_columns_at_once_makes_the_same_bytes_as_one_at_a_time()
         opened = native.open_column(keys, index.slice(5, 9_000), tokens, prefix, fresh[name], force="native")
         assert opened.to_pylist() == vals.slice(5, 9_000).cast(pa.binary()).to_pylist()
     assert len(set(fresh["email"].to_pylist())) == 9_000
+    # the nonces (bytes 1-12 of a sealed value), drawn in bulk for each chunk of rows (a ChaCha20
+    # stream under a key from the OS for each draw): no two alike across chunks, columns and calls
+    again = native.seal_columns(keys, index.slice(5, 9_000), tokens, {c: (p, v.slice(5, 9_000)) for c, (p, v) in cols.items()})
+    drawn = [b[1:13] for t in (fresh, again) for col in t.values() for b in col.to_pylist() if b is not None]
+    assert len(drawn) == 2 * (9_000 + 9_000 + len([x for x in cols["note"][1].slice(5, 9_000).to_pylist() if x is not None]))
+    assert len(set(drawn)) == len(drawn) and bytes(12) not in drawn
     with pytest.raises(ValueError, match="has 3 values but there are 2 key indexes"):
         native.seal_columns(keys, index.slice(0, 2), tokens, {"a": (b"p", pa.array(["x", "y", "z"]))})
 
