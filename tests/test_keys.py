@@ -274,13 +274,15 @@ def test_shred_removes_bytes_from_file(store_path: Path, kek: LocalKek):
     (wrapped,) = raw_rows(store_path, "SELECT wrapped_dek FROM subjects WHERE token=?", (victim,))[0]
     before = store_path.read_bytes()
     assert wrapped in before and blind in before and victim.encode() in before
+    assert before.count(blind[:8]) == 3  # its row, the recent level, and its run's keys (8 bytes)
 
     with KeyStore(store_path, kek, clock=clock) as store:
         assert store.shred(victim)
     after = store_path.read_bytes()
     assert wrapped not in after
-    assert blind not in after
+    assert blind not in after and blind[:8] not in after  # its run's keys too
     assert dek not in after
+    assert raw_rows(store_path, "SELECT length(keys) FROM recent_runs") == [(199 * 8,)]
     # only the tombstone keeps the (random) token
     assert raw_rows(store_path, "SELECT token, shredded_at FROM shredded") == [(victim, "2025-03-14T15:09:26+00:00")]
     assert not Path(str(store_path) + "-journal").exists()
@@ -631,7 +633,8 @@ def test_shred_without_vacuum_leaves_no_key_bytes_even_in_free_pages(store_path:
     with KeyStore(store_path, kek, clock=clock) as store:
         assert store.shred_many(victims) == 500
     after = store_path.read_bytes()
-    assert not any(w in after for w in wrapped) and not any(b in after for b in blinds)
+    assert not any(w in after for w in wrapped) and not any(b[:8] in after for b in blinds)
+    assert raw_rows(store_path, "SELECT sum(length(keys)) FROM recent_runs") == [(2_500 * 8,)]
 
 
 # -- schema 2: tokens are a keyed permutation of row ids; schema-1 stores keep working -------------
@@ -767,7 +770,7 @@ def test_a_schema_2_store_is_split_on_open_keeping_tokens_keys_and_the_id_sequen
         CREATE TABLE s2(id INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL, blind_index BLOB NOT NULL UNIQUE,
                         wrapped_dek BLOB NOT NULL, kek_id TEXT NOT NULL, created_at TEXT NOT NULL);
         INSERT INTO s2 SELECT * FROM subjects;
-        DROP TABLE subjects; DROP TABLE bi_main; DROP TABLE bi_recent; DROP TABLE lsm;
+        DROP TABLE subjects; DROP TABLE bi_main; DROP TABLE bi_recent; DROP TABLE recent_runs; DROP TABLE lsm;
         ALTER TABLE s2 RENAME TO subjects;
         DELETE FROM sqlite_sequence;
         PRAGMA user_version=2;
@@ -807,7 +810,7 @@ def test_a_schema_3_store_gets_its_recent_blind_indexes_in_runs_on_open(store_pa
         BEGIN;
         CREATE TABLE r3(blind_index BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
         INSERT INTO r3 SELECT blind_index, id FROM bi_recent;
-        DROP TABLE bi_recent;
+        DROP TABLE bi_recent; DROP TABLE recent_runs;
         ALTER TABLE r3 RENAME TO bi_recent;
         PRAGMA user_version=3;
         COMMIT;
@@ -819,15 +822,18 @@ def test_a_schema_3_store_gets_its_recent_blind_indexes_in_runs_on_open(store_pa
     with KeyStore(store_path, kek, clock=clock) as ks:
         assert ks._version == 4 and raw_rows(store_path, "PRAGMA user_version") == [(4,)]
         assert raw_rows(store_path, "SELECT run, count(*) FROM bi_recent GROUP BY run") == [(0, 60)]
+        assert raw_rows(store_path, "SELECT run, length(keys) FROM recent_runs") == [(0, 60 * 8)]  # the run's keys
         back = ks.subject_keys(pa.array([f"p{i}" for i in range(60)]), keys=True, create=False)
         assert back.tokens.equals(first.tokens) and back.keys == first.keys
         more = ks.subject_keys(pa.array([f"q{i}" for i in range(30)] + ["p3"]), keys=True)
         assert more.tokens[30].as_py() == first.tokens[3].as_py() and more.keys[30 * 32 :] == first.keys[3 * 32 : 4 * 32]
         assert raw_rows(store_path, "SELECT run, count(*) FROM bi_recent GROUP BY run") == [(0, 60), (61, 30)]
-        assert ks.shred(first.tokens[0].as_py())  # from run 0
+        assert ks.shred(first.tokens[0].as_py())  # from run 0, and from its keys
         assert _split_state(store_path) == (89, 0, 89, 0)
+        assert raw_rows(store_path, "SELECT run, length(keys) FROM recent_runs") == [(0, 59 * 8), (61, 30 * 8)]
         ks.tokens_for([f"r{i}" for i in range(20)])  # 109 recent: merged (at least 100)
         assert _split_state(store_path) == (109, 109, 0, 0)
+        assert raw_rows(store_path, "SELECT count(*) FROM recent_runs") == [(0,)]
         assert ks.subject_keys(pa.array(["p1", "q1"]), create=False).tokens.to_pylist() == [
             first.tokens[1].as_py(), more.tokens[1].as_py()]
 

@@ -344,8 +344,15 @@ def _split_state(path: Path) -> tuple[int, int, int, int]:
 
 
 def _recent_twice(path: Path) -> int:
-    """Blind indexes held twice in the recent level (in two runs): never, in a sound store."""
+    """Blind indexes held twice in the recent level (in two runs): never, in a sound store. Also
+    checks that each run's keys (``recent_runs``) are exactly its entries' first 8 bytes, sorted."""
     with sqlite3.connect(path) as db:
+        runs = dict(db.execute("SELECT run, keys FROM recent_runs").fetchall())
+        entries: dict[int, list[bytes]] = {}
+        for run, bi in db.execute("SELECT run, blind_index FROM bi_recent"):
+            entries.setdefault(run, []).append(bi[:8])
+        assert set(entries) <= set(runs)
+        assert all(runs[r] == b"".join(sorted(entries.get(r, []))) for r in runs)
         return db.execute("SELECT count(*) FROM (SELECT blind_index FROM bi_recent GROUP BY blind_index HAVING count(*) > 1)").fetchone()[0]
 
 
@@ -394,7 +401,7 @@ def test_the_recent_levels_cached_keys_follow_other_writers_runs_shreds_and_merg
         with monkeypatch.context() as m:
             _python_path(m)
             ks.tokens_for(["merger"])
-        assert _split_state(path) == (4_801, 4_801, 0, 0)
+        assert _split_state(path) == (4_801, 4_801, 0, 0) and _recent_twice(path) == 0
         everyone = ours + theirs + fresh
         back = ks.subject_keys(pa.array(everyone), create=False)
         assert back.tokens.null_count == 0 and len(set(back.tokens.to_pylist())) == 3_700
@@ -403,7 +410,7 @@ def test_the_recent_levels_cached_keys_follow_other_writers_runs_shreds_and_merg
         lasts = [f"last-{i:05d}" for i in range(1_300)]
         last = ks.subject_keys(pa.array(lasts[:1_100] + theirs[:3]))
         assert last.created == 1_100 and last.tokens[-3:].equals(their.tokens[:3])
-        assert _split_state(path) == (5_901, 4_801, 1_100, 0)
+        assert _split_state(path) == (5_901, 4_801, 1_100, 0) and _recent_twice(path) == 0
         # the native path merges (1,300 recent: a quarter of the main index is 1,200), and its cache
         # starts again from the empty level
         more = ks.subject_keys(pa.array(lasts[1_000:]))

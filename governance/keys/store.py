@@ -28,6 +28,7 @@ its own ``subjects`` and works as before)::
     subjects(id, token, blind_index, wrapped_dek, kek_id, created_at)
     bi_main(blind_index, id)                          the blind indexes (WITHOUT ROWID) ...
     bi_recent(run, blind_index, id)                   ... of the subjects created since the last merge
+    recent_runs(run, keys)                            the recent level's runs, each with its keys
     lsm(name, value)                                  ``merged_through``: the id sequence at the last merge
     shredded(token, shredded_at)                      tombstones
 
@@ -51,9 +52,11 @@ by its first row id, so a batch's blind indexes are appended after every earlier
 spread over the pages of one index that grows to ``MERGE_MIN`` (at 1M recent subjects, entering a
 batch of 143k rewrote and journaled the whole 40 MB index; 2.7x faster with runs, with the commit).
 Uniqueness is the writer's: inside its write transaction it looks every id up in both levels
-before it inserts. A lookup probes each run (``_RUNS`` lists them, a seek each); the native core
-probes only the runs its in-memory copy of the runs' keys names (``native/src/keystore.rs``:
-``RecentIndex``).
+before it inserts. ``recent_runs`` lists the runs, each with its keys: the first 8 bytes of each
+of its blind indexes, sorted (8 bytes a recent subject). Both paths keep the keys in memory
+(``_RecentKeys`` here, ``RecentIndex`` in ``native/src/keystore.rs``), reading only the runs they
+lack, and probe a run only for the ids its keys name. A shred takes its subject's key out of its
+run's keys too, so no part of an erased blind index stays in the file.
 
 Each wrapped key is bound to its row by the wrapping AAD
 (``b"lakewarden:dek\\x00" + token``, ``b"lakewarden:meta\\x00" + name``), so a
@@ -126,6 +129,7 @@ CREATE TABLE IF NOT EXISTS bi_recent(
     id          INTEGER NOT NULL,
     PRIMARY KEY (run, blind_index)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS recent_runs(run INTEGER PRIMARY KEY, keys BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS lsm(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS shredded(
     token       TEXT PRIMARY KEY,
@@ -150,7 +154,7 @@ def _split_blind_indexes(c: sqlite3.Connection) -> None:
     c.execute("INSERT INTO subjects_v3(id, token, blind_index, wrapped_dek, kek_id, created_at) "
               "SELECT id, token, blind_index, wrapped_dek, kek_id, created_at FROM subjects ORDER BY id")
     for stmt in _SCHEMA.split(";"):
-        if "bi_main(" in stmt or "bi_recent(" in stmt or "lsm(" in stmt:
+        if any(t in stmt for t in ("bi_main(", "bi_recent(", "recent_runs(", "lsm(")):
             c.execute(stmt)
     c.execute("INSERT INTO bi_main(blind_index, id) SELECT blind_index, id FROM subjects ORDER BY blind_index")
     c.execute("DROP TABLE subjects")
@@ -163,18 +167,80 @@ def _split_blind_indexes(c: sqlite3.Connection) -> None:
 
 def _recent_in_runs(c: sqlite3.Connection) -> None:
     """Schema 3 to 4, in the caller's transaction: the recent blind indexes become run 0 (below
-    every row id, so every later run is appended after it)."""
+    every row id, so every later run is appended after it), with its keys."""
     c.execute("ALTER TABLE bi_recent RENAME TO bi_recent_v3")
-    stmt = next(t for t in _SCHEMA.split(";") if "bi_recent(" in t)
-    c.execute(stmt)
+    for stmt in _SCHEMA.split(";"):
+        if "bi_recent(" in stmt or "recent_runs(" in stmt:
+            c.execute(stmt)
     c.execute("INSERT INTO bi_recent(run, blind_index, id) SELECT 0, blind_index, id FROM bi_recent_v3 ORDER BY blind_index")
     c.execute("DROP TABLE bi_recent_v3")
+    keys = _run_keys(r[0] for r in c.execute("SELECT blind_index FROM bi_recent WHERE run = 0"))
+    if keys:
+        c.execute("INSERT INTO recent_runs(run, keys) VALUES (0, ?)", (keys,))
     c.execute("PRAGMA user_version=4")
 
 
-# Schema 4: the runs of the recent level, ascending, one seek each (native/src/keystore.rs: RUNS).
-_RUNS = ("runs(run) AS (SELECT (SELECT min(run) FROM bi_recent) UNION ALL "
-         "SELECT (SELECT min(run) FROM bi_recent WHERE run > runs.run) FROM runs WHERE runs.run IS NOT NULL)")
+def _run_keys(blind_indexes: Iterable[bytes]) -> bytes:
+    """A run's keys: the first 8 bytes of each blind index, sorted (as the native core reads them:
+    big-endian 64-bit numbers, in the blind indexes' order)."""
+    return b"".join(sorted(bytes(b[:8]) for b in blind_indexes))
+
+
+def _without_keys(keys: bytes, bis: Iterable[bytes]) -> bytes:
+    """A run's keys less one occurrence of each of ``bis``' keys (a shred)."""
+    import numpy as np
+
+    arr = np.frombuffer(keys, dtype=">u8").astype(np.uint64)
+    keep = np.ones(len(arr), dtype=bool)
+    for bi in bis:
+        k = np.frombuffer(bytes(bi[:8]), dtype=">u8").astype(np.uint64)[0]
+        at = int(np.searchsorted(arr, k))
+        while at < len(arr) and arr[at] == k and not keep[at]:
+            at += 1
+        if at < len(arr) and arr[at] == k:
+            keep[at] = False
+    return arr[keep].astype(">u8").tobytes()
+
+
+class _RecentKeys:
+    """The recent level's keys as this store handle knows them: per run (``recent_runs``), the
+    first 8 bytes of its blind indexes as sorted 64-bit numbers (the pure-Python twin of the native
+    core's ``RecentIndex``). A run never gains a key after its commit, so the copy is brought up to
+    date by reading only the runs it lacks, and starts again when a run it holds is gone (a merge).
+    A key a shred took out of a run may stay here: it costs one probe that finds nothing."""
+
+    def __init__(self) -> None:
+        self.runs: dict[int, Any] = {}
+
+    def refresh(self, c: sqlite3.Connection) -> None:
+        import numpy as np
+
+        current = [r for (r,) in c.execute("SELECT run FROM recent_runs")]
+        if not set(self.runs) <= set(current):
+            self.runs = {}
+        for run in current:
+            if run not in self.runs:
+                blob = c.execute("SELECT keys FROM recent_runs WHERE run=?", (run,)).fetchone()[0]
+                self.runs[run] = np.frombuffer(blob, dtype=">u8").astype(np.uint64)
+
+    def route(self, bis: Sequence[bytes]) -> tuple[dict[int, list[bytes]], list[bytes]]:
+        """The blind indexes ``bis`` whose key each run holds, by run; and those no run names."""
+        import numpy as np
+
+        if not bis or not self.runs:
+            return {}, list(bis)
+        wanted = np.frombuffer(b"".join(bytes(b[:8]) for b in bis), dtype=">u8").astype(np.uint64)
+        named = np.zeros(len(bis), dtype=bool)
+        out: dict[int, list[bytes]] = {}
+        for run, keys in self.runs.items():
+            if not len(keys):
+                continue
+            at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+            hit = keys[at] == wanted
+            if hit.any():
+                out[run] = [bis[i] for i in np.flatnonzero(hit)]
+                named |= hit
+        return out, [b for b, n in zip(bis, named) if not n]
 
 
 class SubjectKeys(NamedTuple):
@@ -186,15 +252,12 @@ class SubjectKeys(NamedTuple):
     created: int | None = None  # how many of the ids were new subjects, created by this call (None: not counted)
 
 
-def _split_lookup(columns: str) -> str:
-    """Schema 4: ``(blind_index, <columns of subjects s>)`` for the blind indexes in ``IN ({})``,
-    through both levels (the recent one run by run)."""
-    return (
-        f"WITH RECURSIVE {_RUNS} "
-        f"SELECT b.blind_index, {columns} FROM bi_main b JOIN subjects s ON s.id = b.id WHERE b.blind_index IN ({{0}}) "
-        f"UNION ALL SELECT b.blind_index, {columns} FROM runs r CROSS JOIN bi_recent b ON b.run = r.run "
-        f"JOIN subjects s ON s.id = b.id WHERE b.blind_index IN ({{0}})"
-    )
+def _level_lookup(columns: str, recent: bool) -> str:
+    """Schema 4: ``(blind_index, <columns of subjects s>)`` for the blind indexes in ``IN ({})``, in
+    the main index, or (``recent``) in the recent level's run given as the first parameter."""
+    where = "b.run = ? AND " if recent else ""
+    table = "bi_recent" if recent else "bi_main"
+    return f"SELECT b.blind_index, {columns} FROM {table} b JOIN subjects s ON s.id = b.id WHERE {where}b.blind_index IN ({{}})"
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
@@ -256,6 +319,7 @@ class KeyStore:
         self._cache_size = cache_size
         self._lock = threading.RLock()
         self._deks: OrderedDict[str, bytes] = OrderedDict()
+        self._recent = _RecentKeys()
         self._system: dict[str, bytes] = {}
         self._conn: Any = None
         self._tkey: bytes | None = None
@@ -640,6 +704,7 @@ class KeyStore:
             return False
         c.execute("INSERT INTO bi_main(blind_index, id) SELECT blind_index, id FROM bi_recent ORDER BY blind_index")
         c.execute("DELETE FROM bi_recent")
+        c.execute("DELETE FROM recent_runs")
         c.execute("INSERT OR REPLACE INTO lsm(name, value) VALUES ('merged_through', ?)", (seq,))
         return True
 
@@ -686,21 +751,29 @@ class KeyStore:
         found: dict[bytes, tuple[str, bytes]] = {}
         with self._lock, self._tx(write=create) as c:
             split = self._version >= 3
-            if keys:
-                template = "SELECT blind_index, token, wrapped_dek, kek_id FROM subjects WHERE blind_index IN ({})"
-                if split:
-                    template = _split_lookup("s.token, s.wrapped_dek, s.kek_id")
-                rows = []
+            columns = "s.token, s.wrapped_dek, s.kek_id" if keys else "s.token"
+            rows: list[tuple[Any, ...]] = []
+            if split:
+                # Schema 4: each run of the recent level for the ids its keys name, then the main
+                # index for the rest (ids named by a run but not found there included).
+                self._recent.refresh(c)
+                by_run, rest = self._recent.route(unique)
+                for run, named in by_run.items():
+                    for chunk in _chunks(named):
+                        rows.extend(c.execute(_in_query(_level_lookup(columns, True), len(chunk)), [run, *chunk]).fetchall())
+                seen = {r[0] for r in rows}
+                rest = sorted([*rest, *(b for named in by_run.values() for b in named if b not in seen)])
+                for chunk in _chunks(rest):
+                    rows.extend(c.execute(_in_query(_level_lookup(columns, False), len(chunk)), list(chunk)).fetchall())
+            else:
+                template = f"SELECT blind_index, {columns.replace('s.', '')} FROM subjects WHERE blind_index IN ({{}})"
                 for chunk in _chunks(unique):
-                    rows.extend(c.execute(_in_query(template, len(chunk)), list(chunk) * (1 + split)).fetchall())
+                    rows.extend(c.execute(_in_query(template, len(chunk)), list(chunk)).fetchall())
+            if keys:
                 deks = self._unwrap_deks([r[1:] for r in rows])
                 found.update((r[0], (r[1], d)) for r, d in zip(rows, deks))
             else:
-                template = "SELECT blind_index, token FROM subjects WHERE blind_index IN ({})"
-                if split:
-                    template = _split_lookup("s.token")
-                for chunk in _chunks(unique):
-                    found.update((b, (t, b"")) for b, t in c.execute(_in_query(template, len(chunk)), list(chunk) * (1 + split)))
+                found.update((r[0], (r[1], b"")) for r in rows)
             if create and len(found) < len(unique):
                 missing = [b for b in unique if b not in found]
                 token_key = self._token_key()
@@ -724,6 +797,7 @@ class KeyStore:
                         # one run, numbered by its first row id: appended after every earlier run
                         c.executemany("INSERT INTO bi_recent(run, blind_index, id) VALUES (?,?,?)",
                                       zip(repeat(row_ids[0]), missing, row_ids))
+                        c.execute("INSERT INTO recent_runs(run, keys) VALUES (?,?)", (row_ids[0], _run_keys(missing)))
                         self._merge_recent(c)
                 else:
                     c.executemany(
@@ -824,13 +898,20 @@ class KeyStore:
             deleted: list[str] = []
             try:
                 with self._tx(write=True) as c:
+                    out_of_run: dict[int, list[bytes]] = {}
                     for t, rowid, bi in self._by_tokens(c, "rowid, blind_index", todo):
                         if c.execute("DELETE FROM subjects WHERE rowid=?", (rowid,)).rowcount:
                             deleted.append(t)
-                            if self._version >= 3:  # the blind index is in one of the two indexes
+                            if self._version >= 3:  # the blind index is in one of the two levels
                                 c.execute("DELETE FROM bi_main WHERE blind_index=?", (bi,))
-                                c.execute(f"WITH RECURSIVE {_RUNS} DELETE FROM bi_recent "
-                                          "WHERE run IN (SELECT run FROM runs) AND blind_index=?", (bi,))
+                                run = c.execute("DELETE FROM bi_recent WHERE run IN (SELECT run FROM recent_runs) "
+                                                "AND blind_index=? RETURNING run", (bi,)).fetchall()
+                                for (r,) in run:
+                                    out_of_run.setdefault(r, []).append(bi)
+                    for run, bis in out_of_run.items():  # and its key from its run's keys
+                        keys = c.execute("SELECT keys FROM recent_runs WHERE run=?", (run,)).fetchone()
+                        if keys is not None:
+                            c.execute("UPDATE recent_runs SET keys=? WHERE run=?", (_without_keys(keys[0], bis), run))
                     now = self._now()
                     c.executemany(
                         "INSERT OR IGNORE INTO shredded(token, shredded_at) VALUES (?,?)",
@@ -947,6 +1028,7 @@ class KeyStore:
         with self._lock:
             self._clear_caches()
             self._tkey = None
+            self._recent = _RecentKeys()
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None

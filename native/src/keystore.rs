@@ -89,6 +89,7 @@ fn release() {
     for kept in [&WRITER, &READER] {
         discard(&mut kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
     }
+    *RECENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
 }
 
 impl From<rusqlite::Error> for Failure {
@@ -376,6 +377,9 @@ fn resolve_subjects(
                 if rows != k || indexed != k {
                     return Err(Failure::Sqlite(format!("{rows} rows and {indexed} blind indexes for {k} new subjects")));
                 }
+                // and the run's keys (the blind indexes are in order, so their first 8 bytes are)
+                let keys: Vec<u8> = bi_packed.chunks_exact(BI_LEN).flat_map(|b| b[..8].iter().copied()).collect();
+                tx.execute("INSERT INTO recent_runs(run, keys) VALUES (?1, ?2)", params![first_id, keys])?;
                 k
             } else if token_cipher.is_some() {
                 tx.execute(sql, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, numbers(k), first_id])?
@@ -656,8 +660,11 @@ fn pre_probe(db: &str, timeout_ms: u64, bis: &[[u8; 32]], uniq: &[usize]) -> Res
 /// gives again) and never gains an entry after its transaction commits: it only loses those a
 /// shred deletes, or goes whole in a merge. So keys read once stay a superset of the run's for as
 /// long as the run exists, and a cached level is brought up to date by reading only the runs it
-/// lacks. A key left by a shred only costs an exact probe that finds nothing. Memory: 12 bytes a
-/// recent subject (the level holds at most `max(merge_min, main / merge_fraction)` of them).
+/// lacks, from `recent_runs` (each run's keys, 8 bytes a subject, written with the run: 1M recent
+/// subjects load in one read of 8 MB, not a scan of their entries). A key left by a shred (which
+/// takes it out of `recent_runs` too) only costs an exact probe that finds nothing. Memory: 12
+/// bytes a recent subject (the level holds at most `max(merge_min, main / merge_fraction)` of
+/// them); a store's `close` drops it.
 #[derive(Default)]
 struct RecentIndex {
     runs: Vec<i64>,   // ascending
@@ -678,10 +685,8 @@ fn prefix(bi: &[u8; 32]) -> u64 {
     u64::from_be_bytes(bi[..8].try_into().expect("8 bytes"))
 }
 
-/// The runs of the recent level, ascending: one seek each (a skip scan of `bi_recent`'s key).
-const RUNS: &str = "WITH RECURSIVE r(run) AS (SELECT (SELECT min(run) FROM bi_recent) \
-    UNION ALL SELECT (SELECT min(run) FROM bi_recent WHERE run > r.run) FROM r WHERE r.run IS NOT NULL) \
-    SELECT run FROM r WHERE run IS NOT NULL";
+/// The runs of the recent level, ascending (`recent_runs`: a row a run, with its keys).
+const RUNS: &str = "SELECT run FROM recent_runs ORDER BY run";
 
 /// The recent level's keys for the runs `tx` sees: the cached ones when they are the same runs;
 /// the cached ones and the runs they lack, read now, when the cache's runs all still exist;
@@ -702,14 +707,13 @@ fn recent_index(tx: &rusqlite::Transaction<'_>, db: &str) -> Result<Arc<RecentIn
         return Ok(base); // the same runs
     }
     let mut added: Vec<(u64, i64)> = Vec::new();
-    let mut sel = tx.prepare_cached("SELECT blind_index FROM bi_recent WHERE run = ?1")?;
+    let mut sel = tx.prepare_cached("SELECT keys FROM recent_runs WHERE run = ?1")?;
     for &run in current.iter().filter(|r| base.runs.binary_search(r).is_err()) {
-        let mut rows = sel.query(params![run])?;
-        while let Some(r) = rows.next()? {
-            let bi = r.get_ref(0)?.as_blob().map_err(|e| Failure::Sqlite(e.to_string()))?;
-            let bi: &[u8; 32] = bi.try_into().map_err(|_| Failure::Sqlite(format!("a blind index of {} bytes in run {run}", bi.len())))?;
-            added.push((prefix(bi), run));
+        let keys: Vec<u8> = sel.query_row(params![run], |r| r.get(0))?;
+        if keys.len() % 8 != 0 {
+            return Err(Failure::Sqlite(format!("the keys of run {run} are {} bytes, not a multiple of 8", keys.len())));
         }
+        added.extend(keys.chunks_exact(8).map(|k| (u64::from_be_bytes(k.try_into().expect("8 bytes")), run)));
     }
     added.sort_unstable();
     let ix = Arc::new(base.merged(&added));
@@ -814,7 +818,8 @@ fn merge_recent(tx: &rusqlite::Transaction<'_>, merge_min: i64, merge_fraction: 
 }
 /// The merge itself (also `governance/keys/store.py`'s): the runs' entries sorted by blind index,
 /// so the main index is entered in order; a blind index in both would fail its primary key.
-const MERGE: &str = "INSERT INTO bi_main(blind_index, id) SELECT blind_index, id FROM bi_recent ORDER BY blind_index; DELETE FROM bi_recent;";
+const MERGE: &str = "INSERT INTO bi_main(blind_index, id) SELECT blind_index, id FROM bi_recent ORDER BY blind_index; \
+    DELETE FROM bi_recent; DELETE FROM recent_runs;";
 
 /// Ids sampled to decide whether a batch is new people (see `resolve_subjects`).
 const SAMPLE: usize = 256;
