@@ -704,6 +704,7 @@ def test_schema_4_merges_recent_blind_indexes_and_every_verb_sees_both_levels(st
 
     monkeypatch.setattr(store_mod, "MERGE_MIN", 100)
     monkeypatch.setattr(store_mod, "MERGE_FRACTION", 4)
+    monkeypatch.setattr(store_mod, "_MERGE_SLICE", 64)  # the Python path's merges in 4 and 8 slices
     ids = [f"person-{i:04d}" for i in range(1_050)]
     made: dict[str, tuple[str, bytes]] = {}
     merged_at = []

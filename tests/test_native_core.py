@@ -422,6 +422,28 @@ def test_the_recent_levels_cached_keys_follow_other_writers_runs_shreds_and_merg
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_a_merge_of_more_than_a_slice_moves_every_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A merge moves the recent level a slice of the blind-index space at a time (131,072 blind
+    indexes a slice, about): 150,000 recent subjects in two runs go in two slices, every one is
+    found afterwards with its token, and nothing stays in the recent level."""
+    from governance.keys import store as store_mod
+
+    monkeypatch.setattr(store_mod, "MERGE_MIN", 150_000)
+    path = tmp_path / "keystore.db"
+    with KeyStore(path, LocalKek(os.urandom(32), source="test")) as ks:
+        ids = pa.array([f"p-{i:06d}" for i in range(150_000)])
+        first = ks.subject_keys(ids.slice(0, 100_000))
+        assert _split_state(path) == (100_000, 0, 100_000, 0)
+        second = ks.subject_keys(ids.slice(100_000))  # 150,000 recent: merged, in two slices
+        assert first.created == 100_000 and second.created == 50_000
+        assert _split_state(path) == (150_000, 150_000, 0, 0)
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT count(*) FROM recent_runs").fetchone() == (0,)
+        back = ks.subject_keys(ids, create=False)
+        assert back.tokens.equals(pa.concat_arrays([first.tokens, second.tokens]))
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
 def test_batches_from_many_threads_get_one_key_per_subject_and_a_rotation_elsewhere_is_seen(store: KeyStore):
     """The native path holds no Python lock: its transactions serialize among themselves (threads
     here) and with SQLite's lock (other processes). Overlapping batches from 6 threads yield one

@@ -804,22 +804,57 @@ const LOOKUP_IDS_RECENT: &str =
 /// indexes touches nearly every page of the index it enters, so new subjects enter the recent
 /// level (appended, in runs), and the large index is rewritten (in one ordered pass) once per merge
 /// rather than once per batch: a geometric merge, so each subject's share of that rewrite stays
-/// bounded as the store grows. Counts come from the row-id sequence (`lsm.merged_through`: the
-/// sequence at the last merge), never from a scan.
+/// bounded as the store grows. The rule counts from the row-id sequence (`lsm.merged_through`: the
+/// sequence at the last merge), never from a scan; the merge itself counts what it moves.
 fn merge_recent(tx: &rusqlite::Transaction<'_>, merge_min: i64, merge_fraction: i64) -> Result<bool, Failure> {
     let seq: i64 = tx.query_row("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)", [], |r| r.get(0))?;
     let merged = merged_through(tx)?;
     if seq - merged < merge_min.max(merged / merge_fraction.max(1)) {
         return Ok(false);
     }
-    tx.execute_batch(MERGE)?;
+    merge(tx)?;
     tx.execute("INSERT OR REPLACE INTO lsm(name, value) VALUES ('merged_through', ?1)", params![seq])?;
     Ok(true)
 }
-/// The merge itself (also `governance/keys/store.py`'s): the runs' entries sorted by blind index,
-/// so the main index is entered in order; a blind index in both would fail its primary key.
-const MERGE: &str = "INSERT INTO bi_main(blind_index, id) SELECT blind_index, id FROM bi_recent ORDER BY blind_index; \
-    DELETE FROM bi_recent; DELETE FROM recent_runs;";
+
+/// The merge itself (also `governance/keys/store.py`'s): the runs' entries enter the main index in
+/// blind-index order, a slice of the key space at a time (`merge_parts`), each slice read run by
+/// run from the runs' own order and sorted alone: sorting the whole level at once held all of it
+/// in SQLite's sorter (115 MB more peak memory at 2M recent subjects). A blind index in both
+/// would fail the main index's primary key; every entry must have gone in before the level is
+/// emptied.
+fn merge(tx: &rusqlite::Transaction<'_>) -> Result<(), Failure> {
+    let total: i64 = tx.query_row("SELECT count(*) FROM bi_recent", [], |r| r.get(0))?;
+    let mut moved = 0usize;
+    let mut part = tx.prepare_cached(MERGE_PART)?;
+    for (lo, hi) in merge_parts(total) {
+        moved += part.execute(params![lo, hi])?;
+    }
+    if moved as i64 != total {
+        return Err(Failure::Sqlite(format!("a merge moved {moved} of the recent level's {total} blind indexes (a run not in recent_runs?)")));
+    }
+    tx.execute_batch("DELETE FROM bi_recent; DELETE FROM recent_runs;")?;
+    Ok(())
+}
+const MERGE_PART: &str = "INSERT INTO bi_main(blind_index, id) SELECT b.blind_index, b.id FROM recent_runs r \
+    CROSS JOIN bi_recent b ON b.run = r.run AND b.blind_index >= ?1 AND b.blind_index < ?2 ORDER BY b.blind_index";
+/// About how many blind indexes a merge sorts at once (`store.py`'s `_MERGE_SLICE`).
+const MERGE_SLICE: i64 = 131_072;
+
+/// The slices of the blind-index space a merge of `n` entries takes one at a time: a power of two
+/// of them (at most 65,536), split on the first two bytes, each bound as `[lo, hi)` (the last `hi`
+/// is above every 32-byte blind index).
+fn merge_parts(n: i64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let parts = (((n.max(1) + MERGE_SLICE - 1) / MERGE_SLICE) as u64).next_power_of_two().min(65_536) as u32;
+    let step = 65_536 / parts;
+    (0..parts)
+        .map(|i| {
+            let lo = ((i * step) as u16).to_be_bytes().to_vec();
+            let hi = if i + 1 == parts { vec![0xff; 33] } else { (((i + 1) * step) as u16).to_be_bytes().to_vec() };
+            (lo, hi)
+        })
+        .collect()
+}
 
 /// Ids sampled to decide whether a batch is new people (see `resolve_subjects`).
 const SAMPLE: usize = 256;
