@@ -422,6 +422,23 @@ def test_the_recent_levels_cached_keys_follow_other_writers_runs_shreds_and_merg
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_a_run_shredded_whole_stays_listed_with_no_keys_and_its_people_come_back_new(tmp_path: Path):
+    """Every subject of a run shredded: the run keeps its row in recent_runs with no key (no byte of
+    their blind indexes left), and the same people ingested again are new subjects, once each."""
+    path = tmp_path / "keystore.db"
+    with KeyStore(path, LocalKek(os.urandom(32), source="test")) as ks:
+        ids = pa.array([f"gone-{i:05d}" for i in range(1_100)])
+        made = ks.subject_keys(ids)
+        assert ks.shred_many(made.tokens.to_pylist()) == 1_100
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT run, length(keys) FROM recent_runs").fetchall() == [(1, 0)]
+        again = ks.subject_keys(ids)
+        assert again.created == 1_100 and set(again.tokens.to_pylist()).isdisjoint(made.tokens.to_pylist())
+        assert ks.subject_keys(ids, create=False).tokens.equals(again.tokens)
+        assert _split_state(path) == (1_100, 0, 1_100, 0) and _recent_twice(path) == 0
+
+
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
 def test_a_merge_of_more_than_a_slice_moves_every_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A merge moves the recent level a slice of the blind-index space at a time (131,072 blind
     indexes a slice, about): 150,000 recent subjects in two runs go in two slices, every one is

@@ -438,7 +438,7 @@ fn resolve_subjects(
             } else if created > 0 {
                 let mut added: Vec<(u64, i64)> = missing.iter().map(|&s| (prefix(&bis[uniq[s]]), run)).collect();
                 added.sort_unstable();
-                keep_recent(&db, Arc::new(ix.merged(&added)))?;
+                keep_recent(&db, Arc::new(ix.merged(&[run], &added)))?;
             }
         }
         drop(writer);
@@ -708,7 +708,8 @@ fn recent_index(tx: &rusqlite::Transaction<'_>, db: &str) -> Result<Arc<RecentIn
     }
     let mut added: Vec<(u64, i64)> = Vec::new();
     let mut sel = tx.prepare_cached("SELECT keys FROM recent_runs WHERE run = ?1")?;
-    for &run in current.iter().filter(|r| base.runs.binary_search(r).is_err()) {
+    let lacking: Vec<i64> = current.iter().copied().filter(|r| base.runs.binary_search(r).is_err()).collect();
+    for &run in &lacking {
         let keys: Vec<u8> = sel.query_row(params![run], |r| r.get(0))?;
         if keys.len() % 8 != 0 {
             return Err(Failure::Sqlite(format!("the keys of run {run} are {} bytes, not a multiple of 8", keys.len())));
@@ -716,7 +717,7 @@ fn recent_index(tx: &rusqlite::Transaction<'_>, db: &str) -> Result<Arc<RecentIn
         added.extend(keys.chunks_exact(8).map(|k| (u64::from_be_bytes(k.try_into().expect("8 bytes")), run)));
     }
     added.sort_unstable();
-    let ix = Arc::new(base.merged(&added));
+    let ix = Arc::new(base.merged(&lacking, &added));
     keep_recent(db, ix.clone())?;
     Ok(ix)
 }
@@ -730,10 +731,12 @@ fn keep_recent(db: &str, ix: Arc<RecentIndex>) -> Result<(), Failure> {
 }
 
 impl RecentIndex {
-    /// This level with the keys `added` (sorted `(key, run)`, of runs it does not hold) merged in.
-    fn merged(&self, added: &[(u64, i64)]) -> RecentIndex {
+    /// This level with the runs `new_runs` (which it does not hold) and their keys `added`
+    /// (sorted `(key, run)`) merged in. A run may have no key left (every subject in it shredded):
+    /// it is held all the same, so it is not read again.
+    fn merged(&self, new_runs: &[i64], added: &[(u64, i64)]) -> RecentIndex {
         let mut runs = self.runs.clone();
-        runs.extend(added.iter().map(|&(_, r)| r));
+        runs.extend_from_slice(new_runs);
         runs.sort_unstable();
         runs.dedup();
         let at = |r: i64| runs.binary_search(&r).expect("a run listed above") as u32;
