@@ -50,7 +50,11 @@ from urllib.parse import parse_qs, urlparse
 from governance.errors import KeyManagementError
 from governance.keys import hazmat, wire
 from governance.keys.kek import KeyEncryptionKey
-from governance.keys.store import _DEK_AAD, BLIND_INDEX_KEY, SCHEMA_VERSION, TOKEN_KEY, KeyStore
+from governance.keys.store import _DEK_AAD, BLIND_INDEX_KEY, TOKEN_KEY, KeyStore
+
+# This store's own schema version: its tables have not changed since the SQLite store's schema 3
+# (tokens made from row ids; the SQLite store's schema 4 is a change of its own files only).
+SCHEMA_VERSION = 3
 
 if TYPE_CHECKING:
     import pyarrow as pa
