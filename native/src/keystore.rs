@@ -166,7 +166,7 @@ fn open(db: &str, timeout_ms: u64) -> Result<Connection, Failure> {
 /// There, a batch that a sample shows to be new people is inserted first (`INSERT OR IGNORE`) and
 /// only what was not inserted is looked up; tokens alone come from the blind-index index.
 ///
-/// Each step is one statement for the whole batch (see `LOOKUP` and `INSERT` below).
+/// Each step is one statement for the whole batch (see `Lookup` and `INSERT` below).
 #[pyfunction]
 #[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, *, merge_min, merge_fraction, timeout_ms=30_000, token_key=None, after_probe=None))]
 #[allow(clippy::too_many_arguments)]
@@ -274,13 +274,22 @@ fn resolve_subjects(
         // the runs this transaction sees (see `recent_index`).
         let recent = if split { Some(recent_index(&tx, &db)?) } else { None };
         let recent_ref = recent.as_deref();
+        let look = Lookup {
+            tx: &tx,
+            recent: recent_ref,
+            token_cipher: token_cipher.as_ref(),
+            want_keys,
+            kek_id: &kek_id,
+            bis: &bis,
+            uniq: &uniq,
+        };
         let mut slots: Vec<Slot> = (0..m)
             .map(|_| Slot { token: [0; TOKEN_LEN], wrapped: None, known: false, created: false })
             .collect();
         let mut insert_first = false;
         if sampled {
             let sample = sample_of(m);
-            let hits = lookup(&tx, recent_ref, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &sample, &mut slots)?;
+            let hits = look.run(&sample, &mut slots)?;
             // At most 5% known; a schema-4 store asked before the writer's turn (the answer only
             // chooses the way: both give the same result).
             insert_first = match (&pre, recent_ref) {
@@ -289,7 +298,7 @@ fn resolve_subjects(
             };
             let rest = rest_of(m, &sample);
             if !insert_first {
-                lookup(&tx, recent_ref, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &rest, &mut slots)?;
+                look.run(&rest, &mut slots)?;
             } else if let Some(ix) = recent_ref {
                 // Schema 4: only the ids that may be known are looked up. Those the main index held
                 // when probed before the writer's turn (that probe stands unless a merge has moved
@@ -305,12 +314,12 @@ fn resolve_subjects(
                 maybe.sort_unstable();
                 maybe.dedup();
                 if !maybe.is_empty() {
-                    lookup(&tx, recent_ref, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &maybe, &mut slots)?;
+                    look.run(&maybe, &mut slots)?;
                 }
             }
         } else if m > 0 {
             let all: Vec<usize> = (0..m).collect();
-            lookup(&tx, recent_ref, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &all, &mut slots)?;
+            look.run(&all, &mut slots)?;
         }
         // 2. Create the missing ones: random tokens (sorted, so the token index is appended to in
         //    order too), random data keys, wrapped under the KEK with the token as associated data.
@@ -410,7 +419,7 @@ fn resolve_subjects(
                 // The ones already there (a repeat, or a subject another writer created): look up.
                 let known: Vec<usize> = (0..k).filter(|&j| !is_new[j]).map(|j| missing[j]).collect();
                 if !known.is_empty() {
-                    lookup(&tx, recent_ref, token_cipher.as_ref(), want_keys, &kek_id, &bis, &uniq, &known, &mut slots)?;
+                    look.run(&known, &mut slots)?;
                     if let Some(&s) = known.iter().find(|&&s| !slots[s].known) {
                         return Err(Failure::Sqlite(format!("subject {s} was neither inserted nor found")));
                     }
@@ -535,9 +544,19 @@ macro_rules! probe {
                 " FROM i CROSS JOIN subjects s ON s.blind_index = substr(?1, i.n * 32 + 1, 32)")
     };
 }
-const LOOKUP: &str = probe!("s.token, NULL, s.kek_id");
-const LOOKUP_KEYS: &str = probe!("s.token, s.wrapped_dek, s.kek_id");
-const LOOKUP_IDS: &str = probe!("s.id"); // the index alone: it holds the row id
+/// A lookup's three forms: tokens (and KEK ids), tokens with wrapped keys, or row ids alone (the
+/// index alone holds the id; the token is derived from it).
+struct Lookups {
+    tokens: &'static str,
+    keys: &'static str,
+    ids: &'static str,
+}
+/// Schema 2: the blind-index index on the rows.
+const LOOKUP_ROWS: Lookups = Lookups {
+    tokens: probe!("s.token, NULL, s.kek_id"),
+    keys: probe!("s.token, s.wrapped_dek, s.kek_id"),
+    ids: probe!("s.id"),
+};
 /// `?1` tokens (30 bytes each), `?2` blind indexes (32), `?3` wrapped keys (60), `?4` KEK id,
 /// `?5` time, `?6` `numbers` of how many; `?7` the first row id (schema 2: a token is its row id's permutation).
 macro_rules! insert {
@@ -794,13 +813,16 @@ macro_rules! probe_level {
                 " b.blind_index = substr(?1, i.n * 32 + 1, 32) JOIN subjects s ON s.id = b.id")
     };
 }
-const LOOKUP_MAIN: &str = probe_level!("s.token, NULL, s.kek_id", "bi_main b ON");
-const LOOKUP_KEYS_MAIN: &str = probe_level!("s.token, s.wrapped_dek, s.kek_id", "bi_main b ON");
-const LOOKUP_IDS_MAIN: &str = concat!(numbered!(2), "SELECT i.n, b.id FROM i CROSS JOIN bi_main b ON b.blind_index = substr(?1, i.n * 32 + 1, 32)");
-const LOOKUP_RECENT: &str = probe_level!("s.token, NULL, s.kek_id", "bi_recent b ON b.run = ?3 AND");
-const LOOKUP_KEYS_RECENT: &str = probe_level!("s.token, s.wrapped_dek, s.kek_id", "bi_recent b ON b.run = ?3 AND");
-const LOOKUP_IDS_RECENT: &str =
-    concat!(numbered!(2), "SELECT i.n, b.id FROM i CROSS JOIN bi_recent b ON b.run = ?3 AND b.blind_index = substr(?1, i.n * 32 + 1, 32)");
+const LOOKUP_MAIN: Lookups = Lookups {
+    tokens: probe_level!("s.token, NULL, s.kek_id", "bi_main b ON"),
+    keys: probe_level!("s.token, s.wrapped_dek, s.kek_id", "bi_main b ON"),
+    ids: concat!(numbered!(2), "SELECT i.n, b.id FROM i CROSS JOIN bi_main b ON b.blind_index = substr(?1, i.n * 32 + 1, 32)"),
+};
+const LOOKUP_RECENT: Lookups = Lookups {
+    tokens: probe_level!("s.token, NULL, s.kek_id", "bi_recent b ON b.run = ?3 AND"),
+    keys: probe_level!("s.token, s.wrapped_dek, s.kek_id", "bi_recent b ON b.run = ?3 AND"),
+    ids: concat!(numbered!(2), "SELECT i.n, b.id FROM i CROSS JOIN bi_recent b ON b.run = ?3 AND b.blind_index = substr(?1, i.n * 32 + 1, 32)"),
+};
 
 /// Schema 4: move the recent blind indexes into the main index once they are many, `merge_min`
 /// or a `merge_fraction`-th of the main index (whichever is more). A batch of random blind
@@ -862,107 +884,90 @@ fn merge_parts(n: i64) -> Vec<(Vec<u8>, Vec<u8>)> {
 /// Ids sampled to decide whether a batch is new people (see `resolve_subjects`).
 const SAMPLE: usize = 256;
 
-/// Look up the distinct ids at `subset` (positions in `uniq`, none known yet) and fill their
-/// slots; the number found. Schema 2: one statement. Schema 4 (`recent`): one statement for each
-/// run of the recent level that its keys name for some of the ids, then one in the main index
-/// for the ids not found there.
-#[allow(clippy::too_many_arguments)]
-fn lookup(
-    tx: &rusqlite::Transaction<'_>,
-    recent: Option<&RecentIndex>,
-    token_cipher: Option<&aes::Aes256>,
+/// What every lookup of one batch shares: its transaction, the store's recent level (schema 4) or
+/// none (schema 2), what is asked for, and the batch's blind indexes.
+struct Lookup<'a> {
+    tx: &'a rusqlite::Transaction<'a>,
+    recent: Option<&'a RecentIndex>,
+    token_cipher: Option<&'a aes::Aes256>,
     want_keys: bool,
-    kek_id: &str,
-    bis: &[[u8; 32]],
-    uniq: &[usize],
-    subset: &[usize],
-    slots: &mut [Slot],
-) -> Result<usize, Failure> {
-    if subset.is_empty() {
-        return Ok(0);
-    }
-    // Tokens only, with tokens made from row ids: the blind-index index alone (it holds the row id)
-    // and the token derived from the id, without reading the table's rows.
-    let ids_only = !want_keys && token_cipher.is_some();
-    let Some(ix) = recent else {
-        let sql = match (ids_only, want_keys) {
-            (true, _) => LOOKUP_IDS,
-            (false, true) => LOOKUP_KEYS,
-            (false, false) => LOOKUP,
-        };
-        return lookup_in(tx, sql, None, ids_only, token_cipher, want_keys, kek_id, bis, uniq, subset, slots);
-    };
-    let mut found = 0usize;
-    let in_run = match (ids_only, want_keys) {
-        (true, _) => LOOKUP_IDS_RECENT,
-        (false, true) => LOOKUP_KEYS_RECENT,
-        (false, false) => LOOKUP_RECENT,
-    };
-    for (run, members) in ix.route(bis, uniq, subset) {
-        found += lookup_in(tx, in_run, Some(run), ids_only, token_cipher, want_keys, kek_id, bis, uniq, &members, slots)?;
-    }
-    let rest: Vec<usize> = subset.iter().copied().filter(|&s| !slots[s].known).collect();
-    let in_main = match (ids_only, want_keys) {
-        (true, _) => LOOKUP_IDS_MAIN,
-        (false, true) => LOOKUP_KEYS_MAIN,
-        (false, false) => LOOKUP_MAIN,
-    };
-    Ok(found + lookup_in(tx, in_main, None, ids_only, token_cipher, want_keys, kek_id, bis, uniq, &rest, slots)?)
+    kek_id: &'a str,
+    bis: &'a [[u8; 32]],
+    uniq: &'a [usize],
 }
 
-/// One lookup statement (`run`: its `?3`) for the ids at `subset`.
-#[allow(clippy::too_many_arguments)]
-fn lookup_in(
-    tx: &rusqlite::Transaction<'_>,
-    sql: &str,
-    run: Option<i64>,
-    ids_only: bool,
-    token_cipher: Option<&aes::Aes256>,
-    want_keys: bool,
-    kek_id: &str,
-    bis: &[[u8; 32]],
-    uniq: &[usize],
-    subset: &[usize],
-    slots: &mut [Slot],
-) -> Result<usize, Failure> {
-    if subset.is_empty() {
-        return Ok(0);
+impl Lookup<'_> {
+    /// Tokens only, with tokens made from row ids: the blind-index index alone (it holds the row
+    /// id) and the token derived from the id, without reading the table's rows.
+    fn ids_only(&self) -> bool {
+        !self.want_keys && self.token_cipher.is_some()
     }
-    let packed = packed(bis, uniq, subset);
-    let mut sel = tx.prepare_cached(sql)?;
-    let mut rows = match run {
-        Some(run) => sel.query(params![&packed[..], numbers(subset.len()), run])?,
-        None => sel.query(params![&packed[..], numbers(subset.len())])?,
-    };
-    let mut found = 0usize;
-    while let Some(r) = rows.next()? {
-        let n = usize::try_from(r.get::<_, i64>(0)?).map_err(|e| Failure::Sqlite(e.to_string()))?;
-        let s = *subset
-            .get(n)
-            .ok_or_else(|| Failure::Sqlite(format!("lookup returned position {n} of {}", subset.len())))?;
-        let (token, wrapped) = match (ids_only, token_cipher) {
-            (true, Some(c)) => (derived_token(c, r.get::<_, i64>(1)?), Vec::new()),
-            _ => {
-                let tok = r.get_ref(1)?.as_str().map_err(|e| Failure::Sqlite(e.to_string()))?;
-                let kid = r.get_ref(3)?.as_str().map_err(|e| Failure::Sqlite(e.to_string()))?;
-                if kid != kek_id {
-                    return Err(Failure::ForeignKek(tok.to_string(), kid.to_string()));
-                }
-                let t: [u8; TOKEN_LEN] = tok
-                    .as_bytes()
-                    .try_into()
-                    .map_err(|_| Failure::Sqlite(format!("token {tok:?} in the key store is malformed")))?;
-                let w = if want_keys { r.get_ref(2)?.as_blob().map_err(|e| Failure::Sqlite(e.to_string()))?.to_vec() } else { Vec::new() };
-                (t, w)
-            }
-        };
-        if slots[s].known {
-            return Err(Failure::Sqlite(format!("lookup returned subject {s} twice")));
+
+    fn statement(&self, family: &Lookups) -> &'static str {
+        match (self.ids_only(), self.want_keys) {
+            (true, _) => family.ids,
+            (false, true) => family.keys,
+            (false, false) => family.tokens,
         }
-        slots[s] = Slot { token, wrapped: Some(wrapped), known: true, created: false };
-        found += 1;
     }
-    Ok(found)
+
+    /// Look up the distinct ids at `subset` (positions in `uniq`, none known yet) and fill their
+    /// slots; the number found. Schema 2: one statement. Schema 4: one statement for each run of
+    /// the recent level that its keys name for some of the ids, then one in the main index for
+    /// the ids not found there.
+    fn run(&self, subset: &[usize], slots: &mut [Slot]) -> Result<usize, Failure> {
+        let Some(ix) = self.recent else {
+            return self.one(self.statement(&LOOKUP_ROWS), None, subset, slots);
+        };
+        let mut found = 0usize;
+        for (run, members) in ix.route(self.bis, self.uniq, subset) {
+            found += self.one(self.statement(&LOOKUP_RECENT), Some(run), &members, slots)?;
+        }
+        let rest: Vec<usize> = subset.iter().copied().filter(|&s| !slots[s].known).collect();
+        Ok(found + self.one(self.statement(&LOOKUP_MAIN), None, &rest, slots)?)
+    }
+
+    /// One lookup statement (`run`: its `?3`) for the ids at `subset`.
+    fn one(&self, sql: &str, run: Option<i64>, subset: &[usize], slots: &mut [Slot]) -> Result<usize, Failure> {
+        if subset.is_empty() {
+            return Ok(0);
+        }
+        let packed = packed(self.bis, self.uniq, subset);
+        let mut sel = self.tx.prepare_cached(sql)?;
+        let mut rows = match run {
+            Some(run) => sel.query(params![&packed[..], numbers(subset.len()), run])?,
+            None => sel.query(params![&packed[..], numbers(subset.len())])?,
+        };
+        let mut found = 0usize;
+        while let Some(r) = rows.next()? {
+            let n = usize::try_from(r.get::<_, i64>(0)?).map_err(|e| Failure::Sqlite(e.to_string()))?;
+            let s = *subset
+                .get(n)
+                .ok_or_else(|| Failure::Sqlite(format!("lookup returned position {n} of {}", subset.len())))?;
+            let (token, wrapped) = match (self.ids_only(), self.token_cipher) {
+                (true, Some(c)) => (derived_token(c, r.get::<_, i64>(1)?), Vec::new()),
+                _ => {
+                    let tok = r.get_ref(1)?.as_str().map_err(|e| Failure::Sqlite(e.to_string()))?;
+                    let kid = r.get_ref(3)?.as_str().map_err(|e| Failure::Sqlite(e.to_string()))?;
+                    if kid != self.kek_id {
+                        return Err(Failure::ForeignKek(tok.to_string(), kid.to_string()));
+                    }
+                    let t: [u8; TOKEN_LEN] = tok
+                        .as_bytes()
+                        .try_into()
+                        .map_err(|_| Failure::Sqlite(format!("token {tok:?} in the key store is malformed")))?;
+                    let w = if self.want_keys { r.get_ref(2)?.as_blob().map_err(|e| Failure::Sqlite(e.to_string()))?.to_vec() } else { Vec::new() };
+                    (t, w)
+                }
+            };
+            if slots[s].known {
+                return Err(Failure::Sqlite(format!("lookup returned subject {s} twice")));
+            }
+            slots[s] = Slot { token, wrapped: Some(wrapped), known: true, created: false };
+            found += 1;
+        }
+        Ok(found)
+    }
 }
 
 const TOKEN_MAGIC: &[u8; 8] = b"lw-subj\x02";
