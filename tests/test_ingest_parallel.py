@@ -208,3 +208,71 @@ def test_the_token_cache_starting_again_mid_ingest_loses_no_token(workspace: Wor
     tokens = bronze["customer_id"].to_pylist()
     assert None not in tokens
     assert set(tokens) <= set(table(workspace, "bronze", "customers")["customer_id"].to_pylist())
+
+
+MEMBERS = """\
+kind: dataset
+dataset: members
+description: Gym members (fictional); one row per member, keyed by membership number.
+subject_key: member_no
+columns:
+  member_no: {class: subject_key, type: string, required: true, unique: true}
+  full_name: {class: direct_identifier, type: string}
+  tier:      {class: sensitive, type: string, protection: encrypt, allowed: [bronze, silver, gold]}
+  joined:    {class: public, type: date}
+purposes:
+  ops: {description: Membership operations.}
+access:
+  data_engineer: {layers: [bronze, silver, quarantine], purposes: [ops]}
+  compliance_officer: {layers: [bronze, silver, quarantine, vault], purposes: [ops]}
+"""
+
+
+def test_a_unique_subject_key_goes_to_the_key_store_as_it_is_and_repeats_still_get_one_subject(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A dataset with a unique subject key hands its key column to the key store without hashing
+    the ids first. Another policy (a membership number, a text label sealed, a vaulted name): a
+    member repeated within a batch and one repeated across batches are quarantined as duplicates
+    with the first row's token, every member has exactly one subject in the key store, and the
+    sealed values open to the input, on both backends."""
+    import csv
+    import sqlite3
+
+    from conftest import make_project
+
+    rows = [{"member_no": f"M-{i:05d}", "full_name": f"Name {i}", "tier": ["bronze", "silver", "gold"][i % 3],
+             "joined": f"2023-0{1 + i % 9}-0{1 + i % 8}"} for i in range(120)]
+    rows.insert(5, dict(rows[3]))  # a repeat in the first batch (rows of 16)
+    rows.append(dict(rows[40]))    # a repeat of a member from an earlier batch
+    for label, force_python in (("native", False), ("python", True)):
+        if force_python and native.backend() != "native":
+            continue
+        folder = tmp_path / label
+        make_project(folder, monkeypatch)
+        (folder / "policies" / "members.yaml").write_text(MEMBERS)
+        src = folder / "members.csv"
+        with open(src, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        ws = Workspace.open(folder / "lakewarden.yaml")
+        with monkeypatch.context() as m:
+            if force_python:
+                m.setattr(native, "_native", None)
+                m.setattr(native, "_SHARED_SQLITE", False)
+            rep = run(ws, src, dataset="members", batch_rows=16, workers=3)
+        assert (rep.rows_read, rep.rows_accepted, rep.rows_quarantined) == (122, 120, 2)
+        assert sum(rep.reasons.values()) == 2 and all("member_no: duplicate" in r for r in rep.reasons)
+        bronze = table(ws, "bronze", "members").sort_by("_row")
+        assert len(set(bronze["member_no"].to_pylist())) == 120
+        tiers = ws.keyring.open_arrow(bronze["tier"].combine_chunks(), bronze["member_no"].combine_chunks(),
+                                      dataset="members", column="tier")
+        assert tiers.cast(pa.string()).to_pylist() == [r["tier"] for r in rows[:5] + rows[6:121]]
+        vault = table(ws, "vault", "members").sort_by("_row")
+        names = ws.keyring.open_arrow(vault["full_name"].combine_chunks(), vault["member_no"].combine_chunks(),
+                                      dataset="members", column="full_name")
+        assert names.cast(pa.string()).to_pylist()[:4] == ["Name 0", "Name 1", "Name 2", "Name 3"]
+        store = ws.config.keys.store if Path(ws.config.keys.store).is_absolute() else folder / ws.config.keys.store
+        ws.close()
+        with sqlite3.connect(store) as db:
+            assert db.execute("SELECT count(*) FROM subjects").fetchone() == (120,)
