@@ -5,6 +5,7 @@ included), the same plaintexts behind the ciphertexts, exactly once."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -129,14 +130,35 @@ access:
 """
 
 
-def test_a_policy_we_did_not_design_ingests_the_same_on_both_backends_and_any_pool(tmp_path: Path,
-                                                                                    monkeypatch: pytest.MonkeyPatch):
-    """Another subject key, repeat subjects, an encrypted date and double, a restricted column, a
-    generalized one: the plaintexts behind the ciphertexts are the typed values, whichever path."""
+def _ingest_own_policy(folder: Path, monkeypatch: pytest.MonkeyPatch, dataset: str, policy: str,
+                       rows: list[dict[str, str]], *, workers: int, force_python: bool) -> tuple[Workspace, Any]:
+    """A project at ``folder`` with ``policy`` for ``dataset``, whose ``rows`` (a CSV) are ingested
+    in batches of 16 on ``workers`` threads, on the native core or (``force_python``) the
+    pure-Python fallback: ``(the open workspace, the ingest report)``."""
     import csv
 
     from conftest import make_project
 
+    make_project(folder, monkeypatch)
+    (folder / "policies" / f"{dataset}.yaml").write_text(policy)
+    src = folder / f"{dataset}.csv"
+    with open(src, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    ws = Workspace.open(folder / "lakewarden.yaml")
+    with monkeypatch.context() as m:
+        if force_python:
+            m.setattr(native, "_native", None)
+            m.setattr(native, "_SHARED_SQLITE", False)
+        rep = run(ws, src, dataset=dataset, batch_rows=16, workers=workers)
+    return ws, rep
+
+
+def test_a_policy_we_did_not_design_ingests_the_same_on_both_backends_and_any_pool(tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch):
+    """Another subject key, repeat subjects, an encrypted date and double, a restricted column, a
+    generalized one: the plaintexts behind the ciphertexts are the typed values, whichever path."""
     rows = [{"patient_ref": f"P{i % 37:04d}", "nhs_number": f"{900000000 + i}" if i % 5 else "",
              "visit_date": f"2024-0{1 + i % 9}-1{i % 9}", "weight_kg": f"{50 + i % 40}.5",
              "diagnosis": ["J45", "E11", "I10", ""][i % 4], "postcode": f"SW{i % 10}A 1AA", "clinic": "north"}
@@ -146,20 +168,8 @@ def test_a_policy_we_did_not_design_ingests_the_same_on_both_backends_and_any_po
     for label, workers, force_python in (("native-1", 1, False), ("native-3", 3, False), ("python-2", 2, True)):
         if force_python and native.backend() != "native":
             continue
-        folder = tmp_path / label
-        make_project(folder, monkeypatch)
-        (folder / "policies" / "visits.yaml").write_text(VISITS)
-        src = folder / "visits.csv"
-        with open(src, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        ws = Workspace.open(folder / "lakewarden.yaml")
-        with monkeypatch.context() as m:
-            if force_python:
-                m.setattr(native, "_native", None)
-                m.setattr(native, "_SHARED_SQLITE", False)
-            rep = run(ws, src, dataset="visits", batch_rows=16, workers=workers)
+        ws, rep = _ingest_own_policy(tmp_path / label, monkeypatch, "visits", VISITS, rows,
+                                     workers=workers, force_python=force_python)
         assert (rep.rows_accepted, rep.rows_quarantined) == (149, 1)
         bronze = table(ws, "bronze", "visits").sort_by("_row")
         assert len(set(bronze["patient_ref"].to_pylist())) == 37  # one token per patient across batches
@@ -235,10 +245,7 @@ def test_a_unique_subject_key_goes_to_the_key_store_as_it_is_and_repeats_still_g
     member repeated within a batch and one repeated across batches are quarantined as duplicates
     with the first row's token, every member has exactly one subject in the key store, and the
     sealed values open to the input, on both backends."""
-    import csv
     import sqlite3
-
-    from conftest import make_project
 
     rows = [{"member_no": f"M-{i:05d}", "full_name": f"Name {i}", "tier": ["bronze", "silver", "gold"][i % 3],
              "joined": f"2023-0{1 + i % 9}-0{1 + i % 8}"} for i in range(120)]
@@ -248,19 +255,7 @@ def test_a_unique_subject_key_goes_to_the_key_store_as_it_is_and_repeats_still_g
         if force_python and native.backend() != "native":
             continue
         folder = tmp_path / label
-        make_project(folder, monkeypatch)
-        (folder / "policies" / "members.yaml").write_text(MEMBERS)
-        src = folder / "members.csv"
-        with open(src, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        ws = Workspace.open(folder / "lakewarden.yaml")
-        with monkeypatch.context() as m:
-            if force_python:
-                m.setattr(native, "_native", None)
-                m.setattr(native, "_SHARED_SQLITE", False)
-            rep = run(ws, src, dataset="members", batch_rows=16, workers=3)
+        ws, rep = _ingest_own_policy(folder, monkeypatch, "members", MEMBERS, rows, workers=3, force_python=force_python)
         assert (rep.rows_read, rep.rows_accepted, rep.rows_quarantined) == (122, 120, 2)
         assert sum(rep.reasons.values()) == 2 and all("member_no: duplicate" in r for r in rep.reasons)
         bronze = table(ws, "bronze", "members").sort_by("_row")
