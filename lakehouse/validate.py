@@ -184,6 +184,10 @@ def generalize_sql(col: ColumnPolicy, typed: str) -> tuple[str, pa.DataType]:
     raise IngestError(f"unsupported generalization {g!r}")
 
 
+# The named patterns the native core matches itself (``native/src/validate.rs``'s ``named_pattern``).
+NAMED_PATTERN_CODES = {"email": 1, "phone": 2, "zip5": 3}
+
+
 class NativeSpec(NamedTuple):
     """One column's rules as the native core reads them (``native/src/validate.rs``'s ``Spec``)."""
 
@@ -198,6 +202,7 @@ class NativeSpec(NamedTuple):
     hi_i: int | None
     generalize: int
     param: float
+    pattern: int = 0  # a named pattern the core checks itself (NAMED_PATTERN_CODES), or 0
 
 
 _KIND = {"string": 0, "int": 1, "double": 2, "bool": 3, "date": 4, "timestamp": 5}  # the native core's type codes
@@ -438,6 +443,7 @@ class Validator:
                 formula=col.type == "string" and not col.allowed,
                 allowed=[a.encode() for a in col.allowed] if col.allowed else None,
                 lo=lo, hi=hi, lo_i=lo_i, hi_i=hi_i, generalize=gen, param=float(param) if param else 0.0,
+                pattern=NAMED_PATTERN_CODES.get(col.pattern or "", 0) if col.type == "string" else 0,
             ))
         return specs
 
@@ -449,10 +455,11 @@ class Validator:
                  for c in pol.columns.values()]
         undecided, cols = native.check_text([batch[n] for n in names], specs, types)
         n = batch.num_rows
-        # Patterns: DuckDB's own regular expressions, on the trimmed text; only failures come back.
+        # Patterns of the policy's own: DuckDB's own regular expressions, on the trimmed text; only
+        # failures come back. The core checked the named ones (email, phone, zip5) itself.
         codes = [c for c, _, _ in cols]
         for j, (name, col) in enumerate(pol.columns.items()):
-            if col.type == "string" and col.regex:
+            if col.type == "string" and col.regex and not specs[j].pattern:
                 typed = cols[j][1]
                 con = self._cursor()
                 con.register("_pat", pa.table({"i": pa.array(np.arange(n, dtype=np.int32)), "v": typed}))

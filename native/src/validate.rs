@@ -10,8 +10,10 @@
 //! answer, only more slowly. Tests compare the two on random and hostile values.
 //!
 //! Rule codes, in the order the query's `CASE` tries them within a column: 1 missing (required),
-//! 2 not a valid type, 3 too long, 4 starts like a formula, 5 (pattern: checked by the caller with
-//! DuckDB's own regular expressions), 6 not an allowed value, 7 below the minimum, 8 above it.
+//! 2 not a valid type, 3 too long, 4 starts like a formula, 5 does not match the pattern (the
+//! named patterns `email`, `phone` and `zip5` here, see `named_pattern`; a pattern of the policy's
+//! own is checked by the caller with DuckDB's own regular expressions), 6 not an allowed value,
+//! 7 below the minimum, 8 above it.
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -46,6 +48,7 @@ pub(crate) struct Spec {
     hi_i: Option<i64>,
     generalize: u8,
     param: f64, // prefix length or bucket width
+    pattern: u8, // a named pattern (`EMAIL`, `PHONE`, `ZIP5`), or 0: none, or one the caller checks
 }
 
 /// What DuckDB's `trim` removes: the Unicode space separators (category Zs), nothing else (not
@@ -228,6 +231,50 @@ fn formula(b: &[u8]) -> bool {
     }
 }
 
+const EMAIL: u8 = 1;
+const PHONE: u8 = 2;
+const ZIP5: u8 = 3;
+
+/// Whether a (trimmed) value fully matches a named pattern of `governance.policy.NAMED_PATTERNS`,
+/// decided as RE2 (DuckDB's `regexp_full_match`) decides it. Each pattern is a few ASCII classes,
+/// so its language is spelled out below; a byte outside them (any non-ASCII character, a newline)
+/// fails, as it fails the class in RE2. Tests compare both on random and hostile values.
+fn named_pattern(pattern: u8, v: &[u8]) -> bool {
+    let digit = |c: &u8| c.is_ascii_digit();
+    match pattern {
+        // ^[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}$: neither class holds
+        // '@', so there is exactly one; '.' is outside the domain's class, so the domain is labels
+        // split by '.': two or more, none empty, the last two or more letters.
+        EMAIL => {
+            let Some(at) = v.iter().position(|&c| c == b'@') else { return false };
+            let (local, domain) = (&v[..at], &v[at + 1..]);
+            let local_ok = !local.is_empty()
+                && local.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'%' | b'+' | b'-'));
+            let mut labels = domain.split(|&c| c == b'.');
+            let Some(last) = labels.next_back() else { return false };
+            let mut before = 0usize;
+            for label in labels {
+                if label.is_empty() || !label.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'-') {
+                    return false;
+                }
+                before += 1;
+            }
+            local_ok && before >= 1 && last.len() >= 2 && last.iter().all(u8::is_ascii_alphabetic)
+        }
+        // ^\+?[0-9][0-9 ().-]{6,24}[0-9]$: '+' is not a digit, so a leading '+' is the optional one.
+        PHONE => {
+            let v = v.strip_prefix(b"+").unwrap_or(v);
+            (8..=26).contains(&v.len())
+                && digit(&v[0])
+                && digit(&v[v.len() - 1])
+                && v[1..v.len() - 1].iter().all(|&c| c.is_ascii_digit() || matches!(c, b' ' | b'(' | b')' | b'.' | b'-'))
+        }
+        // ^[0-9]{5}$
+        ZIP5 => v.len() == 5 && v.iter().all(digit),
+        _ => true,
+    }
+}
+
 const TRUE: [&[u8]; 5] = [b"true", b"t", b"yes", b"y", b"1"];
 const FALSE: [&[u8]; 5] = [b"false", b"f", b"no", b"n", b"0"];
 
@@ -327,6 +374,9 @@ fn check_column(col: &Col, s: &Spec) -> ColResult {
                 }
                 if s.formula && formula(v) {
                     fail!(code, 4);
+                }
+                if s.pattern != 0 && !named_pattern(s.pattern, v) {
+                    fail!(code, 5);
                 }
                 if let Some(allowed) = &s.allowed {
                     if !allowed.iter().any(|a| a.as_slice() == v) {
