@@ -49,6 +49,7 @@ from governance.lineage import DatasetRef
 from governance.pii import redact
 from governance.policy import ColumnClass, DatasetPolicy, Protection, Stage
 from governance.workspace import Workspace
+from lakehouse.alloc import batch_memory
 from lakehouse.catalog import Catalog, TableRef, subject_buckets, table_buckets, table_configuration, table_description
 from lakehouse.errors import IngestError
 from lakehouse.landing import is_erasure_rewrite, record_kept
@@ -860,32 +861,34 @@ def ingest(
         ing: Ingestor = RayIngestor(ws, actor, dataset, batch_rows=batch_rows, progress=progress, workers=workers)
     else:
         ing = Ingestor(ws, actor, dataset, batch_rows=batch_rows, progress=progress, workers=workers)
-    try:
-        for path in files:
-            rewritten = is_erasure_rewrite(ws, dataset, path)
-            with ws.lineage.run(
-                f"ingest.{dataset}", inputs=[DatasetRef(f"landing.{dataset}/{redact(path.name)[0]}", kind="file")]
-            ) as run:
-                frep = ing.ingest_file(path, skip=rewritten)
-                for name, version in sorted(ing.versions.items()):
-                    run.add_output(DatasetRef(name, version=version))
-            frep.landing = _landing(ing.policy, path)
-            if path.exists():  # kept (by policy, or it could not be removed): erasure must find it
-                record_kept(ws, dataset, path, actor=actor.name)
-            if rewritten:
-                frep.landing += "; rewritten by an erasure, its rows were ingested before"
-            report.files.append(frep)
-            ws.audit.record(
-                "ingest.file", actor=actor.name, outcome="ok", stage=Stage.INGEST.value,
-                resource=f"dataset:{dataset}",
-                details={
-                    "source": frep.source, "rows_read": frep.rows_read, "accepted": frep.rows_accepted,
-                    "quarantined": frep.rows_quarantined, "skipped": frep.rows_skipped, "landing": frep.landing,
-                },
-            )
-            ws.audit.flush()
-    finally:
-        ing.close()
+    # Freed buffers stay in the process for the next batch (see lakehouse.alloc), given back at the end.
+    with batch_memory():
+        try:
+            for path in files:
+                rewritten = is_erasure_rewrite(ws, dataset, path)
+                with ws.lineage.run(
+                    f"ingest.{dataset}", inputs=[DatasetRef(f"landing.{dataset}/{redact(path.name)[0]}", kind="file")]
+                ) as run:
+                    frep = ing.ingest_file(path, skip=rewritten)
+                    for name, version in sorted(ing.versions.items()):
+                        run.add_output(DatasetRef(name, version=version))
+                frep.landing = _landing(ing.policy, path)
+                if path.exists():  # kept (by policy, or it could not be removed): erasure must find it
+                    record_kept(ws, dataset, path, actor=actor.name)
+                if rewritten:
+                    frep.landing += "; rewritten by an erasure, its rows were ingested before"
+                report.files.append(frep)
+                ws.audit.record(
+                    "ingest.file", actor=actor.name, outcome="ok", stage=Stage.INGEST.value,
+                    resource=f"dataset:{dataset}",
+                    details={
+                        "source": frep.source, "rows_read": frep.rows_read, "accepted": frep.rows_accepted,
+                        "quarantined": frep.rows_quarantined, "skipped": frep.rows_skipped, "landing": frep.landing,
+                    },
+                )
+                ws.audit.flush()
+        finally:
+            ing.close()
     report.versions = dict(ing.versions)
     report.engine = engine
     report.worker_peak_rss_mb = list(getattr(ing, "worker_peak_rss_mb", []))

@@ -63,6 +63,7 @@ from governance.keys import native
 from governance.lineage import DatasetRef
 from governance.policy import DatasetPolicy, Stage
 from governance.workspace import Workspace
+from lakehouse.alloc import batch_memory
 from lakehouse.catalog import Catalog, TableRef
 from lakehouse.errors import StreamError
 from lakehouse.ingest import LEDGER, FileReport, Ingestor, default_batch_rows
@@ -970,7 +971,7 @@ def stream(
                     resource=f"dataset:{dataset}",
                     details={"topic": topic, "batch_records": batch_records, "batch_seconds": batch_seconds})
     try:
-        with ws.lineage.run(f"stream.{dataset}", inputs=[DatasetRef(f"kafka.{topic}", kind="topic")]) as run:
+        with batch_memory(), ws.lineage.run(f"stream.{dataset}", inputs=[DatasetRef(f"kafka.{topic}", kind="topic")]) as run:
             rep = s.run(until_idle=until_idle, max_seconds=max_seconds, max_batches=max_batches, stop=stop)
             for name, version in sorted(rep.versions.items()):
                 run.add_output(DatasetRef(name, version=version))
