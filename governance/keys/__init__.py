@@ -268,14 +268,12 @@ class KeyRing:
 
     def _open_columns(self, columns: "Mapping[str, pa.Array]", tokens: pa.Array, *, dataset: str,
                       single: bool) -> "dict[str, pa.Array]":
-        import pyarrow as pa
         import pyarrow.compute as pc
 
         from governance.keys import native
 
-        if isinstance(tokens, pa.ChunkedArray):
-            tokens = tokens.combine_chunks()
-        cols = {c: (b.combine_chunks() if isinstance(b, pa.ChunkedArray) else b) for c, b in columns.items()}
+        tokens = native.one_array(tokens)
+        cols = {c: native.one_array(b) for c, b in columns.items()}
         if not cols:
             return {}
         valid = None

@@ -64,10 +64,16 @@ def _use_native(force: str | None) -> bool:
 # ---------------------------------------------------------------------- Arrow plumbing
 
 
+def one_array(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """``arr`` as one array: a column of one chunk is that chunk (``combine_chunks`` would copy it)."""
+    if isinstance(arr, pa.ChunkedArray):
+        return arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
+    return arr
+
+
 def _binary(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     """``arr`` as a binary array with 32-bit offsets (strings are viewed, not copied)."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    arr = one_array(arr)
     t = arr.type
     if pa.types.is_string(t):
         return arr.view(pa.binary())
@@ -448,7 +454,7 @@ def _keyable(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     """A column's values as bytes to hash: strings and binaries as they are; other types as their
     text (one spelling per value; -0.0 is folded into 0.0, which compares equal to it)."""
     if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+        arr = one_array(arr)
     t = arr.type
     if pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_large_string(t) \
             or pa.types.is_large_binary(t) or pa.types.is_null(t):
