@@ -1,5 +1,5 @@
-"""lakehouse.alloc: freed memory is kept for the next batch while an ingest runs, and given back
-when the last one ends (#15)."""
+"""lakehouse.alloc: freed memory is kept for the next batch while an ingest runs, no transparent
+huge page is made, and both are undone when the last one ends (#15)."""
 
 from __future__ import annotations
 
@@ -38,18 +38,21 @@ def rounds(first):
     return out
 
 before = rounds(0)
+thp = [alloc.huge_pages_disabled()]
 with alloc.batch_memory():
+    thp.append(alloc.huge_pages_disabled())
     inside = rounds(8)
     held = [bytes(1 << 20) for _ in range(64)]  # 64 MiB, freed inside the block
     del held
     kept = rss()
 after = rss()
-print(json.dumps({"before": before, "inside": inside, "kept": kept, "after": after, "settings": alloc.settings()}))
+thp.append(alloc.huge_pages_disabled())
+print(json.dumps({"before": before, "inside": inside, "kept": kept, "after": after, "settings": alloc.settings(), "thp": thp}))
 """
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only: elsewhere batch_memory changes nothing")
-def test_inside_batch_memory_a_freed_buffer_is_reused_and_the_memory_goes_back_at_the_end():
+def test_inside_batch_memory_a_freed_buffer_is_reused_no_huge_page_is_made_and_all_is_undone_at_the_end():
     out = subprocess.run([sys.executable, "-c", _PROBE, str(ROOT)], capture_output=True, text=True, check=True)
     got = json.loads(out.stdout)
     pages = (24 << 20) // 4096
@@ -60,6 +63,8 @@ def test_inside_batch_memory_a_freed_buffer_is_reused_and_the_memory_goes_back_a
     assert got["settings"] == {"mmap_threshold": alloc.MMAP_THRESHOLD, "trim_threshold": alloc.TRIM_THRESHOLD}
     # what was kept inside is given back when the block ends
     assert got["kept"] - got["after"] > 32 << 20, got
+    # huge pages: off inside the block only
+    assert got["thp"] == [False, True, False]
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc only")
@@ -92,10 +97,12 @@ def test_blocks_nest_and_overlap_across_threads_and_the_last_to_end_trims():
             t.start()
         entered.wait(timeout=10)
         assert alloc._active == 4 and trims == []
+        assert alloc.huge_pages_disabled() is True
         release.set()
         for t in threads:
             t.join(timeout=10)
         assert alloc._active == 0
         assert trims == [0]  # once, by the last block to end
+        assert alloc.huge_pages_disabled() is False
     finally:
         alloc._libc = saved
