@@ -783,6 +783,33 @@ def test_the_native_contract_rules_give_duckdbs_answer_on_every_value():
         assert rule in said, rule
 
 
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_output_columns_are_handed_to_arrow_without_a_copy_and_outlive_the_call():
+    """The core's output buffers reach Arrow through the buffer protocol, read-only, and the array
+    made of them keeps them alive after every other reference is gone."""
+    import gc
+
+    values = [f"  value {i} " if i % 7 else None for i in range(5000)]
+    parts = native._native.trim_text(native._col(pa.array(values)))
+    offsets, data, validity, nulls = parts
+    assert type(data).__name__ == "OwnedBuf" and nulls == sum(v is None for v in values)
+    view = memoryview(data)
+    assert view.readonly and len(view) == len(data)
+    import ctypes
+
+    with pytest.raises((BufferError, TypeError), match="not writable|read-only"):
+        (ctypes.c_char * len(data)).from_buffer(data)  # asks for a writable view
+    view.release()
+    buf = pa.py_buffer(data)
+    assert buf.address == pa.py_buffer(data).address  # the same memory, not a copy
+    arr = native._from_parts(pa.string(), len(values), parts)
+    del parts, offsets, data, validity, buf
+    gc.collect()
+    junk = [bytes(1000) for _ in range(2000)]  # reuse freed memory, if any were freed
+    assert arr.to_pylist() == [None if v is None else v.strip() for v in values]
+    del junk
+
+
 def _pattern_values(rng: random.Random, n: int) -> list[str | None]:
     """Near misses of e-mail addresses, phone numbers and postcodes: valid ones with pieces
     swapped, doubled, dropped or replaced by hostile characters."""

@@ -147,7 +147,47 @@ pub(crate) struct OutCol {
     nulls: usize,
 }
 
-pub(crate) type PyCol = (Py<PyBytes>, Py<PyBytes>, Option<Py<PyBytes>>, usize);
+pub(crate) type PyCol = (Py<OwnedBuf>, Py<OwnedBuf>, Option<Py<OwnedBuf>>, usize);
+
+/// A buffer made here, handed to Python without a copy: it exposes its bytes through the buffer
+/// protocol (read-only), so `pyarrow.py_buffer` makes an Arrow buffer of them that keeps this
+/// object alive. Before, each output column's offsets and values were copied into `bytes` (the
+/// sealed columns of a batch of 166k customers: 37 MB a batch, each copy into fresh pages).
+#[pyclass(frozen, module = "lakewarden_native")]
+pub(crate) struct OwnedBuf {
+    data: Vec<u8>,
+}
+
+impl OwnedBuf {
+    pub(crate) fn new(py: Python<'_>, data: Vec<u8>) -> Py<OwnedBuf> {
+        Py::new(py, OwnedBuf { data }).expect("a Python object for an output buffer")
+    }
+}
+
+#[pymethods]
+impl OwnedBuf {
+    fn __len__(&self) -> usize {
+        self.data.len()
+    }
+
+    /// # Safety
+    /// `view` is the caller's `Py_buffer` (the buffer protocol's contract).
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut pyo3::ffi::Py_buffer, flags: std::os::raw::c_int) -> PyResult<()> {
+        if flags & pyo3::ffi::PyBUF_WRITABLE != 0 {
+            return Err(pyo3::exceptions::PyBufferError::new_err("an output buffer is read-only"));
+        }
+        let data = &slf.get().data;
+        // Fills `view` and takes a reference to `slf`, released with the view: the bytes live as
+        // long as any view of them (the object is frozen: they never change).
+        if pyo3::ffi::PyBuffer_FillInfo(view, slf.as_ptr(), data.as_ptr() as *mut std::os::raw::c_void,
+                                        data.len() as pyo3::ffi::Py_ssize_t, 1, flags) == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut pyo3::ffi::Py_buffer) {}
+}
 
 impl OutCol {
     pub(crate) fn from_parts(
@@ -161,14 +201,20 @@ impl OutCol {
                 "column too large for 32-bit offsets; use smaller batches",
             ));
         }
-        let mut data = Vec::with_capacity(total);
+        // One part (a column made in one piece) is moved, not copied.
+        let whole = parts.len() == 1;
+        let mut data = if whole { Vec::new() } else { Vec::with_capacity(total) };
         let mut valid = vec![0u8; n.div_ceil(8)];
         let mut nulls = 0;
         let mut pos: i32 = 0;
         let mut row = 0;
         offsets.extend_from_slice(&pos.to_le_bytes());
         for (lens, bytes) in parts {
-            data.extend_from_slice(&bytes);
+            if whole {
+                data = bytes;
+            } else {
+                data.extend_from_slice(&bytes);
+            }
             for l in lens {
                 match l {
                     Some(l) => {
@@ -191,9 +237,9 @@ impl OutCol {
 
     pub(crate) fn into_py(self, py: Python<'_>) -> PyCol {
         (
-            PyBytes::new(py, &self.offsets).unbind(),
-            PyBytes::new(py, &self.data).unbind(),
-            self.validity.map(|v| PyBytes::new(py, &v).unbind()),
+            OwnedBuf::new(py, self.offsets),
+            OwnedBuf::new(py, self.data),
+            self.validity.map(|v| OwnedBuf::new(py, v)),
             self.nulls,
         )
     }
@@ -862,6 +908,7 @@ impl Hasher {
 fn lakewarden_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FORMAT_VERSION", VERSION)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<OwnedBuf>()?;
     m.add_function(wrap_pyfunction!(blind_indexes, m)?)?;
     m.add_function(wrap_pyfunction!(keyed_hashes, m)?)?;
     m.add_function(wrap_pyfunction!(token_from_bytes, m)?)?;
