@@ -45,7 +45,6 @@ from deltalake.exceptions import CommitFailedError
 
 from governance.gate import Actor, Resource
 from governance.keys import KeyRing, SubjectKeys, native
-from governance.keys.native import one_array
 from governance.lineage import DatasetRef
 from governance.pii import redact
 from governance.policy import ColumnClass, DatasetPolicy, Protection, Stage
@@ -239,7 +238,7 @@ class BatchWork:
             out = out.set_column(i, "_row", pc.take(raw.offsets, pc.subtract(out["_row"], raw.first_row)))
         # Tokens (and keys) now, in the pool too: the key store serializes its own transactions,
         # and a subject's token does not depend on which batch asked first.
-        subjects = self._subjects(one_array(out["_t_" + self.policy.subject_key])) if out.num_rows else None
+        subjects = self._subjects(native.one_array(out["_t_" + self.policy.subject_key])) if out.num_rows else None
         return out, subjects
 
     def _conform(self, text: pa.Table, plan: ShapePlan) -> pa.Table:
@@ -400,7 +399,7 @@ class BatchWork:
         if self.sealed_cols:
             values = {}
             for name in self.sealed_cols:
-                vals = one_array(acc[f"_t_{name}"])
+                vals = native.one_array(acc[f"_t_{name}"])
                 if not (pa.types.is_string(vals.type) or pa.types.is_binary(vals.type)):
                     vals = pc.cast(vals, pa.string())
                 values[name] = vals
@@ -630,7 +629,7 @@ class Ingestor(BatchWork):
         if out is None or not out.num_rows:
             return None
         key = self.policy.subject_key
-        reasons = one_array(out["_reason"])
+        reasons = native.one_array(out["_reason"])
         if self.existing_tokens is not None:
             seen: pa.Array | None = self.existing_tokens
             if fresh:

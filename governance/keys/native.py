@@ -453,8 +453,7 @@ class Hasher:
 def _keyable(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     """A column's values as bytes to hash: strings and binaries as they are; other types as their
     text (one spelling per value; -0.0 is folded into 0.0, which compares equal to it)."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = one_array(arr)
+    arr = one_array(arr)
     t = arr.type
     if pa.types.is_string(t) or pa.types.is_binary(t) or pa.types.is_large_string(t) \
             or pa.types.is_large_binary(t) or pa.types.is_null(t):
