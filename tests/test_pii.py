@@ -127,6 +127,25 @@ def test_decimals_and_exponents_around_identifiers():
         "card [redacted:card] ratio 0.4111111111111111", 1)
 
 
+def test_uuids_are_never_personal_data_and_do_not_hide_a_phone_beside_them():
+    """An identity provider's subject (a random UUID) whose middle groups are all digits looked
+    like a phone number and was redacted out of the audit's login event (CI, 2026-12-06)."""
+    import uuid
+
+    rng = random.Random(2026)
+    ids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(N)]
+    assert sum(1 for u in ids if all(g.isdigit() for g in u.split("-")[1:4])) > 10  # the case that failed is covered
+    for frame in ("{}", "subject {} logged in", '{{"subject": "{}"}}', "{}.", "({})"):
+        for u in ids:
+            assert list(find_pii(frame.format(u))) == [], frame.format(u)
+    seen = "f4d73eb1-8959-4266-9415-a6d092554b54"  # the one CI met
+    assert redact_value({"subject": seen, "roles": ["data_engineer"]}) == ({"subject": seen, "roles": ["data_engineer"]}, 0)
+    assert redact(seen.upper()) == (seen.upper(), 0)
+    # beside a UUID, a phone number is still found; a UUID-like run that is not one still counts
+    assert redact(f"{seen} called +1 415-555-0100") == (f"{seen} called [redacted:phone]", 1)
+    assert [k for k, _ in find_pii("f4d73eb1-8959-4266-9415-a6d092554b5")] == ["phone"]  # 11 hex in the last group
+
+
 def test_find_pii_in_names_the_field_never_the_value():
     hits = list(find_pii_in({"metrics": {"auc": 0.7134567890123456}, "notes": ["ok", "mail jane@example.org"],
                              "by": {"jane@example.org": 1}}))
