@@ -93,7 +93,7 @@ def iban_ok(s: str) -> bool:
 _UUID = re.compile(r"(?<![0-9A-Za-z-])[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}(?![0-9A-Za-z-])")
 
 
-def _mask_numbers(text: str) -> str:
+def _mask_non_pii(text: str) -> str:
     """``text`` with every decimal/scientific literal's and every UUID's characters replaced by
     ``x`` (same length)."""
     if "-" in text:  # first: a UUID's hex can hold an exponent's shape (7e0)
@@ -105,7 +105,7 @@ def _spans(text: str) -> Iterator[tuple[int, int, str]]:
     """``(start, end, kind)`` of each span of ``text`` that looks like personal data."""
     if not _MAYBE.search(text):
         return
-    masked = _mask_numbers(text)
+    masked = _mask_non_pii(text)
     if not _MAYBE.search(masked):
         return
     for kind, pat in _PATTERNS.items():

@@ -48,7 +48,7 @@ _lock = threading.Lock()
 _active = 0
 _libc: ctypes.CDLL | None = None
 _set = False
-_thp_was_disabled: int | None = None  # while blocks run: the process's setting before the first
+_restore_thp = False  # while blocks run: huge pages were allowed before the first, and this turned them off
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -82,7 +82,7 @@ def batch_memory() -> Iterator[None]:
     """Keep freed memory in the process and make no huge pages while the block runs (see the
     module docstring). Blocks may nest and run in several threads at once: the memory goes back,
     and huge pages are allowed again, when the last one ends."""
-    global _active, _set, _thp_was_disabled
+    global _active, _set, _restore_thp
     lib = _glibc()
     if lib is None:
         yield
@@ -92,9 +92,8 @@ def batch_memory() -> Iterator[None]:
             # mallopt returns 1 on success; a refusal leaves glibc's defaults, which only cost time.
             _set = bool(lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(lib.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
         if _active == 0:
-            was = lib.prctl(_PR_GET_THP_DISABLE, 0, 0, 0, 0)
             # A kernel without the call (< 3.15) answers -1: nothing to change, nothing to restore.
-            _thp_was_disabled = was if was >= 0 and lib.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0 else None
+            _restore_thp = lib.prctl(_PR_GET_THP_DISABLE, 0, 0, 0, 0) == 0 and lib.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0) == 0
         _active += 1
     try:
         yield
@@ -102,7 +101,7 @@ def batch_memory() -> Iterator[None]:
         with _lock:
             _active -= 1
             if _active == 0:
-                if _thp_was_disabled == 0:
+                if _restore_thp:
                     lib.prctl(_PR_SET_THP_DISABLE, 0, 0, 0, 0)
-                _thp_was_disabled = None
+                _restore_thp = False
                 lib.malloc_trim(0)
