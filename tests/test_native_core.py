@@ -336,6 +336,47 @@ def test_a_batch_probed_before_another_writers_merge_or_shred_still_gets_one_row
         assert all(mine.dek(toks[j]) == got.keys[j * 32 : (j + 1) * 32] for j in range(len(batch) - 45, len(batch)))
 
 
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_the_main_index_filter_spares_probes_and_is_not_used_after_another_writers_merge(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A batch of new people checks the main blind-index index through an in-memory filter (the
+    native core's ``Sbbf``), made for one merge mark: the few known subjects in the batch are still
+    found. Another writer (the pure-Python path, as another process would) then creates subjects
+    and merges them into the main index: the filter of the old mark is not used, so a batch holding
+    some of those finds them, and no subject ever gets a second row."""
+    from governance.keys import store as store_mod
+
+    monkeypatch.setattr(store_mod, "MERGE_MIN", 1_500)
+    path = tmp_path / "keystore.db"
+    kek = LocalKek(os.urandom(32), source="test")
+
+    def new(prefix: str, n: int) -> list[str]:
+        return [f"{prefix}-{i:05d}" for i in range(n)]
+
+    with KeyStore(path, kek) as st, KeyStore(path, kek) as other:
+        first = st.subject_keys(pa.array(new("a", 3_000)))  # merged: 3,000 in the main index
+        assert _split_state(path) == (3_000, 3_000, 0, 0)
+        made0, spared0 = native.main_filter_counts()
+        # 1,100 new people and 30 known (in the main index): the filter is made, and spares the probes
+        batch = new("b", 1_100) + new("a", 30)
+        got = st.subject_keys(pa.array(batch))
+        made1, spared1 = native.main_filter_counts()
+        assert made1 == made0 + 1 and spared1 - spared0 > 700
+        assert got.created == 1_100 and got.tokens[-30:].equals(first.tokens[:30])
+        assert _split_state(path)[:3] == (4_100, 3_000, 1_100)  # no merge yet: the mark stays
+        # another writer creates 2,000 and merges (the mark moves), then a batch holds 40 of them
+        with monkeypatch.context() as m:
+            _python_path(m)
+            theirs = other.subject_keys(pa.array(new("c", 2_000)))
+        assert _split_state(path)[:3] == (6_100, 6_100, 0)
+        batch = new("d", 1_100) + new("c", 40)
+        got = st.subject_keys(pa.array(batch))
+        assert got.created == 1_100 and got.tokens[-40:].equals(theirs.tokens[:40])
+        rows, main, recent, both = _split_state(path)
+        assert rows == main + recent == 7_200 and both == 0
+        assert native.main_filter_counts()[0] == made1 + 1  # made again, for the new mark
+
+
 def _split_state(path: Path) -> tuple[int, int, int, int]:
     """Rows, entries of the main and the recent blind-index index, and blind indexes in both."""
     with sqlite3.connect(path) as db:

@@ -237,6 +237,16 @@ def release_connections() -> None:
         _native.release_connections()
 
 
+def main_filter_counts() -> tuple[int, int]:
+    """The native key store's filters of the main blind-index index made in this process, and the
+    ids they spared a probe of that index (see ``native/src/keystore.rs: Sbbf``). ``(0, 0)``
+    without the native core."""
+    if _native is None or not hasattr(_native, "main_filter_counts"):
+        return (0, 0)
+    made, spared = _native.main_filter_counts()
+    return (made, spared)
+
+
 # ---------------------------------------------------------------------- key wrapping
 
 
