@@ -56,7 +56,10 @@ before it inserts. ``recent_runs`` lists the runs, each with its keys: the first
 of its blind indexes, sorted (8 bytes a recent subject). Both paths keep the keys in memory
 (``_RecentKeys`` here, ``RecentIndex`` in ``native/src/keystore.rs``), reading only the runs they
 lack, and probe a run only for the ids its keys name. A shred takes its subject's key out of its
-run's keys too, so no part of an erased blind index stays in the file.
+run's keys too, so no part of an erased blind index stays in the file. The native path also keeps,
+in memory only, a Bloom filter of the main index for its current merge mark, so a batch of new
+people probes the main index only for the ids the filter may hold (``Sbbf`` in
+``native/src/keystore.rs``); kept in the file, its bits would outlive a shredded subject.
 
 Each wrapped key is bound to its row by the wrapping AAD
 (``b"lakewarden:dek\\x00" + token``, ``b"lakewarden:meta\\x00" + name``), so a
