@@ -22,6 +22,12 @@ Goals (issue #15): transactions ≥ 0.6× plain, customers ≥ 0.5×, peak memor
 ``--repeat 3`` runs three alternating plain/governed pairs and reports the medians: on a shared
 machine the plain side alone varied from 1.05 to 1.96 s between runs of the same 1M-row CSV (the
 slowest first, its CSV not yet cached; each pair now reads it once before the plain run).
+``--warm`` runs each side once, untimed, right before its timed run (plain into a scratch table,
+governed into a scratch workspace), so each is timed after itself. Without it each side runs
+right after the other. The plain side is the one that varies: on 2026-12-06 (1M customers) the
+plain script took 1.07-1.45 s in a loop of plain runs alone, 1.56-2.07 s in five pairs without
+``--warm`` (right after a governed ingest it used about 0.6 s more CPU, most of it system time)
+and 1.22-1.83 s in five pairs with it; the governed side took 3.22-3.46 s and 3.01-3.15 s.
 With ``--tpp 1`` both files have ``size`` rows (customers: every row a new subject). The
 pure-Python fallback (``LAKEWARDEN_NATIVE=0``) is measured too at sizes up to ``--python-up-to``.
 """
@@ -136,6 +142,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="plain/governed pairs per dataset and size, alternating; the medians are reported "
                          "(the ratio: the median of the pairs' ratios), every run kept in the results file")
+    ap.add_argument("--warm", action="store_true",
+                    help="run each side once, untimed, right before its timed run (each timed after itself)")
     ap.add_argument("--out", type=Path, default=None, help="results file (default results/ingest.json, ingest-s3.json)")
     args = ap.parse_args()
     if args.out is None:
@@ -167,7 +175,7 @@ def main() -> None:
             pg.remove()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"cpus": os.cpu_count(), "batch_rows": args.batch, "store": args.store,
-                                    "keystore": args.keystore,
+                                    "keystore": args.keystore, "warm": args.warm,
                                     "results": results}, indent=2) + "\n")
     console.print(f"written to {args.out}")
 
@@ -228,8 +236,14 @@ def _pair(args: argparse.Namespace, env: dict[str, str], files: dict[str, Path],
         if dataset == "transactions":  # tokens for these customers exist, as in the pipeline
             run_py(GOVERNED, str(cfg), "customers", str(_copy(files["customers"], root)), str(args.batch), env=env)
         _warm(src)  # the governed side reads a copy just written (cached): the plain side's CSV cached too
+        if args.warm:
+            with console.status(f"plain {dataset}, untimed"):
+                run_py(PLAIN, str(src), f"{where}/plain-untimed", str(args.batch or 250_000), env=env)
         with console.status(f"plain {dataset} ({src.stat().st_size / 1e6:.0f} MB)"):
             plain = run_py(PLAIN, str(src), f"{where}/plain", str(args.batch or 250_000), env=env)
+        if args.warm and args.store == "local" and args.keystore == "sqlite":
+            with console.status(f"governed {dataset}, untimed"):
+                _untimed_governed(args, env, files, dataset)
         with console.status(f"governed {dataset}"):
             gov = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), str(args.batch), env=env)
         python = None
@@ -243,6 +257,20 @@ def _pair(args: argparse.Namespace, env: dict[str, str], files: dict[str, Path],
             with console.status(f"governed {dataset}, pure-Python fallback"):
                 python = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), str(args.batch), env=penv)
         return plain, gov, python
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _untimed_governed(args: argparse.Namespace, env: dict[str, str], files: dict[str, Path], dataset: str) -> None:
+    """A governed run of ``dataset`` (after its customers, for transactions) in a scratch workspace
+    of its own, deleted after (``--warm``), so the timed run that follows comes after one like it."""
+    root = Path(tempfile.mkdtemp(prefix="lw-bench-untimed-"))
+    try:
+        cfg = root / "lakewarden.yaml"
+        cfg.write_text(CONFIG.format(root=root, tables=f"{root}/tables", keystore=f"{root}/keys/keystore.db", repo=REPO))
+        if dataset == "transactions":
+            run_py(GOVERNED, str(cfg), "customers", str(_copy(files["customers"], root)), str(args.batch), env=env)
+        run_py(GOVERNED, str(cfg), dataset, str(_copy(files[dataset], root)), str(args.batch), env=env)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
