@@ -276,9 +276,12 @@ fn resolve_subjects(
         // the runs this transaction sees (see `recent_index`).
         let recent = if split { Some(recent_index(&tx, &db)?) } else { None };
         let recent_ref = recent.as_deref();
+        // and the main index's filter, when one was made at the mark this transaction sees
+        let main_filter = if split { kept_main_filter(&db, store_of(bi_key), merged_through(&tx)?)? } else { None };
         let look = Lookup {
             tx: &tx,
             recent: recent_ref,
+            main_filter: main_filter.as_deref(),
             token_cipher: token_cipher.as_ref(),
             want_keys,
             kek_id: &kek_id,
@@ -309,7 +312,7 @@ fn resolve_subjects(
                 // the recent level's cached keys hold (exact probes of their runs below).
                 let found = match pre {
                     Some(Pre { merged, found }) if merged == merged_through(&tx)? => found,
-                    _ => probe(&tx, PROBE_MAIN, None, &bis, &uniq, &rest)?,
+                    _ => probe(&tx, PROBE_MAIN, None, &bis, &uniq, &may_hold(main_filter.as_deref(), &bis, &uniq, rest.clone()))?,
                 };
                 let mut maybe: Vec<usize> = ix.route(&bis, &uniq, &rest).into_iter().flat_map(|(_, members)| members).collect();
                 maybe.extend(found);
@@ -662,33 +665,26 @@ fn pre_probe(db: &str, timeout_ms: u64, bi_key: &[u8], bis: &[[u8; 32]], uniq: &
             hits += usize::from(!std::mem::replace(&mut in_recent[s], true));
         }
     }
+    // A store that has never merged has an empty main index: nothing there to probe.
+    let merged = merged_through(&tx)?;
+    let main_empty = !tx.query_row("SELECT EXISTS (SELECT 1 FROM bi_main)", [], |r| r.get::<_, bool>(0))?;
+    let filter = if main_empty { None } else { main_filter(&tx, db, store_of(bi_key), merged, m)? };
     let others: Vec<usize> = sample.iter().copied().filter(|&s| !in_recent[s]).collect();
-    hits += probe(&tx, PROBE_MAIN, None, bis, uniq, &others)?.len();
+    hits += probe(&tx, PROBE_MAIN, None, bis, uniq, &may_hold(filter.as_deref(), bis, uniq, others))?.len();
     if !mostly_new(hits) {
         return Ok(None);
     }
-    let merged = merged_through(&tx)?;
-    // A store that has never merged has an empty main index: nothing there to probe.
-    let main_empty = !tx.query_row("SELECT EXISTS (SELECT 1 FROM bi_main)", [], |r| r.get::<_, bool>(0))?;
     let found = if main_empty {
         Vec::new()
     } else {
-        let rest = rest_of(m, &sample);
-        match main_filter(&tx, db, store_of(bi_key), merged, rest.len())? {
-            Some(filter) => {
-                let maybe: Vec<usize> = rest.into_iter().filter(|&s| filter.may_hold(&bis[uniq[s]])).collect();
-                FILTERED.fetch_add((m - sample.len() - maybe.len()) as u64, Ordering::Relaxed);
-                probe(&tx, PROBE_MAIN, None, bis, uniq, &maybe)?
-            }
-            None => probe(&tx, PROBE_MAIN, None, bis, uniq, &rest)?,
-        }
+        probe(&tx, PROBE_MAIN, None, bis, uniq, &may_hold(filter.as_deref(), bis, uniq, rest_of(m, &sample)))?
     };
     Ok(Some(Pre { merged, found }))
 }
 
 /// Which blind indexes the main index may hold, in memory: a split-block Bloom filter (Parquet's
-/// layout: 256-bit blocks of eight 32-bit words, one bit set in each word per key) of 10 bits a key,
-/// about 1% false positives and no false negatives. A batch of new people no longer probes the
+/// layout: 256-bit blocks of eight 32-bit words, one bit set in each word per key) of 16 bits a key,
+/// about 0.13% false positives (1.25% at 10 bits) and no false negatives. A batch of new people no longer probes the
 /// main index for each id (every page of it, once the index is larger than a batch: 0.08-0.1 s a
 /// batch of 166k at 5M subjects, and the whole index read again for every batch; #15), only for
 /// the ids the filter may hold, which it probes exactly.
@@ -702,16 +698,22 @@ fn pre_probe(db: &str, timeout_ms: u64, bi_key: &[u8], bis: &[[u8; 32]], uniq: &
 /// Made by reading the whole index once (0.06 us an entry), so it is made only when it pays: once
 /// the ids this process would have probed at that mark reach a sixteenth of the index (a probe
 /// reads a page of the index, a scan reads each page once); a small batch in a large store probes
-/// as before. Memory: 10 bits an entry of the main index (12 MB at 10M subjects).
+/// as before. Memory: 16 bits an entry of the main index (20 MB at 10M subjects). The sample that
+/// tells a batch of new people, and the writer's own look-ups (when the filter is for the mark its
+/// transaction sees), go through it too.
 struct Sbbf {
     blocks: Vec<[u32; 8]>,
 }
+
+/// 16 bits a key: 0.13% false positives (measured over 1M keys). At 10 bits (1.25%) the probes
+/// that passed still read about 27 MB of the index a batch of 166k at 10M subjects, a page each.
+const BITS_PER_KEY: usize = 16;
 
 const SBBF_SALT: [u32; 8] = [0x47b6137b, 0x44974d91, 0x8824ad5b, 0xa2b7289d, 0x705495c7, 0x2df1424b, 0x9efc4947, 0x5c6bfb31];
 
 impl Sbbf {
     fn with_capacity(n: usize) -> Self {
-        Sbbf { blocks: vec![[0u32; 8]; (n.max(1) * 10).div_ceil(256)] }
+        Sbbf { blocks: vec![[0u32; 8]; (n.max(1) * BITS_PER_KEY).div_ceil(256)] }
     }
     /// A blind index is an HMAC, so its bytes are uniform already: bytes 8..16 are the hash (the
     /// first 8 are the recent level's keys; any bytes would do).
@@ -759,6 +761,25 @@ static FILTERED: AtomicU64 = AtomicU64::new(0);
 #[pyfunction]
 fn main_filter_counts() -> (u64, u64) {
     (FILTERS_MADE.load(Ordering::Relaxed), FILTERED.load(Ordering::Relaxed))
+}
+
+/// The ids at `subset` whose blind index the main index may hold (all of them without a filter).
+fn may_hold(filter: Option<&Sbbf>, bis: &[[u8; 32]], uniq: &[usize], subset: Vec<usize>) -> Vec<usize> {
+    let Some(f) = filter else { return subset };
+    let n = subset.len();
+    let maybe: Vec<usize> = subset.into_iter().filter(|&s| f.may_hold(&bis[uniq[s]])).collect();
+    FILTERED.fetch_add((n - maybe.len()) as u64, Ordering::Relaxed);
+    maybe
+}
+
+/// The filter kept for store `db` at mark `merged`, if there is one (none is made here).
+fn kept_main_filter(db: &str, store: [u8; 8], merged: i64) -> Result<Option<Arc<Sbbf>>, Failure> {
+    let file = file_id(db)?;
+    let kept = MAIN_FILTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    Ok(match &*kept {
+        Some(f) if f.path == db && f.file == file && f.pid == std::process::id() && f.store == store && f.merged == merged => f.filter.clone(),
+        _ => None,
+    })
 }
 
 /// A store's fingerprint: the first 8 bytes of SHA-256 of its blind-index key (a file copied over
@@ -1019,6 +1040,7 @@ const SAMPLE: usize = 256;
 struct Lookup<'a> {
     tx: &'a rusqlite::Transaction<'a>,
     recent: Option<&'a RecentIndex>,
+    main_filter: Option<&'a Sbbf>, // schema 4: the main index's filter at this transaction's mark
     token_cipher: Option<&'a aes::Aes256>,
     want_keys: bool,
     kek_id: &'a str,
@@ -1054,6 +1076,7 @@ impl Lookup<'_> {
             found += self.one(self.statement(&LOOKUP_RECENT), Some(run), &members, slots)?;
         }
         let rest: Vec<usize> = subset.iter().copied().filter(|&s| !slots[s].known).collect();
+        let rest = may_hold(self.main_filter, self.bis, self.uniq, rest);
         Ok(found + self.one(self.statement(&LOOKUP_MAIN), None, &rest, slots)?)
     }
 
