@@ -91,7 +91,7 @@ fn release() {
         discard(&mut kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
     }
     *RECENT.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
-    *MAIN_FILTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    *main_filters() = None;
 }
 
 impl From<rusqlite::Error> for Failure {
@@ -208,6 +208,7 @@ fn resolve_subjects(
     let now = now.to_string();
     let res = py.allow_threads(|| -> Result<(Vec<usize>, Vec<Slot>, Zeroizing<Vec<u8>>, usize), Failure> {
         let bis = blind_index_all(bi_key, &ids).map_err(Failure::Value)?;
+        let store = store_of(bi_key); // which store the main index's filter is of
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_unstable_by(|a, b| bis[*a].cmp(&bis[*b]));
         let mut slot_of = vec![0usize; n];
@@ -224,7 +225,7 @@ fn resolve_subjects(
         // read transaction, while another batch writes (see `pre_probe`).
         let sampled = create && token_cipher.is_some() && m >= 4 * SAMPLE;
         let pre = if sampled {
-            pre_probe(&db, timeout_ms, bi_key, &bis, &uniq)?
+            pre_probe(&db, timeout_ms, store, &bis, &uniq)?
         } else {
             None
         };
@@ -277,7 +278,7 @@ fn resolve_subjects(
         let recent = if split { Some(recent_index(&tx, &db)?) } else { None };
         let recent_ref = recent.as_deref();
         // and the main index's filter, when one was made at the mark this transaction sees
-        let main_filter = if split { kept_main_filter(&db, store_of(bi_key), merged_through(&tx)?)? } else { None };
+        let main_filter = if split { kept_main_filter(&db, store, merged_through(&tx)?)? } else { None };
         let look = Lookup {
             tx: &tx,
             recent: recent_ref,
@@ -646,7 +647,7 @@ struct Pre {
 /// writer in this process and takes no write lock): sample the batch; when (nearly) none of the
 /// sample is known, probe the main index for the rest, the largest lookup of a batch of new people.
 /// `None`: not a schema-4 store, or not new people (the writer looks everything up itself).
-fn pre_probe(db: &str, timeout_ms: u64, bi_key: &[u8], bis: &[[u8; 32]], uniq: &[usize]) -> Result<Option<Pre>, Failure> {
+fn pre_probe(db: &str, timeout_ms: u64, store: [u8; 8], bis: &[[u8; 32]], uniq: &[usize]) -> Result<Option<Pre>, Failure> {
     let mut reader = READER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let conn = connection(&mut reader, db, timeout_ms)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
@@ -668,7 +669,7 @@ fn pre_probe(db: &str, timeout_ms: u64, bi_key: &[u8], bis: &[[u8; 32]], uniq: &
     // A store that has never merged has an empty main index: nothing there to probe.
     let merged = merged_through(&tx)?;
     let main_empty = !tx.query_row("SELECT EXISTS (SELECT 1 FROM bi_main)", [], |r| r.get::<_, bool>(0))?;
-    let filter = if main_empty { None } else { main_filter(&tx, db, store_of(bi_key), merged, m)? };
+    let filter = if main_empty { None } else { main_filter(&tx, db, store, merged, m)? };
     let others: Vec<usize> = sample.iter().copied().filter(|&s| !in_recent[s]).collect();
     hits += probe(&tx, PROBE_MAIN, None, bis, uniq, &may_hold(filter.as_deref(), bis, uniq, others))?.len();
     if !mostly_new(hits) {
@@ -683,11 +684,11 @@ fn pre_probe(db: &str, timeout_ms: u64, bi_key: &[u8], bis: &[[u8; 32]], uniq: &
 }
 
 /// Which blind indexes the main index may hold, in memory: a split-block Bloom filter (Parquet's
-/// layout: 256-bit blocks of eight 32-bit words, one bit set in each word per key) of 16 bits a key,
-/// about 0.13% false positives (1.25% at 10 bits) and no false negatives. A batch of new people no longer probes the
-/// main index for each id (every page of it, once the index is larger than a batch: 0.08-0.1 s a
-/// batch of 166k at 5M subjects, and the whole index read again for every batch; #15), only for
-/// the ids the filter may hold, which it probes exactly.
+/// layout: 256-bit blocks of eight 32-bit words, one bit set in each word per key) of 16 bits a
+/// key, about 0.13% false positives (1.25% at 10 bits) and no false negatives. A batch of new
+/// people no longer probes the main index for each id (every page of it, once the index is larger
+/// than a batch: 0.08-0.1 s a batch of 166k at 5M subjects, and the whole index read again for
+/// every batch; #15), only for the ids the filter may hold, which it probes exactly.
 ///
 /// The main index gains entries only in a merge, which moves `lsm.merged_through` (conversions
 /// from schema 2 and 3 set it too), so a filter made in a read transaction holds every entry the
@@ -752,6 +753,17 @@ struct MainFilter {
     filter: Option<Arc<Sbbf>>,
 }
 static MAIN_FILTER: std::sync::Mutex<Option<MainFilter>> = std::sync::Mutex::new(None);
+
+impl MainFilter {
+    /// Whether this is the filter (or the count towards one) of store `db` at mark `merged`.
+    fn is(&self, db: &str, file: (u64, u64), store: [u8; 8], merged: i64) -> bool {
+        self.path == db && self.file == file && self.pid == std::process::id() && self.store == store && self.merged == merged
+    }
+}
+
+fn main_filters() -> std::sync::MutexGuard<'static, Option<MainFilter>> {
+    MAIN_FILTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 /// Filters made, and ids the filters spared a probe of the main index (tests, benchmarks:
 /// `main_filter_counts`).
 static FILTERS_MADE: AtomicU64 = AtomicU64::new(0);
@@ -775,11 +787,7 @@ fn may_hold(filter: Option<&Sbbf>, bis: &[[u8; 32]], uniq: &[usize], subset: Vec
 /// The filter kept for store `db` at mark `merged`, if there is one (none is made here).
 fn kept_main_filter(db: &str, store: [u8; 8], merged: i64) -> Result<Option<Arc<Sbbf>>, Failure> {
     let file = file_id(db)?;
-    let kept = MAIN_FILTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    Ok(match &*kept {
-        Some(f) if f.path == db && f.file == file && f.pid == std::process::id() && f.store == store && f.merged == merged => f.filter.clone(),
-        _ => None,
-    })
+    Ok(main_filters().as_ref().filter(|f| f.is(db, file, store, merged)).and_then(|f| f.filter.clone()))
 }
 
 /// A store's fingerprint: the first 8 bytes of SHA-256 of its blind-index key (a file copied over
@@ -791,23 +799,25 @@ fn store_of(bi_key: &[u8]) -> [u8; 8] {
 }
 
 /// The main index's filter at mark `merged`, as read in `tx`, for a probe of `asking` ids: the kept
-/// one, or one made now when it pays (see `Sbbf`), or `None` (probe every id).
+/// one, or one made now when it pays (see `Sbbf`), or `None` (probe every id). Only `pre_probe`
+/// calls it (under the reader's lock, so one scan at a time), and the scan runs without the
+/// filters' lock, which the writer's turn takes too (`kept_main_filter`).
 fn main_filter(tx: &rusqlite::Transaction<'_>, db: &str, store: [u8; 8], merged: i64, asking: usize) -> Result<Option<Arc<Sbbf>>, Failure> {
     let file = file_id(db)?;
-    let pid = std::process::id();
-    let mut kept = MAIN_FILTER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let same = matches!(&*kept, Some(f) if f.path == db && f.file == file && f.pid == pid && f.store == store && f.merged == merged);
-    if !same {
-        *kept = Some(MainFilter { path: db.to_string(), file, pid, store, merged, asked: 0, filter: None });
-    }
-    let slot = kept.as_mut().expect("set above");
-    if let Some(f) = &slot.filter {
-        return Ok(Some(Arc::clone(f)));
-    }
-    slot.asked += asking;
-    // `merged` (the last id merged) bounds the index's size from above.
-    if slot.asked.saturating_mul(16) < usize::try_from(merged).unwrap_or(usize::MAX) {
-        return Ok(None);
+    {
+        let mut kept = main_filters();
+        if !kept.as_ref().is_some_and(|f| f.is(db, file, store, merged)) {
+            *kept = Some(MainFilter { path: db.to_string(), file, pid: std::process::id(), store, merged, asked: 0, filter: None });
+        }
+        let slot = kept.as_mut().expect("set above");
+        if let Some(f) = &slot.filter {
+            return Ok(Some(Arc::clone(f)));
+        }
+        slot.asked += asking;
+        // `merged` (the last id merged) bounds the index's size from above.
+        if slot.asked.saturating_mul(16) < usize::try_from(merged).unwrap_or(usize::MAX) {
+            return Ok(None);
+        }
     }
     let mut filter = Sbbf::with_capacity(usize::try_from(merged).unwrap_or(0));
     let mut sel = tx.prepare("SELECT blind_index FROM bi_main")?;
@@ -819,7 +829,9 @@ fn main_filter(tx: &rusqlite::Transaction<'_>, db: &str, store: [u8; 8], merged:
     }
     FILTERS_MADE.fetch_add(1, Ordering::Relaxed);
     let filter = Arc::new(filter);
-    slot.filter = Some(Arc::clone(&filter));
+    if let Some(slot) = main_filters().as_mut().filter(|f| f.is(db, file, store, merged)) {
+        slot.filter = Some(Arc::clone(&filter));
+    }
     Ok(Some(filter))
 }
 
