@@ -666,18 +666,24 @@ fn pre_probe(db: &str, timeout_ms: u64, store: [u8; 8], bis: &[[u8; 32]], uniq: 
             hits += usize::from(!std::mem::replace(&mut in_recent[s], true));
         }
     }
-    // A store that has never merged has an empty main index: nothing there to probe.
+    // A store that has never merged has an empty main index: nothing there to probe. The sample
+    // goes through a filter already made; only a batch of new people counts towards making one
+    // (a batch of known subjects would pay for a scan it cannot use).
     let merged = merged_through(&tx)?;
     let main_empty = !tx.query_row("SELECT EXISTS (SELECT 1 FROM bi_main)", [], |r| r.get::<_, bool>(0))?;
-    let filter = if main_empty { None } else { main_filter(&tx, db, store, merged, m)? };
+    let kept = if main_empty { None } else { kept_main_filter(db, store, merged)? };
     let others: Vec<usize> = sample.iter().copied().filter(|&s| !in_recent[s]).collect();
-    hits += probe(&tx, PROBE_MAIN, None, bis, uniq, &may_hold(filter.as_deref(), bis, uniq, others))?.len();
+    hits += probe(&tx, PROBE_MAIN, None, bis, uniq, &may_hold(kept.as_deref(), bis, uniq, others))?.len();
     if !mostly_new(hits) {
         return Ok(None);
     }
     let found = if main_empty {
         Vec::new()
     } else {
+        let filter = match kept {
+            Some(f) => Some(f),
+            None => main_filter(&tx, db, store, merged, m)?,
+        };
         probe(&tx, PROBE_MAIN, None, bis, uniq, &may_hold(filter.as_deref(), bis, uniq, rest_of(m, &sample)))?
     };
     Ok(Some(Pre { merged, found }))
