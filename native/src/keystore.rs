@@ -703,9 +703,9 @@ fn pre_probe(db: &str, timeout_ms: u64, store: [u8; 8], bis: &[[u8; 32]], uniq: 
 /// the blind-index key's fingerprint), in the process that made it, and for one mark.
 ///
 /// Made by reading the whole index once (0.06 us an entry), so it is made only when it pays: once
-/// the ids this process would have probed at that mark reach a sixteenth of the index (a probe
-/// reads a page of the index, a scan reads each page once); a small batch in a large store probes
-/// as before. Memory: 16 bits an entry of the main index (20 MB at 10M subjects). The sample that
+/// the ids of batches of new people this process would have probed at that mark reach a sixteenth
+/// of the index (a probe reads a page of the index, a scan reads each page once); a small batch in
+/// a large store probes as before. Memory: 16 bits an entry of the main index (20 MB at 10M subjects). The sample that
 /// tells a batch of new people, and the writer's own look-ups (when the filter is for the mark its
 /// transaction sees), go through it too.
 struct Sbbf {
