@@ -28,6 +28,14 @@ right after the other. The plain side is the one that varies: on 2026-12-06 (1M 
 plain script took 1.07-1.45 s in a loop of plain runs alone, 1.56-2.07 s in five pairs without
 ``--warm`` (right after a governed ingest it used about 0.6 s more CPU, most of it system time)
 and 1.22-1.83 s in five pairs with it; the governed side took 3.22-3.46 s and 3.01-3.15 s.
+Why the plain side moves (measured 2026-12-06): this machine is a VM whose balloon device reports
+free memory to its host, so memory a process frees is handed back about 2 s later, and the next
+process to touch fresh memory pays the host's faults: in a plain 1M run right after a governed one,
+``clear_page_erms`` (the kernel zeroing new pages) took 28% of its samples. A plain run right after
+another plain run reuses what that one freed (1.24-1.46 s, 0.2 s of system time); after a 6 s pause
+it took 1.75-2.26 s (0.55-0.98 s of system time), as it does after a governed run. ``--settle 5``
+waits before every timed run, so each side starts with its memory handed back and pays for all it
+touches: the same state for both, whatever ran before.
 With ``--tpp 1`` both files have ``size`` rows (customers: every row a new subject). The
 pure-Python fallback (``LAKEWARDEN_NATIVE=0``) is measured too at sizes up to ``--python-up-to``.
 """
@@ -144,6 +152,9 @@ def main() -> None:
                          "(the ratio: the median of the pairs' ratios), every run kept in the results file")
     ap.add_argument("--warm", action="store_true",
                     help="run each side once, untimed, right before its timed run (each timed after itself)")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to wait before every timed run, so memory the last process freed has gone back "
+                         "to the VM's host and both sides start alike (see above)")
     ap.add_argument("--out", type=Path, default=None, help="results file (default results/ingest.json, ingest-s3.json)")
     args = ap.parse_args()
     if args.out is None:
@@ -175,7 +186,7 @@ def main() -> None:
             pg.remove()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"cpus": os.cpu_count(), "batch_rows": args.batch, "store": args.store,
-                                    "keystore": args.keystore, "warm": args.warm,
+                                    "keystore": args.keystore, "warm": args.warm, "settle": args.settle,
                                     "results": results}, indent=2) + "\n")
     console.print(f"written to {args.out}")
 
@@ -239,13 +250,16 @@ def _pair(args: argparse.Namespace, env: dict[str, str], files: dict[str, Path],
         if args.warm:
             with console.status(f"plain {dataset}, untimed"):
                 run_py(PLAIN, str(src), f"{where}/plain-untimed", str(args.batch or 250_000), env=env)
+        settle(args.settle)
         with console.status(f"plain {dataset} ({src.stat().st_size / 1e6:.0f} MB)"):
             plain = run_py(PLAIN, str(src), f"{where}/plain", str(args.batch or 250_000), env=env)
         if args.warm and args.store == "local" and args.keystore == "sqlite":
             with console.status(f"governed {dataset}, untimed"):
                 _untimed_governed(args, env, files, dataset)
+        landing_copy = _copy(src, root)
+        settle(args.settle)
         with console.status(f"governed {dataset}"):
-            gov = run_py(GOVERNED, str(cfg), dataset, str(_copy(src, root)), str(args.batch), env=env)
+            gov = run_py(GOVERNED, str(cfg), dataset, str(landing_copy), str(args.batch), env=env)
         python = None
         if fallback and args.store == "local" and args.keystore == "sqlite":
             shutil.rmtree(root / "tables", ignore_errors=True)
@@ -273,6 +287,14 @@ def _untimed_governed(args: argparse.Namespace, env: dict[str, str], files: dict
         run_py(GOVERNED, str(cfg), dataset, str(_copy(files[dataset], root)), str(args.batch), env=env)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def settle(seconds: float) -> None:
+    """Wait ``seconds`` before a timed run (``--settle``): the memory the last process freed is
+    handed back to the VM's host meanwhile, so the run starts as every settled run does."""
+    if seconds > 0:
+        with console.status(f"settling {seconds:g} s"):
+            time.sleep(seconds)
 
 
 def _warm(path: Path) -> None:

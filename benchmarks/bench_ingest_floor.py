@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ingest import CONFIG, PLAIN, REPO, _copy, _warm, landing  # noqa: E402
+from bench_ingest import CONFIG, PLAIN, REPO, _copy, _warm, landing, settle  # noqa: E402
 
 console = Console()
 
@@ -109,15 +109,17 @@ def _run(code: str, args: list[str], env: dict[str, str]) -> dict:
     return out
 
 
-def _side(side: str, src: Path, env: dict[str, str]) -> dict:
+def _side(side: str, src: Path, env: dict[str, str], settle_s: float = 0.0) -> dict:
     root = Path(tempfile.mkdtemp(prefix="lw-bench-floor-"))
     try:
         if side == "plain":
+            settle(settle_s)
             return _run(PLAIN_CPU, [str(src), str(root / "plain"), "250000"], env)
         cfg = root / "lakewarden.yaml"
         cfg.write_text(CONFIG.format(root=root, tables=f"{root}/tables", keystore=f"{root}/keys/keystore.db", repo=REPO))
         landing_copy = _copy(src, root)
         _warm(src)
+        settle(settle_s)
         out = _run(STAND_IN + TIMED, [str(cfg), str(landing_copy), side], env)
         if out["accepted"] != out["rows"]:
             raise SystemExit(f"{side}: {out['rows'] - out['accepted']} of {out['rows']} rows were not accepted")
@@ -130,6 +132,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1_000_000, help="customers (rows, every one a new person)")
     ap.add_argument("--repeat", type=int, default=2, help="rounds of the four sides; medians are reported")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to wait before every timed run (see bench_ingest.py: the VM hands freed memory back)")
     ap.add_argument("--out", type=Path, default=None, help="results file (default results/ingest-floor-<size>.json)")
     args = ap.parse_args()
     from governance.keys import generate_kek_b64
@@ -143,7 +147,7 @@ def main() -> None:
     for i in range(args.repeat):
         for side in SIDES:
             with console.status(f"round {i + 1}/{args.repeat}: {side}"):
-                runs[side].append(_side(side, src, env))
+                runs[side].append(_side(side, src, env, args.settle))
     plain = statistics.median(r["seconds"] for r in runs["plain"])
     summary = {}
     t = Table(title=f"governed customers ingest, {args.size:,} new people: the key store against the rest (medians)")
@@ -162,7 +166,7 @@ def main() -> None:
                   f"everything else: {summary['none']['seconds']:.1f} s (plain {plain:.1f} s)")
     out = args.out or REPO / "benchmarks" / "results" / f"ingest-floor-{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpus": os.cpu_count(), "size": args.size, "repeat": args.repeat,
+    out.write_text(json.dumps({"cpus": os.cpu_count(), "size": args.size, "repeat": args.repeat, "settle": args.settle,
                                "summary": summary, "runs": runs}, indent=2) + "\n")
     console.print(f"written to {out}")
 
