@@ -77,6 +77,15 @@ def run(subjects: int, batch: int, fanout: int, folder: Path) -> dict:
     c1 = os.times()
     seconds = time.perf_counter() - t0
     levels = c.execute("SELECT level, count(*) FROM bi_runs GROUP BY level ORDER BY level").fetchall()
+    # untimed: every run is in blind-index order, and the runs hold every subject once
+    ids = []
+    for bis, run_ids in c.execute("SELECT bis, ids FROM bi_runs"):
+        keys = _prefix(np.frombuffer(bis, np.uint8))
+        if np.any(keys[1:] < keys[:-1]):
+            raise SystemExit("a run is not in blind-index order")
+        ids.append(np.frombuffer(run_ids, "<i8"))
+    if not np.array_equal(np.sort(np.concatenate(ids)), np.arange(1, subjects + 1)):
+        raise SystemExit("the runs do not hold every subject once")
     c.close()
     size = path.stat().st_size
     path.unlink()
