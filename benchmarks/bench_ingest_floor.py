@@ -1,6 +1,6 @@
 """Where a governed customers ingest's time goes: the key store against everything else (run by hand).
 
-A measurement, never a way to run the product. Each pair of the same CSV (one row per new person,
+A measurement, never a way to run the product. In each round the same CSV (one row per new person,
 the heaviest case of issue #15) is timed four ways, each in its own process, alternating:
 
 * ``plain``    ``write_deltalake`` of the CSV, as ``bench_ingest.py``'s plain side;
@@ -8,8 +8,9 @@ the heaviest case of issue #15) is timed four ways, each in its own process, alt
 * ``crypto``   the same ingest with the key store's bulk call (``governance.keys.native.
                resolve_subjects``) replaced by its cryptography alone: the blind-index HMAC of
                every id, a random data key per subject, and that key wrapped under the KEK with
-               the token as associated data, in the native core, as the key store does them. No
-               look-up, nothing stored: every id is taken as new;
+               the token as associated data, in the native core, as the key store does them
+               (the tokens are random here; the store derives each from its row id with one AES
+               block). No look-up, nothing stored: every id is taken as new;
 * ``none``     the same ingest with that call replaced by random tokens and keys: a key store
                that costs nothing.
 
@@ -78,7 +79,8 @@ if MODE != "governed":
 """
 
 TIMED = r"""
-import json, os, resource, time
+import json, os, sys, time
+import pyarrow as pa
 from governance.workspace import Workspace
 from lakehouse.ingest import ingest
 cfg, src = sys.argv[1], sys.argv[2]
