@@ -1,7 +1,7 @@
 """Where a governed customers ingest's time goes: the key store against everything else (run by hand).
 
 A measurement, never a way to run the product. In each round the same CSV (one row per new person,
-the heaviest case of issue #15) is timed four ways, each in its own process, alternating:
+the heaviest case of issue #15) is timed five ways, each in its own process, alternating:
 
 * ``plain``    ``write_deltalake`` of the CSV, as ``bench_ingest.py``'s plain side;
 * ``governed`` the real governed ingest (``lakehouse.ingest.ingest``);
@@ -11,6 +11,11 @@ the heaviest case of issue #15) is timed four ways, each in its own process, alt
                the token as associated data, in the native core, as the key store does them
                (the tokens are random here; the store derives each from its row id with one AES
                block). No look-up, nothing stored: every id is taken as new;
+* ``layout``   ``crypto``, and the batch stored in the layout of ``bench_keystore_layout.py``
+               (per-batch blobs of wrapped keys, tiered sorted runs of blind indexes, fan-out 8,
+               the key store's pragmas; one writer at a time, as the store's turn): what a key
+               store built that way would cost, less its look-ups (every id is new here, as a
+               batch of new people mostly is behind the store's filter);
 * ``none``     the same ingest with that call replaced by random tokens and keys: a key store
                that costs nothing.
 
@@ -54,6 +59,11 @@ from governance.keys import native
 from governance.keys.native import _col, _mv, _native
 
 MODE = sys.argv[3]
+if MODE == "layout":
+    import threading
+    sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+    from bench_keystore_layout import open_layout, store_batch
+    _LAYOUT, _LAYOUT_LOCK, _NEXT_ID = {}, threading.Lock(), [1]
 _LUT = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz234567", np.uint8)
 _RNG = np.random.default_rng()
 
@@ -69,9 +79,15 @@ def stand_in(db, bi_key, kek, kek_id, ids, *, create, keys, now, merge_min, merg
     n = len(ids)
     tokens = _tokens(n)
     data_keys = os.urandom(32 * n)
-    if MODE == "crypto":
-        native.blind_indexes(bi_key, ids)
-        _native.wrap_keys(_mv(kek), data_keys, b"lakewarden:dek\x00", _col(tokens), None)
+    if MODE in ("crypto", "layout"):
+        bis = native.blind_indexes(bi_key, ids)
+        wrapped = _native.wrap_keys(_mv(kek), data_keys, b"lakewarden:dek\x00", _col(tokens), None)
+        if MODE == "layout":
+            with _LAYOUT_LOCK:
+                if db not in _LAYOUT:
+                    _LAYOUT[db] = open_layout(db + ".layout")
+                store_batch(_LAYOUT[db], _NEXT_ID[0], bis, wrapped, 8)
+                _NEXT_ID[0] += n
     return tokens, (data_keys if keys else None), n
 
 if MODE != "governed":
@@ -91,14 +107,19 @@ t0, c0 = time.perf_counter(), os.times()
 rep = ingest(ws, ws.actor("pipeline"), "customers", [src])
 ws.close()
 c1 = os.times()
-print(json.dumps({"rows": rep.rows_read, "accepted": rep.rows_accepted, "seconds": time.perf_counter() - t0,
-                  "cpu_seconds": c1.user - c0.user + c1.system - c0.system, "peak_rss_mb": rep.peak_rss_mb}))
+seconds = time.perf_counter() - t0
+stored = {}
+if MODE == "layout":  # untimed: what the layout holds
+    stored["layout_subjects"] = sum(c.execute("SELECT coalesce(sum(n), 0) FROM keyblocks").fetchone()[0]
+                                    for c in _LAYOUT.values())
+print(json.dumps({"rows": rep.rows_read, "accepted": rep.rows_accepted, "seconds": seconds,
+                  "cpu_seconds": c1.user - c0.user + c1.system - c0.system, "peak_rss_mb": rep.peak_rss_mb, **stored}))
 """
 
 PLAIN_CPU = "import os\n" + PLAIN.replace("t0 = time.perf_counter()", "t0 = time.perf_counter(); _c0 = os.times()") + (
     "\n_c1 = os.times()\nprint(json.dumps({'cpu_seconds': _c1.user - _c0.user + _c1.system - _c0.system}))\n")
 
-SIDES = ("plain", "governed", "crypto", "none")
+SIDES = ("plain", "governed", "crypto", "layout", "none")
 
 
 def _run(code: str, args: list[str], env: dict[str, str]) -> dict:
@@ -133,9 +154,10 @@ def _side(side: str, src: Path, env: dict[str, str], settle_s: float = 0.0) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=1_000_000, help="customers (rows, every one a new person)")
-    ap.add_argument("--repeat", type=int, default=2, help="rounds of the four sides; medians are reported")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds of the sides; medians are reported")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds to wait before every timed run (see bench_ingest.py: the VM hands freed memory back)")
+    ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="which sides to time (plain always)")
     ap.add_argument("--out", type=Path, default=None, help="results file (default results/ingest-floor-<size>.json)")
     args = ap.parse_args()
     from governance.keys import generate_kek_b64
@@ -145,9 +167,10 @@ def main() -> None:
         raise SystemExit("the floor is measured on the native core: build it first (make install)")
     env = {**os.environ, "LAKEWARDEN_KEK": generate_kek_b64()}
     src = landing(args.size, 1.0)["customers"]
-    runs: dict[str, list[dict]] = {s: [] for s in SIDES}
+    sides = [s for s in SIDES if s == "plain" or s in args.sides]
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
     for i in range(args.repeat):
-        for side in SIDES:
+        for side in sides:
             with console.status(f"round {i + 1}/{args.repeat}: {side}"):
                 runs[side].append(_side(side, src, env, args.settle))
     plain = statistics.median(r["seconds"] for r in runs["plain"])
@@ -155,7 +178,7 @@ def main() -> None:
     t = Table(title=f"governed customers ingest, {args.size:,} new people: the key store against the rest (medians)")
     for c in ("side", "seconds", "CPU seconds", "cores busy", "ratio to plain", "runs (s)"):
         t.add_column(c, justify="left" if c == "side" else "right")
-    for side in SIDES:
+    for side in sides:
         secs = statistics.median(r["seconds"] for r in runs[side])
         cpu = statistics.median(r["cpu_seconds"] for r in runs[side])
         summary[side] = {"seconds": secs, "cpu_seconds": cpu, "ratio": plain / secs,
@@ -163,12 +186,13 @@ def main() -> None:
         t.add_row(side, f"{secs:.2f}", f"{cpu:.1f}", f"{cpu / secs:.2f}", f"{plain / secs:.2f}",
                   ", ".join(f"{r['seconds']:.1f}" for r in runs[side]))
     console.print(t)
-    console.print(f"the key store's storage: {summary['governed']['seconds'] - summary['crypto']['seconds']:.1f} s; "
-                  f"its cryptography: {summary['crypto']['seconds'] - summary['none']['seconds']:.1f} s; "
-                  f"everything else: {summary['none']['seconds']:.1f} s (plain {plain:.1f} s)")
+    if {"governed", "crypto", "none"} <= summary.keys():
+        console.print(f"the key store's storage: {summary['governed']['seconds'] - summary['crypto']['seconds']:.1f} s; "
+                      f"its cryptography: {summary['crypto']['seconds'] - summary['none']['seconds']:.1f} s; "
+                      f"everything else: {summary['none']['seconds']:.1f} s (plain {plain:.1f} s)")
     out = args.out or REPO / "benchmarks" / "results" / f"ingest-floor-{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpus": os.cpu_count(), "size": args.size, "repeat": args.repeat, "settle": args.settle,
+    out.write_text(json.dumps({"cpus": os.cpu_count(), "size": args.size, "repeat": args.repeat, "settle": args.settle, "sides": sides,
                                "summary": summary, "runs": runs}, indent=2) + "\n")
     console.print(f"written to {out}")
 

@@ -36,43 +36,59 @@ def _prefix(sorted_bis: np.ndarray) -> np.ndarray:
     return sorted_bis.reshape(-1).view(">u8").reshape(-1, 4)[:, 0]
 
 
-def run(subjects: int, batch: int, fanout: int, folder: Path) -> dict:
-    path = folder / f"layout-{fanout}.db"
-    c = sqlite3.connect(path, isolation_level=None)
+def open_layout(path: Path | str) -> sqlite3.Connection:
+    """A new layout file at ``path``, with the key store's pragmas."""
+    c = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     for pragma in ("page_size=16384", "journal_mode=DELETE", "synchronous=FULL", "secure_delete=ON", "cache_size=-65536"):
         c.execute(f"PRAGMA {pragma}")
     c.execute("CREATE TABLE keyblocks(first_id INTEGER PRIMARY KEY, n INTEGER NOT NULL, kek_id TEXT NOT NULL, "
               "created_at TEXT NOT NULL, wrapped BLOB NOT NULL)")
     c.execute("CREATE TABLE bi_runs(run INTEGER PRIMARY KEY, level INTEGER NOT NULL, n INTEGER NOT NULL, "
               "bis BLOB NOT NULL, ids BLOB NOT NULL)")
+    return c
+
+
+def store_batch(c: sqlite3.Connection, first_id: int, bis: bytes, wrapped: bytes, fanout: int) -> tuple[float, int]:
+    """Store one batch of new subjects (ids ``first_id`` on; 32-byte blind indexes, 60-byte wrapped
+    keys) in one transaction: its key block, its run, and the tiered merges it completes.
+    ``(seconds merging, entries merged)``."""
+    n = len(bis) // 32
+    b = np.frombuffer(bis, np.uint8).reshape(n, 32)
+    order = np.argsort(_prefix(b), kind="stable")
+    merge_s, merged = 0.0, 0
+    c.execute("BEGIN IMMEDIATE")
+    c.execute("INSERT INTO keyblocks VALUES (?,?,?,?,?)", (first_id, n, "kek-1", "2026-12-06T00:00:00Z", wrapped))
+    c.execute("INSERT INTO bi_runs VALUES (?,?,?,?,?)",
+              (first_id, 0, n, b[order].tobytes(), (first_id + order).astype("<i8").tobytes()))
+    level = 0
+    while True:
+        runs = c.execute("SELECT run FROM bi_runs WHERE level = ? ORDER BY run", (level,)).fetchall()
+        if len(runs) < fanout:
+            break
+        tm = time.perf_counter()
+        parts = [c.execute("SELECT bis, ids FROM bi_runs WHERE run = ?", r).fetchone() for r in runs]
+        all_bis = np.concatenate([np.frombuffer(p[0], np.uint8) for p in parts]).reshape(-1, 32)
+        all_ids = np.concatenate([np.frombuffer(p[1], "<i8") for p in parts])
+        o = np.argsort(_prefix(all_bis), kind="stable")
+        c.executemany("DELETE FROM bi_runs WHERE run = ?", runs)
+        c.execute("INSERT INTO bi_runs VALUES (?,?,?,?,?)",
+                  (runs[0][0], level + 1, len(all_ids), all_bis[o].tobytes(), all_ids[o].tobytes()))
+        merge_s += time.perf_counter() - tm
+        merged += len(all_ids)
+        level += 1
+    c.execute("COMMIT")
+    return merge_s, merged
+
+
+def run(subjects: int, batch: int, fanout: int, folder: Path) -> dict:
+    path = folder / f"layout-{fanout}.db"
+    c = open_layout(path)
     t0, c0 = time.perf_counter(), os.times()
     merge_s, merged, next_id = 0.0, 0, 1
     for start in range(0, subjects, batch):
         n = min(batch, subjects - start)
-        bis = np.frombuffer(os.urandom(32 * n), np.uint8).reshape(n, 32)
-        wrapped = os.urandom(60 * n)
-        order = np.argsort(_prefix(bis), kind="stable")
-        c.execute("BEGIN IMMEDIATE")
-        c.execute("INSERT INTO keyblocks VALUES (?,?,?,?,?)", (next_id, n, "kek-1", "2026-12-06T00:00:00Z", wrapped))
-        c.execute("INSERT INTO bi_runs VALUES (?,?,?,?,?)",
-                  (next_id, 0, n, bis[order].tobytes(), (next_id + order).astype("<i8").tobytes()))
-        level = 0
-        while True:
-            runs = c.execute("SELECT run FROM bi_runs WHERE level = ? ORDER BY run", (level,)).fetchall()
-            if len(runs) < fanout:
-                break
-            tm = time.perf_counter()
-            parts = [c.execute("SELECT bis, ids FROM bi_runs WHERE run = ?", r).fetchone() for r in runs]
-            all_bis = np.concatenate([np.frombuffer(p[0], np.uint8) for p in parts]).reshape(-1, 32)
-            all_ids = np.concatenate([np.frombuffer(p[1], "<i8") for p in parts])
-            o = np.argsort(_prefix(all_bis), kind="stable")
-            c.executemany("DELETE FROM bi_runs WHERE run = ?", runs)
-            c.execute("INSERT INTO bi_runs VALUES (?,?,?,?,?)",
-                      (runs[0][0], level + 1, len(all_ids), all_bis[o].tobytes(), all_ids[o].tobytes()))
-            merge_s += time.perf_counter() - tm
-            merged += len(all_ids)
-            level += 1
-        c.execute("COMMIT")
+        ms, m = store_batch(c, next_id, os.urandom(32 * n), os.urandom(60 * n), fanout)
+        merge_s, merged = merge_s + ms, merged + m
         next_id += n
     c1 = os.times()
     seconds = time.perf_counter() - t0

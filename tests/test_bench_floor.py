@@ -48,7 +48,7 @@ def test_the_stand_in_takes_what_the_key_store_passes_to_its_bulk_call():
     assert inspect.signature(ns["stand_in"]).parameters.keys() == inspect.signature(real).parameters.keys()
 
 
-@pytest.mark.parametrize("side", ["crypto", "none"])
+@pytest.mark.parametrize("side", ["crypto", "layout", "none"])
 def test_every_row_of_a_stand_in_run_is_accepted(tmp_path, side):
     bench = _bench()
     generate(tmp_path / "landing", people=2_000, transactions_per_person=1, seed=3)
@@ -56,3 +56,5 @@ def test_every_row_of_a_stand_in_run_is_accepted(tmp_path, side):
     out = bench._side(side, tmp_path / "landing" / "customers.csv", env)
     assert out["rows"] == out["accepted"] == 2_000
     assert out["seconds"] > 0 and out["cpu_seconds"] > 0
+    if side == "layout":  # every new subject went into the layout's key blocks
+        assert out["layout_subjects"] == 2_000
