@@ -12,7 +12,8 @@ the heaviest case of issue #15) is timed five ways, each in its own process, alt
                (the tokens are random here; the store derives each from its row id with one AES
                block). No look-up, nothing stored: every id is taken as new;
 * ``layout``   ``crypto``, and the batch stored in the layout of ``bench_keystore_layout.py``
-               (per-batch blobs of wrapped keys, tiered sorted runs of blind indexes, fan-out 8,
+               (per-batch blobs of wrapped keys, tiered sorted runs of blind indexes, fan-out 8
+               or ``--layout-fanout``,
                the key store's pragmas; one writer at a time, as the store's turn): what a key
                store built that way would cost, less its look-ups (every id is new here, as a
                batch of new people mostly is behind the store's filter);
@@ -59,6 +60,7 @@ from governance.keys import native
 from governance.keys.native import _col, _mv, _native
 
 MODE = sys.argv[3]
+FANOUT = int(sys.argv[4]) if len(sys.argv) > 4 else 8
 if MODE == "layout":
     import threading
     sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
@@ -86,7 +88,7 @@ def stand_in(db, bi_key, kek, kek_id, ids, *, create, keys, now, merge_min, merg
             with _LAYOUT_LOCK:
                 if db not in _LAYOUT:
                     _LAYOUT[db] = open_layout(db + ".layout")
-                store_batch(_LAYOUT[db], _NEXT_ID[0], bis, wrapped, 8)
+                store_batch(_LAYOUT[db], _NEXT_ID[0], bis, wrapped, FANOUT)
                 _NEXT_ID[0] += n
     return tokens, (data_keys if keys else None), n
 
@@ -132,7 +134,7 @@ def _run(code: str, args: list[str], env: dict[str, str]) -> dict:
     return out
 
 
-def _side(side: str, src: Path, env: dict[str, str], settle_s: float = 0.0) -> dict:
+def _side(side: str, src: Path, env: dict[str, str], settle_s: float = 0.0, fanout: int = 8) -> dict:
     root = Path(tempfile.mkdtemp(prefix="lw-bench-floor-"))
     try:
         if side == "plain":
@@ -143,7 +145,7 @@ def _side(side: str, src: Path, env: dict[str, str], settle_s: float = 0.0) -> d
         landing_copy = _copy(src, root)
         _warm(src)
         settle(settle_s)
-        out = _run(STAND_IN + TIMED, [str(cfg), str(landing_copy), side], env)
+        out = _run(STAND_IN + TIMED, [str(cfg), str(landing_copy), side, str(fanout)], env)
         if out["accepted"] != out["rows"]:
             raise SystemExit(f"{side}: {out['rows'] - out['accepted']} of {out['rows']} rows were not accepted")
         return out
@@ -157,6 +159,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="rounds of the sides; medians are reported")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds to wait before every timed run (see bench_ingest.py: the VM hands freed memory back)")
+    ap.add_argument("--layout-fanout", type=int, default=8,
+                    help="the layout side's runs merged into one (a fan-out above the batches never merges)")
     ap.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="which sides to time (plain always)")
     ap.add_argument("--out", type=Path, default=None, help="results file (default results/ingest-floor-<size>.json)")
     args = ap.parse_args()
@@ -172,7 +176,7 @@ def main() -> None:
     for i in range(args.repeat):
         for side in sides:
             with console.status(f"round {i + 1}/{args.repeat}: {side}"):
-                runs[side].append(_side(side, src, env, args.settle))
+                runs[side].append(_side(side, src, env, args.settle, args.layout_fanout))
     plain = statistics.median(r["seconds"] for r in runs["plain"])
     summary = {}
     t = Table(title=f"governed customers ingest, {args.size:,} new people: the key store against the rest (medians)")
@@ -193,6 +197,7 @@ def main() -> None:
     out = args.out or REPO / "benchmarks" / "results" / f"ingest-floor-{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpus": os.cpu_count(), "size": args.size, "repeat": args.repeat, "settle": args.settle, "sides": sides,
+                               "layout_fanout": args.layout_fanout,
                                "summary": summary, "runs": runs}, indent=2) + "\n")
     console.print(f"written to {out}")
 
