@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 console = Console()
 
 
-def _prefix(sorted_bis: np.ndarray) -> np.ndarray:
-    """The first 8 bytes of each 32-byte blind index, big endian: their order."""
-    return sorted_bis.reshape(-1).view(">u8").reshape(-1, 4)[:, 0]
+def _prefix(bis: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each 32-byte blind index in ``bis``, big endian: their order."""
+    return bis.reshape(-1).view(">u8").reshape(-1, 4)[:, 0]
 
 
 def open_layout(path: Path | str) -> sqlite3.Connection:
