@@ -76,7 +76,7 @@ def _tokens(n):
     offsets = np.arange(0, 30 * n + 1, 30, dtype=np.int32)
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buf))
 
-def stand_in(db, bi_key, kek, kek_id, ids, *, create, keys, now, merge_min, merge_fraction, token_key=None,
+def stand_in(db, bi_key, kek, kek_id, ids, *, create, keys, now, fanout, token_key=None,
              after_probe=None):
     n = len(ids)
     tokens = _tokens(n)

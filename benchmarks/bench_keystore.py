@@ -79,7 +79,7 @@ def growth(subjects: int, batch: int, out: Path) -> None:
                 rows.append({"subjects_after": lo + len(ids), "us_per_subject": 1e6 * (time.perf_counter() - t) / len(ids)})
                 bar.advance(task, len(ids))
             total = time.perf_counter() - t0
-        filters = native.main_filter_counts()
+        filters = native.run_filter_counts()
         size_mb = os.path.getsize(Path(d) / "keystore.db") / 1e6
     t = Table(title=f"creating {subjects:,} subjects in batches of {batch:,}: {total:.1f} s, store {size_mb:,.0f} MB; "
                     f"{filters[0]} filters of the main index made, {filters[1]:,} probes spared")
@@ -91,9 +91,9 @@ def growth(subjects: int, batch: int, out: Path) -> None:
     console.print(t)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"subjects": subjects, "batch": batch, "cpus": os.cpu_count(), "native": native.backend(),
-                               "schema": store_mod.SCHEMA_VERSION, "merge_min": store_mod.MERGE_MIN,
-                               "merge_fraction": store_mod.MERGE_FRACTION, "seconds": total, "store_mb": size_mb,
-                               "main_filters_made": filters[0], "main_probes_spared": filters[1],
+                               "schema": store_mod.SCHEMA_VERSION, "fanout": store_mod.FANOUT,
+                               "seconds": total, "store_mb": size_mb,
+                               "run_filters_made": filters[0], "run_reads_spared": filters[1],
                                "batches": rows}, indent=2) + "\n")
     console.print(f"written to {out}")
 

@@ -100,13 +100,16 @@ def test_what_the_key_store_and_ring_write_is_the_wire_format(tmp_path: Path, mo
         tokens = ring.tokens_for(ids)
         assert ring.tokens_for(["subject-0001"]) == tokens[:1]
         bi_key = ring.system_key("blind-index")
-        with sqlite3.connect(path) as db:
-            rows = dict(db.execute("SELECT token, blind_index FROM subjects").fetchall())
-            wrapped = dict(db.execute("SELECT token, wrapped_dek FROM subjects").fetchall())
+        tkey = ring.system_key("subject-token")
+        with sqlite3.connect(path) as db:  # schema 5: a run's entries (blind index, row id) and a key block
+            (entries,) = db.execute("SELECT entries FROM bi_parts").fetchone()
+            (block,) = db.execute("SELECT wrapped FROM keyblocks").fetchone()
         for sid, tok in zip(ids, tokens):
-            assert rows[tok] == wire.blind_index(bi_key, sid)
+            (row_id,) = wire.token_ids(tkey, [tok])
+            assert wire.derived_tokens(tkey, [row_id]) == [tok]
+            assert wire.blind_index(bi_key, sid) + row_id.to_bytes(8, "big") in (entries[:40], entries[40:])
             dek = ring.store.dek(tok)
-            blob = wrapped[tok]
+            blob = block[(row_id - 1) * 60 : row_id * 60]
             assert AESGCM(kek_bytes).decrypt(blob[:12], blob[12:], wire.dek_aad(tok)) == dek
             sealed = ring.seal("value-1", token=tok, dataset="orders", column="note")
             assert wire.open_value(dek, sealed, dataset="orders", column="note", token=tok) == b"value-1"

@@ -14,6 +14,7 @@ import pytest
 from test_ingest import person, run, table, write_csv
 
 from governance.keys import native
+from tests.keystore_helpers import check_layout
 from governance.workspace import Workspace
 from lakehouse.catalog import Catalog, TableRef
 from lakehouse.ingest import LEDGER
@@ -245,8 +246,6 @@ def test_a_unique_subject_key_goes_to_the_key_store_as_it_is_and_repeats_still_g
     member repeated within a batch and one repeated across batches are quarantined as duplicates
     with the first row's token, every member has exactly one subject in the key store, and the
     sealed values open to the input, on both backends."""
-    import sqlite3
-
     rows = [{"member_no": f"M-{i:05d}", "full_name": f"Name {i}", "tier": ["bronze", "silver", "gold"][i % 3],
              "joined": f"2023-0{1 + i % 9}-0{1 + i % 8}"} for i in range(120)]
     rows.insert(5, dict(rows[3]))  # a repeat in the first batch (rows of 16)
@@ -269,5 +268,4 @@ def test_a_unique_subject_key_goes_to_the_key_store_as_it_is_and_repeats_still_g
         assert names.cast(pa.string()).to_pylist()[:4] == ["Name 0", "Name 1", "Name 2", "Name 3"]
         store = ws.config.keys.store if Path(ws.config.keys.store).is_absolute() else folder / ws.config.keys.store
         ws.close()
-        with sqlite3.connect(store) as db:
-            assert db.execute("SELECT count(*) FROM subjects").fetchone() == (120,)
+        assert check_layout(store)[0] == 120

@@ -32,6 +32,7 @@ from governance.keys import (
 )
 from governance.keys import hazmat
 from governance.keys.kek import InsecureKeyFileWarning
+from tests.keystore_helpers import check_layout, old_store, wrapped_of
 
 KEK_A = bytes(range(32))
 KEK_B = bytes(range(100, 132))
@@ -270,19 +271,19 @@ def test_shred_removes_bytes_from_file(store_path: Path, kek: LocalKek):
         victim = tokens[17]
         blind_key = store.system_key("blind-index")
         dek = store.dek(victim)
+        wrapped = wrapped_of(store_path, store._tkey, victim)
     blind = hmac.digest(blind_key, b"person-17", "sha256")
-    (wrapped,) = raw_rows(store_path, "SELECT wrapped_dek FROM subjects WHERE token=?", (victim,))[0]
     before = store_path.read_bytes()
-    assert wrapped in before and blind in before and victim.encode() in before
-    assert before.count(blind[:8]) == 3  # its row, the recent level, and its run's keys (8 bytes)
+    assert wrapped in before and blind in before
+    assert victim.encode() not in before  # schema 5 keeps no token: it is the row id's permutation
 
     with KeyStore(store_path, kek, clock=clock) as store:
         assert store.shred(victim)
     after = store_path.read_bytes()
     assert wrapped not in after
-    assert blind not in after and blind[:8] not in after  # its run's keys too
+    assert blind not in after and blind[:8] not in after  # its run's entry (and a fence, were it a part's first)
     assert dek not in after
-    assert raw_rows(store_path, "SELECT length(keys) FROM recent_runs") == [(199 * 8,)]
+    assert check_layout(store_path) == (199, {0: 1})
     # only the tombstone keeps the (random) token
     assert raw_rows(store_path, "SELECT token, shredded_at FROM shredded") == [(victim, "2025-03-14T15:09:26+00:00")]
     assert not Path(str(store_path) + "-journal").exists()
@@ -292,7 +293,7 @@ def test_shred_removes_bytes_from_file(store_path: Path, kek: LocalKek):
 def test_shred_many(store_path: Path, kek: LocalKek):
     with KeyStore(store_path, kek) as store:
         tokens = store.tokens_for([f"p{i}" for i in range(20)])
-        wrapped = [r[0] for r in raw_rows(store_path, "SELECT wrapped_dek FROM subjects WHERE token IN (?,?,?)", tuple(tokens[:3]))]
+        wrapped = [wrapped_of(store_path, store._tkey, t) for t in tokens[:3]]
         assert store.shred_many(tokens[:3] + [tokens[0], "sub_unknown"]) == 3
         assert store.stats()["subjects"] == 17 and store.stats()["shredded"] == 3
     data = store_path.read_bytes()
@@ -327,8 +328,11 @@ def test_loose_store_permissions_warn(store_path: Path, kek: LocalKek):
 def test_swapped_wrapped_key_does_not_unwrap(store_path: Path, kek: LocalKek):
     with KeyStore(store_path, kek) as store:
         a, b = store.tokens_for(["a", "b"])
-    (wb,) = raw_rows(store_path, "SELECT wrapped_dek FROM subjects WHERE token=?", (b,))[0]
-    raw_exec(store_path, "UPDATE subjects SET wrapped_dek=? WHERE token=?", (wb, a))
+        tkey = store._tkey
+    wb = wrapped_of(store_path, tkey, b)
+    ((block,),) = raw_rows(store_path, "SELECT wrapped FROM keyblocks")
+    at = block.index(wrapped_of(store_path, tkey, a))
+    raw_exec(store_path, "UPDATE keyblocks SET wrapped=?", (block[:at] + wb + block[at + 60 :],))
     with KeyStore(store_path, kek) as store:
         with pytest.raises(DecryptionError, match=f"data key of subject {a}"):
             store.dek(a)
@@ -344,7 +348,8 @@ def test_rotate_kek(store_path: Path, kek: LocalKek):
     tokens = ring.tokens_for([f"p{i}" for i in range(30)])
     blobs = ring.seal_many([f"v{i}" for i in range(30)], tokens, dataset="d", column="c")
     ring.system_key("audit-signing")
-    old_wrapped = [r[0] for r in raw_rows(store_path, "SELECT wrapped_dek FROM subjects")]
+    old_wrapped = [wrapped_of(store_path, ring.store._tkey, t) for t in tokens]
+    tkey = ring.store._tkey
     old_id = ring.store.kek_id
 
     assert ring.rotate_kek(new) == 30 + 3  # 30 DEKs + blind-index + subject-token (schema 2) + audit-signing
@@ -353,7 +358,7 @@ def test_rotate_kek(store_path: Path, kek: LocalKek):
     assert ring.open_many(blobs, tokens, dataset="d", column="c") == [f"v{i}".encode() for i in range(30)]
     ring.close()
 
-    assert {r[0] for r in raw_rows(store_path, "SELECT kek_id FROM subjects UNION SELECT kek_id FROM meta")} == {new.key_id}
+    assert {r[0] for r in raw_rows(store_path, "SELECT kek_id FROM keyblocks UNION SELECT kek_id FROM meta")} == {new.key_id}
     data = store_path.read_bytes()
     assert not any(w in data for w in old_wrapped)
 
@@ -364,9 +369,8 @@ def test_rotate_kek(store_path: Path, kek: LocalKek):
     with pytest.raises(KeyManagementError, match=f"wrapped by KEK {new.key_id}, but the loaded KEK is {old_id}"):
         KeyStore(store_path, kek)
     # and the old KEK cannot unwrap any stored blob
-    (row,) = raw_rows(store_path, "SELECT token, wrapped_dek FROM subjects LIMIT 1")
     with pytest.raises(DecryptionError):
-        kek.unwrap(row[1], b"lakewarden:dek\x00" + row[0].encode())
+        kek.unwrap(wrapped_of(store_path, tkey, tokens[0]), b"lakewarden:dek\x00" + tokens[0].encode())
 
 
 def test_rotate_refuses_foreign_keys_and_same_kek(store_path: Path, kek: LocalKek):
@@ -374,14 +378,18 @@ def test_rotate_refuses_foreign_keys_and_same_kek(store_path: Path, kek: LocalKe
         tokens = store.tokens_for(["a", "b"])
         with pytest.raises(KeyManagementError, match="already the current KEK"):
             store.rotate_kek(LocalKek(KEK_A, source="again"))
-    # the last row: opening checks the system keys and the first subject row only
-    ((foreign,),) = raw_rows(store_path, "SELECT token FROM subjects ORDER BY rowid DESC LIMIT 1")
-    raw_exec(store_path, "UPDATE subjects SET kek_id='kek-elsewhere' WHERE token=?", (foreign,))
+        more = store.subject_keys(pa.array([f"p{i}" for i in range(1_100)])).tokens.to_pylist()  # two blocks more
+        from governance.keys import wire
+
+        foreign = next(t for t, i in zip(more, wire.token_ids(store._tkey, more)) if 3 <= i < 1027)
+    # a middle block: opening checks the system keys and the first and last blocks only
+    assert raw_rows(store_path, "SELECT first_id, n FROM keyblocks") == [(1, 2), (3, 1024), (1027, 76)]
+    raw_exec(store_path, "UPDATE keyblocks SET kek_id='kek-elsewhere' WHERE first_id=3")
     with KeyStore(store_path, kek) as store:
-        before = raw_rows(store_path, "SELECT token, wrapped_dek, kek_id FROM subjects ORDER BY token")
-        with pytest.raises(KeyManagementError, match=rf"kek-elsewhere \(1 keys\), not by the current KEK {kek.key_id}"):
+        before = raw_rows(store_path, "SELECT first_id, wrapped, kek_id FROM keyblocks ORDER BY first_id")
+        with pytest.raises(KeyManagementError, match=rf"kek-elsewhere \(1024 keys\), not by the current KEK {kek.key_id}"):
             store.rotate_kek(LocalKek(KEK_B, source="b"))
-        assert raw_rows(store_path, "SELECT token, wrapped_dek, kek_id FROM subjects ORDER BY token") == before
+        assert raw_rows(store_path, "SELECT first_id, wrapped, kek_id FROM keyblocks ORDER BY first_id") == before
         assert store.kek_id == kek.key_id
         with pytest.raises(KeyManagementError, match=f"wrapped by KEK kek-elsewhere, but the key store was opened with KEK {kek.key_id}"):
             store.dek(foreign)
@@ -623,8 +631,7 @@ def test_shred_without_vacuum_leaves_no_key_bytes_even_in_free_pages(store_path:
         tokens = store.tokens_for([f"person-{i}" for i in range(3000)])
         victims = tokens[:500]
         blind_key = store.system_key("blind-index")
-    wrapped = [w for (w,) in raw_rows(store_path, "SELECT wrapped_dek FROM subjects WHERE token IN ({})".format(
-        ",".join("?" * len(victims))), tuple(victims))]
+        wrapped = [wrapped_of(store_path, store._tkey, t) for t in victims]
     blinds = [hmac.digest(blind_key, f"person-{i}".encode(), "sha256") for i in range(500)]
     def no_vacuum(self: KeyStore) -> None:
         raise AssertionError("a shred of a sixth of the store must not VACUUM")
@@ -634,7 +641,7 @@ def test_shred_without_vacuum_leaves_no_key_bytes_even_in_free_pages(store_path:
         assert store.shred_many(victims) == 500
     after = store_path.read_bytes()
     assert not any(w in after for w in wrapped) and not any(b[:8] in after for b in blinds)
-    assert raw_rows(store_path, "SELECT sum(length(keys)) FROM recent_runs") == [(2_500 * 8,)]
+    assert check_layout(store_path) == (2_500, {0: 1})
 
 
 # -- schema 2: tokens are a keyed permutation of row ids; schema-1 stores keep working -------------
@@ -668,58 +675,57 @@ def test_schema_2_tokens_are_row_ids_under_the_token_key_and_never_come_back(sto
     from governance.keys import wire
 
     with KeyStore(store_path, kek, clock=clock) as ks:
-        assert ks._version == 4  # schema 2's tokens; 3 moved the blind indexes apart, 4 the recent ones into runs (below)
+        assert ks._version == 5  # schema 2's tokens; 5 keeps keys in blocks and blind indexes in runs (below)
         toks = ks.tokens_for(["alice", "bob", " alice", "carol"])
         assert toks[0] == toks[2] and len(set(toks)) == 3 and all(TOKEN_RE.match(t) for t in toks)
         ids = wire.token_ids(ks._tkey, toks)
         assert sorted(set(ids)) == [1, 2, 3]  # new subjects take the next ids, in blind-index order
         assert wire.derived_tokens(ks._tkey, ids) == toks  # the same on both paths
-        # no index on the rows but their id: the blind indexes are in their own two indexes, new
-        # ones in the small recent index until a merge
-        assert raw_rows(store_path, "SELECT name FROM pragma_index_list('subjects')") == []
-        assert raw_rows(store_path, "SELECT count(*) FROM bi_recent") == [(3,)]
-        assert raw_rows(store_path, "SELECT count(*) FROM bi_main") == [(0,)]
+        # one key block and one run for the batch; no row, no index, no token stored
+        assert raw_rows(store_path, "SELECT first_id, n, created_at FROM keyblocks") == [(1, 3, "2025-03-14T15:09:26+00:00")]
+        assert check_layout(store_path) == (3, {0: 1})
         bob = toks[1]
         assert ks.shred(bob) and ks.subject_state(bob) == "shredded"
+        assert check_layout(store_path) == (2, {0: 1})
         again = ks.token_for("bob")
         assert again != bob and wire.token_ids(ks._tkey, [again]) == [4]  # ids are never reused
         with pytest.raises(SubjectShredded):
             ks.dek(bob)
         assert len(ks.deks([toks[0], toks[3], again])) == 3
+        assert check_layout(store_path) == (3, {0: 2})
 
 
-def _split_state(path: Path) -> tuple[int, int, int, int]:
-    """(rows, blind indexes in bi_main, in bi_recent, blind indexes in both)."""
-    return raw_rows(path, "SELECT (SELECT count(*) FROM subjects), (SELECT count(*) FROM bi_main), "
-                          "(SELECT count(*) FROM bi_recent), "
-                          "(SELECT count(*) FROM bi_main m JOIN bi_recent r USING (blind_index))")[0]
+def _base(n: int, b: int) -> dict[int, int]:
+    """The levels' run counts after ``n`` batches merged by fan-out ``b``: ``n``'s digits in base ``b``."""
+    out, level = {}, 0
+    while n:
+        if n % b:
+            out[level] = n % b
+        n //= b
+        level += 1
+    return out
 
 
-def test_schema_4_merges_recent_blind_indexes_and_every_verb_sees_both_levels(store_path, kek, backend, monkeypatch):
-    """Merges at a small scale (MERGE_MIN 100): batches of new people enter bi_recent and are merged
-    into bi_main by the rule (at least 100, or a quarter of the main index). After each batch every
-    subject made before resolves to the same token and key on both paths; a row's blind index is in
-    exactly one index; shred removes it from whichever holds it; a rotation covers every row."""
+def test_schema_5_merges_runs_by_level_and_every_verb_sees_every_run(store_path, kek, backend, monkeypatch):
+    """Merges at a small scale (fan-out 3): each batch of new people is a run, and once 3 runs share
+    a level they become one of the next, so the levels count the batches in base 3. After each batch
+    every subject made before resolves to the same token and key on both paths and the layout's
+    invariants hold (tests/keystore_helpers.py: check_layout); a shred takes a subject out of
+    whichever run holds it, and its id comes back new; a rotation covers every block."""
     from governance.keys import native, store as store_mod
 
-    monkeypatch.setattr(store_mod, "MERGE_MIN", 100)
-    monkeypatch.setattr(store_mod, "MERGE_FRACTION", 4)
-    monkeypatch.setattr(store_mod, "_MERGE_SLICE", 64)  # the Python path's merges in 4 and 8 slices
+    monkeypatch.setattr(store_mod, "FANOUT", 3)
     ids = [f"person-{i:04d}" for i in range(1_050)]
     made: dict[str, tuple[str, bytes]] = {}
-    merged_at = []
     with KeyStore(store_path, kek, clock=clock) as ks:
-        for start in [*range(0, 1_000, 150), 1_000]:
+        starts = [*range(0, 1_000, 150), 1_000]
+        for n, start in enumerate(starts, start=1):
             batch = ids[start : min(start + 150, 1_000 if start < 1_000 else 1_050)] + ids[: min(start, 40)]  # new and known
             got = ks.subject_keys(pa.array(batch), keys=True)
             for j, i in enumerate(batch):
                 pair = (got.tokens[j].as_py(), got.keys[j * 32 : (j + 1) * 32])
                 assert made.setdefault(i, pair) == pair, i
-            rows, main, recent, both = _split_state(store_path)
-            assert (rows, main + recent, both) == (len(made), len(made), 0)
-            merged_at.append(main)
-        # merged when what is recent reached max(100, a quarter of the main index); the last 50 wait
-        assert merged_at == [150, 300, 450, 600, 750, 750, 1_000, 1_000]
+            assert check_layout(store_path) == (len(made), _base(n, 3))
         everyone = ks.subject_keys(pa.array(ids), keys=True, create=False)
         assert everyone.tokens.to_pylist() == [made[i][0] for i in ids]
         assert everyone.keys == b"".join(made[i][1] for i in ids)
@@ -728,18 +734,17 @@ def test_schema_4_merges_recent_blind_indexes_and_every_verb_sees_both_levels(st
                 m.setattr(native, "_native", None)
                 m.setattr(native, "_SHARED_SQLITE", False)
             assert ks.subject_keys(pa.array(ids), create=False).tokens.equals(everyone.tokens)
-        # shred one subject from each index: its row and its blind index go, and its id comes back new
-        in_main, in_recent = ids[10], ids[1_020]
-        assert ks.shred_many([made[in_main][0], made[in_recent][0]]) == 2
-        assert _split_state(store_path) == (1_048, 999, 49, 0)
-        assert ks.subject_keys(pa.array([in_main, in_recent]), create=False).tokens.to_pylist() == [None, None]
-        again = ks.tokens_for([in_main, in_recent])
-        assert set(again).isdisjoint({made[in_main][0], made[in_recent][0]})
-        # a large batch of mostly new people (the sampled "new people first" path: the main index
-        # probed, the recent one checked by its key as they go in) with known ones from both
-        made[in_main], made[in_recent] = (again[0], made[in_main][1]), (again[1], made[in_recent][1])
-        before = _split_state(store_path)
-        known = ids[100:120] + ids[1_030:1_040]  # in bi_main, in bi_recent
+        # shred one subject of a merged run (level 2) and one of the last batch's run (level 0)
+        merged, last = ids[10], ids[1_020]
+        assert ks.shred_many([made[merged][0], made[last][0]]) == 2
+        assert check_layout(store_path) == (1_048, _base(8, 3))
+        assert ks.subject_keys(pa.array([merged, last]), create=False).tokens.to_pylist() == [None, None]
+        again = ks.tokens_for([merged, last])
+        assert set(again).isdisjoint({made[merged][0], made[last][0]})
+        made[merged], made[last] = (again[0], made[merged][1]), (again[1], made[last][1])
+        assert check_layout(store_path) == (1_050, _base(9, 3))  # that batch was the ninth run: one of level 2
+        # a large batch of mostly new people with known ones from the merged run
+        known = ids[100:120] + ids[1_030:1_040]
         fresh = [f"new-{i:04d}" for i in range(2_000)]
         batch = fresh + known + fresh[:7]
         random.Random(3).shuffle(batch)
@@ -748,95 +753,38 @@ def test_schema_4_merges_recent_blind_indexes_and_every_verb_sees_both_levels(st
         key = {i: got.keys[j * 32 : (j + 1) * 32] for j, i in enumerate(batch)}
         assert all((tok[i], key[i]) == made[i] for i in known)
         assert len(set(tok.values())) == 2_030 and got.created in (2_000, None)  # the Python path does not count
-        rows, main, recent, both = _split_state(store_path)
-        assert (rows, main + recent, both) == (before[0] + 2_000, before[0] + 2_000, 0)
+        assert check_layout(store_path) == (3_050, _base(10, 3))
         system = raw_rows(store_path, "SELECT count(*) FROM meta")[0][0]
         assert ks.rotate_kek(LocalKek(os.urandom(32), source="test:rotated")) == 3_050 + system
         assert ks.subject_keys(pa.array(ids[:5]), keys=True).keys == b"".join(made[i][1] for i in ids[:5])
         assert ks.subject_keys(pa.array(fresh[:5]), keys=True, create=False).keys == b"".join(key[i] for i in fresh[:5])
+        assert check_layout(store_path) == (3_050, _base(10, 3))
 
 
-def test_a_schema_2_store_is_split_on_open_keeping_tokens_keys_and_the_id_sequence(store_path, kek, backend):
+@pytest.mark.parametrize("version", [2, 3, 4])
+def test_an_older_store_is_converted_on_open_keeping_tokens_keys_and_the_id_sequence(store_path, kek, backend, version):
+    """A store as schema 2 (blind indexes on the rows), 3 (a main and a recent index) or 4 (the
+    recent index in runs) wrote it, its last subject shredded: opening it makes its rows key blocks
+    and its blind indexes one run, drops the old tables, and keeps every token, key and the id
+    sequence, so the shredded subject's id never comes back."""
+    from governance.keys import wire
+
+    ids = [f"p{i}" for i in range(1_100)]
+    old = old_store(store_path, kek, ids, version=version, shredded=1, main=500)
+    assert raw_rows(store_path, "PRAGMA user_version") == [(version,)]
     with KeyStore(store_path, kek, clock=clock) as ks:
-        got = ks.subject_keys(pa.array([f"p{i}" for i in range(50)]), keys=True)
-        last = got.tokens.to_pylist()[-1]  # p49's, the highest id: shredded, its id must not come back
-        assert ks.shred(last)
-        tokens = ks.tokens_for([f"p{i}" for i in range(49)])
-    top = raw_rows(store_path, "SELECT seq FROM sqlite_sequence WHERE name='subjects'")[0][0]
-    # the same store as schema 2 wrote it: the blind index on the rows (UNIQUE), no split indexes
-    conn = sqlite3.connect(store_path)
-    conn.executescript(
-        """
-        BEGIN;
-        CREATE TABLE s2(id INTEGER PRIMARY KEY AUTOINCREMENT, token TEXT NOT NULL, blind_index BLOB NOT NULL UNIQUE,
-                        wrapped_dek BLOB NOT NULL, kek_id TEXT NOT NULL, created_at TEXT NOT NULL);
-        INSERT INTO s2 SELECT * FROM subjects;
-        DROP TABLE subjects; DROP TABLE bi_main; DROP TABLE bi_recent; DROP TABLE recent_runs; DROP TABLE lsm;
-        ALTER TABLE s2 RENAME TO subjects;
-        DELETE FROM sqlite_sequence;
-        PRAGMA user_version=2;
-        COMMIT;
-        """
-    )
-    conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('subjects', ?)", (top,))
-    conn.commit()
-    conn.close()
-    assert raw_rows(store_path, "PRAGMA user_version") == [(2,)]
-    with KeyStore(store_path, kek, clock=clock) as ks:
-        assert ks._version == 4
-        assert _split_state(store_path) == (49, 49, 0, 0)
-        assert raw_rows(store_path, "SELECT seq FROM sqlite_sequence WHERE name='subjects'") == [(top,)]
-        assert ks.tokens_for([f"p{i}" for i in range(49)]) == tokens
-        back = ks.subject_keys(pa.array([f"p{i}" for i in range(49)]), keys=True, create=False)
-        assert back.keys == got.keys[: 49 * 32]
-        new = ks.token_for("p49")  # shredded before: a new token, never the old one's id
-        assert new != last and new not in tokens
-        from governance.keys import wire
-
-        assert wire.token_ids(ks._tkey, [new]) == [top + 1]
-
-
-def test_a_schema_3_store_gets_its_recent_blind_indexes_in_runs_on_open(store_path, kek, backend, monkeypatch):
-    """Schema 3 kept one recent index keyed by blind index; 4 keys it by (run, blind index). Opening a
-    schema-3 store makes its recent entries run 0; every subject keeps its token and key, new
-    batches are appended as runs after it, and a merge moves them all into the main index."""
-    from governance.keys import store as store_mod
-
-    with KeyStore(store_path, kek, clock=clock) as ks:
-        first = ks.subject_keys(pa.array([f"p{i}" for i in range(60)]), keys=True)
-    # the same store as schema 3 wrote it
-    conn = sqlite3.connect(store_path)
-    conn.executescript(
-        """
-        BEGIN;
-        CREATE TABLE r3(blind_index BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
-        INSERT INTO r3 SELECT blind_index, id FROM bi_recent;
-        DROP TABLE bi_recent; DROP TABLE recent_runs;
-        ALTER TABLE r3 RENAME TO bi_recent;
-        PRAGMA user_version=3;
-        COMMIT;
-        """
-    )
-    conn.close()
-    assert raw_rows(store_path, "SELECT count(*) FROM bi_recent") == [(60,)]
-    monkeypatch.setattr(store_mod, "MERGE_MIN", 100)
-    with KeyStore(store_path, kek, clock=clock) as ks:
-        assert ks._version == 4 and raw_rows(store_path, "PRAGMA user_version") == [(4,)]
-        assert raw_rows(store_path, "SELECT run, count(*) FROM bi_recent GROUP BY run") == [(0, 60)]
-        assert raw_rows(store_path, "SELECT run, length(keys) FROM recent_runs") == [(0, 60 * 8)]  # the run's keys
-        back = ks.subject_keys(pa.array([f"p{i}" for i in range(60)]), keys=True, create=False)
-        assert back.tokens.equals(first.tokens) and back.keys == first.keys
-        more = ks.subject_keys(pa.array([f"q{i}" for i in range(30)] + ["p3"]), keys=True)
-        assert more.tokens[30].as_py() == first.tokens[3].as_py() and more.keys[30 * 32 :] == first.keys[3 * 32 : 4 * 32]
-        assert raw_rows(store_path, "SELECT run, count(*) FROM bi_recent GROUP BY run") == [(0, 60), (61, 30)]
-        assert ks.shred(first.tokens[0].as_py())  # from run 0, and from its keys
-        assert _split_state(store_path) == (89, 0, 89, 0)
-        assert raw_rows(store_path, "SELECT run, length(keys) FROM recent_runs") == [(0, 59 * 8), (61, 30 * 8)]
-        ks.tokens_for([f"r{i}" for i in range(20)])  # 109 recent: merged (at least 100)
-        assert _split_state(store_path) == (109, 109, 0, 0)
-        assert raw_rows(store_path, "SELECT count(*) FROM recent_runs") == [(0,)]
-        assert ks.subject_keys(pa.array(["p1", "q1"]), create=False).tokens.to_pylist() == [
-            first.tokens[1].as_py(), more.tokens[1].as_py()]
+        assert ks._version == 5 and raw_rows(store_path, "PRAGMA user_version") == [(5,)]
+        tables = {r[0] for r in raw_rows(store_path, "SELECT name FROM sqlite_master WHERE type='table'")}
+        assert tables == {"meta", "keyblocks", "bi_runs", "bi_parts", "lsm", "shredded"}
+        assert check_layout(store_path) == (1_099, {0: 1})
+        assert raw_rows(store_path, "SELECT first_id, n FROM keyblocks") == [(1, 1024), (1025, 76)]
+        back = ks.subject_keys(pa.array(ids[:-1]), keys=True, create=False)
+        assert back.tokens.to_pylist() == [old[i][0] for i in ids[:-1]]
+        assert back.keys == b"".join(old[i][1] for i in ids[:-1])
+        new = ks.token_for(ids[-1])  # shredded before: a new subject, after the last id ever given
+        assert wire.token_ids(ks._tkey, [new]) == [1_101]
+        assert ks.dek(old["p7"][0]) == old["p7"][1]
+        assert check_layout(store_path) == (1_100, {0: 2})
 
 
 def test_schema_2_refuses_tokens_it_did_not_make(store_path, kek, tmp_path, backend):

@@ -9,12 +9,12 @@ all new on the first round — in a different order, several rounds; the ids ove
 from __future__ import annotations
 
 import multiprocessing as mp
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from governance.keys import KeyStore, generate_kek_b64, kek_from_env
+from tests.keystore_helpers import check_layout
 
 ROUNDS = 6
 PER_ROUND = 400
@@ -62,8 +62,7 @@ def test_two_writers_creating_the_same_new_subjects_yield_one_key_each(tmp_path:
     assert set(a) == set(b) == every
     assert a == b, "the two writers got different tokens for the same subject"
     assert len(set(a.values())) == len(every)
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT count(*), count(DISTINCT blind_index) FROM subjects").fetchone() == (len(every),) * 2
+    assert check_layout(path)[0] == len(every)  # one key and one blind index a subject
     shared = set(deks_a) & set(deks_b)
     assert shared and all(deks_a[t] == deks_b[t] for t in shared)
 
@@ -71,13 +70,13 @@ def test_two_writers_creating_the_same_new_subjects_yield_one_key_each(tmp_path:
 BULK = 3000  # ids per bulk call: enough for the native path's sampled "new people" insert
 
 
-def _bulk_worker(path: str, reverse: bool, barrier, out, merge_min: int | None = None) -> None:  # noqa: ANN001
+def _bulk_worker(path: str, reverse: bool, barrier, out, fanout: int | None = None) -> None:  # noqa: ANN001
     import pyarrow as pa
 
-    if merge_min is not None:  # this process merges the recent blind indexes that often (schema 3)
+    if fanout is not None:  # this process merges runs of blind indexes that often
         from governance.keys import store as store_mod
 
-        store_mod.MERGE_MIN = merge_min
+        store_mod.FANOUT = fanout
     got: dict[str, str] = {}
     keys: dict[str, str] = {}
     with KeyStore(path, kek_from_env(VAR)) as store:
@@ -93,22 +92,20 @@ def _bulk_worker(path: str, reverse: bool, barrier, out, merge_min: int | None =
     out.put((got, keys))
 
 
-@pytest.mark.parametrize("merge_min", [None, 1_000], ids=["default", "merging"])
+@pytest.mark.parametrize("fanout", [None, 2], ids=["default", "merging"])
 def test_two_bulk_writers_creating_the_same_new_subjects_yield_one_key_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                           merge_min: int | None):
+                                                                           fanout: int | None):
     """The bulk path (ingest's): same ids at once from two processes, whole batches new. "merging":
-    both merge the recent blind indexes into the main index every 1,000 new subjects, so merges run
-    between (and after) the other writer's batches; a blind index still ends in exactly one index."""
+    both merge every 2 runs of a level, so merges run between (and after) the other writer's
+    batches, and each writer finds the other's subjects in runs it did not make; a blind index
+    still ends in exactly one run."""
     monkeypatch.setenv(VAR, generate_kek_b64())
     path = tmp_path / "keys.db"
-    (a, ka), (b, kb) = _two_writers(_bulk_worker, path, merge_min)
+    (a, ka), (b, kb) = _two_writers(_bulk_worker, path, fanout)
     assert a == b and ka == kb, "the two writers got different tokens or keys for the same subject"
     every = BULK * 2 + BULK // 2
     assert len(a) == len(set(a.values())) == every
-    with sqlite3.connect(path) as db:
-        assert db.execute("SELECT count(*), count(DISTINCT blind_index) FROM subjects").fetchone() == (every, every)
-        main, recent, both = db.execute(
-            "SELECT (SELECT count(*) FROM bi_main), (SELECT count(*) FROM bi_recent), "
-            "(SELECT count(*) FROM bi_main JOIN bi_recent USING (blind_index))").fetchone()
-        assert (main + recent, both) == (every, 0)
-        assert (main > 0) == (merge_min is not None)
+    live, levels = check_layout(path)
+    assert live == every
+    # three runs, one a round (whoever wrote first made it; the other found its people): merged by 2 or not
+    assert levels == ({0: 3} if fanout is None else {0: 1, 1: 1}), levels

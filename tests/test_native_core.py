@@ -22,6 +22,7 @@ import pytest
 
 from governance.errors import DecryptionError, KeyManagementError
 from governance.keys import KeyStore, LocalKek, native, wire
+from tests.keystore_helpers import check_layout
 
 V = json.loads((Path(__file__).parent / "fixtures" / "crypto_vectors.json").read_text(encoding="utf-8"))
 h = bytes.fromhex
@@ -213,9 +214,8 @@ def test_subjects_made_by_one_path_are_found_by_the_other(store: KeyStore, creat
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
 def test_a_batch_of_mostly_new_people_keeps_the_few_it_already_knows(store: KeyStore, monkeypatch: pytest.MonkeyPatch):
-    # 3,000 ids of which 60 (2%) exist: the native path samples the batch and looks up only the
-    # ids the recent level's cached keys (or the main index's probe) name; the known 60 keep their
-    # tokens and keys.
+    # 3,000 ids of which 60 (2%) exist: the native path reads a part of the run only for the ids
+    # the run's filter may hold; the known 60 keep their tokens and keys.
     known = [f"k-{i:04d}" for i in range(60)]
     before = store.subject_keys(pa.array(known), keys=True)
     ids = known + [f"n-{i:05d}" for i in range(2940)] + known[:5]  # and a repeat within the batch
@@ -231,21 +231,27 @@ def test_a_batch_of_mostly_new_people_keeps_the_few_it_already_knows(store: KeyS
         _python_path(m)
         again = store.subject_keys(pa.array(ids), keys=True, create=False)
     assert again.tokens.equals(got.tokens) and again.keys == got.keys
-    # tokens alone (from the blind-index index and the row id) agree, and nothing new is made
+    # tokens alone (from the run's entry and the row id, no key block read) agree, and nothing new is made
     assert store.subject_keys(pa.array(ids)).tokens.equals(got.tokens)
     assert store.stats()["subjects"] == 3000
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
 def test_the_native_path_writes_what_the_python_path_writes(store: KeyStore):
-    tok = store.subject_keys(pa.array(["erin"])).tokens[0].as_py()
+    from governance.keys import runs
+
+    tok = store.subject_keys(pa.array(["erin", "finn"])).tokens[0].as_py()
     con = sqlite3.connect(store.path)
-    bi, wrapped, kid, created = con.execute(
-        "SELECT blind_index, wrapped_dek, kek_id, created_at FROM subjects WHERE token=?", (tok,)).fetchone()
+    first, n, kid, created, wrapped = con.execute("SELECT first_id, n, kek_id, created_at, wrapped FROM keyblocks").fetchone()
+    (entries,) = con.execute("SELECT entries FROM bi_parts").fetchone()
+    (fences,) = con.execute("SELECT fences FROM bi_runs").fetchone()
     con.close()
-    assert bi == wire.blind_index(store.system_key("blind-index"), "erin")
-    assert kid == store.kek_id and len(wrapped) == 60 and created.endswith("+00:00")
-    assert store._kek.unwrap(wrapped, wire.dek_aad(tok)) == store.dek(tok)
+    assert native.layout() == (runs.BLOCK, runs.PART, runs.ENTRY)  # the same sizes as the Python twin's
+    (i,) = wire.token_ids(store._tkey, [tok])
+    bi = wire.blind_index(store.system_key("blind-index"), "erin")
+    assert (first, n, kid) == (1, 2, store.kek_id) and created.endswith("+00:00") and len(wrapped) == 120
+    assert bi + i.to_bytes(8, "big") in (entries[:40], entries[40:]) and fences == entries[:8]
+    assert store._kek.unwrap(wrapped[(i - 1) * 60 : i * 60], wire.dek_aad(tok)) == store.dek(tok)
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
@@ -262,9 +268,7 @@ def test_the_kept_connection_follows_the_file_and_sees_other_writers(tmp_path: P
     second = KeyStore(path, LocalKek(os.urandom(32), source="test"))
     made = second.subject_keys(pa.array(["ann", "cal"]), keys=True)
     assert made.created == 2 and second.stats()["subjects"] == 2
-    con = sqlite3.connect(path)
-    assert con.execute("SELECT count(*) FROM subjects").fetchone()[0] == 2
-    con.close()
+    assert check_layout(path) == (2, {0: 1})
     ann = made.tokens[0].as_py()
     second.shred(ann)  # the Python connection writes between two native calls
     with monkeypatch.context() as m:
@@ -288,31 +292,28 @@ def test_the_kept_connection_follows_the_file_and_sees_other_writers(tmp_path: P
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
-@pytest.mark.parametrize("between", ["merge", "shred"])
-def test_a_batch_probed_before_another_writers_merge_or_shred_still_gets_one_row_per_subject(
+@pytest.mark.parametrize("between", ["create", "shred"])
+def test_another_writers_turn_between_the_blind_indexes_and_the_write_still_gives_one_key_per_subject(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, between: str):
-    """A batch of new people has the main blind-index index probed in a read before its write turn.
-    Another writer's turn may come in between. "merge": it creates the same people and merges them
-    into the main index, so the write finds them there (the probe is made again: the read found
-    the main index empty and skipped it) instead of making a second row each. "shred": it shreds one the probe found, so the write makes that one again,
-    with a new token."""
+    """Another writer's turn may come between a batch's blind indexes and its write transaction.
+    "create": it creates the same people (and merges, at fan-out 2), so the write finds them in a
+    run this process has never seen instead of making a second key each. "shred": it shreds a known
+    subject, so the write makes that one again, with a new token."""
     from governance.keys import store as store_mod
 
-    monkeypatch.setattr(store_mod, "MERGE_MIN", 10)
+    monkeypatch.setattr(store_mod, "FANOUT", 2)
     path = tmp_path / "keystore.db"
     kek = LocalKek(os.urandom(32), source="test")
     known = [f"known-{i:03d}" for i in range(40)]
-    batch = [f"new-{i:05d}" for i in range(1_960)] + known  # 2% known: "new people"
+    batch = [f"new-{i:05d}" for i in range(1_960)] + known
     with KeyStore(path, kek) as mine, KeyStore(path, kek) as other:
-        before = mine.subject_keys(pa.array(known), keys=True) if between == "shred" else None
-        if before is not None:
-            assert _split_state(path)[1:] == (40, 0, 0)  # merged: in the main index
+        before = mine.subject_keys(pa.array(known), keys=True)
         theirs: list = []
 
         def other_writer() -> None:
             with monkeypatch.context() as m:
                 _python_path(m)
-                if between == "merge":
+                if between == "create":
                     theirs.append(other.subject_keys(pa.array(batch), keys=True))
                 else:
                     assert other.shred(before.tokens[0].as_py())
@@ -321,14 +322,13 @@ def test_a_batch_probed_before_another_writers_merge_or_shred_still_gets_one_row
         monkeypatch.setattr(native, "resolve_subjects", lambda *a, **k: resolve(*a, after_probe=other_writer, **k))
         got = mine.subject_keys(pa.array(batch), keys=True)
         monkeypatch.setattr(native, "resolve_subjects", resolve)
-        rows, main, recent, both = _split_state(path)
-        assert rows == main + recent == len(batch) and both == 0
-        assert len(set(got.tokens.to_pylist())) == len(batch)
-        if between == "merge":
-            assert got.created == 0 and main == len(batch)
+        live, levels = check_layout(path)
+        assert live == len(batch) and len(set(got.tokens.to_pylist())) == len(batch)
+        if between == "create":
+            assert got.created == 0 and levels == {1: 1}  # their run and ours merged, by them
             assert got.tokens.equals(theirs[0].tokens) and got.keys == theirs[0].keys
         else:
-            assert got.created == len(batch) - 39
+            assert got.created == len(batch) - 39 and levels == {1: 1}
             old, new = before.tokens[0].as_py(), got.tokens[len(batch) - 40].as_py()
             assert new != old and mine.subject_state(old) == "shredded"
             assert got.tokens[-39:].equals(before.tokens[1:]) and got.keys[-39 * 32 :] == before.keys[32:]
@@ -337,167 +337,90 @@ def test_a_batch_probed_before_another_writers_merge_or_shred_still_gets_one_row
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
-def test_the_main_index_filter_spares_probes_and_is_not_used_after_another_writers_merge(
+def test_the_runs_filters_spare_reads_and_follow_other_writers_runs_shreds_and_merges(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A batch of new people checks the main blind-index index through an in-memory filter (the
-    native core's ``Sbbf``), made for one merge mark: the few known subjects in the batch are still
-    found. Another writer (the pure-Python path, as another process would) then creates subjects
-    and merges them into the main index: the filter of the old mark is not used, so a batch holding
-    some of those finds them, and no subject ever gets a second row."""
+    """The native core keeps a filter of each run in memory: made from what it wrote for its own
+    runs, and by reading a run once a batch would read enough of it. Another writer (the Python
+    path, as another process) adds runs, shreds and merges; after each step the next native batch
+    finds every known subject (no second key), makes the new ones, and the layout holds."""
     from governance.keys import store as store_mod
 
-    monkeypatch.setattr(store_mod, "MERGE_MIN", 1_500)
+    monkeypatch.setattr(store_mod, "FANOUT", 3)
     path = tmp_path / "keystore.db"
-    kek = LocalKek(os.urandom(32), source="test")
 
     def new(prefix: str, n: int) -> list[str]:
         return [f"{prefix}-{i:05d}" for i in range(n)]
 
-    with KeyStore(path, kek) as st, KeyStore(path, kek) as other:
-        first = st.subject_keys(pa.array(new("a", 3_000)))  # merged: 3,000 in the main index
-        assert _split_state(path) == (3_000, 3_000, 0, 0)
-        made0, spared0 = native.main_filter_counts()
-        # 1,100 new people and 30 known (in the main index): the filter is made, and spares the probes
-        batch = new("b", 1_100) + new("a", 30)
-        got = st.subject_keys(pa.array(batch))
-        made1, spared1 = native.main_filter_counts()
-        assert made1 == made0 + 1 and spared1 - spared0 > 700
+    with KeyStore(path, LocalKek(os.urandom(32), source="test")) as st, KeyStore(path, st._kek) as other:
+        made0, spared0 = native.run_filter_counts()
+        first = st.subject_keys(pa.array(new("a", 3_000)))
+        # its own run: a filter from what it wrote, no read; 1,100 new people spare their reads
+        got = st.subject_keys(pa.array(new("b", 1_100) + new("a", 30)))
+        made1, spared1 = native.run_filter_counts()
+        assert made1 == made0 and spared1 - spared0 > 1_000
         assert got.created == 1_100 and got.tokens[-30:].equals(first.tokens[:30])
-        assert _split_state(path)[:3] == (4_100, 3_000, 1_100)  # no merge yet: the mark stays
-        # another writer creates 2,000 and merges (the mark moves), then a batch holds 40 of them
+        assert check_layout(path) == (4_100, {0: 2})
+        # the other writer adds a run, which completes level 0: merged into one run this process never saw
         with monkeypatch.context() as m:
             _python_path(m)
             theirs = other.subject_keys(pa.array(new("c", 2_000)))
-        assert _split_state(path)[:3] == (6_100, 6_100, 0)
-        batch = new("d", 1_100) + new("c", 40)
+        assert check_layout(path) == (6_100, {1: 1})
+        batch = new("d", 1_100) + new("c", 40) + new("b", 5)
         got = st.subject_keys(pa.array(batch))
-        assert got.created == 1_100 and got.tokens[-40:].equals(theirs.tokens[:40])
-        rows, main, recent, both = _split_state(path)
-        assert rows == main + recent == 7_200 and both == 0
-        assert native.main_filter_counts()[0] == made1 + 1  # made again, for the new mark
-
-
-def _split_state(path: Path) -> tuple[int, int, int, int]:
-    """Rows, entries of the main and the recent blind-index index, and blind indexes in both."""
-    with sqlite3.connect(path) as db:
-        return db.execute("SELECT (SELECT count(*) FROM subjects), (SELECT count(*) FROM bi_main), "
-                          "(SELECT count(*) FROM bi_recent), "
-                          "(SELECT count(*) FROM bi_main JOIN bi_recent USING (blind_index))").fetchone()
-
-
-def _recent_twice(path: Path) -> int:
-    """Blind indexes held twice in the recent level (in two runs): never, in a sound store. Also
-    checks that each run's keys (``recent_runs``) are exactly its entries' first 8 bytes, sorted."""
-    with sqlite3.connect(path) as db:
-        runs = dict(db.execute("SELECT run, keys FROM recent_runs").fetchall())
-        entries: dict[int, list[bytes]] = {}
-        for run, bi in db.execute("SELECT run, blind_index FROM bi_recent"):
-            entries.setdefault(run, []).append(bi[:8])
-        assert set(entries) <= set(runs)
-        assert all(runs[r] == b"".join(sorted(entries.get(r, []))) for r in runs)
-        return db.execute("SELECT count(*) FROM (SELECT blind_index FROM bi_recent GROUP BY blind_index HAVING count(*) > 1)").fetchone()[0]
+        assert got.created == 1_100 and got.tokens[-45:-5].equals(theirs.tokens[:40])
+        assert native.run_filter_counts()[0] == made1 + 1  # the merged run read once, for its filter
+        # a shred by the other writer: the filter still names the subject; it is made again, once
+        with monkeypatch.context() as m:
+            _python_path(m)
+            assert other.shred(first.tokens[7].as_py())
+        again = st.subject_keys(pa.array(new("a", 10)))
+        assert again.created == 1 and again.tokens[7].as_py() != first.tokens[7].as_py()
+        assert again.tokens[:7].equals(first.tokens[:7])
+        assert check_layout(path) == (7_200, {0: 2, 1: 1})
+        everyone = new("a", 3_000) + new("b", 1_100) + new("c", 2_000) + new("d", 1_100)
+        assert st.subject_keys(pa.array(everyone), create=False).tokens.null_count == 0
+        with monkeypatch.context() as m:
+            _python_path(m)
+            assert other.subject_keys(pa.array(everyone), create=False).tokens.equals(
+                st.subject_keys(pa.array(everyone), create=False).tokens)
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
-def test_the_recent_levels_cached_keys_follow_other_writers_runs_shreds_and_merges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Schema 4: the native core keeps the recent level's keys in memory and reads only the runs it
-    lacks. Another writer (the Python path, as another process) adds a run: the next native batch
-    finds its subjects instead of making them again. It shreds one that the cache still names: that
-    id is made again, once. It merges every run into the main index: the cache starts again, and
-    the subjects are found there. After each step each subject has one row and one blind index."""
-    from governance.keys import store as store_mod
-
-    path = tmp_path / "keystore.db"
-    with KeyStore(path, LocalKek(os.urandom(32), source="test")) as ks:
-        ours = [f"ours-{i:05d}" for i in range(1_500)]  # large enough to be sampled: "new people"
-        theirs = [f"theirs-{i:05d}" for i in range(1_200)]
-        made = ks.subject_keys(pa.array(ours), keys=True)
-        assert made.created == 1_500
-        with monkeypatch.context() as m:
-            _python_path(m)
-            their = ks.subject_keys(pa.array(theirs), keys=True)  # a run the native cache lacks
-        with sqlite3.connect(path) as db:
-            assert db.execute("SELECT count(DISTINCT run) FROM bi_recent").fetchone()[0] == 2
-        fresh = [f"fresh-{i:05d}" for i in range(1_000)]
-        batch = fresh + theirs[::3] + ours[::50]
-        random.Random(5).shuffle(batch)
-        got = ks.subject_keys(pa.array(batch), keys=True)
-        assert got.created == 1_000
-        tok = dict(zip(batch, got.tokens.to_pylist()))
-        key = {i: got.keys[j * 32 : (j + 1) * 32] for j, i in enumerate(batch)}
-        assert [tok[i] for i in theirs[::3]] == their.tokens.to_pylist()[::3]
-        assert b"".join(key[i] for i in theirs[::3]) == b"".join(their.keys[j * 32 : (j + 1) * 32] for j in range(0, 1_200, 3))
-        assert [tok[i] for i in ours[::50]] == made.tokens.to_pylist()[::50]
-        assert _split_state(path) == (3_700, 0, 3_700, 0) and _recent_twice(path) == 0
-        # a shred through the other path: the cache still names the subject; the next batch makes it again, once
-        gone = made.tokens[7].as_py()
-        with monkeypatch.context() as m:
-            _python_path(m)
-            assert ks.shred(gone)
-        again = ks.subject_keys(pa.array([ours[7]] + [f"more-{i:05d}" for i in range(1_100)] + ours[:5]), keys=True)
-        assert again.created == 1_101 and again.tokens[0].as_py() != gone
-        assert again.tokens[-5:].to_pylist()[:7] == made.tokens.to_pylist()[:5]
-        assert _split_state(path) == (4_800, 0, 4_800, 0) and _recent_twice(path) == 0
-        # the other path merges every run into the main index: the native cache starts again
-        monkeypatch.setattr(store_mod, "MERGE_MIN", 10)
-        with monkeypatch.context() as m:
-            _python_path(m)
-            ks.tokens_for(["merger"])
-        assert _split_state(path) == (4_801, 4_801, 0, 0) and _recent_twice(path) == 0
-        everyone = ours + theirs + fresh
-        back = ks.subject_keys(pa.array(everyone), create=False)
-        assert back.tokens.null_count == 0 and len(set(back.tokens.to_pylist())) == 3_700
-        assert back.tokens[8:1_500].equals(made.tokens[8:1_500]) and back.tokens[1_500:2_700].equals(their.tokens)
-        # and new runs are made after it, merged by the rule (at least 10, or a quarter of the main index)
-        lasts = [f"last-{i:05d}" for i in range(1_300)]
-        last = ks.subject_keys(pa.array(lasts[:1_100] + theirs[:3]))
-        assert last.created == 1_100 and last.tokens[-3:].equals(their.tokens[:3])
-        assert _split_state(path) == (5_901, 4_801, 1_100, 0) and _recent_twice(path) == 0
-        # the native path merges (1,300 recent: a quarter of the main index is 1,200), and its cache
-        # starts again from the empty level
-        more = ks.subject_keys(pa.array(lasts[1_000:]))
-        assert more.created == 200 and more.tokens[:100].equals(last.tokens[1_000:1_100])
-        assert _split_state(path) == (6_101, 6_101, 0, 0)
-        assert ks.subject_keys(pa.array(lasts + everyone), create=False).tokens.equals(
-            pa.concat_arrays([last.tokens[:1_000], more.tokens, back.tokens]))
-        assert ks.subject_keys(pa.array(["after-merge"] + lasts[:2])).created == 1 and _split_state(path)[2] == 1
-
-
-@pytest.mark.skipif(not NATIVE, reason="native core not built")
-def test_a_run_shredded_whole_stays_listed_with_no_keys_and_its_people_come_back_new(tmp_path: Path):
-    """Every subject of a run shredded: the run keeps its row in recent_runs with no key (no byte of
-    their blind indexes left), and the same people ingested again are new subjects, once each."""
+def test_a_run_shredded_whole_keeps_no_byte_of_it_and_its_people_come_back_new(tmp_path: Path):
+    """Every subject of a run shredded: its parts are empty, its fences point past every key (no
+    byte of their blind indexes left), and the same people ingested again are new subjects, once each."""
     path = tmp_path / "keystore.db"
     with KeyStore(path, LocalKek(os.urandom(32), source="test")) as ks:
         ids = pa.array([f"gone-{i:05d}" for i in range(1_100)])
         made = ks.subject_keys(ids)
         assert ks.shred_many(made.tokens.to_pylist()) == 1_100
         with sqlite3.connect(path) as db:
-            assert db.execute("SELECT run, length(keys) FROM recent_runs").fetchall() == [(1, 0)]
+            assert db.execute("SELECT part, length(entries) FROM bi_parts").fetchall() == [(0, 0), (1, 0)]
+            assert db.execute("SELECT fences FROM bi_runs").fetchall() == [(b"\xff" * 16,)]
+        assert check_layout(path) == (0, {0: 1})
         again = ks.subject_keys(ids)
         assert again.created == 1_100 and set(again.tokens.to_pylist()).isdisjoint(made.tokens.to_pylist())
         assert ks.subject_keys(ids, create=False).tokens.equals(again.tokens)
-        assert _split_state(path) == (1_100, 0, 1_100, 0) and _recent_twice(path) == 0
+        assert check_layout(path) == (1_100, {0: 2})
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
-def test_a_merge_of_more_than_a_slice_moves_every_run_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A merge moves the recent level a slice of the blind-index space at a time (131,072 blind
-    indexes a slice, about): 150,000 recent subjects in two runs go in two slices, every one is
-    found afterwards with its token, and nothing stays in the recent level."""
+def test_a_merge_streams_runs_of_many_parts_into_one_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A merge reads its runs a part at a time: 150,000 subjects in two runs (98 and 49 parts of
+    1,024) become one run of 147 parts in blind-index order, and every one is found with its token."""
     from governance.keys import store as store_mod
 
-    monkeypatch.setattr(store_mod, "MERGE_MIN", 150_000)
+    monkeypatch.setattr(store_mod, "FANOUT", 2)
     path = tmp_path / "keystore.db"
     with KeyStore(path, LocalKek(os.urandom(32), source="test")) as ks:
         ids = pa.array([f"p-{i:06d}" for i in range(150_000)])
         first = ks.subject_keys(ids.slice(0, 100_000))
-        assert _split_state(path) == (100_000, 0, 100_000, 0)
-        second = ks.subject_keys(ids.slice(100_000))  # 150,000 recent: merged, in two slices
+        assert check_layout(path) == (100_000, {0: 1})
+        second = ks.subject_keys(ids.slice(100_000))
         assert first.created == 100_000 and second.created == 50_000
-        assert _split_state(path) == (150_000, 150_000, 0, 0)
+        assert check_layout(path) == (150_000, {1: 1})
         with sqlite3.connect(path) as db:
-            assert db.execute("SELECT count(*) FROM recent_runs").fetchone() == (0,)
+            assert db.execute("SELECT count(*) FROM bi_parts").fetchone() == (147,)
         back = ks.subject_keys(ids, create=False)
         assert back.tokens.equals(pa.concat_arrays([first.tokens, second.tokens]))
 
@@ -530,25 +453,26 @@ def test_batches_from_many_threads_get_one_key_per_subject_and_a_rotation_elsewh
     with pytest.raises(KeyManagementError, match="rotated meanwhile"):
         store.subject_keys(pa.array(["someone-new"]), keys=True)
     con = sqlite3.connect(store.path)
-    assert con.execute("SELECT count(*), count(DISTINCT kek_id) FROM subjects").fetchone() == (6_000, 1)
+    assert con.execute("SELECT count(DISTINCT kek_id) FROM keyblocks").fetchone() == (1,)
     con.close()
+    assert check_layout(store.path)[0] == 6_000
 
 
 @pytest.mark.skipif(not NATIVE, reason="native core not built")
 def test_the_native_path_names_a_tampered_key_and_a_foreign_kek(store: KeyStore, tmp_path: Path):
     tok = store.tokens_for(["frank"])[0]
     con = sqlite3.connect(store.path)
-    con.execute("UPDATE subjects SET wrapped_dek = ? WHERE token = ?", (os.urandom(60), tok))
+    con.execute("UPDATE keyblocks SET wrapped = ?", (os.urandom(60),))
     con.commit()
     with pytest.raises(DecryptionError, match=f"data key of subject {tok}"):
         store.subject_keys(pa.array(["frank"]), keys=True)
-    con.execute("UPDATE subjects SET kek_id = 'kek-other' WHERE token = ?", (tok,))
+    con.execute("UPDATE keyblocks SET kek_id = 'kek-other'")
     con.commit()
     con.close()
     with pytest.raises(KeyManagementError, match="kek-other"):
         store.subject_keys(pa.array(["frank"]), keys=True)
-    # Tokens alone do not involve the KEK (as on the Python path): in a schema-2 store they come
-    # from the blind-index index and the row id, without reading the row.
+    # Tokens alone do not involve the KEK (as on the Python path): they come from the run's entry
+    # and the row id, without reading the key block.
     assert store.subject_keys(pa.array(["frank"])).tokens.to_pylist() == [tok]
     with pytest.raises(ValueError, match="position 1 is empty"):
         store.subject_keys(pa.array(["gina", "  "]))

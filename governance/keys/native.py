@@ -205,16 +205,15 @@ def sqlite_shared() -> bool:
 
 
 def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Array, *, create: bool,
-                     keys: bool, now: str, merge_min: int, merge_fraction: int,
+                     keys: bool, now: str, fanout: int,
                      token_key: bytes | None = None,
                      after_probe: Callable[[], object] | None = None) -> tuple[pa.Array, bytes | None, int]:
     """The native key store's bulk lookup-and-create (see ``native/src/keystore.rs``):
     ``(tokens, keys or None, subjects created)``. Only when :func:`sqlite_shared`. ``token_key``
-    (a version-2 or 3 store): new subjects' tokens are the keyed permutation of their row ids.
-    ``merge_min``, ``merge_fraction``: when a schema-3 store merges its recent blind indexes (the
-    key store's ``MERGE_MIN`` and ``MERGE_FRACTION``, the one place the rule's figures live).
-    ``after_probe`` (tests): called between the read that probes a batch of new people and the
-    write, where another writer may merge or shred.
+    (schema 5): new subjects' tokens are the keyed permutation of their row ids. ``fanout``: how
+    many runs of blind indexes of one level are merged into one of the next (the key store's
+    ``FANOUT``, the one place the figure lives). ``after_probe`` (tests): called after the blind
+    indexes are made and before the writer's turn, where another writer may merge or shred.
 
     Raises:
         ValueError: a null or blank id (names its position).
@@ -223,28 +222,36 @@ def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Ar
     """
     arr = _binary(ids)
     parts, key_bytes, created = _native.resolve_subjects(db, _mv(bi_key), _mv(kek), kek_id, _col(arr), create, keys, now,
-                                                         token_key=_mv(token_key), merge_min=merge_min,
-                                                         merge_fraction=merge_fraction,
+                                                         token_key=_mv(token_key), fanout=fanout,
                                                          **({"after_probe": after_probe} if after_probe else {}))
     return _from_parts(pa.string(), len(arr), parts), key_bytes, created
 
 
 def release_connections() -> None:
-    """Close the native key store's kept connections (a writer's and a reader's, kept across calls
-    for SQLite's page cache; see ``native/src/keystore.rs: Kept``). A key store's ``close`` calls
-    it; the next bulk call opens the file again."""
+    """Close the native key store's kept connection (kept across calls for SQLite's page cache;
+    see ``native/src/keystore.rs: Kept``) and forget its runs' filters. A key store's ``close``
+    calls it; the next bulk call opens the file again."""
     if _native is not None and hasattr(_native, "release_connections"):
         _native.release_connections()
 
 
-def main_filter_counts() -> tuple[int, int]:
-    """The native key store's filters of the main blind-index index made in this process, and the
-    ids they spared a probe of that index (see ``native/src/keystore.rs: Sbbf``). ``(0, 0)``
+def run_filter_counts() -> tuple[int, int]:
+    """The native key store's filters of blind-index runs made in this process by reading a run,
+    and the ids the runs' filters spared a read (see ``native/src/keystore.rs: Sbbf``). ``(0, 0)``
     without the native core."""
-    if _native is None or not hasattr(_native, "main_filter_counts"):
+    if _native is None or not hasattr(_native, "run_filter_counts"):
         return (0, 0)
-    made, spared = _native.main_filter_counts()
+    made, spared = _native.run_filter_counts()
     return (made, spared)
+
+
+def layout() -> tuple[int, int, int] | None:
+    """The native core's schema-5 sizes ``(BLOCK, PART, ENTRY)`` (held equal to
+    :mod:`governance.keys.runs`' by a test); None without the native core."""
+    if _native is None or not hasattr(_native, "layout"):
+        return None
+    block, part, entry = _native.layout()
+    return (block, part, entry)
 
 
 # ---------------------------------------------------------------------- key wrapping

@@ -282,6 +282,9 @@ class PgKeyStore(KeyStore):
 
     # ------------------------------------------------------------------ subjects
 
+    def _in_runs(self) -> bool:
+        return False  # this store keeps a row per subject (its own schema, SCHEMA_VERSION here)
+
     def _native_bulk(self) -> bool:
         return False  # the native core's bulk path speaks SQLite; this store's own _resolve is the bulk path
 

@@ -88,6 +88,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from governance.errors import DecryptionError, KeyManagementError, SubjectShredded
 from governance.keys import hazmat, wire
+from governance.keys import runs as layout
 from governance.keys.kek import InsecureKeyFileWarning, KeyEncryptionKey, _makedirs_private
 
 if TYPE_CHECKING:
@@ -95,15 +96,10 @@ if TYPE_CHECKING:
 
 __all__ = ["KeyStore", "SubjectKeys", "BLIND_INDEX_KEY", "TOKEN_KEY", "TOKEN_PREFIX", "TOKEN_RE"]
 
-SCHEMA_VERSION = 4
-# Schema 3 and later: new subjects' blind indexes enter a small index that is merged into the main one once it
-# holds MERGE_MIN of them or a MERGE_FRACTION-th of the main index (native/src/keystore.rs: merge_recent).
-# A merge rewrites most of the main index's pages, so each costs about the size of both levels: at
-# 4M instead of 2M, 10M new subjects make two merges instead of four (9.4 s instead of 11.8 s; the
-# whole 10M: 33.6-34.1 s against 37.7-39.4 s, #15). The recent level's keys held in memory grow
-# with it: 12 bytes a recent subject, 48 MB at 4M.
-MERGE_MIN = 4_000_000
-MERGE_FRACTION = 4
+SCHEMA_VERSION = 5
+# Schema 5: once FANOUT runs of blind indexes share a level they are merged into one run of the
+# next (governance/keys/runs.py, native/src/keystore.rs: merge_levels).
+FANOUT = layout.FANOUT
 TOKEN_PREFIX = "sub_"
 # The one definition of what a subject token looks like: "sub_" + 26 lowercase base32 characters.
 TOKEN_RE = re.compile(r"^sub_[a-z2-7]{26}$")
@@ -114,167 +110,9 @@ _META_AAD = wire.META_AAD_PREFIX
 _PAGE_SIZE = 16384  # new stores only; an existing store keeps its page size
 _CHUNK = 999  # bound parameters per IN (...) query; SQLite's historic limit
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(
-    name       TEXT PRIMARY KEY,
-    wrapped    BLOB NOT NULL,
-    kek_id     TEXT NOT NULL,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS subjects(
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    token       TEXT NOT NULL,
-    blind_index BLOB NOT NULL,
-    wrapped_dek BLOB NOT NULL,
-    kek_id      TEXT NOT NULL,
-    created_at  TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS bi_main(blind_index BLOB PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS bi_recent(
-    run         INTEGER NOT NULL,
-    blind_index BLOB NOT NULL,
-    id          INTEGER NOT NULL,
-    PRIMARY KEY (run, blind_index)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS recent_runs(run INTEGER PRIMARY KEY, keys BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS lsm(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS shredded(
-    token       TEXT PRIMARY KEY,
-    shredded_at TEXT NOT NULL
-);
-"""
-
-
 def _sequence(c: sqlite3.Connection) -> int:
-    """The last row id ever given to a subject (``AUTOINCREMENT``'s sequence; 0 in a new store)."""
+    """The last row id ever given to a subject in a schema 2-4 store (``AUTOINCREMENT``'s sequence)."""
     return c.execute("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='subjects'), 0)").fetchone()[0]
-
-
-def _split_blind_indexes(c: sqlite3.Connection) -> None:
-    """Schema 2 to 3, in the caller's transaction: the rows move to a ``subjects`` table without
-    the blind-index index (in id order), their blind indexes to ``bi_main`` (in blind-index order),
-    and the row-id sequence is kept, so no token is ever issued twice."""
-    seq = _sequence(c)
-    table = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS subjects(") :]
-    table = table[: table.index(";")].replace("IF NOT EXISTS subjects(", "subjects_v3(")
-    c.execute(table)
-    c.execute("INSERT INTO subjects_v3(id, token, blind_index, wrapped_dek, kek_id, created_at) "
-              "SELECT id, token, blind_index, wrapped_dek, kek_id, created_at FROM subjects ORDER BY id")
-    for stmt in _SCHEMA.split(";"):
-        if any(t in stmt for t in ("bi_main(", "bi_recent(", "recent_runs(", "lsm(")):
-            c.execute(stmt)
-    c.execute("INSERT INTO bi_main(blind_index, id) SELECT blind_index, id FROM subjects ORDER BY blind_index")
-    c.execute("DROP TABLE subjects")
-    c.execute("ALTER TABLE subjects_v3 RENAME TO subjects")
-    c.execute("DELETE FROM sqlite_sequence WHERE name IN ('subjects', 'subjects_v3')")
-    c.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('subjects', ?)", (seq,))
-    c.execute("INSERT OR REPLACE INTO lsm(name, value) VALUES ('merged_through', ?)", (seq,))
-    c.execute("PRAGMA user_version=4")  # the recent level is made in schema 4's form, empty
-
-
-def _recent_in_runs(c: sqlite3.Connection) -> None:
-    """Schema 3 to 4, in the caller's transaction: the recent blind indexes become run 0 (below
-    every row id, so every later run is appended after it), with its keys."""
-    c.execute("ALTER TABLE bi_recent RENAME TO bi_recent_v3")
-    for stmt in _SCHEMA.split(";"):
-        if "bi_recent(" in stmt or "recent_runs(" in stmt:
-            c.execute(stmt)
-    c.execute("INSERT INTO bi_recent(run, blind_index, id) SELECT 0, blind_index, id FROM bi_recent_v3 ORDER BY blind_index")
-    c.execute("DROP TABLE bi_recent_v3")
-    keys = _run_keys(r[0] for r in c.execute("SELECT blind_index FROM bi_recent WHERE run = 0"))
-    if keys:
-        c.execute("INSERT INTO recent_runs(run, keys) VALUES (0, ?)", (keys,))
-    c.execute("PRAGMA user_version=4")
-
-
-# About how many blind indexes a merge sorts at once (native/src/keystore.rs: MERGE_SLICE).
-_MERGE_SLICE = 131_072
-_MERGE_PART = ("INSERT INTO bi_main(blind_index, id) SELECT b.blind_index, b.id FROM recent_runs r "
-               "CROSS JOIN bi_recent b ON b.run = r.run AND b.blind_index >= ? AND b.blind_index < ? ORDER BY b.blind_index")
-
-
-def _merge(c: sqlite3.Connection) -> None:
-    """Move the recent level into the main index (the native core's ``merge``, the same statements):
-    in blind-index order, a slice of the key space at a time, each slice read run by run in the
-    runs' own order and sorted alone (sorting the whole level at once held all of it in SQLite's
-    sorter: 115 MB more peak memory at 2M recent subjects)."""
-    total = c.execute("SELECT count(*) FROM bi_recent").fetchone()[0]
-    parts = 1
-    while parts * _MERGE_SLICE < total and parts < 65_536:
-        parts *= 2
-    step = 65_536 // parts
-    moved = 0
-    for i in range(parts):
-        lo = (i * step).to_bytes(2, "big")
-        hi = b"\xff" * 33 if i + 1 == parts else ((i + 1) * step).to_bytes(2, "big")
-        moved += c.execute(_MERGE_PART, (lo, hi)).rowcount
-    if moved != total:
-        raise KeyManagementError(f"a merge moved {moved} of the recent level's {total} blind indexes (a run not in recent_runs?)")
-    c.execute("DELETE FROM bi_recent")
-    c.execute("DELETE FROM recent_runs")
-
-
-def _run_keys(blind_indexes: Iterable[bytes]) -> bytes:
-    """A run's keys: the first 8 bytes of each blind index, sorted (as the native core reads them:
-    big-endian 64-bit numbers, in the blind indexes' order)."""
-    return b"".join(sorted(bytes(b[:8]) for b in blind_indexes))
-
-
-def _without_keys(keys: bytes, bis: Iterable[bytes]) -> bytes:
-    """A run's keys less one occurrence of each of ``bis``' keys (a shred)."""
-    import numpy as np
-
-    arr = np.frombuffer(keys, dtype=">u8").astype(np.uint64)
-    keep = np.ones(len(arr), dtype=bool)
-    for bi in bis:
-        k = np.frombuffer(bytes(bi[:8]), dtype=">u8").astype(np.uint64)[0]
-        at = int(np.searchsorted(arr, k))
-        while at < len(arr) and arr[at] == k and not keep[at]:
-            at += 1
-        if at < len(arr) and arr[at] == k:
-            keep[at] = False
-    return arr[keep].astype(">u8").tobytes()
-
-
-class _RecentKeys:
-    """The recent level's keys as this store handle knows them: per run (``recent_runs``), the
-    first 8 bytes of its blind indexes as sorted 64-bit numbers (the pure-Python twin of the native
-    core's ``RecentIndex``). A run never gains a key after its commit, so the copy is brought up to
-    date by reading only the runs it lacks, and starts again when a run it holds is gone (a merge).
-    A key a shred took out of a run may stay here: it costs one probe that finds nothing."""
-
-    def __init__(self) -> None:
-        self.runs: dict[int, Any] = {}
-
-    def refresh(self, c: sqlite3.Connection) -> None:
-        import numpy as np
-
-        current = [r for (r,) in c.execute("SELECT run FROM recent_runs")]
-        if not set(self.runs) <= set(current):
-            self.runs = {}
-        for run in current:
-            if run not in self.runs:
-                blob = c.execute("SELECT keys FROM recent_runs WHERE run=?", (run,)).fetchone()[0]
-                self.runs[run] = np.frombuffer(blob, dtype=">u8").astype(np.uint64)
-
-    def route(self, bis: Sequence[bytes]) -> tuple[dict[int, list[bytes]], list[bytes]]:
-        """The blind indexes ``bis`` whose key each run holds, by run; and those no run names."""
-        import numpy as np
-
-        if not bis or not self.runs:
-            return {}, list(bis)
-        wanted = np.frombuffer(b"".join(bytes(b[:8]) for b in bis), dtype=">u8").astype(np.uint64)
-        named = np.zeros(len(bis), dtype=bool)
-        out: dict[int, list[bytes]] = {}
-        for run, keys in self.runs.items():
-            if not len(keys):
-                continue
-            at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-            hit = keys[at] == wanted
-            if hit.any():
-                out[run] = [bis[i] for i in np.flatnonzero(hit)]
-                named |= hit
-        return out, [b for b, n in zip(bis, named) if not n]
 
 
 class SubjectKeys(NamedTuple):
@@ -284,14 +122,6 @@ class SubjectKeys(NamedTuple):
     tokens: pa.Array
     keys: bytes | None
     created: int | None = None  # how many of the ids were new subjects, created by this call (None: not counted)
-
-
-def _level_lookup(columns: str, recent: bool) -> str:
-    """Schema 4: ``(blind_index, <columns of subjects s>)`` for the blind indexes in ``IN ({})``, in
-    the main index, or (``recent``) in the recent level's run given as the first parameter."""
-    where = "b.run = ? AND " if recent else ""
-    table = "bi_recent" if recent else "bi_main"
-    return f"SELECT b.blind_index, {columns} FROM {table} b JOIN subjects s ON s.id = b.id WHERE {where}b.blind_index IN ({{}})"
 
 
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
@@ -353,7 +183,7 @@ class KeyStore:
         self._cache_size = cache_size
         self._lock = threading.RLock()
         self._deks: OrderedDict[str, bytes] = OrderedDict()
-        self._recent = _RecentKeys()
+        self._runs = layout.Runs()
         self._system: dict[str, bytes] = {}
         self._conn: Any = None
         self._tkey: bytes | None = None
@@ -459,27 +289,32 @@ class KeyStore:
                     f"up to {SCHEMA_VERSION}",
                     hint="upgrade Lakewarden",
                 )
+            converted = version in (2, 3, 4)
             if version == 0:  # a new store; a version-1 store keeps its tables and works as before
-                # one by one: executescript() would COMMIT our transaction
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        c.execute(stmt)
+                layout.create_tables(c)
                 c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 version = SCHEMA_VERSION
-            elif version == 2:
-                _split_blind_indexes(c)
-                version = 4
-            elif version == 3:
-                _recent_in_runs(c)
-                version = 4
+            elif converted:  # rows into key blocks, blind indexes into one run (runs.py: from_schema_4)
+                layout.from_schema_4(c, _sequence(c), version, self._kek.key_id)
+                version = SCHEMA_VERSION
+        if converted:
+            self._vacuum()  # the old tables' pages back to the file system (secure_delete zeroed them)
         self._version = version
+
+    def _in_runs(self) -> bool:
+        """Schema 5: keys in blocks, blind indexes in runs (:mod:`governance.keys.runs`)."""
+        return self._version >= 5
 
     def _check_kek(self) -> None:
         with self._tx(write=False) as c:
             ids = {r[0] for r in c.execute("SELECT DISTINCT kek_id FROM meta")}
-            row = c.execute("SELECT kek_id FROM subjects LIMIT 1").fetchone()
-        if row:
-            ids.add(row[0])
+            if self._in_runs():  # the first and the last block (a rotation rewraps all of them at once)
+                ids.update(r[0] for r in c.execute("SELECT kek_id FROM (SELECT kek_id FROM keyblocks ORDER BY first_id LIMIT 1) "
+                                                   "UNION SELECT kek_id FROM (SELECT kek_id FROM keyblocks ORDER BY first_id DESC LIMIT 1)"))
+            else:
+                row = c.execute("SELECT kek_id FROM subjects LIMIT 1").fetchone()
+                if row:
+                    ids.add(row[0])
         foreign = sorted(ids - {self._kek.key_id})
         if foreign:
             raise KeyManagementError(
@@ -635,6 +470,11 @@ class KeyStore:
         then compared with the given one)."""
         out: list[tuple[Any, ...]] = []
         key = self._token_key()
+        if self._in_runs():
+            assert key is not None
+            wanted = [col.strip() for col in columns.split(",")]
+            return [(t, *({"id": i, "rowid": i, "wrapped_dek": w, "kek_id": k, "1": 1}[col] for col in wanted))
+                    for t, (i, w, k) in layout.by_tokens(c, key, tokens).items()]
         if key is None:
             template = f"SELECT token, {columns} FROM subjects WHERE token IN ({{}})"
             for chunk in _chunks(sorted(tokens)):  # sorted: in-order index probes
@@ -718,7 +558,7 @@ class KeyStore:
                 tokens, key_bytes, created = native.resolve_subjects(
                     str(self._path), key, kek._native_material(), kek.key_id, ids,  # type: ignore[attr-defined]
                     create=create, keys=keys, now=self._now(), token_key=self._token_key(),
-                    merge_min=MERGE_MIN, merge_fraction=MERGE_FRACTION,
+                    fanout=FANOUT,
                 )
             except RuntimeError as exc:
                 raise self._native_error(str(exc)) from None
@@ -729,16 +569,6 @@ class KeyStore:
             return SubjectKeys(tokens, None)
         zero = bytes(hazmat.KEY_SIZE)
         return SubjectKeys(tokens, b"".join(zero if t is None else t[1] for t in found))
-
-    def _merge_recent(self, c: sqlite3.Connection) -> bool:
-        """The pure-Python twin of the native core's ``merge_recent`` (same rule, same statements)."""
-        seq = _sequence(c)
-        merged = c.execute("SELECT coalesce((SELECT value FROM lsm WHERE name='merged_through'), 0)").fetchone()[0]
-        if seq - merged < max(MERGE_MIN, merged // max(1, MERGE_FRACTION)):
-            return False
-        _merge(c)
-        c.execute("INSERT OR REPLACE INTO lsm(name, value) VALUES ('merged_through', ?)", (seq,))
-        return True
 
     def _native_bulk(self) -> bool:
         """Whether the native core can run the bulk path on this store (a local KEK, and the same
@@ -782,62 +612,77 @@ class KeyStore:
         unique = sorted(set(bis))  # sorted: index probes and inserts walk the b-tree in order
         found: dict[bytes, tuple[str, bytes]] = {}
         with self._lock, self._tx(write=create) as c:
-            split = self._version >= 3
-            columns = "s.token, s.wrapped_dek, s.kek_id" if keys else "s.token"
+            if self._in_runs():
+                self._resolve_in_runs(c, unique, found, create=create, keys=keys)
+                return [found.get(b) for b in bis]
+            columns = "token, wrapped_dek, kek_id" if keys else "token"
             rows: list[tuple[Any, ...]] = []
-            if split:
-                # Schema 4: each run of the recent level for the ids its keys name, then the main
-                # index for the rest (ids named by a run but not found there included).
-                self._recent.refresh(c)
-                by_run, rest = self._recent.route(unique)
-                for run, named in by_run.items():
-                    for chunk in _chunks(named):
-                        rows.extend(c.execute(_in_query(_level_lookup(columns, True), len(chunk)), [run, *chunk]).fetchall())
-                seen = {r[0] for r in rows}
-                rest = sorted([*rest, *(b for named in by_run.values() for b in named if b not in seen)])
-                for chunk in _chunks(rest):
-                    rows.extend(c.execute(_in_query(_level_lookup(columns, False), len(chunk)), list(chunk)).fetchall())
-            else:
-                template = f"SELECT blind_index, {columns.replace('s.', '')} FROM subjects WHERE blind_index IN ({{}})"
-                for chunk in _chunks(unique):
-                    rows.extend(c.execute(_in_query(template, len(chunk)), list(chunk)).fetchall())
+            template = f"SELECT blind_index, {columns} FROM subjects WHERE blind_index IN ({{}})"
+            for chunk in _chunks(unique):
+                rows.extend(c.execute(_in_query(template, len(chunk)), list(chunk)).fetchall())
             if keys:
                 deks = self._unwrap_deks([r[1:] for r in rows])
                 found.update((r[0], (r[1], d)) for r, d in zip(rows, deks))
             else:
                 found.update((r[0], (r[1], b"")) for r in rows)
-            if create and len(found) < len(unique):
+            if create and len(found) < len(unique):  # a version-1 store: random tokens
                 missing = [b for b in unique if b not in found]
-                token_key = self._token_key()
-                if token_key is not None:  # version 2 and later: the next row ids, in blind-index order
-                    seq = _sequence(c)
-                    row_ids = list(range(seq + 1, seq + 1 + len(missing)))
-                    tokens = wire.derived_tokens(token_key, row_ids)
-                else:
-                    row_ids = []
-                    tokens = native.new_tokens(len(missing), sorted_=True)
-                deks = native.fixed(os.urandom(hazmat.KEY_SIZE * len(missing)), hazmat.KEY_SIZE)
-                wrapped = self._kek.wrap_many(deks, [_DEK_AAD + t.encode("ascii") for t in tokens])
-                if len(wrapped) != len(deks):
-                    raise KeyManagementError(f"KEK {self._kek.key_id} returned {len(wrapped)} wrapped keys for {len(deks)}")
-                if row_ids:
-                    c.executemany(
-                        "INSERT INTO subjects(id, token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?,?,?,?,?,?)",
-                        zip(row_ids, tokens, missing, wrapped, repeat(self._kek.key_id), repeat(self._now())),
-                    )
-                    if split:
-                        # one run, numbered by its first row id: appended after every earlier run
-                        c.executemany("INSERT INTO bi_recent(run, blind_index, id) VALUES (?,?,?)",
-                                      zip(repeat(row_ids[0]), missing, row_ids))
-                        c.execute("INSERT INTO recent_runs(run, keys) VALUES (?,?)", (row_ids[0], _run_keys(missing)))
-                        self._merge_recent(c)
-                else:
-                    c.executemany(
-                        "INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?,?,?,?,?)",
-                        zip(tokens, missing, wrapped, repeat(self._kek.key_id), repeat(self._now())),
-                    )
-                found.update(zip(missing, zip(tokens, deks)))
+                tokens = native.new_tokens(len(missing), sorted_=True)
+                deks = self._new_wrapped(tokens)
+                c.executemany(
+                    "INSERT INTO subjects(token, blind_index, wrapped_dek, kek_id, created_at) VALUES (?,?,?,?,?)",
+                    zip(tokens, missing, (w for _, w in deks), repeat(self._kek.key_id), repeat(self._now())),
+                )
+                found.update(zip(missing, zip(tokens, (d for d, _ in deks))))
         return [found.get(b) for b in bis]
+
+    def _new_wrapped(self, tokens: Sequence[str]) -> list[tuple[bytes, bytes]]:
+        """A fresh data key for each of ``tokens``, with it wrapped under the KEK (AAD: the token)."""
+        from governance.keys import native
+
+        deks = native.fixed(os.urandom(hazmat.KEY_SIZE * len(tokens)), hazmat.KEY_SIZE)
+        wrapped = self._kek.wrap_many(deks, [_DEK_AAD + t.encode("ascii") for t in tokens])
+        if len(wrapped) != len(deks):
+            raise KeyManagementError(f"KEK {self._kek.key_id} returned {len(wrapped)} wrapped keys for {len(deks)}")
+        return list(zip(deks, wrapped))
+
+    def _resolve_in_runs(self, c: sqlite3.Connection, unique: list[bytes], found: dict[bytes, tuple[str, bytes]], *,
+                         create: bool, keys: bool) -> None:
+        """Schema 5's lookup and create (``native/src/keystore.rs`` is the same in Rust): the blind
+        indexes ``unique`` (sorted) looked up in the runs, their keys read from their blocks when
+        asked for; with ``create`` the missing ones get the next row ids, in blind-index order,
+        one key block per :data:`runs.BLOCK` of them and one run, then the levels are merged."""
+        token_key = self._token_key()
+        assert token_key is not None  # schema 5 derives every token from its row id
+        self._runs.refresh(c)
+        held = self._runs.lookup(c, unique)
+        if held:
+            ids = list(held.values())
+            tokens = wire.derived_tokens(token_key, ids)
+            if keys:
+                entries = layout.key_entries(c, ids)
+                lost = [i for i in ids if i not in entries]
+                if lost:
+                    raise KeyManagementError(f"key store {self._path}: row {lost[0]} has a blind index but no data key")
+                deks = self._unwrap_deks([(t, *entries[i]) for t, i in zip(tokens, ids)])
+            else:
+                deks = [b""] * len(ids)
+            found.update(zip(held, zip(tokens, deks)))
+        if not create or len(found) == len(unique):
+            return
+        missing = [b for b in unique if b not in found]
+        first = layout.last_id(c) + 1
+        ids = list(range(first, first + len(missing)))
+        tokens = wire.derived_tokens(token_key, ids)
+        made = self._new_wrapped(tokens)
+        layout.write_blocks(c, first, [w for _, w in made], self._kek.key_id, self._now())
+        entries = layout.new_run_entries(missing, first)
+        run = layout.next_run(c)
+        layout.write_run(c, run, 0, entries)
+        c.execute("INSERT OR REPLACE INTO lsm(name, value) VALUES ('last_id', ?)", (first + len(missing) - 1,))
+        self._runs.add(run, entries)
+        layout.merge_levels(c, FANOUT)
+        found.update(zip(missing, zip(tokens, (d for d, _ in made))))
 
     def dek(self, token: str) -> bytes:
         """Return the subject's 32-byte data key (unwrapped on demand, cached in memory).
@@ -930,20 +775,13 @@ class KeyStore:
             deleted: list[str] = []
             try:
                 with self._tx(write=True) as c:
-                    out_of_run: dict[int, list[bytes]] = {}
-                    for t, rowid, bi in self._by_tokens(c, "rowid, blind_index", todo):
-                        if c.execute("DELETE FROM subjects WHERE rowid=?", (rowid,)).rowcount:
-                            deleted.append(t)
-                            if self._version >= 3:  # the blind index is in one of the two levels
-                                c.execute("DELETE FROM bi_main WHERE blind_index=?", (bi,))
-                                run = c.execute("DELETE FROM bi_recent WHERE run IN (SELECT run FROM recent_runs) "
-                                                "AND blind_index=? RETURNING run", (bi,)).fetchall()
-                                for (r,) in run:
-                                    out_of_run.setdefault(r, []).append(bi)
-                    for run, bis in out_of_run.items():  # and its key from its run's keys
-                        keys = c.execute("SELECT keys FROM recent_runs WHERE run=?", (run,)).fetchone()
-                        if keys is not None:
-                            c.execute("UPDATE recent_runs SET keys=? WHERE run=?", (_without_keys(keys[0], bis), run))
+                    if self._in_runs():  # the key zeroed in its block, the blind index out of its run
+                        by_id = {i: t for t, i in self._by_tokens(c, "id", todo)}
+                        deleted = [by_id[i] for i in layout.erase(c, list(by_id))]
+                    else:  # a version-1 store: its rows hold both
+                        for t, rowid in self._by_tokens(c, "rowid", todo):
+                            if c.execute("DELETE FROM subjects WHERE rowid=?", (rowid,)).rowcount:
+                                deleted.append(t)
                     now = self._now()
                     c.executemany(
                         "INSERT OR IGNORE INTO shredded(token, shredded_at) VALUES (?,?)",
@@ -1029,18 +867,29 @@ class KeyStore:
         with self._lock:
             with self._tx(write=True) as c:
                 meta = c.execute("SELECT name, wrapped, kek_id FROM meta").fetchall()
-                rows = c.execute("SELECT token, wrapped_dek, kek_id, rowid FROM subjects").fetchall()
-                subj = [r[:3] for r in rows]
+                if self._in_runs():
+                    blocks = list(layout.blocks(c))
+                    live = list(layout.rows_of(blocks))
+                    tokens = wire.derived_tokens(self._token_key() or b"", [i for i, _, _ in live])
+                    subj = [(t, w, k) for t, (_, w, k) in zip(tokens, live)]
+                else:
+                    rows = c.execute("SELECT token, wrapped_dek, kek_id, rowid FROM subjects").fetchall()
+                    subj = [r[:3] for r in rows]
                 rewrapped = self._rewrapped(old, new_kek, meta, subj)
                 nm = len(meta)
                 c.executemany(
                     "UPDATE meta SET wrapped=?, kek_id=? WHERE name=?",
                     zip(rewrapped[:nm], repeat(new_kek.key_id), (r[0] for r in meta)),
                 )
-                c.executemany(
-                    "UPDATE subjects SET wrapped_dek=?, kek_id=? WHERE rowid=?",
-                    zip(rewrapped[nm:], repeat(new_kek.key_id), (r[3] for r in rows)),
-                )
+                if self._in_runs():
+                    c.executemany("UPDATE keyblocks SET wrapped=?, kek_id=? WHERE first_id=?",
+                                  layout.rewrapped_blocks(blocks, dict(zip((i for i, _, _ in live), rewrapped[nm:])),
+                                                          new_kek.key_id))
+                else:
+                    c.executemany(
+                        "UPDATE subjects SET wrapped_dek=?, kek_id=? WHERE rowid=?",
+                        zip(rewrapped[nm:], repeat(new_kek.key_id), (r[3] for r in rows)),
+                    )
             self._kek = new_kek
             self._clear_caches()
             self._vacuum()
@@ -1051,7 +900,7 @@ class KeyStore:
     def stats(self) -> dict[str, Any]:
         """``{"subjects": live keys, "shredded": tombstones, "kek_id": current KEK}``."""
         with self._tx(write=False) as c:
-            subjects = c.execute("SELECT count(*) FROM subjects").fetchone()[0]
+            subjects = layout.count(c) if self._in_runs() else c.execute("SELECT count(*) FROM subjects").fetchone()[0]
             shredded = c.execute("SELECT count(*) FROM shredded").fetchone()[0]
         return {"subjects": subjects, "shredded": shredded, "kek_id": self._kek.key_id}
 
@@ -1060,7 +909,7 @@ class KeyStore:
         with self._lock:
             self._clear_caches()
             self._tkey = None
-            self._recent = _RecentKeys()
+            self._runs = layout.Runs()
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
