@@ -82,7 +82,7 @@ def growth(subjects: int, batch: int, out: Path) -> None:
         filters = native.run_filter_counts()
         size_mb = os.path.getsize(Path(d) / "keystore.db") / 1e6
     t = Table(title=f"creating {subjects:,} subjects in batches of {batch:,}: {total:.1f} s, store {size_mb:,.0f} MB; "
-                    f"{filters[0]} filters of the main index made, {filters[1]:,} probes spared")
+                    f"{filters[0]} runs' filters made by reading, {filters[1]:,} reads spared")
     for c in ("subjects after the batch", "µs per subject"):
         t.add_column(c, justify="right")
     step = max(1, len(rows) // 20)

@@ -50,10 +50,10 @@ def check_layout(path: Path) -> tuple[int, dict[int, int]]:
             if len(e):
                 assert bytes(e[0, :8]) == fences[p * 8 : p * 8 + 8], f"run {run} part {p}: fence is not its first entry"
         every = np.concatenate(entries) if entries else np.empty((0, runs.ENTRY), np.uint8)
-        bis = [bytes(b) for b in every[:, :32]]
+        bis = [bytes(b) for b in every[:, : runs.KEY]]
         assert bis == sorted(bis) and len(set(bis)) == len(bis), f"run {run} is not in order"
         seen_bis.extend(bis)
-        seen_ids.extend(np.ascontiguousarray(every[:, 32:]).view(">u8").reshape(-1).tolist())
+        seen_ids.extend(np.ascontiguousarray(every[:, runs.KEY :]).view(">u8").reshape(-1).tolist())
     assert len(set(seen_bis)) == len(seen_bis), "a blind index is in two runs"
     assert sorted(seen_ids) == live, "the runs' ids are not the ids with a live key"
     return len(live), levels

@@ -51,8 +51,8 @@ from governance.errors import KeyManagementError
 BLOCK = 1024  # subjects a key block (60 KB of wrapped keys)
 PART = 1024  # entries a part of a run (40 KB)
 FANOUT = 8  # runs of one level merged into one of the next
-ENTRY = 40  # a run's entry: blind index (32 bytes), row id (8, big endian)
-BI = 32
+KEY = 16  # a blind index's key: its first 16 bytes (128 bits: a collision among 10^10 subjects has a chance below 10^-18)
+ENTRY = KEY + 8  # a run's entry: the key, then the row id (8 bytes, big endian)
 WRAPPED = 60
 _ZERO = bytes(WRAPPED)
 
@@ -105,7 +105,7 @@ def next_run(c: sqlite3.Connection) -> int:
 
 
 def prefixes(entries: np.ndarray) -> np.ndarray:
-    """The first 8 bytes of each row of ``entries`` (uint8, n x 32 or n x 40), as big-endian numbers: their order."""
+    """The first 8 bytes of each row of ``entries`` (uint8, n x 16 or n x 24), as big-endian numbers: their order."""
     return np.ascontiguousarray(entries[:, :8]).view(">u8").reshape(-1).astype(np.uint64)
 
 
@@ -116,13 +116,13 @@ def _entries(blob: bytes) -> np.ndarray:
 
 
 def _ids(entries: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(entries[:, BI:]).view(">u8").reshape(-1).astype(np.int64)
+    return np.ascontiguousarray(entries[:, KEY:]).view(">u8").reshape(-1).astype(np.int64)
 
 
 def _order(entries: np.ndarray) -> np.ndarray:
-    """The order of ``entries`` by blind index (all 32 bytes, as four big-endian words)."""
-    words = np.ascontiguousarray(entries[:, :BI]).view(">u8").astype(np.uint64)
-    return np.lexsort((words[:, 3], words[:, 2], words[:, 1], words[:, 0]))
+    """The order of ``entries`` by key (as two big-endian words)."""
+    words = np.ascontiguousarray(entries[:, :KEY]).view(">u8").astype(np.uint64)
+    return np.lexsort((words[:, 1], words[:, 0]))
 
 
 def _fences(parts: Sequence[np.ndarray]) -> bytes:
@@ -142,7 +142,7 @@ def _fix_fences(fences: np.ndarray, empty: set[int]) -> bytes:
 
 
 def write_run(c: sqlite3.Connection, run: int, level: int, entries: np.ndarray) -> None:
-    """Store ``entries`` (sorted, n x 40) as run ``run`` of ``level``, cut into parts."""
+    """Store ``entries`` (sorted, n x ENTRY) as run ``run`` of ``level``, cut into parts."""
     parts = [entries[i : i + PART] for i in range(0, len(entries), PART)]
     c.execute("INSERT INTO bi_runs(run, level, fences) VALUES (?,?,?)", (run, level, _fences(parts)))
     c.executemany("INSERT INTO bi_parts(run, part, entries) VALUES (?,?,?)",
@@ -150,7 +150,7 @@ def write_run(c: sqlite3.Connection, run: int, level: int, entries: np.ndarray) 
 
 
 def read_run(c: sqlite3.Connection, run: int) -> np.ndarray:
-    """Every entry of run ``run``, in order (n x 40)."""
+    """Every entry of run ``run``, in order (n x ENTRY)."""
     blobs = [b for (b,) in c.execute("SELECT entries FROM bi_parts WHERE run=? ORDER BY part", (run,))]
     if not blobs:
         return np.empty((0, ENTRY), np.uint8)
@@ -213,11 +213,11 @@ class Runs:
         return self.keys[run]
 
     def lookup(self, c: sqlite3.Connection, bis: Sequence[bytes]) -> dict[bytes, int]:
-        """The row ids of the blind indexes ``bis`` the runs hold."""
+        """The row ids of the keys ``bis`` (blind indexes' first :data:`KEY` bytes) the runs hold."""
         found: dict[bytes, int] = {}
         if not bis or not self.fences:
             return found
-        wanted = prefixes(np.frombuffer(b"".join(bis), np.uint8).reshape(-1, BI))
+        wanted = prefixes(np.frombuffer(b"".join(bis), np.uint8).reshape(-1, KEY))
         for run, fences in self.fences.items():
             keys = self._keys(c, run)
             if not len(keys) or not len(fences):
@@ -239,17 +239,17 @@ class Runs:
                 if row is None:
                     continue
                 e = _entries(row[0])
-                held = dict(zip((bytes(x) for x in e[:, :BI]), _ids(e).tolist()))
+                held = dict(zip((bytes(x) for x in e[:, :KEY]), _ids(e).tolist()))
                 found.update((b, held[b]) for b in named if b in held)
         return found
 
 
 def new_run_entries(bis: Sequence[bytes], first_id: int) -> np.ndarray:
-    """The entries of a batch's new subjects: ``bis`` (sorted) with ids ``first_id`` on."""
+    """The entries of a batch's new subjects: keys ``bis`` (sorted) with ids ``first_id`` on."""
     n = len(bis)
     e = np.empty((n, ENTRY), np.uint8)
-    e[:, :BI] = np.frombuffer(b"".join(bis), np.uint8).reshape(n, BI)
-    e[:, BI:] = np.arange(first_id, first_id + n, dtype=">u8").view(np.uint8).reshape(n, 8)
+    e[:, :KEY] = np.frombuffer(b"".join(bis), np.uint8).reshape(n, KEY)
+    e[:, KEY:] = np.arange(first_id, first_id + n, dtype=">u8").view(np.uint8).reshape(n, 8)
     return e
 
 
@@ -371,8 +371,8 @@ def from_schema_4(c: sqlite3.Connection, seq: int, version: int, kek_id: str) ->
         part = 0
         while chunk := cur.fetchmany(PART):
             e = np.empty((len(chunk), ENTRY), np.uint8)
-            e[:, :BI] = np.frombuffer(b"".join(b for b, _ in chunk), np.uint8).reshape(-1, BI)
-            e[:, BI:] = np.asarray([i for _, i in chunk], dtype=">u8").view(np.uint8).reshape(-1, 8)
+            e[:, :KEY] = np.frombuffer(b"".join(b[:KEY] for b, _ in chunk), np.uint8).reshape(-1, KEY)
+            e[:, KEY:] = np.asarray([i for _, i in chunk], dtype=">u8").view(np.uint8).reshape(-1, 8)
             fences.append(bytes(e[0, :8]))
             c.execute("INSERT INTO bi_parts(run, part, entries) VALUES (?,?,?)", (run, part, e.tobytes()))
             part += 1

@@ -612,7 +612,9 @@ class KeyStore:
         unique = sorted(set(bis))  # sorted: index probes and inserts walk the b-tree in order
         found: dict[bytes, tuple[str, bytes]] = {}
         with self._lock, self._tx(write=create) as c:
-            if self._in_runs():
+            if self._in_runs():  # schema 5 tells ids apart by their blind index's first 16 bytes
+                bis = [b[: layout.KEY] for b in bis]
+                unique = sorted(set(bis))
                 self._resolve_in_runs(c, unique, found, create=create, keys=keys)
                 return [found.get(b) for b in bis]
             columns = "token, wrapped_dek, kek_id" if keys else "token"

@@ -212,19 +212,22 @@ fn resolve_subjects(
     let res = py.allow_threads(|| -> Result<(Vec<usize>, Vec<Slot>, Zeroizing<Vec<u8>>, usize), Failure> {
         let bis = blind_index_all(bi_key, &ids).map_err(Failure::Value)?;
         let store = store_of(bi_key);
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_unstable_by(|a, b| bis[*a].cmp(&bis[*b]));
+        // Ids are told apart by their key, the blind index's first 16 bytes (what schema 5 stores;
+        // see `KEY_BYTES`), sorted as integers.
+        let mut order: Vec<(u128, u32)> = bis.iter().enumerate().map(|(i, b)| (key_of(b), i as u32)).collect();
+        order.sort_unstable();
         let mut slot_of = vec![0usize; n];
-        let mut uniq: Vec<usize> = Vec::new(); // the first id of each distinct blind index, sorted
-        for &i in &order {
-            if uniq.last().map(|&u| bis[u] != bis[i]).unwrap_or(true) {
-                uniq.push(i);
+        let mut uniq: Vec<usize> = Vec::new(); // the first id of each distinct key, in key order
+        let mut ukeys: Vec<u128> = Vec::new();
+        for &(k, i) in &order {
+            if ukeys.last() != Some(&k) {
+                uniq.push(i as usize);
+                ukeys.push(k);
             }
-            slot_of[i] = uniq.len() - 1;
+            slot_of[i as usize] = uniq.len() - 1;
         }
+        drop(order);
         let m = uniq.len();
-        let ubis: Vec<[u8; 32]> = uniq.iter().map(|&u| bis[u]).collect(); // distinct, sorted
-        drop(bis);
         if let Some(hook) = &after_probe {
             // Tests: another writer's turn between the blind indexes and the write (a merge, a shred).
             Python::with_gil(|py| hook.call0(py).map(drop)).map_err(|e| Failure::Value(format!("after_probe: {e}")))?;
@@ -252,7 +255,7 @@ fn resolve_subjects(
         match (version, &token_cipher) {
             (5, Some(tc)) => {
                 let mut r = Runs::load(&tx, &db, store)?;
-                let ids_found = r.lookup(&tx, &ubis)?;
+                let ids_found = r.lookup(&tx, &ukeys)?;
                 let found: Vec<(i64, usize)> = ids_found.iter().enumerate().filter_map(|(s, id)| id.map(|i| (i, s))).collect();
                 if want_keys {
                     read_keys(&tx, &found, tc, &kek_id, &mut slots)?;
@@ -263,7 +266,10 @@ fn resolve_subjects(
                 }
                 runs = Some(r);
             }
-            (1, None) => lookup_rows(&tx, want_keys, &kek_id, &ubis, &mut slots)?,
+            (1, None) => {
+                let ubis: Vec<[u8; 32]> = uniq.iter().map(|&u| bis[u]).collect();
+                lookup_rows(&tx, want_keys, &kek_id, &ubis, &mut slots)?
+            }
             (5, None) => return Err(Failure::Sqlite("a schema-5 store without its token key".into())),
             (v, _) => {
                 return Err(Failure::Sqlite(format!("a schema-{v} store; open it with KeyStore, which converts it to schema 5")))
@@ -281,7 +287,7 @@ fn resolve_subjects(
                 None => 0,
             };
             let tokens = match &token_cipher {
-                Some(c) => (0..k).into_par_iter().map(|j| derived_token(c, first_id + j as i64)).collect::<Vec<_>>(),
+                Some(c) => derived_tokens(c, first_id, k),
                 None => make_tokens(&Zeroizing::new(random(k * 16)?), true),
             };
             let parts: Vec<Vec<u8>> = (0..k.div_ceil(CHUNK))
@@ -314,9 +320,9 @@ fn resolve_subjects(
                     let mut entries = Vec::with_capacity(k * ENTRY);
                     let mut filter = Sbbf::with_capacity(k);
                     for (j, &s) in missing.iter().enumerate() {
-                        entries.extend_from_slice(&ubis[s]);
+                        entries.extend_from_slice(&ukeys[s].to_be_bytes());
                         entries.extend_from_slice(&(first_id + j as i64).to_be_bytes());
-                        filter.insert(&ubis[s]);
+                        filter.insert(ukeys[s]);
                     }
                     let run = next_run(&tx)?;
                     write_run(&tx, run, 0, &entries)?;
@@ -333,7 +339,7 @@ fn resolve_subjects(
                     let mut bi_packed = Vec::with_capacity(k * BI_LEN);
                     for (j, &s) in missing.iter().enumerate() {
                         tok_packed.extend_from_slice(&tokens[j]);
-                        bi_packed.extend_from_slice(&ubis[s]);
+                        bi_packed.extend_from_slice(&bis[uniq[s]]);
                     }
                     let inserted = tx.execute(INSERT_V1, params![&tok_packed[..], &bi_packed[..], &wrapped[..], kek_id, now, numbers(k)])?;
                     if inserted != k {
@@ -421,17 +427,50 @@ fn derived_token(c: &aes::Aes256, id: i64) -> [u8; TOKEN_LEN] {
     t.try_into().expect("a token is 30 bytes")
 }
 
+/// The tokens of row ids `first` .. `first + k - 1` (as `derived_token`), a chunk of ids a task, each
+/// chunk's blocks encrypted together (the AES instructions pipelined over 8 blocks at once).
+fn derived_tokens(c: &aes::Aes256, first: i64, k: usize) -> Vec<[u8; TOKEN_LEN]> {
+    let parts: Vec<Vec<[u8; TOKEN_LEN]>> = (0..k.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|ch| {
+            let (lo, hi) = (ch * CHUNK, ((ch + 1) * CHUNK).min(k));
+            let mut blocks: Vec<aes::Block> = (lo..hi)
+                .map(|j| {
+                    let mut b = aes::Block::default();
+                    b[..8].copy_from_slice(TOKEN_MAGIC);
+                    b[8..].copy_from_slice(&(first + j as i64).to_be_bytes());
+                    b
+                })
+                .collect();
+            c.encrypt_blocks(&mut blocks);
+            let mut t = Vec::with_capacity(TOKEN_LEN);
+            blocks
+                .iter()
+                .map(|b| {
+                    t.clear();
+                    crate::spell_token(b, &mut t);
+                    t.as_slice().try_into().expect("a token is 30 bytes")
+                })
+                .collect()
+        })
+        .collect();
+    parts.concat()
+}
+
 /// The numbers 0 .. `k`, bound to `rarray(?)` (see `INSERT_V1`).
 fn numbers(k: usize) -> std::rc::Rc<Vec<rusqlite::types::Value>> {
     std::rc::Rc::new((0..k as i64).map(rusqlite::types::Value::Integer).collect())
 }
 
 const BI_LEN: usize = 32; // a blind index: HMAC-SHA256
+/// Schema 5 keeps a blind index's first 16 bytes, its key: 128 bits tell 10^10 subjects apart with
+/// a chance of a collision below 10^-18, and each entry is 24 bytes instead of 40.
+const KEY_BYTES: usize = 16;
 /// Schema 5 (`governance/keys/runs.py`: BLOCK, PART, ENTRY): subjects a key block, entries a part
-/// of a run, bytes an entry (the blind index, then the row id, 8 bytes big endian).
+/// of a run, bytes an entry (the key, then the row id, 8 bytes big endian).
 const BLOCK: usize = 1024;
 const PART: usize = 1024;
-const ENTRY: usize = BI_LEN + 8;
+const ENTRY: usize = KEY_BYTES + 8;
 // The statements below slice packed blobs at these widths.
 const _: () = assert!(TOKEN_LEN == 30 && BI_LEN == 32 && WRAPPED == 60);
 
@@ -493,12 +532,17 @@ fn prefix(bi: &[u8]) -> u64 {
     u64::from_be_bytes(bi[..8].try_into().expect("8 bytes"))
 }
 
-fn bi_at(entries: &[u8], i: usize) -> &[u8] {
-    &entries[i * ENTRY..i * ENTRY + BI_LEN]
+/// A blind index's key: its first 16 bytes, as a big-endian number (so in the same order).
+fn key_of(bi: &[u8]) -> u128 {
+    u128::from_be_bytes(bi[..KEY_BYTES].try_into().expect("16 bytes"))
+}
+
+fn key_at(entries: &[u8], i: usize) -> u128 {
+    key_of(&entries[i * ENTRY..])
 }
 
 fn id_at(entries: &[u8], i: usize) -> i64 {
-    i64::from_be_bytes(entries[i * ENTRY + BI_LEN..(i + 1) * ENTRY].try_into().expect("8 bytes"))
+    i64::from_be_bytes(entries[i * ENTRY + KEY_BYTES..(i + 1) * ENTRY].try_into().expect("8 bytes"))
 }
 
 /// Run `run` of `level`: `entries` (sorted, ENTRY bytes each) in parts of PART, and its fences.
@@ -526,12 +570,12 @@ fn read_part(tx: &rusqlite::Transaction<'_>, run: i64, part: usize) -> Result<Ve
     Ok(blob)
 }
 
-/// The position of blind index `bi` in sorted `entries`, if they hold it.
-fn find(entries: &[u8], bi: &[u8; 32]) -> Option<usize> {
+/// The position of `key` in sorted `entries`, if they hold it.
+fn find(entries: &[u8], key: u128) -> Option<usize> {
     let (mut lo, mut hi) = (0usize, entries.len() / ENTRY);
     while lo < hi {
         let mid = (lo + hi) / 2;
-        match bi_at(entries, mid).cmp(&bi[..]) {
+        match key_at(entries, mid).cmp(&key) {
             std::cmp::Ordering::Less => lo = mid + 1,
             std::cmp::Ordering::Greater => hi = mid,
             std::cmp::Ordering::Equal => return Some(mid),
@@ -561,10 +605,10 @@ impl Sbbf {
     fn with_capacity(n: usize) -> Self {
         Sbbf { blocks: vec![[0u32; 8]; (n.max(1) * BITS_PER_KEY).div_ceil(256)] }
     }
-    /// A blind index is an HMAC, so its bytes are uniform already: bytes 8..16 are the hash (the
-    /// first 8 are the fences'; any bytes would do).
-    fn hash(bi: &[u8; 32]) -> u64 {
-        u64::from_le_bytes(bi[8..16].try_into().expect("8 bytes"))
+    /// A blind index is an HMAC, so its bits are uniform already: the key's low 64 bits are the
+    /// hash (its high 64 are the fences'; any bits would do).
+    fn hash(key: u128) -> u64 {
+        key as u64
     }
     fn block(&self, h: u64) -> usize {
         (((h >> 32) * self.blocks.len() as u64) >> 32) as usize
@@ -572,15 +616,15 @@ impl Sbbf {
     fn bit(h: u64, i: usize) -> u32 {
         1u32 << ((h as u32).wrapping_mul(SBBF_SALT[i]) >> 27)
     }
-    fn insert(&mut self, bi: &[u8; 32]) {
-        let h = Self::hash(bi);
+    fn insert(&mut self, key: u128) {
+        let h = Self::hash(key);
         let b = self.block(h);
         for i in 0..8 {
             self.blocks[b][i] |= Self::bit(h, i);
         }
     }
-    fn may_hold(&self, bi: &[u8; 32]) -> bool {
-        let h = Self::hash(bi);
+    fn may_hold(&self, key: u128) -> bool {
+        let h = Self::hash(key);
         let block = &self.blocks[self.block(h)];
         (0..8).all(|i| block[i] & Self::bit(h, i) != 0)
     }
@@ -669,14 +713,14 @@ impl Runs {
         Ok(Runs { views, memos, made: Vec::new(), merged: Vec::new() })
     }
 
-    /// The row id of each of `ubis` (distinct blind indexes, sorted) that a run holds. Newest run
+    /// The row id of each of `ukeys` (distinct keys, sorted) that a run holds. Newest run
     /// first; in each, only the ids its filter may hold, each in the part its fences name. A run
     /// with no filter yet is read whole (and its filter made) once the parts read from it reach a
     /// sixteenth of it: a batch of new people in a store this process has not seen yet would read
     /// most parts anyway.
-    fn lookup(&mut self, tx: &rusqlite::Transaction<'_>, ubis: &[[u8; 32]]) -> Result<Vec<Option<i64>>, Failure> {
-        let mut found: Vec<Option<i64>> = vec![None; ubis.len()];
-        let mut open: Vec<usize> = (0..ubis.len()).collect();
+    fn lookup(&mut self, tx: &rusqlite::Transaction<'_>, ukeys: &[u128]) -> Result<Vec<Option<i64>>, Failure> {
+        let mut found: Vec<Option<i64>> = vec![None; ukeys.len()];
+        let mut open: Vec<usize> = (0..ukeys.len()).collect();
         for v in &self.views {
             if open.is_empty() {
                 break;
@@ -684,7 +728,7 @@ impl Runs {
             let memo = self.memos.entry(v.run).or_default();
             let cands: Vec<usize> = match &memo.filter {
                 Some(f) => {
-                    let c: Vec<usize> = open.iter().copied().filter(|&s| f.may_hold(&ubis[s])).collect();
+                    let c: Vec<usize> = open.iter().copied().filter(|&s| f.may_hold(ukeys[s])).collect();
                     FILTERED.fetch_add((open.len() - c.len()) as u64, Ordering::Relaxed);
                     c
                 }
@@ -695,7 +739,7 @@ impl Runs {
             }
             let mut by_part: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
             for &s in &cands {
-                let k = prefix(&ubis[s]);
+                let k = (ukeys[s] >> 64) as u64;
                 let lo = v.fences.partition_point(|&f| f < k).saturating_sub(1);
                 let hi = v.fences.partition_point(|&f| f <= k).saturating_sub(1);
                 for p in lo..=hi.max(lo) {
@@ -713,12 +757,12 @@ impl Runs {
                     let count = all.len() / ENTRY;
                     let mut filter = Sbbf::with_capacity(count);
                     for i in 0..count {
-                        filter.insert(bi_at(&all, i).try_into().expect("32 bytes"));
+                        filter.insert(key_at(&all, i));
                     }
                     FILTERS_MADE.fetch_add(1, Ordering::Relaxed);
                     memo.filter = Some(Arc::new(filter));
                     for &s in &cands {
-                        if let Some(i) = find(&all, &ubis[s]) {
+                        if let Some(i) = find(&all, ukeys[s]) {
                             found[s] = Some(id_at(&all, i));
                         }
                     }
@@ -729,7 +773,7 @@ impl Runs {
             for (p, members) in by_part {
                 let part = read_part(tx, v.run, p)?;
                 for s in members {
-                    if let Some(i) = find(&part, &ubis[s]) {
+                    if let Some(i) = find(&part, ukeys[s]) {
                         found[s] = Some(id_at(&part, i));
                     }
                 }
@@ -809,7 +853,7 @@ fn merge_levels(tx: &rusqlite::Transaction<'_>, fanout: usize, runs: &mut Runs) 
                     cur.2 += 1;
                 }
                 if !cur.0.is_empty() {
-                    heap.push(Reverse((<[u8; 32]>::try_from(bi_at(&cur.0, 0)).expect("32 bytes"), c)));
+                    heap.push(Reverse((key_at(&cur.0, 0), c)));
                 }
                 cursors.push(cur);
             }
@@ -818,10 +862,10 @@ fn merge_levels(tx: &rusqlite::Transaction<'_>, fanout: usize, runs: &mut Runs) 
             let mut out = Vec::with_capacity(PART * ENTRY);
             let mut fences = Vec::new();
             let mut ins = tx.prepare_cached("INSERT INTO bi_parts(run, part, entries) VALUES (?1, ?2, ?3)")?;
-            while let Some(Reverse((bi, c))) = heap.pop() {
+            while let Some(Reverse((key, c))) = heap.pop() {
                 let (buf, at, next) = &mut cursors[c];
                 out.extend_from_slice(&buf[*at * ENTRY..(*at + 1) * ENTRY]);
-                filter.insert(&bi);
+                filter.insert(key);
                 *at += 1;
                 if *at * ENTRY == buf.len() {
                     buf.clear();
@@ -832,7 +876,7 @@ fn merge_levels(tx: &rusqlite::Transaction<'_>, fanout: usize, runs: &mut Runs) 
                     }
                 }
                 if !buf.is_empty() {
-                    heap.push(Reverse((<[u8; 32]>::try_from(bi_at(buf, *at)).expect("32 bytes"), c)));
+                    heap.push(Reverse((key_at(buf, *at), c)));
                 }
                 if out.len() == PART * ENTRY {
                     fences.extend_from_slice(&out[..8]);
