@@ -4,10 +4,10 @@
 is its reference, the whole layout for a machine without the native core, and the one place that
 shreds, rotates, converts and counts (the key store calls it for both backends).
 
-Schema 5 stores a batch of new subjects as a few large values instead of a row per subject. Schema
-4 wrote a row of ``subjects`` and an index entry per subject, and merged its recent blind indexes
-into one main B-tree: at 10M new subjects that storage took about 21 s of a 40 s ingest (#15).
-Here (``bench_keystore_layout.py`` measured the storage alone: 6.9 s for 10M with fan-out 8):
+Schema 4 wrote a row of ``subjects`` and an index entry per subject, and merged its recent blind
+indexes into one main B-tree: at 10M new subjects that storage took about 21 s of a 40 s ingest
+(#15; ``bench_ingest_floor.py``). Schema 5 stores a batch of new subjects as a few large values
+(``bench_keystore_layout.py`` measured the storage alone before it was built):
 
 ``keyblocks(first_id, n, kek_id, created_at, wrapped)``
     The wrapped data keys of subjects ``first_id .. first_id + n - 1`` (row ids, never reused), 60
@@ -16,22 +16,24 @@ Here (``bench_keystore_layout.py`` measured the storage alone: 6.9 s for 10M wit
     permutation, as since schema 2) and reads the block holding it.
 ``bi_runs(run, level, fences)`` and ``bi_parts(run, part, entries)``
     The blind indexes, in runs: a batch's new subjects are one run (numbered from ``lsm.last_run``,
-    never reused; a merged run takes a new number), its entries sorted by blind index, 40 bytes each (:data:`ENTRY`: the 32-byte blind index, then
-    the row id, 8 bytes big endian), cut into parts of at most :data:`PART`. ``fences`` holds the
-    first 8 bytes of each part's first entry (where a lookup finds the part that may hold a blind
-    index); a part a shred emptied takes the fence of the part after it. Once :data:`FANOUT` runs share a
-    level they are merged into one run of the next (a tiered merge: each subject is rewritten
-    once a level, and a lookup searches at most ``FANOUT - 1`` runs a level). A blind index is in
-    one run only: the writer looks every id of a batch up inside its write transaction first.
+    never reused; a merged run takes a new number), its entries sorted, 24 bytes each
+    (:data:`ENTRY`): the blind index's key, its first 16 bytes (:data:`KEY`: 128 bits, so two of
+    10^10 subjects share one with a chance below 10^-18), then the row id, 8 bytes big endian. A
+    run is cut into parts of at most :data:`PART` entries; ``fences`` holds the first 8 bytes of
+    each part's first entry (where a lookup finds the part that may hold a key); a part a shred
+    emptied takes the fence of the part after it. Once :data:`FANOUT` runs share a level they are
+    merged into one run of the next (a tiered merge: each subject is rewritten once a level, and a
+    lookup searches at most ``FANOUT - 1`` runs a level). A key is in one run only: the writer
+    looks every id of a batch up inside its write transaction first.
 ``lsm(name, value)``
     ``last_id``: the last row id given (``AUTOINCREMENT``'s role in schema 4); ``last_run``: the
     last run number given.
 
 A shred zeroes the subject's 60 bytes in its block and takes its entry out of its run's part (both
-values rewritten; ``secure_delete`` zeroes the pages they leave), updating the fence when the
-entry was a part's first, so no byte of the erased blind index stays in the file. Finding the
-entry reads every run's row ids (8 of each entry's 40 bytes; 0.4 GB of parts at 10M subjects): a
-subject's row does not hold its blind index any more.
+values rewritten; ``secure_delete`` zeroes the pages they leave, and a merge's input pages too),
+updating the fence when the entry was a part's first, so no byte of the erased blind index stays
+in the file. Finding the entry reads every run's row ids (a subject's block does not hold its
+blind index): 0.5 s for one subject in a store of 10M, 1.7 s for 1,000.
 
 Each process keeps, per run, what lets a lookup skip the runs that cannot hold an id: here the
 first 8 bytes of every entry, sorted (read once per run); in the native core a Bloom filter. Runs

@@ -21,49 +21,32 @@ Copies outside this file (filesystem snapshots, backups of the file, SSD
 remapping) are outside its reach: back the key store up only with a retention
 shorter than the erasure deadline.
 
-Tables (schema version 4; a version-2 or -3 store is converted when opened, a version-1 store keeps
-its own ``subjects`` and works as before)::
+Tables (schema version 5; a version-2, -3 or -4 store is converted when opened, a version-1 store
+keeps its own ``subjects`` and works as before)::
 
     meta(name, wrapped, kek_id, created_at)           system keys
-    subjects(id, token, blind_index, wrapped_dek, kek_id, created_at)
-    bi_main(blind_index, id)                          the blind indexes (WITHOUT ROWID) ...
-    bi_recent(run, blind_index, id)                   ... of the subjects created since the last merge
-    recent_runs(run, keys)                            the recent level's runs, each with its keys
-    lsm(name, value)                                  ``merged_through``: the id sequence at the last merge
+    keyblocks(first_id, n, kek_id, created_at, wrapped)   the data keys of ids first_id .. first_id+n-1
+    bi_runs(run, level, fences)                       the blind indexes, in sorted runs ...
+    bi_parts(run, part, entries)                      ... cut into parts of 1,024 entries
+    lsm(name, value)                                  ``last_id``, ``last_run``
     shredded(token, shredded_at)                      tombstones
 
-Since version 2 a token is a keyed permutation of its row id (:func:`wire.derived_tokens`, under
-the ``subject-token`` system key; ``id`` is ``AUTOINCREMENT``, never reused, so a shredded
-subject's token never comes back), and ``token`` has no index: a lookup by token decrypts it to
-the id and checks the stored token. Version 1 (random tokens, a token index) rewrote two
-random-keyed B-trees per batch of new subjects.
+:mod:`governance.keys.runs` describes the layout and is its reference (the native core's bulk path,
+``native/src/keystore.rs``, writes the same). A token is a keyed permutation of its row id
+(:func:`wire.derived_tokens`, under the ``subject-token`` system key, since version 2); ids are
+never reused, so a shredded subject's token never comes back, and a lookup by token decrypts it to
+its id and reads the id's block (only the token's own spelling is accepted). A batch of new
+subjects is a few key blocks and one run of its blind indexes' keys (their first 16 bytes) with
+the ids, in key order; runs are merged by level. The history that led here, each step measured
+(#15): version 1 kept random tokens in a token index, version 2 derived them from row ids,
+version 3 moved the blind indexes off the rows into a main and a recent index merged
+geometrically, version 4 kept the recent index in per-batch runs, and version 5 stores a batch
+as blocks and a run instead of a row and an index entry per subject (10M new subjects in 14.6 s
+instead of 31.3 s: ``bench_keystore.py --growth``).
 
-Version 3 takes the last one, the blind index, off the rows: a batch of random blind indexes
-touches nearly every page of the index it enters, so with one index a store of 10M subjects
-rewrote (and journaled) its whole 450 MB index for every batch, and creating a subject cost 4x
-more at 10M than at 1M. Now rows are appended (no index but the id), and new blind indexes enter
-``bi_recent``, which is merged into ``bi_main`` in one ordered pass once it holds ``MERGE_MIN``
-or a ``MERGE_FRACTION``-th of the main index: each subject's share of the merges stays bounded as
-the store grows. A blind index is in exactly one of the two (a merge that found it in both
-would fail the primary key); lookups probe both; shred deletes the row and its blind index.
-
-Version 4 keys ``bi_recent`` by ``(run, blind_index)``: a run is one batch's new subjects, numbered
-by its first row id, so a batch's blind indexes are appended after every earlier run's instead of
-spread over the pages of one index that grows to ``MERGE_MIN`` (at 1M recent subjects, entering a
-batch of 143k rewrote and journaled the whole 40 MB index; 2.7x faster with runs, with the commit).
-Uniqueness is the writer's: inside its write transaction it looks every id up in both levels
-before it inserts. ``recent_runs`` lists the runs, each with its keys: the first 8 bytes of each
-of its blind indexes, sorted (8 bytes a recent subject). Both paths keep the keys in memory
-(``_RecentKeys`` here, ``RecentIndex`` in ``native/src/keystore.rs``), reading only the runs they
-lack, and probe a run only for the ids its keys name. A shred takes its subject's key out of its
-run's keys too, so no part of an erased blind index stays in the file. The native path also keeps,
-in memory only, a Bloom filter of the main index for its current merge mark, so a batch of new
-people probes the main index only for the ids the filter may hold (``Sbbf`` in
-``native/src/keystore.rs``); kept in the file, its bits would outlive a shredded subject.
-
-Each wrapped key is bound to its row by the wrapping AAD
+Each wrapped key is bound to its subject by the wrapping AAD
 (``b"lakewarden:dek\\x00" + token``, ``b"lakewarden:meta\\x00" + name``), so a
-wrapped DEK copied onto another row does not unwrap.
+wrapped DEK copied to another subject's place does not unwrap.
 
 Unwrapped keys live only in process memory (a bounded dict, cleared on shred,
 rotation and close). A process that has a DEK cached keeps it until it shreds,
