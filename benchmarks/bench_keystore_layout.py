@@ -1,8 +1,9 @@
 """A design experiment for the key store (issue #15): what storing subjects in per-batch blobs costs.
 
-Not the product's key store: the storage alone of a layout the product does not have, measured so
-that a decision to build it rests on a figure. Today (schema 4) a new subject is a row of
-``subjects`` plus an entry of the blind-index index, merged into one main B-tree. Here each batch
+Not the product's key store: the storage alone of the layout that became key store schema 5
+(``governance/keys/runs.py``), measured before it was built so that the decision rested on a
+figure, and kept as that record. Schema 4 stored a new subject as a row of ``subjects`` plus an
+entry of the blind-index index, merged into one main B-tree. Here each batch
 is one row of ``keyblocks`` (its wrapped keys, 60 bytes a subject, never rewritten) and one sorted
 run of ``bi_runs`` (32-byte blind index and 8-byte id a subject); ``--fanout`` runs of a level are
 merged into one run of the next (a tiered LSM). The pragmas are the key store's (rollback journal,
