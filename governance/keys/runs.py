@@ -315,7 +315,7 @@ def erase(c: sqlite3.Connection, ids: Sequence[int]) -> list[int]:
         c.execute("UPDATE keyblocks SET wrapped=? WHERE first_id=?", (bytes(buf), first))
     victims = np.fromiter(had, dtype=np.int64)
     touched: dict[int, list[tuple[int, np.ndarray]]] = {}
-    for run, part, blob in c.execute("SELECT run, part, entries FROM bi_parts").fetchall():
+    for run, part, blob in c.execute("SELECT run, part, entries FROM bi_parts"):  # streamed: a part in memory at a time
         e = _entries(blob)
         gone = np.isin(_ids(e), victims)
         if gone.any():
