@@ -77,7 +77,7 @@ def _tokens(n):
     return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buf))
 
 def stand_in(db, bi_key, kek, kek_id, ids, *, create, keys, now, fanout, token_key=None,
-             after_probe=None):
+             before_turn=None):
     n = len(ids)
     tokens = _tokens(n)
     data_keys = os.urandom(32 * n)

@@ -319,7 +319,7 @@ def test_another_writers_turn_between_the_blind_indexes_and_the_write_still_give
                     assert other.shred(before.tokens[0].as_py())
 
         resolve = native.resolve_subjects
-        monkeypatch.setattr(native, "resolve_subjects", lambda *a, **k: resolve(*a, after_probe=other_writer, **k))
+        monkeypatch.setattr(native, "resolve_subjects", lambda *a, **k: resolve(*a, before_turn=other_writer, **k))
         got = mine.subject_keys(pa.array(batch), keys=True)
         monkeypatch.setattr(native, "resolve_subjects", resolve)
         live, levels = check_layout(path)

@@ -207,12 +207,12 @@ def sqlite_shared() -> bool:
 def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Array, *, create: bool,
                      keys: bool, now: str, fanout: int,
                      token_key: bytes | None = None,
-                     after_probe: Callable[[], object] | None = None) -> tuple[pa.Array, bytes | None, int]:
+                     before_turn: Callable[[], object] | None = None) -> tuple[pa.Array, bytes | None, int]:
     """The native key store's bulk lookup-and-create (see ``native/src/keystore.rs``):
     ``(tokens, keys or None, subjects created)``. Only when :func:`sqlite_shared`. ``token_key``
     (schema 5): new subjects' tokens are the keyed permutation of their row ids. ``fanout``: how
     many runs of blind indexes of one level are merged into one of the next (the key store's
-    ``FANOUT``, the one place the figure lives). ``after_probe`` (tests): called after the blind
+    ``FANOUT``, the one place the figure lives). ``before_turn`` (tests): called after the blind
     indexes are made and before the writer's turn, where another writer may merge or shred.
 
     Raises:
@@ -223,7 +223,7 @@ def resolve_subjects(db: str, bi_key: bytes, kek: bytes, kek_id: str, ids: pa.Ar
     arr = _binary(ids)
     parts, key_bytes, created = _native.resolve_subjects(db, _mv(bi_key), _mv(kek), kek_id, _col(arr), create, keys, now,
                                                          token_key=_mv(token_key), fanout=fanout,
-                                                         **({"after_probe": after_probe} if after_probe else {}))
+                                                         **({"before_turn": before_turn} if before_turn else {}))
     return _from_parts(pa.string(), len(arr), parts), key_bytes, created
 
 

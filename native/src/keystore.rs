@@ -174,7 +174,7 @@ fn open(db: &str, timeout_ms: u64) -> Result<Connection, Failure> {
 /// another batch's transaction (one writer at a time in this process; other processes wait on
 /// SQLite's own lock).
 #[pyfunction]
-#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, *, fanout, timeout_ms=30_000, token_key=None, after_probe=None))]
+#[pyo3(signature = (db, bi_key, kek, kek_id, ids, create, want_keys, now, *, fanout, timeout_ms=30_000, token_key=None, before_turn=None))]
 #[allow(clippy::too_many_arguments)]
 fn resolve_subjects(
     py: Python<'_>,
@@ -189,7 +189,7 @@ fn resolve_subjects(
     fanout: usize,
     timeout_ms: u64,
     token_key: Option<PyBuffer<u8>>,
-    after_probe: Option<Py<PyAny>>,
+    before_turn: Option<Py<PyAny>>,
 ) -> PyResult<(crate::PyCol, Option<Py<PyBytes>>, usize)> {
     let token_cipher = match &token_key {
         Some(k) => {
@@ -228,9 +228,9 @@ fn resolve_subjects(
         }
         drop(order);
         let m = uniq.len();
-        if let Some(hook) = &after_probe {
+        if let Some(hook) = &before_turn {
             // Tests: another writer's turn between the blind indexes and the write (a merge, a shred).
-            Python::with_gil(|py| hook.call0(py).map(drop)).map_err(|e| Failure::Value(format!("after_probe: {e}")))?;
+            Python::with_gil(|py| hook.call0(py).map(drop)).map_err(|e| Failure::Value(format!("before_turn: {e}")))?;
         }
         let mut writer = WRITER.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let conn = connection(&mut writer, &db, timeout_ms)?;
