@@ -45,13 +45,15 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from governance.errors import KeyManagementError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 BLOCK = 1024  # subjects a key block (60 KB of wrapped keys)
-PART = 1024  # entries a part of a run (40 KB)
+PART = 1024  # entries a part of a run (24 KB)
 FANOUT = 8  # runs of one level merged into one of the next
 KEY = 16  # a blind index's key: its first 16 bytes (128 bits: a collision among 10^10 subjects has a chance below 10^-18)
 ENTRY = KEY + 8  # a run's entry: the key, then the row id (8 bytes, big endian)
@@ -108,32 +110,44 @@ def next_run(c: sqlite3.Connection) -> int:
 
 def prefixes(entries: np.ndarray) -> np.ndarray:
     """The first 8 bytes of each row of ``entries`` (uint8, n x 16 or n x 24), as big-endian numbers: their order."""
+    import numpy as np
+
     return np.ascontiguousarray(entries[:, :8]).view(">u8").reshape(-1).astype(np.uint64)
 
 
 def _entries(blob: bytes) -> np.ndarray:
+    import numpy as np
+
     if len(blob) % ENTRY:
         raise KeyManagementError(f"a run's part is {len(blob)} bytes, not a multiple of {ENTRY}")
     return np.frombuffer(blob, np.uint8).reshape(-1, ENTRY)
 
 
 def _ids(entries: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     return np.ascontiguousarray(entries[:, KEY:]).view(">u8").reshape(-1).astype(np.int64)
 
 
 def _order(entries: np.ndarray) -> np.ndarray:
     """The order of ``entries`` by key (as two big-endian words)."""
+    import numpy as np
+
     words = np.ascontiguousarray(entries[:, :KEY]).view(">u8").astype(np.uint64)
     return np.lexsort((words[:, 1], words[:, 0]))
 
 
 def _fences(parts: Sequence[np.ndarray]) -> bytes:
+    import numpy as np
+
     return np.asarray([int(prefixes(p[:1])[0]) for p in parts], dtype=">u8").tobytes()
 
 
 def _fix_fences(fences: np.ndarray, empty: set[int]) -> bytes:
     """A run's fences with each empty part's set to the next part's (the last's to the largest
     key): a lookup then searches the part before it, which is where such a key would be."""
+    import numpy as np
+
     out = fences.copy()
     nxt = np.uint64(2**64 - 1)
     for p in range(len(out) - 1, -1, -1):
@@ -153,6 +167,8 @@ def write_run(c: sqlite3.Connection, run: int, level: int, entries: np.ndarray) 
 
 def read_run(c: sqlite3.Connection, run: int) -> np.ndarray:
     """Every entry of run ``run``, in order (n x ENTRY)."""
+    import numpy as np
+
     blobs = [b for (b,) in c.execute("SELECT entries FROM bi_parts WHERE run=? ORDER BY part", (run,))]
     if not blobs:
         return np.empty((0, ENTRY), np.uint8)
@@ -172,6 +188,8 @@ def level_of(n: int, batch: int = 131_072) -> int:
 def merge_levels(c: sqlite3.Connection, fanout: int = FANOUT) -> list[tuple[int, int]]:
     """Merge every level holding ``fanout`` runs into one run of the next, cascading; the
     ``(run, level)`` of each run made (a new run number each)."""
+    import numpy as np
+
     made = []
     level = 0
     while True:
@@ -195,12 +213,16 @@ class Runs:
     first needed)."""
 
     def __init__(self) -> None:
+        import numpy as np
+
         self.keys: dict[int, np.ndarray] = {}
         self.fences: dict[int, np.ndarray] = {}
 
     def refresh(self, c: sqlite3.Connection) -> None:
         """Bring the list of runs up to date with the transaction's view (fences are read again:
         a shred may have moved one; keys of runs still there are kept)."""
+        import numpy as np
+
         current = {r: np.frombuffer(f, ">u8").astype(np.uint64) for r, f in c.execute("SELECT run, fences FROM bi_runs")}
         self.keys = {k: v for k, v in self.keys.items() if k in current}
         self.fences = current
@@ -216,6 +238,8 @@ class Runs:
 
     def lookup(self, c: sqlite3.Connection, bis: Sequence[bytes]) -> dict[bytes, int]:
         """The row ids of the keys ``bis`` (blind indexes' first :data:`KEY` bytes) the runs hold."""
+        import numpy as np
+
         found: dict[bytes, int] = {}
         if not bis or not self.fences:
             return found
@@ -248,6 +272,8 @@ class Runs:
 
 def new_run_entries(bis: Sequence[bytes], first_id: int) -> np.ndarray:
     """The entries of a batch's new subjects: keys ``bis`` (sorted) with ids ``first_id`` on."""
+    import numpy as np
+
     n = len(bis)
     e = np.empty((n, ENTRY), np.uint8)
     e[:, :KEY] = np.frombuffer(b"".join(bis), np.uint8).reshape(n, KEY)
@@ -292,6 +318,8 @@ def blocks(c: sqlite3.Connection) -> Iterator[tuple[int, int, str, bytes]]:
 
 def live(block: tuple[int, int, str, bytes]) -> list[int]:
     """The row ids of a block with a key (not shredded)."""
+    import numpy as np
+
     first, n, _, w = block
     arr = np.frombuffer(w, np.uint8).reshape(n, WRAPPED)
     return (first + np.flatnonzero(arr.any(axis=1))).tolist()
@@ -300,6 +328,8 @@ def live(block: tuple[int, int, str, bytes]) -> list[int]:
 def erase(c: sqlite3.Connection, ids: Sequence[int]) -> list[int]:
     """Shred row ids ``ids``: their wrapped keys zeroed in their blocks, their entries taken out of
     their runs (fences updated). The ids that had a live key (in the order given)."""
+    import numpy as np
+
     had = key_entries(c, ids)
     if not had:
         return []
@@ -344,6 +374,8 @@ def from_schema_4(c: sqlite3.Connection, seq: int, version: int, kek_id: str) ->
     takes ``kek_id``), the blind indexes one run (schema 2 keeps them on the rows, 3 and 4 in two
     levels), and the id sequence ``seq`` is kept, so no token is ever issued twice. Streamed: a
     block and a part in memory at a time."""
+    import numpy as np
+
     kek_ids = [r for (r,) in c.execute("SELECT DISTINCT kek_id FROM subjects")]
     if len(kek_ids) > 1:
         raise KeyManagementError(f"cannot convert the key store: its rows are wrapped by several KEKs ({', '.join(sorted(kek_ids))})")
