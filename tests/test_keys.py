@@ -787,6 +787,18 @@ def test_an_older_store_is_converted_on_open_keeping_tokens_keys_and_the_id_sequ
         assert check_layout(store_path) == (1_100, {0: 2})
 
 
+def test_an_older_store_opened_with_another_kek_is_refused_and_opens_with_its_own(store_path, kek):
+    """Every subject of a schema-4 store shredded: its converted blocks take the KEK of its system
+    keys, not of whoever opened it, so a wrong KEK is refused and the right one still opens it."""
+    old_store(store_path, kek, ["a", "b"], version=4, shredded=2)
+    with pytest.raises(KeyManagementError, match=f"wrapped by KEK {kek.key_id}"):
+        KeyStore(store_path, LocalKek(KEK_B, source="test:b"))
+    assert {r[0] for r in raw_rows(store_path, "SELECT kek_id FROM keyblocks")} == {kek.key_id}
+    with KeyStore(store_path, kek) as ks:
+        assert ks._version == 5 and ks.stats()["subjects"] == 0
+        assert check_layout(store_path) == (0, {})
+
+
 def test_schema_2_refuses_tokens_it_did_not_make(store_path, kek, tmp_path, backend):
     with KeyStore(store_path, kek, clock=clock) as ks, KeyStore(tmp_path / "other.db", kek, clock=clock) as other:
         mine = ks.token_for("alice")

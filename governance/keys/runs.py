@@ -370,8 +370,8 @@ def count(c: sqlite3.Connection) -> int:
 
 def from_schema_4(c: sqlite3.Connection, seq: int, version: int, kek_id: str) -> None:
     """Schema 2, 3 or 4 to 5, in the caller's transaction: the rows become key blocks (ids 1 to
-    ``seq`` in blocks of :data:`BLOCK`; a shredded id's key is zeros; a block with no row left
-    takes ``kek_id``), the blind indexes one run (schema 2 keeps them on the rows, 3 and 4 in two
+    ``seq`` in blocks of :data:`BLOCK`; a shredded id's key is zeros; blocks take the KEK id of the
+    rows, or of the system keys when no row is left, or ``kek_id`` when there are none), the blind indexes one run (schema 2 keeps them on the rows, 3 and 4 in two
     levels), and the id sequence ``seq`` is kept, so no token is ever issued twice. Streamed: a
     block and a part in memory at a time."""
     import numpy as np
@@ -381,7 +381,10 @@ def from_schema_4(c: sqlite3.Connection, seq: int, version: int, kek_id: str) ->
         raise KeyManagementError(f"cannot convert the key store: its rows are wrapped by several KEKs ({', '.join(sorted(kek_ids))})")
     c.execute("DROP TABLE IF EXISTS lsm")  # schema 3 and 4's merge mark
     create_tables(c)
-    kek_id = kek_ids[0] if kek_ids else kek_id
+    if kek_ids:  # the store's KEK as its rows say (opening with another KEK is refused after this)
+        kek_id = kek_ids[0]
+    else:  # no row left: as its system keys say
+        kek_id = next(iter(r for (r,) in c.execute("SELECT kek_id FROM meta LIMIT 1")), kek_id)
     rows = c.execute("SELECT id, wrapped_dek, created_at FROM subjects ORDER BY id")
     pending = rows.fetchone()
     for start in range(1, seq + 1, BLOCK):

@@ -449,14 +449,15 @@ class KeyStore:
 
     def _by_tokens(self, c: sqlite3.Connection, columns: str, tokens: Sequence[str]) -> list[tuple[Any, ...]]:
         """Rows ``(token, <columns>)`` of the subjects among ``tokens`` that exist (by the token
-        index in version 1; in version 2 by the row id each token decrypts to, the stored token
-        then compared with the given one)."""
+        index in version 1; in version 5 by the row id each token decrypts to and that id's key
+        block, ``columns`` naming ``id``, ``wrapped_dek``, ``kek_id`` or ``1``; a server store, by
+        the row id and its stored token)."""
         out: list[tuple[Any, ...]] = []
         key = self._token_key()
         if self._in_runs():
             assert key is not None
             wanted = [col.strip() for col in columns.split(",")]
-            return [(t, *({"id": i, "rowid": i, "wrapped_dek": w, "kek_id": k, "1": 1}[col] for col in wanted))
+            return [(t, *({"id": i, "wrapped_dek": w, "kek_id": k, "1": 1}[col] for col in wanted))
                     for t, (i, w, k) in layout.by_tokens(c, key, tokens).items()]
         if key is None:
             template = f"SELECT token, {columns} FROM subjects WHERE token IN ({{}})"
