@@ -13,7 +13,8 @@ from governance.keys.kek import LocalKek
 from governance.keys.store import KeyStore
 
 
-def _rows(path: Path, sql: str, args: tuple = ()) -> list[tuple]:
+def raw_rows(path: Path, sql: str, args: tuple = ()) -> list[tuple]:
+    """Rows of ``sql`` read from the store file directly (read-only)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         return conn.execute(sql, args).fetchall()
@@ -28,8 +29,8 @@ def check_layout(path: Path) -> tuple[int, dict[int, int]]:
     entry's first 8 bytes (an emptied part's, the next part's), no blind index is in two places,
     the key blocks tile the ids 1 .. ``last_id`` with no overlap, and the ids in the runs are
     exactly those with a live key."""
-    blocks = _rows(path, "SELECT first_id, n, wrapped FROM keyblocks ORDER BY first_id")
-    last = _rows(path, "SELECT coalesce((SELECT value FROM lsm WHERE name='last_id'), 0)")[0][0]
+    blocks = raw_rows(path, "SELECT first_id, n, wrapped FROM keyblocks ORDER BY first_id")
+    last = raw_rows(path, "SELECT coalesce((SELECT value FROM lsm WHERE name='last_id'), 0)")[0][0]
     at, live = 1, []
     for first, n, w in blocks:
         assert first == at and len(w) == n * runs.WRAPPED, (first, at, n, len(w))
@@ -39,9 +40,9 @@ def check_layout(path: Path) -> tuple[int, dict[int, int]]:
     assert at == last + 1, (at, last)
     levels: dict[int, int] = {}
     seen_bis, seen_ids = [], []
-    for run, level, fences in _rows(path, "SELECT run, level, fences FROM bi_runs ORDER BY run"):
+    for run, level, fences in raw_rows(path, "SELECT run, level, fences FROM bi_runs ORDER BY run"):
         levels[level] = levels.get(level, 0) + 1
-        parts = _rows(path, "SELECT part, entries FROM bi_parts WHERE run=? ORDER BY part", (run,))
+        parts = raw_rows(path, "SELECT part, entries FROM bi_parts WHERE run=? ORDER BY part", (run,))
         f = np.frombuffer(fences, ">u8")
         assert [p for p, _ in parts] == list(range(len(f)))
         assert np.all(f[1:] >= f[:-1]), f"run {run}'s fences are not in order"
@@ -62,7 +63,7 @@ def check_layout(path: Path) -> tuple[int, dict[int, int]]:
 def wrapped_of(path: Path, token_key: bytes, token: str) -> bytes:
     """The wrapped key of ``token`` as stored in its block."""
     (i,) = wire.token_ids(token_key, [token])
-    first, w = _rows(path, "SELECT first_id, wrapped FROM keyblocks WHERE first_id <= ? ORDER BY first_id DESC LIMIT 1", (i,))[0]
+    first, w = raw_rows(path, "SELECT first_id, wrapped FROM keyblocks WHERE first_id <= ? ORDER BY first_id DESC LIMIT 1", (i,))[0]
     return w[(i - first) * runs.WRAPPED : (i - first + 1) * runs.WRAPPED]
 
 

@@ -32,7 +32,7 @@ from governance.keys import (
 )
 from governance.keys import hazmat
 from governance.keys.kek import InsecureKeyFileWarning
-from tests.keystore_helpers import check_layout, old_store, wrapped_of
+from tests.keystore_helpers import check_layout, old_store, raw_rows, wrapped_of
 
 KEK_A = bytes(range(32))
 KEK_B = bytes(range(100, 132))
@@ -58,14 +58,6 @@ def store_path(tmp_path: Path) -> Path:
 def ring(store_path: Path, kek: LocalKek):
     with KeyRing(KeyStore(store_path, kek, clock=clock)) as r:
         yield r
-
-
-def raw_rows(path: Path, sql: str, args: tuple = ()) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
 
 
 def raw_exec(path: Path, sql: str, args: tuple = ()) -> None:
