@@ -292,21 +292,33 @@ def write_blocks(c: sqlite3.Connection, first_id: int, wrapped: Sequence[bytes],
     c.executemany("INSERT INTO keyblocks(first_id, n, kek_id, created_at, wrapped) VALUES (?,?,?,?,?)", rows)
 
 
+def _by_block(c: sqlite3.Connection, ids: Iterable[int]) -> Iterator[tuple[tuple[int, int, str, bytes], list[int]]]:
+    """The key blocks holding ``ids`` (issued ones), each ``(first_id, n, kek_id, wrapped)`` once,
+    with the ids it holds, ascending: one read of each block."""
+    block: tuple[int, int, str, bytes] | None = None
+    members: list[int] = []
+    for i in sorted(set(ids)):
+        if block is None or not (block[0] <= i < block[0] + block[1]):
+            if members:
+                yield block, members  # type: ignore[misc]
+            members = []
+            row = c.execute("SELECT first_id, n, kek_id, wrapped FROM keyblocks WHERE first_id <= ? "
+                            "ORDER BY first_id DESC LIMIT 1", (i,)).fetchone()
+            block = None if row is None else (row[0], row[1], row[2], bytes(row[3]))
+        if block is not None and block[0] <= i < block[0] + block[1]:
+            members.append(i)
+    if members:
+        yield block, members  # type: ignore[misc]
+
+
 def key_entries(c: sqlite3.Connection, ids: Iterable[int]) -> dict[int, tuple[bytes, str]]:
     """``{id: (wrapped key, kek id)}`` for the ids among ``ids`` with a live key (not shredded, issued)."""
     out: dict[int, tuple[bytes, str]] = {}
-    block: tuple[int, int, str, bytes] | None = None
-    for i in sorted(set(ids)):
-        if block is None or not (block[0] <= i < block[0] + block[1]):
-            row = c.execute("SELECT first_id, n, kek_id, wrapped FROM keyblocks WHERE first_id <= ? "
-                            "ORDER BY first_id DESC LIMIT 1", (i,)).fetchone()
-            if row is None:
-                continue
-            block = (row[0], row[1], row[2], bytes(row[3]))
-        if block[0] <= i < block[0] + block[1]:
-            w = block[3][(i - block[0]) * WRAPPED : (i - block[0] + 1) * WRAPPED]
-            if w != _ZERO:
-                out[i] = (w, block[2])
+    for (first, _, kid, w), members in _by_block(c, ids):
+        for i in members:
+            k = w[(i - first) * WRAPPED : (i - first + 1) * WRAPPED]
+            if k != _ZERO:
+                out[i] = (k, kid)
     return out
 
 
@@ -316,33 +328,22 @@ def blocks(c: sqlite3.Connection) -> Iterator[tuple[int, int, str, bytes]]:
         yield first, n, kid, bytes(w)
 
 
-def live(block: tuple[int, int, str, bytes]) -> list[int]:
-    """The row ids of a block with a key (not shredded)."""
-    import numpy as np
-
-    first, n, _, w = block
-    arr = np.frombuffer(w, np.uint8).reshape(n, WRAPPED)
-    return (first + np.flatnonzero(arr.any(axis=1))).tolist()
-
-
 def erase(c: sqlite3.Connection, ids: Sequence[int]) -> list[int]:
     """Shred row ids ``ids``: their wrapped keys zeroed in their blocks, their entries taken out of
     their runs (fences updated). The ids that had a live key (in the order given)."""
     import numpy as np
 
-    had = key_entries(c, ids)
-    if not had:
-        return []
-    by_block: dict[int, list[int]] = {}
-    for i in had:
-        first = c.execute("SELECT first_id FROM keyblocks WHERE first_id <= ? ORDER BY first_id DESC LIMIT 1", (i,)).fetchone()[0]
-        by_block.setdefault(first, []).append(i)
-    for first, members in by_block.items():
-        (w,) = c.execute("SELECT wrapped FROM keyblocks WHERE first_id=?", (first,)).fetchone()
+    had: set[int] = set()
+    for (first, _, _, w), members in list(_by_block(c, ids)):
         buf = bytearray(w)
         for i in members:
-            buf[(i - first) * WRAPPED : (i - first + 1) * WRAPPED] = _ZERO
-        c.execute("UPDATE keyblocks SET wrapped=? WHERE first_id=?", (bytes(buf), first))
+            if buf[(i - first) * WRAPPED : (i - first + 1) * WRAPPED] != _ZERO:
+                buf[(i - first) * WRAPPED : (i - first + 1) * WRAPPED] = _ZERO
+                had.add(i)
+        if bytes(buf) != w:
+            c.execute("UPDATE keyblocks SET wrapped=? WHERE first_id=?", (bytes(buf), first))
+    if not had:
+        return []
     victims = np.fromiter(had, dtype=np.int64)
     touched: dict[int, list[tuple[int, np.ndarray]]] = {}
     for run, part, blob in c.execute("SELECT run, part, entries FROM bi_parts"):  # streamed: a part in memory at a time
