@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 # The native core (native/: Rust, PyO3, built by maturin from crates.io); rebuilt when its sources change.
-NATIVE := $(VENV)/.native-$(shell cat native/Cargo.toml native/pyproject.toml native/src/*.rs | sha1sum | cut -c1-12)
+NATIVE := $(VENV)/.native-$(shell cat native/Cargo.toml native/pyproject.toml native/.cargo/config.toml native/src/*.rs | sha1sum | cut -c1-12)
 LW     := $(BIN)/lakewarden
 
 .PHONY: install trino kafka objectstore keycloak system oracle demo test test-fast bench bench-deps clean-demo
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Without cargo the library runs its pure-Python fallback (same bytes, slower; see README).
-$(NATIVE): $(STAMP) native/Cargo.toml native/pyproject.toml $(wildcard native/src/*.rs)
+$(NATIVE): $(STAMP) native/Cargo.toml native/pyproject.toml native/.cargo/config.toml $(wildcard native/src/*.rs)
 	@if command -v cargo >/dev/null 2>&1 || test -x $$HOME/.cargo/bin/cargo; then \
 	  PATH="$$PATH:$$HOME/.cargo/bin" $(BIN)/python -m pip install --quiet ./native && \
 	  rm -f $(VENV)/.native-* && touch $@; \

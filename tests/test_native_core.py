@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import sqlite3
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -34,6 +37,50 @@ def test_the_native_core_is_built_where_required():
     if os.environ.get("LAKEWARDEN_REQUIRE_NATIVE") == "1":
         assert native.backend() == "native", "make install builds native/ (needs cargo); LAKEWARDEN_NATIVE=0 disables it"
         assert native.sqlite_shared(), "the native core must call the SQLite library Python's sqlite3 uses"
+
+
+ALL_FLAGS = "flags\t\t: fpu vme " + " ".join(native.X86_FLAGS) + " sha_ni\n"
+
+
+def test_the_cpu_flags_the_build_needs_are_read_from_cpuinfo():
+    assert native.missing_cpu_flags("processor\t: 0\n" + ALL_FLAGS, machine="x86_64") == []
+    old = ALL_FLAGS.replace(" avx2 ", " ").replace(" aes ", " ")
+    assert native.missing_cpu_flags(old, machine="x86_64") == ["avx2", "aes"]
+    assert native.missing_cpu_flags("processor\t: 0\n", machine="x86_64") == []  # unreadable: not refused
+    assert native.missing_cpu_flags("flags: fpu\n", machine="aarch64") == []
+
+
+def test_the_flags_checked_are_those_the_build_enables():
+    """``native/.cargo/config.toml`` builds for x86-64-v3 with AES-NI and PCLMULQDQ: the loader
+    checks each of those levels' flags (as /proc/cpuinfo names them), and only those."""
+    config = (Path(__file__).parents[1] / "native" / ".cargo" / "config.toml").read_text(encoding="utf-8")
+    assert '"target-cpu=x86-64-v3"' in config and '"target-feature=+aes,+pclmulqdq"' in config
+    v2 = {"sse4_1", "sse4_2", "ssse3", "popcnt"}
+    v3 = {"avx", "avx2", "bmi1", "bmi2", "fma", "f16c", "movbe", "abm"}  # abm: LZCNT
+    assert set(native.X86_FLAGS) == v2 | v3 | {"aes", "pclmulqdq"}
+
+
+def test_a_cpu_without_the_flags_gets_the_python_path_and_says_why(tmp_path: Path):
+    """The module is not even loaded there (it would stop the process with an illegal instruction)."""
+    code = (
+        "import builtins, io, json, logging\n"
+        "logging.basicConfig()\n"
+        "real = builtins.open\n"
+        "builtins.open = lambda p, *a, **k: io.StringIO('flags\\t: fpu sse4_1 aes\\n') if p == '/proc/cpuinfo' "
+        "else real(p, *a, **k)\n"
+        "import sys\n"
+        "from governance.keys import native\n"
+        "print(json.dumps([native.backend(), native.WHY_PYTHON, 'lakewarden_native' in sys.modules]))\n"
+    )
+    if not Path("/proc/cpuinfo").exists() or platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the flags are read from Linux's /proc/cpuinfo on x86-64")
+    env = {k: v for k, v in os.environ.items() if k != "LAKEWARDEN_NATIVE"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=Path(__file__).parents[1], timeout=60)
+    backend, why, loaded = json.loads(p.stdout.strip().splitlines()[-1])
+    assert (backend, loaded) == ("python", False)
+    assert "this CPU lacks sse4_2, ssse3, popcnt, avx, " in why and "RUSTFLAGS= make install" in why
+    assert "the native core is not loaded: this CPU lacks" in p.stderr
 
 
 @pytest.mark.parametrize("force", BACKENDS)

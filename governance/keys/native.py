@@ -19,7 +19,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
+import platform
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,13 +34,46 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from governance.errors import DecryptionError
 from governance.keys import hazmat, wire
 
+# What ``native/.cargo/config.toml`` builds the core for on x86-64 (the x86-64-v3 level, with AES-NI
+# and PCLMULQDQ), as Linux names the flags in /proc/cpuinfo. A module built so would stop the
+# process with an illegal instruction on a CPU without them, so it is not loaded there.
+X86_FLAGS = ("sse4_1", "sse4_2", "ssse3", "popcnt", "avx", "avx2", "bmi1", "bmi2", "fma", "f16c", "movbe", "abm",
+             "aes", "pclmulqdq")
+
+
+def missing_cpu_flags(cpuinfo: str | None = None, machine: str | None = None) -> list[str]:
+    """The flags of :data:`X86_FLAGS` this x86-64 Linux CPU lacks (``cpuinfo``: the text of
+    /proc/cpuinfo, read when None). Empty elsewhere, and where the flags cannot be read."""
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64"):
+        return []
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                cpuinfo = next((line for line in f if line.startswith("flags")), "")
+        except OSError:
+            return []
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), None)
+    if line is None:
+        return []
+    have = set(line.partition(":")[2].split())
+    return [f for f in X86_FLAGS if f not in have]
+
+
 _OFF = os.environ.get("LAKEWARDEN_NATIVE", "1").strip().lower() in ("0", "off", "false", "no")
+#: Why the native core is not loaded (None when it is).
+WHY_PYTHON: str | None = None
 try:
     if _OFF:
         raise ImportError("disabled by LAKEWARDEN_NATIVE")
+    if _missing := missing_cpu_flags():
+        raise ImportError(f"this CPU lacks {', '.join(_missing)}, which the native core is built for "
+                          "(rebuild it portable with RUSTFLAGS= make install)")
     import lakewarden_native as _native  # type: ignore[import-not-found]
-except ImportError:
+except ImportError as exc:
     _native = None
+    WHY_PYTHON = str(exc)
+    if not _OFF and missing_cpu_flags():
+        logging.getLogger(__name__).warning("the native core is not loaded: %s; the pure-Python path is used", exc)
 
 KEY = 32
 NONCE = 12
