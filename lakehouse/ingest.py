@@ -423,7 +423,9 @@ class BatchWork:
                 for c in cols:
                     nn = pc.is_valid(tbl[c])
                     present = nn if present is None else pc.or_(present, nn)
-                tables[layer] = tbl.filter(present)
+                # Every row present (a customers batch): the table as it is, not a copy of all its
+                # ciphertext (5-60 ms a batch of 166k customers, the most when the copy's pages are new).
+                tables[layer] = tbl if pc.all(present).as_py() else tbl.filter(present)
         return tables
 
     def partitions(self, columns: list[str]) -> list[str]:

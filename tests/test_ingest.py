@@ -92,6 +92,23 @@ def test_ingest_protects_and_reports(workspace: Workspace, tmp_path: Path):
     assert workspace.keyring.token_for("C-000000000", create=False) == tok
 
 
+@pytest.mark.parametrize("blank", [[], [3, 7]], ids=["every-row-has-vault-values", "two-rows-have-none"])
+def test_the_vault_holds_a_row_for_each_person_with_a_vault_value(workspace: Workspace, tmp_path: Path,
+                                                                     blank: list[int]):
+    """A batch whose every row has a vault value is written as it is; a row without any is left
+    out of the vault (and stays in bronze)."""
+    none = {"name": "", "email": "", "phone": "", "birth_date": "", "zip_code": ""}
+    rows = [person(i, **(none if i in blank else {})) for i in range(12)]
+    rep = run(workspace, write_csv(tmp_path / "people.csv", rows))
+    assert (rep.rows_accepted, rep.rows_quarantined) == (12, 0)
+    assert table(workspace, "bronze").num_rows == 12
+    vault = table(workspace, "vault").sort_by("_row")
+    kept = [i for i in range(12) if i not in blank]
+    assert vault.num_rows == len(kept)
+    for i, tok, blob in zip(kept, vault["customer_id"].to_pylist(), vault["email"].to_pylist()):  # in row order
+        assert workspace.keyring.open(blob, token=tok, dataset="customers", column="email") == f"person{i}@example.org".encode()
+
+
 def test_same_batch_twice_is_a_noop(workspace: Workspace, tmp_path: Path):
     rows = [person(i) for i in range(30)]
     run(workspace, write_csv(tmp_path / "a.csv", rows), batch_rows=10)
