@@ -6,8 +6,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
-# The native core (native/: Rust, PyO3, built by maturin from crates.io); rebuilt when its sources change.
-NATIVE := $(VENV)/.native-$(shell cat native/Cargo.toml native/pyproject.toml native/.cargo/config.toml native/src/*.rs | sha1sum | cut -c1-12)
+# The native core (native/: Rust, PyO3, built by maturin from crates.io); rebuilt when its sources change,
+# or RUSTFLAGS does (`RUSTFLAGS= make install`: a portable build instead of native/.cargo/config.toml's).
+NATIVE := $(VENV)/.native-$(shell (cat native/Cargo.toml native/pyproject.toml native/.cargo/config.toml native/src/*.rs; \
+                                   echo "RUSTFLAGS=$${RUSTFLAGS-(unset)}") | sha1sum | cut -c1-12)
 LW     := $(BIN)/lakewarden
 
 .PHONY: install trino kafka objectstore keycloak system oracle demo test test-fast bench bench-deps clean-demo

@@ -60,6 +60,26 @@ def test_the_flags_checked_are_those_the_build_enables():
     assert set(native.X86_FLAGS) == v2 | v3 | {"aes", "pclmulqdq"}
 
 
+@pytest.mark.skipif(not NATIVE, reason="native core not built")
+def test_the_build_says_in_its_file_what_it_was_built_for():
+    """The loader reads it from the file without loading the module; the module says the same."""
+    assert native.built_for() == native._native.BUILT_FOR
+    if platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("RUSTFLAGS") is None:
+        assert native.built_for() == "x86-64-v3+aes+pclmulqdq"
+
+
+def test_what_a_module_was_built_for_is_read_from_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    pkg = tmp_path / "lw_fake_native"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise ImportError('never imported by the check')\n")
+    (pkg / "lw_fake_native.abi3.so").write_bytes(os.urandom(5000) + b"lakewarden-native-built-for:portable;" + os.urandom(99))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert native.built_for("lw_fake_native") == "portable"
+    (pkg / "lw_fake_native.abi3.so").write_bytes(b"\x7fELF nothing said")
+    assert native.built_for("lw_fake_native") is None
+    assert native.built_for("lw_no_such_module") is None
+
+
 def test_a_cpu_without_the_flags_gets_the_python_path_and_says_why(tmp_path: Path):
     """The module is not even loaded there (it would stop the process with an illegal instruction)."""
     code = (

@@ -19,10 +19,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import importlib.util
 import logging
 import os
 import platform
+import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,13 +62,32 @@ def missing_cpu_flags(cpuinfo: str | None = None, machine: str | None = None) ->
     return [f for f in X86_FLAGS if f not in have]
 
 
+_BUILT_FOR = re.compile(rb"lakewarden-native-built-for:([a-z0-9+-]{1,64});")
+
+
+def built_for(module: str = "lakewarden_native") -> str | None:
+    """What the installed native module was built for, read from its file without loading it
+    (``"x86-64-v3+aes+pclmulqdq"``, or ``"portable"`` for a ``RUSTFLAGS=`` build); None when it
+    is not installed or says nothing."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        return None
+    origin = Path(spec.origin)
+    files = [origin] if origin.suffix in (".so", ".pyd") else sorted(origin.parent.glob(f"{module}*.so"))
+    for f in files:
+        m = _BUILT_FOR.search(f.read_bytes())
+        if m:
+            return m.group(1).decode("ascii")
+    return None
+
+
 _OFF = os.environ.get("LAKEWARDEN_NATIVE", "1").strip().lower() in ("0", "off", "false", "no")
 #: Why the native core is not loaded (None when it is).
 WHY_PYTHON: str | None = None
 try:
     if _OFF:
         raise ImportError("disabled by LAKEWARDEN_NATIVE")
-    if _missing := missing_cpu_flags():
+    if (_missing := missing_cpu_flags()) and built_for() != "portable":
         raise ImportError(f"this CPU lacks {', '.join(_missing)}, which the native core is built for "
                           "(rebuild it portable with RUSTFLAGS= make install)")
     import lakewarden_native as _native  # type: ignore[import-not-found]
