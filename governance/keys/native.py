@@ -81,6 +81,10 @@ def built_for(module: str = "lakewarden_native") -> str | None:
     return None
 
 
+class _CpuLacks(ImportError):
+    """The CPU lacks flags the installed native module was built to use."""
+
+
 _OFF = os.environ.get("LAKEWARDEN_NATIVE", "1").strip().lower() in ("0", "off", "false", "no")
 #: Why the native core is not loaded (None when it is).
 WHY_PYTHON: str | None = None
@@ -88,13 +92,13 @@ try:
     if _OFF:
         raise ImportError("disabled by LAKEWARDEN_NATIVE")
     if (_missing := missing_cpu_flags()) and built_for() != "portable":
-        raise ImportError(f"this CPU lacks {', '.join(_missing)}, which the native core is built for "
-                          "(rebuild it portable with RUSTFLAGS= make install)")
+        raise _CpuLacks(f"this CPU lacks {', '.join(_missing)}, which the native core is built for "
+                        "(rebuild it portable with RUSTFLAGS= make install)")
     import lakewarden_native as _native  # type: ignore[import-not-found]
 except ImportError as exc:
     _native = None
     WHY_PYTHON = str(exc)
-    if not _OFF and missing_cpu_flags():
+    if isinstance(exc, _CpuLacks):
         logging.getLogger(__name__).warning("the native core is not loaded: %s; the pure-Python path is used", exc)
 
 KEY = 32

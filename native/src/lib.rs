@@ -912,34 +912,23 @@ impl Hasher {
     }
 }
 
-/// What this build asks of the CPU, kept in the file as `lakewarden-native-built-for:<what>;` so
-/// that `governance/keys/native.py` can read it before it loads the module: a build with
-/// `native/.cargo/config.toml`'s flags (x86-64-v3 with AES-NI and PCLMULQDQ) would stop a process
-/// on a CPU without them, a portable build (`RUSTFLAGS=`) would not.
+/// What this build asks of the CPU: `BUILT_FOR`, and the same kept in the file as
+/// `lakewarden-native-built-for:<what>;` so that `governance/keys/native.py` can read it before it
+/// loads the module: a build with `native/.cargo/config.toml`'s flags (x86-64-v3 with AES-NI and
+/// PCLMULQDQ) would stop a process on a CPU without them, a portable build (`RUSTFLAGS=`) would not.
+macro_rules! built_for {
+    ($what:literal) => {
+        const BUILT_FOR: &str = $what;
+        #[used]
+        static BUILT_FOR_MARK: &str = concat!("lakewarden-native-built-for:", $what, ";");
+    };
+}
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "bmi2", target_feature = "aes",
           target_feature = "pclmulqdq"))]
-const BUILT_FOR: &str = "x86-64-v3+aes+pclmulqdq";
+built_for!("x86-64-v3+aes+pclmulqdq");
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "bmi2", target_feature = "aes",
               target_feature = "pclmulqdq")))]
-const BUILT_FOR: &str = "portable";
-
-#[used]
-static BUILT_FOR_MARK: [u8; 28 + BUILT_FOR.len() + 1] = {
-    let mut out = [0u8; 28 + BUILT_FOR.len() + 1];
-    let (head, what) = (b"lakewarden-native-built-for:", BUILT_FOR.as_bytes());
-    let mut i = 0;
-    while i < head.len() {
-        out[i] = head[i];
-        i += 1;
-    }
-    let mut j = 0;
-    while j < what.len() {
-        out[head.len() + j] = what[j];
-        j += 1;
-    }
-    out[head.len() + what.len()] = b';';
-    out
-};
+built_for!("portable");
 
 #[pymodule]
 fn lakewarden_native(m: &Bound<'_, PyModule>) -> PyResult<()> {
