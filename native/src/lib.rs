@@ -892,7 +892,7 @@ impl Hasher {
             if null_count > 0 {
                 let mut pos = Vec::new();
                 for i in 0..n {
-                    if col.get(i).is_none() {
+                    if !col.is_valid(i) {
                         pos.extend_from_slice(&(i as i64).to_le_bytes());
                     }
                 }
